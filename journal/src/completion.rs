@@ -1,0 +1,118 @@
+//! Which appended records are completely written.
+//!
+//! Appends reserve lsns in order but finish in any order. The durable point
+//! of the journal is the contiguous prefix of finished lsns: recovery stops
+//! at the first missing record, so a flush may only claim lsns up to there.
+
+use std::collections::BTreeSet;
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+#[derive(Debug)]
+struct State {
+    /// Every lsn <= prefix is written.
+    prefix: u64,
+    /// Written lsns above the prefix.
+    ahead: BTreeSet<u64>,
+    failed: bool,
+}
+
+#[derive(Debug)]
+pub struct Completion {
+    state: Mutex<State>,
+    advanced: Condvar,
+}
+
+/// The journal stopped: some lsn will never be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stalled;
+
+impl Completion {
+    /// Everything up to `prefix` is already written.
+    pub fn new(prefix: u64) -> Self {
+        Completion {
+            state: Mutex::new(State {
+                prefix,
+                ahead: BTreeSet::new(),
+                failed: false,
+            }),
+            advanced: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn complete(&self, lsn: u64) {
+        let mut st = self.lock();
+        if lsn != st.prefix + 1 {
+            st.ahead.insert(lsn);
+            return;
+        }
+        st.prefix = lsn;
+        while st.ahead.first() == Some(&(st.prefix + 1)) {
+            st.ahead.pop_first();
+            st.prefix += 1;
+        }
+        drop(st);
+        self.advanced.notify_all();
+    }
+
+    pub fn prefix(&self) -> u64 {
+        self.lock().prefix
+    }
+
+    /// Waits until every lsn <= `target` is written; returns the prefix.
+    pub fn wait_for(&self, target: u64) -> Result<u64, Stalled> {
+        let mut st = self.lock();
+        while st.prefix < target {
+            if st.failed {
+                return Err(Stalled);
+            }
+            st = self.advanced.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        Ok(st.prefix)
+    }
+
+    /// Wakes every waiter with `Stalled`: a hole will never be filled.
+    pub fn fail(&self) {
+        self.lock().failed = true;
+        self.advanced.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn the_prefix_only_advances_over_contiguous_lsns() {
+        let c = Completion::new(0);
+        c.complete(2);
+        c.complete(3);
+        assert_eq!(c.prefix(), 0);
+        c.complete(1);
+        assert_eq!(c.prefix(), 3);
+        c.complete(5);
+        assert_eq!(c.prefix(), 3);
+    }
+
+    #[test]
+    fn waiters_wake_on_completion_and_on_failure() {
+        let c = Arc::new(Completion::new(0));
+        let waiter = {
+            let c = c.clone();
+            std::thread::spawn(move || c.wait_for(2))
+        };
+        c.complete(2);
+        c.complete(1);
+        assert_eq!(waiter.join().expect("join"), Ok(2));
+        let waiter = {
+            let c = c.clone();
+            std::thread::spawn(move || c.wait_for(10))
+        };
+        c.fail();
+        assert_eq!(waiter.join().expect("join"), Err(Stalled));
+    }
+}

@@ -1,0 +1,71 @@
+//! Errors of the volume engine.
+
+use std::io;
+use std::path::PathBuf;
+
+use uuid::Uuid;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("invalid volume settings: {0}")]
+    InvalidSettings(String),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("{0} already exists; choose another path or remove it first")]
+    Exists(PathBuf),
+    #[error("{0} is not a rewind volume (no volume.json)")]
+    NotAVolume(PathBuf),
+    #[error("volume {0} is open in another process")]
+    Locked(PathBuf),
+    #[error("{path} is damaged: {reason}")]
+    BadMetadata { path: PathBuf, reason: String },
+    #[error("{what} uses on-disk format version {found}; this build reads version {supported}")]
+    UnsupportedVersion {
+        what: String,
+        found: u16,
+        supported: u16,
+    },
+    #[error("{path} belongs to volume {found}, not to this volume ({expected}); it must not be in this directory")]
+    ForeignSegment {
+        path: PathBuf,
+        expected: Uuid,
+        found: Uuid,
+    },
+    #[error(
+        "journal damaged at lsn {lsn} ({path}, offset {offset}: {reason}), \
+         but flush record {proof_lsn} proves that lsns up to {covered} were durable; \
+         refusing to truncate flushed data (restore the file, or open with \
+         allow_flushed_loss to truncate at lsn {lsn})"
+    )]
+    FlushedDataDamaged {
+        lsn: u64,
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+        proof_lsn: u64,
+        covered: u64,
+    },
+    #[error(
+        "journal full: the pool holds {used} of its {max}-byte limit and no segment can be freed"
+    )]
+    JournalFull { used: u64, max: u64 },
+    #[error(
+        "volume stopped taking writes after an unrecoverable IO error ({0}); reopen it to recover"
+    )]
+    Failed(String),
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
+        let context = context.into();
+        move |source| Error::Io { context, source }
+    }
+}

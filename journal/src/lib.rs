@@ -1,0 +1,46 @@
+//! rewind's volume engine: a disk is a base image plus a time-indexed,
+//! crash-safe journal of every write since.
+//!
+//! A guest write is one sequential append to the journal; reads go through an
+//! in-memory extent map to the journal or base.img. Every record carries its
+//! lsn and time, so any lsn prefix of the journal is a crash-consistent state
+//! of the disk. The on-disk format is in FORMAT.md next to this crate.
+//!
+//! ```no_run
+//! use rewind_journal::{BaseImage, OpenOptions, OsStorage, Volume, VolumeSettings};
+//! # fn main() -> Result<(), rewind_journal::Error> {
+//! let storage = OsStorage::shared();
+//! let dir = std::path::Path::new("/var/lib/rewind/vm1");
+//! Volume::create(storage.as_ref(), dir, &VolumeSettings::new(1 << 30), BaseImage::Empty, &mut |_, _| {})?;
+//! let (volume, report) = Volume::open(storage, dir, OpenOptions::default())?;
+//! println!("{report}");
+//! volume.write(0, &[0xab; 4096])?;
+//! volume.flush()?;
+//! let mut buf = [0u8; 4096];
+//! volume.read(0, &mut buf)?;
+//! volume.close()?;
+//! # Ok(()) }
+//! ```
+
+mod clock;
+mod completion;
+mod error;
+mod extent_map;
+pub mod fault;
+mod format;
+mod meta;
+mod pool;
+mod recovery;
+mod storage;
+mod superblock;
+mod time_index;
+mod volume;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{Error, Result};
+pub use extent_map::{ExtentMap, Piece, Source, Target};
+pub use format::{FORMAT_VERSION, SECTOR};
+pub use meta::{VolumeConfig, VolumeSettings};
+pub use recovery::{Discarded, LogEnd, RecoveryReport};
+pub use storage::{ImportMethod, ImportMode, OsStorage, Storage, StorageFile};
+pub use volume::{BaseImage, OpenOptions, RetryPolicy, Stats, Volume};

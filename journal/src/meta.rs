@@ -1,0 +1,234 @@
+//! `volume.json`: a volume's identity and settings.
+//!
+//! Written once at creation and again only when a setting or the epoch
+//! changes, always with write-then-rename, so a crash leaves the old or the
+//! new file. The epoch lives here rather than in `super` because it changes
+//! rarely and must be readable by people and tools.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::format::{FORMAT_VERSION, RECORD_HEADER_SIZE, SECTOR, SEGMENT_HEADER_SIZE};
+use crate::storage::Storage;
+use crate::superblock::MAX_SEGMENTS;
+
+pub const VOLUME_FILE: &str = "volume.json";
+
+/// What a new volume is created with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeSettings {
+    /// Disk size in bytes (a multiple of `block_size`).
+    pub size: u64,
+    /// Logical block size advertised to guests: 512 or 4096.
+    pub block_size: u32,
+    /// Bytes per journal segment file (multiple of 64 KiB, 64 KiB to 1 GiB).
+    pub segment_size: u64,
+    /// History kept in the journal.
+    pub window: Duration,
+    /// Hard limit on the pool's size on disk.
+    pub journal_max: u64,
+    /// Pool size at which a warning is raised.
+    pub journal_warn: u64,
+    /// Free, preallocated segments kept ready for the write path.
+    pub reserve_segments: u32,
+}
+
+impl VolumeSettings {
+    /// Defaults for a disk of `size` bytes: 64 MiB segments, a one-hour
+    /// window, a journal limited to the disk's size (at least 1 GiB) with a
+    /// warning at 80%.
+    pub fn new(size: u64) -> Self {
+        let journal_max = size.max(1 << 30);
+        VolumeSettings {
+            size,
+            block_size: 512,
+            segment_size: 64 << 20,
+            window: Duration::from_secs(3600),
+            journal_max,
+            journal_warn: journal_max / 10 * 8,
+            reserve_segments: 2,
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bad = |s: String| Err(Error::InvalidSettings(s));
+        if self.block_size != 512 && self.block_size != 4096 {
+            return bad(format!("block size {} is not 512 or 4096", self.block_size));
+        }
+        if self.size == 0 || self.size % u64::from(self.block_size) != 0 {
+            return bad(format!(
+                "size {} is not a positive multiple of the block size {}",
+                self.size, self.block_size
+            ));
+        }
+        if self.segment_size % (64 << 10) != 0 || !(64 << 10..=1 << 30).contains(&self.segment_size)
+        {
+            return bad(format!(
+                "segment size {} is not a multiple of 64 KiB between 64 KiB and 1 GiB",
+                self.segment_size
+            ));
+        }
+        if self.reserve_segments == 0 {
+            return bad("the reserve needs at least one segment".into());
+        }
+        let least = (u64::from(self.reserve_segments) + 1) * self.segment_size;
+        if self.journal_max < least {
+            return bad(format!(
+                "journal limit {} is below {} (reserve + 1 segments)",
+                self.journal_max, least
+            ));
+        }
+        if self.journal_max / self.segment_size > MAX_SEGMENTS as u64 {
+            return bad(format!(
+                "journal limit {} needs more than {} segments of {} bytes; use larger segments",
+                self.journal_max, MAX_SEGMENTS, self.segment_size
+            ));
+        }
+        if self.journal_warn > self.journal_max {
+            return bad(format!(
+                "warning threshold {} is above the limit {}",
+                self.journal_warn, self.journal_max
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The content of `volume.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    pub format_version: u16,
+    pub uuid: Uuid,
+    pub size: u64,
+    pub block_size: u32,
+    pub segment_size: u64,
+    pub window_secs: u64,
+    pub journal_max: u64,
+    pub journal_warn: u64,
+    pub reserve_segments: u32,
+    /// Fencing generation: records carry it; raising it fences old writers.
+    pub epoch: u64,
+}
+
+impl VolumeConfig {
+    pub(crate) fn new(settings: &VolumeSettings) -> Self {
+        VolumeConfig {
+            format_version: FORMAT_VERSION,
+            uuid: Uuid::new_v4(),
+            size: settings.size,
+            block_size: settings.block_size,
+            segment_size: settings.segment_size,
+            window_secs: settings.window.as_secs(),
+            journal_max: settings.journal_max,
+            journal_warn: settings.journal_warn,
+            reserve_segments: settings.reserve_segments,
+            epoch: 1,
+        }
+    }
+
+    pub fn settings(&self) -> VolumeSettings {
+        VolumeSettings {
+            size: self.size,
+            block_size: self.block_size,
+            segment_size: self.segment_size,
+            window: Duration::from_secs(self.window_secs),
+            journal_max: self.journal_max,
+            journal_warn: self.journal_warn,
+            reserve_segments: self.reserve_segments,
+        }
+    }
+
+    /// Largest payload one record carries; bigger writes become several
+    /// records. Leaves room for at least two records per segment.
+    pub(crate) fn max_record_payload(&self) -> u64 {
+        let room = (self.segment_size - SEGMENT_HEADER_SIZE) / 2 - RECORD_HEADER_SIZE;
+        (room / SECTOR * SECTOR).min(1 << 20)
+    }
+
+    pub(crate) fn load(storage: &dyn Storage, dir: &Path) -> Result<Self> {
+        let path = dir.join(VOLUME_FILE);
+        if !storage.exists(&path) {
+            return Err(Error::NotAVolume(dir.to_owned()));
+        }
+        let bytes = storage
+            .read_file(&path)
+            .map_err(Error::io(format!("reading {}", path.display())))?;
+        let config: VolumeConfig =
+            serde_json::from_slice(&bytes).map_err(|e| Error::BadMetadata {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        if config.format_version != FORMAT_VERSION {
+            return Err(Error::UnsupportedVersion {
+                what: path.display().to_string(),
+                found: config.format_version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        config
+            .settings()
+            .validate()
+            .map_err(|e| Error::BadMetadata {
+                path,
+                reason: e.to_string(),
+            })?;
+        Ok(config)
+    }
+
+    pub(crate) fn store(&self, storage: &dyn Storage, dir: &Path) -> Result<()> {
+        let path = dir.join(VOLUME_FILE);
+        let mut bytes = serde_json::to_vec_pretty(self).map_err(|e| Error::BadMetadata {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        bytes.push(b'\n');
+        storage
+            .write_file_atomic(&path, &bytes)
+            .map_err(Error::io(format!("writing {}", path.display())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_settings_are_named() {
+        VolumeSettings::new(1 << 30).validate().expect("defaults");
+        let mut s = VolumeSettings::new(1 << 30);
+        s.size = 1000;
+        assert!(s.validate().unwrap_err().to_string().contains("size 1000"));
+        let mut s = VolumeSettings::new(1 << 30);
+        s.segment_size = 12345;
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("segment size"));
+        let mut s = VolumeSettings::new(1 << 30);
+        s.journal_warn = s.journal_max + 1;
+        assert!(s.validate().unwrap_err().to_string().contains("warning"));
+        let mut s = VolumeSettings::new(1 << 30);
+        s.journal_max = s.segment_size;
+        assert!(s.validate().unwrap_err().to_string().contains("reserve"));
+    }
+
+    #[test]
+    fn record_payloads_fit_twice_in_a_segment() {
+        let mut s = VolumeSettings::new(1 << 20);
+        s.segment_size = 64 << 10;
+        let c = VolumeConfig::new(&s);
+        let p = c.max_record_payload();
+        assert_eq!(p % SECTOR, 0);
+        assert!(SEGMENT_HEADER_SIZE + 2 * (RECORD_HEADER_SIZE + p) <= s.segment_size);
+        assert_eq!(
+            VolumeConfig::new(&VolumeSettings::new(1 << 30)).max_record_payload(),
+            1 << 20
+        );
+    }
+}

@@ -1,0 +1,352 @@
+//! The journal's pool of segment files.
+//!
+//! Segments are fixed-size, preallocated files, used one after the other.
+//! Before a segment may receive records it is *prepared*: created,
+//! preallocated, given a header with a fresh sequence number, synced, and
+//! appended to the list in `super`. So the write path only ever moves to a
+//! segment whose place in the journal is already durable, and never waits for
+//! allocation while the reserve lasts. A background thread keeps
+//! `reserve_segments` prepared segments ready and releases extra ones; the
+//! pool never grows past `journal_max`.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::format::SegmentHeader;
+use crate::storage::{Storage, StorageFile};
+use crate::superblock::{SegmentRef, SuperState, Superblock};
+
+pub const JOURNAL_DIR: &str = "journal";
+
+/// One segment file, prepared for use `seq`.
+#[derive(Debug)]
+pub struct Segment {
+    pub id: u32,
+    pub seq: u64,
+    pub file: Arc<dyn StorageFile>,
+    /// Written since it was last synced.
+    pub dirty: AtomicBool,
+}
+
+impl Segment {
+    pub fn new(id: u32, seq: u64, file: Arc<dyn StorageFile>) -> Self {
+        Segment {
+            id,
+            seq,
+            file,
+            dirty: AtomicBool::new(false),
+        }
+    }
+}
+
+pub fn segment_name(id: u32) -> String {
+    format!("{id:08}.seg")
+}
+
+#[derive(Debug)]
+struct PoolState {
+    sb: Superblock,
+    /// Segments holding records, oldest first.
+    used: Vec<Arc<Segment>>,
+    /// Prepared segments, in the order the journal will use them.
+    free: VecDeque<Arc<Segment>>,
+    preparing: u64,
+    next_seq: u64,
+    next_file_id: u32,
+    shutdown: bool,
+}
+
+impl PoolState {
+    fn total(&self) -> u64 {
+        self.used.len() as u64 + self.free.len() as u64 + self.preparing
+    }
+
+    fn store_super(&mut self) -> Result<()> {
+        let segments = self
+            .used
+            .iter()
+            .chain(self.free.iter())
+            .map(|s| SegmentRef {
+                file_id: s.id,
+                seq: s.seq,
+            })
+            .collect();
+        let state = SuperState {
+            generation: 0,
+            base_lsn: self.sb.state().base_lsn,
+            next_seq: self.next_seq,
+            next_file_id: self.next_file_id,
+            segments,
+        };
+        self.sb.store(state)
+    }
+}
+
+/// Sizes of the pool at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolCounts {
+    pub used: u64,
+    pub free: u64,
+}
+
+#[derive(Debug)]
+pub struct Pool {
+    storage: Arc<dyn Storage>,
+    dir: PathBuf,
+    volume: Uuid,
+    segment_size: u64,
+    max_segments: u64,
+    reserve: u64,
+    state: Mutex<PoolState>,
+    changed: Condvar,
+    by_id: RwLock<HashMap<u32, Arc<Segment>>>,
+}
+
+/// Writes a segment's header and makes it durable.
+pub fn write_header(
+    file: &dyn StorageFile,
+    volume: Uuid,
+    seq: u64,
+    segment_size: u64,
+) -> std::io::Result<()> {
+    let header = SegmentHeader {
+        volume,
+        seq,
+        segment_size,
+    };
+    file.write_all_at(&[&header.encode()], 0)?;
+    file.sync_data()
+}
+
+pub struct PoolSetup {
+    pub storage: Arc<dyn Storage>,
+    pub volume_dir: PathBuf,
+    pub volume: Uuid,
+    pub segment_size: u64,
+    pub journal_max: u64,
+    pub reserve: u32,
+    pub sb: Superblock,
+    pub used: Vec<Arc<Segment>>,
+    pub free: Vec<Arc<Segment>>,
+    pub next_seq: u64,
+}
+
+impl Pool {
+    /// A pool over segments found by recovery; writes `super` to match.
+    pub fn new(setup: PoolSetup) -> Result<Self> {
+        let by_id = setup.used.iter().map(|s| (s.id, s.clone())).collect();
+        let next_file_id = setup.sb.state().next_file_id;
+        let mut state = PoolState {
+            sb: setup.sb,
+            used: setup.used,
+            free: setup.free.into(),
+            preparing: 0,
+            next_seq: setup.next_seq,
+            next_file_id,
+            shutdown: false,
+        };
+        state.store_super()?;
+        Ok(Pool {
+            storage: setup.storage,
+            dir: setup.volume_dir.join(JOURNAL_DIR),
+            volume: setup.volume,
+            segment_size: setup.segment_size,
+            max_segments: setup.journal_max / setup.segment_size,
+            reserve: u64::from(setup.reserve),
+            state: Mutex::new(state),
+            changed: Condvar::new(),
+            by_id: RwLock::new(by_id),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn path(&self, id: u32) -> PathBuf {
+        self.dir.join(segment_name(id))
+    }
+
+    pub fn journal_max(&self) -> u64 {
+        self.max_segments * self.segment_size
+    }
+
+    /// Every record with lsn <= this is folded into base.img.
+    pub fn base_lsn(&self) -> u64 {
+        self.lock().sb.state().base_lsn
+    }
+
+    pub fn counts(&self) -> PoolCounts {
+        let st = self.lock();
+        PoolCounts {
+            used: st.used.len() as u64,
+            free: st.free.len() as u64,
+        }
+    }
+
+    pub fn segment(&self, id: u32) -> Option<Arc<Segment>> {
+        self.by_id
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    /// Prepares one more free segment. `Ok(false)` if the limit forbids it.
+    pub fn prepare(&self) -> Result<bool> {
+        let (id, seq) = {
+            let mut st = self.lock();
+            if st.total() >= self.max_segments {
+                return Ok(false);
+            }
+            st.preparing += 1;
+            st.next_seq += 1;
+            st.next_file_id += 1;
+            (st.next_file_id - 1, st.next_seq - 1)
+        };
+        let path = self.path(id);
+        let made = self.create_segment(&path, seq);
+        let mut st = self.lock();
+        st.preparing -= 1;
+        let file = match made {
+            Ok(file) => file,
+            Err(e) => {
+                drop(st);
+                // Best effort: an orphan file is also removed at the next open.
+                let _ = self.storage.remove_file(&path);
+                return Err(e);
+            }
+        };
+        st.free.push_back(Arc::new(Segment::new(id, seq, file)));
+        if let Err(e) = st.store_super() {
+            st.free.pop_back();
+            return Err(e);
+        }
+        drop(st);
+        self.changed.notify_all();
+        Ok(true)
+    }
+
+    fn create_segment(&self, path: &Path, seq: u64) -> Result<Arc<dyn StorageFile>> {
+        let context = || format!("preparing segment {}", path.display());
+        let file = self
+            .storage
+            .create_new(path)
+            .map_err(Error::io(context()))?;
+        file.allocate(self.segment_size)
+            .and_then(|()| write_header(file.as_ref(), self.volume, seq, self.segment_size))
+            .and_then(|()| self.storage.sync_dir(&self.dir))
+            .map_err(Error::io(context()))?;
+        Ok(file)
+    }
+
+    /// Hands the next prepared segment to the write path (preparing one
+    /// inline if the reserve ran out).
+    pub fn take_next(&self) -> Result<Arc<Segment>> {
+        loop {
+            let mut st = self.lock();
+            if let Some(seg) = st.free.pop_front() {
+                st.used.push(seg.clone());
+                self.by_id
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(seg.id, seg.clone());
+                drop(st);
+                self.changed.notify_all();
+                return Ok(seg);
+            }
+            drop(st);
+            tracing::warn!("segment reserve exhausted; preparing a segment on the write path");
+            if !self.prepare()? {
+                return Err(Error::JournalFull {
+                    used: self.counts().used * self.segment_size,
+                    max: self.journal_max(),
+                });
+            }
+        }
+    }
+
+    /// Syncs every segment written since its last sync.
+    pub fn sync_dirty(&self) -> std::io::Result<()> {
+        let dirty: Vec<Arc<Segment>> = self
+            .lock()
+            .used
+            .iter()
+            .filter(|s| s.dirty.load(Ordering::Acquire))
+            .cloned()
+            .collect();
+        for seg in dirty {
+            if seg.dirty.swap(false, Ordering::AcqRel) {
+                if let Err(e) = seg.file.sync_data() {
+                    seg.dirty.store(true, Ordering::Release);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Releases the newest free segment if there are more than the reserve.
+    fn release_one(&self, st: &mut PoolState) -> Result<()> {
+        let Some(seg) = st.free.pop_back() else {
+            return Ok(());
+        };
+        if let Err(e) = st.store_super() {
+            st.free.push_back(seg);
+            return Err(e);
+        }
+        let path = self.path(seg.id);
+        self.storage
+            .remove_file(&path)
+            .and_then(|()| self.storage.sync_dir(&self.dir))
+            .map_err(Error::io(format!("releasing {}", path.display())))
+    }
+
+    /// Brings the reserve to its target now (used at open).
+    pub fn fill_reserve(&self) -> Result<()> {
+        while (self.lock().free.len() as u64) < self.reserve {
+            if !self.prepare()? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The background thread's loop: keeps the reserve at its target.
+    pub fn maintain(&self) {
+        let mut st = self.lock();
+        while !st.shutdown {
+            let free = st.free.len() as u64 + st.preparing;
+            let result = if free < self.reserve && st.total() < self.max_segments {
+                drop(st);
+                let r = self.prepare().map(drop);
+                st = self.lock();
+                r
+            } else if st.free.len() as u64 > self.reserve {
+                self.release_one(&mut st)
+            } else {
+                st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                Ok(())
+            };
+            if let Err(e) = result {
+                tracing::error!(error = %e, "journal pool maintenance failed; retrying in 1s");
+                st = self
+                    .changed
+                    .wait_timeout(st, Duration::from_secs(1))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
+    }
+
+    pub fn shutdown(&self) {
+        self.lock().shutdown = true;
+        self.changed.notify_all();
+    }
+}

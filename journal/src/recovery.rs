@@ -1,0 +1,434 @@
+//! Rebuilding a volume's in-memory state from its journal at open.
+//!
+//! The scan walks the segments in `super` order from lsn base_lsn + 1 and
+//! accepts records while each is intact (header and payload checksums, the
+//! segment's sequence number, the next lsn, a sane range). Within a segment
+//! it stops at the first record that fails; the next segment must then start
+//! with the very next lsn, or the log ends. Appends reserve positions in lsn
+//! order, so this accepts exactly the contiguous prefix of complete records.
+//!
+//! Before trusting that end, the rest of the journal is searched for Flush
+//! records: one that covers a lost lsn proves the loss is damage, not an
+//! interrupted write, and recovery refuses to truncate flushed data.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::extent_map::{ExtentMap, Target};
+use crate::format::{
+    HeaderProblem, RecordHeader, RecordKind, SegmentHeader, SegmentHeaderProblem, FORMAT_VERSION,
+    RECORD_HEADER_SIZE, SECTOR, SEGMENT_HEADER_SIZE,
+};
+use crate::meta::VolumeConfig;
+use crate::pool::{segment_name, Segment, JOURNAL_DIR};
+use crate::storage::{Storage, StorageFile};
+use crate::superblock::SuperState;
+use crate::time_index::TimeIndex;
+
+/// What recovery found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Records accepted (including flush records).
+    pub records: u64,
+    pub flush_records: u64,
+    /// The lsn the next append gets.
+    pub next_lsn: u64,
+    pub segments_scanned: u64,
+    pub bytes_scanned: u64,
+    /// Where and why the log ended.
+    pub end: LogEnd,
+    /// Intact records found past the end and dropped because an earlier one
+    /// was missing (writes that were in flight at a crash).
+    pub discarded: Option<Discarded>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEnd {
+    /// Segment file name, or `None` if the pool held no segment.
+    pub segment: Option<String>,
+    pub offset: u64,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Discarded {
+    pub records: u64,
+    pub lowest_lsn: u64,
+    pub highest_lsn: u64,
+}
+
+impl std::fmt::Display for RecoveryReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "recovered {} records ({} flush points) from {} segments, next lsn {}; log ends",
+            self.records, self.flush_records, self.segments_scanned, self.next_lsn
+        )?;
+        if let Some(seg) = &self.end.segment {
+            write!(f, " in {seg} at offset {}", self.end.offset)?;
+        }
+        write!(f, " ({})", self.end.reason)?;
+        if let Some(d) = self.discarded {
+            write!(
+                f,
+                "; dropped {} unflushed records past it (lsns {}..={})",
+                d.records, d.lowest_lsn, d.highest_lsn
+            )?;
+        }
+        Ok(())
+    }
+}
+
+pub struct Recovered {
+    /// Segments holding accepted records, in order.
+    pub used: Vec<Arc<Segment>>,
+    /// Listed segments after the end: (file id, file if it exists). Their
+    /// content is stale and must get a new sequence number before reuse.
+    pub stale: Vec<(u32, Option<Arc<dyn StorageFile>>)>,
+    pub map: ExtentMap,
+    pub times: TimeIndex,
+    pub last_data_lsn: u64,
+    pub report: RecoveryReport,
+}
+
+const READ_CHUNK: u64 = 8 << 20;
+
+/// Reads a segment file through a large window.
+struct SegmentReader {
+    file: Arc<dyn StorageFile>,
+    end: u64,
+    buf: Vec<u8>,
+    start: u64,
+}
+
+impl SegmentReader {
+    fn new(file: Arc<dyn StorageFile>, segment_size: u64) -> io::Result<Self> {
+        let end = file.size()?.min(segment_size);
+        Ok(SegmentReader {
+            file,
+            end,
+            buf: Vec::new(),
+            start: 0,
+        })
+    }
+
+    /// `n` bytes at `at`, or `None` where the file is too short.
+    fn bytes(&mut self, at: u64, n: u64) -> io::Result<Option<&[u8]>> {
+        let Some(end) = at.checked_add(n).filter(|&e| e <= self.end) else {
+            return Ok(None);
+        };
+        if at < self.start || end > self.start + self.buf.len() as u64 {
+            let len = n.max(READ_CHUNK).min(self.end - at);
+            self.buf.resize(len as usize, 0);
+            self.file.read_exact_at(&mut self.buf, at)?;
+            self.start = at;
+        }
+        let from = (at - self.start) as usize;
+        Ok(Some(&self.buf[from..from + n as usize]))
+    }
+}
+
+struct Scanner<'a> {
+    config: &'a VolumeConfig,
+    dir: PathBuf,
+}
+
+impl Scanner<'_> {
+    fn path(&self, id: u32) -> PathBuf {
+        self.dir.join(segment_name(id))
+    }
+
+    fn io(&self, id: u32) -> impl FnOnce(io::Error) -> Error {
+        Error::io(format!("reading {}", self.path(id).display()))
+    }
+
+    /// Checks a segment's header; `Ok(Err(reason))` if the log cannot go on here.
+    fn check_header(
+        &self,
+        reader: &mut SegmentReader,
+        id: u32,
+        seq: u64,
+    ) -> Result<Result<(), String>> {
+        let Some(b) = reader.bytes(0, SEGMENT_HEADER_SIZE).map_err(self.io(id))? else {
+            return Ok(Err("segment file is shorter than its header".into()));
+        };
+        match SegmentHeader::decode(b) {
+            Err(SegmentHeaderProblem::Garbage) => Ok(Err("segment header is damaged".into())),
+            Err(SegmentHeaderProblem::Version(found)) => Err(Error::UnsupportedVersion {
+                what: self.path(id).display().to_string(),
+                found,
+                supported: FORMAT_VERSION,
+            }),
+            Ok(h) if h.volume != self.config.uuid => Err(Error::ForeignSegment {
+                path: self.path(id),
+                expected: self.config.uuid,
+                found: h.volume,
+            }),
+            Ok(h) if h.seq != seq => Ok(Err(format!(
+                "segment header has sequence {}, super lists {seq}",
+                h.seq
+            ))),
+            Ok(h) if h.segment_size != self.config.segment_size => Ok(Err(format!(
+                "segment header says {} bytes, the volume uses {}",
+                h.segment_size, self.config.segment_size
+            ))),
+            Ok(_) => Ok(Ok(())),
+        }
+    }
+
+    /// Reads the record at `pos`; `Ok(Err(reason))` if it is not the intact
+    /// record `expected` of this segment use.
+    fn record(
+        &self,
+        reader: &mut SegmentReader,
+        id: u32,
+        pos: u64,
+        seq: u64,
+        expected: u64,
+    ) -> Result<Result<RecordHeader, String>> {
+        let Some(b) = reader.bytes(pos, RECORD_HEADER_SIZE).map_err(self.io(id))? else {
+            return Ok(Err("file ends before the segment does".into()));
+        };
+        let h = match RecordHeader::decode(b) {
+            Ok(h) => h,
+            Err(HeaderProblem::Garbage) => return Ok(Err("no intact record header".into())),
+            Err(HeaderProblem::Version(found)) => {
+                return Err(Error::UnsupportedVersion {
+                    what: format!("record at {} offset {pos}", self.path(id).display()),
+                    found,
+                    supported: FORMAT_VERSION,
+                })
+            }
+            Err(HeaderProblem::Kind(kind)) => {
+                return Err(Error::BadMetadata {
+                    path: self.path(id),
+                    reason: format!(
+                        "record at offset {pos} has kind {kind}, unknown to this build"
+                    ),
+                })
+            }
+        };
+        if h.seq != seq {
+            return Ok(Err("record left from an earlier use of the file".into()));
+        }
+        if h.lsn != expected {
+            return Ok(Err(format!(
+                "found lsn {} where {expected} was expected",
+                h.lsn
+            )));
+        }
+        if pos + h.span() > self.config.segment_size {
+            return Ok(Err("record overruns its segment".into()));
+        }
+        if let Err(why) = h.check(self.config.size) {
+            return Ok(Err(format!("record describes nothing valid: {why}")));
+        }
+        let payload = reader
+            .bytes(pos + RECORD_HEADER_SIZE, u64::from(h.payload_len))
+            .map_err(self.io(id))?;
+        match payload {
+            None => Ok(Err("file ends inside the record".into())),
+            Some(p) if crc32c::crc32c(p) != h.payload_crc => {
+                Ok(Err("payload checksum mismatch".into()))
+            }
+            Some(_) => Ok(Ok(h)),
+        }
+    }
+
+    /// Intact records of this segment use at or after `pos` with lsn >= `from`.
+    fn records_past(
+        &self,
+        reader: &mut SegmentReader,
+        id: u32,
+        mut pos: u64,
+        seq: u64,
+        from: u64,
+        found: &mut Vec<RecordHeader>,
+    ) -> Result<()> {
+        while let Some(b) = reader.bytes(pos, RECORD_HEADER_SIZE).map_err(self.io(id))? {
+            match RecordHeader::decode(b) {
+                Ok(h) if h.seq == seq && h.lsn >= from => {
+                    found.push(h);
+                    pos += h.span();
+                }
+                _ => pos += SECTOR,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Scans the journal of the volume in `dir`. See the module documentation.
+pub fn recover(
+    storage: &dyn Storage,
+    dir: &Path,
+    config: &VolumeConfig,
+    sb: &SuperState,
+    allow_flushed_loss: bool,
+) -> Result<Recovered> {
+    let scanner = Scanner {
+        config,
+        dir: dir.join(JOURNAL_DIR),
+    };
+    let map = ExtentMap::new(config.size);
+    let mut times = TimeIndex::new(sb.base_lsn + 1);
+    let mut expected = sb.base_lsn + 1;
+    let mut last_data_lsn = sb.base_lsn;
+    let mut report = RecoveryReport {
+        records: 0,
+        flush_records: 0,
+        next_lsn: expected,
+        segments_scanned: 0,
+        bytes_scanned: 0,
+        end: LogEnd {
+            segment: None,
+            offset: 0,
+            reason: "the pool holds no segment".into(),
+        },
+        discarded: None,
+    };
+    let mut files = Vec::with_capacity(sb.segments.len());
+    for s in &sb.segments {
+        match storage.open(&scanner.path(s.file_id)) {
+            Ok(f) => files.push(Some(f)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => files.push(None),
+            Err(e) => return Err(scanner.io(s.file_id)(e)),
+        }
+    }
+
+    // Index of the last segment with records, and where its records stop.
+    let mut last_used: Option<(usize, u64)> = None;
+    for (i, s) in sb.segments.iter().enumerate() {
+        let name = Some(segment_name(s.file_id));
+        let Some(file) = &files[i] else {
+            report.end = LogEnd {
+                segment: name,
+                offset: 0,
+                reason: "segment file is missing".into(),
+            };
+            break;
+        };
+        let mut reader =
+            SegmentReader::new(file.clone(), config.segment_size).map_err(scanner.io(s.file_id))?;
+        report.segments_scanned += 1;
+        let mut pos = SEGMENT_HEADER_SIZE;
+        let mut count = 0u64;
+        let stop = match scanner.check_header(&mut reader, s.file_id, s.seq)? {
+            Err(reason) => reason,
+            Ok(()) => loop {
+                if pos + RECORD_HEADER_SIZE > config.segment_size {
+                    break "segment is full".to_string();
+                }
+                let h = match scanner.record(&mut reader, s.file_id, pos, s.seq, expected)? {
+                    Ok(h) => h,
+                    Err(reason) => break reason,
+                };
+                match h.kind {
+                    RecordKind::Write => {
+                        let sector = ((pos + RECORD_HEADER_SIZE) / SECTOR) as u32;
+                        let target = Target::Journal {
+                            segment: s.file_id,
+                            sector,
+                        };
+                        map.insert(h.offset / SECTOR, h.length / SECTOR, h.lsn, target);
+                    }
+                    RecordKind::WriteZeroes { .. } | RecordKind::Discard => {
+                        map.insert(h.offset / SECTOR, h.length / SECTOR, h.lsn, Target::Zero);
+                    }
+                    RecordKind::Flush => report.flush_records += 1,
+                }
+                if h.kind != RecordKind::Flush {
+                    last_data_lsn = h.lsn;
+                }
+                times.push(h.timestamp);
+                report.records += 1;
+                expected += 1;
+                pos += h.span();
+                count += 1;
+            },
+        };
+        report.bytes_scanned += pos;
+        if count == 0 {
+            if last_used.is_none() || report.end.segment.is_none() {
+                report.end = LogEnd {
+                    segment: name,
+                    offset: pos,
+                    reason: stop,
+                };
+            }
+            break;
+        }
+        last_used = Some((i, pos));
+        report.end = LogEnd {
+            segment: name,
+            offset: pos,
+            reason: stop,
+        };
+    }
+    report.next_lsn = expected;
+
+    // Look past the end for intact records, and for proof of flushed loss.
+    let (from_index, from_pos) = last_used.unwrap_or((0, SEGMENT_HEADER_SIZE));
+    let mut past = Vec::new();
+    for (i, s) in sb.segments.iter().enumerate().skip(from_index) {
+        let Some(file) = &files[i] else { continue };
+        let mut reader =
+            SegmentReader::new(file.clone(), config.segment_size).map_err(scanner.io(s.file_id))?;
+        let pos = if i == from_index {
+            from_pos
+        } else {
+            SEGMENT_HEADER_SIZE
+        };
+        scanner.records_past(&mut reader, s.file_id, pos, s.seq, expected, &mut past)?;
+    }
+    if let (Some(lo), Some(hi)) = (
+        past.iter().map(|h| h.lsn).min(),
+        past.iter().map(|h| h.lsn).max(),
+    ) {
+        report.discarded = Some(Discarded {
+            records: past.len() as u64,
+            lowest_lsn: lo,
+            highest_lsn: hi,
+        });
+    }
+    let proof = past
+        .iter()
+        .filter(|h| h.kind == RecordKind::Flush && h.offset >= expected)
+        .max_by_key(|h| h.offset);
+    if let Some(p) = proof {
+        let err = Error::FlushedDataDamaged {
+            lsn: expected,
+            path: scanner
+                .dir
+                .join(report.end.segment.clone().unwrap_or_default()),
+            offset: report.end.offset,
+            reason: report.end.reason.clone(),
+            proof_lsn: p.lsn,
+            covered: p.offset,
+        };
+        if !allow_flushed_loss {
+            return Err(err);
+        }
+        tracing::error!("{err}; truncating as allowed");
+    }
+
+    let used_count = last_used.map_or(0, |(i, _)| i + 1);
+    let mut used = Vec::with_capacity(used_count);
+    let mut stale = Vec::new();
+    for (i, (s, file)) in sb.segments.iter().zip(files).enumerate() {
+        match file {
+            Some(f) if i < used_count => used.push(Arc::new(Segment::new(s.file_id, s.seq, f))),
+            file => stale.push((s.file_id, file)),
+        }
+    }
+    Ok(Recovered {
+        used,
+        stale,
+        map,
+        times,
+        last_data_lsn,
+        report,
+    })
+}

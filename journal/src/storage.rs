@@ -1,0 +1,319 @@
+//! The file system beneath a volume.
+//!
+//! The engine does all its IO through [`Storage`] so that tests can run it on
+//! [`crate::fault::FaultStorage`], which loses unsynced data, tears writes and
+//! injects errors. [`OsStorage`] is the real file system.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, IoSlice};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustix::fs::{FallocateFlags, FlockOperation, SeekFrom};
+use rustix::io::Errno;
+
+/// Held while a volume is open; dropping it releases the lock.
+pub type LockGuard = Box<dyn std::any::Any + Send + Sync>;
+
+/// Progress of a long copy: `(bytes done, bytes in all)`.
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+/// How [`Storage::import`] brings an existing image into a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ImportMode {
+    /// Leave the source in place: reflink where the file system can, copy
+    /// (sparse) otherwise.
+    #[default]
+    Clone,
+    /// Take the source file itself (rename); copy if it is on another file
+    /// system, leaving the source in place.
+    Move,
+}
+
+/// How an import was actually done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImportMethod {
+    Renamed,
+    Reflinked,
+    Copied,
+}
+
+/// A file system holding volumes.
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// Opens an existing file for reading and writing.
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>>;
+    /// Creates a file that must not exist yet.
+    fn create_new(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>>;
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Makes creations, removals and renames in `dir` durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Names of the entries of `dir`.
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>>;
+    fn exists(&self, path: &Path) -> bool;
+    /// Takes an exclusive lock on `path` for as long as the guard lives;
+    /// fails with `WouldBlock` if someone else holds it.
+    fn lock(&self, path: &Path) -> io::Result<LockGuard>;
+
+    /// Brings the raw image `src` (a path on the host) in as `dst`.
+    ///
+    /// The default copies through this storage, skipping zero blocks.
+    fn import(
+        &self,
+        src: &Path,
+        dst: &Path,
+        _mode: ImportMode,
+        progress: Progress<'_>,
+    ) -> io::Result<ImportMethod> {
+        let source = File::open(src)?;
+        let total = source.metadata()?.len();
+        let out = self.create_new(dst)?;
+        out.set_len(total)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut done = 0;
+        while done < total {
+            let n = usize::try_from((total - done).min(buf.len() as u64)).unwrap_or(buf.len());
+            source.read_exact_at(&mut buf[..n], done)?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                out.write_all_at(&[&buf[..n]], done)?;
+            }
+            done += n as u64;
+            progress(done, total);
+        }
+        out.sync_data()?;
+        Ok(ImportMethod::Copied)
+    }
+
+    /// Writes `data` to `path` so that a crash leaves either the old or the
+    /// new content: temporary file, sync, rename, sync of the directory.
+    fn write_file_atomic(&self, path: &Path, data: &[u8]) -> io::Result<()> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let tmp = path.with_extension("tmp");
+        if self.exists(&tmp) {
+            self.remove_file(&tmp)?;
+        }
+        let f = self.create_new(&tmp)?;
+        f.write_all_at(&[data], 0)?;
+        f.sync_data()?;
+        drop(f);
+        self.rename(&tmp, path)?;
+        self.sync_dir(dir)
+    }
+
+    /// Reads a whole (small) file.
+    fn read_file(&self, path: &Path) -> io::Result<Vec<u8>> {
+        let f = self.open(path)?;
+        let len = usize::try_from(f.size()?)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "file too large"))?;
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, 0)?;
+        Ok(buf)
+    }
+}
+
+/// One open file.
+pub trait StorageFile: Send + Sync + fmt::Debug {
+    /// Reads exactly `buf.len()` bytes at `offset` (`UnexpectedEof` past the end).
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `bufs`, one after the other, starting at `offset`.
+    fn write_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable (fdatasync).
+    fn sync_data(&self) -> io::Result<()>;
+    fn size(&self) -> io::Result<u64>;
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Reserves space for `[0, len)` so later writes there need no allocation.
+    fn allocate(&self, len: u64) -> io::Result<()>;
+}
+
+/// The host's file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OsStorage;
+
+impl OsStorage {
+    pub fn shared() -> Arc<dyn Storage> {
+        Arc::new(OsStorage)
+    }
+}
+
+#[derive(Debug)]
+struct OsFile(File);
+
+fn retry_eintr<T>(mut f: impl FnMut() -> Result<T, Errno>) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(Errno::INTR) => continue,
+            other => return other.map_err(io::Error::from),
+        }
+    }
+}
+
+impl StorageFile for OsFile {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_exact_at(buf, offset)
+    }
+
+    fn write_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        if let [one] = bufs {
+            return self.0.write_all_at(one, offset);
+        }
+        let mut slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+        let mut rest = &mut slices[..];
+        let mut at = offset;
+        while !rest.is_empty() {
+            let n = retry_eintr(|| rustix::io::pwritev(&self.0, rest, at))?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            at += n as u64;
+            IoSlice::advance_slices(&mut rest, n);
+        }
+        Ok(())
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        retry_eintr(|| rustix::fs::fdatasync(&self.0))
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        match retry_eintr(|| rustix::fs::fallocate(&self.0, FallocateFlags::empty(), 0, len)) {
+            // File systems without fallocate: size the file; blocks come on write.
+            Err(e) if e.raw_os_error() == Some(libc_eopnotsupp()) => self.0.set_len(len),
+            other => other,
+        }
+    }
+}
+
+fn libc_eopnotsupp() -> i32 {
+    Errno::OPNOTSUPP.raw_os_error()
+}
+
+impl Storage for OsStorage {
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
+        let f = OpenOptions::new().read(true).write(true).open(path)?;
+        Ok(Arc::new(OsFile(f)))
+    }
+
+    fn create_new(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        Ok(Arc::new(OsFile(f)))
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(path)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        let d = File::open(dir)?;
+        retry_eintr(|| rustix::fs::fsync(&d))
+    }
+
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            names.push(entry?.file_name().to_string_lossy().into_owned());
+        }
+        Ok(names)
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+
+    fn lock(&self, path: &Path) -> io::Result<LockGuard> {
+        let f = OpenOptions::new().read(true).open(path)?;
+        retry_eintr(|| rustix::fs::flock(&f, FlockOperation::NonBlockingLockExclusive))?;
+        Ok(Box::new(f))
+    }
+
+    fn import(
+        &self,
+        src: &Path,
+        dst: &Path,
+        mode: ImportMode,
+        progress: Progress<'_>,
+    ) -> io::Result<ImportMethod> {
+        let total = std::fs::metadata(src)?.len();
+        if mode == ImportMode::Move {
+            match std::fs::rename(src, dst) {
+                Ok(()) => {
+                    progress(total, total);
+                    return Ok(ImportMethod::Renamed);
+                }
+                Err(e) if e.raw_os_error() == Some(Errno::XDEV.raw_os_error()) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let source = File::open(src)?;
+        let out = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dst)?;
+        if rustix::fs::ioctl_ficlone(&out, &source).is_ok() {
+            out.sync_all()?;
+            progress(total, total);
+            return Ok(ImportMethod::Reflinked);
+        }
+        out.set_len(total)?;
+        copy_sparse(&source, &out, total, progress)?;
+        out.sync_all()?;
+        Ok(ImportMethod::Copied)
+    }
+}
+
+/// Copies the data ranges of `src` (skipping holes) with copy_file_range,
+/// which the kernel may turn into a server-side or reflinked copy.
+fn copy_sparse(src: &File, dst: &File, total: u64, progress: Progress<'_>) -> io::Result<()> {
+    const CHUNK: u64 = 64 << 20;
+    let mut pos = 0;
+    while pos < total {
+        let data = match rustix::fs::seek(src, SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            Err(Errno::NXIO) => break, // only a hole remains
+            Err(e) => return Err(e.into()),
+        };
+        let hole = rustix::fs::seek(src, SeekFrom::Hole(data))?.min(total);
+        let mut at = data;
+        while at < hole {
+            let len = usize::try_from((hole - at).min(CHUNK)).unwrap_or(CHUNK as usize);
+            let (mut off_in, mut off_out) = (at, at);
+            let n = retry_eintr(|| {
+                rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), len)
+            })?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "source image shrank during import",
+                ));
+            }
+            at += n as u64;
+            progress(at, total);
+        }
+        pos = hole;
+    }
+    progress(total, total);
+    Ok(())
+}
