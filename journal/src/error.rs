@@ -43,7 +43,7 @@ pub enum Error {
         "journal damaged at lsn {lsn} ({path}, offset {offset}: {reason}), \
          but flush record {proof_lsn} proves that lsns up to {covered} were durable; \
          refusing to truncate flushed data (restore the file, or open with \
-         allow_flushed_loss to truncate at lsn {lsn})"
+         truncate_damaged to truncate at lsn {lsn})"
     )]
     FlushedDataDamaged {
         lsn: u64,
@@ -53,6 +53,11 @@ pub enum Error {
         proof_lsn: u64,
         covered: u64,
     },
+    #[error(
+        "{path} is damaged: {reason}; a prepared segment never looks like this after a crash \
+         (restore the file, or open with truncate_damaged to end the journal before it)"
+    )]
+    DamagedSegment { path: PathBuf, reason: String },
     #[error(
         "journal full: the pool holds {used} of its {max}-byte limit and no segment can be freed"
     )]

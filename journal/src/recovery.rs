@@ -94,6 +94,7 @@ pub struct Recovered {
 }
 
 const READ_CHUNK: u64 = 8 << 20;
+const SEGMENT_FULL: &str = "segment is full";
 
 /// Reads a segment file through a large window.
 struct SegmentReader {
@@ -133,9 +134,23 @@ impl SegmentReader {
 struct Scanner<'a> {
     config: &'a VolumeConfig,
     dir: PathBuf,
+    truncate_damaged: bool,
 }
 
 impl Scanner<'_> {
+    /// Damage no crash explains: an error, unless told to truncate there.
+    fn damaged(&self, id: u32, reason: String) -> Result<String> {
+        let err = Error::DamagedSegment {
+            path: self.path(id),
+            reason: reason.clone(),
+        };
+        if !self.truncate_damaged {
+            return Err(err);
+        }
+        tracing::error!("{err}; ending the journal there as told");
+        Ok(reason)
+    }
+
     fn path(&self, id: u32) -> PathBuf {
         self.dir.join(segment_name(id))
     }
@@ -152,10 +167,12 @@ impl Scanner<'_> {
         seq: u64,
     ) -> Result<Result<(), String>> {
         let Some(b) = reader.bytes(0, SEGMENT_HEADER_SIZE).map_err(self.io(id))? else {
-            return Ok(Err("segment file is shorter than its header".into()));
+            return self
+                .damaged(id, "file is shorter than its header".into())
+                .map(Err);
         };
         match SegmentHeader::decode(b) {
-            Err(SegmentHeaderProblem::Garbage) => Ok(Err("segment header is damaged".into())),
+            Err(SegmentHeaderProblem::Garbage) => self.damaged(id, "header is damaged".into()).map(Err),
             Err(SegmentHeaderProblem::Version(found)) => Err(Error::UnsupportedVersion {
                 what: self.path(id).display().to_string(),
                 found,
@@ -170,10 +187,15 @@ impl Scanner<'_> {
                 "segment header has sequence {}, super lists {seq}",
                 h.seq
             ))),
-            Ok(h) if h.segment_size != self.config.segment_size => Ok(Err(format!(
-                "segment header says {} bytes, the volume uses {}",
-                h.segment_size, self.config.segment_size
-            ))),
+            Ok(h) if h.segment_size != self.config.segment_size => self
+                .damaged(
+                    id,
+                    format!(
+                        "header says {} bytes, the volume uses {}",
+                        h.segment_size, self.config.segment_size
+                    ),
+                )
+                .map(Err),
             Ok(_) => Ok(Ok(())),
         }
     }
@@ -266,11 +288,12 @@ pub fn recover(
     dir: &Path,
     config: &VolumeConfig,
     sb: &SuperState,
-    allow_flushed_loss: bool,
+    truncate_damaged: bool,
 ) -> Result<Recovered> {
     let scanner = Scanner {
         config,
         dir: dir.join(JOURNAL_DIR),
+        truncate_damaged,
     };
     let map = ExtentMap::new(config.size);
     let mut times = TimeIndex::new(sb.base_lsn + 1);
@@ -300,16 +323,22 @@ pub fn recover(
 
     // Index of the last segment with records, and where its records stop.
     let mut last_used: Option<(usize, u64)> = None;
+    let mut previous_was_full = false;
     for (i, s) in sb.segments.iter().enumerate() {
         let name = Some(segment_name(s.file_id));
         let Some(file) = &files[i] else {
             report.end = LogEnd {
                 segment: name,
                 offset: 0,
-                reason: "segment file is missing".into(),
+                reason: scanner.damaged(s.file_id, "file is missing".into())?,
             };
             break;
         };
+        let size = file.size().map_err(scanner.io(s.file_id))?;
+        if size < config.segment_size {
+            let reason = format!("file has {size} bytes, segments have {}", config.segment_size);
+            scanner.damaged(s.file_id, reason)?;
+        }
         let mut reader =
             SegmentReader::new(file.clone(), config.segment_size).map_err(scanner.io(s.file_id))?;
         report.segments_scanned += 1;
@@ -319,7 +348,7 @@ pub fn recover(
             Err(reason) => reason,
             Ok(()) => loop {
                 if pos + RECORD_HEADER_SIZE > config.segment_size {
-                    break "segment is full".to_string();
+                    break SEGMENT_FULL.to_string();
                 }
                 let h = match scanner.record(&mut reader, s.file_id, pos, s.seq, expected)? {
                     Ok(h) => h,
@@ -351,7 +380,9 @@ pub fn recover(
         };
         report.bytes_scanned += pos;
         if count == 0 {
-            if last_used.is_none() || report.end.segment.is_none() {
+            // The previous segment's stop is where the log ends, unless it
+            // was merely full: then it ends here.
+            if last_used.is_none() || previous_was_full {
                 report.end = LogEnd {
                     segment: name,
                     offset: pos,
@@ -360,6 +391,7 @@ pub fn recover(
             }
             break;
         }
+        previous_was_full = stop == SEGMENT_FULL;
         last_used = Some((i, pos));
         report.end = LogEnd {
             segment: name,
@@ -408,7 +440,7 @@ pub fn recover(
             proof_lsn: p.lsn,
             covered: p.offset,
         };
-        if !allow_flushed_loss {
+        if !truncate_damaged {
             return Err(err);
         }
         tracing::error!("{err}; truncating as allowed");

@@ -77,9 +77,9 @@ pub struct OpenOptions {
     /// Every write is durable before it returns (virtio-blk with WCE off).
     pub writethrough: bool,
     pub retry: RetryPolicy,
-    /// Truncate the journal even where a Flush record proves that data lost
-    /// past the damage had been flushed.
-    pub allow_flushed_loss: bool,
+    /// Open a damaged journal anyway, ending it at the damage, even where
+    /// a Flush record proves that data past it had been flushed.
+    pub truncate_damaged: bool,
 }
 
 impl Default for OpenOptions {
@@ -88,7 +88,7 @@ impl Default for OpenOptions {
             clock: Arc::new(SystemClock),
             writethrough: false,
             retry: RetryPolicy::default(),
-            allow_flushed_loss: false,
+            truncate_damaged: false,
         }
     }
 }
@@ -272,7 +272,7 @@ impl Volume {
             dir,
             &config,
             sb.state(),
-            options.allow_flushed_loss,
+            options.truncate_damaged,
         )?;
         let report = recovered.report.clone();
         tracing::info!(volume = %dir.display(), "{report}");

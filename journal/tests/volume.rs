@@ -1,0 +1,404 @@
+//! The volume API: data, persistence, pool, limits, imports, bad input, faults.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use rewind_journal::fault::{Fault, FaultOp, FaultStorage};
+use rewind_journal::{
+    BaseImage, Error, ImportMethod, ImportMode, OpenOptions, OsStorage, Storage, Volume,
+    VolumeSettings,
+};
+
+const EIO: i32 = 5;
+const ENOSPC: i32 = 28;
+
+#[test]
+fn writes_zeroes_and_discards_read_back_and_survive_reopen() {
+    let (fs, v) = new_volume();
+    assert_eq!(read(&v, 0, 8192), vec![0u8; 8192], "a new disk reads as zeroes");
+    let a = pattern(1, 64 << 10);
+    v.write(0, &a).expect("write");
+    v.write(4096, &pattern(2, 1024)).expect("overwrite");
+    v.write_zeroes(8192, 2048, false).expect("zeroes");
+    v.discard(16384, 4096).expect("discard");
+    let mut want = a.clone();
+    want[4096..5120].copy_from_slice(&pattern(2, 1024));
+    want[8192..10240].fill(0);
+    want[16384..20480].fill(0);
+    assert_eq!(read(&v, 0, want.len()), want);
+    v.close().expect("close");
+
+    let (v, report) = Volume::open(fs.arc(), Path::new(DIR), options()).expect("reopen");
+    assert_eq!(read(&v, 0, want.len()), want);
+    assert_eq!(report.next_lsn, v.last_lsn() + 1);
+    assert!(report.records >= 4, "{report}");
+    assert_eq!(report.discarded, None);
+}
+
+#[test]
+fn writes_larger_than_a_record_are_split_and_cross_segments() {
+    let (fs, v) = new_volume();
+    let big = pattern(7, 256 << 10); // 64 KiB segments hold at most ~31 KiB records
+    v.write(512, &big).expect("big write");
+    assert_eq!(read(&v, 512, big.len()), big);
+    assert!(v.stats().segments_used >= 4);
+    v.close().expect("close");
+    let v = open(&fs);
+    assert_eq!(read(&v, 512, big.len()), big);
+}
+
+#[test]
+fn bad_requests_are_refused_with_a_reason() {
+    let (_fs, v) = new_volume();
+    let size = v.size();
+    let cases: Vec<(&str, Result<u64, Error>)> = vec![
+        ("unaligned offset", v.write(100, &[0u8; 512])),
+        ("unaligned length", v.write(0, &[0u8; 100])),
+        ("empty", v.write(0, &[])),
+        ("past the end", v.write(size, &[0u8; 512])),
+        ("straddles the end", v.write(size - 512, &[0u8; 1024])),
+        ("overflowing zeroes", v.write_zeroes(u64::MAX - 511, 1024, false)),
+        ("overflowing discard", v.discard(512, u64::MAX - 511)),
+    ];
+    for (what, result) in cases {
+        match result {
+            Err(Error::InvalidRequest(reason)) => assert!(!reason.is_empty(), "{what}"),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    let mut buf = vec![0u8; 1024];
+    assert!(matches!(v.read(size - 512, &mut buf), Err(Error::InvalidRequest(_))));
+    assert_eq!(v.last_lsn(), 0, "nothing was journaled");
+}
+
+#[test]
+fn a_volume_opens_once_at_a_time() {
+    let (fs, v) = new_volume();
+    let err = Volume::open(fs.arc(), Path::new(DIR), options()).unwrap_err();
+    assert!(matches!(err, Error::Locked(_)), "{err}");
+    drop(v);
+    open(&fs);
+}
+
+#[test]
+fn create_refuses_a_used_directory_and_open_a_non_volume() {
+    let fs = FaultStorage::new();
+    create(&fs, &small_settings());
+    let err = Volume::create(
+        &fs,
+        Path::new(DIR),
+        &small_settings(),
+        BaseImage::Empty,
+        &mut |_, _| {},
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::Exists(_)), "{err}");
+    fs.create_dir_all(Path::new("/other")).expect("mkdir");
+    let err = Volume::open(fs.arc(), Path::new("/other"), options()).unwrap_err();
+    assert!(err.to_string().contains("not a rewind volume"), "{err}");
+}
+
+#[test]
+fn replayed_writes_leave_the_disk_correct() {
+    let (fs, v) = new_volume();
+    let a = pattern(1, 4096);
+    let b = pattern(2, 2048);
+    v.write(0, &a).expect("a");
+    v.write(1024, &b).expect("b, overlapping");
+    // The backend restarted and the client submitted `b` again.
+    v.write(1024, &b).expect("b replayed");
+    let mut want = a.clone();
+    want[1024..3072].copy_from_slice(&b);
+    assert_eq!(read(&v, 0, 4096), want);
+    v.flush().expect("flush");
+    drop(v);
+    let v = open(&fs.crash(1));
+    assert_eq!(read(&v, 0, 4096), want);
+}
+
+#[test]
+fn the_pool_grows_keeps_its_reserve_and_reports_it() {
+    let (_fs, v) = new_volume();
+    let s = v.stats();
+    assert_eq!((s.segments_used, s.segments_free), (0, 2));
+    assert_eq!(s.journal_bytes, 2 * (64 << 10));
+    assert_eq!((s.oldest_record_ns, s.last_lsn), (None, 0));
+    for i in 0..40u64 {
+        v.write((i % 8) * 32768, &pattern(i as u8, 16384)).expect("write");
+    }
+    wait_until("the reserve to refill", || v.stats().segments_free == 2);
+    let s = v.stats();
+    assert!(s.segments_used >= 10, "{s:?}");
+    assert_eq!(s.journal_bytes, (s.segments_used + 2) * (64 << 10));
+    assert_eq!(s.last_lsn, 40);
+    assert!(s.oldest_record_ns.is_some() && s.oldest_record_ns <= s.newest_record_ns);
+    assert!(!s.over_warning);
+}
+
+#[test]
+fn the_hard_limit_stops_growth_with_a_clear_error_and_loses_nothing() {
+    let fs = FaultStorage::new();
+    let mut settings = small_settings();
+    settings.journal_max = 8 * (64 << 10);
+    settings.journal_warn = 4 * (64 << 10);
+    create(&fs, &settings);
+    let v = open(&fs);
+    let mut written = Vec::new();
+    let err = loop {
+        let i = written.len();
+        match v.write((i as u64 % 32) * 16384, &pattern(i as u8, 16384)) {
+            Ok(_) => written.push(i),
+            Err(e) => break e,
+        }
+        assert!(written.len() < 100, "the limit never hit");
+    };
+    assert!(matches!(err, Error::JournalFull { .. }), "{err}");
+    assert!(err.to_string().contains("journal full"));
+    let s = v.stats();
+    assert!(s.over_warning);
+    assert_eq!(s.journal_bytes, 8 * (64 << 10));
+    assert_eq!(s.failed, None, "a full journal is not a failure");
+    // Everything written before the limit is intact.
+    for &i in written.iter().rev().take(32) {
+        let off = (i as u64 % 32) * 16384;
+        assert_eq!(read(&v, off, 16384), pattern(i as u8, 16384), "write {i}");
+    }
+    v.flush().expect("flush still works");
+}
+
+#[test]
+fn extra_free_segments_are_released_down_to_the_reserve() {
+    let (fs, v) = new_volume();
+    // Unflushed writes over about seven segments.
+    for i in 0..20u64 {
+        v.write((i % 32) * 16384, &pattern(i as u8, 16384)).expect("write");
+    }
+    drop(v);
+    // A crash that loses one of the first records ends the log in the first
+    // segment: every later segment comes back as a free one.
+    let crashed = (0..64)
+        .map(|seed| fs.crash(seed))
+        .find(|c| {
+            let (_, report) = Volume::open(c.arc(), Path::new(DIR), options()).expect("open");
+            report.next_lsn <= 3 && report.discarded.is_some()
+        })
+        .expect("some crash loses an early record");
+    let v = open(&crashed);
+    wait_until("the pool to shrink to its reserve", || {
+        v.stats().segments_free == 2
+    });
+    let s = v.stats();
+    assert!(s.segments_used <= 1, "{s:?}");
+    let files = crashed.list_dir(Path::new("/vol/journal")).expect("ls");
+    assert_eq!(files.len() as u64, s.segments_used + s.segments_free);
+}
+
+#[test]
+fn writethrough_writes_survive_any_crash_without_a_flush() {
+    let (fs, v) = new_volume();
+    v.set_writethrough(true);
+    for i in 0..10u64 {
+        v.write(i * 4096, &pattern(i as u8, 4096)).expect("write");
+    }
+    assert!(v.stats().writethrough);
+    for seed in 0..8 {
+        let crashed = fs.crash(seed);
+        let v = open(&crashed);
+        for i in 0..10u64 {
+            assert_eq!(read(&v, i * 4096, 4096), pattern(i as u8, 4096), "seed {seed}");
+        }
+    }
+}
+
+#[test]
+fn flushed_writes_survive_and_unflushed_ones_are_whole_or_absent() {
+    let (fs, v) = new_volume();
+    v.write(0, &pattern(1, 8192)).expect("write");
+    v.flush().expect("flush");
+    let durable = v.stats().durable_lsn;
+    assert!(durable >= 1);
+    v.write(8192, &pattern(2, 8192)).expect("unflushed");
+    for seed in 0..32 {
+        let v = open(&fs.crash(seed));
+        assert_eq!(read(&v, 0, 8192), pattern(1, 8192), "seed {seed}");
+        let tail = read(&v, 8192, 8192);
+        assert!(
+            tail == pattern(2, 8192) || tail == vec![0u8; 8192],
+            "seed {seed}: torn data visible"
+        );
+    }
+}
+
+#[test]
+fn transient_io_errors_are_retried_and_invisible() {
+    let (fs, v) = new_volume();
+    fs.inject(Fault::once_after(FaultOp::Write, 0, EIO));
+    fs.inject(Fault::once_after(FaultOp::Write, 0, ENOSPC));
+    v.write(0, &pattern(3, 4096)).expect("retried write");
+    fs.inject(Fault::once_after(FaultOp::Read, 0, EIO));
+    assert_eq!(read(&v, 0, 4096), pattern(3, 4096));
+    v.flush().expect("flush");
+    assert_eq!(v.stats().failed, None);
+}
+
+#[test]
+fn a_write_that_keeps_failing_stops_the_volume_until_reopen() {
+    let (fs, v) = new_volume();
+    v.write(0, &pattern(1, 4096)).expect("write");
+    v.flush().expect("flush");
+    fs.inject(Fault::always(FaultOp::Write, EIO).on_paths_containing(".seg"));
+    let err = v.write(4096, &pattern(2, 4096)).unwrap_err();
+    assert!(matches!(err, Error::Failed(_)), "{err}");
+    assert!(err.to_string().contains("reopen"), "{err}");
+    // Later writes and flushes fail at once; reads still work.
+    assert!(matches!(v.write(8192, &[1u8; 512]), Err(Error::Failed(_))));
+    assert!(matches!(v.flush(), Err(Error::Failed(_))));
+    assert_eq!(read(&v, 0, 4096), pattern(1, 4096));
+    assert!(v.stats().failed.is_some());
+    fs.clear_faults();
+    drop(v);
+    let v = open(&fs);
+    assert_eq!(read(&v, 0, 4096), pattern(1, 4096));
+    assert_eq!(read(&v, 4096, 4096), vec![0u8; 4096], "the failed write is not there");
+    v.write(4096, &pattern(4, 4096)).expect("writes work again");
+}
+
+#[test]
+fn a_failed_sync_fails_the_flush_and_stops_the_volume() {
+    let (fs, v) = new_volume();
+    v.write(0, &pattern(1, 4096)).expect("write");
+    fs.inject(Fault::once_after(FaultOp::Sync, 0, EIO).on_paths_containing(".seg"));
+    let err = v.flush().unwrap_err();
+    assert!(err.to_string().contains("syncing the journal failed"), "{err}");
+    assert!(matches!(v.write(0, &[0u8; 512]), Err(Error::Failed(_))));
+}
+
+#[test]
+fn growth_failures_are_retried_in_the_background() {
+    let (fs, v) = new_volume();
+    // Preparing new segments fails for a while; the reserve carries writes.
+    fs.inject(Fault::always(FaultOp::Allocate, ENOSPC));
+    v.write(0, &pattern(1, 16384)).expect("write on the reserve");
+    fs.clear_faults();
+    wait_until("the reserve to refill", || v.stats().segments_free == 2);
+    for i in 0..20u64 {
+        v.write((i % 16) * 16384, &pattern(i as u8, 16384)).expect("write");
+    }
+}
+
+#[test]
+fn concurrent_writers_and_readers_see_consistent_data() {
+    let (fs, v) = new_volume();
+    let v = std::sync::Arc::new(v);
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let v = v.clone();
+            std::thread::spawn(move || {
+                let base = u64::from(t) * 262144;
+                for round in 0..50u8 {
+                    let off = base + u64::from(round % 16) * 16384;
+                    let data = pattern(t.wrapping_mul(50).wrapping_add(round), 16384);
+                    v.write(off, &data).expect("write");
+                    assert_eq!(read(&v, off, 16384), data);
+                    if round % 10 == 0 {
+                        v.flush().expect("flush");
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+    v.flush().expect("flush");
+    let expect: Vec<Vec<u8>> = (0..4u8)
+        .flat_map(|t| (34..50u8).map(move |r| (t, r)))
+        .map(|(t, r)| pattern(t.wrapping_mul(50).wrapping_add(r), 16384))
+        .collect();
+    drop(v);
+    let v = open(&fs.crash(3));
+    for (t, chunk) in expect.chunks(16).enumerate() {
+        for (k, data) in chunk.iter().enumerate() {
+            let round = 34 + k as u64;
+            let off = t as u64 * 262144 + (round % 16) * 16384;
+            assert_eq!(&read(&v, off, 16384), data, "thread {t} round {round}");
+        }
+    }
+}
+
+fn raw_image(dir: &Path, len: usize) -> (std::path::PathBuf, Vec<u8>) {
+    let path = dir.join("disk.raw");
+    let mut data = pattern(9, len);
+    data[len / 2..len / 2 + 65536].fill(0); // a zero run, to exercise sparse copies
+    std::fs::write(&path, &data).expect("write image");
+    (path, data)
+}
+
+#[test]
+fn importing_an_image_clones_or_moves_it_with_progress() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let storage = OsStorage::shared();
+    let (src, data) = raw_image(tmp.path(), 1 << 20);
+    for (name, mode) in [("clone", ImportMode::Clone), ("move", ImportMode::Move)] {
+        let dir = tmp.path().join(name);
+        let mut last = (0, 0);
+        let mut settings = VolumeSettings::new(2 << 20);
+        settings.segment_size = 1 << 20;
+        let config = Volume::create(
+            storage.as_ref(),
+            &dir,
+            &settings,
+            BaseImage::Import { path: &src, mode },
+            &mut |done, total| last = (done, total),
+        )
+        .expect("import");
+        assert_eq!(last, (1 << 20, 1 << 20), "{name}: progress reaches the end");
+        assert_eq!(config.size, 2 << 20, "the volume keeps its larger size");
+        let (v, _) = Volume::open(storage.clone(), &dir, OpenOptions::default()).expect("open");
+        assert_eq!(read(&v, 0, data.len()), data, "{name}");
+        assert_eq!(read(&v, 1 << 20, 4096), vec![0u8; 4096], "{name}: extension is zero");
+        assert_eq!(src.exists(), mode == ImportMode::Clone, "{name}");
+        if mode == ImportMode::Clone {
+            v.write(0, &[0xEE; 512]).expect("write");
+            v.close().expect("close");
+            assert_eq!(std::fs::read(&src).expect("src"), data, "the source is untouched");
+        }
+    }
+}
+
+#[test]
+fn importing_an_image_larger_than_the_volume_is_refused_and_gives_it_back() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let storage = OsStorage::shared();
+    let (src, data) = raw_image(tmp.path(), 1 << 20);
+    let mut settings = VolumeSettings::new(512 << 10);
+    settings.segment_size = 1 << 20;
+    let err = Volume::create(
+        storage.as_ref(),
+        &tmp.path().join("v"),
+        &settings,
+        BaseImage::Import {
+            path: &src,
+            mode: ImportMode::Move,
+        },
+        &mut |_, _| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("at most the volume size"), "{err}");
+    assert_eq!(std::fs::read(&src).expect("still there"), data);
+}
+
+#[test]
+fn the_copying_import_reproduces_the_image() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, data) = raw_image(tmp.path(), 1 << 20);
+    let fs = FaultStorage::new();
+    fs.create_dir_all(Path::new("/v")).expect("mkdir");
+    let method = fs
+        .import(&src, Path::new("/v/base.img"), ImportMode::Clone, &mut |_, _| {})
+        .expect("import");
+    assert_eq!(method, ImportMethod::Copied);
+    assert_eq!(fs.contents(Path::new("/v/base.img")).expect("file"), data);
+}
