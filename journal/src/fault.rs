@@ -5,7 +5,8 @@
 //! could leave it: every unsynced write is independently kept, dropped, or
 //! torn at a random byte, as a page cache writing back in any order would.
 //! Directory operations (create, remove, rename) are durable at once; the
-//! engine syncs directories after them anyway.
+//! engine syncs directories after them anyway. A crash is one instant: no
+//! operation runs while it is taken.
 //!
 //! [`FaultStorage::inject`] makes chosen operations fail with an errno
 //! (EIO, ENOSPC, ...), once or until cleared.
@@ -13,7 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, Weak};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -95,6 +96,8 @@ struct FsState {
 struct Shared {
     fs: Mutex<FsState>,
     faults: Mutex<Vec<Fault>>,
+    /// Operations hold it shared; a crash holds it exclusively.
+    instant: RwLock<()>,
 }
 
 /// See the module documentation.
@@ -113,6 +116,10 @@ fn not_found(path: &Path) -> io::Error {
 }
 
 impl Shared {
+    fn operation(&self) -> RwLockReadGuard<'_, ()> {
+        self.instant.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn check(&self, op: FaultOp, path: &Path) -> io::Result<()> {
         let mut faults = lock(&self.faults);
         let path = path.to_string_lossy();
@@ -156,6 +163,11 @@ impl FaultStorage {
     /// The file system as a power loss now could leave it, as a new,
     /// independent storage. `seed` picks which unsynced writes survive.
     pub fn crash(&self, seed: u64) -> FaultStorage {
+        let _instant = self
+            .shared
+            .instant
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         let mut rng = StdRng::seed_from_u64(seed);
         let new = FaultStorage::new();
         let fs = lock(&self.shared.fs);
@@ -223,62 +235,76 @@ fn apply(image: &mut Vec<u8>, offset: u64, data: &[u8]) {
 }
 
 impl FaultFile {
-    fn check(&self, op: FaultOp) -> io::Result<()> {
-        match self.fs.upgrade() {
-            Some(fs) => fs.check(op, &self.path),
-            None => Err(io::Error::other("storage dropped")),
+    /// Runs `f` as one operation of kind `op` (which may be made to fail).
+    fn run<T>(
+        &self,
+        op: Option<FaultOp>,
+        f: impl FnOnce(&mut FileState) -> io::Result<T>,
+    ) -> io::Result<T> {
+        let shared = self
+            .fs
+            .upgrade()
+            .ok_or_else(|| io::Error::other("storage dropped"))?;
+        let _instant = shared.operation();
+        if let Some(op) = op {
+            shared.check(op, &self.path)?;
         }
+        f(&mut lock(&self.state))
     }
 }
 
 impl StorageFile for FaultFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.check(FaultOp::Read)?;
-        let st = lock(&self.state);
-        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
-        let end = start
-            .checked_add(buf.len())
-            .filter(|&e| e <= st.current.len())
-            .ok_or(io::ErrorKind::UnexpectedEof)?;
-        buf.copy_from_slice(&st.current[start..end]);
-        Ok(())
+        self.run(Some(FaultOp::Read), |st| {
+            let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
+            let end = start
+                .checked_add(buf.len())
+                .filter(|&e| e <= st.current.len())
+                .ok_or(io::ErrorKind::UnexpectedEof)?;
+            buf.copy_from_slice(&st.current[start..end]);
+            Ok(())
+        })
     }
 
     fn write_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
-        self.check(FaultOp::Write)?;
         let data = bufs.concat();
-        let mut st = lock(&self.state);
-        apply(&mut st.current, offset, &data);
-        st.unsynced.push((offset, data));
-        Ok(())
+        self.run(Some(FaultOp::Write), |st| {
+            apply(&mut st.current, offset, &data);
+            st.unsynced.push((offset, data));
+            Ok(())
+        })
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.check(FaultOp::Sync)?;
-        let mut st = lock(&self.state);
-        st.durable = st.current.clone();
-        st.unsynced.clear();
-        Ok(())
+        self.run(Some(FaultOp::Sync), |st| {
+            st.durable = st.current.clone();
+            st.unsynced.clear();
+            Ok(())
+        })
     }
 
     fn size(&self) -> io::Result<u64> {
-        Ok(lock(&self.state).current.len() as u64)
+        self.run(None, |st| Ok(st.current.len() as u64))
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         let len = usize::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
-        let mut st = lock(&self.state);
-        st.current.resize(len, 0);
-        st.durable.resize(len, 0);
-        Ok(())
+        self.run(None, |st| {
+            st.current.resize(len, 0);
+            st.durable.resize(len, 0);
+            Ok(())
+        })
     }
 
     fn allocate(&self, len: u64) -> io::Result<()> {
-        self.check(FaultOp::Allocate)?;
-        if self.size()? < len {
-            self.set_len(len)?;
-        }
-        Ok(())
+        let len = usize::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
+        self.run(Some(FaultOp::Allocate), |st| {
+            if st.current.len() < len {
+                st.current.resize(len, 0);
+                st.durable.resize(len, 0);
+            }
+            Ok(())
+        })
     }
 }
 

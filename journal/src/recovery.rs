@@ -172,7 +172,9 @@ impl Scanner<'_> {
                 .map(Err);
         };
         match SegmentHeader::decode(b) {
-            Err(SegmentHeaderProblem::Garbage) => self.damaged(id, "header is damaged".into()).map(Err),
+            Err(SegmentHeaderProblem::Garbage) => {
+                self.damaged(id, "header is damaged".into()).map(Err)
+            }
             Err(SegmentHeaderProblem::Version(found)) => Err(Error::UnsupportedVersion {
                 what: self.path(id).display().to_string(),
                 found,
@@ -336,7 +338,10 @@ pub fn recover(
         };
         let size = file.size().map_err(scanner.io(s.file_id))?;
         if size < config.segment_size {
-            let reason = format!("file has {size} bytes, segments have {}", config.segment_size);
+            let reason = format!(
+                "file has {size} bytes, segments have {}",
+                config.segment_size
+            );
             scanner.damaged(s.file_id, reason)?;
         }
         let mut reader =

@@ -17,7 +17,11 @@ const ENOSPC: i32 = 28;
 #[test]
 fn writes_zeroes_and_discards_read_back_and_survive_reopen() {
     let (fs, v) = new_volume();
-    assert_eq!(read(&v, 0, 8192), vec![0u8; 8192], "a new disk reads as zeroes");
+    assert_eq!(
+        read(&v, 0, 8192),
+        vec![0u8; 8192],
+        "a new disk reads as zeroes"
+    );
     let a = pattern(1, 64 << 10);
     v.write(0, &a).expect("write");
     v.write(4096, &pattern(2, 1024)).expect("overwrite");
@@ -59,7 +63,10 @@ fn bad_requests_are_refused_with_a_reason() {
         ("empty", v.write(0, &[])),
         ("past the end", v.write(size, &[0u8; 512])),
         ("straddles the end", v.write(size - 512, &[0u8; 1024])),
-        ("overflowing zeroes", v.write_zeroes(u64::MAX - 511, 1024, false)),
+        (
+            "overflowing zeroes",
+            v.write_zeroes(u64::MAX - 511, 1024, false),
+        ),
         ("overflowing discard", v.discard(512, u64::MAX - 511)),
     ];
     for (what, result) in cases {
@@ -69,7 +76,10 @@ fn bad_requests_are_refused_with_a_reason() {
         }
     }
     let mut buf = vec![0u8; 1024];
-    assert!(matches!(v.read(size - 512, &mut buf), Err(Error::InvalidRequest(_))));
+    assert!(matches!(
+        v.read(size - 512, &mut buf),
+        Err(Error::InvalidRequest(_))
+    ));
     assert_eq!(v.last_lsn(), 0, "nothing was journaled");
 }
 
@@ -126,7 +136,8 @@ fn the_pool_grows_keeps_its_reserve_and_reports_it() {
     assert_eq!(s.journal_bytes, 2 * (64 << 10));
     assert_eq!((s.oldest_record_ns, s.last_lsn), (None, 0));
     for i in 0..40u64 {
-        v.write((i % 8) * 32768, &pattern(i as u8, 16384)).expect("write");
+        v.write((i % 8) * 32768, &pattern(i as u8, 16384))
+            .expect("write");
     }
     wait_until("the reserve to refill", || v.stats().segments_free == 2);
     let s = v.stats();
@@ -173,7 +184,8 @@ fn extra_free_segments_are_released_down_to_the_reserve() {
     let (fs, v) = new_volume();
     // Unflushed writes over about seven segments.
     for i in 0..20u64 {
-        v.write((i % 32) * 16384, &pattern(i as u8, 16384)).expect("write");
+        v.write((i % 32) * 16384, &pattern(i as u8, 16384))
+            .expect("write");
     }
     drop(v);
     // A crash that loses one of the first records ends the log in the first
@@ -207,7 +219,11 @@ fn writethrough_writes_survive_any_crash_without_a_flush() {
         let crashed = fs.crash(seed);
         let v = open(&crashed);
         for i in 0..10u64 {
-            assert_eq!(read(&v, i * 4096, 4096), pattern(i as u8, 4096), "seed {seed}");
+            assert_eq!(
+                read(&v, i * 4096, 4096),
+                pattern(i as u8, 4096),
+                "seed {seed}"
+            );
         }
     }
 }
@@ -261,7 +277,11 @@ fn a_write_that_keeps_failing_stops_the_volume_until_reopen() {
     drop(v);
     let v = open(&fs);
     assert_eq!(read(&v, 0, 4096), pattern(1, 4096));
-    assert_eq!(read(&v, 4096, 4096), vec![0u8; 4096], "the failed write is not there");
+    assert_eq!(
+        read(&v, 4096, 4096),
+        vec![0u8; 4096],
+        "the failed write is not there"
+    );
     v.write(4096, &pattern(4, 4096)).expect("writes work again");
 }
 
@@ -271,7 +291,10 @@ fn a_failed_sync_fails_the_flush_and_stops_the_volume() {
     v.write(0, &pattern(1, 4096)).expect("write");
     fs.inject(Fault::once_after(FaultOp::Sync, 0, EIO).on_paths_containing(".seg"));
     let err = v.flush().unwrap_err();
-    assert!(err.to_string().contains("syncing the journal failed"), "{err}");
+    assert!(
+        err.to_string().contains("syncing the journal failed"),
+        "{err}"
+    );
     assert!(matches!(v.write(0, &[0u8; 512]), Err(Error::Failed(_))));
 }
 
@@ -280,11 +303,13 @@ fn growth_failures_are_retried_in_the_background() {
     let (fs, v) = new_volume();
     // Preparing new segments fails for a while; the reserve carries writes.
     fs.inject(Fault::always(FaultOp::Allocate, ENOSPC));
-    v.write(0, &pattern(1, 16384)).expect("write on the reserve");
+    v.write(0, &pattern(1, 16384))
+        .expect("write on the reserve");
     fs.clear_faults();
     wait_until("the reserve to refill", || v.stats().segments_free == 2);
     for i in 0..20u64 {
-        v.write((i % 16) * 16384, &pattern(i as u8, 16384)).expect("write");
+        v.write((i % 16) * 16384, &pattern(i as u8, 16384))
+            .expect("write");
     }
 }
 
@@ -358,12 +383,20 @@ fn importing_an_image_clones_or_moves_it_with_progress() {
         assert_eq!(config.size, 2 << 20, "the volume keeps its larger size");
         let (v, _) = Volume::open(storage.clone(), &dir, OpenOptions::default()).expect("open");
         assert_eq!(read(&v, 0, data.len()), data, "{name}");
-        assert_eq!(read(&v, 1 << 20, 4096), vec![0u8; 4096], "{name}: extension is zero");
+        assert_eq!(
+            read(&v, 1 << 20, 4096),
+            vec![0u8; 4096],
+            "{name}: extension is zero"
+        );
         assert_eq!(src.exists(), mode == ImportMode::Clone, "{name}");
         if mode == ImportMode::Clone {
             v.write(0, &[0xEE; 512]).expect("write");
             v.close().expect("close");
-            assert_eq!(std::fs::read(&src).expect("src"), data, "the source is untouched");
+            assert_eq!(
+                std::fs::read(&src).expect("src"),
+                data,
+                "the source is untouched"
+            );
         }
     }
 }
@@ -397,7 +430,12 @@ fn the_copying_import_reproduces_the_image() {
     let fs = FaultStorage::new();
     fs.create_dir_all(Path::new("/v")).expect("mkdir");
     let method = fs
-        .import(&src, Path::new("/v/base.img"), ImportMode::Clone, &mut |_, _| {})
+        .import(
+            &src,
+            Path::new("/v/base.img"),
+            ImportMode::Clone,
+            &mut |_, _| {},
+        )
         .expect("import");
     assert_eq!(method, ImportMethod::Copied);
     assert_eq!(fs.contents(Path::new("/v/base.img")).expect("file"), data);
