@@ -274,7 +274,12 @@ impl Scanner<'_> {
         while let Some(b) = reader.bytes(pos, RECORD_HEADER_SIZE).map_err(self.io(id))? {
             match RecordHeader::decode(b) {
                 Ok(h) if h.seq == seq && h.lsn >= from => {
-                    found.push(h);
+                    let payload = reader
+                        .bytes(pos + RECORD_HEADER_SIZE, u64::from(h.payload_len))
+                        .map_err(self.io(id))?;
+                    if payload.is_some_and(|p| crc32c::crc32c(p) == h.payload_crc) {
+                        found.push(h);
+                    }
                     pos += h.span();
                 }
                 _ => pos += SECTOR,
@@ -385,15 +390,20 @@ pub fn recover(
         };
         report.bytes_scanned += pos;
         if count == 0 {
-            // The previous segment's stop is where the log ends, unless it
-            // was merely full: then it ends here.
-            if last_used.is_none() || previous_was_full {
-                report.end = LogEnd {
-                    segment: name,
-                    offset: pos,
-                    reason: stop,
-                };
-            }
+            // The log ends here: name this segment's problem, and where the
+            // previous one stopped unless it was merely full.
+            let reason = match &report.end.segment {
+                Some(prev) if last_used.is_some() && !previous_was_full => format!(
+                    "{stop}; {prev} stops at offset {}: {}",
+                    report.end.offset, report.end.reason
+                ),
+                _ => stop,
+            };
+            report.end = LogEnd {
+                segment: name,
+                offset: pos,
+                reason,
+            };
             break;
         }
         previous_was_full = stop == SEGMENT_FULL;
