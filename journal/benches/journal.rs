@@ -1,1 +1,357 @@
-fn main() {}
+//! Benchmarks of the volume engine, each against a plain-file baseline run
+//! on the same file system in the same run, reported as a ratio.
+//!
+//! `cargo bench -p rewind-journal [-- NAME...]` runs all benchmarks, or
+//! those whose name contains a NAME (append-4k, append-64k, reads, map,
+//! recovery). Set
+//! REWIND_BENCH_DIR to choose the file system (default: the system temp
+//! dir) and REWIND_BENCH_QUICK=1 for a small smoke run.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::fs::{File, OpenOptions as FsOpen};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rewind_journal::{
+    BaseImage, ExtentMap, OpenOptions, OsStorage, Piece, Target, Volume, VolumeSettings,
+};
+
+/// Counts live heap bytes, to measure the extent map's memory.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        // SAFETY: same contract as our caller's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: `ptr` came from `System.alloc` with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+struct Config {
+    dir: PathBuf,
+    write_bytes: u64,
+    read_disk: u64,
+    reads: usize,
+    map_extents: u64,
+    recovery_bytes: u64,
+}
+
+fn config() -> Config {
+    let base = std::env::var_os("REWIND_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = tempfile::tempdir_in(base).expect("bench dir").keep();
+    if std::env::var_os("REWIND_BENCH_QUICK").is_some() {
+        Config {
+            dir,
+            write_bytes: 32 << 20,
+            read_disk: 32 << 20,
+            reads: 20_000,
+            map_extents: 100_000,
+            recovery_bytes: 64 << 20,
+        }
+    } else {
+        Config {
+            dir,
+            write_bytes: 512 << 20,
+            read_disk: 256 << 20,
+            reads: 200_000,
+            map_extents: 1_000_000,
+            recovery_bytes: 1 << 30,
+        }
+    }
+}
+
+fn settings(size: u64, journal: u64) -> VolumeSettings {
+    let journal_max = (journal * 2).max(1 << 30);
+    VolumeSettings {
+        journal_max,
+        journal_warn: journal_max,
+        ..VolumeSettings::new(size)
+    }
+}
+
+fn new_volume(dir: &Path, size: u64, journal: u64) -> Volume {
+    let storage = OsStorage::shared();
+    let s = settings(size, journal);
+    Volume::create(storage.as_ref(), dir, &s, BaseImage::Empty, &mut |_, _| {}).expect("create");
+    Volume::open(storage, dir, OpenOptions::default())
+        .expect("open")
+        .0
+}
+
+fn plain_file(path: &Path, len: u64) -> File {
+    let f = FsOpen::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .expect("plain file");
+    rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, len).expect("fallocate");
+    f
+}
+
+/// Drops a file's clean pages from the page cache.
+fn evict(path: &Path) {
+    let f = File::open(path).expect("open for evict");
+    f.sync_all().expect("sync");
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).expect("fadvise");
+}
+
+fn mib_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
+}
+
+fn row(what: &str, ours: String, baseline: String, ratio: f64) {
+    println!("| {what} | {ours} | {baseline} | {ratio:.2}x |");
+}
+
+/// Best of three runs of `f`, which returns the time it measured.
+fn best(mut f: impl FnMut() -> Duration) -> Duration {
+    (0..3).map(|_| f()).min().unwrap_or_default()
+}
+
+fn bench_appends(c: &Config, block: usize) {
+    let count = c.write_bytes / block as u64;
+    let data = vec![0x5au8; block];
+    let disk = 1u64 << 30;
+    let ours = best(|| {
+        let dir = c.dir.join(format!("append-{block}"));
+        let v = new_volume(&dir, disk, c.write_bytes);
+        let t = Instant::now();
+        for i in 0..count {
+            v.write((i * block as u64) % disk, &data).expect("write");
+        }
+        v.flush().expect("flush");
+        let d = t.elapsed();
+        v.close().expect("close");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+        d
+    });
+    let plain = best(|| {
+        let path = c.dir.join("plain-append");
+        let f = plain_file(&path, c.write_bytes);
+        let t = Instant::now();
+        for i in 0..count {
+            f.write_all_at(&data, i * block as u64).expect("pwrite");
+        }
+        f.sync_data().expect("sync");
+        let d = t.elapsed();
+        std::fs::remove_file(&path).expect("cleanup");
+        d
+    });
+    row(
+        &format!("append {} KiB x {count}, then flush", block / 1024),
+        format!("{:.0} MiB/s", mib_s(c.write_bytes, ours)),
+        format!("{:.0} MiB/s (pwrite)", mib_s(c.write_bytes, plain)),
+        plain.as_secs_f64() / ours.as_secs_f64(),
+    );
+}
+
+fn bench_random_reads(c: &Config) {
+    let blocks = c.read_disk / 4096;
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut order: Vec<u64> = (0..blocks).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.random_range(0..=i));
+    }
+    let data = vec![0xa5u8; 4096];
+    // Every block written once, in random order: one extent per block.
+    let dir = c.dir.join("reads");
+    let v = new_volume(&dir, c.read_disk, c.read_disk + (c.read_disk >> 3));
+    for &b in &order {
+        v.write(b * 4096, &data).expect("write");
+    }
+    v.flush().expect("flush");
+    let path = c.dir.join("plain-reads");
+    let f = plain_file(&path, c.read_disk);
+    for &b in &order {
+        f.write_all_at(&data, b * 4096).expect("pwrite");
+    }
+    f.sync_data().expect("sync");
+    let probes: Vec<u64> = (0..c.reads).map(|_| rng.random_range(0..blocks)).collect();
+    let mut buf = vec![0u8; 4096];
+    let ours = best(|| {
+        let t = Instant::now();
+        for &b in &probes {
+            v.read(b * 4096, &mut buf).expect("read");
+        }
+        t.elapsed()
+    });
+    let plain = best(|| {
+        let t = Instant::now();
+        for &b in &probes {
+            f.read_exact_at(&mut buf, b * 4096).expect("pread");
+        }
+        t.elapsed()
+    });
+    let per = |d: Duration| d.as_nanos() as f64 / c.reads as f64;
+    row(
+        &format!(
+            "random 4 KiB reads, {} extents, page cache warm",
+            v.stats().extents
+        ),
+        format!("{:.0} ns/read", per(ours)),
+        format!("{:.0} ns/read (pread)", per(plain)),
+        plain.as_secs_f64() / ours.as_secs_f64(),
+    );
+    v.close().expect("close");
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+    std::fs::remove_file(&path).expect("cleanup");
+}
+
+fn bench_extent_map(c: &Config) {
+    let n = c.map_extents;
+    // 8-sector extents 16 sectors apart, so none merge; inserted in random order.
+    let disk = n * 16 * 512;
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut order: Vec<u64> = (0..n).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.random_range(0..=i));
+    }
+    let before = LIVE.load(Ordering::Relaxed);
+    let map = ExtentMap::new(disk);
+    let t = Instant::now();
+    for (lsn, &i) in order.iter().enumerate() {
+        let target = Target::Journal {
+            segment: (i >> 13) as u32,
+            sector: (i & 8191) as u32 * 9,
+        };
+        map.insert(i * 16, 8, lsn as u64 + 1, target);
+    }
+    let build = t.elapsed();
+    let bytes = LIVE.load(Ordering::Relaxed) - before;
+    assert_eq!(map.len() as u64, n);
+    let probes: Vec<u64> = (0..1_000_000)
+        .map(|_| rng.random_range(0..n * 16))
+        .collect();
+    let mut out: Vec<Piece> = Vec::with_capacity(4);
+    let t = Instant::now();
+    for &s in &probes {
+        out.clear();
+        map.lookup(s, 8, &mut out);
+        std::hint::black_box(&out);
+    }
+    let lookup = t.elapsed();
+    println!(
+        "| extent map, {n} extents | {:.1} bytes/extent, {:.0} ns/insert | {:.0} ns per 8-sector lookup | goal <= 64 bytes/extent |",
+        bytes as f64 / n as f64,
+        build.as_nanos() as f64 / n as f64,
+        lookup.as_nanos() as f64 / probes.len() as f64,
+    );
+}
+
+fn bench_recovery(c: &Config) {
+    let dir = c.dir.join("recovery");
+    let disk = 1u64 << 30;
+    let v = new_volume(&dir, disk, c.recovery_bytes);
+    let mut rng = StdRng::seed_from_u64(11);
+    let data = vec![0x3cu8; 4096];
+    let records = c.recovery_bytes / 4608;
+    for _ in 0..records {
+        v.write(rng.random_range(0..disk / 4096) * 4096, &data)
+            .expect("write");
+    }
+    v.close().expect("close");
+    let journal = dir.join("journal");
+    let segments: Vec<PathBuf> = std::fs::read_dir(&journal)
+        .expect("ls")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    let total: u64 = segments
+        .iter()
+        .map(|p| std::fs::metadata(p).expect("stat").len())
+        .sum();
+    for cold in [false, true] {
+        let recover = best(|| {
+            if cold {
+                segments.iter().for_each(|p| evict(p));
+            }
+            let t = Instant::now();
+            let (v, report) =
+                Volume::open(OsStorage::shared(), &dir, OpenOptions::default()).expect("open");
+            let d = t.elapsed();
+            assert_eq!(report.next_lsn, v.last_lsn() + 1);
+            drop(v);
+            d
+        });
+        let read = best(|| {
+            if cold {
+                segments.iter().for_each(|p| evict(p));
+            }
+            let mut buf = vec![0u8; 8 << 20];
+            let t = Instant::now();
+            for p in &segments {
+                let f = File::open(p).expect("open");
+                let mut at = 0;
+                let len = f.metadata().expect("stat").len();
+                while at < len {
+                    let n = (len - at).min(buf.len() as u64) as usize;
+                    f.read_exact_at(&mut buf[..n], at).expect("read");
+                    at += n as u64;
+                }
+            }
+            t.elapsed()
+        });
+        row(
+            &format!(
+                "recovery, {records} x 4 KiB records, {} MiB of segments, {}",
+                total >> 20,
+                if cold { "cold cache" } else { "warm cache" }
+            ),
+            format!("{:.0} MiB/s", mib_s(total, recover)),
+            format!("{:.0} MiB/s (sequential read)", mib_s(total, read)),
+            read.as_secs_f64() / recover.as_secs_f64(),
+        );
+    }
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+fn main() {
+    // `cargo test --benches` runs this with --bench absent; do nothing then.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wanted = |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f));
+    let c = config();
+    println!("bench dir: {}", c.dir.display());
+    println!("| benchmark | rewind | baseline | ratio (higher is better for rewind) |");
+    println!("|---|---|---|---|");
+    if wanted("append-4k") {
+        bench_appends(&c, 4096);
+    }
+    if wanted("append-64k") {
+        bench_appends(&c, 65536);
+    }
+    if wanted("reads") {
+        bench_random_reads(&c);
+    }
+    if wanted("map") {
+        bench_extent_map(&c);
+    }
+    if wanted("recovery") {
+        bench_recovery(&c);
+    }
+    std::fs::remove_dir_all(&c.dir).expect("cleanup");
+}

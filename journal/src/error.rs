@@ -69,8 +69,13 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
-        let context = context.into();
-        move |source| Error::Io { context, source }
+    /// For `map_err`: the context is only built if there is an error.
+    pub(crate) fn io<S: Into<String>>(
+        context: impl FnOnce() -> S,
+    ) -> impl FnOnce(io::Error) -> Error {
+        move |source| Error::Io {
+            context: context().into(),
+            source,
+        }
     }
 }

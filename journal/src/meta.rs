@@ -157,7 +157,7 @@ impl VolumeConfig {
         }
         let bytes = storage
             .read_file(&path)
-            .map_err(Error::io(format!("reading {}", path.display())))?;
+            .map_err(Error::io(|| format!("reading {}", path.display())))?;
         let config: VolumeConfig =
             serde_json::from_slice(&bytes).map_err(|e| Error::BadMetadata {
                 path: path.clone(),
@@ -189,7 +189,7 @@ impl VolumeConfig {
         bytes.push(b'\n');
         storage
             .write_file_atomic(&path, &bytes)
-            .map_err(Error::io(format!("writing {}", path.display())))
+            .map_err(Error::io(|| format!("writing {}", path.display())))
     }
 }
 

@@ -235,14 +235,11 @@ impl Pool {
 
     fn create_segment(&self, path: &Path, seq: u64) -> Result<Arc<dyn StorageFile>> {
         let context = || format!("preparing segment {}", path.display());
-        let file = self
-            .storage
-            .create_new(path)
-            .map_err(Error::io(context()))?;
+        let file = self.storage.create_new(path).map_err(Error::io(context))?;
         file.allocate(self.segment_size)
             .and_then(|()| write_header(file.as_ref(), self.volume, seq, self.segment_size))
             .and_then(|()| self.storage.sync_dir(&self.dir))
-            .map_err(Error::io(context()))?;
+            .map_err(Error::io(context))?;
         Ok(file)
     }
 
@@ -281,6 +278,14 @@ impl Pool {
             .filter(|s| s.dirty.load(Ordering::Acquire))
             .cloned()
             .collect();
+        if dirty.len() > 1 {
+            // Queue every file's writeback before waiting on any of them.
+            for seg in &dirty {
+                if let Err(e) = seg.file.start_writeback() {
+                    tracing::debug!(segment = seg.id, error = %e, "could not start writeback");
+                }
+            }
+        }
         for seg in dirty {
             if seg.dirty.swap(false, Ordering::AcqRel) {
                 if let Err(e) = seg.file.sync_data() {
@@ -305,7 +310,7 @@ impl Pool {
         self.storage
             .remove_file(&path)
             .and_then(|()| self.storage.sync_dir(&self.dir))
-            .map_err(Error::io(format!("releasing {}", path.display())))
+            .map_err(Error::io(|| format!("releasing {}", path.display())))
     }
 
     /// Brings the reserve to its target now (used at open).

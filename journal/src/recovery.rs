@@ -155,8 +155,8 @@ impl Scanner<'_> {
         self.dir.join(segment_name(id))
     }
 
-    fn io(&self, id: u32) -> impl FnOnce(io::Error) -> Error {
-        Error::io(format!("reading {}", self.path(id).display()))
+    fn io(&self, id: u32) -> impl FnOnce(io::Error) -> Error + '_ {
+        Error::io(move || format!("reading {}", self.path(id).display()))
     }
 
     /// Checks a segment's header; `Ok(Err(reason))` if the log cannot go on here.

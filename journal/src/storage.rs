@@ -7,6 +7,7 @@
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -122,6 +123,11 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     fn write_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()>;
     /// Makes every completed write durable (fdatasync).
     fn sync_data(&self) -> io::Result<()>;
+    /// Starts writing dirty data back without waiting, so that several
+    /// files' syncs overlap. Durability still needs `sync_data`.
+    fn start_writeback(&self) -> io::Result<()> {
+        Ok(())
+    }
     fn size(&self) -> io::Result<u64>;
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Reserves space for `[0, len)` so later writes there need no allocation.
@@ -175,6 +181,18 @@ impl StorageFile for OsFile {
 
     fn sync_data(&self) -> io::Result<()> {
         retry_eintr(|| rustix::fs::fdatasync(&self.0))
+    }
+
+    fn start_writeback(&self) -> io::Result<()> {
+        let fd = self.0.as_raw_fd();
+        // SAFETY: `fd` is open for as long as `self.0` lives, which spans the
+        // call; sync_file_range takes no pointers.
+        let r = unsafe { libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 
     fn size(&self) -> io::Result<u64> {

@@ -128,9 +128,9 @@ impl Superblock {
         let path = dir.join(SUPER_FILE);
         let file = storage
             .create_new(&path)
-            .map_err(Error::io(format!("creating {}", path.display())))?;
+            .map_err(Error::io(|| format!("creating {}", path.display())))?;
         file.set_len(2 * SLOT_SIZE as u64)
-            .map_err(Error::io(format!("sizing {}", path.display())))?;
+            .map_err(Error::io(|| format!("sizing {}", path.display())))?;
         let mut sb = Superblock {
             file,
             volume,
@@ -148,14 +148,14 @@ impl Superblock {
         };
         let file = storage
             .open(&path)
-            .map_err(Error::io(format!("opening {}", path.display())))?;
+            .map_err(Error::io(|| format!("opening {}", path.display())))?;
         let mut best: Option<SuperState> = None;
         for slot in 0..2 {
             let mut b = vec![0u8; SLOT_SIZE];
             match file.read_exact_at(&mut b, (slot * SLOT_SIZE) as u64) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => continue,
-                Err(e) => return Err(Error::io(format!("reading {}", path.display()))(e)),
+                Err(e) => return Err(Error::io(|| format!("reading {}", path.display()))(e)),
             }
             if let Some(s) = SuperState::decode(&b, volume).map_err(bad)? {
                 if best.as_ref().is_none_or(|b| s.generation > b.generation) {
@@ -188,7 +188,7 @@ impl Superblock {
         self.file
             .write_all_at(&[&bytes], (slot * SLOT_SIZE) as u64)
             .and_then(|()| self.file.sync_data())
-            .map_err(Error::io("writing super"))?;
+            .map_err(Error::io(|| "writing super"))?;
         self.state = state;
         Ok(())
     }

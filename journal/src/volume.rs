@@ -191,7 +191,7 @@ impl Volume {
         if storage.exists(dir) {
             let entries = storage
                 .list_dir(dir)
-                .map_err(Error::io(format!("listing {}", dir.display())))?;
+                .map_err(Error::io(|| format!("listing {}", dir.display())))?;
             if !entries.is_empty() {
                 return Err(Error::Exists(dir.to_owned()));
             }
@@ -199,7 +199,7 @@ impl Volume {
         let journal = dir.join(JOURNAL_DIR);
         storage
             .create_dir_all(&journal)
-            .map_err(Error::io(format!("creating {}", journal.display())))?;
+            .map_err(Error::io(|| format!("creating {}", journal.display())))?;
         let base_path = dir.join(BASE_FILE);
         let base_err = || format!("creating {}", base_path.display());
         let mut settings = settings.clone();
@@ -207,18 +207,18 @@ impl Volume {
             BaseImage::Empty => {
                 let f = storage
                     .create_new(&base_path)
-                    .map_err(Error::io(base_err()))?;
+                    .map_err(Error::io(base_err))?;
                 f.set_len(settings.size)
                     .and_then(|()| f.sync_data())
-                    .map_err(Error::io(base_err()))?;
+                    .map_err(Error::io(base_err))?;
                 progress(settings.size, settings.size);
             }
             BaseImage::Import { path, mode } => {
                 let method = storage
                     .import(path, &base_path, mode, progress)
-                    .map_err(Error::io(format!("importing {}", path.display())))?;
-                let f = storage.open(&base_path).map_err(Error::io(base_err()))?;
-                let image = f.size().map_err(Error::io(base_err()))?;
+                    .map_err(Error::io(|| format!("importing {}", path.display())))?;
+                let f = storage.open(&base_path).map_err(Error::io(base_err))?;
+                let image = f.size().map_err(Error::io(base_err))?;
                 if image % u64::from(settings.block_size) != 0 || image > settings.size {
                     if method == ImportMethod::Renamed {
                         // Give the user's image back before failing.
@@ -235,7 +235,7 @@ impl Volume {
                 if image < settings.size {
                     f.set_len(settings.size)
                         .and_then(|()| f.sync_data())
-                        .map_err(Error::io(base_err()))?;
+                        .map_err(Error::io(base_err))?;
                 }
                 tracing::info!(?method, image = %path.display(), "imported base image");
                 settings.size = settings.size.max(image);
@@ -259,14 +259,14 @@ impl Volume {
             if e.kind() == io::ErrorKind::WouldBlock {
                 Error::Locked(dir.to_owned())
             } else {
-                Error::io(format!("locking {}", dir.display()))(e)
+                Error::io(|| format!("locking {}", dir.display()))(e)
             }
         })?;
         let sb = Superblock::open(storage.as_ref(), dir, config.uuid)?;
         let base_path = dir.join(BASE_FILE);
         let base = storage
             .open(&base_path)
-            .map_err(Error::io(format!("opening {}", base_path.display())))?;
+            .map_err(Error::io(|| format!("opening {}", base_path.display())))?;
         let recovered = recover(
             storage.as_ref(),
             dir,
@@ -282,7 +282,7 @@ impl Volume {
         for seg in &recovered.used {
             seg.file
                 .sync_data()
-                .map_err(Error::io(format!("syncing segment {}", seg.id)))?;
+                .map_err(Error::io(|| format!("syncing segment {}", seg.id)))?;
         }
         let journal_dir = dir.join(JOURNAL_DIR);
         let mut next_seq = sb.state().next_seq;
@@ -291,7 +291,7 @@ impl Volume {
             let Some(file) = file else { continue };
             let path = journal_dir.join(segment_name(id));
             write_header(file.as_ref(), config.uuid, next_seq, config.segment_size)
-                .map_err(Error::io(format!("preparing {}", path.display())))?;
+                .map_err(Error::io(|| format!("preparing {}", path.display())))?;
             free.push(Arc::new(Segment::new(id, next_seq, file)));
             next_seq += 1;
         }
@@ -345,7 +345,7 @@ impl Volume {
         let maintainer = std::thread::Builder::new()
             .name("rewind-pool".into())
             .spawn(move || pool.maintain())
-            .map_err(Error::io("starting the pool thread"))?;
+            .map_err(Error::io(|| "starting the pool thread"))?;
         Ok((
             Volume {
                 inner,
@@ -494,7 +494,7 @@ impl Drop for Volume {
 fn remove_orphans(storage: &dyn Storage, journal: &Path, listed: &[String]) -> Result<()> {
     let names = storage
         .list_dir(journal)
-        .map_err(Error::io(format!("listing {}", journal.display())))?;
+        .map_err(Error::io(|| format!("listing {}", journal.display())))?;
     let mut removed = false;
     for name in names {
         if name.ends_with(".seg") && !listed.contains(&name) {
@@ -502,14 +502,14 @@ fn remove_orphans(storage: &dyn Storage, journal: &Path, listed: &[String]) -> R
             tracing::info!(file = %path.display(), "removing a segment file the pool does not list");
             storage
                 .remove_file(&path)
-                .map_err(Error::io(format!("removing {}", path.display())))?;
+                .map_err(Error::io(|| format!("removing {}", path.display())))?;
             removed = true;
         }
     }
     if removed {
         storage
             .sync_dir(journal)
-            .map_err(Error::io(format!("syncing {}", journal.display())))?;
+            .map_err(Error::io(|| format!("syncing {}", journal.display())))?;
     }
     Ok(())
 }
@@ -566,7 +566,12 @@ impl Inner {
                 Some(segment) => segment,
                 None => {
                     let segment = self.pool.take_next()?;
-                    c.active = Some(segment.clone());
+                    if let Some(full) = c.active.replace(segment.clone()) {
+                        // Its data will be needed on disk at the next flush.
+                        if let Err(e) = full.file.start_writeback() {
+                            tracing::debug!(segment = full.id, error = %e, "could not start writeback");
+                        }
+                    }
                     c.pos = SEGMENT_HEADER_SIZE;
                     self.warn_if_over_threshold();
                     segment
@@ -689,7 +694,7 @@ impl Inner {
             Source::Base => {
                 let at = piece.start * SECTOR;
                 self.retrying("reading base.img", || self.base.read_exact_at(out, at))
-                    .map_err(Error::io(format!("reading {BASE_FILE} at {at}")))?;
+                    .map_err(Error::io(|| format!("reading {BASE_FILE} at {at}")))?;
             }
             Source::Journal { segment, sector } => {
                 let seg = self.pool.segment(segment).ok_or_else(|| Error::Io {
@@ -698,10 +703,9 @@ impl Inner {
                 })?;
                 let at = u64::from(sector) * SECTOR;
                 self.retrying("reading the journal", || seg.file.read_exact_at(out, at))
-                    .map_err(Error::io(format!(
-                        "reading {} at {at}",
-                        segment_name(segment)
-                    )))?;
+                    .map_err(Error::io(|| {
+                        format!("reading {} at {at}", segment_name(segment))
+                    }))?;
             }
         }
         Ok(())
