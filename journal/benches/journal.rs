@@ -123,40 +123,51 @@ fn row(what: &str, ours: String, baseline: String, ratio: f64) {
     println!("| {what} | {ours} | {baseline} | {ratio:.2}x |");
 }
 
-/// Best of three runs of `f`, which returns the time it measured.
-fn best(mut f: impl FnMut() -> Duration) -> Duration {
-    (0..3).map(|_| f()).min().unwrap_or_default()
+/// Best of three runs of each, alternating, so that noise from the machine
+/// falls on both alike. Each closure returns the time it measured.
+fn compare(
+    mut ours: impl FnMut() -> Duration,
+    mut baseline: impl FnMut() -> Duration,
+) -> (Duration, Duration) {
+    let (mut a, mut b) = (Duration::MAX, Duration::MAX);
+    for _ in 0..3 {
+        a = a.min(ours());
+        b = b.min(baseline());
+    }
+    (a, b)
 }
 
 fn bench_appends(c: &Config, block: usize) {
     let count = c.write_bytes / block as u64;
     let data = vec![0x5au8; block];
     let disk = 1u64 << 30;
-    let ours = best(|| {
-        let dir = c.dir.join(format!("append-{block}"));
-        let v = new_volume(&dir, disk, c.write_bytes);
-        let t = Instant::now();
-        for i in 0..count {
-            v.write((i * block as u64) % disk, &data).expect("write");
-        }
-        v.flush().expect("flush");
-        let d = t.elapsed();
-        v.close().expect("close");
-        std::fs::remove_dir_all(&dir).expect("cleanup");
-        d
-    });
-    let plain = best(|| {
-        let path = c.dir.join("plain-append");
-        let f = plain_file(&path, c.write_bytes);
-        let t = Instant::now();
-        for i in 0..count {
-            f.write_all_at(&data, i * block as u64).expect("pwrite");
-        }
-        f.sync_data().expect("sync");
-        let d = t.elapsed();
-        std::fs::remove_file(&path).expect("cleanup");
-        d
-    });
+    let (ours, plain) = compare(
+        || {
+            let dir = c.dir.join(format!("append-{block}"));
+            let v = new_volume(&dir, disk, c.write_bytes);
+            let t = Instant::now();
+            for i in 0..count {
+                v.write((i * block as u64) % disk, &data).expect("write");
+            }
+            v.flush().expect("flush");
+            let d = t.elapsed();
+            v.close().expect("close");
+            std::fs::remove_dir_all(&dir).expect("cleanup");
+            d
+        },
+        || {
+            let path = c.dir.join("plain-append");
+            let f = plain_file(&path, c.write_bytes);
+            let t = Instant::now();
+            for i in 0..count {
+                f.write_all_at(&data, i * block as u64).expect("pwrite");
+            }
+            f.sync_data().expect("sync");
+            let d = t.elapsed();
+            std::fs::remove_file(&path).expect("cleanup");
+            d
+        },
+    );
     row(
         &format!("append {} KiB x {count}, then flush", block / 1024),
         format!("{:.0} MiB/s", mib_s(c.write_bytes, ours)),
@@ -188,20 +199,23 @@ fn bench_random_reads(c: &Config) {
     f.sync_data().expect("sync");
     let probes: Vec<u64> = (0..c.reads).map(|_| rng.random_range(0..blocks)).collect();
     let mut buf = vec![0u8; 4096];
-    let ours = best(|| {
-        let t = Instant::now();
-        for &b in &probes {
-            v.read(b * 4096, &mut buf).expect("read");
-        }
-        t.elapsed()
-    });
-    let plain = best(|| {
-        let t = Instant::now();
-        for &b in &probes {
-            f.read_exact_at(&mut buf, b * 4096).expect("pread");
-        }
-        t.elapsed()
-    });
+    let mut buf2 = vec![0u8; 4096];
+    let (ours, plain) = compare(
+        || {
+            let t = Instant::now();
+            for &b in &probes {
+                v.read(b * 4096, &mut buf).expect("read");
+            }
+            t.elapsed()
+        },
+        || {
+            let t = Instant::now();
+            for &b in &probes {
+                f.read_exact_at(&mut buf2, b * 4096).expect("pread");
+            }
+            t.elapsed()
+        },
+    );
     let per = |d: Duration| d.as_nanos() as f64 / c.reads as f64;
     row(
         &format!(
@@ -280,36 +294,38 @@ fn bench_recovery(c: &Config) {
         .map(|p| std::fs::metadata(p).expect("stat").len())
         .sum();
     for cold in [false, true] {
-        let recover = best(|| {
-            if cold {
-                segments.iter().for_each(|p| evict(p));
-            }
-            let t = Instant::now();
-            let (v, report) =
-                Volume::open(OsStorage::shared(), &dir, OpenOptions::default()).expect("open");
-            let d = t.elapsed();
-            assert_eq!(report.next_lsn, v.last_lsn() + 1);
-            drop(v);
-            d
-        });
-        let read = best(|| {
-            if cold {
-                segments.iter().for_each(|p| evict(p));
-            }
-            let mut buf = vec![0u8; 8 << 20];
-            let t = Instant::now();
-            for p in &segments {
-                let f = File::open(p).expect("open");
-                let mut at = 0;
-                let len = f.metadata().expect("stat").len();
-                while at < len {
-                    let n = (len - at).min(buf.len() as u64) as usize;
-                    f.read_exact_at(&mut buf[..n], at).expect("read");
-                    at += n as u64;
+        let (recover, read) = compare(
+            || {
+                if cold {
+                    segments.iter().for_each(|p| evict(p));
                 }
-            }
-            t.elapsed()
-        });
+                let t = Instant::now();
+                let (v, report) =
+                    Volume::open(OsStorage::shared(), &dir, OpenOptions::default()).expect("open");
+                let d = t.elapsed();
+                assert_eq!(report.next_lsn, v.last_lsn() + 1);
+                drop(v);
+                d
+            },
+            || {
+                if cold {
+                    segments.iter().for_each(|p| evict(p));
+                }
+                let mut buf = vec![0u8; 8 << 20];
+                let t = Instant::now();
+                for p in &segments {
+                    let f = File::open(p).expect("open");
+                    let mut at = 0;
+                    let len = f.metadata().expect("stat").len();
+                    while at < len {
+                        let n = (len - at).min(buf.len() as u64) as usize;
+                        f.read_exact_at(&mut buf[..n], at).expect("read");
+                        at += n as u64;
+                    }
+                }
+                t.elapsed()
+            },
+        );
         row(
             &format!(
                 "recovery, {records} x 4 KiB records, {} MiB of segments, {}",

@@ -1,9 +1,11 @@
 //! On-disk layout of segment headers and journal records (see FORMAT.md).
 //!
-//! Everything is little-endian and sector-aligned: a record is one 512-byte
-//! header sector followed by its payload padded to whole sectors, so payloads
-//! always start on a 512-byte boundary and can be read or written with
-//! O_DIRECT.
+//! Everything is little-endian and sector-aligned. A segment holds payloads
+//! growing up from its start, like any log, and their record headers in
+//! 512-byte slots growing down from its end. A payload whose length is a
+//! multiple of 4 KiB starts on a 4 KiB boundary, so guest pages map to whole
+//! file pages (no partial-page writes or reads in the page cache) and
+//! O_DIRECT works.
 
 use uuid::Uuid;
 
@@ -13,12 +15,14 @@ pub const FORMAT_VERSION: u16 = 1;
 pub const SECTOR: u64 = 512;
 /// Bytes at the start of each segment taken by its header.
 pub const SEGMENT_HEADER_SIZE: u64 = SECTOR;
-/// Bytes of the header sector that starts each record.
+/// Bytes of the slot holding each record's header.
 pub const RECORD_HEADER_SIZE: u64 = SECTOR;
+/// Page size that payloads of whole pages are aligned to.
+pub const PAGE: u64 = 4096;
 
 const SEGMENT_MAGIC: [u8; 8] = *b"RWNDSEG\0";
 const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"RWJR");
-const RECORD_HEADER_USED: usize = 68;
+const RECORD_HEADER_USED: usize = 76;
 const SEGMENT_HEADER_USED: usize = 52;
 const FLAG_UNMAP: u8 = 1;
 
@@ -76,6 +80,8 @@ pub struct RecordHeader {
     pub length: u64,
     pub payload_len: u32,
     pub payload_crc: u32,
+    /// Byte offset of the payload in the segment (0 without payload).
+    pub payload_offset: u64,
 }
 
 /// Why a header sector is not a valid record.
@@ -90,11 +96,6 @@ pub enum HeaderProblem {
 }
 
 impl RecordHeader {
-    /// Bytes the record takes in its segment: header sector plus padded payload.
-    pub fn span(&self) -> u64 {
-        record_span(u64::from(self.payload_len))
-    }
-
     pub fn encode(&self) -> [u8; RECORD_HEADER_SIZE as usize] {
         let mut b = [0u8; RECORD_HEADER_SIZE as usize];
         let (kind, flags) = self.kind.code();
@@ -110,8 +111,9 @@ impl RecordHeader {
         b[48..56].copy_from_slice(&self.length.to_le_bytes());
         b[56..60].copy_from_slice(&self.payload_len.to_le_bytes());
         b[60..64].copy_from_slice(&self.payload_crc.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..64]);
-        b[64..RECORD_HEADER_USED].copy_from_slice(&crc.to_le_bytes());
+        b[64..72].copy_from_slice(&self.payload_offset.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..72]);
+        b[72..RECORD_HEADER_USED].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
@@ -120,7 +122,7 @@ impl RecordHeader {
         if b.len() < RECORD_HEADER_USED || le_u32(b, 0) != RECORD_MAGIC {
             return Err(HeaderProblem::Garbage);
         }
-        if crc32c::crc32c(&b[..64]) != le_u32(b, 64) {
+        if crc32c::crc32c(&b[..72]) != le_u32(b, 72) {
             return Err(HeaderProblem::Garbage);
         }
         let version = u16::from_le_bytes([b[4], b[5]]);
@@ -138,13 +140,18 @@ impl RecordHeader {
             length: le_u64(b, 48),
             payload_len: le_u32(b, 56),
             payload_crc: le_u32(b, 60),
+            payload_offset: le_u64(b, 64),
         })
     }
 }
 
-/// Bytes a record with `payload_len` bytes of payload takes in a segment.
-pub fn record_span(payload_len: u64) -> u64 {
-    RECORD_HEADER_SIZE + payload_len.div_ceil(SECTOR) * SECTOR
+/// Where a payload of `len` bytes goes when payloads so far end at `top`,
+/// given that its header goes in the slot at `slot`; `None` if it does not
+/// fit below that slot.
+pub fn payload_position(top: u64, len: u64, slot: u64) -> Option<u64> {
+    let align = if len % PAGE == 0 { PAGE } else { SECTOR };
+    let at = top.div_ceil(align).checked_mul(align)?;
+    (at.checked_add(len)? <= slot).then_some(at)
 }
 
 /// The header sector at the start of every segment file.
@@ -220,6 +227,12 @@ impl RecordHeader {
     /// bytes could have written.
     pub fn check(&self, disk_size: u64) -> Result<(), String> {
         let payload = u64::from(self.payload_len);
+        if (payload == 0) != (self.payload_offset == 0) || self.payload_offset % SECTOR != 0 {
+            return Err(format!(
+                "payload of {payload} bytes at offset {}",
+                self.payload_offset
+            ));
+        }
         match self.kind {
             RecordKind::Write if payload != self.length => {
                 Err(format!("payload {payload} != length {}", self.length))
@@ -264,6 +277,7 @@ mod tests {
             length: 8192,
             payload_len: 0,
             payload_crc: 0,
+            payload_offset: 0,
         }
     }
 
@@ -291,14 +305,14 @@ mod tests {
     fn other_versions_and_kinds_are_named() {
         let mut b = sample().encode();
         b[4] = 9;
-        let crc = crc32c::crc32c(&b[..64]);
-        b[64..68].copy_from_slice(&crc.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..72]);
+        b[72..76].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(RecordHeader::decode(&b), Err(HeaderProblem::Version(9)));
 
         let mut b = sample().encode();
         b[6] = 200;
-        let crc = crc32c::crc32c(&b[..64]);
-        b[64..68].copy_from_slice(&crc.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..72]);
+        b[72..76].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(RecordHeader::decode(&b), Err(HeaderProblem::Kind(200)));
     }
 
@@ -332,9 +346,11 @@ mod tests {
     }
 
     #[test]
-    fn spans_are_whole_sectors() {
-        assert_eq!(record_span(0), 512);
-        assert_eq!(record_span(1), 1024);
-        assert_eq!(record_span(4096), 4608);
+    fn whole_page_payloads_are_page_aligned_and_others_sector_aligned() {
+        assert_eq!(payload_position(512, 4096, 65024), Some(4096));
+        assert_eq!(payload_position(5120, 8192, 65024), Some(8192));
+        assert_eq!(payload_position(5120, 1536, 65024), Some(5120));
+        assert_eq!(payload_position(60000, 8192, 65024), None);
+        assert_eq!(payload_position(u64::MAX - 10, 512, u64::MAX), None);
     }
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::format::{FORMAT_VERSION, RECORD_HEADER_SIZE, SECTOR, SEGMENT_HEADER_SIZE};
+use crate::format::{FORMAT_VERSION, PAGE, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE};
 use crate::storage::Storage;
 use crate::superblock::MAX_SEGMENTS;
 
@@ -144,10 +144,12 @@ impl VolumeConfig {
     }
 
     /// Largest payload one record carries; bigger writes become several
-    /// records. Leaves room for at least two records per segment.
+    /// records. At least two such records fit in a segment, whatever the
+    /// alignment of their payloads.
     pub(crate) fn max_record_payload(&self) -> u64 {
-        let room = (self.segment_size - SEGMENT_HEADER_SIZE) / 2 - RECORD_HEADER_SIZE;
-        (room / SECTOR * SECTOR).min(1 << 20)
+        let room =
+            (self.segment_size - SEGMENT_HEADER_SIZE - 2 * PAGE - 2 * RECORD_HEADER_SIZE) / 2;
+        (room / PAGE * PAGE).min(1 << 20)
     }
 
     pub(crate) fn load(storage: &dyn Storage, dir: &Path) -> Result<Self> {
@@ -224,8 +226,12 @@ mod tests {
         s.segment_size = 64 << 10;
         let c = VolumeConfig::new(&s);
         let p = c.max_record_payload();
-        assert_eq!(p % SECTOR, 0);
-        assert!(SEGMENT_HEADER_SIZE + 2 * (RECORD_HEADER_SIZE + p) <= s.segment_size);
+        assert_eq!(p % PAGE, 0);
+        let slot = s.segment_size - RECORD_HEADER_SIZE;
+        let first = crate::format::payload_position(SEGMENT_HEADER_SIZE, p, slot).expect("first");
+        // Even after a payload that is not whole pages (worst alignment).
+        let odd = crate::format::payload_position(first + p, 512, slot - 512).expect("odd");
+        crate::format::payload_position(odd + 512, p, slot - 1024).expect("third");
         assert_eq!(
             VolumeConfig::new(&VolumeSettings::new(1 << 30)).max_record_payload(),
             1 << 20

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::extent_map::{ExtentMap, Target};
 use crate::format::{
-    HeaderProblem, RecordHeader, RecordKind, SegmentHeader, SegmentHeaderProblem, FORMAT_VERSION,
-    RECORD_HEADER_SIZE, SECTOR, SEGMENT_HEADER_SIZE,
+    payload_position, HeaderProblem, RecordHeader, RecordKind, SegmentHeader, SegmentHeaderProblem,
+    FORMAT_VERSION, RECORD_HEADER_SIZE, SECTOR, SEGMENT_HEADER_SIZE,
 };
 use crate::meta::VolumeConfig;
 use crate::pool::{segment_name, Segment, JOURNAL_DIR};
@@ -96,38 +96,92 @@ pub struct Recovered {
 const READ_CHUNK: u64 = 8 << 20;
 const SEGMENT_FULL: &str = "segment is full";
 
-/// Reads a segment file through a large window.
+/// Reads a segment file through a large window, kept between segments.
 struct SegmentReader {
-    file: Arc<dyn StorageFile>,
+    file: Option<Arc<dyn StorageFile>>,
     end: u64,
     buf: Vec<u8>,
     start: u64,
+    len: usize,
 }
 
 impl SegmentReader {
-    fn new(file: Arc<dyn StorageFile>, segment_size: u64) -> io::Result<Self> {
-        let end = file.size()?.min(segment_size);
-        Ok(SegmentReader {
-            file,
-            end,
+    fn new() -> Self {
+        SegmentReader {
+            file: None,
+            end: 0,
             buf: Vec::new(),
             start: 0,
-        })
+            len: 0,
+        }
     }
 
-    /// `n` bytes at `at`, or `None` where the file is too short.
+    fn reset(&mut self, file: &Arc<dyn StorageFile>, segment_size: u64) -> io::Result<()> {
+        self.end = file.size()?.min(segment_size);
+        self.file = Some(file.clone());
+        self.start = 0;
+        self.len = 0;
+        Ok(())
+    }
+
+    /// `n` bytes at `at`, or `None` where the file is too short. The window
+    /// follows the direction of travel: payloads are read upwards, header
+    /// slots downwards.
     fn bytes(&mut self, at: u64, n: u64) -> io::Result<Option<&[u8]>> {
         let Some(end) = at.checked_add(n).filter(|&e| e <= self.end) else {
             return Ok(None);
         };
-        if at < self.start || end > self.start + self.buf.len() as u64 {
-            let len = n.max(READ_CHUNK).min(self.end - at);
-            self.buf.resize(len as usize, 0);
-            self.file.read_exact_at(&mut self.buf, at)?;
-            self.start = at;
+        let Some(file) = &self.file else {
+            return Ok(None);
+        };
+        if at < self.start || end > self.start + self.len as u64 {
+            let span = n.max(READ_CHUNK);
+            let (from, to) = if at < self.start {
+                (end.saturating_sub(span), end)
+            } else {
+                (at, (at + span).min(self.end))
+            };
+            let want = (to - from) as usize;
+            if self.buf.len() < want {
+                self.buf.resize(want, 0);
+            }
+            file.read_exact_at(&mut self.buf[..want], from)?;
+            self.start = from;
+            self.len = want;
         }
         let from = (at - self.start) as usize;
         Ok(Some(&self.buf[from..from + n as usize]))
+    }
+}
+
+/// The two windows a segment is read through.
+struct SegmentReaders {
+    headers: SegmentReader,
+    payloads: SegmentReader,
+}
+
+impl SegmentReaders {
+    fn new() -> Self {
+        SegmentReaders {
+            headers: SegmentReader::new(),
+            payloads: SegmentReader::new(),
+        }
+    }
+
+    fn reset(&mut self, file: &Arc<dyn StorageFile>, segment_size: u64) -> io::Result<()> {
+        self.headers.reset(file, segment_size)?;
+        self.payloads.reset(file, segment_size)
+    }
+
+    /// Whether the payload `h` names is there and intact.
+    fn payload_intact(&mut self, h: &RecordHeader) -> io::Result<Option<bool>> {
+        if h.payload_len == 0 {
+            return Ok(Some(true));
+        }
+        let bytes = self
+            .payloads
+            .bytes(h.payload_offset, u64::from(h.payload_len))?;
+        Ok(bytes.map(|p| crc32c::crc32c(p) == h.payload_crc))
     }
 }
 
@@ -202,17 +256,22 @@ impl Scanner<'_> {
         }
     }
 
-    /// Reads the record at `pos`; `Ok(Err(reason))` if it is not the intact
-    /// record `expected` of this segment use.
+    /// Reads the record in the header slot at `slot`, where payloads so far
+    /// end at `top`; `Ok(Err(reason))` if it is not the intact record
+    /// `expected` of this segment use.
     fn record(
         &self,
-        reader: &mut SegmentReader,
+        readers: &mut SegmentReaders,
         id: u32,
-        pos: u64,
+        (slot, top): (u64, u64),
         seq: u64,
         expected: u64,
     ) -> Result<Result<RecordHeader, String>> {
-        let Some(b) = reader.bytes(pos, RECORD_HEADER_SIZE).map_err(self.io(id))? else {
+        let Some(b) = readers
+            .headers
+            .bytes(slot, RECORD_HEADER_SIZE)
+            .map_err(self.io(id))?
+        else {
             return Ok(Err("file ends before the segment does".into()));
         };
         let h = match RecordHeader::decode(b) {
@@ -220,7 +279,7 @@ impl Scanner<'_> {
             Err(HeaderProblem::Garbage) => return Ok(Err("no intact record header".into())),
             Err(HeaderProblem::Version(found)) => {
                 return Err(Error::UnsupportedVersion {
-                    what: format!("record at {} offset {pos}", self.path(id).display()),
+                    what: format!("record at {} offset {slot}", self.path(id).display()),
                     found,
                     supported: FORMAT_VERSION,
                 })
@@ -229,7 +288,7 @@ impl Scanner<'_> {
                 return Err(Error::BadMetadata {
                     path: self.path(id),
                     reason: format!(
-                        "record at offset {pos} has kind {kind}, unknown to this build"
+                        "record at offset {slot} has kind {kind}, unknown to this build"
                     ),
                 })
             }
@@ -243,47 +302,56 @@ impl Scanner<'_> {
                 h.lsn
             )));
         }
-        if pos + h.span() > self.config.segment_size {
-            return Ok(Err("record overruns its segment".into()));
-        }
         if let Err(why) = h.check(self.config.size) {
             return Ok(Err(format!("record describes nothing valid: {why}")));
         }
-        let payload = reader
-            .bytes(pos + RECORD_HEADER_SIZE, u64::from(h.payload_len))
-            .map_err(self.io(id))?;
-        match payload {
-            None => Ok(Err("file ends inside the record".into())),
-            Some(p) if crc32c::crc32c(p) != h.payload_crc => {
-                Ok(Err("payload checksum mismatch".into()))
-            }
-            Some(_) => Ok(Ok(h)),
+        let len = u64::from(h.payload_len);
+        if len > 0 && payload_position(top, len, slot) != Some(h.payload_offset) {
+            return Ok(Err(format!(
+                "payload at offset {} is not where the journal places it",
+                h.payload_offset
+            )));
+        }
+        match readers.payload_intact(&h).map_err(self.io(id))? {
+            None => Ok(Err("file ends inside the payload".into())),
+            Some(false) => Ok(Err("payload checksum mismatch".into())),
+            Some(true) => Ok(Ok(h)),
         }
     }
 
-    /// Intact records of this segment use at or after `pos` with lsn >= `from`.
+    /// Intact records of this segment use in header slots from `slot` down,
+    /// above the payloads (which end at `top`), with lsn >= `from`.
     fn records_past(
         &self,
-        reader: &mut SegmentReader,
+        readers: &mut SegmentReaders,
         id: u32,
-        mut pos: u64,
+        (mut slot, mut top): (u64, u64),
         seq: u64,
         from: u64,
         found: &mut Vec<RecordHeader>,
     ) -> Result<()> {
-        while let Some(b) = reader.bytes(pos, RECORD_HEADER_SIZE).map_err(self.io(id))? {
-            match RecordHeader::decode(b) {
-                Ok(h) if h.seq == seq && h.lsn >= from => {
-                    let payload = reader
-                        .bytes(pos + RECORD_HEADER_SIZE, u64::from(h.payload_len))
-                        .map_err(self.io(id))?;
-                    if payload.is_some_and(|p| crc32c::crc32c(p) == h.payload_crc) {
+        while slot >= top {
+            let Some(b) = readers
+                .headers
+                .bytes(slot, RECORD_HEADER_SIZE)
+                .map_err(self.io(id))?
+            else {
+                break;
+            };
+            if let Ok(h) = RecordHeader::decode(b) {
+                let payload_end = h.payload_offset.saturating_add(u64::from(h.payload_len));
+                let below_slot = h.payload_len == 0 || payload_end <= slot;
+                if h.seq == seq && h.lsn >= from && below_slot {
+                    if readers.payload_intact(&h).map_err(self.io(id))? == Some(true) {
                         found.push(h);
                     }
-                    pos += h.span();
+                    top = top.max(payload_end);
                 }
-                _ => pos += SECTOR,
             }
+            let Some(next) = slot.checked_sub(RECORD_HEADER_SIZE) else {
+                break;
+            };
+            slot = next;
         }
         Ok(())
     }
@@ -328,8 +396,9 @@ pub fn recover(
         }
     }
 
-    // Index of the last segment with records, and where its records stop.
-    let mut last_used: Option<(usize, u64)> = None;
+    let mut readers = SegmentReaders::new();
+    // The last segment with records, its next header slot and payload end.
+    let mut last_used: Option<(usize, u64, u64)> = None;
     let mut previous_was_full = false;
     for (i, s) in sb.segments.iter().enumerate() {
         let name = Some(segment_name(s.file_id));
@@ -349,27 +418,31 @@ pub fn recover(
             );
             scanner.damaged(s.file_id, reason)?;
         }
-        let mut reader =
-            SegmentReader::new(file.clone(), config.segment_size).map_err(scanner.io(s.file_id))?;
+        readers
+            .reset(file, config.segment_size)
+            .map_err(scanner.io(s.file_id))?;
         report.segments_scanned += 1;
-        let mut pos = SEGMENT_HEADER_SIZE;
+        let (mut slot, mut top) = (
+            config.segment_size - RECORD_HEADER_SIZE,
+            SEGMENT_HEADER_SIZE,
+        );
         let mut count = 0u64;
-        let stop = match scanner.check_header(&mut reader, s.file_id, s.seq)? {
+        let stop = match scanner.check_header(&mut readers.headers, s.file_id, s.seq)? {
             Err(reason) => reason,
             Ok(()) => loop {
-                if pos + RECORD_HEADER_SIZE > config.segment_size {
+                if slot < top {
                     break SEGMENT_FULL.to_string();
                 }
-                let h = match scanner.record(&mut reader, s.file_id, pos, s.seq, expected)? {
-                    Ok(h) => h,
-                    Err(reason) => break reason,
-                };
+                let h =
+                    match scanner.record(&mut readers, s.file_id, (slot, top), s.seq, expected)? {
+                        Ok(h) => h,
+                        Err(reason) => break reason,
+                    };
                 match h.kind {
                     RecordKind::Write => {
-                        let sector = ((pos + RECORD_HEADER_SIZE) / SECTOR) as u32;
                         let target = Target::Journal {
                             segment: s.file_id,
-                            sector,
+                            sector: (h.payload_offset / SECTOR) as u32,
                         };
                         map.insert(h.offset / SECTOR, h.length / SECTOR, h.lsn, target);
                     }
@@ -381,14 +454,18 @@ pub fn recover(
                 if h.kind != RecordKind::Flush {
                     last_data_lsn = h.lsn;
                 }
+                if h.payload_len > 0 {
+                    top = h.payload_offset + u64::from(h.payload_len);
+                }
+                report.bytes_scanned += RECORD_HEADER_SIZE + u64::from(h.payload_len);
                 times.push(h.timestamp);
                 report.records += 1;
                 expected += 1;
-                pos += h.span();
+                slot = slot.saturating_sub(RECORD_HEADER_SIZE);
                 count += 1;
             },
         };
-        report.bytes_scanned += pos;
+        let pos = slot;
         if count == 0 {
             // The log ends here: name this segment's problem, and where the
             // previous one stopped unless it was merely full.
@@ -407,7 +484,7 @@ pub fn recover(
             break;
         }
         previous_was_full = stop == SEGMENT_FULL;
-        last_used = Some((i, pos));
+        last_used = Some((i, slot, top));
         report.end = LogEnd {
             segment: name,
             offset: pos,
@@ -417,18 +494,23 @@ pub fn recover(
     report.next_lsn = expected;
 
     // Look past the end for intact records, and for proof of flushed loss.
-    let (from_index, from_pos) = last_used.unwrap_or((0, SEGMENT_HEADER_SIZE));
+    let fresh = (
+        config.segment_size - RECORD_HEADER_SIZE,
+        SEGMENT_HEADER_SIZE,
+    );
+    let (from_index, from_slot, from_top) = last_used.unwrap_or((0, fresh.0, fresh.1));
     let mut past = Vec::new();
     for (i, s) in sb.segments.iter().enumerate().skip(from_index) {
         let Some(file) = &files[i] else { continue };
-        let mut reader =
-            SegmentReader::new(file.clone(), config.segment_size).map_err(scanner.io(s.file_id))?;
-        let pos = if i == from_index {
-            from_pos
+        readers
+            .reset(file, config.segment_size)
+            .map_err(scanner.io(s.file_id))?;
+        let start = if i == from_index {
+            (from_slot, from_top)
         } else {
-            SEGMENT_HEADER_SIZE
+            fresh
         };
-        scanner.records_past(&mut reader, s.file_id, pos, s.seq, expected, &mut past)?;
+        scanner.records_past(&mut readers, s.file_id, start, s.seq, expected, &mut past)?;
     }
     if let (Some(lo), Some(hi)) = (
         past.iter().map(|h| h.lsn).min(),
@@ -461,7 +543,7 @@ pub fn recover(
         tracing::error!("{err}; truncating as allowed");
     }
 
-    let used_count = last_used.map_or(0, |(i, _)| i + 1);
+    let used_count = last_used.map_or(0, |(i, _, _)| i + 1);
     let mut used = Vec::with_capacity(used_count);
     let mut stale = Vec::new();
     for (i, (s, file)) in sb.segments.iter().zip(files).enumerate() {

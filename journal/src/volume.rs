@@ -33,7 +33,7 @@ use crate::completion::Completion;
 use crate::error::{Error, Result};
 use crate::extent_map::{ExtentMap, Piece, Source, Target};
 use crate::format::{
-    check_range, record_span, RecordHeader, RecordKind, RECORD_HEADER_SIZE, SECTOR,
+    check_range, payload_position, RecordHeader, RecordKind, RECORD_HEADER_SIZE, SECTOR,
     SEGMENT_HEADER_SIZE,
 };
 use crate::meta::{VolumeConfig, VolumeSettings, VOLUME_FILE};
@@ -127,8 +127,10 @@ struct Cursor {
     next_lsn: u64,
     last_timestamp: u64,
     active: Option<Arc<Segment>>,
-    /// Next free byte in `active`.
-    pos: u64,
+    /// Where the next header slot of `active` is (slots grow down).
+    slot: u64,
+    /// End of the payloads in `active` (payloads grow up).
+    top: u64,
     times: TimeIndex,
 }
 
@@ -331,7 +333,8 @@ impl Volume {
                 last_timestamp: recovered.times.bounds().map_or(0, |b| b.1),
                 // Never append after a crashed run's tail: start a fresh segment.
                 active: None,
-                pos: 0,
+                slot: 0,
+                top: 0,
                 times: recovered.times,
             }),
             last_data_lsn: AtomicU64::new(recovered.last_data_lsn),
@@ -514,6 +517,19 @@ fn remove_orphans(storage: &dyn Storage, journal: &Path, listed: &[String]) -> R
     Ok(())
 }
 
+/// Places a record whose header goes in the slot at `slot`, in a segment
+/// whose payloads end at `top`: `Some(None)` without payload,
+/// `Some(Some(offset))` with, `None` if it does not fit.
+fn place(slot: u64, top: u64, len: u64) -> Option<Option<u64>> {
+    if slot < top {
+        return None;
+    }
+    if len == 0 {
+        return Some(None);
+    }
+    payload_position(top, len, slot).map(Some)
+}
+
 impl Inner {
     fn check_failed(&self) -> Result<()> {
         match self.failure.get() {
@@ -555,15 +571,15 @@ impl Inner {
     fn append(&self, kind: RecordKind, offset: u64, length: u64, payload: &[u8]) -> Result<u64> {
         self.check_failed()?;
         let payload_crc = crc32c::crc32c(payload);
-        let span = record_span(payload.len() as u64);
-        let (header, segment, pos) = {
+        let len = payload.len() as u64;
+        let (header, slot, segment) = {
             let mut c = lock(&self.cursor);
-            let current = c
+            let placed = c
                 .active
                 .clone()
-                .filter(|_| c.pos + span <= self.config.segment_size);
-            let segment = match current {
-                Some(segment) => segment,
+                .and_then(|seg| Some((seg, place(c.slot, c.top, len)?)));
+            let (segment, payload_offset) = match placed {
+                Some(found) => found,
                 None => {
                     let segment = self.pool.take_next()?;
                     if let Some(full) = c.active.replace(segment.clone()) {
@@ -572,9 +588,14 @@ impl Inner {
                             tracing::debug!(segment = full.id, error = %e, "could not start writeback");
                         }
                     }
-                    c.pos = SEGMENT_HEADER_SIZE;
+                    c.slot = self.config.segment_size - RECORD_HEADER_SIZE;
+                    c.top = SEGMENT_HEADER_SIZE;
                     self.warn_if_over_threshold();
-                    segment
+                    // Payloads are capped so that one always fits a fresh segment.
+                    let offset = place(c.slot, c.top, len).ok_or_else(|| {
+                        Error::InvalidRequest(format!("a {len}-byte record cannot fit a segment"))
+                    })?;
+                    (segment, offset)
                 }
             };
             let lsn = c.next_lsn;
@@ -585,8 +606,6 @@ impl Inner {
             if kind != RecordKind::Flush {
                 self.last_data_lsn.store(lsn, Ordering::Release);
             }
-            let pos = c.pos;
-            c.pos += span;
             let header = RecordHeader {
                 kind,
                 seq: segment.seq,
@@ -595,20 +614,26 @@ impl Inner {
                 epoch: self.config.epoch,
                 offset,
                 length,
-                payload_len: payload.len() as u32,
+                payload_len: len as u32,
                 payload_crc,
+                payload_offset: payload_offset.unwrap_or(0),
             };
-            (header, segment, pos)
+            let slot = c.slot;
+            if let Some(at) = payload_offset {
+                c.top = at + len;
+            }
+            // Below `top` means full: `place` refuses the next record.
+            c.slot = slot.saturating_sub(RECORD_HEADER_SIZE);
+            (header, slot, segment)
         };
         let head = header.encode();
-        let bufs: [&[u8]; 2] = [&head, payload];
-        let bufs = if payload.is_empty() {
-            &bufs[..1]
-        } else {
-            &bufs[..]
-        };
         let written = self.retrying("appending to the journal", || {
-            segment.file.write_all_at(bufs, pos)
+            if !payload.is_empty() {
+                segment
+                    .file
+                    .write_all_at(&[payload], header.payload_offset)?;
+            }
+            segment.file.write_all_at(&[&head], slot)
         });
         if let Err(e) = written {
             let reason = format!("journal append of lsn {} failed: {e}", header.lsn);
@@ -619,7 +644,7 @@ impl Inner {
         let (start, sectors) = (offset / SECTOR, length / SECTOR);
         match kind {
             RecordKind::Write => {
-                let sector = ((pos + RECORD_HEADER_SIZE) / SECTOR) as u32;
+                let sector = (header.payload_offset / SECTOR) as u32;
                 let target = Target::Journal {
                     segment: segment.id,
                     sector,

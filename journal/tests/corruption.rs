@@ -12,11 +12,12 @@ use proptest::prelude::*;
 use rewind_journal::{BaseImage, Error, OpenOptions, OsStorage, RecoveryReport, Volume};
 
 const RECORD: u64 = 8192;
-const SPAN: u64 = 512 + RECORD;
+const SEGMENT: u64 = 64 << 10;
 
-/// Record `k` (1-based lsn) of the first segment starts here.
-fn first_segment_record(k: u64) -> u64 {
-    512 + (k - 1) * SPAN
+/// Where the payload of the `k`th record (1-based) of a segment lies:
+/// payloads grow up from the first page, header slots down from the end.
+fn payload(k: u64) -> u64 {
+    4096 + (k - 1) * RECORD
 }
 
 /// A volume whose journal holds, in order: lsns 1-7 (8 KiB writes) and flush
@@ -103,7 +104,7 @@ fn damage_in_the_unflushed_tail_truncates_there_and_reports_it() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = volume(tmp.path());
     // Lsn 9 is the first record of segment 1.
-    flip(&segment(&dir, 1), 512 + 512 + 100);
+    flip(&segment(&dir, 1), payload(1) + 100);
     let (v, report) = open_with(&dir, false).expect("a torn tail is not an error");
     assert_eq!(report.next_lsn, 9);
     assert_eq!(report.end.segment.as_deref(), Some("00000001.seg"));
@@ -148,7 +149,7 @@ fn damage_in_the_unflushed_tail_truncates_there_and_reports_it() {
 fn damage_to_flushed_data_is_an_error_unless_truncation_is_forced() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = volume(tmp.path());
-    flip(&segment(&dir, 0), first_segment_record(3) + 512 + 7);
+    flip(&segment(&dir, 0), payload(3) + 7);
     let err = open_with(&dir, false).unwrap_err();
     match &err {
         Error::FlushedDataDamaged {
@@ -173,13 +174,15 @@ fn a_truncated_segment_file_is_an_error_unless_forced() {
         .write(true)
         .open(segment(&dir, 0))
         .expect("open");
-    f.set_len(first_segment_record(5)).expect("truncate");
+    // Cuts off every header slot (they lie at the top) and records 5-7.
+    f.set_len(payload(5) + 100).expect("truncate");
     let err = open_with(&dir, false).unwrap_err();
     assert!(matches!(err, Error::DamagedSegment { .. }), "{err}");
     assert!(err.to_string().contains("bytes, segments have"), "{err}");
     let (v, report) = open_with(&dir, true).expect("forced");
-    assert_eq!(report.next_lsn, 5);
-    assert_prefix(&v, 4);
+    assert_eq!(report.next_lsn, 1);
+    assert_eq!(report.end.reason, "file ends before the segment does");
+    assert_prefix(&v, 0);
 }
 
 #[test]
@@ -240,7 +243,7 @@ proptest! {
     /// error or yields exactly a prefix of the history.
     #[test]
     fn random_damage_never_panics_or_shows_wrong_data(
-        flips in prop::collection::vec((0u32..2, 0u64..65536), 1..6),
+        flips in prop::collection::vec((0u32..2, 0u64..SEGMENT), 1..6),
         forced in any::<bool>(),
     ) {
         let tmp = tempfile::tempdir().expect("tmp");
