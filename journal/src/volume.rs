@@ -45,6 +45,9 @@ use crate::time_index::TimeIndex;
 
 pub const BASE_FILE: &str = "base.img";
 
+/// Queued record headers of a segment that trigger writing them (128 KiB).
+const HEADER_BATCH: usize = 256;
+
 /// What a new volume's base.img starts as.
 #[derive(Debug, Clone, Copy)]
 pub enum BaseImage<'a> {
@@ -487,7 +490,10 @@ impl Volume {
 }
 
 impl Drop for Volume {
+    /// Writes queued record headers (without syncing): dropping a volume
+    /// loses no more than a crash would, and usually less.
     fn drop(&mut self) {
+        self.inner.pool.write_all_headers();
         self.stop_maintainer();
     }
 }
@@ -572,6 +578,7 @@ impl Inner {
         self.check_failed()?;
         let payload_crc = crc32c::crc32c(payload);
         let len = payload.len() as u64;
+        let mut sealed = None;
         let (header, slot, segment) = {
             let mut c = lock(&self.cursor);
             let placed = c
@@ -582,12 +589,7 @@ impl Inner {
                 Some(found) => found,
                 None => {
                     let segment = self.pool.take_next()?;
-                    if let Some(full) = c.active.replace(segment.clone()) {
-                        // Its data will be needed on disk at the next flush.
-                        if let Err(e) = full.file.start_writeback() {
-                            tracing::debug!(segment = full.id, error = %e, "could not start writeback");
-                        }
-                    }
+                    sealed = c.active.replace(segment.clone());
                     c.slot = self.config.segment_size - RECORD_HEADER_SIZE;
                     c.top = SEGMENT_HEADER_SIZE;
                     self.warn_if_over_threshold();
@@ -626,21 +628,22 @@ impl Inner {
             c.slot = slot.saturating_sub(RECORD_HEADER_SIZE);
             (header, slot, segment)
         };
-        let head = header.encode();
-        let written = self.retrying("appending to the journal", || {
-            if !payload.is_empty() {
-                segment
-                    .file
-                    .write_all_at(&[payload], header.payload_offset)?;
-            }
-            segment.file.write_all_at(&[&head], slot)
-        });
-        if let Err(e) = written {
-            let reason = format!("journal append of lsn {} failed: {e}", header.lsn);
-            self.fail(reason.clone());
-            return Err(Error::Failed(reason));
+        if let Some(full) = sealed {
+            self.seal(&full)?;
         }
-        segment.dirty.store(true, Ordering::Release);
+        if !payload.is_empty() {
+            let written = self.retrying("appending to the journal", || {
+                segment.file.write_all_at(&[payload], header.payload_offset)
+            });
+            if let Err(e) = written {
+                let reason = format!("journal append of lsn {} failed: {e}", header.lsn);
+                self.fail(reason.clone());
+                return Err(Error::Failed(reason));
+            }
+        }
+        if segment.queue_header(slot, header.encode()) >= HEADER_BATCH {
+            self.write_headers(&segment)?;
+        }
         let (start, sectors) = (offset / SECTOR, length / SECTOR);
         match kind {
             RecordKind::Write => {
@@ -658,6 +661,30 @@ impl Inner {
         }
         self.completion.complete(header.lsn);
         Ok(header.lsn)
+    }
+
+    /// Writes a segment's queued headers; a failure leaves records that can
+    /// never be made durable in order, so it stops the volume.
+    fn write_headers(&self, segment: &Segment) -> Result<()> {
+        let written = self.retrying("writing record headers", || segment.write_headers());
+        written.map_err(|e| {
+            let reason = format!(
+                "writing record headers to segment {} failed: {e}",
+                segment.id
+            );
+            self.fail(reason.clone());
+            Error::Failed(reason)
+        })
+    }
+
+    /// The writer moved past `full`: write its headers and start its
+    /// writeback, which the next flush will need.
+    fn seal(&self, full: &Segment) -> Result<()> {
+        self.write_headers(full)?;
+        if let Err(e) = full.file.start_writeback() {
+            tracing::debug!(segment = full.id, error = %e, "could not start writeback");
+        }
+        Ok(())
     }
 
     fn warn_if_over_threshold(&self) {
