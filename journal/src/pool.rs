@@ -9,7 +9,7 @@
 //! `reserve_segments` prepared segments ready and releases extra ones; the
 //! pool never grows past `journal_max`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
@@ -154,7 +154,16 @@ pub struct Pool {
     reserve: u64,
     state: Mutex<PoolState>,
     changed: Condvar,
-    by_id: RwLock<HashMap<u32, Arc<Segment>>>,
+    /// Segments holding records, indexed by file id (ids are small and dense).
+    by_id: RwLock<Vec<Option<Arc<Segment>>>>,
+}
+
+fn register(by_id: &mut Vec<Option<Arc<Segment>>>, seg: &Arc<Segment>) {
+    let at = seg.id as usize;
+    if by_id.len() <= at {
+        by_id.resize(at + 1, None);
+    }
+    by_id[at] = Some(seg.clone());
 }
 
 /// Writes a segment's header and makes it durable.
@@ -189,7 +198,10 @@ pub struct PoolSetup {
 impl Pool {
     /// A pool over segments found by recovery; writes `super` to match.
     pub fn new(setup: PoolSetup) -> Result<Self> {
-        let by_id = setup.used.iter().map(|s| (s.id, s.clone())).collect();
+        let mut by_id = Vec::new();
+        for seg in &setup.used {
+            register(&mut by_id, seg);
+        }
         let next_file_id = setup.sb.state().next_file_id;
         let mut state = PoolState {
             sb: setup.sb,
@@ -240,11 +252,8 @@ impl Pool {
     }
 
     pub fn segment(&self, id: u32) -> Option<Arc<Segment>> {
-        self.by_id
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&id)
-            .cloned()
+        let by_id = self.by_id.read().unwrap_or_else(|e| e.into_inner());
+        by_id.get(id as usize)?.clone()
     }
 
     /// Prepares one more free segment. `Ok(false)` if the limit forbids it.
@@ -299,10 +308,10 @@ impl Pool {
             let mut st = self.lock();
             if let Some(seg) = st.free.pop_front() {
                 st.used.push(seg.clone());
-                self.by_id
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(seg.id, seg.clone());
+                register(
+                    &mut self.by_id.write().unwrap_or_else(|e| e.into_inner()),
+                    &seg,
+                );
                 drop(st);
                 self.changed.notify_all();
                 return Ok(seg);

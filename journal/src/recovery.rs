@@ -13,6 +13,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -357,7 +358,73 @@ impl Scanner<'_> {
     }
 }
 
+/// A record the scan accepted, as the index builder needs it.
+struct Accepted {
+    start: u64,
+    sectors: u64,
+    lsn: u64,
+    /// `None` for records that change no data (Flush).
+    target: Option<Target>,
+    timestamp: u64,
+}
+
+const BATCH: usize = 4096;
+
+/// Hands accepted records to the index builder thread in batches; the last
+/// batch goes when it is dropped.
+struct Batcher {
+    batch: Vec<Accepted>,
+    tx: SyncSender<Vec<Accepted>>,
+}
+
+impl Batcher {
+    fn push(&mut self, accepted: Accepted) {
+        self.batch.push(accepted);
+        if self.batch.len() == BATCH {
+            self.send();
+        }
+    }
+
+    fn send(&mut self) {
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
+        // If the builder is gone it panicked; recover() reports that.
+        let _ = self.tx.send(batch);
+    }
+}
+
+impl Drop for Batcher {
+    fn drop(&mut self) {
+        self.send();
+    }
+}
+
+/// Builds the extent map and time index from the accepted records, in order.
+fn build_index(disk: u64, first_lsn: u64, rx: Receiver<Vec<Accepted>>) -> (ExtentMap, TimeIndex) {
+    let map = ExtentMap::new(disk);
+    let mut times = TimeIndex::new(first_lsn);
+    for batch in rx {
+        for a in batch {
+            if let Some(target) = a.target {
+                map.insert(a.start, a.sectors, a.lsn, target);
+            }
+            times.push(a.timestamp);
+        }
+    }
+    (map, times)
+}
+
+/// What the scan found, apart from the index.
+struct Scanned {
+    used: Vec<Arc<Segment>>,
+    stale: Vec<(u32, Option<Arc<dyn StorageFile>>)>,
+    last_data_lsn: u64,
+    report: RecoveryReport,
+}
+
 /// Scans the journal of the volume in `dir`. See the module documentation.
+///
+/// Reading and verifying records (one thread) and building the extent map
+/// from them (another) overlap, so recovery uses two cores.
 pub fn recover(
     storage: &dyn Storage,
     dir: &Path,
@@ -365,13 +432,46 @@ pub fn recover(
     sb: &SuperState,
     truncate_damaged: bool,
 ) -> Result<Recovered> {
+    let (tx, rx) = sync_channel(4);
+    std::thread::scope(|scope| {
+        let builder = std::thread::Builder::new()
+            .name("rewind-recovery".into())
+            .spawn_scoped(scope, || build_index(config.size, sb.base_lsn + 1, rx))
+            .map_err(Error::io(|| "starting the recovery thread"))?;
+        let batcher = Batcher {
+            batch: Vec::with_capacity(BATCH),
+            tx,
+        };
+        let scanned = scan(storage, dir, config, sb, truncate_damaged, batcher);
+        let (map, times) = builder.join().map_err(|_| Error::Io {
+            context: "building the extent map".into(),
+            source: io::Error::other("the recovery thread panicked"),
+        })?;
+        let scanned = scanned?;
+        Ok(Recovered {
+            used: scanned.used,
+            stale: scanned.stale,
+            map,
+            times,
+            last_data_lsn: scanned.last_data_lsn,
+            report: scanned.report,
+        })
+    })
+}
+
+fn scan(
+    storage: &dyn Storage,
+    dir: &Path,
+    config: &VolumeConfig,
+    sb: &SuperState,
+    truncate_damaged: bool,
+    mut index: Batcher,
+) -> Result<Scanned> {
     let scanner = Scanner {
         config,
         dir: dir.join(JOURNAL_DIR),
         truncate_damaged,
     };
-    let map = ExtentMap::new(config.size);
-    let mut times = TimeIndex::new(sb.base_lsn + 1);
     let mut expected = sb.base_lsn + 1;
     let mut last_data_lsn = sb.base_lsn;
     let mut report = RecoveryReport {
@@ -438,19 +538,24 @@ pub fn recover(
                         Ok(h) => h,
                         Err(reason) => break reason,
                     };
-                match h.kind {
-                    RecordKind::Write => {
-                        let target = Target::Journal {
-                            segment: s.file_id,
-                            sector: (h.payload_offset / SECTOR) as u32,
-                        };
-                        map.insert(h.offset / SECTOR, h.length / SECTOR, h.lsn, target);
+                let target = match h.kind {
+                    RecordKind::Write => Some(Target::Journal {
+                        segment: s.file_id,
+                        sector: (h.payload_offset / SECTOR) as u32,
+                    }),
+                    RecordKind::WriteZeroes { .. } | RecordKind::Discard => Some(Target::Zero),
+                    RecordKind::Flush => {
+                        report.flush_records += 1;
+                        None
                     }
-                    RecordKind::WriteZeroes { .. } | RecordKind::Discard => {
-                        map.insert(h.offset / SECTOR, h.length / SECTOR, h.lsn, Target::Zero);
-                    }
-                    RecordKind::Flush => report.flush_records += 1,
-                }
+                };
+                index.push(Accepted {
+                    start: h.offset / SECTOR,
+                    sectors: h.length / SECTOR,
+                    lsn: h.lsn,
+                    target,
+                    timestamp: h.timestamp,
+                });
                 if h.kind != RecordKind::Flush {
                     last_data_lsn = h.lsn;
                 }
@@ -458,7 +563,6 @@ pub fn recover(
                     top = h.payload_offset + u64::from(h.payload_len);
                 }
                 report.bytes_scanned += RECORD_HEADER_SIZE + u64::from(h.payload_len);
-                times.push(h.timestamp);
                 report.records += 1;
                 expected += 1;
                 slot = slot.saturating_sub(RECORD_HEADER_SIZE);
@@ -552,11 +656,9 @@ pub fn recover(
             file => stale.push((s.file_id, file)),
         }
     }
-    Ok(Recovered {
+    Ok(Scanned {
         used,
         stale,
-        map,
-        times,
         last_data_lsn,
         report,
     })

@@ -554,17 +554,21 @@ impl Inner {
 
     /// Runs `op`, retrying EIO and ENOSPC with backoff up to the policy's bound.
     fn retrying<T>(&self, what: &str, mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
-        let started = Instant::now();
+        let mut first_error: Option<Instant> = None;
         let mut backoff = self.retry.first_backoff;
         loop {
             match op() {
-                Err(e) if retryable(&e) && started.elapsed() < self.retry.max_hold => {
-                    if backoff == self.retry.first_backoff {
+                Err(e) if retryable(&e) => {
+                    let since = *first_error.get_or_insert_with(|| {
                         tracing::warn!(
                             volume = %self.dir.display(),
                             "{what}: {e}; holding the request and retrying for up to {:?}",
                             self.retry.max_hold
                         );
+                        Instant::now()
+                    });
+                    if since.elapsed() >= self.retry.max_hold {
+                        return Err(e);
                     }
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(1));
