@@ -39,7 +39,7 @@ use crate::format::{
 use crate::meta::{VolumeConfig, VolumeSettings, VOLUME_FILE};
 use crate::pool::{segment_name, write_header, Pool, PoolSetup, Segment, JOURNAL_DIR};
 use crate::recovery::{recover, RecoveryReport};
-use crate::storage::{ImportMethod, ImportMode, LockGuard, Progress, Storage};
+use crate::storage::{ImportMode, LockGuard, Progress, Storage};
 use crate::superblock::Superblock;
 use crate::time_index::TimeIndex;
 
@@ -193,6 +193,10 @@ impl Volume {
         progress: Progress<'_>,
     ) -> Result<VolumeConfig> {
         settings.validate()?;
+        // Check an image before anything is created or moved.
+        if let BaseImage::Import { path, .. } = base {
+            check_image(path, settings)?;
+        }
         if storage.exists(dir) {
             let entries = storage
                 .list_dir(dir)
@@ -207,7 +211,6 @@ impl Volume {
             .map_err(Error::io(|| format!("creating {}", journal.display())))?;
         let base_path = dir.join(BASE_FILE);
         let base_err = || format!("creating {}", base_path.display());
-        let mut settings = settings.clone();
         match base {
             BaseImage::Empty => {
                 let f = storage
@@ -223,30 +226,15 @@ impl Volume {
                     .import(path, &base_path, mode, progress)
                     .map_err(Error::io(|| format!("importing {}", path.display())))?;
                 let f = storage.open(&base_path).map_err(Error::io(base_err))?;
-                let image = f.size().map_err(Error::io(base_err))?;
-                if image % u64::from(settings.block_size) != 0 || image > settings.size {
-                    if method == ImportMethod::Renamed {
-                        // Give the user's image back before failing.
-                        let _ = storage.rename(&base_path, path);
-                    }
-                    return Err(Error::InvalidSettings(format!(
-                        "image {} has {image} bytes: it must be a multiple of the block size {} \
-                         and at most the volume size {}",
-                        path.display(),
-                        settings.block_size,
-                        settings.size
-                    )));
-                }
-                if image < settings.size {
+                if f.size().map_err(Error::io(base_err))? < settings.size {
                     f.set_len(settings.size)
                         .and_then(|()| f.sync_data())
                         .map_err(Error::io(base_err))?;
                 }
                 tracing::info!(?method, image = %path.display(), "imported base image");
-                settings.size = settings.size.max(image);
             }
         }
-        let config = VolumeConfig::new(&settings);
+        let config = VolumeConfig::new(settings);
         Superblock::create(storage, dir, config.uuid)?;
         // volume.json last: its presence marks a complete volume.
         config.store(storage, dir)?;
@@ -496,6 +484,23 @@ impl Drop for Volume {
         self.inner.pool.write_all_headers();
         self.stop_maintainer();
     }
+}
+
+/// An image to import must fit the volume in whole blocks.
+fn check_image(path: &Path, settings: &VolumeSettings) -> Result<()> {
+    let image = std::fs::metadata(path)
+        .map_err(Error::io(|| format!("reading {}", path.display())))?
+        .len();
+    if image % u64::from(settings.block_size) != 0 || image > settings.size {
+        return Err(Error::InvalidSettings(format!(
+            "image {} has {image} bytes: it must be a multiple of the block size {} \
+             and at most the volume size {}",
+            path.display(),
+            settings.block_size,
+            settings.size
+        )));
+    }
+    Ok(())
 }
 
 /// Removes journal files `super` does not list: leftovers of a preparation

@@ -421,6 +421,7 @@ fn importing_an_image_larger_than_the_volume_is_refused_and_gives_it_back() {
     .unwrap_err();
     assert!(err.to_string().contains("at most the volume size"), "{err}");
     assert_eq!(std::fs::read(&src).expect("still there"), data);
+    assert!(!tmp.path().join("v").exists(), "nothing was created");
 }
 
 #[test]
