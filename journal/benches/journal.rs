@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rewind_journal::{
-    BaseImage, ExtentMap, OpenOptions, OsStorage, Piece, Target, Volume, VolumeSettings,
+    BaseImage, ExtentMap, OpenOptions, OsStorage, Pieces, Target, Volume, VolumeSettings,
 };
 
 /// Counts live heap bytes, to measure the extent map's memory.
@@ -256,7 +256,7 @@ fn bench_extent_map(c: &Config) {
     let probes: Vec<u64> = (0..1_000_000)
         .map(|_| rng.random_range(0..n * 16))
         .collect();
-    let mut out: Vec<Piece> = Vec::with_capacity(4);
+    let mut out = Pieces::new();
     let t = Instant::now();
     for &s in &probes {
         out.clear();

@@ -14,6 +14,8 @@
 use std::collections::BTreeMap;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use smallvec::SmallVec;
+
 use crate::format::SECTOR;
 
 /// Where an extent's data lives.
@@ -53,6 +55,9 @@ pub struct Piece {
     pub sectors: u64,
     pub source: Source,
 }
+
+/// The pieces of one lookup; a typical read has one or two.
+pub type Pieces = SmallVec<[Piece; 4]>;
 
 /// 24 bytes; with the 8-byte key a map entry is 32 bytes plus B-tree overhead.
 #[derive(Debug, Clone, Copy)]
@@ -115,7 +120,7 @@ impl ExtentMap {
     }
 
     /// Appends to `out` the pieces covering `[start, start + sectors)` in order.
-    pub fn lookup(&self, start: u64, sectors: u64, out: &mut Vec<Piece>) {
+    pub fn lookup(&self, start: u64, sectors: u64, out: &mut Pieces) {
         self.split(start, sectors, |shard, s, n| {
             lookup_in_shard(&read(shard), s, s + n, out);
         });
@@ -131,17 +136,18 @@ impl ExtentMap {
     }
 }
 
-/// Extents of `map` overlapping `[s, e)`, by start.
-fn overlapping(map: &Shard, s: u64, e: u64) -> Vec<(u64, Extent)> {
-    let before = map
-        .range(..s)
-        .next_back()
-        .filter(|(&k, x)| k + u64::from(x.sectors) > s);
-    before
-        .into_iter()
-        .chain(map.range(s..e))
+/// Extents of `map` overlapping `[s, e)`, by start. Extents do not overlap,
+/// so walking back from the last one starting before `e` finds them all
+/// with a single descent of the tree.
+fn overlapping(map: &Shard, s: u64, e: u64) -> SmallVec<[(u64, Extent); 4]> {
+    let mut found: SmallVec<[(u64, Extent); 4]> = map
+        .range(..e)
+        .rev()
+        .take_while(|(&k, x)| k + u64::from(x.sectors) > s)
         .map(|(&k, &x)| (k, x))
-        .collect()
+        .collect();
+    found.reverse();
+    found
 }
 
 fn put(map: &mut Shard, start: u64, end: u64, lsn: u64, target: Target) {
@@ -186,19 +192,21 @@ fn insert_in_shard(map: &mut Shard, s: u64, e: u64, lsn: u64, target: Target) {
     }
 }
 
-fn lookup_in_shard(map: &Shard, s: u64, e: u64, out: &mut Vec<Piece>) {
-    let mut at = s;
-    let before = map
-        .range(..s)
-        .next_back()
-        .filter(|(&k, x)| k + u64::from(x.sectors) > s);
-    for (&k, x) in before.into_iter().chain(map.range(s..e)) {
-        let xs = k.max(s);
-        let xe = (k + u64::from(x.sectors)).min(e);
-        if at < xs {
+fn lookup_in_shard(map: &Shard, s: u64, e: u64, out: &mut Pieces) {
+    // Walk back from the last extent starting before `e` (one descent),
+    // pushing pieces in reverse, then put them in order.
+    let first = out.len();
+    let mut at = e; // everything in [at, e) is covered
+    for (&k, x) in map.range(..e).rev() {
+        let xe = k + u64::from(x.sectors);
+        if xe <= s {
+            break;
+        }
+        let (xs, pe) = (k.max(s), xe.min(e));
+        if pe < at {
             out.push(Piece {
-                start: at,
-                sectors: xs - at,
+                start: pe,
+                sectors: at - pe,
                 source: Source::Base,
             });
         }
@@ -208,18 +216,19 @@ fn lookup_in_shard(map: &Shard, s: u64, e: u64, out: &mut Vec<Piece>) {
         };
         out.push(Piece {
             start: xs,
-            sectors: xe - xs,
+            sectors: pe - xs,
             source,
         });
-        at = xe;
+        at = xs;
     }
-    if at < e {
+    if s < at {
         out.push(Piece {
-            start: at,
-            sectors: e - at,
+            start: s,
+            sectors: at - s,
             source: Source::Base,
         });
     }
+    out[first..].reverse();
 }
 
 #[cfg(test)]
@@ -278,7 +287,7 @@ mod tests {
             }
             let (s, n) = probe;
             let e = (s + n).min(6000);
-            let mut pieces = Vec::new();
+            let mut pieces = Pieces::new();
             map.lookup(s, n, &mut pieces);
             let want: Vec<Source> = model[s as usize..e as usize].iter().map(|x| x.1).collect();
             prop_assert_eq!(flatten(&pieces), want);
@@ -303,11 +312,11 @@ mod tests {
             },
         );
         map.insert(10, 10, 2, Target::Zero);
-        let mut out = Vec::new();
+        let mut out = Pieces::new();
         map.lookup(0, 120, &mut out);
         assert_eq!(
-            out,
-            vec![
+            out.as_slice(),
+            &[
                 Piece {
                     start: 0,
                     sectors: 10,
@@ -352,7 +361,7 @@ mod tests {
                 sector: 1,
             },
         );
-        let mut out = Vec::new();
+        let mut out = Pieces::new();
         map.lookup(0, 30, &mut out);
         assert_eq!(
             out[1],

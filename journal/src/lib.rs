@@ -38,7 +38,7 @@ mod volume;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
-pub use extent_map::{ExtentMap, Piece, Source, Target};
+pub use extent_map::{ExtentMap, Piece, Pieces, Source, Target};
 pub use format::{FORMAT_VERSION, SECTOR};
 pub use meta::{VolumeConfig, VolumeSettings};
 pub use recovery::{Discarded, LogEnd, RecoveryReport};

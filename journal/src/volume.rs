@@ -31,7 +31,7 @@ use uuid::Uuid;
 use crate::clock::{Clock, SystemClock};
 use crate::completion::Completion;
 use crate::error::{Error, Result};
-use crate::extent_map::{ExtentMap, Piece, Source, Target};
+use crate::extent_map::{ExtentMap, Piece, Pieces, Source, Target};
 use crate::format::{
     check_range, payload_position, RecordHeader, RecordKind, RECORD_HEADER_SIZE, SECTOR,
     SEGMENT_HEADER_SIZE,
@@ -404,13 +404,13 @@ impl Volume {
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let inner = &self.inner;
         check_range(offset, buf.len() as u64, inner.config.size).map_err(Error::InvalidRequest)?;
-        let mut pieces = Vec::new();
+        let mut pieces = Pieces::new();
         inner
             .map
             .lookup(offset / SECTOR, buf.len() as u64 / SECTOR, &mut pieces);
         let first = offset / SECTOR;
-        for piece in pieces {
-            inner.read_piece(&piece, first, buf)?;
+        for piece in &pieces {
+            inner.read_piece(piece, first, buf)?;
         }
         Ok(())
     }
