@@ -1,0 +1,719 @@
+//! virtio-blk requests (virtio 1.2, 5.2.6): a descriptor chain from an
+//! untrusted guest, checked and run on a volume.
+//!
+//! A chain is a device-readable 16-byte header (type, reserved, sector),
+//! data buffers (device-writable for reads, device-readable for writes), and
+//! a device-writable status byte at its end. Every field is checked before it
+//! is used, sector arithmetic is checked, all guest buffers of a write are
+//! read before the volume is touched, and a request that fails a check gets
+//! an error status, never an effect outside its own buffers.
+
+use rewind_journal::Volume;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
+
+pub const SECTOR: u64 = 512;
+const HEADER_LEN: u32 = 16;
+const SEGMENT_LEN: u64 = 16;
+/// Most segments one discard or write-zeroes request may carry.
+pub const MAX_SEGMENTS: u64 = 32;
+
+/// The status byte a request completes with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    Ok = 0,
+    IoErr = 1,
+    Unsupp = 2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    In,
+    Out,
+    Flush,
+    GetId,
+    Discard,
+    WriteZeroes,
+}
+
+impl Kind {
+    fn from_code(code: u32) -> Option<Kind> {
+        match code {
+            VIRTIO_BLK_T_IN => Some(Kind::In),
+            VIRTIO_BLK_T_OUT => Some(Kind::Out),
+            VIRTIO_BLK_T_FLUSH => Some(Kind::Flush),
+            VIRTIO_BLK_T_GET_ID => Some(Kind::GetId),
+            VIRTIO_BLK_T_DISCARD => Some(Kind::Discard),
+            VIRTIO_BLK_T_WRITE_ZEROES => Some(Kind::WriteZeroes),
+            _ => None,
+        }
+    }
+
+    /// Whether the device writes the request's data buffers.
+    fn device_writes(self) -> bool {
+        matches!(self, Kind::In | Kind::GetId)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("the request header is missing, shorter than {HEADER_LEN} bytes, or device-writable")]
+    BadHeader,
+    #[error("cannot access guest memory: {0}")]
+    Memory(#[from] GuestMemoryError),
+    #[error("request type {0} is not supported")]
+    Unsupported(u32),
+    #[error("{0:?} request with data buffers of the wrong direction")]
+    Direction(Kind),
+    #[error("{0} bytes of data is not whole sectors")]
+    Unaligned(u64),
+    #[error("sectors {sector}+{sectors} are not inside the disk's {disk} sectors")]
+    OutOfRange {
+        sector: u64,
+        sectors: u64,
+        disk: u64,
+    },
+    #[error("the export is read-only")]
+    ReadOnly,
+    #[error("discard/write-zeroes data of {0} bytes is not 1 to {MAX_SEGMENTS} segments")]
+    Segments(u64),
+    #[error("segment flags {0:#x} are not supported for this request")]
+    Flags(u32),
+    #[error("{0}")]
+    Volume(#[from] rewind_journal::Error),
+}
+
+impl RequestError {
+    pub fn status(&self) -> Status {
+        match self {
+            RequestError::Unsupported(_) | RequestError::Flags(_) => Status::Unsupp,
+            _ => Status::IoErr,
+        }
+    }
+}
+
+/// What a request runs against.
+#[derive(Debug)]
+pub struct Disk<'a> {
+    pub volume: &'a Volume,
+    pub read_only: bool,
+    /// GET_ID's answer (the volume id, NUL-padded).
+    pub id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+}
+
+impl Disk<'_> {
+    fn sectors(&self) -> u64 {
+        self.volume.size() / SECTOR
+    }
+
+    /// Byte offset of `sectors` sectors at `sector`, if they are on the disk.
+    fn range(&self, sector: u64, sectors: u64) -> Result<u64, RequestError> {
+        let disk = self.sectors();
+        match sector.checked_add(sectors) {
+            Some(end) if end <= disk => Ok(sector * SECTOR),
+            _ => Err(RequestError::OutOfRange {
+                sector,
+                sectors,
+                disk,
+            }),
+        }
+    }
+}
+
+/// A request whose header and buffer directions are checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub kind: Kind,
+    pub sector: u64,
+    /// Data buffers, in order.
+    pub data: Vec<(GuestAddress, u32)>,
+}
+
+impl Request {
+    /// Parses the descriptors before the status byte.
+    pub fn parse<M: GuestMemory>(mem: &M, body: &[Descriptor]) -> Result<Request, RequestError> {
+        let header = match body.first() {
+            Some(h) if !h.is_write_only() && h.len() >= HEADER_LEN => h,
+            _ => return Err(RequestError::BadHeader),
+        };
+        let mut raw = [0u8; HEADER_LEN as usize];
+        mem.read_slice(&mut raw, header.addr())?;
+        let code = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
+        let mut sector = [0u8; 8];
+        sector.copy_from_slice(&raw[8..16]);
+        let kind = Kind::from_code(code).ok_or(RequestError::Unsupported(code))?;
+        let data = &body[1..];
+        if kind != Kind::Flush
+            && data
+                .iter()
+                .any(|d| d.is_write_only() != kind.device_writes())
+        {
+            return Err(RequestError::Direction(kind));
+        }
+        Ok(Request {
+            kind,
+            sector: u64::from_le_bytes(sector),
+            data: data.iter().map(|d| (d.addr(), d.len())).collect(),
+        })
+    }
+
+    fn data_len(&self) -> u64 {
+        self.data.iter().map(|&(_, len)| u64::from(len)).sum()
+    }
+
+    /// Reads all data buffers from the guest.
+    fn gather<M: GuestMemory>(&self, mem: &M) -> Result<Vec<u8>, RequestError> {
+        let mut buf = vec![0u8; self.data_len() as usize];
+        let mut at = 0;
+        for &(addr, len) in &self.data {
+            mem.read_slice(&mut buf[at..at + len as usize], addr)?;
+            at += len as usize;
+        }
+        Ok(buf)
+    }
+
+    /// Writes `buf` into the data buffers, in order; returns bytes written.
+    fn scatter<M: GuestMemory>(&self, mem: &M, buf: &[u8]) -> Result<u32, RequestError> {
+        let mut at = 0;
+        for &(addr, len) in &self.data {
+            let n = (len as usize).min(buf.len() - at);
+            mem.write_slice(&buf[at..at + n], addr)?;
+            at += n;
+        }
+        Ok(at as u32)
+    }
+
+    /// Runs the request; returns the bytes it wrote into guest buffers.
+    pub fn execute<M: GuestMemory>(&self, mem: &M, disk: &Disk<'_>) -> Result<u32, RequestError> {
+        match self.kind {
+            Kind::In => {
+                let len = self.data_len();
+                let offset = self.sectors_of(len, disk)?;
+                let mut buf = vec![0u8; len as usize];
+                if len > 0 {
+                    disk.volume.read(offset, &mut buf)?;
+                }
+                self.scatter(mem, &buf)
+            }
+            Kind::Out => {
+                if disk.read_only {
+                    return Err(RequestError::ReadOnly);
+                }
+                let len = self.data_len();
+                let offset = self.sectors_of(len, disk)?;
+                let buf = self.gather(mem)?;
+                if len > 0 {
+                    disk.volume.write(offset, &buf)?;
+                }
+                Ok(0)
+            }
+            Kind::Flush => {
+                disk.volume.flush()?;
+                Ok(0)
+            }
+            Kind::GetId => self.scatter(mem, &disk.id),
+            Kind::Discard | Kind::WriteZeroes => {
+                if disk.read_only {
+                    return Err(RequestError::ReadOnly);
+                }
+                for (offset, len, unmap) in self.segments(mem, disk)? {
+                    match self.kind {
+                        Kind::Discard => disk.volume.discard(offset, len)?,
+                        _ => disk.volume.write_zeroes(offset, len, unmap)?,
+                    };
+                }
+                Ok(0)
+            }
+        }
+    }
+
+    /// The byte offset of a transfer of `len` bytes at the request's sector.
+    fn sectors_of(&self, len: u64, disk: &Disk<'_>) -> Result<u64, RequestError> {
+        if len % SECTOR != 0 {
+            return Err(RequestError::Unaligned(len));
+        }
+        disk.range(self.sector, len / SECTOR)
+    }
+
+    /// Discard/write-zeroes segments as (offset, length, unmap), all checked
+    /// before any is run.
+    fn segments<M: GuestMemory>(
+        &self,
+        mem: &M,
+        disk: &Disk<'_>,
+    ) -> Result<Vec<(u64, u64, bool)>, RequestError> {
+        let len = self.data_len();
+        if len == 0 || len % SEGMENT_LEN != 0 || len / SEGMENT_LEN > MAX_SEGMENTS {
+            return Err(RequestError::Segments(len));
+        }
+        let raw = self.gather(mem)?;
+        raw.chunks_exact(SEGMENT_LEN as usize)
+            .map(|s| {
+                let mut sector = [0u8; 8];
+                sector.copy_from_slice(&s[0..8]);
+                let sector = u64::from_le_bytes(sector);
+                let sectors = u64::from(u32::from_le_bytes([s[8], s[9], s[10], s[11]]));
+                let flags = u32::from_le_bytes([s[12], s[13], s[14], s[15]]);
+                let allowed = match self.kind {
+                    Kind::WriteZeroes => VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+                    _ => 0,
+                };
+                if flags & !allowed != 0 {
+                    return Err(RequestError::Flags(flags));
+                }
+                if sectors == 0 {
+                    return Err(RequestError::Segments(len));
+                }
+                let offset = disk.range(sector, sectors)?;
+                Ok((offset, sectors * SECTOR, flags != 0))
+            })
+            .collect()
+    }
+}
+
+/// Handles one descriptor chain: parses, runs, writes the status byte.
+/// Returns the number of bytes written into the chain's buffers (for the
+/// used ring); 0 when the chain has no usable status byte.
+pub fn handle<M: GuestMemory>(
+    mem: &M,
+    chain: impl IntoIterator<Item = Descriptor>,
+    disk: &Disk<'_>,
+) -> u32 {
+    let descs: Vec<Descriptor> = chain.into_iter().collect();
+    let Some((status, body)) = descs.split_last() else {
+        tracing::warn!("empty descriptor chain");
+        return 0;
+    };
+    if !status.is_write_only() || status.len() < 1 {
+        tracing::warn!("descriptor chain without a device-writable status byte");
+        return 0;
+    }
+    let outcome = Request::parse(mem, body).and_then(|r| r.execute(mem, disk));
+    let (code, written) = match outcome {
+        Ok(written) => (Status::Ok, written),
+        Err(e) => {
+            tracing::debug!(error = %e, "request failed");
+            (e.status(), 0)
+        }
+    };
+    match mem.write_obj(code as u8, status.addr()) {
+        Ok(()) => written + 1,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot write the status byte");
+            0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::Strategy;
+    use rewind_journal::fault::FaultStorage;
+    use rewind_journal::{BaseImage, OpenOptions, VolumeSettings};
+    use std::path::Path;
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestMemoryMmap;
+
+    const MEM: u64 = 0x40_0000;
+    const HDR: u64 = 0x10_0000;
+    const DATA: u64 = 0x20_0000;
+    const STATUS: u64 = 0x30_0000;
+    const DISK: u64 = 1 << 20;
+
+    fn volume() -> Volume {
+        let fs = FaultStorage::new();
+        let dir = Path::new("/vol");
+        let settings = VolumeSettings {
+            segment_size: 1 << 20,
+            journal_max: 64 << 20,
+            journal_warn: 32 << 20,
+            ..VolumeSettings::new(DISK)
+        };
+        Volume::create(&fs, dir, &settings, BaseImage::Empty, &mut |_, _| {}).expect("create");
+        Volume::open(fs.arc(), dir, OpenOptions::default())
+            .expect("open")
+            .0
+    }
+
+    fn memory() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).expect("memory")
+    }
+
+    fn header(mem: &GuestMemoryMmap<()>, code: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&code.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(HDR)).expect("header");
+    }
+
+    fn desc(addr: u64, len: u32, device_writes: bool) -> RawDescriptor {
+        let flags = if device_writes {
+            VRING_DESC_F_WRITE as u16
+        } else {
+            0
+        };
+        RawDescriptor::from(Descriptor::new(addr, len, flags, 0))
+    }
+
+    /// Runs a chain of (header, data..., status) and returns (used len, status byte).
+    fn run(mem: &GuestMemoryMmap<()>, disk: &Disk<'_>, descs: &[RawDescriptor]) -> (u32, u8) {
+        mem.write_obj(0xffu8, GuestAddress(STATUS))
+            .expect("poison status");
+        let q = MockSplitQueue::new(mem, 16);
+        let chain = q.build_desc_chain(descs).expect("chain");
+        let used = handle(mem, chain, disk);
+        (used, mem.read_obj(GuestAddress(STATUS)).expect("status"))
+    }
+
+    fn disk(volume: &Volume) -> Disk<'_> {
+        let mut id = [0u8; 20];
+        id[..4].copy_from_slice(b"vol1");
+        Disk {
+            volume,
+            read_only: false,
+            id,
+        }
+    }
+
+    fn write(mem: &GuestMemoryMmap<()>, disk: &Disk<'_>, sector: u64, data: &[u8]) -> (u32, u8) {
+        header(mem, VIRTIO_BLK_T_OUT, sector);
+        mem.write_slice(data, GuestAddress(DATA)).expect("data");
+        let descs = [
+            desc(HDR, 16, false),
+            desc(DATA, data.len() as u32, false),
+            desc(STATUS, 1, true),
+        ];
+        run(mem, disk, &descs)
+    }
+
+    fn read(
+        mem: &GuestMemoryMmap<()>,
+        disk: &Disk<'_>,
+        sector: u64,
+        len: u32,
+    ) -> (u32, u8, Vec<u8>) {
+        header(mem, VIRTIO_BLK_T_IN, sector);
+        let descs = [
+            desc(HDR, 16, false),
+            desc(DATA, len / 2, true),
+            desc(DATA + 0x1000 * 8, len - len / 2, true),
+            desc(STATUS, 1, true),
+        ];
+        let (used, status) = run(mem, disk, &descs);
+        let mut out = vec![0u8; len as usize];
+        mem.read_slice(&mut out[..(len / 2) as usize], GuestAddress(DATA))
+            .expect("read back");
+        mem.read_slice(&mut out[(len / 2) as usize..], GuestAddress(DATA + 0x8000))
+            .expect("read back");
+        (used, status, out)
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 512) as u8).collect()
+    }
+
+    #[test]
+    fn writes_reads_flushes_and_ids_round_trip() {
+        let (mem, v) = (memory(), volume());
+        let d = disk(&v);
+        let data = pattern(4096);
+        assert_eq!(write(&mem, &d, 8, &data), (1, Status::Ok as u8));
+        let (used, status, got) = read(&mem, &d, 8, 4096);
+        assert_eq!((used, status), (4097, Status::Ok as u8));
+        assert_eq!(got, data);
+
+        header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(
+            run(&mem, &d, &[desc(HDR, 16, false), desc(STATUS, 1, true)]),
+            (1, 0)
+        );
+        assert!(v.stats().durable_lsn >= 1);
+
+        header(&mem, VIRTIO_BLK_T_GET_ID, 0);
+        let descs = [
+            desc(HDR, 16, false),
+            desc(DATA, 20, true),
+            desc(STATUS, 1, true),
+        ];
+        assert_eq!(run(&mem, &d, &descs), (21, 0));
+        let mut id = [0u8; 20];
+        mem.read_slice(&mut id, GuestAddress(DATA)).expect("id");
+        assert_eq!(id, d.id);
+    }
+
+    fn segment(sector: u64, sectors: u32, flags: u32) -> [u8; 16] {
+        let mut s = [0u8; 16];
+        s[0..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&sectors.to_le_bytes());
+        s[12..16].copy_from_slice(&flags.to_le_bytes());
+        s
+    }
+
+    fn zero_request(mem: &GuestMemoryMmap<()>, d: &Disk<'_>, code: u32, segs: &[[u8; 16]]) -> u8 {
+        header(mem, code, 0);
+        mem.write_slice(&segs.concat(), GuestAddress(DATA))
+            .expect("segments");
+        let descs = [
+            desc(HDR, 16, false),
+            desc(DATA, 16 * segs.len() as u32, false),
+            desc(STATUS, 1, true),
+        ];
+        run(mem, d, &descs).1
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_clear_their_segments_only() {
+        let (mem, v) = (memory(), volume());
+        let d = disk(&v);
+        write(&mem, &d, 0, &pattern(8192));
+        let segs = [segment(1, 1, 0), segment(4, 2, 0)];
+        assert_eq!(zero_request(&mem, &d, VIRTIO_BLK_T_DISCARD, &segs), 0);
+        let unmap = [segment(10, 1, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)];
+        assert_eq!(zero_request(&mem, &d, VIRTIO_BLK_T_WRITE_ZEROES, &unmap), 0);
+        let mut want = pattern(8192);
+        for s in [1usize, 4, 5, 10] {
+            want[s * 512..(s + 1) * 512].fill(0);
+        }
+        assert_eq!(read(&mem, &d, 0, 8192).2, want);
+    }
+
+    #[test]
+    fn bad_segments_are_refused_before_any_runs() {
+        let (mem, v) = (memory(), volume());
+        let d = disk(&v);
+        write(&mem, &d, 0, &pattern(4096));
+        let lsn = v.last_lsn();
+        let unsupp = Status::Unsupp as u8;
+        let ioerr = Status::IoErr as u8;
+        let cases: Vec<(u32, Vec<[u8; 16]>, u8)> = vec![
+            // The first segment is fine, the second is not: nothing runs.
+            (
+                VIRTIO_BLK_T_DISCARD,
+                vec![segment(0, 1, 0), segment(DISK / 512, 1, 0)],
+                ioerr,
+            ),
+            (VIRTIO_BLK_T_DISCARD, vec![segment(u64::MAX, 2, 0)], ioerr),
+            (VIRTIO_BLK_T_DISCARD, vec![segment(0, 0, 0)], ioerr),
+            (
+                VIRTIO_BLK_T_DISCARD,
+                vec![segment(0, 1, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)],
+                unsupp,
+            ),
+            (VIRTIO_BLK_T_WRITE_ZEROES, vec![segment(0, 1, 0x80)], unsupp),
+            (VIRTIO_BLK_T_WRITE_ZEROES, vec![segment(0, 1, 0); 33], ioerr),
+        ];
+        for (code, segs, want) in cases {
+            assert_eq!(zero_request(&mem, &d, code, &segs), want, "{segs:?}");
+        }
+        assert_eq!(v.last_lsn(), lsn, "no bad segment reached the journal");
+        // Data that is not whole segments.
+        header(&mem, VIRTIO_BLK_T_DISCARD, 0);
+        let descs = [
+            desc(HDR, 16, false),
+            desc(DATA, 15, false),
+            desc(STATUS, 1, true),
+        ];
+        assert_eq!(run(&mem, &d, &descs).1, ioerr);
+    }
+
+    #[test]
+    fn malformed_chains_get_an_error_status_and_touch_nothing() {
+        let (mem, v) = (memory(), volume());
+        let d = disk(&v);
+        write(&mem, &d, 0, &pattern(4096));
+        let lsn = v.last_lsn();
+        let ioerr = (1, Status::IoErr as u8);
+        let far = MEM + 0x1000; // outside guest memory
+
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        // Header device-writable, too short, missing.
+        assert_eq!(
+            run(&mem, &d, &[desc(HDR, 16, true), desc(STATUS, 1, true)]),
+            ioerr
+        );
+        assert_eq!(
+            run(&mem, &d, &[desc(HDR, 15, false), desc(STATUS, 1, true)]),
+            ioerr
+        );
+        assert_eq!(run(&mem, &d, &[desc(STATUS, 1, true)]), ioerr);
+        // Header outside guest memory.
+        assert_eq!(
+            run(&mem, &d, &[desc(far, 16, false), desc(STATUS, 1, true)]),
+            ioerr
+        );
+        // A read into a device-readable buffer, a read past memory.
+        let descs = [
+            desc(HDR, 16, false),
+            desc(DATA, 512, false),
+            desc(STATUS, 1, true),
+        ];
+        assert_eq!(run(&mem, &d, &descs), ioerr);
+        let descs = [
+            desc(HDR, 16, false),
+            desc(far, 512, true),
+            desc(STATUS, 1, true),
+        ];
+        assert_eq!(run(&mem, &d, &descs).1, Status::IoErr as u8);
+        // Unaligned, past the end, overflowing sector numbers.
+        let descs = [
+            desc(HDR, 16, false),
+            desc(DATA, 100, true),
+            desc(STATUS, 1, true),
+        ];
+        assert_eq!(run(&mem, &d, &descs), ioerr);
+        for sector in [DISK / 512, DISK / 512 - 1, u64::MAX, u64::MAX / 512 + 1] {
+            header(&mem, VIRTIO_BLK_T_IN, sector);
+            let descs = [
+                desc(HDR, 16, false),
+                desc(DATA, 1024, true),
+                desc(STATUS, 1, true),
+            ];
+            assert_eq!(run(&mem, &d, &descs), ioerr, "sector {sector}");
+        }
+        // A write whose data lies outside guest memory writes nothing.
+        header(&mem, VIRTIO_BLK_T_OUT, 0);
+        let descs = [
+            desc(HDR, 16, false),
+            desc(DATA, 512, false),
+            desc(far, 512, false),
+            desc(STATUS, 1, true),
+        ];
+        assert_eq!(run(&mem, &d, &descs), ioerr);
+        // An unknown request type.
+        header(&mem, 0x99, 0);
+        assert_eq!(
+            run(&mem, &d, &[desc(HDR, 16, false), desc(STATUS, 1, true)]),
+            (1, Status::Unsupp as u8)
+        );
+        assert_eq!(v.last_lsn(), lsn, "no bad request reached the journal");
+        assert_eq!(read(&mem, &d, 0, 4096).2, pattern(4096));
+    }
+
+    #[test]
+    fn chains_without_a_status_byte_are_returned_without_writing() {
+        let (mem, v) = (memory(), volume());
+        let d = disk(&v);
+        header(&mem, VIRTIO_BLK_T_OUT, 0);
+        // The last descriptor is device-readable: no status can be written.
+        let descs = [desc(HDR, 16, false), desc(STATUS, 1, false)];
+        assert_eq!(run(&mem, &d, &descs), (0, 0xff));
+        // Status byte outside memory.
+        let q = MockSplitQueue::new(&mem, 16);
+        let chain = q
+            .build_desc_chain(&[desc(HDR, 16, false), desc(MEM + 8, 1, true)])
+            .expect("chain");
+        assert_eq!(handle(&mem, chain, &d), 0);
+        assert_eq!(v.last_lsn(), 0);
+    }
+
+    #[test]
+    fn a_read_only_export_refuses_every_change() {
+        let (mem, v) = (memory(), volume());
+        let mut d = disk(&v);
+        d.read_only = true;
+        assert_eq!(write(&mem, &d, 0, &pattern(512)).1, Status::IoErr as u8);
+        assert_eq!(
+            zero_request(&mem, &d, VIRTIO_BLK_T_DISCARD, &[segment(0, 1, 0)]),
+            Status::IoErr as u8
+        );
+        assert_eq!(
+            zero_request(&mem, &d, VIRTIO_BLK_T_WRITE_ZEROES, &[segment(0, 1, 0)]),
+            Status::IoErr as u8
+        );
+        assert_eq!(v.last_lsn(), 0);
+        assert_eq!(read(&mem, &d, 0, 1024).1, Status::Ok as u8);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+        /// Arbitrary chains: no panic, a valid status or none, and no guest
+        /// memory changed outside the chain's device-writable buffers.
+        #[test]
+        fn arbitrary_chains_only_touch_their_own_writable_buffers(
+            code in proptest::prop_oneof![
+                proptest::sample::select(vec![
+                    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
+                    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES,
+                ]),
+                proptest::prelude::any::<u32>(),
+            ],
+            sector in proptest::prop_oneof![4 => 0u64..2100, 1 => proptest::prelude::any::<u64>()],
+            // (where in 512-byte units, whole sectors or a raw length, flip direction)
+            descs in proptest::collection::vec(
+                (
+                    0u64..(MEM / 512 + 4),
+                    proptest::prop_oneof![4 => (0u32..9).prop_map(|k| k * 512), 1 => 0u32..5000],
+                    proptest::prop_oneof![7 => proptest::strategy::Just(false), 1 => proptest::strategy::Just(true)],
+                ),
+                0..6,
+            ),
+            segs in proptest::collection::vec(proptest::prelude::any::<[u8; 16]>(), 0..3),
+        ) {
+            let device_writes = Kind::from_code(code).is_some_and(Kind::device_writes);
+            let descs: Vec<(u64, u32, bool)> = descs
+                .into_iter()
+                .map(|(at, len, flip)| (at, len, device_writes != flip))
+                .collect();
+            let (mem, v) = (memory(), volume());
+            let d = disk(&v);
+            // Guest memory filled with a known pattern, plus a header and segments.
+            static FILL: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+            let fill = FILL.get_or_init(|| (0..MEM).map(|i| (i % 251) as u8).collect());
+            mem.write_slice(fill, GuestAddress(0)).expect("fill");
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&code.to_le_bytes());
+            h[8..16].copy_from_slice(&sector.to_le_bytes());
+            mem.write_slice(&h, GuestAddress(HDR)).expect("header");
+            mem.write_slice(&segs.concat(), GuestAddress(DATA)).expect("segments");
+            let mut raw: Vec<RawDescriptor> = vec![desc(HDR, 16, false)];
+            raw.extend(descs.iter().map(|&(at, len, w)| desc(at * 512, len, w)));
+            let before = {
+                let mut b = vec![0u8; MEM as usize];
+                mem.read_slice(&mut b, GuestAddress(0)).expect("snapshot");
+                b
+            };
+            let q = MockSplitQueue::new(&mem, 16);
+            let chain = q.build_desc_chain(&raw).expect("chain");
+            let used = handle(&mem, chain, &d);
+            let mut after = vec![0u8; MEM as usize];
+            mem.read_slice(&mut after, GuestAddress(0)).expect("snapshot");
+            // The mock queue's own rings live below HDR; ignore them.
+            let writable: Vec<(u64, u64)> = raw
+                .iter()
+                .map(|r| Descriptor::from(*r))
+                .filter(|d| d.is_write_only())
+                .map(|d| (d.addr().0, d.addr().0 + u64::from(d.len())))
+                .collect();
+            let page = 4096;
+            for (n, (b, a)) in before.chunks(page).zip(after.chunks(page)).enumerate() {
+                if n * page < HDR as usize || b == a {
+                    continue;
+                }
+                for (i, _) in b.iter().zip(a).enumerate().filter(|(_, (x, y))| x != y) {
+                    let at = (n * page + i) as u64;
+                    proptest::prop_assert!(
+                        writable.iter().any(|&(s, e)| s <= at && at < e),
+                        "byte {at:#x} changed outside the writable buffers"
+                    );
+                }
+            }
+            if used > 0 {
+                let last = Descriptor::from(*raw.last().expect("non-empty"));
+                let status: u8 = mem.read_obj(last.addr()).expect("status");
+                proptest::prop_assert!(status <= 2, "status {status}");
+                let room: u64 = writable.iter().map(|&(s, e)| e - s).sum();
+                proptest::prop_assert!(u64::from(used) <= room);
+            }
+        }
+    }
+}
