@@ -1,0 +1,288 @@
+//! The vhost-user-blk device: features, config space and the virtqueues.
+//!
+//! One worker thread per queue (`queues_per_thread`), each processing its
+//! queue with no lock shared with the others: the `&self` backend trait,
+//! per-queue state, and a volume that takes concurrent calls.
+//!
+//! Restart safety: each queue completes its requests in order, one at a
+//! time (a request is in the used ring before the next is popped), so after
+//! a crash the front-end's `used_idx` marks exactly what was done, and
+//! QEMU (with `reconnect=`) resubmits the rest. The journal tolerates a
+//! request that ran but was not marked used being run again. Tracking
+//! in-flight requests with INFLIGHT_SHMFD would allow out-of-order
+//! completion; vhost-user-backend does not implement it.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use rewind_journal::Volume;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
+};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::request::{self, Disk, MAX_SEGMENTS, SECTOR};
+
+/// Largest queue the device offers.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+/// Data descriptors per request the device accepts (config `seg_max`).
+const SEG_MAX: u32 = 254;
+/// Offset of the `writeback` byte in virtio_blk_config.
+const WRITEBACK_OFFSET: usize = 32;
+/// Bytes of virtio_blk_config the device has.
+const CONFIG_LEN: usize = 60;
+
+/// Settings of one export.
+#[derive(Debug, Clone)]
+pub struct ExportConfig {
+    pub num_queues: usize,
+    pub queue_size: usize,
+    pub read_only: bool,
+}
+
+#[derive(Debug)]
+pub struct BlkBackend {
+    volume: Arc<Volume>,
+    config: ExportConfig,
+    id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    event_idx: AtomicBool,
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    /// Held while a queue processes requests; `stop_vring` waits on it.
+    busy: Vec<Mutex<()>>,
+    exits: Mutex<Vec<EventNotifier>>,
+}
+
+impl BlkBackend {
+    pub fn new(volume: Arc<Volume>, config: ExportConfig) -> Self {
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        let uuid = volume.config().uuid.simple().to_string();
+        let n = uuid.len().min(id.len());
+        id[..n].copy_from_slice(&uuid.as_bytes()[..n]);
+        let busy = (0..config.num_queues).map(|_| Mutex::new(())).collect();
+        BlkBackend {
+            volume,
+            config,
+            id,
+            event_idx: AtomicBool::new(false),
+            mem: RwLock::new(None),
+            busy,
+            exits: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Stops every worker thread (their daemon's connection is over).
+    pub fn stop_workers(&self) {
+        for exit in self.exits.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if let Err(e) = exit.notify() {
+                tracing::warn!(error = %e, "cannot stop a worker thread");
+            }
+        }
+    }
+
+    /// The virtio_blk_config structure, little-endian.
+    fn config_space(&self) -> [u8; CONFIG_LEN] {
+        let mut c = [0u8; CONFIG_LEN];
+        let put = |c: &mut [u8; CONFIG_LEN], at: usize, bytes: &[u8]| {
+            c[at..at + bytes.len()].copy_from_slice(bytes)
+        };
+        let block = self.volume.config().block_size;
+        let sectors = self.volume.size() / SECTOR;
+        put(&mut c, 0, &sectors.to_le_bytes()); // capacity
+        put(&mut c, 12, &SEG_MAX.to_le_bytes()); // seg_max
+        put(&mut c, 20, &block.to_le_bytes()); // blk_size
+        c[WRITEBACK_OFFSET] = u8::from(!self.volume.stats().writethrough);
+        put(&mut c, 34, &(self.config.num_queues as u16).to_le_bytes());
+        let max_sectors = u32::MAX.to_le_bytes();
+        put(&mut c, 36, &max_sectors); // max_discard_sectors
+        put(&mut c, 40, &(MAX_SEGMENTS as u32).to_le_bytes()); // max_discard_seg
+        put(&mut c, 44, &(block / SECTOR as u32).to_le_bytes()); // discard_sector_alignment
+        put(&mut c, 48, &max_sectors); // max_write_zeroes_sectors
+        put(&mut c, 52, &(MAX_SEGMENTS as u32).to_le_bytes()); // max_write_zeroes_seg
+        c[56] = 1; // write_zeroes_may_unmap
+        c
+    }
+
+    fn process(&self, index: usize, vring: &VringRwLock) -> io::Result<()> {
+        let mem = self
+            .mem
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|m| m.memory())
+            .ok_or_else(|| io::Error::other("no guest memory yet"))?;
+        let disk = Disk {
+            volume: &self.volume,
+            read_only: self.config.read_only,
+            id: self.id,
+        };
+        let _busy = self.busy[index].lock().unwrap_or_else(|e| e.into_inner());
+        let mut completed = false;
+        loop {
+            // Stop taking descriptors once the queue is stopped (GET_VRING_BASE).
+            let chain = {
+                let mut state = vring.get_mut();
+                if !state.get_queue().ready() {
+                    break;
+                }
+                state.get_queue_mut().pop_descriptor_chain(&*mem)
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let used = request::handle(&*mem, chain, &disk);
+            vring
+                .add_used(head, used)
+                .map_err(|e| io::Error::other(format!("add_used: {e}")))?;
+            completed = true;
+        }
+        if completed
+            && vring
+                .needs_notification()
+                .map_err(|e| io::Error::other(format!("needs_notification: {e}")))?
+        {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.config.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.config.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_TOPOLOGY
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_CONFIG_WCE
+            | 1 << VIRTIO_BLK_F_MQ
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.config.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    /// Exactly the bytes asked for; past the structure, zeroes.
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let config = self.config_space();
+        (offset as usize..offset as usize + size as usize)
+            .map(|i| config.get(i).copied().unwrap_or(0))
+            .collect()
+    }
+
+    /// Only `writeback` is writable (CONFIG_WCE).
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let at = WRITEBACK_OFFSET.checked_sub(offset as usize);
+        match at.and_then(|i| buf.get(i)) {
+            Some(&writeback) if buf.len() == 1 => {
+                self.volume.set_writethrough(writeback == 0);
+                Ok(())
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "only the writeback byte is writable ({} bytes at {offset})",
+                    buf.len()
+                ),
+            )),
+        }
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.config.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
+        let ours = notifier.try_clone().ok()?;
+        self.exits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(ours);
+        Some((consumer, notifier))
+    }
+
+    /// Called for GET_VRING_BASE after the queue is stopped: returns once
+    /// every request already taken from it is complete.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if let Some(busy) = self.busy.get(queue_index as usize) {
+            drop(busy.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event {evset:?}")));
+        }
+        // One queue per thread: the thread's only vring is queue `thread_id`.
+        let vring = vrings
+            .get(usize::from(device_event))
+            .ok_or_else(|| io::Error::other(format!("no vring for event {device_event}")))?;
+        if !self.event_idx.load(Ordering::Acquire) {
+            return self.process(thread_id, vring);
+        }
+        loop {
+            vring
+                .disable_notification()
+                .map_err(|e| io::Error::other(format!("disable_notification: {e}")))?;
+            self.process(thread_id, vring)?;
+            let more = vring
+                .enable_notification()
+                .map_err(|e| io::Error::other(format!("enable_notification: {e}")))?;
+            if !more {
+                return Ok(());
+            }
+        }
+    }
+}

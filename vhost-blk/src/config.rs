@@ -1,0 +1,266 @@
+//! Command line of `rewind-blk` and the validated settings made from it.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use rewind_journal::VolumeSettings;
+
+use crate::backend::{ExportConfig, MAX_QUEUE_SIZE};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rewind-blk",
+    version,
+    about = "vhost-user-blk server of rewind volumes"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a volume (empty, or from a raw image).
+    Create(CreateArgs),
+    /// Serve a volume to QEMU over a vhost-user-blk socket until SIGTERM or SIGINT.
+    Serve(ServeArgs),
+}
+
+fn size(s: &str) -> Result<u64, String> {
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(s)
+        .map_err(|e| format!("{e} (use sizes like 512K, 64M, 10G)"))
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (use durations like 10s, 1h, 7d)"))
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Directory of the new volume (must not exist, or be empty).
+    #[arg(long)]
+    pub volume: PathBuf,
+    /// Disk size (at least the size of --from).
+    #[arg(long, value_parser = size)]
+    pub size: u64,
+    /// Raw image to start from (reflinked or copied; left in place).
+    #[arg(long)]
+    pub from: Option<PathBuf>,
+    /// History kept in the journal.
+    #[arg(long, value_parser = duration, default_value = "1h")]
+    pub window: Duration,
+    /// Hard limit on the journal's size on disk (default: the disk size, at least 1G).
+    #[arg(long, value_parser = size)]
+    pub journal_max: Option<u64>,
+    /// Size of each journal segment file.
+    #[arg(long, value_parser = size, default_value = "64M")]
+    pub segment_size: u64,
+    /// Logical block size offered to guests: 512 or 4096.
+    #[arg(long, default_value_t = 512)]
+    pub block_size: u32,
+}
+
+impl From<&CreateArgs> for VolumeSettings {
+    fn from(a: &CreateArgs) -> Self {
+        let defaults = VolumeSettings::new(a.size);
+        let journal_max = a.journal_max.unwrap_or(defaults.journal_max);
+        VolumeSettings {
+            block_size: a.block_size,
+            segment_size: a.segment_size,
+            window: a.window,
+            journal_max,
+            journal_warn: journal_max / 10 * 8,
+            ..defaults
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Directory of the volume to serve.
+    #[arg(long, required_unless_present = "print_capabilities")]
+    pub volume: Option<PathBuf>,
+    /// vhost-user socket to listen on (created; an existing socket is replaced).
+    #[arg(long, conflicts_with = "fd")]
+    pub socket_path: Option<PathBuf>,
+    /// An inherited listening socket to use instead of --socket-path.
+    #[arg(long)]
+    pub fd: Option<RawFd>,
+    /// Virtqueues offered (QEMU's vhost-user-blk-pci asks one per vCPU by default).
+    #[arg(long, default_value_t = 16)]
+    pub num_queues: usize,
+    /// Largest virtqueue size accepted.
+    #[arg(long, default_value_t = 1024)]
+    pub queue_size: usize,
+    /// Serve the disk read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Print the vhost-user backend capabilities (JSON) and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+}
+
+/// Where the daemon listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Path(PathBuf),
+    Fd(RawFd),
+}
+
+/// A checked `serve` command.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub volume: PathBuf,
+    pub listen: Listen,
+    pub export: ExportConfig,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--volume is required")]
+    NoVolume,
+    #[error("give --socket-path or --fd")]
+    NoSocket,
+    #[error("--num-queues must be 1 to 64, not {0}")]
+    Queues(usize),
+    #[error("--queue-size must be a power of two from 1 to {MAX_QUEUE_SIZE}, not {0}")]
+    QueueSize(usize),
+    #[error("--fd {0} is not a valid file descriptor number")]
+    Fd(RawFd),
+}
+
+impl TryFrom<ServeArgs> for ServeConfig {
+    type Error = ConfigError;
+
+    fn try_from(a: ServeArgs) -> Result<Self, ConfigError> {
+        let volume = a.volume.ok_or(ConfigError::NoVolume)?;
+        let listen = match (a.socket_path, a.fd) {
+            (Some(path), _) => Listen::Path(path),
+            (None, Some(fd)) if fd >= 0 => Listen::Fd(fd),
+            (None, Some(fd)) => return Err(ConfigError::Fd(fd)),
+            (None, None) => return Err(ConfigError::NoSocket),
+        };
+        // queues_per_thread() is a 64-bit mask.
+        if !(1..=64).contains(&a.num_queues) {
+            return Err(ConfigError::Queues(a.num_queues));
+        }
+        if !a.queue_size.is_power_of_two() || a.queue_size > MAX_QUEUE_SIZE {
+            return Err(ConfigError::QueueSize(a.queue_size));
+        }
+        Ok(ServeConfig {
+            volume,
+            listen,
+            export: ExportConfig {
+                num_queues: a.num_queues,
+                queue_size: a.queue_size,
+                read_only: a.read_only,
+            },
+        })
+    }
+}
+
+/// What `--print-capabilities` prints (the vhost-user.json convention).
+pub const CAPABILITIES: &str = r#"{"type": "block", "features": ["read-only-mode"]}"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> Result<ServeConfig, String> {
+        let mut argv = vec!["rewind-blk", "serve"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        match cli.command {
+            Command::Serve(a) => ServeConfig::try_from(a).map_err(|e| e.to_string()),
+            Command::Create(_) => Err("not serve".into()),
+        }
+    }
+
+    #[test]
+    fn serve_arguments_are_checked() {
+        let ok =
+            serve(&["--volume", "/v", "--socket-path", "/s", "--num-queues", "2"]).expect("valid");
+        assert_eq!(ok.listen, Listen::Path("/s".into()));
+        assert_eq!((ok.export.num_queues, ok.export.queue_size), (2, 1024));
+        assert_eq!(
+            serve(&["--volume", "/v", "--fd", "3"]).expect("fd").listen,
+            Listen::Fd(3)
+        );
+        let bad = [
+            (vec!["--volume", "/v"], "--socket-path or --fd"),
+            (vec!["--socket-path", "/s"], "--volume"),
+            (vec!["--volume", "/v", "--fd=-2"], "not a valid"),
+            (
+                vec!["--volume", "/v", "--fd", "3", "--socket-path", "/s"],
+                "cannot be used",
+            ),
+            (
+                vec!["--volume", "/v", "--fd", "3", "--num-queues", "0"],
+                "1 to 64",
+            ),
+            (
+                vec!["--volume", "/v", "--fd", "3", "--num-queues", "65"],
+                "1 to 64",
+            ),
+            (
+                vec!["--volume", "/v", "--fd", "3", "--queue-size", "1000"],
+                "power of two",
+            ),
+            (
+                vec!["--volume", "/v", "--fd", "3", "--queue-size", "2048"],
+                "power of two",
+            ),
+        ];
+        for (args, want) in bad {
+            let err = serve(&args).expect_err("invalid");
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn sizes_and_durations_parse_like_people_write_them() {
+        let cli = Cli::try_parse_from([
+            "rewind-blk",
+            "create",
+            "--volume",
+            "/v",
+            "--size",
+            "10G",
+            "--window",
+            "7d",
+            "--journal-max",
+            "2G",
+            "--segment-size",
+            "1M",
+        ])
+        .expect("parse");
+        let Command::Create(a) = cli.command else {
+            panic!("create expected");
+        };
+        let s = VolumeSettings::from(&a);
+        assert_eq!(s.size, 10 << 30);
+        assert_eq!(s.window, Duration::from_secs(7 * 86400));
+        assert_eq!((s.journal_max, s.segment_size), (2 << 30, 1 << 20));
+        let err = Cli::try_parse_from(["rewind-blk", "create", "--volume", "/v", "--size", "ten"])
+            .expect_err("bad size")
+            .to_string();
+        assert!(err.contains("sizes like"), "{err}");
+        let err = Cli::try_parse_from([
+            "rewind-blk",
+            "create",
+            "--volume",
+            "/v",
+            "--size",
+            "1G",
+            "--window",
+            "soon",
+        ])
+        .expect_err("bad duration")
+        .to_string();
+        assert!(err.contains("durations like"), "{err}");
+    }
+}

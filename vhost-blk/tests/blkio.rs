@@ -1,0 +1,258 @@
+//! The real `rewind-blk` binary, driven over its vhost-user socket by
+//! libblkio (a vhost-user-blk client written by the QEMU storage people).
+
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+const BIN: &str = env!("CARGO_BIN_EXE_rewind-blk");
+const DISK: u64 = 64 << 20;
+const BUF: usize = 1 << 20;
+
+/// Polls `cond` until it holds, failing after 20 s.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+struct Server {
+    child: Child,
+    socket: PathBuf,
+    volume: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let volume = dir.path().join("vol");
+        let out = Command::new(BIN)
+            .args([
+                "create",
+                "--size",
+                "64M",
+                "--segment-size",
+                "1M",
+                "--volume",
+            ])
+            .arg(&volume)
+            .output()
+            .expect("run create");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let socket = dir.path().join("sock");
+        let child = Command::new(BIN)
+            .args(["serve", "--num-queues", "2", "--volume"])
+            .arg(&volume)
+            .arg("--socket-path")
+            .arg(&socket)
+            .args(extra)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn serve");
+        let server = Server {
+            child,
+            socket,
+            volume,
+            _dir: dir,
+        };
+        wait_until("the socket", || server.socket.exists());
+        server
+    }
+
+    /// SIGTERM, then the exit status.
+    fn stop(&mut self) -> ExitStatus {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let mut status = None;
+        wait_until("the server to exit", || {
+            status = self.child.try_wait().expect("wait");
+            status.is_some()
+        });
+        status.expect("exited")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Client {
+    blkio: Blkio,
+    queues: Vec<Blkioq>,
+    region: MemoryRegion,
+}
+
+impl Client {
+    fn connect(socket: &Path, queues: i32) -> Client {
+        Self::try_connect(socket, queues, false).expect("start")
+    }
+
+    fn try_connect(socket: &Path, queues: i32, read_only: bool) -> blkio::Result<Client> {
+        let mut blkio = Blkio::new("virtio-blk-vhost-user").expect("driver");
+        blkio
+            .set_str("path", socket.to_str().expect("utf-8 path"))
+            .expect("path");
+        blkio.set_bool("read-only", read_only).expect("read-only");
+        blkio.connect().expect("connect");
+        blkio.set_i32("num-queues", queues).expect("num-queues");
+        blkio.set_i32("queue-size", 256).expect("queue-size");
+        let started = blkio.start()?;
+        let region = blkio.alloc_mem_region(BUF).expect("alloc");
+        blkio.map_mem_region(&region).expect("map");
+        Ok(Client {
+            blkio,
+            queues: started.queues,
+            region,
+        })
+    }
+
+    fn buf(&mut self) -> &mut [u8] {
+        // SAFETY: libblkio mapped `region` for us (addr, len); no request is
+        // in flight while the test touches it, so nothing else accesses it.
+        unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len) }
+    }
+
+    /// Waits for the one request in flight on queue `q`; returns its result.
+    fn complete(&mut self, q: usize) -> i32 {
+        let mut done = [MaybeUninit::<Completion>::uninit()];
+        let n = self.queues[q]
+            .do_io(&mut done, 1, None, None)
+            .expect("do_io");
+        assert_eq!(n, 1);
+        // SAFETY: do_io initialized the first `n` completions.
+        unsafe { done[0].assume_init_read() }.ret
+    }
+
+    fn write(&mut self, q: usize, offset: u64, data: &[u8]) -> i32 {
+        self.buf()[..data.len()].copy_from_slice(data);
+        let addr = self.region.addr as *const u8;
+        self.queues[q].write(offset, addr, data.len(), 0, ReqFlags::empty());
+        self.complete(q)
+    }
+
+    fn read(&mut self, q: usize, offset: u64, len: usize) -> Vec<u8> {
+        let addr = self.region.addr as *mut u8;
+        self.queues[q].read(offset, addr, len, 0, ReqFlags::empty());
+        assert_eq!(self.complete(q), 0, "read at {offset}");
+        self.buf()[..len].to_vec()
+    }
+
+    fn flush(&mut self, q: usize) -> i32 {
+        self.queues[q].flush(0, ReqFlags::empty());
+        self.complete(q)
+    }
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed.wrapping_add((i / 512) as u8) ^ (i as u8))
+        .collect()
+}
+
+#[test]
+fn every_request_type_works_over_the_socket_on_two_queues() {
+    let server = Server::start(&[]);
+    let mut c = Client::connect(&server.socket, 2);
+    assert_eq!(c.blkio.get_u64("capacity").expect("capacity"), DISK);
+    let a = pattern(1, 256 << 10);
+    assert_eq!(c.write(0, 4096, &a), 0);
+    assert_eq!(
+        c.read(1, 4096, a.len()),
+        a,
+        "written on queue 0, read on queue 1"
+    );
+    assert_eq!(c.flush(1), 0);
+
+    c.queues[0].discard(4096, 8192, 0, ReqFlags::empty());
+    assert_eq!(c.complete(0), 0);
+    c.queues[1].write_zeroes(16384, 4096, 0, ReqFlags::empty());
+    assert_eq!(c.complete(1), 0);
+    let mut want = a.clone();
+    want[..8192].fill(0);
+    want[12288..16384].fill(0);
+    assert_eq!(c.read(0, 4096, want.len()), want);
+
+    // Past the end of the disk: an error, not a crash.
+    let len = 8192;
+    let addr = c.region.addr as *mut u8;
+    c.queues[0].read(DISK - 4096, addr, len, 0, ReqFlags::empty());
+    assert_ne!(c.complete(0), 0);
+    assert_eq!(c.read(0, 4096, 512), want[..512], "the device still works");
+}
+
+#[test]
+fn data_survives_reconnects_and_a_clean_stop() {
+    let mut server = Server::start(&[]);
+    let a = pattern(7, 64 << 10);
+    {
+        let mut c = Client::connect(&server.socket, 1);
+        assert_eq!(c.write(0, 1 << 20, &a), 0);
+    }
+    for _ in 0..3 {
+        let mut c = Client::connect(&server.socket, 2);
+        assert_eq!(c.read(1, 1 << 20, a.len()), a);
+    }
+    let status = server.stop();
+    assert!(status.success(), "exit status {status}");
+    let volume = &server.volume;
+    // Offline, the data is there: the stop flushed it.
+    let (v, _) = rewind_journal::Volume::open(
+        rewind_journal::OsStorage::shared(),
+        volume,
+        rewind_journal::OpenOptions::default(),
+    )
+    .expect("open offline");
+    let mut got = vec![0u8; a.len()];
+    v.read(1 << 20, &mut got).expect("read");
+    assert_eq!(got, a);
+}
+
+#[test]
+fn a_read_only_export_is_offered_read_only() {
+    let server = Server::start(&["--read-only"]);
+    // The device says it is read-only, so a writable client is refused...
+    let err = Client::try_connect(&server.socket, 1, false)
+        .err()
+        .expect("a writable open of a read-only device");
+    assert!(err.message().contains("read-only"), "{}", err.message());
+    // ...and a read-only one reads.
+    let mut c = Client::try_connect(&server.socket, 1, true).expect("read-only open");
+    assert_eq!(c.read(0, 0, 4096), vec![0u8; 4096]);
+}
+
+#[test]
+fn bad_command_lines_fail_with_a_clear_message() {
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--volume",
+            "/nonexistent",
+            "--socket-path",
+            "/tmp/x.sock",
+        ])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a rewind volume"), "{err}");
+    let out = Command::new(BIN)
+        .args(["serve", "--print-capabilities"])
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(r#""type": "block""#));
+}
