@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the build and the tests need on a fresh machine of this kind.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 # The machine's toolchain comes from rustup; make sure the linters are there.
 for component in rustfmt clippy; do
@@ -8,6 +9,23 @@ for component in rustfmt clippy; do
     rustup component add "${component}"
   fi
 done
+
+# QEMU 7.2 (vhost-user-blk-pci, qemu-storage-daemon), busybox and cpio for
+# the guest, libvirt's XML validator. The machine may ship a newer
+# qemu-utils from a backport; pin every QEMU package to the system's 7.2 so
+# they install together.
+if ! command -v qemu-system-x86_64 >/dev/null || ! command -v virt-xml-validate >/dev/null \
+   || ! command -v busybox >/dev/null || ! command -v cpio >/dev/null; then
+  apt-get update -qq
+  qemu=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --allow-downgrades \
+    "qemu-system-x86=$qemu" "qemu-system-common=$qemu" "qemu-utils=$qemu" "qemu-block-extra=$qemu" \
+    busybox-static cpio libvirt-clients
+fi
+qemu-system-x86_64 --version | head -n 1
+
+# The test guest: a Debian cloud kernel and a busybox initramfs.
+bash guest-tests/build.sh target/guest
 
 # Fetch every crate up front so a registry hiccup fails here, clearly.
 cargo fetch --locked

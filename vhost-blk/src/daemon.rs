@@ -113,7 +113,10 @@ pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
         *lock(&current) = None;
         backend.stop_workers();
         match ended {
-            Ok(()) => tracing::info!("client disconnected"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => tracing::info!("client disconnected"),
             Err(e) => tracing::warn!(error = %e, "connection ended"),
         }
     }

@@ -1,94 +1,17 @@
 //! The real `rewind-blk` binary, driven over its vhost-user socket by
 //! libblkio (a vhost-user-blk client written by the QEMU storage people).
 
+mod common;
+
 use std::mem::MaybeUninit;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+use common::{Server, TestVolume, BIN};
 
-const BIN: &str = env!("CARGO_BIN_EXE_rewind-blk");
 const DISK: u64 = 64 << 20;
 const BUF: usize = 1 << 20;
-
-/// Polls `cond` until it holds, failing after 20 s.
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-struct Server {
-    child: Child,
-    socket: PathBuf,
-    volume: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start(extra: &[&str]) -> Server {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let volume = dir.path().join("vol");
-        let out = Command::new(BIN)
-            .args([
-                "create",
-                "--size",
-                "64M",
-                "--segment-size",
-                "1M",
-                "--volume",
-            ])
-            .arg(&volume)
-            .output()
-            .expect("run create");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let socket = dir.path().join("sock");
-        let child = Command::new(BIN)
-            .args(["serve", "--num-queues", "2", "--volume"])
-            .arg(&volume)
-            .arg("--socket-path")
-            .arg(&socket)
-            .args(extra)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn serve");
-        let server = Server {
-            child,
-            socket,
-            volume,
-            _dir: dir,
-        };
-        wait_until("the socket", || server.socket.exists());
-        server
-    }
-
-    /// SIGTERM, then the exit status.
-    fn stop(&mut self) -> ExitStatus {
-        let pid = i32::try_from(self.child.id()).expect("pid");
-        // SAFETY: kill(2) on our own child's pid.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        let mut status = None;
-        wait_until("the server to exit", || {
-            status = self.child.try_wait().expect("wait");
-            status.is_some()
-        });
-        status.expect("exited")
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 struct Client {
     blkio: Blkio,
@@ -165,8 +88,9 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 
 #[test]
 fn every_request_type_works_over_the_socket_on_two_queues() {
-    let server = Server::start(&[]);
-    let mut c = Client::connect(&server.socket, 2);
+    let vol = TestVolume::create("64M");
+    let _server = Server::start(&vol, &["--num-queues", "2"]);
+    let mut c = Client::connect(&vol.socket, 2);
     assert_eq!(c.blkio.get_u64("capacity").expect("capacity"), DISK);
     let a = pattern(1, 256 << 10);
     assert_eq!(c.write(0, 4096, &a), 0);
@@ -196,19 +120,20 @@ fn every_request_type_works_over_the_socket_on_two_queues() {
 
 #[test]
 fn data_survives_reconnects_and_a_clean_stop() {
-    let mut server = Server::start(&[]);
+    let vol = TestVolume::create("64M");
+    let mut server = Server::start(&vol, &["--num-queues", "2"]);
     let a = pattern(7, 64 << 10);
     {
-        let mut c = Client::connect(&server.socket, 1);
+        let mut c = Client::connect(&vol.socket, 1);
         assert_eq!(c.write(0, 1 << 20, &a), 0);
     }
     for _ in 0..3 {
-        let mut c = Client::connect(&server.socket, 2);
+        let mut c = Client::connect(&vol.socket, 2);
         assert_eq!(c.read(1, 1 << 20, a.len()), a);
     }
     let status = server.stop();
     assert!(status.success(), "exit status {status}");
-    let volume = &server.volume;
+    let volume = &vol.path;
     // Offline, the data is there: the stop flushed it.
     let (v, _) = rewind_journal::Volume::open(
         rewind_journal::OsStorage::shared(),
@@ -223,14 +148,15 @@ fn data_survives_reconnects_and_a_clean_stop() {
 
 #[test]
 fn a_read_only_export_is_offered_read_only() {
-    let server = Server::start(&["--read-only"]);
+    let vol = TestVolume::create("64M");
+    let _server = Server::start(&vol, &["--read-only"]);
     // The device says it is read-only, so a writable client is refused...
-    let err = Client::try_connect(&server.socket, 1, false)
+    let err = Client::try_connect(&vol.socket, 1, false)
         .err()
         .expect("a writable open of a read-only device");
     assert!(err.message().contains("read-only"), "{}", err.message());
     // ...and a read-only one reads.
-    let mut c = Client::try_connect(&server.socket, 1, true).expect("read-only open");
+    let mut c = Client::try_connect(&vol.socket, 1, true).expect("read-only open");
     assert_eq!(c.read(0, 0, 4096), vec![0u8; 4096]);
 }
 

@@ -1,0 +1,110 @@
+//! Helpers shared by the integration tests: volumes made and served by the
+//! real `rewind-blk` binary.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_rewind-blk");
+
+/// Polls `cond` until it holds, failing after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A volume in a temporary directory, with room for a socket beside it.
+pub struct TestVolume {
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl TestVolume {
+    pub fn create(size: &str) -> TestVolume {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vol");
+        let out = Command::new(BIN)
+            .args(["create", "--size", size, "--segment-size", "1M", "--volume"])
+            .arg(&path)
+            .output()
+            .expect("run create");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let socket = dir.path().join("sock");
+        TestVolume { dir, path, socket }
+    }
+}
+
+/// A running `rewind-blk serve`; killed if dropped without `stop`.
+pub struct Server {
+    child: Child,
+}
+
+impl Server {
+    pub fn start(volume: &TestVolume, extra: &[&str]) -> Server {
+        let _ = std::fs::remove_file(&volume.socket);
+        let child = Command::new(BIN)
+            .args(["serve", "--volume"])
+            .arg(&volume.path)
+            .arg("--socket-path")
+            .arg(&volume.socket)
+            .args(extra)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn serve");
+        let server = Server { child };
+        wait_until("the socket", Duration::from_secs(20), || {
+            volume.socket.exists()
+        });
+        server
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait()
+    }
+
+    /// SIGKILL, then the exit status.
+    pub fn kill(&mut self) -> ExitStatus {
+        self.signal(libc::SIGKILL);
+        self.wait()
+    }
+
+    fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+
+    fn wait(&mut self) -> ExitStatus {
+        let mut status = None;
+        wait_until("the server to exit", Duration::from_secs(30), || {
+            status = self.child.try_wait().expect("wait");
+            status.is_some()
+        });
+        status.expect("exited")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The workspace's root directory.
+pub fn workspace() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+}
