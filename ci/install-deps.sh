@@ -15,12 +15,13 @@ done
 # qemu-utils from a backport; pin every QEMU package to the system's 7.2 so
 # they install together.
 if ! command -v qemu-system-x86_64 >/dev/null || ! command -v virt-xml-validate >/dev/null \
-   || ! command -v busybox >/dev/null || ! command -v cpio >/dev/null; then
+   || ! command -v busybox >/dev/null || ! command -v cpio >/dev/null \
+   || ! command -v xmllint >/dev/null; then
   apt-get update -qq
   qemu=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --allow-downgrades \
     "qemu-system-x86=$qemu" "qemu-system-common=$qemu" "qemu-utils=$qemu" "qemu-block-extra=$qemu" \
-    busybox-static cpio libvirt-clients
+    busybox-static cpio libvirt-clients libxml2-utils
 fi
 qemu-system-x86_64 --version | head -n 1
 

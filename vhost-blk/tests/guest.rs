@@ -179,3 +179,20 @@ echo "CHECKED: yes"
     assert_passed(&console);
     assert_eq!(field(&console, "CHECKED"), "yes");
 }
+
+#[test]
+fn the_libvirt_domain_xml_validates() {
+    let xml = workspace().join("qemu-configs/libvirt-domain.xml");
+    let out = match Command::new("virt-xml-validate").arg(&xml).arg("domain").output() {
+        Ok(out) => out,
+        Err(e) => panic!("cannot run virt-xml-validate ({e}): install libvirt-clients"),
+    };
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&xml).expect("xml");
+    assert!(text.contains("type='vhostuser'") && text.contains("<source type='memfd'/>"));
+}
