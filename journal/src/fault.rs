@@ -203,6 +203,38 @@ impl FaultStorage {
         new
     }
 
+    /// The file system as a crash of the process using it (not of the
+    /// machine) leaves it: everything written is there, synced or not, as it
+    /// would be in the page cache.
+    pub fn process_crash(&self) -> FaultStorage {
+        let _instant = self
+            .shared
+            .instant
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let new = FaultStorage::new();
+        let fs = lock(&self.shared.fs);
+        let mut out = lock(&new.shared.fs);
+        for (path, file) in &fs.files {
+            let image = lock(&file.state).current.clone();
+            out.files.insert(
+                path.clone(),
+                Arc::new(FaultFile {
+                    path: path.clone(),
+                    state: Mutex::new(FileState {
+                        durable: image.clone(),
+                        current: image,
+                        unsynced: Vec::new(),
+                    }),
+                    fs: Arc::downgrade(&new.shared),
+                }),
+            );
+        }
+        out.dirs = fs.dirs.clone();
+        drop(out);
+        new
+    }
+
     /// The current (not necessarily durable) content of a file.
     pub fn contents(&self, path: &Path) -> Option<Vec<u8>> {
         let fs = lock(&self.shared.fs);

@@ -18,31 +18,20 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::format::{SegmentHeader, RECORD_HEADER_SIZE};
+use crate::format::SegmentHeader;
 use crate::storage::{Storage, StorageFile};
 use crate::superblock::{SegmentRef, SuperState, Superblock};
 
 pub const JOURNAL_DIR: &str = "journal";
 
-/// Record headers appended but not yet written: (slot offset, header).
-type HeaderQueue = Vec<(u64, [u8; RECORD_HEADER_SIZE as usize])>;
-
 /// One segment file, prepared for use `seq`.
-///
-/// An append writes its payload at once but only queues its header: queued
-/// headers are written in batches (see [`Segment::write_headers`]), always
-/// before the segment is synced. A record whose header is still queued is
-/// acknowledged but not durable, as virtio-blk writeback allows.
 #[derive(Debug)]
 pub struct Segment {
     pub id: u32,
     pub seq: u64,
     pub file: Arc<dyn StorageFile>,
-    /// Written (or given a queued header) since it was last synced.
+    /// Written since it was last synced.
     pub dirty: AtomicBool,
-    queued: Mutex<HeaderQueue>,
-    /// Held while queued headers are written, so each is written once.
-    writing: Mutex<()>,
 }
 
 impl Segment {
@@ -52,45 +41,7 @@ impl Segment {
             seq,
             file,
             dirty: AtomicBool::new(false),
-            queued: Mutex::new(Vec::new()),
-            writing: Mutex::new(()),
         }
-    }
-
-    /// Queues a record's header; returns how many are queued now.
-    pub fn queue_header(&self, slot: u64, header: [u8; RECORD_HEADER_SIZE as usize]) -> usize {
-        let mut q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
-        q.push((slot, header));
-        self.dirty.store(true, Ordering::Release);
-        q.len()
-    }
-
-    /// Writes every queued header, one write per run of adjacent slots. On
-    /// an error the headers not yet written stay queued.
-    pub fn write_headers(&self) -> std::io::Result<()> {
-        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
-        let mut batch = std::mem::take(&mut *self.queued.lock().unwrap_or_else(|e| e.into_inner()));
-        batch.sort_unstable_by_key(|&(slot, _)| slot);
-        let mut run = Vec::new();
-        let mut i = 0;
-        while i < batch.len() {
-            let start = batch[i].0;
-            run.clear();
-            let mut j = i;
-            while j < batch.len() && batch[j].0 == start + RECORD_HEADER_SIZE * (j - i) as u64 {
-                run.extend_from_slice(&batch[j].1);
-                j += 1;
-            }
-            if let Err(e) = self.file.write_all_at(&[&run], start) {
-                self.queued
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .extend(batch.drain(i..));
-                return Err(e);
-            }
-            i = j;
-        }
-        Ok(())
     }
 }
 
@@ -327,8 +278,7 @@ impl Pool {
         }
     }
 
-    /// Writes the queued headers of every segment written since its last
-    /// sync, then syncs those segments.
+    /// Syncs every segment written since its last sync.
     pub fn sync_dirty(&self) -> std::io::Result<()> {
         let dirty: Vec<Arc<Segment>> = self
             .lock()
@@ -337,14 +287,6 @@ impl Pool {
             .filter(|s| s.dirty.swap(false, Ordering::AcqRel))
             .cloned()
             .collect();
-        for seg in &dirty {
-            if let Err(e) = seg.write_headers() {
-                dirty
-                    .iter()
-                    .for_each(|s| s.dirty.store(true, Ordering::Release));
-                return Err(e);
-            }
-        }
         if dirty.len() > 1 {
             // Queue every file's writeback before waiting on any of them.
             for seg in &dirty {
@@ -362,16 +304,6 @@ impl Pool {
             }
         }
         Ok(())
-    }
-
-    /// Writes queued headers of every segment (best effort, at close).
-    pub fn write_all_headers(&self) {
-        let used: Vec<Arc<Segment>> = self.lock().used.clone();
-        for seg in used {
-            if let Err(e) = seg.write_headers() {
-                tracing::error!(segment = seg.id, error = %e, "could not write queued record headers");
-            }
-        }
     }
 
     /// Releases the newest free segment if there are more than the reserve.

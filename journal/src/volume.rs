@@ -45,9 +45,6 @@ use crate::time_index::TimeIndex;
 
 pub const BASE_FILE: &str = "base.img";
 
-/// Queued record headers of a segment that trigger writing them (128 KiB).
-const HEADER_BATCH: usize = 256;
-
 /// What a new volume's base.img starts as.
 #[derive(Debug, Clone, Copy)]
 pub enum BaseImage<'a> {
@@ -478,10 +475,7 @@ impl Volume {
 }
 
 impl Drop for Volume {
-    /// Writes queued record headers (without syncing): dropping a volume
-    /// loses no more than a crash would, and usually less.
     fn drop(&mut self) {
-        self.inner.pool.write_all_headers();
         self.stop_maintainer();
     }
 }
@@ -638,21 +632,25 @@ impl Inner {
             (header, slot, segment)
         };
         if let Some(full) = sealed {
-            self.seal(&full)?;
+            self.seal(&full);
         }
-        if !payload.is_empty() {
-            let written = self.retrying("appending to the journal", || {
-                segment.file.write_all_at(&[payload], header.payload_offset)
-            });
-            if let Err(e) = written {
-                let reason = format!("journal append of lsn {} failed: {e}", header.lsn);
-                self.fail(reason.clone());
-                return Err(Error::Failed(reason));
+        // Both are in the page cache before the write is acknowledged, so a
+        // crash of this process (not of the machine) loses nothing.
+        let head = header.encode();
+        let written = self.retrying("appending to the journal", || {
+            if !payload.is_empty() {
+                segment
+                    .file
+                    .write_all_at(&[payload], header.payload_offset)?;
             }
+            segment.file.write_all_at(&[&head], slot)
+        });
+        if let Err(e) = written {
+            let reason = format!("journal append of lsn {} failed: {e}", header.lsn);
+            self.fail(reason.clone());
+            return Err(Error::Failed(reason));
         }
-        if segment.queue_header(slot, header.encode()) >= HEADER_BATCH {
-            self.write_headers(&segment)?;
-        }
+        segment.dirty.store(true, Ordering::Release);
         let (start, sectors) = (offset / SECTOR, length / SECTOR);
         match kind {
             RecordKind::Write => {
@@ -672,28 +670,12 @@ impl Inner {
         Ok(header.lsn)
     }
 
-    /// Writes a segment's queued headers; a failure leaves records that can
-    /// never be made durable in order, so it stops the volume.
-    fn write_headers(&self, segment: &Segment) -> Result<()> {
-        let written = self.retrying("writing record headers", || segment.write_headers());
-        written.map_err(|e| {
-            let reason = format!(
-                "writing record headers to segment {} failed: {e}",
-                segment.id
-            );
-            self.fail(reason.clone());
-            Error::Failed(reason)
-        })
-    }
-
-    /// The writer moved past `full`: write its headers and start its
-    /// writeback, which the next flush will need.
-    fn seal(&self, full: &Segment) -> Result<()> {
-        self.write_headers(full)?;
+    /// The writer moved past `full`: start its writeback, which the next
+    /// flush will need.
+    fn seal(&self, full: &Segment) {
         if let Err(e) = full.file.start_writeback() {
             tracing::debug!(segment = full.id, error = %e, "could not start writeback");
         }
-        Ok(())
     }
 
     fn warn_if_over_threshold(&self) {

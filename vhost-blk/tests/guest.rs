@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::Read;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -61,6 +61,17 @@ fn qemu_args(initrd: &Path, socket: &Path, smp: u32, queues: u32) -> Vec<String>
 /// Boots a guest that runs `script` (with `sh -e`) against the disk at
 /// `socket`; returns its console output once it powered off.
 fn boot(socket: &Path, smp: u32, queues: u32, script: &str) -> String {
+    boot_watching(socket, smp, queues, script, |_| {})
+}
+
+/// As `boot`, calling `on_line` with each console line as it arrives.
+fn boot_watching(
+    socket: &Path,
+    smp: u32,
+    queues: u32,
+    script: &str,
+    mut on_line: impl FnMut(&str),
+) -> String {
     let work = tempfile::tempdir().expect("tempdir");
     std::fs::write(work.path().join("test.sh"), script).expect("write test.sh");
     let archive = Command::new("sh")
@@ -85,25 +96,40 @@ fn boot(socket: &Path, smp: u32, queues: u32, script: &str) -> String {
         Ok(child) => child,
         Err(e) => panic!("cannot run {QEMU} ({e}): install qemu-system-x86 (ci/install-deps.sh)"),
     };
-    let mut stdout = qemu.stdout.take().expect("stdout");
+    let stdout = qemu.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
     let reader = std::thread::spawn(move || {
-        let mut out = Vec::new();
-        let _ = stdout.read_to_end(&mut out);
-        String::from_utf8_lossy(&out).into_owned()
+        for line in BufReader::new(stdout).split(b'\n') {
+            let Ok(line) = line else { break };
+            if tx
+                .send(String::from_utf8_lossy(&line).into_owned())
+                .is_err()
+            {
+                break;
+            }
+        }
     });
     let started = Instant::now();
-    while qemu.try_wait().expect("wait for qemu").is_none() {
+    let mut console = String::new();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(line) => {
+                on_line(&line);
+                console.push_str(&line);
+                console.push('\n');
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
         if started.elapsed() > BOOT_LIMIT {
             let _ = qemu.kill();
             let _ = qemu.wait();
-            panic!(
-                "guest did not finish in {BOOT_LIMIT:?}:\n{}",
-                reader.join().unwrap_or_default()
-            );
+            panic!("guest did not finish in {BOOT_LIMIT:?}:\n{console}");
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
-    reader.join().expect("console reader")
+    let _ = reader.join();
+    let _ = qemu.wait();
+    console
 }
 
 /// The value of `KEY: value` lines the guest printed.
@@ -183,7 +209,11 @@ echo "CHECKED: yes"
 #[test]
 fn the_libvirt_domain_xml_validates() {
     let xml = workspace().join("qemu-configs/libvirt-domain.xml");
-    let out = match Command::new("virt-xml-validate").arg(&xml).arg("domain").output() {
+    let out = match Command::new("virt-xml-validate")
+        .arg(&xml)
+        .arg("domain")
+        .output()
+    {
         Ok(out) => out,
         Err(e) => panic!("cannot run virt-xml-validate ({e}): install libvirt-clients"),
     };
@@ -195,4 +225,39 @@ fn the_libvirt_domain_xml_validates() {
     );
     let text = std::fs::read_to_string(&xml).expect("xml");
     assert!(text.contains("type='vhostuser'") && text.contains("<source type='memfd'/>"));
+}
+
+/// Writes in chunks; the daemon is killed (SIGKILL) after the third chunk
+/// and started again. QEMU reconnects and resubmits what was not completed;
+/// the guest must see no error and read back exactly what it wrote.
+const WRITE_THROUGH_A_KILL: &str = r#"
+dd if=/dev/urandom of=/tmp/pat bs=1M count=16 2>/dev/null
+i=0
+while [ $i -lt 16 ]; do
+  dd if=/tmp/pat of=/dev/vda bs=64k count=16 skip=$((i * 16)) seek=$((i * 16)) oflag=direct 2>/dev/null
+  echo "CHUNK: $i"
+  i=$((i + 1))
+done
+sync
+dd if=/dev/vda of=/tmp/back bs=1M count=16 iflag=direct 2>/dev/null
+cmp /tmp/pat /tmp/back
+echo "SURVIVED: yes"
+"#;
+
+#[test]
+fn a_guest_writing_through_a_daemon_kill_sees_no_error_and_no_loss() {
+    let vol = TestVolume::create("64M");
+    let mut server = Some(Server::start(&vol, &["--num-queues", "2"]));
+    let mut restarted = false;
+    let console = boot_watching(&vol.socket, 2, 2, WRITE_THROUGH_A_KILL, |line| {
+        if line.starts_with("CHUNK: 2") && !restarted {
+            let mut old = server.take().expect("server");
+            assert!(!old.kill().success(), "killed by SIGKILL");
+            server = Some(Server::start(&vol, &["--num-queues", "2"]));
+            restarted = true;
+        }
+    });
+    assert!(restarted, "the guest never reached chunk 2:\n{console}");
+    assert_passed(&console);
+    assert_eq!(field(&console, "SURVIVED"), "yes");
 }
