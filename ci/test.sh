@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The project's test command (README.md): a short smoke run of the
 # benchmarks so they keep working (their numbers are not checked here; see
-# journal/BENCHMARKS.md), then every crate's unit, property and integration
-# tests.
+# journal/BENCHMARKS.md), then every crate's unit, property, integration and
+# guest tests, and a total.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 REWIND_BENCH_QUICK=1 cargo bench --locked -p rewind-journal --bench journal
-cargo test --workspace --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked 2>&1 | tee "$log"
+awk '/^test result:/ { p += $4; f += $6 } END { printf "all tests: %d passed, %d failed\n", p, f }' "$log"
