@@ -75,9 +75,9 @@ pub fn create(args: &CreateArgs) -> Result<(), DaemonError> {
 
 /// `rewind-blk serve`: serves until SIGTERM or SIGINT.
 pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
-    let (volume, report) =
+    // Volume::open logs what recovery found.
+    let (volume, _report) =
         Volume::open(OsStorage::shared(), &config.volume, OpenOptions::default())?;
-    tracing::info!(volume = %config.volume.display(), "{report}");
     let volume = Arc::new(volume);
     let mut listener = match &config.listen {
         Listen::Path(path) => Listener::new(path, true).map_err(|source| DaemonError::Listen {
