@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REWIND_BENCH_QUICK=1 cargo bench --locked -p rewind-journal --bench journal
+REWIND_BENCH_QUICK=1 cargo bench --locked -p rewind-vhost-blk --bench vs_qsd
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"

@@ -1,0 +1,282 @@
+//! rewind-blk against qemu-storage-daemon's vhost-user-blk export: the same
+//! libblkio client, the same prefilled raw image on the same file system,
+//! one queue, workloads alternating between the two servers.
+//!
+//! `cargo bench -p rewind-vhost-blk --bench vs_qsd` (REWIND_BENCH_DIR picks
+//! the file system, REWIND_BENCH_QUICK=1 makes a small smoke run).
+
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const BIN: &str = env!("CARGO_BIN_EXE_rewind-blk");
+const BLOCK: usize = 4096;
+
+struct Server {
+    name: &'static str,
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Server {
+    /// CPU time of all the server's threads so far (schedstat, in ns).
+    fn cpu(&self) -> Duration {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).expect("tasks");
+        let ns: u64 = tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .sum();
+        Duration::from_nanos(ns)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn start_rewind(dir: &Path, image: &Path, size: u64) -> Server {
+    let volume = dir.join("vol");
+    let out = Command::new(BIN)
+        .args(["create", "--size", &size.to_string(), "--volume"])
+        .arg(&volume)
+        .arg("--from")
+        .arg(image)
+        .output()
+        .expect("rewind-blk create");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let socket = dir.join("rewind.sock");
+    let child = Command::new(BIN)
+        .args(["serve", "--num-queues", "1", "--volume"])
+        .arg(&volume)
+        .arg("--socket-path")
+        .arg(&socket)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("rewind-blk serve");
+    wait_for(&socket);
+    Server {
+        name: "rewind-blk",
+        child,
+        socket,
+    }
+}
+
+fn start_qsd(dir: &Path, image: &Path) -> Server {
+    let socket = dir.join("qsd.sock");
+    let child = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!("driver=file,node-name=f0,filename={}", image.display()))
+        .arg("--blockdev")
+        .arg("driver=raw,node-name=d0,file=f0")
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues=1",
+            socket.display()
+        ))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-storage-daemon (install qemu-utils)");
+    wait_for(&socket);
+    Server {
+        name: "qemu-storage-daemon",
+        child,
+        socket,
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Workload {
+    name: &'static str,
+    write: bool,
+    depth: usize,
+    flush_every: Option<usize>,
+}
+
+struct Result {
+    iops: f64,
+    p50: Duration,
+    p99: Duration,
+    cpu_per_io: Duration,
+}
+
+/// Runs `ops` random 4 KiB requests at the workload's depth.
+fn run(server: &Server, w: Workload, ops: usize, blocks: u64, seed: u64) -> Result {
+    let mut b = Blkio::new("virtio-blk-vhost-user").expect("driver");
+    b.set_str("path", server.socket.to_str().expect("path"))
+        .expect("path");
+    b.connect().expect("connect");
+    b.set_i32("num-queues", 1).expect("queues");
+    b.set_i32("queue-size", 256).expect("queue size");
+    let mut q: Blkioq = b.start().expect("start").queues.remove(0);
+    let region = b.alloc_mem_region(w.depth * BLOCK).expect("alloc");
+    b.map_mem_region(&region).expect("map");
+    let base = region.addr as *mut u8;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut started = vec![Instant::now(); w.depth];
+    let mut latencies = Vec::with_capacity(ops);
+    let mut submitted = 0;
+    let mut submit =
+        |q: &mut Blkioq, slot: usize, submitted: &mut usize, started: &mut [Instant]| {
+            // SAFETY: slot < depth, so the buffer lies inside the mapped region.
+            let buf = unsafe { base.add(slot * BLOCK) };
+            let offset = rng.random_range(0..blocks) * BLOCK as u64;
+            started[slot] = Instant::now();
+            if w.flush_every.is_some_and(|n| *submitted % n == n - 1) {
+                q.flush(slot, ReqFlags::empty());
+            } else if w.write {
+                q.write(offset, buf, BLOCK, slot, ReqFlags::empty());
+            } else {
+                q.read(offset, buf, BLOCK, slot, ReqFlags::empty());
+            }
+            *submitted += 1;
+        };
+    let cpu_before = server.cpu();
+    let t = Instant::now();
+    for slot in 0..w.depth.min(ops) {
+        submit(&mut q, slot, &mut submitted, &mut started);
+    }
+    let mut done: Vec<MaybeUninit<Completion>> =
+        (0..w.depth).map(|_| MaybeUninit::uninit()).collect();
+    while latencies.len() < ops {
+        let n = q.do_io(&mut done, 1, None, None).expect("do_io");
+        for c in &done[..n] {
+            // SAFETY: do_io initialized the first `n` completions.
+            let c = unsafe { c.assume_init_read() };
+            assert_eq!(c.ret, 0, "{} failed a request", server.name);
+            latencies.push(started[c.user_data].elapsed());
+            if submitted < ops {
+                submit(&mut q, c.user_data, &mut submitted, &mut started);
+            }
+        }
+    }
+    let elapsed = t.elapsed();
+    let cpu = server.cpu().saturating_sub(cpu_before);
+    latencies.sort_unstable();
+    Result {
+        iops: ops as f64 / elapsed.as_secs_f64(),
+        p50: latencies[ops / 2],
+        p99: latencies[ops * 99 / 100],
+        cpu_per_io: cpu / ops as u32,
+    }
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let quick = std::env::var_os("REWIND_BENCH_QUICK").is_some();
+    let (size, ops): (u64, usize) = if quick {
+        (64 << 20, 2_000)
+    } else {
+        (1 << 30, 40_000)
+    };
+    let base = std::env::var_os("REWIND_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = tempfile::tempdir_in(base).expect("bench dir");
+    // The same prefilled image for both: QSD serves it, rewind imports it.
+    let image = dir.path().join("disk.raw");
+    {
+        let f = std::fs::File::create(&image).expect("image");
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut chunk = vec![0u8; 1 << 20];
+        for i in 0..size >> 20 {
+            rng.fill(&mut chunk[..]);
+            std::os::unix::fs::FileExt::write_all_at(&f, &chunk, i << 20).expect("prefill");
+        }
+        f.sync_all().expect("sync image");
+    }
+    let rewind = start_rewind(dir.path(), &image, size);
+    let qsd = start_qsd(dir.path(), &image);
+    let blocks = size / BLOCK as u64;
+    let workloads = [
+        Workload {
+            name: "4 KiB random writes, depth 1",
+            write: true,
+            depth: 1,
+            flush_every: None,
+        },
+        Workload {
+            name: "4 KiB random writes, depth 32",
+            write: true,
+            depth: 32,
+            flush_every: None,
+        },
+        Workload {
+            name: "4 KiB random reads, depth 1",
+            write: false,
+            depth: 1,
+            flush_every: None,
+        },
+        Workload {
+            name: "4 KiB random reads, depth 32",
+            write: false,
+            depth: 32,
+            flush_every: None,
+        },
+        Workload {
+            name: "4 KiB random writes + flush every 32, depth 32",
+            write: true,
+            depth: 32,
+            flush_every: Some(32),
+        },
+    ];
+    println!("| workload | rewind-blk IOPS | qemu-storage-daemon IOPS | IOPS ratio | p50 (rewind / qsd) | p99 (rewind / qsd) | server CPU per IO (rewind / qsd) | CPU ratio |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (i, w) in workloads.iter().enumerate() {
+        let ops = if w.depth == 1 { ops / 4 } else { ops };
+        let seed = 100 + i as u64;
+        // Alternate, best of two, so machine noise falls on both alike.
+        let mut best: [Option<Result>; 2] = [None, None];
+        for _ in 0..2 {
+            for (k, server) in [&rewind, &qsd].into_iter().enumerate() {
+                let r = run(server, *w, ops, blocks, seed);
+                if best[k].as_ref().is_none_or(|b| r.iops > b.iops) {
+                    best[k] = Some(r);
+                }
+            }
+        }
+        let [Some(a), Some(b)] = best else {
+            unreachable!("two rounds ran")
+        };
+        let us = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e6);
+        println!(
+            "| {} | {:.0} | {:.0} | {:.2}x | {} / {} us | {} / {} us | {} / {} us | {:.2}x |",
+            w.name,
+            a.iops,
+            b.iops,
+            a.iops / b.iops,
+            us(a.p50),
+            us(b.p50),
+            us(a.p99),
+            us(b.p99),
+            us(a.cpu_per_io),
+            us(b.cpu_per_io),
+            a.cpu_per_io.as_secs_f64() / b.cpu_per_io.as_secs_f64().max(1e-9),
+        );
+    }
+}
