@@ -102,6 +102,10 @@ pub struct ServeArgs {
     /// Print the vhost-user backend capabilities (JSON) and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+    /// How long an EIO or ENOSPC on the volume's files is retried (the guest
+    /// sees latency) before requests fail with IOERR.
+    #[arg(long, value_parser = duration, default_value = "10s")]
+    pub io_error_hold: Duration,
 }
 
 /// Where the daemon listens.
@@ -117,6 +121,7 @@ pub struct ServeConfig {
     pub volume: PathBuf,
     pub listen: Listen,
     pub export: ExportConfig,
+    pub io_error_hold: Duration,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -131,6 +136,8 @@ pub enum ConfigError {
     QueueSize(usize),
     #[error("--fd {0} is not a valid file descriptor number")]
     Fd(RawFd),
+    #[error("--io-error-hold must be under 30s (guests reset devices after about 60s), not {0:?}")]
+    Hold(Duration),
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -151,6 +158,9 @@ impl TryFrom<ServeArgs> for ServeConfig {
         if !a.queue_size.is_power_of_two() || a.queue_size > MAX_QUEUE_SIZE {
             return Err(ConfigError::QueueSize(a.queue_size));
         }
+        if a.io_error_hold >= Duration::from_secs(30) {
+            return Err(ConfigError::Hold(a.io_error_hold));
+        }
         Ok(ServeConfig {
             volume,
             listen,
@@ -159,6 +169,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 queue_size: a.queue_size,
                 read_only: a.read_only,
             },
+            io_error_hold: a.io_error_hold,
         })
     }
 }
@@ -213,6 +224,10 @@ mod tests {
             (
                 vec!["--volume", "/v", "--fd", "3", "--queue-size", "2048"],
                 "power of two",
+            ),
+            (
+                vec!["--volume", "/v", "--fd", "3", "--io-error-hold", "45s"],
+                "under 30s",
             ),
         ];
         for (args, want) in bad {

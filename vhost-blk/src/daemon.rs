@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rewind_journal::{BaseImage, ImportMode, OpenOptions, OsStorage, Volume};
+use rewind_journal::{BaseImage, ImportMode, OpenOptions, OsStorage, RetryPolicy, Volume};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -76,8 +76,14 @@ pub fn create(args: &CreateArgs) -> Result<(), DaemonError> {
 /// `rewind-blk serve`: serves until SIGTERM or SIGINT.
 pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
     // Volume::open logs what recovery found.
-    let (volume, _report) =
-        Volume::open(OsStorage::shared(), &config.volume, OpenOptions::default())?;
+    let options = OpenOptions {
+        retry: RetryPolicy {
+            max_hold: config.io_error_hold,
+            ..RetryPolicy::default()
+        },
+        ..OpenOptions::default()
+    };
+    let (volume, _report) = Volume::open(OsStorage::shared(), &config.volume, options)?;
     let volume = Arc::new(volume);
     let mut listener = match &config.listen {
         Listen::Path(path) => Listener::new(path, true).map_err(|source| DaemonError::Listen {

@@ -330,7 +330,10 @@ mod tests {
     const DISK: u64 = 1 << 20;
 
     fn volume() -> Volume {
-        let fs = FaultStorage::new();
+        volume_on(&FaultStorage::new(), OpenOptions::default())
+    }
+
+    fn volume_on(fs: &FaultStorage, options: OpenOptions) -> Volume {
         let dir = Path::new("/vol");
         let settings = VolumeSettings {
             segment_size: 1 << 20,
@@ -338,10 +341,8 @@ mod tests {
             journal_warn: 32 << 20,
             ..VolumeSettings::new(DISK)
         };
-        Volume::create(&fs, dir, &settings, BaseImage::Empty, &mut |_, _| {}).expect("create");
-        Volume::open(fs.arc(), dir, OpenOptions::default())
-            .expect("open")
-            .0
+        Volume::create(fs, dir, &settings, BaseImage::Empty, &mut |_, _| {}).expect("create");
+        Volume::open(fs.arc(), dir, options).expect("open").0
     }
 
     fn memory() -> GuestMemoryMmap<()> {
@@ -613,6 +614,37 @@ mod tests {
             .expect("chain");
         assert_eq!(handle(&mem, chain, &d), 0);
         assert_eq!(v.last_lsn(), 0);
+    }
+
+    #[test]
+    fn storage_errors_are_held_and_retried_then_fail_with_ioerr() {
+        use rewind_journal::fault::{Fault, FaultOp};
+        use rewind_journal::RetryPolicy;
+        const EIO: i32 = 5;
+        const ENOSPC: i32 = 28;
+        let fs = FaultStorage::new();
+        let options = OpenOptions {
+            retry: RetryPolicy {
+                max_hold: std::time::Duration::from_millis(100),
+                first_backoff: std::time::Duration::from_millis(1),
+            },
+            ..OpenOptions::default()
+        };
+        let (mem, v) = (memory(), volume_on(&fs, options));
+        let d = disk(&v);
+        // A transient fault: the guest sees latency, not an error.
+        fs.inject(Fault::once_after(FaultOp::Write, 0, EIO).on_paths_containing(".seg"));
+        fs.inject(Fault::once_after(FaultOp::Write, 0, ENOSPC).on_paths_containing(".seg"));
+        assert_eq!(write(&mem, &d, 0, &pattern(4096)).1, Status::Ok as u8);
+        fs.inject(Fault::once_after(FaultOp::Read, 0, EIO).on_paths_containing(".seg"));
+        assert_eq!(read(&mem, &d, 0, 4096).2, pattern(4096));
+        // A lasting one: IOERR once the hold is over; reads still work.
+        fs.inject(Fault::always(FaultOp::Write, EIO).on_paths_containing(".seg"));
+        assert_eq!(write(&mem, &d, 8, &pattern(512)).1, Status::IoErr as u8);
+        header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+        let flush = [desc(HDR, 16, false), desc(STATUS, 1, true)];
+        assert_eq!(run(&mem, &d, &flush).1, Status::IoErr as u8);
+        assert_eq!(read(&mem, &d, 0, 4096).2, pattern(4096));
     }
 
     #[test]

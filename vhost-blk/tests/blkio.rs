@@ -182,3 +182,23 @@ fn bad_command_lines_fail_with_a_clear_message() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains(r#""type": "block""#));
 }
+
+#[test]
+fn acknowledged_writes_survive_a_kill_of_the_daemon() {
+    let vol = TestVolume::create("64M");
+    let mut server = Server::start(&vol, &["--num-queues", "2"]);
+    let data: Vec<Vec<u8>> = (0..16u8).map(|i| pattern(i, 64 << 10)).collect();
+    {
+        let mut c = Client::connect(&vol.socket, 2);
+        for (i, d) in data.iter().enumerate() {
+            // No flush: acknowledged writes must survive a process crash.
+            assert_eq!(c.write(i % 2, i as u64 * (64 << 10), d), 0);
+        }
+    }
+    assert!(!server.kill().success(), "killed by SIGKILL");
+    let _server = Server::start(&vol, &["--num-queues", "2"]);
+    let mut c = Client::connect(&vol.socket, 2);
+    for (i, d) in data.iter().enumerate() {
+        assert_eq!(&c.read(0, i as u64 * (64 << 10), d.len()), d, "write {i}");
+    }
+}
