@@ -28,5 +28,8 @@ qemu-system-x86_64 --version | head -n 1
 # The test guest: a Debian cloud kernel and a busybox initramfs.
 bash guest-tests/build.sh target/guest
 
+# cargo-fuzz, for the bounded fuzzing run of the request parser.
+command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+
 # Fetch every crate up front so a registry hiccup fails here, clearly.
 cargo fetch --locked
