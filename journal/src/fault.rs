@@ -163,19 +163,8 @@ impl FaultStorage {
     /// The file system as a power loss now could leave it, as a new,
     /// independent storage. `seed` picks which unsynced writes survive.
     pub fn crash(&self, seed: u64) -> FaultStorage {
-        let _instant = self
-            .shared
-            .instant
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
         let mut rng = StdRng::seed_from_u64(seed);
-        let new = FaultStorage::new();
-        let fs = lock(&self.shared.fs);
-        let mut paths: Vec<_> = fs.files.keys().cloned().collect();
-        paths.sort(); // deterministic for a seed
-        let mut out = lock(&new.shared.fs);
-        for path in paths {
-            let st = lock(&fs.files[&path].state);
+        self.image(|st| {
             let mut image = st.durable.clone();
             for (offset, data) in &st.unsynced {
                 let keep = match rng.random_range(0..3) {
@@ -185,28 +174,20 @@ impl FaultStorage {
                 };
                 apply(&mut image, *offset, &data[..keep]);
             }
-            out.files.insert(
-                path.clone(),
-                Arc::new(FaultFile {
-                    path,
-                    state: Mutex::new(FileState {
-                        durable: image.clone(),
-                        current: image,
-                        unsynced: Vec::new(),
-                    }),
-                    fs: Arc::downgrade(&new.shared),
-                }),
-            );
-        }
-        out.dirs = fs.dirs.clone();
-        drop(out);
-        new
+            image
+        })
     }
 
     /// The file system as a crash of the process using it (not of the
     /// machine) leaves it: everything written is there, synced or not, as it
     /// would be in the page cache.
     pub fn process_crash(&self) -> FaultStorage {
+        self.image(|st| st.current.clone())
+    }
+
+    /// A new storage whose files hold what `content` makes of each file
+    /// here, all durable; taken at one instant.
+    fn image(&self, mut content: impl FnMut(&FileState) -> Vec<u8>) -> FaultStorage {
         let _instant = self
             .shared
             .instant
@@ -214,13 +195,15 @@ impl FaultStorage {
             .unwrap_or_else(|e| e.into_inner());
         let new = FaultStorage::new();
         let fs = lock(&self.shared.fs);
+        let mut paths: Vec<_> = fs.files.keys().cloned().collect();
+        paths.sort(); // deterministic for a crash seed
         let mut out = lock(&new.shared.fs);
-        for (path, file) in &fs.files {
-            let image = lock(&file.state).current.clone();
+        for path in paths {
+            let image = content(&lock(&fs.files[&path].state));
             out.files.insert(
                 path.clone(),
                 Arc::new(FaultFile {
-                    path: path.clone(),
+                    path,
                     state: Mutex::new(FileState {
                         durable: image.clone(),
                         current: image,
