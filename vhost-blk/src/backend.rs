@@ -286,3 +286,91 @@ impl VhostUserBackend for BlkBackend {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rewind_journal::fault::FaultStorage;
+    use rewind_journal::{BaseImage, OpenOptions, VolumeSettings};
+    use std::path::Path;
+
+    fn backend(read_only: bool) -> BlkBackend {
+        let fs = FaultStorage::new();
+        let dir = Path::new("/vol");
+        let settings = VolumeSettings {
+            segment_size: 1 << 20,
+            ..VolumeSettings::new(8 << 20)
+        };
+        Volume::create(&fs, dir, &settings, BaseImage::Empty, &mut |_, _| {}).expect("create");
+        let volume = Volume::open(fs.arc(), dir, OpenOptions::default())
+            .expect("open")
+            .0;
+        let config = ExportConfig {
+            num_queues: 4,
+            queue_size: 256,
+            read_only,
+        };
+        BlkBackend::new(Arc::new(volume), config)
+    }
+
+    #[test]
+    fn config_space_is_answered_at_exactly_the_requested_size() {
+        let b = backend(false);
+        for size in [57, 60, 8, 64] {
+            assert_eq!(b.get_config(0, size).len(), size as usize);
+        }
+        let c = b.get_config(0, 60);
+        assert_eq!(
+            u64::from_le_bytes(c[0..8].try_into().expect("8")),
+            (8 << 20) / 512
+        );
+        assert_eq!(u16::from_le_bytes([c[34], c[35]]), 4, "num_queues");
+        assert_eq!(c[WRITEBACK_OFFSET], 1, "writeback by default");
+        assert_eq!(
+            b.get_config(34, 2),
+            vec![4, 0],
+            "a window into the structure"
+        );
+        assert_eq!(
+            b.get_config(100, 4),
+            vec![0; 4],
+            "past the structure: zeroes"
+        );
+    }
+
+    #[test]
+    fn config_wce_switches_writethrough_and_nothing_else_is_writable() {
+        let b = backend(false);
+        b.set_config(WRITEBACK_OFFSET as u32, &[0])
+            .expect("writethrough");
+        assert!(b.volume.stats().writethrough);
+        assert_eq!(b.get_config(WRITEBACK_OFFSET as u32, 1), vec![0]);
+        b.set_config(WRITEBACK_OFFSET as u32, &[1])
+            .expect("writeback");
+        assert!(!b.volume.stats().writethrough);
+        assert!(
+            b.set_config(0, &[1; 8]).is_err(),
+            "capacity is not writable"
+        );
+        assert!(b.set_config(WRITEBACK_OFFSET as u32, &[1, 1]).is_err());
+    }
+
+    #[test]
+    fn features_follow_the_export() {
+        let rw = backend(false).features();
+        let ro = backend(true).features();
+        for f in [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_MQ,
+        ] {
+            assert_ne!(rw & (1 << f), 0, "feature {f}");
+        }
+        assert_ne!(rw & (1 << VIRTIO_BLK_F_DISCARD), 0);
+        assert_eq!(rw & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_ne!(ro & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_eq!(ro & (1 << VIRTIO_BLK_F_WRITE_ZEROES), 0);
+        assert_eq!(backend(false).queues_per_thread(), vec![1, 2, 4, 8]);
+    }
+}
