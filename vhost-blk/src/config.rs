@@ -99,6 +99,9 @@ pub struct ServeArgs {
     /// Serve the disk read-only.
     #[arg(long)]
     pub read_only: bool,
+    /// Unix socket for control commands (mode 0600; must not exist).
+    #[arg(long)]
+    pub control_socket: Option<PathBuf>,
     /// Print the vhost-user backend capabilities (JSON) and exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -122,6 +125,7 @@ pub struct ServeConfig {
     pub listen: Listen,
     pub export: ExportConfig,
     pub io_error_hold: Duration,
+    pub control_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -170,6 +174,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 read_only: a.read_only,
             },
             io_error_hold: a.io_error_hold,
+            control_socket: a.control_socket,
         })
     }
 }

@@ -17,6 +17,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::BlkBackend;
 use crate::config::{CreateArgs, Listen, ServeConfig};
+use crate::control::{self, Control};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -32,6 +33,8 @@ pub enum DaemonError {
     VhostUser(String),
     #[error("cannot handle signals: {0}")]
     Signals(std::io::Error),
+    #[error("{0}")]
+    Control(#[from] control::ControlError),
 }
 
 /// `rewind-blk create`.
@@ -85,6 +88,17 @@ pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
     };
     let (volume, _report) = Volume::open(OsStorage::shared(), &config.volume, options)?;
     let volume = Arc::new(volume);
+    let _control = match &config.control_socket {
+        Some(path) => Some(control::start(
+            path,
+            Control {
+                volume: volume.clone(),
+                queues: config.export.num_queues,
+                read_only: config.export.read_only,
+            },
+        )?),
+        None => None,
+    };
     let mut listener = match &config.listen {
         Listen::Path(path) => Listener::new(path, true).map_err(|source| DaemonError::Listen {
             what: path.display().to_string(),

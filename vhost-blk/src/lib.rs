@@ -3,5 +3,6 @@
 
 pub mod backend;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod request;

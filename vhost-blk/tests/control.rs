@@ -1,0 +1,97 @@
+//! The control socket of the real `rewind-blk serve`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+
+use common::{Server, TestVolume, BIN};
+
+fn ask(stream: &mut UnixStream, line: &str) -> serde_json::Value {
+    writeln!(stream, "{line}").expect("send");
+    let mut answer = String::new();
+    BufReader::new(stream.try_clone().expect("clone"))
+        .read_line(&mut answer)
+        .expect("answer");
+    serde_json::from_str(&answer).expect("answer is JSON")
+}
+
+#[test]
+fn status_and_errors_over_the_control_socket() {
+    let vol = TestVolume::create("64M");
+    let control = vol.dir.path().join("control.sock");
+    let control_arg = control.to_str().expect("path");
+    let mut server = Server::start(&vol, &["--control-socket", control_arg]);
+    let mode = std::fs::metadata(&control)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "only the owner may connect");
+
+    let mut s = UnixStream::connect(&control).expect("connect");
+    let status = ask(&mut s, r#"{"version": 1, "command": "status"}"#);
+    assert_eq!(status["ok"], true, "{status}");
+    assert_eq!(status["result"]["state"], "serving");
+    assert_eq!(status["result"]["size"], 64u64 << 20);
+    assert_eq!(status["result"]["last_lsn"], 0);
+    // Errors answer on the same connection, which stays usable.
+    let bad = ask(&mut s, "{oops");
+    assert_eq!(bad["ok"], false);
+    assert!(bad["error"]
+        .as_str()
+        .expect("message")
+        .contains("malformed"));
+    let bad = ask(&mut s, r#"{"version": 9, "command": "status"}"#);
+    assert!(bad["error"]
+        .as_str()
+        .expect("message")
+        .contains("version 9"));
+    assert_eq!(
+        ask(&mut s, r#"{"version": 1, "command": "status"}"#)["ok"],
+        true
+    );
+
+    // A second daemon may not take over an existing socket path.
+    let out = Command::new(BIN)
+        .args(["serve", "--volume"])
+        .arg(&vol.path)
+        .arg("--socket-path")
+        .arg(vol.dir.path().join("other.sock"))
+        .args(["--control-socket", control_arg])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("in another process") || err.contains("exists"),
+        "{err}"
+    );
+
+    assert!(server.stop().success());
+    assert!(!control.exists(), "the socket is removed on stop");
+}
+
+#[test]
+fn an_existing_control_socket_path_is_refused() {
+    let vol = TestVolume::create("64M");
+    let control = vol.dir.path().join("control.sock");
+    std::fs::write(&control, b"someone else's").expect("file");
+    let out = Command::new(BIN)
+        .args(["serve", "--volume"])
+        .arg(&vol.path)
+        .arg("--socket-path")
+        .arg(&vol.socket)
+        .arg("--control-socket")
+        .arg(&control)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exists; remove it"), "{err}");
+    assert_eq!(
+        std::fs::read(&control).expect("untouched"),
+        b"someone else's"
+    );
+}
