@@ -202,3 +202,27 @@ fn acknowledged_writes_survive_a_kill_of_the_daemon() {
         assert_eq!(&c.read(0, i as u64 * (64 << 10), d.len()), d, "write {i}");
     }
 }
+
+#[test]
+fn serves_an_inherited_listening_socket() {
+    use std::os::fd::AsRawFd;
+    let vol = TestVolume::create("64M");
+    let listener = std::os::unix::net::UnixListener::bind(&vol.socket).expect("bind");
+    // SAFETY: dup(2) of an open fd; the copy has no close-on-exec flag, so
+    // the daemon inherits it. It is closed when this process exits.
+    let fd = unsafe { libc::dup(listener.as_raw_fd()) };
+    assert!(fd >= 0, "dup");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--volume"])
+        .arg(&vol.path)
+        .args(["--fd", &fd.to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn serve --fd");
+    let mut c = Client::connect(&vol.socket, 1);
+    assert_eq!(c.write(0, 0, &pattern(3, 4096)), 0);
+    assert_eq!(c.read(0, 0, 4096), pattern(3, 4096));
+    drop(c);
+    let _ = child.kill();
+    let _ = child.wait();
+}

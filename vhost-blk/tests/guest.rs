@@ -64,12 +64,29 @@ fn boot(socket: &Path, smp: u32, queues: u32, script: &str) -> String {
     boot_watching(socket, smp, queues, script, |_| {})
 }
 
+/// As `boot` on one queue, but a reboot of the guest restarts the VM
+/// instead of ending QEMU (`-no-reboot` left out).
+fn boot_allowing_reboot(socket: &Path, script: &str) -> String {
+    boot_with(socket, 1, 1, script, true, |_| {})
+}
+
 /// As `boot`, calling `on_line` with each console line as it arrives.
 fn boot_watching(
     socket: &Path,
     smp: u32,
     queues: u32,
     script: &str,
+    on_line: impl FnMut(&str),
+) -> String {
+    boot_with(socket, smp, queues, script, false, on_line)
+}
+
+fn boot_with(
+    socket: &Path,
+    smp: u32,
+    queues: u32,
+    script: &str,
+    allow_reboot: bool,
     mut on_line: impl FnMut(&str),
 ) -> String {
     let work = tempfile::tempdir().expect("tempdir");
@@ -86,8 +103,11 @@ fn boot_watching(
     let initrd_path = work.path().join("initrd.gz");
     std::fs::write(&initrd_path, initrd).expect("write initrd");
 
+    let args = qemu_args(&initrd_path, socket, smp, queues)
+        .into_iter()
+        .filter(|a| !allow_reboot || a != "-no-reboot");
     let mut qemu = match Command::new(QEMU)
-        .args(qemu_args(&initrd_path, socket, smp, queues))
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -260,4 +280,33 @@ fn a_guest_writing_through_a_daemon_kill_sees_no_error_and_no_loss() {
     assert!(restarted, "the guest never reached chunk 2:\n{console}");
     assert_passed(&console);
     assert_eq!(field(&console, "SURVIVED"), "yes");
+}
+
+/// First boot: data, its checksum and a marker, then `reboot -f` (the
+/// device is reset on the same connection). Second boot: checks them.
+const REBOOT: &str = r#"
+if [ "$(dd if=/dev/vda bs=512 skip=100 count=1 2>/dev/null | head -c 6)" = "REBOOT" ]; then
+  want=$(dd if=/dev/vda bs=512 skip=101 count=1 2>/dev/null | head -c 32)
+  got=$(dd if=/dev/vda bs=4096 skip=1000 count=64 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+  [ "$want" = "$got" ]
+  echo "REBOOTED: yes"
+else
+  dd if=/dev/urandom of=/dev/vda bs=4096 seek=1000 count=64 oflag=direct conv=fsync 2>/dev/null
+  dd if=/dev/vda bs=4096 skip=1000 count=64 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1 | head -c 32 > /tmp/sum
+  dd if=/tmp/sum of=/dev/vda bs=512 seek=101 conv=sync,fsync 2>/dev/null
+  printf REBOOT > /tmp/mark
+  dd if=/tmp/mark of=/dev/vda bs=512 seek=100 conv=sync,fsync 2>/dev/null
+  echo "REBOOTING: now"
+  reboot -f
+fi
+"#;
+
+#[test]
+fn a_guest_reboot_resets_the_device_and_keeps_the_data() {
+    let vol = TestVolume::create("64M");
+    let _server = Server::start(&vol, &["--num-queues", "1"]);
+    let console = boot_allowing_reboot(&vol.socket, REBOOT);
+    assert_eq!(field(&console, "REBOOTING"), "now", "{console}");
+    assert_passed(&console);
+    assert_eq!(field(&console, "REBOOTED"), "yes");
 }
