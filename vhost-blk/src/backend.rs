@@ -373,4 +373,30 @@ mod tests {
         assert_eq!(ro & (1 << VIRTIO_BLK_F_WRITE_ZEROES), 0);
         assert_eq!(backend(false).queues_per_thread(), vec![1, 2, 4, 8]);
     }
+
+    #[test]
+    fn stop_vring_waits_for_the_request_in_progress() {
+        let b = Arc::new(backend(false));
+        // A queue worker in the middle of a request holds its queue's lock.
+        let in_progress = b.busy[1].lock().expect("busy");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stopper = {
+            let b = b.clone();
+            std::thread::spawn(move || {
+                b.stop_vring(1).expect("stop");
+                tx.send(()).expect("send");
+            })
+        };
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(200))
+                .is_err(),
+            "GET_VRING_BASE answered while a request was in progress"
+        );
+        drop(in_progress);
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("answered once the request finished");
+        stopper.join().expect("stopper");
+        // Other queues are not held up by it.
+        b.stop_vring(0).expect("queue 0 idle");
+    }
 }
