@@ -226,3 +226,54 @@ fn serves_an_inherited_listening_socket() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn a_volume_created_from_an_image_serves_its_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.raw");
+    let data = pattern(9, 4 << 20);
+    std::fs::write(&image, &data).expect("image");
+    let volume = dir.path().join("vol");
+    let out = Command::new(BIN)
+        .args(["create", "--size", "8M", "--segment-size", "1M", "--volume"])
+        .arg(&volume)
+        .arg("--from")
+        .arg(&image)
+        .output()
+        .expect("create --from");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("8388608 bytes"));
+    assert_eq!(std::fs::read(&image).expect("image kept"), data);
+    let vol = TestVolume {
+        socket: dir.path().join("sock"),
+        path: volume,
+        dir,
+    };
+    let _server = Server::start(&vol, &[]);
+    let mut c = Client::connect(&vol.socket, 1);
+    assert_eq!(c.blkio.get_u64("capacity").expect("capacity"), 8 << 20);
+    assert_eq!(c.read(0, 0, 1 << 20), data[..1 << 20]);
+    assert_eq!(c.read(0, 3 << 20, 1 << 20), data[3 << 20..]);
+    assert_eq!(
+        c.read(0, 4 << 20, 4096),
+        vec![0u8; 4096],
+        "past the image: zeroes"
+    );
+
+    // An image larger than --size is refused and nothing is created.
+    let bad = vol.dir.path().join("bad");
+    let out = Command::new(BIN)
+        .args(["create", "--size", "1M", "--volume"])
+        .arg(&bad)
+        .arg("--from")
+        .arg(&image)
+        .output()
+        .expect("create --from");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at most the volume size"));
+    assert!(!bad.exists());
+}
