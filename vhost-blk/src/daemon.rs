@@ -6,7 +6,7 @@
 //! ends the current connection (its queues finish what they took), flushes
 //! the volume and exits.
 
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -31,6 +31,8 @@ pub enum DaemonError {
     /// vhost_user_backend::Error is Display but not std::error::Error.
     #[error("vhost-user: {0}")]
     VhostUser(String),
+    #[error("--fd {0} is not an open listening socket")]
+    NotListening(i32),
     #[error("cannot handle signals: {0}")]
     Signals(std::io::Error),
     #[error("{0}")]
@@ -78,7 +80,12 @@ pub fn create(args: &CreateArgs) -> Result<(), DaemonError> {
 
 /// `rewind-blk serve`: serves until SIGTERM or SIGINT.
 pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
-    // Volume::open logs what recovery found.
+    // Take an inherited socket before this process opens anything, so a
+    // wrong number cannot alias (and later close) one of our own files.
+    let inherited = match config.listen {
+        Listen::Fd(fd) => Some(inherited_listener(fd)?),
+        Listen::Path(_) => None,
+    };
     let options = OpenOptions {
         retry: RetryPolicy {
             max_hold: config.io_error_hold,
@@ -86,6 +93,7 @@ pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
         },
         ..OpenOptions::default()
     };
+    // Volume::open logs what recovery found.
     let (volume, _report) = Volume::open(OsStorage::shared(), &config.volume, options)?;
     let volume = Arc::new(volume);
     let _control = match &config.control_socket {
@@ -99,14 +107,15 @@ pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
         )?),
         None => None,
     };
-    let mut listener = match &config.listen {
-        Listen::Path(path) => Listener::new(path, true).map_err(|source| DaemonError::Listen {
-            what: path.display().to_string(),
-            source,
-        })?,
-        // SAFETY: the fd was handed to us to listen on (--fd); nothing else
-        // in this process owns it, and the Listener takes ownership.
-        Listen::Fd(fd) => unsafe { Listener::from_raw_fd(*fd) },
+    let mut listener = match (inherited, &config.listen) {
+        (Some(listener), _) => listener,
+        (None, Listen::Path(path)) => {
+            Listener::new(path, true).map_err(|source| DaemonError::Listen {
+                what: path.display().to_string(),
+                source,
+            })?
+        }
+        (None, Listen::Fd(fd)) => return Err(DaemonError::NotListening(*fd)),
     };
     let stopping = Arc::new(AtomicBool::new(false));
     let current: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
@@ -143,6 +152,26 @@ pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
     tracing::info!("stopping: flushing the volume");
     volume.flush()?;
     Ok(())
+}
+
+/// The listening socket inherited as `fd` (`--fd`).
+fn inherited_listener(fd: i32) -> Result<Listener, DaemonError> {
+    // SAFETY: called before this process opens any file, so `fd` is not one
+    // of ours: it was inherited for us to use, or it is not open (then the
+    // check below fails and dropping `owned` closes nothing we own).
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    match rustix::net::sockopt::socket_acceptconn(&owned) {
+        Ok(true) => {
+            // SAFETY: `owned` is a listening socket whose ownership passes
+            // to the Listener.
+            Ok(unsafe { Listener::from_raw_fd(owned.into_raw_fd()) })
+        }
+        _ => {
+            // Not ours to close: leave the descriptor as it was.
+            let _ = owned.into_raw_fd();
+            Err(DaemonError::NotListening(fd))
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

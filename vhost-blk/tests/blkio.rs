@@ -277,3 +277,23 @@ fn a_volume_created_from_an_image_serves_its_data() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("at most the volume size"));
     assert!(!bad.exists());
 }
+
+#[test]
+fn an_fd_that_is_not_a_listening_socket_is_refused() {
+    let vol = TestVolume::create("64M");
+    for fd in ["0", "77"] {
+        let out = Command::new(BIN)
+            .args(["serve", "--volume"])
+            .arg(&vol.path)
+            .args(["--fd", fd])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("is not an open listening socket"),
+            "--fd {fd}: {err}"
+        );
+    }
+}
