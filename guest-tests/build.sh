@@ -7,8 +7,15 @@ here=$(cd "$(dirname "$0")" && pwd)
 out=$(mkdir -p "${1:-target/guest}" && cd "${1:-target/guest}" && pwd)
 cd "$out"
 if [ ! -f vmlinuz ]; then
-  pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
-  [ -n "$pkg" ] || { echo "no linux-image-cloud-amd64 package (run apt-get update)" >&2; exit 1; }
+  kernel_package() {
+    apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}'
+  }
+  pkg=$(kernel_package)
+  if [ -z "$pkg" ]; then
+    apt-get update -qq
+    pkg=$(kernel_package)
+  fi
+  [ -n "$pkg" ] || { echo "no linux-image-cloud-amd64 package in Debian's lists" >&2; exit 1; }
   rm -rf kernel ./*.deb
   apt-get download "$pkg"
   dpkg -x ./*.deb kernel
