@@ -53,6 +53,12 @@ fn status_and_errors_over_the_control_socket() {
         true
     );
 
+    // rewindctl's client speaks the same protocol.
+    let status = rewind_ctl::request(&control, "status").expect("rewindctl status");
+    assert_eq!(status["state"], "serving");
+    let refused = rewind_ctl::request(&control, "explode").expect_err("unknown command");
+    assert!(refused.to_string().contains("unknown command"), "{refused}");
+
     // A second daemon may not take over an existing socket path.
     let out = Command::new(BIN)
         .args(["serve", "--volume"])
