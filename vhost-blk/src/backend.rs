@@ -290,21 +290,9 @@ impl VhostUserBackend for BlkBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rewind_journal::fault::FaultStorage;
-    use rewind_journal::{BaseImage, OpenOptions, VolumeSettings};
-    use std::path::Path;
 
     fn backend(read_only: bool) -> BlkBackend {
-        let fs = FaultStorage::new();
-        let dir = Path::new("/vol");
-        let settings = VolumeSettings {
-            segment_size: 1 << 20,
-            ..VolumeSettings::new(8 << 20)
-        };
-        Volume::create(&fs, dir, &settings, BaseImage::Empty, &mut |_, _| {}).expect("create");
-        let volume = Volume::open(fs.arc(), dir, OpenOptions::default())
-            .expect("open")
-            .0;
+        let volume = crate::test_support::volume(8 << 20);
         let config = ExportConfig {
             num_queues: 4,
             queue_size: 256,

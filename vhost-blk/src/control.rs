@@ -228,22 +228,10 @@ fn serve_client(stream: UnixStream, control: &Control) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rewind_journal::fault::FaultStorage;
-    use rewind_journal::{BaseImage, OpenOptions, VolumeSettings};
 
     fn control() -> Control {
-        let fs = FaultStorage::new();
-        let dir = Path::new("/vol");
-        let settings = VolumeSettings {
-            segment_size: 1 << 20,
-            ..VolumeSettings::new(8 << 20)
-        };
-        Volume::create(&fs, dir, &settings, BaseImage::Empty, &mut |_, _| {}).expect("create");
-        let volume = Volume::open(fs.arc(), dir, OpenOptions::default())
-            .expect("open")
-            .0;
         Control {
-            volume: Arc::new(volume),
+            volume: Arc::new(crate::test_support::volume(8 << 20)),
             queues: 2,
             read_only: false,
         }

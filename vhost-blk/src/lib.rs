@@ -6,3 +6,5 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod request;
+#[cfg(test)]
+mod test_support;

@@ -316,8 +316,7 @@ mod tests {
     use super::*;
     use proptest::prelude::Strategy;
     use rewind_journal::fault::FaultStorage;
-    use rewind_journal::{BaseImage, OpenOptions, VolumeSettings};
-    use std::path::Path;
+    use rewind_journal::OpenOptions;
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
@@ -330,19 +329,11 @@ mod tests {
     const DISK: u64 = 1 << 20;
 
     fn volume() -> Volume {
-        volume_on(&FaultStorage::new(), OpenOptions::default())
+        crate::test_support::volume(DISK)
     }
 
     fn volume_on(fs: &FaultStorage, options: OpenOptions) -> Volume {
-        let dir = Path::new("/vol");
-        let settings = VolumeSettings {
-            segment_size: 1 << 20,
-            journal_max: 64 << 20,
-            journal_warn: 32 << 20,
-            ..VolumeSettings::new(DISK)
-        };
-        Volume::create(fs, dir, &settings, BaseImage::Empty, &mut |_, _| {}).expect("create");
-        Volume::open(fs.arc(), dir, options).expect("open").0
+        crate::test_support::volume_on(fs, DISK, options)
     }
 
     fn memory() -> GuestMemoryMmap<()> {
