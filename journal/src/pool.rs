@@ -93,6 +93,8 @@ impl PoolState {
 pub struct PoolCounts {
     pub used: u64,
     pub free: u64,
+    /// Bytes the segment files occupy.
+    pub bytes: u64,
 }
 
 #[derive(Debug)]
@@ -196,9 +198,11 @@ impl Pool {
 
     pub fn counts(&self) -> PoolCounts {
         let st = self.lock();
+        let (used, free) = (st.used.len() as u64, st.free.len() as u64);
         PoolCounts {
-            used: st.used.len() as u64,
-            free: st.free.len() as u64,
+            used,
+            free,
+            bytes: (used + free) * self.segment_size,
         }
     }
 

@@ -499,7 +499,6 @@ fn scan(
     let mut readers = SegmentReaders::new();
     // The last segment with records, its next header slot and payload end.
     let mut last_used: Option<(usize, u64, u64)> = None;
-    let mut previous_was_full = false;
     for (i, s) in sb.segments.iter().enumerate() {
         let name = Some(segment_name(s.file_id));
         let Some(file) = &files[i] else {
@@ -569,12 +568,11 @@ fn scan(
                 count += 1;
             },
         };
-        let pos = slot;
         if count == 0 {
             // The log ends here: name this segment's problem, and where the
             // previous one stopped unless it was merely full.
             let reason = match &report.end.segment {
-                Some(prev) if last_used.is_some() && !previous_was_full => format!(
+                Some(prev) if report.end.reason != SEGMENT_FULL => format!(
                     "{stop}; {prev} stops at offset {}: {}",
                     report.end.offset, report.end.reason
                 ),
@@ -582,16 +580,15 @@ fn scan(
             };
             report.end = LogEnd {
                 segment: name,
-                offset: pos,
+                offset: slot,
                 reason,
             };
             break;
         }
-        previous_was_full = stop == SEGMENT_FULL;
         last_used = Some((i, slot, top));
         report.end = LogEnd {
             segment: name,
-            offset: pos,
+            offset: slot,
             reason: stop,
         };
     }

@@ -355,8 +355,9 @@ impl Volume {
         self.inner.config.size
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.inner.dir
+    /// Whether every write is made durable before it returns.
+    pub fn writethrough(&self) -> bool {
+        self.inner.writethrough.load(Ordering::Acquire)
     }
 
     /// Switches between writeback (false) and writethrough (true).
@@ -449,7 +450,6 @@ impl Volume {
             (c.next_lsn - 1, c.times.bounds())
         };
         let counts = inner.pool.counts();
-        let journal_bytes = (counts.used + counts.free) * inner.config.segment_size;
         Stats {
             uuid: inner.config.uuid,
             size: inner.config.size,
@@ -458,17 +458,17 @@ impl Volume {
             segments_used: counts.used,
             segments_free: counts.free,
             reserve_target: u64::from(inner.config.reserve_segments),
-            journal_bytes,
+            journal_bytes: counts.bytes,
             journal_max: inner.pool.journal_max(),
             journal_warn: inner.config.journal_warn,
-            over_warning: journal_bytes >= inner.config.journal_warn,
+            over_warning: counts.bytes >= inner.config.journal_warn,
             base_lsn: inner.pool.base_lsn(),
             last_lsn,
             durable_lsn: inner.durable_lsn.load(Ordering::Acquire),
             oldest_record_ns: bounds.map(|b| b.0),
             newest_record_ns: bounds.map(|b| b.1),
             extents: inner.map.len(),
-            writethrough: inner.writethrough.load(Ordering::Acquire),
+            writethrough: self.writethrough(),
             failed: inner.failure.get().cloned(),
         }
     }
@@ -679,8 +679,7 @@ impl Inner {
     }
 
     fn warn_if_over_threshold(&self) {
-        let counts = self.pool.counts();
-        let bytes = (counts.used + counts.free) * self.config.segment_size;
+        let bytes = self.pool.counts().bytes;
         let over = bytes >= self.config.journal_warn;
         if over && !self.warned.swap(true, Ordering::Relaxed) {
             tracing::warn!(

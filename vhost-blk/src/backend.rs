@@ -104,7 +104,7 @@ impl BlkBackend {
         put(&mut c, 0, &sectors.to_le_bytes()); // capacity
         put(&mut c, 12, &SEG_MAX.to_le_bytes()); // seg_max
         put(&mut c, 20, &block.to_le_bytes()); // blk_size
-        c[WRITEBACK_OFFSET] = u8::from(!self.volume.stats().writethrough);
+        c[WRITEBACK_OFFSET] = u8::from(!self.volume.writethrough());
         put(&mut c, 34, &(self.config.num_queues as u16).to_le_bytes());
         let max_sectors = u32::MAX.to_le_bytes();
         put(&mut c, 36, &max_sectors); // max_discard_sectors
@@ -331,11 +331,11 @@ mod tests {
         let b = backend(false);
         b.set_config(WRITEBACK_OFFSET as u32, &[0])
             .expect("writethrough");
-        assert!(b.volume.stats().writethrough);
+        assert!(b.volume.writethrough());
         assert_eq!(b.get_config(WRITEBACK_OFFSET as u32, 1), vec![0]);
         b.set_config(WRITEBACK_OFFSET as u32, &[1])
             .expect("writeback");
-        assert!(!b.volume.stats().writethrough);
+        assert!(!b.volume.writethrough());
         assert!(
             b.set_config(0, &[1; 8]).is_err(),
             "capacity is not writable"
