@@ -253,7 +253,17 @@ proptest! {
         }
         match open_with(&dir, forced) {
             Ok((v, report)) => assert_prefix(&v, report.next_lsn - 1),
-            Err(e) => prop_assert!(!e.to_string().is_empty()),
+            // Damage is named as damage, never an IO error or anything else.
+            Err(e) => prop_assert!(
+                matches!(
+                    e,
+                    Error::FlushedDataDamaged { .. }
+                        | Error::DamagedSegment { .. }
+                        | Error::BadMetadata { .. }
+                        | Error::UnsupportedVersion { .. }
+                ),
+                "{e}"
+            ),
         }
     }
 }

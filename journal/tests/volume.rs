@@ -441,3 +441,41 @@ fn the_copying_import_reproduces_the_image() {
     assert_eq!(method, ImportMethod::Copied);
     assert_eq!(fs.contents(Path::new("/v/base.img")).expect("file"), data);
 }
+
+#[test]
+fn the_time_index_maps_times_to_lsns_and_survives_recovery() {
+    let fs = FaultStorage::new();
+    create(&fs, &small_settings());
+    let clock = std::sync::Arc::new(rewind_journal::ManualClock::new(1_000));
+    let options = || OpenOptions {
+        clock: clock.clone(),
+        ..options()
+    };
+    let (v, _) = Volume::open(fs.arc(), Path::new(DIR), options()).expect("open");
+    assert_eq!(v.lsn_at(u64::MAX), None, "no record yet");
+    let mut lsns = Vec::new();
+    for t in [2_000u64, 3_000, 3_000, 5_000] {
+        clock.set(t);
+        lsns.push(v.write(0, &pattern(t as u8, 512)).expect("write"));
+    }
+    // A clock that goes back does not make timestamps decrease.
+    clock.set(4_000);
+    let last = v.write(512, &[1u8; 512]).expect("write");
+    let check = |v: &Volume, newest: u64| {
+        assert_eq!(v.lsn_at(1_999), None);
+        assert_eq!(v.lsn_at(2_000), Some(lsns[0]));
+        assert_eq!(v.lsn_at(2_999), Some(lsns[0]));
+        assert_eq!(v.lsn_at(3_000), Some(lsns[2]));
+        assert_eq!(v.lsn_at(4_999), Some(lsns[2]));
+        assert_eq!(v.lsn_at(5_000), Some(newest));
+        assert_eq!(v.stats().oldest_record_ns, Some(2_000));
+    };
+    check(&v, last);
+    // The flush record is indexed too, stamped no earlier than the last write.
+    v.flush().expect("flush");
+    assert_eq!(v.last_lsn(), last + 1);
+    drop(v);
+    clock.set(9_000);
+    let (v, _) = Volume::open(fs.arc(), Path::new(DIR), options()).expect("reopen");
+    check(&v, last + 1);
+}
