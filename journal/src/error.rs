@@ -63,6 +63,23 @@ pub enum Error {
     )]
     JournalFull { used: u64, max: u64 },
     #[error(
+        "{requested} is outside the history window: it holds {start} (lsn {start_lsn}) \
+         to {end} (lsn {last_lsn})"
+    )]
+    OutsideWindow {
+        requested: String,
+        start: String,
+        end: String,
+        start_lsn: u64,
+        last_lsn: u64,
+    },
+    #[error("no bookmark named {0:?} in the history window (list them with the timeline)")]
+    NoSuchBookmark(String),
+    #[error("view expired: {0}")]
+    ViewExpired(String),
+    #[error("{0} is a read-only view")]
+    ReadOnly(String),
+    #[error(
         "volume stopped taking writes after an unrecoverable IO error ({0}); reopen it to recover"
     )]
     Failed(String),

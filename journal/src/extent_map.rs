@@ -126,6 +126,31 @@ impl ExtentMap {
         });
     }
 
+    /// Forgets every extent written at or before `lsn`: base.img now holds
+    /// that data, so those sectors read from there.
+    pub fn remove_upto(&self, lsn: u64) {
+        for shard in self.shards.iter() {
+            write(shard).retain(|_, x| x.lsn > lsn);
+        }
+    }
+
+    /// Replaces the content with `other`'s (a map of the same disk), one
+    /// shard at a time.
+    pub fn replace_with(&self, other: ExtentMap) {
+        for (mine, theirs) in self.shards.iter().zip(other.shards.into_vec()) {
+            *write(mine) = theirs.into_inner().unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Calls `f(start, sectors, target)` for every extent, in disk order.
+    pub fn for_each(&self, mut f: impl FnMut(u64, u64, Target)) {
+        for shard in self.shards.iter() {
+            for (&start, x) in read(shard).iter() {
+                f(start, u64::from(x.sectors), x.target);
+            }
+        }
+    }
+
     /// Number of extents.
     pub fn len(&self) -> usize {
         self.shards.iter().map(|s| read(s).len()).sum()

@@ -10,7 +10,7 @@
 use uuid::Uuid;
 
 /// Version of the on-disk format; `open` refuses any other.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
 /// Unit of alignment for every structure in a segment and of guest IO.
 pub const SECTOR: u64 = 512;
 /// Bytes at the start of each segment taken by its header.
@@ -25,6 +25,8 @@ const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"RWJR");
 const RECORD_HEADER_USED: usize = 76;
 const SEGMENT_HEADER_USED: usize = 52;
 const FLAG_UNMAP: u8 = 1;
+/// Longest bookmark name, in bytes; the name is the record's payload.
+pub const MAX_BOOKMARK_NAME: usize = 128;
 
 /// What a record does to the disk (or to the journal's metadata).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +40,10 @@ pub enum RecordKind {
     /// Durable cut: every record with lsn <= `offset` was synced before this
     /// record was written.
     Flush,
+    /// A named moment; the payload is the name (`length` bytes of it).
+    Bookmark,
+    /// The disk becomes what it was at lsn `offset` (an earlier record).
+    Revert,
 }
 
 impl RecordKind {
@@ -47,6 +53,8 @@ impl RecordKind {
             RecordKind::WriteZeroes { unmap } => (2, if unmap { FLAG_UNMAP } else { 0 }),
             RecordKind::Discard => (3, 0),
             RecordKind::Flush => (4, 0),
+            RecordKind::Bookmark => (5, 0),
+            RecordKind::Revert => (6, 0),
         }
     }
 
@@ -58,6 +66,8 @@ impl RecordKind {
             }),
             3 => Some(RecordKind::Discard),
             4 => Some(RecordKind::Flush),
+            5 => Some(RecordKind::Bookmark),
+            6 => Some(RecordKind::Revert),
             _ => None,
         }
     }
@@ -74,9 +84,11 @@ pub struct RecordHeader {
     /// Nanoseconds since the Unix epoch; never decreases along the lsns.
     pub timestamp: u64,
     pub epoch: u64,
-    /// Byte offset on the disk; for `Flush`, the lsn it covers.
+    /// Byte offset on the disk; for `Flush`, the lsn it covers; for
+    /// `Revert`, the lsn whose state the disk returns to.
     pub offset: u64,
-    /// Bytes of the disk affected (0 for `Flush`).
+    /// Bytes of the disk affected (0 for `Flush` and `Revert`; the name's
+    /// length for `Bookmark`).
     pub length: u64,
     pub payload_len: u32,
     pub payload_crc: u32,
@@ -234,6 +246,7 @@ impl RecordHeader {
             ));
         }
         match self.kind {
+            RecordKind::Bookmark => check_bookmark(payload, self.length),
             RecordKind::Write if payload != self.length => {
                 Err(format!("payload {payload} != length {}", self.length))
             }
@@ -246,8 +259,34 @@ impl RecordHeader {
                 Err("flush record covers lsns after itself".into())
             }
             RecordKind::Flush => Ok(()),
+            RecordKind::Revert if self.length != 0 || self.offset >= self.lsn => {
+                Err("revert record returns to an lsn not before itself".into())
+            }
+            RecordKind::Revert => Ok(()),
         }
     }
+}
+
+/// A bookmark's payload is one sector holding its name.
+fn check_bookmark(payload: u64, name_len: u64) -> Result<(), String> {
+    if payload != SECTOR || name_len == 0 || name_len > MAX_BOOKMARK_NAME as u64 {
+        return Err(format!(
+            "bookmark name of {name_len} bytes in a {payload}-byte payload"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a bookmark name: 1 to 128 bytes of letters, digits, `.`, `_`,
+/// `-` and `:`, so it can be typed as `bookmark:NAME` anywhere.
+pub fn check_bookmark_name(name: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':');
+    if name.is_empty() || name.len() > MAX_BOOKMARK_NAME || !name.chars().all(allowed) {
+        return Err(format!(
+            "bookmark name {name:?} must be 1 to {MAX_BOOKMARK_NAME} letters, digits, '.', '_', '-' or ':'"
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn le_u32(b: &[u8], at: usize) -> u32 {

@@ -8,12 +8,18 @@
 //! allocation while the reserve lasts. A background thread keeps
 //! `reserve_segments` prepared segments ready and releases extra ones; the
 //! pool never grows past `journal_max`.
+//!
+//! Segments leave the journal when the applier folds them into base.img
+//! ([`Pool::commit_fold`]); they are *retired*, and recycled into the reserve
+//! (new sequence number) or removed once nothing else holds them: a reader
+//! in the middle of a read, or a point-in-time view, keeps an `Arc` to every
+//! segment it reads, which pins it.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
@@ -32,6 +38,8 @@ pub struct Segment {
     pub file: Arc<dyn StorageFile>,
     /// Written since it was last synced.
     pub dirty: AtomicBool,
+    /// Lsn of the newest record placed in it (0: none yet).
+    pub last_lsn: AtomicU64,
 }
 
 impl Segment {
@@ -41,6 +49,7 @@ impl Segment {
             seq,
             file,
             dirty: AtomicBool::new(false),
+            last_lsn: AtomicU64::new(0),
         }
     }
 }
@@ -56,6 +65,8 @@ struct PoolState {
     used: Vec<Arc<Segment>>,
     /// Prepared segments, in the order the journal will use them.
     free: VecDeque<Arc<Segment>>,
+    /// Folded segments waiting for their last reader or view to let go.
+    retired: Vec<Arc<Segment>>,
     preparing: u64,
     next_seq: u64,
     next_file_id: u32,
@@ -64,7 +75,7 @@ struct PoolState {
 
 impl PoolState {
     fn total(&self) -> u64 {
-        self.used.len() as u64 + self.free.len() as u64 + self.preparing
+        (self.used.len() + self.free.len() + self.retired.len()) as u64 + self.preparing
     }
 
     fn store_super(&mut self) -> Result<()> {
@@ -77,9 +88,12 @@ impl PoolState {
                 seq: s.seq,
             })
             .collect();
+        let old = self.sb.state();
         let state = SuperState {
             generation: 0,
-            base_lsn: self.sb.state().base_lsn,
+            base_lsn: old.base_lsn,
+            base_timestamp: old.base_timestamp,
+            horizon_lsn: old.horizon_lsn,
             next_seq: self.next_seq,
             next_file_id: self.next_file_id,
             segments,
@@ -93,6 +107,8 @@ impl PoolState {
 pub struct PoolCounts {
     pub used: u64,
     pub free: u64,
+    /// Folded segments still pinned by a reader or a view.
+    pub retired: u64,
     /// Bytes the segment files occupy.
     pub bytes: u64,
 }
@@ -109,6 +125,34 @@ pub struct Pool {
     changed: Condvar,
     /// Segments holding records, indexed by file id (ids are small and dense).
     by_id: RwLock<Vec<Option<Arc<Segment>>>>,
+    /// How long the write path waits for a segment at the hard limit.
+    max_wait: Duration,
+    /// Raised when the pool needs the applier to fold early.
+    pressure: Arc<Signal>,
+}
+
+/// A wake-up call between threads: `notify` sets it, `wait` takes it.
+#[derive(Debug, Default)]
+pub struct Signal {
+    raised: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Signal {
+    pub fn notify(&self) {
+        *self.raised.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits until notified or `timeout` passes; clears the signal.
+    pub fn wait(&self, timeout: Duration) {
+        let raised = self.raised.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut raised, _) = self
+            .cv
+            .wait_timeout_while(raised, timeout, |r| !*r)
+            .unwrap_or_else(|e| e.into_inner());
+        *raised = false;
+    }
 }
 
 fn register(by_id: &mut Vec<Option<Arc<Segment>>>, seg: &Arc<Segment>) {
@@ -146,6 +190,9 @@ pub struct PoolSetup {
     pub used: Vec<Arc<Segment>>,
     pub free: Vec<Arc<Segment>>,
     pub next_seq: u64,
+    /// How long the write path waits for the applier to free a segment
+    /// when the pool is at its hard limit.
+    pub max_wait: Duration,
 }
 
 impl Pool {
@@ -160,6 +207,7 @@ impl Pool {
             sb: setup.sb,
             used: setup.used,
             free: setup.free.into(),
+            retired: Vec::new(),
             preparing: 0,
             next_seq: setup.next_seq,
             next_file_id,
@@ -176,7 +224,14 @@ impl Pool {
             state: Mutex::new(state),
             changed: Condvar::new(),
             by_id: RwLock::new(by_id),
+            max_wait: setup.max_wait,
+            pressure: Arc::new(Signal::default()),
         })
+    }
+
+    /// What the pool raises when the applier must fold early.
+    pub fn pressure(&self) -> Arc<Signal> {
+        self.pressure.clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, PoolState> {
@@ -199,11 +254,100 @@ impl Pool {
     pub fn counts(&self) -> PoolCounts {
         let st = self.lock();
         let (used, free) = (st.used.len() as u64, st.free.len() as u64);
+        let retired = st.retired.len() as u64;
         PoolCounts {
             used,
             free,
-            bytes: (used + free) * self.segment_size,
+            retired,
+            bytes: (used + free + retired) * self.segment_size,
         }
+    }
+
+    /// The segments holding records, oldest first.
+    pub fn used(&self) -> Vec<Arc<Segment>> {
+        self.lock().used.clone()
+    }
+
+    /// Segments the applier must fold so that the reserve fits under the
+    /// hard limit again (0 when there is room).
+    pub fn overflow(&self) -> u64 {
+        let st = self.lock();
+        (st.used.len() as u64 + self.reserve + 1).saturating_sub(self.max_segments)
+    }
+
+    /// The lsn horizon and base time as `super` has them.
+    pub fn base(&self) -> (u64, u64, u64) {
+        let st = self.lock();
+        let s = st.sb.state();
+        (s.base_lsn, s.base_timestamp, s.horizon_lsn)
+    }
+
+    /// Durably sets the time of the initial image (before any fold).
+    pub fn set_base_timestamp(&self, ns: u64) -> Result<()> {
+        let mut st = self.lock();
+        let mut state = st.sb.state().clone();
+        state.base_timestamp = ns;
+        st.sb.store(state)
+    }
+
+    /// Durably records that base.img may now hold changes up to `lsn`
+    /// (before the applier writes them there).
+    pub fn set_horizon(&self, lsn: u64) -> Result<()> {
+        let mut st = self.lock();
+        let mut state = st.sb.state().clone();
+        state.horizon_lsn = state.horizon_lsn.max(lsn);
+        st.sb.store(state)
+    }
+
+    /// Durably ends the journal's first `count` used segments, now folded
+    /// into base.img up to `base_lsn` (written at `base_timestamp`), and
+    /// returns them. They stay readable until [`Pool::retire`].
+    pub fn commit_fold(
+        &self,
+        count: usize,
+        base_lsn: u64,
+        base_timestamp: u64,
+    ) -> Result<Vec<Arc<Segment>>> {
+        let mut st = self.lock();
+        let folded: Vec<Arc<Segment>> = st.used.drain(..count).collect();
+        let old = st.sb.state().clone();
+        let kept = st.used.iter().chain(st.free.iter());
+        let state = SuperState {
+            generation: 0,
+            base_lsn,
+            base_timestamp,
+            horizon_lsn: old.horizon_lsn.max(base_lsn),
+            next_seq: st.next_seq,
+            next_file_id: st.next_file_id,
+            segments: kept
+                .map(|s| SegmentRef {
+                    file_id: s.id,
+                    seq: s.seq,
+                })
+                .collect(),
+        };
+        if let Err(e) = st.sb.store(state) {
+            let mut used = folded;
+            used.append(&mut st.used);
+            st.used = used;
+            return Err(e);
+        }
+        Ok(folded)
+    }
+
+    /// Takes folded segments out of reach of new reads; the maintainer
+    /// recycles or removes each once nothing else holds it.
+    pub fn retire(&self, folded: Vec<Arc<Segment>>) {
+        {
+            let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
+            for seg in &folded {
+                if let Some(slot) = by_id.get_mut(seg.id as usize) {
+                    *slot = None;
+                }
+            }
+        }
+        self.lock().retired.extend(folded);
+        self.changed.notify_all();
     }
 
     pub fn segment(&self, id: u32) -> Option<Arc<Segment>> {
@@ -257,8 +401,10 @@ impl Pool {
     }
 
     /// Hands the next prepared segment to the write path (preparing one
-    /// inline if the reserve ran out).
+    /// inline if the reserve ran out). At the hard limit it waits, up to
+    /// `max_wait`, for the applier to fold and free a segment.
     pub fn take_next(&self) -> Result<Arc<Segment>> {
+        let mut waiting_since: Option<Instant> = None;
         loop {
             let mut st = self.lock();
             if let Some(seg) = st.free.pop_front() {
@@ -267,18 +413,39 @@ impl Pool {
                     &mut self.by_id.write().unwrap_or_else(|e| e.into_inner()),
                     &seg,
                 );
+                let overflow = st.used.len() as u64 + self.reserve + 1 > self.max_segments;
                 drop(st);
                 self.changed.notify_all();
+                if overflow {
+                    self.pressure.notify();
+                }
                 return Ok(seg);
             }
-            drop(st);
-            tracing::warn!("segment reserve exhausted; preparing a segment on the write path");
-            if !self.prepare()? {
+            if st.total() < self.max_segments {
+                drop(st);
+                tracing::warn!("segment reserve exhausted; preparing a segment on the write path");
+                self.prepare()?;
+                continue;
+            }
+            let since = *waiting_since.get_or_insert_with(|| {
+                tracing::warn!(
+                    "journal at its hard limit of {} bytes; waiting for the applier to free a segment",
+                    self.journal_max()
+                );
+                Instant::now()
+            });
+            if since.elapsed() >= self.max_wait {
                 return Err(Error::JournalFull {
-                    used: self.counts().used * self.segment_size,
+                    used: st.used.len() as u64 * self.segment_size,
                     max: self.journal_max(),
                 });
             }
+            self.pressure.notify();
+            self.changed.notify_all();
+            let _ = self
+                .changed
+                .wait_timeout(st, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner());
         }
     }
 
@@ -336,18 +503,84 @@ impl Pool {
         Ok(())
     }
 
-    /// The background thread's loop: keeps the reserve at its target.
+    /// Recycles the retired segment at `index` into the reserve, or removes
+    /// its file if the reserve is full. Nothing else may hold it.
+    fn reuse_retired<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, PoolState>,
+        index: usize,
+    ) -> (MutexGuard<'a, PoolState>, Result<()>) {
+        let seg = st.retired.swap_remove(index);
+        let path = self.path(seg.id);
+        let recycle = (st.free.len() as u64 + st.preparing) < self.reserve;
+        let seq = st.next_seq;
+        if recycle {
+            st.next_seq += 1;
+            st.preparing += 1;
+        }
+        drop(st);
+        let done = if recycle {
+            write_header(seg.file.as_ref(), self.volume, seq, self.segment_size)
+        } else {
+            // Not listed in `super` since the fold: removing it needs no update.
+            self.storage
+                .remove_file(&path)
+                .and_then(|()| self.storage.sync_dir(&self.dir))
+        };
+        let mut st = self.lock();
+        if !recycle {
+            let r = done.map_err(Error::io(|| format!("releasing {}", path.display())));
+            if r.is_err() {
+                st.retired.push(seg);
+            }
+            return (st, r);
+        }
+        st.preparing -= 1;
+        if let Err(e) = done {
+            st.retired.push(seg);
+            return (
+                st,
+                Err(Error::io(|| format!("recycling {}", path.display()))(e)),
+            );
+        }
+        st.free
+            .push_back(Arc::new(Segment::new(seg.id, seq, seg.file.clone())));
+        if let Err(e) = st.store_super() {
+            st.free.pop_back();
+            st.retired.push(seg);
+            return (st, Err(e));
+        }
+        self.changed.notify_all();
+        (st, Ok(()))
+    }
+
+    /// The background thread's loop: keeps the reserve at its target and
+    /// recycles retired segments.
     pub fn maintain(&self) {
         let mut st = self.lock();
         while !st.shutdown {
             let free = st.free.len() as u64 + st.preparing;
-            let result = if free < self.reserve && st.total() < self.max_segments {
+            // The retired vector holds the only reference: nobody reads it.
+            let unpinned = st.retired.iter().position(|s| Arc::strong_count(s) == 1);
+            let result = if let Some(index) = unpinned {
+                let (guard, r) = self.reuse_retired(st, index);
+                st = guard;
+                r
+            } else if free < self.reserve && st.total() < self.max_segments {
                 drop(st);
                 let r = self.prepare().map(drop);
                 st = self.lock();
                 r
             } else if st.free.len() as u64 > self.reserve {
                 self.release_one(&mut st)
+            } else if !st.retired.is_empty() {
+                // Pinned by a reader or a view: look again shortly.
+                st = self
+                    .changed
+                    .wait_timeout(st, Duration::from_millis(50))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+                Ok(())
             } else {
                 st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
                 Ok(())

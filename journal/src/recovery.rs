@@ -24,9 +24,9 @@ use crate::format::{
 };
 use crate::meta::VolumeConfig;
 use crate::pool::{segment_name, Segment, JOURNAL_DIR};
+use crate::record_index::{Effect, Entry, RecordIndex};
 use crate::storage::{Storage, StorageFile};
 use crate::superblock::SuperState;
-use crate::time_index::TimeIndex;
 
 /// What recovery found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,7 +89,7 @@ pub struct Recovered {
     /// content is stale and must get a new sequence number before reuse.
     pub stale: Vec<(u32, Option<Arc<dyn StorageFile>>)>,
     pub map: ExtentMap,
-    pub times: TimeIndex,
+    pub index: RecordIndex,
     pub last_data_lsn: u64,
     pub report: RecoveryReport,
 }
@@ -174,6 +174,16 @@ impl SegmentReaders {
         self.payloads.reset(file, segment_size)
     }
 
+    /// The name in an intact bookmark record's payload.
+    fn bookmark_name(&mut self, h: &RecordHeader) -> io::Result<String> {
+        let bytes = self
+            .payloads
+            .bytes(h.payload_offset, u64::from(h.payload_len))?
+            .unwrap_or_default();
+        let name = bytes.get(..h.length as usize).unwrap_or_default();
+        Ok(String::from_utf8_lossy(name).into_owned())
+    }
+
     /// Whether the payload `h` names is there and intact.
     fn payload_intact(&mut self, h: &RecordHeader) -> io::Result<Option<bool>> {
         if h.payload_len == 0 {
@@ -188,6 +198,7 @@ impl SegmentReaders {
 
 struct Scanner<'a> {
     config: &'a VolumeConfig,
+    base_lsn: u64,
     dir: PathBuf,
     truncate_damaged: bool,
 }
@@ -306,6 +317,12 @@ impl Scanner<'_> {
         if let Err(why) = h.check(self.config.size) {
             return Ok(Err(format!("record describes nothing valid: {why}")));
         }
+        if h.kind == RecordKind::Revert && h.offset < self.base_lsn {
+            return Ok(Err(format!(
+                "revert to lsn {}, before the journal's base {}",
+                h.offset, self.base_lsn
+            )));
+        }
         let len = u64::from(h.payload_len);
         if len > 0 && payload_position(top, len, slot) != Some(h.payload_offset) {
             return Ok(Err(format!(
@@ -360,12 +377,9 @@ impl Scanner<'_> {
 
 /// A record the scan accepted, as the index builder needs it.
 struct Accepted {
-    start: u64,
-    sectors: u64,
-    lsn: u64,
-    /// `None` for records that change no data (Flush).
-    target: Option<Target>,
-    timestamp: u64,
+    entry: Entry,
+    /// A bookmark's name.
+    bookmark: Option<String>,
 }
 
 const BATCH: usize = 4096;
@@ -398,19 +412,43 @@ impl Drop for Batcher {
     }
 }
 
-/// Builds the extent map and time index from the accepted records, in order.
-fn build_index(disk: u64, first_lsn: u64, rx: Receiver<Vec<Accepted>>) -> (ExtentMap, TimeIndex) {
-    let map = ExtentMap::new(disk);
-    let mut times = TimeIndex::new(first_lsn);
+/// Builds the extent map and record index from the accepted records, in order.
+fn build_index(
+    disk: u64,
+    sb: &SuperState,
+    rx: Receiver<Vec<Accepted>>,
+) -> (ExtentMap, RecordIndex) {
+    let mut map = ExtentMap::new(disk);
+    let mut index = RecordIndex::new(sb.base_lsn, sb.base_timestamp);
     for batch in rx {
         for a in batch {
-            if let Some(target) = a.target {
-                map.insert(a.start, a.sectors, a.lsn, target);
+            let lsn = index.last_lsn() + 1;
+            match (a.bookmark, a.entry.effect) {
+                (Some(name), _) => {
+                    index.push_bookmark(name, a.entry.timestamp);
+                }
+                (
+                    None,
+                    Effect::Data {
+                        start,
+                        sectors,
+                        target,
+                    },
+                ) => {
+                    map.insert(start, sectors, lsn, target);
+                    index.push(a.entry);
+                }
+                (None, Effect::Revert { .. }) => {
+                    index.push(a.entry);
+                    // Rare: rebuild the map as the revert left the disk.
+                    map = ExtentMap::new(disk);
+                    index.snapshot(lsn).replay_into(&map, lsn);
+                }
+                (None, Effect::Mark | Effect::Flush) => index.push(a.entry),
             }
-            times.push(a.timestamp);
         }
     }
-    (map, times)
+    (map, index)
 }
 
 /// What the scan found, apart from the index.
@@ -436,14 +474,14 @@ pub fn recover(
     std::thread::scope(|scope| {
         let builder = std::thread::Builder::new()
             .name("rewind-recovery".into())
-            .spawn_scoped(scope, || build_index(config.size, sb.base_lsn + 1, rx))
+            .spawn_scoped(scope, || build_index(config.size, sb, rx))
             .map_err(Error::io(|| "starting the recovery thread"))?;
         let batcher = Batcher {
             batch: Vec::with_capacity(BATCH),
             tx,
         };
         let scanned = scan(storage, dir, config, sb, truncate_damaged, batcher);
-        let (map, times) = builder.join().map_err(|_| Error::Io {
+        let (map, index) = builder.join().map_err(|_| Error::Io {
             context: "building the extent map".into(),
             source: io::Error::other("the recovery thread panicked"),
         })?;
@@ -452,7 +490,7 @@ pub fn recover(
             used: scanned.used,
             stale: scanned.stale,
             map,
-            times,
+            index,
             last_data_lsn: scanned.last_data_lsn,
             report: scanned.report,
         })
@@ -469,6 +507,7 @@ fn scan(
 ) -> Result<Scanned> {
     let scanner = Scanner {
         config,
+        base_lsn: sb.base_lsn,
         dir: dir.join(JOURNAL_DIR),
         truncate_damaged,
     };
@@ -537,25 +576,36 @@ fn scan(
                         Ok(h) => h,
                         Err(reason) => break reason,
                     };
-                let target = match h.kind {
-                    RecordKind::Write => Some(Target::Journal {
+                let data = |target| Effect::Data {
+                    start: h.offset / SECTOR,
+                    sectors: h.length / SECTOR,
+                    target,
+                };
+                let mut bookmark = None;
+                let effect = match h.kind {
+                    RecordKind::Write => data(Target::Journal {
                         segment: s.file_id,
                         sector: (h.payload_offset / SECTOR) as u32,
                     }),
-                    RecordKind::WriteZeroes { .. } | RecordKind::Discard => Some(Target::Zero),
+                    RecordKind::WriteZeroes { .. } | RecordKind::Discard => data(Target::Zero),
                     RecordKind::Flush => {
                         report.flush_records += 1;
-                        None
+                        Effect::Flush
                     }
+                    RecordKind::Bookmark => {
+                        bookmark = Some(readers.bookmark_name(&h).map_err(scanner.io(s.file_id))?);
+                        Effect::Mark
+                    }
+                    RecordKind::Revert => Effect::Revert { to: h.offset },
                 };
                 index.push(Accepted {
-                    start: h.offset / SECTOR,
-                    sectors: h.length / SECTOR,
-                    lsn: h.lsn,
-                    target,
-                    timestamp: h.timestamp,
+                    entry: Entry {
+                        timestamp: h.timestamp,
+                        effect,
+                    },
+                    bookmark,
                 });
-                if h.kind != RecordKind::Flush {
+                if !matches!(h.kind, RecordKind::Flush | RecordKind::Bookmark) {
                     last_data_lsn = h.lsn;
                 }
                 if h.payload_len > 0 {

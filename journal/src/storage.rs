@@ -132,6 +132,38 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Reserves space for `[0, len)` so later writes there need no allocation.
     fn allocate(&self, len: u64) -> io::Result<()>;
+    /// Makes `[offset, offset + len)` read as zeroes (deallocating it where
+    /// the file system can).
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        write_zero_buffers(self, offset, len)
+    }
+    /// Copies `[offset, offset + len)` to the same place in `dst`, leaving
+    /// holes (`dst` reads as zeroes there already) where this reads zeroes.
+    fn copy_to(&self, dst: &File, offset: u64, len: u64) -> io::Result<()> {
+        let mut buf = vec![0u8; len.min(1 << 20) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(buf.len() as u64) as usize;
+            self.read_exact_at(&mut buf[..n], at)?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                dst.write_all_at(&buf[..n], at)?;
+            }
+            at += n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn write_zero_buffers<F: StorageFile + ?Sized>(f: &F, offset: u64, len: u64) -> io::Result<()> {
+    static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
+    let mut at = offset;
+    let end = offset + len;
+    while at < end {
+        let n = (end - at).min(ZEROES.len() as u64) as usize;
+        f.write_all_at(&[&ZEROES[..n]], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// The host's file system.
@@ -207,6 +239,26 @@ impl StorageFile for OsFile {
         match retry_eintr(|| rustix::fs::fallocate(&self.0, FallocateFlags::empty(), 0, len)) {
             // File systems without fallocate: size the file; blocks come on write.
             Err(e) if e.raw_os_error() == Some(libc_eopnotsupp()) => self.0.set_len(len),
+            other => other,
+        }
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.punch_hole(offset, len)
+    }
+
+    fn copy_to(&self, dst: &File, offset: u64, len: u64) -> io::Result<()> {
+        copy_data_ranges(&self.0, dst, offset, offset + len, &mut |_, _| {})
+    }
+}
+
+impl OsFile {
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        match retry_eintr(|| rustix::fs::fallocate(&self.0, flags, offset, len)) {
+            Err(e) if e.raw_os_error() == Some(libc_eopnotsupp()) => {
+                write_zero_buffers(self, offset, len)
+            }
             other => other,
         }
     }
@@ -305,10 +357,25 @@ impl Storage for OsStorage {
 /// Copies the data ranges of `src` (skipping holes) with copy_file_range,
 /// which the kernel may turn into a server-side or reflinked copy.
 fn copy_sparse(src: &File, dst: &File, total: u64, progress: Progress<'_>) -> io::Result<()> {
+    copy_data_ranges(src, dst, 0, total, progress)?;
+    progress(total, total);
+    Ok(())
+}
+
+/// Copies the data ranges of `src` in `[from, total)` to the same offsets
+/// of `dst`, skipping holes.
+fn copy_data_ranges(
+    src: &File,
+    dst: &File,
+    from: u64,
+    total: u64,
+    progress: Progress<'_>,
+) -> io::Result<()> {
     const CHUNK: u64 = 64 << 20;
-    let mut pos = 0;
+    let mut pos = from;
     while pos < total {
         let data = match rustix::fs::seek(src, SeekFrom::Data(pos)) {
+            Ok(d) if d >= total => break,
             Ok(d) => d,
             Err(Errno::NXIO) => break, // only a hole remains
             Err(e) => return Err(e.into()),
@@ -332,6 +399,5 @@ fn copy_sparse(src: &File, dst: &File, total: u64, progress: Progress<'_>) -> io
         }
         pos = hole;
     }
-    progress(total, total);
     Ok(())
 }

@@ -17,7 +17,7 @@ use crate::storage::{Storage, StorageFile};
 pub const SUPER_FILE: &str = "super";
 const MAGIC: [u8; 8] = *b"RWNDSUP\0";
 const SLOT_SIZE: usize = 128 << 10;
-const HEAD: usize = 64;
+const HEAD: usize = 80;
 const ENTRY: usize = 16;
 /// Most segments one slot can list.
 pub const MAX_SEGMENTS: usize = (SLOT_SIZE - HEAD - 4) / ENTRY;
@@ -35,6 +35,12 @@ pub struct SuperState {
     pub generation: u64,
     /// Every record with lsn <= base_lsn is folded into base.img.
     pub base_lsn: u64,
+    /// Time of record base_lsn, whose state base.img holds (0 before the
+    /// first fold: the initial image).
+    pub base_timestamp: u64,
+    /// base.img may already hold changes up to this lsn (>= base_lsn): a
+    /// fold to it is under way, so no state before it can be read again.
+    pub horizon_lsn: u64,
     pub next_seq: u64,
     pub next_file_id: u32,
     /// Segments holding records (oldest first), then the prepared free ones.
@@ -46,6 +52,8 @@ impl SuperState {
         SuperState {
             generation: 0,
             base_lsn: 0,
+            base_timestamp: 0,
+            horizon_lsn: 0,
             next_seq: 1,
             next_file_id: 0,
             segments: Vec::new(),
@@ -62,6 +70,8 @@ impl SuperState {
         b[32..40].copy_from_slice(&self.next_seq.to_le_bytes());
         b[40..44].copy_from_slice(&self.next_file_id.to_le_bytes());
         b[48..64].copy_from_slice(volume.as_bytes());
+        b[64..72].copy_from_slice(&self.base_timestamp.to_le_bytes());
+        b[72..80].copy_from_slice(&self.horizon_lsn.to_le_bytes());
         for (i, s) in self.segments.iter().enumerate() {
             let at = HEAD + i * ENTRY;
             b[at..at + 4].copy_from_slice(&s.file_id.to_le_bytes());
@@ -107,6 +117,8 @@ impl SuperState {
         Ok(Some(SuperState {
             generation: le_u64(b, 16),
             base_lsn: le_u64(b, 24),
+            base_timestamp: le_u64(b, 64),
+            horizon_lsn: le_u64(b, 72),
             next_seq: le_u64(b, 32),
             next_file_id: le_u32(b, 40),
             segments,
@@ -203,6 +215,8 @@ mod tests {
         SuperState {
             generation: 0,
             base_lsn: 10,
+            base_timestamp: 77,
+            horizon_lsn: 12,
             next_seq: 5,
             next_file_id: n,
             segments: (0..n)

@@ -11,6 +11,11 @@
 //!   every write it must, then one thread syncs the dirty segments for all
 //!   waiting flushes (group commit), then a Flush record marks the cut.
 //!
+//! History: the applier (fold.rs) folds records older than the window into
+//! base.img and releases their segments; point-in-time views (view.rs) are
+//! built from the record index. A revert is a record too: it resets the
+//! live map to a view's under the cursor lock.
+//!
 //! Errors: EIO and ENOSPC on the volume's files are retried with backoff for
 //! up to `RetryPolicy::max_hold`, so a transient fault shows as latency. If
 //! an append still fails, its lsn is a hole that no flush can cover: the
@@ -22,7 +27,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -33,15 +38,22 @@ use crate::completion::Completion;
 use crate::error::{Error, Result};
 use crate::extent_map::{ExtentMap, Piece, Pieces, Source, Target};
 use crate::format::{
-    check_range, payload_position, RecordHeader, RecordKind, RECORD_HEADER_SIZE, SECTOR,
-    SEGMENT_HEADER_SIZE,
+    check_bookmark_name, check_range, payload_position, RecordHeader, RecordKind,
+    RECORD_HEADER_SIZE, SECTOR, SEGMENT_HEADER_SIZE,
 };
 use crate::meta::{VolumeConfig, VolumeSettings, VOLUME_FILE};
-use crate::pool::{segment_name, write_header, Pool, PoolSetup, Segment, JOURNAL_DIR};
+use crate::point::PointInTime;
+use crate::pool::{segment_name, write_header, Pool, PoolSetup, Segment, Signal, JOURNAL_DIR};
+use crate::record_index::{Bookmark, Effect, Entry, RecordIndex};
 use crate::recovery::{recover, RecoveryReport};
 use crate::storage::{ImportMode, LockGuard, Progress, Storage};
 use crate::superblock::Superblock;
-use crate::time_index::TimeIndex;
+
+mod fold;
+mod view;
+
+pub use fold::FoldReport;
+pub use view::View;
 
 pub const BASE_FILE: &str = "base.img";
 
@@ -120,6 +132,34 @@ pub struct Stats {
     pub writethrough: bool,
     /// Why the volume stopped taking writes, if it did.
     pub failed: Option<String>,
+    /// History the volume is set to keep.
+    pub window_configured: Duration,
+    /// History it keeps now: from `window_start_ns` to now.
+    pub window_effective: Duration,
+    /// The oldest moment a view, materialize or revert can reach.
+    pub window_start_ns: u64,
+    /// Folds the hard limit forced before records left the window; each
+    /// one shrank the effective window below the configured one.
+    pub forced_folds: u64,
+    pub segments_retired: u64,
+}
+
+/// The history a volume holds, for operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeline {
+    pub window_configured: Duration,
+    pub window_effective: Duration,
+    /// Oldest and newest moments reachable (the newest is now).
+    pub window_start_ns: u64,
+    pub window_end_ns: u64,
+    /// Lsns reachable: the disk as of any lsn in `start_lsn..=last_lsn`.
+    pub start_lsn: u64,
+    pub last_lsn: u64,
+    pub bookmarks: Vec<Bookmark>,
+    pub flush_points: u64,
+    pub journal_bytes: u64,
+    pub journal_max: u64,
+    pub forced_folds: u64,
 }
 
 #[derive(Debug)]
@@ -131,12 +171,40 @@ struct Cursor {
     slot: u64,
     /// End of the payloads in `active` (payloads grow up).
     top: u64,
-    times: TimeIndex,
+}
+
+/// A live view's claim on history: the applier does not fold past `lsn`
+/// unless the hard limit forces it, and then expires the view first.
+#[derive(Debug)]
+struct ViewPin {
+    lsn: u64,
+    /// Reads hold it shared for their whole duration, so expiring waits
+    /// for them.
+    state: std::sync::RwLock<PinState>,
+}
+
+#[derive(Debug)]
+struct PinState {
+    /// Why reads of the view fail, once it is expired.
+    expired: Option<String>,
+    /// The segments the view reads; holding them keeps them from reuse.
+    segments: Vec<Arc<Segment>>,
+}
+
+/// A record placed in the journal, not yet written.
+#[derive(Debug)]
+struct Reserved {
+    header: RecordHeader,
+    slot: u64,
+    segment: Arc<Segment>,
+    /// The segment the journal moved on from, if it did.
+    sealed: Option<Arc<Segment>>,
 }
 
 #[derive(Debug)]
 struct Inner {
     dir: PathBuf,
+    storage: Arc<dyn Storage>,
     config: VolumeConfig,
     clock: Arc<dyn Clock>,
     retry: RetryPolicy,
@@ -144,6 +212,15 @@ struct Inner {
     pool: Arc<Pool>,
     map: ExtentMap,
     cursor: Mutex<Cursor>,
+    /// Every record after base_lsn. Lock order: cursor, then index.
+    index: Mutex<RecordIndex>,
+    views: Mutex<Vec<Weak<ViewPin>>>,
+    /// One fold at a time.
+    fold_lock: Mutex<()>,
+    forced_folds: AtomicU64,
+    /// Wakes the applier (pressure from the pool, or shutdown).
+    applier_wake: Arc<Signal>,
+    shutdown: AtomicBool,
     /// Highest lsn of a record that changes the disk (what a flush covers).
     last_data_lsn: AtomicU64,
     completion: Completion,
@@ -161,6 +238,7 @@ struct Inner {
 pub struct Volume {
     inner: Arc<Inner>,
     maintainer: Option<JoinHandle<()>>,
+    applier: Option<JoinHandle<()>>,
     _lock: LockGuard,
 }
 
@@ -302,13 +380,27 @@ impl Volume {
             used: recovered.used,
             free,
             next_seq,
+            max_wait: options.retry.max_hold,
         })?);
         remove_orphans(storage.as_ref(), &journal_dir, &listed)?;
         pool.fill_reserve()?;
+        let mut index = recovered.index;
+        if index.base_lsn() == 0 && pool.base().1 == 0 {
+            // First open: the initial image is the disk from now on (or
+            // from the first record, if something wrote before).
+            let start = index
+                .bounds()
+                .map_or(options.clock.now_ns(), |b| b.0)
+                .saturating_sub(1);
+            pool.set_base_timestamp(start)?;
+            index = index.with_base_timestamp(start);
+        }
 
         let next_lsn = report.next_lsn;
+        view::remove_scratch_files(storage.as_ref(), dir)?;
         let inner = Arc::new(Inner {
             dir: dir.to_owned(),
+            storage: storage.clone(),
             max_payload: config.max_record_payload(),
             config,
             clock: options.clock,
@@ -318,13 +410,18 @@ impl Volume {
             map: recovered.map,
             cursor: Mutex::new(Cursor {
                 next_lsn,
-                last_timestamp: recovered.times.bounds().map_or(0, |b| b.1),
+                last_timestamp: index.timestamp(next_lsn - 1),
                 // Never append after a crashed run's tail: start a fresh segment.
                 active: None,
                 slot: 0,
                 top: 0,
-                times: recovered.times,
             }),
+            index: Mutex::new(index),
+            views: Mutex::new(Vec::new()),
+            fold_lock: Mutex::new(()),
+            forced_folds: AtomicU64::new(0),
+            applier_wake: pool.pressure(),
+            shutdown: AtomicBool::new(false),
             last_data_lsn: AtomicU64::new(recovered.last_data_lsn),
             completion: Completion::new(next_lsn - 1),
             durable_lsn: AtomicU64::new(next_lsn - 1),
@@ -337,14 +434,19 @@ impl Volume {
             .name("rewind-pool".into())
             .spawn(move || pool.maintain())
             .map_err(Error::io(|| "starting the pool thread"))?;
-        Ok((
-            Volume {
-                inner,
-                maintainer: Some(maintainer),
-                _lock: lock_guard,
-            },
-            report,
-        ))
+        let mut volume = Volume {
+            inner: inner.clone(),
+            maintainer: Some(maintainer),
+            applier: None,
+            _lock: lock_guard,
+        };
+        volume.applier = Some(
+            std::thread::Builder::new()
+                .name("rewind-applier".into())
+                .spawn(move || inner.apply_loop())
+                .map_err(Error::io(|| "starting the applier thread"))?,
+        );
+        Ok((volume, report))
     }
 
     pub fn config(&self) -> &VolumeConfig {
@@ -408,7 +510,7 @@ impl Volume {
             .lookup(offset / SECTOR, buf.len() as u64 / SECTOR, &mut pieces);
         let first = offset / SECTOR;
         for piece in &pieces {
-            inner.read_piece(piece, first, buf)?;
+            inner.read_piece(piece, first, buf, |id| inner.pool.segment(id))?;
         }
         Ok(())
     }
@@ -426,6 +528,13 @@ impl Volume {
     }
 
     fn stop_maintainer(&mut self) {
+        self.inner.shutdown.store(true, Ordering::Release);
+        self.inner.applier_wake.notify();
+        if let Some(handle) = self.applier.take() {
+            if handle.join().is_err() {
+                tracing::error!("the applier thread panicked");
+            }
+        }
         self.inner.pool.shutdown();
         if let Some(handle) = self.maintainer.take() {
             if handle.join().is_err() {
@@ -434,9 +543,127 @@ impl Volume {
         }
     }
 
-    /// The newest lsn whose record is at or before `timestamp_ns`.
+    /// The newest lsn whose record is at or before `timestamp_ns`, if that
+    /// moment is inside the window.
     pub fn lsn_at(&self, timestamp_ns: u64) -> Option<u64> {
-        lock(&self.inner.cursor).times.lsn_at(timestamp_ns)
+        let index = lock(&self.inner.index);
+        let (_, start_ns) = self.inner.window_start(&index);
+        (timestamp_ns >= start_ns).then(|| index.lsn_at(timestamp_ns))
+    }
+
+    /// The lsn a point in time names, if it is inside the window.
+    pub fn resolve(&self, at: &PointInTime) -> Result<u64> {
+        self.inner.resolve(at)
+    }
+
+    /// Records a named moment (durably: it flushes). The name must be new
+    /// among the bookmarks in the window.
+    pub fn bookmark(&self, name: &str) -> Result<Bookmark> {
+        check_bookmark_name(name).map_err(Error::InvalidRequest)?;
+        let mut payload = [0u8; SECTOR as usize];
+        payload[..name.len()].copy_from_slice(name.as_bytes());
+        let lsn = self
+            .inner
+            .append(RecordKind::Bookmark, 0, name.len() as u64, &payload)?;
+        self.inner.flush()?;
+        let index = lock(&self.inner.index);
+        Ok(Bookmark {
+            name: name.to_owned(),
+            lsn,
+            timestamp_ns: index.timestamp(lsn),
+        })
+    }
+
+    /// The bookmarks in the window, oldest first.
+    pub fn bookmarks(&self) -> Vec<Bookmark> {
+        lock(&self.inner.index).bookmarks().to_vec()
+    }
+
+    /// A read-only view of the disk as it was at `at`.
+    pub fn view(&self, at: &PointInTime) -> Result<View> {
+        View::build(self.inner.clone(), self.inner.resolve(at)?, false)
+    }
+
+    /// A view of the disk at `at` that takes writes into a scratch overlay,
+    /// thrown away with the view; the volume itself is never changed.
+    pub fn view_writable(&self, at: &PointInTime) -> Result<View> {
+        View::build(self.inner.clone(), self.inner.resolve(at)?, true)
+    }
+
+    /// Writes a sparse raw image of the disk as it was at `at` to `output`
+    /// (a new file), reporting `(bytes done, bytes in all)`.
+    pub fn materialize(
+        &self,
+        at: &PointInTime,
+        output: &Path,
+        progress: Progress<'_>,
+    ) -> Result<u64> {
+        let view = self.view(at)?;
+        view.materialize(output, progress)?;
+        Ok(view.lsn())
+    }
+
+    /// Makes the live disk what it was at `at`, as a new Revert record (no
+    /// history is lost: a view before the revert still sees the old data,
+    /// and a revert to a moment before this one undoes it). Writes that
+    /// race with it wait; callers drain the guest first. Returns the
+    /// revert record's lsn once it is durable.
+    pub fn revert(&self, at: &PointInTime) -> Result<u64> {
+        let inner = &self.inner;
+        inner.check_failed()?;
+        let mut c = lock(&inner.cursor);
+        let to = inner.resolve(at)?;
+        // Every record before the revert must be in the map it replaces.
+        if inner.completion.wait_for(c.next_lsn - 1).is_err() {
+            inner.check_failed()?;
+        }
+        let reserved =
+            inner.reserve(&mut c, RecordKind::Revert, to, 0, &[], crc32c::crc32c(&[]))?;
+        let lsn = reserved.header.lsn;
+        let snapshot = lock(&inner.index).snapshot(lsn);
+        inner.write_reserved(reserved, &[])?;
+        let map = ExtentMap::new(inner.config.size);
+        snapshot.replay_into(&map, lsn);
+        inner.map.replace_with(map);
+        drop(c);
+        tracing::info!(volume = %inner.dir.display(), to, lsn, "reverted the disk");
+        inner.flush()?;
+        Ok(lsn)
+    }
+
+    /// Folds what left the window now, instead of waiting for the applier.
+    pub fn fold_now(&self) -> Result<Option<FoldReport>> {
+        self.inner.fold()
+    }
+
+    /// The history this volume holds.
+    pub fn timeline(&self) -> Timeline {
+        let inner = &self.inner;
+        let now = inner.clock.now_ns();
+        let (start_lsn, start_ns, last_lsn, bookmarks, flush_points) = {
+            let index = lock(&inner.index);
+            let (start_lsn, start_ns) = inner.window_start(&index);
+            (
+                start_lsn,
+                start_ns,
+                index.last_lsn(),
+                index.bookmarks().to_vec(),
+                index.flushes(),
+            )
+        };
+        Timeline {
+            window_configured: inner.window(),
+            window_effective: Duration::from_nanos(now.saturating_sub(start_ns)),
+            window_start_ns: start_ns,
+            window_end_ns: now,
+            start_lsn,
+            last_lsn,
+            bookmarks,
+            flush_points,
+            journal_bytes: inner.pool.counts().bytes,
+            journal_max: inner.pool.journal_max(),
+            forced_folds: inner.forced_folds.load(Ordering::Relaxed),
+        }
     }
 
     pub fn last_lsn(&self) -> u64 {
@@ -445,10 +672,12 @@ impl Volume {
 
     pub fn stats(&self) -> Stats {
         let inner = &self.inner;
-        let (last_lsn, bounds) = {
-            let c = lock(&inner.cursor);
-            (c.next_lsn - 1, c.times.bounds())
+        let last_lsn = lock(&inner.cursor).next_lsn - 1;
+        let (bounds, start_ns) = {
+            let index = lock(&inner.index);
+            (index.bounds(), inner.window_start(&index).1)
         };
+        let now = inner.clock.now_ns();
         let counts = inner.pool.counts();
         Stats {
             uuid: inner.config.uuid,
@@ -470,6 +699,11 @@ impl Volume {
             extents: inner.map.len(),
             writethrough: self.writethrough(),
             failed: inner.failure.get().cloned(),
+            window_configured: inner.window(),
+            window_effective: Duration::from_nanos(now.saturating_sub(start_ns)),
+            window_start_ns: start_ns,
+            forced_folds: inner.forced_folds.load(Ordering::Relaxed),
+            segments_retired: counts.retired,
         }
     }
 }
@@ -580,57 +814,120 @@ impl Inner {
     fn append(&self, kind: RecordKind, offset: u64, length: u64, payload: &[u8]) -> Result<u64> {
         self.check_failed()?;
         let payload_crc = crc32c::crc32c(payload);
+        let reserved = self.reserve(
+            &mut lock(&self.cursor),
+            kind,
+            offset,
+            length,
+            payload,
+            payload_crc,
+        )?;
+        self.write_reserved(reserved, payload)
+    }
+
+    /// Places the next record: its lsn, timestamp, header slot and payload
+    /// position, and its entry in the record index.
+    fn reserve(
+        &self,
+        c: &mut Cursor,
+        kind: RecordKind,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+        payload_crc: u32,
+    ) -> Result<Reserved> {
         let len = payload.len() as u64;
         let mut sealed = None;
-        let (header, slot, segment) = {
-            let mut c = lock(&self.cursor);
-            let placed = c
-                .active
-                .clone()
-                .and_then(|seg| Some((seg, place(c.slot, c.top, len)?)));
-            let (segment, payload_offset) = match placed {
-                Some(found) => found,
-                None => {
-                    let segment = self.pool.take_next()?;
-                    sealed = c.active.replace(segment.clone());
-                    c.slot = self.config.segment_size - RECORD_HEADER_SIZE;
-                    c.top = SEGMENT_HEADER_SIZE;
-                    self.warn_if_over_threshold();
-                    // Payloads are capped so that one always fits a fresh segment.
-                    let offset = place(c.slot, c.top, len).ok_or_else(|| {
-                        Error::InvalidRequest(format!("a {len}-byte record cannot fit a segment"))
-                    })?;
-                    (segment, offset)
-                }
-            };
-            let lsn = c.next_lsn;
-            let timestamp = self.clock.now_ns().max(c.last_timestamp);
-            c.next_lsn += 1;
-            c.last_timestamp = timestamp;
-            c.times.push(timestamp);
-            if kind != RecordKind::Flush {
-                self.last_data_lsn.store(lsn, Ordering::Release);
+        let placed = c
+            .active
+            .clone()
+            .and_then(|seg| Some((seg, place(c.slot, c.top, len)?)));
+        let (segment, payload_offset) = match placed {
+            Some(found) => found,
+            None => {
+                let segment = self.pool.take_next()?;
+                sealed = c.active.replace(segment.clone());
+                c.slot = self.config.segment_size - RECORD_HEADER_SIZE;
+                c.top = SEGMENT_HEADER_SIZE;
+                self.warn_if_over_threshold();
+                // Payloads are capped so that one always fits a fresh segment.
+                let offset = place(c.slot, c.top, len).ok_or_else(|| {
+                    Error::InvalidRequest(format!("a {len}-byte record cannot fit a segment"))
+                })?;
+                (segment, offset)
             }
-            let header = RecordHeader {
-                kind,
-                seq: segment.seq,
-                lsn,
-                timestamp,
-                epoch: self.config.epoch,
-                offset,
-                length,
-                payload_len: len as u32,
-                payload_crc,
-                payload_offset: payload_offset.unwrap_or(0),
-            };
-            let slot = c.slot;
-            if let Some(at) = payload_offset {
-                c.top = at + len;
-            }
-            // Below `top` means full: `place` refuses the next record.
-            c.slot = slot.saturating_sub(RECORD_HEADER_SIZE);
-            (header, slot, segment)
         };
+        let lsn = c.next_lsn;
+        let timestamp = self.clock.now_ns().max(c.last_timestamp);
+        let data = |target| Effect::Data {
+            start: offset / SECTOR,
+            sectors: length / SECTOR,
+            target,
+        };
+        let effect = match kind {
+            RecordKind::Write => data(Target::Journal {
+                segment: segment.id,
+                sector: (payload_offset.unwrap_or(0) / SECTOR) as u32,
+            }),
+            RecordKind::WriteZeroes { .. } | RecordKind::Discard => data(Target::Zero),
+            RecordKind::Flush => Effect::Flush,
+            RecordKind::Bookmark => Effect::Mark,
+            RecordKind::Revert => Effect::Revert { to: offset },
+        };
+        {
+            let mut index = lock(&self.index);
+            if kind == RecordKind::Bookmark {
+                let name = String::from_utf8_lossy(&payload[..length as usize]).into_owned();
+                if index.bookmark(&name).is_some() {
+                    return Err(Error::InvalidRequest(format!(
+                        "a bookmark named {name:?} already exists"
+                    )));
+                }
+                index.push_bookmark(name, timestamp);
+            } else {
+                index.push(Entry { timestamp, effect });
+            }
+        }
+        c.next_lsn += 1;
+        c.last_timestamp = timestamp;
+        segment.last_lsn.store(lsn, Ordering::Release);
+        if !matches!(kind, RecordKind::Flush | RecordKind::Bookmark) {
+            self.last_data_lsn.store(lsn, Ordering::Release);
+        }
+        let header = RecordHeader {
+            kind,
+            seq: segment.seq,
+            lsn,
+            timestamp,
+            epoch: self.config.epoch,
+            offset,
+            length,
+            payload_len: len as u32,
+            payload_crc,
+            payload_offset: payload_offset.unwrap_or(0),
+        };
+        let slot = c.slot;
+        if let Some(at) = payload_offset {
+            c.top = at + len;
+        }
+        // Below `top` means full: `place` refuses the next record.
+        c.slot = slot.saturating_sub(RECORD_HEADER_SIZE);
+        Ok(Reserved {
+            header,
+            slot,
+            segment,
+            sealed,
+        })
+    }
+
+    /// Writes a reserved record, updates the live map and marks it complete.
+    fn write_reserved(&self, r: Reserved, payload: &[u8]) -> Result<u64> {
+        let Reserved {
+            header,
+            slot,
+            segment,
+            sealed,
+        } = r;
         if let Some(full) = sealed {
             self.seal(&full);
         }
@@ -651,8 +948,8 @@ impl Inner {
             return Err(Error::Failed(reason));
         }
         segment.dirty.store(true, Ordering::Release);
-        let (start, sectors) = (offset / SECTOR, length / SECTOR);
-        match kind {
+        let (start, sectors) = (header.offset / SECTOR, header.length / SECTOR);
+        match header.kind {
             RecordKind::Write => {
                 let sector = (header.payload_offset / SECTOR) as u32;
                 let target = Target::Journal {
@@ -664,7 +961,8 @@ impl Inner {
             RecordKind::WriteZeroes { .. } | RecordKind::Discard => {
                 self.map.insert(start, sectors, header.lsn, Target::Zero);
             }
-            RecordKind::Flush => {}
+            // A revert changes the map under the cursor lock (`revert`).
+            RecordKind::Flush | RecordKind::Bookmark | RecordKind::Revert => {}
         }
         self.completion.complete(header.lsn);
         Ok(header.lsn)
@@ -728,28 +1026,144 @@ impl Inner {
         Ok(())
     }
 
-    fn read_piece(&self, piece: &Piece, first: u64, buf: &mut [u8]) -> Result<()> {
+    /// Reads `piece` of a read that starts at sector `first` into `buf`;
+    /// `segment` finds the journal files the piece may name.
+    fn read_piece(
+        &self,
+        piece: &Piece,
+        first: u64,
+        buf: &mut [u8],
+        segment: impl Fn(u32) -> Option<Arc<Segment>>,
+    ) -> Result<()> {
         let from = ((piece.start - first) * SECTOR) as usize;
         let out = &mut buf[from..from + (piece.sectors * SECTOR) as usize];
+        let at_base = piece.start * SECTOR;
         match piece.source {
             Source::Zero => out.fill(0),
-            Source::Base => {
-                let at = piece.start * SECTOR;
-                self.retrying("reading base.img", || self.base.read_exact_at(out, at))
-                    .map_err(Error::io(|| format!("reading {BASE_FILE} at {at}")))?;
-            }
-            Source::Journal { segment, sector } => {
-                let seg = self.pool.segment(segment).ok_or_else(|| Error::Io {
-                    context: format!("segment {segment}"),
-                    source: io::Error::other("the extent map points to a released segment"),
-                })?;
-                let at = u64::from(sector) * SECTOR;
-                self.retrying("reading the journal", || seg.file.read_exact_at(out, at))
-                    .map_err(Error::io(|| {
-                        format!("reading {} at {at}", segment_name(segment))
-                    }))?;
-            }
+            Source::Journal {
+                segment: id,
+                sector,
+            } => match segment(id) {
+                Some(seg) => {
+                    let at = u64::from(sector) * SECTOR;
+                    self.retrying("reading the journal", || seg.file.read_exact_at(out, at))
+                        .map_err(Error::io(|| {
+                            format!("reading {} at {at}", segment_name(id))
+                        }))?;
+                }
+                // Folded since the lookup: base.img holds the data now.
+                None => self.read_base(out, at_base)?,
+            },
+            Source::Base => self.read_base(out, at_base)?,
         }
         Ok(())
+    }
+
+    fn read_base(&self, out: &mut [u8], at: u64) -> Result<()> {
+        self.retrying("reading base.img", || self.base.read_exact_at(out, at))
+            .map_err(Error::io(|| format!("reading {BASE_FILE} at {at}")))
+    }
+
+    fn window(&self) -> Duration {
+        Duration::from_secs(self.config.window_secs)
+    }
+
+    /// The oldest lsn whose state can still be read, and its time.
+    fn window_start(&self, index: &RecordIndex) -> (u64, u64) {
+        let horizon = self.pool.base().2.max(index.base_lsn());
+        (horizon, index.timestamp(horizon))
+    }
+
+    /// The lsn `at` names, checked to be inside the window.
+    fn resolve(&self, at: &PointInTime) -> Result<u64> {
+        let index = lock(&self.index);
+        let (start_lsn, start_ns) = self.window_start(&index);
+        let last = index.last_lsn();
+        let now = self.clock.now_ns();
+        let outside = |what: String| Error::OutsideWindow {
+            requested: what,
+            start: crate::point::format_ns(start_ns),
+            end: crate::point::format_ns(now),
+            start_lsn,
+            last_lsn: last,
+        };
+        let lsn = match at {
+            PointInTime::Lsn(lsn) => *lsn,
+            PointInTime::Bookmark(name) => index
+                .bookmark(name)
+                .map(|b| b.lsn)
+                .ok_or_else(|| Error::NoSuchBookmark(name.clone()))?,
+            PointInTime::Time(_) | PointInTime::Ago(_) => {
+                let ns = at.timestamp(now).ok_or_else(|| outside(at.to_string()))?;
+                if ns > now {
+                    return Err(Error::InvalidRequest(format!(
+                        "{at} is in the future (now is {})",
+                        crate::point::format_ns(now)
+                    )));
+                }
+                if ns < start_ns {
+                    return Err(outside(at.to_string()));
+                }
+                index.lsn_at(ns)
+            }
+        };
+        if lsn < start_lsn || lsn > last {
+            return Err(outside(at.to_string()));
+        }
+        Ok(lsn)
+    }
+
+    /// Registers a view of lsn `lsn` reading `segments`; the applier will
+    /// not fold past it.
+    fn pin(&self, lsn: u64, segments: Vec<Arc<Segment>>) -> Arc<ViewPin> {
+        let pin = Arc::new(ViewPin {
+            lsn,
+            state: std::sync::RwLock::new(PinState {
+                expired: None,
+                segments,
+            }),
+        });
+        let mut views = lock(&self.views);
+        views.retain(|w| w.strong_count() > 0);
+        views.push(Arc::downgrade(&pin));
+        pin
+    }
+
+    /// The oldest lsn a live view reads.
+    fn oldest_pin(&self) -> Option<u64> {
+        lock(&self.views)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|p| p.lsn)
+            .min()
+    }
+
+    /// Makes every view older than `lsn` fail its reads from now on, after
+    /// the reads in progress finish.
+    fn expire_views_before(&self, lsn: u64) {
+        for pin in lock(&self.views).iter().filter_map(Weak::upgrade) {
+            if pin.lsn < lsn {
+                let reason = format!(
+                    "the journal reached its hard limit and folded past lsn {}; \
+                     this view (lsn {}) no longer exists",
+                    lsn, pin.lsn
+                );
+                tracing::warn!("{reason}");
+                let mut state = pin.state.write().unwrap_or_else(|e| e.into_inner());
+                state.expired = Some(reason);
+                state.segments.clear();
+            }
+        }
+    }
+
+    /// The background applier: folds what left the window, at least once a
+    /// second and at once when the pool is under pressure.
+    fn apply_loop(&self) {
+        while !self.shutdown.load(Ordering::Acquire) {
+            if let Err(e) = self.fold() {
+                tracing::error!(volume = %self.dir.display(), error = %e, "fold failed; retrying");
+            }
+            self.applier_wake.wait(Duration::from_secs(1));
+        }
     }
 }

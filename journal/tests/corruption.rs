@@ -230,7 +230,8 @@ fn damaged_metadata_files_are_named() {
 
     let dir = volume(&tmp.path().join("c"));
     let json = std::fs::read_to_string(dir.join("volume.json")).expect("read");
-    let json = json.replace("\"format_version\": 1", "\"format_version\": 7");
+    let current = format!("\"format_version\": {}", rewind_journal::FORMAT_VERSION);
+    let json = json.replace(&current, "\"format_version\": 7");
     std::fs::write(dir.join("volume.json"), json).expect("write");
     let err = open_with(&dir, false).unwrap_err();
     assert!(err.to_string().contains("format version 7"), "{err}");

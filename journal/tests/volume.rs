@@ -149,34 +149,37 @@ fn the_pool_grows_keeps_its_reserve_and_reports_it() {
 }
 
 #[test]
-fn the_hard_limit_stops_growth_with_a_clear_error_and_loses_nothing() {
+fn at_the_hard_limit_the_applier_folds_early_and_no_write_fails() {
     let fs = FaultStorage::new();
     let mut settings = small_settings();
     settings.journal_max = 8 * (64 << 10);
     settings.journal_warn = 4 * (64 << 10);
     create(&fs, &settings);
     let v = open(&fs);
-    let mut written = Vec::new();
-    let err = loop {
-        let i = written.len();
-        match v.write((i as u64 % 32) * 16384, &pattern(i as u8, 16384)) {
-            Ok(_) => written.push(i),
-            Err(e) => break e,
-        }
-        assert!(written.len() < 100, "the limit never hit");
-    };
-    assert!(matches!(err, Error::JournalFull { .. }), "{err}");
-    assert!(err.to_string().contains("journal full"));
-    let s = v.stats();
-    assert!(s.over_warning);
-    assert_eq!(s.journal_bytes, 8 * (64 << 10));
-    assert_eq!(s.failed, None, "a full journal is not a failure");
-    // Everything written before the limit is intact.
-    for &i in written.iter().rev().take(32) {
-        let off = (i as u64 % 32) * 16384;
-        assert_eq!(read(&v, off, 16384), pattern(i as u8, 16384), "write {i}");
+    let mut model = vec![0u8; 32 * 16384];
+    // About 25 segments of writes into an 8-segment journal, all inside the
+    // one-hour window (the clock does not move).
+    for i in 0..100usize {
+        let off = (i % 32) * 16384;
+        let data = pattern(i as u8, 16384);
+        v.write(off as u64, &data)
+            .expect("no write fails at the limit");
+        model[off..off + 16384].copy_from_slice(&data);
     }
-    v.flush().expect("flush still works");
+    let s = v.stats();
+    assert!(s.over_warning, "{s:?}");
+    assert!(s.journal_bytes <= 8 * (64 << 10), "{s:?}");
+    assert!(s.forced_folds > 0, "the early folds are counted: {s:?}");
+    assert!(s.base_lsn > 0, "{s:?}");
+    assert!(
+        s.window_start_ns > v.timeline().window_end_ns - s.window_configured.as_nanos() as u64,
+        "the effective window shrank below the configured one: {s:?}"
+    );
+    assert_eq!(s.failed, None);
+    assert_eq!(read(&v, 0, model.len()), model);
+    v.close().expect("close");
+    let v = open(&fs);
+    assert_eq!(read(&v, 0, model.len()), model, "after reopening");
 }
 
 #[test]
@@ -452,7 +455,8 @@ fn the_time_index_maps_times_to_lsns_and_survives_recovery() {
         ..options()
     };
     let (v, _) = Volume::open(fs.arc(), Path::new(DIR), options()).expect("open");
-    assert_eq!(v.lsn_at(u64::MAX), None, "no record yet");
+    assert_eq!(v.lsn_at(u64::MAX), Some(0), "only the initial image yet");
+    assert_eq!(v.lsn_at(998), None, "before the volume's first open");
     let mut lsns = Vec::new();
     for t in [2_000u64, 3_000, 3_000, 5_000] {
         clock.set(t);
@@ -462,7 +466,7 @@ fn the_time_index_maps_times_to_lsns_and_survives_recovery() {
     clock.set(4_000);
     let last = v.write(512, &[1u8; 512]).expect("write");
     let check = |v: &Volume, newest: u64| {
-        assert_eq!(v.lsn_at(1_999), None);
+        assert_eq!(v.lsn_at(1_999), Some(0));
         assert_eq!(v.lsn_at(2_000), Some(lsns[0]));
         assert_eq!(v.lsn_at(2_999), Some(lsns[0]));
         assert_eq!(v.lsn_at(3_000), Some(lsns[2]));

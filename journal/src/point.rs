@@ -1,0 +1,141 @@
+//! Points in time as operators write them: `2026-11-22T19:36:00Z` (RFC
+//! 3339, any offset), `-90s` / `-5m` / `-2h` / `-1d` (ago), `lsn:N`, or
+//! `bookmark:NAME`.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A moment of a volume's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PointInTime {
+    /// Nanoseconds since the Unix epoch.
+    Time(u64),
+    /// This long before now.
+    Ago(Duration),
+    /// The disk after record `N` (and every record before it).
+    Lsn(u64),
+    /// The moment a bookmark was taken.
+    Bookmark(String),
+}
+
+impl PointInTime {
+    /// The moment as ns since the epoch, given the time now (`None` for lsns
+    /// and bookmarks, and for moments before 1970).
+    pub fn timestamp(&self, now_ns: u64) -> Option<u64> {
+        match self {
+            PointInTime::Time(ns) => Some(*ns),
+            PointInTime::Ago(d) => {
+                now_ns.checked_sub(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+            }
+            PointInTime::Lsn(_) | PointInTime::Bookmark(_) => None,
+        }
+    }
+}
+
+const EXPECTED: &str = "expected an RFC 3339 time (2026-11-22T19:36:00Z), a time ago \
+                        (-90s, -5m, -2h), lsn:N or bookmark:NAME";
+
+impl FromStr for PointInTime {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let bad = |why: String| format!("cannot read {s:?} as a point in time: {why}; {EXPECTED}");
+        if let Some(n) = s.strip_prefix("lsn:") {
+            return n
+                .parse()
+                .map(PointInTime::Lsn)
+                .map_err(|e| bad(format!("{e}")));
+        }
+        if let Some(name) = s.strip_prefix("bookmark:") {
+            crate::format::check_bookmark_name(name).map_err(bad)?;
+            return Ok(PointInTime::Bookmark(name.to_owned()));
+        }
+        if let Some(ago) = s.strip_prefix('-') {
+            return humantime::parse_duration(ago)
+                .map(PointInTime::Ago)
+                .map_err(|e| bad(e.to_string()));
+        }
+        let t: jiff::Timestamp = s.parse().map_err(|e: jiff::Error| bad(e.to_string()))?;
+        u64::try_from(t.as_nanosecond())
+            .map(PointInTime::Time)
+            .map_err(|_| bad("it is before 1970".into()))
+    }
+}
+
+impl fmt::Display for PointInTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PointInTime::Time(ns) => f.write_str(&format_ns(*ns)),
+            PointInTime::Ago(d) => write!(f, "-{}", humantime::format_duration(*d)),
+            PointInTime::Lsn(n) => write!(f, "lsn:{n}"),
+            PointInTime::Bookmark(name) => write!(f, "bookmark:{name}"),
+        }
+    }
+}
+
+/// RFC 3339 in UTC, with as many fractional digits as the time needs.
+pub fn format_ns(ns: u64) -> String {
+    jiff::Timestamp::from_nanosecond(i128::from(ns))
+        .map_or_else(|_| format!("{ns}ns"), |t| t.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_form_parses_and_prints_back() {
+        let cases = [
+            (
+                "2026-11-22T19:36:00Z",
+                PointInTime::Time(1_795_376_160_000_000_000),
+            ),
+            (
+                "2026-11-22T20:36:00+01:00",
+                PointInTime::Time(1_795_376_160_000_000_000),
+            ),
+            ("-90s", PointInTime::Ago(Duration::from_secs(90))),
+            ("-5m", PointInTime::Ago(Duration::from_secs(300))),
+            ("-2h", PointInTime::Ago(Duration::from_secs(7200))),
+            ("lsn:42", PointInTime::Lsn(42)),
+            (
+                "bookmark:before-upgrade",
+                PointInTime::Bookmark("before-upgrade".into()),
+            ),
+        ];
+        for (text, want) in cases {
+            let got: PointInTime = text.parse().expect(text);
+            assert_eq!(got, want, "{text}");
+            assert_eq!(got.to_string().parse::<PointInTime>().expect("again"), want);
+        }
+        assert_eq!(
+            format_ns(1_795_376_160_500_000_000),
+            "2026-11-22T19:36:00.5Z"
+        );
+    }
+
+    #[test]
+    fn nonsense_is_refused_with_the_forms_it_takes() {
+        for text in [
+            "",
+            "yesterday",
+            "lsn:x",
+            "-5 parsecs",
+            "bookmark:",
+            "bookmark:a b",
+            "1969-01-01T00:00:00Z",
+        ] {
+            let err = text.parse::<PointInTime>().expect_err(text);
+            assert!(
+                err.contains("RFC 3339") && err.contains("bookmark:NAME"),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            PointInTime::Ago(Duration::from_secs(10)).timestamp(5_000_000_000),
+            None
+        );
+    }
+}

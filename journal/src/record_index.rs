@@ -1,0 +1,373 @@
+//! Every journal record after base_lsn, in memory, by lsn: when it was
+//! written and what it did to the disk.
+//!
+//! This is the metadata point-in-time access is built from: the disk at lsn
+//! L is base.img plus the effects of records base_lsn+1..=L, replayed in lsn
+//! order ([`Snapshot::replay_into`]). A Revert record resets the disk to an
+//! earlier lsn's state, so a replay through one first replays up to its
+//! target, then goes on after it.
+//!
+//! Invariants:
+//! - lsns are dense and timestamps never decrease along them, so time -> lsn
+//!   is a bisection;
+//! - entries live in chunks of `CHUNK`; every chunk but the tail is full and
+//!   frozen behind an `Arc`, so a snapshot shares them instead of copying,
+//!   and growing never moves what is there;
+//! - every revert's target is >= base_lsn (the applier never folds past the
+//!   target of a revert it has not folded).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::extent_map::{ExtentMap, Target};
+
+const CHUNK: usize = 4096;
+
+/// What one record did to the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Nothing (a bookmark).
+    Mark,
+    /// A durable cut point; changes nothing.
+    Flush,
+    /// `sectors` sectors from sector `start` now hold `target`.
+    Data {
+        start: u64,
+        sectors: u64,
+        target: Target,
+    },
+    /// The disk returns to its state at lsn `to`.
+    Revert { to: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub timestamp: u64,
+    pub effect: Effect,
+}
+
+/// A named moment in the journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bookmark {
+    pub name: String,
+    /// The bookmark record's own lsn: the disk as of every record before it.
+    pub lsn: u64,
+    pub timestamp_ns: u64,
+}
+
+/// Entries `base_lsn + 1 ..= last_lsn()`.
+#[derive(Debug)]
+pub struct RecordIndex {
+    base_lsn: u64,
+    base_timestamp: u64,
+    /// Lsn of the first entry of the first chunk (<= base_lsn + 1: the first
+    /// chunk may still hold folded entries).
+    chunks_lsn: u64,
+    frozen: VecDeque<Arc<[Entry]>>,
+    tail: Vec<Entry>,
+    /// (lsn, target) of every Revert record, in lsn order.
+    reverts: Vec<(u64, u64)>,
+    bookmarks: Vec<Bookmark>,
+    flushes: u64,
+}
+
+impl RecordIndex {
+    /// An empty index over base.img as of `base_lsn`, written at `base_timestamp`.
+    pub fn new(base_lsn: u64, base_timestamp: u64) -> Self {
+        RecordIndex {
+            base_lsn,
+            base_timestamp,
+            chunks_lsn: base_lsn + 1,
+            frozen: VecDeque::new(),
+            tail: Vec::with_capacity(CHUNK),
+            reverts: Vec::new(),
+            bookmarks: Vec::new(),
+            flushes: 0,
+        }
+    }
+
+    pub fn base_lsn(&self) -> u64 {
+        self.base_lsn
+    }
+
+    /// The same index with another time for the base state.
+    pub fn with_base_timestamp(mut self, ns: u64) -> Self {
+        self.base_timestamp = ns;
+        self
+    }
+
+    /// Highest lsn indexed (base_lsn if none).
+    pub fn last_lsn(&self) -> u64 {
+        self.chunks_lsn + (self.frozen.len() * CHUNK + self.tail.len()) as u64 - 1
+    }
+
+    /// Adds the entry of lsn `last_lsn() + 1`.
+    pub fn push(&mut self, entry: Entry) {
+        let lsn = self.last_lsn() + 1;
+        match entry.effect {
+            Effect::Revert { to } => self.reverts.push((lsn, to)),
+            Effect::Flush => self.flushes += 1,
+            Effect::Mark | Effect::Data { .. } => {}
+        }
+        self.tail.push(entry);
+        if self.tail.len() == CHUNK {
+            let full = std::mem::replace(&mut self.tail, Vec::with_capacity(CHUNK));
+            self.frozen.push_back(full.into());
+        }
+    }
+
+    /// Adds a bookmark record (its entry and its name).
+    pub fn push_bookmark(&mut self, name: String, timestamp: u64) -> Bookmark {
+        let bookmark = Bookmark {
+            name,
+            lsn: self.last_lsn() + 1,
+            timestamp_ns: timestamp,
+        };
+        self.push(Entry {
+            timestamp,
+            effect: Effect::Mark,
+        });
+        self.bookmarks.push(bookmark.clone());
+        bookmark
+    }
+
+    fn entry(&self, lsn: u64) -> &Entry {
+        locate(self.chunks_lsn, self.frozen.iter(), &self.tail, lsn)
+    }
+
+    /// Time of lsn `lsn` (base_lsn..=last_lsn()).
+    pub fn timestamp(&self, lsn: u64) -> u64 {
+        if lsn <= self.base_lsn {
+            self.base_timestamp
+        } else {
+            self.entry(lsn).timestamp
+        }
+    }
+
+    /// The newest lsn whose record was written at or before `timestamp`
+    /// (base_lsn if every record is later).
+    pub fn lsn_at(&self, timestamp: u64) -> u64 {
+        let (mut lo, mut hi) = (self.base_lsn + 1, self.last_lsn() + 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.entry(mid).timestamp <= timestamp {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo - 1
+    }
+
+    /// Times of the oldest and newest records, if any.
+    pub fn bounds(&self) -> Option<(u64, u64)> {
+        let last = self.last_lsn();
+        (last > self.base_lsn).then(|| (self.timestamp(self.base_lsn + 1), self.timestamp(last)))
+    }
+
+    pub fn bookmarks(&self) -> &[Bookmark] {
+        &self.bookmarks
+    }
+
+    pub fn bookmark(&self, name: &str) -> Option<&Bookmark> {
+        self.bookmarks.iter().find(|b| b.name == name)
+    }
+
+    /// Flush records in the index.
+    pub fn flushes(&self) -> u64 {
+        self.flushes
+    }
+
+    /// Reverts (lsn, target) in the index, in lsn order.
+    pub fn reverts(&self) -> &[(u64, u64)] {
+        &self.reverts
+    }
+
+    /// The entries up to `upto` (<= last_lsn()), for use without the lock.
+    pub fn snapshot(&self, upto: u64) -> Snapshot {
+        let needed = (upto + 1).saturating_sub(self.chunks_lsn) as usize;
+        let whole = (needed / CHUNK).min(self.frozen.len());
+        let frozen: Vec<Arc<[Entry]>> = self.frozen.iter().take(whole).cloned().collect();
+        let rest = needed - whole * CHUNK;
+        let tail = if whole < self.frozen.len() {
+            self.frozen[whole][..rest].to_vec()
+        } else {
+            self.tail[..rest].to_vec()
+        };
+        Snapshot {
+            base_lsn: self.base_lsn,
+            chunks_lsn: self.chunks_lsn,
+            frozen,
+            tail,
+            reverts: self
+                .reverts
+                .iter()
+                .copied()
+                .filter(|r| r.0 <= upto)
+                .collect(),
+        }
+    }
+
+    /// Forgets every record up to `base_lsn`, now folded into base.img.
+    pub fn trim(&mut self, base_lsn: u64) {
+        if base_lsn <= self.base_lsn {
+            return;
+        }
+        let folded_flushes = (self.base_lsn + 1..=base_lsn)
+            .filter(|&l| self.entry(l).effect == Effect::Flush)
+            .count() as u64;
+        self.flushes -= folded_flushes;
+        self.base_timestamp = self.timestamp(base_lsn);
+        self.base_lsn = base_lsn;
+        while self.chunks_lsn + CHUNK as u64 <= base_lsn + 1 && !self.frozen.is_empty() {
+            self.frozen.pop_front();
+            self.chunks_lsn += CHUNK as u64;
+        }
+        if self.frozen.is_empty() && self.last_lsn() == base_lsn {
+            self.tail.clear();
+            self.chunks_lsn = base_lsn + 1;
+        }
+        self.reverts.retain(|r| r.0 > base_lsn);
+        self.bookmarks.retain(|b| b.lsn > base_lsn);
+    }
+}
+
+fn locate<'a>(
+    chunks_lsn: u64,
+    mut frozen: impl Iterator<Item = &'a Arc<[Entry]>>,
+    tail: &'a [Entry],
+    lsn: u64,
+) -> &'a Entry {
+    let i = (lsn - chunks_lsn) as usize;
+    match frozen.nth(i / CHUNK) {
+        Some(chunk) => &chunk[i % CHUNK],
+        None => &tail[i % CHUNK],
+    }
+}
+
+/// The records base_lsn + 1 ..= upto at one moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    base_lsn: u64,
+    chunks_lsn: u64,
+    frozen: Vec<Arc<[Entry]>>,
+    tail: Vec<Entry>,
+    reverts: Vec<(u64, u64)>,
+}
+
+impl Snapshot {
+    pub fn entry(&self, lsn: u64) -> &Entry {
+        locate(self.chunks_lsn, self.frozen.iter(), &self.tail, lsn)
+    }
+
+    /// Inserts into the empty `map` where the disk's data is at lsn `upto`
+    /// (base_lsn up to the snapshot's end); sectors it leaves out read from
+    /// base.img.
+    pub fn replay_into(&self, map: &ExtentMap, upto: u64) {
+        let first = match self.reverts.iter().rev().find(|r| r.0 <= upto) {
+            Some(&(lsn, to)) => {
+                // Targets are always before the revert itself (checked
+                // when it is written and when it is read back).
+                self.replay_into(map, to.min(lsn - 1));
+                lsn + 1
+            }
+            None => self.base_lsn + 1,
+        };
+        for lsn in first..=upto {
+            if let Effect::Data {
+                start,
+                sectors,
+                target,
+            } = self.entry(lsn).effect
+            {
+                map.insert(start, sectors, lsn, target);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::extent_map::{Pieces, Source};
+
+    fn data(timestamp: u64, start: u64, segment: u32) -> Entry {
+        Entry {
+            timestamp,
+            effect: Effect::Data {
+                start,
+                sectors: 1,
+                target: Target::Journal { segment, sector: 1 },
+            },
+        }
+    }
+
+    #[test]
+    fn finds_the_newest_lsn_at_or_before_a_time() {
+        let mut t = RecordIndex::new(10, 50);
+        assert_eq!(t.lsn_at(5), 10);
+        for i in 0..10_000u64 {
+            t.push(Entry {
+                timestamp: 100 + i / 3 * 10, // runs of three equal timestamps
+                effect: Effect::Flush,
+            });
+        }
+        assert_eq!(t.bounds(), Some((100, 100 + 3333 * 10)));
+        assert_eq!(t.lsn_at(99), 10);
+        assert_eq!(t.lsn_at(100), 13);
+        assert_eq!(t.lsn_at(109), 13);
+        assert_eq!(t.lsn_at(110), 16);
+        assert_eq!(t.lsn_at(u64::MAX), 10 + 10_000);
+        assert_eq!(t.flushes(), 10_000);
+    }
+
+    #[test]
+    fn trimming_keeps_lsns_and_times_of_what_remains() {
+        let mut t = RecordIndex::new(0, 0);
+        for i in 1..=10_000u64 {
+            t.push(data(i * 10, i % 7, 1));
+        }
+        t.trim(5000);
+        assert_eq!(t.base_lsn(), 5000);
+        assert_eq!(t.timestamp(5000), 50_000);
+        assert_eq!(t.timestamp(5001), 50_010);
+        assert_eq!(t.lsn_at(60_000), 6000);
+        assert_eq!(t.lsn_at(1), 5000);
+        t.trim(10_000);
+        assert_eq!(t.bounds(), None);
+        assert_eq!(t.last_lsn(), 10_000);
+        t.push(data(200_000, 0, 2));
+        assert_eq!(t.last_lsn(), 10_001);
+        assert_eq!(t.lsn_at(200_000), 10_001);
+    }
+
+    #[test]
+    fn replay_follows_reverts() {
+        let mut t = RecordIndex::new(0, 0);
+        t.push(data(1, 0, 1)); // lsn 1: sector 0 <- segment 1
+        t.push(data(2, 0, 2)); // lsn 2: sector 0 <- segment 2
+        t.push(Entry {
+            timestamp: 3,
+            effect: Effect::Revert { to: 1 },
+        }); // lsn 3: back to lsn 1
+        t.push(data(4, 1, 4)); // lsn 4: sector 1 <- segment 4
+        t.push(Entry {
+            timestamp: 5,
+            effect: Effect::Revert { to: 2 },
+        }); // lsn 5: undo the revert: back to lsn 2
+        let source = |upto: u64, sector: u64| {
+            let map = ExtentMap::new(4 * 512);
+            t.snapshot(upto).replay_into(&map, upto);
+            let mut p = Pieces::new();
+            map.lookup(sector, 1, &mut p);
+            p[0].source
+        };
+        let seg = |segment| Source::Journal { segment, sector: 1 };
+        assert_eq!(source(0, 0), Source::Base);
+        assert_eq!(source(2, 0), seg(2));
+        assert_eq!(source(3, 0), seg(1));
+        assert_eq!(source(4, 1), seg(4));
+        assert_eq!(source(5, 0), seg(2));
+        assert_eq!(source(5, 1), Source::Base);
+    }
+}
