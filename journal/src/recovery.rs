@@ -13,6 +13,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 
@@ -536,6 +537,8 @@ fn scan(
     }
 
     let mut readers = SegmentReaders::new();
+    // The last lsn of each segment with records, in order.
+    let mut last_lsns = Vec::new();
     // The last segment with records, its next header slot and payload end.
     let mut last_used: Option<(usize, u64, u64)> = None;
     for (i, s) in sb.segments.iter().enumerate() {
@@ -636,6 +639,7 @@ fn scan(
             break;
         }
         last_used = Some((i, slot, top));
+        last_lsns.push(expected - 1);
         report.end = LogEnd {
             segment: name,
             offset: slot,
@@ -699,7 +703,11 @@ fn scan(
     let mut stale = Vec::new();
     for (i, (s, file)) in sb.segments.iter().zip(files).enumerate() {
         match file {
-            Some(f) if i < used_count => used.push(Arc::new(Segment::new(s.file_id, s.seq, f))),
+            Some(f) if i < used_count => {
+                let seg = Segment::new(s.file_id, s.seq, f);
+                seg.last_lsn.store(last_lsns[i], Ordering::Release);
+                used.push(Arc::new(seg));
+            }
             file => stale.push((s.file_id, file)),
         }
     }

@@ -92,6 +92,10 @@ pub struct OpenOptions {
     /// Open a damaged journal anyway, ending it at the damage, even where
     /// a Flush record proves that data past it had been flushed.
     pub truncate_damaged: bool,
+    /// How often the applier looks for records that left the window; with
+    /// `None` it folds only when the hard limit presses (and on
+    /// [`Volume::fold_now`]).
+    pub fold_interval: Option<Duration>,
 }
 
 impl Default for OpenOptions {
@@ -101,6 +105,7 @@ impl Default for OpenOptions {
             writethrough: false,
             retry: RetryPolicy::default(),
             truncate_damaged: false,
+            fold_interval: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -443,7 +448,7 @@ impl Volume {
         volume.applier = Some(
             std::thread::Builder::new()
                 .name("rewind-applier".into())
-                .spawn(move || inner.apply_loop())
+                .spawn(move || inner.apply_loop(options.fold_interval))
                 .map_err(Error::io(|| "starting the applier thread"))?,
         );
         Ok((volume, report))
@@ -1156,14 +1161,19 @@ impl Inner {
         }
     }
 
-    /// The background applier: folds what left the window, at least once a
-    /// second and at once when the pool is under pressure.
-    fn apply_loop(&self) {
+    /// The background applier: folds what left the window every
+    /// `interval`, and at once when the pool is under pressure.
+    fn apply_loop(&self, interval: Option<Duration>) {
+        let pause = interval.unwrap_or(Duration::from_secs(3600));
+        let mut due = interval.is_some();
         while !self.shutdown.load(Ordering::Acquire) {
-            if let Err(e) = self.fold() {
-                tracing::error!(volume = %self.dir.display(), error = %e, "fold failed; retrying");
+            if due || self.pool.overflow() > 0 {
+                if let Err(e) = self.fold() {
+                    tracing::error!(volume = %self.dir.display(), error = %e, "fold failed; retrying");
+                }
             }
-            self.applier_wake.wait(Duration::from_secs(1));
+            self.applier_wake.wait(pause);
+            due = interval.is_some();
         }
     }
 }

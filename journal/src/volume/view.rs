@@ -30,7 +30,6 @@ use crate::storage::{Progress, Storage, StorageFile};
 const SCRATCH_DIR: &str = "scratch";
 
 /// The disk as it was at one moment. See the module documentation.
-#[derive(Debug)]
 pub struct View {
     inner: Arc<Inner>,
     lsn: u64,
@@ -38,6 +37,17 @@ pub struct View {
     map: ExtentMap,
     pin: Arc<ViewPin>,
     scratch: Option<Scratch>,
+}
+
+impl std::fmt::Debug for View {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("View")
+            .field("volume", &self.inner.dir)
+            .field("lsn", &self.lsn)
+            .field("timestamp_ns", &self.timestamp_ns)
+            .field("read_only", &self.read_only())
+            .finish()
+    }
 }
 
 #[derive(Debug)]

@@ -42,6 +42,8 @@ pub fn options() -> OpenOptions {
             max_hold: Duration::from_millis(200),
             first_backoff: Duration::from_millis(1),
         },
+        // Tests fold with `fold_now`; the hard limit still folds by itself.
+        fold_interval: None,
         ..OpenOptions::default()
     }
 }

@@ -1,0 +1,355 @@
+//! The history window through the volume API: the pool shrinking back,
+//! crashes and faults during a fold, views pinning history, writable views,
+//! materialize, bookmarks, reverts and the window's bounds.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use rewind_journal::fault::{Fault, FaultOp, FaultStorage};
+use rewind_journal::{
+    Error, ManualClock, OpenOptions, OsStorage, PointInTime, Storage, Volume, VolumeSettings,
+};
+
+const SEC: u64 = 1_000_000_000;
+const T0: u64 = 1_700_000_000_000_000_000;
+const EIO: i32 = 5;
+const ENOSPC: i32 = 28;
+
+fn windowed(secs: u64) -> VolumeSettings {
+    VolumeSettings {
+        window: Duration::from_secs(secs),
+        ..small_settings()
+    }
+}
+
+/// A volume with a 10 s window on a clock the test moves.
+fn clocked(fs: &FaultStorage) -> (Volume, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(T0));
+    let v = reopen(fs, &clock);
+    (v, clock)
+}
+
+fn reopen(fs: &FaultStorage, clock: &Arc<ManualClock>) -> Volume {
+    let options = OpenOptions {
+        clock: clock.clone(),
+        ..options()
+    };
+    Volume::open(fs.arc(), Path::new(DIR), options)
+        .expect("open")
+        .0
+}
+
+fn lsn(n: u64) -> PointInTime {
+    PointInTime::Lsn(n)
+}
+
+fn view_bytes(v: &Volume, at: &PointInTime, offset: u64, len: usize) -> Vec<u8> {
+    let view = v.view(at).expect("view");
+    let mut buf = vec![0u8; len];
+    view.read(offset, &mut buf).expect("view read");
+    buf
+}
+
+#[test]
+fn the_pool_shrinks_back_to_its_reserve_after_the_window_passes() {
+    let fs = FaultStorage::new();
+    create(&fs, &windowed(10));
+    let (v, clock) = clocked(&fs);
+    for i in 0..40u64 {
+        v.write((i % 32) * 16384, &pattern(i as u8, 16384))
+            .expect("write");
+    }
+    v.flush().expect("flush");
+    let grown = v.stats();
+    assert!(grown.segments_used > 5, "{grown:?}");
+    assert_eq!(
+        v.fold_now().expect("fold"),
+        None,
+        "nothing left the window yet"
+    );
+
+    clock.advance(11 * SEC);
+    let report = v.fold_now().expect("fold").expect("a fold");
+    assert!(!report.forced);
+    assert_eq!(
+        report.base_lsn,
+        v.last_lsn(),
+        "everything folded: {report:?}"
+    );
+    wait_until("the pool to shrink back to its reserve", || {
+        let s = v.stats();
+        s.segments_used == 0 && s.segments_retired == 0 && s.segments_free == 2
+    });
+    let files = fs.list_dir(Path::new("/vol/journal")).expect("ls");
+    assert_eq!(files.len(), 2, "{files:?}");
+    for i in 8..40u64 {
+        let off = (i % 32) * 16384;
+        assert_eq!(read(&v, off, 16384), pattern(i as u8, 16384), "write {i}");
+    }
+    drop(v);
+    let v = reopen(&fs, &clock);
+    assert_eq!(
+        read(&v, 0, 16384),
+        pattern(32, 16384),
+        "base.img after reopen"
+    );
+    v.write(0, &[7u8; 4096]).expect("write after the fold");
+    assert_eq!(read(&v, 0, 4096), vec![7u8; 4096]);
+}
+
+#[test]
+fn a_crash_in_the_middle_of_a_fold_makes_older_states_unreachable_and_loses_nothing() {
+    let fs = FaultStorage::new();
+    create(&fs, &windowed(10));
+    let (v, clock) = clocked(&fs);
+    let first = v.write(0, &[1u8; 512]).expect("write");
+    let second = v.write(4096, &[2u8; 512]).expect("write");
+    clock.advance(20 * SEC);
+    // base.img gets the fold's writes, but its sync fails: then the process
+    // dies, keeping those writes.
+    fs.inject(Fault::always(FaultOp::Sync, EIO).on_paths_containing("base.img"));
+    assert!(v.fold_now().is_err(), "the fold cannot finish");
+    drop(v);
+    let fs = fs.process_crash();
+    let v = reopen(&fs, &clock);
+    // base.img may hold the write at lsn `second`: the disk at `first`
+    // (sector 8 zero) can no longer be shown, so it must be refused.
+    let err = v
+        .view(&lsn(first))
+        .expect_err("view before the fold's target");
+    assert!(matches!(err, Error::OutsideWindow { .. }), "{err}");
+    assert_eq!(
+        view_bytes(&v, &lsn(second), 0, 8192)[4096..4608],
+        [2u8; 512]
+    );
+    assert_eq!(read(&v, 0, 512), vec![1u8; 512]);
+    assert_eq!(read(&v, 4096, 512), vec![2u8; 512]);
+    // The next fold finishes the job.
+    v.fold_now().expect("fold").expect("a fold");
+    assert_eq!(v.stats().base_lsn, v.last_lsn());
+    assert_eq!(read(&v, 4096, 512), vec![2u8; 512]);
+}
+
+#[test]
+fn eio_and_enospc_during_a_fold_lose_nothing_and_the_fold_retries() {
+    for errno in [EIO, ENOSPC] {
+        let fs = FaultStorage::new();
+        create(&fs, &windowed(10));
+        let (v, clock) = clocked(&fs);
+        for i in 0..12u64 {
+            v.write(i * 16384, &pattern(i as u8, 16384)).expect("write");
+        }
+        clock.advance(11 * SEC);
+        fs.inject(Fault::always(FaultOp::Write, errno).on_paths_containing("base.img"));
+        let err = v.fold_now().expect_err("base.img refuses writes");
+        assert!(err.to_string().contains("base.img"), "{err}");
+        assert_eq!(v.stats().base_lsn, 0, "nothing committed");
+        for i in 0..12u64 {
+            assert_eq!(read(&v, i * 16384, 16384), pattern(i as u8, 16384));
+        }
+        v.write(0, &[9u8; 512]).expect("guest writes go on");
+        fs.clear_faults();
+        v.fold_now().expect("fold").expect("a fold");
+        assert_eq!(read(&v, 0, 512), vec![9u8; 512]);
+        for i in 1..12u64 {
+            assert_eq!(read(&v, i * 16384, 16384), pattern(i as u8, 16384));
+        }
+    }
+}
+
+#[test]
+fn a_view_pins_its_history_until_it_is_dropped() {
+    let fs = FaultStorage::new();
+    create(&fs, &windowed(10));
+    let (v, clock) = clocked(&fs);
+    let old = v.write(0, &[1u8; 4096]).expect("write");
+    for i in 1..20u64 {
+        v.write(0, &pattern(i as u8, 16384)).expect("overwrite");
+    }
+    let view = v.view(&lsn(old)).expect("view");
+    clock.advance(11 * SEC);
+    let folded = v.fold_now().expect("fold");
+    assert!(
+        folded.as_ref().is_none_or(|r| r.base_lsn <= old),
+        "{folded:?}"
+    );
+    let mut buf = vec![0u8; 4096];
+    view.read(0, &mut buf).expect("read");
+    assert_eq!(buf, vec![1u8; 4096], "the view still shows lsn {old}");
+    drop(view);
+    let report = v
+        .fold_now()
+        .expect("fold")
+        .expect("a fold once the view is gone");
+    assert_eq!(report.base_lsn, v.last_lsn());
+    assert_eq!(read(&v, 0, 16384), pattern(19, 16384));
+}
+
+#[test]
+fn a_writable_view_takes_writes_and_throws_them_away() {
+    let (fs, v) = new_volume();
+    let before = v.write(0, &[1u8; 8192]).expect("write");
+    v.write(0, &[2u8; 8192]).expect("write");
+    let view = v.view_writable(&lsn(before)).expect("view");
+    assert!(!view.read_only());
+    view.write(4096, &[3u8; 4096]).expect("write to the view");
+    view.write_zeroes(0, 512).expect("zero in the view");
+    let mut buf = vec![0u8; 8192];
+    view.read(0, &mut buf).expect("read");
+    assert_eq!(buf[..512], [0u8; 512]);
+    assert_eq!(buf[512..4096], [1u8; 3584]);
+    assert_eq!(buf[4096..], [3u8; 4096]);
+    assert_eq!(
+        read(&v, 0, 8192),
+        vec![2u8; 8192],
+        "the live disk is untouched"
+    );
+    let scratch = Path::new("/vol/scratch");
+    assert_eq!(fs.list_dir(scratch).expect("ls").len(), 1);
+    drop(view);
+    assert!(
+        fs.list_dir(scratch).expect("ls").is_empty(),
+        "overlay removed"
+    );
+
+    let ro = v.view(&lsn(before)).expect("view");
+    let err = ro.write(0, &[0u8; 512]).expect_err("read-only");
+    assert!(matches!(err, Error::ReadOnly(_)), "{err}");
+}
+
+#[test]
+fn materialize_writes_a_sparse_image_equal_to_the_view() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("vol");
+    let storage = OsStorage::shared();
+    let mut settings = VolumeSettings::new(64 << 20);
+    settings.segment_size = 1 << 20;
+    settings.journal_max = 64 << 20;
+    settings.journal_warn = 32 << 20;
+    Volume::create(
+        storage.as_ref(),
+        &dir,
+        &settings,
+        rewind_journal::BaseImage::Empty,
+        &mut |_, _| {},
+    )
+    .expect("create");
+    let (v, _) = Volume::open(storage, &dir, OpenOptions::default()).expect("open");
+    let at = v.write(1 << 20, &pattern(1, 65536)).expect("write");
+    v.write_zeroes(1 << 20, 4096, true).expect("zero");
+    v.write(40 << 20, &pattern(2, 4096)).expect("write");
+    let out = tmp.path().join("at.raw");
+    let mut calls = Vec::new();
+    let got = v
+        .materialize(&lsn(at), &out, &mut |done, all| calls.push((done, all)))
+        .expect("materialize");
+    assert_eq!(got, at);
+    let image = std::fs::read(&out).expect("image");
+    assert_eq!(image.len(), 64 << 20);
+    assert_eq!(image[1 << 20..(1 << 20) + 65536], pattern(1, 65536)[..]);
+    assert!(image[40 << 20..(40 << 20) + 4096].iter().all(|&b| b == 0));
+    assert_eq!(
+        calls.last(),
+        Some(&(64 << 20, 64 << 20)),
+        "progress ends at 100%"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(&out).expect("stat").blocks() * 512;
+    assert!(allocated < 1 << 20, "sparse: {allocated} bytes allocated");
+    let err = v
+        .materialize(&lsn(at), &out, &mut |_, _| {})
+        .expect_err("the output exists");
+    assert!(matches!(err, Error::Exists(_)), "{err}");
+}
+
+#[test]
+fn bookmarks_name_moments_and_survive_reopening() {
+    let fs = FaultStorage::new();
+    create(&fs, &windowed(10));
+    let (v, clock) = clocked(&fs);
+    v.write(0, &[1u8; 512]).expect("write");
+    let b = v.bookmark("before-upgrade").expect("bookmark");
+    v.write(0, &[2u8; 512]).expect("write");
+    let dup = v.bookmark("before-upgrade").expect_err("same name");
+    assert!(dup.to_string().contains("already exists"), "{dup}");
+    for bad in ["", "has space", &"x".repeat(129)] {
+        let err = v.bookmark(bad).expect_err(bad);
+        assert!(matches!(err, Error::InvalidRequest(_)), "{err}");
+    }
+    let at = PointInTime::Bookmark("before-upgrade".into());
+    assert_eq!(view_bytes(&v, &at, 0, 512), vec![1u8; 512]);
+    drop(v);
+    let v = reopen(&fs, &clock);
+    assert_eq!(v.bookmarks(), vec![b.clone()]);
+    assert_eq!(v.timeline().bookmarks, vec![b]);
+    assert_eq!(view_bytes(&v, &at, 0, 512), vec![1u8; 512]);
+    let err = v
+        .view(&PointInTime::Bookmark("nope".into()))
+        .expect_err("unknown");
+    assert!(matches!(err, Error::NoSuchBookmark(_)), "{err}");
+    // Once folded, the bookmark leaves with its history.
+    clock.advance(11 * SEC);
+    v.fold_now().expect("fold");
+    assert!(v.bookmarks().is_empty());
+}
+
+#[test]
+fn a_revert_is_a_record_that_keeps_history_and_can_be_undone() {
+    let (fs, v) = new_volume();
+    let a = v.write(0, &[1u8; 512]).expect("write");
+    let b = v.write(0, &[2u8; 512]).expect("write");
+    v.write(512, &[3u8; 512]).expect("write");
+    let revert = v.revert(&lsn(a)).expect("revert");
+    assert_eq!(read(&v, 0, 1024), [vec![1u8; 512], vec![0u8; 512]].concat());
+    // The history before the revert is still there.
+    assert_eq!(view_bytes(&v, &lsn(b), 0, 512), vec![2u8; 512]);
+    // Undo: revert to just before the revert.
+    v.revert(&lsn(revert - 1)).expect("undo");
+    assert_eq!(read(&v, 0, 1024), [vec![2u8; 512], vec![3u8; 512]].concat());
+    drop(v);
+    let v = open(&fs);
+    assert_eq!(read(&v, 0, 1024), [vec![2u8; 512], vec![3u8; 512]].concat());
+    assert_eq!(view_bytes(&v, &lsn(revert), 0, 512), vec![1u8; 512]);
+}
+
+#[test]
+fn moments_outside_the_window_are_refused_with_its_bounds() {
+    let fs = FaultStorage::new();
+    create(&fs, &windowed(10));
+    let (v, clock) = clocked(&fs);
+    v.write(0, &[1u8; 512]).expect("write");
+    clock.advance(30 * SEC);
+    // The segment holding lsn 1 is idle and expired: it is sealed and folded.
+    assert_eq!(v.fold_now().expect("fold").map(|r| r.base_lsn), Some(1));
+    v.write(0, &[2u8; 512]).expect("write");
+    let timeline = v.timeline();
+    assert_eq!(timeline.start_lsn, 1);
+    assert_eq!(timeline.window_configured, Duration::from_secs(10));
+    assert!(timeline.window_effective >= Duration::from_secs(10));
+    for at in [
+        PointInTime::Time(T0 - 1),
+        PointInTime::Ago(Duration::from_secs(3600)),
+        lsn(0),
+        lsn(99),
+    ] {
+        let err = v.view(&at).expect_err("outside");
+        let text = err.to_string();
+        assert!(matches!(err, Error::OutsideWindow { .. }), "{text}");
+        assert!(text.contains("outside the history window"), "{text}");
+        assert!(
+            text.contains(&rewind_journal::format_ns(timeline.window_start_ns)),
+            "{text}"
+        );
+    }
+    let future = PointInTime::Time(rewind_journal::Clock::now_ns(clock.as_ref()) + 60 * SEC);
+    let err = v.view(&future).expect_err("future");
+    assert!(err.to_string().contains("in the future"), "{err}");
+    assert_eq!(
+        view_bytes(&v, &PointInTime::Ago(Duration::ZERO), 0, 512),
+        vec![2u8; 512]
+    );
+}
