@@ -137,18 +137,19 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         write_zero_buffers(self, offset, len)
     }
-    /// Copies `[offset, offset + len)` to the same place in `dst`, leaving
-    /// holes (`dst` reads as zeroes there already) where this reads zeroes.
-    fn copy_to(&self, dst: &File, offset: u64, len: u64) -> io::Result<()> {
+    /// Copies the first `len` bytes to `dst` (which reads as zeroes),
+    /// leaving holes where this reads zeroes; reports bytes done.
+    fn copy_to(&self, dst: &File, len: u64, progress: Progress<'_>) -> io::Result<()> {
         let mut buf = vec![0u8; len.min(1 << 20) as usize];
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(buf.len() as u64) as usize;
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(buf.len() as u64) as usize;
             self.read_exact_at(&mut buf[..n], at)?;
             if buf[..n].iter().any(|&b| b != 0) {
                 dst.write_all_at(&buf[..n], at)?;
             }
             at += n as u64;
+            progress(at, len);
         }
         Ok(())
     }
@@ -247,21 +248,26 @@ impl StorageFile for OsFile {
         self.punch_hole(offset, len)
     }
 
-    fn copy_to(&self, dst: &File, offset: u64, len: u64) -> io::Result<()> {
-        copy_data_ranges(&self.0, dst, offset, offset + len, &mut |_, _| {})
+    fn copy_to(&self, dst: &File, len: u64, progress: Progress<'_>) -> io::Result<()> {
+        copy_data_ranges(&self.0, dst, 0, len, progress)
     }
 }
 
 impl OsFile {
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-        match retry_eintr(|| rustix::fs::fallocate(&self.0, flags, offset, len)) {
+        match punch_hole(&self.0, offset, len) {
             Err(e) if e.raw_os_error() == Some(libc_eopnotsupp()) => {
                 write_zero_buffers(self, offset, len)
             }
             other => other,
         }
     }
+}
+
+/// Deallocates `[offset, offset + len)` of `f`, which then reads as zeroes.
+pub fn punch_hole(f: &File, offset: u64, len: u64) -> io::Result<()> {
+    let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+    retry_eintr(|| rustix::fs::fallocate(f, flags, offset, len))
 }
 
 fn libc_eopnotsupp() -> i32 {

@@ -249,41 +249,69 @@ impl View {
         written
     }
 
+    /// Copies base.img's data in one sparse pass (as `cp --sparse` would),
+    /// then lays the journal's pieces over it. Progress counts both passes.
     fn copy_into(&self, out: &File, progress: Progress<'_>) -> Result<()> {
         let context = || "writing the image".to_string();
         let size = self.size();
         out.set_len(size).map_err(Error::io(context))?;
         let state = self.state()?;
+        let pieces = self.pieces(0, size / SECTOR);
+        let changed: u64 = pieces
+            .iter()
+            .filter(|p| p.source != Source::Base)
+            .map(|p| p.sectors * SECTOR)
+            .sum();
+        let total = size + changed;
+        self.inner
+            .retrying("copying base.img", || {
+                self.inner
+                    .base
+                    .copy_to(out, size, &mut |done, _| progress(done, total))
+            })
+            .map_err(Error::io(|| "copying base.img"))?;
+        let mut done = size;
         let mut buf = Vec::new();
-        for piece in &self.pieces(0, size / SECTOR) {
+        for piece in pieces.iter().filter(|p| p.source != Source::Base) {
             let (at, len) = (piece.start * SECTOR, piece.sectors * SECTOR);
-            match piece.source {
-                Source::Zero => {}
-                Source::Base => self
-                    .inner
-                    .retrying("copying base.img", || self.inner.base.copy_to(out, at, len))
-                    .map_err(Error::io(|| format!("copying base.img at {at}")))?,
-                Source::Journal { .. } => {
-                    let mut done = 0;
-                    while done < len {
-                        let n = (len - done).min(COPY_CHUNK);
-                        buf.resize(n as usize, 0);
-                        let part = Piece {
-                            start: piece.start + done / SECTOR,
-                            sectors: n / SECTOR,
-                            source: advance(piece.source, done / SECTOR),
-                        };
-                        self.read_piece(&state, &part, &mut buf)?;
-                        out.write_all_at(&buf, at + done)
-                            .map_err(Error::io(context))?;
-                        done += n;
-                    }
+            if piece.source == Source::Zero {
+                crate::storage::punch_hole(out, at, len)
+                    .or_else(|_| write_zeroes(out, at, len))
+                    .map_err(Error::io(context))?;
+            } else {
+                let mut copied = 0;
+                while copied < len {
+                    let n = (len - copied).min(COPY_CHUNK);
+                    buf.resize(n as usize, 0);
+                    let part = Piece {
+                        start: piece.start + copied / SECTOR,
+                        sectors: n / SECTOR,
+                        source: advance(piece.source, copied / SECTOR),
+                    };
+                    self.read_piece(&state, &part, &mut buf)?;
+                    out.write_all_at(&buf, at + copied)
+                        .map_err(Error::io(context))?;
+                    copied += n;
                 }
             }
-            progress(at + len, size);
+            done += len;
+            progress(done, total);
         }
+        progress(total, total);
         Ok(())
     }
+}
+
+/// Zeroes a range of a file that cannot punch holes.
+fn write_zeroes(out: &File, at: u64, len: u64) -> io::Result<()> {
+    let zeroes = vec![0u8; len.min(COPY_CHUNK) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(COPY_CHUNK) as usize;
+        out.write_all_at(&zeroes[..n], at + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 const COPY_CHUNK: u64 = 1 << 20;
