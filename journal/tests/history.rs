@@ -355,3 +355,27 @@ fn moments_outside_the_window_are_refused_with_its_bounds() {
         vec![2u8; 512]
     );
 }
+
+#[test]
+fn a_view_reads_steadily_while_the_live_disk_is_written() {
+    let (_fs, v) = new_volume();
+    let at = v.write(0, &pattern(1, 65536)).expect("write");
+    let view = v.view(&lsn(at)).expect("view");
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            for i in 2..200u64 {
+                v.write((i % 16) * 4096, &pattern(i as u8, 4096))
+                    .expect("live write");
+            }
+        });
+        let mut buf = vec![0u8; 65536];
+        while !writer.is_finished() {
+            view.read(0, &mut buf).expect("view read");
+            assert!(
+                buf == pattern(1, 65536),
+                "the view changed under live writes"
+            );
+        }
+    });
+    assert_eq!(read(&v, 0, 4096), pattern(192, 4096));
+}
