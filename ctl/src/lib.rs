@@ -1,5 +1,6 @@
 //! rewindctl: talks to `rewind-blk serve --control-socket` over its
-//! line-JSON protocol (version 1: one request line, one answer line).
+//! line-JSON protocol (version 1: one request line; progress lines for
+//! long commands, then one answer line). See PROTOCOL.md.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -25,24 +26,73 @@ pub enum CtlError {
     BadAnswer(String),
     #[error("the daemon refused: {0}")]
     Refused(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Volume(#[from] rewind_journal::Error),
 }
 
-/// Sends `command` and returns the answer's `result`.
-pub fn request(control: &Path, command: &str) -> Result<Value, CtlError> {
+/// Writes a raw image of the volume in `dir` (no daemon may be serving it)
+/// as it was at `at`, to `output`.
+pub fn materialize_offline(
+    dir: &Path,
+    at: &str,
+    output: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Value, CtlError> {
+    let at: rewind_journal::PointInTime = at.parse().map_err(CtlError::Usage)?;
+    let options = rewind_journal::OpenOptions {
+        // Only read history: nothing is folded meanwhile.
+        fold_interval: None,
+        ..rewind_journal::OpenOptions::default()
+    };
+    let (volume, _) =
+        rewind_journal::Volume::open(rewind_journal::OsStorage::shared(), dir, options)?;
+    let lsn = volume.materialize(&at, output, progress)?;
+    let size = volume.size();
+    volume.close()?;
+    Ok(json!({"output": output, "lsn": lsn, "size": size}))
+}
+
+/// Sends `command` with `arguments` (a JSON object, or null) and returns
+/// the answer's `result`; `progress(done, total)` sees progress lines.
+pub fn request(
+    control: &Path,
+    command: &str,
+    arguments: Value,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Value, CtlError> {
     let mut stream = UnixStream::connect(control).map_err(|source| CtlError::Connect {
         path: control.to_owned(),
         source,
     })?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    writeln!(
-        stream,
-        "{}",
-        json!({"version": PROTOCOL_VERSION, "command": command})
-    )?;
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line)?;
-    let answer: Value =
-        serde_json::from_str(&line).map_err(|_| CtlError::BadAnswer(line.trim().to_owned()))?;
+    // Long commands send a progress line at least every percent.
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut body = json!({"version": PROTOCOL_VERSION, "command": command});
+    if let (Some(body), Value::Object(args)) = (body.as_object_mut(), arguments) {
+        body.extend(args);
+    }
+    writeln!(stream, "{body}")?;
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(CtlError::BadAnswer(
+                "the daemon closed the connection".into(),
+            ));
+        }
+        let answer: Value =
+            serde_json::from_str(&line).map_err(|_| CtlError::BadAnswer(line.trim().to_owned()))?;
+        if let Some(p) = answer.get("progress") {
+            let field = |k: &str| p.get(k).and_then(Value::as_u64).unwrap_or(0);
+            progress(field("done"), field("total"));
+            continue;
+        }
+        return result(answer, &line);
+    }
+}
+
+fn result(answer: Value, line: &str) -> Result<Value, CtlError> {
     match answer.get("ok").and_then(Value::as_bool) {
         Some(true) => Ok(answer.get("result").cloned().unwrap_or(Value::Null)),
         Some(false) => Err(CtlError::Refused(
@@ -56,20 +106,42 @@ pub fn request(control: &Path, command: &str) -> Result<Value, CtlError> {
     }
 }
 
-/// A JSON object as aligned `key  value` lines, keys sorted.
+/// A JSON object as aligned `key  value` lines, keys sorted; a list of
+/// objects (bookmarks) follows as rows under its key.
 pub fn table(value: &Value) -> String {
     let Some(map) = value.as_object() else {
         return format!("{value}\n");
     };
     let width = map.keys().map(String::len).max().unwrap_or(0);
     let mut out = String::new();
+    let mut lists = Vec::new();
     for (key, v) in map {
+        if let Value::Array(rows) = v {
+            lists.push((key, rows));
+            continue;
+        }
         let shown = match v {
             Value::String(s) => s.clone(),
             Value::Null => "-".to_owned(),
             other => other.to_string(),
         };
         out.push_str(&format!("{key:<width$}  {shown}\n"));
+    }
+    for (key, rows) in lists {
+        out.push_str(&format!(
+            "{key}:{}\n",
+            if rows.is_empty() { " none" } else { "" }
+        ));
+        for row in rows {
+            let cells: Vec<String> = match row.as_object() {
+                Some(fields) => fields
+                    .values()
+                    .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+                    .collect(),
+                None => vec![row.to_string()],
+            };
+            out.push_str(&format!("  {}\n", cells.join("  ")));
+        }
     }
     out
 }
@@ -82,5 +154,9 @@ mod tests {
     fn tables_align_keys_and_show_nulls_as_dashes() {
         let t = table(&json!({"state": "serving", "epoch": 1, "failed": null}));
         assert_eq!(t, "epoch   1\nfailed  -\nstate   serving\n");
+        let t = table(&json!({"last_lsn": 9, "bookmarks": [{"name": "b1", "lsn": 4}]}));
+        assert_eq!(t, "last_lsn   9\nbookmarks:\n  4  b1\n");
+        let t = table(&json!({"bookmarks": []}));
+        assert_eq!(t, "bookmarks: none\n");
     }
 }

@@ -87,3 +87,151 @@ fn failures_exit_non_zero_with_a_reason() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a protocol answer"));
 }
+
+/// A daemon that answers one request with `lines` (progress, then answer).
+fn scripted_daemon(socket: &Path, lines: Vec<String>) -> std::thread::JoinHandle<String> {
+    let listener = UnixListener::bind(socket).expect("bind");
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("accept");
+        let mut request = String::new();
+        BufReader::new(stream.try_clone().expect("clone"))
+            .read_line(&mut request)
+            .expect("request");
+        for line in lines {
+            writeln!(&stream, "{line}").expect("line");
+        }
+        request
+    })
+}
+
+#[test]
+fn materialize_sends_an_absolute_path_and_follows_progress() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let socket = dir.path().join("ctl.sock");
+    let lines = vec![
+        r#"{"version":1,"progress":{"done":0,"total":100}}"#.to_owned(),
+        r#"{"version":1,"progress":{"done":100,"total":100}}"#.to_owned(),
+        r#"{"version":1,"ok":true,"result":{"output":"/x/at.raw","lsn":7,"size":100}}"#.to_owned(),
+    ];
+    let daemon = scripted_daemon(&socket, lines);
+    let out = Command::new(BIN)
+        .current_dir(dir.path())
+        .args(["--control"])
+        .arg(&socket)
+        .args(["materialize", "--at", "-5m", "--output", "at.raw", "--json"])
+        .output()
+        .expect("run");
+    let request: serde_json::Value =
+        serde_json::from_str(&daemon.join().expect("daemon")).expect("JSON");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(request["command"], "materialize");
+    assert_eq!(request["at"], "-5m");
+    let output = dir.path().join("at.raw");
+    assert_eq!(request["output"], output.to_str().expect("utf-8"));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(json["lsn"], 7);
+}
+
+#[test]
+fn bookmark_sends_its_name_and_commands_need_a_control_socket() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let socket = dir.path().join("ctl.sock");
+    let daemon = fake_daemon(
+        &socket,
+        r#"{"version":1,"ok":true,"result":{"name":"pre","lsn":3,"time":"2026-11-22T19:36:00Z"}}"#,
+    );
+    let out = rewindctl(&socket, &["bookmark", "pre"]);
+    let request: serde_json::Value =
+        serde_json::from_str(&daemon.join().expect("daemon")).expect("JSON");
+    assert_eq!(
+        request,
+        serde_json::json!({"version": 1, "command": "bookmark", "name": "pre"})
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("lsn   3"));
+
+    let out = Command::new(BIN).arg("timeline").output().expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--control PATH is needed"));
+}
+
+/// A real volume with `first` at 0 (lsn returned), then overwritten.
+fn volume_with_history(dir: &Path) -> u64 {
+    use rewind_journal::{BaseImage, OpenOptions, OsStorage, Volume, VolumeSettings};
+    let storage = OsStorage::shared();
+    let mut settings = VolumeSettings::new(4 << 20);
+    settings.segment_size = 1 << 20;
+    Volume::create(
+        storage.as_ref(),
+        dir,
+        &settings,
+        BaseImage::Empty,
+        &mut |_, _| {},
+    )
+    .expect("create");
+    let (v, _) = Volume::open(storage, dir, OpenOptions::default()).expect("open");
+    let first = v.write(0, &[1u8; 4096]).expect("write");
+    v.write(0, &[2u8; 4096]).expect("overwrite");
+    v.close().expect("close");
+    first
+}
+
+#[test]
+fn offline_materialize_reads_the_volume_directory() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let vol = dir.path().join("vol");
+    let first = volume_with_history(&vol);
+    let output = dir.path().join("first.raw");
+    let out = Command::new(BIN)
+        .args(["materialize", "--volume"])
+        .arg(&vol)
+        .args(["--at", &format!("lsn:{first}"), "--output"])
+        .arg(&output)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = std::fs::read(&output).expect("image");
+    assert_eq!(image.len(), 4 << 20);
+    assert!(image[..4096].iter().all(|&b| b == 1));
+    assert!(image[4096..].iter().all(|&b| b == 0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("lsn     {first}")));
+
+    let out = Command::new(BIN)
+        .args(["materialize", "--volume"])
+        .arg(&vol)
+        .args(["--at", "-10h", "--output"])
+        .arg(dir.path().join("old.raw"))
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("outside the history window") && err.contains("lsn 0"),
+        "{err}"
+    );
+    assert!(!dir.path().join("old.raw").exists());
+
+    // A volume its daemon holds open is refused.
+    let (_held, _) = rewind_journal::Volume::open(
+        rewind_journal::OsStorage::shared(),
+        &vol,
+        rewind_journal::OpenOptions::default(),
+    )
+    .expect("open");
+    let out = Command::new(BIN)
+        .args(["materialize", "--volume"])
+        .arg(&vol)
+        .args(["--at", "lsn:1", "--output"])
+        .arg(dir.path().join("busy.raw"))
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("open in another process"));
+}

@@ -2,9 +2,11 @@
 //!
 //! A Unix socket, mode 0600, whose peers must be the daemon's own user or
 //! root (SO_PEERCRED). Each request is one line of JSON,
-//! `{"version": 1, "command": "..."}`, answered by one line:
+//! `{"version": 1, "command": "...", ...arguments}`, answered by one line:
 //! `{"version": 1, "ok": true, "result": {...}}` or
-//! `{"version": 1, "ok": false, "error": "..."}`. Commands so far: `status`.
+//! `{"version": 1, "ok": false, "error": "..."}`. Long commands send
+//! `{"version": 1, "progress": {"done": N, "total": N}}` lines before their
+//! answer. The protocol is documented in ctl/PROTOCOL.md.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -12,7 +14,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rewind_journal::Volume;
+use rewind_journal::{format_ns, Bookmark, PointInTime, Volume};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -31,12 +33,26 @@ pub enum ControlError {
     },
 }
 
+/// A request's command and its arguments (the line without `version`).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Request {
-    version: u32,
-    command: String,
+#[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
+enum Command {
+    // Braces, so that unknown fields are refused for these too.
+    Status {},
+    Timeline {},
+    Bookmark {
+        name: String,
+    },
+    /// Writes a raw image of the disk at `at` to `output`, a new file
+    /// (an absolute path: the daemon's working directory is not the
+    /// client's).
+    Materialize {
+        at: String,
+        output: PathBuf,
+    },
 }
+
+const COMMANDS: &[&str] = &["status", "timeline", "bookmark", "materialize"];
 
 /// What `status` reports.
 #[derive(Debug, Serialize)]
@@ -56,6 +72,46 @@ struct Status {
     read_only: bool,
     writethrough: bool,
     failed: Option<String>,
+    /// Seconds of history the volume is set to keep, and keeps now.
+    window_configured: u64,
+    window_effective: u64,
+    /// The oldest moment that can be viewed, materialized or reverted to.
+    window_start: String,
+    /// Folds the hard limit forced (each one shrank the window).
+    forced_folds: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct BookmarkInfo {
+    name: String,
+    lsn: u64,
+    time: String,
+}
+
+impl From<Bookmark> for BookmarkInfo {
+    fn from(b: Bookmark) -> Self {
+        BookmarkInfo {
+            name: b.name,
+            lsn: b.lsn,
+            time: format_ns(b.timestamp_ns),
+        }
+    }
+}
+
+/// What `timeline` reports.
+#[derive(Debug, Serialize)]
+struct Timeline {
+    window_configured: u64,
+    window_effective: u64,
+    window_start: String,
+    window_end: String,
+    start_lsn: u64,
+    last_lsn: u64,
+    flush_points: u64,
+    journal_bytes: u64,
+    journal_max: u64,
+    forced_folds: u64,
+    bookmarks: Vec<BookmarkInfo>,
 }
 
 /// What the control socket serves.
@@ -88,29 +144,106 @@ impl Control {
             read_only: self.read_only,
             writethrough: s.writethrough,
             failed: s.failed,
+            window_configured: s.window_configured.as_secs(),
+            window_effective: s.window_effective.as_secs(),
+            window_start: format_ns(s.window_start_ns),
+            forced_folds: s.forced_folds,
         }
     }
 
-    /// Answers one request line.
-    pub fn answer(&self, line: &str) -> Value {
-        let request: Request = match serde_json::from_str(line) {
-            Ok(r) => r,
-            Err(e) => return error(format!("malformed request: {e}")),
-        };
-        if request.version != PROTOCOL_VERSION {
-            return error(format!(
+    fn timeline(&self) -> Timeline {
+        let t = self.volume.timeline();
+        Timeline {
+            window_configured: t.window_configured.as_secs(),
+            window_effective: t.window_effective.as_secs(),
+            window_start: format_ns(t.window_start_ns),
+            window_end: format_ns(t.window_end_ns),
+            start_lsn: t.start_lsn,
+            last_lsn: t.last_lsn,
+            flush_points: t.flush_points,
+            journal_bytes: t.journal_bytes,
+            journal_max: t.journal_max,
+            forced_folds: t.forced_folds,
+            bookmarks: t.bookmarks.into_iter().map(BookmarkInfo::from).collect(),
+        }
+    }
+
+    /// Answers one request line; `progress` receives the progress lines a
+    /// long command sends before its answer.
+    pub fn answer(&self, line: &str, progress: &mut dyn FnMut(Value)) -> Value {
+        match self.run(line, progress) {
+            Ok(result) => json!({"version": PROTOCOL_VERSION, "ok": true, "result": result}),
+            Err(message) => error(message),
+        }
+    }
+
+    fn run(&self, line: &str, progress: &mut dyn FnMut(Value)) -> Result<Value, String> {
+        let mut request: serde_json::Map<String, Value> =
+            serde_json::from_str(line).map_err(|e| format!("malformed request: {e}"))?;
+        let version = request.remove("version");
+        if version.as_ref().and_then(Value::as_u64) != Some(u64::from(PROTOCOL_VERSION)) {
+            return Err(format!(
                 "protocol version {} is not supported; this daemon speaks version {PROTOCOL_VERSION}",
-                request.version
+                version.unwrap_or(Value::Null)
             ));
         }
-        match request.command.as_str() {
-            "status" => json!({
-                "version": PROTOCOL_VERSION,
-                "ok": true,
-                "result": self.status(),
-            }),
-            other => error(format!("unknown command {other:?}; known: status")),
+        match request.get("command").and_then(Value::as_str) {
+            Some(name) if !COMMANDS.contains(&name) => {
+                return Err(format!(
+                    "unknown command {name:?}; known: {}",
+                    COMMANDS.join(", ")
+                ))
+            }
+            Some(_) => {}
+            None => return Err("malformed request: no \"command\"".into()),
         }
+        let command: Command = serde_json::from_value(Value::Object(request))
+            .map_err(|e| format!("malformed request: {e}"))?;
+        let to_json = |v: Result<Value, serde_json::Error>| v.map_err(|e| e.to_string());
+        match command {
+            Command::Status {} => to_json(serde_json::to_value(self.status())),
+            Command::Timeline {} => to_json(serde_json::to_value(self.timeline())),
+            Command::Bookmark { name } => {
+                let b = self.volume.bookmark(&name).map_err(|e| e.to_string())?;
+                to_json(serde_json::to_value(BookmarkInfo::from(b)))
+            }
+            Command::Materialize { at, output } => self.materialize(&at, &output, progress),
+        }
+    }
+
+    fn materialize(
+        &self,
+        at: &str,
+        output: &Path,
+        progress: &mut dyn FnMut(Value),
+    ) -> Result<Value, String> {
+        if !output.is_absolute() {
+            return Err(format!(
+                "output {} must be an absolute path (the daemon runs elsewhere)",
+                output.display()
+            ));
+        }
+        let at: PointInTime = at.parse()?;
+        // At most one progress line per percent.
+        let mut shown = u64::MAX;
+        let mut report = |done: u64, total: u64| {
+            let percent = done.saturating_mul(100) / total.max(1);
+            if percent != shown {
+                shown = percent;
+                progress(
+                    json!({"version": PROTOCOL_VERSION, "progress": {"done": done, "total": total}}),
+                );
+            }
+        };
+        let lsn = self
+            .volume
+            .materialize(&at, output, &mut report)
+            .map_err(|e| e.to_string())?;
+        Ok(json!({
+            "output": output,
+            "lsn": lsn,
+            "size": self.volume.size(),
+        }))
     }
 }
 
@@ -212,7 +345,11 @@ fn serve_client(stream: UnixStream, control: &Control) {
                 return;
             }
             Ok(_) => {
-                let answer = control.answer(line.trim_end());
+                let mut send_progress = |line: Value| {
+                    // A client that went away notices at the answer.
+                    let _ = writeln!(out, "{line}");
+                };
+                let answer = control.answer(line.trim_end(), &mut send_progress);
                 if writeln!(out, "{answer}").is_err() {
                     return;
                 }
@@ -241,7 +378,7 @@ mod tests {
     fn status_reports_the_volume() {
         let c = control();
         c.volume.write(0, &[1u8; 4096]).expect("write");
-        let a = c.answer(r#"{"version": 1, "command": "status"}"#);
+        let a = c.answer(r#"{"version": 1, "command": "status"}"#, &mut |_| {});
         assert_eq!(a["ok"], true, "{a}");
         let r = &a["result"];
         assert_eq!(
@@ -252,6 +389,91 @@ mod tests {
         assert_eq!(r["queues"], 2);
         assert!(r["journal_bytes"].as_u64().is_some_and(|b| b > 0));
         assert_eq!(r["epoch"], 1);
+        assert_eq!(r["window_configured"], 3600);
+        assert!(
+            r["window_start"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{r}"
+        );
+    }
+
+    fn ok(c: &Control, line: &str) -> Value {
+        let a = c.answer(line, &mut |_| {});
+        assert_eq!(a["ok"], true, "{line}: {a}");
+        a["result"].clone()
+    }
+
+    fn refused(c: &Control, line: &str) -> String {
+        let a = c.answer(line, &mut |_| {});
+        assert_eq!(a["ok"], false, "{line}: {a}");
+        a["error"].as_str().expect("error message").to_owned()
+    }
+
+    #[test]
+    fn bookmarks_show_in_the_timeline() {
+        let c = control();
+        c.volume.write(0, &[1u8; 4096]).expect("write");
+        let b = ok(
+            &c,
+            r#"{"version": 1, "command": "bookmark", "name": "before-upgrade"}"#,
+        );
+        assert_eq!(
+            (b["name"].as_str(), b["lsn"].as_u64()),
+            (Some("before-upgrade"), Some(2))
+        );
+        let dup = refused(
+            &c,
+            r#"{"version": 1, "command": "bookmark", "name": "before-upgrade"}"#,
+        );
+        assert!(dup.contains("already exists"), "{dup}");
+        let bad = refused(
+            &c,
+            r#"{"version": 1, "command": "bookmark", "name": "a b"}"#,
+        );
+        assert!(bad.contains("bookmark name"), "{bad}");
+        let t = ok(&c, r#"{"version": 1, "command": "timeline"}"#);
+        assert_eq!(t["bookmarks"][0]["name"], "before-upgrade");
+        assert_eq!(t["last_lsn"], 3, "write, bookmark, its flush record: {t}");
+        assert_eq!(t["window_configured"], 3600);
+        assert!(t["flush_points"].as_u64().is_some_and(|n| n >= 1), "{t}");
+    }
+
+    #[test]
+    fn materialize_streams_progress_then_answers() {
+        let c = control();
+        let lsn = c.volume.write(4096, &[7u8; 4096]).expect("write");
+        c.volume.write(4096, &[8u8; 4096]).expect("overwrite");
+        let dir = tempfile::tempdir().expect("tmp");
+        let out = dir.path().join("at.raw");
+        let line = json!({"version": 1, "command": "materialize", "at": format!("lsn:{lsn}"), "output": out}).to_string();
+        let mut lines = Vec::new();
+        let a = c.answer(&line, &mut |p| lines.push(p));
+        assert_eq!(a["ok"], true, "{a}");
+        assert_eq!(a["result"]["lsn"], lsn);
+        let last = &lines.last().expect("progress lines")["progress"];
+        assert_eq!(last["done"], last["total"], "{lines:?}");
+        let image = std::fs::read(&out).expect("image");
+        assert_eq!(image.len(), 8 << 20);
+        assert!(image[4096..8192].iter().all(|&b| b == 7));
+
+        let again = refused(&c, &line);
+        assert!(again.contains("already exists"), "{again}");
+        let relative = refused(
+            &c,
+            r#"{"version": 1, "command": "materialize", "at": "lsn:1", "output": "x.raw"}"#,
+        );
+        assert!(relative.contains("absolute"), "{relative}");
+        let out2 = dir.path().join("b.raw");
+        for (at, want) in [
+            ("yesterday", "RFC 3339"),
+            ("lsn:99", "outside the history window"),
+            ("-10h", "outside the history window"),
+        ] {
+            let line = json!({"version": 1, "command": "materialize", "at": at, "output": out2})
+                .to_string();
+            let message = refused(&c, &line);
+            assert!(message.contains(want), "{at}: {message}");
+        }
+        assert!(!out2.exists(), "nothing written for a refused request");
     }
 
     #[test]
@@ -269,8 +491,14 @@ mod tests {
                 "protocol version 2",
             ),
             (r#"{"version": 1, "command": "explode"}"#, "unknown command"),
+            (
+                r#"{"version": 1, "command": "bookmark"}"#,
+                "missing field `name`",
+            ),
+            (r#"{"command": "status"}"#, "protocol version null"),
+            (r#"[1, 2]"#, "malformed request"),
         ] {
-            let a = c.answer(line);
+            let a = c.answer(line, &mut |_| {});
             assert_eq!(a["ok"], false, "{line}");
             let message = a["error"].as_str().expect("error message");
             assert!(message.contains(want), "{line}: {message}");

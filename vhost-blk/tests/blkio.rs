@@ -297,3 +297,63 @@ fn an_fd_that_is_not_a_listening_socket_is_refused() {
         );
     }
 }
+
+#[test]
+fn bookmarks_and_materialize_through_the_control_socket_while_a_client_writes() {
+    use serde_json::json;
+    let vol = TestVolume::create("64M");
+    let control = vol.dir.path().join("control.sock");
+    let mut server = Server::start(&vol, &["--control-socket", control.to_str().expect("path")]);
+    let ctl = |command: &str, args: serde_json::Value, progress: &mut dyn FnMut(u64, u64)| {
+        rewind_ctl::request(&control, command, args, progress)
+    };
+    let mut c = Client::connect(&vol.socket, 1);
+    assert_eq!(c.write(0, 0, &pattern(1, 65536)), 0);
+    let b = ctl("bookmark", json!({"name": "first"}), &mut |_, _| {}).expect("bookmark");
+    assert_eq!(b["name"], "first");
+    assert_eq!(c.write(0, 0, &pattern(2, 65536)), 0);
+
+    let output = vol.dir.path().join("first.raw");
+    let mut seen = Vec::new();
+    let done = ctl(
+        "materialize",
+        json!({"at": "bookmark:first", "output": output}),
+        &mut |d, t| seen.push((d, t)),
+    )
+    .expect("materialize");
+    assert_eq!(done["lsn"], b["lsn"]);
+    let (last, total) = *seen.last().expect("progress lines");
+    assert_eq!(last, total);
+    let image = std::fs::read(&output).expect("image");
+    assert_eq!(image.len() as u64, DISK);
+    assert!(
+        image[..65536] == pattern(1, 65536)[..],
+        "the disk at the bookmark"
+    );
+    assert!(image[65536..].iter().all(|&b| b == 0));
+    assert_eq!(
+        c.read(0, 0, 65536),
+        pattern(2, 65536),
+        "the live disk goes on"
+    );
+
+    let timeline = ctl("timeline", serde_json::Value::Null, &mut |_, _| {}).expect("timeline");
+    assert_eq!(timeline["bookmarks"][0]["name"], "first");
+    assert!(
+        timeline["last_lsn"].as_u64() > b["lsn"].as_u64(),
+        "{timeline}"
+    );
+    let err = ctl(
+        "materialize",
+        json!({"at": "-1h", "output": vol.dir.path().join("old.raw")}),
+        &mut |_, _| {},
+    )
+    .expect_err("before the volume existed");
+    let err = err.to_string();
+    assert!(
+        err.contains("outside the history window") && err.contains("lsn 0"),
+        "{err}"
+    );
+    drop(c);
+    assert!(server.stop().success());
+}

@@ -54,9 +54,12 @@ fn status_and_errors_over_the_control_socket() {
     );
 
     // rewindctl's client speaks the same protocol.
-    let status = rewind_ctl::request(&control, "status").expect("rewindctl status");
+    let ctl = |command: &str| {
+        rewind_ctl::request(&control, command, serde_json::Value::Null, &mut |_, _| {})
+    };
+    let status = ctl("status").expect("rewindctl status");
     assert_eq!(status["state"], "serving");
-    let refused = rewind_ctl::request(&control, "explode").expect_err("unknown command");
+    let refused = ctl("explode").expect_err("unknown command");
     assert!(refused.to_string().contains("unknown command"), "{refused}");
 
     // A second daemon may not take over an existing socket path.
