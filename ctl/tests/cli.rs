@@ -7,18 +7,9 @@ use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_rewindctl");
 
-/// Serves one connection: checks the request, sends `answer`.
+/// Serves one connection: reads the request, sends `answer`.
 fn fake_daemon(socket: &Path, answer: &'static str) -> std::thread::JoinHandle<String> {
-    let listener = UnixListener::bind(socket).expect("bind");
-    std::thread::spawn(move || {
-        let (stream, _) = listener.accept().expect("accept");
-        let mut request = String::new();
-        BufReader::new(stream.try_clone().expect("clone"))
-            .read_line(&mut request)
-            .expect("request");
-        writeln!(&stream, "{answer}").expect("answer");
-        request
-    })
+    scripted_daemon(socket, vec![answer.to_owned()])
 }
 
 fn rewindctl(socket: &Path, args: &[&str]) -> Output {

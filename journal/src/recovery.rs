@@ -608,7 +608,7 @@ fn scan(
                     },
                     bookmark,
                 });
-                if !matches!(h.kind, RecordKind::Flush | RecordKind::Bookmark) {
+                if h.kind != RecordKind::Flush {
                     last_data_lsn = h.lsn;
                 }
                 if h.payload_len > 0 {

@@ -226,7 +226,7 @@ struct Inner {
     /// Wakes the applier (pressure from the pool, or shutdown).
     applier_wake: Arc<Signal>,
     shutdown: AtomicBool,
-    /// Highest lsn of a record that changes the disk (what a flush covers).
+    /// Highest lsn of a record other than Flush (what a flush covers).
     last_data_lsn: AtomicU64,
     completion: Completion,
     durable_lsn: AtomicU64,
@@ -896,7 +896,8 @@ impl Inner {
         c.next_lsn += 1;
         c.last_timestamp = timestamp;
         segment.last_lsn.store(lsn, Ordering::Release);
-        if !matches!(kind, RecordKind::Flush | RecordKind::Bookmark) {
+        // A bookmark is flushed like data: it must survive a power loss.
+        if kind != RecordKind::Flush {
             self.last_data_lsn.store(lsn, Ordering::Release);
         }
         let header = RecordHeader {

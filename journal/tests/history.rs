@@ -274,6 +274,8 @@ fn bookmarks_name_moments_and_survive_reopening() {
     create(&fs, &windowed(10));
     let (v, clock) = clocked(&fs);
     v.write(0, &[1u8; 512]).expect("write");
+    // Nothing else to flush: the bookmark must make itself durable.
+    v.flush().expect("flush");
     let b = v.bookmark("before-upgrade").expect("bookmark");
     v.write(0, &[2u8; 512]).expect("write");
     let dup = v.bookmark("before-upgrade").expect_err("same name");
@@ -285,6 +287,11 @@ fn bookmarks_name_moments_and_survive_reopening() {
     let at = PointInTime::Bookmark("before-upgrade".into());
     assert_eq!(view_bytes(&v, &at, 0, 512), vec![1u8; 512]);
     drop(v);
+    // Durable when it returns: any power loss keeps it.
+    for seed in 0..16 {
+        let v = reopen(&fs.crash(seed), &clock);
+        assert_eq!(v.bookmarks(), vec![b.clone()], "crash {seed}");
+    }
     let v = reopen(&fs, &clock);
     assert_eq!(v.bookmarks(), vec![b.clone()]);
     assert_eq!(v.timeline().bookmarks, vec![b]);
