@@ -48,6 +48,20 @@ pub enum Source {
     Journal { segment: u32, sector: u32 },
 }
 
+impl Source {
+    /// The source of the sector `sectors` further on.
+    pub fn advanced(self, sectors: u64) -> Source {
+        match self {
+            Source::Journal { segment, sector } => Source::Journal {
+                segment,
+                // Pieces never outgrow their segment, which is at most 1 GiB.
+                sector: sector + sectors as u32,
+            },
+            other => other,
+        }
+    }
+}
+
 /// A run of sectors with one source, as returned by [`ExtentMap::lookup`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Piece {

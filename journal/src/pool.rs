@@ -102,6 +102,17 @@ impl PoolState {
     }
 }
 
+/// What base.img holds (see [`SuperState`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Base {
+    /// Every record with lsn <= this is folded into base.img.
+    pub lsn: u64,
+    /// Time of record `lsn` (or of the volume's first open).
+    pub timestamp: u64,
+    /// base.img may hold changes up to here: no state before it is readable.
+    pub horizon_lsn: u64,
+}
+
 /// Sizes of the pool at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolCounts {
@@ -127,25 +138,25 @@ pub struct Pool {
     by_id: RwLock<Vec<Option<Arc<Segment>>>>,
     /// How long the write path waits for a segment at the hard limit.
     max_wait: Duration,
-    /// Raised when the pool needs the applier to fold early.
-    pressure: Arc<Signal>,
+    /// Wakes the applier: the pool needs it to fold early, or it must stop.
+    applier: Signal,
 }
 
 /// A wake-up call between threads: `notify` sets it, `wait` takes it.
 #[derive(Debug, Default)]
-pub struct Signal {
+struct Signal {
     raised: Mutex<bool>,
     cv: Condvar,
 }
 
 impl Signal {
-    pub fn notify(&self) {
+    fn notify(&self) {
         *self.raised.lock().unwrap_or_else(|e| e.into_inner()) = true;
         self.cv.notify_all();
     }
 
     /// Waits until notified or `timeout` passes; clears the signal.
-    pub fn wait(&self, timeout: Duration) {
+    fn wait(&self, timeout: Duration) {
         let raised = self.raised.lock().unwrap_or_else(|e| e.into_inner());
         let (mut raised, _) = self
             .cv
@@ -225,13 +236,19 @@ impl Pool {
             changed: Condvar::new(),
             by_id: RwLock::new(by_id),
             max_wait: setup.max_wait,
-            pressure: Arc::new(Signal::default()),
+            applier: Signal::default(),
         })
     }
 
-    /// What the pool raises when the applier must fold early.
-    pub fn pressure(&self) -> Arc<Signal> {
-        self.pressure.clone()
+    /// Wakes the applier's [`Pool::wait_for_applier_work`].
+    pub fn wake_applier(&self) {
+        self.applier.notify();
+    }
+
+    /// The applier's pause: until the pool is under pressure, someone calls
+    /// [`Pool::wake_applier`], or `timeout` passes.
+    pub fn wait_for_applier_work(&self, timeout: Duration) {
+        self.applier.wait(timeout);
     }
 
     fn lock(&self) -> MutexGuard<'_, PoolState> {
@@ -244,11 +261,6 @@ impl Pool {
 
     pub fn journal_max(&self) -> u64 {
         self.max_segments * self.segment_size
-    }
-
-    /// Every record with lsn <= this is folded into base.img.
-    pub fn base_lsn(&self) -> u64 {
-        self.lock().sb.state().base_lsn
     }
 
     pub fn counts(&self) -> PoolCounts {
@@ -275,11 +287,15 @@ impl Pool {
         (st.used.len() as u64 + self.reserve + 1).saturating_sub(self.max_segments)
     }
 
-    /// The lsn horizon and base time as `super` has them.
-    pub fn base(&self) -> (u64, u64, u64) {
+    /// What base.img holds, as `super` has it.
+    pub fn base(&self) -> Base {
         let st = self.lock();
         let s = st.sb.state();
-        (s.base_lsn, s.base_timestamp, s.horizon_lsn)
+        Base {
+            lsn: s.base_lsn,
+            timestamp: s.base_timestamp,
+            horizon_lsn: s.horizon_lsn,
+        }
     }
 
     /// Durably sets the time of the initial image (before any fold).
@@ -417,7 +433,7 @@ impl Pool {
                 drop(st);
                 self.changed.notify_all();
                 if overflow {
-                    self.pressure.notify();
+                    self.applier.notify();
                 }
                 return Ok(seg);
             }
@@ -440,7 +456,7 @@ impl Pool {
                     max: self.journal_max(),
                 });
             }
-            self.pressure.notify();
+            self.applier.notify();
             self.changed.notify_all();
             let _ = self
                 .changed

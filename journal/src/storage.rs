@@ -135,7 +135,7 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     /// Makes `[offset, offset + len)` read as zeroes (deallocating it where
     /// the file system can).
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        write_zero_buffers(self, offset, len)
+        write_zero_buffers(offset, len, |buf, at| self.write_all_at(&[buf], at))
     }
     /// Copies the first `len` bytes to `dst` (which reads as zeroes),
     /// leaving holes where this reads zeroes; reports bytes done.
@@ -155,13 +155,18 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     }
 }
 
-fn write_zero_buffers<F: StorageFile + ?Sized>(f: &F, offset: u64, len: u64) -> io::Result<()> {
+/// Writes zeroes over `[offset, offset + len)` with `write(buffer, at)`.
+fn write_zero_buffers(
+    offset: u64,
+    len: u64,
+    mut write: impl FnMut(&[u8], u64) -> io::Result<()>,
+) -> io::Result<()> {
     static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
     let mut at = offset;
     let end = offset + len;
     while at < end {
         let n = (end - at).min(ZEROES.len() as u64) as usize;
-        f.write_all_at(&[&ZEROES[..n]], at)?;
+        write(&ZEROES[..n], at)?;
         at += n as u64;
     }
     Ok(())
@@ -245,7 +250,7 @@ impl StorageFile for OsFile {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.punch_hole(offset, len)
+        zero_range(&self.0, offset, len)
     }
 
     fn copy_to(&self, dst: &File, len: u64, progress: Progress<'_>) -> io::Result<()> {
@@ -253,21 +258,16 @@ impl StorageFile for OsFile {
     }
 }
 
-impl OsFile {
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        match punch_hole(&self.0, offset, len) {
-            Err(e) if e.raw_os_error() == Some(libc_eopnotsupp()) => {
-                write_zero_buffers(self, offset, len)
-            }
-            other => other,
-        }
-    }
-}
-
-/// Deallocates `[offset, offset + len)` of `f`, which then reads as zeroes.
-pub fn punch_hole(f: &File, offset: u64, len: u64) -> io::Result<()> {
+/// Makes `[offset, offset + len)` of a host file read as zeroes: punches
+/// a hole, or writes zeroes where the file system cannot.
+pub fn zero_range(f: &File, offset: u64, len: u64) -> io::Result<()> {
     let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-    retry_eintr(|| rustix::fs::fallocate(f, flags, offset, len))
+    match retry_eintr(|| rustix::fs::fallocate(f, flags, offset, len)) {
+        Err(e) if e.raw_os_error() == Some(libc_eopnotsupp()) => {
+            write_zero_buffers(offset, len, |buf, at| f.write_all_at(buf, at))
+        }
+        other => other,
+    }
 }
 
 fn libc_eopnotsupp() -> i32 {

@@ -43,7 +43,7 @@ use crate::format::{
 };
 use crate::meta::{VolumeConfig, VolumeSettings, VOLUME_FILE};
 use crate::point::PointInTime;
-use crate::pool::{segment_name, write_header, Pool, PoolSetup, Segment, Signal, JOURNAL_DIR};
+use crate::pool::{segment_name, write_header, Pool, PoolSetup, Segment, JOURNAL_DIR};
 use crate::record_index::{Bookmark, Effect, Entry, RecordIndex};
 use crate::recovery::{recover, RecoveryReport};
 use crate::storage::{ImportMode, LockGuard, Progress, Storage};
@@ -223,8 +223,6 @@ struct Inner {
     /// One fold at a time.
     fold_lock: Mutex<()>,
     forced_folds: AtomicU64,
-    /// Wakes the applier (pressure from the pool, or shutdown).
-    applier_wake: Arc<Signal>,
     shutdown: AtomicBool,
     /// Highest lsn of a record other than Flush (what a flush covers).
     last_data_lsn: AtomicU64,
@@ -390,7 +388,7 @@ impl Volume {
         remove_orphans(storage.as_ref(), &journal_dir, &listed)?;
         pool.fill_reserve()?;
         let mut index = recovered.index;
-        if index.base_lsn() == 0 && pool.base().1 == 0 {
+        if index.base_lsn() == 0 && pool.base().timestamp == 0 {
             // First open: the initial image is the disk from now on (or
             // from the first record, if something wrote before).
             let start = index
@@ -425,7 +423,6 @@ impl Volume {
             views: Mutex::new(Vec::new()),
             fold_lock: Mutex::new(()),
             forced_folds: AtomicU64::new(0),
-            applier_wake: pool.pressure(),
             shutdown: AtomicBool::new(false),
             last_data_lsn: AtomicU64::new(recovered.last_data_lsn),
             completion: Completion::new(next_lsn - 1),
@@ -534,7 +531,7 @@ impl Volume {
 
     fn stop_maintainer(&mut self) {
         self.inner.shutdown.store(true, Ordering::Release);
-        self.inner.applier_wake.notify();
+        self.inner.pool.wake_applier();
         if let Some(handle) = self.applier.take() {
             if handle.join().is_err() {
                 tracing::error!("the applier thread panicked");
@@ -696,7 +693,7 @@ impl Volume {
             journal_max: inner.pool.journal_max(),
             journal_warn: inner.config.journal_warn,
             over_warning: counts.bytes >= inner.config.journal_warn,
-            base_lsn: inner.pool.base_lsn(),
+            base_lsn: inner.pool.base().lsn,
             last_lsn,
             durable_lsn: inner.durable_lsn.load(Ordering::Acquire),
             oldest_record_ns: bounds.map(|b| b.0),
@@ -1076,7 +1073,7 @@ impl Inner {
 
     /// The oldest lsn whose state can still be read, and its time.
     fn window_start(&self, index: &RecordIndex) -> (u64, u64) {
-        let horizon = self.pool.base().2.max(index.base_lsn());
+        let horizon = self.pool.base().horizon_lsn.max(index.base_lsn());
         (horizon, index.timestamp(horizon))
     }
 
@@ -1173,7 +1170,7 @@ impl Inner {
                     tracing::error!(volume = %self.dir.display(), error = %e, "fold failed; retrying");
                 }
             }
-            self.applier_wake.wait(pause);
+            self.pool.wait_for_applier_work(pause);
             due = interval.is_some();
         }
     }

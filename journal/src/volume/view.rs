@@ -275,9 +275,7 @@ impl View {
         for piece in pieces.iter().filter(|p| p.source != Source::Base) {
             let (at, len) = (piece.start * SECTOR, piece.sectors * SECTOR);
             if piece.source == Source::Zero {
-                crate::storage::punch_hole(out, at, len)
-                    .or_else(|_| write_zeroes(out, at, len))
-                    .map_err(Error::io(context))?;
+                crate::storage::zero_range(out, at, len).map_err(Error::io(context))?;
             } else {
                 let mut copied = 0;
                 while copied < len {
@@ -286,7 +284,7 @@ impl View {
                     let part = Piece {
                         start: piece.start + copied / SECTOR,
                         sectors: n / SECTOR,
-                        source: advance(piece.source, copied / SECTOR),
+                        source: piece.source.advanced(copied / SECTOR),
                     };
                     self.read_piece(&state, &part, &mut buf)?;
                     out.write_all_at(&buf, at + copied)
@@ -302,32 +300,10 @@ impl View {
     }
 }
 
-/// Zeroes a range of a file that cannot punch holes.
-fn write_zeroes(out: &File, at: u64, len: u64) -> io::Result<()> {
-    let zeroes = vec![0u8; len.min(COPY_CHUNK) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(COPY_CHUNK) as usize;
-        out.write_all_at(&zeroes[..n], at + done)?;
-        done += n as u64;
-    }
-    Ok(())
-}
-
 const COPY_CHUNK: u64 = 1 << 20;
 /// The segment id that names the scratch file in a writable view's pieces
 /// (real segment ids never get this high: `super` lists at most 8187).
 const SCRATCH_SEGMENT: u32 = u32::MAX;
-
-fn advance(source: Source, sectors: u64) -> Source {
-    match source {
-        Source::Journal { segment, sector } => Source::Journal {
-            segment,
-            sector: sector + sectors as u32,
-        },
-        other => other,
-    }
-}
 
 impl Scratch {
     fn create(inner: &Inner) -> Result<Scratch> {
