@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{bench_dir, groups, header, mib_s, quick, row};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rewind_journal::{
@@ -29,11 +32,8 @@ struct Config {
 }
 
 fn config() -> Config {
-    let base = std::env::var_os("REWIND_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    let dir = tempfile::tempdir_in(base).expect("bench dir").keep();
-    if std::env::var_os("REWIND_BENCH_QUICK").is_some() {
+    let dir = bench_dir();
+    if quick() {
         Config {
             dir,
             fold_writes: 4096,
@@ -71,14 +71,6 @@ fn volume(dir: &Path, size: u64, base: BaseImage<'_>) -> (Volume, Arc<ManualCloc
     };
     let (v, _) = Volume::open(storage, dir, options).expect("open");
     (v, clock)
-}
-
-fn mib_s(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
-}
-
-fn row(what: &str, ours: String, baseline: String, ratio: f64) {
-    println!("| {what} | {ours} | {baseline} | {ratio:.2}x |");
 }
 
 fn random_blocks(n: u64, disk: u64, seed: u64) -> Vec<u64> {
@@ -139,7 +131,7 @@ fn bench_fold(c: &Config) {
             "{:.0} MiB/s (pwrite of the same blocks in disk order, fdatasync)",
             mib_s(report.bytes, baseline)
         ),
-        baseline.as_secs_f64() / fold.as_secs_f64(),
+        Some(baseline.as_secs_f64() / fold.as_secs_f64()),
     );
     drop(v);
     std::fs::remove_dir_all(&dir).expect("cleanup");
@@ -170,7 +162,7 @@ fn bench_view(c: &Config) {
             best.as_nanos() as f64 / last as f64
         ),
         "-".into(),
-        1.0,
+        None,
     );
     drop(v);
     std::fs::remove_dir_all(&dir).expect("cleanup");
@@ -235,7 +227,7 @@ fn bench_materialize(c: &Config) {
             "{:.0} ms (cp --sparse=always of base.img, then fsync)",
             cp.as_secs_f64() * 1e3
         ),
-        cp.as_secs_f64() / ours.as_secs_f64(),
+        Some(cp.as_secs_f64() / ours.as_secs_f64()),
     );
     drop(v);
     std::fs::remove_dir_all(&dir).expect("cleanup");
@@ -293,7 +285,7 @@ fn bench_latency(c: &Config) {
                 "{:.1} us (the same writes, no fold)",
                 without.as_secs_f64() * 1e6
             ),
-            without.as_secs_f64() / with.as_secs_f64(),
+            Some(without.as_secs_f64() / with.as_secs_f64()),
         );
     }
     drop(v);
@@ -301,18 +293,11 @@ fn bench_latency(c: &Config) {
 }
 
 fn main() {
-    // `cargo test --benches` runs this with --bench absent; do nothing then.
-    if !std::env::args().any(|a| a == "--bench") {
+    let Some(wanted) = groups() else {
         return;
-    }
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let wanted = |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f));
+    };
     let c = config();
-    println!("| benchmark | rewind | baseline | ratio (higher is better for rewind) |");
-    println!("|---|---|---|---|");
+    header();
     if wanted("fold") {
         bench_fold(&c);
     }

@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{bench_dir, groups, header, mib_s, quick, row};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rewind_journal::{
@@ -53,11 +56,8 @@ struct Config {
 }
 
 fn config() -> Config {
-    let base = std::env::var_os("REWIND_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    let dir = tempfile::tempdir_in(base).expect("bench dir").keep();
-    if std::env::var_os("REWIND_BENCH_QUICK").is_some() {
+    let dir = bench_dir();
+    if quick() {
         Config {
             dir,
             write_bytes: 32 << 20,
@@ -115,14 +115,6 @@ fn evict(path: &Path) {
     rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).expect("fadvise");
 }
 
-fn mib_s(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
-}
-
-fn row(what: &str, ours: String, baseline: String, ratio: f64) {
-    println!("| {what} | {ours} | {baseline} | {ratio:.2}x |");
-}
-
 /// Best of three runs of each, alternating, so that noise from the machine
 /// falls on both alike. Each closure returns the time it measured.
 fn compare(
@@ -172,7 +164,7 @@ fn bench_appends(c: &Config, block: usize) {
         &format!("append {} KiB x {count}, then flush", block / 1024),
         format!("{:.0} MiB/s", mib_s(c.write_bytes, ours)),
         format!("{:.0} MiB/s (pwrite)", mib_s(c.write_bytes, plain)),
-        plain.as_secs_f64() / ours.as_secs_f64(),
+        Some(plain.as_secs_f64() / ours.as_secs_f64()),
     );
 }
 
@@ -224,7 +216,7 @@ fn bench_random_reads(c: &Config) {
         ),
         format!("{:.0} ns/read", per(ours)),
         format!("{:.0} ns/read (pread)", per(plain)),
-        plain.as_secs_f64() / ours.as_secs_f64(),
+        Some(plain.as_secs_f64() / ours.as_secs_f64()),
     );
     // The same extents in a bare map: how much of a read is the lookup.
     let map = ExtentMap::new(c.read_disk);
@@ -354,26 +346,19 @@ fn bench_recovery(c: &Config) {
             ),
             format!("{:.0} MiB/s", mib_s(total, recover)),
             format!("{:.0} MiB/s (sequential read)", mib_s(total, read)),
-            read.as_secs_f64() / recover.as_secs_f64(),
+            Some(read.as_secs_f64() / recover.as_secs_f64()),
         );
     }
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
 
 fn main() {
-    // `cargo test --benches` runs this with --bench absent; do nothing then.
-    if !std::env::args().any(|a| a == "--bench") {
+    let Some(wanted) = groups() else {
         return;
-    }
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let wanted = |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f));
+    };
     let c = config();
     println!("bench dir: {}", c.dir.display());
-    println!("| benchmark | rewind | baseline | ratio (higher is better for rewind) |");
-    println!("|---|---|---|---|");
+    header();
     if wanted("append-4k") {
         bench_appends(&c, 4096);
     }
