@@ -170,19 +170,24 @@ fn volume_with_history(dir: &Path) -> u64 {
     first
 }
 
+/// `rewindctl materialize --volume VOL --at AT --output OUTPUT`.
+fn materialize_offline(vol: &Path, at: &str, output: &Path) -> Output {
+    Command::new(BIN)
+        .args(["materialize", "--volume"])
+        .arg(vol)
+        .args(["--at", at, "--output"])
+        .arg(output)
+        .output()
+        .expect("run rewindctl")
+}
+
 #[test]
 fn offline_materialize_reads_the_volume_directory() {
     let dir = tempfile::tempdir().expect("tmp");
     let vol = dir.path().join("vol");
     let first = volume_with_history(&vol);
     let output = dir.path().join("first.raw");
-    let out = Command::new(BIN)
-        .args(["materialize", "--volume"])
-        .arg(&vol)
-        .args(["--at", &format!("lsn:{first}"), "--output"])
-        .arg(&output)
-        .output()
-        .expect("run");
+    let out = materialize_offline(&vol, &format!("lsn:{first}"), &output);
     assert!(
         out.status.success(),
         "{}",
@@ -194,13 +199,7 @@ fn offline_materialize_reads_the_volume_directory() {
     assert!(image[4096..].iter().all(|&b| b == 0));
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("lsn     {first}")));
 
-    let out = Command::new(BIN)
-        .args(["materialize", "--volume"])
-        .arg(&vol)
-        .args(["--at", "-10h", "--output"])
-        .arg(dir.path().join("old.raw"))
-        .output()
-        .expect("run");
+    let out = materialize_offline(&vol, "-10h", &dir.path().join("old.raw"));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -216,13 +215,7 @@ fn offline_materialize_reads_the_volume_directory() {
         rewind_journal::OpenOptions::default(),
     )
     .expect("open");
-    let out = Command::new(BIN)
-        .args(["materialize", "--volume"])
-        .arg(&vol)
-        .args(["--at", "lsn:1", "--output"])
-        .arg(dir.path().join("busy.raw"))
-        .output()
-        .expect("run");
+    let out = materialize_offline(&vol, "lsn:1", &dir.path().join("busy.raw"));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("open in another process"));
 }

@@ -19,18 +19,17 @@ const T0: u64 = 1_700_000_000_000_000_000;
 const EIO: i32 = 5;
 const ENOSPC: i32 = 28;
 
-fn windowed(secs: u64) -> VolumeSettings {
-    VolumeSettings {
-        window: Duration::from_secs(secs),
+/// A new volume with a 10 s window on a clock the test moves.
+fn clocked() -> (FaultStorage, Volume, Arc<ManualClock>) {
+    let fs = FaultStorage::new();
+    let settings = VolumeSettings {
+        window: Duration::from_secs(10),
         ..small_settings()
-    }
-}
-
-/// A volume with a 10 s window on a clock the test moves.
-fn clocked(fs: &FaultStorage) -> (Volume, Arc<ManualClock>) {
+    };
+    create(&fs, &settings);
     let clock = Arc::new(ManualClock::new(T0));
-    let v = reopen(fs, &clock);
-    (v, clock)
+    let v = reopen(&fs, &clock);
+    (fs, v, clock)
 }
 
 fn reopen(fs: &FaultStorage, clock: &Arc<ManualClock>) -> Volume {
@@ -56,9 +55,7 @@ fn view_bytes(v: &Volume, at: &PointInTime, offset: u64, len: usize) -> Vec<u8> 
 
 #[test]
 fn the_pool_shrinks_back_to_its_reserve_after_the_window_passes() {
-    let fs = FaultStorage::new();
-    create(&fs, &windowed(10));
-    let (v, clock) = clocked(&fs);
+    let (fs, v, clock) = clocked();
     for i in 0..40u64 {
         v.write((i % 32) * 16384, &pattern(i as u8, 16384))
             .expect("write");
@@ -103,9 +100,7 @@ fn the_pool_shrinks_back_to_its_reserve_after_the_window_passes() {
 
 #[test]
 fn a_crash_in_the_middle_of_a_fold_makes_older_states_unreachable_and_loses_nothing() {
-    let fs = FaultStorage::new();
-    create(&fs, &windowed(10));
-    let (v, clock) = clocked(&fs);
+    let (fs, v, clock) = clocked();
     let first = v.write(0, &[1u8; 512]).expect("write");
     let second = v.write(4096, &[2u8; 512]).expect("write");
     clock.advance(20 * SEC);
@@ -137,9 +132,7 @@ fn a_crash_in_the_middle_of_a_fold_makes_older_states_unreachable_and_loses_noth
 #[test]
 fn eio_and_enospc_during_a_fold_lose_nothing_and_the_fold_retries() {
     for errno in [EIO, ENOSPC] {
-        let fs = FaultStorage::new();
-        create(&fs, &windowed(10));
-        let (v, clock) = clocked(&fs);
+        let (fs, v, clock) = clocked();
         for i in 0..12u64 {
             v.write(i * 16384, &pattern(i as u8, 16384)).expect("write");
         }
@@ -163,9 +156,7 @@ fn eio_and_enospc_during_a_fold_lose_nothing_and_the_fold_retries() {
 
 #[test]
 fn a_view_pins_its_history_until_it_is_dropped() {
-    let fs = FaultStorage::new();
-    create(&fs, &windowed(10));
-    let (v, clock) = clocked(&fs);
+    let (_fs, v, clock) = clocked();
     let old = v.write(0, &[1u8; 4096]).expect("write");
     for i in 1..20u64 {
         v.write(0, &pattern(i as u8, 16384)).expect("overwrite");
@@ -270,9 +261,7 @@ fn materialize_writes_a_sparse_image_equal_to_the_view() {
 
 #[test]
 fn bookmarks_name_moments_and_survive_reopening() {
-    let fs = FaultStorage::new();
-    create(&fs, &windowed(10));
-    let (v, clock) = clocked(&fs);
+    let (fs, v, clock) = clocked();
     v.write(0, &[1u8; 512]).expect("write");
     // Nothing else to flush: the bookmark must make itself durable.
     v.flush().expect("flush");
@@ -327,9 +316,7 @@ fn a_revert_is_a_record_that_keeps_history_and_can_be_undone() {
 
 #[test]
 fn moments_outside_the_window_are_refused_with_its_bounds() {
-    let fs = FaultStorage::new();
-    create(&fs, &windowed(10));
-    let (v, clock) = clocked(&fs);
+    let (_fs, v, clock) = clocked();
     v.write(0, &[1u8; 512]).expect("write");
     clock.advance(30 * SEC);
     // The segment holding lsn 1 is idle and expired: it is sealed and folded.
