@@ -44,6 +44,9 @@ pub enum RecordKind {
     Bookmark,
     /// The disk becomes what it was at lsn `offset` (an earlier record).
     Revert,
+    /// The fencing epoch becomes `offset`; this record and every later one
+    /// carry it.
+    Epoch,
 }
 
 impl RecordKind {
@@ -55,6 +58,7 @@ impl RecordKind {
             RecordKind::Flush => (4, 0),
             RecordKind::Bookmark => (5, 0),
             RecordKind::Revert => (6, 0),
+            RecordKind::Epoch => (7, 0),
         }
     }
 
@@ -68,6 +72,7 @@ impl RecordKind {
             4 => Some(RecordKind::Flush),
             5 => Some(RecordKind::Bookmark),
             6 => Some(RecordKind::Revert),
+            7 => Some(RecordKind::Epoch),
             _ => None,
         }
     }
@@ -263,6 +268,10 @@ impl RecordHeader {
                 Err("revert record returns to an lsn not before itself".into())
             }
             RecordKind::Revert => Ok(()),
+            RecordKind::Epoch if self.length != 0 || self.offset != self.epoch => {
+                Err("epoch record disagrees with its own epoch".into())
+            }
+            RecordKind::Epoch => Ok(()),
         }
     }
 }

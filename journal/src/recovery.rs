@@ -92,6 +92,8 @@ pub struct Recovered {
     pub map: ExtentMap,
     pub index: RecordIndex,
     pub last_data_lsn: u64,
+    /// The highest epoch a record carries (0 without records).
+    pub epoch: u64,
     pub report: RecoveryReport,
 }
 
@@ -457,6 +459,7 @@ struct Scanned {
     used: Vec<Arc<Segment>>,
     stale: Vec<(u32, Option<Arc<dyn StorageFile>>)>,
     last_data_lsn: u64,
+    epoch: u64,
     report: RecoveryReport,
 }
 
@@ -493,6 +496,7 @@ pub fn recover(
             map,
             index,
             last_data_lsn: scanned.last_data_lsn,
+            epoch: scanned.epoch,
             report: scanned.report,
         })
     })
@@ -514,6 +518,7 @@ fn scan(
     };
     let mut expected = sb.base_lsn + 1;
     let mut last_data_lsn = sb.base_lsn;
+    let mut epoch = 0;
     let mut report = RecoveryReport {
         records: 0,
         flush_records: 0,
@@ -600,7 +605,9 @@ fn scan(
                         Effect::Mark
                     }
                     RecordKind::Revert => Effect::Revert { to: h.offset },
+                    RecordKind::Epoch => Effect::Mark,
                 };
+                epoch = epoch.max(h.epoch);
                 index.push(Accepted {
                     entry: Entry {
                         timestamp: h.timestamp,
@@ -715,6 +722,7 @@ fn scan(
         used,
         stale,
         last_data_lsn,
+        epoch,
         report,
     })
 }

@@ -213,6 +213,12 @@ struct Inner {
     config: VolumeConfig,
     clock: Arc<dyn Clock>,
     retry: RetryPolicy,
+    /// The fencing epoch records are written with. Changes only under the
+    /// cursor lock (`raise_epoch`).
+    epoch: AtomicU64,
+    /// Raised by [`Volume::release_held`]: requests held on an IO error
+    /// that began before the raise give up instead of retrying.
+    release_generation: AtomicU64,
     base: Arc<dyn crate::storage::StorageFile>,
     pool: Arc<Pool>,
     map: ExtentMap,
@@ -399,6 +405,14 @@ impl Volume {
             index = index.with_base_timestamp(start);
         }
 
+        // An Epoch record is durable before volume.json names its epoch; a
+        // crash in between leaves the record to say it.
+        let mut config = config;
+        if recovered.epoch > config.epoch {
+            config.epoch = recovered.epoch;
+            config.store(storage.as_ref(), dir)?;
+        }
+        let epoch = config.epoch;
         let next_lsn = report.next_lsn;
         view::remove_scratch_files(storage.as_ref(), dir)?;
         let inner = Arc::new(Inner {
@@ -408,6 +422,8 @@ impl Volume {
             config,
             clock: options.clock,
             retry: options.retry,
+            epoch: AtomicU64::new(epoch),
+            release_generation: AtomicU64::new(0),
             base,
             pool: pool.clone(),
             map: recovered.map,
@@ -633,6 +649,54 @@ impl Volume {
         Ok(lsn)
     }
 
+    /// The fencing epoch new records carry.
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch.load(Ordering::Acquire)
+    }
+
+    /// Raises the fencing epoch by one (DESIGN.md, "Drain and fence"): a
+    /// durable Epoch record, after which every record carries the new
+    /// epoch, then volume.json. Returns the new epoch.
+    pub fn raise_epoch(&self) -> Result<u64> {
+        let inner = &self.inner;
+        inner.check_failed()?;
+        let mut c = lock(&inner.cursor);
+        let epoch = inner.epoch.load(Ordering::Acquire) + 1;
+        // Under the cursor lock: no record is placed between the raise and
+        // the Epoch record, so epochs never decrease along the lsns.
+        inner.epoch.store(epoch, Ordering::Release);
+        let reserved = inner
+            .reserve(
+                &mut c,
+                RecordKind::Epoch,
+                epoch,
+                0,
+                &[],
+                crc32c::crc32c(&[]),
+            )
+            .inspect_err(|_| inner.epoch.store(epoch - 1, Ordering::Release))?;
+        inner.write_reserved(reserved, &[])?;
+        drop(c);
+        inner.flush()?;
+        let config = VolumeConfig {
+            epoch,
+            ..inner.config.clone()
+        };
+        config.store(inner.storage.as_ref(), &inner.dir)?;
+        tracing::info!(volume = %inner.dir.display(), epoch, "raised the epoch");
+        Ok(epoch)
+    }
+
+    /// Fails the requests now held retrying an EIO or ENOSPC (they return
+    /// the error at their next retry, within a second) instead of letting
+    /// them wait out `RetryPolicy::max_hold`: the operator gave up on the
+    /// storage (a drain with abort, a fence).
+    pub fn release_held(&self) {
+        self.inner
+            .release_generation
+            .fetch_add(1, Ordering::AcqRel);
+    }
+
     /// Folds what left the window now, instead of waiting for the applier.
     pub fn fold_now(&self) -> Result<Option<FoldReport>> {
         self.inner.fold()
@@ -684,7 +748,7 @@ impl Volume {
         Stats {
             uuid: inner.config.uuid,
             size: inner.config.size,
-            epoch: inner.config.epoch,
+            epoch: inner.epoch.load(Ordering::Acquire),
             segment_size: inner.config.segment_size,
             segments_used: counts.used,
             segments_free: counts.free,
@@ -791,9 +855,13 @@ impl Inner {
     fn retrying<T>(&self, what: &str, mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
         let mut first_error: Option<Instant> = None;
         let mut backoff = self.retry.first_backoff;
+        let generation = self.release_generation.load(Ordering::Acquire);
         loop {
             match op() {
                 Err(e) if retryable(&e) => {
+                    if self.release_generation.load(Ordering::Acquire) != generation {
+                        return Err(e);
+                    }
                     let since = *first_error.get_or_insert_with(|| {
                         tracing::warn!(
                             volume = %self.dir.display(),
@@ -873,7 +941,7 @@ impl Inner {
             }),
             RecordKind::WriteZeroes { .. } | RecordKind::Discard => data(Target::Zero),
             RecordKind::Flush => Effect::Flush,
-            RecordKind::Bookmark => Effect::Mark,
+            RecordKind::Bookmark | RecordKind::Epoch => Effect::Mark,
             RecordKind::Revert => Effect::Revert { to: offset },
         };
         {
@@ -902,7 +970,7 @@ impl Inner {
             seq: segment.seq,
             lsn,
             timestamp,
-            epoch: self.config.epoch,
+            epoch: self.epoch.load(Ordering::Acquire),
             offset,
             length,
             payload_len: len as u32,
@@ -965,7 +1033,7 @@ impl Inner {
                 self.map.insert(start, sectors, header.lsn, Target::Zero);
             }
             // A revert changes the map under the cursor lock (`revert`).
-            RecordKind::Flush | RecordKind::Bookmark | RecordKind::Revert => {}
+            RecordKind::Flush | RecordKind::Bookmark | RecordKind::Revert | RecordKind::Epoch => {}
         }
         self.completion.complete(header.lsn);
         Ok(header.lsn)

@@ -289,6 +289,37 @@ fn a_write_that_keeps_failing_stops_the_volume_until_reopen() {
 }
 
 #[test]
+fn release_held_fails_a_request_held_on_an_io_error_at_once() {
+    const HOLD: std::time::Duration = std::time::Duration::from_secs(120);
+    let fs = FaultStorage::new();
+    create(&fs, &small_settings());
+    let options = OpenOptions {
+        retry: rewind_journal::RetryPolicy {
+            max_hold: HOLD,
+            ..Default::default()
+        },
+        ..options()
+    };
+    let v = Volume::open(fs.arc(), Path::new(DIR), options)
+        .expect("open")
+        .0;
+    fs.inject(Fault::always(FaultOp::Write, EIO).on_paths_containing(".seg"));
+    let start = std::time::Instant::now();
+    std::thread::scope(|s| {
+        let held = s.spawn(|| v.write(0, &pattern(1, 4096)));
+        // Release until the held write gives up: a release before the write
+        // is held does not concern it.
+        while !held.is_finished() {
+            v.release_held();
+            std::thread::yield_now();
+        }
+        let err = held.join().expect("writer").unwrap_err();
+        assert!(matches!(err, Error::Failed(_)), "{err}");
+    });
+    assert!(start.elapsed() < HOLD, "the write was not released");
+}
+
+#[test]
 fn a_failed_sync_fails_the_flush_and_stops_the_volume() {
     let (fs, v) = new_volume();
     v.write(0, &pattern(1, 4096)).expect("write");
@@ -482,4 +513,36 @@ fn the_time_index_maps_times_to_lsns_and_survives_recovery() {
     clock.set(9_000);
     let (v, _) = Volume::open(fs.arc(), Path::new(DIR), options()).expect("reopen");
     check(&v, last + 1);
+}
+
+#[test]
+fn raising_the_epoch_is_durable_and_survives_a_crash_before_volume_json() {
+    let (fs, v) = new_volume();
+    assert_eq!(v.epoch(), 1);
+    let before = v.write(0, &pattern(1, 4096)).expect("write");
+    // volume.json as it was before the raise, to put back after a crash.
+    let old_json = fs
+        .contents(&Path::new(DIR).join("volume.json"))
+        .expect("volume.json");
+    assert_eq!(v.raise_epoch().expect("raise"), 2);
+    assert_eq!(v.epoch(), 2);
+    assert_eq!(v.stats().epoch, 2);
+    let epoch_lsn = v.last_lsn();
+    assert!(epoch_lsn > before);
+    v.write(4096, &pattern(2, 4096)).expect("write at the new epoch");
+    drop(v);
+
+    let v = open(&fs);
+    assert_eq!(v.epoch(), 2, "volume.json says so");
+    assert_eq!(read(&v, 4096, 4096), pattern(2, 4096));
+    drop(v);
+
+    // A crash after the Epoch record was synced, before volume.json was
+    // replaced: the record says it.
+    fs.set_contents(&Path::new(DIR).join("volume.json"), old_json);
+    let v = open(&fs);
+    assert_eq!(v.epoch(), 2, "recovered from the Epoch record");
+    assert_eq!(v.raise_epoch().expect("raise again"), 3);
+    drop(v);
+    assert_eq!(open(&fs).epoch(), 3);
 }
