@@ -692,9 +692,7 @@ impl Volume {
     /// them wait out `RetryPolicy::max_hold`: the operator gave up on the
     /// storage (a drain with abort, a fence).
     pub fn release_held(&self) {
-        self.inner
-            .release_generation
-            .fetch_add(1, Ordering::AcqRel);
+        self.inner.release_generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Folds what left the window now, instead of waiting for the applier.

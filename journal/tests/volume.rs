@@ -529,7 +529,8 @@ fn raising_the_epoch_is_durable_and_survives_a_crash_before_volume_json() {
     assert_eq!(v.stats().epoch, 2);
     let epoch_lsn = v.last_lsn();
     assert!(epoch_lsn > before);
-    v.write(4096, &pattern(2, 4096)).expect("write at the new epoch");
+    v.write(4096, &pattern(2, 4096))
+        .expect("write at the new epoch");
     drop(v);
 
     let v = open(&fs);

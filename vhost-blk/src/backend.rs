@@ -13,10 +13,9 @@
 //! completion; vhost-user-backend does not implement it.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use rewind_journal::Volume;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -35,6 +34,8 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::device::BlockDevice;
+use crate::gate::Gate;
 use crate::request::{self, Disk, MAX_SEGMENTS, SECTOR};
 
 /// Largest queue the device offers.
@@ -56,8 +57,12 @@ pub struct ExportConfig {
 
 #[derive(Debug)]
 pub struct BlkBackend {
-    volume: Arc<Volume>,
+    device: Arc<dyn BlockDevice>,
     config: ExportConfig,
+    gate: Arc<Gate>,
+    /// The epoch this connection was admitted at; 0 (no epoch) until it is
+    /// admitted, so no request runs before.
+    epoch: AtomicU64,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     event_idx: AtomicBool,
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
@@ -67,21 +72,28 @@ pub struct BlkBackend {
 }
 
 impl BlkBackend {
-    pub fn new(volume: Arc<Volume>, config: ExportConfig) -> Self {
+    pub fn new(device: Arc<dyn BlockDevice>, config: ExportConfig, gate: Arc<Gate>) -> Self {
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
-        let uuid = volume.config().uuid.simple().to_string();
+        let uuid = device.uuid();
         let n = uuid.len().min(id.len());
         id[..n].copy_from_slice(&uuid.as_bytes()[..n]);
         let busy = (0..config.num_queues).map(|_| Mutex::new(())).collect();
         BlkBackend {
-            volume,
+            device,
             config,
+            gate,
+            epoch: AtomicU64::new(0),
             id,
             event_idx: AtomicBool::new(false),
             mem: RwLock::new(None),
             busy,
             exits: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Lets the connection's requests through the gate at `epoch`.
+    pub fn admit(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::SeqCst);
     }
 
     /// Stops every worker thread (their daemon's connection is over).
@@ -99,12 +111,12 @@ impl BlkBackend {
         let put = |c: &mut [u8; CONFIG_LEN], at: usize, bytes: &[u8]| {
             c[at..at + bytes.len()].copy_from_slice(bytes)
         };
-        let block = self.volume.config().block_size;
-        let sectors = self.volume.size() / SECTOR;
+        let block = self.device.block_size();
+        let sectors = self.device.size() / SECTOR;
         put(&mut c, 0, &sectors.to_le_bytes()); // capacity
         put(&mut c, 12, &SEG_MAX.to_le_bytes()); // seg_max
         put(&mut c, 20, &block.to_le_bytes()); // blk_size
-        c[WRITEBACK_OFFSET] = u8::from(!self.volume.writethrough());
+        c[WRITEBACK_OFFSET] = u8::from(!self.device.writethrough());
         put(&mut c, 34, &(self.config.num_queues as u16).to_le_bytes());
         let max_sectors = u32::MAX.to_le_bytes();
         put(&mut c, 36, &max_sectors); // max_discard_sectors
@@ -116,7 +128,9 @@ impl BlkBackend {
         c
     }
 
-    fn process(&self, index: usize, vring: &VringRwLock) -> io::Result<()> {
+    /// Takes and completes the queue's requests while the gate lets them
+    /// through. Returns false if it parked the queue at a closed gate.
+    fn process(&self, index: usize, vring: &VringRwLock) -> io::Result<bool> {
         let mem = self
             .mem
             .read()
@@ -125,13 +139,22 @@ impl BlkBackend {
             .map(|m| m.memory())
             .ok_or_else(|| io::Error::other("no guest memory yet"))?;
         let disk = Disk {
-            volume: &self.volume,
+            device: self.device.as_ref(),
             read_only: self.config.read_only,
             id: self.id,
         };
+        let epoch = self.epoch.load(Ordering::SeqCst);
         let _busy = self.busy[index].lock().unwrap_or_else(|e| e.into_inner());
         let mut completed = false;
+        let mut parked = false;
         loop {
+            let Some(pass) = self.gate.enter(epoch) else {
+                if self.gate.park(index, epoch, vring) {
+                    continue;
+                }
+                parked = true;
+                break;
+            };
             // Stop taking descriptors once the queue is stopped (GET_VRING_BASE).
             let chain = {
                 let mut state = vring.get_mut();
@@ -142,9 +165,10 @@ impl BlkBackend {
             };
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let used = request::handle(&*mem, chain, &disk);
+            let done = request::handle(&*mem, chain, &disk);
+            pass.finish(done.status, done.modifying);
             vring
-                .add_used(head, used)
+                .add_used(head, done.used)
                 .map_err(|e| io::Error::other(format!("add_used: {e}")))?;
             completed = true;
         }
@@ -155,7 +179,7 @@ impl BlkBackend {
         {
             vring.signal_used_queue()?;
         }
-        Ok(())
+        Ok(!parked)
     }
 }
 
@@ -214,7 +238,7 @@ impl VhostUserBackend for BlkBackend {
         let at = WRITEBACK_OFFSET.checked_sub(offset as usize);
         match at.and_then(|i| buf.get(i)) {
             Some(&writeback) if buf.len() == 1 => {
-                self.volume.set_writethrough(writeback == 0);
+                self.device.set_writethrough(writeback == 0);
                 Ok(())
             }
             _ => Err(io::Error::new(
@@ -270,17 +294,18 @@ impl VhostUserBackend for BlkBackend {
             .get(usize::from(device_event))
             .ok_or_else(|| io::Error::other(format!("no vring for event {device_event}")))?;
         if !self.event_idx.load(Ordering::Acquire) {
-            return self.process(thread_id, vring);
+            return self.process(thread_id, vring).map(drop);
         }
         loop {
             vring
                 .disable_notification()
                 .map_err(|e| io::Error::other(format!("disable_notification: {e}")))?;
-            self.process(thread_id, vring)?;
+            let served = self.process(thread_id, vring)?;
             let more = vring
                 .enable_notification()
                 .map_err(|e| io::Error::other(format!("enable_notification: {e}")))?;
-            if !more {
+            // A parked queue waits for the gate's kick, not for more requests.
+            if !more || !served {
                 return Ok(());
             }
         }
@@ -298,7 +323,7 @@ mod tests {
             queue_size: 256,
             read_only,
         };
-        BlkBackend::new(Arc::new(volume), config)
+        BlkBackend::new(Arc::new(volume), config, Arc::new(Gate::new(1)))
     }
 
     #[test]
@@ -331,11 +356,11 @@ mod tests {
         let b = backend(false);
         b.set_config(WRITEBACK_OFFSET as u32, &[0])
             .expect("writethrough");
-        assert!(b.volume.writethrough());
+        assert!(b.device.writethrough());
         assert_eq!(b.get_config(WRITEBACK_OFFSET as u32, 1), vec![0]);
         b.set_config(WRITEBACK_OFFSET as u32, &[1])
             .expect("writeback");
-        assert!(!b.volume.writethrough());
+        assert!(!b.device.writethrough());
         assert!(
             b.set_config(0, &[1; 8]).is_err(),
             "capacity is not writable"

@@ -8,19 +8,30 @@
 //! `{"version": 1, "progress": {"done": N, "total": N}}` lines before their
 //! answer. The protocol is documented in ctl/PROTOCOL.md.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use rewind_journal::{format_ns, Bookmark, PointInTime, Volume};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use vhost::vhost_user::Listener;
+
+use crate::backend::ExportConfig;
+use crate::device::{BlockDevice, ViewDevice};
+use crate::export::{Attached, Export};
+use crate::gate::{Counters, Gate, State};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Longest request line accepted.
 const MAX_LINE: u64 = 64 << 10;
+/// How long drain and fence wait for the requests in flight by default.
+const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -50,17 +61,69 @@ enum Command {
         at: String,
         output: PathBuf,
     },
+    /// Stops taking requests from the virtqueues, waits for those in
+    /// flight (failing held ones with `abort`), flushes.
+    Drain {
+        #[serde(default = "default_timeout_ms")]
+        timeout_ms: u64,
+        #[serde(default)]
+        abort: bool,
+    },
+    Resume {},
+    /// Raises the epoch, disconnects the client, admits nobody until
+    /// `unfence`.
+    Fence {
+        #[serde(default = "default_timeout_ms")]
+        timeout_ms: u64,
+    },
+    Unfence {},
+    /// Makes the live disk what it was at `at` (drained, no client).
+    Revert {
+        at: String,
+    },
+    /// Serves the disk at `at` on a new vhost-user-blk socket.
+    Export {
+        at: String,
+        socket_path: PathBuf,
+        #[serde(default)]
+        scratch: bool,
+    },
+    Unexport {
+        socket_path: PathBuf,
+    },
 }
 
-const COMMANDS: &[&str] = &["status", "timeline", "bookmark", "materialize"];
+fn default_timeout_ms() -> u64 {
+    DEFAULT_TIMEOUT_MS
+}
+
+const COMMANDS: &[&str] = &[
+    "status",
+    "timeline",
+    "bookmark",
+    "materialize",
+    "drain",
+    "resume",
+    "fence",
+    "unfence",
+    "revert",
+    "export",
+    "unexport",
+];
 
 /// What `status` reports.
 #[derive(Debug, Serialize)]
 struct Status {
     volume: String,
     size: u64,
-    state: &'static str,
+    state: String,
     epoch: u64,
+    /// The client being served, if any.
+    attached: Option<Attached>,
+    /// Why the last client was refused, if one was.
+    last_refusal: Option<String>,
+    io: Counters,
+    exports: Vec<ExportInfo>,
     last_lsn: u64,
     durable_lsn: u64,
     /// Bytes the journal pool occupies on disk.
@@ -114,34 +177,75 @@ struct Timeline {
     bookmarks: Vec<BookmarkInfo>,
 }
 
+/// A view served on its own socket (`export`).
+#[derive(Debug, Clone, Serialize)]
+struct ExportInfo {
+    socket_path: PathBuf,
+    lsn: u64,
+    time: String,
+    writable: bool,
+    attached: Option<Attached>,
+}
+
+#[derive(Debug)]
+struct ViewExport {
+    info: ExportInfo,
+    export: Arc<Export>,
+    thread: JoinHandle<()>,
+}
+
 /// What the control socket serves.
 #[derive(Debug)]
 pub struct Control {
     pub volume: Arc<Volume>,
-    pub queues: usize,
-    pub read_only: bool,
+    pub live: Arc<Export>,
+    views: Mutex<BTreeMap<PathBuf, ViewExport>>,
 }
 
 impl Control {
+    pub fn new(volume: Arc<Volume>, live: Arc<Export>) -> Self {
+        Control {
+            volume,
+            live,
+            views: Mutex::default(),
+        }
+    }
+
+    fn views(&self) -> MutexGuard<'_, BTreeMap<PathBuf, ViewExport>> {
+        self.views.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn status(&self) -> Status {
         let s = self.volume.stats();
+        let exports = self
+            .views()
+            .values()
+            .map(|v| ExportInfo {
+                attached: v.export.attached(),
+                ..v.info.clone()
+            })
+            .collect();
         Status {
             volume: s.uuid.to_string(),
             size: s.size,
             state: if s.failed.is_some() {
-                "failed"
+                "failed".into()
             } else {
-                "serving"
+                self.live.gate.state().to_string()
             },
             epoch: s.epoch,
+            attached: self.live.attached(),
+            last_refusal: self.live.last_refusal(),
+            io: self.live.gate.counters(),
+            exports,
             last_lsn: s.last_lsn,
             durable_lsn: s.durable_lsn,
             journal_bytes: s.journal_bytes,
             journal_max: s.journal_max,
             segments_used: s.segments_used,
             segments_free: s.segments_free,
-            queues: self.queues,
-            read_only: self.read_only,
+            queues: self.live.config.num_queues,
+            read_only: self.live.config.read_only,
             writethrough: s.writethrough,
             failed: s.failed,
             window_configured: s.window_configured.as_secs(),
@@ -208,6 +312,185 @@ impl Control {
                 to_json(serde_json::to_value(BookmarkInfo::from(b)))
             }
             Command::Materialize { at, output } => self.materialize(&at, &output, progress),
+            Command::Drain { timeout_ms, abort } => self.drain(timeout_ms, abort),
+            Command::Resume {} => {
+                self.live.gate.resume().map_err(|e| e.to_string())?;
+                Ok(json!({"state": self.live.gate.state()}))
+            }
+            Command::Fence { timeout_ms } => self.fence(timeout_ms),
+            Command::Unfence {} => {
+                self.live.gate.unfence().map_err(|e| e.to_string())?;
+                Ok(json!({"state": self.live.gate.state(), "epoch": self.volume.epoch()}))
+            }
+            Command::Revert { at } => self.revert(&at),
+            Command::Export {
+                at,
+                socket_path,
+                scratch,
+            } => self.export(&at, socket_path, scratch),
+            Command::Unexport { socket_path } => self.unexport(&socket_path),
+        }
+    }
+
+    fn drain(&self, timeout_ms: u64, abort: bool) -> Result<Value, String> {
+        let gate = &self.live.gate;
+        let report = gate
+            .drain(Duration::from_millis(timeout_ms), || {
+                if abort {
+                    self.volume.release_held();
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        self.volume
+            .flush()
+            .map_err(|e| format!("drained, but the flush failed: {e}"))?;
+        tracing::info!(?report, "drained");
+        Ok(json!({
+            "state": gate.state(),
+            "in_flight": report.in_flight,
+            "failed": report.failed,
+            "waited_us": report.waited_us,
+            "already_drained": report.already_drained,
+            "last_lsn": self.volume.last_lsn(),
+        }))
+    }
+
+    /// Closes the gate, waits for (and releases) the requests in flight,
+    /// raises the epoch durably, then ends the client's connection.
+    fn fence(&self, timeout_ms: u64) -> Result<Value, String> {
+        let gate = &self.live.gate;
+        gate.fence(Duration::from_millis(timeout_ms), || {
+            self.volume.release_held()
+        })
+        .map_err(|e| e.to_string())?;
+        let epoch = self
+            .volume
+            .raise_epoch()
+            .map_err(|e| format!("the volume is closed, but raising its epoch failed: {e}"))?;
+        gate.set_epoch(epoch);
+        let disconnected = self.live.attached();
+        self.live.disconnect();
+        tracing::warn!(epoch, "fenced");
+        Ok(json!({
+            "state": gate.state(),
+            "epoch": epoch,
+            "disconnected": disconnected,
+            "last_lsn": self.volume.last_lsn(),
+        }))
+    }
+
+    fn revert(&self, at: &str) -> Result<Value, String> {
+        let gate = &self.live.gate;
+        match gate.state() {
+            State::Drained | State::Fenced => {}
+            state => {
+                return Err(format!(
+                    "the volume is {state}; revert needs it drained: run `rewindctl drain` first"
+                ))
+            }
+        }
+        if let Some(client) = self.live.attached() {
+            return Err(format!(
+                "a client is attached ({}); shut the VM down before reverting its disk",
+                client
+                    .attach_id
+                    .map_or_else(|| "unidentified".into(), |id| format!("attach id {id}"))
+            ));
+        }
+        let at: PointInTime = at.parse()?;
+        let to = self.volume.resolve(&at).map_err(|e| e.to_string())?;
+        let lsn = self
+            .volume
+            .revert(&PointInTime::Lsn(to))
+            .map_err(|e| e.to_string())?;
+        gate.note_modification();
+        Ok(json!({"lsn": lsn, "to_lsn": to}))
+    }
+
+    fn export(&self, at: &str, socket_path: PathBuf, scratch: bool) -> Result<Value, String> {
+        if !socket_path.is_absolute() {
+            return Err(format!(
+                "socket path {} must be an absolute path (the daemon runs elsewhere)",
+                socket_path.display()
+            ));
+        }
+        let mut views = self.views();
+        if views.contains_key(&socket_path) || socket_path.exists() {
+            return Err(format!(
+                "{} exists; remove it or choose another --socket-path",
+                socket_path.display()
+            ));
+        }
+        let at: PointInTime = at.parse()?;
+        let view = if scratch {
+            self.volume.view_writable(&at)
+        } else {
+            self.volume.view(&at)
+        }
+        .map_err(|e| e.to_string())?;
+        let info = ExportInfo {
+            socket_path: socket_path.clone(),
+            lsn: view.lsn(),
+            time: format_ns(view.timestamp_ns()),
+            writable: scratch,
+            attached: None,
+        };
+        let device = ViewDevice {
+            view,
+            block_size: BlockDevice::block_size(self.volume.as_ref()),
+            uuid: BlockDevice::uuid(self.volume.as_ref()),
+        };
+        let config = ExportConfig {
+            read_only: !scratch,
+            ..self.live.config.clone()
+        };
+        let listener = Listener::new(&socket_path, false)
+            .map_err(|e| format!("cannot listen on {}: {e}", socket_path.display()))?;
+        let export = Arc::new(Export::new(
+            Arc::new(device),
+            config,
+            Arc::new(Gate::new(1)),
+        ));
+        let thread = {
+            let export = export.clone();
+            std::thread::Builder::new()
+                .name("rewind-export".into())
+                .spawn(move || {
+                    if let Err(e) = export.serve(listener) {
+                        tracing::warn!(error = %e, "export ended");
+                    }
+                })
+                .map_err(|e| format!("cannot start the export: {e}"))?
+        };
+        tracing::info!(socket = %socket_path.display(), lsn = info.lsn, scratch, "exported a view");
+        let answer = serde_json::to_value(&info).map_err(|e| e.to_string());
+        views.insert(
+            socket_path,
+            ViewExport {
+                info,
+                export,
+                thread,
+            },
+        );
+        answer
+    }
+
+    fn unexport(&self, socket_path: &Path) -> Result<Value, String> {
+        let view = self.views().remove(socket_path).ok_or_else(|| {
+            format!(
+                "{} is not an export of this daemon (see `rewindctl status`)",
+                socket_path.display()
+            )
+        })?;
+        stop_view(view);
+        Ok(json!({"socket_path": socket_path}))
+    }
+
+    /// Stops every view export (the daemon is stopping).
+    pub fn stop_exports(&self) {
+        let views = std::mem::take(&mut *self.views());
+        for view in views.into_values() {
+            stop_view(view);
         }
     }
 
@@ -247,13 +530,24 @@ impl Control {
     }
 }
 
+/// Ends a view export's connection and accept loop, removes its socket,
+/// then drops the view (and its scratch overlay).
+fn stop_view(view: ViewExport) {
+    view.export.stop();
+    if view.thread.join().is_err() {
+        tracing::warn!("an export thread panicked");
+    }
+    let _ = std::fs::remove_file(&view.info.socket_path);
+    tracing::info!(socket = %view.info.socket_path.display(), "unexported");
+}
+
 fn error(message: String) -> Value {
     json!({"version": PROTOCOL_VERSION, "ok": false, "error": message})
 }
 
 /// Binds the socket (mode 0600) and serves it on a thread until the process
 /// ends. The socket file is removed by [`ControlSocket`]'s drop.
-pub fn start(path: &Path, control: Control) -> Result<ControlSocket, ControlError> {
+pub fn start(path: &Path, control: Arc<Control>) -> Result<ControlSocket, ControlError> {
     if path.exists() {
         return Err(ControlError::Exists(path.to_owned()));
     }
@@ -263,7 +557,6 @@ pub fn start(path: &Path, control: Control) -> Result<ControlSocket, ControlErro
     };
     let listener = UnixListener::bind(path).map_err(bind_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
-    let control = Arc::new(control);
     std::thread::Builder::new()
         .name("rewind-control".into())
         .spawn(move || {
@@ -367,11 +660,15 @@ mod tests {
     use super::*;
 
     fn control() -> Control {
-        Control {
-            volume: Arc::new(crate::test_support::volume(8 << 20)),
-            queues: 2,
+        let volume = Arc::new(crate::test_support::volume(8 << 20));
+        let config = ExportConfig {
+            num_queues: 2,
+            queue_size: 256,
             read_only: false,
-        }
+        };
+        let gate = Arc::new(Gate::new(volume.epoch()));
+        let live = Arc::new(Export::new(volume.clone(), config, gate));
+        Control::new(volume, live)
     }
 
     #[test]
@@ -504,5 +801,99 @@ mod tests {
             assert!(message.contains(want), "{line}: {message}");
             assert_eq!(a["version"], PROTOCOL_VERSION);
         }
+    }
+
+    #[test]
+    fn drain_resume_fence_and_revert_follow_the_state() {
+        let c = control();
+        let first = c.volume.write(0, &[1u8; 4096]).expect("write");
+        c.volume.write(0, &[2u8; 4096]).expect("overwrite");
+        let at = format!(r#""at": "lsn:{first}""#);
+        let revert = format!(r#"{{"version": 1, "command": "revert", {at}}}"#);
+        let serving = refused(&c, &revert);
+        assert!(serving.contains("rewindctl drain"), "{serving}");
+
+        let d = ok(
+            &c,
+            r#"{"version": 1, "command": "drain", "timeout_ms": 1000}"#,
+        );
+        assert_eq!(d["state"], "drained", "{d}");
+        assert_eq!(
+            (d["in_flight"].as_u64(), d["already_drained"].as_bool()),
+            (Some(0), Some(false))
+        );
+        let again = ok(&c, r#"{"version": 1, "command": "drain", "abort": true}"#);
+        assert_eq!(again["already_drained"], true);
+        let r = ok(&c, &revert);
+        assert_eq!(r["to_lsn"], first);
+        let mut buf = [0u8; 4096];
+        c.volume.read(0, &mut buf).expect("read");
+        assert_eq!(buf, [1u8; 4096], "the disk is as at lsn {first}");
+        assert_eq!(c.live.gate.modifications(), 1, "a revert is a modification");
+        let status = ok(&c, r#"{"version": 1, "command": "status"}"#);
+        assert_eq!(status["state"], "drained");
+        ok(&c, r#"{"version": 1, "command": "resume"}"#);
+
+        let f = ok(&c, r#"{"version": 1, "command": "fence"}"#);
+        assert_eq!(
+            (f["state"].as_str(), f["epoch"].as_u64()),
+            (Some("fenced"), Some(2))
+        );
+        let resume = refused(&c, r#"{"version": 1, "command": "resume"}"#);
+        assert!(resume.contains("unfence"), "{resume}");
+        let drain = refused(&c, r#"{"version": 1, "command": "drain"}"#);
+        assert!(drain.contains("unfence"), "{drain}");
+        let u = ok(&c, r#"{"version": 1, "command": "unfence"}"#);
+        assert_eq!(
+            (u["state"].as_str(), u["epoch"].as_u64()),
+            (Some("serving"), Some(2))
+        );
+        assert_eq!(c.volume.epoch(), 2);
+        let wrong = refused(
+            &c,
+            r#"{"version": 1, "command": "drain", "timeout_ms": "soon"}"#,
+        );
+        assert!(wrong.contains("malformed request"), "{wrong}");
+    }
+
+    #[test]
+    fn views_are_exported_on_their_own_socket_and_unexported() {
+        let c = control();
+        let lsn = c.volume.write(0, &[1u8; 4096]).expect("write");
+        let dir = tempfile::tempdir().expect("tmp");
+        let socket = dir.path().join("view.sock");
+        let line = |path: &Path| {
+            json!({"version": 1, "command": "export", "at": format!("lsn:{lsn}"), "socket_path": path, "scratch": true})
+                .to_string()
+        };
+        let relative = refused(&c, &line(Path::new("view.sock")));
+        assert!(relative.contains("absolute"), "{relative}");
+        let e = ok(&c, &line(&socket));
+        assert_eq!(
+            (e["lsn"].as_u64(), e["writable"].as_bool()),
+            (Some(lsn), Some(true))
+        );
+        assert!(socket.exists(), "the socket is there");
+        let twice = refused(&c, &line(&socket));
+        assert!(twice.contains("exists"), "{twice}");
+        let status = ok(&c, r#"{"version": 1, "command": "status"}"#);
+        assert_eq!(
+            status["exports"][0]["socket_path"],
+            json!(socket),
+            "{status}"
+        );
+
+        let unexport =
+            json!({"version": 1, "command": "unexport", "socket_path": socket}).to_string();
+        ok(&c, &unexport);
+        assert!(!socket.exists(), "the socket is removed");
+        let gone = refused(&c, &unexport);
+        assert!(gone.contains("not an export"), "{gone}");
+        let outside =
+            json!({"version": 1, "command": "export", "at": "lsn:99", "socket_path": socket})
+                .to_string();
+        let message = refused(&c, &outside);
+        assert!(message.contains("outside the history window"), "{message}");
+        assert!(!socket.exists());
     }
 }

@@ -1,23 +1,18 @@
 //! Running `rewind-blk`: creating volumes and serving them.
 //!
-//! The listening socket lives as long as the export; every connection gets
-//! a fresh backend and vhost-user daemon, so a guest reboot, a QEMU restart
-//! or QEMU's `reconnect=` all start from a clean device. SIGTERM or SIGINT
-//! ends the current connection (its queues finish what they took), flushes
-//! the volume and exits.
+//! SIGTERM or SIGINT ends every connection (their queues finish what they
+//! took), flushes the volume and exits.
 
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::Arc;
 
 use rewind_journal::{BaseImage, ImportMode, OpenOptions, OsStorage, RetryPolicy, Volume};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::backend::BlkBackend;
 use crate::config::{CreateArgs, Listen, ServeConfig};
 use crate::control::{self, Control};
+use crate::export::{Export, ExportError};
+use crate::gate::Gate;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -28,9 +23,8 @@ pub enum DaemonError {
         what: String,
         source: vhost::vhost_user::Error,
     },
-    /// vhost_user_backend::Error is Display but not std::error::Error.
-    #[error("vhost-user: {0}")]
-    VhostUser(String),
+    #[error("{0}")]
+    Export(#[from] ExportError),
     #[error("--fd {0} is not an open listening socket")]
     NotListening(i32),
     #[error("cannot handle signals: {0}")]
@@ -96,18 +90,14 @@ pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
     // Volume::open logs what recovery found.
     let (volume, _report) = Volume::open(OsStorage::shared(), &config.volume, options)?;
     let volume = Arc::new(volume);
-    let _control = match &config.control_socket {
-        Some(path) => Some(control::start(
-            path,
-            Control {
-                volume: volume.clone(),
-                queues: config.export.num_queues,
-                read_only: config.export.read_only,
-            },
-        )?),
+    let gate = Arc::new(Gate::new(volume.epoch()));
+    let live = Arc::new(Export::new(volume.clone(), config.export.clone(), gate));
+    let control = Arc::new(Control::new(volume.clone(), live.clone()));
+    let _control_socket = match &config.control_socket {
+        Some(path) => Some(control::start(path, control.clone())?),
         None => None,
     };
-    let mut listener = match (inherited, &config.listen) {
+    let listener = match (inherited, &config.listen) {
         (Some(listener), _) => listener,
         (None, Listen::Path(path)) => {
             Listener::new(path, true).map_err(|source| DaemonError::Listen {
@@ -117,39 +107,11 @@ pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
         }
         (None, Listen::Fd(fd)) => return Err(DaemonError::NotListening(*fd)),
     };
-    let stopping = Arc::new(AtomicBool::new(false));
-    let current: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
-    watch_signals(listener.as_raw_fd(), stopping.clone(), current.clone())?;
+    watch_signals(control.clone())?;
     tracing::info!(listen = ?config.listen, queues = config.export.num_queues, "serving");
-
-    while !stopping.load(Ordering::Acquire) {
-        let backend = Arc::new(BlkBackend::new(volume.clone(), config.export.clone()));
-        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = VhostUserDaemon::new("rewind-blk".into(), backend.clone(), memory)
-            .map_err(|e| DaemonError::VhostUser(e.to_string()))?;
-        if let Err(e) = daemon.start(&mut listener) {
-            if stopping.load(Ordering::Acquire) {
-                break;
-            }
-            return Err(DaemonError::VhostUser(e.to_string()));
-        }
-        tracing::info!("client connected");
-        *lock(&current) = daemon.shutdown_handle();
-        if stopping.load(Ordering::Acquire) {
-            daemon.request_shutdown();
-        }
-        let ended = daemon.wait();
-        *lock(&current) = None;
-        backend.stop_workers();
-        match ended {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => tracing::info!("client disconnected"),
-            Err(e) => tracing::warn!(error = %e, "connection ended"),
-        }
-    }
+    live.serve(listener)?;
     tracing::info!("stopping: flushing the volume");
+    control.stop_exports();
     volume.flush()?;
     Ok(())
 }
@@ -174,17 +136,9 @@ fn inherited_listener(fd: i32) -> Result<Listener, DaemonError> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// On SIGTERM or SIGINT: mark the daemon stopping, end the current
-/// connection, and wake a pending accept by shutting the listener down.
-fn watch_signals(
-    listen_fd: i32,
-    stopping: Arc<AtomicBool>,
-    current: Arc<Mutex<Option<ShutdownHandle>>>,
-) -> Result<(), DaemonError> {
+/// On SIGTERM or SIGINT: stop every export (each ends its connection and
+/// its accept loop).
+fn watch_signals(control: Arc<Control>) -> Result<(), DaemonError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
@@ -193,26 +147,10 @@ fn watch_signals(
         .spawn(move || {
             if let Some(signal) = signals.forever().next() {
                 tracing::info!(signal, "stop requested");
-                stopping.store(true, Ordering::Release);
-                if let Some(handle) = lock(&current).as_ref() {
-                    handle.shutdown();
-                }
-                // SAFETY: shutdown(2) on the listening fd, which lives until
-                // the process exits; it only makes a pending accept return.
-                unsafe { libc_shutdown(listen_fd) };
+                control.stop_exports();
+                control.live.stop();
             }
         })
         .map_err(DaemonError::Signals)?;
     Ok(())
-}
-
-/// shutdown(2) with both directions.
-///
-/// # Safety
-/// `fd` must be an open socket.
-unsafe fn libc_shutdown(fd: i32) {
-    // SAFETY: forwarded from the caller; shutdown takes no pointers.
-    unsafe {
-        libc::shutdown(fd, libc::SHUT_RDWR);
-    }
 }

@@ -5,6 +5,9 @@ pub mod backend;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod device;
+pub mod export;
+pub mod gate;
 pub mod request;
 #[cfg(test)]
 mod test_support;

@@ -8,7 +8,7 @@
 //! read before the volume is touched, and a request that fails a check gets
 //! an error status, never an effect outside its own buffers.
 
-use rewind_journal::Volume;
+use crate::device::BlockDevice;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
     VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
@@ -101,7 +101,7 @@ impl RequestError {
 /// What a request runs against.
 #[derive(Debug)]
 pub struct Disk<'a> {
-    pub volume: &'a Volume,
+    pub device: &'a dyn BlockDevice,
     pub read_only: bool,
     /// GET_ID's answer (the volume id, NUL-padded).
     pub id: [u8; VIRTIO_BLK_ID_BYTES as usize],
@@ -109,7 +109,7 @@ pub struct Disk<'a> {
 
 impl Disk<'_> {
     fn sectors(&self) -> u64 {
-        self.volume.size() / SECTOR
+        self.device.size() / SECTOR
     }
 
     /// Byte offset of `sectors` sectors at `sector`, if they are on the disk.
@@ -197,7 +197,7 @@ impl Request {
                 let offset = self.sectors_of(len, disk)?;
                 let mut buf = vec![0u8; len as usize];
                 if len > 0 {
-                    disk.volume.read(offset, &mut buf)?;
+                    disk.device.read(offset, &mut buf)?;
                 }
                 self.scatter(mem, &buf)
             }
@@ -209,12 +209,12 @@ impl Request {
                 let offset = self.sectors_of(len, disk)?;
                 let buf = self.gather(mem)?;
                 if len > 0 {
-                    disk.volume.write(offset, &buf)?;
+                    disk.device.write(offset, &buf)?;
                 }
                 Ok(0)
             }
             Kind::Flush => {
-                disk.volume.flush()?;
+                disk.device.flush()?;
                 Ok(0)
             }
             Kind::GetId => self.scatter(mem, &disk.id),
@@ -224,8 +224,8 @@ impl Request {
                 }
                 for (offset, len, unmap) in self.segments(mem, disk)? {
                     match self.kind {
-                        Kind::Discard => disk.volume.discard(offset, len)?,
-                        _ => disk.volume.write_zeroes(offset, len, unmap)?,
+                        Kind::Discard => disk.device.discard(offset, len)?,
+                        _ => disk.device.write_zeroes(offset, len, unmap)?,
                     };
                 }
                 Ok(0)
@@ -277,25 +277,43 @@ impl Request {
     }
 }
 
+/// How a descriptor chain was completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// Bytes written into the chain's buffers (for the used ring); 0 when
+    /// the chain has no usable status byte.
+    pub used: u32,
+    pub status: Status,
+    /// Whether it was a write, write-zeroes or discard (it may have
+    /// changed the disk, even if it failed).
+    pub modifying: bool,
+}
+
 /// Handles one descriptor chain: parses, runs, writes the status byte.
-/// Returns the number of bytes written into the chain's buffers (for the
-/// used ring); 0 when the chain has no usable status byte.
 pub fn handle<M: GuestMemory>(
     mem: &M,
     chain: impl IntoIterator<Item = Descriptor>,
     disk: &Disk<'_>,
-) -> u32 {
+) -> Completion {
+    let unusable = Completion {
+        used: 0,
+        status: Status::IoErr,
+        modifying: false,
+    };
     let descs: Vec<Descriptor> = chain.into_iter().collect();
     let Some((status, body)) = descs.split_last() else {
         tracing::warn!("empty descriptor chain");
-        return 0;
+        return unusable;
     };
     if !status.is_write_only() || status.len() < 1 {
         tracing::warn!("descriptor chain without a device-writable status byte");
-        return 0;
+        return unusable;
     }
-    let outcome = Request::parse(mem, body).and_then(|r| r.execute(mem, disk));
-    let (code, written) = match outcome {
+    let request = Request::parse(mem, body);
+    let modifying = request.as_ref().is_ok_and(|r| {
+        matches!(r.kind, Kind::Out | Kind::Discard | Kind::WriteZeroes) && !disk.read_only
+    });
+    let (code, written) = match request.and_then(|r| r.execute(mem, disk)) {
         Ok(written) => (Status::Ok, written),
         Err(e) => {
             tracing::debug!(error = %e, "request failed");
@@ -303,10 +321,17 @@ pub fn handle<M: GuestMemory>(
         }
     };
     match mem.write_obj(code as u8, status.addr()) {
-        Ok(()) => written + 1,
+        Ok(()) => Completion {
+            used: written + 1,
+            status: code,
+            modifying,
+        },
         Err(e) => {
             tracing::warn!(error = %e, "cannot write the status byte");
-            0
+            Completion {
+                modifying,
+                ..unusable
+            }
         }
     }
 }
@@ -316,7 +341,7 @@ mod tests {
     use super::*;
     use proptest::prelude::Strategy;
     use rewind_journal::fault::FaultStorage;
-    use rewind_journal::OpenOptions;
+    use rewind_journal::{OpenOptions, Volume};
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
@@ -362,7 +387,7 @@ mod tests {
             .expect("poison status");
         let q = MockSplitQueue::new(mem, 16);
         let chain = q.build_desc_chain(descs).expect("chain");
-        let used = handle(mem, chain, disk);
+        let used = handle(mem, chain, disk).used;
         (used, mem.read_obj(GuestAddress(STATUS)).expect("status"))
     }
 
@@ -370,7 +395,7 @@ mod tests {
         let mut id = [0u8; 20];
         id[..4].copy_from_slice(b"vol1");
         Disk {
-            volume,
+            device: volume,
             read_only: false,
             id,
         }
@@ -603,7 +628,7 @@ mod tests {
         let chain = q
             .build_desc_chain(&[desc(HDR, 16, false), desc(MEM + 8, 1, true)])
             .expect("chain");
-        assert_eq!(handle(&mem, chain, &d), 0);
+        assert_eq!(handle(&mem, chain, &d).used, 0);
         assert_eq!(v.last_lsn(), 0);
     }
 
@@ -707,7 +732,7 @@ mod tests {
             };
             let q = MockSplitQueue::new(&mem, 16);
             let chain = q.build_desc_chain(&raw).expect("chain");
-            let used = handle(&mem, chain, &d);
+            let used = handle(&mem, chain, &d).used;
             let mut after = vec![0u8; MEM as usize];
             mem.read_slice(&mut after, GuestAddress(0)).expect("snapshot");
             // The mock queue's own rings live below HDR; ignore them.

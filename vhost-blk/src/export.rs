@@ -1,0 +1,378 @@
+//! One vhost-user-blk socket and what it serves (the live volume, or a
+//! view), with its gate and the clients it admits.
+//!
+//! The listening socket lives as long as the export; every connection gets
+//! a fresh backend and vhost-user daemon, so a guest reboot, a QEMU restart
+//! or QEMU's `reconnect=` all start from a clean device.
+//!
+//! Admission (DESIGN.md, "Drain and fence"): a client is identified by its
+//! attach id, the pid and start time of the process at the other end of the
+//! socket (the QEMU instance). A client that detached and comes back with
+//! the same attach id continues only if the epoch is unchanged and nothing
+//! modified the disk meanwhile; a fenced export admits nobody.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use rewind_journal::format_ns;
+use serde::Serialize;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::backend::{BlkBackend, ExportConfig};
+use crate::device::BlockDevice;
+use crate::gate::{Gate, State};
+
+/// Detached clients remembered for the reattach rule.
+const REMEMBERED: usize = 64;
+
+/// Who is at the other end of a vhost-user connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct AttachId {
+    pub pid: i32,
+    /// Start time of the process, in clock ticks after boot
+    /// (/proc/PID/stat), so a reused pid is another client.
+    pub start: u64,
+}
+
+impl fmt::Display for AttachId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.pid, self.start)
+    }
+}
+
+/// A client being served.
+#[derive(Debug, Clone, Serialize)]
+pub struct Attached {
+    /// None if the peer could not be identified.
+    pub attach_id: Option<AttachId>,
+    pub epoch: u64,
+    pub since: String,
+}
+
+#[derive(Debug)]
+struct Detached {
+    id: AttachId,
+    epoch: u64,
+    /// `Gate::modifications` when it detached.
+    modifications: u64,
+}
+
+#[derive(Default)]
+struct Clients {
+    current: Option<(Attached, Option<ShutdownHandle>)>,
+    detached: VecDeque<Detached>,
+    last_refusal: Option<String>,
+}
+
+impl fmt::Debug for Clients {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Clients")
+            .field("current", &self.current.as_ref().map(|(a, _)| a))
+            .field("detached", &self.detached)
+            .field("last_refusal", &self.last_refusal)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// vhost_user_backend::Error is Display but not std::error::Error.
+    #[error("vhost-user: {0}")]
+    VhostUser(String),
+}
+
+#[derive(Debug)]
+pub struct Export {
+    pub device: Arc<dyn BlockDevice>,
+    pub config: ExportConfig,
+    pub gate: Arc<Gate>,
+    clients: Mutex<Clients>,
+    stopping: AtomicBool,
+    /// The listening socket's descriptor while `serve` runs (to wake it).
+    listening: Mutex<Option<i32>>,
+}
+
+impl Export {
+    pub fn new(device: Arc<dyn BlockDevice>, config: ExportConfig, gate: Arc<Gate>) -> Self {
+        Export {
+            device,
+            config,
+            gate,
+            clients: Mutex::default(),
+            stopping: AtomicBool::new(false),
+            listening: Mutex::new(None),
+        }
+    }
+
+    fn clients(&self) -> MutexGuard<'_, Clients> {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The client being served, if any.
+    pub fn attached(&self) -> Option<Attached> {
+        self.clients().current.as_ref().map(|(a, _)| a.clone())
+    }
+
+    /// Why the last client was refused, if one was.
+    pub fn last_refusal(&self) -> Option<String> {
+        self.clients().last_refusal.clone()
+    }
+
+    /// Accepts and serves clients, one at a time, until [`Export::stop`].
+    pub fn serve(&self, mut listener: Listener) -> Result<(), ExportError> {
+        *self.listening.lock().unwrap_or_else(|e| e.into_inner()) = Some(listener.as_raw_fd());
+        let result = self.accept_loop(&mut listener);
+        *self.listening.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        result
+    }
+
+    fn accept_loop(&self, listener: &mut Listener) -> Result<(), ExportError> {
+        while !self.stopping.load(Ordering::Acquire) {
+            let backend = Arc::new(BlkBackend::new(
+                self.device.clone(),
+                self.config.clone(),
+                self.gate.clone(),
+            ));
+            let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+            let mut daemon = VhostUserDaemon::new("rewind-blk".into(), backend.clone(), memory)
+                .map_err(|e| ExportError::VhostUser(e.to_string()))?;
+            if let Err(e) = daemon.start(listener) {
+                if self.stopping.load(Ordering::Acquire) {
+                    break;
+                }
+                return Err(ExportError::VhostUser(e.to_string()));
+            }
+            let id = match connected_peer(listener) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot identify the client; it is admitted as a new one");
+                    None
+                }
+            };
+            match self.admit(id, daemon.shutdown_handle()) {
+                Ok(epoch) => {
+                    tracing::info!(attach_id = ?id.map(|i| i.to_string()), epoch, "client attached");
+                    backend.admit(epoch);
+                    self.gate.wake_parked();
+                    if self.stopping.load(Ordering::Acquire) {
+                        daemon.request_shutdown();
+                    }
+                }
+                Err(reason) => {
+                    tracing::warn!("client refused: {reason}");
+                    self.clients().last_refusal = Some(reason);
+                    daemon.request_shutdown();
+                }
+            }
+            let ended = daemon.wait();
+            backend.stop_workers();
+            self.gate.forget_parked();
+            self.detach(id);
+            match ended {
+                Ok(())
+                | Err(vhost_user_backend::Error::HandleRequest(
+                    vhost::vhost_user::Error::Disconnected
+                    | vhost::vhost_user::Error::PartialMessage,
+                )) => tracing::info!("client disconnected"),
+                Err(e) => tracing::warn!(error = %e, "connection ended"),
+            }
+        }
+        Ok(())
+    }
+
+    /// The reattach rule; returns the epoch the client is admitted at.
+    fn admit(&self, id: Option<AttachId>, shutdown: Option<ShutdownHandle>) -> Result<u64, String> {
+        let mut clients = self.clients();
+        let epoch = self.gate.epoch();
+        if self.gate.state() == State::Fenced {
+            return Err(format!(
+                "the volume is fenced at epoch {epoch}; run `rewindctl unfence` to let a client in"
+            ));
+        }
+        if let Some(known) = id.and_then(|id| clients.detached.iter().find(|d| d.id == id)) {
+            if known.epoch != epoch {
+                return Err(format!(
+                    "client {} attached at epoch {} but the volume is at epoch {epoch} (fenced since); \
+                     restart the VM to attach afresh",
+                    known.id, known.epoch
+                ));
+            }
+            let modifications = self.gate.modifications();
+            if known.modifications != modifications {
+                return Err(format!(
+                    "the volume was modified since client {} detached; \
+                     its cached view of the disk is stale: restart the VM to attach afresh",
+                    known.id
+                ));
+            }
+        }
+        let now_ns = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let since = format_ns(now_ns);
+        clients.current = Some((
+            Attached {
+                attach_id: id,
+                epoch,
+                since,
+            },
+            shutdown,
+        ));
+        clients.last_refusal = None;
+        Ok(epoch)
+    }
+
+    fn detach(&self, id: Option<AttachId>) {
+        let mut clients = self.clients();
+        let was_admitted = clients.current.take().is_some();
+        let Some(id) = id.filter(|_| was_admitted) else {
+            return;
+        };
+        clients.detached.retain(|d| d.id != id);
+        if clients.detached.len() == REMEMBERED {
+            clients.detached.pop_front();
+        }
+        clients.detached.push_back(Detached {
+            id,
+            epoch: self.gate.epoch(),
+            modifications: self.gate.modifications(),
+        });
+    }
+
+    /// Ends the current connection (a fence); the export goes on.
+    pub fn disconnect(&self) {
+        if let Some((_, Some(handle))) = self.clients().current.as_ref() {
+            handle.shutdown();
+        }
+    }
+
+    /// Ends the current connection and makes `serve` return.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.disconnect();
+        if let Some(fd) = *self.listening.lock().unwrap_or_else(|e| e.into_inner()) {
+            // SAFETY: the listener lives until `serve` clears `listening`,
+            // which waits for this lock; shutdown(2) only wakes its accept.
+            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+            let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Both);
+        }
+    }
+}
+
+/// The attach id of the connection `VhostUserDaemon::start` just accepted
+/// on `listener`. vhost-user-backend keeps the accepted stream to itself,
+/// so it is found among this process's descriptors: a connected socket
+/// whose local address is the listener's. An export serves one connection
+/// at a time, so every such socket is that connection.
+fn connected_peer(listener: &Listener) -> std::io::Result<AttachId> {
+    // SAFETY: the listener is borrowed for this call.
+    let listening = unsafe { BorrowedFd::borrow_raw(listener.as_raw_fd()) };
+    let local = rustix::net::getsockname(listening)?;
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let Some(fd) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: the descriptor is only queried (getsockopt, getsockname).
+        // Should another thread close it and open something else under the
+        // same number meanwhile, the query answers for that other file,
+        // which the address check rejects.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        if rustix::net::sockopt::socket_acceptconn(fd) != Ok(false)
+            || rustix::net::getsockname(fd).ok().as_ref() != Some(&local)
+        {
+            continue;
+        }
+        let cred = rustix::net::sockopt::socket_peercred(fd)?;
+        let pid = cred.pid.as_raw_nonzero().get();
+        return Ok(AttachId {
+            pid,
+            start: process_start(pid)?,
+        });
+    }
+    Err(std::io::Error::other(
+        "the accepted connection was not found",
+    ))
+}
+
+/// Field 22 of /proc/PID/stat: when the process started.
+fn process_start(pid: i32) -> std::io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) is in parentheses and may contain spaces.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(19))
+        .and_then(|field| field.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("unexpected /proc/{pid}/stat")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn export() -> Export {
+        let volume = crate::test_support::volume(1 << 20);
+        let config = ExportConfig {
+            num_queues: 1,
+            queue_size: 16,
+            read_only: false,
+        };
+        Export::new(Arc::new(volume), config, Arc::new(Gate::new(1)))
+    }
+
+    const A: AttachId = AttachId { pid: 10, start: 1 };
+    const B: AttachId = AttachId { pid: 11, start: 1 };
+
+    #[test]
+    fn a_returning_client_is_admitted_only_if_nothing_changed() {
+        let e = export();
+        assert_eq!(e.admit(Some(A), None), Ok(1));
+        assert_eq!(e.attached().map(|a| a.attach_id), Some(Some(A)));
+        e.detach(Some(A));
+        assert!(e.attached().is_none());
+        assert_eq!(e.admit(Some(A), None), Ok(1), "nothing changed");
+        e.detach(Some(A));
+
+        // Another client writes meanwhile.
+        assert_eq!(e.admit(Some(B), None), Ok(1));
+        let pass = e.gate.enter(1).expect("serving");
+        pass.finish(crate::request::Status::Ok, true);
+        e.detach(Some(B));
+        let refused = e.admit(Some(A), None).unwrap_err();
+        assert!(refused.contains("modified"), "{refused}");
+        assert_eq!(e.admit(None, None), Ok(1), "an unknown client is new");
+    }
+
+    #[test]
+    fn a_fence_refuses_everyone_then_the_old_epoch() {
+        let e = export();
+        assert_eq!(e.admit(Some(A), None), Ok(1));
+        e.detach(Some(A));
+        e.gate
+            .fence(std::time::Duration::from_secs(1), || {})
+            .expect("fence");
+        e.gate.set_epoch(2);
+        let fenced = e.admit(Some(B), None).unwrap_err();
+        assert!(fenced.contains("unfence"), "{fenced}");
+        e.gate.unfence().expect("unfence");
+        let old = e.admit(Some(A), None).unwrap_err();
+        assert!(old.contains("epoch 1"), "{old}");
+        assert_eq!(e.admit(Some(B), None), Ok(2), "a new client");
+    }
+
+    #[test]
+    fn the_start_time_of_this_process_is_read() {
+        let pid = std::process::id() as i32;
+        let start = process_start(pid).expect("stat");
+        assert_eq!(process_start(pid).expect("stat"), start);
+        assert!(process_start(-1).is_err());
+    }
+}
