@@ -66,8 +66,13 @@ pub fn request(
         path: control.to_owned(),
         source,
     })?;
-    // Long commands send a progress line at least every percent.
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    // Long commands send a progress line at least every percent; drain and
+    // fence answer within their own timeout.
+    let waits = arguments
+        .get("timeout_ms")
+        .and_then(Value::as_u64)
+        .map_or(Duration::ZERO, Duration::from_millis);
+    stream.set_read_timeout(Some(Duration::from_secs(60) + waits))?;
     let mut body = json!({"version": PROTOCOL_VERSION, "command": command});
     if let (Some(body), Value::Object(args)) = (body.as_object_mut(), arguments) {
         body.extend(args);
@@ -106,25 +111,19 @@ fn result(answer: Value, line: &str) -> Result<Value, CtlError> {
     }
 }
 
-/// A JSON object as aligned `key  value` lines, keys sorted; a list of
-/// objects (bookmarks) follows as rows under its key.
+/// A JSON object as aligned `key  value` lines, keys sorted, nested
+/// objects as `key.field`; a list of objects (bookmarks) follows as rows
+/// under its key.
 pub fn table(value: &Value) -> String {
     let Some(map) = value.as_object() else {
         return format!("{value}\n");
     };
-    let width = map.keys().map(String::len).max().unwrap_or(0);
-    let mut out = String::new();
+    let mut fields = Vec::new();
     let mut lists = Vec::new();
-    for (key, v) in map {
-        if let Value::Array(rows) = v {
-            lists.push((key, rows));
-            continue;
-        }
-        let shown = match v {
-            Value::String(s) => s.clone(),
-            Value::Null => "-".to_owned(),
-            other => other.to_string(),
-        };
+    flatten("", map, &mut fields, &mut lists);
+    let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (key, shown) in fields {
         out.push_str(&format!("{key:<width$}  {shown}\n"));
     }
     for (key, rows) in lists {
@@ -146,6 +145,25 @@ pub fn table(value: &Value) -> String {
     out
 }
 
+/// Collects `map`'s scalars as (dotted key, shown value) and its lists.
+fn flatten<'a>(
+    prefix: &str,
+    map: &'a serde_json::Map<String, Value>,
+    fields: &mut Vec<(String, String)>,
+    lists: &mut Vec<(String, &'a Vec<Value>)>,
+) {
+    for (key, v) in map {
+        let key = format!("{prefix}{key}");
+        match v {
+            Value::Array(rows) => lists.push((key, rows)),
+            Value::Object(inner) => flatten(&format!("{key}."), inner, fields, lists),
+            Value::String(s) => fields.push((key, s.clone())),
+            Value::Null => fields.push((key, "-".to_owned())),
+            other => fields.push((key, other.to_string())),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,8 +173,13 @@ mod tests {
         let t = table(&json!({"state": "serving", "epoch": 1, "failed": null}));
         assert_eq!(t, "epoch   1\nfailed  -\nstate   serving\n");
         let t = table(&json!({"last_lsn": 9, "bookmarks": [{"name": "b1", "lsn": 4}]}));
-        assert_eq!(t, "last_lsn   9\nbookmarks:\n  4  b1\n");
+        assert_eq!(t, "last_lsn  9\nbookmarks:\n  4  b1\n");
         let t = table(&json!({"bookmarks": []}));
         assert_eq!(t, "bookmarks: none\n");
+        let t = table(&json!({"io": {"completed": 3, "failed": 0}, "state": "drained"}));
+        assert_eq!(
+            t,
+            "io.completed  3\nio.failed     0\nstate         drained\n"
+        );
     }
 }

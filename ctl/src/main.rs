@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -48,6 +49,63 @@ enum Command {
         #[arg(long, conflicts_with = "control")]
         volume: Option<PathBuf>,
     },
+    /// Stops taking requests from the guest, finishes those in flight and
+    /// flushes the journal: afterwards nothing changes the disk until
+    /// `resume`.
+    Drain {
+        /// Give up (and serve again) if the requests in flight take longer.
+        #[arg(long, value_parser = duration, default_value = "10s")]
+        timeout: Duration,
+        /// Fail requests held on a storage error with IOERR instead of
+        /// waiting for them.
+        #[arg(long)]
+        abort: bool,
+    },
+    /// Takes requests from the guest again after a drain.
+    Resume,
+    /// Raises the epoch, disconnects the client and admits no client until
+    /// `unfence`; the old client can never write or reattach again.
+    Fence {
+        /// How long to wait for the requests in flight.
+        #[arg(long, value_parser = duration, default_value = "10s")]
+        timeout: Duration,
+    },
+    /// Admits clients again after a fence (new ones: the old stays out).
+    Unfence,
+    /// Makes the live disk what it was at a moment, as a new journal record
+    /// (undo it by reverting to just before it). The volume must be drained
+    /// and no VM attached.
+    Revert {
+        /// The moment: RFC 3339, -5m, lsn:N or bookmark:NAME.
+        #[arg(long, allow_hyphen_values = true)]
+        at: String,
+    },
+    /// Serves the disk as it was at a moment on another vhost-user-blk
+    /// socket, while the live disk goes on.
+    Export {
+        /// The moment: RFC 3339, -5m, lsn:N or bookmark:NAME.
+        #[arg(long, allow_hyphen_values = true)]
+        at: String,
+        /// The socket to create; it must not exist.
+        #[arg(long)]
+        socket_path: PathBuf,
+        /// Writable, into an overlay thrown away at `unexport`.
+        #[arg(long)]
+        scratch: bool,
+    },
+    /// Stops serving an export and removes its socket.
+    Unexport {
+        #[arg(long)]
+        socket_path: PathBuf,
+    },
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (use durations like 500ms, 10s, 2m)"))
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn progress_bar() -> ProgressBar {
@@ -82,6 +140,29 @@ fn run(cli: Cli) -> Result<Value, CtlError> {
             // The daemon resolves paths from its own working directory.
             let output = std::path::absolute(&output)?;
             ("materialize", json!({ "at": at, "output": output }))
+        }
+        Command::Drain { timeout, abort } => (
+            "drain",
+            json!({ "timeout_ms": millis(timeout), "abort": abort }),
+        ),
+        Command::Resume => ("resume", Value::Null),
+        Command::Fence { timeout } => ("fence", json!({ "timeout_ms": millis(timeout) })),
+        Command::Unfence => ("unfence", Value::Null),
+        Command::Revert { at } => ("revert", json!({ "at": at })),
+        Command::Export {
+            at,
+            socket_path,
+            scratch,
+        } => {
+            let socket_path = std::path::absolute(&socket_path)?;
+            (
+                "export",
+                json!({ "at": at, "socket_path": socket_path, "scratch": scratch }),
+            )
+        }
+        Command::Unexport { socket_path } => {
+            let socket_path = std::path::absolute(&socket_path)?;
+            ("unexport", json!({ "socket_path": socket_path }))
         }
     };
     let control = cli.control.ok_or_else(|| {

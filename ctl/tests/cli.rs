@@ -219,3 +219,74 @@ fn offline_materialize_reads_the_volume_directory() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("open in another process"));
 }
+
+#[test]
+fn each_command_sends_its_arguments() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let socket = dir.path().join("ctl.sock");
+    let sock = dir.path().join("view.sock");
+    let cases: Vec<(Vec<&str>, serde_json::Value)> = vec![
+        (
+            vec!["drain"],
+            serde_json::json!({"command": "drain", "timeout_ms": 10_000, "abort": false}),
+        ),
+        (
+            vec!["drain", "--timeout", "2500ms", "--abort"],
+            serde_json::json!({"command": "drain", "timeout_ms": 2500, "abort": true}),
+        ),
+        (vec!["resume"], serde_json::json!({"command": "resume"})),
+        (
+            vec!["fence", "--timeout", "1m"],
+            serde_json::json!({"command": "fence", "timeout_ms": 60_000}),
+        ),
+        (vec!["unfence"], serde_json::json!({"command": "unfence"})),
+        (
+            vec!["revert", "--at", "-90s"],
+            serde_json::json!({"command": "revert", "at": "-90s"}),
+        ),
+        (
+            vec![
+                "export",
+                "--at",
+                "lsn:5",
+                "--socket-path",
+                "view.sock",
+                "--scratch",
+            ],
+            serde_json::json!({"command": "export", "at": "lsn:5", "socket_path": sock, "scratch": true}),
+        ),
+        (
+            vec!["unexport", "--socket-path", "view.sock"],
+            serde_json::json!({"command": "unexport", "socket_path": sock}),
+        ),
+    ];
+    for (args, mut want) in cases {
+        let _ = std::fs::remove_file(&socket);
+        let daemon = fake_daemon(
+            &socket,
+            r#"{"version":1,"ok":true,"result":{"state":"drained"}}"#,
+        );
+        let out = Command::new(BIN)
+            .current_dir(dir.path())
+            .arg("--control")
+            .arg(&socket)
+            .args(&args)
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "state  drained\n");
+        let request: serde_json::Value =
+            serde_json::from_str(&daemon.join().expect("daemon")).expect("JSON");
+        want["version"] = 1.into();
+        assert_eq!(request, want, "{args:?}");
+    }
+    let out = rewindctl(&socket, &["drain", "--timeout", "soon"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("durations like"));
+    let out = rewindctl(&socket, &["export", "--at", "-5m"]);
+    assert!(!out.status.success(), "--socket-path is required");
+}

@@ -230,8 +230,9 @@ impl Export {
 
     fn detach(&self, id: Option<AttachId>) {
         let mut clients = self.clients();
-        let was_admitted = clients.current.take().is_some();
-        let Some(id) = id.filter(|_| was_admitted) else {
+        // Only an admitted client is remembered, with the epoch it was
+        // admitted at (a fence raises the gate's before it disconnects).
+        let (Some(id), Some((attached, _))) = (id, clients.current.take()) else {
             return;
         };
         clients.detached.retain(|d| d.id != id);
@@ -240,7 +241,7 @@ impl Export {
         }
         clients.detached.push_back(Detached {
             id,
-            epoch: self.gate.epoch(),
+            epoch: attached.epoch,
             modifications: self.gate.modifications(),
         });
     }
@@ -355,11 +356,12 @@ mod tests {
     fn a_fence_refuses_everyone_then_the_old_epoch() {
         let e = export();
         assert_eq!(e.admit(Some(A), None), Ok(1));
-        e.detach(Some(A));
         e.gate
             .fence(std::time::Duration::from_secs(1), || {})
             .expect("fence");
         e.gate.set_epoch(2);
+        // The fence disconnects the client attached at epoch 1.
+        e.detach(Some(A));
         let fenced = e.admit(Some(B), None).unwrap_err();
         assert!(fenced.contains("unfence"), "{fenced}");
         e.gate.unfence().expect("unfence");

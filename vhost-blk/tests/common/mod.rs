@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod load;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_rewind-blk");
 
 /// Polls `cond` until it holds, failing after `limit`.
