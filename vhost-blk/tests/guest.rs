@@ -11,7 +11,8 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{workspace, Server, TestVolume};
+use common::{wait_until, workspace, Server, TestVolume};
+use serde_json::{json, Value};
 
 const QEMU: &str = "qemu-system-x86_64";
 const BOOT_LIMIT: Duration = Duration::from_secs(300);
@@ -67,7 +68,7 @@ fn boot(socket: &Path, smp: u32, queues: u32, script: &str) -> String {
 /// As `boot` on one queue, but a reboot of the guest restarts the VM
 /// instead of ending QEMU (`-no-reboot` left out).
 fn boot_allowing_reboot(socket: &Path, script: &str) -> String {
-    boot_with(socket, 1, 1, script, true, |_| {})
+    boot_with(socket, 1, 1, script, true, |_| false)
 }
 
 /// As `boot`, calling `on_line` with each console line as it arrives.
@@ -76,9 +77,18 @@ fn boot_watching(
     smp: u32,
     queues: u32,
     script: &str,
-    on_line: impl FnMut(&str),
+    mut on_line: impl FnMut(&str),
 ) -> String {
-    boot_with(socket, smp, queues, script, false, on_line)
+    boot_with(socket, smp, queues, script, false, |line| {
+        on_line(line);
+        false
+    })
+}
+
+/// Boots a guest on one queue and calls `on_line` with each console line;
+/// QEMU is killed as soon as it returns true.
+fn boot_until(socket: &Path, script: &str, on_line: impl FnMut(&str) -> bool) -> String {
+    boot_with(socket, 1, 1, script, false, on_line)
 }
 
 fn boot_with(
@@ -87,7 +97,7 @@ fn boot_with(
     queues: u32,
     script: &str,
     allow_reboot: bool,
-    mut on_line: impl FnMut(&str),
+    mut on_line: impl FnMut(&str) -> bool,
 ) -> String {
     let work = tempfile::tempdir().expect("tempdir");
     std::fs::write(work.path().join("test.sh"), script).expect("write test.sh");
@@ -134,9 +144,12 @@ fn boot_with(
     loop {
         match rx.recv_timeout(Duration::from_millis(50)) {
             Ok(line) => {
-                on_line(&line);
                 console.push_str(&line);
                 console.push('\n');
+                if on_line(&line) {
+                    let _ = qemu.kill();
+                    break;
+                }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
@@ -309,4 +322,326 @@ fn a_guest_reboot_resets_the_device_and_keeps_the_data() {
     assert_eq!(field(&console, "REBOOTING"), "now", "{console}");
     assert_passed(&console);
     assert_eq!(field(&console, "REBOOTED"), "yes");
+}
+
+/// A daemon on `vol` with a control socket, and requests to it.
+struct Controlled {
+    server: Server,
+    control: PathBuf,
+}
+
+impl Controlled {
+    fn start(vol: &TestVolume) -> Controlled {
+        let control = vol.dir.path().join("control.sock");
+        let server = Server::start(vol, &["--control-socket", control.to_str().expect("path")]);
+        Controlled { server, control }
+    }
+
+    fn try_ctl(&self, command: &str, args: Value) -> Result<Value, rewind_ctl::CtlError> {
+        rewind_ctl::request(&self.control, command, args, &mut |_, _| {})
+    }
+
+    fn ctl(&self, command: &str, args: Value) -> Value {
+        self.try_ctl(command, args)
+            .unwrap_or_else(|e| panic!("{command}: {e}"))
+    }
+
+    fn status(&self) -> Value {
+        self.ctl("status", Value::Null)
+    }
+
+    /// Waits for the guest's QEMU to be gone from the socket.
+    fn wait_detached(&self) {
+        wait_until("the client to detach", Duration::from_secs(30), || {
+            self.status()["attached"].is_null()
+        });
+    }
+
+    /// Drain, revert to `at`, resume; returns the revert record's lsn.
+    fn revert(&self, at: &str) -> u64 {
+        self.wait_detached();
+        self.ctl("drain", Value::Null);
+        let reverted = self.ctl("revert", json!({ "at": at }));
+        self.ctl("resume", Value::Null);
+        reverted["lsn"].as_u64().expect("lsn")
+    }
+}
+
+fn now_rfc3339() -> String {
+    let ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as u64;
+    rewind_journal::format_ns(ns)
+}
+
+/// md5 of `len` bytes at the start of `file`, as the guest's md5sum prints it.
+fn md5_head(file: &Path, len: usize) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("head -c {len} \"$0\" | md5sum | cut -d' ' -f1"))
+        .arg(file)
+        .output()
+        .expect("md5sum");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// 1 MiB pattern P1, a pause (the host notes the time T), then 256 KiB
+/// of P2 over its start.
+const TWO_PATTERNS: &str = r#"
+dd if=/dev/urandom of=/tmp/p1 bs=64k count=16 2>/dev/null
+dd if=/tmp/p1 of=/dev/vda bs=64k oflag=direct conv=fsync 2>/dev/null
+echo "P1: $(md5sum < /tmp/p1 | cut -d' ' -f1)"
+echo "WRITTEN: p1"
+sleep 3
+dd if=/dev/urandom of=/tmp/p2 bs=64k count=4 2>/dev/null
+dd if=/tmp/p2 of=/dev/vda bs=64k oflag=direct conv=fsync 2>/dev/null
+echo "P2: $(md5sum < /tmp/p2 | cut -d' ' -f1)"
+"#;
+
+/// Runs TWO_PATTERNS; returns (T, P1's md5, P2's md5).
+fn two_patterns(vol: &TestVolume) -> (String, String, String) {
+    let mut at = None;
+    let console = boot_watching(&vol.socket, 1, 1, TWO_PATTERNS, |line| {
+        if line.contains("WRITTEN: p1") {
+            at = Some(now_rfc3339());
+        }
+    });
+    assert_passed(&console);
+    let at = at.expect("T");
+    (
+        at,
+        field(&console, "P1").to_owned(),
+        field(&console, "P2").to_owned(),
+    )
+}
+
+/// The guest's check that the disk starts with `len` bytes whose md5 is `md5`.
+fn check_head(len_64k: u32, md5: &str) -> String {
+    format!(
+        r#"
+[ "$(dd if=/dev/vda bs=64k count={len_64k} iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)" = "{md5}" ]
+echo "CHECKED: yes"
+"#
+    )
+}
+
+#[test]
+fn materialize_at_a_moment_between_two_writes_yields_the_first_online_and_offline() {
+    let vol = TestVolume::create("64M");
+    let mut daemon = Controlled::start(&vol);
+    let (at, p1, _) = two_patterns(&vol);
+    let online = vol.dir.path().join("online.raw");
+    let done = daemon.ctl("materialize", json!({"at": at, "output": online}));
+    assert_eq!(done["size"], 64 << 20);
+    assert_eq!(
+        md5_head(&online, 1 << 20),
+        p1,
+        "the disk at T is the first pattern"
+    );
+    assert!(daemon.server.stop().success());
+
+    let offline = vol.dir.path().join("offline.raw");
+    rewind_ctl::materialize_offline(&vol.path, &at, &offline, &mut |_, _| {})
+        .expect("offline materialize");
+    let (a, b) = (
+        std::fs::read(&online).expect("online"),
+        std::fs::read(&offline).expect("offline"),
+    );
+    assert!(a == b, "online and offline images differ");
+}
+
+#[test]
+fn a_scratch_export_boots_a_second_guest_at_t_and_leaves_the_live_disk_alone() {
+    let vol = TestVolume::create("64M");
+    let daemon = Controlled::start(&vol);
+    let (at, p1, p2) = two_patterns(&vol);
+    let view = vol.dir.path().join("view.sock");
+    let exported = daemon.ctl(
+        "export",
+        json!({"at": at, "socket_path": view, "scratch": true}),
+    );
+    assert_eq!(exported["writable"], true);
+    let script = format!(
+        "{}\n{}",
+        check_head(16, &p1),
+        r#"
+dd if=/dev/urandom of=/tmp/p3 bs=64k count=4 2>/dev/null
+dd if=/tmp/p3 of=/dev/vda bs=64k oflag=direct conv=fsync 2>/dev/null
+[ "$(dd if=/dev/vda bs=64k count=4 iflag=direct 2>/dev/null | md5sum)" = "$(md5sum < /tmp/p3)" ]
+echo "WROTE: yes"
+"#
+    );
+    let console = boot(&view, 1, 1, &script);
+    assert_passed(&console);
+    assert_eq!(field(&console, "WROTE"), "yes");
+    daemon.ctl("unexport", json!({"socket_path": view}));
+    assert!(!view.exists());
+
+    let live = vol.dir.path().join("live.raw");
+    let last = daemon.status()["last_lsn"].as_u64().expect("last_lsn");
+    daemon.ctl(
+        "materialize",
+        json!({"at": format!("lsn:{last}"), "output": live}),
+    );
+    assert_eq!(md5_head(&live, 256 << 10), p2, "the live disk is untouched");
+}
+
+#[test]
+fn a_revert_boots_as_at_t_and_reverting_to_just_before_it_undoes_it() {
+    let vol = TestVolume::create("64M");
+    let daemon = Controlled::start(&vol);
+    let (at, p1, p2) = two_patterns(&vol);
+    let serving = daemon
+        .try_ctl("revert", json!({ "at": at }))
+        .expect_err("revert while serving");
+    assert!(serving.to_string().contains("drain"), "{serving}");
+
+    let revert_lsn = daemon.revert(&at);
+    let console = boot(&vol.socket, 1, 1, &check_head(16, &p1));
+    assert_eq!(
+        field(&console, "CHECKED"),
+        "yes",
+        "as at T after the revert:\n{console}"
+    );
+
+    daemon.revert(&format!("lsn:{}", revert_lsn - 1));
+    let console = boot(&vol.socket, 1, 1, &check_head(4, &p2));
+    assert_eq!(
+        field(&console, "CHECKED"),
+        "yes",
+        "the revert undone:\n{console}"
+    );
+}
+
+/// Four writers of 1 MiB chunks with O_DIRECT, and a heartbeat that does
+/// not touch the disk; every chunk is checked at the end.
+const WRITERS: &str = r#"
+(while :; do echo TICK; sleep 0.2; done) &
+ticker=$!
+dd if=/dev/urandom of=/tmp/p bs=64k count=16 2>/dev/null
+pids=""
+for j in 0 1 2 3; do
+  (k=0; while [ $k -lt 6 ]; do
+     dd if=/tmp/p of=/dev/vda bs=64k count=16 seek=$(( (j * 6 + k) * 16 )) oflag=direct 2>/dev/null || exit 1
+     echo "CHUNK: $j $k"; k=$((k + 1)); done) &
+  pids="$pids $!"
+done
+for p in $pids; do wait $p; done
+kill $ticker
+want=$(md5sum < /tmp/p | cut -d' ' -f1)
+c=0
+while [ $c -lt 24 ]; do
+  [ "$(dd if=/dev/vda bs=64k count=16 skip=$((c * 16)) iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)" = "$want" ]
+  c=$((c + 1))
+done
+echo "VERIFIED: yes"
+"#;
+
+#[test]
+fn a_drain_while_a_guest_writes_holds_its_writes_and_resume_lets_it_finish() {
+    let vol = TestVolume::create("64M");
+    let daemon = Controlled::start(&vol);
+    // (drain's answer, status after three heartbeats while drained)
+    let mut drained: Option<(Value, Value)> = None;
+    let mut ticks = 0;
+    let mut resumed = false;
+    let console = boot_watching(&vol.socket, 1, 1, WRITERS, |line| {
+        if line.starts_with("CHUNK") && drained.is_none() {
+            let answer = daemon.ctl("drain", json!({"timeout_ms": 10_000}));
+            drained = Some((answer, Value::Null));
+        } else if line.starts_with("TICK") && !resumed {
+            if let Some((_, after)) = drained.as_mut() {
+                ticks += 1;
+                if ticks == 3 {
+                    *after = daemon.status();
+                    daemon.ctl("resume", Value::Null);
+                    resumed = true;
+                }
+            }
+        }
+    });
+    assert_passed(&console);
+    assert_eq!(
+        field(&console, "VERIFIED"),
+        "yes",
+        "no IO error, every chunk there"
+    );
+    let (answer, after) = drained.expect("drained while the guest wrote");
+    assert!(resumed, "{console}");
+    assert_eq!(answer["state"], "drained", "{answer}");
+    assert_eq!(after["state"], "drained");
+    assert_eq!(
+        after["last_lsn"], answer["last_lsn"],
+        "nothing was written while drained"
+    );
+}
+
+/// Writes forever, with a heartbeat that does not touch the disk.
+const WRITE_FOREVER: &str = r#"
+(while :; do echo TICK; sleep 0.2; done) &
+dd if=/dev/urandom of=/tmp/p bs=64k count=16 2>/dev/null
+i=0
+while :; do
+  dd if=/tmp/p of=/dev/vda bs=64k count=16 seek=$(( i % 32 * 16 )) oflag=direct 2>/dev/null
+  echo "CHUNK: $i"
+  i=$((i + 1))
+done
+"#;
+
+#[test]
+fn a_fenced_guest_cannot_write_or_reattach_and_a_new_one_boots_after_unfence() {
+    let vol = TestVolume::create("64M");
+    let daemon = Controlled::start(&vol);
+    let mut fenced: Option<Value> = None;
+    let mut unfenced = false;
+    let mut refusals = Vec::new();
+    let refusal = |daemon: &Controlled| daemon.status()["last_refusal"].as_str().map(str::to_owned);
+    let console = boot_until(&vol.socket, WRITE_FOREVER, |line| {
+        if line.starts_with("CHUNK") && fenced.is_none() {
+            fenced = Some(daemon.ctl("fence", Value::Null));
+            return false;
+        }
+        if !line.starts_with("TICK") || fenced.is_none() {
+            return false;
+        }
+        // QEMU reconnects every second (reconnect=1) and is refused.
+        match refusal(&daemon) {
+            Some(r) if !unfenced && r.contains("fenced at epoch 2") => {
+                refusals.push(r);
+                daemon.ctl("unfence", Value::Null);
+                unfenced = true;
+                false
+            }
+            Some(r) if unfenced && r.contains("attached at epoch 1") => {
+                refusals.push(r);
+                true
+            }
+            _ => false,
+        }
+    });
+    let fenced = fenced.unwrap_or_else(|| panic!("never fenced:\n{console}"));
+    assert_eq!(
+        (fenced["epoch"].as_u64(), fenced["state"].as_str()),
+        (Some(2), Some("fenced"))
+    );
+    assert_eq!(refusals.len(), 2, "{refusals:?}");
+    let status = daemon.status();
+    assert_eq!(
+        status["last_lsn"], fenced["last_lsn"],
+        "the fenced guest wrote nothing more"
+    );
+    assert_eq!(status["state"], "serving");
+
+    // A new QEMU is a new client at epoch 2: it reads and writes.
+    let script = r#"
+dd if=/dev/urandom of=/tmp/p bs=64k count=4 2>/dev/null
+dd if=/tmp/p of=/dev/vda bs=64k oflag=direct conv=fsync 2>/dev/null
+[ "$(dd if=/dev/vda bs=64k count=4 iflag=direct 2>/dev/null | md5sum)" = "$(md5sum < /tmp/p)" ]
+echo "WROTE: yes"
+"#;
+    let console = boot(&vol.socket, 1, 1, script);
+    assert_passed(&console);
+    assert_eq!(field(&console, "WROTE"), "yes");
+    assert!(daemon.status()["last_lsn"].as_u64() > fenced["last_lsn"].as_u64());
 }
