@@ -104,3 +104,49 @@ fn an_existing_control_socket_path_is_refused() {
         b"someone else's"
     );
 }
+
+#[test]
+fn a_peer_of_another_uid_is_refused_even_if_the_socket_mode_lets_it_connect() {
+    use std::os::unix::process::CommandExt;
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: connecting as another uid needs root");
+        return;
+    }
+    let vol = TestVolume::create("64M");
+    let control = vol.dir.path().join("control.sock");
+    let mut server = Server::start(&vol, &["--control-socket", control.to_str().expect("path")]);
+    // Only SO_PEERCRED stands in the way now.
+    std::fs::set_permissions(vol.dir.path(), std::fs::Permissions::from_mode(0o755)).expect("dir");
+    std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o666)).expect("socket");
+    let out = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--ignored",
+            "--exact",
+            "control_client_process",
+            "--nocapture",
+        ])
+        .env("REWIND_TEST_CONTROL", &control)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run the client as uid 65534");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("uid 65534 may not use this control socket"),
+        "{stdout}"
+    );
+    assert!(server.stop().success());
+}
+
+/// Run as uid 65534 by the test above: sends a status request and prints
+/// the answer.
+#[test]
+#[ignore = "a client process that a_peer_of_another_uid_... starts itself"]
+fn control_client_process() {
+    let control = std::env::var_os("REWIND_TEST_CONTROL").expect("REWIND_TEST_CONTROL");
+    let mut s = UnixStream::connect(control).expect("connect");
+    let answer = ask(&mut s, r#"{"version": 1, "command": "status"}"#);
+    assert_eq!(answer["ok"], false, "{answer}");
+    println!("ANSWER: {answer}");
+}
