@@ -46,4 +46,6 @@ pub use point::{format_ns, PointInTime};
 pub use record_index::Bookmark;
 pub use recovery::{Discarded, LogEnd, RecoveryReport};
 pub use storage::{ImportMethod, ImportMode, OsStorage, Storage, StorageFile};
-pub use volume::{BaseImage, FoldReport, OpenOptions, RetryPolicy, Stats, Timeline, View, Volume};
+pub use volume::{
+    BaseImage, FoldReport, OpenOptions, ReleaseHeld, RetryPolicy, Stats, Timeline, View, Volume,
+};

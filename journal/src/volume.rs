@@ -216,9 +216,9 @@ struct Inner {
     /// The fencing epoch records are written with. Changes only under the
     /// cursor lock (`raise_epoch`).
     epoch: AtomicU64,
-    /// Raised by [`Volume::release_held`]: requests held on an IO error
-    /// that began before the raise give up instead of retrying.
-    release_generation: AtomicU64,
+    /// Live [`ReleaseHeld`] guards: while any exists, requests held on an
+    /// IO error give up instead of retrying.
+    releasing: AtomicU64,
     base: Arc<dyn crate::storage::StorageFile>,
     pool: Arc<Pool>,
     map: ExtentMap,
@@ -239,6 +239,18 @@ struct Inner {
     warned: AtomicBool,
     failure: OnceLock<String>,
     max_payload: u64,
+}
+
+/// See [`Volume::release_held`].
+#[derive(Debug)]
+pub struct ReleaseHeld<'a> {
+    volume: &'a Volume,
+}
+
+impl Drop for ReleaseHeld<'_> {
+    fn drop(&mut self) {
+        self.volume.inner.releasing.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// An open volume. All methods take `&self` and may be called from many
@@ -423,7 +435,7 @@ impl Volume {
             clock: options.clock,
             retry: options.retry,
             epoch: AtomicU64::new(epoch),
-            release_generation: AtomicU64::new(0),
+            releasing: AtomicU64::new(0),
             base,
             pool: pool.clone(),
             map: recovered.map,
@@ -687,12 +699,14 @@ impl Volume {
         Ok(epoch)
     }
 
-    /// Fails the requests now held retrying an EIO or ENOSPC (they return
-    /// the error at their next retry, within a second) instead of letting
-    /// them wait out `RetryPolicy::max_hold`: the operator gave up on the
-    /// storage (a drain with abort, a fence).
-    pub fn release_held(&self) {
-        self.inner.release_generation.fetch_add(1, Ordering::AcqRel);
+    /// While the returned guard lives, requests held retrying an EIO or
+    /// ENOSPC fail at their next retry (within a second), and those that
+    /// meet one fail at once, instead of waiting out
+    /// `RetryPolicy::max_hold`: the operator gave up on the storage (a
+    /// drain with abort, a fence).
+    pub fn release_held(&self) -> ReleaseHeld<'_> {
+        self.inner.releasing.fetch_add(1, Ordering::AcqRel);
+        ReleaseHeld { volume: self }
     }
 
     /// Folds what left the window now, instead of waiting for the applier.
@@ -853,11 +867,10 @@ impl Inner {
     fn retrying<T>(&self, what: &str, mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
         let mut first_error: Option<Instant> = None;
         let mut backoff = self.retry.first_backoff;
-        let generation = self.release_generation.load(Ordering::Acquire);
         loop {
             match op() {
                 Err(e) if retryable(&e) => {
-                    if self.release_generation.load(Ordering::Acquire) != generation {
+                    if self.releasing.load(Ordering::Acquire) > 0 {
                         return Err(e);
                     }
                     let since = *first_error.get_or_insert_with(|| {

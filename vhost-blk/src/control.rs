@@ -336,9 +336,7 @@ impl Control {
         let gate = &self.live.gate;
         let report = gate
             .drain(Duration::from_millis(timeout_ms), || {
-                if abort {
-                    self.volume.release_held();
-                }
+                abort.then(|| self.volume.release_held())
             })
             .map_err(|e| e.to_string())?;
         self.volume
@@ -895,5 +893,53 @@ mod tests {
         let message = refused(&c, &outside);
         assert!(message.contains("outside the history window"), "{message}");
         assert!(!socket.exists());
+    }
+
+    #[test]
+    fn drain_with_abort_fails_a_request_held_on_a_storage_error() {
+        use rewind_journal::fault::{Fault, FaultOp, FaultStorage};
+        let fs = FaultStorage::new();
+        let options = rewind_journal::OpenOptions {
+            retry: rewind_journal::RetryPolicy {
+                max_hold: Duration::from_secs(600),
+                first_backoff: Duration::from_millis(1),
+            },
+            ..rewind_journal::OpenOptions::default()
+        };
+        let volume = Arc::new(crate::test_support::volume_on(&fs, 8 << 20, options));
+        let config = ExportConfig {
+            num_queues: 1,
+            queue_size: 16,
+            read_only: false,
+        };
+        let live = Arc::new(Export::new(volume.clone(), config, Arc::new(Gate::new(1))));
+        let c = Control::new(volume, live);
+        fs.inject(Fault::always(FaultOp::Write, 5).on_paths_containing(".seg"));
+        std::thread::scope(|s| {
+            // A queue's request, held retrying the EIO.
+            let pass = c.live.gate.enter(1).expect("serving");
+            let queue = s.spawn(|| {
+                let status = match c.volume.write(0, &[1u8; 4096]) {
+                    Ok(_) => crate::request::Status::Ok,
+                    Err(_) => crate::request::Status::IoErr,
+                };
+                pass.finish(status, true);
+            });
+            let d = c.answer(
+                r#"{"version": 1, "command": "drain", "timeout_ms": 60000, "abort": true}"#,
+                &mut |_| {},
+            );
+            queue.join().expect("queue");
+            // The volume failed with the write: the drain says so.
+            assert_eq!(d["ok"], false, "{d}");
+            let message = d["error"].as_str().expect("error");
+            assert!(
+                message.contains("drained, but the flush failed"),
+                "{message}"
+            );
+        });
+        assert_eq!(c.live.gate.state(), State::Drained);
+        let io = c.live.gate.counters();
+        assert_eq!((io.completed, io.failed), (1, 1), "failed with IOERR");
     }
 }

@@ -243,12 +243,13 @@ impl Gate {
     }
 
     /// Closes the gate and waits up to `timeout` for the requests in flight;
-    /// `on_closed` runs once the gate is closed (to release held requests).
-    /// On timeout the gate opens again.
-    pub fn drain(
+    /// `on_closed` runs once the gate is closed, and what it returns (a
+    /// release of held requests) lives until the wait is over. On timeout
+    /// the gate opens again.
+    pub fn drain<R>(
         &self,
         timeout: Duration,
-        on_closed: impl FnOnce(),
+        on_closed: impl FnOnce() -> R,
     ) -> Result<DrainReport, GateError> {
         let started = Instant::now();
         {
@@ -270,8 +271,9 @@ impl Gate {
         }
         let failed_before = self.failed.load(Ordering::SeqCst);
         let in_flight = self.in_flight.load(Ordering::SeqCst);
-        on_closed();
+        let during_wait = on_closed();
         let mut inner = self.wait_idle(started + timeout);
+        drop(during_wait);
         if self.in_flight.load(Ordering::SeqCst) != 0 {
             let in_flight = self.in_flight.load(Ordering::SeqCst);
             self.open(&mut inner);
@@ -322,7 +324,11 @@ impl Gate {
     /// release held requests). The caller then raises the epoch and gives
     /// it to [`Gate::set_epoch`]. On timeout the gate stays closed: a
     /// request still running could otherwise land after the new epoch.
-    pub fn fence(&self, timeout: Duration, on_closed: impl FnOnce()) -> Result<(), GateError> {
+    pub fn fence<R>(
+        &self,
+        timeout: Duration,
+        on_closed: impl FnOnce() -> R,
+    ) -> Result<(), GateError> {
         let started = Instant::now();
         {
             let mut inner = self.lock();
@@ -332,8 +338,9 @@ impl Gate {
             }
             self.closed.store(true, Ordering::SeqCst);
         }
-        on_closed();
+        let during_wait = on_closed();
         let _inner = self.wait_idle(started + timeout);
+        drop(during_wait);
         match self.in_flight.load(Ordering::SeqCst) {
             0 => Ok(()),
             in_flight => Err(GateError::FenceTimeout { timeout, in_flight }),

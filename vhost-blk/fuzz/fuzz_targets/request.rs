@@ -61,11 +61,11 @@ fuzz_target!(|input: &[u8]| {
         return;
     };
     let disk = Disk {
-        volume: volume(),
+        device: volume(),
         read_only: false,
         id: [7; 20],
     };
-    let used = handle(&mem, chain, &disk);
+    let used = handle(&mem, chain, &disk).used;
     if used > 0 {
         let status_addr = Descriptor::from(*descs.last().expect("non-empty")).addr();
         let status: u8 = mem.read_obj(status_addr).expect("status was written");
