@@ -4,10 +4,11 @@
 
 use std::path::Path;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use rewind_journal::fault::FaultStorage;
-use rewind_journal::{BaseImage, OpenOptions, Volume, VolumeSettings};
+use rewind_journal::{BaseImage, OpenOptions, RetryPolicy, Volume, VolumeSettings};
 use rewind_vhost_blk::request::{handle, Disk};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -21,16 +22,25 @@ fn volume() -> &'static Volume {
     VOLUME.get_or_init(|| {
         let fs = FaultStorage::new();
         let dir = Path::new("/vol");
+        // The storage is in memory: a short window and a small journal keep
+        // it bounded (the applier folds every second), and a full journal
+        // fails a write at once instead of holding it.
         let settings = VolumeSettings {
             segment_size: 1 << 20,
-            journal_max: 1 << 30,
-            journal_warn: 1 << 29,
+            journal_max: 64 << 20,
+            journal_warn: 48 << 20,
+            window: Duration::from_secs(1),
             ..VolumeSettings::new(1 << 20)
         };
         Volume::create(&fs, dir, &settings, BaseImage::Empty, &mut |_, _| {}).expect("create");
-        Volume::open(fs.arc(), dir, OpenOptions::default())
-            .expect("open")
-            .0
+        let options = OpenOptions {
+            retry: RetryPolicy {
+                max_hold: Duration::from_millis(10),
+                ..RetryPolicy::default()
+            },
+            ..OpenOptions::default()
+        };
+        Volume::open(fs.arc(), dir, options).expect("open").0
     })
 }
 
