@@ -15,7 +15,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::load::Load;
-use common::{wait_until, Server, TestVolume};
+use common::{wait_until, Controlled, TestVolume};
 use serde_json::{json, Value};
 
 fn main() {
@@ -25,12 +25,7 @@ fn main() {
     let quick = std::env::var_os("REWIND_BENCH_QUICK").is_some();
     let drains = if quick { 5 } else { 100 };
     let vol = TestVolume::create("1G");
-    let control = vol.dir.path().join("control.sock");
-    let mut server = Server::start(&vol, &["--control-socket", control.to_str().expect("path")]);
-    let ctl = |command: &str, args: Value| {
-        rewind_ctl::request(&control, command, args, &mut |_, _| {})
-            .unwrap_or_else(|e| panic!("{command}: {e}"))
-    };
+    let mut daemon = Controlled::start(&vol);
     let load = Load::default();
     let mut round_trips = Vec::new();
     let mut waits = Vec::new();
@@ -43,17 +38,17 @@ fn main() {
                 load.completed() >= before + 2_000
             });
             let started = Instant::now();
-            let drained = ctl("drain", json!({"timeout_ms": 10_000}));
+            let drained = daemon.ctl("drain", json!({"timeout_ms": 10_000}));
             round_trips.push(started.elapsed());
             waits.push(Duration::from_micros(
                 drained["waited_us"].as_u64().expect("waited_us"),
             ));
-            ctl("resume", Value::Null);
+            daemon.ctl("resume", Value::Null);
         }
         load.stop();
     });
     assert_eq!(load.errors(), 0, "the client saw IO errors");
-    server.stop();
+    daemon.server.stop();
     let show = |name: &str, mut times: Vec<Duration>| {
         times.sort();
         let n = times.len();

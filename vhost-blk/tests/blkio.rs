@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
-use common::{wait_until, Server, TestVolume, BIN};
+use common::{wait_until, Controlled, Server, TestVolume, BIN};
 
 const DISK: u64 = 64 << 20;
 const BUF: usize = 1 << 20;
@@ -319,10 +319,9 @@ fn an_fd_that_is_not_a_listening_socket_is_refused() {
 fn bookmarks_and_materialize_through_the_control_socket_while_a_client_writes() {
     use serde_json::json;
     let vol = TestVolume::create("64M");
-    let control = vol.dir.path().join("control.sock");
-    let mut server = Server::start(&vol, &["--control-socket", control.to_str().expect("path")]);
+    let mut daemon = Controlled::start(&vol);
     let ctl = |command: &str, args: serde_json::Value, progress: &mut dyn FnMut(u64, u64)| {
-        rewind_ctl::request(&control, command, args, progress)
+        rewind_ctl::request(&daemon.control, command, args, progress)
     };
     let mut c = Client::connect(&vol.socket, 1);
     assert_eq!(c.write(0, 0, &pattern(1, 65536)), 0);
@@ -372,35 +371,19 @@ fn bookmarks_and_materialize_through_the_control_socket_while_a_client_writes() 
         "{err}"
     );
     drop(c);
-    assert!(server.stop().success());
-}
-
-/// A daemon serving `vol` with a control socket, and a way to call it.
-fn serve_with_control(vol: &TestVolume) -> (Server, std::path::PathBuf) {
-    let control = vol.dir.path().join("control.sock");
-    let server = Server::start(vol, &["--control-socket", control.to_str().expect("path")]);
-    (server, control)
-}
-
-fn ctl(control: &Path, command: &str, args: serde_json::Value) -> serde_json::Value {
-    rewind_ctl::request(control, command, args, &mut |_, _| {})
-        .unwrap_or_else(|e| panic!("{command}: {e}"))
-}
-
-fn status(control: &Path) -> serde_json::Value {
-    ctl(control, "status", serde_json::Value::Null)
+    assert!(daemon.server.stop().success());
 }
 
 /// This process connects again and is refused for a reason containing
 /// `want`; whatever it manages to submit before the daemon closes the
 /// connection does not complete.
-fn assert_reattach_refused(vol: &TestVolume, control: &Path, want: &str) {
+fn assert_reattach_refused(vol: &TestVolume, daemon: &Controlled, want: &str) {
     if let Ok(mut c) = Client::try_connect(&vol.socket, 1, false) {
         let write = c.write_within(4096, &pattern(9, 4096), Duration::from_millis(200));
         assert_ne!(write, Some(0), "a refused client wrote");
     }
     wait_until(want, Duration::from_secs(30), || {
-        status(control)["last_refusal"]
+        daemon.status()["last_refusal"]
             .as_str()
             .is_some_and(|r| r.contains(want))
     });
@@ -411,7 +394,7 @@ fn a_drain_under_iodepth_32_writes_holds_them_until_resume() {
     use common::load::Load;
     use serde_json::json;
     let vol = TestVolume::create("64M");
-    let (mut server, control) = serve_with_control(&vol);
+    let mut daemon = Controlled::start(&vol);
     let load = Load::default();
     std::thread::scope(|s| {
         s.spawn(|| load.run(&vol.socket));
@@ -420,7 +403,7 @@ fn a_drain_under_iodepth_32_writes_holds_them_until_resume() {
             load.completed() >= 500
         });
 
-        let drained = ctl(&control, "drain", json!({"timeout_ms": 10_000}));
+        let drained = daemon.ctl("drain", json!({"timeout_ms": 10_000}));
         assert_eq!(drained["state"], "drained", "{drained}");
         // One request at a time per queue, and the client uses one queue.
         assert!(drained["in_flight"].as_u64() <= Some(1), "{drained}");
@@ -441,14 +424,14 @@ fn a_drain_under_iodepth_32_writes_holds_them_until_resume() {
             completed,
             "a write completed while drained"
         );
-        let s = status(&control);
+        let s = daemon.status();
         assert_eq!(
             (s["state"].as_str(), s["last_lsn"].as_u64()),
             (Some("drained"), Some(lsn))
         );
         assert!(s["io"]["completed"].as_u64() >= Some(completed), "{s}");
 
-        let resumed = ctl(&control, "resume", serde_json::Value::Null);
+        let resumed = daemon.ctl("resume", serde_json::Value::Null);
         assert_eq!(resumed["state"], "serving");
         wait_until("writes after resume", Duration::from_secs(60), || {
             load.completed() >= completed + 500
@@ -456,22 +439,22 @@ fn a_drain_under_iodepth_32_writes_holds_them_until_resume() {
         load.stop();
     });
     assert_eq!(load.errors(), 0, "the client saw no IO error");
-    assert!(status(&control)["last_lsn"].as_u64() > Some(0));
-    assert!(server.stop().success());
+    assert!(daemon.status()["last_lsn"].as_u64() > Some(0));
+    assert!(daemon.server.stop().success());
 }
 
 #[test]
 fn a_fenced_client_cannot_write_or_reattach_and_unfence_admits_a_new_one() {
     use serde_json::json;
     let vol = TestVolume::create("64M");
-    let (mut server, control) = serve_with_control(&vol);
+    let mut daemon = Controlled::start(&vol);
     let mut old = Client::connect(&vol.socket, 1);
     assert_eq!(old.write(0, 0, &pattern(1, 4096)), 0);
-    let s = status(&control);
+    let s = daemon.status();
     assert_eq!(s["attached"]["attach_id"]["pid"], std::process::id(), "{s}");
     assert_eq!(s["attached"]["epoch"], 1);
 
-    let fenced = ctl(&control, "fence", json!({"timeout_ms": 10_000}));
+    let fenced = daemon.ctl("fence", json!({"timeout_ms": 10_000}));
     assert_eq!(
         (fenced["state"].as_str(), fenced["epoch"].as_u64()),
         (Some("fenced"), Some(2))
@@ -486,12 +469,12 @@ fn a_fenced_client_cannot_write_or_reattach_and_unfence_admits_a_new_one() {
     drop(old);
 
     // Refused while fenced, and at the old epoch after unfence.
-    let refused_with = |want: &str| assert_reattach_refused(&vol, &control, want);
+    let refused_with = |want: &str| assert_reattach_refused(&vol, &daemon, want);
     refused_with("fenced at epoch 2");
-    let unfenced = ctl(&control, "unfence", serde_json::Value::Null);
+    let unfenced = daemon.ctl("unfence", serde_json::Value::Null);
     assert_eq!(unfenced["state"], "serving");
     refused_with("attached at epoch 1");
-    let s = status(&control);
+    let s = daemon.status();
     assert_eq!(
         (s["last_lsn"].as_u64(), s["epoch"].as_u64()),
         (lsn, Some(2))
@@ -508,9 +491,9 @@ fn a_fenced_client_cannot_write_or_reattach_and_unfence_admits_a_new_one() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let s = status(&control);
+    let s = daemon.status();
     assert!(s["last_lsn"].as_u64() > lsn, "the new client wrote: {s}");
-    assert!(server.stop().success());
+    assert!(daemon.server.stop().success());
 }
 
 /// Run as a separate process by the fence test: a client the daemon has
@@ -529,15 +512,14 @@ fn new_client_process() {
 fn views_are_exported_beside_the_live_disk_and_reverts_need_a_drain() {
     use serde_json::json;
     let vol = TestVolume::create("64M");
-    let (mut server, control) = serve_with_control(&vol);
+    let mut daemon = Controlled::start(&vol);
     let mut live = Client::connect(&vol.socket, 1);
     assert_eq!(live.write(0, 0, &pattern(1, 65536)), 0);
-    ctl(&control, "bookmark", json!({"name": "one"}));
+    daemon.ctl("bookmark", json!({"name": "one"}));
     assert_eq!(live.write(0, 0, &pattern(2, 65536)), 0);
 
     let scratch = vol.dir.path().join("scratch.sock");
-    let e = ctl(
-        &control,
+    let e = daemon.ctl(
         "export",
         json!({"at": "bookmark:one", "socket_path": scratch, "scratch": true}),
     );
@@ -556,19 +538,18 @@ fn views_are_exported_beside_the_live_disk_and_reverts_need_a_drain() {
             pattern(2, 65536),
             "the live disk is untouched"
         );
-        let s = status(&control);
+        let s = daemon.status();
         assert_eq!(
             s["exports"][0]["attached"]["attach_id"]["pid"],
             std::process::id(),
             "{s}"
         );
     }
-    ctl(&control, "unexport", json!({"socket_path": scratch}));
+    daemon.ctl("unexport", json!({"socket_path": scratch}));
     assert!(!scratch.exists());
 
     let read_only = vol.dir.path().join("ro.sock");
-    ctl(
-        &control,
+    daemon.ctl(
         "export",
         json!({"at": "bookmark:one", "socket_path": read_only}),
     );
@@ -580,39 +561,29 @@ fn views_are_exported_beside_the_live_disk_and_reverts_need_a_drain() {
     assert_eq!(view.read(0, 0, 4096), pattern(1, 4096));
     drop(view);
 
-    let refused = rewind_ctl::request(
-        &control,
-        "revert",
-        json!({"at": "bookmark:one"}),
-        &mut |_, _| {},
-    )
-    .expect_err("revert while serving");
+    let refused = daemon
+        .try_ctl("revert", json!({"at": "bookmark:one"}))
+        .expect_err("revert while serving");
     assert!(refused.to_string().contains("rewindctl drain"), "{refused}");
-    ctl(&control, "drain", serde_json::Value::Null);
-    let attached = rewind_ctl::request(
-        &control,
-        "revert",
-        json!({"at": "bookmark:one"}),
-        &mut |_, _| {},
-    )
-    .expect_err("revert with a client attached");
+    daemon.ctl("drain", serde_json::Value::Null);
+    let attached = daemon
+        .try_ctl("revert", json!({"at": "bookmark:one"}))
+        .expect_err("revert with a client attached");
     assert!(
         attached.to_string().contains("shut the VM down"),
         "{attached}"
     );
     drop(live);
-    wait_until("the client to detach", Duration::from_secs(30), || {
-        status(&control)["attached"].is_null()
-    });
-    let reverted = ctl(&control, "revert", json!({"at": "bookmark:one"}));
+    daemon.wait_detached();
+    let reverted = daemon.ctl("revert", json!({"at": "bookmark:one"}));
     assert!(
         reverted["lsn"].as_u64() > reverted["to_lsn"].as_u64(),
         "{reverted}"
     );
-    ctl(&control, "resume", serde_json::Value::Null);
+    daemon.ctl("resume", serde_json::Value::Null);
     // The client that detached before the revert has a stale cache.
-    assert_reattach_refused(&vol, &control, "modified");
-    assert!(server.stop().success());
+    assert_reattach_refused(&vol, &daemon, "modified");
+    assert!(daemon.server.stop().success());
     let (v, _) = rewind_journal::Volume::open(
         rewind_journal::OsStorage::shared(),
         &vol.path,

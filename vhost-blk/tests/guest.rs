@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{wait_until, workspace, Server, TestVolume};
+use common::{workspace, Controlled, Server, TestVolume};
 use serde_json::{json, Value};
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -324,39 +324,7 @@ fn a_guest_reboot_resets_the_device_and_keeps_the_data() {
     assert_eq!(field(&console, "REBOOTED"), "yes");
 }
 
-/// A daemon on `vol` with a control socket, and requests to it.
-struct Controlled {
-    server: Server,
-    control: PathBuf,
-}
-
 impl Controlled {
-    fn start(vol: &TestVolume) -> Controlled {
-        let control = vol.dir.path().join("control.sock");
-        let server = Server::start(vol, &["--control-socket", control.to_str().expect("path")]);
-        Controlled { server, control }
-    }
-
-    fn try_ctl(&self, command: &str, args: Value) -> Result<Value, rewind_ctl::CtlError> {
-        rewind_ctl::request(&self.control, command, args, &mut |_, _| {})
-    }
-
-    fn ctl(&self, command: &str, args: Value) -> Value {
-        self.try_ctl(command, args)
-            .unwrap_or_else(|e| panic!("{command}: {e}"))
-    }
-
-    fn status(&self) -> Value {
-        self.ctl("status", Value::Null)
-    }
-
-    /// Waits for the guest's QEMU to be gone from the socket.
-    fn wait_detached(&self) {
-        wait_until("the client to detach", Duration::from_secs(30), || {
-            self.status()["attached"].is_null()
-        });
-    }
-
     /// Drain, revert to `at`, resume; returns the revert record's lsn.
     fn revert(&self, at: &str) -> u64 {
         self.wait_detached();

@@ -104,6 +104,45 @@ impl Drop for Server {
     }
 }
 
+/// A daemon serving a volume with a control socket, and requests to it
+/// (what `rewindctl` sends).
+pub struct Controlled {
+    pub server: Server,
+    pub control: PathBuf,
+}
+
+impl Controlled {
+    pub fn start(vol: &TestVolume) -> Controlled {
+        let control = vol.dir.path().join("control.sock");
+        let server = Server::start(vol, &["--control-socket", control.to_str().expect("path")]);
+        Controlled { server, control }
+    }
+
+    pub fn try_ctl(
+        &self,
+        command: &str,
+        args: serde_json::Value,
+    ) -> Result<serde_json::Value, rewind_ctl::CtlError> {
+        rewind_ctl::request(&self.control, command, args, &mut |_, _| {})
+    }
+
+    pub fn ctl(&self, command: &str, args: serde_json::Value) -> serde_json::Value {
+        self.try_ctl(command, args)
+            .unwrap_or_else(|e| panic!("{command}: {e}"))
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        self.ctl("status", serde_json::Value::Null)
+    }
+
+    /// Waits for the client to be gone from the socket.
+    pub fn wait_detached(&self) {
+        wait_until("the client to detach", Duration::from_secs(30), || {
+            self.status()["attached"].is_null()
+        });
+    }
+}
+
 /// The workspace's root directory.
 pub fn workspace() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
