@@ -343,14 +343,10 @@ impl Control {
             .flush()
             .map_err(|e| format!("drained, but the flush failed: {e}"))?;
         tracing::info!(?report, "drained");
-        Ok(json!({
-            "state": gate.state(),
-            "in_flight": report.in_flight,
-            "failed": report.failed,
-            "waited_us": report.waited_us,
-            "already_drained": report.already_drained,
-            "last_lsn": self.volume.last_lsn(),
-        }))
+        let mut answer = serde_json::to_value(report).map_err(|e| e.to_string())?;
+        answer["state"] = json!(gate.state());
+        answer["last_lsn"] = json!(self.volume.last_lsn());
+        Ok(answer)
     }
 
     /// Closes the gate, waits for (and releases) the requests in flight,
@@ -827,7 +823,11 @@ mod tests {
         let mut buf = [0u8; 4096];
         c.volume.read(0, &mut buf).expect("read");
         assert_eq!(buf, [1u8; 4096], "the disk is as at lsn {first}");
-        assert_eq!(c.live.gate.modifications(), 1, "a revert is a modification");
+        assert_eq!(
+            c.live.gate.counters().modifying,
+            1,
+            "a revert is a modification"
+        );
         let status = ok(&c, r#"{"version": 1, "command": "status"}"#);
         assert_eq!(status["state"], "drained");
         ok(&c, r#"{"version": 1, "command": "resume"}"#);

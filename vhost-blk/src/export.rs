@@ -59,7 +59,7 @@ pub struct Attached {
 struct Detached {
     id: AttachId,
     epoch: u64,
-    /// `Gate::modifications` when it detached.
+    /// `Counters::modifying` when it detached.
     modifications: u64,
 }
 
@@ -203,7 +203,7 @@ impl Export {
                     known.id, known.epoch
                 ));
             }
-            let modifications = self.gate.modifications();
+            let modifications = self.gate.counters().modifying;
             if known.modifications != modifications {
                 return Err(format!(
                     "the volume was modified since client {} detached; \
@@ -242,7 +242,7 @@ impl Export {
         clients.detached.push_back(Detached {
             id,
             epoch: attached.epoch,
-            modifications: self.gate.modifications(),
+            modifications: self.gate.counters().modifying,
         });
     }
 

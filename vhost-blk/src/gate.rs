@@ -86,7 +86,9 @@ pub struct DrainReport {
 pub struct Counters {
     pub completed: u64,
     pub failed: u64,
-    /// Requests that may have changed the disk (writes, zeroes, discards).
+    /// Requests that may have changed the disk (writes, zeroes, discards),
+    /// and reverts: if it is the same at two moments, nothing changed the
+    /// disk in between.
     pub modifying: u64,
     pub in_flight: u64,
 }
@@ -179,7 +181,7 @@ impl Gate {
         Counters {
             completed: self.completed.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
-            modifying: self.modifying.load(Ordering::Relaxed),
+            modifying: self.modifying.load(Ordering::SeqCst),
             in_flight: self.in_flight.load(Ordering::Relaxed),
         }
     }
@@ -229,12 +231,6 @@ impl Gate {
     /// Counts a change to the disk made outside the queues (a revert).
     pub fn note_modification(&self) {
         self.modifying.fetch_add(1, Ordering::SeqCst);
-    }
-
-    /// How many times the disk may have been changed through this export:
-    /// if it is the same at two moments, nothing changed in between.
-    pub fn modifications(&self) -> u64 {
-        self.modifying.load(Ordering::SeqCst)
     }
 
     /// Forgets parked vrings (their connection ended).
