@@ -10,7 +10,9 @@ use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use memmap2::{MmapOptions, MmapRaw};
 
 use rustix::fs::{FallocateFlags, FlockOperation, SeekFrom};
 use rustix::io::Errno;
@@ -121,6 +123,14 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Writes all of `bufs`, one after the other, starting at `offset`.
     fn write_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()>;
+    /// Writes a small `buf` at `offset`, like [`StorageFile::write_all_at`]
+    /// (in the page cache when it returns, so only a machine crash can lose
+    /// it before a sync), but cheaper when repeated many times: the journal
+    /// writes each record header with it. The file must not shrink while it
+    /// is open (it may be mapped in memory).
+    fn write_small_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_all_at(&[buf], offset)
+    }
     /// Makes every completed write durable (fdatasync).
     fn sync_data(&self) -> io::Result<()>;
     /// Starts writing dirty data back without waiting, so that several
@@ -183,7 +193,34 @@ impl OsStorage {
 }
 
 #[derive(Debug)]
-struct OsFile(File);
+struct OsFile {
+    file: File,
+    /// A shared mapping of the whole file, made at the first small write:
+    /// a store into the page cache costs no system call. `None` where the
+    /// file cannot be mapped (small writes then use pwrite).
+    mapped: OnceLock<Option<MmapRaw>>,
+}
+
+impl OsFile {
+    fn new(file: File) -> Self {
+        OsFile {
+            file,
+            mapped: OnceLock::new(),
+        }
+    }
+
+    fn mapping(&self) -> Option<&MmapRaw> {
+        self.mapped
+            .get_or_init(|| match MmapOptions::new().map_raw(&self.file) {
+                Ok(map) => Some(map),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot map a file; small writes use pwrite");
+                    None
+                }
+            })
+            .as_ref()
+    }
+}
 
 fn retry_eintr<T>(mut f: impl FnMut() -> Result<T, Errno>) -> io::Result<T> {
     loop {
@@ -196,18 +233,18 @@ fn retry_eintr<T>(mut f: impl FnMut() -> Result<T, Errno>) -> io::Result<T> {
 
 impl StorageFile for OsFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.0.read_exact_at(buf, offset)
+        self.file.read_exact_at(buf, offset)
     }
 
     fn write_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
         if let [one] = bufs {
-            return self.0.write_all_at(one, offset);
+            return self.file.write_all_at(one, offset);
         }
         let mut slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
         let mut rest = &mut slices[..];
         let mut at = offset;
         while !rest.is_empty() {
-            let n = retry_eintr(|| rustix::io::pwritev(&self.0, rest, at))?;
+            let n = retry_eintr(|| rustix::io::pwritev(&self.file, rest, at))?;
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
@@ -217,13 +254,37 @@ impl StorageFile for OsFile {
         Ok(())
     }
 
+    fn write_small_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let Some(map) = self.mapping() else {
+            return self.file.write_all_at(buf, offset);
+        };
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+        if start
+            .checked_add(buf.len())
+            .is_none_or(|end| end > map.len())
+        {
+            return self.file.write_all_at(buf, offset);
+        }
+        // SAFETY: `[start, start + buf.len())` lies within the mapping
+        // (checked above), which lives as long as `self`. The mapped bytes
+        // are only ever written, with raw copies, never borrowed as a Rust
+        // reference, and the caller keeps the file from shrinking under the
+        // mapping (the trait's contract). Concurrent writers of overlapping
+        // ranges would race as they would with pwrite; the journal gives
+        // every header its own slot.
+        unsafe {
+            std::ptr::copy_nonoverlapping(buf.as_ptr(), map.as_mut_ptr().add(start), buf.len());
+        }
+        Ok(())
+    }
+
     fn sync_data(&self) -> io::Result<()> {
-        retry_eintr(|| rustix::fs::fdatasync(&self.0))
+        retry_eintr(|| rustix::fs::fdatasync(&self.file))
     }
 
     fn start_writeback(&self) -> io::Result<()> {
-        let fd = self.0.as_raw_fd();
-        // SAFETY: `fd` is open for as long as `self.0` lives, which spans the
+        let fd = self.file.as_raw_fd();
+        // SAFETY: `fd` is open for as long as `self.file` lives, which spans the
         // call; sync_file_range takes no pointers.
         let r = unsafe { libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
         if r == 0 {
@@ -234,27 +295,27 @@ impl StorageFile for OsFile {
     }
 
     fn size(&self) -> io::Result<u64> {
-        Ok(self.0.metadata()?.len())
+        Ok(self.file.metadata()?.len())
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
+        self.file.set_len(len)
     }
 
     fn allocate(&self, len: u64) -> io::Result<()> {
-        match retry_eintr(|| rustix::fs::fallocate(&self.0, FallocateFlags::empty(), 0, len)) {
+        match retry_eintr(|| rustix::fs::fallocate(&self.file, FallocateFlags::empty(), 0, len)) {
             // File systems without fallocate: size the file; blocks come on write.
-            Err(e) if e.raw_os_error() == Some(libc_eopnotsupp()) => self.0.set_len(len),
+            Err(e) if e.raw_os_error() == Some(libc_eopnotsupp()) => self.file.set_len(len),
             other => other,
         }
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        zero_range(&self.0, offset, len)
+        zero_range(&self.file, offset, len)
     }
 
     fn copy_to(&self, dst: &File, len: u64, progress: Progress<'_>) -> io::Result<()> {
-        copy_data_ranges(&self.0, dst, 0, len, progress)
+        copy_data_ranges(&self.file, dst, 0, len, progress)
     }
 }
 
@@ -277,7 +338,7 @@ fn libc_eopnotsupp() -> i32 {
 impl Storage for OsStorage {
     fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
         let f = OpenOptions::new().read(true).write(true).open(path)?;
-        Ok(Arc::new(OsFile(f)))
+        Ok(Arc::new(OsFile::new(f)))
     }
 
     fn create_new(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
@@ -286,7 +347,7 @@ impl Storage for OsStorage {
             .write(true)
             .create_new(true)
             .open(path)?;
-        Ok(Arc::new(OsFile(f)))
+        Ok(Arc::new(OsFile::new(f)))
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
@@ -406,4 +467,66 @@ fn copy_data_ranges(
         pos = hole;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sized_file(dir: &Path, len: u64) -> Arc<dyn StorageFile> {
+        let f = OsStorage.create_new(&dir.join("f")).expect("create");
+        f.allocate(len).expect("allocate");
+        f
+    }
+
+    #[test]
+    fn small_writes_are_read_back_and_reach_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = sized_file(dir.path(), 64 << 10);
+        f.write_small_at(b"first", 0).expect("write");
+        f.write_small_at(b"last", (64 << 10) - 4).expect("write");
+        f.write_all_at(&[b"pwrite"], 512).expect("write");
+        f.write_small_at(b"PW", 512).expect("write over a pwrite");
+        let mut buf = [0u8; 6];
+        f.read_exact_at(&mut buf, 512).expect("read");
+        assert_eq!(&buf, b"PWrite");
+        f.sync_data().expect("sync");
+        drop(f);
+        let bytes = std::fs::read(dir.path().join("f")).expect("read back");
+        assert_eq!(
+            bytes.len(),
+            64 << 10,
+            "a small write never resizes the file"
+        );
+        assert_eq!(&bytes[..5], b"first");
+        assert_eq!(&bytes[512..518], b"PWrite");
+        assert_eq!(&bytes[bytes.len() - 4..], b"last");
+    }
+
+    #[test]
+    fn small_writes_past_the_mapped_size_use_pwrite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = sized_file(dir.path(), 4096);
+        f.write_small_at(b"mapped", 0).expect("write");
+        // Past the end of the mapping (made at 4096 bytes): grows the file.
+        f.write_small_at(b"beyond", 4094)
+            .expect("write across the end");
+        f.write_small_at(b"far", 10_000)
+            .expect("write past the end");
+        assert_eq!(f.size().expect("size"), 10_003);
+        let bytes = std::fs::read(dir.path().join("f")).expect("read back");
+        assert_eq!(&bytes[..6], b"mapped");
+        assert_eq!(&bytes[4094..4100], b"beyond");
+        assert_eq!(&bytes[10_000..], b"far");
+    }
+
+    #[test]
+    fn an_empty_file_takes_small_writes_through_pwrite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = OsStorage.create_new(&dir.path().join("f")).expect("create");
+        f.write_small_at(b"grown", 0).expect("write");
+        let mut buf = [0u8; 5];
+        f.read_exact_at(&mut buf, 0).expect("read");
+        assert_eq!(&buf, b"grown");
+    }
 }

@@ -1022,7 +1022,7 @@ impl Inner {
                     .file
                     .write_all_at(&[payload], header.payload_offset)?;
             }
-            segment.file.write_all_at(&[&head], slot)
+            segment.file.write_small_at(&head, slot)
         });
         if let Err(e) = written {
             let reason = format!("journal append of lsn {} failed: {e}", header.lsn);
