@@ -67,6 +67,8 @@ struct PoolState {
     free: VecDeque<Arc<Segment>>,
     /// Folded segments waiting for their last reader or view to let go.
     retired: Vec<Arc<Segment>>,
+    /// Segments the writer moved past, whose writeback has not been started.
+    sealed: Vec<Arc<Segment>>,
     preparing: u64,
     next_seq: u64,
     next_file_id: u32,
@@ -219,6 +221,7 @@ impl Pool {
             used: setup.used,
             free: setup.free.into(),
             retired: Vec::new(),
+            sealed: Vec::new(),
             preparing: 0,
             next_seq: setup.next_seq,
             next_file_id,
@@ -570,8 +573,17 @@ impl Pool {
         (st, Ok(()))
     }
 
-    /// The background thread's loop: keeps the reserve at its target and
-    /// recycles retired segments.
+    /// The writer moved past `full`: the background thread starts its
+    /// writeback, which the next flush will need, so that neither the write
+    /// that crossed into a new segment nor the flush pays for submitting a
+    /// whole segment's pages.
+    pub fn seal(&self, full: Arc<Segment>) {
+        self.lock().sealed.push(full);
+        self.changed.notify_all();
+    }
+
+    /// The background thread's loop: keeps the reserve at its target,
+    /// starts the writeback of sealed segments and recycles retired ones.
     pub fn maintain(&self) {
         let mut st = self.lock();
         while !st.shutdown {
@@ -587,6 +599,13 @@ impl Pool {
                 let r = self.prepare().map(drop);
                 st = self.lock();
                 r
+            } else if let Some(full) = st.sealed.pop() {
+                drop(st);
+                if let Err(e) = full.file.start_writeback() {
+                    tracing::debug!(segment = full.id, error = %e, "could not start writeback");
+                }
+                st = self.lock();
+                Ok(())
             } else if st.free.len() as u64 > self.reserve {
                 self.release_one(&mut st)
             } else if !st.retired.is_empty() {

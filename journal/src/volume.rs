@@ -1011,7 +1011,7 @@ impl Inner {
             sealed,
         } = r;
         if let Some(full) = sealed {
-            self.seal(&full);
+            self.pool.seal(full);
         }
         // Both are in the page cache before the write is acknowledged, so a
         // crash of this process (not of the machine) loses nothing.
@@ -1048,14 +1048,6 @@ impl Inner {
         }
         self.completion.complete(header.lsn);
         Ok(header.lsn)
-    }
-
-    /// The writer moved past `full`: start its writeback, which the next
-    /// flush will need.
-    fn seal(&self, full: &Segment) {
-        if let Err(e) = full.file.start_writeback() {
-            tracing::debug!(segment = full.id, error = %e, "could not start writeback");
-        }
     }
 
     fn warn_if_over_threshold(&self) {

@@ -172,7 +172,7 @@ impl Inner {
         if idle && lock(&self.index).timestamp(last) < expiry {
             c.active = None;
             drop(c);
-            self.seal(&active);
+            self.pool.seal(active);
             return None;
         }
         Some(active.id)
