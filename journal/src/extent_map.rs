@@ -10,8 +10,10 @@
 //! The disk is cut into contiguous shards, each behind its own RwLock, so
 //! readers never block each other and writers to different regions do not
 //! contend. Locks are held only for the in-memory update, never across IO.
+//! [`shard`] says how a shard lays out its extents.
 
-use std::collections::BTreeMap;
+mod shard;
+
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use smallvec::SmallVec;
@@ -73,7 +75,7 @@ pub struct Piece {
 /// The pieces of one lookup; a typical read has one or two.
 pub type Pieces = SmallVec<[Piece; 4]>;
 
-/// 24 bytes; with the 8-byte key a map entry is 32 bytes plus B-tree overhead.
+/// 24 bytes; with its 4-byte start a map entry is 28 bytes in a full leaf.
 #[derive(Debug, Clone, Copy)]
 struct Extent {
     sectors: u32,
@@ -81,7 +83,16 @@ struct Extent {
     target: Target,
 }
 
-type Shard = BTreeMap<u64, Extent>;
+impl Extent {
+    /// What unused leaf slots hold.
+    const NONE: Extent = Extent {
+        sectors: 0,
+        lsn: 0,
+        target: Target::Zero,
+    };
+}
+
+use shard::Shard;
 
 #[derive(Debug)]
 pub struct ExtentMap {
@@ -92,6 +103,8 @@ pub struct ExtentMap {
 
 const SHARDS: u64 = 64;
 const MIN_SHARD_SECTORS: u64 = 2048;
+/// Shards keep starts and lengths in u32: huge disks get more shards.
+const MAX_SHARD_SECTORS: u64 = 1 << 31;
 
 fn read(s: &RwLock<Shard>) -> RwLockReadGuard<'_, Shard> {
     s.read().unwrap_or_else(|e| e.into_inner())
@@ -104,10 +117,14 @@ fn write(s: &RwLock<Shard>) -> RwLockWriteGuard<'_, Shard> {
 impl ExtentMap {
     pub fn new(disk_bytes: u64) -> Self {
         let total_sectors = disk_bytes / SECTOR;
-        let shard_sectors = total_sectors.div_ceil(SHARDS).max(MIN_SHARD_SECTORS);
+        let shard_sectors = total_sectors
+            .div_ceil(SHARDS)
+            .clamp(MIN_SHARD_SECTORS, MAX_SHARD_SECTORS);
         let count = total_sectors.div_ceil(shard_sectors).max(1);
         ExtentMap {
-            shards: (0..count).map(|_| RwLock::new(Shard::new())).collect(),
+            shards: (0..count)
+                .map(|i| RwLock::new(Shard::new(i * shard_sectors)))
+                .collect(),
             shard_sectors,
             total_sectors,
         }
@@ -144,7 +161,7 @@ impl ExtentMap {
     /// that data, so those sectors read from there.
     pub fn remove_upto(&self, lsn: u64) {
         for shard in self.shards.iter() {
-            write(shard).retain(|_, x| x.lsn > lsn);
+            write(shard).retain(|x| x.lsn > lsn);
         }
     }
 
@@ -159,7 +176,7 @@ impl ExtentMap {
     /// Calls `f(start, sectors, target)` for every extent, in disk order.
     pub fn for_each(&self, mut f: impl FnMut(u64, u64, Target)) {
         for shard in self.shards.iter() {
-            for (&start, x) in read(shard).iter() {
+            for (start, x) in read(shard).iter() {
                 f(start, u64::from(x.sectors), x.target);
             }
         }
@@ -177,32 +194,24 @@ impl ExtentMap {
 
 /// Extents of `map` overlapping `[s, e)`, by start. Extents do not overlap,
 /// so walking back from the last one starting before `e` finds them all
-/// with a single descent of the tree.
+/// with a single search.
 fn overlapping(map: &Shard, s: u64, e: u64) -> SmallVec<[(u64, Extent); 4]> {
     let mut found: SmallVec<[(u64, Extent); 4]> = map
-        .range(..e)
-        .rev()
-        .take_while(|(&k, x)| k + u64::from(x.sectors) > s)
-        .map(|(&k, &x)| (k, x))
+        .before(e)
+        .take_while(|&(k, x)| k + u64::from(x.sectors) > s)
         .collect();
     found.reverse();
     found
 }
 
 fn put(map: &mut Shard, start: u64, end: u64, lsn: u64, target: Target) {
-    // A shard spans at most total/64 sectors, but a huge disk could exceed
-    // u32 sectors (2 TiB) per shard: cut such ranges.
-    let mut at = start;
-    while at < end {
-        let n = (end - at).min(u64::from(u32::MAX));
-        let extent = Extent {
-            sectors: n as u32,
-            lsn,
-            target: target.advanced(at - start),
-        };
-        map.insert(at, extent);
-        at += n;
-    }
+    let extent = Extent {
+        // Within one shard, which spans at most MAX_SHARD_SECTORS.
+        sectors: (end - start) as u32,
+        lsn,
+        target,
+    };
+    map.insert(start, extent);
 }
 
 fn insert_in_shard(map: &mut Shard, s: u64, e: u64, lsn: u64, target: Target) {
@@ -218,7 +227,7 @@ fn insert_in_shard(map: &mut Shard, s: u64, e: u64, lsn: u64, target: Target) {
             cursor = xe.min(e);
             continue;
         }
-        map.remove(&k);
+        map.remove(k);
         if k < s {
             put(map, k, s, x.lsn, x.target);
         }
@@ -232,11 +241,11 @@ fn insert_in_shard(map: &mut Shard, s: u64, e: u64, lsn: u64, target: Target) {
 }
 
 fn lookup_in_shard(map: &Shard, s: u64, e: u64, out: &mut Pieces) {
-    // Walk back from the last extent starting before `e` (one descent),
+    // Walk back from the last extent starting before `e` (one search),
     // pushing pieces in reverse, then put them in order.
     let first = out.len();
     let mut at = e; // everything in [at, e) is covered
-    for (&k, x) in map.range(..e).rev() {
+    for (k, x) in map.before(e) {
         let xe = k + u64::from(x.sectors);
         if xe <= s {
             break;
@@ -385,6 +394,49 @@ mod tests {
             ]
         );
         assert_eq!(map.len(), 3);
+    }
+
+    #[test]
+    fn a_huge_disk_keeps_exact_extents_past_u32_sectors() {
+        // 100 TiB: more than 64 shards, so each fits u32 starts.
+        let sectors = (100u64 << 40) / SECTOR;
+        let map = ExtentMap::new(sectors * SECTOR);
+        assert!(map.shards.len() > SHARDS as usize);
+        let whole = Target::Journal {
+            segment: 3,
+            sector: 8,
+        };
+        // The whole disk discarded, then one write across a shard boundary.
+        map.insert(0, sectors, 1, Target::Zero);
+        let boundary = map.shard_sectors * 40;
+        map.insert(boundary - 4, 8, 2, whole);
+        let mut out = Pieces::new();
+        map.lookup(boundary - 8, 16, &mut out);
+        let want = [
+            (boundary - 8, 4, Source::Zero),
+            (
+                boundary - 4,
+                4,
+                Source::Journal {
+                    segment: 3,
+                    sector: 8,
+                },
+            ),
+            (
+                boundary,
+                4,
+                Source::Journal {
+                    segment: 3,
+                    sector: 12,
+                },
+            ),
+            (boundary + 4, 4, Source::Zero),
+        ];
+        let got: Vec<_> = out.iter().map(|p| (p.start, p.sectors, p.source)).collect();
+        assert_eq!(got, want);
+        out.clear();
+        map.lookup(sectors - 1, 1, &mut out);
+        assert_eq!(out[0].source, Source::Zero);
     }
 
     #[test]
