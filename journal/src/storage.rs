@@ -197,7 +197,10 @@ struct OsFile {
     file: File,
     /// A shared mapping of the whole file, made at the first small write:
     /// a store into the page cache costs no system call. `None` where the
-    /// file cannot be mapped (small writes then use pwrite).
+    /// file cannot be mapped (small writes then use pwrite). Where pwrite
+    /// would fail with EIO (a header page evicted and then unreadable), a
+    /// store raises SIGBUS instead: the process dies, which the journal
+    /// survives as it survives any crash.
     mapped: OnceLock<Option<MmapRaw>>,
 }
 

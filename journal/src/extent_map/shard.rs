@@ -8,8 +8,8 @@
 //! lookup searches the shard's directory (the first start of every leaf,
 //! small and read by every lookup in the shard), then prefetches the one
 //! leaf it names as a whole, so that the leaf's cache lines load in
-//! parallel: about 120 ns between reads (`cargo bench -p rewind-journal
-//! -- reads`).
+//! parallel: about 120 ns between reads (timed around each lookup in a
+//! build of `cargo bench -p rewind-journal -- reads`; BENCHMARKS.md).
 //!
 //! Invariants:
 //! - `firsts[i] == leaves[i].starts[0]`, and `firsts` is strictly increasing;
@@ -19,7 +19,7 @@
 
 use super::Extent;
 
-/// Extents per leaf: their starts fill two cache lines.
+/// Extents per leaf: their starts fill 4 cache lines, the whole leaf 28.
 const LEAF: usize = 64;
 /// A leaf this small is merged into a neighbour that has room.
 const MERGE_BELOW: usize = LEAF / 8;
@@ -182,7 +182,7 @@ impl Shard {
             return;
         };
         let at = leaf.below(key);
-        if leaf.starts[at] != key {
+        if leaf.starts.get(at) != Some(&key) {
             debug_assert!(false, "no extent starts at {start}");
             return;
         }
