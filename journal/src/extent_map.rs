@@ -18,6 +18,8 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use smallvec::SmallVec;
 
+use shard::Shard;
+
 use crate::format::SECTOR;
 
 /// Where an extent's data lives.
@@ -91,8 +93,6 @@ impl Extent {
         target: Target::Zero,
     };
 }
-
-use shard::Shard;
 
 #[derive(Debug)]
 pub struct ExtentMap {

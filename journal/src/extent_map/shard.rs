@@ -106,7 +106,6 @@ pub(super) struct Shard {
     firsts: Vec<u32>,
     #[allow(clippy::vec_box, reason = "a split moves pointers, not 1.8 KiB leaves")]
     leaves: Vec<Box<Leaf>>,
-    len: usize,
 }
 
 impl Shard {
@@ -117,12 +116,11 @@ impl Shard {
             base,
             firsts: Vec::new(),
             leaves: Vec::new(),
-            len: 0,
         }
     }
 
     pub(super) fn len(&self) -> usize {
-        self.len
+        self.leaves.iter().map(|leaf| leaf.len()).sum()
     }
 
     /// A relative start; `start` lies in the shard.
@@ -138,7 +136,6 @@ impl Shard {
     /// Adds an extent at `start`, where none starts yet.
     pub(super) fn insert(&mut self, start: u64, extent: Extent) {
         let key = self.key(start);
-        self.len += 1;
         if self.leaves.is_empty() {
             let mut leaf = Leaf::empty();
             leaf.insert_at(0, key, extent);
@@ -187,7 +184,6 @@ impl Shard {
             return;
         }
         leaf.remove_at(at);
-        self.len -= 1;
         let len = leaf.len();
         if len == 0 {
             self.firsts.remove(i);
@@ -248,7 +244,6 @@ impl Shard {
         let kept: Vec<(u64, Extent)> = self.iter().filter(|(_, x)| keep(x)).collect();
         self.firsts.clear();
         self.leaves.clear();
-        self.len = kept.len();
         for chunk in kept.chunks(LEAF) {
             let mut leaf = Leaf::empty();
             for (slot, &(start, x)) in chunk.iter().enumerate() {
