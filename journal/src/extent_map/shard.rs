@@ -26,7 +26,7 @@ const MERGE_BELOW: usize = LEAF / 8;
 /// The start of an unused slot: above every real start.
 const UNUSED: u32 = u32::MAX;
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 #[repr(C, align(64))]
 struct Leaf {
     starts: [u32; LEAF],
@@ -39,6 +39,13 @@ impl Leaf {
             starts: [UNUSED; LEAF],
             extents: [Extent::NONE; LEAF],
         })
+    }
+
+    /// A leaf with one extent.
+    fn holding(start: u32, extent: Extent) -> Box<Leaf> {
+        let mut leaf = Leaf::empty();
+        leaf.insert_at(0, start, extent);
+        leaf
     }
 
     fn len(&self) -> usize {
@@ -137,20 +144,16 @@ impl Shard {
     pub(super) fn insert(&mut self, start: u64, extent: Extent) {
         let key = self.key(start);
         if self.leaves.is_empty() {
-            let mut leaf = Leaf::empty();
-            leaf.insert_at(0, key, extent);
             self.firsts.push(key);
-            self.leaves.push(leaf);
+            self.leaves.push(Leaf::holding(key, extent));
             return;
         }
         let mut i = self.leaf_for(key);
         if self.leaves[i].len() == LEAF && key > self.leaves[i].starts[LEAF - 1] {
             // Past a full leaf's end, as sequential writes come: a new leaf,
             // so that such runs leave full leaves behind.
-            let mut leaf = Leaf::empty();
-            leaf.insert_at(0, key, extent);
             self.firsts.insert(i + 1, key);
-            self.leaves.insert(i + 1, leaf);
+            self.leaves.insert(i + 1, Leaf::holding(key, extent));
             return;
         }
         if self.leaves[i].len() == LEAF {
