@@ -97,10 +97,14 @@ pub struct Recovered {
     pub report: RecoveryReport,
 }
 
-const READ_CHUNK: u64 = 8 << 20;
+/// Small enough that a window (one per direction) stays in the core's L2
+/// cache between the copy out of the page cache and the checksum over it:
+/// with 8 MiB windows warm recovery ran at 0.42x-0.50x of a sequential read,
+/// with 256 KiB at 0.58x-0.63x. Kernel readahead keeps cold reads streaming.
+const READ_CHUNK: u64 = 256 << 10;
 const SEGMENT_FULL: &str = "segment is full";
 
-/// Reads a segment file through a large window, kept between segments.
+/// Reads a segment file through a window, kept between segments.
 struct SegmentReader {
     file: Option<Arc<dyn StorageFile>>,
     end: u64,
