@@ -28,6 +28,8 @@ pub enum FaultOp {
     Write,
     Sync,
     Allocate,
+    /// `Storage::sync_dir` (its path is the directory's).
+    SyncDir,
 }
 
 /// A planned failure: after `skip` matching operations succeed, the next
@@ -377,6 +379,8 @@ impl Storage for FaultStorage {
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        let _instant = self.shared.operation();
+        self.shared.check(FaultOp::SyncDir, dir)?;
         if lock(&self.shared.fs).dirs.contains(dir) {
             Ok(())
         } else {

@@ -351,6 +351,11 @@ impl Pool {
             st.used = used;
             return Err(e);
         }
+        // Retired at once, so that they count against the limit while the
+        // caller moves the extent map off them: left uncounted, the pool
+        // thread could prepare a segment in their place and overshoot.
+        // `folded` and `by_id` pin them until `retire`.
+        st.retired.extend(folded.iter().cloned());
         Ok(folded)
     }
 
@@ -365,7 +370,7 @@ impl Pool {
                 }
             }
         }
-        self.lock().retired.extend(folded);
+        drop(folded);
         self.changed.notify_all();
     }
 
@@ -523,44 +528,44 @@ impl Pool {
     }
 
     /// Recycles the retired segment at `index` into the reserve, or removes
-    /// its file if the reserve is full. Nothing else may hold it.
+    /// its file if the reserve is full. Nothing else may hold it. It stays
+    /// in `retired`, counted against the limit, until its file is either
+    /// ready again or gone.
     fn reuse_retired<'a>(
         &'a self,
         mut st: MutexGuard<'a, PoolState>,
         index: usize,
     ) -> (MutexGuard<'a, PoolState>, Result<()>) {
-        let seg = st.retired.swap_remove(index);
+        // The clone also keeps the pool thread from picking it again.
+        let seg = st.retired[index].clone();
         let path = self.path(seg.id);
         let recycle = (st.free.len() as u64 + st.preparing) < self.reserve;
         let seq = st.next_seq;
         if recycle {
             st.next_seq += 1;
-            st.preparing += 1;
         }
         drop(st);
         let done = if recycle {
             write_header(seg.file.as_ref(), self.volume, seq, self.segment_size)
+                .map_err(Error::io(|| format!("recycling {}", path.display())))
         } else {
-            // Not listed in `super` since the fold: removing it needs no update.
-            self.storage
-                .remove_file(&path)
+            // Not listed in `super` since the fold: removing it needs no
+            // update. Gone already if a removal's directory sync failed.
+            let removed = match self.storage.remove_file(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                r => r,
+            };
+            removed
                 .and_then(|()| self.storage.sync_dir(&self.dir))
+                .map_err(Error::io(|| format!("releasing {}", path.display())))
         };
         let mut st = self.lock();
-        if !recycle {
-            let r = done.map_err(Error::io(|| format!("releasing {}", path.display())));
-            if r.is_err() {
-                st.retired.push(seg);
-            }
-            return (st, r);
-        }
-        st.preparing -= 1;
         if let Err(e) = done {
-            st.retired.push(seg);
-            return (
-                st,
-                Err(Error::io(|| format!("recycling {}", path.display()))(e)),
-            );
+            return (st, Err(e));
+        }
+        st.retired.retain(|s| !Arc::ptr_eq(s, &seg));
+        if !recycle {
+            return (st, Ok(()));
         }
         st.free
             .push_back(Arc::new(Segment::new(seg.id, seq, seg.file.clone())));
@@ -634,5 +639,83 @@ impl Pool {
     pub fn shutdown(&self) {
         self.lock().shutdown = true;
         self.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fault::{Fault, FaultOp, FaultStorage};
+
+    const SEGMENT: u64 = 64 << 10;
+
+    /// A pool of at most three segments with a reserve of one.
+    fn small_pool(fs: &FaultStorage) -> Pool {
+        let dir = Path::new("/v");
+        fs.create_dir_all(&dir.join(JOURNAL_DIR)).expect("mkdir");
+        let volume = Uuid::new_v4();
+        let sb = Superblock::create(fs, dir, volume).expect("super");
+        Pool::new(PoolSetup {
+            storage: fs.arc(),
+            volume_dir: dir.to_owned(),
+            volume,
+            segment_size: SEGMENT,
+            journal_max: 3 * SEGMENT,
+            reserve: 1,
+            sb,
+            used: Vec::new(),
+            free: Vec::new(),
+            next_seq: 1,
+            max_wait: Duration::ZERO,
+        })
+        .expect("pool")
+    }
+
+    #[test]
+    fn folded_segments_count_against_the_limit_until_recycled() {
+        let fs = FaultStorage::new();
+        let pool = small_pool(&fs);
+        pool.take_next().expect("first");
+        pool.take_next().expect("second");
+        pool.fill_reserve().expect("reserve");
+        assert_eq!(pool.counts().bytes, 3 * SEGMENT);
+
+        let folded = pool.commit_fold(1, 1, 1).expect("fold");
+        // Between the fold and `retire` the folded segment still exists.
+        assert!(!pool.prepare().expect("prepare"), "the limit holds");
+        pool.retire(folded);
+        assert!(!pool.prepare().expect("prepare"), "the limit holds");
+        let c = pool.counts();
+        assert_eq!((c.used, c.free, c.retired), (1, 1, 1));
+
+        // The reserve is full, so the pool thread removes the file.
+        let st = pool.lock();
+        let (st, removed) = pool.reuse_retired(st, 0);
+        removed.expect("removed");
+        assert!(st.retired.is_empty());
+        drop(st);
+        assert_eq!(pool.counts().bytes, 2 * SEGMENT);
+        assert!(pool.prepare().expect("prepare"), "room again");
+    }
+
+    #[test]
+    fn a_failed_removal_keeps_the_segment_counted_and_is_retried() {
+        let fs = FaultStorage::new();
+        let pool = small_pool(&fs);
+        pool.take_next().expect("first");
+        pool.fill_reserve().expect("reserve");
+        let folded = pool.commit_fold(1, 1, 1).expect("fold");
+        pool.retire(folded);
+        pool.fill_reserve().expect("reserve");
+
+        fs.inject(Fault::always(FaultOp::SyncDir, libc::EIO));
+        let (st, removed) = pool.reuse_retired(pool.lock(), 0);
+        assert!(removed.is_err());
+        assert_eq!(st.retired.len(), 1, "still counted");
+        drop(st);
+        fs.clear_faults();
+        let (st, removed) = pool.reuse_retired(pool.lock(), 0);
+        removed.expect("the retry finds the file gone and finishes");
+        assert!(st.retired.is_empty());
     }
 }
