@@ -23,6 +23,11 @@ use crate::extent_map::{ExtentMap, Target};
 
 const CHUNK: usize = 4096;
 
+/// A full chunk. An `Arc<Vec>` rather than an `Arc<[Entry]>`: freezing the
+/// tail then moves it instead of copying 4096 entries (recovery pushes
+/// millions of them).
+type Chunk = Arc<Vec<Entry>>;
+
 /// What one record did to the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Effect {
@@ -63,7 +68,7 @@ pub struct RecordIndex {
     /// Lsn of the first entry of the first chunk (<= base_lsn + 1: the first
     /// chunk may still hold folded entries).
     chunks_lsn: u64,
-    frozen: VecDeque<Arc<[Entry]>>,
+    frozen: VecDeque<Chunk>,
     tail: Vec<Entry>,
     /// (lsn, target) of every Revert record, in lsn order.
     reverts: Vec<(u64, u64)>,
@@ -112,7 +117,7 @@ impl RecordIndex {
         self.tail.push(entry);
         if self.tail.len() == CHUNK {
             let full = std::mem::replace(&mut self.tail, Vec::with_capacity(CHUNK));
-            self.frozen.push_back(full.into());
+            self.frozen.push_back(Arc::new(full));
         }
     }
 
@@ -187,7 +192,7 @@ impl RecordIndex {
     pub fn snapshot(&self, upto: u64) -> Snapshot {
         let needed = (upto + 1).saturating_sub(self.chunks_lsn) as usize;
         let whole = (needed / CHUNK).min(self.frozen.len());
-        let frozen: Vec<Arc<[Entry]>> = self.frozen.iter().take(whole).cloned().collect();
+        let frozen: Vec<Chunk> = self.frozen.iter().take(whole).cloned().collect();
         let rest = needed - whole * CHUNK;
         let tail = if whole < self.frozen.len() {
             self.frozen[whole][..rest].to_vec()
@@ -234,7 +239,7 @@ impl RecordIndex {
 
 fn locate<'a>(
     chunks_lsn: u64,
-    mut frozen: impl Iterator<Item = &'a Arc<[Entry]>>,
+    mut frozen: impl Iterator<Item = &'a Chunk>,
     tail: &'a [Entry],
     lsn: u64,
 ) -> &'a Entry {
@@ -250,7 +255,7 @@ fn locate<'a>(
 pub struct Snapshot {
     base_lsn: u64,
     chunks_lsn: u64,
-    frozen: Vec<Arc<[Entry]>>,
+    frozen: Vec<Chunk>,
     tail: Vec<Entry>,
     reverts: Vec<(u64, u64)>,
 }
