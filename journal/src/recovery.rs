@@ -10,6 +10,12 @@
 //! Before trusting that end, the rest of the journal is searched for Flush
 //! records: one that covers a lost lsn proves the loss is damage, not an
 //! interrupted write, and recovery refuses to truncate flushed data.
+//!
+//! Payload checksums are checked on a second thread, behind the scan, by
+//! the builder of the extent map. The scan reads on as if they were intact;
+//! when one is not, the scan runs again, knowing where, and the builder
+//! goes on from the records before it. A torn write left by a crash costs
+//! one more pass over the record headers.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -104,11 +110,16 @@ pub struct Recovered {
 const READ_CHUNK: u64 = 256 << 10;
 const SEGMENT_FULL: &str = "segment is full";
 
-/// Reads a segment file through a window, kept between segments.
+/// Reads a segment file through a window, kept between segments. The
+/// index builder checks payload checksums in shared windows (see
+/// [`PayloadCheck`]); a window still in its hands when the reader moves on
+/// is set aside, and a free one taken instead.
 struct SegmentReader {
     file: Option<Arc<dyn StorageFile>>,
     end: u64,
-    buf: Vec<u8>,
+    window: Arc<Vec<u8>>,
+    /// Earlier windows, some perhaps still shared, for reuse.
+    spare: Vec<Arc<Vec<u8>>>,
     start: u64,
     len: usize,
 }
@@ -118,7 +129,8 @@ impl SegmentReader {
         SegmentReader {
             file: None,
             end: 0,
-            buf: Vec::new(),
+            window: Arc::default(),
+            spare: Vec::new(),
             start: 0,
             len: 0,
         }
@@ -132,10 +144,17 @@ impl SegmentReader {
         Ok(())
     }
 
-    /// `n` bytes at `at`, or `None` where the file is too short. The window
-    /// follows the direction of travel: payloads are read upwards, header
-    /// slots downwards.
+    /// `n` bytes at `at`, or `None` where the file is too short.
     fn bytes(&mut self, at: u64, n: u64) -> io::Result<Option<&[u8]>> {
+        let found = self.locate(at, n)?;
+        Ok(found.map(|from| &self.window[from..from + n as usize]))
+    }
+
+    /// Where `n` bytes at `at` start in the window, after moving it there
+    /// if need be; `None` where the file is too short. The window follows
+    /// the direction of travel: payloads are read upwards, header slots
+    /// downwards.
+    fn locate(&mut self, at: u64, n: u64) -> io::Result<Option<usize>> {
         let Some(end) = at.checked_add(n).filter(|&e| e <= self.end) else {
             return Ok(None);
         };
@@ -150,15 +169,69 @@ impl SegmentReader {
                 (at, (at + span).min(self.end))
             };
             let want = (to - from) as usize;
-            if self.buf.len() < want {
-                self.buf.resize(want, 0);
+            let buf = writable(&mut self.window, &mut self.spare);
+            if buf.len() < want {
+                buf.resize(want, 0);
             }
-            file.read_exact_at(&mut self.buf[..want], from)?;
+            // Until the read succeeds the window holds nothing valid.
+            self.len = 0;
+            file.read_exact_at(&mut buf[..want], from)?;
             self.start = from;
             self.len = want;
         }
-        let from = (at - self.start) as usize;
-        Ok(Some(&self.buf[from..from + n as usize]))
+        Ok(Some((at - self.start) as usize))
+    }
+
+    /// The payload `h` (in header slot `at`) names, to be checked later;
+    /// `None` if the file ends inside it.
+    fn share_payload(
+        &mut self,
+        h: &RecordHeader,
+        at: Position,
+    ) -> io::Result<Option<PayloadCheck>> {
+        let len = h.payload_len as usize;
+        let found = self.locate(h.payload_offset, u64::from(h.payload_len))?;
+        Ok(found.map(|from| PayloadCheck {
+            window: self.window.clone(),
+            from,
+            len,
+            crc: h.payload_crc,
+            at,
+        }))
+    }
+}
+
+/// `window`, made writable: if the index builder still holds it, it goes to
+/// `spare` and a spare window nobody holds (or a new one) takes its place.
+fn writable<'a>(window: &'a mut Arc<Vec<u8>>, spare: &mut Vec<Arc<Vec<u8>>>) -> &'a mut Vec<u8> {
+    if Arc::strong_count(window) > 1 {
+        let free = spare.iter().position(|w| Arc::strong_count(w) == 1);
+        let next = free.map_or_else(Arc::default, |i| spare.swap_remove(i));
+        spare.push(std::mem::replace(window, next));
+    }
+    // No weak references exist, so a window held once is not copied here.
+    Arc::make_mut(window)
+}
+
+/// A payload whose checksum the index builder verifies before it applies
+/// the record: checking on the second core while the first reads on is
+/// what lets warm recovery keep up with a plain read.
+struct PayloadCheck {
+    window: Arc<Vec<u8>>,
+    from: usize,
+    len: usize,
+    crc: u32,
+    /// Where the record is.
+    at: Position,
+}
+
+/// A record's place: segment file id and header slot offset.
+type Position = (u32, u64);
+
+impl PayloadCheck {
+    fn intact(&self) -> bool {
+        let bytes = self.window.get(self.from..self.from + self.len);
+        bytes.is_some_and(|p| crc32c::crc32c(p) == self.crc)
     }
 }
 
@@ -204,8 +277,9 @@ impl SegmentReaders {
 }
 
 struct Scanner<'a> {
+    storage: &'a dyn Storage,
     config: &'a VolumeConfig,
-    base_lsn: u64,
+    sb: &'a SuperState,
     dir: PathBuf,
     truncate_damaged: bool,
 }
@@ -277,7 +351,8 @@ impl Scanner<'_> {
 
     /// Reads the record in the header slot at `slot`, where payloads so far
     /// end at `top`; `Ok(Err(reason))` if it is not the intact record
-    /// `expected` of this segment use.
+    /// `expected` of this segment use. Its payload is checked as `payloads`
+    /// says.
     fn record(
         &self,
         readers: &mut SegmentReaders,
@@ -285,7 +360,8 @@ impl Scanner<'_> {
         (slot, top): (u64, u64),
         seq: u64,
         expected: u64,
-    ) -> Result<Result<RecordHeader, String>> {
+        payloads: &Payloads,
+    ) -> Result<Result<(RecordHeader, Option<PayloadCheck>), String>> {
         let Some(b) = readers
             .headers
             .bytes(slot, RECORD_HEADER_SIZE)
@@ -324,10 +400,10 @@ impl Scanner<'_> {
         if let Err(why) = h.check(self.config.size) {
             return Ok(Err(format!("record describes nothing valid: {why}")));
         }
-        if h.kind == RecordKind::Revert && h.offset < self.base_lsn {
+        if h.kind == RecordKind::Revert && h.offset < self.sb.base_lsn {
             return Ok(Err(format!(
                 "revert to lsn {}, before the journal's base {}",
-                h.offset, self.base_lsn
+                h.offset, self.sb.base_lsn
             )));
         }
         let len = u64::from(h.payload_len);
@@ -337,10 +413,19 @@ impl Scanner<'_> {
                 h.payload_offset
             )));
         }
-        match readers.payload_intact(&h).map_err(self.io(id))? {
+        if payloads.damaged.contains(&(id, slot)) {
+            return Ok(Err("payload checksum mismatch".into()));
+        }
+        if len == 0 || h.lsn < payloads.checked_below {
+            return Ok(Ok((h, None)));
+        }
+        match readers
+            .payloads
+            .share_payload(&h, (id, slot))
+            .map_err(self.io(id))?
+        {
+            Some(check) => Ok(Ok((h, Some(check)))),
             None => Ok(Err("file ends inside the payload".into())),
-            Some(false) => Ok(Err("payload checksum mismatch".into())),
-            Some(true) => Ok(Ok(h)),
         }
     }
 
@@ -387,26 +472,56 @@ struct Accepted {
     entry: Entry,
     /// A bookmark's name.
     bookmark: Option<String>,
+    /// Its payload, for the builder to check first.
+    payload: Option<PayloadCheck>,
 }
 
-const BATCH: usize = 4096;
+/// Most records and payload bytes per batch. A batch holds on to the
+/// windows its payloads lie in; with a few batches queued, recovery pins
+/// some megabytes of windows whatever the size of the writes.
+const BATCH: usize = 256;
+const BATCH_BYTES: usize = 1 << 20;
+
+/// How one pass of the scan treats payloads. The index builder checks
+/// them, after the scan has read on; so when one turns out damaged, the
+/// scan runs again, knowing it, and only sends the builder records from
+/// there on.
+struct Payloads<'a> {
+    /// The builder has checked and applied the records below this lsn.
+    checked_below: u64,
+    /// Where earlier passes found a damaged payload.
+    damaged: &'a [Position],
+    builder: Batcher,
+}
 
 /// Hands accepted records to the index builder thread in batches; the last
 /// batch goes when it is dropped.
 struct Batcher {
     batch: Vec<Accepted>,
+    /// Payload bytes in `batch`.
+    bytes: usize,
     tx: SyncSender<Vec<Accepted>>,
 }
 
 impl Batcher {
+    fn new(tx: SyncSender<Vec<Accepted>>) -> Self {
+        Batcher {
+            batch: Vec::with_capacity(BATCH),
+            bytes: 0,
+            tx,
+        }
+    }
+
     fn push(&mut self, accepted: Accepted) {
+        self.bytes += accepted.payload.as_ref().map_or(0, |p| p.len);
         self.batch.push(accepted);
-        if self.batch.len() == BATCH {
+        if self.batch.len() == BATCH || self.bytes >= BATCH_BYTES {
             self.send();
         }
     }
 
     fn send(&mut self) {
+        self.bytes = 0;
         let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
         // If the builder is gone it panicked; recover() reports that.
         let _ = self.tx.send(batch);
@@ -419,17 +534,44 @@ impl Drop for Batcher {
     }
 }
 
-/// Builds the extent map and record index from the accepted records, in order.
-fn build_index(
-    disk: u64,
-    sb: &SuperState,
-    rx: Receiver<Vec<Accepted>>,
-) -> (ExtentMap, RecordIndex) {
-    let mut map = ExtentMap::new(disk);
-    let mut index = RecordIndex::new(sb.base_lsn, sb.base_timestamp);
+/// The index builder's work: the extent map and record index of the
+/// records it applied.
+struct Built {
+    map: ExtentMap,
+    index: RecordIndex,
+    /// The first record whose payload failed its checksum, and its lsn:
+    /// the map and index hold the records before it.
+    damaged: Option<(Position, u64)>,
+}
+
+impl Built {
+    fn new(disk: u64, sb: &SuperState) -> Self {
+        Built {
+            map: ExtentMap::new(disk),
+            index: RecordIndex::new(sb.base_lsn, sb.base_timestamp),
+            damaged: None,
+        }
+    }
+}
+
+/// Applies the accepted records to `built`, in order, checking each
+/// payload first; stops applying at the first damaged one.
+fn build_index(disk: u64, built: Built, rx: Receiver<Vec<Accepted>>) -> Built {
+    let Built {
+        mut map, mut index, ..
+    } = built;
+    let mut damaged = None;
     for batch in rx {
+        if damaged.is_some() {
+            // The rest only needs receiving, so that the scan can finish.
+            continue;
+        }
         for a in batch {
             let lsn = index.last_lsn() + 1;
+            if let Some(p) = a.payload.filter(|p| !p.intact()) {
+                damaged = Some((p.at, lsn));
+                break;
+            }
             match (a.bookmark, a.entry.effect) {
                 (Some(name), _) => {
                     index.push_bookmark(name, a.entry.timestamp);
@@ -455,7 +597,11 @@ fn build_index(
             }
         }
     }
-    (map, index)
+    Built {
+        map,
+        index,
+        damaged,
+    }
 }
 
 /// What the scan found, apart from the index.
@@ -469,8 +615,11 @@ struct Scanned {
 
 /// Scans the journal of the volume in `dir`. See the module documentation.
 ///
-/// Reading and verifying records (one thread) and building the extent map
-/// from them (another) overlap, so recovery uses two cores.
+/// Reading records and checking their headers (one thread) overlaps with
+/// checking their payloads and building the extent map (another), so
+/// recovery uses two cores. A damaged payload, found behind the scan, makes
+/// it scan again from the start; that pass sends only the records past the
+/// damage to the builder, which keeps what it built before it.
 pub fn recover(
     storage: &dyn Storage,
     dir: &Path,
@@ -478,48 +627,62 @@ pub fn recover(
     sb: &SuperState,
     truncate_damaged: bool,
 ) -> Result<Recovered> {
-    let (tx, rx) = sync_channel(4);
-    std::thread::scope(|scope| {
-        let builder = std::thread::Builder::new()
-            .name("rewind-recovery".into())
-            .spawn_scoped(scope, || build_index(config.size, sb, rx))
-            .map_err(Error::io(|| "starting the recovery thread"))?;
-        let batcher = Batcher {
-            batch: Vec::with_capacity(BATCH),
-            tx,
-        };
-        let scanned = scan(storage, dir, config, sb, truncate_damaged, batcher);
-        let (map, index) = builder.join().map_err(|_| Error::Io {
-            context: "building the extent map".into(),
-            source: io::Error::other("the recovery thread panicked"),
-        })?;
-        let scanned = scanned?;
-        Ok(Recovered {
-            used: scanned.used,
-            stale: scanned.stale,
-            map,
-            index,
-            last_data_lsn: scanned.last_data_lsn,
-            epoch: scanned.epoch,
-            report: scanned.report,
-        })
-    })
-}
-
-fn scan(
-    storage: &dyn Storage,
-    dir: &Path,
-    config: &VolumeConfig,
-    sb: &SuperState,
-    truncate_damaged: bool,
-    mut index: Batcher,
-) -> Result<Scanned> {
-    let scanner = Scanner {
+    let scanner = &Scanner {
+        storage,
         config,
-        base_lsn: sb.base_lsn,
+        sb,
         dir: dir.join(JOURNAL_DIR),
         truncate_damaged,
     };
+    let mut built = Built::new(config.size, sb);
+    let mut checked_below = sb.base_lsn + 1;
+    let mut damaged = Vec::new();
+    loop {
+        let (tx, rx) = sync_channel(4);
+        let (scanned, next) = std::thread::scope(|scope| {
+            let builder = std::thread::Builder::new()
+                .name("rewind-recovery".into())
+                .spawn_scoped(scope, || build_index(config.size, built, rx))
+                .map_err(Error::io(|| "starting the recovery thread"))?;
+            let payloads = Payloads {
+                checked_below,
+                damaged: &damaged,
+                builder: Batcher::new(tx),
+            };
+            let scanned = scan(scanner, payloads);
+            let built = builder.join().map_err(|_| Error::Io {
+                context: "building the extent map".into(),
+                source: io::Error::other("the recovery thread panicked"),
+            })?;
+            Ok::<_, Error>((scanned, built))
+        })?;
+        built = next;
+        let Some((at, lsn)) = built.damaged else {
+            let scanned = scanned?;
+            return Ok(Recovered {
+                used: scanned.used,
+                stale: scanned.stale,
+                map: built.map,
+                index: built.index,
+                last_data_lsn: scanned.last_data_lsn,
+                epoch: scanned.epoch,
+                report: scanned.report,
+            });
+        };
+        // What the pass found past the damage (even an error) does not count.
+        damaged.push(at);
+        checked_below = lsn;
+    }
+}
+
+fn scan(scanner: &Scanner, mut payloads: Payloads) -> Result<Scanned> {
+    let Scanner {
+        storage,
+        config,
+        sb,
+        truncate_damaged,
+        ..
+    } = *scanner;
     let mut expected = sb.base_lsn + 1;
     let mut last_data_lsn = sb.base_lsn;
     let mut epoch = 0;
@@ -583,17 +746,23 @@ fn scan(
                 if slot < top {
                     break SEGMENT_FULL.to_string();
                 }
-                let h =
-                    match scanner.record(&mut readers, s.file_id, (slot, top), s.seq, expected)? {
-                        Ok(h) => h,
-                        Err(reason) => break reason,
-                    };
+                let at = (slot, top);
+                let (h, payload) = match scanner.record(
+                    &mut readers,
+                    s.file_id,
+                    at,
+                    s.seq,
+                    expected,
+                    &payloads,
+                )? {
+                    Ok(found) => found,
+                    Err(reason) => break reason,
+                };
                 let data = |target| Effect::Data {
                     start: h.offset / SECTOR,
                     sectors: h.length / SECTOR,
                     target,
                 };
-                let mut bookmark = None;
                 let effect = match h.kind {
                     RecordKind::Write => data(Target::Journal {
                         segment: s.file_id,
@@ -604,21 +773,26 @@ fn scan(
                         report.flush_records += 1;
                         Effect::Flush
                     }
-                    RecordKind::Bookmark => {
-                        bookmark = Some(readers.bookmark_name(&h).map_err(scanner.io(s.file_id))?);
-                        Effect::Mark
-                    }
                     RecordKind::Revert => Effect::Revert { to: h.offset },
-                    RecordKind::Epoch => Effect::Mark,
+                    RecordKind::Bookmark | RecordKind::Epoch => Effect::Mark,
                 };
                 epoch = epoch.max(h.epoch);
-                index.push(Accepted {
-                    entry: Entry {
-                        timestamp: h.timestamp,
-                        effect,
-                    },
-                    bookmark,
-                });
+                if h.lsn >= payloads.checked_below {
+                    let bookmark = match h.kind {
+                        RecordKind::Bookmark => {
+                            Some(readers.bookmark_name(&h).map_err(scanner.io(s.file_id))?)
+                        }
+                        _ => None,
+                    };
+                    payloads.builder.push(Accepted {
+                        entry: Entry {
+                            timestamp: h.timestamp,
+                            effect,
+                        },
+                        bookmark,
+                        payload,
+                    });
+                }
                 if h.kind != RecordKind::Flush {
                     last_data_lsn = h.lsn;
                 }
@@ -729,4 +903,72 @@ fn scan(
         epoch,
         report,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fault::FaultStorage;
+
+    fn file_of(fs: &FaultStorage, bytes: &[u8]) -> Arc<dyn StorageFile> {
+        fs.create_dir_all(Path::new("/v")).expect("mkdir");
+        let file = fs.create_new(Path::new("/v/f")).expect("create");
+        file.write_all_at(&[bytes], 0).expect("write");
+        file
+    }
+
+    #[test]
+    fn a_window_the_builder_holds_is_set_aside_not_overwritten() {
+        let bytes: Vec<u8> = (0..3 * READ_CHUNK).map(|i| ((i * 7) >> 9) as u8).collect();
+        let fs = FaultStorage::new();
+        let file = file_of(&fs, &bytes);
+        let mut reader = SegmentReader::new();
+        reader.reset(&file, bytes.len() as u64).expect("reset");
+        let chunk = READ_CHUNK as usize;
+
+        // Upwards, a window starts where the bytes asked for do.
+        assert_eq!(reader.locate(100, 4096).expect("read"), Some(0));
+        let held = reader.window.clone();
+        assert_eq!(reader.locate(READ_CHUNK + 8, 4096).expect("read"), Some(0));
+        assert!(
+            !Arc::ptr_eq(&held, &reader.window),
+            "moved to another window"
+        );
+        assert!(held[..chunk] == bytes[100..chunk + 100], "held, so intact");
+        assert!(reader.window[..chunk] == bytes[chunk + 8..2 * chunk + 8]);
+
+        // Once let go, the set-aside window is used again.
+        let first = Arc::as_ptr(&held);
+        drop(held);
+        let held = reader.window.clone();
+        assert_eq!(
+            reader.locate(2 * READ_CHUNK + 16, 100).expect("read"),
+            Some(0)
+        );
+        assert_eq!(Arc::as_ptr(&reader.window), first);
+        assert_eq!(reader.spare.len(), 1);
+        assert!(held[..chunk] == bytes[chunk + 8..2 * chunk + 8]);
+        assert_eq!(
+            reader.locate(3 * READ_CHUNK - 10, 20).expect("read"),
+            None,
+            "past the end"
+        );
+    }
+
+    #[test]
+    fn a_payload_check_fails_on_a_wrong_checksum_or_range() {
+        let window = Arc::new(vec![7u8; 4096]);
+        let check = |from, len, crc| PayloadCheck {
+            window: window.clone(),
+            from,
+            len,
+            crc,
+            at: (0, 0),
+        };
+        let crc = crc32c::crc32c(&[7u8; 512]);
+        assert!(check(0, 512, crc).intact());
+        assert!(check(3584, 512, crc).intact());
+        assert!(!check(0, 512, crc ^ 1).intact());
+        assert!(!check(3800, 512, crc).intact(), "past the window");
+    }
 }
