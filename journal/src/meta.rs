@@ -59,13 +59,14 @@ impl VolumeSettings {
         if self.block_size != 512 && self.block_size != 4096 {
             return bad(format!("block size {} is not 512 or 4096", self.block_size));
         }
-        if self.size == 0 || self.size % u64::from(self.block_size) != 0 {
+        if self.size == 0 || !self.size.is_multiple_of(u64::from(self.block_size)) {
             return bad(format!(
                 "size {} is not a positive multiple of the block size {}",
                 self.size, self.block_size
             ));
         }
-        if self.segment_size % (64 << 10) != 0 || !(64 << 10..=1 << 30).contains(&self.segment_size)
+        if !self.segment_size.is_multiple_of(64 << 10)
+            || !(64 << 10..=1 << 30).contains(&self.segment_size)
         {
             return bad(format!(
                 "segment size {} is not a multiple of 64 KiB between 64 KiB and 1 GiB",

@@ -26,8 +26,8 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::extent_map::{ExtentMap, Target};
 use crate::format::{
-    payload_position, HeaderProblem, RecordHeader, RecordKind, SegmentHeader, SegmentHeaderProblem,
-    FORMAT_VERSION, RECORD_HEADER_SIZE, SECTOR, SEGMENT_HEADER_SIZE,
+    crc32c, payload_position, HeaderProblem, RecordHeader, RecordKind, SegmentHeader,
+    SegmentHeaderProblem, FORMAT_VERSION, RECORD_HEADER_SIZE, SECTOR, SEGMENT_HEADER_SIZE,
 };
 use crate::meta::VolumeConfig;
 use crate::pool::{segment_name, Segment, JOURNAL_DIR};
@@ -231,7 +231,7 @@ type Position = (u32, u64);
 impl PayloadCheck {
     fn intact(&self) -> bool {
         let bytes = self.window.get(self.from..self.from + self.len);
-        bytes.is_some_and(|p| crc32c::crc32c(p) == self.crc)
+        bytes.is_some_and(|p| crc32c(p) == self.crc)
     }
 }
 
@@ -272,7 +272,7 @@ impl SegmentReaders {
         let bytes = self
             .payloads
             .bytes(h.payload_offset, u64::from(h.payload_len))?;
-        Ok(bytes.map(|p| crc32c::crc32c(p) == h.payload_crc))
+        Ok(bytes.map(|p| crc32c(p) == h.payload_crc))
     }
 }
 
@@ -965,7 +965,7 @@ mod tests {
             crc,
             at: (0, 0),
         };
-        let crc = crc32c::crc32c(&[7u8; 512]);
+        let crc = crc32c(&[7u8; 512]);
         assert!(check(0, 512, crc).intact());
         assert!(check(3584, 512, crc).intact());
         assert!(!check(0, 512, crc ^ 1).intact());

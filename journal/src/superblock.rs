@@ -11,7 +11,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::format::{le_u32, le_u64, FORMAT_VERSION};
+use crate::format::{crc32c, le_u32, le_u64, FORMAT_VERSION};
 use crate::storage::{Storage, StorageFile};
 
 pub const SUPER_FILE: &str = "super";
@@ -78,7 +78,7 @@ impl SuperState {
             b[at + 8..at + 16].copy_from_slice(&s.seq.to_le_bytes());
         }
         let end = b.len() - 4;
-        let crc = crc32c::crc32c(&b[..end]);
+        let crc = crc32c(&b[..end]);
         b[end..].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -93,7 +93,7 @@ impl SuperState {
             return Ok(None);
         }
         let end = HEAD + count * ENTRY;
-        if crc32c::crc32c(&b[..end]) != le_u32(b, end) {
+        if crc32c(&b[..end]) != le_u32(b, end) {
             return Ok(None);
         }
         let version = u16::from_le_bytes([b[8], b[9]]);

@@ -38,7 +38,7 @@ use crate::completion::Completion;
 use crate::error::{Error, Result};
 use crate::extent_map::{ExtentMap, Piece, Pieces, Source, Target};
 use crate::format::{
-    check_bookmark_name, check_range, payload_position, RecordHeader, RecordKind,
+    check_bookmark_name, check_range, crc32c, payload_position, RecordHeader, RecordKind,
     RECORD_HEADER_SIZE, SECTOR, SEGMENT_HEADER_SIZE,
 };
 use crate::meta::{VolumeConfig, VolumeSettings, VOLUME_FILE};
@@ -647,8 +647,7 @@ impl Volume {
         if inner.completion.wait_for(c.next_lsn - 1).is_err() {
             inner.check_failed()?;
         }
-        let reserved =
-            inner.reserve(&mut c, RecordKind::Revert, to, 0, &[], crc32c::crc32c(&[]))?;
+        let reserved = inner.reserve(&mut c, RecordKind::Revert, to, 0, &[], crc32c(&[]))?;
         let lsn = reserved.header.lsn;
         let snapshot = lock(&inner.index).snapshot(lsn);
         inner.write_reserved(reserved, &[])?;
@@ -678,14 +677,7 @@ impl Volume {
         // the Epoch record, so epochs never decrease along the lsns.
         inner.epoch.store(epoch, Ordering::Release);
         let reserved = inner
-            .reserve(
-                &mut c,
-                RecordKind::Epoch,
-                epoch,
-                0,
-                &[],
-                crc32c::crc32c(&[]),
-            )
+            .reserve(&mut c, RecordKind::Epoch, epoch, 0, &[], crc32c(&[]))
             .inspect_err(|_| inner.epoch.store(epoch - 1, Ordering::Release))?;
         inner.write_reserved(reserved, &[])?;
         drop(c);
@@ -894,7 +886,7 @@ impl Inner {
 
     fn append(&self, kind: RecordKind, offset: u64, length: u64, payload: &[u8]) -> Result<u64> {
         self.check_failed()?;
-        let payload_crc = crc32c::crc32c(payload);
+        let payload_crc = crc32c(payload);
         let reserved = self.reserve(
             &mut lock(&self.cursor),
             kind,

@@ -235,7 +235,7 @@ impl Request {
 
     /// The byte offset of a transfer of `len` bytes at the request's sector.
     fn sectors_of(&self, len: u64, disk: &Disk<'_>) -> Result<u64, RequestError> {
-        if len % SECTOR != 0 {
+        if !len.is_multiple_of(SECTOR) {
             return Err(RequestError::Unaligned(len));
         }
         disk.range(self.sector, len / SECTOR)
@@ -249,7 +249,7 @@ impl Request {
         disk: &Disk<'_>,
     ) -> Result<Vec<(u64, u64, bool)>, RequestError> {
         let len = self.data_len();
-        if len == 0 || len % SEGMENT_LEN != 0 || len / SEGMENT_LEN > MAX_SEGMENTS {
+        if len == 0 || !len.is_multiple_of(SEGMENT_LEN) || len / SEGMENT_LEN > MAX_SEGMENTS {
             return Err(RequestError::Segments(len));
         }
         let raw = self.gather(mem)?;
