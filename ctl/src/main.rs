@@ -56,8 +56,8 @@ enum Command {
         /// Give up (and serve again) if the requests in flight take longer.
         #[arg(long, value_parser = duration, default_value = "10s")]
         timeout: Duration,
-        /// Fail requests held on a storage error with IOERR instead of
-        /// waiting for them.
+        /// Fail requests held on a storage error, or waiting at the
+        /// journal's hard limit, with IOERR instead of waiting for them.
         #[arg(long)]
         abort: bool,
     },

@@ -426,8 +426,9 @@ impl Pool {
 
     /// Hands the next prepared segment to the write path (preparing one
     /// inline if the reserve ran out). At the hard limit it waits, up to
-    /// `max_wait`, for the applier to fold and free a segment.
-    pub fn take_next(&self) -> Result<Arc<Segment>> {
+    /// `max_wait`, for the applier to fold and free a segment; it stops
+    /// waiting early (within 100 ms) once `give_up` returns true.
+    pub fn take_next(&self, give_up: impl Fn() -> bool) -> Result<Arc<Segment>> {
         let mut waiting_since: Option<Instant> = None;
         loop {
             let mut st = self.lock();
@@ -458,7 +459,7 @@ impl Pool {
                 );
                 Instant::now()
             });
-            if since.elapsed() >= self.max_wait {
+            if since.elapsed() >= self.max_wait || give_up() {
                 return Err(Error::JournalFull {
                     used: st.used.len() as u64 * self.segment_size,
                     max: self.journal_max(),
@@ -675,8 +676,8 @@ mod tests {
     fn folded_segments_count_against_the_limit_until_recycled() {
         let fs = FaultStorage::new();
         let pool = small_pool(&fs);
-        pool.take_next().expect("first");
-        pool.take_next().expect("second");
+        pool.take_next(|| false).expect("first");
+        pool.take_next(|| false).expect("second");
         pool.fill_reserve().expect("reserve");
         assert_eq!(pool.counts().bytes, 3 * SEGMENT);
 
@@ -702,7 +703,7 @@ mod tests {
     fn a_failed_removal_keeps_the_segment_counted_and_is_retried() {
         let fs = FaultStorage::new();
         let pool = small_pool(&fs);
-        pool.take_next().expect("first");
+        pool.take_next(|| false).expect("first");
         pool.fill_reserve().expect("reserve");
         let folded = pool.commit_fold(1, 1, 1).expect("fold");
         pool.retire(folded);

@@ -695,7 +695,8 @@ impl Volume {
     /// ENOSPC fail at their next retry (within a second), and those that
     /// meet one fail at once, instead of waiting out
     /// `RetryPolicy::max_hold`: the operator gave up on the storage (a
-    /// drain with abort, a fence).
+    /// drain with abort, a fence). So do writes waiting at the journal's
+    /// hard limit for the applier to free a segment (within 100 ms).
     pub fn release_held(&self) -> ReleaseHeld<'_> {
         self.inner.releasing.fetch_add(1, Ordering::AcqRel);
         ReleaseHeld { volume: self }
@@ -855,14 +856,18 @@ impl Inner {
         self.completion.fail();
     }
 
-    /// Runs `op`, retrying EIO and ENOSPC with backoff up to the policy's bound.
+    /// Runs `op`, retrying EIO and ENOSPC with backoff up to the policy's
+    /// bound; not once held requests are released or the volume is closing
+    /// (the applier's folds retry here too, and closing waits for them).
     fn retrying<T>(&self, what: &str, mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
         let mut first_error: Option<Instant> = None;
         let mut backoff = self.retry.first_backoff;
         loop {
             match op() {
                 Err(e) if retryable(&e) => {
-                    if self.releasing.load(Ordering::Acquire) > 0 {
+                    if self.releasing.load(Ordering::Acquire) > 0
+                        || self.shutdown.load(Ordering::Acquire)
+                    {
                         return Err(e);
                     }
                     let since = *first_error.get_or_insert_with(|| {
@@ -918,7 +923,8 @@ impl Inner {
         let (segment, payload_offset) = match placed {
             Some(found) => found,
             None => {
-                let segment = self.pool.take_next()?;
+                let released = || self.releasing.load(Ordering::Acquire) > 0;
+                let segment = self.pool.take_next(released)?;
                 sealed = c.active.replace(segment.clone());
                 c.slot = self.config.segment_size - RECORD_HEADER_SIZE;
                 c.top = SEGMENT_HEADER_SIZE;

@@ -182,6 +182,63 @@ fn at_the_hard_limit_the_applier_folds_early_and_no_write_fails() {
     assert_eq!(read(&v, 0, model.len()), model, "after reopening");
 }
 
+/// A volume of at most 8 segments whose folds cannot finish (base.img
+/// refuses writes), opened with `max_hold` as the retry bound.
+fn full_journal_volume(max_hold: std::time::Duration) -> (FaultStorage, Volume) {
+    let fs = FaultStorage::new();
+    let mut settings = small_settings();
+    settings.journal_max = 8 * (64 << 10);
+    settings.journal_warn = 4 * (64 << 10);
+    create(&fs, &settings);
+    let mut options = options();
+    options.retry.max_hold = max_hold;
+    let (v, _) = Volume::open(fs.arc(), Path::new(DIR), options).expect("open");
+    fs.inject(Fault::always(FaultOp::Write, EIO).on_paths_containing("base.img"));
+    (fs, v)
+}
+
+/// Writes 16 KiB blocks until one fails; returns that error and how many
+/// were acknowledged.
+fn write_until_refused(v: &Volume) -> (Error, u64) {
+    for i in 0..1000u64 {
+        if let Err(e) = v.write((i % 32) * 16384, &pattern(i as u8, 16384)) {
+            return (e, i);
+        }
+    }
+    panic!("an 8-segment journal took 1000 writes of 16 KiB");
+}
+
+#[test]
+fn at_the_hard_limit_with_no_fold_possible_a_write_fails_as_journal_full() {
+    let (_fs, v) = full_journal_volume(std::time::Duration::from_millis(200));
+    let (err, acked) = write_until_refused(&v);
+    assert!(matches!(err, Error::JournalFull { .. }), "{err}");
+    assert!(err.to_string().contains("524288"), "names the limit: {err}");
+    assert!(acked >= 20, "the journal filled first: {acked} writes");
+    // Nothing acknowledged is lost, and reads go on.
+    for i in 0..acked.min(32) {
+        let newest = (i..acked).step_by(32).last().expect("written");
+        assert_eq!(read(&v, i * 16384, 16384), pattern(newest as u8, 16384));
+    }
+}
+
+#[test]
+fn releasing_held_requests_fails_a_write_waiting_at_the_hard_limit_at_once() {
+    // Without the release the write would wait out `max_hold`, and so
+    // would closing the volume, for the applier's failing fold.
+    let max_hold = std::time::Duration::from_secs(120);
+    let (_fs, v) = full_journal_volume(max_hold);
+    let started = std::time::Instant::now();
+    let (err, _) = std::thread::scope(|s| {
+        let writer = s.spawn(|| write_until_refused(&v));
+        let _released = v.release_held();
+        writer.join().expect("writer")
+    });
+    assert!(matches!(err, Error::JournalFull { .. }), "{err}");
+    drop(v);
+    assert!(started.elapsed() < max_hold / 10, "{:?}", started.elapsed());
+}
+
 #[test]
 fn extra_free_segments_are_released_down_to_the_reserve() {
     let (fs, v) = new_volume();

@@ -895,25 +895,34 @@ mod tests {
         assert!(!socket.exists());
     }
 
-    #[test]
-    fn drain_with_abort_fails_a_request_held_on_a_storage_error() {
-        use rewind_journal::fault::{Fault, FaultOp, FaultStorage};
-        let fs = FaultStorage::new();
-        let options = rewind_journal::OpenOptions {
+    /// Holds a request meeting EIO or ENOSPC for ten minutes.
+    fn patient() -> rewind_journal::OpenOptions {
+        rewind_journal::OpenOptions {
             retry: rewind_journal::RetryPolicy {
                 max_hold: Duration::from_secs(600),
                 first_backoff: Duration::from_millis(1),
             },
             ..rewind_journal::OpenOptions::default()
-        };
-        let volume = Arc::new(crate::test_support::volume_on(&fs, 8 << 20, options));
+        }
+    }
+
+    /// The control of a one-queue export of `volume`.
+    fn control_of(volume: Volume) -> Control {
+        let volume = Arc::new(volume);
         let config = ExportConfig {
             num_queues: 1,
             queue_size: 16,
             read_only: false,
         };
         let live = Arc::new(Export::new(volume.clone(), config, Arc::new(Gate::new(1))));
-        let c = Control::new(volume, live);
+        Control::new(volume, live)
+    }
+
+    #[test]
+    fn drain_with_abort_fails_a_request_held_on_a_storage_error() {
+        use rewind_journal::fault::{Fault, FaultOp, FaultStorage};
+        let fs = FaultStorage::new();
+        let c = control_of(crate::test_support::volume_on(&fs, 8 << 20, patient()));
         fs.inject(Fault::always(FaultOp::Write, 5).on_paths_containing(".seg"));
         std::thread::scope(|s| {
             // A queue's request, held retrying the EIO.
@@ -941,5 +950,46 @@ mod tests {
         assert_eq!(c.live.gate.state(), State::Drained);
         let io = c.live.gate.counters();
         assert_eq!((io.completed, io.failed), (1, 1), "failed with IOERR");
+    }
+
+    #[test]
+    fn drain_with_abort_fails_a_write_waiting_at_the_journal_hard_limit() {
+        use rewind_journal::fault::{Fault, FaultOp, FaultStorage};
+        let fs = FaultStorage::new();
+        // Eight 64 KiB segments, and folds that cannot free any of them.
+        let settings = rewind_journal::VolumeSettings {
+            segment_size: 64 << 10,
+            journal_max: 8 * (64 << 10),
+            journal_warn: 4 * (64 << 10),
+            ..rewind_journal::VolumeSettings::new(8 << 20)
+        };
+        let c = control_of(crate::test_support::volume_with(&fs, &settings, patient()));
+        fs.inject(Fault::always(FaultOp::Write, 5).on_paths_containing("base.img"));
+        let started = std::time::Instant::now();
+        std::thread::scope(|s| {
+            // A queue writing until the journal is full, where its last
+            // request waits for a segment.
+            let pass = c.live.gate.enter(1).expect("serving");
+            let queue = s.spawn(|| {
+                let refused =
+                    (0..1000u64).find(|i| c.volume.write(i * 16384, &[1u8; 16384]).is_err());
+                assert!(refused.is_some(), "the journal never filled");
+                pass.finish(crate::request::Status::IoErr, true);
+            });
+            let d = c.answer(
+                r#"{"version": 1, "command": "drain", "timeout_ms": 60000, "abort": true}"#,
+                &mut |_| {},
+            );
+            queue.join().expect("queue");
+            assert_eq!(d["ok"], true, "{d}");
+            assert_eq!(d["result"]["state"], "drained", "{d}");
+        });
+        let io = c.live.gate.counters();
+        assert_eq!((io.completed, io.failed), (1, 1), "failed with IOERR");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

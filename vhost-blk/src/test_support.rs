@@ -7,14 +7,19 @@ use rewind_journal::{BaseImage, OpenOptions, Volume, VolumeSettings};
 
 /// A new volume of `size` bytes on `fs`, with 1 MiB segments.
 pub fn volume_on(fs: &FaultStorage, size: u64, options: OpenOptions) -> Volume {
-    let dir = Path::new("/vol");
     let settings = VolumeSettings {
         segment_size: 1 << 20,
         journal_max: 64 << 20,
         journal_warn: 32 << 20,
         ..VolumeSettings::new(size)
     };
-    Volume::create(fs, dir, &settings, BaseImage::Empty, &mut |_, _| {}).expect("create");
+    volume_with(fs, &settings, options)
+}
+
+/// A new volume with `settings` on `fs`.
+pub fn volume_with(fs: &FaultStorage, settings: &VolumeSettings, options: OpenOptions) -> Volume {
+    let dir = Path::new("/vol");
+    Volume::create(fs, dir, settings, BaseImage::Empty, &mut |_, _| {}).expect("create");
     Volume::open(fs.arc(), dir, options).expect("open").0
 }
 
