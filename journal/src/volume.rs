@@ -737,16 +737,18 @@ impl Volume {
         }
     }
 
+    /// The newest lsn handed out. Read from the record index rather than
+    /// the write cursor, which a write waiting for a segment holds.
     pub fn last_lsn(&self) -> u64 {
-        lock(&self.inner.cursor).next_lsn - 1
+        lock(&self.inner.index).last_lsn()
     }
 
     pub fn stats(&self) -> Stats {
         let inner = &self.inner;
-        let last_lsn = lock(&inner.cursor).next_lsn - 1;
-        let (bounds, start_ns) = {
+        let (last_lsn, bounds, start_ns) = {
             let index = lock(&inner.index);
-            (index.bounds(), inner.window_start(&index).1)
+            let start_ns = inner.window_start(&index).1;
+            (index.last_lsn(), index.bounds(), start_ns)
         };
         let now = inner.clock.now_ns();
         let counts = inner.pool.counts();

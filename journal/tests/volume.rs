@@ -231,6 +231,11 @@ fn releasing_held_requests_fails_a_write_waiting_at_the_hard_limit_at_once() {
     let started = std::time::Instant::now();
     let (err, _) = std::thread::scope(|s| {
         let writer = s.spawn(|| write_until_refused(&v));
+        // Stats do not wait for the writer, which holds the write cursor.
+        wait_until("the journal to fill", || {
+            let stats = v.stats();
+            stats.journal_bytes == stats.journal_max && stats.segments_free == 0
+        });
         let _released = v.release_held();
         writer.join().expect("writer")
     });
