@@ -68,6 +68,29 @@ struct Clients {
     current: Option<(Attached, Option<ShutdownHandle>)>,
     detached: VecDeque<Detached>,
     last_refusal: Option<String>,
+    /// How many refusals in a row repeated `last_refusal`.
+    repeated_refusals: u64,
+}
+
+/// A refused QEMU with `reconnect` set retries every second: the same
+/// refusal is logged as a warning once, then every this many times.
+const REFUSALS_PER_WARNING: u64 = 60;
+
+impl Clients {
+    /// Records a refusal; returns how many times in a row it repeated the
+    /// previous one if it is worth a warning.
+    fn refused(&mut self, reason: String) -> Option<u64> {
+        if self.last_refusal.as_ref() == Some(&reason) {
+            self.repeated_refusals += 1;
+        } else {
+            self.last_refusal = Some(reason);
+            self.repeated_refusals = 0;
+        }
+        let repeats = self.repeated_refusals;
+        repeats
+            .is_multiple_of(REFUSALS_PER_WARNING)
+            .then_some(repeats)
+    }
 }
 
 impl fmt::Debug for Clients {
@@ -155,7 +178,7 @@ impl Export {
                     None
                 }
             };
-            match self.admit(id, daemon.shutdown_handle()) {
+            let admitted = match self.admit(id, daemon.shutdown_handle()) {
                 Ok(epoch) => {
                     tracing::info!(attach_id = ?id.map(|i| i.to_string()), epoch, "client attached");
                     backend.admit(epoch);
@@ -163,18 +186,26 @@ impl Export {
                     if self.stopping.load(Ordering::Acquire) {
                         daemon.request_shutdown();
                     }
+                    true
                 }
                 Err(reason) => {
-                    tracing::warn!("client refused: {reason}");
-                    self.clients().last_refusal = Some(reason);
+                    match self.clients().refused(reason.clone()) {
+                        Some(0) => tracing::warn!("client refused: {reason}"),
+                        Some(n) => tracing::warn!(
+                            "client refused again ({n} times since the first): {reason}"
+                        ),
+                        None => tracing::debug!("client refused again: {reason}"),
+                    }
                     daemon.request_shutdown();
+                    false
                 }
-            }
+            };
             let ended = daemon.wait();
             backend.stop_workers();
             self.gate.forget_parked();
             self.detach(id);
             match ended {
+                _ if !admitted => tracing::debug!("refused client disconnected"),
                 Ok(())
                 | Err(vhost_user_backend::Error::HandleRequest(
                     vhost::vhost_user::Error::Disconnected
@@ -368,6 +399,26 @@ mod tests {
         let old = e.admit(Some(A), None).unwrap_err();
         assert!(old.contains("epoch 1"), "{old}");
         assert_eq!(e.admit(Some(B), None), Ok(2), "a new client");
+    }
+
+    #[test]
+    fn a_refusal_repeated_by_a_reconnecting_client_warns_once_a_minute() {
+        let mut clients = Clients::default();
+        let fenced = || "fenced".to_string();
+        assert_eq!(clients.refused(fenced()), Some(0), "the first warns");
+        for _ in 1..REFUSALS_PER_WARNING {
+            assert_eq!(clients.refused(fenced()), None);
+        }
+        assert_eq!(clients.refused(fenced()), Some(60), "then every 60th");
+        assert_eq!(
+            clients.refused("stale".into()),
+            Some(0),
+            "a new reason warns"
+        );
+        assert_eq!(clients.refused("stale".into()), None);
+        // An admission in between (it clears the last refusal) warns anew.
+        clients.last_refusal = None;
+        assert_eq!(clients.refused("stale".into()), Some(0));
     }
 
     #[test]
