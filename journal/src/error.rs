@@ -75,6 +75,13 @@ pub enum Error {
     },
     #[error("no bookmark named {0:?} in the history window (list them with the timeline)")]
     NoSuchBookmark(String),
+    #[error(
+        "lsn {lsn} is already folded into base.img (the journal starts after lsn {base_lsn}); \
+         a replica that needs it must be resynced"
+    )]
+    Folded { lsn: u64, base_lsn: u64 },
+    #[error("shipped record {lsn} refused: {reason}")]
+    BadShipped { lsn: u64, reason: String },
     #[error("view expired: {0}")]
     ViewExpired(String),
     #[error("{0} is a read-only view")]

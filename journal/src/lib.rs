@@ -41,11 +41,12 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
 pub use extent_map::{ExtentMap, Piece, Pieces, Source, Target};
 pub use format::{FORMAT_VERSION, MAX_BOOKMARK_NAME, SECTOR};
-pub use meta::{VolumeConfig, VolumeSettings};
+pub use meta::{EpochStart, Role, VolumeConfig, VolumeSettings};
 pub use point::{format_ns, PointInTime};
 pub use record_index::Bookmark;
 pub use recovery::{Discarded, LogEnd, RecoveryReport};
 pub use storage::{ImportMethod, ImportMode, OsStorage, Storage, StorageFile};
 pub use volume::{
-    BaseImage, FoldReport, OpenOptions, ReleaseHeld, RetryPolicy, Stats, Timeline, View, Volume,
+    BaseImage, FoldReport, OpenOptions, ReleaseHeld, RetryPolicy, ShipBatch, ShippedRecord, Stats,
+    Timeline, View, Volume, SHIPPED_HEADER_SIZE,
 };

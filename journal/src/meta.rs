@@ -114,6 +114,42 @@ pub struct VolumeConfig {
     pub reserve_segments: u32,
     /// Fencing generation: records carry it; raising it fences old writers.
     pub epoch: u64,
+    /// Whether this copy serves a guest or receives a primary's records.
+    #[serde(default)]
+    pub role: Role,
+    /// Where each epoch began, oldest first; kept here because Epoch
+    /// records fold away with the journal, and rejoining a replica after a
+    /// failover finds the common point from these (DESIGN.md, "Divergence
+    /// and rejoin").
+    #[serde(default)]
+    pub epoch_history: Vec<EpochStart>,
+}
+
+/// A volume's role (DESIGN.md, "Roles and identity").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Serves a guest and ships its journal.
+    #[default]
+    Primary,
+    /// Takes a primary's records at the same lsns; serves no guest writes.
+    Replica,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+        })
+    }
+}
+
+/// The first lsn written in an epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochStart {
+    pub epoch: u64,
+    pub first_lsn: u64,
 }
 
 impl VolumeConfig {
@@ -129,6 +165,23 @@ impl VolumeConfig {
             journal_warn: settings.journal_warn,
             reserve_segments: settings.reserve_segments,
             epoch: 1,
+            role: Role::Primary,
+            epoch_history: vec![EpochStart {
+                epoch: 1,
+                first_lsn: 1,
+            }],
+        }
+    }
+
+    /// Records that `epoch` began at `first_lsn` (an Epoch record).
+    pub(crate) fn start_epoch(&mut self, epoch: u64, first_lsn: u64) {
+        self.epoch = self.epoch.max(epoch);
+        if self
+            .epoch_history
+            .last()
+            .is_none_or(|last| last.epoch < epoch)
+        {
+            self.epoch_history.push(EpochStart { epoch, first_lsn });
         }
     }
 

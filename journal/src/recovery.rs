@@ -29,7 +29,7 @@ use crate::format::{
     crc32c, payload_position, HeaderProblem, RecordHeader, RecordKind, SegmentHeader,
     SegmentHeaderProblem, FORMAT_VERSION, RECORD_HEADER_SIZE, SECTOR, SEGMENT_HEADER_SIZE,
 };
-use crate::meta::VolumeConfig;
+use crate::meta::{EpochStart, VolumeConfig};
 use crate::pool::{segment_name, Segment, JOURNAL_DIR};
 use crate::record_index::{Effect, Entry, RecordIndex};
 use crate::storage::{Storage, StorageFile};
@@ -100,6 +100,8 @@ pub struct Recovered {
     pub last_data_lsn: u64,
     /// The highest epoch a record carries (0 without records).
     pub epoch: u64,
+    /// The Epoch records found, oldest first.
+    pub epoch_starts: Vec<EpochStart>,
     pub report: RecoveryReport,
 }
 
@@ -610,6 +612,7 @@ struct Scanned {
     stale: Vec<(u32, Option<Arc<dyn StorageFile>>)>,
     last_data_lsn: u64,
     epoch: u64,
+    epoch_starts: Vec<EpochStart>,
     report: RecoveryReport,
 }
 
@@ -666,6 +669,7 @@ pub fn recover(
                 index: built.index,
                 last_data_lsn: scanned.last_data_lsn,
                 epoch: scanned.epoch,
+                epoch_starts: scanned.epoch_starts,
                 report: scanned.report,
             });
         };
@@ -686,6 +690,7 @@ fn scan(scanner: &Scanner, mut payloads: Payloads) -> Result<Scanned> {
     let mut expected = sb.base_lsn + 1;
     let mut last_data_lsn = sb.base_lsn;
     let mut epoch = 0;
+    let mut epoch_starts = Vec::new();
     let mut report = RecoveryReport {
         records: 0,
         flush_records: 0,
@@ -777,6 +782,12 @@ fn scan(scanner: &Scanner, mut payloads: Payloads) -> Result<Scanned> {
                     RecordKind::Bookmark | RecordKind::Epoch => Effect::Mark,
                 };
                 epoch = epoch.max(h.epoch);
+                if h.kind == RecordKind::Epoch {
+                    epoch_starts.push(EpochStart {
+                        epoch: h.epoch,
+                        first_lsn: h.lsn,
+                    });
+                }
                 if h.lsn >= payloads.checked_below {
                     let bookmark = match h.kind {
                         RecordKind::Bookmark => {
@@ -901,6 +912,7 @@ fn scan(scanner: &Scanner, mut payloads: Payloads) -> Result<Scanned> {
         stale,
         last_data_lsn,
         epoch,
+        epoch_starts,
         report,
     })
 }

@@ -41,7 +41,7 @@ use crate::format::{
     check_bookmark_name, check_range, crc32c, payload_position, RecordHeader, RecordKind,
     RECORD_HEADER_SIZE, SECTOR, SEGMENT_HEADER_SIZE,
 };
-use crate::meta::{VolumeConfig, VolumeSettings, VOLUME_FILE};
+use crate::meta::{EpochStart, Role, VolumeConfig, VolumeSettings, VOLUME_FILE};
 use crate::point::PointInTime;
 use crate::pool::{segment_name, write_header, Pool, PoolSetup, Segment, JOURNAL_DIR};
 use crate::record_index::{Bookmark, Effect, Entry, RecordIndex};
@@ -50,9 +50,11 @@ use crate::storage::{ImportMode, LockGuard, Progress, Storage};
 use crate::superblock::Superblock;
 
 mod fold;
+mod ship;
 mod view;
 
 pub use fold::FoldReport;
+pub use ship::{ShipBatch, ShippedRecord, SHIPPED_HEADER_SIZE};
 pub use view::View;
 
 pub const BASE_FILE: &str = "base.img";
@@ -211,6 +213,9 @@ struct Inner {
     dir: PathBuf,
     storage: Arc<dyn Storage>,
     config: VolumeConfig,
+    /// What volume.json holds now: `config` plus the epoch, role and epoch
+    /// history as they changed since the open. Written under this lock.
+    persisted: Mutex<VolumeConfig>,
     clock: Arc<dyn Clock>,
     retry: RetryPolicy,
     /// The fencing epoch records are written with. Changes only under the
@@ -239,7 +244,17 @@ struct Inner {
     warned: AtomicBool,
     failure: OnceLock<String>,
     max_payload: u64,
+    /// The applier folds past this lsn only when the hard limit forces it:
+    /// a replica has not made the records after it durable (`NO_HOLD`: no
+    /// replica holds history).
+    replica_hold: AtomicU64,
+    /// The newest lsn a forced fold took past `replica_hold` (0: none), so
+    /// the sender knows its replica needs a resync.
+    folded_past_hold: AtomicU64,
 }
+
+/// `replica_hold` when no replica holds history back.
+const NO_HOLD: u64 = u64::MAX;
 
 /// See [`Volume::release_held`].
 #[derive(Debug)]
@@ -288,6 +303,34 @@ impl Volume {
         base: BaseImage<'_>,
         progress: Progress<'_>,
     ) -> Result<VolumeConfig> {
+        Self::create_as(storage, dir, VolumeConfig::new(settings), base, progress)
+    }
+
+    /// Creates an empty replica of the primary volume `primary` in `dir`:
+    /// the same identity, its own window and journal limits; it receives
+    /// the primary's records (`apply_shipped`).
+    pub fn create_replica(
+        storage: &dyn Storage,
+        dir: &Path,
+        settings: &VolumeSettings,
+        primary: Uuid,
+    ) -> Result<VolumeConfig> {
+        let config = VolumeConfig {
+            uuid: primary,
+            role: Role::Replica,
+            ..VolumeConfig::new(settings)
+        };
+        Self::create_as(storage, dir, config, BaseImage::Empty, &mut |_, _| {})
+    }
+
+    fn create_as(
+        storage: &dyn Storage,
+        dir: &Path,
+        config: VolumeConfig,
+        base: BaseImage<'_>,
+        progress: Progress<'_>,
+    ) -> Result<VolumeConfig> {
+        let settings = &config.settings();
         settings.validate()?;
         // Check an image before anything is created or moved.
         if let BaseImage::Import { path, .. } = base {
@@ -330,7 +373,6 @@ impl Volume {
                 tracing::info!(?method, image = %path.display(), "imported base image");
             }
         }
-        let config = VolumeConfig::new(settings);
         Superblock::create(storage, dir, config.uuid)?;
         // volume.json last: its presence marks a complete volume.
         config.store(storage, dir)?;
@@ -421,6 +463,9 @@ impl Volume {
         // crash in between leaves the record to say it.
         let mut config = config;
         if recovered.epoch > config.epoch {
+            for start in &recovered.epoch_starts {
+                config.start_epoch(start.epoch, start.first_lsn);
+            }
             config.epoch = recovered.epoch;
             config.store(storage.as_ref(), dir)?;
         }
@@ -431,6 +476,7 @@ impl Volume {
             dir: dir.to_owned(),
             storage: storage.clone(),
             max_payload: config.max_record_payload(),
+            persisted: Mutex::new(config.clone()),
             config,
             clock: options.clock,
             retry: options.retry,
@@ -459,6 +505,8 @@ impl Volume {
             writethrough: AtomicBool::new(options.writethrough),
             warned: AtomicBool::new(false),
             failure: OnceLock::new(),
+            replica_hold: AtomicU64::new(NO_HOLD),
+            folded_past_hold: AtomicU64::new(0),
         });
         let maintainer = std::thread::Builder::new()
             .name("rewind-pool".into())
@@ -660,6 +708,16 @@ impl Volume {
         Ok(lsn)
     }
 
+    /// Whether this copy serves a guest or receives a primary's records.
+    pub fn role(&self) -> Role {
+        lock(&self.inner.persisted).role
+    }
+
+    /// Where each epoch began, oldest first.
+    pub fn epoch_history(&self) -> Vec<EpochStart> {
+        lock(&self.inner.persisted).epoch_history.clone()
+    }
+
     /// The fencing epoch new records carry.
     pub fn epoch(&self) -> u64 {
         self.inner.epoch.load(Ordering::Acquire)
@@ -679,14 +737,11 @@ impl Volume {
         let reserved = inner
             .reserve(&mut c, RecordKind::Epoch, epoch, 0, &[], crc32c(&[]))
             .inspect_err(|_| inner.epoch.store(epoch - 1, Ordering::Release))?;
+        let first_lsn = reserved.header.lsn;
         inner.write_reserved(reserved, &[])?;
         drop(c);
         inner.flush()?;
-        let config = VolumeConfig {
-            epoch,
-            ..inner.config.clone()
-        };
-        config.store(inner.storage.as_ref(), &inner.dir)?;
+        inner.persist(|config| config.start_epoch(epoch, first_lsn))?;
         tracing::info!(volume = %inner.dir.display(), epoch, "raised the epoch");
         Ok(epoch)
     }
@@ -843,6 +898,16 @@ fn place(slot: u64, top: u64, len: u64) -> Option<Option<u64>> {
 }
 
 impl Inner {
+    /// Changes what volume.json holds and writes it.
+    fn persist(&self, change: impl FnOnce(&mut VolumeConfig)) -> Result<()> {
+        let mut persisted = lock(&self.persisted);
+        let mut next = persisted.clone();
+        change(&mut next);
+        next.store(self.storage.as_ref(), &self.dir)?;
+        *persisted = next;
+        Ok(())
+    }
+
     fn check_failed(&self) -> Result<()> {
         match self.failure.get() {
             Some(reason) => Err(Error::Failed(reason.clone())),
@@ -916,6 +981,32 @@ impl Inner {
         payload: &[u8],
         payload_crc: u32,
     ) -> Result<Reserved> {
+        let timestamp = self.clock.now_ns().max(c.last_timestamp);
+        let epoch = self.epoch.load(Ordering::Acquire);
+        self.reserve_stamped(
+            c,
+            kind,
+            offset,
+            length,
+            payload,
+            payload_crc,
+            (timestamp, epoch),
+        )
+    }
+
+    /// `reserve` with the record's time and epoch given: a replica places
+    /// its primary's records with their own (ship.rs checks them first).
+    #[allow(clippy::too_many_arguments)]
+    fn reserve_stamped(
+        &self,
+        c: &mut Cursor,
+        kind: RecordKind,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+        payload_crc: u32,
+        (timestamp, epoch): (u64, u64),
+    ) -> Result<Reserved> {
         let len = payload.len() as u64;
         let mut sealed = None;
         let placed = c
@@ -939,7 +1030,6 @@ impl Inner {
             }
         };
         let lsn = c.next_lsn;
-        let timestamp = self.clock.now_ns().max(c.last_timestamp);
         let data = |target| Effect::Data {
             start: offset / SECTOR,
             sectors: length / SECTOR,
@@ -981,7 +1071,7 @@ impl Inner {
             seq: segment.seq,
             lsn,
             timestamp,
-            epoch: self.epoch.load(Ordering::Acquire),
+            epoch,
             offset,
             length,
             payload_len: len as u32,

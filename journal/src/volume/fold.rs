@@ -69,6 +69,7 @@ impl Inner {
         let complete = self.completion.prefix();
         let overflow = self.pool.overflow() as usize;
         let oldest_view = self.oldest_pin();
+        let replica_hold = self.replica_hold.load(Ordering::Acquire);
 
         let (count, upto, forced, snapshot, upto_ns) = {
             let index = lock(&self.index);
@@ -85,7 +86,11 @@ impl Inner {
                 let must = i < overflow;
                 let revert_needs_it = index.reverts().iter().any(|&(r, to)| r > end && to < end);
                 let view_needs_it = oldest_view.is_some_and(|v| v < end);
-                if !(expired || must) || revert_needs_it || (view_needs_it && !must) {
+                let replica_needs_it = replica_hold < end;
+                if !(expired || must)
+                    || revert_needs_it
+                    || ((view_needs_it || replica_needs_it) && !must)
+                {
                     break;
                 }
                 chosen = (i + 1, end, chosen.2 || !expired);
@@ -105,6 +110,14 @@ impl Inner {
         let folded = &used[..count];
         if forced {
             self.expire_views_before(upto);
+        }
+        if upto > replica_hold {
+            self.folded_past_hold.fetch_max(upto, Ordering::AcqRel);
+            tracing::error!(
+                volume = %self.dir.display(),
+                "journal at its hard limit: folding records up to lsn {upto} that the replica \
+                 has not acknowledged (it holds lsn {replica_hold}); it will need a resync"
+            );
         }
 
         for seg in folded {

@@ -1,0 +1,383 @@
+//! Shipping the journal to a replica (DESIGN.md, "The stream").
+//!
+//! The primary reads records back **from its segment files**, so a slow or
+//! absent replica costs disk, not memory. It ships only records that are
+//! durable on its own disk: a record lost in a crash of the primary could
+//! otherwise live on at the replica while the restarted primary writes a
+//! different record at the same lsn and epoch.
+//!
+//! A record travels as the first [`SHIPPED_HEADER_SIZE`] bytes of its
+//! on-disk header (checksum included) and its payload. The replica verifies
+//! both checksums and every field, then places the record at the same lsn,
+//! timestamp and epoch in its own segments (the segment sequence number and
+//! payload offset are its own, so the header is encoded again).
+//!
+//! Flush records claim that the records they cover were durable before
+//! they were written. The replica keeps that true: a Flush record that
+//! covers only what it already made durable is written at once; one that
+//! covers records of its own batch waits until the batch is synced (group
+//! commit: one sync for the batch), then a second sync takes it. The lsn
+//! acknowledged is the durable contiguous prefix.
+
+use std::sync::atomic::Ordering;
+
+use super::{lock, Inner, Volume, NO_HOLD};
+use crate::error::{Error, Result};
+use crate::extent_map::ExtentMap;
+use crate::format::{
+    check_bookmark_name, crc32c, le_u32, le_u64, HeaderProblem, RecordHeader, RecordKind,
+    RECORD_HEADER_SIZE,
+};
+use crate::pool::{segment_name, Segment};
+
+/// Bytes of a record header that travel: every field and its checksum
+/// (the rest of the on-disk slot is zero).
+pub const SHIPPED_HEADER_SIZE: usize = 76;
+
+/// Most header slots read with one call (256 KiB).
+const HEADER_READ: u64 = 512;
+
+/// A journal record as it travels from a primary to a replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShippedRecord {
+    pub header: [u8; SHIPPED_HEADER_SIZE],
+    pub payload: Vec<u8>,
+}
+
+impl ShippedRecord {
+    /// The lsn the header names (not yet verified).
+    pub fn lsn(&self) -> u64 {
+        le_u64(&self.header, 16)
+    }
+
+    /// The timestamp the header names (not yet verified).
+    pub fn timestamp(&self) -> u64 {
+        le_u64(&self.header, 24)
+    }
+
+    /// Payload bytes the header announces (not yet verified).
+    pub fn payload_len(&self) -> u32 {
+        le_u32(&self.header, 56)
+    }
+
+    /// Whether this is a Flush record (not yet verified).
+    pub fn is_flush(&self) -> bool {
+        matches!(RecordHeader::decode(&self.header), Ok(h) if h.kind == RecordKind::Flush)
+    }
+}
+
+/// Records read for shipping, oldest first.
+#[derive(Debug, Default)]
+pub struct ShipBatch {
+    pub records: Vec<ShippedRecord>,
+    /// Header and payload bytes of `records`.
+    pub bytes: usize,
+}
+
+impl Volume {
+    /// Reads durable records from lsn `from` on, up to about `max_bytes`
+    /// (at least one record when there is one). Fails with
+    /// [`Error::Folded`] when `from` is already folded into base.img.
+    pub fn read_shipped(&self, from: u64, max_bytes: usize) -> Result<ShipBatch> {
+        let inner = &self.inner;
+        let durable = inner.durable_lsn.load(Ordering::Acquire);
+        let mut batch = ShipBatch::default();
+        if from > durable {
+            return Ok(batch);
+        }
+        // The segment list first, then the base: a fold in between shows
+        // as a base past the list's first records, never as a gap.
+        let segments = inner.pool.used();
+        let base_lsn = inner.pool.base().lsn;
+        if from <= base_lsn {
+            return Err(Error::Folded {
+                lsn: from,
+                base_lsn,
+            });
+        }
+        let mut first = base_lsn + 1;
+        let mut next = from;
+        for seg in &segments {
+            let last = seg.last_lsn.load(Ordering::Acquire);
+            let seg_first = first;
+            if last < seg_first {
+                continue; // no record (a segment a crash left empty)
+            }
+            first = last + 1;
+            if next > last {
+                continue;
+            }
+            let upto = last.min(durable);
+            inner.read_segment_records(seg, seg_first, next..=upto, max_bytes, &mut batch)?;
+            next = from + batch.records.len() as u64;
+            if next <= upto || next > durable || batch.bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Places records shipped by the primary at their lsns, after checking
+    /// all of them (a bad one fails the call before anything is written),
+    /// and makes them durable. Returns the durable lsn to acknowledge.
+    pub fn apply_shipped(&self, records: &[ShippedRecord]) -> Result<u64> {
+        let inner = &self.inner;
+        inner.check_failed()?;
+        let mut epochs = Vec::new();
+        let mut deferred = Vec::new();
+        {
+            let mut c = lock(&inner.cursor);
+            let headers = inner.check_shipped(&c, records)?;
+            for (h, r) in headers.iter().zip(records) {
+                if h.kind == RecordKind::Epoch {
+                    inner.epoch.store(h.epoch, Ordering::Release);
+                    epochs.push((h.epoch, h.lsn));
+                }
+                let reserved = inner.reserve_stamped(
+                    &mut c,
+                    h.kind,
+                    h.offset,
+                    h.length,
+                    &r.payload,
+                    h.payload_crc,
+                    (h.timestamp, h.epoch),
+                )?;
+                match h.kind {
+                    RecordKind::Flush if h.offset > inner.durable_lsn.load(Ordering::Acquire) => {
+                        deferred.push(reserved)
+                    }
+                    RecordKind::Revert => {
+                        let snapshot = lock(&inner.index).snapshot(h.lsn);
+                        inner.write_reserved(reserved, &[])?;
+                        let map = ExtentMap::new(inner.config.size);
+                        snapshot.replay_into(&map, h.lsn);
+                        inner.map.replace_with(map);
+                    }
+                    _ => {
+                        inner.write_reserved(reserved, &r.payload)?;
+                    }
+                }
+            }
+        }
+        let mut durable = inner.sync_written()?;
+        if !deferred.is_empty() {
+            for flush in deferred {
+                inner.write_reserved(flush, &[])?;
+            }
+            durable = inner.sync_written()?;
+        }
+        if !epochs.is_empty() {
+            inner.persist(|config| {
+                for (epoch, first_lsn) in epochs {
+                    config.start_epoch(epoch, first_lsn);
+                }
+            })?;
+        }
+        Ok(durable)
+    }
+
+    /// Every lsn up to here survives a crash.
+    pub fn durable_lsn(&self) -> u64 {
+        self.inner.durable_lsn.load(Ordering::Acquire)
+    }
+
+    /// Keeps the applier from folding records after `lsn` (those a replica
+    /// has not made durable) unless the hard limit forces it; `None` lifts
+    /// the hold.
+    pub fn hold_for_replica(&self, lsn: Option<u64>) {
+        self.inner
+            .replica_hold
+            .store(lsn.unwrap_or(NO_HOLD), Ordering::Release);
+    }
+
+    /// The newest lsn a forced fold took past the replica's hold (0: none):
+    /// the records between the hold and it are gone from the journal.
+    pub fn folded_past_hold(&self) -> u64 {
+        self.inner.folded_past_hold.load(Ordering::Acquire)
+    }
+}
+
+impl Inner {
+    /// Syncs every record written so far; returns the new durable lsn.
+    fn sync_written(&self) -> Result<u64> {
+        let _sync = lock(&self.sync_lock);
+        let upto = self.completion.prefix();
+        if let Err(e) = self.pool.sync_dirty() {
+            let reason = format!("syncing the journal failed: {e}");
+            self.fail(reason.clone());
+            return Err(Error::Failed(reason));
+        }
+        Ok(self.durable_lsn.fetch_max(upto, Ordering::AcqRel).max(upto))
+    }
+
+    /// Reads the records `lsns` of `seg` (whose first record is
+    /// `seg_first`) into `batch`, stopping once it holds `max_bytes`.
+    fn read_segment_records(
+        &self,
+        seg: &Segment,
+        seg_first: u64,
+        lsns: std::ops::RangeInclusive<u64>,
+        max_bytes: usize,
+        batch: &mut ShipBatch,
+    ) -> Result<()> {
+        let (from, upto) = (*lsns.start(), *lsns.end());
+        let count = (upto - from + 1).min(HEADER_READ);
+        let slot = |lsn: u64| self.config.segment_size - RECORD_HEADER_SIZE * (lsn - seg_first + 1);
+        // Slots grow down: the newest of the range is the lowest.
+        let low = slot(from + count - 1);
+        let mut slots = vec![0u8; (count * RECORD_HEADER_SIZE) as usize];
+        let name = segment_name(seg.id);
+        self.retrying("reading the journal to ship it", || {
+            seg.file.read_exact_at(&mut slots, low)
+        })
+        .map_err(Error::io(|| format!("reading {name} at {low}")))?;
+        let mut headers = Vec::new();
+        let mut bytes = batch.bytes;
+        for lsn in from..from + count {
+            let at = (slot(lsn) - low) as usize;
+            let raw = &slots[at..at + RECORD_HEADER_SIZE as usize];
+            let header = RecordHeader::decode(raw)
+                .ok()
+                .filter(|h| h.lsn == lsn && h.seq == seg.seq);
+            let Some(h) = header else {
+                let base_lsn = self.pool.base().lsn;
+                if lsn <= base_lsn {
+                    return Err(Error::Folded { lsn, base_lsn });
+                }
+                return Err(Error::DamagedSegment {
+                    path: self.dir.join(crate::pool::JOURNAL_DIR).join(&name),
+                    reason: format!("record {lsn} is not in its header slot at {}", slot(lsn)),
+                });
+            };
+            let mut header = [0u8; SHIPPED_HEADER_SIZE];
+            header.copy_from_slice(&raw[..SHIPPED_HEADER_SIZE]);
+            headers.push((h, header));
+            bytes += SHIPPED_HEADER_SIZE + h.payload_len as usize;
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        // Payloads of consecutive records are back to back (up to
+        // alignment): one read for all of them.
+        let with_payload = || headers.iter().filter(|(h, _)| h.payload_len > 0);
+        let span = with_payload().next().map(|(h, _)| h.payload_offset).zip(
+            with_payload()
+                .next_back()
+                .map(|(h, _)| h.payload_offset + u64::from(h.payload_len)),
+        );
+        let mut payloads = Vec::new();
+        if let Some((start, end)) = span {
+            payloads = vec![0u8; (end - start) as usize];
+            self.retrying("reading the journal to ship it", || {
+                seg.file.read_exact_at(&mut payloads, start)
+            })
+            .map_err(Error::io(|| format!("reading {name} at {start}")))?;
+        }
+        for (h, header) in headers {
+            let payload = match span {
+                Some((start, _)) if h.payload_len > 0 => {
+                    let at = (h.payload_offset - start) as usize;
+                    payloads[at..at + h.payload_len as usize].to_vec()
+                }
+                _ => Vec::new(),
+            };
+            batch.bytes += SHIPPED_HEADER_SIZE + payload.len();
+            batch.records.push(ShippedRecord { header, payload });
+        }
+        Ok(())
+    }
+
+    /// Checks shipped records against this volume, in order, as the
+    /// records that come next: their checksums, fields, lsns, times and
+    /// epochs. Called under the cursor lock.
+    fn check_shipped(
+        &self,
+        c: &super::Cursor,
+        records: &[ShippedRecord],
+    ) -> Result<Vec<RecordHeader>> {
+        let mut time = c.last_timestamp;
+        let mut epoch = self.epoch.load(Ordering::Acquire);
+        let window_start = {
+            let index = lock(&self.index);
+            self.window_start(&index).0
+        };
+        let mut headers = Vec::with_capacity(records.len());
+        for (lsn, r) in (c.next_lsn..).zip(records) {
+            let bad = |reason: String| Error::BadShipped {
+                lsn: r.lsn(),
+                reason,
+            };
+            let h = RecordHeader::decode(&r.header).map_err(|p| {
+                bad(match p {
+                    HeaderProblem::Garbage => "its header checksum fails".into(),
+                    HeaderProblem::Version(v) => format!("it has on-disk format version {v}"),
+                    HeaderProblem::Kind(k) => format!("it has unknown kind {k}"),
+                })
+            })?;
+            // Fencing first: whatever else is wrong, a record of an older
+            // epoch comes from a writer that was fenced.
+            if h.epoch < epoch {
+                return Err(bad(format!(
+                    "it carries epoch {} but this volume is at epoch {epoch}",
+                    h.epoch
+                )));
+            }
+            if h.lsn != lsn {
+                return Err(bad(format!("lsn {} arrived where {lsn} was due", h.lsn)));
+            }
+            if r.payload.len() != h.payload_len as usize {
+                return Err(bad(format!(
+                    "{} payload bytes arrived for a {}-byte payload",
+                    r.payload.len(),
+                    h.payload_len
+                )));
+            }
+            if crc32c(&r.payload) != h.payload_crc {
+                return Err(bad("its payload checksum fails".into()));
+            }
+            h.check(self.config.size).map_err(bad)?;
+            if u64::from(h.payload_len) > self.max_payload {
+                return Err(bad(format!(
+                    "its {}-byte payload does not fit this volume's segments (at most {})",
+                    h.payload_len, self.max_payload
+                )));
+            }
+            if h.timestamp < time {
+                return Err(bad(format!(
+                    "its time {} is before the previous record's {time}",
+                    h.timestamp
+                )));
+            }
+            match h.kind {
+                RecordKind::Epoch if h.epoch <= epoch => {
+                    return Err(bad(format!(
+                        "it starts epoch {} but this volume is at epoch {epoch}",
+                        h.epoch
+                    )))
+                }
+                RecordKind::Epoch => epoch = h.epoch,
+                _ if h.epoch != epoch => {
+                    return Err(bad(format!(
+                        "it carries epoch {} but this volume is at epoch {epoch}",
+                        h.epoch
+                    )))
+                }
+                RecordKind::Bookmark => {
+                    let name = r.payload.get(..h.length as usize).unwrap_or_default();
+                    check_bookmark_name(&String::from_utf8_lossy(name)).map_err(bad)?;
+                }
+                RecordKind::Revert if h.offset < window_start => {
+                    return Err(bad(format!(
+                        "it reverts to lsn {}, which this volume already folded (its history \
+                         starts at lsn {window_start})",
+                        h.offset
+                    )))
+                }
+                _ => {}
+            }
+            headers.push(h);
+            time = h.timestamp;
+        }
+        Ok(headers)
+    }
+}

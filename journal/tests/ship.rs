@@ -1,0 +1,295 @@
+//! Shipping records from a primary to a replica volume: the replica holds
+//! the same disk at every lsn it acknowledged, refuses anything malformed
+//! without appending, and survives a reopen.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use common::*;
+use proptest::prelude::*;
+use rewind_journal::fault::FaultStorage;
+use rewind_journal::{Error, ManualClock, OpenOptions, PointInTime, Role, ShippedRecord, Volume};
+
+const REPLICA: &str = "/replica";
+
+fn new_replica(fs: &FaultStorage, primary: &Volume) -> Volume {
+    Volume::create_replica(
+        fs,
+        Path::new(REPLICA),
+        &small_settings(),
+        primary.config().uuid,
+    )
+    .expect("create replica");
+    open_replica(fs)
+}
+
+fn open_replica(fs: &FaultStorage) -> Volume {
+    Volume::open(fs.arc(), Path::new(REPLICA), options())
+        .expect("open replica")
+        .0
+}
+
+/// Ships everything durable on `from` to `to` in batches of about
+/// `batch` bytes; returns the replica's durable lsn.
+fn ship(from: &Volume, to: &Volume, batch: usize) -> u64 {
+    let mut acked = to.durable_lsn();
+    loop {
+        let got = from.read_shipped(to.last_lsn() + 1, batch).expect("read");
+        if got.records.is_empty() {
+            return acked;
+        }
+        assert_eq!(got.records[0].lsn(), to.last_lsn() + 1);
+        acked = to.apply_shipped(&got.records).expect("apply");
+        assert_eq!(acked, to.last_lsn(), "a batch is durable when applied");
+    }
+}
+
+fn disk_at(v: &Volume, lsn: u64) -> Vec<u8> {
+    let view = v.view(&PointInTime::Lsn(lsn)).expect("view");
+    let mut buf = vec![0u8; v.size() as usize];
+    view.read(0, &mut buf).expect("read view");
+    buf
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { sector: u64, sectors: u64, seed: u8 },
+    Zero { sector: u64, sectors: u64 },
+    Flush,
+    Bookmark,
+    Revert,
+    Epoch,
+    Ship { batch: usize },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0u64..2000, 1u64..300, any::<u8>())
+            .prop_map(|(sector, sectors, seed)| Op::Write { sector, sectors, seed }),
+        1 => (0u64..2000, 1u64..100).prop_map(|(sector, sectors)| Op::Zero { sector, sectors }),
+        2 => Just(Op::Flush),
+        1 => Just(Op::Bookmark),
+        1 => Just(Op::Revert),
+        1 => Just(Op::Epoch),
+        2 => prop_oneof![Just(600usize), Just(64 << 10), Just(1 << 20)]
+            .prop_map(|batch| Op::Ship { batch }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Whatever the primary does, the replica holds the same disk at every
+    /// lsn once shipped, and the same again after a reopen.
+    #[test]
+    fn a_replica_holds_the_primary_at_every_lsn(ops in prop::collection::vec(op(), 1..40)) {
+        let (fs, primary) = new_volume();
+        let mut replica = new_replica(&fs, &primary);
+        let mut bookmarks = 0;
+        for op in &ops {
+            match *op {
+                Op::Write { sector, sectors, seed } => {
+                    let sectors = sectors.min(2048 - sector);
+                    primary.write(sector * 512, &pattern(seed, (sectors * 512) as usize)).expect("write");
+                }
+                Op::Zero { sector, sectors } => {
+                    let sectors = sectors.min(2048 - sector);
+                    primary.discard(sector * 512, sectors * 512).expect("discard");
+                }
+                Op::Flush => primary.flush().expect("flush"),
+                Op::Bookmark => {
+                    bookmarks += 1;
+                    primary.bookmark(&format!("b{bookmarks}")).expect("bookmark");
+                }
+                Op::Revert => {
+                    let to = primary.last_lsn() / 2;
+                    if to >= primary.timeline().start_lsn {
+                        primary.revert(&PointInTime::Lsn(to)).expect("revert");
+                    }
+                }
+                Op::Epoch => { primary.raise_epoch().expect("epoch"); }
+                Op::Ship { batch } => { ship(&primary, &replica, batch); }
+            }
+        }
+        primary.flush().expect("flush");
+        let acked = ship(&primary, &replica, 64 << 10);
+        prop_assert_eq!(acked, primary.durable_lsn());
+        prop_assert_eq!(replica.epoch(), primary.epoch());
+        prop_assert_eq!(replica.epoch_history(), primary.epoch_history());
+        prop_assert_eq!(replica.bookmarks(), primary.bookmarks());
+        let every = (acked / 6).max(1);
+        let points: Vec<u64> = (0..=acked).step_by(every as usize).chain([acked]).collect();
+        for &lsn in &points {
+            prop_assert!(disk_at(&replica, lsn) == disk_at(&primary, lsn), "lsn {}", lsn);
+        }
+        drop(replica);
+        replica = open_replica(&fs);
+        prop_assert_eq!(replica.role(), Role::Replica);
+        prop_assert_eq!(replica.epoch(), primary.epoch());
+        prop_assert_eq!(replica.epoch_history(), primary.epoch_history());
+        prop_assert!(replica.last_lsn() >= acked);
+        for &lsn in &points {
+            prop_assert!(disk_at(&replica, lsn) == disk_at(&primary, lsn), "lsn {} after reopen", lsn);
+        }
+    }
+}
+
+/// A primary with a few records, flushed, and a replica that has none.
+fn pair() -> (FaultStorage, Volume, Volume, Vec<ShippedRecord>) {
+    let (fs, primary) = new_volume();
+    let replica = new_replica(&fs, &primary);
+    for i in 0..4u8 {
+        primary
+            .write(u64::from(i) * 4096, &pattern(i, 4096))
+            .expect("write");
+    }
+    primary.flush().expect("flush");
+    let records = primary.read_shipped(1, 1 << 20).expect("read").records;
+    assert_eq!(
+        records.len(),
+        4,
+        "four writes (the flush record is not yet durable)"
+    );
+    (fs, primary, replica, records)
+}
+
+fn refused(replica: &Volume, records: &[ShippedRecord], why: &str) {
+    let err = replica.apply_shipped(records).expect_err(why);
+    assert!(
+        matches!(err, Error::BadShipped { .. }) && err.to_string().contains(why),
+        "{err}"
+    );
+    assert_eq!(replica.last_lsn(), 0, "nothing appended after: {err}");
+}
+
+#[test]
+fn malformed_records_are_refused_and_nothing_is_appended() {
+    let (_fs, _primary, replica, records) = pair();
+
+    let mut flipped = records.clone();
+    flipped[2].header[30] ^= 1;
+    refused(&replica, &flipped, "header checksum fails");
+
+    let mut payload = records.clone();
+    payload[3].payload[100] ^= 0x40;
+    refused(&replica, &payload, "payload checksum fails");
+
+    let mut short = records.clone();
+    short[1].payload.truncate(512);
+    refused(
+        &replica,
+        &short,
+        "512 payload bytes arrived for a 4096-byte payload",
+    );
+
+    let mut swapped = records.clone();
+    swapped.swap(1, 2);
+    refused(&replica, &swapped, "lsn 3 arrived where 2 was due");
+
+    refused(&replica, &records[1..], "lsn 2 arrived where 1 was due");
+
+    replica.apply_shipped(&records).expect("intact records");
+    assert_eq!(replica.last_lsn(), 4);
+    let err = replica.apply_shipped(&records).expect_err("a replay");
+    assert!(
+        err.to_string().contains("lsn 1 arrived where 5 was due"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_older_epoch_is_refused() {
+    let (fs, primary, replica, records) = pair();
+    replica.apply_shipped(&records).expect("epoch 1");
+    primary.raise_epoch().expect("raise");
+    primary.write(0, &pattern(9, 512)).expect("write");
+    primary.flush().expect("flush");
+    let newer = primary.read_shipped(5, 1 << 20).expect("read").records;
+    replica.apply_shipped(&newer).expect("epoch 2");
+    assert_eq!(replica.epoch(), 2);
+
+    // A copy of the primary from before the raise writes on at epoch 1.
+    let stale = {
+        drop(replica);
+        let stale_fs = fs.clone();
+        let v = open_replica(&stale_fs);
+        assert_eq!(v.epoch(), 2, "the raise is durable at the replica");
+        v
+    };
+    let (_fs2, old_primary) = new_volume();
+    for i in 0..12u8 {
+        old_primary.write(0, &pattern(i, 512)).expect("write");
+    }
+    old_primary.flush().expect("flush");
+    let old = old_primary.read_shipped(7, 1 << 20).expect("read").records;
+    let err = stale.apply_shipped(&old[..1]).expect_err("older epoch");
+    assert!(
+        err.to_string()
+            .contains("carries epoch 1 but this volume is at epoch 2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn folding_waits_for_the_replica_and_what_is_folded_cannot_be_read() {
+    let (_fs, primary, replica, records) = pair();
+    primary.hold_for_replica(Some(0));
+    // Nothing left the hour-long window: only the hard limit folds.
+    let big = pattern(7, 32 << 10);
+    for i in 0..2500u64 {
+        primary.write((i % 32) * (32 << 10), &big).expect("write");
+    }
+    primary.flush().expect("flush");
+    assert!(
+        primary.stats().forced_folds > 0,
+        "the hard limit forced folds"
+    );
+    assert!(
+        primary.folded_past_hold() > 0,
+        "the forced fold says it passed the hold"
+    );
+    let err = primary.read_shipped(1, 1 << 20).expect_err("folded");
+    assert!(matches!(err, Error::Folded { lsn: 1, .. }), "{err}");
+    drop((replica, records));
+}
+
+#[test]
+fn a_held_volume_folds_only_what_the_replica_holds() {
+    let fs = FaultStorage::new();
+    create(&fs, &small_settings());
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000_000_000));
+    let primary = Volume::open(
+        fs.arc(),
+        Path::new(DIR),
+        OpenOptions {
+            clock: clock.clone(),
+            ..options()
+        },
+    )
+    .expect("open")
+    .0;
+    for i in 0..40u8 {
+        primary
+            .write(u64::from(i) * 4096, &pattern(i, 4096))
+            .expect("write");
+    }
+    primary.flush().expect("flush");
+    clock.advance(2 * 3600 * 1_000_000_000);
+    primary.hold_for_replica(Some(2));
+    assert!(
+        primary.fold_now().expect("fold").is_none(),
+        "every segment holds a record past the hold"
+    );
+    primary.hold_for_replica(Some(30));
+    let folded = primary.fold_now().expect("fold").expect("a fold");
+    assert!(folded.base_lsn <= 30 && folded.base_lsn > 2, "{folded:?}");
+    assert_eq!(primary.folded_past_hold(), 0, "not forced");
+    let err = primary.read_shipped(1, 1 << 20).expect_err("folded");
+    assert!(matches!(err, Error::Folded { lsn: 1, .. }), "{err}");
+    let next = primary
+        .read_shipped(folded.base_lsn + 1, 1 << 20)
+        .expect("read after the fold");
+    assert_eq!(next.records[0].lsn(), folded.base_lsn + 1);
+}
