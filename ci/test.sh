@@ -13,6 +13,8 @@ REWIND_BENCH_QUICK=1 cargo bench --locked -p rewind-vhost-blk --bench drain
 # only a stable toolchain; cargo-fuzz needs -Z flags for its sanitizer,
 # which RUSTC_BOOTSTRAP allows.
 (cd vhost-blk && RUSTC_BOOTSTRAP=1 cargo fuzz run request -- -max_total_time=30 2>&1 | tail -n 2)
+# And the replication frame decoder, which takes bytes from the network.
+(cd vhost-blk && RUSTC_BOOTSTRAP=1 cargo fuzz run frame -- -max_total_time=30 2>&1 | tail -n 2)
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"

@@ -98,6 +98,13 @@ enum Command {
         #[arg(long)]
         socket_path: PathBuf,
     },
+    /// The replication link: role, peer, mode, state, acked lsn, lag,
+    /// RPO, bytes sent, compression, last error.
+    Replication {
+        /// Show it again every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -164,13 +171,35 @@ fn run(cli: Cli) -> Result<Value, CtlError> {
             let socket_path = std::path::absolute(&socket_path)?;
             ("unexport", json!({ "socket_path": socket_path }))
         }
+        Command::Replication { watch } => {
+            if watch {
+                let control = control(cli.control)?;
+                loop {
+                    let status =
+                        rewind_ctl::request(&control, "replication", Value::Null, &mut progress)?;
+                    // Clear the screen and home the cursor, as watch(1) does.
+                    print!("\x1b[2J\x1b[H");
+                    if cli.json {
+                        println!("{status}");
+                    } else {
+                        print!("{}", rewind_ctl::table(&status));
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+            ("replication", Value::Null)
+        }
     };
-    let control = cli.control.ok_or_else(|| {
-        CtlError::Usage("--control PATH is needed: the daemon's control socket".into())
-    })?;
+    let control = control(cli.control)?;
     let answer = rewind_ctl::request(&control, command, arguments, &mut progress);
     bar.finish_and_clear();
     answer
+}
+
+fn control(path: Option<PathBuf>) -> Result<PathBuf, CtlError> {
+    path.ok_or_else(|| {
+        CtlError::Usage("--control PATH is needed: the daemon's control socket".into())
+    })
 }
 
 fn main() -> ExitCode {

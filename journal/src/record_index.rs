@@ -164,6 +164,21 @@ impl RecordIndex {
         lo - 1
     }
 
+    /// Bytes of data the records `after + 1..=upto` put in the journal.
+    pub fn journal_bytes(&self, after: u64, upto: u64) -> u64 {
+        let first = after.max(self.base_lsn) + 1;
+        (first..=upto.min(self.last_lsn()))
+            .map(|lsn| match self.entry(lsn).effect {
+                Effect::Data {
+                    sectors,
+                    target: Target::Journal { .. },
+                    ..
+                } => sectors * crate::format::SECTOR,
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// Times of the oldest and newest records, if any.
     pub fn bounds(&self) -> Option<(u64, u64)> {
         let last = self.last_lsn();

@@ -1,13 +1,17 @@
 //! Command line of `rewind-blk` and the validated settings made from it.
 
+use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use rewind_journal::VolumeSettings;
+use uuid::Uuid;
 
 use crate::backend::{ExportConfig, MAX_QUEUE_SIZE};
+use crate::replication::tls::{Fingerprint, PeerTrust, TlsSettings};
+use crate::replication::{Mode, OnLoss, ReceiverConfig, SenderConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,7 +29,21 @@ pub enum Command {
     /// Create a volume (empty, or from a raw image).
     Create(CreateArgs),
     /// Serve a volume to QEMU over a vhost-user-blk socket until SIGTERM or SIGINT.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Write this node's TLS key and self-signed certificate for
+    /// replication, and print the certificate's fingerprint (what the
+    /// other host gives as --tls-peer-fingerprint).
+    Cert(CertArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CertArgs {
+    /// Directory to write NAME.crt and NAME.key (mode 0600) into.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// This node's name (letters, digits, '.', '-', '_').
+    #[arg(long)]
+    pub name: String,
 }
 
 fn size(s: &str) -> Result<u64, String> {
@@ -62,6 +80,10 @@ pub struct CreateArgs {
     /// Logical block size offered to guests: 512 or 4096.
     #[arg(long, default_value_t = 512)]
     pub block_size: u32,
+    /// Make an empty replica of the primary volume with this uuid (its
+    /// `rewindctl status` names it); --size must be the primary's.
+    #[arg(long, conflicts_with = "from")]
+    pub replica_of: Option<Uuid>,
 }
 
 impl From<&CreateArgs> for VolumeSettings {
@@ -109,6 +131,68 @@ pub struct ServeArgs {
     /// sees latency) before requests fail with IOERR.
     #[arg(long, value_parser = duration, default_value = "10s")]
     pub io_error_hold: Duration,
+    #[command(flatten)]
+    pub replication: ReplicationArgs,
+}
+
+/// Replication options of `serve` (DESIGN.md, "Replication").
+#[derive(Debug, Args)]
+pub struct ReplicationArgs {
+    /// On a replica: where primaries connect (ADDR:PORT).
+    #[arg(long, conflicts_with = "replicate_to")]
+    pub replication_listen: Option<SocketAddr>,
+    /// On a primary: the replica to ship the journal to (ADDR:PORT).
+    #[arg(long)]
+    pub replicate_to: Option<SocketAddr>,
+    /// async: guest IO never waits for the network; sync: a guest flush
+    /// completes once the replica holds what it covers.
+    #[arg(long, value_enum, default_value = "async")]
+    pub replication_mode: Mode,
+    /// Sync mode: how long flushes wait for a lost replica before
+    /// --on-replica-loss applies.
+    #[arg(long, value_parser = duration, default_value = "5s")]
+    pub sync_timeout: Duration,
+    /// Sync mode, replica lost past --sync-timeout: suspend (flushes keep
+    /// waiting) or degrade (go on as async, loudly).
+    #[arg(long, value_enum, default_value = "degrade")]
+    pub on_replica_loss: OnLoss,
+    /// Command run (by sh -c) before degrading; it must exit 0 (e.g. mark
+    /// the replica outdated where failover looks).
+    #[arg(long)]
+    pub fence_peer: Option<String>,
+    /// Bytes per second the stream may use (e.g. 100M).
+    #[arg(long, value_parser = size)]
+    pub replication_rate: Option<u64>,
+    /// Compress record batches with zstd (level 1, only when it pays).
+    #[arg(long, value_enum, default_value = "zstd")]
+    pub compress: Compress,
+    /// This node's certificate (PEM), from `rewind-blk cert`.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// Trust peers whose certificate this CA (PEM) signed.
+    #[arg(long, conflicts_with = "tls_peer_fingerprint")]
+    pub tls_ca: Option<PathBuf>,
+    /// Trust the peer whose certificate has this SHA-256 fingerprint (what
+    /// `rewind-blk cert` printed on the other host).
+    #[arg(long)]
+    pub tls_peer_fingerprint: Option<Fingerprint>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compress {
+    Zstd,
+    None,
+}
+
+/// What a daemon does with replication.
+#[derive(Debug, Clone)]
+pub enum Replication {
+    Off,
+    Primary(SenderConfig),
+    Replica(ReceiverConfig),
 }
 
 /// Where the daemon listens.
@@ -126,6 +210,7 @@ pub struct ServeConfig {
     pub export: ExportConfig,
     pub io_error_hold: Duration,
     pub control_socket: Option<PathBuf>,
+    pub replication: Replication,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -142,6 +227,14 @@ pub enum ConfigError {
     Fd(RawFd),
     #[error("--io-error-hold must be under 30s (guests reset devices after about 60s), not {0:?}")]
     Hold(Duration),
+    #[error("replication needs --tls-cert and --tls-key (make them with `rewind-blk cert`)")]
+    NoTlsIdentity,
+    #[error("replication needs --tls-ca or --tls-peer-fingerprint to know its peer")]
+    NoTlsTrust,
+    #[error("{0} only applies with --replicate-to")]
+    NotReplicating(&'static str),
+    #[error("--replication-rate must be at least 64K per second")]
+    Rate,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -165,6 +258,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
         if a.io_error_hold >= Duration::from_secs(30) {
             return Err(ConfigError::Hold(a.io_error_hold));
         }
+        let replication = Replication::try_from(a.replication)?;
         Ok(ServeConfig {
             volume,
             listen,
@@ -175,6 +269,53 @@ impl TryFrom<ServeArgs> for ServeConfig {
             },
             io_error_hold: a.io_error_hold,
             control_socket: a.control_socket,
+            replication,
+        })
+    }
+}
+
+impl TryFrom<ReplicationArgs> for Replication {
+    type Error = ConfigError;
+
+    fn try_from(a: ReplicationArgs) -> Result<Self, ConfigError> {
+        if a.replicate_to.is_none() {
+            let primary_only = [
+                (a.replication_mode != Mode::Async, "--replication-mode"),
+                (a.fence_peer.is_some(), "--fence-peer"),
+                (a.replication_rate.is_some(), "--replication-rate"),
+            ];
+            if let Some((_, name)) = primary_only.iter().find(|(given, _)| *given) {
+                return Err(ConfigError::NotReplicating(name));
+            }
+        }
+        if a.replicate_to.is_none() && a.replication_listen.is_none() {
+            return Ok(Replication::Off);
+        }
+        let (Some(cert), Some(key)) = (a.tls_cert, a.tls_key) else {
+            return Err(ConfigError::NoTlsIdentity);
+        };
+        let trust = match (a.tls_ca, a.tls_peer_fingerprint) {
+            (Some(ca), _) => PeerTrust::Ca(ca),
+            (None, Some(pin)) => PeerTrust::Fingerprint(pin),
+            (None, None) => return Err(ConfigError::NoTlsTrust),
+        };
+        let tls = TlsSettings { cert, key, trust };
+        if a.replication_rate.is_some_and(|rate| rate < 64 << 10) {
+            return Err(ConfigError::Rate);
+        }
+        Ok(match (a.replicate_to, a.replication_listen) {
+            (Some(peer), _) => Replication::Primary(SenderConfig {
+                peer,
+                mode: a.replication_mode,
+                sync_timeout: a.sync_timeout,
+                on_loss: a.on_replica_loss,
+                fence_peer: a.fence_peer,
+                rate: a.replication_rate,
+                compress: a.compress == Compress::Zstd,
+                tls,
+            }),
+            (None, Some(listen)) => Replication::Replica(ReceiverConfig { listen, tls }),
+            (None, None) => Replication::Off,
         })
     }
 }
@@ -191,8 +332,8 @@ mod tests {
         argv.extend_from_slice(args);
         let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
         match cli.command {
-            Command::Serve(a) => ServeConfig::try_from(a).map_err(|e| e.to_string()),
-            Command::Create(_) => Err("not serve".into()),
+            Command::Serve(a) => ServeConfig::try_from(*a).map_err(|e| e.to_string()),
+            Command::Create(_) | Command::Cert(_) => Err("not serve".into()),
         }
     }
 

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rewind_journal::{format_ns, Bookmark, PointInTime, Volume};
+use rewind_journal::{format_ns, Bookmark, PointInTime, Role, Volume};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use vhost::vhost_user::Listener;
@@ -26,6 +26,7 @@ use crate::backend::ExportConfig;
 use crate::device::{BlockDevice, ViewDevice};
 use crate::export::{Attached, Export};
 use crate::gate::{Counters, Gate, State};
+use crate::replication::{Link, ReplicationStatus};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Longest request line accepted.
@@ -91,6 +92,8 @@ enum Command {
     Unexport {
         socket_path: PathBuf,
     },
+    /// The replication link: role, peer, state, lag, RPO.
+    Replication {},
 }
 
 fn default_timeout_ms() -> u64 {
@@ -109,6 +112,7 @@ const COMMANDS: &[&str] = &[
     "revert",
     "export",
     "unexport",
+    "replication",
 ];
 
 /// What `status` reports.
@@ -142,6 +146,9 @@ struct Status {
     window_start: String,
     /// Folds the hard limit forced (each one shrank the window).
     forced_folds: u64,
+    role: Role,
+    /// The replication link, if the daemon replicates.
+    replication: Option<ReplicationStatus>,
 }
 
 #[derive(Debug, Serialize)]
@@ -200,14 +207,34 @@ pub struct Control {
     pub volume: Arc<Volume>,
     pub live: Arc<Export>,
     views: Mutex<BTreeMap<PathBuf, ViewExport>>,
+    replication: Option<Arc<Link>>,
 }
 
 impl Control {
-    pub fn new(volume: Arc<Volume>, live: Arc<Export>) -> Self {
+    pub fn new(volume: Arc<Volume>, live: Arc<Export>, replication: Option<Arc<Link>>) -> Self {
         Control {
             volume,
             live,
             views: Mutex::default(),
+            replication,
+        }
+    }
+
+    fn replication(&self) -> Option<ReplicationStatus> {
+        self.replication
+            .as_ref()
+            .map(|link| link.status(&self.volume))
+    }
+
+    /// Refuses commands that would write to a replica's journal or serve
+    /// its guest: its lsns are its primary's.
+    fn not_on_replica(&self, what: &str) -> Result<(), String> {
+        match self.volume.role() {
+            Role::Replica => Err(format!(
+                "this volume is a replica; {what} would write records its primary never wrote \
+                 (views, export and materialize work on a replica)"
+            )),
+            Role::Primary => Ok(()),
         }
     }
 
@@ -252,6 +279,8 @@ impl Control {
             window_effective: s.window_effective.as_secs(),
             window_start: format_ns(s.window_start_ns),
             forced_folds: s.forced_folds,
+            role: self.volume.role(),
+            replication: self.replication(),
         }
     }
 
@@ -308,27 +337,44 @@ impl Control {
             Command::Status {} => to_json(serde_json::to_value(self.status())),
             Command::Timeline {} => to_json(serde_json::to_value(self.timeline())),
             Command::Bookmark { name } => {
+                self.not_on_replica("a bookmark")?;
                 let b = self.volume.bookmark(&name).map_err(|e| e.to_string())?;
                 to_json(serde_json::to_value(BookmarkInfo::from(b)))
             }
             Command::Materialize { at, output } => self.materialize(&at, &output, progress),
             Command::Drain { timeout_ms, abort } => self.drain(timeout_ms, abort),
             Command::Resume {} => {
+                self.not_on_replica("serving its guest")?;
                 self.live.gate.resume().map_err(|e| e.to_string())?;
                 Ok(json!({"state": self.live.gate.state()}))
             }
-            Command::Fence { timeout_ms } => self.fence(timeout_ms),
+            Command::Fence { timeout_ms } => {
+                self.not_on_replica("a fence (an Epoch record)")?;
+                self.fence(timeout_ms)
+            }
             Command::Unfence {} => {
+                self.not_on_replica("serving its guest")?;
                 self.live.gate.unfence().map_err(|e| e.to_string())?;
                 Ok(json!({"state": self.live.gate.state(), "epoch": self.volume.epoch()}))
             }
-            Command::Revert { at } => self.revert(&at),
+            Command::Revert { at } => {
+                self.not_on_replica("a revert")?;
+                self.revert(&at)
+            }
             Command::Export {
                 at,
                 socket_path,
                 scratch,
             } => self.export(&at, socket_path, scratch),
             Command::Unexport { socket_path } => self.unexport(&socket_path),
+            Command::Replication {} => match self.replication() {
+                Some(status) => to_json(serde_json::to_value(status)),
+                None => Err(
+                    "this daemon does not replicate (serve it with --replicate-to or \
+                             --replication-listen)"
+                        .into(),
+                ),
+            },
         }
     }
 
@@ -662,7 +708,7 @@ mod tests {
         };
         let gate = Arc::new(Gate::new(volume.epoch()));
         let live = Arc::new(Export::new(volume.clone(), config, gate));
-        Control::new(volume, live)
+        Control::new(volume, live, None)
     }
 
     #[test]
@@ -915,7 +961,7 @@ mod tests {
             read_only: false,
         };
         let live = Arc::new(Export::new(volume.clone(), config, Arc::new(Gate::new(1))));
-        Control::new(volume, live)
+        Control::new(volume, live, None)
     }
 
     #[test]

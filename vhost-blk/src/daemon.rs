@@ -6,13 +6,16 @@
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::Arc;
 
-use rewind_journal::{BaseImage, ImportMode, OpenOptions, OsStorage, RetryPolicy, Volume};
+use rewind_journal::{BaseImage, ImportMode, OpenOptions, OsStorage, RetryPolicy, Role, Volume};
 use vhost::vhost_user::Listener;
 
-use crate::config::{CreateArgs, Listen, ServeConfig};
+use crate::config::{CertArgs, CreateArgs, Listen, Replication, ServeConfig};
 use crate::control::{self, Control};
+use crate::device::{BlockDevice, ReplicatedVolume};
 use crate::export::{Export, ExportError};
 use crate::gate::Gate;
+use crate::replication::tls::{self, TlsContext, TlsError};
+use crate::replication::{self as repl, Link};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -31,6 +34,19 @@ pub enum DaemonError {
     Signals(std::io::Error),
     #[error("{0}")]
     Control(#[from] control::ControlError),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    #[error("replication: {0}")]
+    Replication(String),
+}
+
+/// `rewind-blk cert`.
+pub fn cert(args: &CertArgs) -> Result<(), DaemonError> {
+    let made = tls::generate_node_cert(&args.out, &args.name)?;
+    println!("certificate  {}", made.cert.display());
+    println!("key          {}", made.key.display());
+    println!("fingerprint  {}", made.fingerprint);
+    Ok(())
 }
 
 /// `rewind-blk create`.
@@ -51,18 +67,24 @@ pub fn create(args: &CreateArgs) -> Result<(), DaemonError> {
         }
     };
     let storage = OsStorage::shared();
-    let config = Volume::create(
-        storage.as_ref(),
-        &args.volume,
-        &(args.into()),
-        base,
-        &mut progress,
-    )?;
+    let config = match args.replica_of {
+        Some(primary) => {
+            Volume::create_replica(storage.as_ref(), &args.volume, &(args.into()), primary)?
+        }
+        None => Volume::create(
+            storage.as_ref(),
+            &args.volume,
+            &(args.into()),
+            base,
+            &mut progress,
+        )?,
+    };
     if args.from.is_some() {
         eprintln!();
     }
     println!(
-        "created volume {} at {}: {} bytes, window {}s, journal limit {} bytes",
+        "created {} volume {} at {}: {} bytes, window {}s, journal limit {} bytes",
+        config.role,
         config.uuid,
         args.volume.display(),
         config.size,
@@ -91,8 +113,26 @@ pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
     let (volume, _report) = Volume::open(OsStorage::shared(), &config.volume, options)?;
     let volume = Arc::new(volume);
     let gate = Arc::new(Gate::new(volume.epoch()));
-    let live = Arc::new(Export::new(volume.clone(), config.export.clone(), gate));
-    let control = Arc::new(Control::new(volume.clone(), live.clone()));
+    let replication = start_replication(&volume, &config.replication)?;
+    if volume.role() == Role::Replica {
+        // A replica serves no guest until it is promoted: a client may
+        // connect (a migration destination, early) and waits at the gate.
+        let _ = gate.drain(std::time::Duration::ZERO, || ());
+    }
+    let device: Arc<dyn BlockDevice> = match (&replication, &config.replication) {
+        (Some((_, link)), Replication::Primary(sender)) => Arc::new(ReplicatedVolume {
+            volume: volume.clone(),
+            link: link.clone(),
+            config: sender.clone(),
+        }),
+        _ => volume.clone(),
+    };
+    let live = Arc::new(Export::new(device, config.export.clone(), gate));
+    let control = Arc::new(Control::new(
+        volume.clone(),
+        live.clone(),
+        replication.as_ref().map(|(_, link)| link.clone()),
+    ));
     let _control_socket = match &config.control_socket {
         Some(path) => Some(control::start(path, control.clone())?),
         None => None,
@@ -113,7 +153,70 @@ pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
     tracing::info!("stopping: flushing the volume");
     control.stop_exports();
     volume.flush()?;
+    if let Some((runtime, _)) = replication {
+        runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    }
     Ok(())
+}
+
+/// Starts the replication link the configuration asks for, on a runtime
+/// of its own (kept alive by the caller).
+fn start_replication(
+    volume: &Arc<Volume>,
+    replication: &Replication,
+) -> Result<Option<(tokio::runtime::Runtime, Arc<Link>)>, DaemonError> {
+    let role = volume.role();
+    let fail = |message: String| Err(DaemonError::Replication(message));
+    match (replication, role) {
+        (Replication::Off, _) => Ok(None),
+        (Replication::Primary(_), Role::Replica) => fail(format!(
+            "volume {} is a replica: it takes a stream (--replication-listen) and cannot ship one",
+            volume.config().uuid
+        )),
+        (Replication::Replica(_), Role::Primary) => fail(format!(
+            "volume {} is a primary: only a replica (`rewind-blk create --replica-of`) takes a stream",
+            volume.config().uuid
+        )),
+        (Replication::Primary(sender), Role::Primary) => {
+            let tls = TlsContext::load(&sender.tls)?;
+            let runtime = repl::runtime().map_err(|e| DaemonError::Replication(e.to_string()))?;
+            let link = Arc::new(Link::primary(sender.mode, sender.peer));
+            // Until the replica says what it holds, fold nothing it may lack.
+            volume.hold_for_replica(Some(volume.stats().base_lsn));
+            runtime.spawn(repl::sender::run(
+                volume.clone(),
+                link.clone(),
+                sender.clone(),
+                tls,
+            ));
+            tracing::info!(peer = %sender.peer, mode = ?sender.mode, "replicating");
+            Ok(Some((runtime, link)))
+        }
+        (Replication::Replica(receiver), Role::Replica) => {
+            let tls = TlsContext::load(&receiver.tls)?;
+            let runtime = repl::runtime().map_err(|e| DaemonError::Replication(e.to_string()))?;
+            let listener = std::net::TcpListener::bind(receiver.listen)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|e| {
+                    DaemonError::Replication(format!("cannot listen on {}: {e}", receiver.listen))
+                })?;
+            let listener = {
+                let _in_runtime = runtime.enter();
+                tokio::net::TcpListener::from_std(listener).map_err(|e| {
+                    DaemonError::Replication(format!("cannot listen on {}: {e}", receiver.listen))
+                })?
+            };
+            let link = Arc::new(Link::replica());
+            runtime.spawn(repl::receiver::run(
+                volume.clone(),
+                link.clone(),
+                tls,
+                listener,
+            ));
+            tracing::info!(listen = %receiver.listen, "replica: waiting for the primary");
+            Ok(Some((runtime, link)))
+        }
+    }
 }
 
 /// The listening socket inherited as `fd` (`--fd`).

@@ -2,7 +2,11 @@
 
 use std::fmt::Debug;
 
+use std::sync::Arc;
+
 use rewind_journal::{Result, View, Volume};
+
+use crate::replication::{Link, SenderConfig};
 
 /// The block operations virtio-blk requests run against. Offsets and
 /// lengths are checked against `size` by the request layer first.
@@ -93,4 +97,68 @@ impl BlockDevice for ViewDevice {
         false
     }
     fn set_writethrough(&self, _on: bool) {}
+}
+
+/// A primary's live volume: a flush also wakes the replication sender,
+/// and in sync mode completes only once the replica holds what it covers
+/// (so does each write in writethrough mode).
+#[derive(Debug)]
+pub struct ReplicatedVolume {
+    pub volume: Arc<Volume>,
+    pub link: Arc<Link>,
+    pub config: SenderConfig,
+}
+
+impl ReplicatedVolume {
+    fn replicated(&self, lsn: u64) {
+        self.link.notify_durable();
+        self.link.wait_replicated(lsn, &self.config);
+    }
+}
+
+impl BlockDevice for ReplicatedVolume {
+    fn size(&self) -> u64 {
+        self.volume.size()
+    }
+    fn block_size(&self) -> u32 {
+        self.volume.config().block_size
+    }
+    fn uuid(&self) -> String {
+        BlockDevice::uuid(self.volume.as_ref())
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.volume.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let lsn = self.volume.write(offset, data)?;
+        if self.volume.writethrough() {
+            self.replicated(lsn);
+        }
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, length: u64, unmap: bool) -> Result<()> {
+        let lsn = self.volume.write_zeroes(offset, length, unmap)?;
+        if self.volume.writethrough() {
+            self.replicated(lsn);
+        }
+        Ok(())
+    }
+    fn discard(&self, offset: u64, length: u64) -> Result<()> {
+        let lsn = self.volume.discard(offset, length)?;
+        if self.volume.writethrough() {
+            self.replicated(lsn);
+        }
+        Ok(())
+    }
+    fn flush(&self) -> Result<()> {
+        self.volume.flush()?;
+        self.replicated(self.volume.durable_lsn());
+        Ok(())
+    }
+    fn writethrough(&self) -> bool {
+        self.volume.writethrough()
+    }
+    fn set_writethrough(&self, on: bool) {
+        self.volume.set_writethrough(on)
+    }
 }

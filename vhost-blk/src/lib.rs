@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod device;
 pub mod export;
 pub mod gate;
+pub mod replication;
 pub mod request;
 #[cfg(test)]
 mod test_support;

@@ -16,11 +16,12 @@ fn main() -> ExitCode {
         .init();
     let result = match Cli::parse().command {
         Command::Create(args) => daemon::create(&args).map_err(|e| e.to_string()),
+        Command::Cert(args) => daemon::cert(&args).map_err(|e| e.to_string()),
         Command::Serve(args) if args.print_capabilities => {
             println!("{CAPABILITIES}");
             Ok(())
         }
-        Command::Serve(args) => ServeConfig::try_from(args)
+        Command::Serve(args) => ServeConfig::try_from(*args)
             .map_err(|e| e.to_string())
             .and_then(|config| daemon::serve(config).map_err(|e| e.to_string())),
     };

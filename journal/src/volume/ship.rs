@@ -176,6 +176,31 @@ impl Volume {
         Ok(durable)
     }
 
+    /// The time (ns since the Unix epoch) of record `lsn`, if the journal
+    /// holds it.
+    pub fn record_time(&self, lsn: u64) -> Option<u64> {
+        let index = lock(&self.inner.index);
+        (lsn > index.base_lsn() && lsn <= index.last_lsn()).then(|| index.timestamp(lsn))
+    }
+
+    /// Bytes of data the records `after + 1..=upto` put in the journal
+    /// (what a replica that holds `after` still lacks).
+    pub fn bytes_between(&self, after: u64, upto: u64) -> u64 {
+        lock(&self.inner.index).journal_bytes(after, upto)
+    }
+
+    /// The largest payload one record of this volume carries: a replica's
+    /// segments must hold records this large.
+    pub fn max_record_payload(&self) -> u64 {
+        self.inner.max_payload
+    }
+
+    /// The newest lsn of a record other than Flush: what a replica must
+    /// hold to hold the whole disk.
+    pub fn last_data_lsn(&self) -> u64 {
+        self.inner.last_data_lsn.load(Ordering::Acquire)
+    }
+
     /// Every lsn up to here survives a crash.
     pub fn durable_lsn(&self) -> u64 {
         self.inner.durable_lsn.load(Ordering::Acquire)

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod client;
 pub mod load;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_rewind-blk");
@@ -28,10 +29,17 @@ pub struct TestVolume {
 
 impl TestVolume {
     pub fn create(size: &str) -> TestVolume {
+        Self::create_with(size, &["--segment-size", "1M"])
+    }
+
+    /// `rewind-blk create` with `args` besides the size.
+    pub fn create_with(size: &str, args: &[&str]) -> TestVolume {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("vol");
         let out = Command::new(BIN)
-            .args(["create", "--size", size, "--segment-size", "1M", "--volume"])
+            .args(["create", "--size", size])
+            .args(args)
+            .arg("--volume")
             .arg(&path)
             .output()
             .expect("run create");

@@ -1,0 +1,417 @@
+//! Replication: the primary ships its journal to a replica daemon on
+//! another host (DESIGN.md, "Replication, failover and handover"; the wire
+//! protocol is in REPLICATION.md next to this crate).
+//!
+//! One TCP connection per (volume, replica), mutual TLS 1.3. The primary
+//! connects out ([`sender`]), reads durable records from its segment files
+//! and sends them in batches; the replica ([`receiver`]) checks and places
+//! them at the same lsns, group-commits and acknowledges its durable lsn.
+//! Both run on a small tokio runtime of their own; the journal's blocking
+//! calls run on its blocking pool.
+//!
+//! [`Link`] is what the rest of the daemon sees of a replica: its state and
+//! counters for `status`, and in sync mode the wait that makes a guest
+//! flush complete only once the replica holds what it covers.
+
+pub mod frame;
+pub mod receiver;
+pub mod sender;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use rewind_journal::Volume;
+use serde::Serialize;
+
+use self::tls::TlsSettings;
+
+/// Idle links send a heartbeat this often; a peer silent for
+/// [`SILENCE_LIMIT`] is disconnected.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(3);
+
+/// How the primary's guest flushes relate to the replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Guest IO never waits for the network.
+    Async,
+    /// A guest flush completes once the replica's durable lsn covers it.
+    Sync,
+}
+
+/// What sync mode does when the replica stays away past `--sync-timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum OnLoss {
+    /// Keep holding flushes (the guest sees latency) until it returns.
+    Suspend,
+    /// Go on as in async mode, loudly, after `--fence-peer` succeeded.
+    Degrade,
+}
+
+/// A primary's replication settings (`serve --replicate-to ...`).
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    pub peer: SocketAddr,
+    pub mode: Mode,
+    pub sync_timeout: Duration,
+    pub on_loss: OnLoss,
+    /// Run (by `sh -c`) before degrading; it must exit 0.
+    pub fence_peer: Option<String>,
+    /// Bytes per second on the wire; `None`: unlimited.
+    pub rate: Option<u64>,
+    pub compress: bool,
+    pub tls: TlsSettings,
+}
+
+/// A replica's settings (`serve --replication-listen ...`).
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    pub listen: SocketAddr,
+    pub tls: TlsSettings,
+}
+
+/// The state of a link, as `status` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkState {
+    /// Dialling, or (replica) waiting for a primary.
+    Connecting,
+    /// Connected, sending what the replica lacks.
+    Syncing,
+    /// Connected and caught up: new records go out as they become durable.
+    Streaming,
+    Disconnected,
+    /// Sync mode gave up waiting for the replica: flushes no longer wait.
+    Degraded,
+    /// The replica cannot follow the journal (it needs records already
+    /// folded, or holds records this primary does not).
+    Outdated,
+}
+
+/// What `status` shows of replication.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicationStatus {
+    pub role: String,
+    /// The other end: the replica a primary ships to, or the primary
+    /// connected to a replica.
+    pub peer: Option<String>,
+    pub mode: Option<Mode>,
+    pub state: LinkState,
+    /// Every lsn up to here is durable at the replica.
+    pub acked_lsn: u64,
+    pub lag_records: u64,
+    pub lag_bytes: u64,
+    /// Now minus the time of the oldest record the replica has not made
+    /// durable (0 when caught up).
+    pub rpo_seconds: f64,
+    pub bytes_sent: u64,
+    /// Bytes before compression over bytes on the wire (1 without).
+    pub compression_ratio: f64,
+    pub resync: Option<String>,
+    /// Set on a replica that lost its primary without a seal: its data may
+    /// be behind what the primary acknowledged to its guest.
+    pub outdated: Option<String>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: LinkState,
+    peer: Option<String>,
+    last_error: Option<String>,
+    outdated: Option<String>,
+    /// Sync mode, flushes waiting: since when the replica has been away.
+    lost_since: Option<Instant>,
+}
+
+/// One replica link: shared by its network task, the data path (sync
+/// mode) and `status`.
+#[derive(Debug)]
+pub struct Link {
+    role: &'static str,
+    mode: Option<Mode>,
+    shared: Mutex<Shared>,
+    changed: Condvar,
+    acked_lsn: AtomicU64,
+    /// The newest lsn sent, and its time (ns since the Unix epoch).
+    sent_lsn: AtomicU64,
+    bytes_sent: AtomicU64,
+    bytes_raw: AtomicU64,
+    /// Wakes the sender when a flush made records durable.
+    wake: tokio::sync::Notify,
+}
+
+fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Link {
+    pub fn primary(mode: Mode, peer: SocketAddr) -> Self {
+        Self::new("primary", Some(mode), Some(peer.to_string()))
+    }
+
+    pub fn replica() -> Self {
+        Self::new("replica", None, None)
+    }
+
+    fn new(role: &'static str, mode: Option<Mode>, peer: Option<String>) -> Self {
+        Link {
+            role,
+            mode,
+            shared: Mutex::new(Shared {
+                state: LinkState::Connecting,
+                peer,
+                last_error: None,
+                outdated: None,
+                lost_since: None,
+            }),
+            changed: Condvar::new(),
+            acked_lsn: AtomicU64::new(0),
+            sent_lsn: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
+            bytes_raw: AtomicU64::new(0),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn state(&self) -> LinkState {
+        lock(&self.shared).state
+    }
+
+    pub fn acked_lsn(&self) -> u64 {
+        self.acked_lsn.load(Ordering::Acquire)
+    }
+
+    fn set_state(&self, state: LinkState) {
+        let mut shared = lock(&self.shared);
+        // Degraded lasts until the replica has caught up again.
+        if shared.state == LinkState::Degraded && state == LinkState::Syncing {
+            return;
+        }
+        shared.state = state;
+        drop(shared);
+        self.changed.notify_all();
+    }
+
+    fn set_peer(&self, peer: Option<String>) {
+        lock(&self.shared).peer = peer;
+    }
+
+    /// Records why the link went down (logged by the caller).
+    fn failed(&self, state: LinkState, error: String) {
+        let mut shared = lock(&self.shared);
+        if shared.state != LinkState::Degraded || state == LinkState::Outdated {
+            shared.state = state;
+        }
+        shared.last_error = Some(error);
+        drop(shared);
+        self.changed.notify_all();
+    }
+
+    /// Records an error that does not change the link's state (a peer
+    /// turned away while another session runs).
+    fn note_error(&self, error: String) {
+        lock(&self.shared).last_error = Some(error);
+    }
+
+    fn set_outdated(&self, why: Option<String>) {
+        lock(&self.shared).outdated = why;
+    }
+
+    fn acked(&self, lsn: u64) {
+        self.acked_lsn.fetch_max(lsn, Ordering::AcqRel);
+        // Taking the lock orders the store before a waiter's check.
+        drop(lock(&self.shared));
+        self.changed.notify_all();
+    }
+
+    fn sent(&self, lsn: u64, wire: usize, raw: usize) {
+        self.sent_lsn.store(lsn, Ordering::Release);
+        self.bytes_sent.fetch_add(wire as u64, Ordering::Relaxed);
+        self.bytes_raw.fetch_add(raw as u64, Ordering::Relaxed);
+    }
+
+    /// A flush made records durable: the sender may ship them now.
+    pub fn notify_durable(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Sync mode: waits until the replica's durable lsn covers `lsn`. Past
+    /// `sync_timeout` without it, `suspend` keeps waiting and `degrade`
+    /// stops waiting (once `fence_peer` succeeded) until the replica has
+    /// caught up again.
+    pub fn wait_replicated(&self, lsn: u64, config: &SenderConfig) {
+        if self.mode != Some(Mode::Sync) {
+            return;
+        }
+        let mut shared = lock(&self.shared);
+        let mut deadline = Instant::now() + config.sync_timeout;
+        loop {
+            if self.acked_lsn() >= lsn {
+                shared.lost_since = None;
+                return;
+            }
+            if shared.state == LinkState::Degraded {
+                return;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let since = *shared.lost_since.get_or_insert(now);
+                match config.on_loss {
+                    OnLoss::Suspend => {
+                        tracing::warn!(
+                            "sync replication: the replica has not confirmed lsn {lsn} for {:?}; \
+                             holding guest flushes (--on-replica-loss suspend)",
+                            since.elapsed() + config.sync_timeout
+                        );
+                    }
+                    OnLoss::Degrade => {
+                        drop(shared);
+                        let fenced = fence_peer(config.fence_peer.as_deref());
+                        shared = lock(&self.shared);
+                        match fenced {
+                            Ok(()) => {
+                                tracing::error!(
+                                    "sync replication degraded: the replica did not confirm lsn \
+                                     {lsn} within {:?}; guest flushes no longer wait for it",
+                                    config.sync_timeout
+                                );
+                                shared.state = LinkState::Degraded;
+                                shared.last_error = Some(format!(
+                                    "degraded: the replica did not confirm lsn {lsn} within {:?}",
+                                    config.sync_timeout
+                                ));
+                                drop(shared);
+                                self.changed.notify_all();
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::error!(
+                                    "sync replication: --fence-peer failed ({e}); holding guest \
+                                     flushes instead of degrading"
+                                );
+                                shared.last_error = Some(format!("--fence-peer failed: {e}"));
+                            }
+                        }
+                    }
+                }
+                deadline = Instant::now() + config.sync_timeout;
+            }
+            shared = self
+                .changed
+                .wait_timeout(shared, deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// The sender caught up with the replica: a degraded link is in sync
+    /// again.
+    fn caught_up(&self) {
+        let mut shared = lock(&self.shared);
+        if shared.state != LinkState::Streaming {
+            if shared.state == LinkState::Degraded {
+                tracing::info!("the replica caught up: sync replication resumes");
+            }
+            shared.state = LinkState::Streaming;
+            shared.lost_since = None;
+            drop(shared);
+            self.changed.notify_all();
+        }
+    }
+
+    /// The link as `status` shows it, against `volume`'s journal.
+    pub fn status(&self, volume: &Volume) -> ReplicationStatus {
+        let shared = lock(&self.shared);
+        let stats = volume.stats();
+        let acked = self.acked_lsn();
+        let (lag_records, rpo_seconds) = if self.role == "primary" {
+            // A trailing Flush record changes nothing on the disk.
+            let newest = volume.last_data_lsn();
+            let oldest_missing = (newest > acked)
+                .then(|| volume.record_time(acked + 1))
+                .flatten();
+            let rpo = oldest_missing.map_or(0.0, |ns| {
+                let now = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64);
+                now.saturating_sub(ns) as f64 / 1e9
+            });
+            (newest.saturating_sub(acked), rpo)
+        } else {
+            (0, 0.0)
+        };
+        let sent = self.bytes_sent.load(Ordering::Relaxed);
+        let raw = self.bytes_raw.load(Ordering::Relaxed);
+        ReplicationStatus {
+            role: self.role.into(),
+            peer: shared.peer.clone(),
+            mode: self.mode,
+            state: shared.state,
+            acked_lsn: acked,
+            lag_records,
+            lag_bytes: if self.role == "primary" {
+                volume.bytes_between(acked, stats.last_lsn)
+            } else {
+                0
+            },
+            rpo_seconds,
+            bytes_sent: sent,
+            compression_ratio: if sent == 0 {
+                1.0
+            } else {
+                raw as f64 / sent as f64
+            },
+            resync: None,
+            outdated: shared.outdated.clone(),
+            last_error: shared.last_error.clone(),
+        }
+    }
+}
+
+/// Runs the `--fence-peer` hook, if any.
+fn fence_peer(command: Option<&str>) -> Result<(), String> {
+    let Some(command) = command else {
+        return Ok(());
+    };
+    tracing::warn!(command, "running --fence-peer before degrading");
+    let status = std::process::Command::new("sh")
+        .args(["-c", command])
+        .status()
+        .map_err(|e| format!("cannot run {command:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{command:?} exited with {status}"))
+    }
+}
+
+/// The tokio runtime replication runs on: two workers are plenty for one
+/// link per volume.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("rewind-repl")
+        .enable_all()
+        .build()
+}
+
+/// Sets TCP keepalive and a user timeout, so a dead peer or a cut link is
+/// noticed within seconds even while data waits to be acknowledged.
+fn tune_socket(stream: &tokio::net::TcpStream) {
+    use rustix::net::sockopt;
+    let _ = stream.set_nodelay(true);
+    let tuned = sockopt::set_socket_keepalive(stream, true)
+        .and_then(|()| sockopt::set_tcp_keepidle(stream, Duration::from_secs(2)))
+        .and_then(|()| sockopt::set_tcp_keepintvl(stream, Duration::from_secs(1)))
+        .and_then(|()| sockopt::set_tcp_keepcnt(stream, 3))
+        .and_then(|()| sockopt::set_tcp_user_timeout(stream, 5_000));
+    if let Err(e) = tuned {
+        tracing::warn!("cannot set TCP keepalive on the replication link: {e}");
+    }
+}

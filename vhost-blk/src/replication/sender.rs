@@ -1,0 +1,339 @@
+//! The primary's side of a replication link.
+//!
+//! A session: connect (TCP, then mutual TLS), say hello, learn from the
+//! replica's welcome where it stands, then ship. Records are read from the
+//! segment files ([`Volume::read_shipped`]) in batches of about 1 MiB,
+//! only once durable here; a flush wakes the sender at once, and in async
+//! mode it makes records durable itself after [`SHIP_DELAY`] so that a
+//! guest that never flushes is replicated too. Acks come back on the same
+//! connection and move the link's acked lsn and the journal's fold hold.
+//! Any error ends the session; the next one starts after a backoff.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rewind_journal::{Error as JournalError, ShipBatch, Volume};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use super::frame::{read_frame, write_frame, Encoder, Frame, Hello, Message};
+use super::tls::TlsContext;
+use super::{tune_socket, Link, LinkState, SenderConfig, HEARTBEAT, SILENCE_LIMIT};
+
+/// Payload bytes per batch.
+const BATCH_BYTES: usize = 1 << 20;
+/// How long records written without a guest flush wait before the sender
+/// flushes them itself (async mode's RPO floor).
+pub const SHIP_DELAY: Duration = Duration::from_millis(100);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Why a session ended.
+#[derive(Debug)]
+struct SessionError {
+    state: LinkState,
+    message: String,
+}
+
+fn down(message: impl Into<String>) -> SessionError {
+    SessionError {
+        state: LinkState::Disconnected,
+        message: message.into(),
+    }
+}
+
+/// Runs sessions until the runtime stops.
+pub async fn run(volume: Arc<Volume>, link: Arc<Link>, config: SenderConfig, tls: TlsContext) {
+    let mut backoff = BACKOFF_FIRST;
+    loop {
+        link.set_state(LinkState::Connecting);
+        let started = Instant::now();
+        let err = session(&volume, &link, &config, &tls).await;
+        if err.state == LinkState::Outdated {
+            tracing::error!(peer = %config.peer, "replication stopped: {}", err.message);
+        } else {
+            tracing::warn!(peer = %config.peer, "replication link down: {}", err.message);
+        }
+        link.failed(err.state, err.message);
+        if started.elapsed() > BACKOFF_MAX {
+            backoff = BACKOFF_FIRST;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// One connection, until it fails.
+async fn session(
+    volume: &Arc<Volume>,
+    link: &Link,
+    config: &SenderConfig,
+    tls: &TlsContext,
+) -> SessionError {
+    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(config.peer)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return down(format!("cannot connect to {}: {e}", config.peer)),
+        Err(_) => return down(format!("connecting to {} timed out", config.peer)),
+    };
+    tune_socket(&tcp);
+    let stream = match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tls.connector().connect(tls.server_name(), tcp),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return down(format!("TLS handshake with {} failed: {e}", config.peer)),
+        Err(_) => return down(format!("TLS handshake with {} timed out", config.peer)),
+    };
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let mut encoder = match Encoder::new(config.compress) {
+        Ok(encoder) => encoder,
+        Err(e) => return down(format!("cannot start zstd: {e}")),
+    };
+    let welcome = match handshake(volume, &mut reader, &mut writer, &mut encoder).await {
+        Ok(welcome) => welcome,
+        Err(e) => return e,
+    };
+    tracing::info!(
+        peer = %config.peer,
+        replica_lsn = welcome.last_lsn,
+        durable_lsn = welcome.durable_lsn,
+        "replication link up"
+    );
+    volume.hold_for_replica(Some(welcome.durable_lsn));
+    link.acked(welcome.durable_lsn);
+    link.set_state(LinkState::Syncing);
+    let shipping = ship(
+        volume,
+        link,
+        config,
+        &mut writer,
+        &mut encoder,
+        welcome.last_lsn + 1,
+    );
+    let acking = take_acks(volume, link, &mut reader);
+    tokio::select! {
+        e = shipping => e,
+        e = acking => e,
+    }
+}
+
+async fn handshake<R, W>(
+    volume: &Volume,
+    reader: &mut R,
+    writer: &mut W,
+    encoder: &mut Encoder,
+) -> Result<super::frame::Welcome, SessionError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let config = volume.config();
+    let stats = volume.stats();
+    let hello = Hello {
+        volume: config.uuid,
+        size: config.size,
+        block_size: config.block_size,
+        max_payload: volume.max_record_payload(),
+        epoch: volume.epoch(),
+        epoch_history: volume.epoch_history(),
+        durable_lsn: stats.durable_lsn,
+        first_lsn: stats.base_lsn + 1,
+    };
+    let epoch = volume.epoch();
+    write_frame(writer, &encoder.encode(epoch, &Message::Hello(hello)))
+        .await
+        .map_err(|e| down(format!("sending hello: {e}")))?;
+    let frame = tokio::time::timeout(SILENCE_LIMIT * 3, read_frame(reader))
+        .await
+        .map_err(|_| down("the replica did not answer the hello"))?
+        .map_err(|e| down(format!("reading the replica's welcome: {e}")))?;
+    let welcome = match frame.message {
+        Message::Welcome(w) => w,
+        Message::Refuse(reason) => {
+            return Err(SessionError {
+                state: LinkState::Outdated,
+                message: format!("the replica refused: {reason}"),
+            })
+        }
+        other => return Err(down(format!("expected a welcome, got {}", other.name()))),
+    };
+    if welcome.epoch > epoch {
+        return Err(SessionError {
+            state: LinkState::Outdated,
+            message: format!(
+                "the replica is at epoch {}, newer than this primary's {epoch}: this primary \
+                 was fenced or failed over and must not ship",
+                welcome.epoch
+            ),
+        });
+    }
+    if welcome.last_lsn > stats.durable_lsn {
+        return Err(SessionError {
+            state: LinkState::Outdated,
+            message: format!(
+                "the replica holds lsn {} but this primary's journal ends at lsn {}: they \
+                 diverged",
+                welcome.last_lsn, stats.durable_lsn
+            ),
+        });
+    }
+    Ok(welcome)
+}
+
+/// Ships records from `next` on, for as long as the link holds.
+async fn ship<W: AsyncWrite + Unpin>(
+    volume: &Arc<Volume>,
+    link: &Link,
+    config: &SenderConfig,
+    writer: &mut W,
+    encoder: &mut Encoder,
+    mut next: u64,
+) -> SessionError {
+    let mut bucket = config.rate.map(TokenBucket::new);
+    let mut last_send = Instant::now();
+    loop {
+        let batch = match read(volume, next).await {
+            Ok(batch) => batch,
+            Err(e) => return e,
+        };
+        if batch.records.is_empty() {
+            if link.acked_lsn() + 1 >= next {
+                link.caught_up();
+            }
+            let unflushed = volume.last_lsn() > volume.durable_lsn();
+            let wait = if unflushed { SHIP_DELAY } else { HEARTBEAT };
+            let woken = tokio::time::timeout(wait, link.wake.notified())
+                .await
+                .is_ok();
+            if !woken && unflushed && volume.durable_lsn() < next {
+                // Nobody flushed: make the records durable to ship them.
+                let v = volume.clone();
+                match tokio::task::spawn_blocking(move || v.flush()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return down(format!("flushing the journal to ship it: {e}")),
+                    Err(e) => return down(format!("flushing the journal to ship it: {e}")),
+                }
+            }
+            if last_send.elapsed() >= HEARTBEAT {
+                let beat = encoder.encode(volume.epoch(), &Message::Heartbeat);
+                if let Err(e) = write_frame(writer, &beat).await {
+                    return down(format!("sending a heartbeat: {e}"));
+                }
+                last_send = Instant::now();
+            }
+            continue;
+        }
+        let count = batch.records.len() as u64;
+        let encoded = encoder.encode(volume.epoch(), &Message::Records(batch.records));
+        if let Some(bucket) = bucket.as_mut() {
+            bucket.take(encoded.bytes.len()).await;
+        }
+        if let Err(e) = write_frame(writer, &encoded).await {
+            return down(format!("sending records {next}..: {e}"));
+        }
+        last_send = Instant::now();
+        next += count;
+        link.sent(next - 1, encoded.bytes.len(), encoded.raw_len);
+    }
+}
+
+async fn read(volume: &Arc<Volume>, next: u64) -> Result<ShipBatch, SessionError> {
+    let v = volume.clone();
+    match tokio::task::spawn_blocking(move || v.read_shipped(next, BATCH_BYTES)).await {
+        Ok(Ok(batch)) => Ok(batch),
+        Ok(Err(e @ JournalError::Folded { .. })) => Err(SessionError {
+            state: LinkState::Outdated,
+            message: format!("the replica needs a resync: {e}"),
+        }),
+        Ok(Err(e)) => Err(down(format!("reading the journal to ship it: {e}"))),
+        Err(e) => Err(down(format!("reading the journal to ship it: {e}"))),
+    }
+}
+
+/// Takes acks (and heartbeat answers) until the link fails.
+async fn take_acks<R: AsyncRead + Unpin>(
+    volume: &Volume,
+    link: &Link,
+    reader: &mut R,
+) -> SessionError {
+    loop {
+        let frame = match tokio::time::timeout(SILENCE_LIMIT, read_frame(reader)).await {
+            Ok(Ok(frame)) => frame,
+            Ok(Err(e)) => return down(format!("reading from the replica: {e}")),
+            Err(_) => return down(format!("the replica was silent for {SILENCE_LIMIT:?}")),
+        };
+        match frame {
+            Frame {
+                message: Message::Ack { durable_lsn },
+                ..
+            } => {
+                let sent = link.sent_lsn.load(std::sync::atomic::Ordering::Acquire);
+                if durable_lsn > sent.max(link.acked_lsn()) {
+                    return down(format!(
+                        "the replica acknowledged lsn {durable_lsn}, past what was sent ({sent})"
+                    ));
+                }
+                volume.hold_for_replica(Some(durable_lsn));
+                link.acked(durable_lsn);
+            }
+            Frame {
+                message: Message::Heartbeat,
+                ..
+            } => {}
+            Frame {
+                message: Message::Refuse(reason),
+                ..
+            } => {
+                return SessionError {
+                    state: LinkState::Outdated,
+                    message: format!("the replica refused: {reason}"),
+                }
+            }
+            Frame { message, .. } => {
+                return down(format!(
+                    "unexpected {} frame from the replica",
+                    message.name()
+                ))
+            }
+        }
+    }
+}
+
+/// `--replication-rate`: bytes per second, with a burst of a quarter
+/// second so the rate holds over any window of a second or more.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: u64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u64) -> Self {
+        TokenBucket {
+            rate,
+            tokens: 0.0,
+            at: Instant::now(),
+        }
+    }
+
+    /// Waits until `bytes` may be sent (a batch larger than the burst
+    /// takes the bucket into debt, repaid before the next).
+    async fn take(&mut self, bytes: usize) {
+        let burst = self.rate as f64 / 4.0;
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate as f64).min(burst);
+        self.at = now;
+        if self.tokens < 0.0 {
+            let wait = Duration::from_secs_f64(-self.tokens / self.rate as f64);
+            tokio::time::sleep(wait).await;
+            self.tokens = 0.0;
+            self.at = Instant::now();
+        }
+        self.tokens -= bytes as f64;
+    }
+}

@@ -1,0 +1,389 @@
+//! Replication between two real `rewind-blk` daemons over TCP on loopback
+//! with mutual TLS: a libblkio client writes on the primary, and the
+//! replica must hold the same disk at every lsn it acknowledged.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::client::{pattern, Client};
+use common::{wait_until, Server, TestVolume, BIN};
+use serde_json::{json, Value};
+
+const SIZE: &str = "64M";
+
+/// A node's certificate and key, and its fingerprint.
+struct Identity {
+    cert: PathBuf,
+    key: PathBuf,
+    fingerprint: String,
+}
+
+fn identity(dir: &Path, name: &str) -> Identity {
+    let out = Command::new(BIN)
+        .args(["cert", "--name", name, "--out"])
+        .arg(dir)
+        .output()
+        .expect("run cert");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let field = |key: &str| -> String {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in {stdout}"))
+            .trim()
+            .to_owned()
+    };
+    Identity {
+        cert: field("certificate").into(),
+        key: field("key").into(),
+        fingerprint: field("fingerprint"),
+    }
+}
+
+/// A free TCP port on loopback.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A daemon with a control socket and replication options.
+struct Node {
+    vol: TestVolume,
+    server: Option<Server>,
+    control: PathBuf,
+    args: Vec<String>,
+}
+
+impl Node {
+    fn start(vol: TestVolume, args: Vec<String>) -> Node {
+        let control = vol.dir.path().join("control.sock");
+        let mut node = Node {
+            vol,
+            server: None,
+            control,
+            args,
+        };
+        node.restart();
+        node
+    }
+
+    fn restart(&mut self) {
+        let _ = std::fs::remove_file(&self.control);
+        let mut args = vec![
+            "--control-socket".to_owned(),
+            self.control.display().to_string(),
+        ];
+        args.extend(self.args.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.server = Some(Server::start(&self.vol, &args));
+    }
+
+    fn ctl(&self, command: &str, args: Value) -> Value {
+        rewind_ctl::request(&self.control, command, args, &mut |_, _| {})
+            .unwrap_or_else(|e| panic!("{command}: {e}"))
+    }
+
+    fn try_ctl(&self, command: &str, args: Value) -> Result<Value, rewind_ctl::CtlError> {
+        rewind_ctl::request(&self.control, command, args, &mut |_, _| {})
+    }
+
+    fn replication(&self) -> Value {
+        self.ctl("replication", Value::Null)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            server.kill();
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            assert!(server.stop().success());
+        }
+    }
+
+    fn materialize(&self, lsn: u64) -> Vec<u8> {
+        let out = self.vol.dir.path().join(format!("lsn{lsn}.raw"));
+        let _ = std::fs::remove_file(&out);
+        self.ctl(
+            "materialize",
+            json!({"at": format!("lsn:{lsn}"), "output": out}),
+        );
+        std::fs::read(&out).expect("read image")
+    }
+}
+
+/// A primary and its replica, each with its own certificate, pinned by
+/// fingerprint.
+struct Pair {
+    primary: Node,
+    replica: Node,
+}
+
+fn replica_volume(uuid: &str) -> TestVolume {
+    TestVolume::create_with(SIZE, &["--segment-size", "4M", "--replica-of", uuid])
+}
+
+fn tls_args(me: &Identity, peer: &Identity) -> Vec<String> {
+    vec![
+        "--tls-cert".into(),
+        me.cert.display().to_string(),
+        "--tls-key".into(),
+        me.key.display().to_string(),
+        "--tls-peer-fingerprint".into(),
+        peer.fingerprint.clone(),
+    ]
+}
+
+impl Pair {
+    fn start(primary_extra: &[&str]) -> Pair {
+        let primary_vol = TestVolume::create(SIZE);
+        let certs = primary_vol.dir.path().join("certs");
+        let (a, b) = (identity(&certs, "a"), identity(&certs, "b"));
+        let uuid = volume_uuid(&primary_vol.path);
+        let port = free_port();
+        let mut replica_args = vec![
+            "--replication-listen".to_owned(),
+            format!("127.0.0.1:{port}"),
+        ];
+        replica_args.extend(tls_args(&b, &a));
+        let replica = Node::start(replica_volume(&uuid), replica_args);
+        let mut primary_args = vec!["--replicate-to".to_owned(), format!("127.0.0.1:{port}")];
+        primary_args.extend(tls_args(&a, &b));
+        primary_args.extend(primary_extra.iter().map(|s| s.to_string()));
+        let primary = Node::start(primary_vol, primary_args);
+        Pair { primary, replica }
+    }
+
+    /// Whether the replica made durable every lsn durable on the primary.
+    fn replica_holds_what_is_durable(&self) -> bool {
+        let durable = self.primary.ctl("status", Value::Null)["durable_lsn"].as_u64();
+        let acked = self.replica.replication()["acked_lsn"].as_u64();
+        acked >= durable && durable.is_some()
+    }
+
+    /// Waits until the replica acknowledged everything durable on the
+    /// primary; returns that lsn.
+    fn caught_up(&self) -> u64 {
+        let mut acked = 0;
+        wait_until("the replica to catch up", Duration::from_secs(30), || {
+            let durable = self.primary.ctl("status", Value::Null)["durable_lsn"]
+                .as_u64()
+                .expect("durable_lsn");
+            acked = self.primary.replication()["acked_lsn"]
+                .as_u64()
+                .expect("acked");
+            acked >= durable && self.replica.replication()["acked_lsn"] == json!(acked)
+        });
+        acked
+    }
+}
+
+fn volume_uuid(path: &Path) -> String {
+    let json: Value =
+        serde_json::from_slice(&std::fs::read(path.join("volume.json")).expect("volume.json"))
+            .expect("json");
+    json["uuid"].as_str().expect("uuid").to_owned()
+}
+
+#[test]
+fn the_replica_holds_the_primary_at_every_lsn() {
+    let pair = Pair::start(&[]);
+    let mut client = Client::connect(&pair.primary.vol.socket, 1);
+    let mut checkpoints = Vec::new();
+    for round in 0..6u8 {
+        for i in 0..8u64 {
+            let data = pattern(round * 8 + i as u8, 64 << 10);
+            assert_eq!(
+                client.write(0, (u64::from(round) * 8 + i) * (256 << 10), &data),
+                0
+            );
+        }
+        assert_eq!(client.flush(0), 0);
+        if round == 2 {
+            pair.primary.ctl("bookmark", json!({"name": "middle"}));
+        }
+        checkpoints.push(
+            pair.primary.ctl("status", Value::Null)["durable_lsn"]
+                .as_u64()
+                .expect("lsn"),
+        );
+    }
+    // A revert is replicated as a record too.
+    drop(client);
+    wait_until("the client to detach", Duration::from_secs(30), || {
+        pair.primary.ctl("status", Value::Null)["attached"].is_null()
+    });
+    pair.primary.ctl("drain", Value::Null);
+    let reverted = pair.primary.ctl("revert", json!({"at": "bookmark:middle"}));
+    pair.primary.ctl("resume", Value::Null);
+    checkpoints.push(reverted["lsn"].as_u64().expect("revert lsn"));
+
+    let acked = pair.caught_up();
+    assert!(acked >= *checkpoints.last().expect("lsns"));
+    let status = pair.primary.replication();
+    assert_eq!(status["state"], "streaming", "{status}");
+    assert_eq!(status["role"], "primary");
+    assert_eq!(status["lag_records"], 0, "{status}");
+    assert_eq!(status["rpo_seconds"], 0.0, "{status}");
+    assert!(status["bytes_sent"].as_u64().expect("bytes") > 0);
+    let replica = pair.replica.ctl("status", Value::Null);
+    assert_eq!(replica["role"], "replica");
+    assert_eq!(
+        replica["state"], "drained",
+        "a replica serves no guest: {replica}"
+    );
+    assert_eq!(replica["replication"]["state"], "streaming", "{replica}");
+
+    for &lsn in &checkpoints {
+        assert!(
+            pair.replica.materialize(lsn) == pair.primary.materialize(lsn),
+            "the disks differ at lsn {lsn}"
+        );
+    }
+    let timeline = |n: &Node| n.ctl("timeline", Value::Null)["bookmarks"].clone();
+    assert_eq!(timeline(&pair.replica), timeline(&pair.primary));
+    // Records its primary never wrote cannot be added to a replica.
+    let refused = pair
+        .replica
+        .try_ctl("bookmark", json!({"name": "x"}))
+        .expect_err("replica");
+    assert!(refused.to_string().contains("is a replica"), "{refused}");
+}
+
+#[test]
+fn a_replica_killed_mid_stream_resumes_from_its_durable_lsn() {
+    let mut pair = Pair::start(&[]);
+    let mut client = Client::connect(&pair.primary.vol.socket, 1);
+    let write_round = |client: &mut Client, seed: u8| {
+        for i in 0..32u64 {
+            assert_eq!(
+                client.write(0, i * (128 << 10), &pattern(seed ^ i as u8, 128 << 10)),
+                0
+            );
+        }
+        assert_eq!(client.flush(0), 0);
+    };
+    write_round(&mut client, 1);
+    pair.caught_up();
+    pair.replica.kill();
+    // The primary goes on while the replica is away.
+    write_round(&mut client, 2);
+    wait_until(
+        "the primary to see the loss",
+        Duration::from_secs(30),
+        || pair.primary.replication()["state"] != "streaming",
+    );
+    pair.replica.restart();
+    write_round(&mut client, 3);
+    let acked = pair.caught_up();
+    assert_eq!(
+        pair.replica.materialize(acked),
+        pair.primary.materialize(acked)
+    );
+}
+
+#[test]
+fn sync_mode_holds_flushes_for_the_replica_then_degrades() {
+    let mut pair = Pair::start(&["--replication-mode", "sync", "--sync-timeout", "1s"]);
+    let mut client = Client::connect(&pair.primary.vol.socket, 1);
+    assert_eq!(client.write(0, 0, &pattern(1, 4096)), 0);
+    assert_eq!(client.flush(0), 0);
+    assert!(
+        pair.replica_holds_what_is_durable(),
+        "a completed flush in sync mode: the replica holds it"
+    );
+
+    pair.replica.kill();
+    assert_eq!(client.write(0, 4096, &pattern(2, 4096)), 0);
+    let started = Instant::now();
+    assert_eq!(client.flush(0), 0);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "the flush waited out --sync-timeout before degrading ({:?})",
+        started.elapsed()
+    );
+    let status = pair.primary.replication();
+    assert_eq!(status["state"], "degraded", "{status}");
+    assert!(
+        status["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("degraded"),
+        "{status}"
+    );
+
+    pair.replica.restart();
+    wait_until(
+        "sync replication to resume",
+        Duration::from_secs(30),
+        || pair.primary.replication()["state"] == "streaming",
+    );
+    assert_eq!(client.write(0, 8192, &pattern(3, 4096)), 0);
+    assert_eq!(client.flush(0), 0);
+    assert!(
+        pair.replica_holds_what_is_durable(),
+        "a completed flush in sync mode: the replica holds it"
+    );
+}
+
+#[test]
+fn a_fenced_primary_is_refused_by_its_replica() {
+    let mut pair = Pair::start(&[]);
+    let mut client = Client::connect(&pair.primary.vol.socket, 1);
+    assert_eq!(client.write(0, 0, &pattern(1, 65536)), 0);
+    assert_eq!(client.flush(0), 0);
+    drop(client);
+    pair.caught_up();
+    // A copy of the primary as it is now, at epoch 1.
+    pair.primary.stop();
+    let stale = TestVolume::create(SIZE);
+    std::fs::remove_dir_all(&stale.path).expect("remove");
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(&pair.primary.vol.path)
+        .arg(&stale.path)
+        .status()
+        .expect("cp");
+    assert!(copied.success());
+
+    pair.primary.restart();
+    assert_eq!(pair.primary.ctl("fence", Value::Null)["epoch"], 2);
+    wait_until(
+        "the replica to take epoch 2",
+        Duration::from_secs(30),
+        || pair.replica.ctl("status", Value::Null)["epoch"] == 2,
+    );
+    pair.primary.stop();
+
+    // The old copy comes back and keeps trying to ship at epoch 1.
+    let old = Node::start(stale, pair.primary.args.clone());
+    wait_until(
+        "the stale primary to be refused",
+        Duration::from_secs(30),
+        || old.replication()["state"] == "outdated",
+    );
+    let status = old.replication();
+    let error = status["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("epoch 1, older than this replica's 2"),
+        "{status}"
+    );
+    let replica = pair.replica.replication();
+    let error = replica["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("it was fenced"), "{replica}");
+    assert_eq!(pair.replica.ctl("status", Value::Null)["epoch"], 2);
+}
