@@ -43,6 +43,16 @@ impl Completion {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Starts again with everything up to `prefix` written (a replica's
+    /// journal after a resync; no append may be in flight).
+    pub fn reset(&self, prefix: u64) {
+        let mut st = self.lock();
+        st.prefix = prefix;
+        st.ahead.clear();
+        drop(st);
+        self.advanced.notify_all();
+    }
+
     pub fn complete(&self, lsn: u64) {
         let mut st = self.lock();
         if lsn != st.prefix + 1 {

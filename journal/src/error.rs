@@ -80,6 +80,11 @@ pub enum Error {
          a replica that needs it must be resynced"
     )]
     Folded { lsn: u64, base_lsn: u64 },
+    #[error(
+        "a resync to lsn {sync_lsn} is under way ({done} of {size} bytes done): no point in \
+         time is readable until it ends"
+    )]
+    Resyncing { sync_lsn: u64, done: u64, size: u64 },
     #[error("shipped record {lsn} refused: {reason}")]
     BadShipped { lsn: u64, reason: String },
     #[error("view expired: {0}")]

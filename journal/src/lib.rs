@@ -47,6 +47,6 @@ pub use record_index::Bookmark;
 pub use recovery::{Discarded, LogEnd, RecoveryReport};
 pub use storage::{ImportMethod, ImportMode, OsStorage, Storage, StorageFile};
 pub use volume::{
-    BaseImage, FoldReport, OpenOptions, ReleaseHeld, RetryPolicy, ShipBatch, ShippedRecord, Stats,
-    Timeline, View, Volume, SHIPPED_HEADER_SIZE,
+    BaseImage, FoldReport, OpenOptions, ReleaseHeld, ResyncState, RetryPolicy, ShipBatch,
+    ShippedRecord, Stats, Timeline, View, Volume, SHIPPED_HEADER_SIZE,
 };

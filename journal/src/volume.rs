@@ -50,10 +50,12 @@ use crate::storage::{ImportMode, LockGuard, Progress, Storage};
 use crate::superblock::Superblock;
 
 mod fold;
+mod resync;
 mod ship;
 mod view;
 
 pub use fold::FoldReport;
+pub use resync::ResyncState;
 pub use ship::{ShipBatch, ShippedRecord, SHIPPED_HEADER_SIZE};
 pub use view::View;
 
@@ -251,6 +253,8 @@ struct Inner {
     /// The newest lsn a forced fold took past `replica_hold` (0: none), so
     /// the sender knows its replica needs a resync.
     folded_past_hold: AtomicU64,
+    /// A resync under way (resync.rs): nothing is readable, nothing folds.
+    resync: Mutex<Option<ResyncState>>,
 }
 
 /// `replica_hold` when no replica holds history back.
@@ -507,7 +511,9 @@ impl Volume {
             failure: OnceLock::new(),
             replica_hold: AtomicU64::new(NO_HOLD),
             folded_past_hold: AtomicU64::new(0),
+            resync: Mutex::new(None),
         });
+        *lock(&inner.resync) = inner.load_resync()?;
         let maintainer = std::thread::Builder::new()
             .name("rewind-pool".into())
             .spawn(move || pool.maintain())
@@ -1240,6 +1246,7 @@ impl Inner {
 
     /// The lsn `at` names, checked to be inside the window.
     fn resolve(&self, at: &PointInTime) -> Result<u64> {
+        self.check_not_resyncing()?;
         let index = lock(&self.index);
         let (start_lsn, start_ns) = self.window_start(&index);
         let last = index.last_lsn();

@@ -293,3 +293,103 @@ fn a_held_volume_folds_only_what_the_replica_holds() {
         .expect("read after the fold");
     assert_eq!(next.records[0].lsn(), folded.base_lsn + 1);
 }
+
+/// Copies `primary`'s disk at `lsn` into the replica's base.img from
+/// `from` on, chunk by chunk, as the resync sender does; stops after
+/// `limit` bytes.
+fn resync_copy(primary: &Volume, replica: &Volume, lsn: u64, from: u64, limit: u64) -> u64 {
+    const CHUNK: u64 = 64 << 10;
+    let view = primary.view(&PointInTime::Lsn(lsn)).expect("view");
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut at = from;
+    while at < primary.size() && at < from.saturating_add(limit) {
+        let len = CHUNK.min(primary.size() - at);
+        let chunk = &mut buf[..len as usize];
+        view.read(at, chunk).expect("read");
+        if chunk.iter().all(|&b| b == 0) {
+            replica.resync_zero(at, len).expect("zero");
+        } else {
+            replica.resync_write(at, chunk).expect("write");
+        }
+        at += len;
+    }
+    at
+}
+
+#[test]
+fn a_resync_takes_the_disk_at_the_sync_point_and_survives_a_crash() {
+    let fs = FaultStorage::new();
+    create(&fs, &small_settings());
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000_000_000));
+    let primary = Volume::open(
+        fs.arc(),
+        Path::new(DIR),
+        OpenOptions {
+            clock: clock.clone(),
+            ..options()
+        },
+    )
+    .expect("open")
+    .0;
+    for i in 0..40u8 {
+        primary
+            .write(u64::from(i) * 8192, &pattern(i, 8192))
+            .expect("write");
+    }
+    primary.raise_epoch().expect("epoch 2");
+    primary.flush().expect("flush");
+    // Fold the first records into base.img: the journal alone cannot
+    // rebuild the disk now.
+    clock.advance(2 * 3600 * 1_000_000_000);
+    assert!(primary.fold_now().expect("fold").is_some());
+    for i in 0..8u8 {
+        primary
+            .write(u64::from(i) * 4096 + 700 * 512, &pattern(i ^ 0x33, 4096))
+            .expect("write");
+    }
+    primary.flush().expect("flush");
+    let replica = new_replica(&fs, &primary);
+    let err = primary.read_shipped(1, 1 << 20).expect_err("folded");
+    assert!(matches!(err, Error::Folded { .. }), "{err}");
+
+    let sync = primary.durable_lsn();
+    let history: Vec<_> = primary.epoch_history();
+    let sync_ns = primary
+        .view(&PointInTime::Lsn(sync))
+        .expect("view")
+        .timestamp_ns();
+    replica
+        .begin_resync(sync, sync_ns, history.clone())
+        .expect("begin");
+    let half = resync_copy(&primary, &replica, sync, 0, primary.size() / 2);
+    replica.resync_checkpoint(half).expect("checkpoint");
+    let more = resync_copy(&primary, &replica, sync, half, 128 << 10);
+    assert!(more > half);
+    // The replica crashes before the next checkpoint.
+    drop(replica);
+    let replica = open_replica(&fs);
+    let state = replica.resync_state().expect("the resync resumes");
+    assert_eq!((state.sync_lsn, state.next_offset), (sync, half));
+    let err = replica.view(&PointInTime::Lsn(0)).expect_err("resyncing");
+    assert!(matches!(err, Error::Resyncing { .. }), "{err}");
+    resync_copy(&primary, &replica, sync, state.next_offset, u64::MAX);
+    assert_eq!(replica.finish_resync().expect("finish"), sync);
+    assert_eq!(replica.epoch(), 2);
+    assert_eq!(replica.epoch_history(), history);
+
+    // Then it follows the journal from the sync point.
+    primary.write(0, &pattern(99, 4096)).expect("write");
+    primary.flush().expect("flush");
+    let acked = ship(&primary, &replica, 1 << 20);
+    assert_eq!(acked, primary.durable_lsn());
+    for lsn in [sync, acked] {
+        assert!(
+            disk_at(&replica, lsn) == disk_at(&primary, lsn),
+            "lsn {lsn}"
+        );
+    }
+    drop(replica);
+    let replica = open_replica(&fs);
+    assert_eq!(replica.resync_state(), None);
+    assert!(disk_at(&replica, acked) == disk_at(&primary, acked));
+}

@@ -61,6 +61,10 @@ impl Inner {
     /// Runs one fold if anything may be folded.
     pub(super) fn fold(&self) -> Result<Option<FoldReport>> {
         let _one = lock(&self.fold_lock);
+        // A resync is rewriting base.img (resync.rs).
+        if lock(&self.resync).is_some() {
+            return Ok(None);
+        }
         let now = self.clock.now_ns();
         let window = u64::try_from(self.window().as_nanos()).unwrap_or(u64::MAX);
         let expiry = now.saturating_sub(window);

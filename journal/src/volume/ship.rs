@@ -123,6 +123,7 @@ impl Volume {
     pub fn apply_shipped(&self, records: &[ShippedRecord]) -> Result<u64> {
         let inner = &self.inner;
         inner.check_failed()?;
+        inner.check_not_resyncing()?;
         let mut epochs = Vec::new();
         let mut deferred = Vec::new();
         {

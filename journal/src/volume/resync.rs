@@ -1,0 +1,227 @@
+//! Resync: a replica takes its primary's disk as of one lsn S (the sync
+//! point) into base.img, then follows the journal from S + 1 (DESIGN.md,
+//! "Folding with replicas, and resync").
+//!
+//! For a new replica (and one behind what its primary's journal still
+//! holds) shipping records is not enough: the primary's base.img holds
+//! data no record carries. The primary reads its disk as of S through a
+//! view; the replica writes what differs straight into its own base.img.
+//!
+//! Crash safety: `<vol>/resync` (JSON, written atomically) names S and how
+//! far base.img is known to hold S's data (`next_offset`, raised only
+//! after base.img is synced). While it exists the volume is *resyncing*:
+//! no point in time is readable (base.img is a mix of old and new), the
+//! applier does not fold, and no record is taken. Finishing syncs
+//! base.img, then commits `super` with base_lsn = S and no segment, then
+//! removes the file; a crash in between leaves the file, so the resync is
+//! resumed and finished again, which is idempotent.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use serde::{Deserialize, Serialize};
+
+use super::{lock, Inner, Volume};
+use crate::error::{Error, Result};
+use crate::extent_map::ExtentMap;
+use crate::format::check_range;
+use crate::meta::EpochStart;
+use crate::record_index::RecordIndex;
+
+pub const RESYNC_FILE: &str = "resync";
+
+/// A resync under way: what `<vol>/resync` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResyncState {
+    /// The lsn whose disk base.img is taking.
+    pub sync_lsn: u64,
+    /// Its time (ns since the Unix epoch).
+    pub sync_ns: u64,
+    /// The primary's epoch history up to the sync point.
+    pub epoch_history: Vec<EpochStart>,
+    /// base.img holds the sync point's data below this offset (durably).
+    pub next_offset: u64,
+}
+
+impl Inner {
+    fn resync_path(&self) -> PathBuf {
+        self.dir.join(RESYNC_FILE)
+    }
+
+    fn store_resync(&self, state: &ResyncState) -> Result<()> {
+        let path = self.resync_path();
+        let bytes = serde_json::to_vec_pretty(state).map_err(|e| Error::BadMetadata {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        self.storage
+            .write_file_atomic(&path, &bytes)
+            .map_err(Error::io(|| format!("writing {}", path.display())))
+    }
+
+    /// Reads a resync left by an earlier run, if any.
+    pub(super) fn load_resync(&self) -> Result<Option<ResyncState>> {
+        let path = self.resync_path();
+        if !self.storage.exists(&path) {
+            return Ok(None);
+        }
+        let bytes = self
+            .storage
+            .read_file(&path)
+            .map_err(Error::io(|| format!("reading {}", path.display())))?;
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::BadMetadata {
+                path,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Fails while a resync is under way: nothing is readable then.
+    pub(super) fn check_not_resyncing(&self) -> Result<()> {
+        match &*lock(&self.resync) {
+            Some(state) => Err(Error::Resyncing {
+                sync_lsn: state.sync_lsn,
+                done: state.next_offset,
+                size: self.config.size,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn resync_target(&self, offset: u64, length: u64) -> Result<()> {
+        check_range(offset, length, self.config.size).map_err(Error::InvalidRequest)?;
+        if lock(&self.resync).is_none() {
+            return Err(Error::InvalidRequest("no resync is under way".into()));
+        }
+        Ok(())
+    }
+}
+
+impl Volume {
+    /// The resync under way, if any (one a crash interrupted included).
+    pub fn resync_state(&self) -> Option<ResyncState> {
+        lock(&self.inner.resync).clone()
+    }
+
+    /// Starts taking the disk as of `sync_lsn` (written at `sync_ns`, in
+    /// the epochs `epoch_history` lists) into base.img, from offset 0. The
+    /// volume's history ends here: views expire, nothing is readable and
+    /// nothing folds until [`Volume::finish_resync`].
+    pub fn begin_resync(
+        &self,
+        sync_lsn: u64,
+        sync_ns: u64,
+        epoch_history: Vec<EpochStart>,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        inner.check_failed()?;
+        let _no_fold = lock(&inner.fold_lock);
+        let state = ResyncState {
+            sync_lsn,
+            sync_ns,
+            epoch_history,
+            next_offset: 0,
+        };
+        inner.store_resync(&state)?;
+        *lock(&inner.resync) = Some(state);
+        inner.expire_views_before(u64::MAX);
+        tracing::warn!(
+            volume = %inner.dir.display(),
+            sync_lsn,
+            "resync: taking the primary's disk as of lsn {sync_lsn}; no point in time is \
+             readable until it ends"
+        );
+        Ok(())
+    }
+
+    /// Writes the sync point's `data` at `offset` of base.img.
+    pub fn resync_write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let inner = &self.inner;
+        inner.resync_target(offset, data.len() as u64)?;
+        inner
+            .retrying("resync: writing base.img", || {
+                inner.base.write_all_at(&[data], offset)
+            })
+            .map_err(Error::io(|| {
+                format!("resync: writing base.img at {offset}")
+            }))
+    }
+
+    /// Makes `length` bytes at `offset` of base.img zero (a hole where the
+    /// filesystem can).
+    pub fn resync_zero(&self, offset: u64, length: u64) -> Result<()> {
+        let inner = &self.inner;
+        inner.resync_target(offset, length)?;
+        inner
+            .retrying("resync: zeroing base.img", || {
+                inner.base.write_zeroes(offset, length)
+            })
+            .map_err(Error::io(|| {
+                format!("resync: zeroing base.img at {offset}")
+            }))
+    }
+
+    /// Durably notes that base.img holds the sync point's data below
+    /// `next_offset`, so an interrupted resync resumes there.
+    pub fn resync_checkpoint(&self, next_offset: u64) -> Result<()> {
+        let inner = &self.inner;
+        let mut state = self
+            .resync_state()
+            .ok_or_else(|| Error::InvalidRequest("no resync is under way".into()))?;
+        inner
+            .retrying("resync: syncing base.img", || inner.base.sync_data())
+            .map_err(Error::io(|| "resync: syncing base.img"))?;
+        state.next_offset = next_offset.min(inner.config.size);
+        inner.store_resync(&state)?;
+        *lock(&inner.resync) = Some(state);
+        Ok(())
+    }
+
+    /// Ends the resync: base.img is the disk at the sync point S, the
+    /// journal starts empty after S, and the epoch is S's. Returns S.
+    pub fn finish_resync(&self) -> Result<u64> {
+        let inner = &self.inner;
+        let state = self
+            .resync_state()
+            .ok_or_else(|| Error::InvalidRequest("no resync is under way".into()))?;
+        inner
+            .retrying("resync: syncing base.img", || inner.base.sync_data())
+            .map_err(Error::io(|| "resync: syncing base.img"))?;
+        let (s, ns) = (state.sync_lsn, state.sync_ns);
+        let epoch = state.epoch_history.last().map_or(1, |e| e.epoch);
+        {
+            let _no_fold = lock(&inner.fold_lock);
+            let mut c = lock(&inner.cursor);
+            let mut index = lock(&inner.index);
+            let used = inner.pool.used().len();
+            let dropped = inner.pool.commit_fold(used, s, ns)?;
+            c.active = None;
+            c.next_lsn = s + 1;
+            c.last_timestamp = ns;
+            *index = RecordIndex::new(s, ns);
+            inner.map.replace_with(ExtentMap::new(inner.config.size));
+            inner.completion.reset(s);
+            inner.durable_lsn.store(s, Ordering::Release);
+            inner.last_data_lsn.store(s, Ordering::Release);
+            inner.epoch.store(epoch, Ordering::Release);
+            drop(index);
+            drop(c);
+            inner.pool.retire(dropped);
+        }
+        inner.persist(|config| {
+            config.epoch = epoch;
+            config.epoch_history = state.epoch_history.clone();
+        })?;
+        let path = inner.resync_path();
+        inner
+            .storage
+            .remove_file(&path)
+            .and_then(|()| inner.storage.sync_dir(&inner.dir))
+            .map_err(Error::io(|| format!("removing {}", path.display())))?;
+        *lock(&inner.resync) = None;
+        tracing::info!(volume = %inner.dir.display(), sync_lsn = s, "resync done");
+        Ok(s)
+    }
+}
