@@ -7,7 +7,7 @@
 //! | 0 | 4 | magic `RWRP` |
 //! | 4 | 2 | protocol version |
 //! | 6 | 1 | type |
-//! | 7 | 1 | flags (bit 0: the body is zstd-compressed) |
+//! | 7 | 1 | flags (bit 0: the body is zstd-compressed; records and chunks) |
 //! | 8 | 8 | the sender's epoch |
 //! | 16 | 4 | body length in bytes (as sent), at most [`MAX_BODY`] |
 //! | 20 | 4 | CRC-32C of bytes 0..20 and the body |
@@ -80,6 +80,30 @@ pub struct Welcome {
     /// The replica's newest record: the stream resumes after it.
     pub last_lsn: u64,
     pub durable_lsn: u64,
+    /// A resync the replica has under way: its sync point, and how far
+    /// its base.img durably holds it.
+    pub resync: Option<ResyncPoint>,
+}
+
+/// Where a resync stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResyncPoint {
+    pub sync_lsn: u64,
+    pub next_offset: u64,
+}
+
+/// The primary starts (or resumes) a resync: the disk as of `sync_lsn`
+/// follows in chunks from `from_offset`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResyncBegin {
+    pub sync_lsn: u64,
+    /// The sync point's time (ns since the Unix epoch).
+    pub sync_ns: u64,
+    /// The primary's epochs up to the sync point.
+    pub epoch_history: Vec<rewind_journal::EpochStart>,
+    pub from_offset: u64,
 }
 
 /// One frame's content.
@@ -96,6 +120,19 @@ pub enum Message {
         durable_lsn: u64,
     },
     Heartbeat,
+    ResyncBegin(ResyncBegin),
+    /// The sync point's data at `offset`.
+    Chunk {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// The sync point's disk is zero in `offset..offset + length`.
+    Zero {
+        offset: u64,
+        length: u64,
+    },
+    /// Every chunk was sent: the replica takes the sync point.
+    ResyncEnd,
 }
 
 impl Message {
@@ -107,6 +144,10 @@ impl Message {
             Message::Records(_) => 4,
             Message::Ack { .. } => 5,
             Message::Heartbeat => 6,
+            Message::ResyncBegin(_) => 7,
+            Message::Chunk { .. } => 8,
+            Message::Zero { .. } => 9,
+            Message::ResyncEnd => 10,
         }
     }
 
@@ -118,6 +159,10 @@ impl Message {
             Message::Records(_) => "records",
             Message::Ack { .. } => "ack",
             Message::Heartbeat => "heartbeat",
+            Message::ResyncBegin(_) => "resync-begin",
+            Message::Chunk { .. } => "chunk",
+            Message::Zero { .. } => "zero",
+            Message::ResyncEnd => "resync-end",
         }
     }
 }
@@ -172,10 +217,10 @@ impl FrameHeader {
             return Err(FrameError::Version(version));
         }
         let (kind, flags) = (b[6], b[7]);
-        if !(1..=6).contains(&kind) {
+        if !(1..=10).contains(&kind) {
             return Err(FrameError::Type(kind));
         }
-        if flags & !FLAG_ZSTD != 0 || (flags & FLAG_ZSTD != 0 && kind != 4) {
+        if flags & !FLAG_ZSTD != 0 || (flags & FLAG_ZSTD != 0 && kind != 4 && kind != 8) {
             return Err(FrameError::Flags(flags));
         }
         let body_len = le_u32(&b[16..20]) as usize;
@@ -203,7 +248,7 @@ impl FrameHeader {
         let body = if self.flags & FLAG_ZSTD != 0 {
             expanded =
                 zstd::bulk::decompress(body, MAX_BODY).map_err(|e| FrameError::Malformed {
-                    what: "records",
+                    what: if self.kind == 4 { "records" } else { "chunk" },
                     reason: format!("zstd: {e}"),
                 })?;
             &expanded[..]
@@ -225,22 +270,34 @@ impl FrameHeader {
             ),
             3 => Message::Refuse(String::from_utf8_lossy(limit(body, "refuse")?).into_owned()),
             4 => Message::Records(decode_records(body)?),
-            5 => {
-                let bytes: [u8; 8] = body.try_into().map_err(|_| FrameError::Malformed {
-                    what: "ack",
-                    reason: format!("{} bytes, not 8", body.len()),
-                })?;
-                Message::Ack {
-                    durable_lsn: u64::from_le_bytes(bytes),
+            5 => Message::Ack {
+                durable_lsn: fixed::<8>(body, "ack").map(|b| le_u64(&b))?,
+            },
+            6 => fixed::<0>(body, "heartbeat").map(|_| Message::Heartbeat)?,
+            7 => Message::ResyncBegin(
+                serde_json::from_slice(limit(body, "resync-begin")?)
+                    .map_err(json("resync-begin"))?,
+            ),
+            8 => {
+                if body.len() <= 8 {
+                    return Err(FrameError::Malformed {
+                        what: "chunk",
+                        reason: format!("{} bytes: no data", body.len()),
+                    });
+                }
+                Message::Chunk {
+                    offset: le_u64(body),
+                    data: body[8..].to_vec(),
                 }
             }
-            6 if body.is_empty() => Message::Heartbeat,
-            6 => {
-                return Err(FrameError::Malformed {
-                    what: "heartbeat",
-                    reason: format!("{} bytes, not 0", body.len()),
-                })
+            9 => {
+                let b = fixed::<16>(body, "zero")?;
+                Message::Zero {
+                    offset: le_u64(&b[..8]),
+                    length: le_u64(&b[8..]),
+                }
             }
+            10 => fixed::<0>(body, "resync-end").map(|_| Message::ResyncEnd)?,
             kind => return Err(FrameError::Type(kind)),
         };
         Ok(Frame {
@@ -248,6 +305,14 @@ impl FrameHeader {
             message,
         })
     }
+}
+
+/// A body of exactly `N` bytes.
+fn fixed<const N: usize>(body: &[u8], what: &'static str) -> Result<[u8; N], FrameError> {
+    body.try_into().map_err(|_| FrameError::Malformed {
+        what,
+        reason: format!("{} bytes, not {N}", body.len()),
+    })
 }
 
 fn limit<'a>(body: &'a [u8], what: &'static str) -> Result<&'a [u8], FrameError> {
@@ -359,11 +424,17 @@ impl Encoder {
             Message::Refuse(reason) => reason.as_bytes()[..reason.len().min(MAX_JSON)].to_vec(),
             Message::Records(records) => encode_records(records),
             Message::Ack { durable_lsn } => durable_lsn.to_le_bytes().to_vec(),
-            Message::Heartbeat => Vec::new(),
+            Message::Heartbeat | Message::ResyncEnd => Vec::new(),
+            Message::ResyncBegin(b) => serde_json::to_vec(b).unwrap_or_default(),
+            Message::Chunk { offset, data } => [&offset.to_le_bytes()[..], data].concat(),
+            Message::Zero { offset, length } => {
+                [offset.to_le_bytes(), length.to_le_bytes()].concat()
+            }
         };
         let raw_len = raw.len();
         let mut body = raw;
-        if let (Message::Records(_), Some(zstd)) = (message, self.compressor.as_mut()) {
+        let compressible = matches!(message, Message::Records(_) | Message::Chunk { .. });
+        if let (true, Some(zstd)) = (compressible, self.compressor.as_mut()) {
             // Only when it pays: data that does not shrink is sent as it is.
             if let Ok(packed) = zstd.compress(&body) {
                 if packed.len() + packed.len() / 16 < body.len() {
@@ -467,7 +538,26 @@ mod tests {
                 epoch: 3,
                 last_lsn: 50,
                 durable_lsn: 50,
+                resync: Some(ResyncPoint {
+                    sync_lsn: 40,
+                    next_offset: 1 << 20,
+                }),
             }),
+            Message::ResyncBegin(ResyncBegin {
+                sync_lsn: 40,
+                sync_ns: 1_700_000_000_000_000_000,
+                epoch_history: Vec::new(),
+                from_offset: 0,
+            }),
+            Message::Chunk {
+                offset: 4096,
+                data: vec![9; 65536],
+            },
+            Message::Zero {
+                offset: 1 << 20,
+                length: 1 << 30,
+            },
+            Message::ResyncEnd,
             Message::Refuse("another volume".into()),
             Message::Records(vec![record(1, vec![7; 4096]), record(2, Vec::new())]),
             Message::Ack { durable_lsn: 42 },

@@ -112,11 +112,23 @@ pub struct ReplicationStatus {
     pub bytes_sent: u64,
     /// Bytes before compression over bytes on the wire (1 without).
     pub compression_ratio: f64,
-    pub resync: Option<String>,
+    /// A resync under way: the sync point and how far it got.
+    pub resync: Option<ResyncProgress>,
     /// Set on a replica that lost its primary without a seal: its data may
     /// be behind what the primary acknowledged to its guest.
     pub outdated: Option<String>,
     pub last_error: Option<String>,
+}
+
+/// How far a resync got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ResyncProgress {
+    pub sync_lsn: u64,
+    /// Bytes of the disk done (sent, on a primary; written, on a replica).
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    /// Bytes of data sent or received (zero ranges are not sent).
+    pub data_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -127,6 +139,7 @@ struct Shared {
     outdated: Option<String>,
     /// Sync mode, flushes waiting: since when the replica has been away.
     lost_since: Option<Instant>,
+    resync: Option<ResyncProgress>,
 }
 
 /// One replica link: shared by its network task, the data path (sync
@@ -169,6 +182,7 @@ impl Link {
                 last_error: None,
                 outdated: None,
                 lost_since: None,
+                resync: None,
             }),
             changed: Condvar::new(),
             acked_lsn: AtomicU64::new(0),
@@ -217,6 +231,10 @@ impl Link {
     /// turned away while another session runs).
     fn note_error(&self, error: String) {
         lock(&self.shared).last_error = Some(error);
+    }
+
+    fn set_resync(&self, progress: Option<ResyncProgress>) {
+        lock(&self.shared).resync = progress;
     }
 
     fn set_outdated(&self, why: Option<String>) {
@@ -367,7 +385,7 @@ impl Link {
             } else {
                 raw as f64 / sent as f64
             },
-            resync: None,
+            resync: shared.resync,
             outdated: shared.outdated.clone(),
             last_error: shared.last_error.clone(),
         }

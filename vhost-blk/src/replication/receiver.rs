@@ -23,9 +23,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
-use super::frame::{read_frame, write_frame, Encoder, Hello, Message, Welcome};
+use super::frame::{
+    read_frame, write_frame, Encoder, Hello, Message, ResyncBegin, ResyncPoint, Welcome,
+};
 use super::tls::TlsContext;
-use super::{tune_socket, Link, LinkState, SILENCE_LIMIT};
+use super::{tune_socket, Link, LinkState, ResyncProgress, SILENCE_LIMIT};
 
 /// A primary sends one heartbeat a second; many more is a broken or
 /// hostile peer.
@@ -115,7 +117,7 @@ async fn session(
             let (batches, queued) = mpsc::channel(QUEUED_BATCHES);
             let (replies, answers) = mpsc::channel(QUEUED_BATCHES + 2);
             let reading = read_frames(volume, &mut reader, batches, replies.clone());
-            let applying = apply_batches(volume, link, queued, replies);
+            let applying = apply_ops(volume, link, queued, replies);
             let writing = write_replies(volume, &mut writer, &mut encoder, answers);
             let error = tokio::select! {
                 e = reading => e,
@@ -164,6 +166,10 @@ async fn handshake(
         epoch: volume.epoch(),
         last_lsn: volume.last_lsn(),
         durable_lsn: volume.durable_lsn(),
+        resync: volume.resync_state().map(|r| ResyncPoint {
+            sync_lsn: r.sync_lsn,
+            next_offset: r.next_offset,
+        }),
     };
     let answer = encoder.encode(welcome.epoch, &Message::Welcome(welcome.clone()));
     write_frame(&mut writer, &answer)
@@ -209,6 +215,10 @@ fn check_hello(volume: &Volume, hello: &Hello) -> Result<(), String> {
             volume.epoch()
         ));
     }
+    if volume.resync_state().is_some() {
+        // Its journal is being replaced: only the epoch matters.
+        return Ok(());
+    }
     let history = volume.epoch_history();
     if hello.epoch_history.get(..history.len()) != Some(&history[..]) {
         return Err(format!(
@@ -223,12 +233,6 @@ fn check_hello(volume: &Volume, hello: &Hello) -> Result<(), String> {
             hello.durable_lsn
         ));
     }
-    if hello.first_lsn > last + 1 {
-        return Err(format!(
-            "the primary's journal starts at lsn {}, after this replica's lsn {last}: it needs a resync",
-            hello.first_lsn
-        ));
-    }
     Ok(())
 }
 
@@ -239,10 +243,20 @@ enum Reply {
     Refuse(String),
 }
 
+/// What the applier does, in the order the frames came.
+#[derive(Debug)]
+enum Op {
+    Records(Vec<ShippedRecord>),
+    Begin(ResyncBegin),
+    Chunk { offset: u64, data: Vec<u8> },
+    Zero { offset: u64, length: u64 },
+    End,
+}
+
 async fn read_frames<R: AsyncRead + Unpin>(
     volume: &Volume,
     reader: &mut R,
-    batches: mpsc::Sender<Vec<ShippedRecord>>,
+    ops: mpsc::Sender<Op>,
     replies: mpsc::Sender<Reply>,
 ) -> String {
     let mut beats = (Instant::now(), 0u32);
@@ -264,12 +278,12 @@ async fn read_frames<R: AsyncRead + Unpin>(
             let _ = replies.send(Reply::Refuse(reason.clone())).await;
             return reason;
         }
-        match frame.message {
-            Message::Records(records) => {
-                if batches.send(records).await.is_err() {
-                    return "the applier stopped".into();
-                }
-            }
+        let op = match frame.message {
+            Message::Records(records) => Op::Records(records),
+            Message::ResyncBegin(begin) => Op::Begin(begin),
+            Message::Chunk { offset, data } => Op::Chunk { offset, data },
+            Message::Zero { offset, length } => Op::Zero { offset, length },
+            Message::ResyncEnd => Op::End,
             Message::Heartbeat => {
                 if beats.0.elapsed() >= Duration::from_secs(1) {
                     beats = (Instant::now(), 0);
@@ -282,9 +296,123 @@ async fn read_frames<R: AsyncRead + Unpin>(
                     return reason;
                 }
                 let _ = replies.send(Reply::Ack(volume.durable_lsn())).await;
+                continue;
             }
             other => {
                 let reason = format!("unexpected {} frame from the primary", other.name());
+                let _ = replies.send(Reply::Refuse(reason.clone())).await;
+                return reason;
+            }
+        };
+        if ops.send(op).await.is_err() {
+            return "the applier stopped".into();
+        }
+    }
+}
+
+/// Runs `work` on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    volume: &Arc<Volume>,
+    work: impl FnOnce(&Volume) -> rewind_journal::Result<T> + Send + 'static,
+) -> Result<T, String> {
+    let v = volume.clone();
+    match tokio::task::spawn_blocking(move || work(&v)).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("the journal task failed: {e}")),
+    }
+}
+
+/// A resync being received: where the next chunk must start.
+#[derive(Debug)]
+struct Receiving {
+    progress: ResyncProgress,
+    /// Bytes written since base.img was last synced.
+    unsynced: u64,
+}
+
+/// base.img is synced (and the resync's progress made durable) after this
+/// many bytes, so an interrupted resync loses at most this much.
+const CHECKPOINT_BYTES: u64 = 64 << 20;
+
+async fn apply_ops(
+    volume: &Arc<Volume>,
+    link: &Link,
+    mut queued: mpsc::Receiver<Op>,
+    replies: mpsc::Sender<Reply>,
+) -> String {
+    let mut resync: Option<Receiving> = None;
+    let mut next_op = None;
+    loop {
+        let op = match next_op.take() {
+            Some(op) => op,
+            None => match queued.recv().await {
+                Some(op) => op,
+                None => return "the reader stopped".into(),
+            },
+        };
+        let reply = match op {
+            Op::Records(mut records) => {
+                // Batches that queued up meanwhile share one sync.
+                while let Ok(more) = queued.try_recv() {
+                    match more {
+                        Op::Records(more) => records.extend(more),
+                        other => {
+                            next_op = Some(other);
+                            break;
+                        }
+                    }
+                }
+                blocking(volume, move |v| v.apply_shipped(&records))
+                    .await
+                    .map(Some)
+            }
+            Op::Begin(begin) => start_resync(volume, begin).await.map(|progress| {
+                link.set_resync(Some(progress));
+                resync = Some(Receiving {
+                    progress,
+                    unsynced: 0,
+                });
+                None
+            }),
+            Op::Chunk { offset, data } => {
+                let length = data.len() as u64;
+                match expect_at(&resync, offset, length) {
+                    Ok(()) => blocking(volume, move |v| v.resync_write(offset, &data)).await,
+                    Err(e) => Err(e),
+                }
+                .and(Ok(length))
+                .map(|length| advance(&mut resync, link, length, length))
+                .and_then(|due| checkpoint(volume, &mut resync, due))
+                .map(|due| due.map(|()| volume.durable_lsn()))
+            }
+            Op::Zero { offset, length } => match expect_at(&resync, offset, length) {
+                Ok(()) => blocking(volume, move |v| v.resync_zero(offset, length)).await,
+                Err(e) => Err(e),
+            }
+            .map(|()| advance(&mut resync, link, length, 0))
+            .and_then(|due| checkpoint(volume, &mut resync, due))
+            .map(|due| due.map(|()| volume.durable_lsn())),
+            Op::End => match resync.take() {
+                Some(r) if r.progress.done_bytes == r.progress.total_bytes => {
+                    link.set_resync(None);
+                    blocking(volume, |v| v.finish_resync()).await.map(Some)
+                }
+                Some(r) => Err(format!(
+                    "the resync ended at offset {} of {}",
+                    r.progress.done_bytes, r.progress.total_bytes
+                )),
+                None => Err("a resync ended that never began".into()),
+            },
+        };
+        match reply {
+            Ok(Some(durable)) => {
+                link.acked(durable);
+                if replies.send(Reply::Ack(durable)).await.is_err() {
+                    return "the writer stopped".into();
+                }
+            }
+            Ok(None) => {}
+            Err(reason) => {
                 let _ = replies.send(Reply::Refuse(reason.clone())).await;
                 return reason;
             }
@@ -292,34 +420,94 @@ async fn read_frames<R: AsyncRead + Unpin>(
     }
 }
 
-async fn apply_batches(
-    volume: &Arc<Volume>,
-    link: &Link,
-    mut queued: mpsc::Receiver<Vec<ShippedRecord>>,
-    replies: mpsc::Sender<Reply>,
-) -> String {
-    while let Some(mut records) = queued.recv().await {
-        while let Ok(more) = queued.try_recv() {
-            records.extend(more);
-        }
-        let v = volume.clone();
-        let applied = tokio::task::spawn_blocking(move || v.apply_shipped(&records)).await;
-        match applied {
-            Ok(Ok(durable)) => {
-                link.acked(durable);
-                if replies.send(Reply::Ack(durable)).await.is_err() {
-                    return "the writer stopped".into();
-                }
-            }
-            Ok(Err(e)) => {
-                let reason = e.to_string();
-                let _ = replies.send(Reply::Refuse(reason.clone())).await;
-                return reason;
-            }
-            Err(e) => return format!("applying records: {e}"),
-        }
+/// Checks a resync-begin against this replica and starts (or resumes) it.
+async fn start_resync(volume: &Arc<Volume>, begin: ResyncBegin) -> Result<ResyncProgress, String> {
+    let epoch = begin.epoch_history.last().map_or(1, |e| e.epoch);
+    if epoch < volume.epoch() {
+        return Err(format!(
+            "a resync to epoch {epoch}, older than this replica's {}",
+            volume.epoch()
+        ));
     }
-    "the reader stopped".into()
+    let size = volume.size();
+    let progress = ResyncProgress {
+        sync_lsn: begin.sync_lsn,
+        done_bytes: begin.from_offset,
+        total_bytes: size,
+        data_bytes: 0,
+    };
+    if begin.from_offset == 0 {
+        let (lsn, ns, history) = (begin.sync_lsn, begin.sync_ns, begin.epoch_history);
+        blocking(volume, move |v| v.begin_resync(lsn, ns, history)).await?;
+        return Ok(progress);
+    }
+    match volume.resync_state() {
+        Some(state)
+            if state.sync_lsn == begin.sync_lsn && state.next_offset == begin.from_offset =>
+        {
+            tracing::info!(
+                sync_lsn = state.sync_lsn,
+                from = state.next_offset,
+                "resuming a resync"
+            );
+            Ok(progress)
+        }
+        state => Err(format!(
+            "a resync to lsn {} resumed at offset {}, but this replica holds {:?}",
+            begin.sync_lsn, begin.from_offset, state
+        )),
+    }
+}
+
+/// Chunks come in order, back to back, inside a resync.
+fn expect_at(resync: &Option<Receiving>, offset: u64, length: u64) -> Result<(), String> {
+    match resync {
+        None => Err("resync data arrived outside a resync".into()),
+        Some(r) if r.progress.done_bytes != offset => Err(format!(
+            "resync data for offset {offset} arrived where {} was due",
+            r.progress.done_bytes
+        )),
+        Some(r)
+            if offset
+                .checked_add(length)
+                .is_none_or(|end| end > r.progress.total_bytes) =>
+        {
+            Err(format!(
+                "resync data at {offset}+{length} ends past the disk"
+            ))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// Counts `length` bytes done (`data` of them sent as data); returns
+/// whether a checkpoint is due.
+fn advance(resync: &mut Option<Receiving>, link: &Link, length: u64, data: u64) -> bool {
+    let Some(r) = resync.as_mut() else {
+        return false;
+    };
+    r.progress.done_bytes += length;
+    r.progress.data_bytes += data;
+    r.unsynced += length.max(data);
+    link.set_resync(Some(r.progress));
+    r.unsynced >= CHECKPOINT_BYTES
+}
+
+/// Makes the resync's progress durable when `due`; `Some(())` when it did
+/// (the writer then acks, which tells the primary the replica is alive).
+fn checkpoint(
+    volume: &Volume,
+    resync: &mut Option<Receiving>,
+    due: bool,
+) -> Result<Option<()>, String> {
+    let Some(r) = resync.as_mut().filter(|_| due) else {
+        return Ok(None);
+    };
+    volume
+        .resync_checkpoint(r.progress.done_bytes)
+        .map_err(|e| e.to_string())?;
+    r.unsynced = 0;
+    Ok(Some(()))
 }
 
 async fn write_replies<W: AsyncWrite + Unpin>(

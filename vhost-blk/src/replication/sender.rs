@@ -8,20 +8,29 @@
 //! guest that never flushes is replicated too. Acks come back on the same
 //! connection and move the link's acked lsn and the journal's fold hold.
 //! Any error ends the session; the next one starts after a backoff.
+//!
+//! A replica that the journal alone cannot bring up to date (a new one, or
+//! one behind what the journal still holds) is resynced first: the disk as
+//! of a sync point S, read through a view (which keeps S from being
+//! folded), goes over in 1 MiB chunks, all-zero runs as one zero range
+//! each, resumed where the replica's base.img durably got if S can still
+//! be read; then records stream from S + 1.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rewind_journal::{Error as JournalError, ShipBatch, Volume};
+use rewind_journal::{Error as JournalError, PointInTime, ShipBatch, View, Volume};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use super::frame::{read_frame, write_frame, Encoder, Frame, Hello, Message};
+use super::frame::{read_frame, write_frame, Encoder, Frame, Hello, Message, ResyncBegin, Welcome};
 use super::tls::TlsContext;
-use super::{tune_socket, Link, LinkState, SenderConfig, HEARTBEAT, SILENCE_LIMIT};
+use super::{tune_socket, Link, LinkState, ResyncProgress, SenderConfig, HEARTBEAT, SILENCE_LIMIT};
 
 /// Payload bytes per batch.
 const BATCH_BYTES: usize = 1 << 20;
+/// Bytes of the disk per resync chunk.
+const CHUNK_BYTES: u64 = 1 << 20;
 /// How long records written without a guest flush wait before the sender
 /// flushes them itself (async mode's RPO floor).
 pub const SHIP_DELAY: Duration = Duration::from_millis(100);
@@ -105,14 +114,26 @@ async fn session(
     volume.hold_for_replica(Some(welcome.durable_lsn));
     link.acked(welcome.durable_lsn);
     link.set_state(LinkState::Syncing);
-    let shipping = ship(
-        volume,
-        link,
-        config,
-        &mut writer,
-        &mut encoder,
-        welcome.last_lsn + 1,
-    );
+    let mut bucket = config.rate.map(TokenBucket::new);
+    let shipping = async {
+        let mut next = welcome.last_lsn + 1;
+        if needs_resync(volume, &welcome) {
+            match resync(
+                volume,
+                link,
+                &welcome,
+                &mut writer,
+                &mut encoder,
+                &mut bucket,
+            )
+            .await
+            {
+                Ok(sync_lsn) => next = sync_lsn + 1,
+                Err(e) => return e,
+            }
+        }
+        ship(volume, link, &mut writer, &mut encoder, &mut bucket, next).await
+    };
     let acking = take_acks(volume, link, &mut reader);
     tokio::select! {
         e = shipping => e,
@@ -183,16 +204,147 @@ where
     Ok(welcome)
 }
 
+/// Whether the replica needs a resync before records can follow: it has
+/// one under way, it is new (the primary's base.img may hold data no
+/// record carries: an imported image, folded records), or the records
+/// after its last one are folded.
+fn needs_resync(volume: &Volume, welcome: &Welcome) -> bool {
+    welcome.resync.is_some() || welcome.last_lsn == 0 || welcome.last_lsn < volume.stats().base_lsn
+}
+
+/// Resyncs the replica; returns the sync point.
+async fn resync<W: AsyncWrite + Unpin>(
+    volume: &Arc<Volume>,
+    link: &Link,
+    welcome: &Welcome,
+    writer: &mut W,
+    encoder: &mut Encoder,
+    bucket: &mut Option<TokenBucket>,
+) -> Result<u64, SessionError> {
+    let v = volume.clone();
+    let resume = welcome.resync;
+    let (view, from) = tokio::task::spawn_blocking(move || {
+        if let Some(point) = resume {
+            match v.view(&PointInTime::Lsn(point.sync_lsn)) {
+                Ok(view) => return Ok((view, point.next_offset)),
+                Err(e) => tracing::warn!(
+                    "cannot resume the replica's resync at lsn {}: {e}; starting a new one",
+                    point.sync_lsn
+                ),
+            }
+        }
+        let durable = v.durable_lsn();
+        v.view(&PointInTime::Lsn(durable)).map(|view| (view, 0))
+    })
+    .await
+    .map_err(|e| down(format!("starting a resync: {e}")))?
+    .map_err(|e| down(format!("starting a resync: {e}")))?;
+    let view = Arc::new(view);
+    let (sync_lsn, size) = (view.lsn(), view.size());
+    volume.hold_for_replica(Some(sync_lsn));
+    tracing::info!(sync_lsn, from, "resyncing the replica");
+    let begin = ResyncBegin {
+        sync_lsn,
+        sync_ns: view.timestamp_ns(),
+        epoch_history: volume
+            .epoch_history()
+            .into_iter()
+            .filter(|e| e.first_lsn <= sync_lsn)
+            .collect(),
+        from_offset: from,
+    };
+    let epoch = volume.epoch();
+    write_frame(writer, &encoder.encode(epoch, &Message::ResyncBegin(begin)))
+        .await
+        .map_err(|e| down(format!("starting a resync: {e}")))?;
+    let mut progress = ResyncProgress {
+        sync_lsn,
+        done_bytes: from,
+        total_bytes: size,
+        data_bytes: 0,
+    };
+    let mut zeros: Option<(u64, u64)> = None;
+    let mut last_beat = Instant::now();
+    let mut offset = from;
+    while offset < size {
+        let len = CHUNK_BYTES.min(size - offset);
+        let data = read_chunk(&view, offset, len).await?;
+        let mut frames = Vec::new();
+        if data.iter().all(|&b| b == 0) {
+            zeros = Some(match zeros {
+                Some((start, run)) => (start, run + len),
+                None => (offset, len),
+            });
+        } else {
+            if let Some((start, run)) = zeros.take() {
+                frames.push(Message::Zero {
+                    offset: start,
+                    length: run,
+                });
+            }
+            progress.data_bytes += len;
+            frames.push(Message::Chunk { offset, data });
+        }
+        offset += len;
+        if offset == size {
+            if let Some((start, run)) = zeros.take() {
+                frames.push(Message::Zero {
+                    offset: start,
+                    length: run,
+                });
+            }
+        }
+        if last_beat.elapsed() >= HEARTBEAT {
+            frames.push(Message::Heartbeat);
+            last_beat = Instant::now();
+        }
+        for message in frames {
+            let encoded = encoder.encode(epoch, &message);
+            if let Some(bucket) = bucket.as_mut() {
+                bucket.take(encoded.bytes.len()).await;
+            }
+            write_frame(writer, &encoded)
+                .await
+                .map_err(|e| down(format!("resync at offset {offset}: {e}")))?;
+            link.sent(link.acked_lsn(), encoded.bytes.len(), encoded.raw_len);
+        }
+        progress.done_bytes = offset;
+        link.set_resync(Some(progress));
+    }
+    write_frame(writer, &encoder.encode(epoch, &Message::ResyncEnd))
+        .await
+        .map_err(|e| down(format!("ending the resync: {e}")))?;
+    // The replica acknowledges the sync point once it took it.
+    link.sent(sync_lsn, 0, 0);
+    tracing::info!(
+        sync_lsn,
+        data_bytes = progress.data_bytes,
+        "resync sent; streaming from the sync point"
+    );
+    link.set_resync(None);
+    Ok(sync_lsn)
+}
+
+async fn read_chunk(view: &Arc<View>, offset: u64, len: u64) -> Result<Vec<u8>, SessionError> {
+    let view = view.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut data = vec![0u8; len as usize];
+        view.read(offset, &mut data).map(|()| data)
+    })
+    .await
+    .map_err(|e| down(format!("resync: reading at {offset}: {e}")))?
+    .map_err(|e| down(format!("resync: reading at {offset}: {e}")))
+}
+
 /// Ships records from `next` on, for as long as the link holds.
 async fn ship<W: AsyncWrite + Unpin>(
     volume: &Arc<Volume>,
     link: &Link,
-    config: &SenderConfig,
     writer: &mut W,
     encoder: &mut Encoder,
+    bucket: &mut Option<TokenBucket>,
     mut next: u64,
 ) -> SessionError {
-    let mut bucket = config.rate.map(TokenBucket::new);
     let mut last_send = Instant::now();
     loop {
         let batch = match read(volume, next).await {
@@ -278,6 +430,9 @@ async fn take_acks<R: AsyncRead + Unpin>(
                 }
                 volume.hold_for_replica(Some(durable_lsn));
                 link.acked(durable_lsn);
+                if durable_lsn >= volume.durable_lsn() {
+                    link.caught_up();
+                }
             }
             Frame {
                 message: Message::Heartbeat,
