@@ -631,8 +631,8 @@ mod tests {
             Err(FrameError::TooLong(MAX_BODY + 1))
         );
         let mut kind = good.clone();
-        kind[6] = 9;
-        assert_eq!(decode(&kind).map(|_| ()), Err(FrameError::Type(9)));
+        kind[6] = 11;
+        assert_eq!(decode(&kind).map(|_| ()), Err(FrameError::Type(11)));
         assert!(matches!(
             decode(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
             Err(FrameError::Magic(_))
