@@ -150,7 +150,11 @@ fn tls_args(me: &Identity, peer: &Identity) -> Vec<String> {
 
 impl Pair {
     fn start(primary_extra: &[&str]) -> Pair {
-        let primary_vol = TestVolume::create(SIZE);
+        Self::start_with(TestVolume::create(SIZE), primary_extra)
+    }
+
+    /// A replica for `primary_vol`, then the primary serving it.
+    fn start_with(primary_vol: TestVolume, primary_extra: &[&str]) -> Pair {
         let certs = primary_vol.dir.path().join("certs");
         let (a, b) = (identity(&certs, "a"), identity(&certs, "b"));
         let uuid = volume_uuid(&primary_vol.path);
@@ -186,7 +190,11 @@ impl Pair {
             acked = self.primary.replication()["acked_lsn"]
                 .as_u64()
                 .expect("acked");
-            acked >= durable && self.replica.replication()["acked_lsn"] == json!(acked)
+            let replica = self.replica.replication();
+            acked >= durable
+                && replica["acked_lsn"] == json!(acked)
+                && replica["resync"].is_null()
+                && replica["state"] == "streaming"
         });
         acked
     }
@@ -386,4 +394,110 @@ fn a_fenced_primary_is_refused_by_its_replica() {
     let error = replica["last_error"].as_str().unwrap_or_default();
     assert!(error.contains("it was fenced"), "{replica}");
     assert_eq!(pair.replica.ctl("status", Value::Null)["epoch"], 2);
+}
+
+/// A sparse raw image of `SIZE` with random data in `extents` (offset,
+/// length).
+fn image(dir: &Path, extents: &[(u64, usize)]) -> PathBuf {
+    use rand::RngCore;
+    use std::os::unix::fs::FileExt;
+    let path = dir.join("image.raw");
+    let file = std::fs::File::create(&path).expect("image");
+    file.set_len(64 << 20).expect("size");
+    let mut rng = rand::rng();
+    for &(offset, len) in extents {
+        let mut data = vec![0u8; len];
+        rng.fill_bytes(&mut data);
+        file.write_all_at(&data, offset).expect("write image");
+    }
+    path
+}
+
+fn imported(extents: &[(u64, usize)]) -> TestVolume {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let img = image(scratch.path(), extents);
+    TestVolume::create_with(
+        SIZE,
+        &[
+            "--segment-size",
+            "1M",
+            "--from",
+            img.to_str().expect("utf-8"),
+        ],
+    )
+}
+
+fn resync_status(node: &Node) -> Value {
+    node.replication()["resync"].clone()
+}
+
+#[test]
+fn a_new_replica_of_an_imported_volume_takes_its_data_and_no_zeroes() {
+    // 3 MiB of data in a 64 MiB image: the rest is holes.
+    let extents = [
+        (0, 1 << 20),
+        (20 << 20, 1 << 20),
+        ((40 << 20) + 4096, 1 << 20),
+    ];
+    let pair = Pair::start_with(imported(&extents), &[]);
+    let mut client = Client::connect(&pair.primary.vol.socket, 1);
+    assert_eq!(client.write(0, 10 << 20, &pattern(5, 256 << 10)), 0);
+    assert_eq!(client.flush(0), 0);
+    let acked = pair.caught_up();
+    assert_eq!(
+        pair.replica.materialize(acked),
+        pair.primary.materialize(acked)
+    );
+    let status = pair.primary.replication();
+    let sent = status["bytes_sent"].as_u64().expect("bytes_sent");
+    // The data chunks (1 MiB each: 4 of them, the extent at 40 MiB + 4 KiB
+    // spans two) and the records; no zero chunk goes over.
+    assert!(sent > 3 << 20 && sent < 6 << 20, "{status}");
+    assert_eq!(status["resync"], Value::Null, "{status}");
+}
+
+#[test]
+fn a_resync_holds_its_rate_and_resumes_after_a_kill_of_the_replica() {
+    const RATE: u64 = 5 << 20;
+    let pair_vol = imported(&[(0, 64 << 20)]);
+    let mut pair = Pair::start_with(
+        pair_vol,
+        &["--replication-rate", "5M", "--compress", "none"],
+    );
+    let sent = |node: &Node| {
+        node.replication()["bytes_sent"]
+            .as_u64()
+            .expect("bytes_sent")
+    };
+    wait_until("the resync to start", Duration::from_secs(30), || {
+        sent(&pair.primary) > 0
+    });
+    let (t0, b0) = (Instant::now(), sent(&pair.primary));
+    wait_until("10 s of resync", Duration::from_secs(30), || {
+        t0.elapsed() >= Duration::from_secs(10)
+    });
+    let (elapsed, bytes) = (t0.elapsed(), sent(&pair.primary) - b0);
+    let rate = bytes as f64 / elapsed.as_secs_f64();
+    assert!(
+        (rate - RATE as f64).abs() < RATE as f64 * 0.1,
+        "{rate:.0} bytes/s over {elapsed:?}, limit {RATE}"
+    );
+    // Kill the replica past its third checkpoint (16 MiB each).
+    wait_until("48 MiB resynced", Duration::from_secs(30), || {
+        resync_status(&pair.replica)["done_bytes"]
+            .as_u64()
+            .unwrap_or(0)
+            > 48 << 20
+    });
+    let before = sent(&pair.primary);
+    pair.replica.kill();
+    pair.replica.restart();
+    let acked = pair.caught_up();
+    // Resumed at 48 MiB: about 16 MiB more, not the whole disk again.
+    let again = sent(&pair.primary) - before;
+    assert!(again < 24 << 20, "{again} bytes sent after the restart");
+    assert_eq!(
+        pair.replica.materialize(acked),
+        pair.primary.materialize(acked)
+    );
 }

@@ -332,7 +332,7 @@ struct Receiving {
 
 /// base.img is synced (and the resync's progress made durable) after this
 /// many bytes, so an interrupted resync loses at most this much.
-const CHECKPOINT_BYTES: u64 = 64 << 20;
+const CHECKPOINT_BYTES: u64 = 16 << 20;
 
 async fn apply_ops(
     volume: &Arc<Volume>,
@@ -367,6 +367,7 @@ async fn apply_ops(
                     .map(Some)
             }
             Op::Begin(begin) => start_resync(volume, begin).await.map(|progress| {
+                link.set_state(LinkState::Syncing);
                 link.set_resync(Some(progress));
                 resync = Some(Receiving {
                     progress,
@@ -376,26 +377,31 @@ async fn apply_ops(
             }),
             Op::Chunk { offset, data } => {
                 let length = data.len() as u64;
-                match expect_at(&resync, offset, length) {
+                let written = match expect_at(&resync, offset, length) {
                     Ok(()) => blocking(volume, move |v| v.resync_write(offset, &data)).await,
                     Err(e) => Err(e),
+                };
+                match written.map(|()| advance(&mut resync, link, length, length)) {
+                    Ok(due) => checkpoint(volume, &mut resync, due).await,
+                    Err(e) => Err(e),
                 }
-                .and(Ok(length))
-                .map(|length| advance(&mut resync, link, length, length))
-                .and_then(|due| checkpoint(volume, &mut resync, due))
-                .map(|due| due.map(|()| volume.durable_lsn()))
             }
-            Op::Zero { offset, length } => match expect_at(&resync, offset, length) {
-                Ok(()) => blocking(volume, move |v| v.resync_zero(offset, length)).await,
-                Err(e) => Err(e),
+            Op::Zero { offset, length } => {
+                let zeroed = match expect_at(&resync, offset, length) {
+                    Ok(()) => blocking(volume, move |v| v.resync_zero(offset, length)).await,
+                    Err(e) => Err(e),
+                };
+                match zeroed.map(|()| advance(&mut resync, link, length, 0)) {
+                    Ok(due) => checkpoint(volume, &mut resync, due).await,
+                    Err(e) => Err(e),
+                }
             }
-            .map(|()| advance(&mut resync, link, length, 0))
-            .and_then(|due| checkpoint(volume, &mut resync, due))
-            .map(|due| due.map(|()| volume.durable_lsn())),
             Op::End => match resync.take() {
                 Some(r) if r.progress.done_bytes == r.progress.total_bytes => {
+                    let finished = blocking(volume, |v| v.finish_resync()).await;
                     link.set_resync(None);
-                    blocking(volume, |v| v.finish_resync()).await.map(Some)
+                    link.set_state(LinkState::Streaming);
+                    finished.map(Some)
                 }
                 Some(r) => Err(format!(
                     "the resync ended at offset {} of {}",
@@ -493,21 +499,20 @@ fn advance(resync: &mut Option<Receiving>, link: &Link, length: u64, data: u64) 
     r.unsynced >= CHECKPOINT_BYTES
 }
 
-/// Makes the resync's progress durable when `due`; `Some(())` when it did
-/// (the writer then acks, which tells the primary the replica is alive).
-fn checkpoint(
-    volume: &Volume,
+/// Makes the resync's progress durable when `due`; then returns the lsn
+/// to ack (an ack tells the primary the replica is alive).
+async fn checkpoint(
+    volume: &Arc<Volume>,
     resync: &mut Option<Receiving>,
     due: bool,
-) -> Result<Option<()>, String> {
+) -> Result<Option<u64>, String> {
     let Some(r) = resync.as_mut().filter(|_| due) else {
         return Ok(None);
     };
-    volume
-        .resync_checkpoint(r.progress.done_bytes)
-        .map_err(|e| e.to_string())?;
+    let done = r.progress.done_bytes;
+    blocking(volume, move |v| v.resync_checkpoint(done)).await?;
     r.unsynced = 0;
-    Ok(Some(()))
+    Ok(Some(volume.durable_lsn()))
 }
 
 async fn write_replies<W: AsyncWrite + Unpin>(
