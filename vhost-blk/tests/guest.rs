@@ -11,7 +11,9 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{workspace, Controlled, Server, TestVolume};
+use common::client::{pattern, Client};
+use common::replication::Pair;
+use common::{wait_until, workspace, Controlled, Server, TestVolume};
 use serde_json::{json, Value};
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -612,4 +614,124 @@ echo "WROTE: yes"
     assert_passed(&console);
     assert_eq!(field(&console, "WROTE"), "yes");
     assert!(daemon.status()["last_lsn"].as_u64() > fenced["last_lsn"].as_u64());
+}
+
+/// Makes a filesystem on the whole disk (busybox has mke2fs, not
+/// mkfs.ext4: ext2, mounted by the kernel's ext4 driver), fills it with
+/// files of known content, unmounts it; prints every file's md5.
+const FILL_A_FILESYSTEM: &str = r#"
+mke2fs -q -L rewind-t /dev/vda
+mount -t ext4 /dev/vda /mnt
+mkdir -p /mnt/dir/sub
+echo "written on the primary before T" > /mnt/hello.txt
+dd if=/dev/urandom of=/mnt/big.bin bs=64k count=64 2>/dev/null
+dd if=/dev/urandom of=/mnt/dir/sub/data.bin bs=64k count=16 2>/dev/null
+for i in 1 2 3 4 5; do dd if=/dev/urandom of=/mnt/dir/f$i bs=4k count=$((i * 3)) 2>/dev/null; done
+(cd /mnt && find . -type f | sort | xargs md5sum) > /tmp/sums
+sync
+umount /mnt
+mount -t ext4 -o ro /dev/vda /mnt
+(cd /mnt && md5sum -c /tmp/sums) >/dev/null
+umount /mnt
+echo "FILES: $(wc -l < /tmp/sums)"
+sed 's/^/SUM: /' /tmp/sums
+"#;
+
+#[test]
+fn a_second_guest_boots_from_a_scratch_export_of_the_replica_at_t_and_finds_the_files() {
+    let pair = Pair::start(&[]);
+    let console = boot(&pair.primary.vol.socket, 1, 1, FILL_A_FILESYSTEM);
+    assert_passed(&console);
+    let files = field(&console, "FILES").to_owned();
+    let sums: Vec<&str> = console
+        .lines()
+        .filter_map(|l| l.split_once("SUM: ").map(|(_, s)| s.trim()))
+        .collect();
+    assert_eq!(sums.len(), 8, "{console}");
+    assert_eq!(files, "8");
+
+    // T: a bookmark once the guest is gone; then the primary's disk
+    // changes after T (its first MiB, superblock included, overwritten).
+    wait_until("the guest to detach", Duration::from_secs(30), || {
+        pair.primary.ctl("status", Value::Null)["attached"].is_null()
+    });
+    let bookmark = pair
+        .primary
+        .ctl("bookmark", json!({"name": "after-guest1"}));
+    let after_t = pattern(0x5a, 1 << 20);
+    let mut client = Client::connect(&pair.primary.vol.socket, 1);
+    assert_eq!(client.write(0, 0, &after_t), 0);
+    assert_eq!(client.flush(0), 0);
+    drop(client);
+    let acked = pair.caught_up();
+    let bookmark_lsn = bookmark["lsn"].as_u64().expect("bookmark lsn");
+    assert!(acked > bookmark_lsn, "the write after T is replicated");
+    let replica_last = |pair: &Pair| {
+        pair.replica.ctl("status", Value::Null)["last_lsn"]
+            .as_u64()
+            .expect("last_lsn")
+    };
+    let before = replica_last(&pair);
+
+    // The replica exports its disk at T with a scratch overlay.
+    let view = pair.replica.vol.dir.path().join("view.sock");
+    let exported = pair.replica.ctl(
+        "export",
+        json!({"at": "bookmark:after-guest1", "socket_path": view, "scratch": true}),
+    );
+    assert_eq!(exported["writable"], true, "{exported}");
+    assert_eq!(
+        exported["lsn"], bookmark["lsn"],
+        "the view is at the bookmark's lsn on the primary: {exported} (bookmark {bookmark})"
+    );
+    let script = format!(
+        r#"
+mount -t ext4 /dev/vda /mnt
+cat > /tmp/sums <<'SUMS'
+{sums}
+SUMS
+(cd /mnt && md5sum -c /tmp/sums)
+[ "$(cd /mnt && find . -type f | wc -l)" = "{files}" ]
+[ "$(cat /mnt/hello.txt)" = "written on the primary before T" ]
+echo "FOUND: yes"
+echo "written in the scratch overlay" > /mnt/scratch.txt
+rm /mnt/dir/f1
+sync
+umount /mnt
+mount -t ext4 -o ro /dev/vda /mnt
+[ "$(cat /mnt/scratch.txt)" = "written in the scratch overlay" ]
+[ ! -e /mnt/dir/f1 ]
+umount /mnt
+echo "SCRATCH-WRITTEN: yes"
+"#,
+        sums = sums.join("\n")
+    );
+    let console = boot(&view, 1, 1, &script);
+    assert_passed(&console);
+    assert_eq!(field(&console, "FOUND"), "yes");
+    assert_eq!(field(&console, "SCRATCH-WRITTEN"), "yes");
+    pair.replica.ctl("unexport", json!({"socket_path": view}));
+    assert!(!view.exists());
+
+    // The replica's own disk is untouched: no new record, the same disk as
+    // the primary's, with what the primary wrote after T.
+    assert_eq!(
+        replica_last(&pair),
+        before,
+        "the guest wrote to the overlay only"
+    );
+    let on_replica = pair.replica.materialize(acked);
+    assert!(
+        on_replica[..1 << 20] == after_t[..],
+        "the replica's disk is past T"
+    );
+    assert!(
+        on_replica == pair.primary.materialize(acked),
+        "the replica and the primary differ at lsn {acked}"
+    );
+    assert_eq!(
+        pair.replica.replication()["state"],
+        "streaming",
+        "the export did not disturb the link"
+    );
 }

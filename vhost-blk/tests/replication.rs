@@ -5,6 +5,8 @@
 mod common;
 
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::client::{pattern, Client};
@@ -270,4 +272,93 @@ fn a_resync_holds_its_rate_and_resumes_after_a_kill_of_the_replica() {
         pair.replica.materialize(acked),
         pair.primary.materialize(acked)
     );
+}
+
+/// Writes block after block (4 KiB, block i holding `pattern(i)`) on the
+/// primary, each followed by a flush, counting the flushes that completed
+/// (the independent log), until the primary is gone.
+fn write_until_killed(socket: std::path::PathBuf, flushed: Arc<AtomicU64>) {
+    let mut client = Client::connect(&socket, 1);
+    for block in 0u64.. {
+        let limit = Duration::from_secs(30);
+        let written = client.write_within(block * 4096, &pattern(block as u8, 4096), limit);
+        if written != Some(0) || client.flush_within(limit) != Some(0) {
+            return;
+        }
+        flushed.store(block + 1, Ordering::SeqCst);
+    }
+}
+
+/// Kills the primary (-9) while a client writes and flushes on it; returns
+/// the blocks whose flush completed and the replica's image at its newest
+/// lsn.
+fn kill_primary_under_flushed_load(pair: &mut Pair) -> (u64, Vec<u8>) {
+    // Past the initial resync: a replica killed in the middle of one holds
+    // no readable state (it says so).
+    pair.caught_up();
+    let flushed = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (socket, flushed) = (pair.primary.vol.socket.clone(), flushed.clone());
+        std::thread::spawn(move || write_until_killed(socket, flushed))
+    };
+    wait_until("200 flushed writes", Duration::from_secs(60), || {
+        flushed.load(Ordering::SeqCst) >= 200
+    });
+    pair.primary.kill();
+    let covered = flushed.load(Ordering::SeqCst);
+    writer
+        .join()
+        .expect("the writer ends once the primary is gone");
+    wait_until(
+        "the replica to see the primary gone",
+        Duration::from_secs(30),
+        || pair.replica.replication()["state"] == "disconnected",
+    );
+    let status = pair.replica.replication();
+    assert!(
+        status["outdated"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("unknown"),
+        "a replica that lost its primary without a seal says so: {status}"
+    );
+    let last = pair.replica.ctl("status", Value::Null)["last_lsn"]
+        .as_u64()
+        .expect("lsn");
+    (covered, pair.replica.materialize(last))
+}
+
+fn block(image: &[u8], i: u64) -> &[u8] {
+    &image[(i * 4096) as usize..((i + 1) * 4096) as usize]
+}
+
+#[test]
+fn after_a_kill_of_a_sync_primary_the_replica_holds_every_flushed_write() {
+    let mut pair = Pair::start(&["--replication-mode", "sync"]);
+    let (covered, image) = kill_primary_under_flushed_load(&mut pair);
+    for i in 0..covered {
+        assert!(
+            block(&image, i) == pattern(i as u8, 4096),
+            "block {i} of the {covered} whose flush completed is not on the replica"
+        );
+    }
+}
+
+#[test]
+fn after_a_kill_of_an_async_primary_the_replica_holds_a_prefix_of_the_writes() {
+    let mut pair = Pair::start(&[]);
+    let (_, image) = kill_primary_under_flushed_load(&mut pair);
+    // The writes were sequential: a crash-consistent state is blocks 0..k
+    // written and nothing after.
+    let blocks = image.len() as u64 / 4096;
+    let k = (0..blocks)
+        .find(|&i| block(&image, i) != pattern(i as u8, 4096))
+        .unwrap_or(blocks);
+    assert!(k > 0, "the replica holds some of the writes");
+    for i in k..blocks {
+        assert!(
+            block(&image, i).iter().all(|&b| b == 0),
+            "block {i} is written but block {k} before it is not: not a prefix"
+        );
+    }
 }

@@ -233,6 +233,10 @@ impl Link {
         lock(&self.shared).last_error = Some(error);
     }
 
+    fn resyncing(&self) -> bool {
+        lock(&self.shared).resync.is_some()
+    }
+
     fn set_resync(&self, progress: Option<ResyncProgress>) {
         lock(&self.shared).resync = progress;
     }

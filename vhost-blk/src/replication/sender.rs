@@ -31,6 +31,8 @@ use super::{tune_socket, Link, LinkState, ResyncProgress, SenderConfig, HEARTBEA
 const BATCH_BYTES: usize = 1 << 20;
 /// Bytes of the disk per resync chunk.
 const CHUNK_BYTES: u64 = 1 << 20;
+/// Longest zero range sent as one frame.
+const ZERO_RUN_BYTES: u64 = 256 << 20;
 /// How long records written without a guest flush wait before the sender
 /// flushes them itself (async mode's RPO floor).
 pub const SHIP_DELAY: Duration = Duration::from_millis(100);
@@ -242,6 +244,13 @@ async fn resync<W: AsyncWrite + Unpin>(
     let view = Arc::new(view);
     let (sync_lsn, size) = (view.lsn(), view.size());
     volume.hold_for_replica(Some(sync_lsn));
+    let mut progress = ResyncProgress {
+        sync_lsn,
+        done_bytes: from,
+        total_bytes: size,
+        data_bytes: 0,
+    };
+    link.set_resync(Some(progress));
     tracing::info!(sync_lsn, from, "resyncing the replica");
     let begin = ResyncBegin {
         sync_lsn,
@@ -257,12 +266,6 @@ async fn resync<W: AsyncWrite + Unpin>(
     write_frame(writer, &encoder.encode(epoch, &Message::ResyncBegin(begin)))
         .await
         .map_err(|e| down(format!("starting a resync: {e}")))?;
-    let mut progress = ResyncProgress {
-        sync_lsn,
-        done_bytes: from,
-        total_bytes: size,
-        data_bytes: 0,
-    };
     let mut zeros: Option<(u64, u64)> = None;
     let mut last_beat = Instant::now();
     let mut offset = from;
@@ -275,6 +278,14 @@ async fn resync<W: AsyncWrite + Unpin>(
                 Some((start, run)) => (start, run + len),
                 None => (offset, len),
             });
+            // Long zero runs go out in pieces, so the replica shows progress.
+            if let Some((start, run)) = zeros.filter(|&(_, run)| run >= ZERO_RUN_BYTES) {
+                frames.push(Message::Zero {
+                    offset: start,
+                    length: run,
+                });
+                zeros = None;
+            }
         } else {
             if let Some((start, run)) = zeros.take() {
                 frames.push(Message::Zero {
@@ -430,7 +441,7 @@ async fn take_acks<R: AsyncRead + Unpin>(
                 }
                 volume.hold_for_replica(Some(durable_lsn));
                 link.acked(durable_lsn);
-                if durable_lsn >= volume.durable_lsn() {
+                if durable_lsn >= volume.durable_lsn() && !link.resyncing() {
                     link.caught_up();
                 }
             }

@@ -77,6 +77,16 @@ impl Client {
         self.buf()[..data.len()].copy_from_slice(data);
         let addr = self.region.addr as *const u8;
         self.queues[0].write(offset, addr, data.len(), 0, ReqFlags::empty());
+        self.complete_within(limit)
+    }
+
+    /// Submits a flush and waits at most `limit` for it, as `write_within`.
+    pub fn flush_within(&mut self, limit: Duration) -> Option<i32> {
+        self.queues[0].flush(0, ReqFlags::empty());
+        self.complete_within(limit)
+    }
+
+    fn complete_within(&mut self, limit: Duration) -> Option<i32> {
         let mut done = [MaybeUninit::<Completion>::uninit()];
         let mut limit = limit;
         match self.queues[0].do_io(&mut done, 1, Some(&mut limit), None) {

@@ -197,11 +197,12 @@ impl Pair {
             let durable = self.primary.ctl("status", Value::Null)["durable_lsn"]
                 .as_u64()
                 .expect("durable_lsn");
-            acked = self.primary.replication()["acked_lsn"]
-                .as_u64()
-                .expect("acked");
+            let primary = self.primary.replication();
+            acked = primary["acked_lsn"].as_u64().expect("acked");
             let replica = self.replica.replication();
             acked >= durable
+                && primary["state"] == "streaming"
+                && primary["resync"].is_null()
                 && replica["acked_lsn"] == json!(acked)
                 && replica["resync"].is_null()
                 && replica["state"] == "streaming"
