@@ -51,6 +51,8 @@ pub enum FrameError {
     Malformed { what: &'static str, reason: String },
     #[error("the connection ended in the middle of a frame")]
     Truncated,
+    #[error("the peer closed the connection")]
+    Closed,
     #[error("network: {0}")]
     Io(String),
 }
@@ -493,7 +495,11 @@ fn io_error(e: std::io::Error) -> FrameError {
 /// Reads one frame; the body is read only after its header checked out.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, FrameError> {
     let mut raw = [0u8; HEADER_SIZE];
-    r.read_exact(&mut raw).await.map_err(io_error)?;
+    // An end before the first byte is a hang-up between frames.
+    if r.read(&mut raw[..1]).await.map_err(io_error)? == 0 {
+        return Err(FrameError::Closed);
+    }
+    r.read_exact(&mut raw[1..]).await.map_err(io_error)?;
     let header = FrameHeader::decode(&raw)?;
     let mut body = vec![0u8; header.body_len];
     r.read_exact(&mut body).await.map_err(io_error)?;

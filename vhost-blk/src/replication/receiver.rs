@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rewind_journal::{Role, ShippedRecord, Volume};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
@@ -118,12 +118,23 @@ async fn session(
             let (replies, answers) = mpsc::channel(QUEUED_BATCHES + 2);
             let reading = read_frames(volume, &mut reader, batches, replies.clone());
             let applying = apply_ops(volume, link, queued, replies);
-            let writing = write_replies(volume, &mut writer, &mut encoder, answers);
-            let error = tokio::select! {
-                e = reading => e,
-                e = applying => e,
-                e = writing => e,
+            let error = {
+                let mut writing =
+                    std::pin::pin!(write_replies(volume, &mut writer, &mut encoder, answers));
+                let (error, written) = tokio::select! {
+                    e = reading => (e, false),
+                    e = applying => (e, false),
+                    e = &mut writing => (e, true),
+                };
+                // The reader and the applier are gone (and their senders
+                // with them): let the writer send what they queued, above
+                // all a refusal that says why this session ends.
+                if !written {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), writing).await;
+                }
+                error
             };
+            let _ = writer.shutdown().await;
             Ended {
                 established: true,
                 error,
@@ -151,17 +162,22 @@ async fn handshake(
     let mut encoder = Encoder::new(false).map_err(|e| format!("cannot start the encoder: {e}"))?;
     let hello = match tokio::time::timeout(SILENCE_LIMIT, read_frame(&mut reader)).await {
         Ok(Ok(frame)) => match frame.message {
-            Message::Hello(hello) => hello,
-            other => return Err(format!("expected a hello, got {}", other.name())),
+            Message::Hello(hello) => check_hello(volume, &hello).map(|()| hello),
+            other => Err(format!("expected a hello, got {}", other.name())),
         },
-        Ok(Err(e)) => return Err(format!("reading the hello: {e}")),
-        Err(_) => return Err("no hello".into()),
+        Ok(Err(e)) => Err(format!("reading the hello: {e}")),
+        Err(_) => Err("no hello".into()),
     };
-    if let Err(reason) = check_hello(volume, &hello) {
-        let refusal = encoder.encode(volume.epoch(), &Message::Refuse(reason.clone()));
-        let _ = write_frame(&mut writer, &refusal).await;
-        return Err(format!("refused: {reason}"));
-    }
+    let hello = match hello {
+        Ok(hello) => hello,
+        Err(reason) => {
+            // Told why, the primary can say so instead of "connection closed".
+            let refusal = encoder.encode(volume.epoch(), &Message::Refuse(reason.clone()));
+            let _ = write_frame(&mut writer, &refusal).await;
+            let _ = writer.shutdown().await;
+            return Err(format!("refused: {reason}"));
+        }
+    };
     let welcome = Welcome {
         epoch: volume.epoch(),
         last_lsn: volume.last_lsn(),
