@@ -147,6 +147,12 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         write_zero_buffers(offset, len, |buf, at| self.write_all_at(&[buf], at))
     }
+    /// Whether `[offset, offset + len)` may hold data: false when it is
+    /// all hole (it reads as zeroes). Files that cannot tell say true.
+    fn may_hold_data(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let _ = (offset, len);
+        Ok(true)
+    }
     /// Copies the first `len` bytes to `dst` (which reads as zeroes),
     /// leaving holes where this reads zeroes; reports bytes done.
     fn copy_to(&self, dst: &File, len: u64, progress: Progress<'_>) -> io::Result<()> {
@@ -319,6 +325,16 @@ impl StorageFile for OsFile {
 
     fn copy_to(&self, dst: &File, len: u64, progress: Progress<'_>) -> io::Result<()> {
         copy_data_ranges(&self.file, dst, 0, len, progress)
+    }
+
+    /// SEEK_DATA, which moves the file offset: harmless, as every read and
+    /// write here gives its own offset.
+    fn may_hold_data(&self, offset: u64, len: u64) -> io::Result<bool> {
+        match rustix::fs::seek(&self.file, SeekFrom::Data(offset)) {
+            Ok(data) => Ok(data < offset.saturating_add(len)),
+            Err(Errno::NXIO) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

@@ -145,6 +145,30 @@ impl View {
         pieces
     }
 
+    /// Whether `[offset, offset + len)` may hold anything but zeroes, found
+    /// without reading it: false when every piece is a zeroed range or a
+    /// hole of base.img.
+    pub fn may_hold_data(&self, offset: u64, len: u64) -> Result<bool> {
+        check_range(offset, len, self.size()).map_err(Error::InvalidRequest)?;
+        // Held while the pieces are looked at: an expired view has none.
+        let _state = self.state()?;
+        for piece in &self.pieces(offset / SECTOR, len / SECTOR) {
+            let data = match piece.source {
+                Source::Zero => false,
+                Source::Journal { .. } => true,
+                Source::Base => self
+                    .inner
+                    .base
+                    .may_hold_data(piece.start * SECTOR, piece.sectors * SECTOR)
+                    .map_err(Error::io(|| "looking for data in base.img"))?,
+            };
+            if data {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Reads `buf.len()` bytes at `offset` (both multiples of 512).
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size()).map_err(Error::InvalidRequest)?;

@@ -271,9 +271,18 @@ async fn resync<W: AsyncWrite + Unpin>(
     let mut offset = from;
     while offset < size {
         let len = CHUNK_BYTES.min(size - offset);
-        let data = read_chunk(&view, offset, len).await?;
         let mut frames = Vec::new();
-        if data.iter().all(|&b| b == 0) {
+        let chunk = read_chunk(&view, offset, len).await?;
+        if let Some(data) = chunk {
+            if let Some((start, run)) = zeros.take() {
+                frames.push(Message::Zero {
+                    offset: start,
+                    length: run,
+                });
+            }
+            progress.data_bytes += len;
+            frames.push(Message::Chunk { offset, data });
+        } else {
             zeros = Some(match zeros {
                 Some((start, run)) => (start, run + len),
                 None => (offset, len),
@@ -286,15 +295,6 @@ async fn resync<W: AsyncWrite + Unpin>(
                 });
                 zeros = None;
             }
-        } else {
-            if let Some((start, run)) = zeros.take() {
-                frames.push(Message::Zero {
-                    offset: start,
-                    length: run,
-                });
-            }
-            progress.data_bytes += len;
-            frames.push(Message::Chunk { offset, data });
         }
         offset += len;
         if offset == size {
@@ -336,15 +336,25 @@ async fn resync<W: AsyncWrite + Unpin>(
     Ok(sync_lsn)
 }
 
-async fn read_chunk(view: &Arc<View>, offset: u64, len: u64) -> Result<Vec<u8>, SessionError> {
+/// The sync point's data at `offset`, or `None` where it is all zeroes
+/// (found without reading where the view knows: holes, zeroed ranges).
+async fn read_chunk(
+    view: &Arc<View>,
+    offset: u64,
+    len: u64,
+) -> Result<Option<Vec<u8>>, SessionError> {
     let view = view.clone();
     tokio::task::spawn_blocking(move || {
+        if !view.may_hold_data(offset, len)? {
+            return Ok(None);
+        }
         let mut data = vec![0u8; len as usize];
-        view.read(offset, &mut data).map(|()| data)
+        view.read(offset, &mut data)?;
+        Ok(data.iter().any(|&b| b != 0).then_some(data))
     })
     .await
     .map_err(|e| down(format!("resync: reading at {offset}: {e}")))?
-    .map_err(|e| down(format!("resync: reading at {offset}: {e}")))
+    .map_err(|e: rewind_journal::Error| down(format!("resync: reading at {offset}: {e}")))
 }
 
 /// Ships records from `next` on, for as long as the link holds.

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 pub mod client;
 pub mod load;
+pub mod proxy;
 pub mod replication;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_rewind-blk");
