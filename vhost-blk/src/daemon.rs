@@ -4,6 +4,7 @@
 //! took), flushes the volume and exits.
 
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rewind_journal::{BaseImage, ImportMode, OpenOptions, OsStorage, RetryPolicy, Role, Volume};
@@ -137,13 +138,14 @@ pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
         Some(path) => Some(control::start(path, control.clone())?),
         None => None,
     };
-    let listener = match (inherited, &config.listen) {
-        (Some(listener), _) => listener,
+    let (listener, _socket_file) = match (inherited, &config.listen) {
+        (Some(listener), _) => (listener, None),
         (None, Listen::Path(path)) => {
-            Listener::new(path, true).map_err(|source| DaemonError::Listen {
+            let listener = listen_at(path).map_err(|e| DaemonError::Listen {
                 what: path.display().to_string(),
-                source,
-            })?
+                source: vhost::vhost_user::Error::SocketError(e),
+            })?;
+            (listener, Some(RemoveOnDrop(path.clone())))
         }
         (None, Listen::Fd(fd)) => return Err(DaemonError::NotListening(*fd)),
     };
@@ -153,7 +155,22 @@ pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
     tracing::info!("stopping: flushing the volume");
     control.stop_exports();
     volume.flush()?;
-    if let Some((runtime, _)) = replication {
+    if let Some((runtime, link)) = replication {
+        if volume.role() == Role::Primary {
+            let tail = volume.durable_lsn();
+            if link.stop(tail, std::time::Duration::from_secs(5)) {
+                tracing::info!(
+                    lsn = tail,
+                    "the replica holds everything this primary wrote"
+                );
+            } else {
+                tracing::warn!(
+                    lsn = tail,
+                    acked = link.acked_lsn(),
+                    "stopping before the replica confirmed the journal's tail"
+                );
+            }
+        }
         runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     }
     Ok(())
@@ -216,6 +233,33 @@ fn start_replication(
             tracing::info!(listen = %receiver.listen, "replica: waiting for the primary");
             Ok(Some((runtime, link)))
         }
+    }
+}
+
+/// Listens on a Unix socket at `path`, replacing a socket file there. The
+/// file appears only once the socket accepts (bound and listening under a
+/// temporary name, then renamed into place), so a client that waits for
+/// the path never finds it refusing connections.
+fn listen_at(path: &Path) -> std::io::Result<Listener> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(format!(".{}.tmp", std::process::id()));
+    let temporary = PathBuf::from(temporary);
+    let _ = std::fs::remove_file(&temporary);
+    let listener = std::os::unix::net::UnixListener::bind(&temporary)?;
+    if let Err(e) = std::fs::rename(&temporary, path) {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(e);
+    }
+    Ok(Listener::from(listener))
+}
+
+/// Removes a socket file when the daemon stops.
+#[derive(Debug)]
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 

@@ -131,7 +131,11 @@ fn a_peer_of_another_uid_is_refused_even_if_the_socket_mode_lets_it_connect() {
         .output()
         .expect("run the client as uid 65534");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         stdout.contains("uid 65534 may not use this control socket"),
         "{stdout}"

@@ -49,20 +49,10 @@ fn converged(pair: &Pair) -> u64 {
     acked
 }
 
-/// A libblkio client of the primary. The daemon's socket file appears at
-/// bind(2), a moment before listen(2), and `Server::start` only waits for
-/// the file: a connection in between is refused, so that is retried.
+/// A libblkio client of the primary (its socket file appears only once it
+/// accepts).
 fn connect(pair: &Pair) -> Client {
-    let mut client = None;
-    wait_until("the primary to listen", Duration::from_secs(10), || {
-        match Client::try_connect(&pair.primary.vol.socket, 1, false) {
-            Ok(connected) => client = Some(connected),
-            Err(e) if e.errno() == blkio::Errno::CONNREFUSED => {}
-            Err(e) => panic!("connecting to the primary: {e}"),
-        }
-        client.is_some()
-    });
-    client.expect("connected")
+    Client::connect(&pair.primary.vol.socket, 1)
 }
 
 fn state(node: &Node) -> Value {

@@ -19,7 +19,7 @@ pub mod sender;
 pub mod tls;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -157,6 +157,9 @@ pub struct Link {
     bytes_raw: AtomicU64,
     /// Wakes the sender when a flush made records durable.
     wake: tokio::sync::Notify,
+    /// The daemon is stopping: the sender closes its connection cleanly.
+    stopping: AtomicBool,
+    stop: tokio::sync::Notify,
 }
 
 fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -190,6 +193,8 @@ impl Link {
             bytes_sent: AtomicU64::new(0),
             bytes_raw: AtomicU64::new(0),
             wake: tokio::sync::Notify::new(),
+            stopping: AtomicBool::new(false),
+            stop: tokio::sync::Notify::new(),
         }
     }
 
@@ -256,6 +261,42 @@ impl Link {
         self.sent_lsn.store(lsn, Ordering::Release);
         self.bytes_sent.fetch_add(wire as u64, Ordering::Relaxed);
         self.bytes_raw.fetch_add(raw as u64, Ordering::Relaxed);
+    }
+
+    /// The daemon is stopping: waits up to `limit` for the replica to hold
+    /// `lsn` (the tail the last flush made durable), then has the sender
+    /// end its connection cleanly and waits for that too. Returns whether
+    /// the replica held `lsn`.
+    pub fn stop(&self, lsn: u64, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        self.notify_durable();
+        let held = self.wait_for(deadline, |link, _| link.acked_lsn() >= lsn);
+        self.stopping.store(true, Ordering::Release);
+        self.stop.notify_one();
+        self.wait_for(deadline + Duration::from_secs(1), |_, shared| {
+            shared.state == LinkState::Disconnected
+        });
+        held
+    }
+
+    /// Waits until `done` holds or `deadline` passes; returns `done`.
+    fn wait_for(&self, deadline: Instant, done: impl Fn(&Link, &Shared) -> bool) -> bool {
+        let mut shared = lock(&self.shared);
+        while !done(self, &shared) {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return false;
+            };
+            shared = self
+                .changed
+                .wait_timeout(shared, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 
     /// A flush made records durable: the sender may ship them now.

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rewind_journal::{Error as JournalError, PointInTime, ShipBatch, View, Volume};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::frame::{read_frame, write_frame, Encoder, Frame, Hello, Message, ResyncBegin, Welcome};
@@ -57,10 +57,15 @@ fn down(message: impl Into<String>) -> SessionError {
 /// Runs sessions until the runtime stops.
 pub async fn run(volume: Arc<Volume>, link: Arc<Link>, config: SenderConfig, tls: TlsContext) {
     let mut backoff = BACKOFF_FIRST;
-    loop {
+    while !link.stopping() {
         link.set_state(LinkState::Connecting);
         let started = Instant::now();
         let err = session(&volume, &link, &config, &tls).await;
+        if link.stopping() {
+            tracing::info!(peer = %config.peer, "replication link closed: the daemon stops");
+            link.failed(LinkState::Disconnected, "closed: the daemon stopped".into());
+            return;
+        }
         if err.state == LinkState::Outdated {
             tracing::error!(peer = %config.peer, "replication stopped: {}", err.message);
         } else {
@@ -137,10 +142,14 @@ async fn session(
         ship(volume, link, &mut writer, &mut encoder, &mut bucket, next).await
     };
     let acking = take_acks(volume, link, &mut reader);
-    tokio::select! {
+    let ended = tokio::select! {
         e = shipping => e,
         e = acking => e,
-    }
+        () = link.stop.notified() => down("the daemon stops"),
+    };
+    // A TLS close, so the replica knows this was no cut.
+    let _ = writer.shutdown().await;
+    ended
 }
 
 async fn handshake<R, W>(
