@@ -98,6 +98,18 @@ enum Command {
         #[arg(long)]
         socket_path: PathBuf,
     },
+    /// Compares this volume with its replica by keyed checksums at one
+    /// moment, without writing; lists the ranges that differ and exits 1
+    /// if any does.
+    Verify {
+        /// The replica daemon's control socket (on this host, or forwarded
+        /// here, e.g. with `ssh -L`).
+        #[arg(long)]
+        peer: PathBuf,
+        /// The moment (default: the newest lsn the replica acknowledged).
+        #[arg(long, allow_hyphen_values = true)]
+        at: Option<String>,
+    },
     /// The replication link: role, peer, mode, state, acked lsn, lag,
     /// RPO, bytes sent, compression, last error.
     Replication {
@@ -171,6 +183,12 @@ fn run(cli: Cli) -> Result<Value, CtlError> {
             let socket_path = std::path::absolute(&socket_path)?;
             ("unexport", json!({ "socket_path": socket_path }))
         }
+        Command::Verify { peer, at } => {
+            let control = control(cli.control)?;
+            let done = rewind_ctl::verify(&control, &peer, at.as_deref(), &mut progress);
+            bar.finish_and_clear();
+            return done;
+        }
         Command::Replication { watch } => {
             if watch {
                 let control = control(cli.control)?;
@@ -206,12 +224,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.json;
     match run(cli) {
-        Ok(result) if json => {
-            println!("{result}");
-            ExitCode::SUCCESS
-        }
         Ok(result) => {
-            print!("{}", rewind_ctl::table(&result));
+            if json {
+                println!("{result}");
+            } else {
+                print!("{}", rewind_ctl::table(&result));
+            }
+            // `verify` found ranges that differ.
+            if result.get("equal") == Some(&Value::Bool(false)) {
+                return ExitCode::FAILURE;
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

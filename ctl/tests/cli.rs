@@ -290,3 +290,66 @@ fn each_command_sends_its_arguments() {
     let out = rewindctl(&socket, &["export", "--at", "-5m"]);
     assert!(!out.status.success(), "--socket-path is required");
 }
+
+/// Answers `answers.len()` connections in turn, one answer line each;
+/// returns the requests.
+fn daemon_answering(socket: &Path, answers: Vec<String>) -> std::thread::JoinHandle<Vec<String>> {
+    let listener = UnixListener::bind(socket).expect("bind");
+    std::thread::spawn(move || {
+        answers
+            .into_iter()
+            .map(|answer| {
+                let (stream, _) = listener.accept().expect("accept");
+                let mut request = String::new();
+                BufReader::new(stream.try_clone().expect("clone"))
+                    .read_line(&mut request)
+                    .expect("request");
+                writeln!(&stream, "{answer}").expect("answer");
+                request
+            })
+            .collect()
+    })
+}
+
+fn checksums(lsn: u64, hashes: &[&str]) -> String {
+    serde_json::json!({"version": 1, "ok": true, "result": {
+        "lsn": lsn, "size": 3 << 20, "chunk_bytes": 1 << 20, "hashes": hashes,
+    }})
+    .to_string()
+}
+
+#[test]
+fn verify_compares_both_sides_at_the_acked_lsn_and_fails_on_a_difference() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (primary, replica) = (dir.path().join("p.sock"), dir.path().join("r.sock"));
+    let link = r#"{"version":1,"ok":true,"result":{"acked_lsn":41}}"#.to_owned();
+    let ours = daemon_answering(&primary, vec![link, checksums(41, &["a", "b", "c"])]);
+    let theirs = daemon_answering(&replica, vec![checksums(41, &["a", "x", "c"])]);
+    let out = rewindctl(
+        &primary,
+        &["verify", "--peer", replica.to_str().expect("utf-8")],
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "a difference fails the command: {table}"
+    );
+    assert!(table.contains("equal            false"), "{table}");
+    assert!(
+        table.contains("1048576  1048576"),
+        "the second MiB differs: {table}"
+    );
+    let requests = ours.join().expect("primary");
+    let asked: serde_json::Value = serde_json::from_str(&requests[1]).expect("json");
+    assert_eq!(asked["command"], "checksums");
+    assert_eq!(asked["at"], "lsn:41");
+    let key = asked["key"].as_str().expect("key");
+    assert_eq!(key.len(), 64, "a 256-bit key");
+    let peer: serde_json::Value =
+        serde_json::from_str(&theirs.join().expect("replica")[0]).expect("json");
+    assert_eq!(peer["key"], key, "both sides hash with the same key");
+    assert_eq!(
+        peer["at"], "lsn:41",
+        "the peer hashes the lsn the primary resolved"
+    );
+}

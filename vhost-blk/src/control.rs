@@ -94,6 +94,32 @@ enum Command {
     },
     /// The replication link: role, peer, state, lag, RPO.
     Replication {},
+    /// Keyed BLAKE3 hashes of the disk at `at`, chunk by chunk (what
+    /// `rewindctl verify` compares between a primary and its replica).
+    Checksums {
+        at: String,
+        /// 64 hex digits: the BLAKE3 key.
+        key: String,
+        #[serde(default = "default_chunk_bytes")]
+        chunk_bytes: u64,
+    },
+}
+
+fn default_chunk_bytes() -> u64 {
+    1 << 20
+}
+
+/// A BLAKE3 key given as 64 hex digits.
+fn parse_key(hex: &str) -> Result<[u8; 32], String> {
+    let bad = || format!("key {hex:?} is not 64 hex digits");
+    if hex.len() != 64 || !hex.is_ascii() {
+        return Err(bad());
+    }
+    let mut key = [0u8; 32];
+    for (i, byte) in key.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(key)
 }
 
 fn default_timeout_ms() -> u64 {
@@ -113,6 +139,7 @@ const COMMANDS: &[&str] = &[
     "export",
     "unexport",
     "replication",
+    "checksums",
 ];
 
 /// What `status` reports.
@@ -367,6 +394,11 @@ impl Control {
                 scratch,
             } => self.export(&at, socket_path, scratch),
             Command::Unexport { socket_path } => self.unexport(&socket_path),
+            Command::Checksums {
+                at,
+                key,
+                chunk_bytes,
+            } => self.checksums(&at, &key, chunk_bytes, progress),
             Command::Replication {} => match self.replication() {
                 Some(status) => to_json(serde_json::to_value(status)),
                 None => Err(
@@ -532,6 +564,54 @@ impl Control {
         for view in views.into_values() {
             stop_view(view);
         }
+    }
+
+    /// Keyed hashes of every chunk of the disk at `at`; chunks the view
+    /// knows are zero (holes, zeroed ranges) are hashed without reading.
+    fn checksums(
+        &self,
+        at: &str,
+        key: &str,
+        chunk_bytes: u64,
+        progress: &mut dyn FnMut(Value),
+    ) -> Result<Value, String> {
+        let key = parse_key(key)?;
+        if chunk_bytes == 0 || !chunk_bytes.is_multiple_of(4096) || chunk_bytes > 64 << 20 {
+            return Err(format!(
+                "chunk_bytes {chunk_bytes} must be a multiple of 4096 up to 64 MiB"
+            ));
+        }
+        let at: PointInTime = at.parse()?;
+        let view = self.volume.view(&at).map_err(|e| e.to_string())?;
+        let size = view.size();
+        let mut hashes = Vec::with_capacity(size.div_ceil(chunk_bytes) as usize);
+        let mut buf = vec![0u8; chunk_bytes as usize];
+        let mut shown = u64::MAX;
+        let mut offset = 0;
+        while offset < size {
+            let len = chunk_bytes.min(size - offset);
+            let chunk = &mut buf[..len as usize];
+            if view.may_hold_data(offset, len).map_err(|e| e.to_string())? {
+                view.read(offset, chunk).map_err(|e| e.to_string())?;
+            } else {
+                chunk.fill(0);
+            }
+            hashes.push(blake3::keyed_hash(&key, chunk).to_hex().to_string());
+            offset += len;
+            let percent = offset * 100 / size;
+            if percent != shown {
+                shown = percent;
+                progress(
+                    json!({"version": PROTOCOL_VERSION, "progress": {"done": offset, "total": size}}),
+                );
+            }
+        }
+        Ok(json!({
+            "lsn": view.lsn(),
+            "size": size,
+            "chunk_bytes": chunk_bytes,
+            "hashes": hashes,
+        }))
     }
 
     fn materialize(

@@ -362,3 +362,41 @@ fn after_a_kill_of_an_async_primary_the_replica_holds_a_prefix_of_the_writes() {
         );
     }
 }
+
+#[test]
+fn verify_finds_the_two_sides_equal_until_one_is_damaged() {
+    let pair = Pair::start_with(imported(&[(0, 2 << 20)]), &[]);
+    let mut client = Client::connect(&pair.primary.vol.socket, 1);
+    assert_eq!(client.write(0, 8 << 20, &pattern(3, 512 << 10)), 0);
+    assert_eq!(client.flush(0), 0);
+    let acked = pair.caught_up();
+    let verify = || {
+        rewind_ctl::verify(
+            &pair.primary.control,
+            &pair.replica.control,
+            None,
+            &mut |_, _| {},
+        )
+        .expect("verify")
+    };
+    let same = verify();
+    assert_eq!(same["equal"], true, "{same}");
+    assert_eq!(same["lsn"], acked);
+    assert_eq!(same["chunks"], 64);
+
+    // Damage the replica's copy of the imported data (behind its daemon's
+    // back, as a failing disk would).
+    let base = std::fs::OpenOptions::new()
+        .write(true)
+        .open(pair.replica.vol.path.join("base.img"))
+        .expect("base.img");
+    std::os::unix::fs::FileExt::write_all_at(&base, &[0xee; 512], (1 << 20) + 4096)
+        .expect("damage");
+    let damaged = verify();
+    assert_eq!(damaged["equal"], false, "{damaged}");
+    assert_eq!(
+        damaged["differing"],
+        json!([{"offset": 1 << 20, "length": 1 << 20}]),
+        "{damaged}"
+    );
+}
