@@ -393,3 +393,71 @@ fn a_resync_takes_the_disk_at_the_sync_point_and_survives_a_crash() {
     assert_eq!(replica.resync_state(), None);
     assert!(disk_at(&replica, acked) == disk_at(&primary, acked));
 }
+
+#[test]
+fn a_diff_resync_sends_only_what_changed_and_keeps_the_rest_from_the_replica() {
+    let fs = FaultStorage::new();
+    create(&fs, &small_settings());
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000_000_000));
+    let primary = Volume::open(
+        fs.arc(),
+        Path::new(DIR),
+        OpenOptions {
+            clock: clock.clone(),
+            ..options()
+        },
+    )
+    .expect("open")
+    .0;
+    // Both sides hold the first writes (some in the replica's journal).
+    for i in 0..32u8 {
+        primary
+            .write(u64::from(i) * 32768, &pattern(i, 32768))
+            .expect("write");
+    }
+    primary.flush().expect("flush");
+    let replica = new_replica(&fs, &primary);
+    ship(&primary, &replica, 1 << 20);
+    // The replica falls behind what the primary's journal keeps.
+    for i in 0..4u8 {
+        primary
+            .write(u64::from(i) * 65536 + 4096, &pattern(i ^ 0x77, 4096))
+            .expect("write");
+    }
+    primary.flush().expect("flush");
+    clock.advance(2 * 3600 * 1_000_000_000);
+    primary.fold_now().expect("fold").expect("a fold");
+    primary.fold_now().expect("fold");
+    let err = primary
+        .read_shipped(replica.last_lsn() + 1, 1 << 20)
+        .expect_err("folded");
+    assert!(matches!(err, Error::Folded { .. }), "{err}");
+
+    const CHUNK: u64 = 65536;
+    let sync = primary.durable_lsn();
+    let view = primary.view(&PointInTime::Lsn(sync)).expect("view");
+    replica
+        .begin_resync(sync, view.timestamp_ns(), primary.epoch_history())
+        .expect("begin");
+    let (mut sent, mut kept) = (0, 0);
+    let (mut theirs, mut ours) = (vec![0u8; CHUNK as usize], vec![0u8; CHUNK as usize]);
+    for at in (0..primary.size()).step_by(CHUNK as usize) {
+        view.read(at, &mut theirs).expect("primary");
+        replica.resync_read_old(at, &mut ours).expect("replica");
+        if ours == theirs {
+            replica.resync_keep(at, CHUNK).expect("keep");
+            kept += 1;
+        } else {
+            replica.resync_write(at, &theirs).expect("write");
+            sent += 1;
+        }
+    }
+    assert_eq!(sent, 4, "only the chunks written while the replica was behind");
+    assert_eq!(kept, primary.size() / CHUNK - 4);
+    replica.finish_resync().expect("finish");
+    assert!(disk_at(&replica, sync) == disk_at(&primary, sync));
+    primary.write(512, &pattern(1, 512)).expect("write");
+    primary.flush().expect("flush");
+    let acked = ship(&primary, &replica, 1 << 20);
+    assert!(disk_at(&replica, acked) == disk_at(&primary, acked));
+}

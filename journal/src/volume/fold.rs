@@ -128,6 +128,8 @@ impl Inner {
             self.retrying("syncing a segment to fold", || seg.file.sync_data())
                 .map_err(Error::io(|| format!("syncing {}", segment_name(seg.id))))?;
         }
+        // Synced, so durable (a trailing Flush record among them included).
+        self.durable_lsn.fetch_max(upto, Ordering::AcqRel);
         self.pool.set_horizon(upto)?;
         let map = ExtentMap::new(self.config.size);
         snapshot.replay_into(&map, upto);

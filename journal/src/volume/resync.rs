@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{lock, Inner, Volume};
 use crate::error::{Error, Result};
-use crate::extent_map::ExtentMap;
-use crate::format::check_range;
+use crate::extent_map::{ExtentMap, Pieces, Source};
+use crate::format::{check_range, SECTOR};
 use crate::meta::EpochStart;
 use crate::record_index::RecordIndex;
 
@@ -147,6 +147,51 @@ impl Volume {
             .map_err(Error::io(|| {
                 format!("resync: writing base.img at {offset}")
             }))
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of the disk as it was before
+    /// the resync began (what a diff resync compares with the sync point).
+    /// Meaningful only for ranges not yet taken: base.img changes as the
+    /// resync goes, while the journal and its map stay as they were.
+    pub fn resync_read_old(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.inner.resync_target(offset, buf.len() as u64)?;
+        self.read(offset, buf)
+    }
+
+    /// Keeps the disk's data before the resync at `offset..offset + length`
+    /// (it equals the sync point's there): copies into base.img what of it
+    /// the journal holds.
+    pub fn resync_keep(&self, offset: u64, length: u64) -> Result<()> {
+        let inner = &self.inner;
+        inner.resync_target(offset, length)?;
+        let mut pieces = Pieces::new();
+        inner
+            .map
+            .lookup(offset / SECTOR, length / SECTOR, &mut pieces);
+        let mut buf = Vec::new();
+        for piece in &pieces {
+            let (at, len) = (piece.start * SECTOR, piece.sectors * SECTOR);
+            match piece.source {
+                Source::Base => continue, // already in base.img
+                Source::Zero => {
+                    inner
+                        .retrying("resync: zeroing base.img", || {
+                            inner.base.write_zeroes(at, len)
+                        })
+                        .map_err(Error::io(|| format!("resync: zeroing base.img at {at}")))?;
+                    continue;
+                }
+                Source::Journal { .. } => {}
+            }
+            buf.resize(len as usize, 0);
+            inner.read_piece(piece, piece.start, &mut buf, |id| inner.pool.segment(id))?;
+            inner
+                .retrying("resync: writing base.img", || {
+                    inner.base.write_all_at(&[&buf], at)
+                })
+                .map_err(Error::io(|| format!("resync: writing base.img at {at}")))?;
+        }
+        Ok(())
     }
 
     /// Makes `length` bytes at `offset` of base.img zero (a hole where the
