@@ -452,7 +452,10 @@ fn a_diff_resync_sends_only_what_changed_and_keeps_the_rest_from_the_replica() {
             sent += 1;
         }
     }
-    assert_eq!(sent, 4, "only the chunks written while the replica was behind");
+    assert_eq!(
+        sent, 4,
+        "only the chunks written while the replica was behind"
+    );
     assert_eq!(kept, primary.size() / CHUNK - 4);
     replica.finish_resync().expect("finish");
     assert!(disk_at(&replica, sync) == disk_at(&primary, sync));

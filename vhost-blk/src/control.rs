@@ -110,7 +110,7 @@ fn default_chunk_bytes() -> u64 {
 }
 
 /// A BLAKE3 key given as 64 hex digits.
-fn parse_key(hex: &str) -> Result<[u8; 32], String> {
+pub(crate) fn parse_key(hex: &str) -> Result<[u8; 32], String> {
     let bad = || format!("key {hex:?} is not 64 hex digits");
     if hex.len() != 64 || !hex.is_ascii() {
         return Err(bad());

@@ -106,6 +106,10 @@ pub struct ResyncBegin {
     /// The primary's epochs up to the sync point.
     pub epoch_history: Vec<rewind_journal::EpochStart>,
     pub from_offset: u64,
+    /// A diff resync (the replica holds an older state of the disk): the
+    /// BLAKE3 key (64 hex digits) the replica hashes its chunks with, so
+    /// only chunks that differ are sent. `None`: every chunk is sent.
+    pub diff_key: Option<String>,
 }
 
 /// One frame's content.
@@ -135,6 +139,19 @@ pub enum Message {
     },
     /// Every chunk was sent: the replica takes the sync point.
     ResyncEnd,
+    /// Diff resync, from the replica: the keyed hashes of its chunks of
+    /// `chunk_bytes` from `offset` on, in order.
+    Hashes {
+        offset: u64,
+        chunk_bytes: u32,
+        hashes: Vec<[u8; 32]>,
+    },
+    /// Diff resync: the replica's own data in `offset..offset + length`
+    /// equals the sync point's; it keeps it.
+    Keep {
+        offset: u64,
+        length: u64,
+    },
 }
 
 impl Message {
@@ -150,6 +167,8 @@ impl Message {
             Message::Chunk { .. } => 8,
             Message::Zero { .. } => 9,
             Message::ResyncEnd => 10,
+            Message::Hashes { .. } => 11,
+            Message::Keep { .. } => 12,
         }
     }
 
@@ -165,6 +184,8 @@ impl Message {
             Message::Chunk { .. } => "chunk",
             Message::Zero { .. } => "zero",
             Message::ResyncEnd => "resync-end",
+            Message::Hashes { .. } => "hashes",
+            Message::Keep { .. } => "keep",
         }
     }
 }
@@ -219,7 +240,7 @@ impl FrameHeader {
             return Err(FrameError::Version(version));
         }
         let (kind, flags) = (b[6], b[7]);
-        if !(1..=10).contains(&kind) {
+        if !(1..=12).contains(&kind) {
             return Err(FrameError::Type(kind));
         }
         if flags & !FLAG_ZSTD != 0 || (flags & FLAG_ZSTD != 0 && kind != 4 && kind != 8) {
@@ -300,6 +321,14 @@ impl FrameHeader {
                 }
             }
             10 => fixed::<0>(body, "resync-end").map(|_| Message::ResyncEnd)?,
+            11 => decode_hashes(body)?,
+            12 => {
+                let b = fixed::<16>(body, "keep")?;
+                Message::Keep {
+                    offset: le_u64(&b[..8]),
+                    length: le_u64(&b[8..]),
+                }
+            }
             kind => return Err(FrameError::Type(kind)),
         };
         Ok(Frame {
@@ -307,6 +336,34 @@ impl FrameHeader {
             message,
         })
     }
+}
+
+/// `offset` (u64), `chunk_bytes` (u32), then 32-byte hashes.
+fn decode_hashes(body: &[u8]) -> Result<Message, FrameError> {
+    let bad = |reason: String| FrameError::Malformed {
+        what: "hashes",
+        reason,
+    };
+    if body.len() <= 12 || !(body.len() - 12).is_multiple_of(32) {
+        return Err(bad(format!("{} bytes", body.len())));
+    }
+    let chunk_bytes = le_u32(&body[8..12]);
+    if chunk_bytes == 0 {
+        return Err(bad("chunks of 0 bytes".into()));
+    }
+    let hashes = body[12..]
+        .chunks_exact(32)
+        .map(|h| {
+            let mut hash = [0u8; 32];
+            hash.copy_from_slice(h);
+            hash
+        })
+        .collect();
+    Ok(Message::Hashes {
+        offset: le_u64(body),
+        chunk_bytes,
+        hashes,
+    })
 }
 
 /// A body of exactly `N` bytes.
@@ -429,8 +486,19 @@ impl Encoder {
             Message::Heartbeat | Message::ResyncEnd => Vec::new(),
             Message::ResyncBegin(b) => serde_json::to_vec(b).unwrap_or_default(),
             Message::Chunk { offset, data } => [&offset.to_le_bytes()[..], data].concat(),
-            Message::Zero { offset, length } => {
+            Message::Zero { offset, length } | Message::Keep { offset, length } => {
                 [offset.to_le_bytes(), length.to_le_bytes()].concat()
+            }
+            Message::Hashes {
+                offset,
+                chunk_bytes,
+                hashes,
+            } => {
+                let mut body = Vec::with_capacity(12 + hashes.len() * 32);
+                body.extend_from_slice(&offset.to_le_bytes());
+                body.extend_from_slice(&chunk_bytes.to_le_bytes());
+                hashes.iter().for_each(|h| body.extend_from_slice(h));
+                body
             }
         };
         let raw_len = raw.len();
@@ -554,7 +622,17 @@ mod tests {
                 sync_ns: 1_700_000_000_000_000_000,
                 epoch_history: Vec::new(),
                 from_offset: 0,
+                diff_key: Some("00".repeat(32)),
             }),
+            Message::Hashes {
+                offset: 1 << 20,
+                chunk_bytes: 1 << 20,
+                hashes: vec![[7; 32], [9; 32]],
+            },
+            Message::Keep {
+                offset: 0,
+                length: 3 << 20,
+            },
             Message::Chunk {
                 offset: 4096,
                 data: vec![9; 65536],
@@ -637,8 +715,8 @@ mod tests {
             Err(FrameError::TooLong(MAX_BODY + 1))
         );
         let mut kind = good.clone();
-        kind[6] = 11;
-        assert_eq!(decode(&kind).map(|_| ()), Err(FrameError::Type(11)));
+        kind[6] = 13;
+        assert_eq!(decode(&kind).map(|_| ()), Err(FrameError::Type(13)));
         assert!(matches!(
             decode(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
             Err(FrameError::Magic(_))

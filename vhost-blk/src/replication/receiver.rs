@@ -257,6 +257,11 @@ fn check_hello(volume: &Volume, hello: &Hello) -> Result<(), String> {
 enum Reply {
     Ack(u64),
     Refuse(String),
+    /// Diff resync: keyed hashes of this replica's chunks from `offset`.
+    Hashes {
+        offset: u64,
+        hashes: Vec<[u8; 32]>,
+    },
 }
 
 /// What the applier does, in the order the frames came.
@@ -266,6 +271,7 @@ enum Op {
     Begin(ResyncBegin),
     Chunk { offset: u64, data: Vec<u8> },
     Zero { offset: u64, length: u64 },
+    Keep { offset: u64, length: u64 },
     End,
 }
 
@@ -299,6 +305,7 @@ async fn read_frames<R: AsyncRead + Unpin>(
             Message::ResyncBegin(begin) => Op::Begin(begin),
             Message::Chunk { offset, data } => Op::Chunk { offset, data },
             Message::Zero { offset, length } => Op::Zero { offset, length },
+            Message::Keep { offset, length } => Op::Keep { offset, length },
             Message::ResyncEnd => Op::End,
             Message::Heartbeat => {
                 if beats.0.elapsed() >= Duration::from_secs(1) {
@@ -357,6 +364,7 @@ async fn apply_ops(
     replies: mpsc::Sender<Reply>,
 ) -> String {
     let mut resync: Option<Receiving> = None;
+    let mut hasher = Hasher(None);
     let mut next_op = None;
     loop {
         let op = match next_op.take() {
@@ -382,15 +390,17 @@ async fn apply_ops(
                     .await
                     .map(Some)
             }
-            Op::Begin(begin) => start_resync(volume, begin).await.map(|progress| {
-                link.set_state(LinkState::Syncing);
-                link.set_resync(Some(progress));
-                resync = Some(Receiving {
-                    progress,
-                    unsynced: 0,
-                });
-                None
-            }),
+            Op::Begin(begin) => start_resync(volume, begin, &mut hasher, &replies)
+                .await
+                .map(|progress| {
+                    link.set_state(LinkState::Syncing);
+                    link.set_resync(Some(progress));
+                    resync = Some(Receiving {
+                        progress,
+                        unsynced: 0,
+                    });
+                    None
+                }),
             Op::Chunk { offset, data } => {
                 let length = data.len() as u64;
                 let written = match expect_at(&resync, offset, length) {
@@ -408,6 +418,16 @@ async fn apply_ops(
                     Err(e) => Err(e),
                 };
                 match zeroed.map(|()| advance(&mut resync, link, length, 0)) {
+                    Ok(due) => checkpoint(volume, &mut resync, due).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Op::Keep { offset, length } => {
+                let kept = match expect_at(&resync, offset, length) {
+                    Ok(()) => blocking(volume, move |v| v.resync_keep(offset, length)).await,
+                    Err(e) => Err(e),
+                };
+                match kept.map(|()| advance(&mut resync, link, length, 0)) {
                     Ok(due) => checkpoint(volume, &mut resync, due).await,
                     Err(e) => Err(e),
                 }
@@ -442,8 +462,82 @@ async fn apply_ops(
     }
 }
 
-/// Checks a resync-begin against this replica and starts (or resumes) it.
-async fn start_resync(volume: &Arc<Volume>, begin: ResyncBegin) -> Result<ResyncProgress, String> {
+/// The task hashing this replica's chunks for a diff resync; ended with
+/// the session.
+#[derive(Debug)]
+struct Hasher(Option<tokio::task::AbortHandle>);
+
+impl Drop for Hasher {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Hashes per frame.
+const HASHES_PER_FRAME: usize = 256;
+/// The chunk a diff resync compares (the primary's resync chunk).
+const DIFF_CHUNK: u64 = 1 << 20;
+
+/// Sends the keyed hashes of this replica's disk as it was before the
+/// resync, chunk by chunk from `from`, ahead of the primary's chunks.
+async fn hash_old_disk(
+    volume: Arc<Volume>,
+    key: [u8; 32],
+    from: u64,
+    replies: mpsc::Sender<Reply>,
+) {
+    let size = volume.size();
+    let mut offset = from;
+    while offset < size {
+        let start = offset;
+        let v = volume.clone();
+        let hashed = tokio::task::spawn_blocking(move || {
+            let mut hashes = Vec::with_capacity(HASHES_PER_FRAME);
+            let mut buf = vec![0u8; DIFF_CHUNK as usize];
+            let mut at = start;
+            while at < size && hashes.len() < HASHES_PER_FRAME {
+                let len = DIFF_CHUNK.min(size - at);
+                let chunk = &mut buf[..len as usize];
+                v.resync_read_old(at, chunk)?;
+                hashes.push(*blake3::keyed_hash(&key, chunk).as_bytes());
+                at += len;
+            }
+            Ok::<_, rewind_journal::Error>((hashes, at))
+        })
+        .await;
+        let reply = match hashed {
+            Ok(Ok((hashes, next))) => {
+                offset = next;
+                Reply::Hashes {
+                    offset: start,
+                    hashes,
+                }
+            }
+            Ok(Err(e)) => Reply::Refuse(format!("hashing this replica's disk: {e}")),
+            Err(e) => Reply::Refuse(format!("hashing this replica's disk: {e}")),
+        };
+        let refused = matches!(reply, Reply::Refuse(_));
+        if replies.send(reply).await.is_err() || refused {
+            return;
+        }
+    }
+}
+
+/// Checks a resync-begin against this replica and starts (or resumes) it;
+/// a diff resync also starts hashing this replica's chunks.
+async fn start_resync(
+    volume: &Arc<Volume>,
+    begin: ResyncBegin,
+    hasher: &mut Hasher,
+    replies: &mpsc::Sender<Reply>,
+) -> Result<ResyncProgress, String> {
+    let key = begin
+        .diff_key
+        .as_deref()
+        .map(crate::control::parse_key)
+        .transpose()?;
     let epoch = begin.epoch_history.last().map_or(1, |e| e.epoch);
     if epoch < volume.epoch() {
         return Err(format!(
@@ -458,27 +552,30 @@ async fn start_resync(volume: &Arc<Volume>, begin: ResyncBegin) -> Result<Resync
         total_bytes: size,
         data_bytes: 0,
     };
-    if begin.from_offset == 0 {
+    let from = begin.from_offset;
+    if from == 0 {
         let (lsn, ns, history) = (begin.sync_lsn, begin.sync_ns, begin.epoch_history);
         blocking(volume, move |v| v.begin_resync(lsn, ns, history)).await?;
-        return Ok(progress);
-    }
-    match volume.resync_state() {
-        Some(state)
-            if state.sync_lsn == begin.sync_lsn && state.next_offset == begin.from_offset =>
-        {
-            tracing::info!(
-                sync_lsn = state.sync_lsn,
-                from = state.next_offset,
-                "resuming a resync"
-            );
-            Ok(progress)
+    } else {
+        match volume.resync_state() {
+            Some(state) if state.sync_lsn == begin.sync_lsn && state.next_offset == from => {
+                tracing::info!(sync_lsn = state.sync_lsn, from, "resuming a resync");
+            }
+            state => {
+                return Err(format!(
+                    "a resync to lsn {} resumed at offset {from}, but this replica holds {:?}",
+                    begin.sync_lsn, state
+                ))
+            }
         }
-        state => Err(format!(
-            "a resync to lsn {} resumed at offset {}, but this replica holds {:?}",
-            begin.sync_lsn, begin.from_offset, state
-        )),
     }
+    if let Some(key) = key {
+        let task = tokio::spawn(hash_old_disk(volume.clone(), key, from, replies.clone()));
+        if let Some(old) = hasher.0.replace(task.abort_handle()) {
+            old.abort();
+        }
+    }
+    Ok(progress)
 }
 
 /// Chunks come in order, back to back, inside a resync.
@@ -541,6 +638,14 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         let (message, refused) = match reply {
             Reply::Ack(durable_lsn) => (Message::Ack { durable_lsn }, None),
             Reply::Refuse(reason) => (Message::Refuse(reason.clone()), Some(reason)),
+            Reply::Hashes { offset, hashes } => (
+                Message::Hashes {
+                    offset,
+                    chunk_bytes: DIFF_CHUNK as u32,
+                    hashes,
+                },
+                None,
+            ),
         };
         if let Err(e) = write_frame(writer, &encoder.encode(volume.epoch(), &message)).await {
             return format!("writing to the primary: {e}");

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use rewind_journal::{Error as JournalError, PointInTime, ShipBatch, View, Volume};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 use super::frame::{read_frame, write_frame, Encoder, Frame, Hello, Message, ResyncBegin, Welcome};
 use super::tls::TlsContext;
@@ -31,6 +32,8 @@ use super::{tune_socket, Link, LinkState, ResyncProgress, SenderConfig, HEARTBEA
 const BATCH_BYTES: usize = 1 << 20;
 /// Bytes of the disk per resync chunk.
 const CHUNK_BYTES: u64 = 1 << 20;
+/// Replica hashes read ahead of the chunk being compared.
+const HASHES_QUEUED: usize = 1024;
 /// Longest zero range sent as one frame.
 const ZERO_RUN_BYTES: u64 = 256 << 20;
 /// How long records written without a guest flush wait before the sender
@@ -122,9 +125,12 @@ async fn session(
     link.acked(welcome.durable_lsn);
     link.set_state(LinkState::Syncing);
     let mut bucket = config.rate.map(TokenBucket::new);
+    let (hashes, mut feed) = mpsc::channel(HASHES_QUEUED);
     let shipping = async {
         let mut next = welcome.last_lsn + 1;
         if needs_resync(volume, &welcome) {
+            // A replica that holds an older disk keeps what did not change.
+            let diff = (welcome.last_lsn > 0 || welcome.resync.is_some()).then_some(&mut feed);
             match resync(
                 volume,
                 link,
@@ -132,6 +138,7 @@ async fn session(
                 &mut writer,
                 &mut encoder,
                 &mut bucket,
+                diff,
             )
             .await
             {
@@ -141,7 +148,7 @@ async fn session(
         }
         ship(volume, link, &mut writer, &mut encoder, &mut bucket, next).await
     };
-    let acking = take_acks(volume, link, &mut reader);
+    let acking = take_acks(volume, link, &mut reader, hashes);
     let ended = tokio::select! {
         e = shipping => e,
         e = acking => e,
@@ -223,7 +230,19 @@ fn needs_resync(volume: &Volume, welcome: &Welcome) -> bool {
     welcome.resync.is_some() || welcome.last_lsn == 0 || welcome.last_lsn < volume.stats().base_lsn
 }
 
-/// Resyncs the replica; returns the sync point.
+/// The replica's keyed hashes of its chunks, as they arrive (diff resync).
+type HashFeed = mpsc::Receiver<(u64, [u8; 32])>;
+
+/// A run of chunks sent as one range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    Zero,
+    Keep,
+}
+
+/// Resyncs the replica; returns the sync point. With `diff` (a replica
+/// that holds an older state of the disk), the replica's hashes of its
+/// chunks come in on the feed and only chunks that differ are sent.
 async fn resync<W: AsyncWrite + Unpin>(
     volume: &Arc<Volume>,
     link: &Link,
@@ -231,6 +250,7 @@ async fn resync<W: AsyncWrite + Unpin>(
     writer: &mut W,
     encoder: &mut Encoder,
     bucket: &mut Option<TokenBucket>,
+    mut diff: Option<&mut HashFeed>,
 ) -> Result<u64, SessionError> {
     let v = volume.clone();
     let resume = welcome.resync;
@@ -260,7 +280,16 @@ async fn resync<W: AsyncWrite + Unpin>(
         data_bytes: 0,
     };
     link.set_resync(Some(progress));
-    tracing::info!(sync_lsn, from, "resyncing the replica");
+    let key = match diff {
+        Some(_) => Some(random_key()?),
+        None => None,
+    };
+    tracing::info!(
+        sync_lsn,
+        from,
+        diff = key.is_some(),
+        "resyncing the replica"
+    );
     let begin = ResyncBegin {
         sync_lsn,
         sync_ns: view.timestamp_ns(),
@@ -270,49 +299,64 @@ async fn resync<W: AsyncWrite + Unpin>(
             .filter(|e| e.first_lsn <= sync_lsn)
             .collect(),
         from_offset: from,
+        diff_key: key.map(|k| k.iter().map(|b| format!("{b:02x}")).collect()),
     };
     let epoch = volume.epoch();
     write_frame(writer, &encoder.encode(epoch, &Message::ResyncBegin(begin)))
         .await
         .map_err(|e| down(format!("starting a resync: {e}")))?;
-    let mut zeros: Option<(u64, u64)> = None;
+    let mut run: Option<(Run, u64, u64)> = None;
+    let end_run = |run: &mut Option<(Run, u64, u64)>, frames: &mut Vec<Message>| {
+        if let Some((kind, offset, length)) = run.take() {
+            frames.push(match kind {
+                Run::Zero => Message::Zero { offset, length },
+                Run::Keep => Message::Keep { offset, length },
+            });
+        }
+    };
     let mut last_beat = Instant::now();
     let mut offset = from;
     while offset < size {
         let len = CHUNK_BYTES.min(size - offset);
         let mut frames = Vec::new();
         let chunk = read_chunk(&view, offset, len).await?;
-        if let Some(data) = chunk {
-            if let Some((start, run)) = zeros.take() {
-                frames.push(Message::Zero {
-                    offset: start,
-                    length: run,
-                });
+        let same = match (key.as_ref(), diff.as_deref_mut()) {
+            (Some(key), Some(feed)) => {
+                let theirs = next_hash(feed, offset).await?;
+                let ours = match &chunk {
+                    Some(data) => blake3::keyed_hash(key, data),
+                    None => blake3::keyed_hash(key, &vec![0u8; len as usize]),
+                };
+                ours == blake3::Hash::from_bytes(theirs)
             }
-            progress.data_bytes += len;
-            frames.push(Message::Chunk { offset, data });
-        } else {
-            zeros = Some(match zeros {
-                Some((start, run)) => (start, run + len),
-                None => (offset, len),
-            });
-            // Long zero runs go out in pieces, so the replica shows progress.
-            if let Some((start, run)) = zeros.filter(|&(_, run)| run >= ZERO_RUN_BYTES) {
-                frames.push(Message::Zero {
-                    offset: start,
-                    length: run,
-                });
-                zeros = None;
+            _ => false,
+        };
+        let kind = match (&chunk, same) {
+            (_, true) => Some(Run::Keep),
+            (None, false) => Some(Run::Zero),
+            (Some(_), false) => None,
+        };
+        match (kind, run) {
+            (Some(kind), Some((current, start, length)))
+                if kind == current && length < ZERO_RUN_BYTES =>
+            {
+                run = Some((kind, start, length + len));
+            }
+            (Some(kind), _) => {
+                end_run(&mut run, &mut frames);
+                run = Some((kind, offset, len));
+            }
+            (None, _) => {
+                end_run(&mut run, &mut frames);
+                if let Some(data) = chunk {
+                    progress.data_bytes += len;
+                    frames.push(Message::Chunk { offset, data });
+                }
             }
         }
         offset += len;
         if offset == size {
-            if let Some((start, run)) = zeros.take() {
-                frames.push(Message::Zero {
-                    offset: start,
-                    length: run,
-                });
-            }
+            end_run(&mut run, &mut frames);
         }
         if last_beat.elapsed() >= HEARTBEAT {
             frames.push(Message::Heartbeat);
@@ -343,6 +387,32 @@ async fn resync<W: AsyncWrite + Unpin>(
     );
     link.set_resync(None);
     Ok(sync_lsn)
+}
+
+/// The replica's hash of the chunk at `offset`.
+async fn next_hash(feed: &mut HashFeed, offset: u64) -> Result<[u8; 32], SessionError> {
+    match tokio::time::timeout(SILENCE_LIMIT * 10, feed.recv()).await {
+        Ok(Some((at, hash))) if at == offset => Ok(hash),
+        Ok(Some((at, _))) => Err(down(format!(
+            "the replica sent the hash of offset {at} where {offset} was due"
+        ))),
+        Ok(None) => Err(down("the replica's hashes stopped")),
+        Err(_) => Err(down(format!(
+            "no hash from the replica for offset {offset} within {:?}",
+            SILENCE_LIMIT * 10
+        ))),
+    }
+}
+
+/// A fresh key for a diff resync's keyed hashes, so that a replica cannot
+/// answer with hashes prepared in advance.
+fn random_key() -> Result<[u8; 32], SessionError> {
+    use ring::rand::SecureRandom;
+    let mut key = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut key)
+        .map_err(|_| down("no randomness for a resync key"))?;
+    Ok(key)
 }
 
 /// The sync point's data at `offset`, or `None` where it is all zeroes
@@ -440,6 +510,7 @@ async fn take_acks<R: AsyncRead + Unpin>(
     volume: &Volume,
     link: &Link,
     reader: &mut R,
+    hashes: mpsc::Sender<(u64, [u8; 32])>,
 ) -> SessionError {
     loop {
         let frame = match tokio::time::timeout(SILENCE_LIMIT, read_frame(reader)).await {
@@ -468,6 +539,30 @@ async fn take_acks<R: AsyncRead + Unpin>(
                 message: Message::Heartbeat,
                 ..
             } => {}
+            Frame {
+                message:
+                    Message::Hashes {
+                        offset,
+                        chunk_bytes,
+                        hashes: batch,
+                    },
+                ..
+            } => {
+                if u64::from(chunk_bytes) != CHUNK_BYTES {
+                    return down(format!(
+                        "the replica hashed chunks of {chunk_bytes} bytes, not {CHUNK_BYTES}"
+                    ));
+                }
+                // Outside a diff resync nobody takes them: give up rather
+                // than wait for ever.
+                for (i, hash) in batch.into_iter().enumerate() {
+                    let at = offset + i as u64 * CHUNK_BYTES;
+                    let taken = tokio::time::timeout(SILENCE_LIMIT, hashes.send((at, hash))).await;
+                    if !matches!(taken, Ok(Ok(()))) {
+                        return down("the replica sent hashes that no diff resync takes");
+                    }
+                }
+            }
             Frame {
                 message: Message::Refuse(reason),
                 ..
