@@ -138,6 +138,44 @@ pub fn verify(
     }))
 }
 
+/// Polls the daemon's replication link until it is streaming (the replica
+/// caught up), showing a resync's progress; returns the link's status.
+/// Fails when the link is outdated (it will not catch up by itself) or
+/// after `timeout`.
+pub fn wait_streaming(
+    control: &Path,
+    timeout: Duration,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Value, CtlError> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let link = request(control, "replication", Value::Null, &mut |_, _| {})?;
+        if let Some(resync) = link.get("resync").filter(|r| !r.is_null()) {
+            let field = |k: &str| resync.get(k).and_then(Value::as_u64).unwrap_or(0);
+            progress(field("done_bytes"), field("total_bytes"));
+        }
+        match link.get("state").and_then(Value::as_str) {
+            Some("streaming") if link.get("resync").is_none_or(Value::is_null) => return Ok(link),
+            Some("outdated") => {
+                return Err(CtlError::Usage(format!(
+                    "the replication link is outdated: {}",
+                    link.get("last_error")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no reason given")
+                )))
+            }
+            _ => {}
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(CtlError::Usage(format!(
+                "the replica did not catch up within {timeout:?}; the link is {}",
+                link.get("state").unwrap_or(&Value::Null)
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// 32 random bytes as hex, for a keyed hash nobody could prepare for.
 fn random_key() -> Result<String, CtlError> {
     use std::io::Read;

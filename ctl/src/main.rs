@@ -114,8 +114,16 @@ enum Command {
     /// RPO, bytes sent, compression, last error.
     Replication {
         /// Show it again every second until interrupted.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "wait")]
         watch: bool,
+        /// Wait until the replica is caught up (streaming), with a progress
+        /// bar while a resync runs; fails if the link is outdated or the
+        /// time runs out.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, value_parser = duration, default_value = "1h", requires = "wait")]
+        timeout: Duration,
     },
 }
 
@@ -189,7 +197,17 @@ fn run(cli: Cli) -> Result<Value, CtlError> {
             bar.finish_and_clear();
             return done;
         }
-        Command::Replication { watch } => {
+        Command::Replication {
+            wait: true,
+            timeout,
+            ..
+        } => {
+            let control = control(cli.control)?;
+            let done = rewind_ctl::wait_streaming(&control, timeout, &mut progress);
+            bar.finish_and_clear();
+            return done;
+        }
+        Command::Replication { watch, .. } => {
             if watch {
                 let control = control(cli.control)?;
                 loop {

@@ -353,3 +353,49 @@ fn verify_compares_both_sides_at_the_acked_lsn_and_fails_on_a_difference() {
         "the peer hashes the lsn the primary resolved"
     );
 }
+
+#[test]
+fn replication_wait_follows_a_resync_until_streaming_and_fails_when_outdated() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let socket = dir.path().join("p.sock");
+    let link = |state: &str, resync: serde_json::Value, error: &str| {
+        serde_json::json!({"version": 1, "ok": true, "result": {
+            "state": state, "resync": resync, "last_error": error, "acked_lsn": 7,
+        }})
+        .to_string()
+    };
+    let syncing = serde_json::json!({"sync_lsn": 7, "done_bytes": 1, "total_bytes": 2});
+    let daemon = daemon_answering(
+        &socket,
+        vec![
+            link("syncing", syncing, ""),
+            link("streaming", serde_json::Value::Null, ""),
+        ],
+    );
+    let out = rewindctl(&socket, &["replication", "--wait", "--timeout", "10s"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("state       streaming"));
+    assert_eq!(daemon.join().expect("daemon").len(), 2);
+
+    let _ = std::fs::remove_file(&socket);
+    let daemon = daemon_answering(
+        &socket,
+        vec![link(
+            "outdated",
+            serde_json::Value::Null,
+            "the replica refused: fenced",
+        )],
+    );
+    let out = rewindctl(&socket, &["replication", "--wait"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("outdated: the replica refused: fenced"),
+        "{err}"
+    );
+    daemon.join().expect("daemon");
+}

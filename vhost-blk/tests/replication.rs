@@ -264,6 +264,20 @@ fn a_resync_holds_its_rate_and_resumes_after_a_kill_of_the_replica() {
     let before = sent(&pair.primary);
     pair.replica.kill();
     pair.replica.restart();
+    // What `rewindctl replication --wait` shows: the resumed resync's
+    // progress, then the link caught up.
+    let mut seen = Vec::new();
+    let link = rewind_ctl::wait_streaming(
+        &pair.primary.control,
+        Duration::from_secs(60),
+        &mut |done, total| seen.push((done, total)),
+    )
+    .expect("caught up");
+    assert_eq!(link["state"], "streaming");
+    assert!(
+        seen.iter().any(|&(done, total)| total == 64 << 20 && done >= 48 << 20),
+        "progress resumed past 48 MiB: {seen:?}"
+    );
     let acked = pair.caught_up();
     // Resumed at 48 MiB: about 16 MiB more, not the whole disk again.
     let again = sent(&pair.primary) - before;
