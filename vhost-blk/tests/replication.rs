@@ -275,7 +275,8 @@ fn a_resync_holds_its_rate_and_resumes_after_a_kill_of_the_replica() {
     .expect("caught up");
     assert_eq!(link["state"], "streaming");
     assert!(
-        seen.iter().any(|&(done, total)| total == 64 << 20 && done >= 48 << 20),
+        seen.iter()
+            .any(|&(done, total)| total == 64 << 20 && done >= 48 << 20),
         "progress resumed past 48 MiB: {seen:?}"
     );
     let acked = pair.caught_up();
@@ -462,4 +463,76 @@ fn after_a_forced_fold_a_behind_replica_is_sent_only_the_chunks_that_changed() {
         pair.replica.materialize(acked),
         pair.primary.materialize(acked)
     );
+}
+
+#[test]
+fn sync_mode_suspends_without_the_replica_and_degrades_only_once_fence_peer_succeeds() {
+    // suspend: a flush waits past --sync-timeout until the replica is back.
+    let mut pair = Pair::start(&[
+        "--replication-mode",
+        "sync",
+        "--sync-timeout",
+        "500ms",
+        "--on-replica-loss",
+        "suspend",
+    ]);
+    let mut client = Client::connect(&pair.primary.vol.socket, 1);
+    assert_eq!(client.write(0, 0, &pattern(1, 4096)), 0);
+    assert_eq!(client.flush(0), 0);
+    pair.caught_up();
+    pair.replica.kill();
+    assert_eq!(
+        client.write_within(4096, &pattern(2, 4096), Duration::from_secs(10)),
+        Some(0)
+    );
+    assert_eq!(
+        client.flush_within(Duration::from_secs(2)),
+        None,
+        "held past --sync-timeout"
+    );
+    assert_ne!(pair.primary.replication()["state"], "degraded");
+    pair.replica.restart();
+    pair.caught_up();
+    assert!(pair.replica_holds_what_is_durable());
+    drop(client);
+
+    // degrade, but only once --fence-peer succeeds.
+    let hook_dir = tempfile::tempdir().expect("tempdir");
+    let marker = hook_dir.path().join("peer-fenced");
+    let hook = format!("test -e {}", marker.display());
+    let mut pair = Pair::start(&[
+        "--replication-mode",
+        "sync",
+        "--sync-timeout",
+        "500ms",
+        "--fence-peer",
+        &hook,
+    ]);
+    let mut client = Client::connect(&pair.primary.vol.socket, 1);
+    pair.caught_up();
+    pair.replica.kill();
+    assert_eq!(
+        client.write_within(0, &pattern(3, 4096), Duration::from_secs(10)),
+        Some(0)
+    );
+    assert_eq!(
+        client.flush_within(Duration::from_secs(2)),
+        None,
+        "the hook failed: held"
+    );
+    let status = pair.primary.replication();
+    assert!(
+        status["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--fence-peer failed"),
+        "{status}"
+    );
+    std::fs::write(&marker, b"").expect("marker");
+    assert_eq!(
+        client.flush_within(Duration::from_secs(10)),
+        Some(0),
+        "the hook succeeded: degraded"
+    );
+    assert_eq!(pair.primary.replication()["state"], "degraded");
 }
