@@ -536,3 +536,35 @@ fn sync_mode_suspends_without_the_replica_and_degrades_only_once_fence_peer_succ
     );
     assert_eq!(pair.primary.replication()["state"], "degraded");
 }
+
+#[test]
+fn a_resync_resumes_after_a_kill_of_the_primary() {
+    let mut pair = Pair::start_with(
+        imported(&[(0, 64 << 20)]),
+        &["--replication-rate", "8M", "--compress", "none"],
+    );
+    // Past the replica's second checkpoint (16 MiB each).
+    wait_until("36 MiB resynced", Duration::from_secs(60), || {
+        resync_status(&pair.replica)["done_bytes"]
+            .as_u64()
+            .unwrap_or(0)
+            > 36 << 20
+    });
+    pair.primary.kill();
+    pair.primary.restart();
+    let link = rewind_ctl::wait_streaming(
+        &pair.primary.control,
+        Duration::from_secs(60),
+        &mut |_, _| {},
+    )
+    .expect("caught up");
+    // The restarted primary sent what the replica lacked from its last
+    // checkpoint (32 MiB on), not the whole disk again.
+    let sent = link["bytes_sent"].as_u64().expect("bytes_sent");
+    assert!(sent < 40 << 20, "{sent} bytes sent after the restart");
+    let acked = pair.caught_up();
+    assert_eq!(
+        pair.replica.materialize(acked),
+        pair.primary.materialize(acked)
+    );
+}
