@@ -85,6 +85,8 @@ pub enum Error {
          time is readable until it ends"
     )]
     Resyncing { sync_lsn: u64, done: u64, size: u64 },
+    #[error("shipped record {lsn} needs a resync: {reason}")]
+    NeedsResync { lsn: u64, reason: String },
     #[error("shipped record {lsn} refused: {reason}")]
     BadShipped { lsn: u64, reason: String },
     #[error("view expired: {0}")]

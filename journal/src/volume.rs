@@ -255,6 +255,9 @@ struct Inner {
     folded_past_hold: AtomicU64,
     /// A resync under way (resync.rs): nothing is readable, nothing folds.
     resync: Mutex<Option<ResyncState>>,
+    /// A replica's flushes append no Flush record: its lsns are its
+    /// primary's.
+    replica: AtomicBool,
 }
 
 /// `replica_hold` when no replica holds history back.
@@ -474,6 +477,7 @@ impl Volume {
             config.store(storage.as_ref(), dir)?;
         }
         let epoch = config.epoch;
+        let replica = config.role == Role::Replica;
         let next_lsn = report.next_lsn;
         view::remove_scratch_files(storage.as_ref(), dir)?;
         let inner = Arc::new(Inner {
@@ -512,6 +516,7 @@ impl Volume {
             replica_hold: AtomicU64::new(NO_HOLD),
             folded_past_hold: AtomicU64::new(0),
             resync: Mutex::new(None),
+            replica: AtomicBool::new(replica),
         });
         *lock(&inner.resync) = inner.load_resync()?;
         let maintainer = std::thread::Builder::new()
@@ -644,6 +649,13 @@ impl Volume {
     /// among the bookmarks in the window.
     pub fn bookmark(&self, name: &str) -> Result<Bookmark> {
         check_bookmark_name(name).map_err(Error::InvalidRequest)?;
+        // Here, not where records are placed: a replica takes its primary's
+        // bookmarks whatever its own, longer, history holds.
+        if lock(&self.inner.index).bookmark(name).is_some() {
+            return Err(Error::InvalidRequest(format!(
+                "a bookmark named {name:?} already exists"
+            )));
+        }
         let mut payload = [0u8; SECTOR as usize];
         payload[..name.len()].copy_from_slice(name.as_bytes());
         let lsn = self
@@ -1055,11 +1067,6 @@ impl Inner {
             let mut index = lock(&self.index);
             if kind == RecordKind::Bookmark {
                 let name = String::from_utf8_lossy(&payload[..length as usize]).into_owned();
-                if index.bookmark(&name).is_some() {
-                    return Err(Error::InvalidRequest(format!(
-                        "a bookmark named {name:?} already exists"
-                    )));
-                }
                 index.push_bookmark(name, timestamp);
             } else {
                 index.push(Entry { timestamp, effect });
@@ -1188,9 +1195,13 @@ impl Inner {
                 self.fail(reason.clone());
                 return Err(Error::Failed(reason));
             }
-            self.durable_lsn.store(upto, Ordering::Release);
+            self.durable_lsn.fetch_max(upto, Ordering::AcqRel);
             upto
         };
+        // A replica writes only its primary's records (lsns must match).
+        if self.replica.load(Ordering::Acquire) {
+            return Ok(());
+        }
         // Proof for recovery that everything up to `covered` was durable.
         self.append(RecordKind::Flush, covered, 0, &[])?;
         Ok(())

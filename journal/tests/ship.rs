@@ -192,6 +192,8 @@ fn malformed_records_are_refused_and_nothing_is_appended() {
 
     replica.apply_shipped(&records).expect("intact records");
     assert_eq!(replica.last_lsn(), 4);
+    replica.flush().expect("flush");
+    assert_eq!(replica.last_lsn(), 4, "a replica's flush appends no record");
     let err = replica.apply_shipped(&records).expect_err("a replay");
     assert!(
         err.to_string().contains("lsn 1 arrived where 5 was due"),
@@ -362,7 +364,7 @@ fn a_resync_takes_the_disk_at_the_sync_point_and_survives_a_crash() {
         .begin_resync(sync, sync_ns, history.clone())
         .expect("begin");
     let half = resync_copy(&primary, &replica, sync, 0, primary.size() / 2);
-    replica.resync_checkpoint(half).expect("checkpoint");
+    replica.resync_checkpoint(sync, half).expect("checkpoint");
     let more = resync_copy(&primary, &replica, sync, half, 128 << 10);
     assert!(more > half);
     // The replica crashes before the next checkpoint.
@@ -373,7 +375,7 @@ fn a_resync_takes_the_disk_at_the_sync_point_and_survives_a_crash() {
     let err = replica.view(&PointInTime::Lsn(0)).expect_err("resyncing");
     assert!(matches!(err, Error::Resyncing { .. }), "{err}");
     resync_copy(&primary, &replica, sync, state.next_offset, u64::MAX);
-    assert_eq!(replica.finish_resync().expect("finish"), sync);
+    replica.finish_resync(sync).expect("finish");
     assert_eq!(replica.epoch(), 2);
     assert_eq!(replica.epoch_history(), history);
 
@@ -457,7 +459,7 @@ fn a_diff_resync_sends_only_what_changed_and_keeps_the_rest_from_the_replica() {
         "only the chunks written while the replica was behind"
     );
     assert_eq!(kept, primary.size() / CHUNK - 4);
-    replica.finish_resync().expect("finish");
+    replica.finish_resync(sync).expect("finish");
     assert!(disk_at(&replica, sync) == disk_at(&primary, sync));
     primary.write(512, &pattern(1, 512)).expect("write");
     primary.flush().expect("flush");

@@ -247,6 +247,13 @@ impl Control {
         }
     }
 
+    /// Flushes waiting for a sync-mode replica fail instead of waiting on.
+    fn release_replication_waits(&self) {
+        if let Some(link) = &self.replication {
+            link.release_waits();
+        }
+    }
+
     fn replication(&self) -> Option<ReplicationStatus> {
         self.replication
             .as_ref()
@@ -414,6 +421,9 @@ impl Control {
         let gate = &self.live.gate;
         let report = gate
             .drain(Duration::from_millis(timeout_ms), || {
+                if abort {
+                    self.release_replication_waits();
+                }
                 abort.then(|| self.volume.release_held())
             })
             .map_err(|e| e.to_string())?;
@@ -432,6 +442,7 @@ impl Control {
     fn fence(&self, timeout_ms: u64) -> Result<Value, String> {
         let gate = &self.live.gate;
         gate.fence(Duration::from_millis(timeout_ms), || {
+            self.release_replication_waits();
             self.volume.release_held()
         })
         .map_err(|e| e.to_string())?;

@@ -110,9 +110,14 @@ pub struct ReplicatedVolume {
 }
 
 impl ReplicatedVolume {
-    fn replicated(&self, lsn: u64) {
+    fn replicated(&self, lsn: u64) -> Result<()> {
         self.link.notify_durable();
-        self.link.wait_replicated(lsn, &self.config);
+        self.link
+            .wait_replicated(lsn, &self.config)
+            .map_err(|reason| rewind_journal::Error::Io {
+                context: "sync replication".into(),
+                source: std::io::Error::other(reason),
+            })
     }
 }
 
@@ -132,28 +137,27 @@ impl BlockDevice for ReplicatedVolume {
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         let lsn = self.volume.write(offset, data)?;
         if self.volume.writethrough() {
-            self.replicated(lsn);
+            self.replicated(lsn)?;
         }
         Ok(())
     }
     fn write_zeroes(&self, offset: u64, length: u64, unmap: bool) -> Result<()> {
         let lsn = self.volume.write_zeroes(offset, length, unmap)?;
         if self.volume.writethrough() {
-            self.replicated(lsn);
+            self.replicated(lsn)?;
         }
         Ok(())
     }
     fn discard(&self, offset: u64, length: u64) -> Result<()> {
         let lsn = self.volume.discard(offset, length)?;
         if self.volume.writethrough() {
-            self.replicated(lsn);
+            self.replicated(lsn)?;
         }
         Ok(())
     }
     fn flush(&self) -> Result<()> {
         self.volume.flush()?;
-        self.replicated(self.volume.durable_lsn());
-        Ok(())
+        self.replicated(self.volume.durable_lsn())
     }
     fn writethrough(&self) -> bool {
         self.volume.writethrough()

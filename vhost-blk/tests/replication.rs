@@ -104,6 +104,13 @@ fn a_replica_killed_mid_stream_resumes_from_its_durable_lsn() {
     );
     pair.replica.restart();
     write_round(&mut client, 3);
+    pair.caught_up();
+    // A clean stop in the middle of the stream writes nothing of the
+    // replica's own (its lsns are the primary's).
+    pair.replica.stop();
+    write_round(&mut client, 4);
+    pair.replica.restart();
+    write_round(&mut client, 5);
     let acked = pair.caught_up();
     assert_eq!(
         pair.replica.materialize(acked),
@@ -567,4 +574,43 @@ fn a_resync_resumes_after_a_kill_of_the_primary() {
         pair.replica.materialize(acked),
         pair.primary.materialize(acked)
     );
+}
+
+#[test]
+fn a_revert_to_before_the_replicas_history_resyncs_it() {
+    let mut pair = Pair::start(&[]);
+    let mut client = Client::connect(&pair.primary.vol.socket, 1);
+    assert_eq!(client.write(0, 0, &pattern(1, 1 << 20)), 0);
+    assert_eq!(client.flush(0), 0);
+    pair.primary.ctl("bookmark", json!({"name": "early"}));
+    assert_eq!(client.write(0, 0, &pattern(2, 1 << 20)), 0);
+    assert_eq!(client.flush(0), 0);
+    // A new replica: its history starts after the bookmark.
+    pair.replica.kill();
+    let uuid = volume_uuid(&pair.primary.vol.path);
+    pair.replica = Node::start(replica_volume(&uuid), pair.replica.args.clone());
+    pair.caught_up();
+    let early = pair.replica.try_ctl(
+        "materialize",
+        json!({"at": "bookmark:early", "output": "/nonexistent"}),
+    );
+    assert!(
+        early.is_err(),
+        "the bookmark is before the replica's history"
+    );
+
+    drop(client);
+    wait_until("the client to detach", Duration::from_secs(30), || {
+        pair.primary.ctl("status", Value::Null)["attached"].is_null()
+    });
+    pair.primary.ctl("drain", Value::Null);
+    pair.primary.ctl("revert", json!({"at": "bookmark:early"}));
+    pair.primary.ctl("resume", Value::Null);
+    let acked = pair.caught_up();
+    assert_eq!(
+        pair.replica.materialize(acked),
+        pair.primary.materialize(acked)
+    );
+    let status = pair.primary.replication();
+    assert_eq!(status["state"], "streaming", "{status}");
 }

@@ -112,7 +112,9 @@ impl Inner {
             )
         };
         let folded = &used[..count];
-        if forced {
+        // Only the hard limit takes a fold past a view (`must`), whether or
+        // not its records also left the window.
+        if forced || oldest_view.is_some_and(|v| v < upto) {
             self.expire_views_before(upto);
         }
         if upto > replica_hold {

@@ -208,13 +208,11 @@ impl Volume {
             }))
     }
 
-    /// Durably notes that base.img holds the sync point's data below
-    /// `next_offset`, so an interrupted resync resumes there.
-    pub fn resync_checkpoint(&self, next_offset: u64) -> Result<()> {
+    /// Durably notes that base.img holds the data of sync point `sync_lsn`
+    /// below `next_offset`, so an interrupted resync resumes there.
+    pub fn resync_checkpoint(&self, sync_lsn: u64, next_offset: u64) -> Result<()> {
         let inner = &self.inner;
-        let mut state = self
-            .resync_state()
-            .ok_or_else(|| Error::InvalidRequest("no resync is under way".into()))?;
+        let mut state = self.resync_to(sync_lsn)?;
         inner
             .retrying("resync: syncing base.img", || inner.base.sync_data())
             .map_err(Error::io(|| "resync: syncing base.img"))?;
@@ -224,13 +222,11 @@ impl Volume {
         Ok(())
     }
 
-    /// Ends the resync: base.img is the disk at the sync point S, the
-    /// journal starts empty after S, and the epoch is S's. Returns S.
-    pub fn finish_resync(&self) -> Result<u64> {
+    /// Ends the resync to `sync_lsn`: base.img is the disk at that sync
+    /// point S, the journal starts empty after S, and the epoch is S's.
+    pub fn finish_resync(&self, sync_lsn: u64) -> Result<()> {
         let inner = &self.inner;
-        let state = self
-            .resync_state()
-            .ok_or_else(|| Error::InvalidRequest("no resync is under way".into()))?;
+        let state = self.resync_to(sync_lsn)?;
         inner
             .retrying("resync: syncing base.img", || inner.base.sync_data())
             .map_err(Error::io(|| "resync: syncing base.img"))?;
@@ -267,6 +263,19 @@ impl Volume {
             .map_err(Error::io(|| format!("removing {}", path.display())))?;
         *lock(&inner.resync) = None;
         tracing::info!(volume = %inner.dir.display(), sync_lsn = s, "resync done");
-        Ok(s)
+        Ok(())
+    }
+
+    /// The resync under way, which must be the one to `sync_lsn` (a caller
+    /// from an older session must not move a newer resync).
+    fn resync_to(&self, sync_lsn: u64) -> Result<ResyncState> {
+        match self.resync_state() {
+            Some(state) if state.sync_lsn == sync_lsn => Ok(state),
+            Some(state) => Err(Error::InvalidRequest(format!(
+                "the resync under way is to lsn {}, not {sync_lsn}",
+                state.sync_lsn
+            ))),
+            None => Err(Error::InvalidRequest("no resync is under way".into())),
+        }
     }
 }

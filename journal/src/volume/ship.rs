@@ -129,43 +129,32 @@ impl Volume {
         {
             let mut c = lock(&inner.cursor);
             let headers = inner.check_shipped(&c, records)?;
-            for (h, r) in headers.iter().zip(records) {
-                if h.kind == RecordKind::Epoch {
-                    inner.epoch.store(h.epoch, Ordering::Release);
-                    epochs.push((h.epoch, h.lsn));
-                }
-                let reserved = inner.reserve_stamped(
-                    &mut c,
-                    h.kind,
-                    h.offset,
-                    h.length,
-                    &r.payload,
-                    h.payload_crc,
-                    (h.timestamp, h.epoch),
-                )?;
-                match h.kind {
-                    RecordKind::Flush if h.offset > inner.durable_lsn.load(Ordering::Acquire) => {
-                        deferred.push(reserved)
-                    }
-                    RecordKind::Revert => {
-                        let snapshot = lock(&inner.index).snapshot(h.lsn);
-                        inner.write_reserved(reserved, &[])?;
-                        let map = ExtentMap::new(inner.config.size);
-                        snapshot.replay_into(&map, h.lsn);
-                        inner.map.replace_with(map);
-                    }
-                    _ => {
-                        inner.write_reserved(reserved, &r.payload)?;
-                    }
-                }
+            let placed = inner.place_shipped(&mut c, &headers, records, &mut epochs, &mut deferred);
+            if let Err(e) = placed {
+                // Lsns of this batch may be reserved and never written:
+                // stop, as any append that fails does; a reopen recovers.
+                let reason = format!("placing shipped records failed: {e}");
+                inner.fail(reason.clone());
+                return Err(Error::Failed(reason));
             }
         }
         let mut durable = inner.sync_written()?;
-        if !deferred.is_empty() {
-            for flush in deferred {
+        // A Flush record covering another Flush record of the batch must
+        // wait for that one to be durable: write them in rounds.
+        while !deferred.is_empty() {
+            let (ready, waiting): (Vec<_>, Vec<_>) = deferred
+                .into_iter()
+                .partition(|f| f.header.offset <= durable);
+            if ready.is_empty() {
+                let reason = "a shipped Flush record covers records never written".to_owned();
+                inner.fail(reason.clone());
+                return Err(Error::Failed(reason));
+            }
+            for flush in ready {
                 inner.write_reserved(flush, &[])?;
             }
             durable = inner.sync_written()?;
+            deferred = waiting;
         }
         if !epochs.is_empty() {
             inner.persist(|config| {
@@ -224,6 +213,49 @@ impl Volume {
 }
 
 impl Inner {
+    /// Places checked records under the cursor lock; Flush records that
+    /// cover records not yet durable go to `deferred`.
+    fn place_shipped(
+        &self,
+        c: &mut super::Cursor,
+        headers: &[RecordHeader],
+        records: &[ShippedRecord],
+        epochs: &mut Vec<(u64, u64)>,
+        deferred: &mut Vec<super::Reserved>,
+    ) -> Result<()> {
+        for (h, r) in headers.iter().zip(records) {
+            if h.kind == RecordKind::Epoch {
+                self.epoch.store(h.epoch, Ordering::Release);
+                epochs.push((h.epoch, h.lsn));
+            }
+            let reserved = self.reserve_stamped(
+                c,
+                h.kind,
+                h.offset,
+                h.length,
+                &r.payload,
+                h.payload_crc,
+                (h.timestamp, h.epoch),
+            )?;
+            match h.kind {
+                RecordKind::Flush if h.offset > self.durable_lsn.load(Ordering::Acquire) => {
+                    deferred.push(reserved)
+                }
+                RecordKind::Revert => {
+                    let snapshot = lock(&self.index).snapshot(h.lsn);
+                    self.write_reserved(reserved, &[])?;
+                    let map = ExtentMap::new(self.config.size);
+                    snapshot.replay_into(&map, h.lsn);
+                    self.map.replace_with(map);
+                }
+                _ => {
+                    self.write_reserved(reserved, &r.payload)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Syncs every record written so far; returns the new durable lsn.
     fn sync_written(&self) -> Result<u64> {
         let _sync = lock(&self.sync_lock);
@@ -392,12 +424,17 @@ impl Inner {
                     let name = r.payload.get(..h.length as usize).unwrap_or_default();
                     check_bookmark_name(&String::from_utf8_lossy(name)).map_err(bad)?;
                 }
+                // The primary's history is longer than this replica's: only
+                // a resync past the revert brings the two together.
                 RecordKind::Revert if h.offset < window_start => {
-                    return Err(bad(format!(
-                        "it reverts to lsn {}, which this volume already folded (its history \
-                         starts at lsn {window_start})",
-                        h.offset
-                    )))
+                    return Err(Error::NeedsResync {
+                        lsn: h.lsn,
+                        reason: format!(
+                            "it reverts to lsn {}, before this replica's history (it starts at \
+                             lsn {window_start})",
+                            h.offset
+                        ),
+                    })
                 }
                 _ => {}
             }

@@ -152,6 +152,9 @@ pub enum Message {
         offset: u64,
         length: u64,
     },
+    /// From the replica: it cannot take the next records (say why); the
+    /// primary resyncs it.
+    ResyncNeeded(String),
 }
 
 impl Message {
@@ -169,6 +172,7 @@ impl Message {
             Message::ResyncEnd => 10,
             Message::Hashes { .. } => 11,
             Message::Keep { .. } => 12,
+            Message::ResyncNeeded(_) => 13,
         }
     }
 
@@ -186,6 +190,7 @@ impl Message {
             Message::ResyncEnd => "resync-end",
             Message::Hashes { .. } => "hashes",
             Message::Keep { .. } => "keep",
+            Message::ResyncNeeded(_) => "resync-needed",
         }
     }
 }
@@ -240,7 +245,7 @@ impl FrameHeader {
             return Err(FrameError::Version(version));
         }
         let (kind, flags) = (b[6], b[7]);
-        if !(1..=12).contains(&kind) {
+        if !(1..=13).contains(&kind) {
             return Err(FrameError::Type(kind));
         }
         if flags & !FLAG_ZSTD != 0 || (flags & FLAG_ZSTD != 0 && kind != 4 && kind != 8) {
@@ -292,6 +297,9 @@ impl FrameHeader {
                 serde_json::from_slice(limit(body, "welcome")?).map_err(json("welcome"))?,
             ),
             3 => Message::Refuse(String::from_utf8_lossy(limit(body, "refuse")?).into_owned()),
+            13 => Message::ResyncNeeded(
+                String::from_utf8_lossy(limit(body, "resync-needed")?).into_owned(),
+            ),
             4 => Message::Records(decode_records(body)?),
             5 => Message::Ack {
                 durable_lsn: fixed::<8>(body, "ack").map(|b| le_u64(&b))?,
@@ -480,7 +488,9 @@ impl Encoder {
         let raw = match message {
             Message::Hello(h) => serde_json::to_vec(h).unwrap_or_default(),
             Message::Welcome(w) => serde_json::to_vec(w).unwrap_or_default(),
-            Message::Refuse(reason) => reason.as_bytes()[..reason.len().min(MAX_JSON)].to_vec(),
+            Message::Refuse(reason) | Message::ResyncNeeded(reason) => {
+                reason.as_bytes()[..reason.len().min(MAX_JSON)].to_vec()
+            }
             Message::Records(records) => encode_records(records),
             Message::Ack { durable_lsn } => durable_lsn.to_le_bytes().to_vec(),
             Message::Heartbeat | Message::ResyncEnd => Vec::new(),
@@ -642,6 +652,7 @@ mod tests {
                 length: 1 << 30,
             },
             Message::ResyncEnd,
+            Message::ResyncNeeded("a revert before this replica's history".into()),
             Message::Refuse("another volume".into()),
             Message::Records(vec![record(1, vec![7; 4096]), record(2, Vec::new())]),
             Message::Ack { durable_lsn: 42 },
@@ -715,8 +726,8 @@ mod tests {
             Err(FrameError::TooLong(MAX_BODY + 1))
         );
         let mut kind = good.clone();
-        kind[6] = 13;
-        assert_eq!(decode(&kind).map(|_| ()), Err(FrameError::Type(13)));
+        kind[6] = 14;
+        assert_eq!(decode(&kind).map(|_| ()), Err(FrameError::Type(14)));
         assert!(matches!(
             decode(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
             Err(FrameError::Magic(_))

@@ -140,6 +140,8 @@ struct Shared {
     /// Sync mode, flushes waiting: since when the replica has been away.
     lost_since: Option<Instant>,
     resync: Option<ResyncProgress>,
+    /// Sync mode gave up waiting for the replica, until it caught up.
+    degraded: bool,
 }
 
 /// One replica link: shared by its network task, the data path (sync
@@ -160,6 +162,12 @@ pub struct Link {
     /// The daemon is stopping: the sender closes its connection cleanly.
     stopping: AtomicBool,
     stop: tokio::sync::Notify,
+    /// Bumped by `release_waits`.
+    released: AtomicU64,
+    /// The replica asked for a resync: the next session runs one.
+    force_resync: AtomicBool,
+    /// Held while `--fence-peer` runs.
+    hook: Mutex<()>,
 }
 
 fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -186,6 +194,7 @@ impl Link {
                 outdated: None,
                 lost_since: None,
                 resync: None,
+                degraded: false,
             }),
             changed: Condvar::new(),
             acked_lsn: AtomicU64::new(0),
@@ -195,6 +204,9 @@ impl Link {
             wake: tokio::sync::Notify::new(),
             stopping: AtomicBool::new(false),
             stop: tokio::sync::Notify::new(),
+            released: AtomicU64::new(0),
+            force_resync: AtomicBool::new(false),
+            hook: Mutex::new(()),
         }
     }
 
@@ -208,10 +220,6 @@ impl Link {
 
     fn set_state(&self, state: LinkState) {
         let mut shared = lock(&self.shared);
-        // Degraded lasts until the replica has caught up again.
-        if shared.state == LinkState::Degraded && state == LinkState::Syncing {
-            return;
-        }
         shared.state = state;
         drop(shared);
         self.changed.notify_all();
@@ -224,9 +232,7 @@ impl Link {
     /// Records why the link went down (logged by the caller).
     fn failed(&self, state: LinkState, error: String) {
         let mut shared = lock(&self.shared);
-        if shared.state != LinkState::Degraded || state == LinkState::Outdated {
-            shared.state = state;
-        }
+        shared.state = state;
         shared.last_error = Some(error);
         drop(shared);
         self.changed.notify_all();
@@ -257,6 +263,15 @@ impl Link {
         self.changed.notify_all();
     }
 
+    /// What a new session's peer says it holds (it may hold less than an
+    /// earlier one acknowledged: a replica recreated or restored).
+    fn reset_acked(&self, lsn: u64) {
+        self.acked_lsn.store(lsn, Ordering::Release);
+        // Taking the lock orders the store before a waiter's check.
+        drop(lock(&self.shared));
+        self.changed.notify_all();
+    }
+
     fn sent(&self, lsn: u64, wire: usize, raw: usize) {
         self.sent_lsn.store(lsn, Ordering::Release);
         self.bytes_sent.fetch_add(wire as u64, Ordering::Relaxed);
@@ -276,6 +291,7 @@ impl Link {
         self.wait_for(deadline + Duration::from_secs(1), |_, shared| {
             shared.state == LinkState::Disconnected
         });
+        self.release_waits();
         held
     }
 
@@ -307,20 +323,25 @@ impl Link {
     /// Sync mode: waits until the replica's durable lsn covers `lsn`. Past
     /// `sync_timeout` without it, `suspend` keeps waiting and `degrade`
     /// stops waiting (once `fence_peer` succeeded) until the replica has
-    /// caught up again.
-    pub fn wait_replicated(&self, lsn: u64, config: &SenderConfig) {
+    /// caught up again. Fails when the wait is released (a fence, a drain
+    /// with abort, the daemon stopping): the flush is not replicated.
+    pub fn wait_replicated(&self, lsn: u64, config: &SenderConfig) -> Result<(), String> {
         if self.mode != Some(Mode::Sync) {
-            return;
+            return Ok(());
         }
+        let released = self.released.load(Ordering::Acquire);
         let mut shared = lock(&self.shared);
         let mut deadline = Instant::now() + config.sync_timeout;
         loop {
             if self.acked_lsn() >= lsn {
                 shared.lost_since = None;
-                return;
+                return Ok(());
             }
-            if shared.state == LinkState::Degraded {
-                return;
+            if shared.degraded {
+                return Ok(());
+            }
+            if self.released.load(Ordering::Acquire) != released || self.stopping() {
+                return Err(format!("the replica never confirmed lsn {lsn}: released"));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -333,32 +354,39 @@ impl Link {
                             since.elapsed() + config.sync_timeout
                         );
                     }
+                    // One queue runs the hook; the others wait for it.
                     OnLoss::Degrade => {
-                        drop(shared);
-                        let fenced = fence_peer(config.fence_peer.as_deref());
-                        shared = lock(&self.shared);
-                        match fenced {
-                            Ok(()) => {
-                                tracing::error!(
-                                    "sync replication degraded: the replica did not confirm lsn \
-                                     {lsn} within {:?}; guest flushes no longer wait for it",
-                                    config.sync_timeout
-                                );
-                                shared.state = LinkState::Degraded;
-                                shared.last_error = Some(format!(
-                                    "degraded: the replica did not confirm lsn {lsn} within {:?}",
-                                    config.sync_timeout
-                                ));
-                                drop(shared);
-                                self.changed.notify_all();
-                                return;
+                        if let Ok(_running) = self.hook.try_lock() {
+                            drop(shared);
+                            let fenced = fence_peer(config.fence_peer.as_deref());
+                            shared = lock(&self.shared);
+                            // The replica may have come back meanwhile.
+                            if self.acked_lsn() >= lsn {
+                                continue;
                             }
-                            Err(e) => {
-                                tracing::error!(
-                                    "sync replication: --fence-peer failed ({e}); holding guest \
-                                     flushes instead of degrading"
-                                );
-                                shared.last_error = Some(format!("--fence-peer failed: {e}"));
+                            match fenced {
+                                Ok(()) => {
+                                    tracing::error!(
+                                        "sync replication degraded: the replica did not confirm \
+                                         lsn {lsn} within {:?}; guest flushes no longer wait",
+                                        config.sync_timeout
+                                    );
+                                    shared.degraded = true;
+                                    shared.last_error = Some(format!(
+                                        "degraded: the replica did not confirm lsn {lsn} within {:?}",
+                                        config.sync_timeout
+                                    ));
+                                    drop(shared);
+                                    self.changed.notify_all();
+                                    return Ok(());
+                                }
+                                Err(e) => {
+                                    tracing::error!(
+                                        "sync replication: --fence-peer failed ({e}); holding \
+                                         guest flushes instead of degrading"
+                                    );
+                                    shared.last_error = Some(format!("--fence-peer failed: {e}"));
+                                }
                             }
                         }
                     }
@@ -377,15 +405,24 @@ impl Link {
     /// again.
     fn caught_up(&self) {
         let mut shared = lock(&self.shared);
-        if shared.state != LinkState::Streaming {
-            if shared.state == LinkState::Degraded {
+        if shared.state != LinkState::Streaming || shared.degraded {
+            if shared.degraded {
                 tracing::info!("the replica caught up: sync replication resumes");
             }
             shared.state = LinkState::Streaming;
+            shared.degraded = false;
             shared.lost_since = None;
             drop(shared);
             self.changed.notify_all();
         }
+    }
+
+    /// Ends the sync-mode waits in progress (they fail their flush): the
+    /// operator fenced or aborted, and the guest's requests must not hang.
+    pub fn release_waits(&self) {
+        self.released.fetch_add(1, Ordering::AcqRel);
+        drop(lock(&self.shared));
+        self.changed.notify_all();
     }
 
     /// The link as `status` shows it, against `volume`'s journal.
@@ -415,7 +452,11 @@ impl Link {
             role: self.role.into(),
             peer: shared.peer.clone(),
             mode: self.mode,
-            state: shared.state,
+            state: if shared.degraded {
+                LinkState::Degraded
+            } else {
+                shared.state
+            },
             acked_lsn: acked,
             lag_records,
             lag_bytes: if self.role == "primary" {
@@ -437,20 +478,32 @@ impl Link {
     }
 }
 
-/// Runs the `--fence-peer` hook, if any.
+/// How long `--fence-peer` may run.
+const HOOK_LIMIT: Duration = Duration::from_secs(30);
+
+/// Runs the `--fence-peer` hook, if any, for at most [`HOOK_LIMIT`].
 fn fence_peer(command: Option<&str>) -> Result<(), String> {
     let Some(command) = command else {
         return Ok(());
     };
     tracing::warn!(command, "running --fence-peer before degrading");
-    let status = std::process::Command::new("sh")
+    let mut child = std::process::Command::new("sh")
         .args(["-c", command])
-        .status()
+        .spawn()
         .map_err(|e| format!("cannot run {command:?}: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("{command:?} exited with {status}"))
+    let deadline = Instant::now() + HOOK_LIMIT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => return Err(format!("{command:?} exited with {status}")),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{command:?} did not finish within {HOOK_LIMIT:?}"));
+            }
+            Err(e) => return Err(format!("waiting for {command:?}: {e}")),
+        }
     }
 }
 

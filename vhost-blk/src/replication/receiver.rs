@@ -29,6 +29,9 @@ use super::frame::{
 use super::tls::TlsContext;
 use super::{tune_socket, Link, LinkState, ResyncProgress, SILENCE_LIMIT};
 
+/// The journal work of this replica, one session's at a time.
+static JOURNAL_WORK: Mutex<()> = Mutex::new(());
+
 /// A primary sends one heartbeat a second; many more is a broken or
 /// hostile peer.
 const MAX_HEARTBEATS_PER_SECOND: u32 = 20;
@@ -148,7 +151,7 @@ type Writer = tokio::io::WriteHalf<tokio_rustls::server::TlsStream<TcpStream>>;
 
 /// TLS, then the hello and its answer.
 async fn handshake(
-    volume: &Volume,
+    volume: &Arc<Volume>,
     tls: &TlsContext,
     tcp: TcpStream,
 ) -> Result<(Reader, Writer, Encoder, Hello, Welcome), String> {
@@ -178,15 +181,20 @@ async fn handshake(
             return Err(format!("refused: {reason}"));
         }
     };
-    let welcome = Welcome {
-        epoch: volume.epoch(),
-        last_lsn: volume.last_lsn(),
-        durable_lsn: volume.durable_lsn(),
-        resync: volume.resync_state().map(|r| ResyncPoint {
-            sync_lsn: r.sync_lsn,
-            next_offset: r.next_offset,
-        }),
-    };
+    // After any journal work of an older session: it may still be
+    // applying what that session received.
+    let welcome = blocking(volume, |v| {
+        Ok(Welcome {
+            epoch: v.epoch(),
+            last_lsn: v.last_lsn(),
+            durable_lsn: v.durable_lsn(),
+            resync: v.resync_state().map(|r| ResyncPoint {
+                sync_lsn: r.sync_lsn,
+                next_offset: r.next_offset,
+            }),
+        })
+    })
+    .await?;
     let answer = encoder.encode(welcome.epoch, &Message::Welcome(welcome.clone()));
     write_frame(&mut writer, &answer)
         .await
@@ -262,6 +270,8 @@ enum Reply {
         offset: u64,
         hashes: Vec<[u8; 32]>,
     },
+    /// The next records cannot be taken without a resync; the session ends.
+    ResyncNeeded(String),
 }
 
 /// What the applier does, in the order the frames came.
@@ -334,12 +344,19 @@ async fn read_frames<R: AsyncRead + Unpin>(
 }
 
 /// Runs `work` on the blocking pool.
+/// Runs `work` on the blocking pool, one at a time: the journal work of a
+/// session that was superseded (a blocking task cannot be aborted) ends
+/// before the next session's begins.
 async fn blocking<T: Send + 'static>(
     volume: &Arc<Volume>,
     work: impl FnOnce(&Volume) -> rewind_journal::Result<T> + Send + 'static,
 ) -> Result<T, String> {
     let v = volume.clone();
-    match tokio::task::spawn_blocking(move || work(&v)).await {
+    let serialized = move || {
+        let _one = JOURNAL_WORK.lock().unwrap_or_else(|e| e.into_inner());
+        work(&v)
+    };
+    match tokio::task::spawn_blocking(serialized).await {
         Ok(result) => result.map_err(|e| e.to_string()),
         Err(e) => Err(format!("the journal task failed: {e}")),
     }
@@ -386,9 +403,20 @@ async fn apply_ops(
                         }
                     }
                 }
-                blocking(volume, move |v| v.apply_shipped(&records))
-                    .await
-                    .map(Some)
+                let applied = blocking(volume, move |v| match v.apply_shipped(&records) {
+                    Err(rewind_journal::Error::NeedsResync { lsn, reason }) => {
+                        Ok(Err(format!("record {lsn}: {reason}")))
+                    }
+                    other => other.map(Ok),
+                })
+                .await;
+                match applied {
+                    Ok(Err(why)) => {
+                        let _ = replies.send(Reply::ResyncNeeded(why.clone())).await;
+                        return format!("needs a resync: {why}");
+                    }
+                    other => other.and_then(|applied| applied).map(Some),
+                }
             }
             Op::Begin(begin) => start_resync(volume, begin, &mut hasher, &replies)
                 .await
@@ -434,10 +462,11 @@ async fn apply_ops(
             }
             Op::End => match resync.take() {
                 Some(r) if r.progress.done_bytes == r.progress.total_bytes => {
-                    let finished = blocking(volume, |v| v.finish_resync()).await;
+                    let sync_lsn = r.progress.sync_lsn;
+                    let finished = blocking(volume, move |v| v.finish_resync(sync_lsn)).await;
                     link.set_resync(None);
                     link.set_state(LinkState::Streaming);
-                    finished.map(Some)
+                    finished.map(|()| Some(sync_lsn))
                 }
                 Some(r) => Err(format!(
                     "the resync ended at offset {} of {}",
@@ -475,8 +504,9 @@ impl Drop for Hasher {
     }
 }
 
-/// Hashes per frame.
-const HASHES_PER_FRAME: usize = 256;
+/// Hashes per frame: few, so the first reach the primary soon and the
+/// session never goes quiet while the disk is read.
+const HASHES_PER_FRAME: usize = 16;
 /// The chunk a diff resync compares (the primary's resync chunk).
 const DIFF_CHUNK: u64 = 1 << 20;
 
@@ -494,6 +524,7 @@ async fn hash_old_disk(
         let start = offset;
         let v = volume.clone();
         let hashed = tokio::task::spawn_blocking(move || {
+            let _one = JOURNAL_WORK.lock().unwrap_or_else(|e| e.into_inner());
             let mut hashes = Vec::with_capacity(HASHES_PER_FRAME);
             let mut buf = vec![0u8; DIFF_CHUNK as usize];
             let mut at = start;
@@ -622,8 +653,8 @@ async fn checkpoint(
     let Some(r) = resync.as_mut().filter(|_| due) else {
         return Ok(None);
     };
-    let done = r.progress.done_bytes;
-    blocking(volume, move |v| v.resync_checkpoint(done)).await?;
+    let (sync_lsn, done) = (r.progress.sync_lsn, r.progress.done_bytes);
+    blocking(volume, move |v| v.resync_checkpoint(sync_lsn, done)).await?;
     r.unsynced = 0;
     Ok(Some(volume.durable_lsn()))
 }
@@ -638,6 +669,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         let (message, refused) = match reply {
             Reply::Ack(durable_lsn) => (Message::Ack { durable_lsn }, None),
             Reply::Refuse(reason) => (Message::Refuse(reason.clone()), Some(reason)),
+            Reply::ResyncNeeded(reason) => (Message::ResyncNeeded(reason.clone()), Some(reason)),
             Reply::Hashes { offset, hashes } => (
                 Message::Hashes {
                     offset,

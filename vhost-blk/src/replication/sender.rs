@@ -75,6 +75,7 @@ pub async fn run(volume: Arc<Volume>, link: Arc<Link>, config: SenderConfig, tls
             tracing::warn!(peer = %config.peer, "replication link down: {}", err.message);
         }
         link.failed(err.state, err.message);
+        link.set_resync(None);
         if started.elapsed() > BACKOFF_MAX {
             backoff = BACKOFF_FIRST;
         }
@@ -122,13 +123,13 @@ async fn session(
         "replication link up"
     );
     volume.hold_for_replica(Some(welcome.durable_lsn));
-    link.acked(welcome.durable_lsn);
+    link.reset_acked(welcome.durable_lsn);
     link.set_state(LinkState::Syncing);
     let mut bucket = config.rate.map(TokenBucket::new);
     let (hashes, mut feed) = mpsc::channel(HASHES_QUEUED);
     let shipping = async {
         let mut next = welcome.last_lsn + 1;
-        if needs_resync(volume, &welcome) {
+        if needs_resync(volume, link, &welcome) {
             // A replica that holds an older disk keeps what did not change.
             let diff = (welcome.last_lsn > 0 || welcome.resync.is_some()).then_some(&mut feed);
             match resync(
@@ -225,9 +226,14 @@ where
 /// Whether the replica needs a resync before records can follow: it has
 /// one under way, it is new (the primary's base.img may hold data no
 /// record carries: an imported image, folded records), or the records
-/// after its last one are folded.
-fn needs_resync(volume: &Volume, welcome: &Welcome) -> bool {
-    welcome.resync.is_some() || welcome.last_lsn == 0 || welcome.last_lsn < volume.stats().base_lsn
+/// after its last one are folded, or it asked for one (it cannot take a
+/// record: a revert to before its own history).
+fn needs_resync(volume: &Volume, link: &Link, welcome: &Welcome) -> bool {
+    link.force_resync
+        .swap(false, std::sync::atomic::Ordering::AcqRel)
+        || welcome.resync.is_some()
+        || welcome.last_lsn == 0
+        || welcome.last_lsn < volume.stats().base_lsn
 }
 
 /// The replica's keyed hashes of its chunks, as they arrive (diff resync).
@@ -455,7 +461,8 @@ async fn ship<W: AsyncWrite + Unpin>(
             if link.acked_lsn() + 1 >= next {
                 link.caught_up();
             }
-            let unflushed = volume.last_lsn() > volume.durable_lsn();
+            // A trailing Flush record needs no flush of its own.
+            let unflushed = volume.last_data_lsn() > volume.durable_lsn();
             let wait = if unflushed { SHIP_DELAY } else { HEARTBEAT };
             let woken = tokio::time::timeout(wait, link.wake.notified())
                 .await
@@ -556,12 +563,25 @@ async fn take_acks<R: AsyncRead + Unpin>(
                 // Outside a diff resync nobody takes them: give up rather
                 // than wait for ever.
                 for (i, hash) in batch.into_iter().enumerate() {
-                    let at = offset + i as u64 * CHUNK_BYTES;
+                    let Some(at) = (i as u64)
+                        .checked_mul(CHUNK_BYTES)
+                        .and_then(|o| o.checked_add(offset))
+                    else {
+                        return down(format!("hashes at offset {offset} run past any disk"));
+                    };
                     let taken = tokio::time::timeout(SILENCE_LIMIT, hashes.send((at, hash))).await;
                     if !matches!(taken, Ok(Ok(()))) {
                         return down("the replica sent hashes that no diff resync takes");
                     }
                 }
+            }
+            Frame {
+                message: Message::ResyncNeeded(reason),
+                ..
+            } => {
+                link.force_resync
+                    .store(true, std::sync::atomic::Ordering::Release);
+                return down(format!("the replica needs a resync: {reason}"));
             }
             Frame {
                 message: Message::Refuse(reason),
