@@ -233,7 +233,7 @@ pub enum ConfigError {
     NoTlsTrust,
     #[error("{0} only applies with --replicate-to")]
     NotReplicating(&'static str),
-    #[error("--replication-rate must be at least 64K per second")]
+    #[error("--replication-rate must be at least 1M per second (a 1 MiB batch must not hold the link's heartbeats for seconds)")]
     Rate,
 }
 
@@ -300,7 +300,7 @@ impl TryFrom<ReplicationArgs> for Replication {
             (None, None) => return Err(ConfigError::NoTlsTrust),
         };
         let tls = TlsSettings { cert, key, trust };
-        if a.replication_rate.is_some_and(|rate| rate < 64 << 10) {
+        if a.replication_rate.is_some_and(|rate| rate < 1 << 20) {
             return Err(ConfigError::Rate);
         }
         Ok(match (a.replicate_to, a.replication_listen) {
@@ -378,6 +378,90 @@ mod tests {
         ];
         for (args, want) in bad {
             let err = serve(&args).expect_err("invalid");
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn replication_arguments_are_checked() {
+        let tls = [
+            "--tls-cert",
+            "/c",
+            "--tls-key",
+            "/k",
+            "--tls-peer-fingerprint",
+            &"ab".repeat(32),
+        ];
+        let with = |extra: &[&str]| {
+            let mut args = vec!["--volume", "/v", "--fd", "3"];
+            args.extend_from_slice(extra);
+            serve(&args)
+        };
+        let primary =
+            with(&[&["--replicate-to", "127.0.0.1:7788"][..], &tls[..]].concat()).expect("primary");
+        let Replication::Primary(sender) = primary.replication else {
+            panic!("a primary");
+        };
+        assert_eq!(
+            (sender.mode, sender.on_loss),
+            (Mode::Async, OnLoss::Degrade)
+        );
+        assert_eq!(sender.sync_timeout, Duration::from_secs(5));
+        assert!(sender.compress);
+        let replica = with(&[&["--replication-listen", "0.0.0.0:7788"][..], &tls[..]].concat())
+            .expect("replica");
+        assert!(matches!(replica.replication, Replication::Replica(_)));
+        assert!(matches!(
+            with(&[]).expect("off").replication,
+            Replication::Off
+        ));
+        let bad: [(Vec<&str>, &str); 6] = [
+            (
+                vec!["--replicate-to", "127.0.0.1:1"],
+                "--tls-cert and --tls-key",
+            ),
+            (
+                vec![
+                    "--replicate-to",
+                    "127.0.0.1:1",
+                    "--tls-cert",
+                    "/c",
+                    "--tls-key",
+                    "/k",
+                ],
+                "--tls-ca or --tls-peer-fingerprint",
+            ),
+            (
+                vec!["--replication-mode", "sync"],
+                "only applies with --replicate-to",
+            ),
+            (
+                [
+                    &[
+                        "--replicate-to",
+                        "127.0.0.1:1",
+                        "--replication-rate",
+                        "100K",
+                    ][..],
+                    &tls[..],
+                ]
+                .concat(),
+                "at least 1M",
+            ),
+            (vec!["--replicate-to", "nowhere"], "invalid socket address"),
+            (
+                [&[
+                    "--replicate-to",
+                    "127.0.0.1:1",
+                    "--tls-peer-fingerprint",
+                    "xyz",
+                ][..]]
+                .concat(),
+                "fingerprint",
+            ),
+        ];
+        for (args, want) in bad {
+            let err = with(&args).expect_err("invalid");
             assert!(err.contains(want), "{args:?}: {err}");
         }
     }

@@ -370,7 +370,8 @@ async fn resync<W: AsyncWrite + Unpin>(
         }
         for message in frames {
             let encoded = encoder.encode(epoch, &message);
-            if let Some(bucket) = bucket.as_mut() {
+            // Heartbeats are not held back by the rate limit.
+            if let (Some(bucket), false) = (bucket.as_mut(), message == Message::Heartbeat) {
                 bucket.take(encoded.bytes.len()).await;
             }
             write_frame(writer, &encoded)
