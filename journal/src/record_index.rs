@@ -140,6 +140,11 @@ impl RecordIndex {
         locate(self.chunks_lsn, self.frozen.iter(), &self.tail, lsn)
     }
 
+    /// What record `lsn` (base_lsn < lsn <= last_lsn()) did.
+    pub fn effect(&self, lsn: u64) -> Effect {
+        self.entry(lsn).effect
+    }
+
     /// Time of lsn `lsn` (base_lsn..=last_lsn()).
     pub fn timestamp(&self, lsn: u64) -> u64 {
         if lsn <= self.base_lsn {

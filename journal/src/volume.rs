@@ -50,11 +50,13 @@ use crate::storage::{ImportMode, LockGuard, Progress, Storage};
 use crate::superblock::Superblock;
 
 mod fold;
+mod out_of_sync;
 mod resync;
 mod ship;
 mod view;
 
 pub use fold::FoldReport;
+pub use out_of_sync::{OutOfSync, OUT_OF_SYNC_CHUNK};
 pub use resync::ResyncState;
 pub use ship::{ShipBatch, ShippedRecord, SHIPPED_HEADER_SIZE};
 pub use view::View;
@@ -258,6 +260,8 @@ struct Inner {
     /// A replica's flushes append no Flush record: its lsns are its
     /// primary's.
     replica: AtomicBool,
+    /// Chunks a forced fold took from the replica (out_of_sync.rs).
+    out_of_sync: Mutex<Option<OutOfSync>>,
 }
 
 /// `replica_hold` when no replica holds history back.
@@ -517,8 +521,10 @@ impl Volume {
             folded_past_hold: AtomicU64::new(0),
             resync: Mutex::new(None),
             replica: AtomicBool::new(replica),
+            out_of_sync: Mutex::new(None),
         });
         *lock(&inner.resync) = inner.load_resync()?;
+        *lock(&inner.out_of_sync) = inner.load_out_of_sync()?;
         let maintainer = std::thread::Builder::new()
             .name("rewind-pool".into())
             .spawn(move || pool.maintain())

@@ -252,6 +252,11 @@ fn folding_waits_for_the_replica_and_what_is_folded_cannot_be_read() {
         primary.folded_past_hold() > 0,
         "the forced fold says it passed the hold"
     );
+    let map = primary.out_of_sync().expect("an out-of-sync map");
+    assert_eq!(map.from_lsn, 0);
+    // Every write went to the first MiB, in 32 KiB pieces.
+    assert_eq!(map.marked_bytes(), 1 << 20);
+    assert!(map.any_in(0, 4096) && !map.any_in(1 << 20, 1 << 16));
     let err = primary.read_shipped(1, 1 << 20).expect_err("folded");
     assert!(matches!(err, Error::Folded { lsn: 1, .. }), "{err}");
     drop((replica, records));

@@ -452,15 +452,20 @@ fn after_a_forced_fold_a_behind_replica_is_sent_only_the_chunks_that_changed() {
         status["forced_folds"].as_u64().expect("forced_folds") > 0,
         "{status}"
     );
-    let before = pair.primary.replication()["bytes_sent"]
-        .as_u64()
-        .expect("sent");
+    let link = pair.primary.replication();
+    assert_eq!(
+        link["out_of_sync_bytes"],
+        2 << 20,
+        "the folded chunks are marked: {link}"
+    );
+    let before = link["bytes_sent"].as_u64().expect("sent");
     pair.replica.restart();
     let acked = pair.caught_up();
-    let sent = pair.primary.replication()["bytes_sent"]
-        .as_u64()
-        .expect("sent")
-        - before;
+    let link = pair.primary.replication();
+    assert_eq!(link["last_resync"]["mode"], "out-of-sync map", "{link}");
+    assert_eq!(link["last_resync"]["data_bytes"], 2 << 20, "{link}");
+    assert_eq!(link["out_of_sync_bytes"], 0, "the map is cleared: {link}");
+    let sent = link["bytes_sent"].as_u64().expect("sent") - before;
     // The two changed MiB (and a few records), not the 10 MiB the disk holds.
     assert!(
         (2 << 20..3 << 20).contains(&sent),
@@ -613,4 +618,6 @@ fn a_revert_to_before_the_replicas_history_resyncs_it() {
     );
     let status = pair.primary.replication();
     assert_eq!(status["state"], "streaming", "{status}");
+    // No out-of-sync map tells what changed: the two sides compared hashes.
+    assert_eq!(status["last_resync"]["mode"], "hash diff", "{status}");
 }

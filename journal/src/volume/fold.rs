@@ -75,7 +75,7 @@ impl Inner {
         let oldest_view = self.oldest_pin();
         let replica_hold = self.replica_hold.load(Ordering::Acquire);
 
-        let (count, upto, forced, snapshot, upto_ns) = {
+        let (count, upto, forced, snapshot, upto_ns, snapshot_base) = {
             let index = lock(&self.index);
             let mut chosen = (0, index.base_lsn(), false);
             for (i, seg) in used.iter().enumerate() {
@@ -109,6 +109,7 @@ impl Inner {
                 forced,
                 index.snapshot(upto),
                 index.timestamp(upto),
+                index.base_lsn(),
             )
         };
         let folded = &used[..count];
@@ -118,11 +119,16 @@ impl Inner {
             self.expire_views_before(upto);
         }
         if upto > replica_hold {
+            // Durable before the records leave the journal: a crash after
+            // this repeats the fold, and marking again is harmless.
+            let from = replica_hold.max(snapshot_base);
+            self.mark_out_of_sync(&snapshot, from, upto)?;
             self.folded_past_hold.fetch_max(upto, Ordering::AcqRel);
             tracing::error!(
                 volume = %self.dir.display(),
                 "journal at its hard limit: folding records up to lsn {upto} that the replica \
-                 has not acknowledged (it holds lsn {replica_hold}); it will need a resync"
+                 has not acknowledged (it holds lsn {replica_hold}); their chunks are marked \
+                 out of sync for its resync"
             );
         }
 

@@ -114,10 +114,24 @@ pub struct ReplicationStatus {
     pub compression_ratio: f64,
     /// A resync under way: the sync point and how far it got.
     pub resync: Option<ResyncProgress>,
+    /// The last resync this daemon sent: how, to where, and the data it sent.
+    pub last_resync: Option<LastResync>,
+    /// Bytes of the disk a forced fold took from the replica before it had
+    /// them (the out-of-sync map): its next resync sends them.
+    pub out_of_sync_bytes: u64,
     /// Set on a replica that lost its primary without a seal: its data may
     /// be behind what the primary acknowledged to its guest.
     pub outdated: Option<String>,
     pub last_error: Option<String>,
+}
+
+/// A resync that was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LastResync {
+    /// `full`, `hash diff` or `out-of-sync map`.
+    pub mode: &'static str,
+    pub sync_lsn: u64,
+    pub data_bytes: u64,
 }
 
 /// How far a resync got.
@@ -140,6 +154,7 @@ struct Shared {
     /// Sync mode, flushes waiting: since when the replica has been away.
     lost_since: Option<Instant>,
     resync: Option<ResyncProgress>,
+    last_resync: Option<LastResync>,
     /// Sync mode gave up waiting for the replica, until it caught up.
     degraded: bool,
 }
@@ -194,6 +209,7 @@ impl Link {
                 outdated: None,
                 lost_since: None,
                 resync: None,
+                last_resync: None,
                 degraded: false,
             }),
             changed: Condvar::new(),
@@ -246,6 +262,10 @@ impl Link {
 
     fn resyncing(&self) -> bool {
         lock(&self.shared).resync.is_some()
+    }
+
+    fn set_last_resync(&self, done: LastResync) {
+        lock(&self.shared).last_resync = Some(done);
     }
 
     fn set_resync(&self, progress: Option<ResyncProgress>) {
@@ -472,6 +492,8 @@ impl Link {
                 raw as f64 / sent as f64
             },
             resync: shared.resync,
+            last_resync: shared.last_resync,
+            out_of_sync_bytes: volume.out_of_sync().map_or(0, |map| map.marked_bytes()),
             outdated: shared.outdated.clone(),
             last_error: shared.last_error.clone(),
         }

@@ -26,7 +26,10 @@ use tokio::sync::mpsc;
 
 use super::frame::{read_frame, write_frame, Encoder, Frame, Hello, Message, ResyncBegin, Welcome};
 use super::tls::TlsContext;
-use super::{tune_socket, Link, LinkState, ResyncProgress, SenderConfig, HEARTBEAT, SILENCE_LIMIT};
+use super::{
+    tune_socket, LastResync, Link, LinkState, ResyncProgress, SenderConfig, HEARTBEAT,
+    SILENCE_LIMIT,
+};
 
 /// Payload bytes per batch.
 const BATCH_BYTES: usize = 1 << 20;
@@ -258,20 +261,37 @@ async fn resync<W: AsyncWrite + Unpin>(
     bucket: &mut Option<TokenBucket>,
     mut diff: Option<&mut HashFeed>,
 ) -> Result<u64, SessionError> {
+    // A replica that holds at least what it held when a forced fold took
+    // records from it lacks only the chunks the out-of-sync map marks and
+    // those the journal's records touched since: sent from the map alone,
+    // without reading the replica's disk.
     let v = volume.clone();
-    let resume = welcome.resync;
-    let (view, from) = tokio::task::spawn_blocking(move || {
+    let (resume, from_map) = (
+        welcome.resync,
+        welcome.resync.is_none().then_some(welcome.last_lsn),
+    );
+    let (view, from, marked) = tokio::task::spawn_blocking(move || {
+        let durable = v.durable_lsn();
+        let marked = from_map.and_then(|held| {
+            v.out_of_sync_through(durable)
+                .filter(|map| held >= map.from_lsn)
+        });
+        if marked.is_some() {
+            return v
+                .view(&PointInTime::Lsn(durable))
+                .map(|view| (view, 0, marked));
+        }
         if let Some(point) = resume {
             match v.view(&PointInTime::Lsn(point.sync_lsn)) {
-                Ok(view) => return Ok((view, point.next_offset)),
+                Ok(view) => return Ok((view, point.next_offset, None)),
                 Err(e) => tracing::warn!(
                     "cannot resume the replica's resync at lsn {}: {e}; starting a new one",
                     point.sync_lsn
                 ),
             }
         }
-        let durable = v.durable_lsn();
-        v.view(&PointInTime::Lsn(durable)).map(|view| (view, 0))
+        v.view(&PointInTime::Lsn(durable))
+            .map(|view| (view, 0, None))
     })
     .await
     .map_err(|e| down(format!("starting a resync: {e}")))?
@@ -286,16 +306,16 @@ async fn resync<W: AsyncWrite + Unpin>(
         data_bytes: 0,
     };
     link.set_resync(Some(progress));
-    let key = match diff {
-        Some(_) => Some(random_key()?),
-        None => None,
+    let key = match (&marked, &diff) {
+        (None, Some(_)) => Some(random_key()?),
+        _ => None,
     };
-    tracing::info!(
-        sync_lsn,
-        from,
-        diff = key.is_some(),
-        "resyncing the replica"
-    );
+    let mode = match (&marked, &key) {
+        (Some(_), _) => "out-of-sync map",
+        (None, Some(_)) => "hash diff",
+        (None, None) => "full",
+    };
+    tracing::info!(sync_lsn, from, mode, "resyncing the replica");
     let begin = ResyncBegin {
         sync_lsn,
         sync_ns: view.timestamp_ns(),
@@ -325,8 +345,14 @@ async fn resync<W: AsyncWrite + Unpin>(
     while offset < size {
         let len = CHUNK_BYTES.min(size - offset);
         let mut frames = Vec::new();
-        let chunk = read_chunk(&view, offset, len).await?;
+        let unmarked = marked.as_ref().is_some_and(|map| !map.any_in(offset, len));
+        // An unmarked chunk is already right on the replica: not even read.
+        let chunk = match unmarked {
+            true => None,
+            false => read_chunk(&view, offset, len).await?,
+        };
         let same = match (key.as_ref(), diff.as_deref_mut()) {
+            _ if unmarked => true,
             (Some(key), Some(feed)) => {
                 let theirs = next_hash(feed, offset).await?;
                 let ours = match &chunk {
@@ -387,6 +413,24 @@ async fn resync<W: AsyncWrite + Unpin>(
         .map_err(|e| down(format!("ending the resync: {e}")))?;
     // The replica acknowledges the sync point once it took it.
     link.sent(sync_lsn, 0, 0);
+    // It holds everything a forced fold took (if it fails to finish, its
+    // resync resumes, comparing hashes).
+    if volume
+        .out_of_sync()
+        .is_some_and(|map| map.upto_lsn <= sync_lsn)
+    {
+        let v = volume.clone();
+        match tokio::task::spawn_blocking(move || v.clear_out_of_sync()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("cannot clear the out-of-sync map: {e}"),
+            Err(e) => tracing::warn!("cannot clear the out-of-sync map: {e}"),
+        }
+    }
+    link.set_last_resync(LastResync {
+        mode,
+        sync_lsn,
+        data_bytes: progress.data_bytes,
+    });
     tracing::info!(
         sync_lsn,
         data_bytes = progress.data_bytes,
