@@ -53,6 +53,22 @@ fn disk_at(v: &Volume, lsn: u64) -> Vec<u8> {
     buf
 }
 
+/// A new primary whose clock the test moves (to let records leave the
+/// window).
+fn clocked_primary() -> (FaultStorage, Volume, Arc<ManualClock>) {
+    let fs = FaultStorage::new();
+    create(&fs, &small_settings());
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000_000_000));
+    let options = OpenOptions {
+        clock: clock.clone(),
+        ..options()
+    };
+    let primary = Volume::open(fs.arc(), Path::new(DIR), options)
+        .expect("open")
+        .0;
+    (fs, primary, clock)
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Write { sector: u64, sectors: u64, seed: u8 },
@@ -264,19 +280,7 @@ fn folding_waits_for_the_replica_and_what_is_folded_cannot_be_read() {
 
 #[test]
 fn a_held_volume_folds_only_what_the_replica_holds() {
-    let fs = FaultStorage::new();
-    create(&fs, &small_settings());
-    let clock = Arc::new(ManualClock::new(1_700_000_000_000_000_000));
-    let primary = Volume::open(
-        fs.arc(),
-        Path::new(DIR),
-        OpenOptions {
-            clock: clock.clone(),
-            ..options()
-        },
-    )
-    .expect("open")
-    .0;
+    let (_fs, primary, clock) = clocked_primary();
     for i in 0..40u8 {
         primary
             .write(u64::from(i) * 4096, &pattern(i, 4096))
@@ -325,19 +329,7 @@ fn resync_copy(primary: &Volume, replica: &Volume, lsn: u64, from: u64, limit: u
 
 #[test]
 fn a_resync_takes_the_disk_at_the_sync_point_and_survives_a_crash() {
-    let fs = FaultStorage::new();
-    create(&fs, &small_settings());
-    let clock = Arc::new(ManualClock::new(1_700_000_000_000_000_000));
-    let primary = Volume::open(
-        fs.arc(),
-        Path::new(DIR),
-        OpenOptions {
-            clock: clock.clone(),
-            ..options()
-        },
-    )
-    .expect("open")
-    .0;
+    let (fs, primary, clock) = clocked_primary();
     for i in 0..40u8 {
         primary
             .write(u64::from(i) * 8192, &pattern(i, 8192))
@@ -403,19 +395,7 @@ fn a_resync_takes_the_disk_at_the_sync_point_and_survives_a_crash() {
 
 #[test]
 fn a_diff_resync_sends_only_what_changed_and_keeps_the_rest_from_the_replica() {
-    let fs = FaultStorage::new();
-    create(&fs, &small_settings());
-    let clock = Arc::new(ManualClock::new(1_700_000_000_000_000_000));
-    let primary = Volume::open(
-        fs.arc(),
-        Path::new(DIR),
-        OpenOptions {
-            clock: clock.clone(),
-            ..options()
-        },
-    )
-    .expect("open")
-    .0;
+    let (fs, primary, clock) = clocked_primary();
     // Both sides hold the first writes (some in the replica's journal).
     for i in 0..32u8 {
         primary

@@ -128,13 +128,9 @@ impl Inner {
     /// Reads the map an earlier run left, if any.
     pub(super) fn load_out_of_sync(&self) -> Result<Option<OutOfSync>> {
         let path = self.out_of_sync_path();
-        if !self.storage.exists(&path) {
+        let Some(bytes) = self.read_if_there(&path)? else {
             return Ok(None);
-        }
-        let bytes = self
-            .storage
-            .read_file(&path)
-            .map_err(Error::io(|| format!("reading {}", path.display())))?;
+        };
         OutOfSync::decode(&bytes, self.config.size)
             .map(Some)
             .map_err(|reason| Error::BadMetadata { path, reason })

@@ -63,19 +63,26 @@ impl Inner {
     /// Reads a resync left by an earlier run, if any.
     pub(super) fn load_resync(&self) -> Result<Option<ResyncState>> {
         let path = self.resync_path();
-        if !self.storage.exists(&path) {
+        let Some(bytes) = self.read_if_there(&path)? else {
             return Ok(None);
-        }
-        let bytes = self
-            .storage
-            .read_file(&path)
-            .map_err(Error::io(|| format!("reading {}", path.display())))?;
+        };
         serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| Error::BadMetadata {
                 path,
                 reason: e.to_string(),
             })
+    }
+
+    /// The content of a small file of the volume, if it exists.
+    pub(super) fn read_if_there(&self, path: &std::path::Path) -> Result<Option<Vec<u8>>> {
+        if !self.storage.exists(path) {
+            return Ok(None);
+        }
+        self.storage
+            .read_file(path)
+            .map(Some)
+            .map_err(Error::io(|| format!("reading {}", path.display())))
     }
 
     /// Fails while a resync is under way: nothing is readable then.
