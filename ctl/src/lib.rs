@@ -138,8 +138,10 @@ pub fn verify(
     }))
 }
 
-/// Polls the daemon's replication link until it is streaming (the replica
-/// caught up), showing a resync's progress; returns the link's status.
+/// Polls the daemon's replication link until the replica holds everything
+/// written (streaming, no resync, no record it lacks), showing a resync's
+/// progress; returns the link's status. Under steady writes without
+/// flushes that can take a while: records go out once durable.
 /// Fails when the link is outdated (it will not catch up by itself) or
 /// after `timeout`.
 pub fn wait_streaming(
@@ -155,7 +157,12 @@ pub fn wait_streaming(
             progress(field("done_bytes"), field("total_bytes"));
         }
         match link.get("state").and_then(Value::as_str) {
-            Some("streaming") if link.get("resync").is_none_or(Value::is_null) => return Ok(link),
+            Some("streaming")
+                if link.get("resync").is_none_or(Value::is_null)
+                    && link.get("lag_records").and_then(Value::as_u64) == Some(0) =>
+            {
+                return Ok(link)
+            }
             Some("outdated") => {
                 return Err(CtlError::Usage(format!(
                     "the replication link is outdated: {}",

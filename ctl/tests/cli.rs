@@ -361,6 +361,7 @@ fn replication_wait_follows_a_resync_until_streaming_and_fails_when_outdated() {
     let link = |state: &str, resync: serde_json::Value, error: &str| {
         serde_json::json!({"version": 1, "ok": true, "result": {
             "state": state, "resync": resync, "last_error": error, "acked_lsn": 7,
+            "lag_records": 0,
         }})
         .to_string()
     };
@@ -378,7 +379,13 @@ fn replication_wait_follows_a_resync_until_streaming_and_fails_when_outdated() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("state       streaming"));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("state ") && l.ends_with(" streaming")),
+        "{table}"
+    );
     assert_eq!(daemon.join().expect("daemon").len(), 2);
 
     let _ = std::fs::remove_file(&socket);
