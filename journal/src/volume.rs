@@ -252,9 +252,6 @@ struct Inner {
     /// a replica has not made the records after it durable (`NO_HOLD`: no
     /// replica holds history).
     replica_hold: AtomicU64,
-    /// The newest lsn a forced fold took past `replica_hold` (0: none), so
-    /// the sender knows its replica needs a resync.
-    folded_past_hold: AtomicU64,
     /// A resync under way (resync.rs): nothing is readable, nothing folds.
     resync: Mutex<Option<ResyncState>>,
     /// A replica's flushes append no Flush record: its lsns are its
@@ -518,7 +515,6 @@ impl Volume {
             warned: AtomicBool::new(false),
             failure: OnceLock::new(),
             replica_hold: AtomicU64::new(NO_HOLD),
-            folded_past_hold: AtomicU64::new(0),
             resync: Mutex::new(None),
             replica: AtomicBool::new(replica),
             out_of_sync: Mutex::new(None),
@@ -719,7 +715,7 @@ impl Volume {
         if inner.completion.wait_for(c.next_lsn - 1).is_err() {
             inner.check_failed()?;
         }
-        let reserved = inner.reserve(&mut c, RecordKind::Revert, to, 0, &[], crc32c(&[]))?;
+        let reserved = inner.reserve(&mut c, RecordKind::Revert, to, 0, &[], crc32c(&[]), None)?;
         let lsn = reserved.header.lsn;
         let snapshot = lock(&inner.index).snapshot(lsn);
         inner.write_reserved(reserved, &[])?;
@@ -759,7 +755,7 @@ impl Volume {
         // the Epoch record, so epochs never decrease along the lsns.
         inner.epoch.store(epoch, Ordering::Release);
         let reserved = inner
-            .reserve(&mut c, RecordKind::Epoch, epoch, 0, &[], crc32c(&[]))
+            .reserve(&mut c, RecordKind::Epoch, epoch, 0, &[], crc32c(&[]), None)
             .inspect_err(|_| inner.epoch.store(epoch - 1, Ordering::Release))?;
         let first_lsn = reserved.header.lsn;
         inner.write_reserved(reserved, &[])?;
@@ -990,12 +986,17 @@ impl Inner {
             length,
             payload,
             payload_crc,
+            None,
         )?;
         self.write_reserved(reserved, payload)
     }
 
     /// Places the next record: its lsn, timestamp, header slot and payload
-    /// position, and its entry in the record index.
+    /// position, and its entry in the record index. `stamp` is the
+    /// record's (time, epoch) when it has them already (a replica places
+    /// its primary's records, ship.rs checks them first); `None` stamps it
+    /// now, in this volume's epoch.
+    #[allow(clippy::too_many_arguments)]
     fn reserve(
         &self,
         c: &mut Cursor,
@@ -1004,32 +1005,7 @@ impl Inner {
         length: u64,
         payload: &[u8],
         payload_crc: u32,
-    ) -> Result<Reserved> {
-        let timestamp = self.clock.now_ns().max(c.last_timestamp);
-        let epoch = self.epoch.load(Ordering::Acquire);
-        self.reserve_stamped(
-            c,
-            kind,
-            offset,
-            length,
-            payload,
-            payload_crc,
-            (timestamp, epoch),
-        )
-    }
-
-    /// `reserve` with the record's time and epoch given: a replica places
-    /// its primary's records with their own (ship.rs checks them first).
-    #[allow(clippy::too_many_arguments)]
-    fn reserve_stamped(
-        &self,
-        c: &mut Cursor,
-        kind: RecordKind,
-        offset: u64,
-        length: u64,
-        payload: &[u8],
-        payload_crc: u32,
-        (timestamp, epoch): (u64, u64),
+        stamp: Option<(u64, u64)>,
     ) -> Result<Reserved> {
         let len = payload.len() as u64;
         let mut sealed = None;
@@ -1054,6 +1030,12 @@ impl Inner {
             }
         };
         let lsn = c.next_lsn;
+        // Stamped once placed: a write that waited for a segment gets the
+        // time it got one.
+        let (timestamp, epoch) = stamp.unwrap_or_else(|| {
+            let now = self.clock.now_ns().max(c.last_timestamp);
+            (now, self.epoch.load(Ordering::Acquire))
+        });
         let data = |target| Effect::Data {
             start: offset / SECTOR,
             sectors: length / SECTOR,

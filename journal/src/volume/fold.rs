@@ -123,7 +123,6 @@ impl Inner {
             // this repeats the fold, and marking again is harmless.
             let from = replica_hold.max(snapshot_base);
             self.mark_out_of_sync(&snapshot, from, upto)?;
-            self.folded_past_hold.fetch_max(upto, Ordering::AcqRel);
             tracing::error!(
                 volume = %self.dir.display(),
                 "journal at its hard limit: folding records up to lsn {upto} that the replica \

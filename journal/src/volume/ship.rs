@@ -50,19 +50,9 @@ impl ShippedRecord {
         le_u64(&self.header, 16)
     }
 
-    /// The timestamp the header names (not yet verified).
-    pub fn timestamp(&self) -> u64 {
-        le_u64(&self.header, 24)
-    }
-
     /// Payload bytes the header announces (not yet verified).
     pub fn payload_len(&self) -> u32 {
         le_u32(&self.header, 56)
-    }
-
-    /// Whether this is a Flush record (not yet verified).
-    pub fn is_flush(&self) -> bool {
-        matches!(RecordHeader::decode(&self.header), Ok(h) if h.kind == RecordKind::Flush)
     }
 }
 
@@ -204,12 +194,6 @@ impl Volume {
             .replica_hold
             .store(lsn.unwrap_or(NO_HOLD), Ordering::Release);
     }
-
-    /// The newest lsn a forced fold took past the replica's hold (0: none):
-    /// the records between the hold and it are gone from the journal.
-    pub fn folded_past_hold(&self) -> u64 {
-        self.inner.folded_past_hold.load(Ordering::Acquire)
-    }
 }
 
 impl Inner {
@@ -228,14 +212,14 @@ impl Inner {
                 self.epoch.store(h.epoch, Ordering::Release);
                 epochs.push((h.epoch, h.lsn));
             }
-            let reserved = self.reserve_stamped(
+            let reserved = self.reserve(
                 c,
                 h.kind,
                 h.offset,
                 h.length,
                 &r.payload,
                 h.payload_crc,
-                (h.timestamp, h.epoch),
+                Some((h.timestamp, h.epoch)),
             )?;
             match h.kind {
                 RecordKind::Flush if h.offset > self.durable_lsn.load(Ordering::Acquire) => {

@@ -226,10 +226,6 @@ impl Link {
         }
     }
 
-    pub fn state(&self) -> LinkState {
-        lock(&self.shared).state
-    }
-
     pub fn acked_lsn(&self) -> u64 {
         self.acked_lsn.load(Ordering::Acquire)
     }
