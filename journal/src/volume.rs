@@ -217,7 +217,7 @@ struct Inner {
     dir: PathBuf,
     storage: Arc<dyn Storage>,
     config: VolumeConfig,
-    /// What volume.json holds now: `config` plus the epoch, role and epoch
+    /// What volume.json holds now: `config` plus the epoch and epoch
     /// history as they changed since the open. Written under this lock.
     persisted: Mutex<VolumeConfig>,
     clock: Arc<dyn Clock>,
@@ -254,9 +254,6 @@ struct Inner {
     replica_hold: AtomicU64,
     /// A resync under way (resync.rs): nothing is readable, nothing folds.
     resync: Mutex<Option<ResyncState>>,
-    /// A replica's flushes append no Flush record: its lsns are its
-    /// primary's.
-    replica: AtomicBool,
     /// Chunks a forced fold took from the replica (out_of_sync.rs).
     out_of_sync: Mutex<Option<OutOfSync>>,
 }
@@ -478,7 +475,6 @@ impl Volume {
             config.store(storage.as_ref(), dir)?;
         }
         let epoch = config.epoch;
-        let replica = config.role == Role::Replica;
         let next_lsn = report.next_lsn;
         view::remove_scratch_files(storage.as_ref(), dir)?;
         let inner = Arc::new(Inner {
@@ -516,7 +512,6 @@ impl Volume {
             failure: OnceLock::new(),
             replica_hold: AtomicU64::new(NO_HOLD),
             resync: Mutex::new(None),
-            replica: AtomicBool::new(replica),
             out_of_sync: Mutex::new(None),
         });
         *lock(&inner.resync) = inner.load_resync()?;
@@ -730,7 +725,7 @@ impl Volume {
 
     /// Whether this copy serves a guest or receives a primary's records.
     pub fn role(&self) -> Role {
-        lock(&self.inner.persisted).role
+        self.inner.config.role
     }
 
     /// Where each epoch began, oldest first.
@@ -1187,7 +1182,7 @@ impl Inner {
             upto
         };
         // A replica writes only its primary's records (lsns must match).
-        if self.replica.load(Ordering::Acquire) {
+        if self.config.role == Role::Replica {
             return Ok(());
         }
         // Proof for recovery that everything up to `covered` was durable.
