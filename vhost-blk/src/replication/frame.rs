@@ -442,26 +442,34 @@ fn decode_records(mut body: &[u8]) -> Result<Vec<ShippedRecord>, FrameError> {
     Ok(records)
 }
 
-fn encode_records(records: &[ShippedRecord]) -> Vec<u8> {
+/// Appends a records body to `out`.
+fn encode_records(out: &mut Vec<u8>, records: &[ShippedRecord]) {
     let payload: usize = records.iter().map(|r| r.payload.len()).sum();
-    let mut body = Vec::with_capacity(4 + records.len() * SHIPPED_HEADER_SIZE + payload);
-    body.extend_from_slice(&(records.len() as u32).to_le_bytes());
+    out.reserve(4 + records.len() * SHIPPED_HEADER_SIZE + payload);
+    out.extend_from_slice(&(records.len() as u32).to_le_bytes());
     for r in records {
-        body.extend_from_slice(&r.header);
-        body.extend_from_slice(&r.payload);
+        out.extend_from_slice(&r.header);
+        out.extend_from_slice(&r.payload);
     }
-    body
 }
+
+/// After a batch that zstd could not shrink, this many batches are sent
+/// without trying: data that did not compress rarely starts to, and a
+/// failed try costs about as much CPU as the TLS encryption of the batch.
+const SKIP_AFTER_MISS: u32 = 16;
 
 /// Encodes frames; keeps a zstd context across batches.
 pub struct Encoder {
     compressor: Option<zstd::bulk::Compressor<'static>>,
+    /// Compressible messages left to send without trying zstd.
+    skip: u32,
 }
 
 impl std::fmt::Debug for Encoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Encoder")
             .field("compress", &self.compressor.is_some())
+            .field("skip", &self.skip)
             .finish()
     }
 }
@@ -480,61 +488,79 @@ impl Encoder {
         let compressor = compress
             .then(|| zstd::bulk::Compressor::new(1))
             .transpose()?;
-        Ok(Encoder { compressor })
+        Ok(Encoder {
+            compressor,
+            skip: 0,
+        })
     }
 
     pub fn encode(&mut self, epoch: u64, message: &Message) -> Encoded {
-        let mut flags = 0;
-        let raw = match message {
-            Message::Hello(h) => serde_json::to_vec(h).unwrap_or_default(),
-            Message::Welcome(w) => serde_json::to_vec(w).unwrap_or_default(),
+        // The body is built after room for the header, so that the frame
+        // needs no second copy of a 1 MiB batch.
+        let mut bytes = vec![0u8; HEADER_SIZE];
+        match message {
+            Message::Hello(h) => append_json(&mut bytes, h),
+            Message::Welcome(w) => append_json(&mut bytes, w),
             Message::Refuse(reason) | Message::ResyncNeeded(reason) => {
-                reason.as_bytes()[..reason.len().min(MAX_JSON)].to_vec()
+                bytes.extend_from_slice(&reason.as_bytes()[..reason.len().min(MAX_JSON)])
             }
-            Message::Records(records) => encode_records(records),
-            Message::Ack { durable_lsn } => durable_lsn.to_le_bytes().to_vec(),
-            Message::Heartbeat | Message::ResyncEnd => Vec::new(),
-            Message::ResyncBegin(b) => serde_json::to_vec(b).unwrap_or_default(),
-            Message::Chunk { offset, data } => [&offset.to_le_bytes()[..], data].concat(),
+            Message::Records(records) => encode_records(&mut bytes, records),
+            Message::Ack { durable_lsn } => bytes.extend_from_slice(&durable_lsn.to_le_bytes()),
+            Message::Heartbeat | Message::ResyncEnd => {}
+            Message::ResyncBegin(b) => append_json(&mut bytes, b),
+            Message::Chunk { offset, data } => {
+                bytes.extend_from_slice(&offset.to_le_bytes());
+                bytes.extend_from_slice(data);
+            }
             Message::Zero { offset, length } | Message::Keep { offset, length } => {
-                [offset.to_le_bytes(), length.to_le_bytes()].concat()
+                bytes.extend_from_slice(&offset.to_le_bytes());
+                bytes.extend_from_slice(&length.to_le_bytes());
             }
             Message::Hashes {
                 offset,
                 chunk_bytes,
                 hashes,
             } => {
-                let mut body = Vec::with_capacity(12 + hashes.len() * 32);
-                body.extend_from_slice(&offset.to_le_bytes());
-                body.extend_from_slice(&chunk_bytes.to_le_bytes());
-                hashes.iter().for_each(|h| body.extend_from_slice(h));
-                body
+                bytes.reserve(12 + hashes.len() * 32);
+                bytes.extend_from_slice(&offset.to_le_bytes());
+                bytes.extend_from_slice(&chunk_bytes.to_le_bytes());
+                hashes.iter().for_each(|h| bytes.extend_from_slice(h));
             }
-        };
-        let raw_len = raw.len();
-        let mut body = raw;
+        }
+        let raw_len = bytes.len() - HEADER_SIZE;
+        let mut flags = 0;
         let compressible = matches!(message, Message::Records(_) | Message::Chunk { .. });
         if let (true, Some(zstd)) = (compressible, self.compressor.as_mut()) {
-            // Only when it pays: data that does not shrink is sent as it is.
-            if let Ok(packed) = zstd.compress(&body) {
-                if packed.len() + packed.len() / 16 < body.len() {
-                    body = packed;
+            if self.skip > 0 {
+                self.skip -= 1;
+            } else if let Ok(packed) = zstd.compress(&bytes[HEADER_SIZE..]) {
+                // Only when it pays: data that does not shrink is sent as it is.
+                if packed.len() + packed.len() / 16 < raw_len {
+                    bytes.truncate(HEADER_SIZE);
+                    bytes.extend_from_slice(&packed);
                     flags |= FLAG_ZSTD;
+                } else {
+                    self.skip = SKIP_AFTER_MISS;
                 }
             }
         }
-        let mut bytes = Vec::with_capacity(HEADER_SIZE + body.len());
-        bytes.extend_from_slice(&MAGIC);
-        bytes.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-        bytes.push(message.code());
-        bytes.push(flags);
-        bytes.extend_from_slice(&epoch.to_le_bytes());
-        bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        let crc = crc32c(&[&bytes[..20], &body]);
-        bytes.extend_from_slice(&crc.to_le_bytes());
-        bytes.extend_from_slice(&body);
+        let body_len = (bytes.len() - HEADER_SIZE) as u32;
+        bytes[0..4].copy_from_slice(&MAGIC);
+        bytes[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        bytes[6] = message.code();
+        bytes[7] = flags;
+        bytes[8..16].copy_from_slice(&epoch.to_le_bytes());
+        bytes[16..20].copy_from_slice(&body_len.to_le_bytes());
+        let crc = crc32c(&[&bytes[..20], &bytes[HEADER_SIZE..]]);
+        bytes[20..24].copy_from_slice(&crc.to_le_bytes());
         Encoded { bytes, raw_len }
     }
+}
+
+fn append_json(out: &mut Vec<u8>, value: &impl Serialize) {
+    // Serializing these plain structs cannot fail; an empty body would be
+    // refused by the peer's decoder anyway.
+    let _ = serde_json::to_writer(&mut *out, value);
 }
 
 /// Sets the checksum of the frame at the start of `bytes` to match its
@@ -690,6 +716,17 @@ mod tests {
             .collect();
         let random = encoder.encode(1, &Message::Records(vec![record(1, noise)]));
         assert_eq!(random.bytes[7], 0, "sent uncompressed");
+        // After a miss, zstd is not tried for a while, then tried again.
+        for _ in 0..SKIP_AFTER_MISS {
+            let skipped = encoder.encode(1, &Message::Records(vec![record(2, vec![0; 65536])]));
+            assert_eq!(skipped.bytes[7], 0, "not tried right after a miss");
+            assert_eq!(
+                decode(&skipped.bytes).expect("decodes").1,
+                skipped.bytes.len()
+            );
+        }
+        let tried = encoder.encode(1, &Message::Records(vec![record(3, vec![0; 65536])]));
+        assert_eq!(tried.bytes[7], FLAG_ZSTD, "tried again");
     }
 
     #[test]
@@ -770,10 +807,11 @@ mod tests {
 
     #[test]
     fn records_that_do_not_fit_their_frame_are_malformed() {
-        let mut body = encode_records(&[record(1, vec![3; 1024])]);
+        let mut body = Vec::new();
+        encode_records(&mut body, &[record(1, vec![3; 1024])]);
+        let mut count = body.clone();
         body.truncate(body.len() - 1);
         assert!(decode_records(&body).is_err());
-        let mut count = encode_records(&[record(1, vec![3; 1024])]);
         count[..4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode_records(&count).is_err());
         assert!(decode_records(&0u32.to_le_bytes()).is_err());
