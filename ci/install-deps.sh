@@ -25,6 +25,17 @@ if ! command -v qemu-system-x86_64 >/dev/null || ! command -v virt-xml-validate 
 fi
 qemu-system-x86_64 --version | head -n 1
 
+# Pacemaker and Corosync for the two-node cluster test (ci/ha/cluster.sh,
+# vhost-blk/tests/pacemaker.rs); resource-agents brings ocf-tester and the
+# agents' shell library. The test runs its own nodes in namespaces; host
+# daemons, if the packages start any, are not used.
+if ! command -v pacemakerd >/dev/null || ! command -v corosync >/dev/null \
+   || ! command -v crm_mon >/dev/null || ! command -v ocf-tester >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    pacemaker corosync pacemaker-cli-utils resource-agents
+fi
+
 # The test guest: a Debian cloud kernel and a busybox initramfs.
 bash guest-tests/build.sh target/guest
 
