@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+pub mod group;
+
 pub const PROTOCOL_VERSION: u64 = 1;
 
 #[derive(Debug, thiserror::Error)]
@@ -278,6 +280,56 @@ pub fn table(value: &Value) -> String {
             };
             out.push_str(&format!("  {}\n", cells.join("  ")));
         }
+    }
+    out
+}
+
+/// The `branches` answer as a table: one row per branch (name, lsn range,
+/// time range, records, bytes, readable).
+pub fn branches_table(value: &Value) -> String {
+    let branches = match value.get("branches").and_then(Value::as_array) {
+        Some(branches) if !branches.is_empty() => branches,
+        Some(_) => return "no branches\n".to_owned(),
+        None => return table(value),
+    };
+    let shown = |b: &Value, k: &str| match b.get(k) {
+        None | Some(Value::Null) => "-".to_owned(),
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => v.to_string(),
+    };
+    let mut rows = vec![[
+        "name".to_owned(),
+        "lsns".to_owned(),
+        "time".to_owned(),
+        "records".to_owned(),
+        "bytes".to_owned(),
+        "readable".to_owned(),
+    ]];
+    rows.extend(branches.iter().map(|b| {
+        [
+            shown(b, "name"),
+            format!("{}-{}", shown(b, "first_lsn"), shown(b, "last_lsn")),
+            format!("{} to {}", shown(b, "first_time"), shown(b, "last_time")),
+            shown(b, "records"),
+            shown(b, "bytes"),
+            shown(b, "readable"),
+        ]
+    }));
+    let mut widths = [0; 6];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
     }
     out
 }

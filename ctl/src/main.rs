@@ -1,20 +1,25 @@
 //! `rewindctl`: see `rewindctl --help`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use rewind_ctl::CtlError;
+use rewind_ctl::{group, CtlError};
 use serde_json::{json, Value};
 
 #[derive(Debug, Parser)]
 #[command(name = "rewindctl", version, about = "Control rewind-blk daemons")]
 struct Cli {
     /// The daemon's control socket (`rewind-blk serve --control-socket`).
+    /// Repeat it to run the command on a consistency group at one moment.
     #[arg(long, global = true)]
-    control: Option<PathBuf>,
+    control: Vec<PathBuf>,
+    /// A file listing a consistency group's control sockets, one a line
+    /// (`#` comments; relative paths are relative to the file).
+    #[arg(long, global = true)]
+    group: Option<PathBuf>,
     /// Print JSON for scripts instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -36,7 +41,9 @@ enum Command {
         /// 1 to 128 letters, digits, '.', '_', '-' or ':'.
         name: String,
     },
-    /// Writes a sparse raw image of the disk as it was at a moment.
+    /// Writes a sparse raw image of the disk as it was at a moment (for a
+    /// group: one image per member in the `--output` directory, named
+    /// <volume uuid>.img).
     Materialize {
         /// The moment: RFC 3339, -5m, lsn:N or bookmark:NAME.
         #[arg(long, allow_hyphen_values = true)]
@@ -46,7 +53,7 @@ enum Command {
         output: PathBuf,
         /// Work on the volume directory itself, with its daemon stopped,
         /// instead of through `--control`.
-        #[arg(long, conflicts_with = "control")]
+        #[arg(long, conflicts_with_all = ["control", "group"])]
         volume: Option<PathBuf>,
     },
     /// Stops taking requests from the guest, finishes those in flight and
@@ -81,7 +88,8 @@ enum Command {
         at: String,
     },
     /// Serves the disk as it was at a moment on another vhost-user-blk
-    /// socket, while the live disk goes on.
+    /// socket, while the live disk goes on (for a group: one socket per
+    /// member in the `--socket-path` directory, named <volume uuid>.sock).
     Export {
         /// The moment: RFC 3339, -5m, lsn:N or bookmark:NAME.
         #[arg(long, allow_hyphen_values = true)]
@@ -93,7 +101,8 @@ enum Command {
         #[arg(long)]
         scratch: bool,
     },
-    /// Stops serving an export and removes its socket.
+    /// Stops serving an export and removes its socket (for a group: the
+    /// directory a group `export` was given).
     Unexport {
         #[arg(long)]
         socket_path: PathBuf,
@@ -125,6 +134,57 @@ enum Command {
         #[arg(long, value_parser = duration, default_value = "1h", requires = "wait")]
         timeout: Duration,
     },
+    /// Makes this replica the primary: raises the epoch durably and opens
+    /// its gate. Refused while its old primary may still write (it has not
+    /// sealed this replica) unless --force.
+    Promote {
+        /// Promote without a seal from the old primary (fence its VM
+        /// first): the records this replica lacks are lost (see the RPO).
+        #[arg(long)]
+        force: bool,
+        /// Leave the gate closed after the promotion (`resume` opens it).
+        #[arg(long)]
+        drained: bool,
+    },
+    /// Makes this primary a replica: closes its gate, finishes the requests
+    /// in flight, flushes, ships its tail to the replica and seals it.
+    Demote {
+        /// How long to wait for the requests in flight and the tail.
+        #[arg(long, value_parser = duration, default_value = "10s")]
+        timeout: Duration,
+    },
+    /// Run on the replica: seals the old primary if it answers (nothing is
+    /// lost), otherwise refuses unless --force; then promotes this side.
+    /// For a group: every member is promoted drained, those holding more
+    /// than the others are reverted to the latest moment every member
+    /// holds, then all resume.
+    Failover {
+        /// Promote even when the old primary does not answer (fence its VM
+        /// first): the records this side lacks are lost (see the RPO).
+        #[arg(long)]
+        force: bool,
+        /// How long to wait for the old primary's seal.
+        #[arg(long, value_parser = duration, default_value = "10s")]
+        timeout: Duration,
+        /// Leave the gate closed after the promotion (`resume` opens it).
+        #[arg(long)]
+        drained: bool,
+    },
+    /// The branches: writes cut from this volume's history when it rejoined
+    /// a newer primary, kept read-only (export or materialize them).
+    Branches,
+    /// Deletes a branch and the journal space it holds.
+    BranchDrop {
+        /// The branch, as `branches` names it.
+        name: String,
+    },
+    /// Ends a split brain on the side whose writes are to be discarded.
+    Resolve {
+        /// Required: this side's writes since the split become a branch
+        /// and this volume becomes a replica of the other side.
+        #[arg(long)]
+        discard_this_side: bool,
+    },
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -150,21 +210,64 @@ fn run(cli: Cli) -> Result<Value, CtlError> {
         bar.set_length(total);
         bar.set_position(done);
     };
-    let (command, arguments) = match cli.command {
-        Command::Status => ("status", Value::Null),
-        Command::Timeline => ("timeline", Value::Null),
-        Command::Bookmark { name } => ("bookmark", json!({ "name": name })),
+    let path = cli.control.into_iter().next();
+    let done = match cli.command {
         Command::Materialize {
             at,
             output,
             volume: Some(dir),
-        } => {
-            let done = rewind_ctl::materialize_offline(&dir, &at, &output, &mut progress);
-            bar.finish_and_clear();
-            return done;
+        } => rewind_ctl::materialize_offline(&dir, &at, &output, &mut progress),
+        Command::Verify { peer, at } => {
+            rewind_ctl::verify(&control(path)?, &peer, at.as_deref(), &mut progress)
         }
+        Command::Replication {
+            wait: true,
+            timeout,
+            ..
+        } => rewind_ctl::wait_streaming(&control(path)?, timeout, &mut progress),
+        Command::Replication { watch: true, .. } => watch(&control(path)?, cli.json),
+        command => {
+            let (command, arguments) = request_of(command)?;
+            rewind_ctl::request(&control(path)?, command, arguments, &mut progress)
+        }
+    };
+    bar.finish_and_clear();
+    done
+}
+
+/// Shows the replication link again every second until interrupted (or
+/// the daemon fails to answer).
+fn watch(control: &Path, json: bool) -> Result<Value, CtlError> {
+    loop {
+        let status = rewind_ctl::request(control, "replication", Value::Null, &mut |_, _| {})?;
+        // Clear the screen and home the cursor, as watch(1) does.
+        print!("\x1b[2J\x1b[H");
+        if json {
+            println!("{status}");
+        } else {
+            print!("{}", rewind_ctl::table(&status));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The request a command sends when it is one request to each daemon.
+/// Paths are made absolute: the daemon resolves them from its own working
+/// directory.
+fn request_of(command: Command) -> Result<(&'static str, Value), CtlError> {
+    let one = |what: &str| {
+        CtlError::Usage(format!(
+            "{what} works on one daemon: give one --control (not a group)"
+        ))
+    };
+    Ok(match command {
+        Command::Status => ("status", Value::Null),
+        Command::Timeline => ("timeline", Value::Null),
+        Command::Bookmark { name } => ("bookmark", json!({ "name": name })),
+        Command::Materialize {
+            volume: Some(_), ..
+        } => return Err(one("materialize --volume")),
         Command::Materialize { at, output, .. } => {
-            // The daemon resolves paths from its own working directory.
             let output = std::path::absolute(&output)?;
             ("materialize", json!({ "at": at, "output": output }))
         }
@@ -191,45 +294,73 @@ fn run(cli: Cli) -> Result<Value, CtlError> {
             let socket_path = std::path::absolute(&socket_path)?;
             ("unexport", json!({ "socket_path": socket_path }))
         }
-        Command::Verify { peer, at } => {
-            let control = control(cli.control)?;
-            let done = rewind_ctl::verify(&control, &peer, at.as_deref(), &mut progress);
-            bar.finish_and_clear();
-            return done;
+        Command::Verify { .. } => return Err(one("verify")),
+        Command::Replication { watch, wait, .. } if watch || wait => {
+            return Err(one("replication --watch or --wait"))
         }
-        Command::Replication {
-            wait: true,
+        Command::Replication { .. } => ("replication", Value::Null),
+        Command::Promote { force, drained } => {
+            ("promote", json!({ "force": force, "drained": drained }))
+        }
+        Command::Demote { timeout } => ("demote", json!({ "timeout_ms": millis(timeout) })),
+        Command::Failover {
+            force,
             timeout,
-            ..
-        } => {
-            let control = control(cli.control)?;
-            let done = rewind_ctl::wait_streaming(&control, timeout, &mut progress);
-            bar.finish_and_clear();
-            return done;
+            drained,
+        } => (
+            "failover",
+            json!({ "force": force, "timeout_ms": millis(timeout), "drained": drained }),
+        ),
+        Command::Branches => ("branches", Value::Null),
+        Command::BranchDrop { name } => ("branch-drop", json!({ "name": name })),
+        Command::Resolve {
+            discard_this_side: true,
+        } => ("resolve", json!({ "discard_this_side": true })),
+        Command::Resolve { .. } => {
+            return Err(CtlError::Usage(
+                "resolve ends a split brain by discarding this side: its writes since the \
+                 split become a read-only branch (see `rewindctl branches`) and this volume \
+                 becomes a replica of the other side. Run it on the side to discard, with \
+                 --discard-this-side"
+                    .into(),
+            ))
         }
-        Command::Replication { watch, .. } => {
-            if watch {
-                let control = control(cli.control)?;
-                loop {
-                    let status =
-                        rewind_ctl::request(&control, "replication", Value::Null, &mut progress)?;
-                    // Clear the screen and home the cursor, as watch(1) does.
-                    print!("\x1b[2J\x1b[H");
-                    if cli.json {
-                        println!("{status}");
-                    } else {
-                        print!("{}", rewind_ctl::table(&status));
-                    }
-                    std::thread::sleep(Duration::from_secs(1));
-                }
-            }
-            ("replication", Value::Null)
+    })
+}
+
+/// The command on every member of a group at one moment (see `group`).
+fn run_group(cli: Cli) -> Result<group::Report, CtlError> {
+    let members = group::members(&cli.control, cli.group.as_deref())?;
+    let bar = progress_bar();
+    let report = match cli.command {
+        Command::Bookmark { name } => group::bookmark(&members, &name),
+        Command::Materialize {
+            at,
+            output,
+            volume: None,
+        } => group::materialize(&members, &at, &output, &mut |_, done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        })?,
+        Command::Export {
+            at,
+            socket_path,
+            scratch,
+        } => group::export(&members, &at, &socket_path, scratch)?,
+        Command::Unexport { socket_path } => group::unexport(&members, &socket_path)?,
+        Command::Revert { at } => group::revert(&members, &at)?,
+        Command::Failover {
+            force,
+            timeout,
+            drained,
+        } => group::failover(&members, force, timeout, drained),
+        command => {
+            let (command, arguments) = request_of(command)?;
+            group::same(&members, command, &arguments)
         }
     };
-    let control = control(cli.control)?;
-    let answer = rewind_ctl::request(&control, command, arguments, &mut progress);
     bar.finish_and_clear();
-    answer
+    Ok(report)
 }
 
 fn control(path: Option<PathBuf>) -> Result<PathBuf, CtlError> {
@@ -241,12 +372,39 @@ fn control(path: Option<PathBuf>) -> Result<PathBuf, CtlError> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.json;
+    let show: fn(&Value) -> String = match cli.command {
+        Command::Branches => rewind_ctl::branches_table,
+        _ => rewind_ctl::table,
+    };
+    // One --control alone is a single daemon; more, or a group file, a group.
+    if cli.group.is_some() || cli.control.len() > 1 {
+        return match run_group(cli) {
+            Ok(report) => {
+                if json {
+                    println!("{}", report.to_json());
+                } else {
+                    print!("{}", report.table(show));
+                }
+                match report.failure() {
+                    None => ExitCode::SUCCESS,
+                    Some(why) => {
+                        eprintln!("rewindctl: {why}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("rewindctl: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(cli) {
         Ok(result) => {
             if json {
                 println!("{result}");
             } else {
-                print!("{}", rewind_ctl::table(&result));
+                print!("{}", show(&result));
             }
             // `verify` found ranges that differ.
             if result.get("equal") == Some(&Value::Bool(false)) {
