@@ -89,6 +89,15 @@ pub enum Error {
     NeedsResync { lsn: u64, reason: String },
     #[error("shipped record {lsn} refused: {reason}")]
     BadShipped { lsn: u64, reason: String },
+    #[error("no branch named {name:?} (list them with the branches command)")]
+    UnknownBranch { name: String },
+    #[error(
+        "a branch named {name:?} already exists with other content ({existing}); \
+         choose another name or drop it first"
+    )]
+    BranchExists { name: String, existing: String },
+    #[error("branch {name:?} cannot be read: {reason}")]
+    BranchUnreadable { name: String, reason: String },
     #[error("view expired: {0}")]
     ViewExpired(String),
     #[error("{0} is a read-only view")]

@@ -1,6 +1,7 @@
 //! Points in time as operators write them: `2026-11-22T19:36:00Z` (RFC
-//! 3339, any offset), `-90s` / `-5m` / `-2h` / `-1d` (ago), `lsn:N`, or
-//! `bookmark:NAME`.
+//! 3339, any offset), `-90s` / `-5m` / `-2h` / `-1d` (ago), `lsn:N`,
+//! `bookmark:NAME`, and in a read-only branch (volume/branch.rs)
+//! `branch:NAME` (its end) or `branch:NAME@T` with T any other form.
 
 use std::fmt;
 use std::str::FromStr;
@@ -17,6 +18,13 @@ pub enum PointInTime {
     Lsn(u64),
     /// The moment a bookmark was taken.
     Bookmark(String),
+    /// A moment of a branch's history: `at` read inside the branch (its
+    /// lsns, times and bookmarks), or its end when `None`. Never another
+    /// branch point.
+    Branch {
+        name: String,
+        at: Option<Box<PointInTime>>,
+    },
 }
 
 impl PointInTime {
@@ -28,13 +36,24 @@ impl PointInTime {
             PointInTime::Ago(d) => {
                 now_ns.checked_sub(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
             }
-            PointInTime::Lsn(_) | PointInTime::Bookmark(_) => None,
+            PointInTime::Lsn(_) | PointInTime::Bookmark(_) | PointInTime::Branch { .. } => None,
         }
     }
 }
 
+/// Checks a branch name: the rules of bookmark names (it is typed as
+/// `branch:NAME`, and `@` never occurs in it).
+pub fn check_branch_name(name: &str) -> Result<(), String> {
+    crate::format::check_bookmark_name(name).map_err(|_| {
+        format!(
+            "branch name {name:?} must be 1 to {} letters, digits, '.', '_', '-' or ':'",
+            crate::format::MAX_BOOKMARK_NAME
+        )
+    })
+}
+
 const EXPECTED: &str = "expected an RFC 3339 time (2026-11-22T19:36:00Z), a time ago \
-                        (-90s, -5m, -2h), lsn:N or bookmark:NAME";
+                        (-90s, -5m, -2h), lsn:N, bookmark:NAME, branch:NAME or branch:NAME@T";
 
 impl FromStr for PointInTime {
     type Err = String;
@@ -47,6 +66,28 @@ impl FromStr for PointInTime {
                 .parse()
                 .map(PointInTime::Lsn)
                 .map_err(|e| bad(format!("{e}")));
+        }
+        if let Some(rest) = s.strip_prefix("branch:") {
+            let (name, at) = match rest.split_once('@') {
+                Some((name, at)) => (name, Some(at)),
+                None => (rest, None),
+            };
+            check_branch_name(name).map_err(bad)?;
+            let at = match at {
+                None => None,
+                Some(at) => match at.parse::<PointInTime>() {
+                    Ok(PointInTime::Branch { .. }) => {
+                        return Err(bad("a branch point names no other branch".into()))
+                    }
+                    Ok(point) => Some(Box::new(point)),
+                    // The inner error already names the forms.
+                    Err(e) => return Err(format!("in {s:?}: {e}")),
+                },
+            };
+            return Ok(PointInTime::Branch {
+                name: name.to_owned(),
+                at,
+            });
         }
         if let Some(name) = s.strip_prefix("bookmark:") {
             crate::format::check_bookmark_name(name).map_err(bad)?;
@@ -71,6 +112,8 @@ impl fmt::Display for PointInTime {
             PointInTime::Ago(d) => write!(f, "-{}", humantime::format_duration(*d)),
             PointInTime::Lsn(n) => write!(f, "lsn:{n}"),
             PointInTime::Bookmark(name) => write!(f, "bookmark:{name}"),
+            PointInTime::Branch { name, at: None } => write!(f, "branch:{name}"),
+            PointInTime::Branch { name, at: Some(at) } => write!(f, "branch:{name}@{at}"),
         }
     }
 }
@@ -104,6 +147,41 @@ mod tests {
                 "bookmark:before-upgrade",
                 PointInTime::Bookmark("before-upgrade".into()),
             ),
+            (
+                "branch:e3-1201",
+                PointInTime::Branch {
+                    name: "e3-1201".into(),
+                    at: None,
+                },
+            ),
+            (
+                "branch:e3-1201@lsn:1300",
+                PointInTime::Branch {
+                    name: "e3-1201".into(),
+                    at: Some(Box::new(PointInTime::Lsn(1300))),
+                },
+            ),
+            (
+                "branch:old@2026-11-22T19:36:00Z",
+                PointInTime::Branch {
+                    name: "old".into(),
+                    at: Some(Box::new(PointInTime::Time(1_795_376_160_000_000_000))),
+                },
+            ),
+            (
+                "branch:old@-90s",
+                PointInTime::Branch {
+                    name: "old".into(),
+                    at: Some(Box::new(PointInTime::Ago(Duration::from_secs(90)))),
+                },
+            ),
+            (
+                "branch:a:b@bookmark:c:d",
+                PointInTime::Branch {
+                    name: "a:b".into(),
+                    at: Some(Box::new(PointInTime::Bookmark("c:d".into()))),
+                },
+            ),
         ];
         for (text, want) in cases {
             let got: PointInTime = text.parse().expect(text);
@@ -126,10 +204,16 @@ mod tests {
             "bookmark:",
             "bookmark:a b",
             "1969-01-01T00:00:00Z",
+            "branch:",
+            "branch:a b",
+            "branch:x@",
+            "branch:x@yesterday",
+            "branch:x@branch:y",
+            "branch:@lsn:3",
         ] {
             let err = text.parse::<PointInTime>().expect_err(text);
             assert!(
-                err.contains("RFC 3339") && err.contains("bookmark:NAME"),
+                err.contains("RFC 3339") && err.contains("branch:NAME@T"),
                 "{err}"
             );
         }

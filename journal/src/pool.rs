@@ -359,6 +359,29 @@ impl Pool {
         Ok(folded)
     }
 
+    /// Durably ends the journal after its first `keep` used segments (a
+    /// cut moved the records of the others to a branch, volume/branch.rs)
+    /// and returns the others. They leave `super`'s list, so recovery
+    /// never reads them again (a crash before their file is recycled or
+    /// removed leaves an unlisted file, which the next open removes), and
+    /// are retired like folded ones: [`Pool::retire`] next.
+    pub fn cut(&self, keep: usize) -> Result<Vec<Arc<Segment>>> {
+        let mut st = self.lock();
+        let keep = keep.min(st.used.len());
+        let cut: Vec<Arc<Segment>> = st.used.drain(keep..).collect();
+        if cut.is_empty() {
+            return Ok(cut);
+        }
+        if let Err(e) = st.store_super() {
+            st.used.extend(cut);
+            return Err(e);
+        }
+        st.retired.extend(cut.iter().cloned());
+        drop(st);
+        self.changed.notify_all();
+        Ok(cut)
+    }
+
     /// Takes folded segments out of reach of new reads; the maintainer
     /// recycles or removes each once nothing else holds it.
     pub fn retire(&self, folded: Vec<Arc<Segment>>) {
@@ -697,6 +720,31 @@ mod tests {
         drop(st);
         assert_eq!(pool.counts().bytes, 2 * SEGMENT);
         assert!(pool.prepare().expect("prepare"), "room again");
+    }
+
+    #[test]
+    fn a_cut_unlists_the_segments_after_those_kept() {
+        let fs = FaultStorage::new();
+        let pool = small_pool(&fs);
+        let first = pool.take_next(|| false).expect("first");
+        let second = pool.take_next(|| false).expect("second");
+        assert!(pool.cut(2).expect("nothing to cut").is_empty());
+        let cut = pool.cut(1).expect("cut");
+        assert_eq!(cut.len(), 1);
+        assert!(Arc::ptr_eq(&cut[0], &second));
+        let listed: Vec<u32> = Superblock::open(&fs, Path::new("/v"), pool.volume)
+            .expect("super")
+            .state()
+            .segments
+            .iter()
+            .map(|s| s.file_id)
+            .collect();
+        assert_eq!(listed, vec![first.id], "durably unlisted");
+        let c = pool.counts();
+        assert_eq!((c.used, c.retired), (1, 1), "counted until recycled");
+        pool.retire(cut);
+        assert!(pool.segment(second.id).is_none());
+        assert!(pool.segment(first.id).is_some());
     }
 
     #[test]

@@ -20,6 +20,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::extent_map::{ExtentMap, Target};
+use crate::format::{RecordHeader, RecordKind, SECTOR};
 
 const CHUNK: usize = 4096;
 
@@ -43,6 +44,28 @@ pub enum Effect {
     },
     /// The disk returns to its state at lsn `to`.
     Revert { to: u64 },
+}
+
+impl Effect {
+    /// What the record `h` did; a Write's data is at sector `sector` of
+    /// journal file `file` (a segment, or a branch's records file).
+    pub fn of(h: &RecordHeader, file: u32) -> Effect {
+        let data = |target| Effect::Data {
+            start: h.offset / SECTOR,
+            sectors: h.length / SECTOR,
+            target,
+        };
+        match h.kind {
+            RecordKind::Write => data(Target::Journal {
+                segment: file,
+                sector: (h.payload_offset / SECTOR) as u32,
+            }),
+            RecordKind::WriteZeroes { .. } | RecordKind::Discard => data(Target::Zero),
+            RecordKind::Flush => Effect::Flush,
+            RecordKind::Revert => Effect::Revert { to: h.offset },
+            RecordKind::Bookmark | RecordKind::Epoch => Effect::Mark,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,7 +201,7 @@ impl RecordIndex {
                     sectors,
                     target: Target::Journal { .. },
                     ..
-                } => sectors * crate::format::SECTOR,
+                } => sectors * SECTOR,
                 _ => 0,
             })
             .sum()
@@ -233,6 +256,31 @@ impl RecordIndex {
         }
     }
 
+    /// Forgets every record after `lsn` (>= base_lsn): a cut moved them to
+    /// a branch (volume/branch.rs), and the next record pushed is `lsn + 1`.
+    pub fn truncate(&mut self, lsn: u64) {
+        let lsn = lsn.max(self.base_lsn);
+        if lsn >= self.last_lsn() {
+            return;
+        }
+        let cut_flushes = (lsn + 1..=self.last_lsn())
+            .filter(|&l| self.entry(l).effect == Effect::Flush)
+            .count() as u64;
+        self.flushes -= cut_flushes;
+        let keep = (lsn + 1 - self.chunks_lsn) as usize;
+        let whole = keep / CHUNK;
+        if whole < self.frozen.len() {
+            // The new tail is the start of a frozen chunk.
+            self.tail = self.frozen[whole][..keep % CHUNK].to_vec();
+            self.tail.reserve(CHUNK - self.tail.len());
+            self.frozen.truncate(whole);
+        } else {
+            self.tail.truncate(keep % CHUNK);
+        }
+        self.reverts.retain(|r| r.0 <= lsn);
+        self.bookmarks.retain(|b| b.lsn <= lsn);
+    }
+
     /// Forgets every record up to `base_lsn`, now folded into base.img.
     pub fn trim(&mut self, base_lsn: u64) {
         if base_lsn <= self.base_lsn {
@@ -283,6 +331,24 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn entry(&self, lsn: u64) -> &Entry {
         locate(self.chunks_lsn, self.frozen.iter(), &self.tail, lsn)
+    }
+
+    /// Highest lsn the snapshot holds.
+    pub fn last_lsn(&self) -> u64 {
+        self.chunks_lsn + (self.frozen.len() * CHUNK + self.tail.len()) as u64 - 1
+    }
+
+    /// Adds the entry of lsn `last_lsn() + 1`: a branch's records after
+    /// the journal's state they start from (volume/branch.rs).
+    pub fn push(&mut self, entry: Entry) {
+        if let Effect::Revert { to } = entry.effect {
+            self.reverts.push((self.last_lsn() + 1, to));
+        }
+        self.tail.push(entry);
+        if self.tail.len() == CHUNK {
+            let full = std::mem::replace(&mut self.tail, Vec::with_capacity(CHUNK));
+            self.frozen.push(Arc::new(full));
+        }
     }
 
     /// Inserts into the empty `map` where the disk's data is at lsn `upto`
@@ -364,6 +430,77 @@ mod tests {
         t.push(data(200_000, 0, 2));
         assert_eq!(t.last_lsn(), 10_001);
         assert_eq!(t.lsn_at(200_000), 10_001);
+    }
+
+    #[test]
+    fn truncating_drops_what_follows_and_lsns_go_on_from_there() {
+        let mut t = RecordIndex::new(0, 0);
+        for i in 1..=10_000u64 {
+            let effect = match i {
+                9000 => Effect::Revert { to: 10 },
+                _ if i % 10 == 0 => Effect::Flush,
+                _ => data(0, i % 7, 1).effect,
+            };
+            t.push(Entry {
+                timestamp: i,
+                effect,
+            });
+            if i % 1000 == 0 {
+                t.push_bookmark(format!("b{i}"), i);
+            }
+        }
+        let last = t.last_lsn();
+        for cut in [last, 9000, 8999, 4097, 4096, 4095, 5] {
+            t.truncate(cut);
+            assert_eq!(t.last_lsn(), cut);
+            assert_eq!(t.lsn_at(u64::MAX), cut);
+            assert!(t.bookmarks().iter().all(|b| b.lsn <= cut));
+            assert!(t.reverts().iter().all(|r| r.0 <= cut));
+            let flushes = (1..=cut).filter(|&l| t.effect(l) == Effect::Flush).count() as u64;
+            assert_eq!(t.flushes(), flushes, "cut at {cut}");
+        }
+        assert_eq!(t.reverts(), &[] as &[(u64, u64)]);
+        t.push(data(77, 3, 9));
+        assert_eq!(t.last_lsn(), 6);
+        assert_eq!(t.timestamp(6), 77);
+        for i in 0..2 * CHUNK as u64 {
+            t.push(data(100 + i, 0, 2));
+        }
+        assert_eq!(
+            t.timestamp(6 + 2 * CHUNK as u64),
+            100 + 2 * CHUNK as u64 - 1
+        );
+    }
+
+    #[test]
+    fn a_snapshot_grows_past_its_end_and_replays_through_reverts() {
+        let mut t = RecordIndex::new(0, 0);
+        for i in 1..=CHUNK as u64 + 3 {
+            t.push(data(i, 0, 1));
+        }
+        let mut snap = t.snapshot(CHUNK as u64 - 2);
+        let branch_first = snap.last_lsn() + 1;
+        for _ in 0..CHUNK + 5 {
+            snap.push(data(9, 1, 7));
+        }
+        snap.push(Entry {
+            timestamp: 9,
+            effect: Effect::Revert { to: 3 },
+        });
+        let last = snap.last_lsn();
+        assert_eq!(last, CHUNK as u64 - 2 + CHUNK as u64 + 6);
+        assert_eq!(snap.entry(branch_first).effect, data(0, 1, 7).effect);
+        let source = |upto: u64, sector: u64| {
+            let map = ExtentMap::new(4 * 512);
+            snap.replay_into(&map, upto);
+            let mut p = Pieces::new();
+            map.lookup(sector, 1, &mut p);
+            p[0].source
+        };
+        let seg = |segment| Source::Journal { segment, sector: 1 };
+        assert_eq!(source(last - 1, 1), seg(7));
+        assert_eq!(source(last, 0), seg(1));
+        assert_eq!(source(last, 1), Source::Base, "reverted to lsn 3");
     }
 
     #[test]

@@ -11,6 +11,10 @@
 //! records: one that covers a lost lsn proves the loss is damage, not an
 //! interrupted write, and recovery refuses to truncate flushed data.
 //!
+//! A cut under way (volume/branch.rs: `<vol>/cut` names lsn C, and the
+//! branch holding the records after C is complete) ends the walk at C:
+//! whatever of those records is still in the segments never comes back.
+//!
 //! Payload checksums are checked on a second thread, behind the scan, by
 //! the builder of the extent map. The scan reads on as if they were intact;
 //! when one is not, the scan runs again, knowing where, and the builder
@@ -24,10 +28,10 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::extent_map::{ExtentMap, Target};
+use crate::extent_map::ExtentMap;
 use crate::format::{
     crc32c, payload_position, HeaderProblem, RecordHeader, RecordKind, SegmentHeader,
-    SegmentHeaderProblem, FORMAT_VERSION, RECORD_HEADER_SIZE, SECTOR, SEGMENT_HEADER_SIZE,
+    SegmentHeaderProblem, FORMAT_VERSION, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE,
 };
 use crate::meta::{EpochStart, VolumeConfig};
 use crate::pool::{segment_name, Segment, JOURNAL_DIR};
@@ -111,6 +115,7 @@ pub struct Recovered {
 /// with 256 KiB at 0.58x-0.63x. Kernel readahead keeps cold reads streaming.
 const READ_CHUNK: u64 = 256 << 10;
 const SEGMENT_FULL: &str = "segment is full";
+const CUT: &str = "the journal was cut here; the records after it are in a branch";
 
 /// Reads a segment file through a window, kept between segments. The
 /// index builder checks payload checksums in shared windows (see
@@ -284,6 +289,8 @@ struct Scanner<'a> {
     sb: &'a SuperState,
     dir: PathBuf,
     truncate_damaged: bool,
+    /// The lsn a cut under way ends the journal at.
+    cut: Option<u64>,
 }
 
 impl Scanner<'_> {
@@ -623,12 +630,14 @@ struct Scanned {
 /// recovery uses two cores. A damaged payload, found behind the scan, makes
 /// it scan again from the start; that pass sends only the records past the
 /// damage to the builder, which keeps what it built before it.
+/// `cut`: the lsn a cut under way ends the journal at (volume/branch.rs).
 pub fn recover(
     storage: &dyn Storage,
     dir: &Path,
     config: &VolumeConfig,
     sb: &SuperState,
     truncate_damaged: bool,
+    cut: Option<u64>,
 ) -> Result<Recovered> {
     let scanner = &Scanner {
         storage,
@@ -636,6 +645,7 @@ pub fn recover(
         sb,
         dir: dir.join(JOURNAL_DIR),
         truncate_damaged,
+        cut,
     };
     let mut built = Built::new(config.size, sb);
     let mut checked_below = sb.base_lsn + 1;
@@ -685,6 +695,7 @@ fn scan(scanner: &Scanner, mut payloads: Payloads) -> Result<Scanned> {
         config,
         sb,
         truncate_damaged,
+        cut,
         ..
     } = *scanner;
     let mut expected = sb.base_lsn + 1;
@@ -751,6 +762,9 @@ fn scan(scanner: &Scanner, mut payloads: Payloads) -> Result<Scanned> {
                 if slot < top {
                     break SEGMENT_FULL.to_string();
                 }
+                if cut.is_some_and(|c| expected > c) {
+                    break CUT.to_string();
+                }
                 let at = (slot, top);
                 let (h, payload) = match scanner.record(
                     &mut readers,
@@ -763,24 +777,10 @@ fn scan(scanner: &Scanner, mut payloads: Payloads) -> Result<Scanned> {
                     Ok(found) => found,
                     Err(reason) => break reason,
                 };
-                let data = |target| Effect::Data {
-                    start: h.offset / SECTOR,
-                    sectors: h.length / SECTOR,
-                    target,
-                };
-                let effect = match h.kind {
-                    RecordKind::Write => data(Target::Journal {
-                        segment: s.file_id,
-                        sector: (h.payload_offset / SECTOR) as u32,
-                    }),
-                    RecordKind::WriteZeroes { .. } | RecordKind::Discard => data(Target::Zero),
-                    RecordKind::Flush => {
-                        report.flush_records += 1;
-                        Effect::Flush
-                    }
-                    RecordKind::Revert => Effect::Revert { to: h.offset },
-                    RecordKind::Bookmark | RecordKind::Epoch => Effect::Mark,
-                };
+                let effect = Effect::of(&h, s.file_id);
+                if h.kind == RecordKind::Flush {
+                    report.flush_records += 1;
+                }
                 epoch = epoch.max(h.epoch);
                 if h.kind == RecordKind::Epoch {
                     epoch_starts.push(EpochStart {
@@ -836,11 +836,15 @@ fn scan(scanner: &Scanner, mut payloads: Payloads) -> Result<Scanned> {
         }
         last_used = Some((i, slot, top));
         last_lsns.push(expected - 1);
+        let at_cut = stop == CUT;
         report.end = LogEnd {
             segment: name,
             offset: slot,
             reason: stop,
         };
+        if at_cut {
+            break;
+        }
     }
     report.next_lsn = expected;
 
@@ -863,6 +867,8 @@ fn scan(scanner: &Scanner, mut payloads: Payloads) -> Result<Scanned> {
         };
         scanner.records_past(&mut readers, s.file_id, start, s.seq, expected, &mut past)?;
     }
+    // Past a cut are the records a branch took: neither lost nor proof.
+    past.retain(|h| cut.is_none_or(|c| h.lsn <= c));
     if let (Some(lo), Some(hi)) = (
         past.iter().map(|h| h.lsn).min(),
         past.iter().map(|h| h.lsn).max(),

@@ -49,12 +49,14 @@ use crate::recovery::{recover, RecoveryReport};
 use crate::storage::{ImportMode, LockGuard, Progress, Storage};
 use crate::superblock::Superblock;
 
+mod branch;
 mod fold;
 mod out_of_sync;
 mod resync;
 mod ship;
 mod view;
 
+pub use branch::BranchInfo;
 pub use fold::FoldReport;
 pub use out_of_sync::{OutOfSync, OUT_OF_SYNC_CHUNK};
 pub use resync::ResyncState;
@@ -256,6 +258,8 @@ struct Inner {
     resync: Mutex<Option<ResyncState>>,
     /// Chunks a forced fold took from the replica (out_of_sync.rs).
     out_of_sync: Mutex<Option<OutOfSync>>,
+    /// Read-only branches a cut made (branch.rs).
+    branches: Mutex<Vec<branch::Branch>>,
 }
 
 /// `replica_hold` when no replica holds history back.
@@ -403,12 +407,14 @@ impl Volume {
         let base = storage
             .open(&base_path)
             .map_err(Error::io(|| format!("opening {}", base_path.display())))?;
+        let cut = branch::pending_cut(storage.as_ref(), dir, config.uuid)?;
         let recovered = recover(
             storage.as_ref(),
             dir,
             &config,
             sb.state(),
             options.truncate_damaged,
+            cut,
         )?;
         let report = recovered.report.clone();
         tracing::info!(volume = %dir.display(), "{report}");
@@ -513,9 +519,14 @@ impl Volume {
             replica_hold: AtomicU64::new(NO_HOLD),
             resync: Mutex::new(None),
             out_of_sync: Mutex::new(None),
+            branches: Mutex::new(Vec::new()),
         });
         *lock(&inner.resync) = inner.load_resync()?;
         *lock(&inner.out_of_sync) = inner.load_out_of_sync()?;
+        if let Some(common) = cut {
+            inner.finish_cut(common)?;
+        }
+        inner.load_branches()?;
         let maintainer = std::thread::Builder::new()
             .name("rewind-pool".into())
             .spawn(move || pool.maintain())
@@ -637,9 +648,13 @@ impl Volume {
         (timestamp_ns >= start_ns).then(|| index.lsn_at(timestamp_ns))
     }
 
-    /// The lsn a point in time names, if it is inside the window.
+    /// The lsn a point in time names, if it is inside the window (for a
+    /// branch point, the branch's lsn).
     pub fn resolve(&self, at: &PointInTime) -> Result<u64> {
-        self.inner.resolve(at)
+        match at {
+            PointInTime::Branch { name, at } => self.inner.resolve_branch(name, at.as_deref()),
+            _ => self.inner.resolve(at),
+        }
     }
 
     /// Records a named moment (durably: it flushes). The name must be new
@@ -672,14 +687,22 @@ impl Volume {
         lock(&self.inner.index).bookmarks().to_vec()
     }
 
-    /// A read-only view of the disk as it was at `at`.
+    /// A read-only view of the disk as it was at `at` (in a branch, for a
+    /// branch point).
     pub fn view(&self, at: &PointInTime) -> Result<View> {
+        if let PointInTime::Branch { name, at } = at {
+            return branch::view(&self.inner, name, at.as_deref(), false);
+        }
         View::build(self.inner.clone(), self.inner.resolve(at)?, false)
     }
 
     /// A view of the disk at `at` that takes writes into a scratch overlay,
-    /// thrown away with the view; the volume itself is never changed.
+    /// thrown away with the view; the volume itself (or the branch) is
+    /// never changed.
     pub fn view_writable(&self, at: &PointInTime) -> Result<View> {
+        if let PointInTime::Branch { name, at } = at {
+            return branch::view(&self.inner, name, at.as_deref(), true);
+        }
         View::build(self.inner.clone(), self.inner.resolve(at)?, true)
     }
 
@@ -1258,6 +1281,13 @@ impl Inner {
                 .bookmark(name)
                 .map(|b| b.lsn)
                 .ok_or_else(|| Error::NoSuchBookmark(name.clone()))?,
+            // A branch's lsns are not this journal's: only views take them.
+            PointInTime::Branch { .. } => {
+                return Err(Error::InvalidRequest(format!(
+                    "{at} is a moment of a branch, not of the journal; view, export or \
+                     materialize it"
+                )))
+            }
             PointInTime::Time(_) | PointInTime::Ago(_) => {
                 let ns = at.timestamp(now).ok_or_else(|| outside(at.to_string()))?;
                 if ns > now {

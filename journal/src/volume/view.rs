@@ -8,6 +8,11 @@
 //! limit may, and it expires the view first, after which its reads fail
 //! with a clear error instead of returning other data.
 //!
+//! A view of a branch (branch.rs) is the journal's state at the branch's
+//! base lsn with the branch's records after it: its map names sectors of
+//! the branch's records file as segment [`BRANCH_SEGMENT`]. It pins the
+//! journal at the oldest lsn it needs from there, like any view.
+//!
 //! A writable view takes writes into a scratch overlay: a file in
 //! `<vol>/scratch/` with its own map, deleted with the view (and, after a
 //! crash, at the next open). The volume itself is never written.
@@ -20,11 +25,13 @@ use std::sync::{Arc, Mutex, RwLockReadGuard};
 
 use uuid::Uuid;
 
+use super::branch::BRANCH_SEGMENT;
 use super::{lock, Inner, PinState, ViewPin};
 use crate::error::{Error, Result};
 use crate::extent_map::{ExtentMap, Piece, Pieces, Source, Target};
 use crate::format::{check_range, SECTOR};
 use crate::pool::segment_name;
+use crate::record_index::Entry;
 use crate::storage::{Progress, Storage, StorageFile};
 
 const SCRATCH_DIR: &str = "scratch";
@@ -37,12 +44,35 @@ pub struct View {
     map: ExtentMap,
     pin: Arc<ViewPin>,
     scratch: Option<Scratch>,
+    branch: Option<BranchFile>,
+}
+
+/// What a view of a branch reads besides the journal.
+#[derive(Debug)]
+struct BranchFile {
+    name: String,
+    file: Arc<dyn StorageFile>,
+}
+
+/// A branch's part of a view: the journal's state at `base_lsn`, then
+/// `entries` (lsns `base_lsn + 1..`), whose data is in `file`.
+pub(super) struct BranchPart {
+    pub name: String,
+    pub file: Arc<dyn StorageFile>,
+    pub base_lsn: u64,
+    /// The oldest journal lsn whose state the branch reads (a Revert in
+    /// it may go back before its base).
+    pub needs_lsn: u64,
+    pub entries: Vec<Entry>,
+    /// Time of the view's lsn.
+    pub timestamp_ns: u64,
 }
 
 impl std::fmt::Debug for View {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("View")
             .field("volume", &self.inner.dir)
+            .field("branch", &self.branch.as_ref().map(|b| &b.name))
             .field("lsn", &self.lsn)
             .field("timestamp_ns", &self.timestamp_ns)
             .field("read_only", &self.read_only())
@@ -63,18 +93,59 @@ struct Scratch {
 
 impl View {
     pub(super) fn build(inner: Arc<Inner>, lsn: u64, writable: bool) -> Result<View> {
+        Self::make(inner, lsn, None, writable)
+    }
+
+    /// A view of a branch at `lsn` (a branch lsn, or its base).
+    pub(super) fn build_branch(
+        inner: Arc<Inner>,
+        lsn: u64,
+        part: BranchPart,
+        writable: bool,
+    ) -> Result<View> {
+        Self::make(inner, lsn, Some(part), writable)
+    }
+
+    fn make(
+        inner: Arc<Inner>,
+        lsn: u64,
+        branch: Option<BranchPart>,
+        writable: bool,
+    ) -> Result<View> {
         let (pin, snapshot, timestamp_ns) = {
             // No fold runs while the view registers: the next one sees it.
             let _no_fold = lock(&inner.fold_lock);
             let index = lock(&inner.index);
             let (start, _) = inner.window_start(&index);
-            if lsn < start {
-                return Err(Error::InvalidRequest(format!(
-                    "lsn {lsn} left the window while the view was being made (it starts at lsn {start})"
-                )));
+            match &branch {
+                None => {
+                    if lsn < start {
+                        return Err(Error::InvalidRequest(format!(
+                            "lsn {lsn} left the window while the view was being made (it starts at lsn {start})"
+                        )));
+                    }
+                    let pin = inner.pin(lsn, inner.pool.used());
+                    (pin, index.snapshot(lsn), index.timestamp(lsn))
+                }
+                Some(part) => {
+                    if part.needs_lsn < start || part.base_lsn > index.last_lsn() {
+                        return Err(Error::BranchUnreadable {
+                            name: part.name.clone(),
+                            reason: format!(
+                                "the journal no longer holds the disk as of lsn {} that it \
+                                 starts from (its history starts at lsn {start})",
+                                part.needs_lsn
+                            ),
+                        });
+                    }
+                    let pin = inner.pin(part.needs_lsn, inner.pool.used());
+                    let mut snapshot = index.snapshot(part.base_lsn);
+                    for entry in part.entries.iter().take((lsn - part.base_lsn) as usize) {
+                        snapshot.push(*entry);
+                    }
+                    (pin, snapshot, part.timestamp_ns)
+                }
             }
-            let pin = inner.pin(lsn, inner.pool.used());
-            (pin, index.snapshot(lsn), index.timestamp(lsn))
         };
         let map = ExtentMap::new(inner.config.size);
         snapshot.replay_into(&map, lsn);
@@ -90,7 +161,16 @@ impl View {
             map,
             pin,
             scratch,
+            branch: branch.map(|part| BranchFile {
+                name: part.name,
+                file: part.file,
+            }),
         })
+    }
+
+    /// The branch the view shows, if it is a branch's.
+    pub fn branch(&self) -> Option<&str> {
+        self.branch.as_ref().map(|b| b.name.as_str())
     }
 
     /// The lsn whose state the view shows.
@@ -188,8 +268,9 @@ impl View {
             Source::Base => self.inner.read_base(out, piece.start * SECTOR)?,
             Source::Journal { segment, sector } => {
                 let at = u64::from(sector) * SECTOR;
-                let file = match (&self.scratch, segment) {
-                    (Some(scratch), SCRATCH_SEGMENT) => scratch.file.clone(),
+                let file = match (&self.scratch, &self.branch, segment) {
+                    (Some(scratch), _, SCRATCH_SEGMENT) => scratch.file.clone(),
+                    (_, Some(branch), BRANCH_SEGMENT) => branch.file.clone(),
                     _ => state
                         .segments
                         .iter()
@@ -205,8 +286,11 @@ impl View {
                 };
                 self.inner
                     .retrying("reading a view", || file.read_exact_at(out, at))
-                    .map_err(Error::io(|| {
-                        format!("reading {} at {at}", segment_name(segment))
+                    .map_err(Error::io(|| match (&self.branch, segment) {
+                        (Some(branch), BRANCH_SEGMENT) => {
+                            format!("reading branch {:?} at {at}", branch.name)
+                        }
+                        _ => format!("reading {} at {at}", segment_name(segment)),
                     }))?;
             }
         }
@@ -326,7 +410,8 @@ impl View {
 
 const COPY_CHUNK: u64 = 1 << 20;
 /// The segment id that names the scratch file in a writable view's pieces
-/// (real segment ids never get this high: `super` lists at most 8187).
+/// (real segment ids never get this high: `super` lists at most 8187;
+/// [`BRANCH_SEGMENT`] is the one below it).
 const SCRATCH_SEGMENT: u32 = u32::MAX;
 
 impl Scratch {
