@@ -53,7 +53,9 @@ pub enum RecordKind {
     /// The disk becomes what it was at lsn `offset` (an earlier record).
     Revert,
     /// The fencing epoch becomes `offset`; this record and every later one
-    /// carry it.
+    /// carry it. `length` is the node tag of the volume copy that raised
+    /// it (0 before node tags existed), so two copies that raise the same
+    /// epoch at the same lsn still tell their histories apart.
     Epoch,
 }
 
@@ -101,7 +103,7 @@ pub struct RecordHeader {
     /// `Revert`, the lsn whose state the disk returns to.
     pub offset: u64,
     /// Bytes of the disk affected (0 for `Flush` and `Revert`; the name's
-    /// length for `Bookmark`).
+    /// length for `Bookmark`; the node tag for `Epoch`).
     pub length: u64,
     pub payload_len: u32,
     pub payload_crc: u32,
@@ -282,7 +284,7 @@ impl RecordHeader {
                 Err("revert record returns to an lsn not before itself".into())
             }
             RecordKind::Revert => Ok(()),
-            RecordKind::Epoch if self.length != 0 || self.offset != self.epoch => {
+            RecordKind::Epoch if self.offset != self.epoch => {
                 Err("epoch record disagrees with its own epoch".into())
             }
             RecordKind::Epoch => Ok(()),

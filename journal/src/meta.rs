@@ -114,9 +114,19 @@ pub struct VolumeConfig {
     pub reserve_segments: u32,
     /// Fencing generation: records carry it; raising it fences old writers.
     pub epoch: u64,
-    /// Whether this copy serves a guest or receives a primary's records.
+    /// Whether this copy serves a guest or receives a primary's records;
+    /// promotion and demotion change it.
     #[serde(default)]
     pub role: Role,
+    /// This copy's tag (random, not 0), written into the Epoch records it
+    /// raises; 0 in volumes made before tags existed.
+    #[serde(default)]
+    pub node: u64,
+    /// Set when this copy holds every record of epoch `sealed.epoch`: a
+    /// primary that demoted itself, or a replica its primary sealed to.
+    /// Such a replica may be promoted without losing anything.
+    #[serde(default)]
+    pub sealed: Option<Seal>,
     /// Where each epoch began, oldest first; kept here because Epoch
     /// records fold away with the journal, and rejoining a replica after a
     /// failover finds the common point from these (DESIGN.md, "Divergence
@@ -145,11 +155,22 @@ impl std::fmt::Display for Role {
     }
 }
 
-/// The first lsn written in an epoch.
+/// The first lsn written in an epoch, and the tag of the copy that
+/// raised it (0 for the first epoch, which every copy shares).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EpochStart {
     pub epoch: u64,
     pub first_lsn: u64,
+    #[serde(default)]
+    pub node: u64,
+}
+
+/// The end of an epoch: its primary stopped at `lsn` (DESIGN.md,
+/// "Failover": a sealed primary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seal {
+    pub epoch: u64,
+    pub lsn: u64,
 }
 
 impl VolumeConfig {
@@ -166,22 +187,25 @@ impl VolumeConfig {
             reserve_segments: settings.reserve_segments,
             epoch: 1,
             role: Role::Primary,
+            node: new_node_tag(),
+            sealed: None,
             epoch_history: vec![EpochStart {
                 epoch: 1,
                 first_lsn: 1,
+                node: 0,
             }],
         }
     }
 
-    /// Records that `epoch` began at `first_lsn` (an Epoch record).
-    pub(crate) fn start_epoch(&mut self, epoch: u64, first_lsn: u64) {
-        self.epoch = self.epoch.max(epoch);
+    /// Records that an epoch began (an Epoch record).
+    pub(crate) fn start_epoch(&mut self, start: EpochStart) {
+        self.epoch = self.epoch.max(start.epoch);
         if self
             .epoch_history
             .last()
-            .is_none_or(|last| last.epoch < epoch)
+            .is_none_or(|last| last.epoch < start.epoch)
         {
-            self.epoch_history.push(EpochStart { epoch, first_lsn });
+            self.epoch_history.push(start);
         }
     }
 
@@ -247,6 +271,12 @@ impl VolumeConfig {
             .write_file_atomic(&path, &bytes)
             .map_err(Error::io(|| format!("writing {}", path.display())))
     }
+}
+
+/// A random tag for a new volume copy; never 0 (that means "made before
+/// tags existed").
+pub(crate) fn new_node_tag() -> u64 {
+    Uuid::new_v4().as_u64_pair().0 | 1
 }
 
 #[cfg(test)]

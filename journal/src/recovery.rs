@@ -786,6 +786,7 @@ fn scan(scanner: &Scanner, mut payloads: Payloads) -> Result<Scanned> {
                     epoch_starts.push(EpochStart {
                         epoch: h.epoch,
                         first_lsn: h.lsn,
+                        node: h.length,
                     });
                 }
                 if h.lsn >= payloads.checked_below {

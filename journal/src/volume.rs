@@ -53,6 +53,7 @@ mod branch;
 mod fold;
 mod out_of_sync;
 mod resync;
+mod role;
 mod ship;
 mod view;
 
@@ -475,9 +476,14 @@ impl Volume {
         let mut config = config;
         if recovered.epoch > config.epoch {
             for start in &recovered.epoch_starts {
-                config.start_epoch(start.epoch, start.first_lsn);
+                config.start_epoch(*start);
             }
             config.epoch = recovered.epoch;
+            config.store(storage.as_ref(), dir)?;
+        }
+        if config.node == 0 {
+            // Made before node tags: this copy gets one now.
+            config.node = crate::meta::new_node_tag();
             config.store(storage.as_ref(), dir)?;
         }
         let epoch = config.epoch;
@@ -748,7 +754,7 @@ impl Volume {
 
     /// Whether this copy serves a guest or receives a primary's records.
     pub fn role(&self) -> Role {
-        self.inner.config.role
+        lock(&self.inner.persisted).role
     }
 
     /// Where each epoch began, oldest first.
@@ -765,23 +771,7 @@ impl Volume {
     /// durable Epoch record, after which every record carries the new
     /// epoch, then volume.json. Returns the new epoch.
     pub fn raise_epoch(&self) -> Result<u64> {
-        let inner = &self.inner;
-        inner.check_failed()?;
-        let mut c = lock(&inner.cursor);
-        let epoch = inner.epoch.load(Ordering::Acquire) + 1;
-        // Under the cursor lock: no record is placed between the raise and
-        // the Epoch record, so epochs never decrease along the lsns.
-        inner.epoch.store(epoch, Ordering::Release);
-        let reserved = inner
-            .reserve(&mut c, RecordKind::Epoch, epoch, 0, &[], crc32c(&[]), None)
-            .inspect_err(|_| inner.epoch.store(epoch - 1, Ordering::Release))?;
-        let first_lsn = reserved.header.lsn;
-        inner.write_reserved(reserved, &[])?;
-        drop(c);
-        inner.flush()?;
-        inner.persist(|config| config.start_epoch(epoch, first_lsn))?;
-        tracing::info!(volume = %inner.dir.display(), epoch, "raised the epoch");
-        Ok(epoch)
+        self.inner.start_epoch(|_| {}).map(|start| start.epoch)
     }
 
     /// While the returned guard lives, requests held retrying an EIO or
@@ -936,6 +926,44 @@ fn place(slot: u64, top: u64, len: u64) -> Option<Option<u64>> {
 }
 
 impl Inner {
+    /// Raises the epoch by one: a durable Epoch record, after which every
+    /// record carries the new epoch, then volume.json with `change` made
+    /// in the same write (a promotion names its role there).
+    fn start_epoch(&self, change: impl FnOnce(&mut VolumeConfig)) -> Result<EpochStart> {
+        self.check_failed()?;
+        let node = lock(&self.persisted).node;
+        let mut c = lock(&self.cursor);
+        let epoch = self.epoch.load(Ordering::Acquire) + 1;
+        // Under the cursor lock: no record is placed between the raise and
+        // the Epoch record, so epochs never decrease along the lsns.
+        self.epoch.store(epoch, Ordering::Release);
+        let reserved = self
+            .reserve(
+                &mut c,
+                RecordKind::Epoch,
+                epoch,
+                node,
+                &[],
+                crc32c(&[]),
+                None,
+            )
+            .inspect_err(|_| self.epoch.store(epoch - 1, Ordering::Release))?;
+        let start = EpochStart {
+            epoch,
+            first_lsn: reserved.header.lsn,
+            node,
+        };
+        self.write_reserved(reserved, &[])?;
+        drop(c);
+        self.flush()?;
+        self.persist(|config| {
+            config.start_epoch(start);
+            change(config);
+        })?;
+        tracing::info!(volume = %self.dir.display(), epoch, "raised the epoch");
+        Ok(start)
+    }
+
     /// Changes what volume.json holds and writes it.
     fn persist(&self, change: impl FnOnce(&mut VolumeConfig)) -> Result<()> {
         let mut persisted = lock(&self.persisted);
@@ -1205,7 +1233,7 @@ impl Inner {
             upto
         };
         // A replica writes only its primary's records (lsns must match).
-        if self.config.role == Role::Replica {
+        if lock(&self.persisted).role == Role::Replica {
             return Ok(());
         }
         // Proof for recovery that everything up to `covered` was durable.

@@ -138,10 +138,13 @@ pub struct ServeArgs {
 /// Replication options of `serve` (DESIGN.md, "Replication").
 #[derive(Debug, Args)]
 pub struct ReplicationArgs {
-    /// On a replica: where primaries connect (ADDR:PORT).
-    #[arg(long, conflicts_with = "replicate_to")]
+    /// Where the peer connects (ADDR:PORT): a replica takes its primary's
+    /// stream here; a primary learns here that a newer one superseded it.
+    #[arg(long)]
     pub replication_listen: Option<SocketAddr>,
-    /// On a primary: the replica to ship the journal to (ADDR:PORT).
+    /// The peer to ship the journal to while this node is the primary
+    /// (ADDR:PORT). Give both options on both nodes so that the roles can
+    /// change places (failover) without a new command line.
     #[arg(long)]
     pub replicate_to: Option<SocketAddr>,
     /// async: guest IO never waits for the network; sync: a guest flush
@@ -187,12 +190,12 @@ pub enum Compress {
     None,
 }
 
-/// What a daemon does with replication.
-#[derive(Debug, Clone)]
-pub enum Replication {
-    Off,
-    Primary(SenderConfig),
-    Replica(ReceiverConfig),
+/// What a daemon does with replication: ship to a peer while it is the
+/// primary, and listen for one; either, both or neither.
+#[derive(Debug, Clone, Default)]
+pub struct Replication {
+    pub sender: Option<SenderConfig>,
+    pub receiver: Option<ReceiverConfig>,
 }
 
 /// Where the daemon listens.
@@ -289,7 +292,7 @@ impl TryFrom<ReplicationArgs> for Replication {
             }
         }
         if a.replicate_to.is_none() && a.replication_listen.is_none() {
-            return Ok(Replication::Off);
+            return Ok(Replication::default());
         }
         let (Some(cert), Some(key)) = (a.tls_cert, a.tls_key) else {
             return Err(ConfigError::NoTlsIdentity);
@@ -303,8 +306,8 @@ impl TryFrom<ReplicationArgs> for Replication {
         if a.replication_rate.is_some_and(|rate| rate < 1 << 20) {
             return Err(ConfigError::Rate);
         }
-        Ok(match (a.replicate_to, a.replication_listen) {
-            (Some(peer), _) => Replication::Primary(SenderConfig {
+        Ok(Replication {
+            sender: a.replicate_to.map(|peer| SenderConfig {
                 peer,
                 mode: a.replication_mode,
                 sync_timeout: a.sync_timeout,
@@ -312,10 +315,11 @@ impl TryFrom<ReplicationArgs> for Replication {
                 fence_peer: a.fence_peer,
                 rate: a.replication_rate,
                 compress: a.compress == Compress::Zstd,
-                tls,
+                tls: tls.clone(),
             }),
-            (None, Some(listen)) => Replication::Replica(ReceiverConfig { listen, tls }),
-            (None, None) => Replication::Off,
+            receiver: a
+                .replication_listen
+                .map(|listen| ReceiverConfig { listen, tls }),
         })
     }
 }
@@ -399,9 +403,10 @@ mod tests {
         };
         let primary =
             with(&[&["--replicate-to", "127.0.0.1:7788"][..], &tls[..]].concat()).expect("primary");
-        let Replication::Primary(sender) = primary.replication else {
-            panic!("a primary");
+        let Some(sender) = primary.replication.sender else {
+            panic!("a sender");
         };
+        assert!(primary.replication.receiver.is_none());
         assert_eq!(
             (sender.mode, sender.on_loss),
             (Mode::Async, OnLoss::Degrade)
@@ -410,11 +415,24 @@ mod tests {
         assert!(sender.compress);
         let replica = with(&[&["--replication-listen", "0.0.0.0:7788"][..], &tls[..]].concat())
             .expect("replica");
-        assert!(matches!(replica.replication, Replication::Replica(_)));
-        assert!(matches!(
-            with(&[]).expect("off").replication,
-            Replication::Off
-        ));
+        assert!(replica.replication.sender.is_none());
+        assert_eq!(
+            replica.replication.receiver.map(|r| r.listen.to_string()),
+            Some("0.0.0.0:7788".to_string())
+        );
+        // Both: the symmetric setup of two nodes that can swap roles.
+        let both = with(
+            &[
+                &["--replication-listen", "0.0.0.0:7788"][..],
+                &["--replicate-to", "198.18.0.2:7788"][..],
+                &tls[..],
+            ]
+            .concat(),
+        )
+        .expect("both");
+        assert!(both.replication.sender.is_some() && both.replication.receiver.is_some());
+        let off = with(&[]).expect("off").replication;
+        assert!(off.sender.is_none() && off.receiver.is_none());
         let bad: [(Vec<&str>, &str); 6] = [
             (
                 vec!["--replicate-to", "127.0.0.1:1"],

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rewind_journal::{format_ns, Bookmark, PointInTime, Role, Volume};
+use rewind_journal::{format_ns, Bookmark, EpochStart, PointInTime, Role, Volume};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use vhost::vhost_user::Listener;
@@ -25,6 +25,7 @@ use vhost::vhost_user::Listener;
 use crate::backend::ExportConfig;
 use crate::device::{BlockDevice, ViewDevice};
 use crate::export::{Attached, Export};
+use crate::failover::Roles;
 use crate::gate::{Counters, Gate, State};
 use crate::replication::{Link, ReplicationStatus};
 
@@ -103,6 +104,41 @@ enum Command {
         #[serde(default = "default_chunk_bytes")]
         chunk_bytes: u64,
     },
+    /// Makes this replica the primary (a new epoch); without `force` only
+    /// once its primary sealed it.
+    Promote {
+        #[serde(default)]
+        force: bool,
+        /// Leave the gate closed (a group failover reverts first).
+        #[serde(default)]
+        drained: bool,
+    },
+    /// Seals this primary: it serves no more, ships its tail, and becomes
+    /// a replica.
+    Demote {
+        #[serde(default = "default_timeout_ms")]
+        timeout_ms: u64,
+    },
+    /// On a replica: seal the old primary if it answers, then promote.
+    Failover {
+        #[serde(default)]
+        force: bool,
+        #[serde(default = "default_timeout_ms")]
+        timeout_ms: u64,
+        #[serde(default)]
+        drained: bool,
+    },
+    /// After a split brain: this side's writes since the split become a
+    /// branch and it becomes the other side's replica.
+    Resolve {
+        discard_this_side: bool,
+    },
+    /// The read-only branches: tails cut at a rejoin or a resolve.
+    Branches {},
+    #[serde(rename = "branch-drop")]
+    BranchDrop {
+        name: String,
+    },
 }
 
 fn default_chunk_bytes() -> u64 {
@@ -140,6 +176,12 @@ const COMMANDS: &[&str] = &[
     "unexport",
     "replication",
     "checksums",
+    "promote",
+    "demote",
+    "failover",
+    "resolve",
+    "branches",
+    "branch-drop",
 ];
 
 /// What `status` reports.
@@ -174,6 +216,17 @@ struct Status {
     /// Folds the hard limit forced (each one shrank the window).
     forced_folds: u64,
     role: Role,
+    /// This copy's tag in the Epoch records it raises.
+    node: u64,
+    /// Where each epoch began, and which copy raised it.
+    epoch_history: Vec<EpochStart>,
+    /// The lsn the primary of the current epoch sealed at, when this copy
+    /// holds its seal (a promotion then needs no --force).
+    sealed_lsn: Option<u64>,
+    /// The time of the newest record (RFC 3339), if the journal holds one.
+    last_record_time: Option<String>,
+    /// Why the gate is held closed at start, if it is.
+    hold: Option<&'static str>,
     /// The replication link, if the daemon replicates.
     replication: Option<ReplicationStatus>,
 }
@@ -235,15 +288,22 @@ pub struct Control {
     pub live: Arc<Export>,
     views: Mutex<BTreeMap<PathBuf, ViewExport>>,
     replication: Option<Arc<Link>>,
+    roles: Arc<Roles>,
 }
 
 impl Control {
-    pub fn new(volume: Arc<Volume>, live: Arc<Export>, replication: Option<Arc<Link>>) -> Self {
+    pub fn new(
+        volume: Arc<Volume>,
+        live: Arc<Export>,
+        replication: Option<Arc<Link>>,
+        roles: Arc<Roles>,
+    ) -> Self {
         Control {
             volume,
             live,
             views: Mutex::default(),
             replication,
+            roles,
         }
     }
 
@@ -314,6 +374,15 @@ impl Control {
             window_start: format_ns(s.window_start_ns),
             forced_folds: s.forced_folds,
             role: self.volume.role(),
+            node: self.volume.node(),
+            epoch_history: self.volume.epoch_history(),
+            sealed_lsn: self
+                .volume
+                .sealed()
+                .filter(|seal| seal.epoch == s.epoch && s.last_lsn >= seal.lsn)
+                .map(|seal| seal.lsn),
+            last_record_time: self.volume.record_time(s.last_lsn).map(format_ns),
+            hold: self.roles.hold(),
             replication: self.replication(),
         }
     }
@@ -379,6 +448,7 @@ impl Control {
             Command::Drain { timeout_ms, abort } => self.drain(timeout_ms, abort),
             Command::Resume {} => {
                 self.not_on_replica("serving its guest")?;
+                self.roles.clear_hold();
                 self.live.gate.resume().map_err(|e| e.to_string())?;
                 Ok(json!({"state": self.live.gate.state()}))
             }
@@ -406,6 +476,59 @@ impl Control {
                 key,
                 chunk_bytes,
             } => self.checksums(&at, &key, chunk_bytes, progress),
+            Command::Promote { force, drained } => {
+                to_json(serde_json::to_value(self.roles.promote(force, drained)?))
+            }
+            Command::Demote { timeout_ms } => to_json(serde_json::to_value(
+                self.roles.demote(Duration::from_millis(timeout_ms))?,
+            )),
+            Command::Failover {
+                force,
+                timeout_ms,
+                drained,
+            } => to_json(serde_json::to_value(self.roles.failover(
+                force,
+                Duration::from_millis(timeout_ms),
+                drained,
+            )?)),
+            Command::Resolve { discard_this_side } => {
+                if !discard_this_side {
+                    return Err(
+                        "resolve needs discard_this_side: true: this side's writes since \
+                                the split become a branch and it becomes the other side's replica"
+                            .into(),
+                    );
+                }
+                let branch = self.roles.resolve()?;
+                Ok(json!({"role": self.volume.role(), "branch": branch}))
+            }
+            Command::Branches {} => {
+                let branches: Vec<Value> = self
+                    .volume
+                    .branches()
+                    .into_iter()
+                    .map(|b| {
+                        json!({
+                            "name": b.name,
+                            "base_lsn": b.base_lsn,
+                            "first_lsn": b.first_lsn,
+                            "last_lsn": b.last_lsn,
+                            "first_time": format_ns(b.first_ns),
+                            "last_time": format_ns(b.last_ns),
+                            "epochs": b.epochs,
+                            "records": b.records,
+                            "bytes": b.bytes,
+                            "readable": b.readable,
+                            "problem": b.problem,
+                        })
+                    })
+                    .collect();
+                Ok(json!({ "branches": branches }))
+            }
+            Command::BranchDrop { name } => {
+                self.volume.drop_branch(&name).map_err(|e| e.to_string())?;
+                Ok(json!({ "dropped": name }))
+            }
             Command::Replication {} => match self.replication() {
                 Some(status) => to_json(serde_json::to_value(status)),
                 None => Err(
@@ -799,7 +922,8 @@ mod tests {
         };
         let gate = Arc::new(Gate::new(volume.epoch()));
         let live = Arc::new(Export::new(volume.clone(), config, gate));
-        Control::new(volume, live, None)
+        let roles = Roles::start(volume.clone(), live.clone(), None, None);
+        Control::new(volume, live, None, roles)
     }
 
     #[test]
@@ -1052,7 +1176,8 @@ mod tests {
             read_only: false,
         };
         let live = Arc::new(Export::new(volume.clone(), config, Arc::new(Gate::new(1))));
-        Control::new(volume, live, None)
+        let roles = Roles::start(volume.clone(), live.clone(), None, None);
+        Control::new(volume, live, None, roles)
     }
 
     #[test]

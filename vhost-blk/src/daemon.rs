@@ -14,6 +14,7 @@ use crate::config::{CertArgs, CreateArgs, Listen, Replication, ServeConfig};
 use crate::control::{self, Control};
 use crate::device::{BlockDevice, ReplicatedVolume};
 use crate::export::{Export, ExportError};
+use crate::failover::{Roles, SenderStart};
 use crate::gate::Gate;
 use crate::replication::tls::{self, TlsContext, TlsError};
 use crate::replication::{self as repl, Link};
@@ -115,24 +116,34 @@ pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
     let volume = Arc::new(volume);
     let gate = Arc::new(Gate::new(volume.epoch()));
     let replication = start_replication(&volume, &config.replication)?;
-    if volume.role() == Role::Replica {
-        // A replica serves no guest until it is promoted: a client may
-        // connect (a migration destination, early) and waits at the gate.
-        let _ = gate.drain(std::time::Duration::ZERO, || ());
-    }
-    let device: Arc<dyn BlockDevice> = match (&replication, &config.replication) {
-        (Some((_, link)), Replication::Primary(sender)) => Arc::new(ReplicatedVolume {
+    let device: Arc<dyn BlockDevice> = match (&replication, &config.replication.sender) {
+        (Some(running), Some(sender)) => Arc::new(ReplicatedVolume {
             volume: volume.clone(),
-            link: link.clone(),
+            link: running.link.clone(),
             config: sender.clone(),
         }),
         _ => volume.clone(),
     };
     let live = Arc::new(Export::new(device, config.export.clone(), gate));
+    // Sets the gate for the volume's role; a primary starts shipping.
+    let roles = Roles::start(
+        volume.clone(),
+        live.clone(),
+        replication.as_ref().map(|running| running.link.clone()),
+        match (&replication, &config.replication.sender) {
+            (Some(running), Some(sender)) => Some(SenderStart {
+                config: sender.clone(),
+                tls: running.tls.clone(),
+                runtime: running.runtime.handle().clone(),
+            }),
+            _ => None,
+        },
+    );
     let control = Arc::new(Control::new(
         volume.clone(),
         live.clone(),
-        replication.as_ref().map(|(_, link)| link.clone()),
+        replication.as_ref().map(|running| running.link.clone()),
+        roles,
     ));
     let _control_socket = match &config.control_socket {
         Some(path) => Some(control::start(path, control.clone())?),
@@ -155,8 +166,8 @@ pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
     tracing::info!("stopping: flushing the volume");
     control.stop_exports();
     volume.flush()?;
-    if let Some((runtime, link)) = replication {
-        if volume.role() == Role::Primary {
+    if let Some(Running { runtime, link, .. }) = replication {
+        if volume.role() == Role::Primary && config.replication.sender.is_some() {
             let tail = volume.durable_lsn();
             if link.stop(tail, std::time::Duration::from_secs(5)) {
                 tracing::info!(
@@ -176,64 +187,51 @@ pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// Starts the replication link the configuration asks for, on a runtime
-/// of its own (kept alive by the caller).
+/// A replication link and the runtime its tasks run on (kept alive by
+/// the caller).
+struct Running {
+    runtime: tokio::runtime::Runtime,
+    link: Arc<Link>,
+    tls: TlsContext,
+}
+
+/// Starts what the configuration asks for: the runtime, the link, and the
+/// listener. The sender starts with the primary role (`Roles`).
 fn start_replication(
     volume: &Arc<Volume>,
     replication: &Replication,
-) -> Result<Option<(tokio::runtime::Runtime, Arc<Link>)>, DaemonError> {
-    let role = volume.role();
-    let fail = |message: String| Err(DaemonError::Replication(message));
-    match (replication, role) {
-        (Replication::Off, _) => Ok(None),
-        (Replication::Primary(_), Role::Replica) => fail(format!(
-            "volume {} is a replica: it takes a stream (--replication-listen) and cannot ship one",
-            volume.config().uuid
-        )),
-        (Replication::Replica(_), Role::Primary) => fail(format!(
-            "volume {} is a primary: only a replica (`rewind-blk create --replica-of`) takes a stream",
-            volume.config().uuid
-        )),
-        (Replication::Primary(sender), Role::Primary) => {
-            let tls = TlsContext::load(&sender.tls)?;
-            let runtime = repl::runtime().map_err(|e| DaemonError::Replication(e.to_string()))?;
-            let link = Arc::new(Link::primary(sender.mode, sender.peer));
-            // Until the replica says what it holds, fold nothing it may lack.
-            volume.hold_for_replica(Some(volume.stats().base_lsn));
-            runtime.spawn(repl::sender::run(
-                volume.clone(),
-                link.clone(),
-                sender.clone(),
-                tls,
-            ));
-            tracing::info!(peer = %sender.peer, mode = ?sender.mode, "replicating");
-            Ok(Some((runtime, link)))
-        }
-        (Replication::Replica(receiver), Role::Replica) => {
-            let tls = TlsContext::load(&receiver.tls)?;
-            let runtime = repl::runtime().map_err(|e| DaemonError::Replication(e.to_string()))?;
-            let listener = std::net::TcpListener::bind(receiver.listen)
-                .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                .map_err(|e| {
-                    DaemonError::Replication(format!("cannot listen on {}: {e}", receiver.listen))
-                })?;
-            let listener = {
-                let _in_runtime = runtime.enter();
-                tokio::net::TcpListener::from_std(listener).map_err(|e| {
-                    DaemonError::Replication(format!("cannot listen on {}: {e}", receiver.listen))
-                })?
-            };
-            let link = Arc::new(Link::replica());
-            runtime.spawn(repl::receiver::run(
-                volume.clone(),
-                link.clone(),
-                tls,
-                listener,
-            ));
-            tracing::info!(listen = %receiver.listen, "replica: waiting for the primary");
-            Ok(Some((runtime, link)))
-        }
+) -> Result<Option<Running>, DaemonError> {
+    let tls_settings = match (&replication.sender, &replication.receiver) {
+        (Some(sender), _) => &sender.tls,
+        (None, Some(receiver)) => &receiver.tls,
+        (None, None) => return Ok(None),
+    };
+    let tls = TlsContext::load(tls_settings)?;
+    let runtime = repl::runtime().map_err(|e| DaemonError::Replication(e.to_string()))?;
+    let link = Arc::new(Link::new(
+        replication.sender.as_ref().map(|s| s.mode),
+        replication.sender.as_ref().map(|s| s.peer),
+    ));
+    if let Some(receiver) = &replication.receiver {
+        let cannot = |e: std::io::Error| {
+            DaemonError::Replication(format!("cannot listen on {}: {e}", receiver.listen))
+        };
+        let listener = std::net::TcpListener::bind(receiver.listen)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(cannot)?;
+        let listener = {
+            let _in_runtime = runtime.enter();
+            tokio::net::TcpListener::from_std(listener).map_err(cannot)?
+        };
+        runtime.spawn(repl::receiver::run(
+            volume.clone(),
+            link.clone(),
+            tls.clone(),
+            listener,
+        ));
+        tracing::info!(listen = %receiver.listen, role = %volume.role(), "listening for the peer");
     }
+    Ok(Some(Running { runtime, link, tls }))
 }
 
 /// Listens on a Unix socket at `path`, replacing a socket file there. The

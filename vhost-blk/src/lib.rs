@@ -7,6 +7,7 @@ pub mod control;
 pub mod daemon;
 pub mod device;
 pub mod export;
+pub mod failover;
 pub mod gate;
 pub mod replication;
 pub mod request;

@@ -755,7 +755,8 @@ fn a_fenced_primary_is_refused() {
         fenced_history,
         vec![EpochStart {
             epoch: 1,
-            first_lsn: 1
+            first_lsn: 1,
+            node: 0
         }]
     );
     let before = rig.genuine();
@@ -772,11 +773,13 @@ fn a_fenced_primary_is_refused() {
         vec![
             EpochStart {
                 epoch: 1,
-                first_lsn: 1
+                first_lsn: 1,
+                node: 0
             },
             EpochStart {
                 epoch: 2,
-                first_lsn: epoch_lsn
+                first_lsn: epoch_lsn,
+                node: rig.primary.node()
             }
         ]
     );

@@ -28,6 +28,7 @@ use crate::format::{
     check_bookmark_name, crc32c, le_u32, le_u64, HeaderProblem, RecordHeader, RecordKind,
     RECORD_HEADER_SIZE,
 };
+use crate::meta::EpochStart;
 use crate::pool::{segment_name, Segment};
 
 /// Bytes of a record header that travel: every field and its checksum
@@ -148,8 +149,8 @@ impl Volume {
         }
         if !epochs.is_empty() {
             inner.persist(|config| {
-                for (epoch, first_lsn) in epochs {
-                    config.start_epoch(epoch, first_lsn);
+                for start in epochs {
+                    config.start_epoch(start);
                 }
             })?;
         }
@@ -204,13 +205,17 @@ impl Inner {
         c: &mut super::Cursor,
         headers: &[RecordHeader],
         records: &[ShippedRecord],
-        epochs: &mut Vec<(u64, u64)>,
+        epochs: &mut Vec<EpochStart>,
         deferred: &mut Vec<super::Reserved>,
     ) -> Result<()> {
         for (h, r) in headers.iter().zip(records) {
             if h.kind == RecordKind::Epoch {
                 self.epoch.store(h.epoch, Ordering::Release);
-                epochs.push((h.epoch, h.lsn));
+                epochs.push(EpochStart {
+                    epoch: h.epoch,
+                    first_lsn: h.lsn,
+                    node: h.length,
+                });
             }
             let reserved = self.reserve(
                 c,
@@ -241,7 +246,7 @@ impl Inner {
     }
 
     /// Syncs every record written so far; returns the new durable lsn.
-    fn sync_written(&self) -> Result<u64> {
+    pub(super) fn sync_written(&self) -> Result<u64> {
         let _sync = lock(&self.sync_lock);
         let upto = self.completion.prefix();
         if let Err(e) = self.pool.sync_dirty() {

@@ -95,6 +95,18 @@ pub struct ResyncPoint {
     pub next_offset: u64,
 }
 
+/// A primary's answer to a peer that connected as a primary of an older
+/// or another history: this side's epochs, from which the peer finds the
+/// common point (DESIGN.md, "Divergence and rejoin").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fenced {
+    pub epoch: u64,
+    pub epoch_history: Vec<rewind_journal::EpochStart>,
+    /// Why the connection is refused, for the peer's log and status.
+    pub reason: String,
+}
+
 /// The primary starts (or resumes) a resync: the disk as of `sync_lsn`
 /// follows in chunks from `from_offset`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,6 +167,15 @@ pub enum Message {
     /// From the replica: it cannot take the next records (say why); the
     /// primary resyncs it.
     ResyncNeeded(String),
+    /// From a primary to a peer that connected as a primary it supersedes
+    /// (or diverged from); the connection then ends.
+    Fenced(Fenced),
+    /// From the replica (a failover): close the gate, ship the tail and
+    /// demote.
+    SealRequest,
+    /// From the primary, after the tail it sealed at was acknowledged: it
+    /// is a replica now; the connection then ends.
+    Sealed(rewind_journal::Seal),
 }
 
 impl Message {
@@ -173,6 +194,9 @@ impl Message {
             Message::Hashes { .. } => 11,
             Message::Keep { .. } => 12,
             Message::ResyncNeeded(_) => 13,
+            Message::Fenced(_) => 14,
+            Message::SealRequest => 15,
+            Message::Sealed(_) => 16,
         }
     }
 
@@ -191,6 +215,9 @@ impl Message {
             Message::Hashes { .. } => "hashes",
             Message::Keep { .. } => "keep",
             Message::ResyncNeeded(_) => "resync-needed",
+            Message::Fenced(_) => "fenced",
+            Message::SealRequest => "seal-request",
+            Message::Sealed(_) => "sealed",
         }
     }
 }
@@ -245,7 +272,7 @@ impl FrameHeader {
             return Err(FrameError::Version(version));
         }
         let (kind, flags) = (b[6], b[7]);
-        if !(1..=13).contains(&kind) {
+        if !(1..=16).contains(&kind) {
             return Err(FrameError::Type(kind));
         }
         if flags & !FLAG_ZSTD != 0 || (flags & FLAG_ZSTD != 0 && kind != 4 && kind != 8) {
@@ -336,6 +363,17 @@ impl FrameHeader {
                     offset: le_u64(&b[..8]),
                     length: le_u64(&b[8..]),
                 }
+            }
+            14 => Message::Fenced(
+                serde_json::from_slice(limit(body, "fenced")?).map_err(json("fenced"))?,
+            ),
+            15 => fixed::<0>(body, "seal-request").map(|_| Message::SealRequest)?,
+            16 => {
+                let b = fixed::<16>(body, "sealed")?;
+                Message::Sealed(rewind_journal::Seal {
+                    epoch: le_u64(&b[..8]),
+                    lsn: le_u64(&b[8..]),
+                })
             }
             kind => return Err(FrameError::Type(kind)),
         };
@@ -506,7 +544,12 @@ impl Encoder {
             }
             Message::Records(records) => encode_records(&mut bytes, records),
             Message::Ack { durable_lsn } => bytes.extend_from_slice(&durable_lsn.to_le_bytes()),
-            Message::Heartbeat | Message::ResyncEnd => {}
+            Message::Heartbeat | Message::ResyncEnd | Message::SealRequest => {}
+            Message::Fenced(f) => append_json(&mut bytes, f),
+            Message::Sealed(seal) => {
+                bytes.extend_from_slice(&seal.epoch.to_le_bytes());
+                bytes.extend_from_slice(&seal.lsn.to_le_bytes());
+            }
             Message::ResyncBegin(b) => append_json(&mut bytes, b),
             Message::Chunk { offset, data } => {
                 bytes.extend_from_slice(&offset.to_le_bytes());
@@ -640,6 +683,7 @@ mod tests {
                 epoch_history: vec![rewind_journal::EpochStart {
                     epoch: 1,
                     first_lsn: 1,
+                    node: 0,
                 }],
                 durable_lsn: 99,
                 first_lsn: 1,
@@ -679,6 +723,17 @@ mod tests {
             },
             Message::ResyncEnd,
             Message::ResyncNeeded("a revert before this replica's history".into()),
+            Message::Fenced(Fenced {
+                epoch: 4,
+                epoch_history: vec![rewind_journal::EpochStart {
+                    epoch: 4,
+                    first_lsn: 70,
+                    node: 99,
+                }],
+                reason: "a newer primary".into(),
+            }),
+            Message::SealRequest,
+            Message::Sealed(rewind_journal::Seal { epoch: 3, lsn: 69 }),
             Message::Refuse("another volume".into()),
             Message::Records(vec![record(1, vec![7; 4096]), record(2, Vec::new())]),
             Message::Ack { durable_lsn: 42 },
@@ -763,8 +818,8 @@ mod tests {
             Err(FrameError::TooLong(MAX_BODY + 1))
         );
         let mut kind = good.clone();
-        kind[6] = 14;
-        assert_eq!(decode(&kind).map(|_| ()), Err(FrameError::Type(14)));
+        kind[6] = 17;
+        assert_eq!(decode(&kind).map(|_| ()), Err(FrameError::Type(17)));
         assert!(matches!(
             decode(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
             Err(FrameError::Magic(_))

@@ -7,24 +7,28 @@
 //! and sends them in batches; the replica ([`receiver`]) checks and places
 //! them at the same lsns, group-commits and acknowledges its durable lsn.
 //! Both run on a small tokio runtime of their own; the journal's blocking
-//! calls run on its blocking pool.
+//! calls run on its blocking pool. Roles change at run time (failover):
+//! the listener always runs when configured, and the sender runs while
+//! the volume is the primary.
 //!
-//! [`Link`] is what the rest of the daemon sees of a replica: its state and
+//! [`Link`] is what the rest of the daemon sees of the peer: its state and
 //! counters for `status`, and in sync mode the wait that makes a guest
 //! flush complete only once the replica holds what it covers.
 
 pub mod frame;
+pub mod history;
 pub mod receiver;
 pub mod sender;
 pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use rewind_journal::Volume;
+use rewind_journal::{EpochStart, Role, Seal, Volume};
 use serde::Serialize;
+use tokio::task::AbortHandle;
 
 use self::tls::TlsSettings;
 
@@ -68,11 +72,25 @@ pub struct SenderConfig {
     pub tls: TlsSettings,
 }
 
-/// A replica's settings (`serve --replication-listen ...`).
+/// Where peers connect (`serve --replication-listen ...`): a replica's
+/// primary, or an old primary that learns it was superseded.
 #[derive(Debug, Clone)]
 pub struct ReceiverConfig {
     pub listen: SocketAddr,
     pub tls: TlsSettings,
+}
+
+/// What the network tasks ask of the daemon when roles change
+/// (implemented by [`crate::failover::Roles`]). The calls block.
+pub trait RoleChanges: Send + Sync + std::fmt::Debug {
+    /// The replica asked this primary to seal: close the gate, flush,
+    /// wait until the replica holds the tail, demote. Returns the seal.
+    fn seal_for_peer(&self) -> Result<Seal, String>;
+    /// A primary of a newer epoch exists (its history `newer`): stop
+    /// serving for good, keep what diverged as a branch, become a replica.
+    fn rejoin(&self, newer: &[EpochStart]) -> Result<(), String>;
+    /// The replica accepted this primary's epoch: a startup hold ends.
+    fn confirmed(&self);
 }
 
 /// The state of a link, as `status` names it.
@@ -91,6 +109,9 @@ pub enum LinkState {
     /// The replica cannot follow the journal (it needs records already
     /// folded, or holds records this primary does not).
     Outdated,
+    /// Both sides were promoted and wrote: refused until an operator runs
+    /// `rewindctl resolve --discard-this-side` on one of them.
+    SplitBrain,
 }
 
 /// What `status` shows of replication.
@@ -157,13 +178,17 @@ struct Shared {
     last_resync: Option<LastResync>,
     /// Sync mode gave up waiting for the replica, until it caught up.
     degraded: bool,
+    /// The epoch history a peer last showed (a refused or diverged one):
+    /// what `resolve` cuts against.
+    peer_history: Option<Vec<EpochStart>>,
+    /// A failover waits for its primary's seal.
+    seal_wanted: bool,
 }
 
 /// One replica link: shared by its network task, the data path (sync
 /// mode) and `status`.
 #[derive(Debug)]
 pub struct Link {
-    role: &'static str,
     mode: Option<Mode>,
     shared: Mutex<Shared>,
     changed: Condvar,
@@ -183,6 +208,11 @@ pub struct Link {
     force_resync: AtomicBool,
     /// Held while `--fence-peer` runs.
     hook: Mutex<()>,
+    /// The session a primary has open to this node's listener.
+    receiving: Mutex<Option<AbortHandle>>,
+    /// Wakes the receiver's writer to ask the primary for a seal.
+    seal_request: tokio::sync::Notify,
+    roles: OnceLock<Weak<dyn RoleChanges>>,
 }
 
 fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -190,27 +220,22 @@ fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 }
 
 impl Link {
-    pub fn primary(mode: Mode, peer: SocketAddr) -> Self {
-        Self::new("primary", Some(mode), Some(peer.to_string()))
-    }
-
-    pub fn replica() -> Self {
-        Self::new("replica", None, None)
-    }
-
-    fn new(role: &'static str, mode: Option<Mode>, peer: Option<String>) -> Self {
+    /// A link to the peer at `peer` (where this node ships while it is
+    /// the primary), in `mode`; without a peer, it only takes streams.
+    pub fn new(mode: Option<Mode>, peer: Option<SocketAddr>) -> Self {
         Link {
-            role,
             mode,
             shared: Mutex::new(Shared {
                 state: LinkState::Connecting,
-                peer,
+                peer: peer.map(|p| p.to_string()),
                 last_error: None,
                 outdated: None,
                 lost_since: None,
                 resync: None,
                 last_resync: None,
                 degraded: false,
+                peer_history: None,
+                seal_wanted: false,
             }),
             changed: Condvar::new(),
             acked_lsn: AtomicU64::new(0),
@@ -223,7 +248,85 @@ impl Link {
             released: AtomicU64::new(0),
             force_resync: AtomicBool::new(false),
             hook: Mutex::new(()),
+            receiving: Mutex::new(None),
+            seal_request: tokio::sync::Notify::new(),
+            roles: OnceLock::new(),
         }
+    }
+
+    /// Who the network tasks ask to change roles.
+    pub fn set_roles(&self, roles: Weak<dyn RoleChanges>) {
+        let _ = self.roles.set(roles);
+    }
+
+    fn roles(&self) -> Option<std::sync::Arc<dyn RoleChanges>> {
+        self.roles.get().and_then(Weak::upgrade)
+    }
+
+    /// Whether a primary's session to this node's listener is up.
+    pub fn receiving(&self) -> bool {
+        let shared = lock(&self.shared);
+        self.receiving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+            && matches!(shared.state, LinkState::Streaming | LinkState::Syncing)
+    }
+
+    /// Ends the session a primary has open to this node (it was promoted:
+    /// nothing more is taken from the old primary).
+    pub fn end_receiving(&self) {
+        if let Some(session) = self
+            .receiving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            session.abort();
+        }
+    }
+
+    /// Asks the connected primary to seal and waits up to `limit` for this
+    /// replica to hold the seal it answers with.
+    pub fn request_seal(&self, volume: &Volume, limit: Duration) -> Option<Seal> {
+        lock(&self.shared).seal_wanted = true;
+        self.seal_request.notify_one();
+        let held = |_: &Link, _: &Shared| {
+            volume
+                .sealed()
+                .filter(|s| s.epoch == volume.epoch() && volume.last_lsn() >= s.lsn)
+        };
+        self.wait_for(Instant::now() + limit, |link, shared| {
+            held(link, shared).is_some()
+        });
+        lock(&self.shared).seal_wanted = false;
+        held(self, &lock(&self.shared))
+    }
+
+    /// Whether a failover waits for a seal (the receiver's writer asks).
+    fn seal_wanted(&self) -> bool {
+        lock(&self.shared).seal_wanted
+    }
+
+    /// The replica made its primary's seal durable.
+    fn peer_sealed(&self) {
+        drop(lock(&self.shared));
+        self.changed.notify_all();
+    }
+
+    fn set_peer_history(&self, history: Vec<EpochStart>) {
+        lock(&self.shared).peer_history = Some(history);
+    }
+
+    /// The epoch history a refused or diverged peer showed last.
+    pub fn peer_history(&self) -> Option<Vec<EpochStart>> {
+        lock(&self.shared).peer_history.clone()
+    }
+
+    /// Waits up to `limit` for the replica to acknowledge `lsn`.
+    pub fn wait_acked(&self, lsn: u64, limit: Duration) -> bool {
+        self.notify_durable();
+        self.wait_for(Instant::now() + limit, |link, _| link.acked_lsn() >= lsn)
     }
 
     pub fn acked_lsn(&self) -> u64 {
@@ -446,7 +549,8 @@ impl Link {
         let shared = lock(&self.shared);
         let stats = volume.stats();
         let acked = self.acked_lsn();
-        let (lag_records, rpo_seconds) = if self.role == "primary" {
+        let primary = volume.role() == Role::Primary;
+        let (lag_records, rpo_seconds) = if primary {
             // A trailing Flush record changes nothing on the disk.
             let newest = volume.last_data_lsn();
             let oldest_missing = (newest > acked)
@@ -465,7 +569,7 @@ impl Link {
         let sent = self.bytes_sent.load(Ordering::Relaxed);
         let raw = self.bytes_raw.load(Ordering::Relaxed);
         ReplicationStatus {
-            role: self.role.into(),
+            role: volume.role().to_string(),
             peer: shared.peer.clone(),
             mode: self.mode,
             state: if shared.degraded {
@@ -475,7 +579,7 @@ impl Link {
             },
             acked_lsn: acked,
             lag_records,
-            lag_bytes: if self.role == "primary" {
+            lag_bytes: if primary {
                 volume.bytes_between(acked, stats.last_lsn)
             } else {
                 0

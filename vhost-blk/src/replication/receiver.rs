@@ -12,20 +12,27 @@
 //! durable lsn. Whatever is wrong with a frame or a record closes the
 //! session without appending it ([`Volume::apply_shipped`] checks a whole
 //! batch before writing any of it).
+//!
+//! The listener runs whatever this node's role: on a primary it answers a
+//! peer that connects as a primary of an older epoch with `fenced` (its
+//! own history, from which the peer rejoins), and if the peer is the newer
+//! primary this node rejoins it and takes its stream. A failover on this
+//! replica asks the connected primary for a seal on the session.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rewind_journal::{Role, ShippedRecord, Volume};
+use rewind_journal::{Role, Seal, ShippedRecord, Volume};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use super::frame::{
-    read_frame, write_frame, Encoder, Hello, Message, ResyncBegin, ResyncPoint, Welcome,
+    read_frame, write_frame, Encoder, Fenced, Hello, Message, ResyncBegin, ResyncPoint, Welcome,
 };
+use super::history::{relate, Relation};
 use super::tls::TlsContext;
 use super::{tune_socket, Link, LinkState, ResyncProgress, SILENCE_LIMIT};
 
@@ -37,10 +44,11 @@ static JOURNAL_WORK: Mutex<()> = Mutex::new(());
 const MAX_HEARTBEATS_PER_SECOND: u32 = 20;
 /// Batches read ahead of the one being applied.
 const QUEUED_BATCHES: usize = 8;
+/// How long what was queued may take to apply once the primary hung up.
+const APPLY_AFTER_END: Duration = Duration::from_secs(10);
 
 /// Accepts primaries until the runtime stops.
 pub async fn run(volume: Arc<Volume>, link: Arc<Link>, tls: TlsContext, listener: TcpListener) {
-    let current: Arc<Mutex<Option<AbortHandle>>> = Arc::default();
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -50,21 +58,25 @@ pub async fn run(volume: Arc<Volume>, link: Arc<Link>, tls: TlsContext, listener
                 continue;
             }
         };
-        let (volume, link, tls, current) =
-            (volume.clone(), link.clone(), tls.clone(), current.clone());
+        let (volume, link, tls) = (volume.clone(), link.clone(), tls.clone());
         let (me_tx, me_rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
             let me = me_rx.await.ok();
-            let ended = session(&volume, &link, &tls, tcp, peer, me, &current).await;
+            let ended = session(&volume, &link, &tls, tcp, peer, me).await;
             if ended.established {
                 tracing::warn!(%peer, "replication session ended: {}", ended.error);
                 link.failed(LinkState::Disconnected, format!("{peer}: {}", ended.error));
-                link.set_outdated(Some(format!(
-                    "unknown: the primary went away without a seal; this replica holds lsn {} \
-                     (durable {})",
-                    volume.last_lsn(),
-                    volume.durable_lsn()
-                )));
+                let sealed = volume
+                    .sealed()
+                    .is_some_and(|s| s.epoch == volume.epoch() && volume.last_lsn() >= s.lsn);
+                link.set_outdated((!sealed && volume.role() == Role::Replica).then(|| {
+                    format!(
+                        "unknown: the primary went away without a seal; this replica holds lsn {} \
+                         (durable {})",
+                        volume.last_lsn(),
+                        volume.durable_lsn()
+                    )
+                }));
             } else {
                 // A peer turned away does not disturb the session that runs.
                 tracing::warn!(%peer, "replication connection refused: {}", ended.error);
@@ -92,9 +104,8 @@ async fn session(
     tcp: TcpStream,
     peer: SocketAddr,
     me: Option<AbortHandle>,
-    current: &Mutex<Option<AbortHandle>>,
 ) -> Ended {
-    match handshake(volume, tls, tcp).await {
+    match handshake(volume, link, tls, tcp).await {
         Err(error) => Ended {
             established: false,
             error,
@@ -102,9 +113,10 @@ async fn session(
         Ok((mut reader, mut writer, mut encoder, hello, welcome)) => {
             // This session supersedes any older one (a primary that
             // reconnected before its old connection timed out).
-            if let Some(old) =
-                std::mem::replace(&mut *current.lock().unwrap_or_else(|e| e.into_inner()), me)
-            {
+            if let Some(old) = std::mem::replace(
+                &mut *link.receiving.lock().unwrap_or_else(|e| e.into_inner()),
+                me,
+            ) {
                 old.abort();
             }
             tracing::info!(
@@ -120,13 +132,23 @@ async fn session(
             let (batches, queued) = mpsc::channel(QUEUED_BATCHES);
             let (replies, answers) = mpsc::channel(QUEUED_BATCHES + 2);
             let reading = read_frames(volume, &mut reader, batches, replies.clone());
-            let applying = apply_ops(volume, link, queued, replies);
+            let mut applying = std::pin::pin!(apply_ops(volume, link, queued, replies));
             let error = {
-                let mut writing =
-                    std::pin::pin!(write_replies(volume, &mut writer, &mut encoder, answers));
+                let mut writing = std::pin::pin!(write_replies(
+                    volume,
+                    link,
+                    &mut writer,
+                    &mut encoder,
+                    answers
+                ));
                 let (error, written) = tokio::select! {
-                    e = reading => (e, false),
-                    e = applying => (e, false),
+                    e = reading => {
+                        // What arrived before the end is applied (a seal
+                        // comes last, right before the primary hangs up).
+                        let _ = tokio::time::timeout(APPLY_AFTER_END, &mut applying).await;
+                        (e, false)
+                    }
+                    e = &mut applying => (e, false),
                     e = &mut writing => (e, true),
                 };
                 // The reader and the applier are gone (and their senders
@@ -152,6 +174,7 @@ type Writer = tokio::io::WriteHalf<tokio_rustls::server::TlsStream<TcpStream>>;
 /// TLS, then the hello and its answer.
 async fn handshake(
     volume: &Arc<Volume>,
+    link: &Link,
     tls: &TlsContext,
     tcp: TcpStream,
 ) -> Result<(Reader, Writer, Encoder, Hello, Welcome), String> {
@@ -165,18 +188,32 @@ async fn handshake(
     let mut encoder = Encoder::new(false).map_err(|e| format!("cannot start the encoder: {e}"))?;
     let hello = match tokio::time::timeout(SILENCE_LIMIT, read_frame(&mut reader)).await {
         Ok(Ok(frame)) => match frame.message {
-            Message::Hello(hello) => check_hello(volume, &hello).map(|()| hello),
-            other => Err(format!("expected a hello, got {}", other.name())),
+            Message::Hello(hello) => match answer_primary(volume, link, &hello).await {
+                Ok(()) => check_hello(volume, &hello)
+                    .map(|()| hello)
+                    .map_err(Refusal::Refuse),
+                Err(refusal) => Err(refusal),
+            },
+            other => Err(Refusal::Refuse(format!(
+                "expected a hello, got {}",
+                other.name()
+            ))),
         },
-        Ok(Err(e)) => Err(format!("reading the hello: {e}")),
-        Err(_) => Err("no hello".into()),
+        Ok(Err(e)) => Err(Refusal::Refuse(format!("reading the hello: {e}"))),
+        Err(_) => Err(Refusal::Refuse("no hello".into())),
     };
     let hello = match hello {
         Ok(hello) => hello,
-        Err(reason) => {
+        Err(refusal) => {
             // Told why, the primary can say so instead of "connection closed".
-            let refusal = encoder.encode(volume.epoch(), &Message::Refuse(reason.clone()));
-            let _ = write_frame(&mut writer, &refusal).await;
+            let (message, reason) = match refusal {
+                Refusal::Refuse(reason) => (Message::Refuse(reason.clone()), reason),
+                Refusal::Fenced(fenced) => {
+                    let reason = fenced.reason.clone();
+                    (Message::Fenced(fenced), reason)
+                }
+            };
+            let _ = write_frame(&mut writer, &encoder.encode(volume.epoch(), &message)).await;
             let _ = writer.shutdown().await;
             return Err(format!("refused: {reason}"));
         }
@@ -200,6 +237,87 @@ async fn handshake(
         .await
         .map_err(|e| format!("sending the welcome: {e}"))?;
     Ok((reader, writer, encoder, hello, welcome))
+}
+
+/// Why a hello is turned away.
+#[derive(Debug)]
+enum Refusal {
+    Refuse(String),
+    /// This node is the primary: the peer learns its history.
+    Fenced(Fenced),
+}
+
+/// When this node is the primary, a peer that says hello as a primary
+/// is either newer (this node was failed over: it rejoins the peer, and
+/// the session goes on with this node as its replica) or not (it is told
+/// this node's history: it rejoins, or both see a split brain).
+async fn answer_primary(volume: &Arc<Volume>, link: &Link, hello: &Hello) -> Result<(), Refusal> {
+    if hello.volume != volume.config().uuid {
+        return Ok(());
+    }
+    let mine = volume.epoch_history();
+    link.set_peer_history(hello.epoch_history.clone());
+    let relation = relate(&mine, &hello.epoch_history);
+    if volume.role() == Role::Replica {
+        // A replica that holds records the newer primary never had (an
+        // old primary's stream it took) cuts them too; otherwise
+        // check_hello decides.
+        match relation {
+            Relation::Behind { common } if volume.last_lsn() > common => {}
+            _ => return Ok(()),
+        }
+    }
+    let fenced = |reason: String| {
+        Refusal::Fenced(Fenced {
+            epoch: volume.epoch(),
+            epoch_history: mine.clone(),
+            reason,
+        })
+    };
+    match relation {
+        Relation::Behind { common } => {
+            let Some(roles) = link.roles() else {
+                return Err(Refusal::Refuse("this daemon cannot change roles".into()));
+            };
+            let newer = hello.epoch_history.clone();
+            match tokio::task::spawn_blocking(move || roles.rejoin(&newer)).await {
+                Ok(Ok(())) => {
+                    tracing::warn!(
+                        common,
+                        epoch = hello.epoch,
+                        "a newer primary connected: this node rejoined it as a replica"
+                    );
+                    Ok(())
+                }
+                Ok(Err(e)) => Err(Refusal::Refuse(format!("cannot rejoin: {e}"))),
+                Err(e) => Err(Refusal::Refuse(format!("cannot rejoin: {e}"))),
+            }
+        }
+        Relation::Ahead { common } => Err(fenced(format!(
+            "this node is the primary at epoch {}; the peer's epoch {} ended at lsn {common}",
+            volume.epoch(),
+            hello.epoch
+        ))),
+        Relation::Same => {
+            let reason = format!(
+                "split brain: both nodes are primaries of epoch {}; run `rewindctl resolve \
+                 --discard-this-side` on the one whose writes to give up",
+                volume.epoch()
+            );
+            link.failed(LinkState::SplitBrain, reason.clone());
+            Err(fenced(reason))
+        }
+        Relation::Diverged { common } => {
+            let reason = format!(
+                "split brain: the histories diverged after lsn {common} (this node {:?}, the \
+                 peer {:?}); run `rewindctl resolve --discard-this-side` on the one whose \
+                 writes to give up",
+                mine, hello.epoch_history
+            );
+            link.failed(LinkState::SplitBrain, reason.clone());
+            Err(fenced(reason))
+        }
+    }
 }
 
 /// Checks a primary's hello against this replica; the error is the
@@ -244,9 +362,13 @@ fn check_hello(volume: &Volume, hello: &Hello) -> Result<(), String> {
         return Ok(());
     }
     let history = volume.epoch_history();
-    if hello.epoch_history.get(..history.len()) != Some(&history[..]) {
+    if let Relation::Ahead { common } | Relation::Diverged { common } =
+        relate(&history, &hello.epoch_history)
+    {
         return Err(format!(
-            "epoch histories differ (primary {:?}, replica {:?}): the two diverged",
+            "split brain: the histories diverged after lsn {common} (primary {:?}, replica \
+             {:?}); run `rewindctl resolve --discard-this-side` on the one whose writes to \
+             give up",
             hello.epoch_history, history
         ));
     }
@@ -272,6 +394,8 @@ enum Reply {
     },
     /// The next records cannot be taken without a resync; the session ends.
     ResyncNeeded(String),
+    /// A failover here: the primary is asked to seal.
+    SealRequest,
 }
 
 /// What the applier does, in the order the frames came.
@@ -279,10 +403,21 @@ enum Reply {
 enum Op {
     Records(Vec<ShippedRecord>),
     Begin(ResyncBegin),
-    Chunk { offset: u64, data: Vec<u8> },
-    Zero { offset: u64, length: u64 },
-    Keep { offset: u64, length: u64 },
+    Chunk {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Zero {
+        offset: u64,
+        length: u64,
+    },
+    Keep {
+        offset: u64,
+        length: u64,
+    },
     End,
+    /// The primary sealed its epoch at this lsn and demoted itself.
+    Sealed(Seal),
 }
 
 async fn read_frames<R: AsyncRead + Unpin>(
@@ -301,6 +436,11 @@ async fn read_frames<R: AsyncRead + Unpin>(
             }
             Err(_) => return format!("the primary was silent for {SILENCE_LIMIT:?}"),
         };
+        if volume.role() == Role::Primary {
+            let reason = "this node was promoted: it takes no more records".to_string();
+            let _ = replies.send(Reply::Refuse(reason.clone())).await;
+            return reason;
+        }
         let epoch = volume.epoch();
         if frame.epoch < epoch {
             let reason = format!(
@@ -312,6 +452,7 @@ async fn read_frames<R: AsyncRead + Unpin>(
         }
         let op = match frame.message {
             Message::Records(records) => Op::Records(records),
+            Message::Sealed(seal) => Op::Sealed(seal),
             Message::ResyncBegin(begin) => Op::Begin(begin),
             Message::Chunk { offset, data } => Op::Chunk { offset, data },
             Message::Zero { offset, length } => Op::Zero { offset, length },
@@ -457,6 +598,34 @@ async fn apply_ops(
                 };
                 match kept.map(|()| advance(&mut resync, link, length, 0)) {
                     Ok(due) => checkpoint(volume, &mut resync, due).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Op::Sealed(seal) => {
+                // After every record before it: all of them are applied.
+                let noted = blocking(volume, move |v| {
+                    let holds = seal.epoch == v.epoch() && v.durable_lsn() >= seal.lsn;
+                    if holds {
+                        v.note_sealed(seal)?;
+                    }
+                    Ok(holds)
+                })
+                .await;
+                match noted {
+                    Ok(true) => {
+                        tracing::info!(lsn = seal.lsn, epoch = seal.epoch, "the primary sealed");
+                        link.set_outdated(None);
+                        link.peer_sealed();
+                        Ok(None)
+                    }
+                    Ok(false) => Err(format!(
+                        "the primary sealed epoch {} at lsn {}, but this replica is at epoch {} \
+                         and holds lsn {}",
+                        seal.epoch,
+                        seal.lsn,
+                        volume.epoch(),
+                        volume.durable_lsn()
+                    )),
                     Err(e) => Err(e),
                 }
             }
@@ -661,12 +830,26 @@ async fn checkpoint(
 
 async fn write_replies<W: AsyncWrite + Unpin>(
     volume: &Volume,
+    link: &Link,
     writer: &mut W,
     encoder: &mut Encoder,
     mut answers: mpsc::Receiver<Reply>,
 ) -> String {
-    while let Some(reply) = answers.recv().await {
+    loop {
+        let reply = tokio::select! {
+            reply = answers.recv() => match reply {
+                Some(reply) => reply,
+                None => return "the session ended".into(),
+            },
+            () = link.seal_request.notified() => {
+                if !link.seal_wanted() {
+                    continue;
+                }
+                Reply::SealRequest
+            }
+        };
         let (message, refused) = match reply {
+            Reply::SealRequest => (Message::SealRequest, None),
             Reply::Ack(durable_lsn) => (Message::Ack { durable_lsn }, None),
             Reply::Refuse(reason) => (Message::Refuse(reason.clone()), Some(reason)),
             Reply::ResyncNeeded(reason) => (Message::ResyncNeeded(reason.clone()), Some(reason)),
@@ -686,5 +869,4 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             return reason;
         }
     }
-    "the session ended".into()
 }

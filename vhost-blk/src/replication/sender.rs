@@ -15,16 +15,24 @@
 //! folded), goes over in 1 MiB chunks, all-zero runs as one zero range
 //! each, resumed where the replica's base.img durably got if S can still
 //! be read; then records stream from S + 1.
+//!
+//! Roles: the sender runs while the volume is the primary. A replica that
+//! asks for a seal (a failover) gets one: the daemon closes the gate,
+//! ships the tail, demotes, and the sender answers `sealed` and ends. A
+//! peer that answers `fenced` is a newer primary: this node rejoins it as
+//! a replica (or, if both were promoted, reports a split brain).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rewind_journal::{Error as JournalError, PointInTime, ShipBatch, View, Volume};
+use rewind_journal::{Error as JournalError, PointInTime, Role, ShipBatch, View, Volume};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use super::frame::{read_frame, write_frame, Encoder, Frame, Hello, Message, ResyncBegin, Welcome};
+use super::frame::{
+    read_frame, write_frame, Encoder, Fenced, Frame, Hello, Message, ResyncBegin, Welcome,
+};
 use super::tls::TlsContext;
 use super::{
     tune_socket, LastResync, Link, LinkState, ResyncProgress, SenderConfig, HEARTBEAT,
@@ -60,10 +68,10 @@ fn down(message: impl Into<String>) -> SessionError {
     }
 }
 
-/// Runs sessions until the runtime stops.
+/// Runs sessions while the volume is the primary, until the runtime stops.
 pub async fn run(volume: Arc<Volume>, link: Arc<Link>, config: SenderConfig, tls: TlsContext) {
     let mut backoff = BACKOFF_FIRST;
-    while !link.stopping() {
+    while !link.stopping() && volume.role() == Role::Primary {
         link.set_state(LinkState::Connecting);
         let started = Instant::now();
         let err = session(&volume, &link, &config, &tls).await;
@@ -79,6 +87,10 @@ pub async fn run(volume: Arc<Volume>, link: Arc<Link>, config: SenderConfig, tls
         }
         link.failed(err.state, err.message);
         link.set_resync(None);
+        if volume.role() != Role::Primary {
+            tracing::info!(peer = %config.peer, "this node is a replica now: it ships no more");
+            return;
+        }
         if started.elapsed() > BACKOFF_MAX {
             backoff = BACKOFF_FIRST;
         }
@@ -115,10 +127,13 @@ async fn session(
         Ok(encoder) => encoder,
         Err(e) => return down(format!("cannot start zstd: {e}")),
     };
-    let welcome = match handshake(volume, &mut reader, &mut writer, &mut encoder).await {
+    let welcome = match handshake(volume, link, &mut reader, &mut writer, &mut encoder).await {
         Ok(welcome) => welcome,
         Err(e) => return e,
     };
+    if let Some(roles) = link.roles() {
+        roles.confirmed();
+    }
     tracing::info!(
         peer = %config.peer,
         replica_lsn = welcome.last_lsn,
@@ -152,6 +167,7 @@ async fn session(
         }
         ship(volume, link, &mut writer, &mut encoder, &mut bucket, next).await
     };
+
     let acking = take_acks(volume, link, &mut reader, hashes);
     let ended = tokio::select! {
         e = shipping => e,
@@ -164,7 +180,8 @@ async fn session(
 }
 
 async fn handshake<R, W>(
-    volume: &Volume,
+    volume: &Arc<Volume>,
+    link: &Link,
     reader: &mut R,
     writer: &mut W,
     encoder: &mut Encoder,
@@ -201,6 +218,7 @@ where
                 message: format!("the replica refused: {reason}"),
             })
         }
+        Message::Fenced(fenced) => return Err(superseded(link, fenced).await),
         other => return Err(down(format!("expected a welcome, got {}", other.name()))),
     };
     if welcome.epoch > epoch {
@@ -322,7 +340,8 @@ async fn resync<W: AsyncWrite + Unpin>(
         epoch_history: volume
             .epoch_history()
             .into_iter()
-            .filter(|e| e.first_lsn <= sync_lsn)
+            // The first epoch starts at lsn 1 without a record to ship.
+            .filter(|e| e.first_lsn <= sync_lsn.max(1))
             .collect(),
         from_offset: from,
         diff_key: key.map(|k| k.iter().map(|b| format!("{b:02x}")).collect()),
@@ -498,6 +517,21 @@ async fn ship<W: AsyncWrite + Unpin>(
 ) -> SessionError {
     let mut last_send = Instant::now();
     loop {
+        if volume.role() != Role::Primary {
+            // Sealed: say so, so the replica may be promoted without
+            // --force.
+            let Some(seal) = volume.sealed() else {
+                return down("demoted: this node is a replica now");
+            };
+            let sealed = encoder.encode(volume.epoch(), &Message::Sealed(seal));
+            return down(match write_frame(writer, &sealed).await {
+                Ok(()) => format!("sealed at lsn {}: this node is a replica now", seal.lsn),
+                Err(e) => format!(
+                    "sealed at lsn {}, but telling the replica failed: {e}",
+                    seal.lsn
+                ),
+            });
+        }
         let batch = match read(volume, next).await {
             Ok(batch) => batch,
             Err(e) => return e,
@@ -541,6 +575,35 @@ async fn ship<W: AsyncWrite + Unpin>(
         last_send = Instant::now();
         next += count;
         link.sent(next - 1, encoded.bytes.len(), encoded.raw_len);
+    }
+}
+
+/// The peer is a primary that supersedes this one, or diverged from it:
+/// rejoin it as a replica if it is newer.
+async fn superseded(link: &Link, fenced: Fenced) -> SessionError {
+    link.set_peer_history(fenced.epoch_history.clone());
+    let Some(roles) = link.roles() else {
+        return SessionError {
+            state: LinkState::Outdated,
+            message: format!("the peer refused: {}", fenced.reason),
+        };
+    };
+    let history = fenced.epoch_history;
+    let rejoined = tokio::task::spawn_blocking(move || roles.rejoin(&history)).await;
+    match rejoined {
+        Ok(Ok(())) => down(format!(
+            "the peer is the primary at epoch {}: this node rejoined it as a replica",
+            fenced.epoch
+        )),
+        Ok(Err(e)) if e.contains("split brain") => SessionError {
+            state: LinkState::SplitBrain,
+            message: e,
+        },
+        Ok(Err(e)) => SessionError {
+            state: LinkState::Outdated,
+            message: format!("the peer is the primary at epoch {}: {e}", fenced.epoch),
+        },
+        Err(e) => down(format!("rejoining: {e}")),
     }
 }
 
@@ -618,6 +681,23 @@ async fn take_acks<R: AsyncRead + Unpin>(
                     if !matches!(taken, Ok(Ok(()))) {
                         return down("the replica sent hashes that no diff resync takes");
                     }
+                }
+            }
+            Frame {
+                message: Message::SealRequest,
+                ..
+            } => {
+                // The seal waits for acks this loop takes: it runs aside,
+                // and the ship loop ends once the volume is a replica.
+                match link.roles() {
+                    Some(roles) => {
+                        tokio::task::spawn_blocking(move || {
+                            if let Err(e) = roles.seal_for_peer() {
+                                tracing::error!("the replica asked for a seal, which failed: {e}");
+                            }
+                        });
+                    }
+                    None => return down("the replica asked for a seal; this daemon cannot seal"),
                 }
             }
             Frame {

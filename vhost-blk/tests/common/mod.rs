@@ -70,7 +70,11 @@ impl Server {
             .arg("--socket-path")
             .arg(&volume.socket)
             .args(extra)
-            .stderr(Stdio::null())
+            // REWIND_TEST_LOG=1 shows the daemons' logs.
+            .stderr(match std::env::var_os("REWIND_TEST_LOG") {
+                Some(_) => Stdio::inherit(),
+                None => Stdio::null(),
+            })
             .spawn()
             .expect("spawn serve");
         let server = Server { child };

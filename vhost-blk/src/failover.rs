@@ -1,0 +1,529 @@
+//! Roles at run time (DESIGN.md, "Failover" and "Divergence and rejoin"):
+//! promotion, demotion (a seal), failover, an old primary's rejoin, and
+//! the operator's resolution of a split brain.
+//!
+//! The volume says which role this node has (`volume.json`); the gate
+//! follows it. A replica's gate is closed (a guest may connect early and
+//! waits); a primary's is open, except right after a restart with a peer
+//! configured: it stays closed until the peer confirms that no newer
+//! primary exists, so an old primary never serves its guest again after a
+//! failover it slept through. `rewindctl resume` lifts that hold when the
+//! operator knows better (the peer is gone for good).
+//!
+//! A seal closes the gate (requests in flight finish), makes every record
+//! durable, waits until the replica holds them, and demotes: the replica
+//! then holds everything this primary ever acknowledged (RPO 0). The
+//! gate's admission epoch moves on, so the guest that ran here cannot
+//! reattach: a failback needs a fresh VM.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use rewind_journal::{EpochStart, Role, Seal, Volume};
+use serde::Serialize;
+
+use crate::export::Export;
+use crate::gate::{GateError, State};
+use crate::replication::history::{relate, Relation};
+use crate::replication::tls::TlsContext;
+use crate::replication::{self as repl, Link, RoleChanges, SenderConfig};
+
+/// How long a seal asked for by the replica may take.
+const PEER_SEAL_LIMIT: Duration = Duration::from_secs(10);
+
+/// What starts the sender after a promotion.
+#[derive(Debug)]
+pub struct SenderStart {
+    pub config: SenderConfig,
+    pub tls: TlsContext,
+    pub runtime: tokio::runtime::Handle,
+}
+
+/// What `promote` and `failover` report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Promoted {
+    pub role: Role,
+    pub epoch: u64,
+    pub first_lsn: u64,
+    /// Promoted without a seal: what the old primary wrote after this
+    /// node's last record is not here.
+    pub forced: bool,
+    /// The lsn the old primary sealed at, when it did.
+    pub sealed_lsn: Option<u64>,
+    /// Now minus the time of the last record this node holds, for a
+    /// forced promotion; 0 after a seal.
+    pub rpo_seconds: f64,
+    /// `failover` only: the time from the command to serving.
+    pub took_ms: u64,
+    /// `failover` only: this node was the primary already.
+    pub already: bool,
+}
+
+/// What `demote` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Demoted {
+    pub role: Role,
+    pub epoch: u64,
+    pub sealed_lsn: u64,
+    /// The replica confirmed it holds every record up to `sealed_lsn`.
+    pub replica_acked: bool,
+}
+
+/// The role changes of one daemon's volume.
+#[derive(Debug)]
+pub struct Roles {
+    volume: Arc<Volume>,
+    live: Arc<Export>,
+    link: Option<Arc<Link>>,
+    sender: Option<SenderStart>,
+    running: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// A restarted primary waits for its peer's confirmation.
+    awaiting_peer: AtomicBool,
+    /// One role change at a time.
+    changing: Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl Roles {
+    /// Sets the gate for the volume's role and starts shipping if it is
+    /// the primary and has a peer.
+    pub fn start(
+        volume: Arc<Volume>,
+        live: Arc<Export>,
+        link: Option<Arc<Link>>,
+        sender: Option<SenderStart>,
+    ) -> Arc<Roles> {
+        let roles = Arc::new(Roles {
+            volume,
+            live,
+            link,
+            sender,
+            running: Mutex::new(None),
+            awaiting_peer: AtomicBool::new(false),
+            changing: Mutex::new(()),
+        });
+        if let Some(link) = &roles.link {
+            let weak = Arc::downgrade(&roles);
+            link.set_roles(weak as std::sync::Weak<dyn RoleChanges>);
+        }
+        match roles.volume.role() {
+            Role::Replica => {
+                // A replica serves no guest until it is promoted: a client
+                // may connect (a migration destination, early) and waits.
+                let _ = roles.live.gate.drain(Duration::ZERO, || ());
+            }
+            Role::Primary if roles.sender.is_some() => {
+                roles.awaiting_peer.store(true, Ordering::Release);
+                let _ = roles.live.gate.drain(Duration::ZERO, || ());
+                tracing::info!(
+                    "the guest waits until the replica confirms that this node is still the \
+                     primary (`rewindctl resume` serves it at once)"
+                );
+                roles.start_sender();
+            }
+            Role::Primary => {}
+        }
+        roles
+    }
+
+    /// Why the gate is held closed, if it is for the peer.
+    pub fn hold(&self) -> Option<&'static str> {
+        self.awaiting_peer
+            .load(Ordering::Acquire)
+            .then_some("waiting for the replica to confirm this node is still the primary")
+    }
+
+    /// The operator opened the gate: no hold any more.
+    pub fn clear_hold(&self) {
+        self.awaiting_peer.store(false, Ordering::Release);
+    }
+
+    fn start_sender(&self) {
+        let (Some(start), Some(link)) = (&self.sender, &self.link) else {
+            return;
+        };
+        let mut running = lock(&self.running);
+        if running.as_ref().is_some_and(|task| !task.is_finished()) {
+            return;
+        }
+        // Until the replica says what it holds, fold nothing it may lack.
+        self.volume
+            .hold_for_replica(Some(self.volume.stats().base_lsn));
+        *running = Some(start.runtime.spawn(repl::sender::run(
+            self.volume.clone(),
+            link.clone(),
+            start.config.clone(),
+            start.tls.clone(),
+        )));
+        tracing::info!(peer = %start.config.peer, mode = ?start.config.mode, "replicating");
+    }
+
+    /// The seal this replica holds, if any: the primary sealed the current
+    /// epoch at an lsn this node has.
+    fn held_seal(&self) -> Option<Seal> {
+        let v = &self.volume;
+        v.sealed()
+            .filter(|s| s.epoch == v.epoch() && v.last_lsn() >= s.lsn)
+    }
+
+    fn open_gate(&self) {
+        let gate = &self.live.gate;
+        let opened = match gate.state() {
+            State::Fenced => gate.unfence(),
+            _ => gate.resume(),
+        };
+        if let Err(e) = opened {
+            tracing::warn!("promoted, but the gate did not open: {e}");
+        }
+    }
+
+    /// Closes the gate for good: requests in flight finish or fail, the
+    /// guest is disconnected and cannot reattach.
+    fn close_for_good(&self) {
+        let gate = &self.live.gate;
+        let closed = gate.fence(PEER_SEAL_LIMIT, || {
+            if let Some(link) = &self.link {
+                link.release_waits();
+            }
+            self.volume.release_held()
+        });
+        if let Err(e) = closed {
+            tracing::error!("closing the gate: {e}");
+        }
+        gate.set_epoch(gate.epoch() + 1);
+        self.live.disconnect();
+    }
+
+    /// Why a promotion without a seal needs --force.
+    fn unsealed(&self) -> String {
+        let v = &self.volume;
+        let last = v.last_lsn();
+        let age = v
+            .record_time(last)
+            .map(|ns| {
+                format!(
+                    ", written {:.1} s ago",
+                    now_ns().saturating_sub(ns) as f64 / 1e9
+                )
+            })
+            .unwrap_or_default();
+        let link = self.link.as_ref().map_or_else(String::new, |link| {
+            let status = link.status(v);
+            format!(
+                " (replication {:?}{})",
+                status.state,
+                status
+                    .last_error
+                    .map_or_else(String::new, |e| format!(": {e}"))
+            )
+        });
+        format!(
+            "the old primary did not seal this replica{link}: it holds lsn {last}{age}, and \
+             whatever the primary wrote after that would be lost. Fail over while the old \
+             primary answers, or, once its VM is fenced (stopped, or its host powered off), \
+             pass --force"
+        )
+    }
+
+    /// Makes this replica the primary. Without `force` it must hold its
+    /// old primary's seal.
+    pub fn promote(&self, force: bool, drained: bool) -> Result<Promoted, String> {
+        let _one = lock(&self.changing);
+        self.promote_locked(force, drained)
+    }
+
+    fn promote_locked(&self, force: bool, drained: bool) -> Result<Promoted, String> {
+        let v = &self.volume;
+        if v.role() == Role::Primary {
+            return Err(format!(
+                "this volume is already the primary (epoch {}); promote applies to a replica",
+                v.epoch()
+            ));
+        }
+        let sealed = self.held_seal();
+        if sealed.is_none() && !force {
+            return Err(self.unsealed());
+        }
+        if let Some(link) = &self.link {
+            // Nothing more is taken from the old primary.
+            link.end_receiving();
+        }
+        let rpo_seconds = match sealed {
+            Some(_) => 0.0,
+            None => v
+                .record_time(v.last_lsn())
+                .map_or(0.0, |ns| now_ns().saturating_sub(ns) as f64 / 1e9),
+        };
+        let start = v
+            .promote()
+            .map_err(|e| format!("raising the epoch failed: {e}"))?;
+        if !drained {
+            self.open_gate();
+        }
+        self.start_sender();
+        tracing::warn!(
+            epoch = start.epoch,
+            first_lsn = start.first_lsn,
+            forced = sealed.is_none(),
+            rpo_seconds,
+            "this node is the primary"
+        );
+        Ok(Promoted {
+            role: Role::Primary,
+            epoch: start.epoch,
+            first_lsn: start.first_lsn,
+            forced: sealed.is_none(),
+            sealed_lsn: sealed.map(|s| s.lsn),
+            rpo_seconds,
+            took_ms: 0,
+            already: false,
+        })
+    }
+
+    /// Seals the old primary over the link if it answers, then promotes
+    /// this replica; without a seal only with `force`.
+    pub fn failover(
+        &self,
+        force: bool,
+        timeout: Duration,
+        drained: bool,
+    ) -> Result<Promoted, String> {
+        let started = Instant::now();
+        let _one = lock(&self.changing);
+        let v = &self.volume;
+        if v.role() == Role::Primary {
+            let first_lsn = v.epoch_history().last().map_or(1, |start| start.first_lsn);
+            return Ok(Promoted {
+                role: Role::Primary,
+                epoch: v.epoch(),
+                first_lsn,
+                forced: false,
+                sealed_lsn: None,
+                rpo_seconds: 0.0,
+                took_ms: started.elapsed().as_millis() as u64,
+                already: true,
+            });
+        }
+        if self.held_seal().is_none() {
+            if let Some(link) = self.link.as_ref().filter(|link| link.receiving()) {
+                tracing::info!("failover: asking the primary to seal");
+                if link.request_seal(v, timeout).is_none() {
+                    tracing::warn!("failover: the primary did not seal within {timeout:?}");
+                }
+            }
+        }
+        let mut promoted = self.promote_locked(force, drained)?;
+        promoted.took_ms = started.elapsed().as_millis() as u64;
+        Ok(promoted)
+    }
+
+    /// Seals this primary: closes the gate, makes every record durable,
+    /// waits up to `timeout` for the replica to hold them, and demotes.
+    /// The operator's `demote` refuses while a guest is attached; a seal
+    /// the replica asked for (a failover) takes the gate from under it.
+    fn seal(&self, timeout: Duration, for_peer: bool) -> Result<Demoted, String> {
+        let _one = lock(&self.changing);
+        let v = &self.volume;
+        if v.role() == Role::Replica {
+            return match v.sealed().filter(|s| s.epoch == v.epoch()) {
+                Some(seal) if for_peer => Ok(self.demoted(seal)),
+                _ => Err("this volume is a replica already".into()),
+            };
+        }
+        if !for_peer {
+            if let Some(client) = self.live.attached() {
+                return Err(format!(
+                    "a guest is attached ({}); shut the VM down first, or fail over from the \
+                     replica (that seals with the guest attached)",
+                    client
+                        .attach_id
+                        .map_or_else(|| "unidentified".into(), |id| format!("attach id {id}"))
+                ));
+            }
+        }
+        let gate = &self.live.gate;
+        match gate.drain(timeout, || ()) {
+            Ok(_) | Err(GateError::Fenced) => {}
+            Err(e) => return Err(format!("cannot close the gate: {e}")),
+        }
+        let reopen = |why: String| {
+            let _ = gate.resume();
+            Err(why)
+        };
+        let lsn = match v.sync_all() {
+            Ok(lsn) => lsn,
+            Err(e) => return reopen(format!("flushing the journal failed: {e}")),
+        };
+        let acked = match (&self.link, &self.sender) {
+            (Some(link), Some(_)) => link.wait_acked(lsn, timeout),
+            _ => false,
+        };
+        if for_peer && !acked {
+            return reopen(format!(
+                "the replica did not confirm lsn {lsn} within {timeout:?}; this primary serves on"
+            ));
+        }
+        let seal = match v.demote(true) {
+            Ok(Some(seal)) => seal,
+            Ok(None) => return reopen("the demotion recorded no seal".into()),
+            Err(e) => return reopen(format!("demoting failed: {e}")),
+        };
+        self.awaiting_peer.store(false, Ordering::Release);
+        // The guest that ran here cannot come back (a failback needs a
+        // fresh VM).
+        gate.set_epoch(gate.epoch() + 1);
+        self.live.disconnect();
+        if let Some(link) = &self.link {
+            // The sender says "sealed" and ends.
+            link.notify_durable();
+        }
+        tracing::warn!(
+            lsn = seal.lsn,
+            epoch = seal.epoch,
+            acked,
+            "sealed: this node is a replica"
+        );
+        Ok(Demoted {
+            replica_acked: acked,
+            ..self.demoted(seal)
+        })
+    }
+
+    fn demoted(&self, seal: Seal) -> Demoted {
+        Demoted {
+            role: Role::Replica,
+            epoch: seal.epoch,
+            sealed_lsn: seal.lsn,
+            replica_acked: self
+                .link
+                .as_ref()
+                .is_some_and(|link| link.acked_lsn() >= seal.lsn),
+        }
+    }
+
+    /// The operator's `demote`.
+    pub fn demote(&self, timeout: Duration) -> Result<Demoted, String> {
+        self.seal(timeout, false)
+    }
+
+    /// Moves what this node holds after `common` out of the way of the
+    /// newer primary's records (which take the same lsns).
+    /// They become a read-only branch named after their epoch and first
+    /// lsn, so a rerun after a crash names the same one.
+    fn cut_after(&self, common: u64) -> Result<Option<String>, String> {
+        let v = &self.volume;
+        if v.last_lsn() <= common {
+            return Ok(None);
+        }
+        let name = format!("e{}-{}", v.epoch(), common + 1);
+        match v.cut_to_branch(common, &name) {
+            Ok(Some(branch)) => {
+                tracing::warn!(
+                    branch = %branch.name,
+                    first_lsn = branch.first_lsn,
+                    last_lsn = branch.last_lsn,
+                    records = branch.records,
+                    "the records the newer primary never had are kept as a branch"
+                );
+                Ok(Some(branch.name))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(format!(
+                "keeping lsns {}.. as branch {name} failed: {e}",
+                common + 1
+            )),
+        }
+    }
+
+    /// The operator's `resolve --discard-this-side`: this side's writes
+    /// since the histories split become a branch, and it becomes a
+    /// replica of the other side.
+    pub fn resolve(&self) -> Result<Option<String>, String> {
+        let _one = lock(&self.changing);
+        let Some(peer) = self.link.as_ref().and_then(|link| link.peer_history()) else {
+            return Err("no peer has connected yet: there is nothing to resolve against".into());
+        };
+        let common = match relate(&self.volume.epoch_history(), &peer) {
+            Relation::Diverged { common } | Relation::Behind { common } => common,
+            Relation::Ahead { .. } | Relation::Same => {
+                return Err(format!(
+                    "this node's history ({:?}) does not diverge from the peer's ({peer:?}): \
+                     there is no split brain to resolve",
+                    self.volume.epoch_history()
+                ))
+            }
+        };
+        self.leave_for(common)
+    }
+
+    /// Stops serving for good, cuts after `common`, becomes a replica.
+    fn leave_for(&self, common: u64) -> Result<Option<String>, String> {
+        let v = &self.volume;
+        if v.role() == Role::Primary {
+            self.close_for_good();
+        }
+        let branch = self.cut_after(common)?;
+        if v.role() == Role::Primary {
+            v.demote(false)
+                .map_err(|e| format!("demoting failed: {e}"))?;
+        }
+        self.awaiting_peer.store(false, Ordering::Release);
+        if let Some(link) = &self.link {
+            link.notify_durable();
+        }
+        Ok(branch)
+    }
+}
+
+impl RoleChanges for Roles {
+    fn seal_for_peer(&self) -> Result<Seal, String> {
+        self.seal(PEER_SEAL_LIMIT, true).map(|d| Seal {
+            epoch: d.epoch,
+            lsn: d.sealed_lsn,
+        })
+    }
+
+    fn rejoin(&self, newer: &[EpochStart]) -> Result<(), String> {
+        let _one = lock(&self.changing);
+        let mine = self.volume.epoch_history();
+        match relate(&mine, newer) {
+            Relation::Behind { common } => {
+                let branch = self.leave_for(common)?;
+                tracing::warn!(
+                    common,
+                    ?branch,
+                    "a newer primary exists: this node is its replica from lsn {}",
+                    common + 1
+                );
+                Ok(())
+            }
+            Relation::Same if self.volume.role() == Role::Replica => Ok(()),
+            Relation::Ahead { .. } => Err(format!(
+                "the peer's history ({newer:?}) is older than this node's ({mine:?})"
+            )),
+            Relation::Same | Relation::Diverged { .. } => Err(format!(
+                "split brain: this node ({mine:?}) and the peer ({newer:?}) were both promoted; \
+                 run `rewindctl resolve --discard-this-side` on the one whose writes to give up"
+            )),
+        }
+    }
+
+    fn confirmed(&self) {
+        if self.awaiting_peer.swap(false, Ordering::AcqRel)
+            && self.live.gate.state() == State::Drained
+        {
+            tracing::info!("the replica confirmed this node's epoch: serving the guest");
+            let _ = self.live.gate.resume();
+        }
+    }
+}

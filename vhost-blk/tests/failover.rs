@@ -1,0 +1,330 @@
+//! Failover, failback and rejoin between two real `rewind-blk` daemons
+//! over TCP on loopback with mutual TLS, each configured symmetrically
+//! (`--replication-listen` and `--replicate-to`), driven through their
+//! control sockets as `rewindctl` drives them.
+
+mod common;
+
+use std::time::Duration;
+
+use common::client::{pattern, Client};
+use common::replication::*;
+use common::{wait_until, TestVolume};
+use serde_json::{json, Value};
+
+/// Two nodes that can swap roles: `a` starts as the primary.
+struct Twins {
+    a: Node,
+    b: Node,
+}
+
+impl Twins {
+    fn start(extra: &[&str]) -> Twins {
+        // Either may ship to the other: the same segment size on both.
+        let a_vol = TestVolume::create_with(SIZE, &["--segment-size", "4M"]);
+        let certs = a_vol.dir.path().join("certs");
+        let (a_id, b_id) = (identity(&certs, "a"), identity(&certs, "b"));
+        let b_vol = replica_volume(&volume_uuid(&a_vol.path));
+        let (a_port, b_port) = (free_port(), free_port());
+        let args = |me: &Identity, peer: &Identity, listen: u16, to: u16| {
+            let mut args = vec![
+                "--replication-listen".to_owned(),
+                format!("127.0.0.1:{listen}"),
+                "--replicate-to".to_owned(),
+                format!("127.0.0.1:{to}"),
+            ];
+            args.extend(tls_args(me, peer));
+            args.extend(extra.iter().map(|s| s.to_string()));
+            args
+        };
+        let b = Node::start(b_vol, args(&b_id, &a_id, b_port, a_port));
+        let a = Node::start(a_vol, args(&a_id, &b_id, a_port, b_port));
+        Twins { a, b }
+    }
+}
+
+fn status(node: &Node) -> Value {
+    node.ctl("status", Value::Null)
+}
+
+fn lsn(value: &Value, field: &str) -> u64 {
+    value[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {field} in {value}"))
+}
+
+/// Waits until `to` streams to `from` and `from` holds all of it.
+fn streaming(to: &Node, from: &Node) -> u64 {
+    let mut acked = 0;
+    wait_until("the replica to catch up", Duration::from_secs(60), || {
+        let primary = to.replication();
+        let durable = lsn(&status(to), "durable_lsn");
+        acked = lsn(&primary, "acked_lsn");
+        primary["state"] == "streaming"
+            && acked >= durable
+            && lsn(&status(from), "durable_lsn") >= acked
+    });
+    acked
+}
+
+/// Writes `count` 64 KiB patterns from `first` on at `base`, then flushes.
+fn write_flushed(client: &mut Client, base: u64, first: u8, count: u8) {
+    for i in 0..count {
+        let offset = base + u64::from(i) * (64 << 10);
+        assert_eq!(client.write(0, offset, &pattern(first + i, 64 << 10)), 0);
+    }
+    assert_eq!(client.flush(0), 0);
+}
+
+fn read_back(client: &mut Client, base: u64, first: u8, count: u8) {
+    for i in 0..count {
+        let offset = base + u64::from(i) * (64 << 10);
+        assert!(
+            client.read(0, offset, 64 << 10) == pattern(first + i, 64 << 10),
+            "data at {offset} differs"
+        );
+    }
+}
+
+#[test]
+fn a_live_primary_is_sealed_then_failed_back_with_only_the_new_writes() {
+    let twins = Twins::start(&[]);
+    let mut client = Client::connect(&twins.a.vol.socket, 1);
+    write_flushed(&mut client, 0, 1, 16);
+    streaming(&twins.a, &twins.b);
+
+    // Failover on B while A's guest is still attached: A seals (RPO 0).
+    let a_last = lsn(&status(&twins.a), "last_lsn");
+    let done = twins.b.ctl("failover", json!({}));
+    assert_eq!(done["role"], "primary", "{done}");
+    assert_eq!(done["forced"], false, "{done}");
+    assert_eq!(done["rpo_seconds"], 0.0, "{done}");
+    assert_eq!(done["epoch"], 2, "{done}");
+    let sealed = lsn(&done, "sealed_lsn");
+    assert!(
+        sealed >= a_last,
+        "sealed at {sealed}, A wrote up to {a_last}"
+    );
+    assert!(lsn(&done, "took_ms") < 10_000, "{done}");
+    let a = status(&twins.a);
+    assert_eq!(a["role"], "replica", "{a}");
+    assert_ne!(a["state"], "serving", "{a}");
+    // The old guest cannot come back to A.
+    drop(client);
+    assert!(
+        Client::try_connect(&twins.a.vol.socket, 1, false).is_err()
+            || status(&twins.a)["last_refusal"].is_string(),
+        "the sealed primary admitted its old guest again"
+    );
+
+    // B serves what A wrote and takes new writes.
+    let mut client = Client::connect(&twins.b.vol.socket, 1);
+    read_back(&mut client, 0, 1, 16);
+    write_flushed(&mut client, 4 << 20, 50, 8);
+    // A is B's replica now, without a resync: only B's new records.
+    let acked = streaming(&twins.b, &twins.a);
+    let b_repl = twins.b.replication();
+    assert!(b_repl["last_resync"].is_null(), "{b_repl}");
+    let sent = b_repl["bytes_sent"].as_u64().expect("bytes_sent");
+    assert!(
+        sent < 2 << 20,
+        "{sent} bytes sent for 512 KiB of new writes: more than the new records"
+    );
+    assert_eq!(twins.a.materialize(acked), twins.b.materialize(acked));
+
+    // Failback: the same command the other way.
+    drop(client);
+    wait_until("B's guest to detach", Duration::from_secs(30), || {
+        status(&twins.b)["attached"].is_null()
+    });
+    let back = twins.a.ctl("failover", json!({}));
+    assert_eq!(back["forced"], false, "{back}");
+    assert_eq!(back["epoch"], 3, "{back}");
+    assert_eq!(status(&twins.b)["role"], "replica");
+    let a = status(&twins.a);
+    assert_eq!(a["state"], "serving", "{a}");
+    // A holds everything B wrote (a guest there is a fresh VM: this test
+    // process is the old guest, which A keeps out).
+    let acked = streaming(&twins.a, &twins.b);
+    assert!(acked > lsn(&back, "first_lsn") - 1);
+    assert_eq!(twins.a.materialize(acked), twins.b.materialize(acked));
+    // A second failover on the primary changes nothing.
+    let again = twins.a.ctl("failover", json!({}));
+    assert_eq!(again["already"], true, "{again}");
+    assert_eq!(again["epoch"], 3, "{again}");
+}
+
+#[test]
+fn without_an_answering_primary_failover_needs_force_and_the_old_tail_becomes_a_branch() {
+    let mut twins = Twins::start(&[]);
+    let mut client = Client::connect(&twins.a.vol.socket, 1);
+    write_flushed(&mut client, 0, 1, 8);
+    streaming(&twins.a, &twins.b);
+    // A writes on while B is away: a tail B never gets.
+    twins.b.kill();
+    write_flushed(&mut client, 2 << 20, 30, 4);
+    drop(client);
+    twins.a.kill();
+    twins.b.restart();
+
+    let b_last = lsn(&status(&twins.b), "last_lsn");
+    let refused = twins
+        .b
+        .try_ctl("failover", json!({"timeout_ms": 2000}))
+        .expect_err("no seal without the primary")
+        .to_string();
+    assert!(refused.contains("--force"), "{refused}");
+    assert!(refused.contains(&format!("lsn {b_last}")), "{refused}");
+    assert_eq!(status(&twins.b)["role"], "replica");
+    let promote = twins
+        .b
+        .try_ctl("promote", json!({}))
+        .expect_err("not sealed");
+    assert!(promote.to_string().contains("--force"), "{promote}");
+
+    let forced = twins.b.ctl("failover", json!({"force": true}));
+    assert_eq!(forced["forced"], true, "{forced}");
+    assert!(forced["sealed_lsn"].is_null(), "{forced}");
+    assert!(
+        forced["rpo_seconds"].as_f64().expect("rpo") > 0.0,
+        "{forced}"
+    );
+    assert_eq!(lsn(&forced, "first_lsn"), b_last + 1);
+    let again = twins
+        .b
+        .try_ctl("promote", json!({}))
+        .expect_err("already primary");
+    assert!(again.to_string().contains("already the primary"), "{again}");
+    let mut client = Client::connect(&twins.b.vol.socket, 1);
+    read_back(&mut client, 0, 1, 8);
+    write_flushed(&mut client, 8 << 20, 90, 4);
+
+    // A comes back as a primary of epoch 1: it must not serve its guest;
+    // it learns of epoch 2 from B, keeps its tail as a branch and rejoins
+    // as B's replica.
+    twins.a.restart();
+    let acked = streaming(&twins.b, &twins.a);
+    let a = status(&twins.a);
+    assert_eq!(a["role"], "replica", "{a}");
+    assert_eq!(a["epoch"], 2, "{a}");
+    assert!(a["hold"].is_null(), "{a}");
+    let disk = twins.a.materialize(acked);
+    assert!(disk == twins.b.materialize(acked), "A differs from B");
+    assert!(
+        disk[2 << 20..(2 << 20) + (256 << 10)]
+            .iter()
+            .all(|&b| b == 0),
+        "A's cut tail is still on its disk"
+    );
+    let branches = twins.a.ctl("branches", Value::Null)["branches"].clone();
+    let branch = &branches[0];
+    assert_eq!(branches.as_array().map(Vec::len), Some(1), "{branches}");
+    assert_eq!(lsn(branch, "base_lsn"), b_last, "{branch}");
+    assert_eq!(branch["readable"], true, "{branch}");
+    let name = branch["name"].as_str().expect("name");
+    assert_eq!(name, format!("e1-{}", b_last + 1));
+    let image = twins.a.vol.dir.path().join("branch.raw");
+    twins.a.ctl(
+        "materialize",
+        json!({"at": format!("branch:{name}"), "output": image}),
+    );
+    let image = std::fs::read(&image).expect("branch image");
+    for i in 0..4u8 {
+        let at = (2 << 20) + usize::from(i) * (64 << 10);
+        assert!(
+            image[at..at + (64 << 10)] == pattern(30 + i, 64 << 10),
+            "the branch lacks A's write at {at}"
+        );
+    }
+    let err = twins
+        .a
+        .try_ctl("branch-drop", json!({"name": "nope"}))
+        .expect_err("unknown branch");
+    assert!(err.to_string().contains("nope"), "{err}");
+    twins.a.ctl("branch-drop", json!({"name": name}));
+    assert_eq!(twins.a.ctl("branches", Value::Null)["branches"], json!([]));
+    if let Ok(mut guest) = Client::try_connect(&twins.a.vol.socket, 1, false) {
+        assert_eq!(
+            guest.write_within(0, &pattern(7, 4096), Duration::from_millis(500)),
+            None,
+            "the rejoined node served a guest write"
+        );
+    }
+}
+
+#[test]
+fn demote_and_promote_check_their_preconditions() {
+    let twins = Twins::start(&[]);
+    let mut client = Client::connect(&twins.a.vol.socket, 1);
+    write_flushed(&mut client, 0, 3, 4);
+    streaming(&twins.a, &twins.b);
+
+    let err = twins.a.try_ctl("promote", json!({})).expect_err("primary");
+    assert!(err.to_string().contains("already the primary"), "{err}");
+    let err = twins.a.try_ctl("demote", json!({})).expect_err("guest");
+    assert!(err.to_string().contains("guest is attached"), "{err}");
+    assert_eq!(status(&twins.a)["state"], "serving");
+
+    drop(client);
+    wait_until("the guest to detach", Duration::from_secs(30), || {
+        status(&twins.a)["attached"].is_null()
+    });
+    let demoted = twins.a.ctl("demote", json!({}));
+    assert_eq!(demoted["role"], "replica", "{demoted}");
+    assert_eq!(demoted["replica_acked"], true, "{demoted}");
+    let sealed = lsn(&demoted, "sealed_lsn");
+    wait_until("B to hold the seal", Duration::from_secs(30), || {
+        status(&twins.b)["sealed_lsn"] == json!(sealed)
+    });
+    let err = twins.a.try_ctl("demote", json!({})).expect_err("replica");
+    assert!(err.to_string().contains("replica already"), "{err}");
+
+    // B holds the seal: it is promoted without --force.
+    let promoted = twins.b.ctl("promote", json!({}));
+    assert_eq!(promoted["forced"], false, "{promoted}");
+    assert_eq!(lsn(&promoted, "sealed_lsn"), sealed);
+    assert_eq!(lsn(&promoted, "first_lsn"), sealed + 1);
+    // A sealed epoch 1, and B began epoch 2: A holds no seal of it.
+    streaming(&twins.b, &twins.a);
+    let err = twins.a.try_ctl("promote", json!({})).expect_err("unsealed");
+    assert!(err.to_string().contains("--force"), "{err}");
+    let mut client = Client::connect(&twins.b.vol.socket, 1);
+    read_back(&mut client, 0, 3, 4);
+}
+
+#[test]
+fn a_restarted_primary_waits_for_its_replica_until_resumed() {
+    let mut twins = Twins::start(&[]);
+    let mut client = Client::connect(&twins.a.vol.socket, 1);
+    write_flushed(&mut client, 0, 9, 2);
+    streaming(&twins.a, &twins.b);
+    drop(client);
+    twins.b.kill();
+    twins.a.kill();
+    twins.a.restart();
+    let a = status(&twins.a);
+    assert!(a["hold"].is_string(), "{a}");
+    assert_eq!(a["state"], "drained", "{a}");
+    let mut client = Client::connect(&twins.a.vol.socket, 1);
+    assert_eq!(
+        client.write_within(0, &pattern(1, 4096), Duration::from_millis(500)),
+        None,
+        "served before the replica confirmed the epoch"
+    );
+    // The operator knows the replica is gone for good.
+    twins.a.ctl("resume", Value::Null);
+    assert!(status(&twins.a)["hold"].is_null());
+    assert_eq!(client.flush_within(Duration::from_secs(30)), Some(0));
+
+    // With the replica up, a restart is served once it confirms.
+    drop(client);
+    twins.b.restart();
+    streaming(&twins.a, &twins.b);
+    twins.a.kill();
+    twins.a.restart();
+    wait_until("the hold to end", Duration::from_secs(30), || {
+        status(&twins.a)["hold"].is_null()
+    });
+    let mut client = Client::connect(&twins.a.vol.socket, 1);
+    write_flushed(&mut client, 1 << 20, 20, 2);
+}
