@@ -315,9 +315,17 @@ impl Roles {
             });
         }
         if self.held_seal().is_none() {
-            if let Some(link) = self.link.as_ref().filter(|link| link.receiving()) {
+            // A primary that is up reconnects within its backoff (this
+            // daemon may have just restarted): wait for it, then ask.
+            let deadline = started + timeout;
+            if let Some(link) = self
+                .link
+                .as_ref()
+                .filter(|link| link.wait_receiving(timeout))
+            {
                 tracing::info!("failover: asking the primary to seal");
-                if link.request_seal(v, timeout).is_none() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if link.request_seal(v, left).is_none() {
                     tracing::warn!("failover: the primary did not seal within {timeout:?}");
                 }
             }

@@ -328,3 +328,86 @@ fn a_restarted_primary_waits_for_its_replica_until_resumed() {
     let mut client = Client::connect(&twins.a.vol.socket, 1);
     write_flushed(&mut client, 1 << 20, 20, 2);
 }
+
+#[test]
+fn a_split_brain_is_refused_on_both_sides_until_one_side_is_discarded() {
+    let mut twins = Twins::start(&[]);
+    let mut client = Client::connect(&twins.a.vol.socket, 1);
+    write_flushed(&mut client, 0, 1, 4);
+    streaming(&twins.a, &twins.b);
+    drop(client);
+    // B is forced to take over while A is away, and writes.
+    twins.a.kill();
+    twins.b.ctl("failover", json!({"force": true}));
+    let mut client = Client::connect(&twins.b.vol.socket, 1);
+    write_flushed(&mut client, 1 << 20, 40, 4);
+    drop(client);
+    twins.b.kill();
+    // A comes back alone; its operator serves it anyway and raises its
+    // own epoch: both sides now hold an epoch 2 the other lacks.
+    twins.a.restart();
+    twins.a.ctl("resume", Value::Null);
+    twins.a.ctl("fence", Value::Null);
+    twins.a.ctl("unfence", Value::Null);
+    let mut client = Client::connect(&twins.a.vol.socket, 1);
+    write_flushed(&mut client, 2 << 20, 80, 4);
+    drop(client);
+    twins.b.restart();
+
+    for node in [&twins.a, &twins.b] {
+        wait_until("the split brain to show", Duration::from_secs(30), || {
+            node.replication()["state"] == "split_brain"
+        });
+        let error = node.replication()["last_error"].to_string();
+        assert!(error.contains("resolve --discard-this-side"), "{error}");
+        assert_eq!(status(node)["role"], "primary");
+    }
+    let refused = twins
+        .b
+        .try_ctl("resolve", json!({"discard_this_side": false}))
+        .expect_err("needs the flag");
+    assert!(
+        refused.to_string().contains("discard_this_side"),
+        "{refused}"
+    );
+
+    // A gives up its writes: they become a branch, and it takes B's.
+    let resolved = twins.a.ctl("resolve", json!({"discard_this_side": true}));
+    assert_eq!(resolved["role"], "replica", "{resolved}");
+    let name = resolved["branch"].as_str().expect("a branch").to_owned();
+    let acked = streaming(&twins.b, &twins.a);
+    let disk = twins.a.materialize(acked);
+    assert!(disk == twins.b.materialize(acked), "A differs from B");
+    assert!(disk[1 << 20..(1 << 20) + (64 << 10)] == pattern(40, 64 << 10));
+    assert!(disk[2 << 20..(2 << 20) + (64 << 10)]
+        .iter()
+        .all(|&b| b == 0));
+    let image = twins.a.vol.dir.path().join("split.raw");
+    twins.a.ctl(
+        "materialize",
+        json!({"at": format!("branch:{name}"), "output": image}),
+    );
+    let image = std::fs::read(&image).expect("branch image");
+    assert!(
+        image[2 << 20..(2 << 20) + (64 << 10)] == pattern(80, 64 << 10),
+        "the branch lacks A's writes"
+    );
+    assert_eq!(twins.b.replication()["state"], "streaming");
+}
+
+#[test]
+fn a_failover_right_after_the_replica_restarts_waits_for_its_primary() {
+    let mut twins = Twins::start(&[]);
+    let mut client = Client::connect(&twins.a.vol.socket, 1);
+    write_flushed(&mut client, 0, 5, 4);
+    streaming(&twins.a, &twins.b);
+    twins.b.kill();
+    twins.b.restart();
+    // A is still in its reconnect backoff: the failover waits for it.
+    let done = twins.b.ctl("failover", json!({}));
+    assert_eq!(done["forced"], false, "{done}");
+    assert!(done["sealed_lsn"].is_u64(), "{done}");
+    drop(client);
+    let mut client = Client::connect(&twins.b.vol.socket, 1);
+    read_back(&mut client, 0, 5, 4);
+}

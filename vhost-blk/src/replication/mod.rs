@@ -263,14 +263,17 @@ impl Link {
         self.roles.get().and_then(Weak::upgrade)
     }
 
-    /// Whether a primary's session to this node's listener is up.
-    pub fn receiving(&self) -> bool {
-        let shared = lock(&self.shared);
-        self.receiving
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
-            && matches!(shared.state, LinkState::Streaming | LinkState::Syncing)
+    /// Waits up to `limit` for a primary's session (one that reconnects
+    /// after a restart of either side); returns whether one is up.
+    pub fn wait_receiving(&self, limit: Duration) -> bool {
+        self.wait_for(Instant::now() + limit, |link, shared| {
+            matches!(shared.state, LinkState::Streaming | LinkState::Syncing)
+                && link
+                    .receiving
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_some()
+        })
     }
 
     /// Ends the session a primary has open to this node (it was promoted:
