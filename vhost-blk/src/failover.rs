@@ -220,8 +220,8 @@ impl Roles {
         let link = self.link.as_ref().map_or_else(String::new, |link| {
             let status = link.status(v);
             format!(
-                " (replication {:?}{})",
-                status.state,
+                " (replication {}{})",
+                status.state.name(),
                 status
                     .last_error
                     .map_or_else(String::new, |e| format!(": {e}"))
@@ -317,11 +317,13 @@ impl Roles {
         if self.held_seal().is_none() {
             // A primary that is up reconnects within its backoff (this
             // daemon may have just restarted): wait for it, then ask.
+            // --force says it is fenced: ask only if it is connected.
             let deadline = started + timeout;
+            let wait = if force { Duration::ZERO } else { timeout };
             if let Some(link) = self
                 .link
                 .as_ref()
-                .filter(|link| link.wait_receiving(timeout))
+                .filter(|link| link.wait_receiving(wait))
             {
                 tracing::info!("failover: asking the primary to seal");
                 let left = deadline.saturating_duration_since(Instant::now());

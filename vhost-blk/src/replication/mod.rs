@@ -114,6 +114,21 @@ pub enum LinkState {
     SplitBrain,
 }
 
+impl LinkState {
+    /// The name `status` shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            LinkState::Connecting => "connecting",
+            LinkState::Syncing => "syncing",
+            LinkState::Streaming => "streaming",
+            LinkState::Disconnected => "disconnected",
+            LinkState::Degraded => "degraded",
+            LinkState::Outdated => "outdated",
+            LinkState::SplitBrain => "split_brain",
+        }
+    }
+}
+
 /// What `status` shows of replication.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReplicationStatus {
