@@ -320,11 +320,7 @@ impl Roles {
             // --force says it is fenced: ask only if it is connected.
             let deadline = started + timeout;
             let wait = if force { Duration::ZERO } else { timeout };
-            if let Some(link) = self
-                .link
-                .as_ref()
-                .filter(|link| link.wait_receiving(wait))
-            {
+            if let Some(link) = self.link.as_ref().filter(|link| link.wait_receiving(wait)) {
                 tracing::info!("failover: asking the primary to seal");
                 let left = deadline.saturating_duration_since(Instant::now());
                 if link.request_seal(v, left).is_none() {
