@@ -440,29 +440,34 @@ pub fn revert(members: &[PathBuf], at: &str) -> Result<Report, CtlError> {
     ))
 }
 
-/// The newest record's time a member's `status` reports, in ns; None
-/// when it holds no record (its disk is the same at every moment).
-fn last_record_ns(status: &Value) -> Result<Option<u64>, String> {
-    match status.get("last_record_time") {
-        None => {
-            Err("status has no last_record_time: the daemon is too old for a group failover".into())
-        }
+/// The time, in ns, of the newest record a promoted member held from its
+/// old primary (its `failover` answer says it); None when it held none
+/// (its disk is the same at every moment).
+fn held_through_ns(promoted: &Value) -> Result<Option<u64>, String> {
+    match promoted.get("held_through_time") {
+        None => Err(
+            "the failover answer has no held_through_time: the daemon is too old for a group \
+             failover"
+                .into(),
+        ),
         Some(Value::Null) => Ok(None),
         Some(Value::String(time)) => match time.parse::<PointInTime>() {
             Ok(PointInTime::Time(ns)) => Ok(Some(ns)),
             _ => Err(format!(
-                "status: last_record_time {time:?} is not an RFC 3339 time"
+                "failover: held_through_time {time:?} is not an RFC 3339 time"
             )),
         },
-        Some(other) => Err(format!("status: last_record_time {other} is not a time")),
+        Some(other) => Err(format!("failover: held_through_time {other} is not a time")),
     }
 }
 
 /// Fails the whole group over: promotes each member in turn, drained
 /// (`failover` with `drained`: each seals its old primary, or with
 /// `force` takes what it holds); stops at the first member that fails.
-/// Then T* = the earliest of the members' newest record times (the latest
-/// moment every member holds); each member holding records after T* is
+/// Then T* = the earliest of the times each member held its old primary's
+/// history through (the latest moment every member holds; the records
+/// of the promotion itself come after it); each member holding records
+/// after T* is
 /// reverted to T* (a revert record: nothing is lost); then every member
 /// resumes, unless `leave_drained`. A failure after a promotion leaves
 /// every promoted member drained, for the operator to decide.
@@ -508,15 +513,12 @@ pub fn failover(
         stopped: Some(stopped_message(&why, members)),
         ..Report::of(members, results)
     };
-    let times: Vec<Result<Option<u64>, String>> = statuses(members)
-        .into_iter()
-        .map(|s| s.and_then(|s| last_record_ns(&s)))
-        .collect();
+    let times: Vec<Result<Option<u64>, String>> = promoted.iter().map(held_through_ns).collect();
     if times.iter().any(Result::is_err) {
         let results = drained(&promoted, times.iter().map(|t| t.as_ref().err().cloned()));
         return stop(
             results,
-            "a promoted member's status did not say its newest record".into(),
+            "a promoted member did not say how far it held its old primary".into(),
         );
     }
     let times: Vec<Option<u64>> = times.into_iter().map(|t| t.unwrap_or(None)).collect();

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use rewind_journal::{EpochStart, Role, Seal, Volume};
+use rewind_journal::{format_ns, EpochStart, Role, Seal, Volume};
 use serde::Serialize;
 
 use crate::export::Export;
@@ -54,6 +54,11 @@ pub struct Promoted {
     /// Now minus the time of the last record this node holds, for a
     /// forced promotion; 0 after a seal.
     pub rpo_seconds: f64,
+    /// The time (RFC 3339) of the newest record this node held from the
+    /// old primary (the one before `first_lsn`), if any: what it holds
+    /// of the old primary's history. A group failover reverts every
+    /// member to the earliest of these.
+    pub held_through_time: Option<String>,
     /// `failover` only: the time from the command to serving.
     pub took_ms: u64,
     /// `failover` only: this node was the primary already.
@@ -176,6 +181,14 @@ impl Roles {
             .filter(|s| s.epoch == v.epoch() && v.last_lsn() >= s.lsn)
     }
 
+    /// The time of record `lsn` (RFC 3339), if the journal holds it.
+    fn time_of(&self, lsn: u64) -> Option<String> {
+        (lsn > 0)
+            .then(|| self.volume.record_time(lsn))
+            .flatten()
+            .map(format_ns)
+    }
+
     fn open_gate(&self) {
         let gate = &self.live.gate;
         let opened = match gate.state() {
@@ -285,6 +298,7 @@ impl Roles {
             forced: sealed.is_none(),
             sealed_lsn: sealed.map(|s| s.lsn),
             rpo_seconds,
+            held_through_time: self.time_of(start.first_lsn - 1),
             took_ms: 0,
             already: false,
         })
@@ -310,6 +324,7 @@ impl Roles {
                 forced: false,
                 sealed_lsn: None,
                 rpo_seconds: 0.0,
+                held_through_time: self.time_of(first_lsn.saturating_sub(1)),
                 took_ms: started.elapsed().as_millis() as u64,
                 already: true,
             });

@@ -411,3 +411,63 @@ fn a_failover_right_after_the_replica_restarts_waits_for_its_primary() {
     let mut client = Client::connect(&twins.b.vol.socket, 1);
     read_back(&mut client, 0, 5, 4);
 }
+
+/// The counter a causal writer left in the first block of a disk.
+fn counter(socket: &std::path::Path) -> u64 {
+    let mut client = Client::connect(socket, 1);
+    let block = client.read(0, 0, 4096);
+    u64::from_le_bytes(block[..8].try_into().expect("8 bytes"))
+}
+
+#[test]
+fn a_group_failover_never_keeps_a_later_write_without_the_earlier_one() {
+    // X's replica lags behind (its stream is rate-limited), Y's does not.
+    let x = Twins::start(&["--replication-rate", "1M"]);
+    let y = Twins::start(&[]);
+    let mut wx = Client::connect(&x.a.vol.socket, 1);
+    let mut wy = Client::connect(&y.a.vol.socket, 1);
+    // The guest writes i to X (256 KiB: X's replica falls far behind),
+    // then, once X holds it, i to Y.
+    let mut block = vec![0u8; 256 << 10];
+    // Random bytes: zstd cannot shrink them under the rate limit.
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut block);
+    let mut written = 0u64;
+    while written < 40 {
+        written += 1;
+        block[..8].copy_from_slice(&written.to_le_bytes());
+        assert_eq!(wx.write(0, 0, &block), 0);
+        assert_eq!(wx.flush(0), 0);
+        assert_eq!(wy.write(0, 0, &block[..4096]), 0);
+        assert_eq!(wy.flush(0), 0);
+    }
+    drop((wx, wy));
+    let (mut x, mut y) = (x, y);
+    x.a.kill();
+    y.a.kill();
+
+    let members = [x.b.control.clone(), y.b.control.clone()];
+    let report = rewind_ctl::group::failover(&members, true, Duration::from_secs(5), false);
+    assert!(report.succeeded(), "{}", report.to_json());
+    for outcome in &report.outcomes {
+        let result = outcome.result.as_ref().expect("promoted");
+        eprintln!(
+            "{}: held through {}, reverted to {}",
+            outcome.control.display(),
+            result["held_through_time"],
+            result["reverted_to"]
+        );
+        assert_eq!(result["state"], "serving", "{result}");
+    }
+    let (held_x, held_y) = (counter(&x.b.vol.socket), counter(&y.b.vol.socket));
+    eprintln!("written {written}, X holds {held_x}, Y holds {held_y}");
+    assert!(
+        held_y <= held_x,
+        "Y holds write {held_y} but X only {held_x}: a later write without the earlier one"
+    );
+    // 10 MiB at 1 MiB/s: X's replica held far less than Y's, which had
+    // to be reverted (a revert record: its later writes stay in its
+    // history).
+    assert!(held_x < written, "X's replica held every write");
+    let y_result = report.outcomes[1].result.as_ref().expect("Y promoted");
+    assert!(y_result["reverted_to"].is_string(), "{y_result}");
+}
