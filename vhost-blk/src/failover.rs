@@ -126,6 +126,12 @@ impl Roles {
                 // A replica serves no guest until it is promoted: a client
                 // may connect (a migration destination, early) and waits.
                 let _ = roles.live.gate.drain(Duration::ZERO, || ());
+                // A node that sealed tells its peer again after a restart:
+                // the peer may not have heard it.
+                let v = &roles.volume;
+                if v.sealed().is_some_and(|s| s.epoch == v.epoch()) {
+                    roles.start_sender();
+                }
             }
             Role::Primary if roles.sender.is_some() => {
                 roles.awaiting_peer.store(true, Ordering::Release);
@@ -161,9 +167,11 @@ impl Roles {
         if running.as_ref().is_some_and(|task| !task.is_finished()) {
             return;
         }
-        // Until the replica says what it holds, fold nothing it may lack.
-        self.volume
-            .hold_for_replica(Some(self.volume.stats().base_lsn));
+        if self.volume.role() == Role::Primary {
+            // Until the replica says what it holds, fold nothing it may lack.
+            self.volume
+                .hold_for_replica(Some(self.volume.stats().base_lsn));
+        }
         *running = Some(start.runtime.spawn(repl::sender::run(
             self.volume.clone(),
             link.clone(),
@@ -280,6 +288,9 @@ impl Roles {
         let start = v
             .promote()
             .map_err(|e| format!("raising the epoch failed: {e}"))?;
+        if let Some(link) = &self.link {
+            link.set_seal_delivered(false);
+        }
         if !drained {
             self.open_gate();
         }
@@ -405,7 +416,9 @@ impl Roles {
         gate.set_epoch(gate.epoch() + 1);
         self.live.disconnect();
         if let Some(link) = &self.link {
-            // The sender says "sealed" and ends.
+            // The sender tells the replica of the seal (now, or once it is
+            // back), then ends.
+            link.set_seal_delivered(false);
             link.notify_durable();
         }
         tracing::warn!(

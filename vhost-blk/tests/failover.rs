@@ -471,3 +471,32 @@ fn a_group_failover_never_keeps_a_later_write_without_the_earlier_one() {
     let y_result = report.outcomes[1].result.as_ref().expect("Y promoted");
     assert!(y_result["reverted_to"].is_string(), "{y_result}");
 }
+
+#[test]
+fn a_seal_the_replica_missed_reaches_it_when_it_returns() {
+    let mut twins = Twins::start(&[]);
+    let mut client = Client::connect(&twins.a.vol.socket, 1);
+    write_flushed(&mut client, 0, 11, 2);
+    streaming(&twins.a, &twins.b);
+    // B misses the last writes and the seal.
+    twins.b.kill();
+    write_flushed(&mut client, 1 << 20, 60, 4);
+    drop(client);
+    wait_until("the guest to detach", Duration::from_secs(30), || {
+        status(&twins.a)["attached"].is_null()
+    });
+    let demoted = twins.a.ctl("demote", json!({"timeout_ms": 500}));
+    assert_eq!(demoted["replica_acked"], false, "{demoted}");
+    let sealed = lsn(&demoted, "sealed_lsn");
+    // Killed and restarted too: A still tells B, after shipping what B lacks.
+    twins.a.kill();
+    twins.a.restart();
+    twins.b.restart();
+    wait_until("B to hold A's seal", Duration::from_secs(30), || {
+        status(&twins.b)["sealed_lsn"] == json!(sealed)
+    });
+    let promoted = twins.b.ctl("promote", json!({}));
+    assert_eq!(promoted["forced"], false, "{promoted}");
+    let mut client = Client::connect(&twins.b.vol.socket, 1);
+    read_back(&mut client, 1 << 20, 60, 4);
+}

@@ -221,6 +221,8 @@ pub struct Link {
     released: AtomicU64,
     /// The replica asked for a resync: the next session runs one.
     force_resync: AtomicBool,
+    /// The peer was told of this node's seal.
+    seal_delivered: AtomicBool,
     /// Held while `--fence-peer` runs.
     hook: Mutex<()>,
     /// The session a primary has open to this node's listener.
@@ -262,6 +264,7 @@ impl Link {
             stop: tokio::sync::Notify::new(),
             released: AtomicU64::new(0),
             force_resync: AtomicBool::new(false),
+            seal_delivered: AtomicBool::new(false),
             hook: Mutex::new(()),
             receiving: Mutex::new(None),
             seal_request: tokio::sync::Notify::new(),
@@ -319,6 +322,16 @@ impl Link {
         });
         lock(&self.shared).seal_wanted = false;
         held(self, &lock(&self.shared))
+    }
+
+    /// Whether the peer was told of this node's seal.
+    pub fn seal_delivered(&self) -> bool {
+        self.seal_delivered.load(Ordering::Acquire)
+    }
+
+    /// Records whether the peer knows of this node's newest seal.
+    pub fn set_seal_delivered(&self, delivered: bool) {
+        self.seal_delivered.store(delivered, Ordering::Release);
     }
 
     /// Whether a failover waits for a seal (the receiver's writer asks).

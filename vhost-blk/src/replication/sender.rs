@@ -68,10 +68,18 @@ fn down(message: impl Into<String>) -> SessionError {
     }
 }
 
-/// Runs sessions while the volume is the primary, until the runtime stops.
+/// Whether this node ships: it is the primary, or it sealed its epoch and
+/// the replica has not been told yet (it was away, or this daemon
+/// restarted), so that the replica can be promoted without `--force`.
+fn ships(volume: &Volume, link: &Link) -> bool {
+    volume.role() == Role::Primary
+        || (volume.sealed().is_some_and(|s| s.epoch == volume.epoch()) && !link.seal_delivered())
+}
+
+/// Runs sessions while this node ships, until the runtime stops.
 pub async fn run(volume: Arc<Volume>, link: Arc<Link>, config: SenderConfig, tls: TlsContext) {
     let mut backoff = BACKOFF_FIRST;
-    while !link.stopping() && volume.role() == Role::Primary {
+    while !link.stopping() && ships(&volume, &link) {
         link.set_state(LinkState::Connecting);
         let started = Instant::now();
         let err = session(&volume, &link, &config, &tls).await;
@@ -87,8 +95,10 @@ pub async fn run(volume: Arc<Volume>, link: Arc<Link>, config: SenderConfig, tls
         }
         link.failed(err.state, err.message);
         link.set_resync(None);
-        if volume.role() != Role::Primary {
+        if !ships(&volume, &link) {
             tracing::info!(peer = %config.peer, "this node is a replica now: it ships no more");
+            // Nothing waits for this node's records any more.
+            volume.hold_for_replica(None);
             return;
         }
         if started.elapsed() > BACKOFF_MAX {
@@ -518,19 +528,26 @@ async fn ship<W: AsyncWrite + Unpin>(
     let mut last_send = Instant::now();
     loop {
         if volume.role() != Role::Primary {
-            // Sealed: say so, so the replica may be promoted without
-            // --force.
-            let Some(seal) = volume.sealed() else {
+            // Sealed: once the replica has every record up to the seal,
+            // say so, so that it may be promoted without --force.
+            let Some(seal) = volume.sealed().filter(|s| s.epoch == volume.epoch()) else {
                 return down("demoted: this node is a replica now");
             };
-            let sealed = encoder.encode(volume.epoch(), &Message::Sealed(seal));
-            return down(match write_frame(writer, &sealed).await {
-                Ok(()) => format!("sealed at lsn {}: this node is a replica now", seal.lsn),
-                Err(e) => format!(
-                    "sealed at lsn {}, but telling the replica failed: {e}",
-                    seal.lsn
-                ),
-            });
+            if next > seal.lsn {
+                let sealed = encoder.encode(volume.epoch(), &Message::Sealed(seal));
+                return down(match write_frame(writer, &sealed).await {
+                    Ok(()) => {
+                        link.set_seal_delivered(true);
+                        format!("sealed at lsn {}: this node is a replica now", seal.lsn)
+                    }
+                    Err(e) => {
+                        format!(
+                            "sealed at lsn {}, but telling the replica failed: {e}",
+                            seal.lsn
+                        )
+                    }
+                });
+            }
         }
         let batch = match read(volume, next).await {
             Ok(batch) => batch,
