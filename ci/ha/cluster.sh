@@ -38,7 +38,9 @@ STATE=${RW_HA_STATE:-/var/tmp/rewind-ha}
 NAME=${RW_HA_NAME:-rwha}
 TOKEN=${RW_HA_TOKEN:-1000}
 NODES="1 2"
-FENCE_AGENT=/usr/sbin/fence_rewind_netns
+# Pacemaker finds fence agents in /usr/sbin only; one copy per run, so
+# clusters of other runs keep theirs.
+FENCE_AGENT=/usr/sbin/fence_rewind_netns_$NAME
 HERE=$(cd "$(dirname "$0")" && pwd)
 
 log()   { echo "[$(date +%T.%N | cut -c1-12)] cluster.sh: $*" >&2; }
