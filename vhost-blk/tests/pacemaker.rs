@@ -458,7 +458,8 @@ fn guest() -> PathBuf {
 /// The guest's script, the same on both nodes: a disk without the header
 /// is the first boot (write a random MiB with O_DIRECT and fsync, then the
 /// header with its checksum); a disk with it is a boot after a failover
-/// (check the MiB, then write). Then it writes a tick every second.
+/// (check the MiB, say the last tick on the disk, then write). Then it
+/// writes a tick every second (O_DIRECT, fsync) and says so.
 const GUEST_SCRIPT: &str = r#"
 line=$(dd if=/dev/vda bs=4096 count=1 iflag=direct 2>/dev/null | tr -d '\000' | head -n 1)
 case "$line" in
@@ -467,6 +468,7 @@ case "$line" in
   got=$(dd if=/dev/vda bs=4096 skip=256 count=256 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
   echo "GUEST-FOUND: $want $got"
   [ "$want" = "$got" ]
+  echo "GUEST-LAST-TICK: $(dd if=/dev/vda bs=4096 skip=2048 count=1 iflag=direct 2>/dev/null | tr -d '\000' | head -n 1)"
   echo "written after the failover" > /tmp/again
   dd if=/tmp/again of=/dev/vda bs=4096 seek=1024 conv=sync,fsync oflag=direct 2>/dev/null
   echo "GUEST-WROTE-AGAIN: ok"
@@ -609,7 +611,6 @@ fn resources_xml(per_node: [Vec<(&'static str, String)>; 2], vm: &Path, data: &P
       <nvpair id="disk-clone-pnmax" name="promoted-node-max" value="1"/>
       <nvpair id="disk-clone-cmax" name="clone-max" value="2"/>
       <nvpair id="disk-clone-cnmax" name="clone-node-max" value="1"/>
-      <nvpair id="disk-clone-notify" name="notify" value="true"/>
     </meta_attributes>
     <primitive id="disk" class="ocf" provider="rewind" type="rewind">{disk}
       <operations>
@@ -617,7 +618,6 @@ fn resources_xml(per_node: [Vec<(&'static str, String)>; 2], vm: &Path, data: &P
         <op id="disk-stop" name="stop" interval="0" timeout="60s"/>
         <op id="disk-promote" name="promote" interval="0" timeout="90s"/>
         <op id="disk-demote" name="demote" interval="0" timeout="60s"/>
-        <op id="disk-notify" name="notify" interval="0" timeout="20s"/>
         <op id="disk-mon-p" name="monitor" interval="2s" role="Promoted" timeout="20s"/>
         <op id="disk-mon-u" name="monitor" interval="3s" role="Unpromoted" timeout="20s"/>
       </operations>
@@ -734,6 +734,7 @@ fn pacemaker_fails_the_guest_over_to_node_2_and_node_1_rejoins_as_the_replica() 
 
     // Kill node 1: every process in its namespaces, as the fence agent
     // does.
+    let last_tick_n1 = last_tick(&cluster.console(1));
     let killed = Instant::now();
     cluster.must(&["crash", "1"], &[]);
     wait_until("n2 to be promoted", CLUSTER_LIMIT, || {
@@ -763,6 +764,10 @@ fn pacemaker_fails_the_guest_over_to_node_2_and_node_1_rejoins_as_the_replica() 
         promoted.as_secs_f64(),
         read.as_secs_f64(),
         wrote.as_secs_f64()
+    );
+    assert!(
+        on_disk_tick(&console) >= last_tick_n1,
+        "n2 holds every tick n1's guest completed (last {last_tick_n1}): {console}"
     );
     let fence_log = std::fs::read_to_string(cluster.state.join("fence.log")).unwrap_or_default();
     assert!(
@@ -822,4 +827,53 @@ fn pacemaker_fails_the_guest_over_to_node_2_and_node_1_rejoins_as_the_replica() 
     )
     .expect("verify");
     assert_eq!(verify["equal"], true, "{verify}");
+
+    // A planned switch back: moving the VM to n1 makes Pacemaker stop it
+    // on n2, demote n2 (a seal) and promote n1 without --force (a forced
+    // promotion would mark n2 outdated); the guest boots on n1 and finds
+    // every tick the guest on n2 completed.
+    let last_tick_n2 = last_tick(&cluster.console(2));
+    let earlier = cluster.console(1).len();
+    let switched = Instant::now();
+    cluster.on(2, &["crm_resource", "--move", "-r", "vm", "--node", "n1"]);
+    wait_until("the guest on n1 to read and write", CLUSTER_LIMIT, || {
+        let console = cluster.console(1);
+        let new = &console[earlier.min(console.len())..];
+        new.contains("GUEST-WROTE-AGAIN: ok") || new.contains("GUEST-RESULT")
+    });
+    println!(
+        "pacemaker switchover (move the VM back to n1): the guest's first write there after {:.1} s",
+        switched.elapsed().as_secs_f64()
+    );
+    cluster.on(2, &["crm_resource", "--clear", "-r", "vm"]);
+    let console = cluster.console(1);
+    let new = &console[earlier..];
+    assert!(new.contains("GUEST-WROTE-AGAIN: ok"), "{new}");
+    assert!(
+        on_disk_tick(new) >= last_tick_n2,
+        "n1 holds every tick n2's guest completed (last {last_tick_n2}): {new}"
+    );
+    assert_eq!(role(1), Some("primary".into()));
+    assert_eq!(role(2), Some("replica".into()));
+    assert!(mark(2).is_empty(), "n2 was sealed, not forced: {}", mark(2));
+}
+
+/// The last tick the guest said it completed.
+fn last_tick(console: &str) -> u64 {
+    console
+        .lines()
+        .rev()
+        .find_map(|l| {
+            let (_, n) = l.split_once("GUEST-TICK: ")?;
+            n.trim().parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// The tick the guest found on the disk at boot.
+fn on_disk_tick(console: &str) -> u64 {
+    field(console, "GUEST-LAST-TICK")
+        .and_then(|t| t.strip_prefix("tick "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no tick on the disk: {console}"))
 }
