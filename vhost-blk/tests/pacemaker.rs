@@ -798,6 +798,15 @@ fn pacemaker_fails_the_guest_over_to_node_2_and_node_1_rejoins_as_the_replica() 
             .to_owned()
     };
     assert!(!mark(1).is_empty(), "n1 is marked outdated");
+    // In sync mode the guest's first flush on n2 waited for the lost
+    // replica; before going on without it the daemon ran the agent's
+    // --fence-peer command, which found n1 fenced.
+    let log =
+        std::fs::read_to_string(cluster.node_dir(2).join("rewind-blk.log")).expect("n2's log");
+    assert!(
+        log.contains("rewind-fence-peer: n1 was fenced"),
+        "the fence-peer command ran on n2: {log}"
+    );
 
     // Node 1 comes back: it learns it was failed over, resyncs as the
     // replica, and its mark goes once it caught up; the guest stays on n2.
