@@ -288,8 +288,11 @@ impl Roles {
         let start = v
             .promote()
             .map_err(|e| format!("raising the epoch failed: {e}"))?;
-        if let Some(link) = &self.link {
+        if let (Some(link), Some(sender)) = (&self.link, &self.sender) {
             link.set_seal_delivered(false);
+            if sealed.is_none() {
+                link.degrade_for_forced_promotion(&sender.config);
+            }
         }
         if !drained {
             self.open_gate();

@@ -500,3 +500,45 @@ fn a_seal_the_replica_missed_reaches_it_when_it_returns() {
     let mut client = Client::connect(&twins.b.vol.socket, 1);
     read_back(&mut client, 1 << 20, 60, 4);
 }
+
+#[test]
+fn after_a_forced_failover_sync_mode_does_not_wait_for_the_fenced_primary() {
+    let hook_ran = tempfile::NamedTempFile::new().expect("tmp");
+    let hook = format!("echo fenced > {}", hook_ran.path().display());
+    let mut twins = Twins::start(&[
+        "--replication-mode",
+        "sync",
+        "--sync-timeout",
+        "60s",
+        "--fence-peer",
+        &hook,
+    ]);
+    let mut client = Client::connect(&twins.a.vol.socket, 1);
+    write_flushed(&mut client, 0, 21, 2);
+    drop(client);
+    twins.a.kill();
+    twins.b.ctl("failover", json!({"force": true}));
+    let b = twins.b.replication();
+    assert_eq!(b["state"], "degraded", "{b}");
+    assert_eq!(
+        std::fs::read_to_string(hook_ran.path()).expect("hook output"),
+        "fenced\n",
+        "--fence-peer ran before degrading"
+    );
+    let mut client = Client::connect(&twins.b.vol.socket, 1);
+    assert_eq!(
+        client.write_within(1 << 20, &pattern(3, 4096), Duration::from_secs(10)),
+        Some(0)
+    );
+    assert_eq!(
+        client.flush_within(Duration::from_secs(10)),
+        Some(0),
+        "the flush waited for the fenced old primary"
+    );
+    // Back as B's replica, A takes sync mode out of its degraded state.
+    twins.a.restart();
+    streaming(&twins.b, &twins.a);
+    wait_until("sync mode to resume", Duration::from_secs(30), || {
+        twins.b.replication()["state"] == "streaming"
+    });
+}

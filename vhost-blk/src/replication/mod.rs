@@ -551,6 +551,39 @@ impl Link {
         }
     }
 
+    /// A promotion with --force: its peer, the old primary, is fenced, so
+    /// sync mode does not make the first flushes wait `--sync-timeout` for
+    /// it. With `--on-replica-loss degrade` the link degrades at once,
+    /// once `--fence-peer` succeeded, until the peer caught up as a
+    /// replica; with `suspend` flushes wait for it as always.
+    pub fn degrade_for_forced_promotion(&self, config: &SenderConfig) {
+        if self.mode != Some(Mode::Sync) || config.on_loss != OnLoss::Degrade {
+            return;
+        }
+        let _running = self.hook.lock().unwrap_or_else(|e| e.into_inner());
+        match fence_peer(config.fence_peer.as_deref()) {
+            Ok(()) => {
+                let mut shared = lock(&self.shared);
+                shared.degraded = true;
+                shared.last_error =
+                    Some("degraded: promoted with --force while the old primary is fenced".into());
+                drop(shared);
+                self.changed.notify_all();
+                tracing::warn!(
+                    "sync replication starts degraded: promoted with --force; flushes wait for \
+                     the replica again once it has caught up"
+                );
+            }
+            Err(e) => {
+                tracing::error!(
+                    "--fence-peer failed after a forced promotion ({e}); flushes wait for the \
+                     replica as --on-replica-loss says"
+                );
+                lock(&self.shared).last_error = Some(format!("--fence-peer failed: {e}"));
+            }
+        }
+    }
+
     /// The sender caught up with the replica: a degraded link is in sync
     /// again.
     fn caught_up(&self) {
