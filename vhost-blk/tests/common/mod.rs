@@ -7,6 +7,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod client;
+pub mod guest;
 pub mod load;
 pub mod netns;
 pub mod proxy;
