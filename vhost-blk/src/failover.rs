@@ -218,11 +218,15 @@ impl Roles {
             }
             self.volume.release_held()
         });
-        if let Err(e) = closed {
+        if let Err(e) = &closed {
             tracing::error!("closing the gate: {e}");
         }
         gate.set_epoch(gate.epoch() + 1);
         self.live.disconnect();
+        if closed.is_ok() {
+            // Closed as a replica's: a new guest may connect and wait.
+            gate.fenced_to_drained();
+        }
     }
 
     /// Why a promotion without a seal needs --force.

@@ -343,6 +343,17 @@ impl Gate {
         }
     }
 
+    /// Turns a fenced gate into a drained one: still closed, but a new
+    /// client is admitted and waits (a replica after its rejoin, where the
+    /// next guest may connect before the promotion). The epoch the fence
+    /// moved on keeps the clients attached before it out.
+    pub fn fenced_to_drained(&self) {
+        let mut inner = self.lock();
+        if inner.state == State::Fenced {
+            inner.state = State::Drained;
+        }
+    }
+
     /// Takes the epoch a fence raised: clients attached before are refused.
     pub fn set_epoch(&self, epoch: u64) {
         self.epoch.store(epoch, Ordering::SeqCst);

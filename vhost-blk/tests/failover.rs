@@ -243,13 +243,16 @@ fn without_an_answering_primary_failover_needs_force_and_the_old_tail_becomes_a_
     assert!(err.to_string().contains("nope"), "{err}");
     twins.a.ctl("branch-drop", json!({"name": name}));
     assert_eq!(twins.a.ctl("branches", Value::Null)["branches"], json!([]));
-    if let Ok(mut guest) = Client::try_connect(&twins.a.vol.socket, 1, false) {
-        assert_eq!(
-            guest.write_within(0, &pattern(7, 4096), Duration::from_millis(500)),
-            None,
-            "the rejoined node served a guest write"
-        );
-    }
+    // A new guest may connect to the rejoined node (a failback target
+    // started early); it waits at the closed gate.
+    let mut guest = Client::try_connect(&twins.a.vol.socket, 1, false)
+        .expect("a new guest connects to the replica and waits");
+    assert_eq!(status(&twins.a)["state"], "drained");
+    assert_eq!(
+        guest.write_within(0, &pattern(7, 4096), Duration::from_millis(500)),
+        None,
+        "the rejoined node served a guest write"
+    );
 }
 
 #[test]
@@ -541,4 +544,25 @@ fn after_a_forced_failover_sync_mode_does_not_wait_for_the_fenced_primary() {
     wait_until("sync mode to resume", Duration::from_secs(30), || {
         twins.b.replication()["state"] == "streaming"
     });
+}
+
+#[test]
+fn a_forced_failover_stops_waiting_for_a_seal_once_the_primary_goes_silent() {
+    let twins = Twins::start(&[]);
+    let mut client = Client::connect(&twins.a.vol.socket, 1);
+    write_flushed(&mut client, 0, 7, 2);
+    streaming(&twins.a, &twins.b);
+    // A hangs: its session to B is still up when the failover starts.
+    let a = twins.a.server.as_ref().expect("A runs");
+    a.signal(libc::SIGSTOP);
+    let done = twins
+        .b
+        .ctl("failover", json!({"force": true, "timeout_ms": 30_000}));
+    a.signal(libc::SIGCONT);
+    assert_eq!(done["forced"], true, "{done}");
+    let took = lsn(&done, "took_ms");
+    assert!(
+        took < 10_000,
+        "{took} ms: the failover waited for a seal after the primary fell silent"
+    );
 }

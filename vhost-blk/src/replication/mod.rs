@@ -308,7 +308,8 @@ impl Link {
     }
 
     /// Asks the connected primary to seal and waits up to `limit` for this
-    /// replica to hold the seal it answers with.
+    /// replica to hold the seal it answers with; gives up early when the
+    /// primary's session ends without one (it went silent or away).
     pub fn request_seal(&self, volume: &Volume, limit: Duration) -> Option<Seal> {
         lock(&self.shared).seal_wanted = true;
         self.seal_request.notify_one();
@@ -318,7 +319,10 @@ impl Link {
                 .filter(|s| s.epoch == volume.epoch() && volume.last_lsn() >= s.lsn)
         };
         self.wait_for(Instant::now() + limit, |link, shared| {
+            // The receiver applies the seal before it marks the session
+            // down, so a seal that came is never missed here.
             held(link, shared).is_some()
+                || !matches!(shared.state, LinkState::Streaming | LinkState::Syncing)
         });
         lock(&self.shared).seal_wanted = false;
         held(self, &lock(&self.shared))

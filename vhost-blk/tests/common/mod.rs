@@ -97,7 +97,8 @@ impl Server {
         self.wait()
     }
 
-    fn signal(&self, signal: i32) {
+    /// Sends `signal` (SIGSTOP freezes the daemon: a hung host).
+    pub fn signal(&self, signal: i32) {
         let pid = i32::try_from(self.child.id()).expect("pid");
         // SAFETY: kill(2) on our own child's pid.
         assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
