@@ -566,3 +566,27 @@ fn a_forced_failover_stops_waiting_for_a_seal_once_the_primary_goes_silent() {
         "{took} ms: the failover waited for a seal after the primary fell silent"
     );
 }
+
+#[test]
+fn failover_and_failback_under_write_load_seal_the_primary() {
+    let twins = Twins::start(&[]);
+    // Twice: this test process is the guest, which a sealed node keeps
+    // out, so a third round would need another process.
+    for (from, to) in [(&twins.a, &twins.b), (&twins.b, &twins.a)] {
+        let load = common::load::Load::default();
+        let done = std::thread::scope(|s| {
+            let writer = s.spawn(|| load.run(&from.vol.socket));
+            wait_until("the load to write", Duration::from_secs(30), || {
+                load.completed() > 20_000
+            });
+            let done = to.ctl("failover", json!({"timeout_ms": 60_000}));
+            // Its requests parked at the sealed node's gate never complete.
+            drop(load.stop_on_drop());
+            writer.join().expect("load");
+            done
+        });
+        assert_eq!(done["forced"], false, "{done}");
+        assert!(done["sealed_lsn"].is_u64(), "{done}");
+        streaming(to, from);
+    }
+}
