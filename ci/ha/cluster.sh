@@ -189,7 +189,18 @@ node_prepare() {
 # The holder: a process whose namespaces are node N's. It mounts tmpfs on
 # /run (first, so libmount's utab stays private) and /dev/shm, and binds
 # the node's own directories over the daemons' fixed paths.
+# A fence of the node that pacemaker still runs (a retry after a split)
+# may kill a holder that has just started: try again a few times.
 holder_start() {
+  local n=$1 try
+  for try in 1 2 3 4 5; do
+    holder_start_once "$n" && return 0
+    log "the holder of n$n died as it started (try $try; a fence still running?): $(cat "$STATE/n$n/holder.log" 2>/dev/null)"
+    sleep 1
+  done
+  die "the holder of n$n did not stay up"
+}
+holder_start_once() {
   local n=$1 d=$STATE/n$1 i
   rm -f "$d/holder.pid"
   nsenter --net="/run/netns/$(ns "$n")" -- unshare --mount --uts --propagation private -- \
@@ -211,8 +222,10 @@ holder_start() {
   disown $!
   for i in $(seq 100); do [ -s "$d/holder.pid" ] && break; sleep 0.1; done
   [ -s "$d/holder.pid" ] || { cat "$d/holder.log" >&2; die "the holder of n$n did not start"; }
-  readlink "/proc/$(holder_pid "$n")/ns/mnt" >"$d/mntns"
-  readlink "/proc/$(holder_pid "$n")/ns/net" >"$d/netns"
+  readlink "/proc/$(holder_pid "$n")/ns/mnt" >"$d/mntns" || return 1
+  readlink "/proc/$(holder_pid "$n")/ns/net" >"$d/netns" || return 1
+  sleep 0.3
+  kill -0 "$(holder_pid "$n")" 2>/dev/null
 }
 
 # Every PID in node N's mount AND network namespace. The network namespace
@@ -328,6 +341,8 @@ cmd_self_test() {
   links 1 down
   wait_until 90 "n1 fenced by n2 (no process left)" sh -c "[ -z \"\$('$0' pids 1)\" ]"
   grep "killing n1 pids" "$STATE/fence.log" >/dev/null || die "the fence agent did not kill n1"
+  # The fence action ends once it finds n1 without processes.
+  wait_until 60 "the fence of n1 to finish" grep -q "n1 is off" "$STATE/fence.log"
   links 1 up
   node_start 1
   wait_until 90 "n1 rejoined" both_online 2
