@@ -223,6 +223,9 @@ struct Inner {
     /// What volume.json holds now: `config` plus the epoch and epoch
     /// history as they changed since the open. Written under this lock.
     persisted: Mutex<VolumeConfig>,
+    /// `persisted.role` is `Replica`: read on every flush, which must not
+    /// wait behind a volume.json write holding `persisted`.
+    replica: AtomicBool,
     clock: Arc<dyn Clock>,
     retry: RetryPolicy,
     /// The fencing epoch records are written with. Changes only under the
@@ -494,6 +497,7 @@ impl Volume {
             storage: storage.clone(),
             max_payload: config.max_record_payload(),
             persisted: Mutex::new(config.clone()),
+            replica: AtomicBool::new(config.role == Role::Replica),
             config,
             clock: options.clock,
             retry: options.retry,
@@ -754,7 +758,11 @@ impl Volume {
 
     /// Whether this copy serves a guest or receives a primary's records.
     pub fn role(&self) -> Role {
-        lock(&self.inner.persisted).role
+        if self.inner.replica.load(Ordering::Acquire) {
+            Role::Replica
+        } else {
+            Role::Primary
+        }
     }
 
     /// Where each epoch began, oldest first.
@@ -970,6 +978,8 @@ impl Inner {
         let mut next = persisted.clone();
         change(&mut next);
         next.store(self.storage.as_ref(), &self.dir)?;
+        self.replica
+            .store(next.role == Role::Replica, Ordering::Release);
         *persisted = next;
         Ok(())
     }
@@ -1233,7 +1243,7 @@ impl Inner {
             upto
         };
         // A replica writes only its primary's records (lsns must match).
-        if lock(&self.persisted).role == Role::Replica {
+        if self.replica.load(Ordering::Acquire) {
             return Ok(());
         }
         // Proof for recovery that everything up to `covered` was durable.
