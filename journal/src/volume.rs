@@ -1228,26 +1228,25 @@ impl Inner {
         if self.completion.wait_for(target).is_err() {
             return self.check_failed();
         }
-        let covered = {
-            let _sync = lock(&self.sync_lock);
-            if self.durable_lsn.load(Ordering::Acquire) >= target {
-                return Ok(()); // another flush synced for us
-            }
-            let upto = self.completion.prefix();
-            if let Err(e) = self.pool.sync_dirty() {
-                let reason = format!("syncing the journal failed: {e}");
-                self.fail(reason.clone());
-                return Err(Error::Failed(reason));
-            }
-            self.durable_lsn.fetch_max(upto, Ordering::AcqRel);
-            upto
-        };
+        let _sync = lock(&self.sync_lock);
+        if self.durable_lsn.load(Ordering::Acquire) >= target {
+            return Ok(()); // another flush synced for us
+        }
+        let upto = self.completion.prefix();
+        if let Err(e) = self.pool.sync_dirty() {
+            let reason = format!("syncing the journal failed: {e}");
+            self.fail(reason.clone());
+            return Err(Error::Failed(reason));
+        }
+        self.durable_lsn.fetch_max(upto, Ordering::AcqRel);
         // A replica writes only its primary's records (lsns must match).
         if self.replica.load(Ordering::Acquire) {
             return Ok(());
         }
-        // Proof for recovery that everything up to `covered` was durable.
-        self.append(RecordKind::Flush, covered, 0, &[])?;
+        // Proof for recovery that everything up to `upto` was durable,
+        // appended before the sync lock is let go: whoever syncs next
+        // (`sync_all` sealing the volume) finds it written.
+        self.append(RecordKind::Flush, upto, 0, &[])?;
         Ok(())
     }
 

@@ -131,3 +131,35 @@ fn a_replica_takes_the_node_tag_of_the_copy_that_raised_an_epoch() {
     let v = open(&fs);
     assert_eq!(v.epoch_history(), history);
 }
+
+/// The failover bench once saw a seal wait for two records its replica
+/// never got: `sync_all` returned the last lsn while a flush running beside
+/// it (the sender's) had its Flush record reserved but not yet durable, and
+/// nothing flushed again. What `sync_all` returns must be durable.
+#[test]
+fn sync_all_returns_an_lsn_that_is_durable_while_other_flushes_run() {
+    let fs = FaultStorage::new();
+    let v = std::sync::Arc::new(replica(&fs));
+    v.promote().expect("promote");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flusher = {
+        let (v, stop) = (v.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                v.flush().expect("flush beside");
+            }
+        })
+    };
+    for i in 0..2000u64 {
+        v.write((i % 64) * 4096, &pattern((i % 251) as u8, 4096))
+            .expect("write");
+        let lsn = v.sync_all().expect("sync_all");
+        let durable = v.durable_lsn();
+        assert!(
+            durable >= lsn,
+            "round {i}: sync_all returned lsn {lsn}, but only {durable} is durable"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flusher.join().expect("the flusher");
+}

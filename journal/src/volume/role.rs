@@ -50,8 +50,14 @@ impl Volume {
     /// Returns the last lsn.
     pub fn sync_all(&self) -> Result<u64> {
         self.flush()?;
-        self.inner.sync_written()?;
-        Ok(self.last_lsn())
+        // Records reserved but not yet written (a bookmark placed beside
+        // this call) are waited for: the lsn returned is durable.
+        let last = self.last_lsn();
+        if self.inner.completion.wait_for(last).is_err() {
+            self.inner.check_failed()?;
+        }
+        let durable = self.inner.sync_written()?;
+        Ok(last.min(durable))
     }
 
     /// Becomes a replica. With `seal`, records that this copy holds every
