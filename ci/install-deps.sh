@@ -36,6 +36,16 @@ if ! command -v pacemakerd >/dev/null || ! command -v corosync >/dev/null \
     pacemaker corosync pacemaker-cli-utils resource-agents
 fi
 
+# libvirt's daemon and QEMU driver for the libvirt guest test
+# (vhost-blk/tests/guest_libvirt.rs), which runs libvirtd and virtlogd in
+# the foreground with its own directories; nothing starts them here.
+if ! command -v libvirtd >/dev/null || ! command -v virtlogd >/dev/null \
+   || [ ! -e /usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    libvirt-daemon libvirt-daemon-driver-qemu
+fi
+
 # The test guest: a Debian cloud kernel and a busybox initramfs.
 bash guest-tests/build.sh target/guest
 

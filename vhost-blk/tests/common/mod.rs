@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 pub mod client;
 pub mod guest;
+pub mod libvirt;
 pub mod load;
 pub mod netns;
 pub mod proxy;
