@@ -15,6 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, Weak};
+use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -98,6 +99,8 @@ struct FsState {
 struct Shared {
     fs: Mutex<FsState>,
     faults: Mutex<Vec<Fault>>,
+    /// Operations made slow: (kind, path substring, time each takes).
+    slow: Mutex<Vec<(FaultOp, String, Duration)>>,
     /// Operations hold it shared; a crash holds it exclusively.
     instant: RwLock<()>,
 }
@@ -118,6 +121,15 @@ fn not_found(path: &Path) -> io::Error {
 }
 
 impl Shared {
+    /// How long an operation of kind `op` on `path` is made to take.
+    fn delay(&self, op: FaultOp, path: &Path) -> Option<Duration> {
+        let path = path.to_string_lossy();
+        lock(&self.slow)
+            .iter()
+            .find(|(o, s, _)| *o == op && path.contains(s.as_str()))
+            .map(|&(_, _, d)| d)
+    }
+
     fn operation(&self) -> RwLockReadGuard<'_, ()> {
         self.instant.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -160,6 +172,13 @@ impl FaultStorage {
 
     pub fn clear_faults(&self) {
         lock(&self.shared.faults).clear();
+        lock(&self.shared.slow).clear();
+    }
+
+    /// Makes every `op` on a path containing `path_contains` take `delay`
+    /// (a slow disk), until [`FaultStorage::clear_faults`].
+    pub fn slow_down(&self, op: FaultOp, path_contains: &str, delay: Duration) {
+        lock(&self.shared.slow).push((op, path_contains.to_owned(), delay));
     }
 
     /// The file system as a power loss now could leave it, as a new,
@@ -262,6 +281,11 @@ impl FaultFile {
             .fs
             .upgrade()
             .ok_or_else(|| io::Error::other("storage dropped"))?;
+        if let Some(delay) = op.and_then(|op| shared.delay(op, &self.path)) {
+            // A slow disk: the operation takes this long (before it runs,
+            // so a crash meanwhile does not wait for it).
+            std::thread::sleep(delay);
+        }
         let _instant = shared.operation();
         if let Some(op) = op {
             shared.check(op, &self.path)?;

@@ -29,6 +29,7 @@ mod extent_map;
 pub mod fault;
 mod format;
 mod meta;
+mod pace;
 mod point;
 mod pool;
 mod record_index;

@@ -30,6 +30,28 @@ use crate::superblock::{SegmentRef, SuperState, Superblock};
 
 pub const JOURNAL_DIR: &str = "journal";
 
+/// A write held this long at the hard limit raises an error-level alarm.
+const ALARM_AFTER: Duration = Duration::from_secs(1);
+
+/// A write waiting at the hard limit.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    since: Instant,
+    /// When the applier's progress was last seen to move, and its value.
+    moved: Instant,
+    progress: u64,
+    alarmed: bool,
+}
+
+/// Segments the applier folds ahead of the hard limit on top of the
+/// reserve: a sixteenth of the pool, at most 16 (1 GiB of 64 MiB
+/// segments). A fold frees nothing until its last segment is done, so the
+/// writers need that much room to keep going, paced, while it runs. Small
+/// pools get none: their whole journal is the reserve and one segment.
+fn early_fold_segments(max_segments: u64) -> u64 {
+    (max_segments / 16).min(16)
+}
+
 /// One segment file, prepared for use `seq`.
 #[derive(Debug)]
 pub struct Segment {
@@ -138,10 +160,23 @@ pub struct Pool {
     changed: Condvar,
     /// Segments holding records, indexed by file id (ids are small and dense).
     by_id: RwLock<Vec<Option<Arc<Segment>>>>,
-    /// How long the write path waits for a segment at the hard limit.
+    /// How long the write path waits at the hard limit for a segment while
+    /// the applier makes no progress.
     max_wait: Duration,
     /// Wakes the applier: the pool needs it to fold early, or it must stop.
     applier: Signal,
+    /// Segments the writer may still move into before the hard limit
+    /// (`max_segments - used`), kept for the write path's pacing, which
+    /// must not take the pool's lock.
+    room: AtomicU64,
+    /// Folded segments the applier starts early, before only the reserve
+    /// is left, so that it folds beside the writers rather than in front
+    /// of them (see [`Pool::early_fold_segments`]).
+    early: u64,
+    /// Bytes the applier has written into base.img (a fold in progress
+    /// included): a writer waiting at the hard limit keeps waiting while
+    /// this moves.
+    fold_progress: AtomicU64,
 }
 
 /// A wake-up call between threads: `notify` sets it, `wait` takes it.
@@ -228,19 +263,51 @@ impl Pool {
             shutdown: false,
         };
         state.store_super()?;
+        let max_segments = setup.journal_max / setup.segment_size;
+        let room = max_segments.saturating_sub(state.used.len() as u64);
         Ok(Pool {
             storage: setup.storage,
             dir: setup.volume_dir.join(JOURNAL_DIR),
             volume: setup.volume,
             segment_size: setup.segment_size,
-            max_segments: setup.journal_max / setup.segment_size,
+            max_segments,
             reserve: u64::from(setup.reserve),
             state: Mutex::new(state),
             changed: Condvar::new(),
             by_id: RwLock::new(by_id),
             max_wait: setup.max_wait,
             applier: Signal::default(),
+            room: AtomicU64::new(room),
+            early: early_fold_segments(max_segments),
+            fold_progress: AtomicU64::new(0),
         })
+    }
+
+    /// Publishes `room` after `used` changed (under the state lock).
+    fn set_room(&self, st: &PoolState) {
+        let room = self.max_segments.saturating_sub(st.used.len() as u64);
+        self.room.store(room, Ordering::Release);
+    }
+
+    /// How deep the writer is into the zone where the applier folds early:
+    /// 0 with more room than the zone, 1 at the hard limit, linear between.
+    /// The write path paces itself by it (pace.rs).
+    pub fn pressure(&self) -> f64 {
+        let zone = self.reserve + self.early + 1;
+        let room = self.room.load(Ordering::Acquire).min(zone);
+        (zone - room) as f64 / zone as f64
+    }
+
+    /// Segments the applier folds at most at a time: a quarter of the
+    /// early zone, so that the writers, paced, never run out of room
+    /// while one piece is folded.
+    pub fn fold_piece(&self) -> usize {
+        (self.early / 4).max(1) as usize
+    }
+
+    /// The applier wrote `bytes` more into base.img.
+    pub fn note_fold_progress(&self, bytes: u64) {
+        self.fold_progress.fetch_add(bytes.max(1), Ordering::AcqRel);
     }
 
     /// Wakes the applier's [`Pool::wait_for_applier_work`].
@@ -283,11 +350,11 @@ impl Pool {
         self.lock().used.clone()
     }
 
-    /// Segments the applier must fold so that the reserve fits under the
-    /// hard limit again (0 when there is room).
+    /// Segments the applier must fold so that the reserve and the early
+    /// zone fit under the hard limit again (0 when there is room).
     pub fn overflow(&self) -> u64 {
         let st = self.lock();
-        (st.used.len() as u64 + self.reserve + 1).saturating_sub(self.max_segments)
+        (st.used.len() as u64 + self.reserve + self.early + 1).saturating_sub(self.max_segments)
     }
 
     /// What base.img holds, as `super` has it.
@@ -351,6 +418,7 @@ impl Pool {
             st.used = used;
             return Err(e);
         }
+        self.set_room(&st);
         // Retired at once, so that they count against the limit while the
         // caller moves the extent map off them: left uncounted, the pool
         // thread could prepare a segment in their place and overshoot.
@@ -376,6 +444,7 @@ impl Pool {
             st.used.extend(cut);
             return Err(e);
         }
+        self.set_room(&st);
         st.retired.extend(cut.iter().cloned());
         drop(st);
         self.changed.notify_all();
@@ -448,24 +517,35 @@ impl Pool {
     }
 
     /// Hands the next prepared segment to the write path (preparing one
-    /// inline if the reserve ran out). At the hard limit it waits, up to
-    /// `max_wait`, for the applier to fold and free a segment; it stops
-    /// waiting early (within 100 ms) once `give_up` returns true.
+    /// inline if the reserve ran out). At the hard limit it waits for the
+    /// applier to fold and free a segment: held, as for an IO error, for as
+    /// long as the applier makes progress (a slow fold never fails a
+    /// write), and for `max_wait` after its last progress (a fold that
+    /// cannot proceed does). It stops waiting early (within 100 ms) once
+    /// `give_up` returns true.
     pub fn take_next(&self, give_up: impl Fn() -> bool) -> Result<Arc<Segment>> {
-        let mut waiting_since: Option<Instant> = None;
+        let mut held: Option<Held> = None;
         loop {
             let mut st = self.lock();
             if let Some(seg) = st.free.pop_front() {
                 st.used.push(seg.clone());
+                self.set_room(&st);
                 register(
                     &mut self.by_id.write().unwrap_or_else(|e| e.into_inner()),
                     &seg,
                 );
-                let overflow = st.used.len() as u64 + self.reserve + 1 > self.max_segments;
+                let overflow =
+                    st.used.len() as u64 + self.reserve + self.early + 1 > self.max_segments;
                 drop(st);
                 self.changed.notify_all();
                 if overflow {
                     self.applier.notify();
+                }
+                if let Some(h) = held.filter(|h| h.alarmed) {
+                    tracing::warn!(
+                        "journal at its hard limit: a held write got a segment after {:?}",
+                        h.since.elapsed()
+                    );
                 }
                 return Ok(seg);
             }
@@ -475,18 +555,38 @@ impl Pool {
                 self.prepare()?;
                 continue;
             }
-            let since = *waiting_since.get_or_insert_with(|| {
+            let progress = self.fold_progress.load(Ordering::Acquire);
+            let h = held.get_or_insert_with(|| {
                 tracing::warn!(
-                    "journal at its hard limit of {} bytes; waiting for the applier to free a segment",
+                    "journal at its hard limit of {} bytes; holding writes until the applier \
+                     frees a segment",
                     self.journal_max()
                 );
-                Instant::now()
+                let now = Instant::now();
+                Held {
+                    since: now,
+                    moved: now,
+                    progress,
+                    alarmed: false,
+                }
             });
-            if since.elapsed() >= self.max_wait || give_up() {
+            if progress != h.progress {
+                (h.moved, h.progress) = (Instant::now(), progress);
+            } else if h.moved.elapsed() >= self.max_wait || give_up() {
                 return Err(Error::JournalFull {
                     used: st.used.len() as u64 * self.segment_size,
                     max: self.journal_max(),
                 });
+            }
+            if !h.alarmed && h.since.elapsed() >= ALARM_AFTER {
+                h.alarmed = true;
+                tracing::error!(
+                    "journal at its hard limit of {} bytes: writes held for {:?}, the applier \
+                     folds slower than the guest writes (held while it makes progress, \
+                     never failed for it)",
+                    self.journal_max(),
+                    h.since.elapsed()
+                );
             }
             self.applier.notify();
             self.changed.notify_all();
@@ -720,6 +820,33 @@ mod tests {
         drop(st);
         assert_eq!(pool.counts().bytes, 2 * SEGMENT);
         assert!(pool.prepare().expect("prepare"), "room again");
+    }
+
+    #[test]
+    fn the_pressure_rises_from_zero_to_one_through_the_zone() {
+        let fs = FaultStorage::new();
+        // Three segments, a reserve of one, no early zone: the zone is the
+        // reserve and the segment being written.
+        let pool = small_pool(&fs);
+        assert_eq!(pool.pressure(), 0.0);
+        pool.take_next(|| false).expect("first");
+        assert_eq!(pool.pressure(), 0.0, "room for the reserve and one more");
+        assert_eq!(pool.overflow(), 0);
+        pool.take_next(|| false).expect("second");
+        assert_eq!(pool.pressure(), 0.5);
+        assert_eq!(pool.overflow(), 1, "the applier folds from here");
+        pool.take_next(|| false).expect("third");
+        assert_eq!(pool.pressure(), 1.0, "at the hard limit");
+        let folded = pool.commit_fold(1, 1, 1).expect("fold");
+        assert_eq!(pool.pressure(), 0.5, "a fold gives room back");
+        pool.retire(folded);
+    }
+
+    #[test]
+    fn large_pools_fold_early_in_pieces() {
+        assert_eq!(early_fold_segments(8), 0);
+        assert_eq!(early_fold_segments(64), 4);
+        assert_eq!(early_fold_segments(16384), 16);
     }
 
     #[test]

@@ -138,6 +138,13 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     fn start_writeback(&self) -> io::Result<()> {
         Ok(())
     }
+    /// Asks for `[offset, offset + len)` to be read into the page cache in
+    /// the background (readahead), so that reads of it soon after do not
+    /// wait for the disk one request at a time. Only a hint.
+    fn will_need(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
     fn size(&self) -> io::Result<u64>;
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Reserves space for `[0, len)` so later writes there need no allocation.
@@ -301,6 +308,11 @@ impl StorageFile for OsFile {
         } else {
             Err(io::Error::last_os_error())
         }
+    }
+
+    fn will_need(&self, offset: u64, len: u64) -> io::Result<()> {
+        let len = std::num::NonZeroU64::new(len);
+        retry_eintr(|| rustix::fs::fadvise(&self.file, offset, len, rustix::fs::Advice::WillNeed))
     }
 
     fn size(&self) -> io::Result<u64> {

@@ -42,6 +42,7 @@ use crate::format::{
     RECORD_HEADER_SIZE, SECTOR, SEGMENT_HEADER_SIZE,
 };
 use crate::meta::{EpochStart, Role, VolumeConfig, VolumeSettings, VOLUME_FILE};
+use crate::pace::Pacer;
 use crate::point::PointInTime;
 use crate::pool::{segment_name, write_header, Pool, PoolSetup, Segment, JOURNAL_DIR};
 use crate::record_index::{Bookmark, Effect, Entry, RecordIndex};
@@ -260,6 +261,8 @@ struct Inner {
     replica_hold: AtomicU64,
     /// A resync under way (resync.rs): nothing is readable, nothing folds.
     resync: Mutex<Option<ResyncState>>,
+    /// Slows guest writes down as the pool nears its hard limit (pace.rs).
+    pacer: Pacer,
     /// Chunks a forced fold took from the replica (out_of_sync.rs).
     out_of_sync: Mutex<Option<OutOfSync>>,
     /// Read-only branches a cut made (branch.rs).
@@ -528,6 +531,7 @@ impl Volume {
             failure: OnceLock::new(),
             replica_hold: AtomicU64::new(NO_HOLD),
             resync: Mutex::new(None),
+            pacer: Pacer::default(),
             out_of_sync: Mutex::new(None),
             branches: Mutex::new(Vec::new()),
         });
@@ -582,6 +586,7 @@ impl Volume {
         let mut lsn = 0;
         let mut at = offset;
         for chunk in data.chunks(inner.max_payload as usize) {
+            inner.pace(chunk.len() as u64);
             lsn = inner.append(RecordKind::Write, at, chunk.len() as u64, chunk)?;
             at += chunk.len() as u64;
         }
@@ -602,6 +607,7 @@ impl Volume {
     fn zero(&self, kind: RecordKind, offset: u64, length: u64) -> Result<u64> {
         let inner = &self.inner;
         check_range(offset, length, inner.config.size).map_err(Error::InvalidRequest)?;
+        inner.pace(0);
         let lsn = inner.append(kind, offset, length, &[])?;
         inner.after_write()?;
         Ok(lsn)
@@ -1197,6 +1203,20 @@ impl Inner {
         Ok(header.lsn)
     }
 
+    /// Waits for the turn of a guest write of `payload` bytes when the
+    /// pool nears its hard limit (pace.rs); at once otherwise.
+    fn pace(&self, payload: u64) {
+        let pressure = self.pool.pressure();
+        if pressure <= 0.0 {
+            return;
+        }
+        let cost = payload + RECORD_HEADER_SIZE;
+        let wait = self.pacer.turn(cost, pressure, Instant::now());
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+
     fn warn_if_over_threshold(&self) {
         let bytes = self.pool.counts().bytes;
         let over = bytes >= self.config.journal_warn;
@@ -1395,8 +1415,13 @@ impl Inner {
         let mut due = interval.is_some();
         while !self.shutdown.load(Ordering::Acquire) {
             if due || self.pool.overflow() > 0 {
-                if let Err(e) = self.fold() {
-                    tracing::error!(volume = %self.dir.display(), error = %e, "fold failed; retrying");
+                match self.fold_at_most(self.pool.fold_piece()) {
+                    // One piece done: look for the next at once.
+                    Ok(Some(_)) => continue,
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(volume = %self.dir.display(), error = %e, "fold failed; retrying")
+                    }
                 }
             }
             self.pool.wait_for_applier_work(pause);

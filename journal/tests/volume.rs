@@ -182,9 +182,105 @@ fn at_the_hard_limit_the_applier_folds_early_and_no_write_fails() {
     assert_eq!(read(&v, 0, model.len()), model, "after reopening");
 }
 
+/// An 8-segment volume whose writes into base.img each take `base_write`
+/// (a slow disk), held up to `max_hold` on errors.
+fn slow_fold_volume(
+    base_write: std::time::Duration,
+    max_hold: std::time::Duration,
+) -> (FaultStorage, Volume) {
+    let (fs, v) = eight_segment_volume(max_hold);
+    fs.slow_down(FaultOp::Write, "base.img", base_write);
+    (fs, v)
+}
+
+/// Writes `count` 4 KiB blocks, neighbours far apart on the disk (so each
+/// is a run of its own in a fold), checking that none fails; returns how
+/// long each took and whether a forced fold had finished before it.
+fn scattered_writes(
+    v: &Volume,
+    model: &mut [u8],
+    count: usize,
+) -> Vec<(std::time::Duration, bool)> {
+    (0..count)
+        .map(|i| {
+            let off = (i * 37 % 256) * 4096;
+            let data = pattern(i as u8, 4096);
+            let folded_before = v.stats().forced_folds > 0;
+            let started = std::time::Instant::now();
+            v.write(off as u64, &data)
+                .expect("a slow fold holds or paces writes, it never fails them");
+            model[off..off + 4096].copy_from_slice(&data);
+            (started.elapsed(), folded_before)
+        })
+        .collect()
+}
+
+#[test]
+fn at_the_hard_limit_a_fold_slower_than_the_hold_time_holds_writes_and_fails_none() {
+    // Folding a segment of 13 scattered 4 KiB records takes over 1.3 s,
+    // nine times as long as a write may be held while nothing moves.
+    let max_hold = std::time::Duration::from_millis(150);
+    let (fs, v) = slow_fold_volume(std::time::Duration::from_millis(100), max_hold);
+    let mut model = vec![0u8; 1 << 20];
+    // The journal holds about 104 records.
+    let took = scattered_writes(&v, &mut model, 130);
+    let longest = took.iter().map(|t| t.0).max().expect("writes");
+    assert!(
+        longest > max_hold,
+        "a write was held longer than the hold time: {longest:?}"
+    );
+    let s = v.stats();
+    assert!(s.forced_folds >= 1, "{s:?}");
+    assert_eq!(s.failed, None);
+    fs.clear_faults();
+    assert_eq!(read(&v, 0, model.len()), model);
+    v.close().expect("close");
+    let v = open(&fs);
+    assert_eq!(read(&v, 0, model.len()), model, "after reopening");
+}
+
+#[test]
+fn at_the_hard_limit_writes_are_paced_to_the_fold_instead_of_stopped() {
+    // A fold of a segment takes about 330 ms: unpaced, a writer would
+    // reach the hard limit and wait that long each time.
+    let base_write = std::time::Duration::from_millis(25);
+    let (fs, v) = slow_fold_volume(base_write, std::time::Duration::from_secs(10));
+    let mut model = vec![0u8; 1 << 20];
+    let took = scattered_writes(&v, &mut model, 200);
+    // Once one fold has been measured, the writes are paced.
+    let paced: Vec<std::time::Duration> = took.iter().filter(|t| t.1).map(|t| t.0).collect();
+    assert!(
+        paced.len() >= 50,
+        "{} writes after the first fold",
+        paced.len()
+    );
+    let longest = paced.iter().max().expect("paced writes");
+    assert!(
+        *longest < std::time::Duration::from_millis(200),
+        "no write stopped for a fold: {longest:?}"
+    );
+    let slowed = paced.iter().filter(|d| **d >= base_write / 5).count();
+    assert!(
+        slowed >= paced.len() / 2,
+        "{slowed} of {} writes slowed",
+        paced.len()
+    );
+    assert!(v.stats().forced_folds >= 5, "{:?}", v.stats());
+    fs.clear_faults();
+    assert_eq!(read(&v, 0, model.len()), model);
+}
+
 /// A volume of at most 8 segments whose folds cannot finish (base.img
 /// refuses writes), opened with `max_hold` as the retry bound.
 fn full_journal_volume(max_hold: std::time::Duration) -> (FaultStorage, Volume) {
+    let (fs, v) = eight_segment_volume(max_hold);
+    fs.inject(Fault::always(FaultOp::Write, EIO).on_paths_containing("base.img"));
+    (fs, v)
+}
+
+/// A volume of at most 8 segments, opened with `max_hold` as the retry
+/// bound.
+fn eight_segment_volume(max_hold: std::time::Duration) -> (FaultStorage, Volume) {
     let fs = FaultStorage::new();
     let mut settings = small_settings();
     settings.journal_max = 8 * (64 << 10);
@@ -193,7 +289,6 @@ fn full_journal_volume(max_hold: std::time::Duration) -> (FaultStorage, Volume) 
     let mut options = options();
     options.retry.max_hold = max_hold;
     let (v, _) = Volume::open(fs.arc(), Path::new(DIR), options).expect("open");
-    fs.inject(Fault::always(FaultOp::Write, EIO).on_paths_containing("base.img"));
     (fs, v)
 }
 
