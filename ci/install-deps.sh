@@ -46,11 +46,30 @@ if ! command -v libvirtd >/dev/null || ! command -v virtlogd >/dev/null \
     libvirt-daemon libvirt-daemon-driver-qemu
 fi
 
+# The operations tests (vhost-blk/tests/operations.rs): man and groff render
+# the man pages, systemd-analyze verifies the units, systemd-socket-activate
+# hands the service its socket, dpkg installs the packages into a scratch
+# root.
+if ! command -v man >/dev/null || ! command -v groff >/dev/null \
+   || ! command -v systemd-analyze >/dev/null || ! command -v systemd-socket-activate >/dev/null \
+   || ! command -v dpkg-deb >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    man-db groff-base systemd dpkg
+fi
+
 # The test guest: a Debian cloud kernel and a busybox initramfs.
 bash guest-tests/build.sh target/guest
 
 # cargo-fuzz, for the bounded fuzzing run of the request parser.
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+
+# cargo-deb builds the Debian packages (vhost-blk/OPERATIONS.md); pinned,
+# because the test packages the dev profile's binaries, which later
+# versions plan to refuse.
+if ! cargo deb --version 2>/dev/null | grep -qx 'cargo-deb 3\.8\.0'; then
+  cargo install --locked cargo-deb --version 3.8.0
+fi
 
 # Fetch every crate up front so a registry hiccup fails here, clearly.
 cargo fetch --locked

@@ -9,43 +9,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
-use common::libvirt::{Hook, Libvirt};
+use common::libvirt::{create_volume, ctl, Hook, Libvirt};
 use common::{wait_until, workspace, Server, TestVolume, BIN};
 use serde_json::Value;
-
-/// rewindctl, built beside rewind-blk (`cargo test --workspace` builds it).
-fn rewindctl() -> PathBuf {
-    let path = Path::new(BIN).with_file_name("rewindctl");
-    assert!(
-        path.exists(),
-        "{} is missing: cargo build -p rewind-ctl (or run cargo test --workspace)",
-        path.display()
-    );
-    path
-}
-
-/// `rewindctl --control CONTROL ARGS --json`, parsed.
-fn ctl(control: &Path, args: &[&str]) -> Value {
-    let out = Command::new("timeout")
-        .arg("30")
-        .arg(rewindctl())
-        .arg("--control")
-        .arg(control)
-        .args(args)
-        .arg("--json")
-        .output()
-        .expect("run rewindctl");
-    assert!(
-        out.status.success(),
-        "rewindctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("rewindctl's JSON")
-}
 
 fn attached_pid(status: &Value) -> Option<i64> {
     status["attached"]["attach_id"]["pid"].as_i64()
@@ -92,6 +61,18 @@ fn check_both(first: &str, second: &str) -> String {
 echo "CHECKED: yes"
 "#
     )
+}
+
+/// Starts the domain again with a script that checks both patterns, and
+/// waits for it to pass and power off.
+fn boot_and_check(lv: &Libvirt, name: &str, first: &str, second: &str) {
+    lv.set_script(name, &check_both(first, second));
+    let mut console = lv.start_domain(name);
+    console.wait_for("CHECKED: yes");
+    assert_eq!(
+        value(&console.wait_for("GUEST-RESULT: "), "GUEST-RESULT"),
+        "0"
+    );
 }
 
 fn value<'a>(line: &'a str, key: &str) -> &'a str {
@@ -177,13 +158,7 @@ fn a_libvirt_domain_runs_on_rewind_blk_through_a_daemon_kill_and_is_fenced_after
 
     // After unfence the domain starts again and finds both patterns.
     ctl(&control, &["unfence"]);
-    lv.set_script(NAME, &check_both(&first, &second));
-    let mut console = lv.start_domain(NAME);
-    console.wait_for("CHECKED: yes");
-    assert_eq!(
-        value(&console.wait_for("GUEST-RESULT: "), "GUEST-RESULT"),
-        "0"
-    );
+    boot_and_check(&lv, NAME, &first, &second);
     wait_until("the domain to power off", Duration::from_secs(60), || {
         lv.state(NAME) == "shut off"
     });
@@ -218,19 +193,7 @@ fn the_libvirt_hook_serves_the_volume_while_the_domain_runs() {
     let volumes = dir.path().join("volumes");
     std::fs::create_dir_all(&run).expect("mkdir");
     std::fs::create_dir_all(&volumes).expect("mkdir");
-    let out = Command::new(BIN)
-        .args([
-            "create",
-            "--size",
-            "64M",
-            "--segment-size",
-            "1M",
-            "--volume",
-        ])
-        .arg(volumes.join(NAME))
-        .output()
-        .expect("rewind-blk create");
-    assert!(out.status.success(), "{out:?}");
+    create_volume(Path::new(BIN), &volumes.join(NAME));
     let conf = format!(
         "REWIND_BLK={}\nREWIND_RUN_DIR={}\nREWIND_VOLUME_DIR={}\nREWIND_SYSTEMD=no\n\
          REWIND_SERVE_ARGS='--num-queues 1'\n",
@@ -275,13 +238,7 @@ fn the_libvirt_hook_serves_the_volume_while_the_domain_runs() {
     assert!(text.contains("stopping: flushing the volume"), "{text}");
 
     // The next start serves the volume again, with what was written.
-    lv.set_script(NAME, &check_both(&first, &second));
-    let mut console = lv.start_domain(NAME);
-    console.wait_for("CHECKED: yes");
-    assert_eq!(
-        value(&console.wait_for("GUEST-RESULT: "), "GUEST-RESULT"),
-        "0"
-    );
+    boot_and_check(&lv, NAME, &first, &second);
     let again = read_pid(&pidfile).expect("a new pid file");
     assert_ne!(again, daemon);
     // The guest powered off: libvirt's release hook stops the daemon.

@@ -6,7 +6,7 @@
 //! through its socket's real path. Domains come from
 //! qemu-configs/libvirt-domain-tcg.xml and boot the test guest
 //! (guest-tests/); their serial console is a unix socket the test reads and
-//! types into.
+//! types into. Also the operator's `rewindctl`, as these tests call it.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -15,8 +15,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+
 use super::guest::{guest, BOOT_LIMIT};
-use super::{wait_until, workspace};
+use super::{wait_until, workspace, BIN};
 
 /// Runs inside the new mount namespace: puts the private directories in
 /// place, says so, and holds the namespace open for the daemons.
@@ -49,6 +51,56 @@ const LIBVIRTD_CONF: &str = r#"unix_sock_rw_perms = "0700"
 auth_unix_rw = "none"
 auth_unix_ro = "none"
 "#;
+
+/// rewindctl, built beside rewind-blk (`cargo test --workspace` builds it).
+pub fn rewindctl() -> PathBuf {
+    let path = Path::new(BIN).with_file_name("rewindctl");
+    assert!(
+        path.exists(),
+        "{} is missing: cargo build -p rewind-ctl (or run cargo test --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// `rewindctl --control CONTROL ARGS --json`, parsed.
+pub fn ctl(control: &Path, args: &[&str]) -> Value {
+    let out = Command::new("timeout")
+        .arg("30")
+        .arg(rewindctl())
+        .arg("--control")
+        .arg(control)
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run rewindctl");
+    assert!(
+        out.status.success(),
+        "rewindctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("rewindctl's JSON")
+}
+
+/// `BIN create` of a 64 MiB volume at `volume` with 1 MiB segments
+/// (`bin` is the binary under test, or one a package installed).
+pub fn create_volume(bin: &Path, volume: &Path) {
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(bin)
+        .args([
+            "create",
+            "--size",
+            "64M",
+            "--segment-size",
+            "1M",
+            "--volume",
+        ])
+        .arg(volume)
+        .output()
+        .expect("run rewind-blk create");
+    assert!(out.status.success(), "rewind-blk create: {out:?}");
+}
 
 /// Fails loudly if a program the test needs is not installed.
 pub fn require(program: &str, package: &str) {
