@@ -8,8 +8,9 @@
 //! speed divided by `SLACK_AT_LIMIT × pressure`. The deeper the pool is,
 //! the slower the writes: the guest sees a steady rate that settles where
 //! the applier keeps up, not stalls. No turn is ever more than
-//! `MAX_DELAY` away (the pool's own wait catches anything faster), and
-//! until one fold has been measured nothing is paced.
+//! `MAX_DELAY` away (the pool's own wait catches anything faster). Until
+//! a first fold finishes its rate so far stands in; before the applier
+//! has written anything nothing is paced.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -35,6 +36,8 @@ struct State {
     next: Option<Instant>,
     /// Journal bytes the applier frees per second (moving average).
     fold_rate: Option<f64>,
+    /// The same, of the fold in progress so far, until one has finished.
+    live: Option<f64>,
 }
 
 impl Pacer {
@@ -53,6 +56,16 @@ impl Pacer {
         });
     }
 
+    /// The first fold, still under way, has freed the equivalent of
+    /// `bytes` of journal in `took` (the part of its segments' records it
+    /// wrote): until a fold finishes, the rate is taken from this.
+    pub fn record_live(&self, bytes: f64, took: Duration) {
+        let mut st = self.lock();
+        if st.fold_rate.is_none() {
+            st.live = Some(bytes / took.as_secs_f64().max(1e-6));
+        }
+    }
+
     /// The applier's rate, in journal bytes per second, once measured.
     #[cfg(test)]
     fn fold_rate(&self) -> Option<f64> {
@@ -66,7 +79,7 @@ impl Pacer {
             return Duration::ZERO;
         }
         let mut st = self.lock();
-        let Some(rate) = st.fold_rate else {
+        let Some(rate) = st.fold_rate.or(st.live) else {
             return Duration::ZERO;
         };
         let allowed = rate / (SLACK_AT_LIMIT * pressure.min(1.0));
@@ -120,6 +133,18 @@ mod tests {
         let expected = 100.0 * MIB as f64 / SLACK_AT_LIMIT;
         assert!((full / expected - 1.0).abs() < 0.01, "{full} vs {expected}");
         assert!((half / full - 2.0).abs() < 0.02, "{half} vs {full}");
+    }
+
+    #[test]
+    fn the_first_fold_paces_while_it_runs_and_then_gives_way_to_finished_ones() {
+        let p = Pacer::default();
+        p.record_live(MIB as f64, Duration::from_secs(1));
+        let paced = |p: &Pacer| delays(p, 2, 4096, 1.0)[1];
+        let live = paced(&p);
+        assert!(!live.is_zero());
+        p.record_fold(64 * MIB, Duration::from_secs(1));
+        p.record_live(MIB as f64, Duration::from_secs(100));
+        assert!(paced(&p) < live / 32, "the finished fold's rate is used");
     }
 
     #[test]

@@ -585,8 +585,10 @@ impl Volume {
         check_range(offset, data.len() as u64, inner.config.size).map_err(Error::InvalidRequest)?;
         let mut lsn = 0;
         let mut at = offset;
+        // Paced once for all its records: a turn is at most `MAX_DELAY`.
+        let records = (data.len() as u64).div_ceil(inner.max_payload).max(1);
+        inner.pace(data.len() as u64 + (records - 1) * RECORD_HEADER_SIZE);
         for chunk in data.chunks(inner.max_payload as usize) {
-            inner.pace(chunk.len() as u64);
             lsn = inner.append(RecordKind::Write, at, chunk.len() as u64, chunk)?;
             at += chunk.len() as u64;
         }

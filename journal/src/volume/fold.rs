@@ -156,7 +156,8 @@ impl Inner {
         });
         drop(map);
         let runs = coalesce(runs);
-        let bytes = self.write_runs(&runs, folded)?;
+        let journal_bytes = count as u64 * self.config.segment_size;
+        let bytes = self.write_runs(&runs, folded, journal_bytes, started)?;
         self.retrying("syncing base.img", || self.base.sync_data())
             .map_err(Error::io(|| "syncing base.img"))?;
 
@@ -164,8 +165,7 @@ impl Inner {
         self.map.remove_upto(upto);
         lock(&self.index).trim(upto);
         self.pool.retire(folded);
-        self.pacer
-            .record_fold(count as u64 * self.config.segment_size, started.elapsed());
+        self.pacer.record_fold(journal_bytes, started.elapsed());
 
         let report = FoldReport {
             segments: count,
@@ -222,7 +222,26 @@ impl Inner {
     /// read at a time. base.img's writeback is started every
     /// `WRITEBACK_EVERY` bytes, so it overlaps the reads and the final sync
     /// is short.
-    fn write_runs(&self, runs: &[Run], folded: &[Arc<Segment>]) -> Result<u64> {
+    ///
+    /// Each piece written counts as progress: a write held at the hard
+    /// limit waits on while it moves, and the pacer reads the fold's rate
+    /// from it (`journal_bytes` of segments freed once all is written, in a
+    /// fold begun at `started`).
+    fn write_runs(
+        &self,
+        runs: &[Run],
+        folded: &[Arc<Segment>],
+        journal_bytes: u64,
+        started: Instant,
+    ) -> Result<u64> {
+        let total: u64 = runs.iter().map(|r| r.sectors * SECTOR).sum();
+        let mut done = 0;
+        let mut progressed = |len: u64| {
+            done += len;
+            self.pool.note_fold_progress(len);
+            let freed = journal_bytes as f64 * done as f64 / total.max(1) as f64;
+            self.pacer.record_live(freed, started.elapsed());
+        };
         let mut bytes = 0;
         let mut copies = Vec::new();
         for run in runs {
@@ -232,7 +251,7 @@ impl Inner {
                 Target::Zero => {
                     self.retrying("zeroing base.img", || self.base.write_zeroes(at, len))
                         .map_err(Error::io(|| format!("zeroing base.img at {at}")))?;
-                    self.pool.note_fold_progress(len);
+                    progressed(len);
                 }
                 Target::Journal { segment, sector } => {
                     let seg = folded.iter().position(|s| s.id == segment).ok_or_else(|| {
@@ -285,7 +304,7 @@ impl Inner {
                     self.base.write_all_at(&[piece], copy.to)
                 })
                 .map_err(Error::io(|| format!("writing base.img at {}", copy.to)))?;
-                self.pool.note_fold_progress(copy.len);
+                progressed(copy.len);
             }
             unsynced += read.len;
             if unsynced >= WRITEBACK_EVERY {
