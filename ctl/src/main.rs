@@ -170,6 +170,21 @@ enum Command {
         #[arg(long)]
         drained: bool,
     },
+    /// Run on the primary before a live migration to the replica's host:
+    /// once the replica holds every record, arms a switch at the moment
+    /// the migration stops the guest's device. The primary then seals and
+    /// the replica takes over as soon as the destination QEMU (connected to
+    /// the replica's socket) starts; if none starts in time, or the source
+    /// runs again, the switch is rolled back and this side serves on.
+    Handover {
+        /// How long to wait for the replica to catch up, and then for the
+        /// destination to start once the source stopped.
+        #[arg(long, value_parser = duration, default_value = "60s")]
+        timeout: Duration,
+        /// Call an armed or switching handover off.
+        #[arg(long, conflicts_with = "timeout")]
+        cancel: bool,
+    },
     /// The branches: writes cut from this volume's history when it rejoined
     /// a newer primary, kept read-only (export or materialize them).
     Branches,
@@ -310,6 +325,10 @@ fn request_of(command: Command) -> Result<(&'static str, Value), CtlError> {
         } => (
             "failover",
             json!({ "force": force, "timeout_ms": millis(timeout), "drained": drained }),
+        ),
+        Command::Handover { timeout, cancel } => (
+            "handover",
+            json!({ "timeout_ms": millis(timeout), "cancel": cancel }),
         ),
         Command::Branches => ("branches", Value::Null),
         Command::BranchDrop { name } => ("branch-drop", json!({ "name": name })),

@@ -14,9 +14,10 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
@@ -28,7 +29,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
 };
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -37,6 +38,13 @@ use vmm_sys_util::event::{
 use crate::device::BlockDevice;
 use crate::gate::Gate;
 use crate::request::{self, Disk, MAX_SEGMENTS, SECTOR};
+
+/// Guest memory with a dirty log QEMU can share during a live migration:
+/// every byte the device writes to the guest (read data, the used ring)
+/// marks its page, so the migration copies it again.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<BitmapMmapRegion>;
+/// A virtqueue over that memory.
+pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
 
 /// Largest queue the device offers.
 pub const MAX_QUEUE_SIZE: usize = 1024;
@@ -55,6 +63,16 @@ pub struct ExportConfig {
     pub read_only: bool,
 }
 
+/// The vrings the client kicked, by queue index.
+struct Kicked(Vec<OnceLock<Vring>>);
+
+impl std::fmt::Debug for Kicked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let queues = self.0.iter().enumerate().filter(|(_, v)| v.get().is_some());
+        f.debug_list().entries(queues.map(|(i, _)| i)).finish()
+    }
+}
+
 #[derive(Debug)]
 pub struct BlkBackend {
     device: Arc<dyn BlockDevice>,
@@ -65,9 +83,12 @@ pub struct BlkBackend {
     epoch: AtomicU64,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     event_idx: AtomicBool,
-    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMemory>>>,
     /// Held while a queue processes requests; `stop_vring` waits on it.
     busy: Vec<Mutex<()>>,
+    /// The vrings the client kicked, by queue: the device is stopped once
+    /// none of them is ready.
+    kicked: Kicked,
     exits: Mutex<Vec<EventNotifier>>,
 }
 
@@ -78,6 +99,7 @@ impl BlkBackend {
         let n = uuid.len().min(id.len());
         id[..n].copy_from_slice(&uuid.as_bytes()[..n]);
         let busy = (0..config.num_queues).map(|_| Mutex::new(())).collect();
+        let kicked = Kicked((0..config.num_queues).map(|_| OnceLock::new()).collect());
         BlkBackend {
             device,
             config,
@@ -87,6 +109,7 @@ impl BlkBackend {
             event_idx: AtomicBool::new(false),
             mem: RwLock::new(None),
             busy,
+            kicked,
             exits: Mutex::new(Vec::new()),
         }
     }
@@ -130,7 +153,7 @@ impl BlkBackend {
 
     /// Takes and completes the queue's requests while the gate lets them
     /// through. Returns false if it parked the queue at a closed gate.
-    fn process(&self, index: usize, vring: &VringRwLock) -> io::Result<bool> {
+    fn process(&self, index: usize, vring: &Vring) -> io::Result<bool> {
         let mem = self
             .mem
             .read()
@@ -184,8 +207,8 @@ impl BlkBackend {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         self.config.num_queues
@@ -205,7 +228,9 @@ impl VhostUserBackend for BlkBackend {
             | 1 << VIRTIO_BLK_F_FLUSH
             | 1 << VIRTIO_BLK_F_CONFIG_WCE
             | 1 << VIRTIO_BLK_F_MQ
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            // Live migration: QEMU refuses to migrate a vhost device without it.
+            | VhostUserVirtioFeatures::LOG_ALL.bits();
         if self.config.read_only {
             f |= 1 << VIRTIO_BLK_F_RO;
         } else {
@@ -219,6 +244,7 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -251,7 +277,7 @@ impl VhostUserBackend for BlkBackend {
         }
     }
 
-    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
         *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
         Ok(())
     }
@@ -276,14 +302,29 @@ impl VhostUserBackend for BlkBackend {
         if let Some(busy) = self.busy.get(queue_index as usize) {
             drop(busy.lock().unwrap_or_else(|e| e.into_inner()));
         }
+        // QEMU stops every queue in a row when it stops the device.
+        let stopped = self
+            .kicked
+            .0
+            .iter()
+            .filter_map(OnceLock::get)
+            .all(|vring| !vring.get_ref().get_queue().ready());
+        if stopped {
+            self.gate.device_stopped();
+        }
         Ok(())
+    }
+
+    /// SET_FEATURES: QEMU sends it each time it starts the device.
+    fn acked_features(&self, _features: u64) {
+        self.gate.device_started();
     }
 
     fn handle_event(
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
@@ -293,6 +334,9 @@ impl VhostUserBackend for BlkBackend {
         let vring = vrings
             .get(usize::from(device_event))
             .ok_or_else(|| io::Error::other(format!("no vring for event {device_event}")))?;
+        if let Some(kicked) = self.kicked.0.get(thread_id) {
+            kicked.get_or_init(|| vring.clone());
+        }
         if !self.event_idx.load(Ordering::Acquire) {
             return self.process(thread_id, vring).map(drop);
         }
@@ -385,6 +429,15 @@ mod tests {
         assert_ne!(ro & (1 << VIRTIO_BLK_F_RO), 0);
         assert_eq!(ro & (1 << VIRTIO_BLK_F_WRITE_ZEROES), 0);
         assert_eq!(backend(false).queues_per_thread(), vec![1, 2, 4, 8]);
+    }
+
+    #[test]
+    fn live_migration_is_offered_with_a_shared_dirty_log() {
+        let b = backend(false);
+        assert_ne!(b.features() & VhostUserVirtioFeatures::LOG_ALL.bits(), 0);
+        assert!(b
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::LOG_SHMFD));
     }
 
     #[test]

@@ -25,7 +25,7 @@ use vhost::vhost_user::Listener;
 use crate::backend::ExportConfig;
 use crate::device::{BlockDevice, ViewDevice};
 use crate::export::{Attached, Export};
-use crate::failover::Roles;
+use crate::failover::{HandoverStatus, Roles};
 use crate::gate::{Counters, Gate, State};
 use crate::replication::{Link, ReplicationStatus};
 
@@ -133,6 +133,14 @@ enum Command {
     Resolve {
         discard_this_side: bool,
     },
+    /// Arms a handover to the replica at the next stop of the guest's
+    /// device (a live migration's switchover); `cancel` calls it off.
+    Handover {
+        #[serde(default = "default_handover_ms")]
+        timeout_ms: u64,
+        #[serde(default)]
+        cancel: bool,
+    },
     /// The read-only branches: tails cut at a rejoin or a resolve.
     Branches {},
     #[serde(rename = "branch-drop")]
@@ -162,6 +170,12 @@ fn default_timeout_ms() -> u64 {
     DEFAULT_TIMEOUT_MS
 }
 
+/// How long a handover waits for the replica to catch up, and then for
+/// the destination to start once the source stopped.
+fn default_handover_ms() -> u64 {
+    60_000
+}
+
 const COMMANDS: &[&str] = &[
     "status",
     "timeline",
@@ -180,6 +194,7 @@ const COMMANDS: &[&str] = &[
     "demote",
     "failover",
     "resolve",
+    "handover",
     "branches",
     "branch-drop",
 ];
@@ -227,6 +242,8 @@ struct Status {
     last_record_time: Option<String>,
     /// Why the gate is held closed at start, if it is.
     hold: Option<&'static str>,
+    /// The last handover (live migration) this node took part in.
+    handover: Option<HandoverStatus>,
     /// The replication link, if the daemon replicates.
     replication: Option<ReplicationStatus>,
 }
@@ -383,6 +400,7 @@ impl Control {
                 .map(|seal| seal.lsn),
             last_record_time: self.volume.record_time(s.last_lsn).map(format_ns),
             hold: self.roles.hold(),
+            handover: self.roles.handover_status(),
             replication: self.replication(),
         }
     }
@@ -491,6 +509,12 @@ impl Control {
                 Duration::from_millis(timeout_ms),
                 drained,
             )?)),
+            Command::Handover { cancel: true, .. } => {
+                to_json(serde_json::to_value(self.roles.cancel_handover()?))
+            }
+            Command::Handover { timeout_ms, .. } => to_json(serde_json::to_value(
+                self.roles.arm_handover(Duration::from_millis(timeout_ms))?,
+            )),
             Command::Resolve { discard_this_side } => {
                 if !discard_this_side {
                     return Err(

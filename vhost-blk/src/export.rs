@@ -22,9 +22,9 @@ use rewind_journal::format_ns;
 use serde::Serialize;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
 
-use crate::backend::{BlkBackend, ExportConfig};
+use crate::backend::{BlkBackend, ExportConfig, GuestMemory};
 use crate::device::BlockDevice;
 use crate::gate::{Gate, State};
 
@@ -162,7 +162,7 @@ impl Export {
                 self.config.clone(),
                 self.gate.clone(),
             ));
-            let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+            let memory = GuestMemoryAtomic::new(GuestMemory::new());
             let mut daemon = VhostUserDaemon::new("rewind-blk".into(), backend.clone(), memory)
                 .map_err(|e| ExportError::VhostUser(e.to_string()))?;
             if let Err(e) = daemon.start(listener) {
@@ -202,6 +202,7 @@ impl Export {
             };
             let ended = daemon.wait();
             backend.stop_workers();
+            self.gate.device_gone();
             self.gate.forget_parked();
             self.detach(id);
             match ended {

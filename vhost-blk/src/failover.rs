@@ -16,21 +16,36 @@
 //! gate's admission epoch moves on, so the guest that ran here cannot
 //! reattach: a failback needs a fresh VM.
 
+mod handover;
+
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use rewind_journal::{format_ns, EpochStart, Role, Seal, Volume};
 use serde::Serialize;
 
+use self::handover::Handover;
+pub use self::handover::HandoverStatus;
 use crate::export::Export;
-use crate::gate::{GateError, State};
+use crate::gate::{DeviceWatcher, GateError, State};
 use crate::replication::history::{relate, Relation};
 use crate::replication::tls::TlsContext;
 use crate::replication::{self as repl, Link, RoleChanges, SenderConfig};
 
 /// How long a seal asked for by the replica may take.
 const PEER_SEAL_LIMIT: Duration = Duration::from_secs(10);
+
+/// Who a seal is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SealFor {
+    /// `demote`: refused while a guest is attached.
+    Operator,
+    /// The replica's failover: the guest is cut off for good.
+    Failover,
+    /// A handover: the guest, stopped, stays attached for a rollback.
+    Handover,
+}
 
 /// What starts the sender after a promotion.
 #[derive(Debug)]
@@ -87,6 +102,11 @@ pub struct Roles {
     awaiting_peer: AtomicBool,
     /// One role change at a time.
     changing: Mutex<()>,
+    handover: Mutex<Handover>,
+    /// Signalled when the handover changes or the guest's device starts.
+    handover_changed: Condvar,
+    /// This, for the threads a device event starts.
+    me: OnceLock<Weak<Roles>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -116,7 +136,16 @@ impl Roles {
             running: Mutex::new(None),
             awaiting_peer: AtomicBool::new(false),
             changing: Mutex::new(()),
+            handover: Mutex::new(Handover::default()),
+            handover_changed: Condvar::new(),
+            me: OnceLock::new(),
         });
+        let _ = roles.me.set(Arc::downgrade(&roles));
+        let watcher = Arc::downgrade(&roles);
+        roles
+            .live
+            .gate
+            .watch_device(watcher as Weak<dyn DeviceWatcher>);
         if let Some(link) = &roles.link {
             let weak = Arc::downgrade(&roles);
             link.set_roles(weak as std::sync::Weak<dyn RoleChanges>);
@@ -268,6 +297,17 @@ impl Roles {
     }
 
     fn promote_locked(&self, force: bool, drained: bool) -> Result<Promoted, String> {
+        self.promote_with(force, drained, true)
+    }
+
+    /// `end_session`: end the old primary's session now. A handover keeps
+    /// it to send its verdict; the next frame on it is refused.
+    fn promote_with(
+        &self,
+        force: bool,
+        drained: bool,
+        end_session: bool,
+    ) -> Result<Promoted, String> {
         let v = &self.volume;
         if v.role() == Role::Primary {
             return Err(format!(
@@ -280,8 +320,12 @@ impl Roles {
             return Err(self.unsealed());
         }
         if let Some(link) = &self.link {
-            // Nothing more is taken from the old primary.
-            link.end_receiving();
+            // Nothing more is taken from the old primary, and a handover
+            // this node offered is off.
+            if end_session {
+                link.end_receiving();
+            }
+            link.withdraw_handover();
         }
         let rpo_seconds = match sealed {
             Some(_) => 0.0,
@@ -370,8 +414,13 @@ impl Roles {
     /// waits up to `timeout` for the replica to hold them, and demotes.
     /// The operator's `demote` refuses while a guest is attached; a seal
     /// the replica asked for (a failover) takes the gate from under it.
-    fn seal(&self, timeout: Duration, for_peer: bool) -> Result<Demoted, String> {
+    fn seal(&self, timeout: Duration, why: SealFor) -> Result<Demoted, String> {
         let _one = lock(&self.changing);
+        self.seal_locked(timeout, why)
+    }
+
+    fn seal_locked(&self, timeout: Duration, why: SealFor) -> Result<Demoted, String> {
+        let for_peer = why != SealFor::Operator;
         let v = &self.volume;
         if v.role() == Role::Replica {
             return match v.sealed().filter(|s| s.epoch == v.epoch()) {
@@ -418,10 +467,12 @@ impl Roles {
             Err(e) => return reopen(format!("demoting failed: {e}")),
         };
         self.awaiting_peer.store(false, Ordering::Release);
-        // The guest that ran here cannot come back (a failback needs a
-        // fresh VM).
-        gate.set_epoch(gate.epoch() + 1);
-        self.live.disconnect();
+        if why != SealFor::Handover {
+            // The guest that ran here cannot come back (a failback needs a
+            // fresh VM). A handover keeps it, parked, for a rollback.
+            gate.set_epoch(gate.epoch() + 1);
+            self.live.disconnect();
+        }
         if let Some(link) = &self.link {
             // The sender tells the replica of the seal (now, or once it is
             // back), then ends.
@@ -454,7 +505,7 @@ impl Roles {
 
     /// The operator's `demote`.
     pub fn demote(&self, timeout: Duration) -> Result<Demoted, String> {
-        self.seal(timeout, false)
+        self.seal(timeout, SealFor::Operator)
     }
 
     /// Moves what this node holds after `common` out of the way of the
@@ -528,7 +579,7 @@ impl Roles {
 
 impl RoleChanges for Roles {
     fn seal_for_peer(&self) -> Result<Seal, String> {
-        self.seal(PEER_SEAL_LIMIT, true).map(|d| Seal {
+        self.seal(PEER_SEAL_LIMIT, SealFor::Failover).map(|d| Seal {
             epoch: d.epoch,
             lsn: d.sealed_lsn,
         })
@@ -557,6 +608,14 @@ impl RoleChanges for Roles {
                  run `rewindctl resolve --discard-this-side` on the one whose writes to give up"
             )),
         }
+    }
+
+    fn take_over(&self, seal: Seal, timeout: Duration) -> bool {
+        self.take_over_for(seal, timeout)
+    }
+
+    fn cancel_take_over(&self) {
+        self.cancel_take_over_now();
     }
 
     fn confirmed(&self) {

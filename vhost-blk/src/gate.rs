@@ -16,12 +16,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringT;
 
+use crate::backend::Vring;
 use crate::request::Status;
 
 /// What the export does with its queues.
@@ -96,7 +97,7 @@ pub struct Counters {
 struct Inner {
     state: State,
     /// Vrings whose worker found the gate closed, by queue index.
-    parked: BTreeMap<usize, VringRwLock>,
+    parked: BTreeMap<usize, Vring>,
 }
 
 impl fmt::Debug for Inner {
@@ -105,6 +106,33 @@ impl fmt::Debug for Inner {
             .field("state", &self.state)
             .field("parked", &self.parked.keys().collect::<Vec<_>>())
             .finish()
+    }
+}
+
+/// Told when the attached client starts or stops its device: a handover
+/// switches at a stop (a live migration's switchover) and takes over at
+/// the destination's start. Called on the vhost-user thread: must not
+/// block.
+pub trait DeviceWatcher: Send + Sync + fmt::Debug {
+    fn device_started(&self);
+    fn device_stopped(&self);
+}
+
+#[derive(Debug, Default)]
+struct DeviceWatch {
+    running: AtomicBool,
+    /// When the client last started its device.
+    started_at: Mutex<Option<Instant>>,
+    watcher: Mutex<Option<Weak<dyn DeviceWatcher>>>,
+}
+
+impl DeviceWatch {
+    fn watcher(&self) -> Option<std::sync::Arc<dyn DeviceWatcher>> {
+        self.watcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(Weak::upgrade)
     }
 }
 
@@ -120,6 +148,7 @@ pub struct Gate {
     inner: Mutex<Inner>,
     /// Signalled when `in_flight` drops to zero while closed.
     idle: Condvar,
+    device: DeviceWatch,
 }
 
 /// One request admitted through the gate; dropping it ends the request.
@@ -162,7 +191,60 @@ impl Gate {
                 parked: BTreeMap::new(),
             }),
             idle: Condvar::new(),
+            device: DeviceWatch::default(),
         }
+    }
+
+    /// Who is told when the client's device starts or stops.
+    pub fn watch_device(&self, watcher: Weak<dyn DeviceWatcher>) {
+        *self
+            .device
+            .watcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(watcher);
+    }
+
+    /// Whether the attached client's device runs (started, not stopped).
+    pub fn device_running(&self) -> bool {
+        self.device.running.load(Ordering::Acquire)
+    }
+
+    /// When the attached client last started its device, if it did.
+    pub fn device_started_at(&self) -> Option<Instant> {
+        *self
+            .device
+            .started_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The client set its features, as QEMU does each time it starts the
+    /// device (and when a migration turns dirty logging on or off).
+    pub fn device_started(&self) {
+        *self
+            .device
+            .started_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        self.device.running.store(true, Ordering::Release);
+        if let Some(watcher) = self.device.watcher() {
+            watcher.device_started();
+        }
+    }
+
+    /// Every queue the client used is stopped (GET_VRING_BASE).
+    pub fn device_stopped(&self) {
+        if self.device.running.swap(false, Ordering::AcqRel) {
+            if let Some(watcher) = self.device.watcher() {
+                watcher.device_stopped();
+            }
+        }
+    }
+
+    /// The client went away: its device runs no more, but was not stopped
+    /// (QEMU quit or crashed).
+    pub fn device_gone(&self) {
+        self.device.running.store(false, Ordering::Release);
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -210,7 +292,7 @@ impl Gate {
     /// Parks queue `queue`'s vring after `enter` refused a client at
     /// `epoch`; returns true if the gate opened to it meanwhile (the worker
     /// should try again instead).
-    pub fn park(&self, queue: usize, epoch: u64, vring: &VringRwLock) -> bool {
+    pub fn park(&self, queue: usize, epoch: u64, vring: &Vring) -> bool {
         let mut inner = self.lock();
         if inner.state == State::Serving && self.epoch.load(Ordering::SeqCst) == epoch {
             return true;
@@ -386,7 +468,7 @@ impl Gate {
 
 /// Signals the vring's kick eventfd, as the guest does, so its worker
 /// thread takes the requests queued while the gate was closed.
-fn kick(vring: &VringRwLock) -> std::io::Result<()> {
+fn kick(vring: &Vring) -> std::io::Result<()> {
     let state = vring.get_ref();
     let Some(consumer) = state.get_kick() else {
         return Ok(());

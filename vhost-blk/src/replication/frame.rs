@@ -176,6 +176,22 @@ pub enum Message {
     /// From the primary, after the tail it sealed at was acknowledged: it
     /// is a replica now; the connection then ends.
     Sealed(rewind_journal::Seal),
+    /// From the primary, after the tail it sealed at was acknowledged, in
+    /// a handover: take over once a client starts its device on the
+    /// replica's socket (the migration's destination), within
+    /// `timeout_ms`, and answer with a verdict.
+    HandOver {
+        seal: rewind_journal::Seal,
+        timeout_ms: u64,
+    },
+    /// From the primary: the handover is off (its own client started
+    /// again); answer with a verdict.
+    HandoverCancel,
+    /// From the replica: whether it took over (then it is the primary of
+    /// the next epoch) or let the handover go.
+    HandoverVerdict {
+        promoted: bool,
+    },
 }
 
 impl Message {
@@ -197,6 +213,9 @@ impl Message {
             Message::Fenced(_) => 14,
             Message::SealRequest => 15,
             Message::Sealed(_) => 16,
+            Message::HandOver { .. } => 17,
+            Message::HandoverCancel => 18,
+            Message::HandoverVerdict { .. } => 19,
         }
     }
 
@@ -218,6 +237,9 @@ impl Message {
             Message::Fenced(_) => "fenced",
             Message::SealRequest => "seal-request",
             Message::Sealed(_) => "sealed",
+            Message::HandOver { .. } => "hand-over",
+            Message::HandoverCancel => "handover-cancel",
+            Message::HandoverVerdict { .. } => "handover-verdict",
         }
     }
 }
@@ -272,7 +294,7 @@ impl FrameHeader {
             return Err(FrameError::Version(version));
         }
         let (kind, flags) = (b[6], b[7]);
-        if !(1..=16).contains(&kind) {
+        if !(1..=19).contains(&kind) {
             return Err(FrameError::Type(kind));
         }
         if flags & !FLAG_ZSTD != 0 || (flags & FLAG_ZSTD != 0 && kind != 4 && kind != 8) {
@@ -375,6 +397,27 @@ impl FrameHeader {
                     lsn: le_u64(&b[8..]),
                 })
             }
+            17 => {
+                let b = fixed::<24>(body, "hand-over")?;
+                Message::HandOver {
+                    seal: rewind_journal::Seal {
+                        epoch: le_u64(&b[..8]),
+                        lsn: le_u64(&b[8..16]),
+                    },
+                    timeout_ms: le_u64(&b[16..]),
+                }
+            }
+            18 => fixed::<0>(body, "handover-cancel").map(|_| Message::HandoverCancel)?,
+            19 => match fixed::<1>(body, "handover-verdict")? {
+                [0] => Message::HandoverVerdict { promoted: false },
+                [1] => Message::HandoverVerdict { promoted: true },
+                [other] => {
+                    return Err(FrameError::Malformed {
+                        what: "handover-verdict",
+                        reason: format!("verdict byte {other} is neither 0 nor 1"),
+                    })
+                }
+            },
             kind => return Err(FrameError::Type(kind)),
         };
         Ok(Frame {
@@ -544,12 +587,21 @@ impl Encoder {
             }
             Message::Records(records) => encode_records(&mut bytes, records),
             Message::Ack { durable_lsn } => bytes.extend_from_slice(&durable_lsn.to_le_bytes()),
-            Message::Heartbeat | Message::ResyncEnd | Message::SealRequest => {}
+            Message::Heartbeat
+            | Message::ResyncEnd
+            | Message::SealRequest
+            | Message::HandoverCancel => {}
             Message::Fenced(f) => append_json(&mut bytes, f),
             Message::Sealed(seal) => {
                 bytes.extend_from_slice(&seal.epoch.to_le_bytes());
                 bytes.extend_from_slice(&seal.lsn.to_le_bytes());
             }
+            Message::HandOver { seal, timeout_ms } => {
+                bytes.extend_from_slice(&seal.epoch.to_le_bytes());
+                bytes.extend_from_slice(&seal.lsn.to_le_bytes());
+                bytes.extend_from_slice(&timeout_ms.to_le_bytes());
+            }
+            Message::HandoverVerdict { promoted } => bytes.push(u8::from(*promoted)),
             Message::ResyncBegin(b) => append_json(&mut bytes, b),
             Message::Chunk { offset, data } => {
                 bytes.extend_from_slice(&offset.to_le_bytes());
@@ -734,6 +786,16 @@ mod tests {
             }),
             Message::SealRequest,
             Message::Sealed(rewind_journal::Seal { epoch: 3, lsn: 69 }),
+            Message::HandOver {
+                seal: rewind_journal::Seal {
+                    epoch: 5,
+                    lsn: 1234,
+                },
+                timeout_ms: 30_000,
+            },
+            Message::HandoverCancel,
+            Message::HandoverVerdict { promoted: true },
+            Message::HandoverVerdict { promoted: false },
             Message::Refuse("another volume".into()),
             Message::Records(vec![record(1, vec![7; 4096]), record(2, Vec::new())]),
             Message::Ack { durable_lsn: 42 },
@@ -818,8 +880,8 @@ mod tests {
             Err(FrameError::TooLong(MAX_BODY + 1))
         );
         let mut kind = good.clone();
-        kind[6] = 17;
-        assert_eq!(decode(&kind).map(|_| ()), Err(FrameError::Type(17)));
+        kind[6] = 20;
+        assert_eq!(decode(&kind).map(|_| ()), Err(FrameError::Type(20)));
         assert!(matches!(
             decode(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
             Err(FrameError::Magic(_))
@@ -845,6 +907,18 @@ mod tests {
         assert!(matches!(
             decode(&hello),
             Err(FrameError::Malformed { what: "hello", .. })
+        ));
+        let mut verdict = encoder
+            .encode(1, &Message::HandoverVerdict { promoted: true })
+            .bytes;
+        verdict[HEADER_SIZE] = 2;
+        reseal(&mut verdict);
+        assert!(matches!(
+            decode(&verdict),
+            Err(FrameError::Malformed {
+                what: "handover-verdict",
+                ..
+            })
         ));
         let mut zstd = encoder
             .encode(1, &Message::Records(vec![record(1, vec![0; 512])]))

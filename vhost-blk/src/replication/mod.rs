@@ -91,6 +91,26 @@ pub trait RoleChanges: Send + Sync + std::fmt::Debug {
     fn rejoin(&self, newer: &[EpochStart]) -> Result<(), String>;
     /// The replica accepted this primary's epoch: a startup hold ends.
     fn confirmed(&self);
+    /// The primary sealed for a handover: take over once a client starts
+    /// its device here, within `timeout`, unless cancelled. Blocks; returns
+    /// whether this node is the primary now.
+    fn take_over(&self, seal: Seal, timeout: Duration) -> bool;
+    /// The primary called its handover off.
+    fn cancel_take_over(&self);
+}
+
+/// A handover this node offers its peer, from its seal to the verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandoverOffer {
+    /// None while the seal is being made: the sender waits for it rather
+    /// than end the session with a plain `sealed`.
+    pub seal: Option<Seal>,
+    /// When the peer gives up waiting for its client.
+    pub deadline: Instant,
+    /// The offer was called off (this node's client started again).
+    pub cancelled: bool,
+    /// The peer's answer: it took over, or let the handover go.
+    pub verdict: Option<bool>,
 }
 
 /// The state of a link, as `status` names it.
@@ -198,6 +218,8 @@ struct Shared {
     peer_history: Option<Vec<EpochStart>>,
     /// A failover waits for its primary's seal.
     seal_wanted: bool,
+    /// A handover offered to the peer, until its verdict is taken.
+    handover: Option<HandoverOffer>,
 }
 
 /// One replica link: shared by its network task, the data path (sync
@@ -253,6 +275,7 @@ impl Link {
                 degraded: false,
                 peer_history: None,
                 seal_wanted: false,
+                handover: None,
             }),
             changed: Condvar::new(),
             acked_lsn: AtomicU64::new(0),
@@ -351,6 +374,67 @@ impl Link {
 
     fn set_peer_history(&self, history: Vec<EpochStart>) {
         lock(&self.shared).peer_history = Some(history);
+    }
+
+    /// A handover is about to seal this primary: the seal is for the peer
+    /// to take over, not a plain demotion.
+    pub fn prepare_handover(&self) {
+        lock(&self.shared).handover = Some(HandoverOffer {
+            seal: None,
+            deadline: Instant::now(),
+            cancelled: false,
+            verdict: None,
+        });
+    }
+
+    /// Offers the peer a handover at `seal` (the sender sends it once the
+    /// peer holds the tail); the peer waits up to `timeout` for its client.
+    pub fn offer_handover(&self, seal: Seal, timeout: Duration) {
+        lock(&self.shared).handover = Some(HandoverOffer {
+            seal: Some(seal),
+            deadline: Instant::now() + timeout,
+            cancelled: false,
+            verdict: None,
+        });
+        self.wake.notify_one();
+    }
+
+    /// Withdraws the offer (the seal failed, or the verdict was taken).
+    pub fn withdraw_handover(&self) {
+        lock(&self.shared).handover = None;
+        self.wake.notify_one();
+    }
+
+    /// The offer the sender is to make, if any.
+    pub fn handover_offer(&self) -> Option<HandoverOffer> {
+        lock(&self.shared).handover
+    }
+
+    /// Calls the offered handover off; the peer still answers (it may have
+    /// taken over first).
+    pub fn cancel_handover(&self) {
+        if let Some(offer) = lock(&self.shared).handover.as_mut() {
+            offer.cancelled = true;
+        }
+        self.wake.notify_one();
+    }
+
+    /// The peer's verdict on the offer.
+    fn handover_verdict(&self, promoted: bool) {
+        if let Some(offer) = lock(&self.shared).handover.as_mut() {
+            offer.verdict = Some(promoted);
+        }
+        self.changed.notify_all();
+        self.wake.notify_one();
+    }
+
+    /// Waits until `deadline` for the peer's verdict on the offer. None:
+    /// no verdict came (the offer stays, and the sender keeps asking).
+    pub fn wait_handover_verdict(&self, deadline: Instant) -> Option<bool> {
+        self.wait_for(deadline, |_, shared| {
+            shared.handover.is_none_or(|offer| offer.verdict.is_some())
+        });
+        lock(&self.shared).handover.and_then(|o| o.verdict)
     }
 
     /// The epoch history a refused or diverged peer showed last.

@@ -46,6 +46,8 @@ const MAX_HEARTBEATS_PER_SECOND: u32 = 20;
 const QUEUED_BATCHES: usize = 8;
 /// How long what was queued may take to apply once the primary hung up.
 const APPLY_AFTER_END: Duration = Duration::from_secs(10);
+/// The longest a handover may wait for its destination to start.
+const HANDOVER_LIMIT: Duration = Duration::from_secs(600);
 
 /// Accepts primaries until the runtime stops.
 pub async fn run(volume: Arc<Volume>, link: Arc<Link>, tls: TlsContext, listener: TcpListener) {
@@ -396,6 +398,8 @@ enum Reply {
     ResyncNeeded(String),
     /// A failover here: the primary is asked to seal.
     SealRequest,
+    /// Whether this node took over in the handover its primary offered.
+    Verdict(bool),
 }
 
 /// What the applier does, in the order the frames came.
@@ -418,6 +422,13 @@ enum Op {
     End,
     /// The primary sealed its epoch at this lsn and demoted itself.
     Sealed(Seal),
+    /// The same, for this node to take over once its client starts.
+    HandOver {
+        seal: Seal,
+        timeout: Duration,
+    },
+    /// The primary called the handover off.
+    HandoverCancel,
 }
 
 async fn read_frames<R: AsyncRead + Unpin>(
@@ -453,6 +464,11 @@ async fn read_frames<R: AsyncRead + Unpin>(
         let op = match frame.message {
             Message::Records(records) => Op::Records(records),
             Message::Sealed(seal) => Op::Sealed(seal),
+            Message::HandOver { seal, timeout_ms } => Op::HandOver {
+                seal,
+                timeout: Duration::from_millis(timeout_ms).min(HANDOVER_LIMIT),
+            },
+            Message::HandoverCancel => Op::HandoverCancel,
             Message::ResyncBegin(begin) => Op::Begin(begin),
             Message::Chunk { offset, data } => Op::Chunk { offset, data },
             Message::Zero { offset, length } => Op::Zero { offset, length },
@@ -601,33 +617,33 @@ async fn apply_ops(
                     Err(e) => Err(e),
                 }
             }
-            Op::Sealed(seal) => {
-                // After every record before it: all of them are applied.
-                let noted = blocking(volume, move |v| {
-                    let holds = seal.epoch == v.epoch() && v.durable_lsn() >= seal.lsn;
-                    if holds {
-                        v.note_sealed(seal)?;
-                    }
-                    Ok(holds)
-                })
-                .await;
-                match noted {
-                    Ok(true) => {
-                        tracing::info!(lsn = seal.lsn, epoch = seal.epoch, "the primary sealed");
-                        link.set_outdated(None);
-                        link.peer_sealed();
+            Op::Sealed(seal) => note_seal(volume, link, seal).await.map(|()| None),
+            Op::HandOver { seal, timeout } => match note_seal(volume, link, seal).await {
+                Ok(()) => match link.roles() {
+                    Some(roles) => {
+                        tracing::info!(?timeout, "handover: taking over once a client starts here");
+                        // Waits aside: a cancel comes through this loop.
+                        let replies = replies.clone();
+                        tokio::spawn(async move {
+                            let taking = move || roles.take_over(seal, timeout);
+                            let promoted = tokio::task::spawn_blocking(taking).await;
+                            let _ = replies
+                                .send(Reply::Verdict(matches!(promoted, Ok(true))))
+                                .await;
+                        });
                         Ok(None)
                     }
-                    Ok(false) => Err(format!(
-                        "the primary sealed epoch {} at lsn {}, but this replica is at epoch {} \
-                         and holds lsn {}",
-                        seal.epoch,
-                        seal.lsn,
-                        volume.epoch(),
-                        volume.durable_lsn()
-                    )),
-                    Err(e) => Err(e),
+                    None => {
+                        Err("the primary offered a handover; this daemon cannot take over".into())
+                    }
+                },
+                Err(e) => Err(e),
+            },
+            Op::HandoverCancel => {
+                if let Some(roles) = link.roles() {
+                    roles.cancel_take_over();
                 }
+                Ok(None)
             }
             Op::End => match resync.take() {
                 Some(r) if r.progress.done_bytes == r.progress.total_bytes => {
@@ -657,6 +673,35 @@ async fn apply_ops(
                 return reason;
             }
         }
+    }
+}
+
+/// Records the primary's seal, after every record before it was applied.
+async fn note_seal(volume: &Arc<Volume>, link: &Link, seal: Seal) -> Result<(), String> {
+    let noted = blocking(volume, move |v| {
+        let holds = seal.epoch == v.epoch() && v.durable_lsn() >= seal.lsn;
+        if holds {
+            v.note_sealed(seal)?;
+        }
+        Ok(holds)
+    })
+    .await;
+    match noted {
+        Ok(true) => {
+            tracing::info!(lsn = seal.lsn, epoch = seal.epoch, "the primary sealed");
+            link.set_outdated(None);
+            link.peer_sealed();
+            Ok(())
+        }
+        Ok(false) => Err(format!(
+            "the primary sealed epoch {} at lsn {}, but this replica is at epoch {} and holds \
+             lsn {}",
+            seal.epoch,
+            seal.lsn,
+            volume.epoch(),
+            volume.durable_lsn()
+        )),
+        Err(e) => Err(e),
     }
 }
 
@@ -850,6 +895,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         };
         let (message, refused) = match reply {
             Reply::SealRequest => (Message::SealRequest, None),
+            Reply::Verdict(promoted) => (Message::HandoverVerdict { promoted }, None),
             Reply::Ack(durable_lsn) => (Message::Ack { durable_lsn }, None),
             Reply::Refuse(reason) => (Message::Refuse(reason.clone()), Some(reason)),
             Reply::ResyncNeeded(reason) => (Message::ResyncNeeded(reason.clone()), Some(reason)),

@@ -25,7 +25,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rewind_journal::{Error as JournalError, PointInTime, Role, ShipBatch, View, Volume};
+use rewind_journal::{Error as JournalError, PointInTime, Role, Seal, ShipBatch, View, Volume};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -526,13 +526,29 @@ async fn ship<W: AsyncWrite + Unpin>(
     mut next: u64,
 ) -> SessionError {
     let mut last_send = Instant::now();
+    let mut handover = HandoverSent::default();
     loop {
+        let offer = link.handover_offer();
         if volume.role() != Role::Primary {
             // Sealed: once the replica has every record up to the seal,
             // say so, so that it may be promoted without --force.
             let Some(seal) = volume.sealed().filter(|s| s.epoch == volume.epoch()) else {
                 return down("demoted: this node is a replica now");
             };
+            if next > seal.lsn && offer.is_some_and(|o| o.seal.is_none_or(|s| s == seal)) {
+                // A handover: offer it, pass on a cancel, wait for the
+                // verdict; a rollback promotes this node again.
+                if let Some(ended) = handover.step(link, writer, encoder, volume.epoch()).await {
+                    return ended;
+                }
+                let _ = tokio::time::timeout(HEARTBEAT, link.wake.notified()).await;
+                if let Err(e) =
+                    heartbeat_if_due(writer, encoder, volume.epoch(), &mut last_send).await
+                {
+                    return e;
+                }
+                continue;
+            }
             if next > seal.lsn {
                 let sealed = encoder.encode(volume.epoch(), &Message::Sealed(seal));
                 return down(match write_frame(writer, &sealed).await {
@@ -572,12 +588,9 @@ async fn ship<W: AsyncWrite + Unpin>(
                     Err(e) => return down(format!("flushing the journal to ship it: {e}")),
                 }
             }
-            if last_send.elapsed() >= HEARTBEAT {
-                let beat = encoder.encode(volume.epoch(), &Message::Heartbeat);
-                if let Err(e) = write_frame(writer, &beat).await {
-                    return down(format!("sending a heartbeat: {e}"));
-                }
-                last_send = Instant::now();
+            if let Err(e) = heartbeat_if_due(writer, encoder, volume.epoch(), &mut last_send).await
+            {
+                return e;
             }
             continue;
         }
@@ -595,10 +608,81 @@ async fn ship<W: AsyncWrite + Unpin>(
     }
 }
 
+/// Sends a heartbeat if nothing went out for [`HEARTBEAT`].
+async fn heartbeat_if_due<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    encoder: &mut Encoder,
+    epoch: u64,
+    last_send: &mut Instant,
+) -> Result<(), SessionError> {
+    if last_send.elapsed() >= HEARTBEAT {
+        let beat = encoder.encode(epoch, &Message::Heartbeat);
+        write_frame(writer, &beat)
+            .await
+            .map_err(|e| down(format!("sending a heartbeat: {e}")))?;
+        *last_send = Instant::now();
+    }
+    Ok(())
+}
+
+/// What a session told the replica of this node's handover offer.
+#[derive(Debug, Default)]
+struct HandoverSent {
+    /// The seal whose handover was offered, and whether it was cancelled.
+    offered: Option<Seal>,
+    cancelled: Option<Seal>,
+}
+
+impl HandoverSent {
+    /// Sends what the offer needs next; Some when the session is over
+    /// (the peer took over, or the link failed).
+    async fn step<W: AsyncWrite + Unpin>(
+        &mut self,
+        link: &Link,
+        writer: &mut W,
+        encoder: &mut Encoder,
+        epoch: u64,
+    ) -> Option<SessionError> {
+        let offer = link.handover_offer()?;
+        let seal = offer.seal?;
+        if offer.verdict == Some(true) {
+            link.set_seal_delivered(true);
+            return Some(down(format!(
+                "handed over at lsn {}: the peer is the primary now",
+                seal.lsn
+            )));
+        }
+        if self.offered != Some(seal) {
+            let left = offer.deadline.saturating_duration_since(Instant::now());
+            let message = Message::HandOver {
+                seal,
+                timeout_ms: left.as_millis() as u64,
+            };
+            if let Err(e) = write_frame(writer, &encoder.encode(epoch, &message)).await {
+                return Some(down(format!("offering the handover: {e}")));
+            }
+            self.offered = Some(seal);
+        }
+        if offer.cancelled && self.cancelled != Some(seal) {
+            let cancel = encoder.encode(epoch, &Message::HandoverCancel);
+            if let Err(e) = write_frame(writer, &cancel).await {
+                return Some(down(format!("calling the handover off: {e}")));
+            }
+            self.cancelled = Some(seal);
+        }
+        None
+    }
+}
+
 /// The peer is a primary that supersedes this one, or diverged from it:
 /// rejoin it as a replica if it is newer.
 async fn superseded(link: &Link, fenced: Fenced) -> SessionError {
     link.set_peer_history(fenced.epoch_history.clone());
+    let offered = link.handover_offer().and_then(|offer| offer.seal);
+    if offered.is_some_and(|seal| fenced.epoch > seal.epoch) {
+        // The verdict was lost with the session that carried it.
+        link.handover_verdict(true);
+    }
     let Some(roles) = link.roles() else {
         return SessionError {
             state: LinkState::Outdated,
@@ -700,6 +784,10 @@ async fn take_acks<R: AsyncRead + Unpin>(
                     }
                 }
             }
+            Frame {
+                message: Message::HandoverVerdict { promoted },
+                ..
+            } => link.handover_verdict(promoted),
             Frame {
                 message: Message::SealRequest,
                 ..

@@ -12,7 +12,9 @@ pub mod libvirt;
 pub mod load;
 pub mod netns;
 pub mod proxy;
+pub mod qmp;
 pub mod replication;
+pub mod twins;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_rewind-blk");
 
