@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+pub mod cli;
 pub mod group;
 
 pub const PROTOCOL_VERSION: u64 = 1;

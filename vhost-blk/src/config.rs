@@ -110,6 +110,8 @@ pub struct ServeArgs {
     #[arg(long, conflicts_with = "fd")]
     pub socket_path: Option<PathBuf>,
     /// An inherited listening socket to use instead of --socket-path.
+    /// Without either, the socket a systemd socket unit passes is used
+    /// (fd 3, with LISTEN_FDS=1 and LISTEN_PID of this process).
     #[arg(long)]
     pub fd: Option<RawFd>,
     /// Virtqueues offered (QEMU's vhost-user-blk-pci asks one per vCPU by default).
@@ -220,7 +222,7 @@ pub struct ServeConfig {
 pub enum ConfigError {
     #[error("--volume is required")]
     NoVolume,
-    #[error("give --socket-path or --fd")]
+    #[error("give --socket-path or --fd (or start it from a systemd socket unit)")]
     NoSocket,
     #[error("--num-queues must be 1 to 64, not {0}")]
     Queues(usize),
@@ -240,6 +242,14 @@ pub enum ConfigError {
     Rate,
 }
 
+/// The listening socket systemd passed (sd_listen_fds(3)): fd 3, when
+/// LISTEN_PID names this process and LISTEN_FDS is 1.
+fn systemd_listen_fd() -> Option<RawFd> {
+    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+    let fds: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    (pid == std::process::id() && fds == 1).then_some(3)
+}
+
 impl TryFrom<ServeArgs> for ServeConfig {
     type Error = ConfigError;
 
@@ -249,7 +259,10 @@ impl TryFrom<ServeArgs> for ServeConfig {
             (Some(path), _) => Listen::Path(path),
             (None, Some(fd)) if fd >= 0 => Listen::Fd(fd),
             (None, Some(fd)) => return Err(ConfigError::Fd(fd)),
-            (None, None) => return Err(ConfigError::NoSocket),
+            (None, None) => match systemd_listen_fd() {
+                Some(fd) => Listen::Fd(fd),
+                None => return Err(ConfigError::NoSocket),
+            },
         };
         // queues_per_thread() is a 64-bit mask.
         if !(1..=64).contains(&a.num_queues) {

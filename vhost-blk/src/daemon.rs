@@ -162,6 +162,8 @@ pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
     };
     watch_signals(control.clone())?;
     tracing::info!(listen = ?config.listen, queues = config.export.num_queues, "serving");
+    // The socket listens: QEMU may connect (systemd's Type=notify).
+    notify("READY=1");
     live.serve(listener)?;
     tracing::info!("stopping: flushing the volume");
     control.stop_exports();
@@ -281,6 +283,27 @@ fn inherited_listener(fd: i32) -> Result<Listener, DaemonError> {
     }
 }
 
+/// Tells systemd what the daemon is doing (sd_notify(3)); nothing when
+/// it was not started with NOTIFY_SOCKET. A lost message only delays what
+/// systemd shows, so errors are logged, not returned.
+fn notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = path.as_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = addr.and_then(|addr| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr));
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, state, "cannot notify systemd");
+    }
+}
+
 /// On SIGTERM or SIGINT: stop every export (each ends its connection and
 /// its accept loop).
 fn watch_signals(control: Arc<Control>) -> Result<(), DaemonError> {
@@ -292,6 +315,7 @@ fn watch_signals(control: Arc<Control>) -> Result<(), DaemonError> {
         .spawn(move || {
             if let Some(signal) = signals.forever().next() {
                 tracing::info!(signal, "stop requested");
+                notify("STOPPING=1");
                 control.stop_exports();
                 control.live.stop();
             }

@@ -1,7 +1,8 @@
 //! What an operator installs and runs, through the tools they use: the man
-//! pages (`man`, `groff`) and bash completion made by rewind-blk-docs, the
-//! systemd units (`systemd-analyze verify`, and the service's own command
-//! line run with the listening socket systemd would pass it, through
+//! pages (`man`, `groff`) and bash completion of rewind-blk and rewindctl
+//! made by rewind-blk-docs, the systemd units (`systemd-analyze verify`,
+//! and the service's own command line run with the listening socket and
+//! the notify socket systemd would pass it, through
 //! `systemd-socket-activate`), and the Debian packages (`cargo deb`,
 //! `dpkg-deb`, `dpkg --root`, then a create/serve/status round with the
 //! installed binaries).
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use clap::CommandFactory;
 use common::client::{pattern, Client};
 use common::libvirt::{create_volume, ctl, require, rewindctl};
 use common::{wait_until, workspace, BIN};
@@ -106,6 +108,18 @@ fn the_man_pages_render_and_bash_completes_the_options() {
             ],
         ),
         ("rewind-blk-cert", &["--out", "--name"]),
+        (
+            "rewindctl",
+            &[
+                "NAME",
+                "rewindctl - Control rewind-blk daemons",
+                "--control",
+                "failover",
+                "handover",
+            ],
+        ),
+        ("rewindctl-materialize", &["--at", "--output", "--volume"]),
+        ("rewindctl-handover", &["--timeout", "--cancel"]),
     ] {
         let path = man.join(format!("{page}.1"));
         assert!(files.contains(&path), "{files:?}");
@@ -114,35 +128,61 @@ fn the_man_pages_render_and_bash_completes_the_options() {
             assert!(text.contains(want), "{page}(1) lacks {want:?}:\n{text}");
         }
     }
-    assert_eq!(
-        std::fs::read_dir(&man).expect("man1").count(),
-        4,
-        "no page for clap's help subcommand"
-    );
+    let blk_pages = std::fs::read_dir(&man)
+        .expect("man1")
+        .filter(|e| {
+            let name = e.as_ref().expect("entry").file_name();
+            name.to_string_lossy().starts_with("rewind-blk")
+        })
+        .count();
+    assert_eq!(blk_pages, 4, "no page for clap's help subcommand");
+    assert!(!man.join("rewindctl-help.1").exists());
+    // A page for every subcommand rewindctl has.
+    for sub in rewind_ctl::cli::Cli::command().get_subcommands() {
+        let path = man.join(format!("rewindctl-{}.1", sub.get_name()));
+        assert!(
+            files.contains(&path),
+            "no page {}: {files:?}",
+            path.display()
+        );
+    }
 
     // Bash completes subcommands and a subcommand's options, through the
-    // function the file registers for rewind-blk (as a shell calls it).
-    let bash = dir.path().join("completions/bash/rewind-blk");
-    let complete = |words: &str| {
+    // function each file registers for its program (as a shell calls it).
+    let completions = dir.path().join("completions/bash");
+    let complete_for = |program: &str, words: &str| {
         let script = format!(
-            "source {}; f=$(complete -p rewind-blk | sed 's/.*-F \\([^ ]*\\).*/\\1/'); \
+            "source {}; f=$(complete -p {program} | sed 's/.*-F \\([^ ]*\\).*/\\1/'); \
              COMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); \
-             \"$f\" rewind-blk \"${{COMP_WORDS[COMP_CWORD]}}\" \"${{COMP_WORDS[COMP_CWORD-1]}}\"; \
+             \"$f\" {program} \"${{COMP_WORDS[COMP_CWORD]}}\" \"${{COMP_WORDS[COMP_CWORD-1]}}\"; \
              printf '%s\\n' \"${{COMPREPLY[@]}}\"",
-            bash.display()
+            completions.join(program).display()
         );
         stdout(&run(limited(30, "bash").args(["-c", &script])))
     };
+    let complete = |words: &str| complete_for("rewind-blk", words);
+    let complete_ctl = |words: &str| complete_for("rewindctl", words);
     let subcommands = complete("rewind-blk ''");
     for sub in ["create", "serve", "cert"] {
         assert!(subcommands.lines().any(|l| l == sub), "{subcommands}");
     }
     let options = complete("rewind-blk serve --cont");
     assert_eq!(options.trim(), "--control-socket", "{options}");
-    for (shell, file) in [("zsh", "_rewind-blk"), ("fish", "rewind-blk.fish")] {
+    let subcommands = complete_ctl("rewindctl ''");
+    for sub in ["status", "failover", "handover", "branch-drop"] {
+        assert!(subcommands.lines().any(|l| l == sub), "{subcommands}");
+    }
+    let options = complete_ctl("rewindctl materialize --out");
+    assert_eq!(options.trim(), "--output", "{options}");
+    for (shell, file, word) in [
+        ("zsh", "_rewind-blk", "control-socket"),
+        ("fish", "rewind-blk.fish", "control-socket"),
+        ("zsh", "_rewindctl", "discard-this-side"),
+        ("fish", "rewindctl.fish", "discard-this-side"),
+    ] {
         let path = dir.path().join("completions").join(shell).join(file);
         let text = std::fs::read_to_string(&path).expect("completion file");
-        assert!(text.contains("control-socket"), "{}", path.display());
+        assert!(text.contains(word), "{}", path.display());
     }
 }
 
@@ -191,11 +231,14 @@ struct Daemon {
 
 impl Daemon {
     /// Started as the socket unit would start it.
-    fn activated(listen: &Path, exec_start: &str) -> Daemon {
+    /// With NOTIFY_SOCKET set to `notify`, as for Type=notify.
+    fn activated(listen: &Path, exec_start: &str, notify: &Path) -> Daemon {
         let argv: Vec<&str> = exec_start.split_whitespace().collect();
         let child = Command::new("systemd-socket-activate")
             .arg("--listen")
             .arg(listen)
+            .arg("-E")
+            .arg(format!("NOTIFY_SOCKET={}", notify.display()))
             .arg("--")
             .args(&argv)
             .stdin(Stdio::null())
@@ -252,8 +295,9 @@ fn the_systemd_units_verify_and_the_socket_activated_service_serves_and_stops() 
     );
 
     // The service's own command line, given the listening socket as fd 3
-    // with LISTEN_FDS as systemd does; a control socket a killed daemon
-    // left behind is removed by ExecStartPre.
+    // with LISTEN_FDS and LISTEN_PID as systemd does (ExecStart has no
+    // --fd), and NOTIFY_SOCKET; a control socket a killed daemon left
+    // behind is removed by ExecStartPre.
     let service_text = std::fs::read_to_string(&service).expect("unit");
     let socket_text = std::fs::read_to_string(&socket).expect("unit");
     let lib = dir.path().join("lib");
@@ -266,6 +310,8 @@ fn the_systemd_units_verify_and_the_socket_activated_service_serves_and_stops() 
         [pre, start] => (pre, start),
         other => panic!("ExecStartPre and ExecStart expected: {other:?}"),
     };
+    assert!(!exec_start.contains("--fd"), "{exec_start}");
+    assert_eq!(unit_values(&service_text, "Type"), ["notify"]);
     let listen = unit_values(&socket_text, "ListenStream");
     let listen = PathBuf::from(
         listen[0]
@@ -278,10 +324,21 @@ fn the_systemd_units_verify_and_the_socket_activated_service_serves_and_stops() 
         .parse::<u64>()
         .map(Duration::from_secs)
         .expect("TimeoutStopSec in seconds");
+    // What the daemon tells systemd.
+    let notify_path = dir.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let notified = || {
+        let mut buf = [0u8; 256];
+        let n = notify.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
     let data = pattern(7, 256 << 10);
     for round in 0..2 {
         run(Command::new("sh").args(["-c", pre]));
-        let mut daemon = Daemon::activated(&listen, exec_start);
+        let mut daemon = Daemon::activated(&listen, exec_start, &notify_path);
         let mut client = None;
         // The socket file exists from bind(2), a moment before listen(2).
         wait_until("a connection", Duration::from_secs(20), || {
@@ -289,6 +346,7 @@ fn the_systemd_units_verify_and_the_socket_activated_service_serves_and_stops() 
             client.is_some()
         });
         let mut client = client.expect("connected");
+        assert_eq!(notified(), "READY=1");
         if round == 0 {
             assert_eq!(client.write(0, 1 << 20, &data), 0);
             assert_eq!(client.flush(0), 0);
@@ -300,8 +358,25 @@ fn the_systemd_units_verify_and_the_socket_activated_service_serves_and_stops() 
         drop(client);
         let exit = daemon.stop(stop_limit);
         assert!(exit.success(), "stop (SIGTERM) drains and exits 0: {exit}");
+        assert_eq!(notified(), "STOPPING=1");
         assert!(!control.exists(), "a clean stop removes the control socket");
     }
+
+    // LISTEN_FDS meant for another process (LISTEN_PID) is not taken.
+    let argv: Vec<&str> = exec_start.split_whitespace().collect();
+    let refused = Command::new(argv[0])
+        .args(&argv[1..])
+        .env("LISTEN_PID", "1")
+        .env("LISTEN_FDS", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("rewind-blk");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("give --socket-path or --fd"),
+        "{}: {stderr}",
+        refused.status
+    );
 }
 
 /// The package's files every install must have.
@@ -325,6 +400,13 @@ const BLK_FILES: &[&str] = &[
 ];
 const CTL_FILES: &[&str] = &[
     "./usr/bin/rewindctl",
+    "./usr/share/man/man1/rewindctl.1",
+    "./usr/share/man/man1/rewindctl-status.1",
+    "./usr/share/man/man1/rewindctl-failover.1",
+    "./usr/share/man/man1/rewindctl-handover.1",
+    "./usr/share/bash-completion/completions/rewindctl",
+    "./usr/share/zsh/vendor-completions/_rewindctl",
+    "./usr/share/fish/vendor_completions.d/rewindctl.fish",
     "./usr/share/doc/rewindctl/PROTOCOL.md",
     "./usr/share/doc/rewindctl/copyright",
 ];
@@ -444,6 +526,8 @@ fn the_debian_packages_build_install_into_a_root_and_serve() {
     assert!(help.contains("Control rewind-blk daemons"), "{help}");
     let page = render(&root.join("usr/share/man/man1/rewind-blk-serve.1"));
     assert!(page.contains("--control-socket"), "{page}");
+    let page = render(&root.join("usr/share/man/man1/rewindctl-handover.1"));
+    assert!(page.contains("--cancel"), "{page}");
 
     // One round with the installed binaries: create, serve, status, stop.
     let volume = dir.path().join("vol");

@@ -1,4 +1,5 @@
-//! `rewind-blk-docs OUT_DIR`: writes the man pages (one a subcommand) to
+//! `rewind-blk-docs OUT_DIR`: writes the man pages of rewind-blk and
+//! rewindctl (one a subcommand) to
 //! OUT_DIR/man/man1 and the bash, zsh and fish completions to
 //! OUT_DIR/completions, made from the clap definitions so they never drift
 //! from `--help`; prints each path. The Debian package is built after it
@@ -21,11 +22,18 @@ struct Program {
     command: fn() -> clap::Command,
 }
 
-const PROGRAMS: &[Program] = &[Program {
-    name: "rewind-blk",
-    bash_name: "rewind_blk",
-    command: rewind_vhost_blk::config::Cli::command,
-}];
+const PROGRAMS: &[Program] = &[
+    Program {
+        name: "rewind-blk",
+        bash_name: "rewind_blk",
+        command: rewind_vhost_blk::config::Cli::command,
+    },
+    Program {
+        name: "rewindctl",
+        bash_name: "rewindctl",
+        command: rewind_ctl::cli::Cli::command,
+    },
+];
 
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
