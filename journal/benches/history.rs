@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{bench_dir, groups, header, mib_s, quick, row};
+use common::{bench_dir, evict, groups, header, mib_s, quick, row};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rewind_journal::{
@@ -80,7 +80,10 @@ fn random_blocks(n: u64, disk: u64, seed: u64) -> Vec<u64> {
         .collect()
 }
 
-fn bench_fold(c: &Config) {
+/// A fold of random 4 KiB writes; `cold`: with the segments out of the
+/// page cache first (a full journal on a large disk, where the fold reads
+/// from the device).
+fn bench_fold(c: &Config, cold: bool) {
     let dir = c.dir.join("fold");
     let disk = 1u64 << 30;
     let (v, clock) = volume(&dir, disk, BaseImage::Empty);
@@ -91,6 +94,11 @@ fn bench_fold(c: &Config) {
     }
     v.flush().expect("flush");
     clock.advance(3600 * SEC);
+    if cold {
+        for entry in std::fs::read_dir(dir.join("journal")).expect("segments") {
+            evict(&entry.expect("segment").path());
+        }
+    }
     let t = Instant::now();
     let report = v.fold_now().expect("fold").expect("a fold");
     let fold = t.elapsed();
@@ -117,10 +125,11 @@ fn bench_fold(c: &Config) {
     let baseline = t.elapsed();
     row(
         &format!(
-            "fold {} random 4 KiB writes ({} runs, {} MiB) into base.img, with its fdatasync",
+            "fold {} random 4 KiB writes ({} runs, {} MiB) into base.img, with its fdatasync{}",
             c.fold_writes,
             report.extents,
-            report.bytes >> 20
+            report.bytes >> 20,
+            if cold { ", segments not cached" } else { "" }
         ),
         format!(
             "{:.0} MiB/s ({:.0} ms)",
@@ -299,7 +308,8 @@ fn main() {
     let c = config();
     header();
     if wanted("fold") {
-        bench_fold(&c);
+        bench_fold(&c, false);
+        bench_fold(&c, true);
     }
     if wanted("view") {
         bench_view(&c);

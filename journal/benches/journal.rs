@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{bench_dir, groups, header, mib_s, quick, row};
+use common::{bench_dir, evict, groups, header, mib_s, quick, row};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rewind_journal::{
@@ -106,13 +106,6 @@ fn plain_file(path: &Path, len: u64) -> File {
         .expect("plain file");
     rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, len).expect("fallocate");
     f
-}
-
-/// Drops a file's clean pages from the page cache.
-fn evict(path: &Path) {
-    let f = File::open(path).expect("open for evict");
-    f.sync_all().expect("sync");
-    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).expect("fadvise");
 }
 
 /// Best of three runs of each, alternating, so that noise from the machine

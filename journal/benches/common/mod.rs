@@ -1,7 +1,8 @@
 //! What the journal's bench binaries share: where they run, how big, the
 //! result table and the group filter.
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// A fresh directory under REWIND_BENCH_DIR (default: the temp dir).
@@ -45,4 +46,11 @@ pub fn groups() -> Option<impl Fn(&str) -> bool> {
         .filter(|a| !a.starts_with('-'))
         .collect();
     Some(move |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f)))
+}
+
+/// Drops a file's clean pages from the page cache (after syncing it).
+pub fn evict(path: &Path) {
+    let f = File::open(path).expect("open for evict");
+    f.sync_all().expect("sync");
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).expect("fadvise");
 }
