@@ -468,3 +468,103 @@ impl DeviceWatcher for Roles {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::ExportConfig;
+    use crate::export::Export;
+    use crate::gate::Gate;
+
+    /// A replica holding its primary's seal (here: its own, from a
+    /// demotion), as a handover finds it.
+    fn sealed_replica() -> (Arc<Roles>, Seal) {
+        let volume = Arc::new(crate::test_support::volume(8 << 20));
+        volume.write(0, &[7u8; 4096]).expect("write");
+        let seal = volume.demote(true).expect("demote").expect("a seal");
+        let config = ExportConfig {
+            num_queues: 1,
+            queue_size: 64,
+            read_only: false,
+        };
+        let gate = Arc::new(Gate::new(1));
+        let live = Arc::new(Export::new(volume.clone(), config, gate));
+        (Roles::start(volume, live, None, None), seal)
+    }
+
+    fn taking_over(
+        roles: &Arc<Roles>,
+        seal: Seal,
+        timeout: Duration,
+    ) -> std::thread::JoinHandle<bool> {
+        let waiter = roles.clone();
+        let handle = std::thread::spawn(move || waiter.take_over_for(seal, timeout));
+        // Once it waits, its status says so.
+        while roles_state(roles) != Some(Phase::Switching) && !handle.is_finished() {
+            std::thread::yield_now();
+        }
+        handle
+    }
+
+    fn roles_state(roles: &Roles) -> Option<Phase> {
+        roles.handover_status().map(|s| s.state)
+    }
+
+    #[test]
+    fn the_replica_takes_over_when_its_client_starts_and_answers_the_same_again() {
+        let (roles, seal) = sealed_replica();
+        let waiting = taking_over(&roles, seal, Duration::from_secs(60));
+        assert_eq!(roles.volume.role(), Role::Replica, "nothing started yet");
+        roles.live.gate.device_started();
+        assert!(waiting.join().expect("the waiter"));
+        assert_eq!(roles.volume.role(), Role::Primary);
+        let status = roles.handover_status().expect("status");
+        assert_eq!(status.state, Phase::Done);
+        assert!(status.start_to_serve_ms.is_some(), "{status:?}");
+        // The same offer again (a new session) gets the same verdict.
+        assert!(roles.take_over_for(seal, Duration::ZERO));
+    }
+
+    #[test]
+    fn a_client_that_started_before_the_offer_is_taken_at_once() {
+        let (roles, seal) = sealed_replica();
+        roles.live.gate.device_started();
+        assert!(roles.take_over_for(seal, Duration::from_secs(60)));
+        assert_eq!(roles.volume.role(), Role::Primary);
+    }
+
+    #[test]
+    fn a_cancel_or_the_timeout_lets_the_offer_go_for_good() {
+        let (roles, seal) = sealed_replica();
+        let waiting = taking_over(&roles, seal, Duration::from_secs(60));
+        roles.cancel_take_over_now();
+        assert!(!waiting.join().expect("the waiter"));
+        assert_eq!(roles.volume.role(), Role::Replica);
+        let status = roles.handover_status().expect("status");
+        assert_eq!(status.state, Phase::RolledBack);
+        assert_eq!(status.reason.as_deref(), Some("called off by the source"));
+        // A client that starts afterwards does not change the verdict.
+        roles.live.gate.device_started();
+        assert!(!roles.take_over_for(seal, Duration::from_secs(60)));
+        assert_eq!(roles.volume.role(), Role::Replica);
+
+        let (roles, seal) = sealed_replica();
+        assert!(!roles.take_over_for(seal, Duration::ZERO));
+        assert_eq!(
+            roles.handover_status().and_then(|s| s.reason).as_deref(),
+            Some("no client started its device here in time")
+        );
+    }
+
+    #[test]
+    fn a_handover_is_armed_only_on_a_primary_with_a_replica_and_a_guest() {
+        let (roles, _) = sealed_replica();
+        let refused = roles.arm_handover(Duration::ZERO).expect_err("a replica");
+        assert!(refused.contains("replica"), "{refused}");
+        roles.promote(false, false).expect("promote");
+        let refused = roles.arm_handover(Duration::ZERO).expect_err("no peer");
+        assert!(refused.contains("--replicate-to"), "{refused}");
+        let refused = roles.cancel_handover().expect_err("nothing armed");
+        assert!(refused.contains("no handover"), "{refused}");
+    }
+}
