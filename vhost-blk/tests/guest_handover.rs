@@ -311,24 +311,22 @@ fn a_primary_killed_during_the_switch_loses_nothing_and_rejoins_the_replica_that
     );
 }
 
-#[test]
-fn a_replica_killed_while_armed_takes_over_once_it_is_back() {
-    let mut twins = Twins::start_with(&[], 2);
-    let (src_qmp, dst_qmp, migration, _) = paths(&twins);
-    let mut source = start_qemu(&twins, true, &src_qmp, None);
+/// A writing guest on A, with a handover armed (no destination yet).
+fn armed_source(twins: &Twins) -> Guest {
+    let (src_qmp, ..) = paths(twins);
+    let mut source = start_qemu(twins, true, &src_qmp, None);
     source.wait_for("WRITING: yes");
     streaming(&twins.a, &twins.b);
     let armed = twins.a.ctl("handover", json!({ "timeout_ms": 60_000 }));
     assert_eq!(armed["state"], "armed", "{armed}");
-    // B dies and comes back; the handover stays armed on A and goes on
-    // with it. (The destination starts after B is back: a destination
-    // QEMU that reconnects while it waits for the migration is not
-    // covered here.)
-    twins.b.kill();
-    twins.b.restart(&twins.hosts.b);
-    wait_writes(&mut source, 20);
-    assert_eq!(twins.a.status()["handover"]["state"], "armed");
-    let mut destination = start_qemu(&twins, false, &dst_qmp, Some(&migration));
+    source
+}
+
+/// Starts the destination on B and migrates with the armed handover;
+/// returns the destination, which runs the guest now.
+fn migrate_armed(twins: &Twins, source: Guest) -> Guest {
+    let (src_qmp, dst_qmp, migration, _) = paths(twins);
+    let destination = start_qemu(twins, false, &dst_qmp, Some(&migration));
     attached(&twins.b);
     let mut qmp = Qmp::connect(&src_qmp);
     wait_until(
@@ -338,6 +336,22 @@ fn a_replica_killed_while_armed_takes_over_once_it_is_back() {
     );
     migrate_with_handover_armed(&twins.a, &twins.b, &mut qmp, &migration);
     drop(source);
+    destination
+}
+
+#[test]
+fn a_replica_killed_while_armed_takes_over_once_it_is_back() {
+    let mut twins = Twins::start_with(&[], 2);
+    let mut source = armed_source(&twins);
+    // B dies and comes back; the handover stays armed on A and goes on
+    // with it. (The destination starts after B is back: a destination
+    // QEMU that reconnects while it waits for the migration is not
+    // covered here.)
+    twins.b.kill();
+    twins.b.restart(&twins.hosts.b);
+    wait_writes(&mut source, 20);
+    assert_eq!(twins.a.status()["handover"]["state"], "armed");
+    let mut destination = migrate_armed(&twins, source);
     wait_writes(&mut destination, 20);
     let (console, gap) = stop_and_check(destination);
     eprintln!(
@@ -349,13 +363,7 @@ fn a_replica_killed_while_armed_takes_over_once_it_is_back() {
 #[test]
 fn a_primary_killed_while_armed_forgets_the_handover_and_serves_on_until_armed_again() {
     let mut twins = Twins::start_with(&[], 2);
-    let (src_qmp, dst_qmp, migration, _) = paths(&twins);
-    let mut source = start_qemu(&twins, true, &src_qmp, None);
-    source.wait_for("WRITING: yes");
-    wait_writes(&mut source, 20);
-    streaming(&twins.a, &twins.b);
-    let armed = twins.a.ctl("handover", json!({ "timeout_ms": 60_000 }));
-    assert_eq!(armed["state"], "armed", "{armed}");
+    let mut source = armed_source(&twins);
     // A dies and comes back: its guest reconnects and goes on; nothing is
     // armed any more (a migration now would not move the primary role).
     twins.a.kill();
@@ -365,11 +373,9 @@ fn a_primary_killed_while_armed_forgets_the_handover_and_serves_on_until_armed_a
     });
     assert!(twins.a.status()["handover"].is_null());
     wait_writes(&mut source, 20);
-    let mut destination = start_qemu(&twins, false, &dst_qmp, Some(&migration));
-    attached(&twins.b);
-    let mut qmp = Qmp::connect(&src_qmp);
-    migrate_with_handover(&twins.a, &twins.b, &mut qmp, &migration);
-    drop(source);
+    let armed = twins.a.ctl("handover", json!({ "timeout_ms": 60_000 }));
+    assert_eq!(armed["state"], "armed", "{armed}");
+    let mut destination = migrate_armed(&twins, source);
     wait_writes(&mut destination, 20);
     let (console, gap) = stop_and_check(destination);
     eprintln!(
