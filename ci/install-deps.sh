@@ -58,6 +58,13 @@ if ! command -v man >/dev/null || ! command -v groff >/dev/null \
     man-db groff-base systemd dpkg
 fi
 
+# promtool, from Prometheus, checks the metrics text and the example alert
+# rules (vhost-blk/tests/metrics.rs). The package's service is not used.
+if ! command -v promtool >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+fi
+
 # The test guest: a Debian cloud kernel and a busybox initramfs.
 bash guest-tests/build.sh target/guest
 

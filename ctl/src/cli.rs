@@ -185,6 +185,9 @@ pub enum Command {
     /// The branches: writes cut from this volume's history when it rejoined
     /// a newer primary, kept read-only (export or materialize them).
     Branches,
+    /// Prints the daemon's Prometheus metrics (what `serve
+    /// --metrics-listen` serves at /metrics), in the text format.
+    Metrics,
     /// Deletes a branch and the journal space it holds.
     BranchDrop {
         /// The branch, as `branches` names it.

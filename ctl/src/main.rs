@@ -135,6 +135,7 @@ fn request_of(command: Command) -> Result<(&'static str, Value), CtlError> {
             json!({ "timeout_ms": millis(timeout), "cancel": cancel }),
         ),
         Command::Branches => ("branches", Value::Null),
+        Command::Metrics => ("metrics", Value::Null),
         Command::BranchDrop { name } => ("branch-drop", json!({ "name": name })),
         Command::Resolve {
             discard_this_side: true,
@@ -177,6 +178,13 @@ fn run_group(cli: Cli) -> Result<group::Report, CtlError> {
             timeout,
             drained,
         } => group::failover(&members, force, timeout, drained),
+        Command::Metrics => {
+            return Err(CtlError::Usage(
+                "metrics reads one daemon: give one --control (Prometheus scrapes each \
+                 daemon's --metrics-listen)"
+                    .into(),
+            ))
+        }
         command => {
             let (command, arguments) = request_of(command)?;
             group::same(&members, command, &arguments)
@@ -192,11 +200,17 @@ fn control(path: Option<PathBuf>) -> Result<PathBuf, CtlError> {
     })
 }
 
+/// `metrics`: the text as the daemon rendered it.
+fn metrics_text(result: &Value) -> String {
+    result["text"].as_str().unwrap_or_default().to_string()
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.json;
     let show: fn(&Value) -> String = match cli.command {
         Command::Branches => rewind_ctl::branches_table,
+        Command::Metrics => metrics_text,
         _ => rewind_ctl::table,
     };
     // One --control alone is a single daemon; more, or a group file, a group.

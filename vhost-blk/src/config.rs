@@ -126,6 +126,10 @@ pub struct ServeArgs {
     /// Unix socket for control commands (mode 0600; must not exist).
     #[arg(long)]
     pub control_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (for example
+    /// 127.0.0.1:9470).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Print the vhost-user backend capabilities (JSON) and exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -215,6 +219,7 @@ pub struct ServeConfig {
     pub export: ExportConfig,
     pub io_error_hold: Duration,
     pub control_socket: Option<PathBuf>,
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub replication: Replication,
 }
 
@@ -285,6 +290,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             },
             io_error_hold: a.io_error_hold,
             control_socket: a.control_socket,
+            metrics_listen: a.metrics_listen,
             replication,
         })
     }

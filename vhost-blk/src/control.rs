@@ -143,6 +143,8 @@ enum Command {
     },
     /// The read-only branches: tails cut at a rejoin or a resolve.
     Branches {},
+    /// The Prometheus metrics text (what `--metrics-listen` serves).
+    Metrics {},
     #[serde(rename = "branch-drop")]
     BranchDrop {
         name: String,
@@ -197,6 +199,7 @@ const COMMANDS: &[&str] = &[
     "handover",
     "branches",
     "branch-drop",
+    "metrics",
 ];
 
 /// What `status` reports.
@@ -526,6 +529,7 @@ impl Control {
                 let branch = self.roles.resolve()?;
                 Ok(json!({"role": self.volume.role(), "branch": branch}))
             }
+            Command::Metrics {} => Ok(json!({"text": crate::metrics::render(self)?})),
             Command::Branches {} => {
                 let branches: Vec<Value> = self
                     .volume

@@ -40,6 +40,11 @@ pub enum DaemonError {
     Tls(#[from] TlsError),
     #[error("replication: {0}")]
     Replication(String),
+    #[error("cannot serve metrics on {address}: {source}")]
+    Metrics {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// `rewind-blk cert`.
@@ -149,6 +154,10 @@ pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
         Some(path) => Some(control::start(path, control.clone())?),
         None => None,
     };
+    if let Some(address) = config.metrics_listen {
+        crate::metrics::start(address, control.clone())
+            .map_err(|source| DaemonError::Metrics { address, source })?;
+    }
     let (listener, _socket_file) = match (inherited, &config.listen) {
         (Some(listener), _) => (listener, None),
         (None, Listen::Path(path)) => {

@@ -23,7 +23,75 @@ use serde::Serialize;
 use vhost_user_backend::VringT;
 
 use crate::backend::Vring;
-use crate::request::Status;
+use crate::request::{self, Kind, Status};
+
+/// Upper bounds, in seconds, of the per-operation latency histograms'
+/// buckets (`+Inf` is implied).
+pub const LATENCY_BOUNDS: [f64; 12] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// One operation's counters: a few relaxed atomics per request.
+#[derive(Debug, Default)]
+struct OpCounters {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    bytes: AtomicU64,
+    nanos: AtomicU64,
+    /// Requests that took at most `LATENCY_BOUNDS[i]` and more than the
+    /// bound before it.
+    buckets: [AtomicU64; LATENCY_BOUNDS.len()],
+}
+
+impl OpCounters {
+    fn count(&self, sample: &request::Sample) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if !sample.ok {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.bytes.fetch_add(sample.bytes, Ordering::Relaxed);
+        self.nanos.fetch_add(sample.nanos, Ordering::Relaxed);
+        let seconds = sample.nanos as f64 / 1e9;
+        if let Some(i) = LATENCY_BOUNDS.iter().position(|&b| seconds <= b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn snapshot(&self, kind: Kind) -> OpStats {
+        let buckets: [u64; LATENCY_BOUNDS.len()] =
+            std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed));
+        // Read last, so the total is never below the buckets' (a request
+        // counts itself in `requests` first).
+        let requests = self
+            .requests
+            .load(Ordering::Relaxed)
+            .max(buckets.iter().sum());
+        OpStats {
+            kind,
+            requests,
+            errors: self.errors.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            seconds: self.nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            buckets,
+        }
+    }
+}
+
+/// One operation's counters since the daemon started (the metrics).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpStats {
+    pub kind: Kind,
+    pub requests: u64,
+    /// Of those, completed with an error status.
+    pub errors: u64,
+    /// Data bytes read or written.
+    pub bytes: u64,
+    /// Total time the requests took.
+    pub seconds: f64,
+    /// Requests that took at most `LATENCY_BOUNDS[i]` and more than the
+    /// bound before it (the rest took longer than the last bound).
+    pub buckets: [u64; LATENCY_BOUNDS.len()],
+}
 
 /// What the export does with its queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -145,6 +213,8 @@ pub struct Gate {
     completed: AtomicU64,
     failed: AtomicU64,
     modifying: AtomicU64,
+    /// By [`Kind::index`].
+    ops: [OpCounters; Kind::ALL.len()],
     inner: Mutex<Inner>,
     /// Signalled when `in_flight` drops to zero while closed.
     idle: Condvar,
@@ -168,6 +238,9 @@ impl Pass<'_> {
         if modifying {
             g.modifying.fetch_add(1, Ordering::Relaxed);
         }
+        if let Some(sample) = request::take_sample() {
+            g.ops[sample.kind.index()].count(&sample);
+        }
     }
 }
 
@@ -186,6 +259,7 @@ impl Gate {
             completed: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             modifying: AtomicU64::new(0),
+            ops: Default::default(),
             inner: Mutex::new(Inner {
                 state: State::Serving,
                 parked: BTreeMap::new(),
@@ -266,6 +340,14 @@ impl Gate {
             modifying: self.modifying.load(Ordering::SeqCst),
             in_flight: self.in_flight.load(Ordering::Relaxed),
         }
+    }
+
+    /// Per-operation counters, in the order of [`Kind::ALL`].
+    pub fn op_stats(&self) -> Vec<OpStats> {
+        Kind::ALL
+            .iter()
+            .map(|&kind| self.ops[kind.index()].snapshot(kind))
+            .collect()
     }
 
     /// Admits one request from a client attached at `epoch`, or `None` if

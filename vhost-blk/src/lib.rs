@@ -9,6 +9,7 @@ pub mod device;
 pub mod export;
 pub mod failover;
 pub mod gate;
+pub mod metrics;
 pub mod replication;
 pub mod request;
 #[cfg(test)]

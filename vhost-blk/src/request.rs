@@ -55,6 +55,33 @@ impl Kind {
         }
     }
 
+    /// Every kind, in the order of [`Kind::index`].
+    pub const ALL: [Kind; 6] = [
+        Kind::In,
+        Kind::Out,
+        Kind::Flush,
+        Kind::GetId,
+        Kind::Discard,
+        Kind::WriteZeroes,
+    ];
+
+    /// Its position in [`Kind::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The `op` label of the metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::In => "read",
+            Kind::Out => "write",
+            Kind::Flush => "flush",
+            Kind::GetId => "get_id",
+            Kind::Discard => "discard",
+            Kind::WriteZeroes => "write_zeroes",
+        }
+    }
+
     /// Whether the device writes the request's data buffers.
     fn device_writes(self) -> bool {
         matches!(self, Kind::In | Kind::GetId)
@@ -289,6 +316,29 @@ pub struct Completion {
     pub modifying: bool,
 }
 
+/// What [`handle`] last ran on this thread, for the gate's per-operation
+/// counters: the queue worker calls `Pass::finish` right after `handle`
+/// on the same thread, and `finish` takes it from here (so the request
+/// path needs no extra argument threaded through the backend).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    pub kind: Kind,
+    /// Data bytes moved (reads and writes that succeeded), else 0.
+    pub bytes: u64,
+    /// From the parsed request to its status byte.
+    pub nanos: u64,
+    pub ok: bool,
+}
+
+thread_local! {
+    static LAST: std::cell::Cell<Option<Sample>> = const { std::cell::Cell::new(None) };
+}
+
+/// Takes the sample [`handle`] left on this thread, if any.
+pub fn take_sample() -> Option<Sample> {
+    LAST.with(|last| last.take())
+}
+
 /// Handles one descriptor chain: parses, runs, writes the status byte.
 pub fn handle<M: GuestMemory>(
     mem: &M,
@@ -310,6 +360,17 @@ pub fn handle<M: GuestMemory>(
         return unusable;
     }
     let request = Request::parse(mem, body);
+    let started = std::time::Instant::now();
+    let measured = request.as_ref().ok().map(|r| {
+        (
+            r.kind,
+            if matches!(r.kind, Kind::In | Kind::Out) {
+                r.data_len()
+            } else {
+                0
+            },
+        )
+    });
     let modifying = request.as_ref().is_ok_and(|r| {
         matches!(r.kind, Kind::Out | Kind::Discard | Kind::WriteZeroes) && !disk.read_only
     });
@@ -320,6 +381,13 @@ pub fn handle<M: GuestMemory>(
             (e.status(), 0)
         }
     };
+    let sample = measured.map(|(kind, bytes)| Sample {
+        kind,
+        bytes: if code == Status::Ok { bytes } else { 0 },
+        nanos: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+        ok: code == Status::Ok,
+    });
+    LAST.with(|last| last.set(sample));
     match mem.write_obj(code as u8, status.addr()) {
         Ok(()) => Completion {
             used: written + 1,
