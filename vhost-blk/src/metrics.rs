@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
@@ -126,26 +126,40 @@ impl Family<'_, '_> {
         labels
     }
 
+    /// One family: its descriptor, then a sample per label set, each
+    /// encoded by `each`.
+    fn family<T: Copy>(
+        &mut self,
+        name: &str,
+        help: &str,
+        metric_type: MetricType,
+        samples: &[(&[(&'static str, &str)], T)],
+        each: impl Fn(T, MetricEncoder) -> std::fmt::Result,
+    ) -> std::fmt::Result {
+        let labels: Vec<Labels> = samples.iter().map(|(l, _)| self.labels(l)).collect();
+        let mut metric = self
+            .encoder
+            .encode_descriptor(name, help, None, metric_type)?;
+        for (labels, &(_, value)) in labels.iter().zip(samples) {
+            each(value, metric.encode_family(labels)?)?;
+        }
+        Ok(())
+    }
+
     fn gauges(
         &mut self,
         name: &str,
         help: &str,
         samples: &[(&[(&'static str, &str)], f64)],
     ) -> std::fmt::Result {
-        let labels: Vec<Labels> = samples.iter().map(|(l, _)| self.labels(l)).collect();
-        let mut metric = self
-            .encoder
-            .encode_descriptor(name, help, None, MetricType::Gauge)?;
-        for (labels, (_, value)) in labels.iter().zip(samples) {
-            let family = metric.encode_family(labels)?;
+        self.family(name, help, MetricType::Gauge, samples, |value, family| {
             // Whole numbers print as such ("3", not "3.0").
             if value.fract() == 0.0 && value.abs() < 9e15 {
-                ConstGauge::new(*value as i64).encode(family)?;
+                ConstGauge::new(value as i64).encode(family)
             } else {
-                ConstGauge::new(*value).encode(family)?;
+                ConstGauge::new(value).encode(family)
             }
-        }
-        Ok(())
+        })
     }
 
     fn gauge(&mut self, name: &str, help: &str, value: f64) -> std::fmt::Result {
@@ -159,14 +173,9 @@ impl Family<'_, '_> {
         help: &str,
         samples: &[(&[(&'static str, &str)], u64)],
     ) -> std::fmt::Result {
-        let labels: Vec<Labels> = samples.iter().map(|(l, _)| self.labels(l)).collect();
-        let mut metric = self
-            .encoder
-            .encode_descriptor(name, help, None, MetricType::Counter)?;
-        for (labels, (_, value)) in labels.iter().zip(samples) {
-            ConstCounter::new(*value).encode(metric.encode_family(labels)?)?;
-        }
-        Ok(())
+        self.family(name, help, MetricType::Counter, samples, |value, family| {
+            ConstCounter::new(value).encode(family)
+        })
     }
 
     fn counter(&mut self, name: &str, help: &str, value: u64) -> std::fmt::Result {
@@ -268,7 +277,7 @@ impl Snapshot {
         }
         f.counter(
             "rewind_io_completed",
-            "Requests completed, every operation and export view included in the gate's count",
+            "Requests the guest's export completed, every operation together",
             s.io.completed,
         )?;
         f.counter(

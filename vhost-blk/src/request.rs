@@ -507,6 +507,41 @@ mod tests {
     }
 
     #[test]
+    fn each_request_leaves_a_sample_the_gate_counts_by_operation() {
+        let (mem, v) = (memory(), volume());
+        let d = disk(&v);
+        let gate = crate::gate::Gate::new(1);
+        let counted = |f: &dyn Fn()| {
+            let pass = gate.enter(1).expect("serving");
+            f();
+            pass.finish(Status::Ok, false);
+        };
+        let data = pattern(4096);
+        counted(&|| assert_eq!(write(&mem, &d, 8, &data).1, 0));
+        counted(&|| assert_eq!(read(&mem, &d, 8, 4096).1, 0));
+        counted(&|| assert_eq!(read(&mem, &d, 8, 4096).1, 0));
+        counted(&|| {
+            header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+            run(&mem, &d, &[desc(HDR, 16, false), desc(STATUS, 1, true)]);
+        });
+        // A read past the end: counted as a read that failed, no bytes.
+        counted(&|| assert_eq!(read(&mem, &d, 1 << 40, 512).1, Status::IoErr as u8));
+        // Without a request handled first, nothing is counted by operation.
+        counted(&|| {});
+        assert_eq!(take_sample(), None);
+        let stats = gate.op_stats();
+        let of = |kind: Kind| stats.iter().find(|s| s.kind == kind).expect("kind");
+        let (w, r, f) = (of(Kind::Out), of(Kind::In), of(Kind::Flush));
+        assert_eq!((w.requests, w.errors, w.bytes), (1, 0, 4096));
+        assert_eq!((r.requests, r.errors, r.bytes), (3, 1, 8192));
+        assert_eq!((f.requests, f.errors, f.bytes), (1, 0, 0));
+        assert_eq!(of(Kind::Discard).requests, 0);
+        assert!(r.buckets.iter().sum::<u64>() <= r.requests);
+        assert!(r.seconds > 0.0);
+        assert_eq!(gate.counters().completed, 6);
+    }
+
+    #[test]
     fn writes_reads_flushes_and_ids_round_trip() {
         let (mem, v) = (memory(), volume());
         let d = disk(&v);

@@ -173,7 +173,6 @@ fn metrics_move_with_the_guests_io_and_match_rewindctl() {
         });
         let during = scrape(address);
         assert_eq!(value(&during, "rewind_client_attached", &[]), 1.0);
-        assert!(value(&during, "rewind_journal_segments", &[("state", "used")]) >= 2.0);
         load.stop();
         writer.join().unwrap();
     });
@@ -205,7 +204,6 @@ fn metrics_move_with_the_guests_io_and_match_rewindctl() {
     assert!(op(&after, "rewind_io_request_duration_seconds_sum", "write") > 0.0);
     assert_eq!(op(&after, "rewind_io_requests_total", "read"), 0.0);
     assert!(value(&after, "rewind_io_modifying_total", &[]) >= writes);
-    assert!(value(&after, "rewind_journal_bytes", &[]) > journal_before);
     assert!(value(&after, "rewind_last_lsn", &[]) >= writes);
     assert_eq!(value(&after, "rewind_io_failed_total", &[]), 0.0);
 
