@@ -296,3 +296,84 @@ fn a_taken_metrics_port_fails_the_start() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot serve metrics on"), "{stderr}");
 }
+
+/// The metrics text of a node, through its control socket.
+fn node_metrics(node: &common::replication::Node) -> String {
+    node.ctl("metrics", serde_json::Value::Null)["text"]
+        .as_str()
+        .expect("text")
+        .to_string()
+}
+
+#[test]
+fn replication_series_follow_the_link() {
+    use common::replication::Pair;
+    let mut pair = Pair::start(&[]);
+    let mut client = Client::connect(&pair.primary.vol.socket, 1);
+    let data = pattern(3, 64 << 10);
+    for i in 0..8 {
+        assert_eq!(client.write(0, i * (64 << 10), &data), 0);
+    }
+    assert_eq!(client.flush(0), 0);
+    let acked = pair.caught_up() as f64;
+
+    let primary = node_metrics(&pair.primary);
+    assert_eq!(value(&primary, "rewind_replication_enabled", &[]), 1.0);
+    assert_eq!(
+        value(
+            &primary,
+            "rewind_replication_state",
+            &[("state", "streaming")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &primary,
+            "rewind_replication_state",
+            &[("state", "disconnected")]
+        ),
+        0.0
+    );
+    assert!(value(&primary, "rewind_replication_acked_lsn", &[]) >= acked);
+    assert_eq!(value(&primary, "rewind_replication_lag_records", &[]), 0.0);
+    assert_eq!(value(&primary, "rewind_replication_lag_bytes", &[]), 0.0);
+    assert_eq!(value(&primary, "rewind_replication_rpo_seconds", &[]), 0.0);
+    // On the wire, compressed: more than nothing.
+    assert!(value(&primary, "rewind_replication_sent_bytes_total", &[]) > 0.0);
+    assert_eq!(value(&primary, "rewind_role", &[("role", "primary")]), 1.0);
+    promtool(&["check", "metrics"], Some(&primary));
+
+    let replica = node_metrics(&pair.replica);
+    assert_eq!(value(&replica, "rewind_role", &[("role", "replica")]), 1.0);
+    assert_eq!(
+        value(
+            &replica,
+            "rewind_replication_state",
+            &[("state", "streaming")]
+        ),
+        1.0
+    );
+    assert_eq!(op(&replica, "rewind_io_requests_total", "write"), 0.0);
+    promtool(&["check", "metrics"], Some(&replica));
+
+    // The replica goes away: the primary's link leaves streaming, and
+    // what it writes now is lag.
+    pair.replica.kill();
+    wait_until(
+        "the link to leave streaming",
+        Duration::from_secs(30),
+        || {
+            let text = node_metrics(&pair.primary);
+            value(&text, "rewind_replication_state", &[("state", "streaming")]) == 0.0
+        },
+    );
+    assert_eq!(client.write(0, 0, &data), 0);
+    assert_eq!(client.flush(0), 0);
+    wait_until("lag to show", Duration::from_secs(30), || {
+        let text = node_metrics(&pair.primary);
+        value(&text, "rewind_replication_lag_records", &[]) > 0.0
+            && value(&text, "rewind_replication_lag_bytes", &[]) > 0.0
+    });
+    drop(client);
+}
