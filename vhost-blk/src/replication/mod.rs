@@ -389,13 +389,17 @@ impl Link {
 
     /// Offers the peer a handover at `seal` (the sender sends it once the
     /// peer holds the tail); the peer waits up to `timeout` for its client.
+    /// A cancel that came while the seal was being made stands.
     pub fn offer_handover(&self, seal: Seal, timeout: Duration) {
-        lock(&self.shared).handover = Some(HandoverOffer {
+        let mut shared = lock(&self.shared);
+        let cancelled = shared.handover.is_some_and(|offer| offer.cancelled);
+        shared.handover = Some(HandoverOffer {
             seal: Some(seal),
             deadline: Instant::now() + timeout,
-            cancelled: false,
+            cancelled,
             verdict: None,
         });
+        drop(shared);
         self.wake.notify_one();
     }
 
@@ -803,5 +807,27 @@ fn tune_socket(stream: &tokio::net::TcpStream) {
         .and_then(|()| sockopt::set_tcp_user_timeout(stream, 5_000));
     if let Err(e) = tuned {
         tracing::warn!("cannot set TCP keepalive on the replication link: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cancel_while_the_seal_is_made_stands_when_the_offer_is_made() {
+        let link = Link::new(Some(Mode::Async), None);
+        link.prepare_handover();
+        link.cancel_handover();
+        let seal = Seal { epoch: 3, lsn: 40 };
+        link.offer_handover(seal, Duration::from_secs(60));
+        let offer = link.handover_offer().expect("an offer");
+        assert_eq!(offer.seal, Some(seal));
+        assert!(offer.cancelled, "the cancel was kept");
+        // The verdict ends the wait; withdrawn, the offer is gone.
+        link.handover_verdict(false);
+        assert_eq!(link.wait_handover_verdict(Instant::now()), Some(false));
+        link.withdraw_handover();
+        assert_eq!(link.handover_offer(), None);
     }
 }
