@@ -11,7 +11,6 @@ REWIND_BENCH_QUICK=1 cargo bench --locked -p rewind-vhost-blk --bench vs_qsd
 REWIND_BENCH_QUICK=1 cargo bench --locked -p rewind-vhost-blk --bench drain
 REWIND_BENCH_QUICK=1 cargo bench --locked -p rewind-vhost-blk --bench replication
 REWIND_BENCH_QUICK=1 cargo bench --locked -p rewind-vhost-blk --bench failover
-REWIND_BENCH_QUICK=1 cargo bench --locked -p rewind-vhost-blk --bench handover
 REWIND_BENCH_QUICK=1 cargo bench --locked -p rewind-vhost-blk --bench at_limit
 # Fuzz the virtio-blk request parser for a bounded time. The machine has
 # only a stable toolchain; cargo-fuzz needs -Z flags for its sanitizer,
