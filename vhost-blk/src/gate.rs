@@ -412,6 +412,7 @@ impl Gate {
         on_closed: impl FnOnce() -> R,
     ) -> Result<DrainReport, GateError> {
         let started = Instant::now();
+        let in_flight;
         {
             let mut inner = self.lock();
             match inner.state {
@@ -427,10 +428,12 @@ impl Gate {
                 }
                 State::Fenced => return Err(GateError::Fenced),
             }
+            // Read before the gate closes: a request `enter` turns away
+            // once it is closed counts itself for a moment.
+            in_flight = self.in_flight.load(Ordering::SeqCst);
             self.closed.store(true, Ordering::SeqCst);
         }
         let failed_before = self.failed.load(Ordering::SeqCst);
-        let in_flight = self.in_flight.load(Ordering::SeqCst);
         let during_wait = on_closed();
         let mut inner = self.wait_idle(started + timeout);
         drop(during_wait);
