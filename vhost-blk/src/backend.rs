@@ -189,7 +189,7 @@ impl BlkBackend {
             let Some(chain) = chain else { break };
             let head = chain.head_index();
             let done = request::handle(&*mem, chain, &disk);
-            pass.finish(done.status, done.modifying);
+            pass.finish_request(&done);
             vring
                 .add_used(head, done.used)
                 .map_err(|e| io::Error::other(format!("add_used: {e}")))?;

@@ -238,9 +238,14 @@ impl Pass<'_> {
         if modifying {
             g.modifying.fetch_add(1, Ordering::Relaxed);
         }
-        if let Some(sample) = request::take_sample() {
-            g.ops[sample.kind.index()].count(&sample);
+    }
+
+    /// Counts a request the queue worker completed, by operation too.
+    pub fn finish_request(self, done: &request::Completion) {
+        if let Some(sample) = &done.sample {
+            self.gate.ops[sample.kind.index()].count(sample);
         }
+        self.finish(done.status, done.modifying);
     }
 }
 

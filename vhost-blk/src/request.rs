@@ -314,12 +314,12 @@ pub struct Completion {
     /// Whether it was a write, write-zeroes or discard (it may have
     /// changed the disk, even if it failed).
     pub modifying: bool,
+    /// What the gate's per-operation counters take; None for a chain
+    /// that held no request.
+    pub sample: Option<Sample>,
 }
 
-/// What [`handle`] last ran on this thread, for the gate's per-operation
-/// counters: the queue worker calls `Pass::finish` right after `handle`
-/// on the same thread, and `finish` takes it from here (so the request
-/// path needs no extra argument threaded through the backend).
+/// One request as the gate's per-operation counters see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sample {
     pub kind: Kind,
@@ -328,15 +328,6 @@ pub struct Sample {
     /// From the parsed request to its status byte.
     pub nanos: u64,
     pub ok: bool,
-}
-
-thread_local! {
-    static LAST: std::cell::Cell<Option<Sample>> = const { std::cell::Cell::new(None) };
-}
-
-/// Takes the sample [`handle`] left on this thread, if any.
-pub fn take_sample() -> Option<Sample> {
-    LAST.with(|last| last.take())
 }
 
 /// Handles one descriptor chain: parses, runs, writes the status byte.
@@ -349,6 +340,7 @@ pub fn handle<M: GuestMemory>(
         used: 0,
         status: Status::IoErr,
         modifying: false,
+        sample: None,
     };
     let descs: Vec<Descriptor> = chain.into_iter().collect();
     let Some((status, body)) = descs.split_last() else {
@@ -387,17 +379,18 @@ pub fn handle<M: GuestMemory>(
         nanos: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
         ok: code == Status::Ok,
     });
-    LAST.with(|last| last.set(sample));
     match mem.write_obj(code as u8, status.addr()) {
         Ok(()) => Completion {
             used: written + 1,
             status: code,
             modifying,
+            sample,
         },
         Err(e) => {
             tracing::warn!(error = %e, "cannot write the status byte");
             Completion {
                 modifying,
+                sample,
                 ..unusable
             }
         }
@@ -455,8 +448,17 @@ mod tests {
             .expect("poison status");
         let q = MockSplitQueue::new(mem, 16);
         let chain = q.build_desc_chain(descs).expect("chain");
-        let used = handle(mem, chain, disk).used;
-        (used, mem.read_obj(GuestAddress(STATUS)).expect("status"))
+        let done = handle(mem, chain, disk);
+        LAST_DONE.with(|last| last.set(Some(done)));
+        (
+            done.used,
+            mem.read_obj(GuestAddress(STATUS)).expect("status"),
+        )
+    }
+
+    thread_local! {
+        /// The completion `run` got last: what the queue worker hands the gate.
+        static LAST_DONE: std::cell::Cell<Option<Completion>> = const { std::cell::Cell::new(None) };
     }
 
     fn disk(volume: &Volume) -> Disk<'_> {
@@ -514,7 +516,10 @@ mod tests {
         let counted = |f: &dyn Fn()| {
             let pass = gate.enter(1).expect("serving");
             f();
-            pass.finish(Status::Ok, false);
+            match LAST_DONE.with(|last| last.take()) {
+                Some(done) => pass.finish_request(&done),
+                None => pass.finish(Status::Ok, false),
+            }
         };
         let data = pattern(4096);
         counted(&|| assert_eq!(write(&mem, &d, 8, &data).1, 0));
@@ -528,7 +533,6 @@ mod tests {
         counted(&|| assert_eq!(read(&mem, &d, 1 << 40, 512).1, Status::IoErr as u8));
         // Without a request handled first, nothing is counted by operation.
         counted(&|| {});
-        assert_eq!(take_sample(), None);
         let stats = gate.op_stats();
         let of = |kind: Kind| stats.iter().find(|s| s.kind == kind).expect("kind");
         let (w, r, f) = (of(Kind::Out), of(Kind::In), of(Kind::Flush));
