@@ -660,8 +660,15 @@ struct Qmp {
 }
 
 impl Qmp {
+    /// Connects once the socket listens: QEMU creates its path at bind,
+    /// a moment before it listens.
     fn connect(path: &Path) -> Qmp {
-        let writer = UnixStream::connect(path).expect("connect to QMP");
+        let mut stream = None;
+        wait_until("QMP to listen", Duration::from_secs(60), || {
+            stream = UnixStream::connect(path).ok();
+            stream.is_some()
+        });
+        let writer = stream.expect("connected");
         writer
             .set_read_timeout(Some(Duration::from_secs(120)))
             .expect("QMP timeout");

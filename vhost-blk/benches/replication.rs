@@ -316,8 +316,20 @@ struct Qmp {
 }
 
 impl Qmp {
+    /// Connects once the socket listens: QEMU creates its path at bind,
+    /// a moment before it listens.
     fn connect(path: &Path) -> Qmp {
-        let stream = UnixStream::connect(path).expect("connect to QMP");
+        let mut stream = None;
+        wait_until(
+            "QMP to listen",
+            Duration::from_secs(60),
+            Duration::from_millis(10),
+            || {
+                stream = UnixStream::connect(path).ok();
+                stream.is_some()
+            },
+        );
+        let stream = stream.expect("connected");
         stream
             .set_read_timeout(Some(Duration::from_secs(60)))
             .expect("QMP timeout");
