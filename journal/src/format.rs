@@ -27,6 +27,14 @@ const SEGMENT_HEADER_USED: usize = 52;
 const FLAG_UNMAP: u8 = 1;
 /// Longest bookmark name, in bytes; the name is the record's payload.
 pub const MAX_BOOKMARK_NAME: usize = 128;
+/// Byte of a bookmark's payload holding its flags: just past the longest
+/// name, so no name reaches it. Bookmarks written before the flags existed
+/// hold zero there (no flag), and older readers, which read only the name,
+/// ignore it.
+const BOOKMARK_FLAGS_AT: usize = MAX_BOOKMARK_NAME;
+/// Bookmark flag: the guest's filesystems were frozen (through its agent)
+/// while the bookmark was taken.
+const BOOKMARK_APP_CONSISTENT: u8 = 1;
 
 /// CRC-32C (Castagnoli, as iSCSI uses), the checksum of every on-disk
 /// structure.
@@ -302,6 +310,27 @@ fn check_bookmark(payload: u64, name_len: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// A bookmark record's payload: one sector holding the name, zeroes, and
+/// the flags byte at `BOOKMARK_FLAGS_AT`. The name must have passed
+/// `check_bookmark_name`.
+pub fn bookmark_payload(name: &str, app_consistent: bool) -> [u8; SECTOR as usize] {
+    let mut payload = [0u8; SECTOR as usize];
+    payload[..name.len()].copy_from_slice(name.as_bytes());
+    if app_consistent {
+        payload[BOOKMARK_FLAGS_AT] = BOOKMARK_APP_CONSISTENT;
+    }
+    payload
+}
+
+/// Whether a bookmark's payload says it is application-consistent (false
+/// for a payload too short to hold the flags: a damaged record never
+/// claims it).
+pub fn bookmark_app_consistent(payload: &[u8]) -> bool {
+    payload
+        .get(BOOKMARK_FLAGS_AT)
+        .is_some_and(|flags| flags & BOOKMARK_APP_CONSISTENT != 0)
+}
+
 /// Checks a bookmark name: 1 to 128 bytes of letters, digits, `.`, `_`,
 /// `-` and `:`, so it can be typed as `bookmark:NAME` anywhere.
 pub fn check_bookmark_name(name: &str) -> Result<(), String> {
@@ -416,6 +445,22 @@ mod tests {
             b[bit / 8] ^= 1 << (bit % 8);
             assert!(SegmentHeader::decode(&b).is_err(), "bit {bit}");
         }
+    }
+
+    #[test]
+    fn bookmark_flags_sit_past_the_longest_name() {
+        let longest = "n".repeat(MAX_BOOKMARK_NAME);
+        for app in [false, true] {
+            let payload = bookmark_payload(&longest, app);
+            assert_eq!(&payload[..MAX_BOOKMARK_NAME], longest.as_bytes());
+            assert_eq!(bookmark_app_consistent(&payload), app);
+        }
+        // Written before the flags existed: the name, then zeroes.
+        let mut old = [0u8; SECTOR as usize];
+        old[..4].copy_from_slice(b"pre1");
+        assert!(!bookmark_app_consistent(&old));
+        assert!(!bookmark_app_consistent(&[]));
+        assert_eq!(&bookmark_payload("pre1", false), &old);
     }
 
     #[test]

@@ -81,6 +81,9 @@ pub struct Bookmark {
     /// The bookmark record's own lsn: the disk as of every record before it.
     pub lsn: u64,
     pub timestamp_ns: u64,
+    /// Taken while the guest's filesystems were frozen (the flags byte of
+    /// its payload, format.rs).
+    pub app_consistent: bool,
 }
 
 /// Entries `base_lsn + 1 ..= last_lsn()`.
@@ -144,12 +147,14 @@ impl RecordIndex {
         }
     }
 
-    /// Adds a bookmark record (its entry and its name).
+    /// Adds a bookmark record (its entry and its name); see
+    /// `set_app_consistent` for its flag.
     pub fn push_bookmark(&mut self, name: String, timestamp: u64) -> Bookmark {
         let bookmark = Bookmark {
             name,
             lsn: self.last_lsn() + 1,
             timestamp_ns: timestamp,
+            app_consistent: false,
         };
         self.push(Entry {
             timestamp,
@@ -211,6 +216,16 @@ impl RecordIndex {
     pub fn bounds(&self) -> Option<(u64, u64)> {
         let last = self.last_lsn();
         (last > self.base_lsn).then(|| (self.timestamp(self.base_lsn + 1), self.timestamp(last)))
+    }
+
+    /// Marks the bookmark record `lsn` application-consistent, as its
+    /// payload says. Separate from `push_bookmark`, whose callers place
+    /// records by name only; those that read the payload mark it right
+    /// after, before anyone is told of the bookmark.
+    pub fn set_app_consistent(&mut self, lsn: u64) {
+        if let Some(b) = self.bookmarks.iter_mut().rev().find(|b| b.lsn == lsn) {
+            b.app_consistent = true;
+        }
     }
 
     pub fn bookmarks(&self) -> &[Bookmark] {

@@ -261,14 +261,18 @@ impl SegmentReaders {
         self.payloads.reset(file, segment_size)
     }
 
-    /// The name in an intact bookmark record's payload.
-    fn bookmark_name(&mut self, h: &RecordHeader) -> io::Result<String> {
+    /// The name in an intact bookmark record's payload, and whether it is
+    /// application-consistent.
+    fn bookmark(&mut self, h: &RecordHeader) -> io::Result<(String, bool)> {
         let bytes = self
             .payloads
             .bytes(h.payload_offset, u64::from(h.payload_len))?
             .unwrap_or_default();
         let name = bytes.get(..h.length as usize).unwrap_or_default();
-        Ok(String::from_utf8_lossy(name).into_owned())
+        Ok((
+            String::from_utf8_lossy(name).into_owned(),
+            crate::format::bookmark_app_consistent(bytes),
+        ))
     }
 
     /// Whether the payload `h` names is there and intact.
@@ -479,8 +483,8 @@ impl Scanner<'_> {
 /// A record the scan accepted, as the index builder needs it.
 struct Accepted {
     entry: Entry,
-    /// A bookmark's name.
-    bookmark: Option<String>,
+    /// A bookmark's name and whether it is application-consistent.
+    bookmark: Option<(String, bool)>,
     /// Its payload, for the builder to check first.
     payload: Option<PayloadCheck>,
 }
@@ -582,8 +586,11 @@ fn build_index(disk: u64, built: Built, rx: Receiver<Vec<Accepted>>) -> Built {
                 break;
             }
             match (a.bookmark, a.entry.effect) {
-                (Some(name), _) => {
-                    index.push_bookmark(name, a.entry.timestamp);
+                (Some((name, app_consistent)), _) => {
+                    let lsn = index.push_bookmark(name, a.entry.timestamp).lsn;
+                    if app_consistent {
+                        index.set_app_consistent(lsn);
+                    }
                 }
                 (
                     None,
@@ -792,7 +799,7 @@ fn scan(scanner: &Scanner, mut payloads: Payloads) -> Result<Scanned> {
                 if h.lsn >= payloads.checked_below {
                     let bookmark = match h.kind {
                         RecordKind::Bookmark => {
-                            Some(readers.bookmark_name(&h).map_err(scanner.io(s.file_id))?)
+                            Some(readers.bookmark(&h).map_err(scanner.io(s.file_id))?)
                         }
                         _ => None,
                     };

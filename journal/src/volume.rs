@@ -676,8 +676,10 @@ impl Volume {
     }
 
     /// Records a named moment (durably: it flushes). The name must be new
-    /// among the bookmarks in the window.
-    pub fn bookmark(&self, name: &str) -> Result<Bookmark> {
+    /// among the bookmarks in the window. `app_consistent` says the guest's
+    /// filesystems were frozen meanwhile (the caller froze them through
+    /// the guest agent); the record keeps it.
+    pub fn bookmark(&self, name: &str, app_consistent: bool) -> Result<Bookmark> {
         check_bookmark_name(name).map_err(Error::InvalidRequest)?;
         // Here, not where records are placed: a replica takes its primary's
         // bookmarks whatever its own, longer, history holds.
@@ -686,17 +688,20 @@ impl Volume {
                 "a bookmark named {name:?} already exists"
             )));
         }
-        let mut payload = [0u8; SECTOR as usize];
-        payload[..name.len()].copy_from_slice(name.as_bytes());
+        let payload = crate::format::bookmark_payload(name, app_consistent);
         let lsn = self
             .inner
             .append(RecordKind::Bookmark, 0, name.len() as u64, &payload)?;
+        if app_consistent {
+            lock(&self.inner.index).set_app_consistent(lsn);
+        }
         self.inner.flush()?;
         let index = lock(&self.inner.index);
         Ok(Bookmark {
             name: name.to_owned(),
             lsn,
             timestamp_ns: index.timestamp(lsn),
+            app_consistent,
         })
     }
 

@@ -162,7 +162,7 @@ impl Model {
             Op::Bookmark => {
                 self.bookmarks += 1;
                 let name = format!("b{}", self.bookmarks);
-                let lsn = v.bookmark(&name).expect("bookmark").lsn;
+                let lsn = v.bookmark(&name, false).expect("bookmark").lsn;
                 bookmark = Some((name, lsn));
             }
             Op::Revert { back } => {
@@ -333,7 +333,7 @@ fn the_old_primary_takes_the_new_primarys_records_at_the_same_lsns() {
             .expect("write");
     }
     a.discard(0, 4096).expect("discard");
-    let bookmark = a.bookmark("old-tail").expect("bookmark");
+    let bookmark = a.bookmark("old-tail", true).expect("bookmark");
     let old_tail = whole(&a);
     let old_last = a.last_lsn();
     // B's own records after the failover.
@@ -424,7 +424,7 @@ fn with_tail(fs: &FaultStorage) -> (Volume, u64, Vec<u8>, Vec<u8>) {
     v.revert(&PointInTime::Lsn(common - 2)).expect("revert");
     v.raise_epoch().expect("epoch");
     v.write(1 << 19, &pattern(77, 4096)).expect("write");
-    v.bookmark("end").expect("bookmark");
+    v.bookmark("end", false).expect("bookmark");
     v.flush().expect("flush");
     let at_end = whole(&v);
     (v, common, at_common, at_end)

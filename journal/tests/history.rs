@@ -265,12 +265,15 @@ fn bookmarks_name_moments_and_survive_reopening() {
     v.write(0, &[1u8; 512]).expect("write");
     // Nothing else to flush: the bookmark must make itself durable.
     v.flush().expect("flush");
-    let b = v.bookmark("before-upgrade").expect("bookmark");
+    let b = v.bookmark("before-upgrade", false).expect("bookmark");
     v.write(0, &[2u8; 512]).expect("write");
-    let dup = v.bookmark("before-upgrade").expect_err("same name");
+    // The flag of a bookmark taken with the guest's filesystems frozen.
+    let q = v.bookmark("quiesced", true).expect("bookmark");
+    assert!(q.app_consistent && !b.app_consistent);
+    let dup = v.bookmark("before-upgrade", true).expect_err("same name");
     assert!(dup.to_string().contains("already exists"), "{dup}");
     for bad in ["", "has space", &"x".repeat(129)] {
-        let err = v.bookmark(bad).expect_err(bad);
+        let err = v.bookmark(bad, false).expect_err(bad);
         assert!(matches!(err, Error::InvalidRequest(_)), "{err}");
     }
     let at = PointInTime::Bookmark("before-upgrade".into());
@@ -279,11 +282,11 @@ fn bookmarks_name_moments_and_survive_reopening() {
     // Durable when it returns: any power loss keeps it.
     for seed in 0..16 {
         let v = reopen(&fs.crash(seed), &clock);
-        assert_eq!(v.bookmarks(), vec![b.clone()], "crash {seed}");
+        assert_eq!(v.bookmarks(), vec![b.clone(), q.clone()], "crash {seed}");
     }
     let v = reopen(&fs, &clock);
-    assert_eq!(v.bookmarks(), vec![b.clone()]);
-    assert_eq!(v.timeline().bookmarks, vec![b]);
+    assert_eq!(v.bookmarks(), vec![b.clone(), q.clone()]);
+    assert_eq!(v.timeline().bookmarks, vec![b, q]);
     assert_eq!(view_bytes(&v, &at, 0, 512), vec![1u8; 512]);
     let err = v
         .view(&PointInTime::Bookmark("nope".into()))

@@ -280,7 +280,7 @@ fn run_case(ops: Vec<Op>, probe: u64) {
             Op::Bookmark => {
                 bookmarks += 1;
                 let name = format!("b{bookmarks}");
-                let b = h.v().bookmark(&name).expect("bookmark");
+                let b = h.v().bookmark(&name, false).expect("bookmark");
                 covered = last;
                 let via_name = h
                     .v()

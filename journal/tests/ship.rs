@@ -117,7 +117,7 @@ proptest! {
                 Op::Flush => primary.flush().expect("flush"),
                 Op::Bookmark => {
                     bookmarks += 1;
-                    primary.bookmark(&format!("b{bookmarks}")).expect("bookmark");
+                    primary.bookmark(&format!("b{bookmarks}"), bookmarks % 2 == 0).expect("bookmark");
                 }
                 Op::Revert => {
                     let to = primary.last_lsn() / 2;

@@ -53,8 +53,13 @@ enum Command {
     // Braces, so that unknown fields are refused for these too.
     Status {},
     Timeline {},
+    /// `app_consistent`: the client froze the guest's filesystems
+    /// around this request (rewindctl bookmark --quiesce); kept in the
+    /// record.
     Bookmark {
         name: String,
+        #[serde(default)]
+        app_consistent: bool,
     },
     /// Writes a raw image of the disk at `at` to `output`, a new file
     /// (an absolute path: the daemon's working directory is not the
@@ -256,6 +261,7 @@ struct BookmarkInfo {
     name: String,
     lsn: u64,
     time: String,
+    app_consistent: bool,
 }
 
 impl From<Bookmark> for BookmarkInfo {
@@ -264,6 +270,7 @@ impl From<Bookmark> for BookmarkInfo {
             name: b.name,
             lsn: b.lsn,
             time: format_ns(b.timestamp_ns),
+            app_consistent: b.app_consistent,
         }
     }
 }
@@ -460,9 +467,15 @@ impl Control {
         match command {
             Command::Status {} => to_json(serde_json::to_value(self.status())),
             Command::Timeline {} => to_json(serde_json::to_value(self.timeline())),
-            Command::Bookmark { name } => {
+            Command::Bookmark {
+                name,
+                app_consistent,
+            } => {
                 self.not_on_replica("a bookmark")?;
-                let b = self.volume.bookmark(&name).map_err(|e| e.to_string())?;
+                let b = self
+                    .volume
+                    .bookmark(&name, app_consistent)
+                    .map_err(|e| e.to_string())?;
                 to_json(serde_json::to_value(BookmarkInfo::from(b)))
             }
             Command::Materialize { at, output } => self.materialize(&at, &output, progress),
@@ -1010,9 +1023,20 @@ mod tests {
             r#"{"version": 1, "command": "bookmark", "name": "a b"}"#,
         );
         assert!(bad.contains("bookmark name"), "{bad}");
+        let q = ok(
+            &c,
+            r#"{"version": 1, "command": "bookmark", "name": "frozen", "app_consistent": true}"#,
+        );
+        assert_eq!(q["app_consistent"], true, "{q}");
         let t = ok(&c, r#"{"version": 1, "command": "timeline"}"#);
         assert_eq!(t["bookmarks"][0]["name"], "before-upgrade");
-        assert_eq!(t["last_lsn"], 3, "write, bookmark, its flush record: {t}");
+        assert_eq!(t["bookmarks"][0]["app_consistent"], false, "{t}");
+        assert_eq!(t["bookmarks"][1]["name"], "frozen");
+        assert_eq!(t["bookmarks"][1]["app_consistent"], true, "{t}");
+        assert_eq!(
+            t["last_lsn"], 5,
+            "write, bookmark, flush, bookmark, flush: {t}"
+        );
         assert_eq!(t["window_configured"], 3600);
         assert!(t["flush_points"].as_u64().is_some_and(|n| n >= 1), "{t}");
     }

@@ -739,6 +739,7 @@ impl Inner {
                     name: String::from_utf8_lossy(name).into_owned(),
                     lsn,
                     timestamp_ns: h.timestamp,
+                    app_consistent: crate::format::bookmark_app_consistent(&payload),
                 });
             }
             scanned.entries.push(Entry {
