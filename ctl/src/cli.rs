@@ -34,9 +34,31 @@ pub enum Command {
     /// end, bookmarks, flush points, journal use.
     Timeline,
     /// Names the present moment (durably), for `--at bookmark:NAME`.
+    /// With --quiesce, application-consistent: the guest's filesystems
+    /// are frozen through its QEMU guest agent while the volume is drained
+    /// and bookmarked, then thawed (always, whatever fails); the timeline
+    /// marks it `app_consistent`.
     Bookmark {
         /// 1 to 128 letters, digits, '.', '_', '-' or ':'.
         name: String,
+        /// Freeze the guest's filesystems through its guest agent (--qga)
+        /// while the bookmark is taken.
+        #[arg(long, requires = "qga")]
+        quiesce: bool,
+        /// The Unix socket of the VM's guest agent channel (the socket
+        /// chardev of its virtio-serial port org.qemu.guest_agent.0). For a
+        /// group, one per --control, in the same order.
+        #[arg(long, requires = "quiesce")]
+        qga: Vec<PathBuf>,
+        /// How long each step may take: each guest agent call and the
+        /// drain.
+        #[arg(long, value_parser = duration, default_value = "10s")]
+        timeout: Duration,
+        /// When the guest cannot be frozen (no agent answers, the freeze
+        /// is refused), take a crash-consistent bookmark instead of
+        /// failing, and say so.
+        #[arg(long, requires = "quiesce")]
+        fallback_crash_consistent: bool,
     },
     /// Writes a sparse raw image of the disk as it was at a moment (for a
     /// group: one image per member in the `--output` directory, named

@@ -156,10 +156,18 @@ pub fn resolve_at(at: &str, now: SystemTime) -> Result<String, CtlError> {
 }
 
 /// Runs `f` on every item at once; the results in the items' order.
-fn each<I: Sync, T: Send>(items: &[I], f: impl Fn(&I) -> T + Sync) -> Vec<T> {
+pub(crate) fn each<I: Sync, T: Send>(items: &[I], f: impl Fn(&I) -> T + Sync) -> Vec<T> {
+    each_owned(items.iter().collect(), f)
+}
+
+/// As `each`, for items `f` takes (frozen guests, quiesce.rs).
+pub(crate) fn each_owned<I: Send, T: Send>(items: Vec<I>, f: impl Fn(I) -> T + Sync) -> Vec<T> {
     std::thread::scope(|scope| {
         let f = &f;
-        let running: Vec<_> = items.iter().map(|i| scope.spawn(move || f(i))).collect();
+        let running: Vec<_> = items
+            .into_iter()
+            .map(|i| scope.spawn(move || f(i)))
+            .collect();
         running
             .into_iter()
             .map(|t| {
@@ -211,14 +219,19 @@ pub fn same(members: &[PathBuf], command: &str, arguments: &Value) -> Report {
     )
 }
 
-/// How long each member's drain may wait for its requests in flight.
-const DRAIN_TIMEOUT_MS: u64 = 10_000;
-
-/// Bookmarks every member at one moment: drains every member, bookmarks
+/// Bookmarks every member at one moment: drains every member (each
+/// waiting at most `drain_timeout` for its requests in flight), bookmarks
 /// each once all are drained, then resumes the members it drained (a
 /// member drained before stays drained), whatever failed. If a drain
-/// fails, no member is bookmarked.
-pub fn bookmark(members: &[PathBuf], name: &str) -> Report {
+/// fails, no member is bookmarked. `app_consistent`: the caller froze
+/// every member's guest meanwhile (quiesce.rs).
+pub fn bookmark(
+    members: &[PathBuf],
+    name: &str,
+    app_consistent: bool,
+    drain_timeout: Duration,
+) -> Report {
+    let timeout_ms = u64::try_from(drain_timeout.as_millis()).unwrap_or(u64::MAX);
     // A replica refuses the bookmark, and its resume too: it would be
     // left drained. Find out before draining anything.
     let statuses = statuses(members);
@@ -244,12 +257,12 @@ pub fn bookmark(members: &[PathBuf], name: &str) -> Report {
         return Report::of(members, results);
     }
     let drains = each(members, |m| {
-        ask(m, "drain", json!({ "timeout_ms": DRAIN_TIMEOUT_MS }))
+        ask(m, "drain", json!({ "timeout_ms": timeout_ms }))
     });
     let undrained = members_where(members, &drains, Result::is_err);
     let marks: Vec<Option<Result<Value, String>>> = if undrained.is_empty() {
         each(members, |m| {
-            Some(ask(m, "bookmark", json!({ "name": name })))
+            Some(ask(m, "bookmark", bookmark_arguments(name, app_consistent)))
         })
     } else {
         members.iter().map(|_| None).collect()
@@ -296,6 +309,15 @@ pub fn bookmark(members: &[PathBuf], name: &str) -> Report {
         })
         .collect();
     Report::of(members, results)
+}
+
+/// The `bookmark` request's arguments; `app_consistent` only when true,
+/// which daemons older than the flag would refuse.
+pub(crate) fn bookmark_arguments(name: &str, app_consistent: bool) -> Value {
+    match app_consistent {
+        true => json!({ "name": name, "app_consistent": true }),
+        false => json!({ "name": name }),
+    }
 }
 
 /// Each member's path in `dir`: `<volume uuid>.<extension>` (the uuid from

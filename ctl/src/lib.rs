@@ -11,6 +11,8 @@ use serde_json::{json, Value};
 
 pub mod cli;
 pub mod group;
+pub mod qga;
+pub mod quiesce;
 
 pub const PROTOCOL_VERSION: u64 = 1;
 
@@ -253,7 +255,7 @@ fn result(answer: Value, line: &str) -> Result<Value, CtlError> {
 
 /// A JSON object as aligned `key  value` lines, keys sorted, nested
 /// objects as `key.field`; a list of objects (bookmarks) follows as rows
-/// under its key.
+/// under its key, a row's flags last.
 pub fn table(value: &Value) -> String {
     let Some(map) = value.as_object() else {
         return format!("{value}\n");
@@ -273,9 +275,18 @@ pub fn table(value: &Value) -> String {
         ));
         for row in rows {
             let cells: Vec<String> = match row.as_object() {
+                // Flags follow the values, by name when set (a bookmark's
+                // `app_consistent`), left out when not.
                 Some(fields) => fields
                     .values()
+                    .filter(|v| !v.is_boolean())
                     .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+                    .chain(
+                        fields
+                            .iter()
+                            .filter(|(_, v)| **v == Value::Bool(true))
+                            .map(|(k, _)| k.clone()),
+                    )
                     .collect(),
                 None => vec![row.to_string()],
             };
@@ -364,6 +375,11 @@ mod tests {
         assert_eq!(t, "epoch   1\nfailed  -\nstate   serving\n");
         let t = table(&json!({"last_lsn": 9, "bookmarks": [{"name": "b1", "lsn": 4}]}));
         assert_eq!(t, "last_lsn  9\nbookmarks:\n  4  b1\n");
+        let t = table(&json!({"bookmarks": [
+            {"name": "b1", "lsn": 4, "app_consistent": false},
+            {"name": "b2", "lsn": 6, "app_consistent": true}
+        ]}));
+        assert_eq!(t, "bookmarks:\n  4  b1\n  6  b2  app_consistent\n");
         let t = table(&json!({"bookmarks": []}));
         assert_eq!(t, "bookmarks: none\n");
         let t = table(&json!({"io": {"completed": 3, "failed": 0}, "state": "drained"}));

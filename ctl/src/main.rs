@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use rewind_ctl::cli::{Cli, Command};
-use rewind_ctl::{group, CtlError};
+use rewind_ctl::{group, quiesce, CtlError};
 use serde_json::{json, Value};
 
 fn millis(d: Duration) -> u64 {
@@ -82,7 +82,7 @@ fn request_of(command: Command) -> Result<(&'static str, Value), CtlError> {
     Ok(match command {
         Command::Status => ("status", Value::Null),
         Command::Timeline => ("timeline", Value::Null),
-        Command::Bookmark { name } => ("bookmark", json!({ "name": name })),
+        Command::Bookmark { name, .. } => ("bookmark", json!({ "name": name })),
         Command::Materialize {
             volume: Some(_), ..
         } => return Err(one("materialize --volume")),
@@ -157,7 +157,7 @@ fn run_group(cli: Cli) -> Result<group::Report, CtlError> {
     let members = group::members(&cli.control, cli.group.as_deref())?;
     let bar = progress_bar();
     let report = match cli.command {
-        Command::Bookmark { name } => group::bookmark(&members, &name),
+        Command::Bookmark { name, timeout, .. } => group::bookmark(&members, &name, false, timeout),
         Command::Materialize {
             at,
             output,
@@ -205,8 +205,93 @@ fn metrics_text(result: &Value) -> String {
     result["text"].as_str().unwrap_or_default().to_string()
 }
 
+/// `bookmark --quiesce`, on one daemon or a group: prints what was done,
+/// then, on stderr, a fallback to a crash-consistent bookmark or a thaw
+/// that failed (which fails the command).
+fn quiesced(cli: Cli) -> ExitCode {
+    let Command::Bookmark {
+        name,
+        qga,
+        timeout,
+        fallback_crash_consistent,
+        ..
+    } = cli.command
+    else {
+        return ExitCode::FAILURE;
+    };
+    let options = quiesce::Options {
+        timeout,
+        fallback: fallback_crash_consistent,
+    };
+    let fallback_note = |result: &Value| {
+        if let Some(why) = result.get("fallback").and_then(Value::as_str) {
+            eprintln!(
+                "rewindctl: took a crash-consistent bookmark (--fallback-crash-consistent): \
+                 the guest could not be frozen: {why}"
+            );
+        }
+    };
+    if cli.group.is_some() || cli.control.len() > 1 {
+        let report = group::members(&cli.control, cli.group.as_deref())
+            .and_then(|members| quiesce::group_bookmark(&members, &qga, &name, options));
+        let report = match report {
+            Ok(report) => report,
+            Err(e) => {
+                eprintln!("rewindctl: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if cli.json {
+            println!("{}", report.to_json());
+        } else {
+            print!("{}", report.table(rewind_ctl::table));
+        }
+        if let Some(Ok(first)) = report.outcomes.first().map(|o| &o.result) {
+            fallback_note(first);
+        }
+        return match report.failure() {
+            None => ExitCode::SUCCESS,
+            Some(why) => {
+                eprintln!("rewindctl: {why}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let outcome = match (control(cli.control.into_iter().next()), qga.as_slice()) {
+        (Ok(control), [agent]) => quiesce::bookmark(&control, agent, &name, options),
+        (Ok(_), _) => Err(CtlError::Usage(
+            "one --control takes one --qga: the socket of its VM's guest agent".into(),
+        )),
+        (Err(e), _) => Err(e),
+    };
+    match outcome {
+        Ok(outcome) => {
+            if cli.json {
+                println!("{}", outcome.result);
+            } else {
+                print!("{}", rewind_ctl::table(&outcome.result));
+            }
+            fallback_note(&outcome.result);
+            match outcome.thaw_failed {
+                None => ExitCode::SUCCESS,
+                Some(advice) => {
+                    eprintln!("rewindctl: {advice}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("rewindctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Bookmark { quiesce: true, .. }) {
+        return quiesced(cli);
+    }
     let json = cli.json;
     let show: fn(&Value) -> String = match cli.command {
         Command::Branches => rewind_ctl::branches_table,

@@ -5,91 +5,20 @@
 //! one more on the first.
 
 use std::mem::MaybeUninit;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 use rewind_journal::PointInTime;
 use serde_json::Value;
 
-const REWINDCTL: &str = env!("CARGO_BIN_EXE_rewindctl");
+mod common;
+
+use common::{wait_until, Daemon, REWINDCTL};
 const BLOCK: usize = 4096;
-
-/// `rewind-blk`, built into the same target directory as `rewindctl`.
-fn rewind_blk() -> PathBuf {
-    let bin = Path::new(REWINDCTL).with_file_name("rewind-blk");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (`cargo build -p rewind-vhost-blk`; \
-         `cargo test --workspace` builds it)",
-        bin.display()
-    );
-    bin
-}
-
-fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// A volume served by `rewind-blk serve` with a control socket; killed
-/// when dropped.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    control: PathBuf,
-}
-
-impl Daemon {
-    fn start(dir: &Path, name: &str) -> Daemon {
-        let volume = dir.join(name);
-        let out = Command::new(rewind_blk())
-            .args(["create", "--size", "4M", "--segment-size", "1M"])
-            .args(["--journal-max", "256M", "--volume"])
-            .arg(&volume)
-            .output()
-            .expect("run rewind-blk create");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let socket = dir.join(format!("{name}.sock"));
-        let control = dir.join(format!("{name}.ctl"));
-        let child = Command::new(rewind_blk())
-            .args(["serve", "--volume"])
-            .arg(&volume)
-            .arg("--socket-path")
-            .arg(&socket)
-            .arg("--control-socket")
-            .arg(&control)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn rewind-blk serve");
-        let daemon = Daemon {
-            child,
-            socket,
-            control,
-        };
-        wait_until("the daemon's sockets", Duration::from_secs(20), || {
-            daemon.socket.exists() && daemon.control.exists()
-        });
-        daemon
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A vhost-user-blk client of one disk, one request at a time. Its
 /// connection (`_blkio`) is dropped last, after the queue using it.
@@ -279,7 +208,10 @@ fn a_group_bookmark_is_one_moment_for_both_disks() {
     );
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
-        table.starts_with(&format!("== {}\nlsn ", a.control.display())),
+        table.starts_with(&format!(
+            "== {}\napp_consistent  false\nlsn ",
+            a.control.display()
+        )),
         "{table}"
     );
     // Both resumed: the writer goes on.
