@@ -449,3 +449,29 @@ fn a_diff_resync_sends_only_what_changed_and_keeps_the_rest_from_the_replica() {
     let acked = ship(&primary, &replica, 1 << 20);
     assert!(disk_at(&replica, acked) == disk_at(&primary, acked));
 }
+
+#[test]
+fn changed_after_names_what_a_peer_lacks_of_the_live_disk() {
+    let (_fs, v) = new_volume();
+    let size = v.size();
+    v.write(4096, &[1; 4096]).expect("write");
+    let held = v.last_lsn();
+    assert_eq!(v.changed_after(held), Vec::<(u64, u64)>::new());
+    v.write(8192, &[2; 1024]).expect("write");
+    v.write_zeroes(8704, 4096, false).expect("zero");
+    v.flush().expect("flush");
+    v.write(65536, &[3; 512]).expect("write");
+    // Overlapping and touching ranges merge; a flush changes nothing.
+    assert_eq!(
+        v.changed_after(held),
+        vec![(8192, 4608), (65536, 512)],
+        "sorted and merged"
+    );
+    assert_eq!(v.changed_after(0), vec![(4096, 8704), (65536, 512)]);
+    v.revert(&PointInTime::Lsn(held)).expect("revert");
+    assert_eq!(
+        v.changed_after(held),
+        vec![(0, size)],
+        "a revert: the whole disk"
+    );
+}

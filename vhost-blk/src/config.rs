@@ -10,6 +10,7 @@ use rewind_journal::VolumeSettings;
 use uuid::Uuid;
 
 use crate::backend::{ExportConfig, MAX_QUEUE_SIZE};
+use crate::detach::OnStorageError;
 use crate::replication::tls::{Fingerprint, PeerTrust, TlsSettings};
 use crate::replication::{Mode, OnLoss, ReceiverConfig, SenderConfig};
 
@@ -137,6 +138,12 @@ pub struct ServeArgs {
     /// sees latency) before requests fail with IOERR.
     #[arg(long, value_parser = duration, default_value = "10s")]
     pub io_error_hold: Duration,
+    /// When the volume's own files fail (EIO or ENOSPC past the hold, a
+    /// failed fsync): hold (then fail with IOERR), or detach: forward the
+    /// guest's requests to the replica, which takes over as primary
+    /// (needs --replicate-to; evacuate the VM with `rewindctl handover`).
+    #[arg(long, value_enum, default_value = "hold")]
+    pub on_storage_error: OnStorageError,
     #[command(flatten)]
     pub replication: ReplicationArgs,
 }
@@ -218,6 +225,7 @@ pub struct ServeConfig {
     pub listen: Listen,
     pub export: ExportConfig,
     pub io_error_hold: Duration,
+    pub on_storage_error: OnStorageError,
     pub control_socket: Option<PathBuf>,
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub replication: Replication,
@@ -243,6 +251,8 @@ pub enum ConfigError {
     NoTlsTrust,
     #[error("{0} only applies with --replicate-to")]
     NotReplicating(&'static str),
+    #[error("--on-storage-error detach forwards guest IO to a replica: it needs --replicate-to")]
+    DetachWithoutReplica,
     #[error("--replication-rate must be at least 1M per second (a 1 MiB batch must not hold the link's heartbeats for seconds)")]
     Rate,
 }
@@ -279,6 +289,9 @@ impl TryFrom<ServeArgs> for ServeConfig {
         if a.io_error_hold >= Duration::from_secs(30) {
             return Err(ConfigError::Hold(a.io_error_hold));
         }
+        if a.on_storage_error == OnStorageError::Detach && a.replication.replicate_to.is_none() {
+            return Err(ConfigError::DetachWithoutReplica);
+        }
         let replication = Replication::try_from(a.replication)?;
         Ok(ServeConfig {
             volume,
@@ -289,6 +302,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 read_only: a.read_only,
             },
             io_error_hold: a.io_error_hold,
+            on_storage_error: a.on_storage_error,
             control_socket: a.control_socket,
             metrics_listen: a.metrics_listen,
             replication,
@@ -397,6 +411,21 @@ mod tests {
             (
                 vec!["--volume", "/v", "--fd", "3", "--io-error-hold", "45s"],
                 "under 30s",
+            ),
+            (
+                vec![
+                    "--volume",
+                    "/v",
+                    "--fd",
+                    "3",
+                    "--on-storage-error",
+                    "detach",
+                ],
+                "needs --replicate-to",
+            ),
+            (
+                vec!["--volume", "/v", "--fd", "3", "--on-storage-error", "drop"],
+                "invalid value 'drop'",
             ),
         ];
         for (args, want) in bad {

@@ -12,6 +12,7 @@ use vhost::vhost_user::Listener;
 
 use crate::config::{CertArgs, CreateArgs, Listen, Replication, ServeConfig};
 use crate::control::{self, Control};
+use crate::detach::{Detacher, OnStorageError};
 use crate::device::{BlockDevice, ReplicatedVolume};
 use crate::export::{Export, ExportError};
 use crate::failover::{Roles, SenderStart};
@@ -126,6 +127,8 @@ pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
             volume: volume.clone(),
             link: running.link.clone(),
             config: sender.clone(),
+            detacher: (config.on_storage_error == OnStorageError::Detach)
+                .then(|| Detacher::new(running.link.clone(), config.io_error_hold)),
         }),
         _ => volume.clone(),
     };

@@ -4,8 +4,10 @@ use std::fmt::Debug;
 
 use std::sync::Arc;
 
-use rewind_journal::{Result, View, Volume};
+use rewind_journal::{Error, Result, View, Volume};
 
+use crate::detach::{storage_failed, Detacher, Route};
+use crate::replication::frame::ForwardOp;
 use crate::replication::{Link, SenderConfig};
 
 /// The block operations virtio-blk requests run against. Offsets and
@@ -101,12 +103,22 @@ impl BlockDevice for ViewDevice {
 
 /// A primary's live volume: a flush also wakes the replication sender,
 /// and in sync mode completes only once the replica holds what it covers
-/// (so does each write in writethrough mode).
+/// (so does each write in writethrough mode). With a [`Detacher`]
+/// (`--on-storage-error detach`), requests go to the replica once the
+/// local storage failed.
 #[derive(Debug)]
 pub struct ReplicatedVolume {
     pub volume: Arc<Volume>,
     pub link: Arc<Link>,
     pub config: SenderConfig,
+    pub detacher: Option<Detacher>,
+}
+
+/// Where a request ran.
+enum Ran {
+    Local,
+    /// Over the link; a read's data.
+    Forwarded(Vec<u8>),
 }
 
 impl ReplicatedVolume {
@@ -118,6 +130,55 @@ impl ReplicatedVolume {
                 context: "sync replication".into(),
                 source: std::io::Error::other(reason),
             })
+    }
+
+    /// Runs `local`, or `op` on the replica once this primary detached
+    /// (the request that meets the storage failure detaches). `modifies`:
+    /// in writethrough mode a forwarded write is flushed there too.
+    fn serve(
+        &self,
+        local: impl FnOnce() -> Result<()>,
+        op: impl FnOnce() -> ForwardOp,
+        modifies: bool,
+    ) -> Result<Ran> {
+        let Some(detacher) = &self.detacher else {
+            return local().map(|()| Ran::Local);
+        };
+        match detacher.route().map_err(Error::Failed)? {
+            Route::Local(counted) => match local() {
+                Ok(()) => return Ok(Ran::Local),
+                Err(e) if storage_failed(&e) => {
+                    drop(counted);
+                    if detacher.detach(&self.volume, &e).is_err() {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            },
+            Route::Forward => {}
+        }
+        let data = detacher.forward(op())?;
+        if modifies && self.volume.writethrough() {
+            detacher.forward(ForwardOp::Flush)?;
+        }
+        Ok(Ran::Forwarded(data))
+    }
+
+    /// A write-like request: run locally (then replicated in writethrough
+    /// mode), or forwarded.
+    fn modify(
+        &self,
+        local: impl FnOnce() -> Result<u64>,
+        op: impl FnOnce() -> ForwardOp,
+    ) -> Result<()> {
+        let local = || {
+            let lsn = local()?;
+            if self.volume.writethrough() {
+                self.replicated(lsn)?;
+            }
+            Ok(())
+        };
+        self.serve(local, op, true).map(drop)
     }
 }
 
@@ -132,32 +193,57 @@ impl BlockDevice for ReplicatedVolume {
         BlockDevice::uuid(self.volume.as_ref())
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.volume.read(offset, buf)
+        let length = buf.len() as u64;
+        let ran = self.serve(
+            || self.volume.read(offset, buf),
+            || ForwardOp::Read { offset, length },
+            false,
+        )?;
+        if let Ran::Forwarded(data) = ran {
+            if data.len() != buf.len() {
+                return Err(Error::Io {
+                    context: "a forwarded read".into(),
+                    source: std::io::Error::other(format!(
+                        "the replica returned {} bytes for a read of {length}",
+                        data.len()
+                    )),
+                });
+            }
+            buf.copy_from_slice(&data);
+        }
+        Ok(())
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        let lsn = self.volume.write(offset, data)?;
-        if self.volume.writethrough() {
-            self.replicated(lsn)?;
-        }
-        Ok(())
+        self.modify(
+            || self.volume.write(offset, data),
+            || ForwardOp::Write {
+                offset,
+                data: data.to_vec(),
+            },
+        )
     }
     fn write_zeroes(&self, offset: u64, length: u64, unmap: bool) -> Result<()> {
-        let lsn = self.volume.write_zeroes(offset, length, unmap)?;
-        if self.volume.writethrough() {
-            self.replicated(lsn)?;
-        }
-        Ok(())
+        self.modify(
+            || self.volume.write_zeroes(offset, length, unmap),
+            || ForwardOp::WriteZeroes {
+                offset,
+                length,
+                unmap,
+            },
+        )
     }
     fn discard(&self, offset: u64, length: u64) -> Result<()> {
-        let lsn = self.volume.discard(offset, length)?;
-        if self.volume.writethrough() {
-            self.replicated(lsn)?;
-        }
-        Ok(())
+        self.modify(
+            || self.volume.discard(offset, length),
+            || ForwardOp::Discard { offset, length },
+        )
     }
     fn flush(&self) -> Result<()> {
-        self.volume.flush()?;
-        self.replicated(self.volume.durable_lsn())
+        let local = || {
+            self.volume.flush()?;
+            self.replicated(self.volume.durable_lsn())
+        };
+        self.serve(local, || ForwardOp::Flush, false).map(drop)
     }
     fn writethrough(&self) -> bool {
         self.volume.writethrough()

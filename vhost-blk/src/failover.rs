@@ -618,6 +618,32 @@ impl RoleChanges for Roles {
         self.cancel_take_over_now();
     }
 
+    fn take_over_detached(&self, reason: &str) -> Result<(u64, u64), String> {
+        let _one = lock(&self.changing);
+        let v = &self.volume;
+        if v.role() == Role::Primary {
+            return Err(format!(
+                "this node is the primary already (epoch {})",
+                v.epoch()
+            ));
+        }
+        if let Some(link) = &self.link {
+            link.withdraw_handover();
+        }
+        let start = v
+            .promote()
+            .map_err(|e| format!("raising the epoch failed: {e}"))?;
+        // The gate stays closed: the guest stays where it is and its
+        // requests come over the link. No sender either: the only peer is
+        // the detached primary, which rejoins once its guest has moved.
+        tracing::error!(
+            epoch = start.epoch,
+            first_lsn = start.first_lsn,
+            "this node is the primary, serving its detached peer's guest ({reason})"
+        );
+        Ok((start.epoch, start.first_lsn - 1))
+    }
+
     fn confirmed(&self) {
         if self.awaiting_peer.swap(false, Ordering::AcqRel)
             && self.live.gate.state() == State::Drained

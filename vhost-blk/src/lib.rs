@@ -5,6 +5,7 @@ pub mod backend;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod detach;
 pub mod device;
 pub mod export;
 pub mod failover;

@@ -26,10 +26,11 @@ use crate::error::{Error, Result};
 use crate::extent_map::ExtentMap;
 use crate::format::{
     check_bookmark_name, crc32c, le_u32, le_u64, HeaderProblem, RecordHeader, RecordKind,
-    RECORD_HEADER_SIZE,
+    RECORD_HEADER_SIZE, SECTOR,
 };
 use crate::meta::EpochStart;
 use crate::pool::{segment_name, Segment};
+use crate::record_index::Effect;
 
 /// Bytes of a record header that travel: every field and its checksum
 /// (the rest of the on-disk slot is zero).
@@ -168,6 +169,43 @@ impl Volume {
     /// (what a replica that holds `after` still lacks).
     pub fn bytes_between(&self, after: u64, upto: u64) -> u64 {
         lock(&self.inner.index).journal_bytes(after, upto)
+    }
+
+    /// The byte ranges (offset, length) of the disk that records after
+    /// `lsn` changed, sorted and merged: what a peer that holds this
+    /// journal up to `lsn` lacks of the live disk. The whole disk when
+    /// what they changed is not known: a revert among them, or records
+    /// after `lsn` already folded. Ranges of records still being written
+    /// (or whose write failed) are included; reading them gives the live
+    /// disk either way.
+    pub fn changed_after(&self, lsn: u64) -> Vec<(u64, u64)> {
+        let index = lock(&self.inner.index);
+        let whole = vec![(0, self.inner.config.size)];
+        if lsn < index.base_lsn() {
+            return whole;
+        }
+        let mut sectors: Vec<(u64, u64)> = Vec::new();
+        for at in lsn + 1..=index.last_lsn() {
+            match index.effect(at) {
+                Effect::Data {
+                    start, sectors: n, ..
+                } => sectors.push((start, start + n)),
+                Effect::Revert { .. } => return whole,
+                Effect::Mark | Effect::Flush => {}
+            }
+        }
+        sectors.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (start, end) in sectors {
+            match merged.last_mut() {
+                Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                _ => merged.push((start, end)),
+            }
+        }
+        merged
+            .into_iter()
+            .map(|(start, end)| (start * SECTOR, (end - start) * SECTOR))
+            .collect()
     }
 
     /// The largest payload one record of this volume carries: a replica's

@@ -192,7 +192,56 @@ pub enum Message {
     HandoverVerdict {
         promoted: bool,
     },
+    /// From a primary whose own storage failed (`--on-storage-error
+    /// detach`), and says why: take over as the primary of the next epoch
+    /// without serving a client of your own, and serve the requests this
+    /// primary forwards on this session.
+    Detach(String),
+    /// From the replica: it is the primary of `epoch` now, and held the
+    /// old epoch's records up to `lsn`.
+    Detached {
+        epoch: u64,
+        lsn: u64,
+    },
+    /// From a detached primary: its guest's request number `id`.
+    Forward {
+        id: u64,
+        op: ForwardOp,
+    },
+    /// From the replica: how request `id` ended (a read's data, or why it
+    /// failed).
+    Forwarded {
+        id: u64,
+        result: Result<Vec<u8>, String>,
+    },
 }
+
+/// A guest request a detached primary forwards. Data is at most
+/// [`MAX_FORWARD`] bytes (the primary splits larger requests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForwardOp {
+    Read {
+        offset: u64,
+        length: u64,
+    },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    WriteZeroes {
+        offset: u64,
+        length: u64,
+        unmap: bool,
+    },
+    Discard {
+        offset: u64,
+        length: u64,
+    },
+    Flush,
+}
+
+/// Most bytes one forwarded request reads or writes.
+pub const MAX_FORWARD: u64 = 1 << 20;
 
 impl Message {
     fn code(&self) -> u8 {
@@ -216,6 +265,10 @@ impl Message {
             Message::HandOver { .. } => 17,
             Message::HandoverCancel => 18,
             Message::HandoverVerdict { .. } => 19,
+            Message::Detach(_) => 20,
+            Message::Detached { .. } => 21,
+            Message::Forward { .. } => 22,
+            Message::Forwarded { .. } => 23,
         }
     }
 
@@ -240,6 +293,10 @@ impl Message {
             Message::HandOver { .. } => "hand-over",
             Message::HandoverCancel => "handover-cancel",
             Message::HandoverVerdict { .. } => "handover-verdict",
+            Message::Detach(_) => "detach",
+            Message::Detached { .. } => "detached",
+            Message::Forward { .. } => "forward",
+            Message::Forwarded { .. } => "forwarded",
         }
     }
 }
@@ -294,7 +351,7 @@ impl FrameHeader {
             return Err(FrameError::Version(version));
         }
         let (kind, flags) = (b[6], b[7]);
-        if !(1..=19).contains(&kind) {
+        if !(1..=23).contains(&kind) {
             return Err(FrameError::Type(kind));
         }
         if flags & !FLAG_ZSTD != 0 || (flags & FLAG_ZSTD != 0 && kind != 4 && kind != 8) {
@@ -418,6 +475,16 @@ impl FrameHeader {
                     })
                 }
             },
+            20 => Message::Detach(String::from_utf8_lossy(limit(body, "detach")?).into_owned()),
+            21 => {
+                let b = fixed::<16>(body, "detached")?;
+                Message::Detached {
+                    epoch: le_u64(&b[..8]),
+                    lsn: le_u64(&b[8..]),
+                }
+            }
+            22 => decode_forward(body)?,
+            23 => decode_forwarded(body)?,
             kind => return Err(FrameError::Type(kind)),
         };
         Ok(Frame {
@@ -425,6 +492,116 @@ impl FrameHeader {
             message,
         })
     }
+}
+
+/// Operation codes of a `forward` frame.
+const OP_READ: u8 = 1;
+const OP_WRITE: u8 = 2;
+const OP_WRITE_ZEROES: u8 = 3;
+const OP_WRITE_ZEROES_UNMAP: u8 = 4;
+const OP_DISCARD: u8 = 5;
+const OP_FLUSH: u8 = 6;
+
+/// `id` (u64), `op` (u8), `offset` and `length` (u64 each), then a
+/// write's data (`length` bytes, at most [`MAX_FORWARD`]).
+fn decode_forward(body: &[u8]) -> Result<Message, FrameError> {
+    let bad = |reason: String| FrameError::Malformed {
+        what: "forward",
+        reason,
+    };
+    if body.len() < 25 {
+        return Err(bad(format!("{} bytes, under 25", body.len())));
+    }
+    let (id, code, offset, length) = (
+        le_u64(body),
+        body[8],
+        le_u64(&body[9..]),
+        le_u64(&body[17..]),
+    );
+    let data = &body[25..];
+    if length > MAX_FORWARD {
+        return Err(bad(format!("{length} bytes, over {MAX_FORWARD}")));
+    }
+    if code != OP_WRITE && !data.is_empty() {
+        return Err(bad(format!(
+            "operation {code} carries {} bytes of data",
+            data.len()
+        )));
+    }
+    let op = match code {
+        OP_READ => ForwardOp::Read { offset, length },
+        OP_WRITE if data.len() as u64 == length => ForwardOp::Write {
+            offset,
+            data: data.to_vec(),
+        },
+        OP_WRITE => {
+            return Err(bad(format!(
+                "a write of {length} bytes carries {} bytes",
+                data.len()
+            )))
+        }
+        OP_WRITE_ZEROES | OP_WRITE_ZEROES_UNMAP => ForwardOp::WriteZeroes {
+            offset,
+            length,
+            unmap: code == OP_WRITE_ZEROES_UNMAP,
+        },
+        OP_DISCARD => ForwardOp::Discard { offset, length },
+        OP_FLUSH => ForwardOp::Flush,
+        other => return Err(bad(format!("unknown operation {other}"))),
+    };
+    Ok(Message::Forward { id, op })
+}
+
+fn encode_forward(out: &mut Vec<u8>, id: u64, op: &ForwardOp) {
+    let (code, offset, length, data) = match op {
+        ForwardOp::Read { offset, length } => (OP_READ, *offset, *length, &[][..]),
+        ForwardOp::Write { offset, data } => (OP_WRITE, *offset, data.len() as u64, &data[..]),
+        ForwardOp::WriteZeroes {
+            offset,
+            length,
+            unmap,
+        } => (
+            if *unmap {
+                OP_WRITE_ZEROES_UNMAP
+            } else {
+                OP_WRITE_ZEROES
+            },
+            *offset,
+            *length,
+            &[][..],
+        ),
+        ForwardOp::Discard { offset, length } => (OP_DISCARD, *offset, *length, &[][..]),
+        ForwardOp::Flush => (OP_FLUSH, 0, 0, &[][..]),
+    };
+    out.extend_from_slice(&id.to_le_bytes());
+    out.push(code);
+    out.extend_from_slice(&offset.to_le_bytes());
+    out.extend_from_slice(&length.to_le_bytes());
+    out.extend_from_slice(data);
+}
+
+/// `id` (u64), then 0 and a read's data, or 1 and why it failed (UTF-8).
+fn decode_forwarded(body: &[u8]) -> Result<Message, FrameError> {
+    let bad = |reason: String| FrameError::Malformed {
+        what: "forwarded",
+        reason,
+    };
+    if body.len() < 9 {
+        return Err(bad(format!("{} bytes, under 9", body.len())));
+    }
+    let (id, rest) = (le_u64(body), &body[9..]);
+    let result = match body[8] {
+        0 if rest.len() as u64 <= MAX_FORWARD => Ok(rest.to_vec()),
+        0 => {
+            return Err(bad(format!(
+                "{} bytes of data, over {MAX_FORWARD}",
+                rest.len()
+            )))
+        }
+        1 => Err(String::from_utf8_lossy(limit(rest, "forwarded")?).into_owned()),
+        other => return Err(bad(format!("status byte {other} is neither 0 nor 1"))),
+    };
+    Ok(Message::Forwarded { id, result })
 }
 
 /// `offset` (u64), `chunk_bytes` (u32), then 32-byte hashes.
@@ -602,6 +779,27 @@ impl Encoder {
                 bytes.extend_from_slice(&timeout_ms.to_le_bytes());
             }
             Message::HandoverVerdict { promoted } => bytes.push(u8::from(*promoted)),
+            Message::Detach(reason) => {
+                bytes.extend_from_slice(&reason.as_bytes()[..reason.len().min(MAX_JSON)])
+            }
+            Message::Detached { epoch, lsn } => {
+                bytes.extend_from_slice(&epoch.to_le_bytes());
+                bytes.extend_from_slice(&lsn.to_le_bytes());
+            }
+            Message::Forward { id, op } => encode_forward(&mut bytes, *id, op),
+            Message::Forwarded { id, result } => {
+                bytes.extend_from_slice(&id.to_le_bytes());
+                match result {
+                    Ok(data) => {
+                        bytes.push(0);
+                        bytes.extend_from_slice(data);
+                    }
+                    Err(why) => {
+                        bytes.push(1);
+                        bytes.extend_from_slice(&why.as_bytes()[..why.len().min(MAX_JSON)]);
+                    }
+                }
+            }
             Message::ResyncBegin(b) => append_json(&mut bytes, b),
             Message::Chunk { offset, data } => {
                 bytes.extend_from_slice(&offset.to_le_bytes());
@@ -796,6 +994,57 @@ mod tests {
             Message::HandoverCancel,
             Message::HandoverVerdict { promoted: true },
             Message::HandoverVerdict { promoted: false },
+            Message::Detach("EIO writing segment 7".into()),
+            Message::Detached { epoch: 6, lsn: 99 },
+            Message::Forward {
+                id: 1,
+                op: ForwardOp::Write {
+                    offset: 4096,
+                    data: vec![5; 8192],
+                },
+            },
+            Message::Forward {
+                id: 2,
+                op: ForwardOp::Read {
+                    offset: 0,
+                    length: MAX_FORWARD,
+                },
+            },
+            Message::Forward {
+                id: 3,
+                op: ForwardOp::WriteZeroes {
+                    offset: 512,
+                    length: 1024,
+                    unmap: true,
+                },
+            },
+            Message::Forward {
+                id: 4,
+                op: ForwardOp::WriteZeroes {
+                    offset: 512,
+                    length: 1024,
+                    unmap: false,
+                },
+            },
+            Message::Forward {
+                id: 5,
+                op: ForwardOp::Discard {
+                    offset: 1 << 20,
+                    length: 4096,
+                },
+            },
+            Message::Forward {
+                id: 6,
+                op: ForwardOp::Flush,
+            },
+            Message::Forwarded {
+                id: 2,
+                result: Ok(vec![3; 4096]),
+            },
+            Message::Forwarded {
+                id: 1,
+                result: Err("invalid request: offset past the end".into()),
+            },
             Message::Refuse("another volume".into()),
             Message::Records(vec![record(1, vec![7; 4096]), record(2, Vec::new())]),
             Message::Ack { durable_lsn: 42 },
@@ -880,8 +1129,8 @@ mod tests {
             Err(FrameError::TooLong(MAX_BODY + 1))
         );
         let mut kind = good.clone();
-        kind[6] = 20;
-        assert_eq!(decode(&kind).map(|_| ()), Err(FrameError::Type(20)));
+        kind[6] = 24;
+        assert_eq!(decode(&kind).map(|_| ()), Err(FrameError::Type(24)));
         assert!(matches!(
             decode(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
             Err(FrameError::Magic(_))
@@ -929,6 +1178,80 @@ mod tests {
             decode(&zstd),
             Err(FrameError::Malformed {
                 what: "records",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn forwarded_requests_that_lie_about_their_size_are_malformed() {
+        let mut encoder = Encoder::new(false).expect("encoder");
+        let write = |length: u64, data: usize| {
+            let mut bytes = Encoder::new(false)
+                .expect("encoder")
+                .encode(
+                    1,
+                    &Message::Forward {
+                        id: 9,
+                        op: ForwardOp::Write {
+                            offset: 0,
+                            data: vec![1; data],
+                        },
+                    },
+                )
+                .bytes;
+            bytes[HEADER_SIZE + 17..HEADER_SIZE + 25].copy_from_slice(&length.to_le_bytes());
+            reseal(&mut bytes);
+            decode(&bytes)
+        };
+        let malformed = |r: Result<(Frame, usize), FrameError>| {
+            matches!(
+                r,
+                Err(FrameError::Malformed {
+                    what: "forward",
+                    ..
+                })
+            )
+        };
+        assert!(write(512, 512).is_ok());
+        assert!(malformed(write(1024, 512)), "less data than its length");
+        assert!(malformed(write(MAX_FORWARD + 512, 512)), "over the limit");
+        let mut read = encoder
+            .encode(
+                1,
+                &Message::Forward {
+                    id: 1,
+                    op: ForwardOp::Read {
+                        offset: 0,
+                        length: 512,
+                    },
+                },
+            )
+            .bytes;
+        read.extend_from_slice(&[0; 512]);
+        read[16..20].copy_from_slice(&(25u32 + 512).to_le_bytes());
+        reseal(&mut read);
+        assert!(malformed(decode(&read)), "a read that carries data");
+        let mut unknown = read[..HEADER_SIZE + 25].to_vec();
+        unknown[16..20].copy_from_slice(&25u32.to_le_bytes());
+        unknown[HEADER_SIZE + 8] = 77;
+        reseal(&mut unknown);
+        assert!(malformed(decode(&unknown)), "an unknown operation");
+        let mut status = encoder
+            .encode(
+                1,
+                &Message::Forwarded {
+                    id: 1,
+                    result: Ok(Vec::new()),
+                },
+            )
+            .bytes;
+        status[HEADER_SIZE + 8] = 2;
+        reseal(&mut status);
+        assert!(matches!(
+            decode(&status),
+            Err(FrameError::Malformed {
+                what: "forwarded",
                 ..
             })
         ));

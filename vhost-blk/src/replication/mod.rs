@@ -15,6 +15,7 @@
 //! counters for `status`, and in sync mode the wait that makes a guest
 //! flush complete only once the replica holds what it covers.
 
+pub mod forward;
 pub mod frame;
 pub mod history;
 pub mod receiver;
@@ -30,6 +31,8 @@ use rewind_journal::{EpochStart, Role, Seal, Volume};
 use serde::Serialize;
 use tokio::task::AbortHandle;
 
+use self::forward::{DetachedStatus, ForwardError, Forwarding, ServingStatus};
+use self::frame::ForwardOp;
 use self::tls::TlsSettings;
 
 /// Idle links send a heartbeat this often; a peer silent for
@@ -97,6 +100,11 @@ pub trait RoleChanges: Send + Sync + std::fmt::Debug {
     fn take_over(&self, seal: Seal, timeout: Duration) -> bool;
     /// The primary called its handover off.
     fn cancel_take_over(&self);
+    /// The primary's storage failed (it says why): become the primary of
+    /// the next epoch, with the gate kept closed to clients of this node
+    /// (the guest stays on the detached primary, which forwards its
+    /// requests). Returns the new epoch and the last lsn of the old one.
+    fn take_over_detached(&self, reason: &str) -> Result<(u64, u64), String>;
 }
 
 /// A handover this node offers its peer, from its seal to the verdict.
@@ -179,6 +187,11 @@ pub struct ReplicationStatus {
     /// be behind what the primary acknowledged to its guest.
     pub outdated: Option<String>,
     pub last_error: Option<String>,
+    /// This primary's storage failed and it forwards its guest's requests
+    /// to the peer (`--on-storage-error detach`).
+    pub detached: Option<DetachedStatus>,
+    /// This node serves the requests of a detached primary.
+    pub serving_detached: Option<ServingStatus>,
 }
 
 /// A resync that was sent.
@@ -252,6 +265,7 @@ pub struct Link {
     /// Wakes the receiver's writer to ask the primary for a seal.
     seal_request: tokio::sync::Notify,
     roles: OnceLock<Weak<dyn RoleChanges>>,
+    forwarding: Forwarding,
 }
 
 fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -292,7 +306,48 @@ impl Link {
             receiving: Mutex::new(None),
             seal_request: tokio::sync::Notify::new(),
             roles: OnceLock::new(),
+            forwarding: Forwarding::default(),
         }
+    }
+
+    /// This primary's storage failed: asks the peer to take over as the
+    /// primary of the next epoch and to serve the requests this node
+    /// forwards. Returns the peer's new epoch and the last lsn of the old
+    /// epoch it holds, once it answered (before `deadline`).
+    pub fn detach(&self, reason: &str, deadline: Instant) -> Result<(u64, u64), String> {
+        if !matches!(
+            lock(&self.shared).state,
+            LinkState::Streaming | LinkState::Syncing
+        ) {
+            return Err(format!(
+                "the replica is not connected (replication {})",
+                self.status_state_name()
+            ));
+        }
+        self.forwarding.request_detach(reason);
+        self.wake.notify_one();
+        self.forwarding.wait_detached(deadline)
+    }
+
+    fn status_state_name(&self) -> &'static str {
+        lock(&self.shared).state.name()
+    }
+
+    /// Whether this primary detached from its storage.
+    pub fn detached(&self) -> bool {
+        self.forwarding.detached()
+    }
+
+    /// Queues `op` for the peer (this primary detached); returns its id.
+    pub fn queue_forward(&self, op: ForwardOp) -> u64 {
+        let id = self.forwarding.queue(op);
+        self.wake.notify_one();
+        id
+    }
+
+    /// Waits until `deadline` for the answer to forwarded request `id`.
+    pub fn wait_forward(&self, id: u64, deadline: Instant) -> Result<Vec<u8>, ForwardError> {
+        self.forwarding.wait(id, deadline)
     }
 
     /// Who the network tasks ask to change roles.
@@ -752,6 +807,8 @@ impl Link {
             out_of_sync_bytes: volume.out_of_sync().map_or(0, |map| map.marked_bytes()),
             outdated: shared.outdated.clone(),
             last_error: shared.last_error.clone(),
+            detached: self.forwarding.status(),
+            serving_detached: self.forwarding.serving(),
         }
     }
 }

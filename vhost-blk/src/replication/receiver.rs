@@ -30,7 +30,8 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use super::frame::{
-    read_frame, write_frame, Encoder, Fenced, Hello, Message, ResyncBegin, ResyncPoint, Welcome,
+    read_frame, write_frame, Encoder, Fenced, ForwardOp, Hello, Message, ResyncBegin, ResyncPoint,
+    Welcome,
 };
 use super::history::{relate, Relation};
 use super::tls::TlsContext;
@@ -257,6 +258,15 @@ async fn answer_primary(volume: &Arc<Volume>, link: &Link, hello: &Hello) -> Res
     if hello.volume != volume.config().uuid {
         return Ok(());
     }
+    if link.detached() {
+        // Rejoining would take the guest this node still serves (through
+        // the peer) from under it.
+        return Err(Refusal::Refuse(
+            "this primary detached from its failed storage and forwards its guest's requests; \
+             it rejoins once the guest has moved (handover) or stopped"
+                .into(),
+        ));
+    }
     let mine = volume.epoch_history();
     link.set_peer_history(hello.epoch_history.clone());
     let relation = relate(&mine, &hello.epoch_history);
@@ -400,6 +410,16 @@ enum Reply {
     SealRequest,
     /// Whether this node took over in the handover its primary offered.
     Verdict(bool),
+    /// Took over for a detached primary.
+    Detached {
+        epoch: u64,
+        lsn: u64,
+    },
+    /// A forwarded request's outcome.
+    Forwarded {
+        id: u64,
+        result: Result<Vec<u8>, String>,
+    },
 }
 
 /// What the applier does, in the order the frames came.
@@ -429,6 +449,13 @@ enum Op {
     },
     /// The primary called the handover off.
     HandoverCancel,
+    /// The primary's storage failed: take over, and serve its requests.
+    Detach(String),
+    /// A detached primary's request.
+    Forward {
+        id: u64,
+        op: ForwardOp,
+    },
 }
 
 async fn read_frames<R: AsyncRead + Unpin>(
@@ -438,6 +465,9 @@ async fn read_frames<R: AsyncRead + Unpin>(
     replies: mpsc::Sender<Reply>,
 ) -> String {
     let mut beats = (Instant::now(), 0u32);
+    // Set once the primary detached: the epoch it detached at, whose
+    // frames this session still takes after this node took over.
+    let mut detached_at = None;
     loop {
         let frame = match tokio::time::timeout(SILENCE_LIMIT, read_frame(reader)).await {
             Ok(Ok(frame)) => frame,
@@ -447,13 +477,13 @@ async fn read_frames<R: AsyncRead + Unpin>(
             }
             Err(_) => return format!("the primary was silent for {SILENCE_LIMIT:?}"),
         };
-        if volume.role() == Role::Primary {
+        if volume.role() == Role::Primary && detached_at.is_none() {
             let reason = "this node was promoted: it takes no more records".to_string();
             let _ = replies.send(Reply::Refuse(reason.clone())).await;
             return reason;
         }
         let epoch = volume.epoch();
-        if frame.epoch < epoch {
+        if frame.epoch < epoch && detached_at != Some(frame.epoch) {
             let reason = format!(
                 "a frame of epoch {} arrived; this replica is at epoch {epoch} (the sender was fenced)",
                 frame.epoch
@@ -469,6 +499,11 @@ async fn read_frames<R: AsyncRead + Unpin>(
                 timeout: Duration::from_millis(timeout_ms).min(HANDOVER_LIMIT),
             },
             Message::HandoverCancel => Op::HandoverCancel,
+            Message::Detach(reason) if detached_at.is_none() => {
+                detached_at = Some(frame.epoch);
+                Op::Detach(reason)
+            }
+            Message::Forward { id, op } if detached_at.is_some() => Op::Forward { id, op },
             Message::ResyncBegin(begin) => Op::Begin(begin),
             Message::Chunk { offset, data } => Op::Chunk { offset, data },
             Message::Zero { offset, length } => Op::Zero { offset, length },
@@ -645,6 +680,40 @@ async fn apply_ops(
                 }
                 Ok(None)
             }
+            Op::Detach(reason) => {
+                let Some(roles) = link.roles() else {
+                    let why = "the primary detached; this daemon cannot take over".to_string();
+                    let _ = replies.send(Reply::Refuse(why.clone())).await;
+                    return why;
+                };
+                tracing::error!(
+                    "the primary's storage failed ({reason}): taking over to serve its guest"
+                );
+                let taking = {
+                    let reason = reason.clone();
+                    move || roles.take_over_detached(&reason)
+                };
+                match tokio::task::spawn_blocking(taking).await {
+                    Ok(Ok((epoch, lsn))) => {
+                        let peer = lock_peer(link);
+                        link.forwarding.serve(peer, reason);
+                        if replies.send(Reply::Detached { epoch, lsn }).await.is_err() {
+                            return "the writer stopped".into();
+                        }
+                        Ok(None)
+                    }
+                    Ok(Err(e)) => Err(format!("cannot take over for the detached primary: {e}")),
+                    Err(e) => Err(format!("cannot take over for the detached primary: {e}")),
+                }
+            }
+            Op::Forward { id, op } => {
+                let result = blocking(volume, move |v| serve_forwarded(v, op)).await;
+                link.forwarding.served();
+                if replies.send(Reply::Forwarded { id, result }).await.is_err() {
+                    return "the writer stopped".into();
+                }
+                Ok(None)
+            }
             Op::End => match resync.take() {
                 Some(r) if r.progress.done_bytes == r.progress.total_bytes => {
                     let sync_lsn = r.progress.sync_lsn;
@@ -674,6 +743,35 @@ async fn apply_ops(
             }
         }
     }
+}
+
+/// Runs a detached primary's request against this node's volume.
+fn serve_forwarded(volume: &Volume, op: ForwardOp) -> rewind_journal::Result<Vec<u8>> {
+    match op {
+        ForwardOp::Read { offset, length } => {
+            let mut data = vec![0u8; length as usize];
+            volume.read(offset, &mut data).map(|()| data)
+        }
+        ForwardOp::Write { offset, data } => volume.write(offset, &data).map(|_| Vec::new()),
+        ForwardOp::WriteZeroes {
+            offset,
+            length,
+            unmap,
+        } => volume
+            .write_zeroes(offset, length, unmap)
+            .map(|_| Vec::new()),
+        ForwardOp::Discard { offset, length } => volume.discard(offset, length).map(|_| Vec::new()),
+        ForwardOp::Flush => volume.flush().map(|()| Vec::new()),
+    }
+}
+
+fn lock_peer(link: &Link) -> String {
+    link.shared
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .peer
+        .clone()
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Records the primary's seal, after every record before it was applied.
@@ -896,6 +994,8 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         let (message, refused) = match reply {
             Reply::SealRequest => (Message::SealRequest, None),
             Reply::Verdict(promoted) => (Message::HandoverVerdict { promoted }, None),
+            Reply::Detached { epoch, lsn } => (Message::Detached { epoch, lsn }, None),
+            Reply::Forwarded { id, result } => (Message::Forwarded { id, result }, None),
             Reply::Ack(durable_lsn) => (Message::Ack { durable_lsn }, None),
             Reply::Refuse(reason) => (Message::Refuse(reason.clone()), Some(reason)),
             Reply::ResyncNeeded(reason) => (Message::ResyncNeeded(reason.clone()), Some(reason)),

@@ -93,6 +93,22 @@ pub async fn run(volume: Arc<Volume>, link: Arc<Link>, config: SenderConfig, tls
         } else {
             tracing::warn!(peer = %config.peer, "replication link down: {}", err.message);
         }
+        link.forwarding.session_lost(&err.message);
+        if link.detached() {
+            // The peer took over (or was asked to) for this detached
+            // primary: a new session would be fenced and make this node
+            // rejoin under its guest. Forwarded requests wait out the hold.
+            tracing::error!(
+                peer = %config.peer,
+                "the link to the peer that serves this detached primary is lost ({}): guest \
+                 requests are held, then fail",
+                err.message
+            );
+            link.forwarding
+                .answered_detach(Err(format!("the link was lost: {}", err.message)));
+            link.failed(err.state, err.message);
+            return;
+        }
         link.failed(err.state, err.message);
         link.set_resync(None);
         if !ships(&volume, &link) {
@@ -528,6 +544,9 @@ async fn ship<W: AsyncWrite + Unpin>(
     let mut last_send = Instant::now();
     let mut handover = HandoverSent::default();
     loop {
+        if let Some(reason) = link.forwarding.detach_to_send() {
+            return forward(link, writer, encoder, volume.epoch(), reason).await;
+        }
         let offer = link.handover_offer();
         if volume.role() != Role::Primary {
             // Sealed: once the replica has every record up to the seal,
@@ -605,6 +624,38 @@ async fn ship<W: AsyncWrite + Unpin>(
         last_send = Instant::now();
         next += count;
         link.sent(next - 1, encoded.bytes.len(), encoded.raw_len);
+    }
+}
+
+/// This primary detached from its failed storage: asks the peer to take
+/// over, then sends the guest's requests as they are queued, for as long
+/// as the session holds. Records are not shipped any more: the peer holds
+/// what this node's journal still had once the detach catches it up.
+async fn forward<W: AsyncWrite + Unpin>(
+    link: &Link,
+    writer: &mut W,
+    encoder: &mut Encoder,
+    epoch: u64,
+    reason: String,
+) -> SessionError {
+    tracing::warn!("detaching: asking the replica to take over and serve this guest ({reason})");
+    if let Err(e) = write_frame(writer, &encoder.encode(epoch, &Message::Detach(reason))).await {
+        return down(format!("sending detach: {e}"));
+    }
+    let mut last_send = Instant::now();
+    loop {
+        for (id, op) in link.forwarding.take_unsent() {
+            let frame = encoder.encode(epoch, &Message::Forward { id, op });
+            if let Err(e) = write_frame(writer, &frame).await {
+                return down(format!("forwarding request {id}: {e}"));
+            }
+            link.sent(link.acked_lsn(), frame.bytes.len(), frame.raw_len);
+            last_send = Instant::now();
+        }
+        let _ = tokio::time::timeout(HEARTBEAT, link.wake.notified()).await;
+        if let Err(e) = heartbeat_if_due(writer, encoder, epoch, &mut last_send).await {
+            return e;
+        }
     }
 }
 
@@ -789,6 +840,25 @@ async fn take_acks<R: AsyncRead + Unpin>(
                 ..
             } => link.handover_verdict(promoted),
             Frame {
+                message: Message::Detached { epoch, lsn },
+                ..
+            } => {
+                tracing::warn!(
+                    epoch,
+                    lsn,
+                    "detached: the peer is the primary now and serves this guest's requests"
+                );
+                link.forwarding.answered_detach(Ok((epoch, lsn)));
+            }
+            Frame {
+                message: Message::Forwarded { id, result },
+                ..
+            } => {
+                if let Err(e) = link.forwarding.answered(id, result) {
+                    return down(e);
+                }
+            }
+            Frame {
                 message: Message::SealRequest,
                 ..
             } => {
@@ -817,10 +887,13 @@ async fn take_acks<R: AsyncRead + Unpin>(
                 message: Message::Refuse(reason),
                 ..
             } => {
+                if link.detached() {
+                    link.forwarding.answered_detach(Err(reason.clone()));
+                }
                 return SessionError {
                     state: LinkState::Outdated,
                     message: format!("the replica refused: {reason}"),
-                }
+                };
             }
             Frame { message, .. } => {
                 return down(format!(

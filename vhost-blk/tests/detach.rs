@@ -1,0 +1,194 @@
+//! `--on-storage-error detach` through the real daemons: a primary whose
+//! journal sits on a small tmpfs that fills up (ENOSPC preparing a
+//! segment) forwards its client's requests to its replica, which takes
+//! over as primary. The client sees no error and reads what it wrote; the
+//! replica then holds the disk exactly as the client last saw it. With the
+//! replica lost too, requests fail after the hold (never silently).
+//!
+//! Mounting a tmpfs needs root, as the network-namespace tests do.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::client::{pattern, Client};
+use common::replication::*;
+use common::TestVolume;
+use serde_json::{json, Value};
+
+/// The primary's journal directory moved onto a tmpfs of `size` bytes;
+/// unmounted when dropped.
+struct TmpfsJournal {
+    mount: PathBuf,
+}
+
+impl TmpfsJournal {
+    fn over(volume: &TestVolume, size: u64) -> TmpfsJournal {
+        let mount = volume.path.join("journal");
+        let saved = volume.dir.path().join("journal.saved");
+        run(Command::new("cp").arg("-a").arg(&mount).arg(&saved));
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={size}"))
+            .arg("tmpfs")
+            .arg(&mount));
+        let guard = TmpfsJournal { mount };
+        run(Command::new("cp")
+            .arg("-a")
+            .arg(saved.join("."))
+            .arg(&guard.mount));
+        guard
+    }
+
+    /// Takes every free byte of the filesystem.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(self.mount.join("filler.tmp")).expect("filler");
+        let chunk = vec![0xffu8; 1 << 20];
+        while filler.write_all(&chunk).is_ok() {}
+        let _ = filler.sync_all();
+    }
+}
+
+impl Drop for TmpfsJournal {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+    }
+}
+
+fn run(command: &mut Command) {
+    let out = command.output().expect("run");
+    assert!(
+        out.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Writes `count` blocks of `len` bytes from `offset` on, each a
+/// different pattern, into the client and the model; every write must
+/// succeed.
+fn write_blocks(client: &mut Client, model: &mut [u8], offset: u64, count: u64, len: usize) {
+    for i in 0..count {
+        let at = offset + i * len as u64;
+        let data = pattern((at / len as u64) as u8 ^ 0x5a, len);
+        assert_eq!(client.write(0, at, &data), 0, "write at {at}");
+        model[at as usize..at as usize + len].copy_from_slice(&data);
+    }
+}
+
+fn read_all(client: &mut Client, size: usize) -> Vec<u8> {
+    let mut disk = Vec::with_capacity(size);
+    for at in (0..size).step_by(1 << 20) {
+        disk.extend(client.read(0, at as u64, 1 << 20));
+    }
+    disk
+}
+
+fn materialize_latest(node: &Node) -> Vec<u8> {
+    let last = node.ctl("status", Value::Null)["last_lsn"]
+        .as_u64()
+        .expect("last_lsn");
+    node.materialize(last)
+}
+
+#[test]
+fn a_primary_whose_journal_filesystem_fills_up_forwards_to_its_replica() {
+    let volume = TestVolume::create(SIZE);
+    let tmpfs = TmpfsJournal::over(&volume, 256 << 20);
+    let pair = Pair::start_with(
+        volume,
+        &["--on-storage-error", "detach", "--io-error-hold", "2s"],
+    );
+    let size = 64usize << 20;
+    let mut model = vec![0u8; size];
+    let mut client = Client::connect(&pair.primary.vol.socket, 1);
+    write_blocks(&mut client, &mut model, 0, 64, 64 << 10);
+    assert_eq!(client.flush(0), 0);
+    pair.caught_up();
+    let epoch = pair.primary.ctl("status", Value::Null)["epoch"]
+        .as_u64()
+        .expect("epoch");
+
+    // The journal's prepared segments last a while; the next one cannot
+    // be made.
+    tmpfs.fill();
+    let started = Instant::now();
+    write_blocks(&mut client, &mut model, 4 << 20, 512, 64 << 10);
+    let status = pair.primary.replication();
+    let detached = &status["detached"];
+    assert!(
+        detached["summary"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("detached: local storage failed (")
+                && s.ends_with("evacuate with handover")),
+        "{status}"
+    );
+    assert!(
+        detached["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("No space left on device")),
+        "{status}"
+    );
+    assert_eq!(detached["peer_epoch"], json!(epoch + 1), "{status}");
+    assert!(
+        detached["forwarded_requests"].as_u64() > Some(0),
+        "{status}"
+    );
+    eprintln!(
+        "32 MiB written across the detach in {:?}",
+        started.elapsed()
+    );
+
+    // Reads come from the replica now, and see every write.
+    assert!(
+        read_all(&mut client, size) == model,
+        "reads after the detach"
+    );
+    // Zeroes and flushes go through too.
+    assert_eq!(client.flush(0), 0);
+
+    let replica = pair.replica.ctl("status", Value::Null);
+    assert_eq!(replica["epoch"], json!(epoch + 1), "{replica}");
+    assert_eq!(replica["role"], "primary", "{replica}");
+    let serving = &pair.replica.replication()["serving_detached"];
+    assert!(serving["requests"].as_u64() > Some(0), "{serving}");
+    assert!(
+        materialize_latest(&pair.replica) == model,
+        "the replica holds the disk as the client last saw it"
+    );
+
+    // The replica lost too: a request is held, then fails; never a
+    // silent success.
+    let mut pair = pair;
+    pair.replica.kill();
+    let data = pattern(7, 4096);
+    let result = client.write_within(0, &data, Duration::from_secs(30));
+    assert!(
+        matches!(result, Some(r) if r != 0),
+        "a write with no storage and no replica must fail, not {result:?}"
+    );
+}
+
+#[test]
+fn detach_needs_a_replica_to_forward_to() {
+    let volume = TestVolume::create(SIZE);
+    let out = Command::new(common::BIN)
+        .args(["serve", "--volume"])
+        .arg(&volume.path)
+        .arg("--socket-path")
+        .arg(&volume.socket)
+        .args(["--on-storage-error", "detach"])
+        .output()
+        .expect("run serve");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "--on-storage-error detach forwards guest IO to a replica: it needs --replicate-to"
+        ),
+        "{stderr}"
+    );
+}
