@@ -65,6 +65,17 @@ if ! command -v promtool >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
 fi
 
+# The application-consistent bookmark test (vhost-blk/tests/guest_quiesce.rs):
+# Debian's QEMU guest agent, whose binary and libraries guest-tests/build.sh
+# packs for the guest (its service on this host is not used), and
+# e2fsprogs for mkfs.ext4 and fsck.ext4 on the host.
+if ! command -v qemu-ga >/dev/null || ! command -v mkfs.ext4 >/dev/null \
+   || ! command -v fsck.ext4 >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    qemu-guest-agent e2fsprogs
+fi
+
 # The test guest: a Debian cloud kernel and a busybox initramfs.
 bash guest-tests/build.sh target/guest
 

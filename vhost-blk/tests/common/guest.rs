@@ -24,19 +24,24 @@ pub fn guest() -> &'static Path {
     GUEST.get_or_init(|| {
         let dir = workspace().join("target/guest");
         if !dir.join("vmlinuz").exists() || !dir.join("initramfs.gz").exists() {
-            let out = Command::new("bash")
-                .arg(workspace().join("guest-tests/build.sh"))
-                .arg(&dir)
-                .output()
-                .expect("run guest-tests/build.sh");
-            assert!(
-                out.status.success(),
-                "building the guest failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            build_guest(&dir);
         }
         dir
     })
+}
+
+/// Runs guest-tests/build.sh into `dir`.
+pub fn build_guest(dir: &Path) {
+    let out = Command::new("bash")
+        .arg(workspace().join("guest-tests/build.sh"))
+        .arg(dir)
+        .output()
+        .expect("run guest-tests/build.sh");
+    assert!(
+        out.status.success(),
+        "building the guest failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// QEMU's arguments from qemu-configs/, with the placeholders filled in.
@@ -113,7 +118,19 @@ impl Guest {
     /// Boots a guest that runs `script` against the disk at `socket`;
     /// `qemu` is the command that runs QEMU (`Command::new(QEMU)`, or
     /// `ip netns exec NS qemu-system-x86_64` to run it on another host).
-    pub fn start(mut qemu: Command, socket: &Path, script: &str, config: GuestConfig) -> Guest {
+    pub fn start(qemu: Command, socket: &Path, script: &str, config: GuestConfig) -> Guest {
+        Self::start_with(qemu, socket, script, config, &[])
+    }
+
+    /// As `start`, with more initramfs archives unpacked after the base
+    /// (e.g. `guest().join("qga.gz")`, the QEMU guest agent).
+    pub fn start_with(
+        mut qemu: Command,
+        socket: &Path,
+        script: &str,
+        config: GuestConfig,
+        archives: &[&Path],
+    ) -> Guest {
         require_qemu();
         let work = tempfile::tempdir().expect("tempdir");
         std::fs::write(work.path().join("test.sh"), script).expect("write test.sh");
@@ -125,6 +142,11 @@ impl Guest {
             .expect("cpio (install cpio)");
         assert!(archive.status.success(), "cpio failed");
         let mut initrd = std::fs::read(guest().join("initramfs.gz")).expect("initramfs");
+        for extra in archives {
+            let bytes = std::fs::read(extra)
+                .unwrap_or_else(|e| panic!("{}: {e} (run guest-tests/build.sh)", extra.display()));
+            initrd.extend_from_slice(&bytes);
+        }
         initrd.extend_from_slice(&archive.stdout);
         let initrd_path = work.path().join("initrd.gz");
         std::fs::write(&initrd_path, initrd).expect("write initrd");
