@@ -12,7 +12,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::agent::{hangs_in_freeze, healthy, refuses_freeze, FakeAgent};
+use common::agent::{hangs_in_freeze, healthy, refuses_freeze, refuses_thaw, FakeAgent};
 use common::{Daemon, REWINDCTL};
 
 fn rewindctl(controls: &[&Path], args: &[&str]) -> Output {
@@ -212,6 +212,32 @@ fn a_refused_freeze_and_a_taken_name_freeze_nothing_for_long() {
         fake.commands_until("never", Duration::from_millis(200))
             .len(),
         before
+    );
+}
+
+#[test]
+fn a_thaw_that_fails_fails_the_command_loudly_with_what_to_run() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let daemon = Daemon::start(dir.path(), "a");
+    let qga = dir.path().join("qga.sock");
+    let _fake = FakeAgent::start(&qga, refuses_thaw, b"");
+    let qga_arg = qga.to_str().expect("utf-8");
+    let out = rewindctl(
+        &[&daemon.control],
+        &["bookmark", "q1", "--quiesce", "--qga", qga_arg, "--json"],
+    );
+    assert!(!out.status.success());
+    // The bookmark was taken: it is shown, and the volume serves.
+    let mark: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(mark["app_consistent"], true, "{mark}");
+    assert_eq!(state(&daemon.control), "serving");
+    let err = stderr(&out);
+    assert!(
+        err.contains("THE GUEST MAY STILL BE FROZEN")
+            && err.contains("Input/output error")
+            && err.contains("guest-fsfreeze-thaw")
+            && err.contains(qga_arg),
+        "{err}"
     );
 }
 

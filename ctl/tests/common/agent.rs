@@ -44,6 +44,17 @@ pub fn refuses_freeze(command: &str) -> Option<String> {
     }
 }
 
+/// An agent that froze the guest and cannot thaw it.
+pub fn refuses_thaw(command: &str) -> Option<String> {
+    match command {
+        "guest-fsfreeze-thaw" => Some(
+            r#"{"error": {"class": "GenericError", "desc": "failed to thaw /mnt: Input/output error"}}"#
+                .into(),
+        ),
+        other => healthy(other),
+    }
+}
+
 /// The fake agent: serves connections one after the other, as a QEMU
 /// socket chardev does.
 pub struct FakeAgent {
