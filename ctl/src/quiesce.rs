@@ -117,10 +117,15 @@ fn freeze(path: &Path, timeout: Duration) -> Result<(Frozen, u64, Duration), Not
         }
         Err(e) => {
             frozen.uncertain = true;
-            let thawed = frozen.thaw().result;
+            let thaw_failed = frozen.thaw().result.err().map(|t| thaw_advice(path, &t));
+            let thawed = if thaw_failed.is_none() {
+                "; thawed the guest"
+            } else {
+                ""
+            };
             Err(NotFrozen {
-                why: format!("{}: {e}; thawed the guest", path.display()),
-                thaw_failed: thawed.err().map(|t| thaw_advice(path, &t)),
+                why: format!("{}: {e}{thawed}", path.display()),
+                thaw_failed,
             })
         }
     }

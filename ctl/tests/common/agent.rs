@@ -33,6 +33,15 @@ pub fn hangs_in_freeze(command: &str) -> Option<String> {
     }
 }
 
+/// An agent stuck from its freeze on (its thaw, queued behind, never
+/// answers either).
+pub fn hangs_from_freeze(command: &str) -> Option<String> {
+    match command {
+        "guest-fsfreeze-freeze" | "guest-fsfreeze-thaw" => None,
+        other => healthy(other),
+    }
+}
+
 /// An agent that cannot freeze (a filesystem that does not support it).
 pub fn refuses_freeze(command: &str) -> Option<String> {
     match command {
