@@ -13,7 +13,7 @@ use serde_json::Value;
 mod common;
 
 use common::agent::{
-    hangs_from_freeze, hangs_in_freeze, healthy, refuses_freeze, refuses_thaw, FakeAgent,
+    hangs_from_freeze, hangs_in_freeze, healthy, refuses_freeze, refuses_thaw, FakeAgent, Script,
 };
 use common::{Daemon, REWINDCTL};
 
@@ -145,48 +145,15 @@ fn without_an_answering_agent_it_fails_or_falls_back_if_asked() {
     drop(listener);
 }
 
-#[test]
-fn a_freeze_that_hangs_fails_within_the_timeout_and_thaws() {
+/// `bookmark q1 --quiesce --timeout 500ms` with an agent that hangs as
+/// `script` says: fails within two timeouts (the freeze's, the thaw's)
+/// and some slack for a loaded machine, after sending the thaw, with
+/// nothing bookmarked and the volume serving. Returns its stderr.
+fn hung_bookmark(script: Script) -> String {
     let dir = tempfile::tempdir().expect("tmp");
     let daemon = Daemon::start(dir.path(), "a");
     let qga = dir.path().join("qga.sock");
-    let mut fake = FakeAgent::start(&qga, hangs_in_freeze, b"");
-    let qga_arg = qga.to_str().expect("utf-8");
-    let started = Instant::now();
-    let out = rewindctl(
-        &[&daemon.control],
-        &[
-            "bookmark",
-            "q1",
-            "--quiesce",
-            "--qga",
-            qga_arg,
-            "--timeout",
-            "1s",
-        ],
-    );
-    let took = started.elapsed();
-    assert!(!out.status.success());
-    // The freeze's 1 s, then the thaw's answer (and a loaded machine's
-    // slack).
-    assert!(took < Duration::from_millis(2500), "{took:?}");
-    let err = stderr(&out);
-    assert!(
-        err.contains("did not answer guest-fsfreeze-freeze") && err.contains("thawed the guest"),
-        "{err}"
-    );
-    let seen = fake.commands_until("guest-fsfreeze-thaw", Duration::from_secs(5));
-    assert_eq!(seen.last().map(String::as_str), Some("guest-fsfreeze-thaw"));
-    assert!(bookmarks(&daemon.control).is_empty());
-    assert_eq!(state(&daemon.control), "serving");
-}
-
-#[test]
-fn an_agent_stuck_in_its_freeze_fails_the_command_loudly_within_two_timeouts() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let daemon = Daemon::start(dir.path(), "a");
-    let qga = dir.path().join("qga.sock");
-    let mut fake = FakeAgent::start(&qga, hangs_from_freeze, b"");
+    let mut fake = FakeAgent::start(&qga, script, b"");
     let qga_arg = qga.to_str().expect("utf-8");
     let started = Instant::now();
     let args = [
@@ -201,19 +168,32 @@ fn an_agent_stuck_in_its_freeze_fails_the_command_loudly_within_two_timeouts() {
     let out = rewindctl(&[&daemon.control], &args);
     let took = started.elapsed();
     assert!(!out.status.success());
-    // Two timeouts (the freeze's, the thaw's) and some slack.
     assert!(took < Duration::from_millis(2500), "{took:?}");
-    let err = stderr(&out);
-    assert!(
-        err.contains("did not answer guest-fsfreeze-freeze")
-            && err.contains("THE GUEST MAY STILL BE FROZEN")
-            && !err.contains("thawed the guest"),
-        "{err}"
-    );
     let seen = fake.commands_until("guest-fsfreeze-thaw", Duration::from_secs(5));
     assert_eq!(seen.last().map(String::as_str), Some("guest-fsfreeze-thaw"));
     assert!(bookmarks(&daemon.control).is_empty());
     assert_eq!(state(&daemon.control), "serving");
+    let err = stderr(&out);
+    assert!(
+        err.contains("did not answer guest-fsfreeze-freeze"),
+        "{err}"
+    );
+    err
+}
+
+#[test]
+fn a_freeze_that_hangs_fails_within_the_timeout_and_thaws() {
+    let err = hung_bookmark(hangs_in_freeze);
+    assert!(err.contains("thawed the guest"), "{err}");
+}
+
+#[test]
+fn an_agent_stuck_in_its_freeze_fails_the_command_loudly_within_two_timeouts() {
+    let err = hung_bookmark(hangs_from_freeze);
+    assert!(
+        err.contains("THE GUEST MAY STILL BE FROZEN") && !err.contains("thawed the guest"),
+        "{err}"
+    );
 }
 
 #[test]
