@@ -289,6 +289,29 @@ impl Roles {
         )
     }
 
+    /// A handover from the detached primary this node serves: its guest
+    /// runs here now. No more forwarded requests are taken; the gate
+    /// opens, and the sender starts (the old primary rejoins once its
+    /// storage is repaired).
+    fn adopt_detached_guest(&self, link: &Link) -> Promoted {
+        link.stop_serving_detached();
+        self.open_gate();
+        self.start_sender();
+        let v = &self.volume;
+        let first_lsn = v.epoch_history().last().map_or(1, |start| start.first_lsn);
+        Promoted {
+            role: Role::Primary,
+            epoch: v.epoch(),
+            first_lsn,
+            forced: false,
+            sealed_lsn: None,
+            rpo_seconds: 0.0,
+            held_through_time: self.time_of(first_lsn.saturating_sub(1)),
+            took_ms: 0,
+            already: true,
+        }
+    }
+
     /// Makes this replica the primary. Without `force` it must hold its
     /// old primary's seal.
     pub fn promote(&self, force: bool, drained: bool) -> Result<Promoted, String> {

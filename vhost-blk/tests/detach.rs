@@ -9,63 +9,14 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::client::{pattern, Client};
 use common::replication::*;
+use common::tmpfs::TmpfsJournal;
 use common::TestVolume;
 use serde_json::{json, Value};
-
-/// The primary's journal directory moved onto a tmpfs of `size` bytes;
-/// unmounted when dropped.
-struct TmpfsJournal {
-    mount: PathBuf,
-}
-
-impl TmpfsJournal {
-    fn over(volume: &TestVolume, size: u64) -> TmpfsJournal {
-        let mount = volume.path.join("journal");
-        let saved = volume.dir.path().join("journal.saved");
-        run(Command::new("cp").arg("-a").arg(&mount).arg(&saved));
-        run(Command::new("mount")
-            .args(["-t", "tmpfs", "-o"])
-            .arg(format!("size={size}"))
-            .arg("tmpfs")
-            .arg(&mount));
-        let guard = TmpfsJournal { mount };
-        run(Command::new("cp")
-            .arg("-a")
-            .arg(saved.join("."))
-            .arg(&guard.mount));
-        guard
-    }
-
-    /// Takes every free byte of the filesystem.
-    fn fill(&self) {
-        use std::io::Write;
-        let mut filler = std::fs::File::create(self.mount.join("filler.tmp")).expect("filler");
-        let chunk = vec![0xffu8; 1 << 20];
-        while filler.write_all(&chunk).is_ok() {}
-        let _ = filler.sync_all();
-    }
-}
-
-impl Drop for TmpfsJournal {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
-    }
-}
-
-fn run(command: &mut Command) {
-    let out = command.output().expect("run");
-    assert!(
-        out.status.success(),
-        "{command:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Writes `count` blocks of `len` bytes from `offset` on, each a
 /// different pattern, into the client and the model; every write must

@@ -15,13 +15,15 @@ use std::time::{Duration, Instant};
 
 use common::guest::{assert_passed, field, Guest};
 use common::qmp::Qmp;
+use common::tmpfs::TmpfsJournal;
 use common::twins::{number, streaming, Daemon, Twins};
 use common::wait_until;
 use serde_json::{json, Value};
 
 /// The guest: two writers (one per vCPU, so both queues carry IO) until
 /// the test types `stop`; then each block's last content is checked, and
-/// the longest gap between two completed writes is reported.
+/// the longest gap between two completed writes is reported. `burst`
+/// writes 16 MiB at 32 MiB (checked at the end too).
 const WRITER: &str = r#"
 stty -echo 2>/dev/null || true
 writer() {
@@ -45,6 +47,12 @@ echo "WRITING: yes"
 while read -r cmd; do
   case "$cmd" in
     progress) echo "WRITES: $(cat /tmp/log0 /tmp/log1 | wc -l)" ;;
+    burst)
+      dd if=/dev/urandom of=/tmp/burst bs=1M count=16 2>/dev/null
+      dd if=/tmp/burst of=/dev/vda bs=1M seek=32 oflag=direct conv=fsync 2>/dev/null || echo "BAD: the burst failed"
+      md5sum < /tmp/burst | cut -d' ' -f1 > /tmp/burstsum
+      rm /tmp/burst
+      echo "BURST: done" ;;
     stop) break ;;
   esac
 done
@@ -57,6 +65,10 @@ while read -r b sum; do
   [ "$got" = "$sum" ] || echo "BAD: block $b holds $got, the guest wrote $sum last"
   n=$((n + 1))
 done < /tmp/last
+if [ -e /tmp/burstsum ]; then
+  got=$(dd if=/dev/vda bs=1M skip=32 count=16 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+  [ "$got" = "$(cat /tmp/burstsum)" ] || echo "BAD: the burst's 16 MiB read back other data"
+fi
 echo "BLOCKS: $n"
 echo "TOTAL-WRITES: $(cat /tmp/log0 /tmp/log1 | wc -l)"
 for w in 0 1; do awk 'NR > 1 { g = $1 - p; if (g > m) m = g } { p = $1 } END { printf "%d\n", m * 1000 }' /tmp/t$w; done | sort -n | tail -n 1 | sed 's/^/MAX-GAP-MS: /'
@@ -381,5 +393,83 @@ fn a_primary_killed_while_armed_forgets_the_handover_and_serves_on_until_armed_a
     eprintln!(
         "guest after its primary died while armed: {} writes, longest pause {gap} ms",
         field(&console, "TOTAL-WRITES")
+    );
+}
+
+#[test]
+fn a_primary_whose_storage_fails_detaches_and_its_guest_moves_with_a_handover() {
+    // A's journal: 16 segments of 4 MiB, on a tmpfs the test fills.
+    let mut tmpfs = None;
+    let twins = Twins::start_custom(
+        &["--journal-max", "64M"],
+        &["--on-storage-error", "detach", "--io-error-hold", "2s"],
+        2,
+        |vol| tmpfs = Some(TmpfsJournal::over(vol, 256 << 20)),
+    );
+    // Unmounted after the daemons stopped.
+    let tmpfs = tmpfs.as_ref().expect("the journal's tmpfs");
+    let (src_qmp, dst_qmp, migration, _) = paths(&twins);
+    let mut source = start_qemu(&twins, true, &src_qmp, None);
+    source.wait_for("WRITING: yes");
+    wait_writes(&mut source, 20);
+    streaming(&twins.a, &twins.b);
+    let epoch = number(&twins.a.status(), "epoch");
+
+    // No room for a new segment: the burst's writes meet ENOSPC once the
+    // prepared ones are used, and A detaches under them.
+    tmpfs.fill();
+    source.send("burst\n");
+    source.wait_for("BURST: done");
+    let detached = twins.a.replication()["detached"].clone();
+    assert!(
+        detached["summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("No space left on device")),
+        "{detached}"
+    );
+    assert_eq!(detached["peer_epoch"], json!(epoch + 1), "{detached}");
+    wait_writes(&mut source, 20);
+    assert_eq!(twins.b.status()["role"], "primary");
+    assert!(
+        twins.b.status()["attached"].is_null(),
+        "B serves no client yet"
+    );
+
+    // Evacuate: a migration with a handover moves the guest to B.
+    let mut destination = start_qemu(&twins, false, &dst_qmp, Some(&migration));
+    attached(&twins.b);
+    let armed = twins.a.ctl("handover", json!({ "timeout_ms": 60_000 }));
+    assert_eq!(armed["state"], "armed", "{armed}");
+    wait_until(
+        "the destination's migration socket",
+        Duration::from_secs(60),
+        || migration.exists(),
+    );
+    let mut qmp = Qmp::connect(&src_qmp);
+    qmp.run(
+        "migrate",
+        json!({ "uri": format!("unix:{}", migration.display()) }),
+    );
+    let done = qmp.wait_migration(&["completed"], Duration::from_secs(180));
+    let source_status = handover_state(&twins.a, "done");
+    let destination_status = handover_state(&twins.b, "done");
+    assert!(source_status["sealed_lsn"].is_null(), "{source_status}");
+    assert!(
+        destination_status["sealed_lsn"].is_null(),
+        "{destination_status}"
+    );
+    let serving = twins.b.replication()["serving_detached"].clone();
+    assert!(serving["ended"].is_string(), "{serving}");
+    assert!(number(&serving, "requests") > 0, "{serving}");
+    drop(source);
+    wait_writes(&mut destination, 20);
+    let (console, gap) = stop_and_check(destination);
+    eprintln!(
+        "detach and handover: guest {} writes over {} blocks and a 16 MiB burst, longest pause \
+         {gap} ms; migration downtime {} ms; source {source_status}, destination \
+         {destination_status}",
+        field(&console, "TOTAL-WRITES"),
+        field(&console, "BLOCKS"),
+        done["downtime"]
     );
 }

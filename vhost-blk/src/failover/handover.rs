@@ -12,6 +12,12 @@
 //! verdict. On `promoted` the source is done and cuts its guest off; on
 //! `not promoted` it promotes itself again and its parked guest goes on.
 //!
+//! A primary that detached from its failed storage (detach.rs) hands over
+//! the same way, without a seal: its peer is the primary already and
+//! serves the forwarded requests. The source parks its guest and offers;
+//! the peer, on its client's start, stops taking forwarded requests and
+//! opens its own gate; on a rollback the source forwards again.
+//!
 //! The replica decides alone, once: a start and a cancel that race are
 //! settled under its lock, and the verdict it sent is the truth. If the
 //! verdict is lost with the link, the source asks again on the next
@@ -158,7 +164,8 @@ impl Roles {
             ));
         }
         let lsn = v.durable_lsn();
-        if !link.wait_acked(lsn, timeout) {
+        // A detached primary's peer holds the disk already.
+        if !link.detached() && !link.wait_acked(lsn, timeout) {
             return Err(format!(
                 "the replica did not catch up to lsn {lsn} within {timeout:?} (it holds {}); \
                  try again with a longer --timeout",
@@ -233,16 +240,22 @@ impl Roles {
         let timeout = self
             .handover_status()
             .map_or(Duration::ZERO, |s| Duration::from_millis(s.timeout_ms));
+        let detached = link.detached();
         let sealed = {
             let _one = lock(&self.changing);
             link.prepare_handover();
-            self.seal_locked(timeout.max(super::PEER_SEAL_LIMIT), SealFor::Handover)
+            if detached {
+                self.park_detached(&link, timeout.max(super::PEER_SEAL_LIMIT))
+            } else {
+                self.seal_locked(timeout.max(super::PEER_SEAL_LIMIT), SealFor::Handover)
+                    .map(|d| Seal {
+                        epoch: d.epoch,
+                        lsn: d.sealed_lsn,
+                    })
+            }
         };
         let seal = match sealed {
-            Ok(d) => Seal {
-                epoch: d.epoch,
-                lsn: d.sealed_lsn,
-            },
+            Ok(seal) => seal,
             Err(why) => {
                 link.withdraw_handover();
                 tracing::error!("handover: the seal failed, this node serves on: {why}");
@@ -253,7 +266,7 @@ impl Roles {
         let seal_ms = ms(stopped.elapsed());
         self.set_handover(|h| {
             if let Some(s) = h.status.as_mut() {
-                s.sealed_lsn = Some(seal.lsn);
+                s.sealed_lsn = (!detached).then_some(seal.lsn);
                 s.seal_ms = Some(seal_ms);
                 s.reason = Some("sealed; waiting for the replica's verdict".into());
             }
@@ -268,7 +281,8 @@ impl Roles {
             if let Some(verdict) = link.wait_handover_verdict(deadline) {
                 break verdict;
             }
-            if link.handover_offer().is_none() || self.volume.role() == Role::Primary {
+            if link.handover_offer().is_none() || (!detached && self.volume.role() == Role::Primary)
+            {
                 // The operator promoted this node meanwhile.
                 return self.finish(Phase::RolledBack, Some("promoted by the operator".into()));
             }
@@ -304,6 +318,14 @@ impl Roles {
             true => "called off (the guest started here again, or the operator cancelled)",
             false => "no destination started its device on the replica in time",
         };
+        if detached {
+            // The peer serves on; so does this node's guest, through it.
+            if let Err(e) = self.live.gate.resume() {
+                tracing::error!("handover rolled back ({why}), but the gate did not open: {e}");
+            }
+            tracing::warn!("handover rolled back: {why}; forwarding again");
+            return self.finish(Phase::RolledBack, Some(why.into()));
+        }
         match self.promote_locked(false, false) {
             Ok(p) => {
                 tracing::warn!(
@@ -322,6 +344,30 @@ impl Roles {
         }
     }
 
+    /// A detached source's switch: its guest's requests finish (through
+    /// the peer) and no more are taken. There is nothing to seal: the
+    /// offer names the peer's epoch and, in place of an lsn, the time (ns)
+    /// of this attempt, so that an offer after a rollback is a new one.
+    fn park_detached(
+        &self,
+        link: &crate::replication::Link,
+        timeout: Duration,
+    ) -> Result<Seal, String> {
+        if let Err(e) = self.live.gate.drain(timeout, || ()) {
+            return Err(format!("cannot close the gate: {e}"));
+        }
+        let epoch = link
+            .detached_peer_epoch()
+            .ok_or("the peer has not taken over for this detached primary")?;
+        let attempt = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Ok(Seal {
+            epoch,
+            lsn: attempt,
+        })
+    }
+
     fn finish(&self, state: Phase, reason: Option<String>) {
         self.set_handover(|h| {
             if let Some(s) = h.status.as_mut() {
@@ -337,6 +383,11 @@ impl Roles {
     pub(super) fn take_over_for(&self, seal: Seal, timeout: Duration) -> bool {
         let offered = Instant::now();
         let deadline = offered + timeout;
+        // A detached primary's offer carries no lsn (see park_detached).
+        let sealed_lsn = match &self.link {
+            Some(link) if link.serving_detached() => None,
+            _ => Some(seal.lsn),
+        };
         let mut h = lock(&self.handover);
         if h.offer != Some(seal) {
             *h = Handover {
@@ -345,7 +396,7 @@ impl Roles {
                     side: Side::Destination,
                     timeout_ms: timeout.as_millis() as u64,
                     since: now_rfc3339(),
-                    sealed_lsn: Some(seal.lsn),
+                    sealed_lsn,
                     seal_ms: None,
                     switch_ms: None,
                     start_to_serve_ms: None,
@@ -392,7 +443,10 @@ impl Roles {
         }
         let promoted = {
             let _one = lock(&self.changing);
-            self.promote_with(false, false, false)
+            match self.link.as_ref().filter(|link| link.serving_detached()) {
+                Some(link) => Ok(self.adopt_detached_guest(link)),
+                None => self.promote_with(false, false, false),
+            }
         };
         match promoted {
             Ok(p) => {

@@ -50,6 +50,8 @@ pub struct ServingStatus {
     pub reason: String,
     pub since: String,
     pub requests: u64,
+    /// When the guest moved here (a handover): no request is taken since.
+    pub ended: Option<String>,
 }
 
 fn now() -> String {
@@ -237,6 +239,7 @@ impl Forwarding {
             reason,
             since: now(),
             requests: 0,
+            ended: None,
         });
     }
 
@@ -244,6 +247,12 @@ impl Forwarding {
     pub(super) fn served(&self) {
         if let Some(serving) = self.lock().serving.as_mut() {
             serving.requests += 1;
+        }
+    }
+
+    pub(super) fn stop_serving(&self) {
+        if let Some(serving) = self.lock().serving.as_mut() {
+            serving.ended = Some(now());
         }
     }
 

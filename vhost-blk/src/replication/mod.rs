@@ -338,6 +338,22 @@ impl Link {
         self.forwarding.detached()
     }
 
+    /// The epoch the peer took over at for this detached primary.
+    pub fn detached_peer_epoch(&self) -> Option<u64> {
+        self.forwarding.status().and_then(|s| s.peer_epoch)
+    }
+
+    /// Whether this node serves a detached primary's requests.
+    pub fn serving_detached(&self) -> bool {
+        self.forwarding.serving().is_some_and(|s| s.ended.is_none())
+    }
+
+    /// The detached primary's guest moved here: its forwarded requests
+    /// are refused from now on.
+    pub fn stop_serving_detached(&self) {
+        self.forwarding.stop_serving();
+    }
+
     /// Queues `op` for the peer (this primary detached); returns its id.
     pub fn queue_forward(&self, op: ForwardOp) -> u64 {
         let id = self.forwarding.queue(op);

@@ -653,9 +653,15 @@ async fn apply_ops(
                 }
             }
             Op::Sealed(seal) => note_seal(volume, link, seal).await.map(|()| None),
-            Op::HandOver { seal, timeout } => match note_seal(volume, link, seal).await {
-                Ok(()) => match link.roles() {
-                    Some(roles) => {
+            Op::HandOver { seal, timeout } => {
+                // A detached primary seals nothing: this node took over
+                // already.
+                let noted = match link.serving_detached() {
+                    true => Ok(()),
+                    false => note_seal(volume, link, seal).await,
+                };
+                match (noted, link.roles()) {
+                    (Ok(()), Some(roles)) => {
                         tracing::info!(?timeout, "handover: taking over once a client starts here");
                         // Waits aside: a cancel comes through this loop.
                         let replies = replies.clone();
@@ -668,12 +674,12 @@ async fn apply_ops(
                         });
                         Ok(None)
                     }
-                    None => {
+                    (Ok(()), None) => {
                         Err("the primary offered a handover; this daemon cannot take over".into())
                     }
-                },
-                Err(e) => Err(e),
-            },
+                    (Err(e), _) => Err(e),
+                }
+            }
             Op::HandoverCancel => {
                 if let Some(roles) = link.roles() {
                     roles.cancel_take_over();
@@ -706,6 +712,10 @@ async fn apply_ops(
                     Err(e) => Err(format!("cannot take over for the detached primary: {e}")),
                 }
             }
+            Op::Forward { id, .. } if !link.serving_detached() => Err(format!(
+                "forwarded request {id} refused: this node serves no detached primary (its guest \
+                 moved here)"
+            )),
             Op::Forward { id, op } => {
                 let result = blocking(volume, move |v| serve_forwarded(v, op)).await;
                 link.forwarding.served();

@@ -100,8 +100,8 @@ pub async fn run(volume: Arc<Volume>, link: Arc<Link>, config: SenderConfig, tls
             // rejoin under its guest. Forwarded requests wait out the hold.
             tracing::error!(
                 peer = %config.peer,
-                "the link to the peer that serves this detached primary is lost ({}): guest \
-                 requests are held, then fail",
+                "the session with the peer that serves this detached primary ended ({}): \
+                 guest requests wait out the hold, then fail",
                 err.message
             );
             link.forwarding
@@ -643,7 +643,11 @@ async fn forward<W: AsyncWrite + Unpin>(
         return down(format!("sending detach: {e}"));
     }
     let mut last_send = Instant::now();
+    let mut handover = HandoverSent::default();
     loop {
+        if let Some(ended) = handover.step(link, writer, encoder, epoch).await {
+            return ended;
+        }
         for (id, op) in link.forwarding.take_unsent() {
             let frame = encoder.encode(epoch, &Message::Forward { id, op });
             if let Err(e) = write_frame(writer, &frame).await {

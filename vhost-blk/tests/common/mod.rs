@@ -14,6 +14,7 @@ pub mod netns;
 pub mod proxy;
 pub mod qmp;
 pub mod replication;
+pub mod tmpfs;
 pub mod twins;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_rewind-blk");

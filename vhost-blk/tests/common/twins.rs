@@ -155,9 +155,22 @@ impl Twins {
 
     /// Twins whose daemons serve `queues` virtqueues.
     pub fn start_with(extra: &[&str], queues: u32) -> Twins {
+        Twins::start_custom(&[], extra, queues, |_| {})
+    }
+
+    /// The same, A's volume created with `a_create` besides its segment
+    /// size, and `before_a` run on it before A's daemon starts.
+    pub fn start_custom(
+        a_create: &[&str],
+        extra: &[&str],
+        queues: u32,
+        before_a: impl FnOnce(&TestVolume),
+    ) -> Twins {
         let hosts = HostPair::new();
         // Either may ship to the other: the same segment size on both.
-        let a_vol = TestVolume::create_with(SIZE, &["--segment-size", "4M"]);
+        let mut create = vec!["--segment-size", "4M"];
+        create.extend_from_slice(a_create);
+        let a_vol = TestVolume::create_with(SIZE, &create);
         let certs = a_vol.dir.path().join("certs");
         let (a_id, b_id) = (identity(&certs, "a"), identity(&certs, "b"));
         let b_vol = replica_volume(&volume_uuid(&a_vol.path));
@@ -175,6 +188,7 @@ impl Twins {
         let b_args = args(&b_id, &a_id, &hosts.b, &hosts.a);
         let b = Daemon::start("B", &hosts.b, b_vol, b_args, queues);
         let a_args = args(&a_id, &b_id, &hosts.a, &hosts.b);
+        before_a(&a_vol);
         let a = Daemon::start("A", &hosts.a, a_vol, a_args, queues);
         Twins { a, b, hosts }
     }
