@@ -89,8 +89,9 @@ fn a_primary_whose_journal_filesystem_fills_up_forwards_to_its_replica() {
         "{status}"
     );
     eprintln!(
-        "32 MiB written across the detach in {:?}",
-        started.elapsed()
+        "32 MiB written across the detach in {:?}; the primary: {:#}",
+        started.elapsed(),
+        detached
     );
 
     // Reads come from the replica now, and see every write.
@@ -106,6 +107,7 @@ fn a_primary_whose_journal_filesystem_fills_up_forwards_to_its_replica() {
     assert_eq!(replica["role"], "primary", "{replica}");
     let serving = &pair.replica.replication()["serving_detached"];
     assert!(serving["requests"].as_u64() > Some(0), "{serving}");
+    eprintln!("the replica: {serving:#}");
     assert!(
         materialize_latest(&pair.replica) == model,
         "the replica holds the disk as the client last saw it"
