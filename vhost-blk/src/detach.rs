@@ -357,6 +357,30 @@ mod tests {
     }
 
     #[test]
+    fn without_a_connected_replica_the_detach_fails_and_requests_fail_as_under_hold() {
+        let volume = crate::test_support::volume(8 << 20);
+        let link = Arc::new(Link::new(Some(crate::replication::Mode::Async), None));
+        let detacher = Detacher::new(link.clone(), Duration::from_millis(100));
+        match detacher.route() {
+            Ok(Route::Local(counted)) => drop(counted),
+            other => panic!("attached: {other:?}"),
+        }
+        let failure = Error::Failed("fsync of segment 3 failed".into());
+        let why = detacher.detach(&volume, &failure).expect_err("no replica");
+        assert!(why.contains("not connected"), "{why}");
+        assert!(!link.detached(), "nothing was asked of the peer");
+        // Every request from now on fails, saying why.
+        match detacher.route() {
+            Err(why) => assert!(
+                why.contains("fsync of segment 3 failed") && why.contains("detaching failed"),
+                "{why}"
+            ),
+            Ok(route) => panic!("{route:?}"),
+        }
+        assert!(detacher.detach(&volume, &failure).is_err(), "decided once");
+    }
+
+    #[test]
     fn large_requests_split_at_the_frame_limit() {
         let m = MAX_FORWARD;
         let parts = split(ForwardOp::Read {
