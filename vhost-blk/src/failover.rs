@@ -97,7 +97,6 @@ pub struct Roles {
     live: Arc<Export>,
     link: Option<Arc<Link>>,
     sender: Option<SenderStart>,
-    running: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// A restarted primary waits for its peer's confirmation.
     awaiting_peer: AtomicBool,
     /// One role change at a time.
@@ -133,7 +132,6 @@ impl Roles {
             live,
             link,
             sender,
-            running: Mutex::new(None),
             awaiting_peer: AtomicBool::new(false),
             changing: Mutex::new(()),
             handover: Mutex::new(Handover::default()),
@@ -192,8 +190,9 @@ impl Roles {
         let (Some(start), Some(link)) = (&self.sender, &self.link) else {
             return;
         };
-        let mut running = lock(&self.running);
-        if running.as_ref().is_some_and(|task| !task.is_finished()) {
+        // A sender that is still running goes on (it ends only once this
+        // node ships no more, decided under the same lock).
+        if !link.claim_sender() {
             return;
         }
         if self.volume.role() == Role::Primary {
@@ -201,7 +200,7 @@ impl Roles {
             self.volume
                 .hold_for_replica(Some(self.volume.stats().base_lsn));
         }
-        *running = Some(start.runtime.spawn(repl::sender::run(
+        drop(start.runtime.spawn(repl::sender::run(
             self.volume.clone(),
             link.clone(),
             start.config.clone(),

@@ -266,6 +266,8 @@ pub struct Link {
     seal_request: tokio::sync::Notify,
     roles: OnceLock<Weak<dyn RoleChanges>>,
     forwarding: Forwarding,
+    /// A sender task runs (`claim_sender`, `retire_sender`).
+    sender_active: Mutex<bool>,
 }
 
 fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -307,7 +309,26 @@ impl Link {
             seal_request: tokio::sync::Notify::new(),
             roles: OnceLock::new(),
             forwarding: Forwarding::default(),
+            sender_active: Mutex::new(false),
         }
+    }
+
+    /// Whether the caller is to start a sender: none runs (it is marked
+    /// running from now on).
+    pub fn claim_sender(&self) -> bool {
+        let mut active = self.sender_active.lock().unwrap_or_else(|e| e.into_inner());
+        !std::mem::replace(&mut *active, true)
+    }
+
+    /// The running sender ends if `retire` says so (it runs under the lock
+    /// `claim_sender` takes); returns whether it ended.
+    fn retire_sender(&self, retire: impl FnOnce() -> bool) -> bool {
+        let mut active = self.sender_active.lock().unwrap_or_else(|e| e.into_inner());
+        let retired = retire();
+        if retired {
+            *active = false;
+        }
+        retired
     }
 
     /// This primary's storage failed: asks the peer to take over as the

@@ -79,13 +79,32 @@ fn ships(volume: &Volume, link: &Link) -> bool {
 /// Runs sessions while this node ships, until the runtime stops.
 pub async fn run(volume: Arc<Volume>, link: Arc<Link>, config: SenderConfig, tls: TlsContext) {
     let mut backoff = BACKOFF_FIRST;
-    while !link.stopping() && ships(&volume, &link) {
+    loop {
+        if link.stopping() {
+            link.retire_sender(|| true);
+            return;
+        }
+        // Decided under the lock `claim_sender` takes: a promotion that
+        // races with this end finds either this sender going on or none.
+        let retired = link.retire_sender(|| {
+            let retire = !ships(&volume, &link);
+            if retire {
+                // Nothing waits for this node's records any more.
+                volume.hold_for_replica(None);
+            }
+            retire
+        });
+        if retired {
+            tracing::info!(peer = %config.peer, "this node is a replica now: it ships no more");
+            return;
+        }
         link.set_state(LinkState::Connecting);
         let started = Instant::now();
         let err = session(&volume, &link, &config, &tls).await;
         if link.stopping() {
             tracing::info!(peer = %config.peer, "replication link closed: the daemon stops");
             link.failed(LinkState::Disconnected, "closed: the daemon stopped".into());
+            link.retire_sender(|| true);
             return;
         }
         if err.state == LinkState::Outdated {
@@ -107,15 +126,13 @@ pub async fn run(volume: Arc<Volume>, link: Arc<Link>, config: SenderConfig, tls
             link.forwarding
                 .answered_detach(Err(format!("the link was lost: {}", err.message)));
             link.failed(err.state, err.message);
+            link.retire_sender(|| true);
             return;
         }
         link.failed(err.state, err.message);
         link.set_resync(None);
         if !ships(&volume, &link) {
-            tracing::info!(peer = %config.peer, "this node is a replica now: it ships no more");
-            // Nothing waits for this node's records any more.
-            volume.hold_for_replica(None);
-            return;
+            continue;
         }
         if started.elapsed() > BACKOFF_MAX {
             backoff = BACKOFF_FIRST;
