@@ -25,6 +25,7 @@
 mod clock;
 mod completion;
 mod error;
+pub mod events;
 mod extent_map;
 pub mod fault;
 mod format;

@@ -543,6 +543,8 @@ impl Pool {
                 }
                 if let Some(h) = held.filter(|h| h.alarmed) {
                     tracing::warn!(
+                        event = crate::events::JOURNAL_HARD_LIMIT_RELEASED,
+                        volume = %self.volume,
                         "journal at its hard limit: a held write got a segment after {:?}",
                         h.since.elapsed()
                     );
@@ -551,13 +553,19 @@ impl Pool {
             }
             if st.total() < self.max_segments {
                 drop(st);
-                tracing::warn!("segment reserve exhausted; preparing a segment on the write path");
+                tracing::warn!(
+                    event = crate::events::SEGMENT_RESERVE_EXHAUSTED,
+                    volume = %self.volume,
+                    "segment reserve exhausted; preparing a segment on the write path"
+                );
                 self.prepare()?;
                 continue;
             }
             let progress = self.fold_progress.load(Ordering::Acquire);
             let h = held.get_or_insert_with(|| {
                 tracing::warn!(
+                    event = crate::events::JOURNAL_HARD_LIMIT,
+                    volume = %self.volume,
                     "journal at its hard limit of {} bytes; holding writes until the applier \
                      frees a segment",
                     self.journal_max()
@@ -581,6 +589,8 @@ impl Pool {
             if !h.alarmed && h.since.elapsed() >= ALARM_AFTER {
                 h.alarmed = true;
                 tracing::error!(
+                    event = crate::events::JOURNAL_HARD_LIMIT_STALLED,
+                    volume = %self.volume,
                     "journal at its hard limit of {} bytes: writes held for {:?}, the applier \
                      folds slower than the guest writes (held while it makes progress, \
                      never failed for it)",
@@ -750,7 +760,12 @@ impl Pool {
                 Ok(())
             };
             if let Err(e) = result {
-                tracing::error!(error = %e, "journal pool maintenance failed; retrying in 1s");
+                tracing::error!(
+                    event = crate::events::POOL_MAINTENANCE_FAILED,
+                    volume = %self.volume,
+                    error = %e,
+                    "journal pool maintenance failed; retrying in 1s"
+                );
                 st = self
                     .changed
                     .wait_timeout(st, Duration::from_secs(1))

@@ -307,7 +307,12 @@ impl Scanner<'_> {
         if !self.truncate_damaged {
             return Err(err);
         }
-        tracing::error!("{err}; ending the journal there as told");
+        tracing::error!(
+            event = crate::events::JOURNAL_TRUNCATED,
+            volume = %self.config.uuid,
+            dir = %self.dir.display(),
+            "{err}; ending the journal there as told"
+        );
         Ok(reason)
     }
 
@@ -905,7 +910,12 @@ fn scan(scanner: &Scanner, mut payloads: Payloads) -> Result<Scanned> {
         if !truncate_damaged {
             return Err(err);
         }
-        tracing::error!("{err}; truncating as allowed");
+        tracing::error!(
+            event = crate::events::JOURNAL_TRUNCATED,
+            volume = %config.uuid,
+            dir = %scanner.dir.display(),
+            "{err}; truncating as allowed"
+        );
     }
 
     let used_count = last_used.map_or(0, |(i, _, _)| i + 1);

@@ -424,7 +424,7 @@ impl Volume {
             cut,
         )?;
         let report = recovered.report.clone();
-        tracing::info!(volume = %dir.display(), "{report}");
+        tracing::info!(volume = %config.uuid, dir = %dir.display(), "{report}");
 
         // What recovery read may be only in the page cache: make it durable
         // before anything is appended after it.
@@ -647,13 +647,19 @@ impl Volume {
         self.inner.pool.wake_applier();
         if let Some(handle) = self.applier.take() {
             if handle.join().is_err() {
-                tracing::error!("the applier thread panicked");
+                tracing::error!(
+                    event = crate::events::THREAD_PANICKED,
+                    "the applier thread panicked"
+                );
             }
         }
         self.inner.pool.shutdown();
         if let Some(handle) = self.maintainer.take() {
             if handle.join().is_err() {
-                tracing::error!("the pool thread panicked");
+                tracing::error!(
+                    event = crate::events::THREAD_PANICKED,
+                    "the pool thread panicked"
+                );
             }
         }
     }
@@ -764,7 +770,7 @@ impl Volume {
         snapshot.replay_into(&map, lsn);
         inner.map.replace_with(map);
         drop(c);
-        tracing::info!(volume = %inner.dir.display(), to, lsn, "reverted the disk");
+        tracing::info!(volume = %inner.config.uuid, dir = %inner.dir.display(), to, lsn, "reverted the disk");
         inner.flush()?;
         Ok(lsn)
     }
@@ -981,7 +987,7 @@ impl Inner {
             config.start_epoch(start);
             change(config);
         })?;
-        tracing::info!(volume = %self.dir.display(), epoch, "raised the epoch");
+        tracing::info!(volume = %self.config.uuid, dir = %self.dir.display(), epoch, "raised the epoch");
         Ok(start)
     }
 
@@ -1007,7 +1013,12 @@ impl Inner {
     /// Stops the volume taking writes: something on disk can no longer be
     /// made durable in order.
     fn fail(&self, reason: String) {
-        tracing::error!(volume = %self.dir.display(), "{reason}; the volume stops taking writes");
+        tracing::error!(
+            event = crate::events::VOLUME_FAILED,
+            volume = %self.config.uuid,
+            dir = %self.dir.display(),
+            "{reason}; the volume stops taking writes"
+        );
         let _ = self.failure.set(reason);
         self.completion.fail();
     }
@@ -1028,7 +1039,9 @@ impl Inner {
                     }
                     let since = *first_error.get_or_insert_with(|| {
                         tracing::warn!(
-                            volume = %self.dir.display(),
+                            event = crate::events::STORAGE_ERROR,
+                            volume = %self.config.uuid,
+                            dir = %self.dir.display(),
                             "{what}: {e}; holding the request and retrying for up to {:?}",
                             self.retry.max_hold
                         );
@@ -1229,7 +1242,9 @@ impl Inner {
         let over = bytes >= self.config.journal_warn;
         if over && !self.warned.swap(true, Ordering::Relaxed) {
             tracing::warn!(
-                volume = %self.dir.display(),
+                event = crate::events::JOURNAL_WARN_THRESHOLD,
+                volume = %self.config.uuid,
+                dir = %self.dir.display(),
                 "journal pool at {bytes} bytes, past the warning threshold of {} (limit {})",
                 self.config.journal_warn,
                 self.config.journal_max
@@ -1407,7 +1422,7 @@ impl Inner {
                      this view (lsn {}) no longer exists",
                     lsn, pin.lsn
                 );
-                tracing::warn!("{reason}");
+                tracing::warn!(event = crate::events::VIEW_EXPIRED, volume = %self.config.uuid, "{reason}");
                 let mut state = pin.state.write().unwrap_or_else(|e| e.into_inner());
                 state.expired = Some(reason);
                 state.segments.clear();
@@ -1427,7 +1442,13 @@ impl Inner {
                     Ok(Some(_)) => continue,
                     Ok(None) => {}
                     Err(e) => {
-                        tracing::error!(volume = %self.dir.display(), error = %e, "fold failed; retrying")
+                        tracing::error!(
+                            event = crate::events::FOLD_FAILED,
+                            volume = %self.config.uuid,
+                            dir = %self.dir.display(),
+                            error = %e,
+                            "fold failed; retrying"
+                        )
                     }
                 }
             }

@@ -243,7 +243,9 @@ pub(super) fn pending_cut(storage: &dyn Storage, dir: &Path, uuid: Uuid) -> Resu
             .is_ok_and(|m| m.base_lsn == intent.common_lsn && m.last_lsn == intent.last_lsn);
         if ours {
             tracing::warn!(
-                volume = %dir.display(),
+                event = crate::events::CUT_INTERRUPTED,
+                volume = %uuid,
+                dir = %dir.display(),
                 branch = intent.name,
                 "finishing a cut interrupted at lsn {}",
                 intent.common_lsn
@@ -254,7 +256,9 @@ pub(super) fn pending_cut(storage: &dyn Storage, dir: &Path, uuid: Uuid) -> Resu
         remove_if_there(storage, &records_path(dir, &intent.name))?;
     }
     tracing::warn!(
-        volume = %dir.display(),
+        event = crate::events::CUT_INTERRUPTED,
+        volume = %uuid,
+        dir = %dir.display(),
         branch = intent.name,
         "a cut at lsn {} was interrupted before its branch was complete; the journal keeps \
          its records",
@@ -361,7 +365,13 @@ impl Volume {
                 .and_then(|()| remove_if_there(storage, &inner.dir.join(CUT_FILE)))
                 .and_then(|()| sync_dir(storage, &inner.dir));
             if let Err(undo) = undone {
-                tracing::error!(error = %undo, "could not undo an interrupted cut; the next open will");
+                tracing::error!(
+                    event = crate::events::CUT_UNDO_FAILED,
+                    volume = %inner.config.uuid,
+                    dir = %inner.dir.display(),
+                    error = %undo,
+                    "could not undo an interrupted cut; the next open will"
+                );
             }
             return Err(e);
         }
@@ -376,7 +386,8 @@ impl Volume {
         drop(c);
         inner.load_branches()?;
         tracing::info!(
-            volume = %inner.dir.display(),
+            volume = %inner.config.uuid,
+            dir = %inner.dir.display(),
             branch = name,
             "cut the journal at lsn {common_lsn}: lsns {}..={last} are in the branch",
             common_lsn + 1
@@ -415,7 +426,12 @@ impl Volume {
         branches.remove(at);
         remove_if_there(storage, &records_path(&inner.dir, name))?;
         sync_dir(storage, &dir)?;
-        tracing::info!(volume = %inner.dir.display(), branch = name, "dropped the branch");
+        tracing::info!(
+            volume = %inner.config.uuid,
+            dir = %inner.dir.display(),
+            branch = name,
+            "dropped the branch"
+        );
         Ok(())
     }
 
@@ -861,7 +877,13 @@ impl Inner {
                     Err(why) => Err(why),
                 };
                 if let Err(why) = &meta {
-                    tracing::error!(volume = %self.dir.display(), branch = name, "branch damaged: {why}");
+                    tracing::error!(
+                        event = crate::events::BRANCH_DAMAGED,
+                        volume = %self.config.uuid,
+                        dir = %self.dir.display(),
+                        branch = name,
+                        "branch damaged: {why}"
+                    );
                 }
                 found.push((name.to_owned(), meta));
             }
@@ -941,7 +963,9 @@ impl Inner {
             })?;
             self.epoch.store(epoch, Ordering::Release);
             tracing::warn!(
-                volume = %self.dir.display(),
+                event = crate::events::EPOCHS_CUT,
+                volume = %self.config.uuid,
+                dir = %self.dir.display(),
                 "the epochs that began after lsn {common} went with the cut; the epoch is {epoch} again"
             );
         }

@@ -130,7 +130,9 @@ impl Inner {
             let from = replica_hold.max(snapshot_base);
             self.mark_out_of_sync(&snapshot, from, upto)?;
             tracing::error!(
-                volume = %self.dir.display(),
+                event = crate::events::FORCED_FOLD_OUT_OF_SYNC,
+                volume = %self.config.uuid,
+                dir = %self.dir.display(),
                 "journal at its hard limit: folding records up to lsn {upto} that the replica \
                  has not acknowledged (it holds lsn {replica_hold}); their chunks are marked \
                  out of sync for its resync"
@@ -177,7 +179,9 @@ impl Inner {
         if forced {
             self.forced_folds.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
-                volume = %self.dir.display(),
+                event = crate::events::FORCED_FOLD,
+                volume = %self.config.uuid,
+                dir = %self.dir.display(),
                 "journal at its hard limit of {} bytes: folded records newer than the \
                  {:?} window; history now starts at {}",
                 self.config.journal_max,
@@ -185,7 +189,7 @@ impl Inner {
                 crate::point::format_ns(upto_ns)
             );
         } else {
-            tracing::debug!(volume = %self.dir.display(), ?report, "folded");
+            tracing::debug!(volume = %self.config.uuid, dir = %self.dir.display(), ?report, "folded");
         }
         Ok(Some(report))
     }

@@ -135,7 +135,9 @@ impl Volume {
         *lock(&inner.resync) = Some(state);
         inner.expire_views_before(u64::MAX);
         tracing::warn!(
-            volume = %inner.dir.display(),
+            event = crate::events::RESYNC_STARTED,
+            volume = %inner.config.uuid,
+            dir = %inner.dir.display(),
             sync_lsn,
             "resync: taking the primary's disk as of lsn {sync_lsn}; no point in time is \
              readable until it ends"
@@ -269,7 +271,12 @@ impl Volume {
             .and_then(|()| inner.storage.sync_dir(&inner.dir))
             .map_err(Error::io(|| format!("removing {}", path.display())))?;
         *lock(&inner.resync) = None;
-        tracing::info!(volume = %inner.dir.display(), sync_lsn = s, "resync done");
+        tracing::info!(
+            volume = %inner.config.uuid,
+            dir = %inner.dir.display(),
+            sync_lsn = s,
+            "resync done"
+        );
         Ok(())
     }
 

@@ -37,7 +37,8 @@ impl Volume {
             config.sealed = None;
         })?;
         tracing::info!(
-            volume = %self.inner.dir.display(),
+            volume = %self.inner.config.uuid,
+            dir = %self.inner.dir.display(),
             epoch = start.epoch,
             first_lsn = start.first_lsn,
             "promoted: this copy is the primary"
@@ -74,7 +75,12 @@ impl Volume {
             config.role = Role::Replica;
             config.sealed = sealed;
         })?;
-        tracing::info!(volume = %self.inner.dir.display(), ?sealed, "demoted: this copy is a replica");
+        tracing::info!(
+            volume = %self.inner.config.uuid,
+            dir = %self.inner.dir.display(),
+            ?sealed,
+            "demoted: this copy is a replica"
+        );
         Ok(sealed)
     }
 

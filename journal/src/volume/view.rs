@@ -455,7 +455,12 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         if let Err(e) = self.storage.remove_file(&self.path) {
-            tracing::warn!(file = %self.path.display(), error = %e, "could not remove a scratch overlay");
+            tracing::warn!(
+                event = crate::events::SCRATCH_NOT_REMOVED,
+                file = %self.path.display(),
+                error = %e,
+                "could not remove a scratch overlay"
+            );
         }
     }
 }
