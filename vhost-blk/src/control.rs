@@ -617,7 +617,12 @@ impl Control {
         gate.set_epoch(epoch);
         let disconnected = self.live.attached();
         self.live.disconnect();
-        tracing::warn!(epoch, "fenced");
+        tracing::warn!(
+            event = rewind_journal::events::FENCED,
+            volume = %self.volume.config().uuid,
+            epoch,
+            "fenced"
+        );
         Ok(json!({
             "state": gate.state(),
             "epoch": epoch,
@@ -704,7 +709,12 @@ impl Control {
                 .name("rewind-export".into())
                 .spawn(move || {
                     if let Err(e) = export.serve(listener) {
-                        tracing::warn!(error = %e, "export ended");
+                        tracing::warn!(
+                            event = rewind_journal::events::EXPORT_FAILED,
+                            volume = %export.volume_id(),
+                            error = %e,
+                            "export ended"
+                        );
                     }
                 })
                 .map_err(|e| format!("cannot start the export: {e}"))?
@@ -830,7 +840,11 @@ impl Control {
 fn stop_view(view: ViewExport) {
     view.export.stop();
     if view.thread.join().is_err() {
-        tracing::warn!("an export thread panicked");
+        tracing::warn!(
+            event = rewind_journal::events::THREAD_PANICKED,
+            volume = %view.export.volume_id(),
+            "an export thread panicked"
+        );
     }
     let _ = std::fs::remove_file(&view.info.socket_path);
     tracing::info!(socket = %view.info.socket_path.display(), "unexported");
@@ -914,7 +928,11 @@ fn serve_client(stream: UnixStream, control: &Control) {
         }
     };
     if let Err(reason) = peer_allowed(&stream) {
-        tracing::warn!("{reason}");
+        tracing::warn!(
+            event = rewind_journal::events::CONTROL_CLIENT_REFUSED,
+            volume = %control.volume.config().uuid,
+            "{reason}"
+        );
         let _ = writeln!(out, "{}", error(reason));
         return;
     }

@@ -190,6 +190,8 @@ pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
                 );
             } else {
                 tracing::warn!(
+                    event = rewind_journal::events::REPLICATION_TAIL_UNCONFIRMED,
+                    volume = %volume.config().uuid,
                     lsn = tail,
                     acked = link.acked_lsn(),
                     "stopping before the replica confirmed the journal's tail"
@@ -312,7 +314,12 @@ fn notify(state: &str) {
     };
     let sent = addr.and_then(|addr| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr));
     if let Err(e) = sent {
-        tracing::warn!(error = %e, state, "cannot notify systemd");
+        tracing::warn!(
+            event = rewind_journal::events::SYSTEMD_NOTIFY_FAILED,
+            error = %e,
+            state,
+            "cannot notify systemd"
+        );
     }
 }
 

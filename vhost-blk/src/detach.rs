@@ -173,6 +173,7 @@ impl Detacher {
         self.leaving.store(true, Ordering::SeqCst);
         let reason = error.to_string();
         tracing::error!(
+            event = rewind_journal::events::DETACHING,
             volume = %volume.config().uuid,
             "local storage failed ({reason}): detaching, forwarding guest IO to the replica"
         );
@@ -181,6 +182,7 @@ impl Detacher {
         *phase = match &outcome {
             Ok(()) => {
                 tracing::error!(
+                    event = rewind_journal::events::DETACHED,
                     volume = %volume.config().uuid,
                     "detached: local storage failed ({reason}); guest IO goes to the replica; \
                      evacuate with handover"
@@ -189,6 +191,7 @@ impl Detacher {
             }
             Err(why) => {
                 tracing::error!(
+                    event = rewind_journal::events::DETACH_FAILED,
                     volume = %volume.config().uuid,
                     "cannot detach from the failed storage ({why}): guest requests fail"
                 );
@@ -221,6 +224,8 @@ impl Detacher {
         let ranges = volume.changed_after(held);
         let bytes: u64 = ranges.iter().map(|r| r.1).sum();
         tracing::warn!(
+            event = rewind_journal::events::DETACHED,
+            volume = %volume.config().uuid,
             epoch,
             held_lsn = held,
             bytes,
@@ -284,7 +289,10 @@ impl Detacher {
         match failed {
             None => Ok(data),
             Some(e) => {
-                tracing::error!("a forwarded request failed: {e}");
+                tracing::error!(
+                    event = rewind_journal::events::FORWARD_FAILED,
+                    "a forwarded request failed: {e}"
+                );
                 Err(Error::Io {
                     context: "forwarding to the replica".into(),
                     source: std::io::Error::other(e.to_string()),

@@ -133,6 +133,13 @@ impl Export {
         }
     }
 
+    /// The volume's uuid as the logs and metrics spell it (hyphenated;
+    /// the device gives the virtio serial's simple form).
+    pub fn volume_id(&self) -> String {
+        let simple = self.device.uuid();
+        uuid::Uuid::try_parse(&simple).map_or(simple, |id| id.to_string())
+    }
+
     fn clients(&self) -> MutexGuard<'_, Clients> {
         self.clients.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -174,7 +181,12 @@ impl Export {
             let id = match connected_peer(listener) {
                 Ok(id) => Some(id),
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot identify the client; it is admitted as a new one");
+                    tracing::warn!(
+                        event = rewind_journal::events::CLIENT_UNIDENTIFIED,
+                        volume = %self.volume_id(),
+                        error = %e,
+                        "cannot identify the client; it is admitted as a new one"
+                    );
                     None
                 }
             };
@@ -190,8 +202,14 @@ impl Export {
                 }
                 Err(reason) => {
                     match self.clients().refused(reason.clone()) {
-                        Some(0) => tracing::warn!("client refused: {reason}"),
+                        Some(0) => tracing::warn!(
+                            event = rewind_journal::events::CLIENT_REFUSED,
+                            volume = %self.volume_id(),
+                            "client refused: {reason}"
+                        ),
                         Some(n) => tracing::warn!(
+                            event = rewind_journal::events::CLIENT_REFUSED,
+                            volume = %self.volume_id(),
                             "client refused again ({n} times since the first): {reason}"
                         ),
                         None => tracing::debug!("client refused again: {reason}"),

@@ -232,7 +232,11 @@ impl Roles {
             _ => gate.resume(),
         };
         if let Err(e) = opened {
-            tracing::warn!("promoted, but the gate did not open: {e}");
+            tracing::warn!(
+                event = rewind_journal::events::GATE_FAILED,
+                volume = %self.volume.config().uuid,
+                "promoted, but the gate did not open: {e}"
+            );
         }
     }
 
@@ -247,7 +251,11 @@ impl Roles {
             self.volume.release_held()
         });
         if let Err(e) = &closed {
-            tracing::error!("closing the gate: {e}");
+            tracing::error!(
+                event = rewind_journal::events::GATE_FAILED,
+                volume = %self.volume.config().uuid,
+                "closing the gate: {e}"
+            );
         }
         gate.set_epoch(gate.epoch() + 1);
         self.live.disconnect();
@@ -369,6 +377,8 @@ impl Roles {
         }
         self.start_sender();
         tracing::warn!(
+            event = rewind_journal::events::PROMOTED,
+            volume = %self.volume.config().uuid,
             epoch = start.epoch,
             first_lsn = start.first_lsn,
             forced = sealed.is_none(),
@@ -423,7 +433,11 @@ impl Roles {
                 tracing::info!("failover: asking the primary to seal");
                 let left = deadline.saturating_duration_since(Instant::now());
                 if link.request_seal(v, left).is_none() {
-                    tracing::warn!("failover: the primary did not seal within {timeout:?}");
+                    tracing::warn!(
+                        event = rewind_journal::events::SEAL_TIMEOUT,
+                        volume = %self.volume.config().uuid,
+                        "failover: the primary did not seal within {timeout:?}"
+                    );
                 }
             }
         }
@@ -502,6 +516,8 @@ impl Roles {
             link.notify_durable();
         }
         tracing::warn!(
+            event = rewind_journal::events::DEMOTED,
+            volume = %self.volume.config().uuid,
             lsn = seal.lsn,
             epoch = seal.epoch,
             acked,
@@ -543,6 +559,8 @@ impl Roles {
         match v.cut_to_branch(common, &name) {
             Ok(Some(branch)) => {
                 tracing::warn!(
+                    event = rewind_journal::events::BRANCH_KEPT,
+                    volume = %self.volume.config().uuid,
                     branch = %branch.name,
                     first_lsn = branch.first_lsn,
                     last_lsn = branch.last_lsn,
@@ -614,6 +632,8 @@ impl RoleChanges for Roles {
             Relation::Behind { common } => {
                 let branch = self.leave_for(common)?;
                 tracing::warn!(
+                    event = rewind_journal::events::REJOINED,
+                    volume = %self.volume.config().uuid,
                     common,
                     ?branch,
                     "a newer primary exists: this node is its replica from lsn {}",
@@ -659,6 +679,8 @@ impl RoleChanges for Roles {
         // requests come over the link. No sender either: the only peer is
         // the detached primary, which rejoins once its guest has moved.
         tracing::error!(
+            event = rewind_journal::events::PEER_DETACHED,
+            volume = %self.volume.config().uuid,
             epoch = start.epoch,
             first_lsn = start.first_lsn,
             "this node is the primary, serving its detached peer's guest ({reason})"

@@ -258,7 +258,11 @@ impl Roles {
             Ok(seal) => seal,
             Err(why) => {
                 link.withdraw_handover();
-                tracing::error!("handover: the seal failed, this node serves on: {why}");
+                tracing::error!(
+                    event = rewind_journal::events::HANDOVER_ROLLED_BACK,
+                    volume = %self.volume.config().uuid,
+                    "handover: the seal failed, this node serves on: {why}"
+                );
                 return self.finish(Phase::RolledBack, Some(format!("the seal failed: {why}")));
             }
         };
@@ -295,7 +299,11 @@ impl Roles {
                     );
                 }
             });
-            tracing::warn!("handover: no verdict from the replica yet");
+            tracing::warn!(
+                event = rewind_journal::events::HANDOVER_NO_VERDICT,
+                volume = %self.volume.config().uuid,
+                "handover: no verdict from the replica yet"
+            );
             deadline = Instant::now() + VERDICT_GRACE;
         };
         let switch_ms = ms(stopped.elapsed());
@@ -311,7 +319,12 @@ impl Roles {
             let gate = &self.live.gate;
             gate.set_epoch(gate.epoch() + 1);
             self.live.disconnect();
-            tracing::warn!(switch_ms, "handover done: the replica is the primary");
+            tracing::warn!(
+                event = rewind_journal::events::HANDOVER_DONE,
+                volume = %self.volume.config().uuid,
+                switch_ms,
+                "handover done: the replica is the primary"
+            );
             return self.finish(Phase::Done, None);
         }
         let why = match lock(&self.handover).cancelled {
@@ -321,21 +334,35 @@ impl Roles {
         if detached {
             // The peer serves on; so does this node's guest, through it.
             if let Err(e) = self.live.gate.resume() {
-                tracing::error!("handover rolled back ({why}), but the gate did not open: {e}");
+                tracing::error!(
+                    event = rewind_journal::events::HANDOVER_ROLLBACK_FAILED,
+                    volume = %self.volume.config().uuid,
+                    "handover rolled back ({why}), but the gate did not open: {e}"
+                );
             }
-            tracing::warn!("handover rolled back: {why}; forwarding again");
+            tracing::warn!(
+                event = rewind_journal::events::HANDOVER_ROLLED_BACK,
+                volume = %self.volume.config().uuid,
+                "handover rolled back: {why}; forwarding again"
+            );
             return self.finish(Phase::RolledBack, Some(why.into()));
         }
         match self.promote_locked(false, false) {
             Ok(p) => {
                 tracing::warn!(
+                    event = rewind_journal::events::HANDOVER_ROLLED_BACK,
+                    volume = %self.volume.config().uuid,
                     epoch = p.epoch,
                     "handover rolled back: {why}; serving again"
                 );
                 self.finish(Phase::RolledBack, Some(why.into()));
             }
             Err(e) => {
-                tracing::error!("handover rolled back ({why}), but promoting again failed: {e}");
+                tracing::error!(
+                    event = rewind_journal::events::HANDOVER_ROLLBACK_FAILED,
+                    volume = %self.volume.config().uuid,
+                    "handover rolled back ({why}), but promoting again failed: {e}"
+                );
                 self.finish(
                     Phase::RolledBack,
                     Some(format!("{why}; promoting again failed: {e}")),

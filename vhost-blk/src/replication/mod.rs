@@ -683,6 +683,7 @@ impl Link {
                 match config.on_loss {
                     OnLoss::Suspend => {
                         tracing::warn!(
+                            event = rewind_journal::events::REPLICATION_SUSPENDED,
                             "sync replication: the replica has not confirmed lsn {lsn} for {:?}; \
                              holding guest flushes (--on-replica-loss suspend)",
                             since.elapsed() + config.sync_timeout
@@ -701,6 +702,7 @@ impl Link {
                             match fenced {
                                 Ok(()) => {
                                     tracing::error!(
+                                        event = rewind_journal::events::REPLICATION_DEGRADED,
                                         "sync replication degraded: the replica did not confirm \
                                          lsn {lsn} within {:?}; guest flushes no longer wait",
                                         config.sync_timeout
@@ -716,6 +718,7 @@ impl Link {
                                 }
                                 Err(e) => {
                                     tracing::error!(
+                                        event = rewind_journal::events::FENCE_PEER_FAILED,
                                         "sync replication: --fence-peer failed ({e}); holding \
                                          guest flushes instead of degrading"
                                     );
@@ -754,12 +757,14 @@ impl Link {
                 drop(shared);
                 self.changed.notify_all();
                 tracing::warn!(
+                    event = rewind_journal::events::REPLICATION_DEGRADED,
                     "sync replication starts degraded: promoted with --force; flushes wait for \
                      the replica again once it has caught up"
                 );
             }
             Err(e) => {
                 tracing::error!(
+                    event = rewind_journal::events::FENCE_PEER_FAILED,
                     "--fence-peer failed after a forced promotion ({e}); flushes wait for the \
                      replica as --on-replica-loss says"
                 );
@@ -858,7 +863,11 @@ fn fence_peer(command: Option<&str>) -> Result<(), String> {
     let Some(command) = command else {
         return Ok(());
     };
-    tracing::warn!(command, "running --fence-peer before degrading");
+    tracing::warn!(
+        event = rewind_journal::events::FENCE_PEER_RUN,
+        command,
+        "running --fence-peer before degrading"
+    );
     let mut child = std::process::Command::new("sh")
         .args(["-c", command])
         .spawn()

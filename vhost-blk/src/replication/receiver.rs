@@ -67,7 +67,13 @@ pub async fn run(volume: Arc<Volume>, link: Arc<Link>, tls: TlsContext, listener
             let me = me_rx.await.ok();
             let ended = session(&volume, &link, &tls, tcp, peer, me).await;
             if ended.established {
-                tracing::warn!(%peer, "replication session ended: {}", ended.error);
+                tracing::warn!(
+                    event = rewind_journal::events::REPLICATION_LINK_DOWN,
+                    volume = %volume.config().uuid,
+                    %peer,
+                    "replication session ended: {}",
+                    ended.error
+                );
                 link.failed(LinkState::Disconnected, format!("{peer}: {}", ended.error));
                 let sealed = volume
                     .sealed()
@@ -82,7 +88,13 @@ pub async fn run(volume: Arc<Volume>, link: Arc<Link>, tls: TlsContext, listener
                 }));
             } else {
                 // A peer turned away does not disturb the session that runs.
-                tracing::warn!(%peer, "replication connection refused: {}", ended.error);
+                tracing::warn!(
+                    event = rewind_journal::events::REPLICATION_REFUSED,
+                    volume = %volume.config().uuid,
+                    %peer,
+                    "replication connection refused: {}",
+                    ended.error
+                );
                 link.note_error(format!("{peer}: {}", ended.error));
             }
         });
@@ -295,6 +307,8 @@ async fn answer_primary(volume: &Arc<Volume>, link: &Link, hello: &Hello) -> Res
             match tokio::task::spawn_blocking(move || roles.rejoin(&newer)).await {
                 Ok(Ok(())) => {
                     tracing::warn!(
+                        event = rewind_journal::events::REJOINED,
+                        volume = %volume.config().uuid,
                         common,
                         epoch = hello.epoch,
                         "a newer primary connected: this node rejoined it as a replica"
@@ -693,6 +707,8 @@ async fn apply_ops(
                     return why;
                 };
                 tracing::error!(
+                    event = rewind_journal::events::PEER_DETACHED,
+                    volume = %volume.config().uuid,
                     "the primary's storage failed ({reason}): taking over to serve its guest"
                 );
                 let taking = {

@@ -108,9 +108,24 @@ pub async fn run(volume: Arc<Volume>, link: Arc<Link>, config: SenderConfig, tls
             return;
         }
         if err.state == LinkState::Outdated {
-            tracing::error!(peer = %config.peer, "replication stopped: {}", err.message);
+            tracing::error!(
+                event = rewind_journal::events::REPLICATION_OUTDATED,
+                volume = %volume.config().uuid,
+                peer = %config.peer,
+                "replication stopped: {}",
+                err.message
+            );
         } else {
-            tracing::warn!(peer = %config.peer, "replication link down: {}", err.message);
+            tracing::warn!(
+                event = match err.state {
+                    LinkState::SplitBrain => rewind_journal::events::REPLICATION_SPLIT_BRAIN,
+                    _ => rewind_journal::events::REPLICATION_LINK_DOWN,
+                },
+                volume = %volume.config().uuid,
+                peer = %config.peer,
+                "replication link down: {}",
+                err.message
+            );
         }
         link.forwarding.session_lost(&err.message);
         if link.detached() {
@@ -118,6 +133,8 @@ pub async fn run(volume: Arc<Volume>, link: Arc<Link>, config: SenderConfig, tls
             // primary: a new session would be fenced and make this node
             // rejoin under its guest. Forwarded requests wait out the hold.
             tracing::error!(
+                event = rewind_journal::events::FORWARD_FAILED,
+                volume = %volume.config().uuid,
                 peer = %config.peer,
                 "the session with the peer that serves this detached primary ended ({}): \
                  guest requests wait out the hold, then fail",
@@ -865,6 +882,8 @@ async fn take_acks<R: AsyncRead + Unpin>(
                 ..
             } => {
                 tracing::warn!(
+                    event = rewind_journal::events::DETACHED,
+                    volume = %volume.config().uuid,
                     epoch,
                     lsn,
                     "detached: the peer is the primary now and serves this guest's requests"
@@ -889,7 +908,10 @@ async fn take_acks<R: AsyncRead + Unpin>(
                     Some(roles) => {
                         tokio::task::spawn_blocking(move || {
                             if let Err(e) = roles.seal_for_peer() {
-                                tracing::error!("the replica asked for a seal, which failed: {e}");
+                                tracing::error!(
+                                    event = rewind_journal::events::SEAL_FAILED,
+                                    "the replica asked for a seal, which failed: {e}"
+                                );
                             }
                         });
                     }

@@ -432,6 +432,7 @@ impl PinnedPeer {
             return Ok(());
         }
         tracing::warn!(
+            event = rewind_journal::events::REPLICATION_PEER_UNTRUSTED,
             expected = %self.pin,
             received = %received,
             "replication peer (TLS {role}) refused: its certificate does not match the pinned \
