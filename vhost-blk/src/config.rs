@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::backend::{ExportConfig, MAX_QUEUE_SIZE};
 use crate::detach::OnStorageError;
+use crate::logging::LogFormat;
 use crate::replication::tls::{Fingerprint, PeerTrust, TlsSettings};
 use crate::replication::{Mode, OnLoss, ReceiverConfig, SenderConfig};
 
@@ -21,6 +22,13 @@ use crate::replication::{Mode, OnLoss, ReceiverConfig, SenderConfig};
     about = "vhost-user-blk server of rewind volumes"
 )]
 pub struct Cli {
+    /// How the log on stderr is written: `text` for people, `json` for
+    /// journald and Loki pipelines (one object per line). Warnings and
+    /// errors an operator acts on carry the fields `event`, a stable name
+    /// listed in OPERATIONS.md, and `volume`, the volume's uuid. RUST_LOG
+    /// sets the level (default info).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }

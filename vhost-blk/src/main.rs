@@ -4,17 +4,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use rewind_vhost_blk::config::{Cli, Command, ServeConfig, CAPABILITIES};
-use rewind_vhost_blk::daemon;
+use rewind_vhost_blk::{daemon, logging};
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let result = match cli.command {
         Command::Create(args) => daemon::create(&args).map_err(|e| e.to_string()),
         Command::Cert(args) => daemon::cert(&args).map_err(|e| e.to_string()),
         Command::Serve(args) if args.print_capabilities => {
@@ -28,7 +23,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("rewind-blk: {e}");
+            logging::fatal(cli.log_format, &e);
             ExitCode::FAILURE
         }
     }
