@@ -58,7 +58,13 @@ pub const BRANCH_DAMAGED: &str = "branch_damaged";
 /// The records a newer primary never had were kept as a branch.
 pub const BRANCH_KEPT: &str = "branch_kept";
 
-// Clients of the daemon.
+// The daemon and its clients.
+
+/// `rewind-blk` exits with an error (at start, or when serving ends).
+pub const DAEMON_FAILED: &str = "daemon_failed";
+/// The guest sent a request the device cannot answer (a malformed
+/// descriptor chain, a status byte it cannot write).
+pub const GUEST_PROTOCOL_ERROR: &str = "guest_protocol_error";
 
 /// A QEMU was turned away (fenced, another attached, or the disk changed).
 pub const CLIENT_REFUSED: &str = "client_refused";
@@ -149,6 +155,8 @@ pub const ALL: &[&str] = &[
     EPOCHS_CUT,
     BRANCH_DAMAGED,
     BRANCH_KEPT,
+    DAEMON_FAILED,
+    GUEST_PROTOCOL_ERROR,
     CLIENT_REFUSED,
     CLIENT_UNIDENTIFIED,
     FENCED,

@@ -6,6 +6,7 @@
 use std::fmt::Display;
 use std::io::IsTerminal;
 
+use rewind_journal::events;
 use tracing::Subscriber;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -34,7 +35,9 @@ pub fn init(format: LogFormat) {
 pub fn fatal(format: LogFormat, error: &dyn Display) {
     match format {
         LogFormat::Text => eprintln!("rewind-blk: {error}"),
-        LogFormat::Json => tracing::error!("rewind-blk: {error}"),
+        LogFormat::Json => {
+            tracing::error!(event = events::DAEMON_FAILED, "rewind-blk: {error}")
+        }
     }
 }
 
@@ -63,7 +66,6 @@ mod tests {
     use std::io::Write;
     use std::sync::{Arc, Mutex};
 
-    use rewind_journal::events;
     use serde_json::Value;
 
     use super::*;

@@ -344,11 +344,17 @@ pub fn handle<M: GuestMemory>(
     };
     let descs: Vec<Descriptor> = chain.into_iter().collect();
     let Some((status, body)) = descs.split_last() else {
-        tracing::warn!("empty descriptor chain");
+        tracing::warn!(
+            event = rewind_journal::events::GUEST_PROTOCOL_ERROR,
+            "empty descriptor chain"
+        );
         return unusable;
     };
     if !status.is_write_only() || status.len() < 1 {
-        tracing::warn!("descriptor chain without a device-writable status byte");
+        tracing::warn!(
+            event = rewind_journal::events::GUEST_PROTOCOL_ERROR,
+            "descriptor chain without a device-writable status byte"
+        );
         return unusable;
     }
     let request = Request::parse(mem, body);
@@ -387,7 +393,11 @@ pub fn handle<M: GuestMemory>(
             sample,
         },
         Err(e) => {
-            tracing::warn!(error = %e, "cannot write the status byte");
+            tracing::warn!(
+                event = rewind_journal::events::GUEST_PROTOCOL_ERROR,
+                error = %e,
+                "cannot write the status byte"
+            );
             Completion {
                 modifying,
                 sample,

@@ -129,6 +129,7 @@ fn json_log_reports_a_failed_start_as_json() {
     let lines = json_lines(&text);
     let last = lines.last().expect("a line");
     assert_eq!(last["level"], "ERROR", "{text}");
+    assert_eq!(last["event"], events::DAEMON_FAILED, "{text}");
     let message = last["message"].as_str().expect("a message");
     assert!(message.contains("not a rewind volume"), "{message}");
 }

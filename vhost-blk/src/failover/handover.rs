@@ -464,7 +464,11 @@ impl Roles {
         if promote {
             tracing::info!("handover: {why}: taking over");
         } else {
-            tracing::warn!("handover: not taking over: {why}");
+            tracing::warn!(
+                event = rewind_journal::events::HANDOVER_ROLLED_BACK,
+                volume = %self.volume.config().uuid,
+                "handover: not taking over: {why}"
+            );
             self.finish(Phase::RolledBack, Some(why.into()));
             return false;
         }
@@ -484,6 +488,8 @@ impl Roles {
                     .device_started_at()
                     .map(|at| ms(at.elapsed()));
                 tracing::warn!(
+                    event = rewind_journal::events::HANDOVER_DONE,
+                    volume = %self.volume.config().uuid,
                     epoch = p.epoch,
                     took_ms = took,
                     start_to_serve_ms = start_to_serve,
@@ -499,7 +505,11 @@ impl Roles {
                 true
             }
             Err(e) => {
-                tracing::error!("handover: promoting failed: {e}");
+                tracing::error!(
+                    event = rewind_journal::events::HANDOVER_ROLLED_BACK,
+                    volume = %self.volume.config().uuid,
+                    "handover: promoting failed: {e}"
+                );
                 lock(&self.handover).verdict = Some(false);
                 self.finish(Phase::RolledBack, Some(format!("promoting failed: {e}")));
                 false
@@ -526,7 +536,11 @@ impl DeviceWatcher for Roles {
             if let Some(link) = &self.link {
                 link.cancel_handover();
             }
-            tracing::warn!("handover: the guest's device started here again; calling it off");
+            tracing::warn!(
+                event = rewind_journal::events::HANDOVER_ROLLED_BACK,
+                volume = %self.volume.config().uuid,
+                "handover: the guest's device started here again; calling it off"
+            );
         }
         drop(h);
         // A replica waiting for its client.
