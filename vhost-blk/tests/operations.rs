@@ -92,7 +92,13 @@ fn the_man_pages_render_and_bash_completes_the_options() {
     for (page, wants) in [
         (
             "rewind-blk",
-            &["NAME", "rewind-blk - vhost-user-blk server", "serve"][..],
+            &[
+                "NAME",
+                "rewind-blk - vhost-user-blk server",
+                "serve",
+                "--log-format",
+                "journald and Loki",
+            ][..],
         ),
         (
             "rewind-blk-create",
