@@ -12,6 +12,7 @@ REWIND_BENCH_QUICK=1 cargo bench --locked -p rewind-vhost-blk --bench drain
 REWIND_BENCH_QUICK=1 cargo bench --locked -p rewind-vhost-blk --bench replication
 REWIND_BENCH_QUICK=1 cargo bench --locked -p rewind-vhost-blk --bench failover
 REWIND_BENCH_QUICK=1 cargo bench --locked -p rewind-vhost-blk --bench at_limit
+REWIND_BENCH_QUICK=1 cargo bench --locked -p rewind-vhost-blk --bench detach
 # Fuzz the virtio-blk request parser for a bounded time. The machine has
 # only a stable toolchain; cargo-fuzz needs -Z flags for its sanitizer,
 # which RUSTC_BOOTSTRAP allows.
