@@ -102,6 +102,19 @@ struct ReplicationView {
     bytes_sent: u64,
     out_of_sync_bytes: u64,
     outdated: Option<String>,
+    detached: Option<DetachedView>,
+    serving_detached: Option<ServingView>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct DetachedView {
+    forwarded_requests: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct ServingView {
+    requests: u64,
+    ended: Option<String>,
 }
 
 /// One scrape's numbers.
@@ -422,6 +435,33 @@ impl Snapshot {
                 "1 on a replica that lost its primary without a seal",
                 bool_value(r.outdated.is_some()),
             )?;
+            f.gauge(
+                "rewind_detached",
+                "1 on a primary whose storage failed and that forwards its guest's IO to its peer \
+                 (--on-storage-error detach): evacuate it with a handover",
+                bool_value(r.detached.is_some()),
+            )?;
+            f.counter(
+                "rewind_detached_forwarded_requests",
+                "Requests a detached primary forwarded to its peer",
+                r.detached.as_ref().map_or(0, |d| d.forwarded_requests),
+            )?;
+            f.gauge(
+                "rewind_serving_detached",
+                "1 on a node that serves a detached primary's forwarded requests",
+                bool_value(
+                    r.serving_detached
+                        .as_ref()
+                        .is_some_and(|serving| serving.ended.is_none()),
+                ),
+            )?;
+            f.counter(
+                "rewind_serving_detached_requests",
+                "Forwarded requests this node served for a detached primary",
+                r.serving_detached
+                    .as_ref()
+                    .map_or(0, |serving| serving.requests),
+            )?;
         }
         // The last handover.
         if let Some(h) = &s.handover {
@@ -647,6 +687,10 @@ mod tests {
                 "lag_bytes": 8192, "rpo_seconds": 0.25, "bytes_sent": 123456,
                 "compression_ratio": 1.0, "resync": null, "last_resync": null,
                 "out_of_sync_bytes": 0, "outdated": null, "last_error": null,
+                "detached": {"summary": "detached: local storage failed (EIO); evacuate with handover",
+                             "reason": "EIO", "since": "2026-11-30T19:26:25Z", "peer_epoch": 4,
+                             "forwarded_requests": 77},
+                "serving_detached": null,
             });
         }
         let mut write = OpStats {
@@ -690,6 +734,10 @@ mod tests {
             ("rewind_replication_rpo_seconds{", "0.25"),
             ("rewind_replication_sent_bytes_total{", "123456"),
             ("rewind_replication_acked_lsn{", "38"),
+            ("rewind_detached{", "1"),
+            ("rewind_detached_forwarded_requests_total{", "77"),
+            ("rewind_serving_detached{", "0"),
+            ("rewind_serving_detached_requests_total{", "0"),
         ] {
             let l = line(&text, prefix);
             assert!(l.contains(v), "{l}");

@@ -108,6 +108,28 @@ fn a_primary_whose_journal_filesystem_fills_up_forwards_to_its_replica() {
     let serving = &pair.replica.replication()["serving_detached"];
     assert!(serving["requests"].as_u64() > Some(0), "{serving}");
     eprintln!("the replica: {serving:#}");
+    // The metrics say so too (`rewindctl metrics`).
+    let series = |node: &Node, name: &str| {
+        let text = node.ctl("metrics", Value::Null)["text"]
+            .as_str()
+            .expect("text")
+            .to_string();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{")))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+            .to_string();
+        line.rsplit(' ')
+            .next()
+            .expect("a value")
+            .parse::<f64>()
+            .expect("a number")
+    };
+    assert_eq!(series(&pair.primary, "rewind_detached"), 1.0);
+    assert!(series(&pair.primary, "rewind_detached_forwarded_requests_total") > 0.0);
+    assert_eq!(series(&pair.replica, "rewind_serving_detached"), 1.0);
+    assert!(series(&pair.replica, "rewind_serving_detached_requests_total") > 0.0);
+    assert_eq!(series(&pair.replica, "rewind_detached"), 0.0);
     assert!(
         materialize_latest(&pair.replica) == model,
         "the replica holds the disk as the client last saw it"
