@@ -13,6 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::client::{pattern, Client};
+use common::proxy::Proxy;
 use common::replication::*;
 use common::tmpfs::TmpfsJournal;
 use common::TestVolume;
@@ -165,5 +166,60 @@ fn detach_needs_a_replica_to_forward_to() {
             "--on-storage-error detach forwards guest IO to a replica: it needs --replicate-to"
         ),
         "{stderr}"
+    );
+}
+
+#[test]
+fn a_detached_primary_reconnects_and_resends_what_was_not_answered() {
+    let volume = TestVolume::create(SIZE);
+    let tmpfs = TmpfsJournal::over(&volume, 256 << 20);
+    let mut proxy = None;
+    let pair = Pair::start_routed(
+        volume,
+        &["--on-storage-error", "detach", "--io-error-hold", "20s"],
+        &mut |replica_port| {
+            let started = Proxy::start(replica_port);
+            let port = started.port();
+            proxy = Some(started);
+            port
+        },
+    );
+    let proxy = proxy.expect("routed through the proxy");
+    let size = 64usize << 20;
+    let mut model = vec![0u8; size];
+    let mut client = Client::connect(&pair.primary.vol.socket, 1);
+    write_blocks(&mut client, &mut model, 0, 64, 64 << 10);
+    tmpfs.fill();
+    write_blocks(&mut client, &mut model, 4 << 20, 512, 64 << 10);
+    assert!(
+        !pair.primary.replication()["detached"].is_null(),
+        "detached"
+    );
+
+    // A write goes out, its answer does not come back, the link is cut.
+    proxy.stall(true);
+    let data = pattern(0x77, 64 << 10);
+    let at = 40usize << 20;
+    assert_eq!(
+        client.write_within(at as u64, &data, Duration::from_millis(300)),
+        None,
+        "no answer while the link stalls"
+    );
+    model[at..at + data.len()].copy_from_slice(&data);
+    let connections = proxy.connections();
+    proxy.cut();
+    proxy.stall(false);
+    // Resent on the next session, and answered.
+    assert_eq!(client.complete(0), 0, "the held write completes");
+    assert!(proxy.connections() > connections, "a new session");
+    write_blocks(&mut client, &mut model, 48 << 20, 32, 64 << 10);
+    assert_eq!(client.flush(0), 0);
+    assert!(
+        read_all(&mut client, size) == model,
+        "reads after the reconnect"
+    );
+    assert!(
+        materialize_latest(&pair.replica) == model,
+        "the replica holds every write once, in order"
     );
 }

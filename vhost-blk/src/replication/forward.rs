@@ -79,6 +79,9 @@ struct Queue {
     lost: Option<String>,
     /// On the peer: the detached primary it serves.
     serving: Option<ServingStatus>,
+    /// The guest moved to the peer (a handover): nothing is forwarded
+    /// any more.
+    handed_over: bool,
 }
 
 /// The forwarding state of one link.
@@ -221,6 +224,27 @@ impl Forwarding {
         }
     }
 
+    /// A new session: what the lost one sent and got no answer to goes
+    /// out again first, in order (the peer applies requests in the order
+    /// they come, so applying one twice, in order, changes nothing).
+    pub(super) fn resend(&self) {
+        let mut queue = self.lock();
+        let sent = std::mem::take(&mut queue.sent);
+        for (id, op) in sent.into_iter().rev() {
+            queue.unsent.push_front((id, op));
+        }
+        queue.lost = None;
+    }
+
+    /// The guest moved to the peer.
+    pub(super) fn hand_over(&self) {
+        self.lock().handed_over = true;
+    }
+
+    pub(super) fn handed_over(&self) -> bool {
+        self.lock().handed_over
+    }
+
     /// The session that carried the requests ended.
     pub(super) fn session_lost(&self, why: &str) {
         self.lock().lost = Some(why.to_owned());
@@ -294,6 +318,24 @@ mod tests {
         assert_eq!(f.wait(b, soon()), Err(ForwardError::Peer("EINVAL".into())));
         assert!(f.answered(b + 5, Ok(Vec::new())).is_err());
         assert_eq!(f.status().map(|s| s.forwarded_requests), Some(2));
+    }
+
+    #[test]
+    fn a_new_session_resends_what_was_not_answered_first_in_order() {
+        let f = Forwarding::default();
+        let ids: Vec<u64> = (0..3).map(|_| f.queue(ForwardOp::Flush)).collect();
+        assert_eq!(f.take_unsent().len(), 3);
+        assert_eq!(f.answered(ids[0], Ok(Vec::new())), Ok(()));
+        let later = f.queue(ForwardOp::Flush);
+        f.session_lost("cut");
+        f.resend();
+        let order: Vec<u64> = f.take_unsent().into_iter().map(|(id, _)| id).collect();
+        assert_eq!(order, [ids[1], ids[2], later]);
+        assert_eq!(
+            f.wait(ids[0], soon()),
+            Ok(Vec::new()),
+            "answered before the cut"
+        );
     }
 
     #[test]

@@ -214,6 +214,14 @@ pub enum Message {
         id: u64,
         result: Result<Vec<u8>, String>,
     },
+    /// From a detached primary, first on a new session (the one that
+    /// carried its requests was lost): go on serving them. The peer
+    /// answers `detached` (or refuses), then requests follow.
+    ResumeForwarding {
+        volume: Uuid,
+        /// The epoch the peer took over at.
+        peer_epoch: u64,
+    },
 }
 
 /// A guest request a detached primary forwards. Data is at most
@@ -269,6 +277,7 @@ impl Message {
             Message::Detached { .. } => 21,
             Message::Forward { .. } => 22,
             Message::Forwarded { .. } => 23,
+            Message::ResumeForwarding { .. } => 24,
         }
     }
 
@@ -297,6 +306,7 @@ impl Message {
             Message::Detached { .. } => "detached",
             Message::Forward { .. } => "forward",
             Message::Forwarded { .. } => "forwarded",
+            Message::ResumeForwarding { .. } => "resume-forwarding",
         }
     }
 }
@@ -351,7 +361,7 @@ impl FrameHeader {
             return Err(FrameError::Version(version));
         }
         let (kind, flags) = (b[6], b[7]);
-        if !(1..=23).contains(&kind) {
+        if !(1..=24).contains(&kind) {
             return Err(FrameError::Type(kind));
         }
         if flags & !FLAG_ZSTD != 0 || (flags & FLAG_ZSTD != 0 && kind != 4 && kind != 8) {
@@ -485,6 +495,15 @@ impl FrameHeader {
             }
             22 => decode_forward(body)?,
             23 => decode_forwarded(body)?,
+            24 => {
+                let b = fixed::<24>(body, "resume-forwarding")?;
+                let mut uuid = [0u8; 16];
+                uuid.copy_from_slice(&b[..16]);
+                Message::ResumeForwarding {
+                    volume: Uuid::from_bytes(uuid),
+                    peer_epoch: le_u64(&b[16..]),
+                }
+            }
             kind => return Err(FrameError::Type(kind)),
         };
         Ok(Frame {
@@ -787,6 +806,10 @@ impl Encoder {
                 bytes.extend_from_slice(&lsn.to_le_bytes());
             }
             Message::Forward { id, op } => encode_forward(&mut bytes, *id, op),
+            Message::ResumeForwarding { volume, peer_epoch } => {
+                bytes.extend_from_slice(volume.as_bytes());
+                bytes.extend_from_slice(&peer_epoch.to_le_bytes());
+            }
             Message::Forwarded { id, result } => {
                 bytes.extend_from_slice(&id.to_le_bytes());
                 match result {
@@ -996,6 +1019,10 @@ mod tests {
             Message::HandoverVerdict { promoted: false },
             Message::Detach("EIO writing segment 7".into()),
             Message::Detached { epoch: 6, lsn: 99 },
+            Message::ResumeForwarding {
+                volume: Uuid::from_u128(0x1234_5678_9abc_def0_1234_5678_9abc_def0),
+                peer_epoch: 6,
+            },
             Message::Forward {
                 id: 1,
                 op: ForwardOp::Write {
@@ -1129,8 +1156,8 @@ mod tests {
             Err(FrameError::TooLong(MAX_BODY + 1))
         );
         let mut kind = good.clone();
-        kind[6] = 24;
-        assert_eq!(decode(&kind).map(|_| ()), Err(FrameError::Type(24)));
+        kind[6] = 25;
+        assert_eq!(decode(&kind).map(|_| ()), Err(FrameError::Type(25)));
         assert!(matches!(
             decode(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
             Err(FrameError::Magic(_))

@@ -125,7 +125,7 @@ async fn session(
             established: false,
             error,
         },
-        Ok((mut reader, mut writer, mut encoder, hello, welcome)) => {
+        Ok((mut reader, mut writer, mut encoder, opened)) => {
             // This session supersedes any older one (a primary that
             // reconnected before its old connection timed out).
             if let Some(old) = std::mem::replace(
@@ -134,19 +134,28 @@ async fn session(
             ) {
                 old.abort();
             }
-            tracing::info!(
-                %peer,
-                primary_lsn = hello.durable_lsn,
-                replica_lsn = welcome.last_lsn,
-                "replication session up"
-            );
             link.set_peer(Some(peer.to_string()));
-            link.set_outdated(None);
-            link.acked(welcome.durable_lsn);
-            link.set_state(LinkState::Streaming);
+            let detached_at = match opened {
+                Opened::Primary { hello, welcome } => {
+                    tracing::info!(
+                        %peer,
+                        primary_lsn = hello.durable_lsn,
+                        replica_lsn = welcome.last_lsn,
+                        "replication session up"
+                    );
+                    link.set_outdated(None);
+                    link.acked(welcome.durable_lsn);
+                    link.set_state(LinkState::Streaming);
+                    None
+                }
+                Opened::Resumed { epoch } => {
+                    tracing::warn!(%peer, "the detached primary is back: serving its requests again");
+                    Some(epoch)
+                }
+            };
             let (batches, queued) = mpsc::channel(QUEUED_BATCHES);
             let (replies, answers) = mpsc::channel(QUEUED_BATCHES + 2);
-            let reading = read_frames(volume, &mut reader, batches, replies.clone());
+            let reading = read_frames(volume, &mut reader, batches, replies.clone(), detached_at);
             let mut applying = std::pin::pin!(apply_ops(volume, link, queued, replies));
             let error = {
                 let mut writing = std::pin::pin!(write_replies(
@@ -186,13 +195,22 @@ async fn session(
 type Reader = tokio::io::ReadHalf<tokio_rustls::server::TlsStream<TcpStream>>;
 type Writer = tokio::io::WriteHalf<tokio_rustls::server::TlsStream<TcpStream>>;
 
-/// TLS, then the hello and its answer.
+/// What a session is, once its first frame was answered.
+enum Opened {
+    /// A primary's stream.
+    Primary { hello: Hello, welcome: Welcome },
+    /// A detached primary whose requests this node serves, back on a new
+    /// connection; its frames carry `epoch`.
+    Resumed { epoch: u64 },
+}
+
+/// TLS, then the hello (or a detached primary's resume) and its answer.
 async fn handshake(
     volume: &Arc<Volume>,
     link: &Link,
     tls: &TlsContext,
     tcp: TcpStream,
-) -> Result<(Reader, Writer, Encoder, Hello, Welcome), String> {
+) -> Result<(Reader, Writer, Encoder, Opened), String> {
     tune_socket(&tcp);
     let stream = match tokio::time::timeout(SILENCE_LIMIT, tls.acceptor().accept(tcp)).await {
         Ok(Ok(stream)) => stream,
@@ -203,6 +221,40 @@ async fn handshake(
     let mut encoder = Encoder::new(false).map_err(|e| format!("cannot start the encoder: {e}"))?;
     let hello = match tokio::time::timeout(SILENCE_LIMIT, read_frame(&mut reader)).await {
         Ok(Ok(frame)) => match frame.message {
+            Message::ResumeForwarding {
+                volume: uuid,
+                peer_epoch,
+            } => {
+                if uuid != volume.config().uuid
+                    || !link.serving_detached()
+                    || peer_epoch != volume.epoch()
+                {
+                    let reason = format!(
+                        "cannot resume forwarding: this node serves no detached primary of \
+                         volume {uuid} at epoch {peer_epoch}"
+                    );
+                    let refuse = encoder.encode(volume.epoch(), &Message::Refuse(reason.clone()));
+                    let _ = write_frame(&mut writer, &refuse).await;
+                    let _ = writer.shutdown().await;
+                    return Err(format!("refused: {reason}"));
+                }
+                // After any journal work of the lost session: what it
+                // took is applied before what this one resends.
+                blocking(volume, |_| Ok(())).await?;
+                let answer = Message::Detached {
+                    epoch: peer_epoch,
+                    lsn: 0,
+                };
+                write_frame(&mut writer, &encoder.encode(peer_epoch, &answer))
+                    .await
+                    .map_err(|e| format!("answering the resume: {e}"))?;
+                return Ok((
+                    reader,
+                    writer,
+                    encoder,
+                    Opened::Resumed { epoch: frame.epoch },
+                ));
+            }
             Message::Hello(hello) => match answer_primary(volume, link, &hello).await {
                 Ok(()) => check_hello(volume, &hello)
                     .map(|()| hello)
@@ -251,7 +303,7 @@ async fn handshake(
     write_frame(&mut writer, &answer)
         .await
         .map_err(|e| format!("sending the welcome: {e}"))?;
-    Ok((reader, writer, encoder, hello, welcome))
+    Ok((reader, writer, encoder, Opened::Primary { hello, welcome }))
 }
 
 /// Why a hello is turned away.
@@ -477,11 +529,11 @@ async fn read_frames<R: AsyncRead + Unpin>(
     reader: &mut R,
     ops: mpsc::Sender<Op>,
     replies: mpsc::Sender<Reply>,
-) -> String {
-    let mut beats = (Instant::now(), 0u32);
     // Set once the primary detached: the epoch it detached at, whose
     // frames this session still takes after this node took over.
-    let mut detached_at = None;
+    mut detached_at: Option<u64>,
+) -> String {
+    let mut beats = (Instant::now(), 0u32);
     loop {
         let frame = match tokio::time::timeout(SILENCE_LIMIT, read_frame(reader)).await {
             Ok(Ok(frame)) => frame,

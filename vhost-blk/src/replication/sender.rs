@@ -129,22 +129,24 @@ pub async fn run(volume: Arc<Volume>, link: Arc<Link>, config: SenderConfig, tls
         }
         link.forwarding.session_lost(&err.message);
         if link.detached() {
-            // The peer took over (or was asked to) for this detached
-            // primary: a new session would be fenced and make this node
-            // rejoin under its guest. Forwarded requests wait out the hold.
+            // A detach the peer never answered failed; one it answered
+            // goes on over a new session (`resume`), while the guest's
+            // requests are held.
+            link.forwarding
+                .answered_detach(Err(format!("the link was lost: {}", err.message)));
+            if link.detached_peer_epoch().is_none() || link.forwarding.handed_over() {
+                link.failed(err.state, err.message);
+                link.retire_sender(|| true);
+                return;
+            }
             tracing::error!(
                 event = rewind_journal::events::FORWARD_FAILED,
                 volume = %volume.config().uuid,
                 peer = %config.peer,
                 "the session with the peer that serves this detached primary ended ({}): \
-                 guest requests wait out the hold, then fail",
+                 reconnecting; guest requests are held meanwhile",
                 err.message
             );
-            link.forwarding
-                .answered_detach(Err(format!("the link was lost: {}", err.message)));
-            link.failed(err.state, err.message);
-            link.retire_sender(|| true);
-            return;
         }
         link.failed(err.state, err.message);
         link.set_resync(None);
@@ -187,6 +189,9 @@ async fn session(
         Ok(encoder) => encoder,
         Err(e) => return down(format!("cannot start zstd: {e}")),
     };
+    if let Some(peer_epoch) = link.detached_peer_epoch() {
+        return resume(volume, link, reader, writer, encoder, peer_epoch).await;
+    }
     let welcome = match handshake(volume, link, &mut reader, &mut writer, &mut encoder).await {
         Ok(welcome) => welcome,
         Err(e) => return e,
@@ -579,7 +584,7 @@ async fn ship<W: AsyncWrite + Unpin>(
     let mut handover = HandoverSent::default();
     loop {
         if let Some(reason) = link.forwarding.detach_to_send() {
-            return forward(link, writer, encoder, volume.epoch(), reason).await;
+            return forward(link, writer, encoder, volume.epoch(), Some(reason)).await;
         }
         let offer = link.handover_offer();
         if volume.role() != Role::Primary {
@@ -661,20 +666,75 @@ async fn ship<W: AsyncWrite + Unpin>(
     }
 }
 
+/// A detached primary's new session with the peer that serves it: asks
+/// it to go on, resends what the lost session left unanswered, in order,
+/// then forwards as before.
+async fn resume<R, W>(
+    volume: &Arc<Volume>,
+    link: &Link,
+    mut reader: R,
+    mut writer: W,
+    mut encoder: Encoder,
+    peer_epoch: u64,
+) -> SessionError
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let epoch = volume.epoch();
+    let ask = Message::ResumeForwarding {
+        volume: volume.config().uuid,
+        peer_epoch,
+    };
+    if let Err(e) = write_frame(&mut writer, &encoder.encode(epoch, &ask)).await {
+        return down(format!("asking the peer to go on forwarding: {e}"));
+    }
+    let answer = match tokio::time::timeout(SILENCE_LIMIT * 3, read_frame(&mut reader)).await {
+        Ok(Ok(frame)) => frame.message,
+        Ok(Err(e)) => return down(format!("reading the peer's answer to the resume: {e}")),
+        Err(_) => return down("the peer did not answer the resume"),
+    };
+    match answer {
+        Message::Detached { .. } => {}
+        Message::Refuse(reason) => return down(format!("the peer refused the resume: {reason}")),
+        other => return down(format!("expected detached, got {}", other.name())),
+    }
+    tracing::warn!(
+        peer_epoch,
+        "forwarding again: the peer serves this detached primary"
+    );
+    link.set_state(LinkState::Streaming);
+    link.forwarding.resend();
+    let (hashes, _unused) = mpsc::channel(1);
+    let ended = tokio::select! {
+        e = forward(link, &mut writer, &mut encoder, epoch, None) => e,
+        e = take_acks(volume, link, &mut reader, hashes) => e,
+        () = link.stop.notified() => down("the daemon stops"),
+    };
+    let _ = writer.shutdown().await;
+    ended
+}
+
 /// This primary detached from its failed storage: asks the peer to take
-/// over, then sends the guest's requests as they are queued, for as long
-/// as the session holds. Records are not shipped any more: the peer holds
-/// what this node's journal still had once the detach catches it up.
+/// over (`detach`, unless it did on an earlier session), then sends the
+/// guest's requests as they are queued, for as long as the session
+/// holds. Records are not shipped any more: the peer holds what this
+/// node's journal still had once the detach catches it up.
 async fn forward<W: AsyncWrite + Unpin>(
     link: &Link,
     writer: &mut W,
     encoder: &mut Encoder,
     epoch: u64,
-    reason: String,
+    detach: Option<String>,
 ) -> SessionError {
-    tracing::warn!("detaching: asking the replica to take over and serve this guest ({reason})");
-    if let Err(e) = write_frame(writer, &encoder.encode(epoch, &Message::Detach(reason))).await {
-        return down(format!("sending detach: {e}"));
+    if let Some(reason) = detach {
+        tracing::warn!(
+            "detaching: asking the replica to take over and serve this guest ({reason})"
+        );
+        let frame = encoder.encode(epoch, &Message::Detach(reason));
+        if let Err(e) = write_frame(writer, &frame).await {
+            return down(format!("sending detach: {e}"));
+        }
     }
     let mut last_send = Instant::now();
     let mut handover = HandoverSent::default();
@@ -736,6 +796,7 @@ impl HandoverSent {
         let seal = offer.seal?;
         if offer.verdict == Some(true) {
             link.set_seal_delivered(true);
+            link.forwarding.hand_over();
             return Some(down(format!(
                 "handed over at lsn {}: the peer is the primary now",
                 seal.lsn
