@@ -16,6 +16,9 @@ use crate::format::{FORMAT_VERSION, PAGE, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZ
 use crate::storage::Storage;
 use crate::superblock::MAX_SEGMENTS;
 
+/// The smallest write a guest makes.
+const SECTOR_BYTES: u64 = 512;
+
 pub const VOLUME_FILE: &str = "volume.json";
 
 /// What a new volume is created with.
@@ -174,6 +177,28 @@ pub struct Seal {
 }
 
 impl VolumeConfig {
+    /// Journal bytes that can hold history: the hard limit less the
+    /// segments the pool keeps free (its reserve, the applier's early
+    /// folds and the segment being written).
+    pub fn history_bytes(&self) -> u64 {
+        let segments = self.journal_max / self.segment_size;
+        let headroom =
+            u64::from(self.reserve_segments) + crate::pool::early_fold_segments(segments) + 1;
+        segments.saturating_sub(headroom) * self.segment_size
+    }
+
+    /// How much history the journal holds when the guest writes
+    /// `bytes_per_second` in writes of `write_size` bytes each (every
+    /// record takes a header slot besides its payload): past it, the hard
+    /// limit folds early and the effective window shrinks below
+    /// `window_secs`.
+    pub fn history_at(&self, bytes_per_second: u64, write_size: u64) -> Duration {
+        let write_size = write_size.max(SECTOR_BYTES);
+        let per_second = bytes_per_second.max(1) as f64 * (write_size + RECORD_HEADER_SIZE) as f64
+            / write_size as f64;
+        Duration::from_secs_f64(self.history_bytes() as f64 / per_second)
+    }
+
     pub(crate) fn new(settings: &VolumeSettings) -> Self {
         VolumeConfig {
             format_version: FORMAT_VERSION,
@@ -282,6 +307,33 @@ pub(crate) fn new_node_tag() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_history_a_journal_holds_shrinks_with_the_write_rate() {
+        let config = VolumeConfig::new(&VolumeSettings::new(10 << 30));
+        // 160 segments of 64 MiB: 2 in reserve, 10 for early folds, 1 open.
+        assert_eq!(config.history_bytes(), (160 - 13) * (64 << 20));
+        let big = config.history_at(100 << 20, 1 << 20);
+        let small = config.history_at(100 << 20, 4096);
+        assert!(
+            big > small,
+            "a header slot per 4 KiB record costs an eighth"
+        );
+        let ratio = big.as_secs_f64() / small.as_secs_f64();
+        assert!(
+            (ratio - 4608.0 / 4096.0 * 1048576.0 / 1049088.0).abs() < 1e-6,
+            "{ratio}"
+        );
+        assert_eq!(
+            config.history_at(1 << 20, 1 << 20).as_secs(),
+            (147 * 64 * 1048576u64) / 1049088,
+        );
+        let tiny = VolumeConfig::new(&VolumeSettings {
+            journal_max: 64 << 20,
+            ..VolumeSettings::new(1 << 20)
+        });
+        assert_eq!(tiny.history_bytes(), 0, "one segment is all headroom");
+    }
 
     #[test]
     fn defaults_are_valid_and_bad_settings_are_named() {

@@ -48,7 +48,7 @@ struct Held {
 /// segments). A fold frees nothing until its last segment is done, so the
 /// writers need that much room to keep going, paced, while it runs. Small
 /// pools get none: their whole journal is the reserve and one segment.
-fn early_fold_segments(max_segments: u64) -> u64 {
+pub(crate) fn early_fold_segments(max_segments: u64) -> u64 {
     (max_segments / 16).min(16)
 }
 

@@ -99,7 +99,45 @@ pub fn create(args: &CreateArgs) -> Result<(), DaemonError> {
         config.window_secs,
         config.journal_max
     );
+    print!("{}", history_table(&config));
     Ok(())
+}
+
+/// Write rates `create` shows the journal's history at: (MiB/s, write
+/// size).
+const SHOWN_RATES: [(u64, u64); 4] = [(1, 4096), (10, 4096), (50, 4096), (200, 1 << 20)];
+
+/// How much history the journal limit holds at a few write rates, so the
+/// operator sees whether `--journal-max` buys the window they asked for.
+fn history_table(config: &rewind_journal::VolumeConfig) -> String {
+    let window = std::time::Duration::from_secs(config.window_secs);
+    let mut out = format!(
+        "the journal limit holds this much history (window {} configured):\n",
+        humantime::format_duration(window)
+    );
+    for (mib, write_size) in SHOWN_RATES {
+        let held = config.history_at(mib << 20, write_size);
+        // Whole minutes past an hour, whole seconds below.
+        let secs = held.as_secs();
+        let shown = match secs >= 3600 {
+            true => secs - secs % 60,
+            false => secs,
+        };
+        let verdict = match held >= window {
+            true => "the whole window",
+            false => "less than the window: it shrinks at this rate",
+        };
+        out.push_str(&format!(
+            "  {mib:>4} MiB/s in {:>5} writes: {:<12} {verdict}\n",
+            if write_size >= 1 << 20 {
+                format!("{} MiB", write_size >> 20)
+            } else {
+                format!("{} KiB", write_size >> 10)
+            },
+            humantime::format_duration(std::time::Duration::from_secs(shown)).to_string(),
+        ));
+    }
+    out
 }
 
 /// `rewind-blk serve`: serves until SIGTERM or SIGINT.

@@ -569,3 +569,35 @@ fn the_debian_packages_build_install_into_a_root_and_serve() {
     let exit = serve.stop(Duration::from_secs(30));
     assert!(exit.success(), "{exit}");
 }
+
+#[test]
+fn create_says_how_much_history_the_journal_limit_holds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let create = |name: &str, extra: &[&str]| {
+        stdout(&run(Command::new(BIN)
+            .args(["create", "--size", "10G", "--volume"])
+            .arg(dir.path().join(name))
+            .args(extra)))
+    };
+    let out = create("default", &[]);
+    let row = |out: &str, rate: &str| {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(rate))
+            .unwrap_or_else(|| panic!("no {rate} row in {out}"))
+            .to_string()
+    };
+    assert!(out.contains("(window 1h configured)"), "{out}");
+    let slow = row(&out, "1 MiB/s in 4 KiB writes");
+    assert!(
+        slow.contains("2h 19m") && slow.ends_with("the whole window"),
+        "{slow}"
+    );
+    let busy = row(&out, "10 MiB/s in 4 KiB writes");
+    assert!(busy.ends_with("it shrinks at this rate"), "{busy}");
+    // A shorter window is held at that rate.
+    let out = create("short", &["--window", "10m"]);
+    assert!(
+        row(&out, "10 MiB/s in 4 KiB writes").ends_with("the whole window"),
+        "{out}"
+    );
+}
