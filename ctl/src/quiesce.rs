@@ -4,6 +4,8 @@
 //! the freeze, the volume is resumed (if drained here) and the guest
 //! thawed: the thaw runs in `Frozen::thaw`, or in its `Drop` on a panic,
 //! with SIGINT, SIGTERM and SIGHUP held until then.
+//! `freeze` and `Frozen` are also rewind-blk's, for its scheduled
+//! bookmarks (vhost-blk/src/schedule.rs).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -25,7 +27,7 @@ pub struct Options {
 }
 
 /// What to tell the operator when a thaw failed.
-fn thaw_advice(agent: &Path, e: &QgaError) -> String {
+pub fn thaw_advice(agent: &Path, e: &QgaError) -> String {
     format!(
         "THE GUEST MAY STILL BE FROZEN (its writes wait): thawing its filesystems failed: {e}. \
          Run guest-fsfreeze-thaw through the agent now: `virsh qemu-agent-command DOMAIN \
@@ -38,7 +40,8 @@ fn thaw_advice(agent: &Path, e: &QgaError) -> String {
 
 /// A guest whose filesystems this process froze. `thaw` thaws them and
 /// says how; dropped without it (a panic), it thaws them anyway.
-struct Frozen {
+#[derive(Debug)]
+pub struct Frozen {
     agent: Agent,
     /// When the freeze's answer came.
     since: Instant,
@@ -49,14 +52,15 @@ struct Frozen {
 }
 
 /// How the thaw went.
-struct Thawed {
+#[derive(Debug)]
+pub struct Thawed {
     /// From the freeze's answer to the thaw's.
-    frozen: Duration,
-    result: Result<u64, QgaError>,
+    pub frozen: Duration,
+    pub result: Result<u64, QgaError>,
 }
 
 impl Frozen {
-    fn thaw(mut self) -> Thawed {
+    pub fn thaw(mut self) -> Thawed {
         self.thawed = true;
         let result = if self.uncertain {
             self.agent.resync_and_thaw()
@@ -83,9 +87,9 @@ impl Drop for Frozen {
 /// Why a guest could not be frozen; when thawing it afterwards failed
 /// too, what to do about that.
 #[derive(Debug)]
-struct NotFrozen {
-    why: String,
-    thaw_failed: Option<String>,
+pub struct NotFrozen {
+    pub why: String,
+    pub thaw_failed: Option<String>,
 }
 
 impl NotFrozen {
@@ -101,7 +105,7 @@ impl NotFrozen {
 /// guard, the number of filesystems frozen, how long the freeze took.
 /// When the freeze fails the guest is thawed (it may have been half
 /// done, or may still finish).
-fn freeze(path: &Path, timeout: Duration) -> Result<(Frozen, u64, Duration), NotFrozen> {
+pub fn freeze(path: &Path, timeout: Duration) -> Result<(Frozen, u64, Duration), NotFrozen> {
     let agent = Agent::connect(path, timeout).map_err(|e| NotFrozen::unreachable(path, &e))?;
     let started = Instant::now();
     let mut frozen = Frozen {
