@@ -79,6 +79,16 @@ pub const CONTROL_CLIENT_REFUSED: &str = "control_client_refused";
 /// systemd could not be told of the daemon's state.
 pub const SYSTEMD_NOTIFY_FAILED: &str = "systemd_notify_failed";
 
+// Scheduled bookmarks (`serve --bookmark-every`).
+
+/// The guest could not be frozen (no agent, no answer, a refused freeze,
+/// a failed drain): the scheduled bookmark is crash-consistent.
+pub const SCHEDULED_BOOKMARK_NOT_QUIESCED: &str = "scheduled_bookmark_not_quiesced";
+/// A scheduled bookmark could not be taken; the next tick tries again.
+pub const SCHEDULED_BOOKMARK_FAILED: &str = "scheduled_bookmark_failed";
+/// Thawing the guest's filesystems failed: it may still be frozen.
+pub const GUEST_THAW_FAILED: &str = "guest_thaw_failed";
+
 // Replication, failover and detach.
 
 /// The replication session ended; the link reconnects.
@@ -163,6 +173,9 @@ pub const ALL: &[&str] = &[
     EXPORT_FAILED,
     CONTROL_CLIENT_REFUSED,
     SYSTEMD_NOTIFY_FAILED,
+    SCHEDULED_BOOKMARK_NOT_QUIESCED,
+    SCHEDULED_BOOKMARK_FAILED,
+    GUEST_THAW_FAILED,
     REPLICATION_LINK_DOWN,
     REPLICATION_OUTDATED,
     REPLICATION_SPLIT_BRAIN,

@@ -14,6 +14,7 @@ use crate::detach::OnStorageError;
 use crate::logging::LogFormat;
 use crate::replication::tls::{Fingerprint, PeerTrust, TlsSettings};
 use crate::replication::{Mode, OnLoss, ReceiverConfig, SenderConfig};
+use crate::schedule::Schedule;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -152,6 +153,22 @@ pub struct ServeArgs {
     /// (needs --replicate-to; evacuate the VM with `rewindctl handover`).
     #[arg(long, value_enum, default_value = "hold")]
     pub on_storage_error: OnStorageError,
+    /// Take a bookmark every DURATION (at least 1s), at each multiple of
+    /// it since the Unix epoch, named by that moment in UTC
+    /// (auto-2026-11-30T19:45:00Z). They are pruned with the window as any
+    /// record. None is taken on a replica, or while the volume is drained
+    /// or fenced.
+    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    pub bookmark_every: Option<Duration>,
+    /// Make the scheduled bookmarks application-consistent: the socket of
+    /// the VM's QEMU guest agent channel (the chardev of its
+    /// org.qemu.guest_agent.0 virtio-serial port). While a guest runs,
+    /// its filesystems are frozen for each bookmark (each agent call and
+    /// the drain wait at most half the interval, and at most 10s) and
+    /// always thawed; when the agent does not answer, the bookmark is
+    /// crash-consistent and a warning says why.
+    #[arg(long, requires = "bookmark_every", value_name = "SOCKET")]
+    pub bookmark_qga: Option<PathBuf>,
     #[command(flatten)]
     pub replication: ReplicationArgs,
 }
@@ -237,6 +254,7 @@ pub struct ServeConfig {
     pub control_socket: Option<PathBuf>,
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub replication: Replication,
+    pub bookmarks: Option<Schedule>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -263,6 +281,8 @@ pub enum ConfigError {
     DetachWithoutReplica,
     #[error("--replication-rate must be at least 1M per second (a 1 MiB batch must not hold the link's heartbeats for seconds)")]
     Rate,
+    #[error("--bookmark-every must be at least 1s (bookmarks are named to the second), not {0:?}")]
+    BookmarkEvery(Duration),
 }
 
 /// The listening socket systemd passed (sd_listen_fds(3)): fd 3, when
@@ -300,6 +320,9 @@ impl TryFrom<ServeArgs> for ServeConfig {
         if a.on_storage_error == OnStorageError::Detach && a.replication.replicate_to.is_none() {
             return Err(ConfigError::DetachWithoutReplica);
         }
+        if let Some(every) = a.bookmark_every.filter(|e| *e < Duration::from_secs(1)) {
+            return Err(ConfigError::BookmarkEvery(every));
+        }
         let replication = Replication::try_from(a.replication)?;
         Ok(ServeConfig {
             volume,
@@ -314,6 +337,10 @@ impl TryFrom<ServeArgs> for ServeConfig {
             control_socket: a.control_socket,
             metrics_listen: a.metrics_listen,
             replication,
+            bookmarks: a.bookmark_every.map(|every| Schedule {
+                every,
+                agent: a.bookmark_qga,
+            }),
         })
     }
 }
@@ -438,6 +465,46 @@ mod tests {
         ];
         for (args, want) in bad {
             let err = serve(&args).expect_err("invalid");
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn bookmark_schedule_is_checked() {
+        let with = |extra: &[&str]| {
+            let mut args = vec!["--volume", "/v", "--fd", "3"];
+            args.extend_from_slice(extra);
+            serve(&args)
+        };
+        assert_eq!(with(&[]).expect("none").bookmarks, None);
+        let every = with(&["--bookmark-every", "15m"]).expect("every");
+        assert_eq!(
+            every.bookmarks,
+            Some(Schedule {
+                every: Duration::from_secs(900),
+                agent: None
+            })
+        );
+        let quiesced =
+            with(&["--bookmark-every", "1s", "--bookmark-qga", "/q.sock"]).expect("with an agent");
+        assert_eq!(
+            quiesced.bookmarks,
+            Some(Schedule {
+                every: Duration::from_secs(1),
+                agent: Some("/q.sock".into())
+            })
+        );
+        let bad = [
+            (vec!["--bookmark-every", "500ms"], "at least 1s"),
+            (vec!["--bookmark-every", "0s"], "at least 1s"),
+            (vec!["--bookmark-every", "often"], "durations like"),
+            (
+                vec!["--bookmark-qga", "/q.sock"],
+                "required arguments were not provided:\n  --bookmark-every",
+            ),
+        ];
+        for (args, want) in bad {
+            let err = with(&args).expect_err("invalid");
             assert!(err.contains(want), "{args:?}: {err}");
         }
     }

@@ -19,6 +19,7 @@ use crate::failover::{Roles, SenderStart};
 use crate::gate::Gate;
 use crate::replication::tls::{self, TlsContext, TlsError};
 use crate::replication::{self as repl, Link};
+use crate::schedule::Scheduler;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -46,6 +47,8 @@ pub enum DaemonError {
         address: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot start the scheduled bookmarks: {0}")]
+    Schedule(std::io::Error),
 }
 
 /// `rewind-blk cert`.
@@ -211,12 +214,20 @@ pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
         (None, Listen::Fd(fd)) => return Err(DaemonError::NotListening(*fd)),
     };
     watch_signals(control.clone())?;
+    let bookmarks = config
+        .bookmarks
+        .clone()
+        .map(|schedule| Scheduler::start(schedule, volume.clone(), live.clone()))
+        .transpose()
+        .map_err(DaemonError::Schedule)?;
     tracing::info!(listen = ?config.listen, queues = config.export.num_queues, "serving");
     // The socket listens: QEMU may connect (systemd's Type=notify).
     notify("READY=1");
     live.serve(listener)?;
     tracing::info!("stopping: flushing the volume");
     control.stop_exports();
+    // Its last tick ends (the guest thawed) before the last flush.
+    drop(bookmarks);
     volume.flush()?;
     if let Some(Running { runtime, link, .. }) = replication {
         if volume.role() == Role::Primary && config.replication.sender.is_some() {

@@ -14,5 +14,6 @@ pub mod logging;
 pub mod metrics;
 pub mod replication;
 pub mod request;
+pub mod schedule;
 #[cfg(test)]
 mod test_support;
