@@ -157,6 +157,12 @@ pub struct Stats {
     /// one shrank the effective window below the configured one.
     pub forced_folds: u64,
     pub segments_retired: u64,
+    /// Journal bytes the applier folded into base.img since the open, and
+    /// the time it spent folding them (its throughput is their ratio).
+    pub folded_bytes: u64,
+    pub fold_nanos: u64,
+    /// Requests held now, retrying an EIO or ENOSPC on the volume's files.
+    pub held_requests: u64,
 }
 
 /// The history a volume holds, for operators.
@@ -245,6 +251,11 @@ struct Inner {
     /// One fold at a time.
     fold_lock: Mutex<()>,
     forced_folds: AtomicU64,
+    /// See `Stats::folded_bytes` and `Stats::fold_nanos`.
+    folded_bytes: AtomicU64,
+    fold_nanos: AtomicU64,
+    /// Requests inside `retrying` after an error.
+    held_requests: AtomicU64,
     shutdown: AtomicBool,
     /// Highest lsn of a record other than Flush (what a flush covers).
     last_data_lsn: AtomicU64,
@@ -271,6 +282,26 @@ struct Inner {
 
 /// `replica_hold` when no replica holds history back.
 const NO_HOLD: u64 = u64::MAX;
+
+/// Counts a request in `Inner::held_requests` from its first retried
+/// error until it returns.
+struct HeldRequest<'a>(&'a AtomicU64, std::cell::Cell<bool>);
+
+impl HeldRequest<'_> {
+    fn start(&self) {
+        if !self.1.replace(true) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for HeldRequest<'_> {
+    fn drop(&mut self) {
+        if self.1.get() {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
 
 /// See [`Volume::release_held`].
 #[derive(Debug)]
@@ -521,6 +552,9 @@ impl Volume {
             views: Mutex::new(Vec::new()),
             fold_lock: Mutex::new(()),
             forced_folds: AtomicU64::new(0),
+            folded_bytes: AtomicU64::new(0),
+            fold_nanos: AtomicU64::new(0),
+            held_requests: AtomicU64::new(0),
             shutdown: AtomicBool::new(false),
             last_data_lsn: AtomicU64::new(recovered.last_data_lsn),
             completion: Completion::new(next_lsn - 1),
@@ -887,6 +921,9 @@ impl Volume {
             window_start_ns: start_ns,
             forced_folds: inner.forced_folds.load(Ordering::Relaxed),
             segments_retired: counts.retired,
+            folded_bytes: inner.folded_bytes.load(Ordering::Relaxed),
+            fold_nanos: inner.fold_nanos.load(Ordering::Relaxed),
+            held_requests: inner.held_requests.load(Ordering::Relaxed),
         }
     }
 }
@@ -1029,6 +1066,7 @@ impl Inner {
     fn retrying<T>(&self, what: &str, mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
         let mut first_error: Option<Instant> = None;
         let mut backoff = self.retry.first_backoff;
+        let _held = HeldRequest(&self.held_requests, std::cell::Cell::new(false));
         loop {
             match op() {
                 Err(e) if retryable(&e) => {
@@ -1037,6 +1075,7 @@ impl Inner {
                     {
                         return Err(e);
                     }
+                    _held.start();
                     let since = *first_error.get_or_insert_with(|| {
                         tracing::warn!(
                             event = crate::events::STORAGE_ERROR,

@@ -69,9 +69,17 @@ fn the_pool_shrinks_back_to_its_reserve_after_the_window_passes() {
         "nothing left the window yet"
     );
 
+    assert_eq!((grown.folded_bytes, grown.fold_nanos), (0, 0));
     clock.advance(11 * SEC);
     let report = v.fold_now().expect("fold").expect("a fold");
     assert!(!report.forced);
+    let folded = v.stats();
+    assert_eq!(
+        folded.folded_bytes,
+        report.segments as u64 * folded.segment_size,
+        "the journal bytes the fold freed"
+    );
+    assert!(folded.fold_nanos > 0, "and the time it took");
     assert_eq!(
         report.base_lsn,
         v.last_lsn(),

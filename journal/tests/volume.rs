@@ -464,12 +464,14 @@ fn release_held_fails_a_request_held_on_an_io_error_at_once() {
     let start = std::time::Instant::now();
     std::thread::scope(|s| {
         let held = s.spawn(|| v.write(0, &pattern(1, 4096)));
+        wait_until("the write to be held", || v.stats().held_requests == 1);
         let released = v.release_held();
         let err = held.join().expect("writer").unwrap_err();
         assert!(matches!(err, Error::Failed(_)), "{err}");
         drop(released);
     });
     assert!(start.elapsed() < HOLD, "the write was not released");
+    assert_eq!(v.stats().held_requests, 0, "no longer held");
 }
 
 #[test]

@@ -238,6 +238,12 @@ struct Status {
     window_start: String,
     /// Folds the hard limit forced (each one shrank the window).
     forced_folds: u64,
+    /// Journal bytes folded into base.img since the daemon started, and
+    /// the seconds the folds took.
+    folded_bytes: u64,
+    fold_seconds: f64,
+    /// Requests held now, retrying an EIO or ENOSPC on the volume's files.
+    held_requests: u64,
     role: Role,
     /// This copy's tag in the Epoch records it raises.
     node: u64,
@@ -400,6 +406,9 @@ impl Control {
             window_effective: s.window_effective.as_secs(),
             window_start: format_ns(s.window_start_ns),
             forced_folds: s.forced_folds,
+            folded_bytes: s.folded_bytes,
+            fold_seconds: s.fold_nanos as f64 / 1e9,
+            held_requests: s.held_requests,
             role: self.volume.role(),
             node: self.volume.node(),
             epoch_history: self.volume.epoch_history(),

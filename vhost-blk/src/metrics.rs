@@ -72,6 +72,9 @@ struct StatusView {
     window_configured: u64,
     window_effective: u64,
     forced_folds: u64,
+    folded_bytes: u64,
+    fold_seconds: f64,
+    held_requests: u64,
     role: String,
     hold: Option<String>,
     handover: Option<HandoverView>,
@@ -193,6 +196,17 @@ impl Family<'_, '_> {
 
     fn counter(&mut self, name: &str, help: &str, value: u64) -> std::fmt::Result {
         self.counters(name, help, &[(&[], value)])
+    }
+
+    /// A counter of seconds (`name` without `_total`).
+    fn seconds(&mut self, name: &str, help: &str, value: f64) -> std::fmt::Result {
+        self.family(
+            name,
+            help,
+            MetricType::Counter,
+            &[(&[], value)],
+            |value, family| ConstCounter::new(value).encode(family),
+        )
     }
 
     /// A gauge per value of `all`, 1 for `current` and 0 for the others
@@ -346,6 +360,22 @@ impl Snapshot {
             "rewind_forced_folds",
             "Folds the journal's hard limit forced (each shrank the window)",
             s.forced_folds,
+        )?;
+        // The applier's throughput is the ratio of their rates.
+        f.counter(
+            "rewind_fold_bytes",
+            "Journal bytes folded into base.img since the daemon started",
+            s.folded_bytes,
+        )?;
+        f.seconds(
+            "rewind_fold_seconds",
+            "Seconds the applier spent folding them",
+            s.fold_seconds,
+        )?;
+        f.gauge(
+            "rewind_storage_held_requests",
+            "Requests held now, retrying an EIO or ENOSPC on the volume's files (--io-error-hold)",
+            s.held_requests as f64,
         )?;
         f.gauge(
             "rewind_last_lsn",
@@ -675,6 +705,9 @@ mod tests {
             "window_configured": 3600,
             "window_effective": 1800,
             "forced_folds": 5,
+            "folded_bytes": 134217728,
+            "fold_seconds": 0.5,
+            "held_requests": 3,
             "role": "primary",
             "hold": null,
             "handover": {"state": "armed", "side": "source", "timeout_ms": 1000},
@@ -729,6 +762,9 @@ mod tests {
             ("rewind_window_configured_seconds{", "3600"),
             ("rewind_window_effective_seconds{", "1800"),
             ("rewind_forced_folds_total{", "5"),
+            ("rewind_fold_bytes_total{", "134217728"),
+            ("rewind_fold_seconds_total{", "0.5"),
+            ("rewind_storage_held_requests{", "3"),
             ("rewind_epoch{", "3"),
             ("rewind_replication_lag_bytes{", "8192"),
             ("rewind_replication_rpo_seconds{", "0.25"),

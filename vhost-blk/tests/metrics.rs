@@ -144,6 +144,10 @@ fn metrics_move_with_the_guests_io_and_match_rewindctl() {
         1.0
     );
     assert_eq!(value(&before, "rewind_replication_enabled", &[]), 0.0);
+    // Nothing folded or held yet on a new volume (a 1 h window).
+    assert_eq!(value(&before, "rewind_fold_bytes_total", &[]), 0.0);
+    assert_eq!(value(&before, "rewind_fold_seconds_total", &[]), 0.0);
+    assert_eq!(value(&before, "rewind_storage_held_requests", &[]), 0.0);
     let journal_before = value(&before, "rewind_journal_bytes", &[]);
 
     // Scrapes during load: the write counter rises while it runs.

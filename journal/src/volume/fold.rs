@@ -168,6 +168,10 @@ impl Inner {
         lock(&self.index).trim(upto);
         self.pool.retire(folded);
         self.pacer.record_fold(journal_bytes, started.elapsed());
+        self.folded_bytes
+            .fetch_add(journal_bytes, Ordering::Relaxed);
+        self.fold_nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
 
         let report = FoldReport {
             segments: count,
