@@ -130,21 +130,28 @@ fn qga_args(socket: &Path) -> [&str; 4] {
     ]
 }
 
-/// The freezes and thaws the agent saw, once it saw a thaw.
-fn freezes_and_thaws(agent: &mut FakeAgent) -> Vec<String> {
-    agent
-        .commands_until("guest-fsfreeze-thaw", LIMIT)
-        .iter()
-        .filter(|c| c.starts_with("guest-fsfreeze-"))
-        .cloned()
-        .collect()
+/// The freezes and thaws the agent saw, once it saw `thaws` thaws (a
+/// bookmark is taken before its thaw is sent, so the last one may still
+/// be on its way when the bookmarks are counted).
+fn freezes_and_thaws(agent: &mut FakeAgent, thaws: usize) -> Vec<String> {
+    let mut seen = Vec::new();
+    wait_until("the agent's thaws", LIMIT, || {
+        seen = agent
+            .commands_until("guest-fsfreeze-thaw", LIMIT)
+            .iter()
+            .filter(|c| c.starts_with("guest-fsfreeze-"))
+            .cloned()
+            .collect();
+        seen.iter().filter(|c| *c == "guest-fsfreeze-thaw").count() >= thaws
+    });
+    seen
 }
 
 #[test]
 fn an_answering_agent_makes_them_application_consistent() {
     let (marks, mut agent) = with_agent(agent::healthy);
     assert!(marks.iter().all(|m| m.app_consistent), "{marks:?}");
-    let seen = freezes_and_thaws(&mut agent);
+    let seen = freezes_and_thaws(&mut agent, 2);
     assert!(seen.len() >= 4, "{seen:?}");
     // Each freeze thawed before the next.
     for (i, c) in seen.iter().enumerate() {
@@ -157,7 +164,7 @@ fn an_answering_agent_makes_them_application_consistent() {
 fn an_agent_that_never_answers_gets_crash_consistent_ones_and_a_thaw() {
     let (marks, mut agent) = with_agent(agent::hangs_from_freeze);
     assert!(marks.iter().all(|m| !m.app_consistent), "{marks:?}");
-    let seen = freezes_and_thaws(&mut agent);
+    let seen = freezes_and_thaws(&mut agent, 1);
     let freeze = seen.iter().position(|c| c == "guest-fsfreeze-freeze");
     let thaw = seen.iter().position(|c| c == "guest-fsfreeze-thaw");
     assert!(freeze.is_some() && thaw > freeze, "{seen:?}");
