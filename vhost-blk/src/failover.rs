@@ -304,6 +304,11 @@ impl Roles {
         link.stop_serving_detached();
         self.open_gate();
         self.start_sender();
+        self.already_primary(Duration::ZERO)
+    }
+
+    /// What a promotion of a node that is the primary already reports.
+    fn already_primary(&self, took: Duration) -> Promoted {
         let v = &self.volume;
         let first_lsn = v.epoch_history().last().map_or(1, |start| start.first_lsn);
         Promoted {
@@ -314,7 +319,7 @@ impl Roles {
             sealed_lsn: None,
             rpo_seconds: 0.0,
             held_through_time: self.time_of(first_lsn.saturating_sub(1)),
-            took_ms: 0,
+            took_ms: took.as_millis() as u64,
             already: true,
         }
     }
@@ -410,18 +415,7 @@ impl Roles {
         let _one = lock(&self.changing);
         let v = &self.volume;
         if v.role() == Role::Primary {
-            let first_lsn = v.epoch_history().last().map_or(1, |start| start.first_lsn);
-            return Ok(Promoted {
-                role: Role::Primary,
-                epoch: v.epoch(),
-                first_lsn,
-                forced: false,
-                sealed_lsn: None,
-                rpo_seconds: 0.0,
-                held_through_time: self.time_of(first_lsn.saturating_sub(1)),
-                took_ms: started.elapsed().as_millis() as u64,
-                already: true,
-            });
+            return Ok(self.already_primary(started.elapsed()));
         }
         if self.held_seal().is_none() {
             // A primary that is up reconnects within its backoff (this

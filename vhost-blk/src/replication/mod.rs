@@ -336,22 +336,16 @@ impl Link {
     /// forwards. Returns the peer's new epoch and the last lsn of the old
     /// epoch it holds, once it answered (before `deadline`).
     pub fn detach(&self, reason: &str, deadline: Instant) -> Result<(u64, u64), String> {
-        if !matches!(
-            lock(&self.shared).state,
-            LinkState::Streaming | LinkState::Syncing
-        ) {
+        let state = lock(&self.shared).state;
+        if !matches!(state, LinkState::Streaming | LinkState::Syncing) {
             return Err(format!(
                 "the replica is not connected (replication {})",
-                self.status_state_name()
+                state.name()
             ));
         }
         self.forwarding.request_detach(reason);
         self.wake.notify_one();
         self.forwarding.wait_detached(deadline)
-    }
-
-    fn status_state_name(&self) -> &'static str {
-        lock(&self.shared).state.name()
     }
 
     /// Whether this primary detached from its storage.
