@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use memmap2::{MmapOptions, MmapRaw};
 
 use rustix::fs::{FallocateFlags, FlockOperation, SeekFrom};
-use rustix::io::Errno;
+use rustix::io::{Errno, ReadWriteFlags};
 
 /// Held while a volume is open; dropping it releases the lock.
 pub type LockGuard = Box<dyn std::any::Any + Send + Sync>;
@@ -121,6 +121,16 @@ pub trait Storage: Send + Sync + fmt::Debug {
 pub trait StorageFile: Send + Sync + fmt::Debug {
     /// Reads exactly `buf.len()` bytes at `offset` (`UnexpectedEof` past the end).
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Reads `buf` at `offset` only if that does not wait for the disk (the
+    /// bytes are all in the page cache); false when it would, or when the
+    /// file cannot tell or the read fails (`buf` is then unspecified, and a
+    /// [`StorageFile::read_exact_at`] gives the answer). A caller serves
+    /// cached reads on its own thread and hands the rest to one that may
+    /// wait. Files that cannot tell say false.
+    fn read_cached_at(&self, buf: &mut [u8], offset: u64) -> bool {
+        let _ = (buf, offset);
+        false
+    }
     /// Writes all of `bufs`, one after the other, starting at `offset`.
     fn write_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()>;
     /// Writes a small `buf` at `offset`, like [`StorageFile::write_all_at`]
@@ -250,6 +260,28 @@ fn retry_eintr<T>(mut f: impl FnMut() -> Result<T, Errno>) -> io::Result<T> {
 impl StorageFile for OsFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
+    }
+
+    /// preadv2 with RWF_NOWAIT: EAGAIN where a page is not cached.
+    fn read_cached_at(&self, buf: &mut [u8], offset: u64) -> bool {
+        let mut done = 0;
+        while done < buf.len() {
+            let mut iov = [IoSliceMut::new(&mut buf[done..])];
+            match rustix::io::preadv2(
+                &self.file,
+                &mut iov,
+                offset + done as u64,
+                ReadWriteFlags::NOWAIT,
+            ) {
+                Ok(0) => return false,
+                Ok(n) => done += n,
+                Err(Errno::INTR) => {}
+                // EAGAIN (not cached), EOPNOTSUPP (no RWF_NOWAIT here), or
+                // an error the waiting read reports with its context.
+                Err(_) => return false,
+            }
+        }
+        true
     }
 
     fn write_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {

@@ -664,6 +664,40 @@ impl Volume {
         Ok(())
     }
 
+    /// Reads like [`Volume::read`] if every byte it needs is in memory (the
+    /// page cache); false, with `buf` unspecified, where it would wait for
+    /// the disk. The daemon serves such reads on the queue's own thread.
+    pub fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        let inner = &self.inner;
+        check_range(offset, buf.len() as u64, inner.config.size).map_err(Error::InvalidRequest)?;
+        let mut pieces = Pieces::new();
+        inner
+            .map
+            .lookup(offset / SECTOR, buf.len() as u64 / SECTOR, &mut pieces);
+        let first = offset / SECTOR;
+        for piece in &pieces {
+            let from = ((piece.start - first) * SECTOR) as usize;
+            let out = &mut buf[from..from + (piece.sectors * SECTOR) as usize];
+            let at_base = piece.start * SECTOR;
+            let cached = match piece.source {
+                Source::Zero => {
+                    out.fill(0);
+                    true
+                }
+                Source::Journal { segment, sector } => match inner.pool.segment(segment) {
+                    Some(seg) => seg.file.read_cached_at(out, u64::from(sector) * SECTOR),
+                    // Folded since the lookup: base.img holds the data now.
+                    None => inner.base.read_cached_at(out, at_base),
+                },
+                Source::Base => inner.base.read_cached_at(out, at_base),
+            };
+            if !cached {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Makes every write that returned before this call durable.
     pub fn flush(&self) -> Result<()> {
         self.inner.flush()

@@ -702,3 +702,72 @@ fn raising_the_epoch_is_durable_and_survives_a_crash_before_volume_json() {
     drop(v);
     assert_eq!(open(&fs).epoch(), 3);
 }
+
+/// Drops `path`'s clean pages from the page cache.
+fn evict(path: &Path) {
+    let f = std::fs::File::open(path).expect("open to evict");
+    f.sync_all().expect("sync before evicting");
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).expect("fadvise");
+}
+
+#[test]
+fn cached_reads_are_served_and_reads_that_would_wait_for_the_disk_are_not() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let storage = OsStorage::shared();
+    let (src, mut want) = raw_image(tmp.path(), 1 << 20);
+    let dir = tmp.path().join("v");
+    let mut settings = VolumeSettings::new(1 << 20);
+    settings.segment_size = 1 << 20;
+    Volume::create(
+        storage.as_ref(),
+        &dir,
+        &settings,
+        BaseImage::Import {
+            path: &src,
+            mode: ImportMode::Clone,
+        },
+        &mut |_, _| {},
+    )
+    .expect("create");
+    let (v, _) = Volume::open(storage.clone(), &dir, options()).expect("open");
+    let new = pattern(3, 64 << 10);
+    v.write(128 << 10, &new).expect("write");
+    v.flush().expect("flush");
+    want[128 << 10..192 << 10].copy_from_slice(&new);
+
+    // Everything was just written or imported: in the page cache.
+    let mut buf = vec![0u8; 256 << 10];
+    assert!(v.read_cached(0, &mut buf).expect("cached read"));
+    assert_eq!(buf, want[..256 << 10], "journal and base pieces");
+
+    evict(&dir.join("base.img"));
+    for entry in std::fs::read_dir(dir.join("journal")).expect("journal dir") {
+        evict(&entry.expect("entry").path());
+    }
+    let base_only = 512 << 10..576 << 10;
+    let mut cold = vec![0u8; base_only.len()];
+    assert!(
+        !v.read_cached(base_only.start as u64, &mut cold)
+            .expect("cold read"),
+        "a read of evicted base.img pages would wait for the disk"
+    );
+    let mut journal = vec![0u8; 64 << 10];
+    assert!(
+        !v.read_cached(128 << 10, &mut journal).expect("cold read"),
+        "a read of an evicted segment would wait for the disk"
+    );
+    // The waiting read brings the pages in; then they are served cached.
+    assert_eq!(
+        read(&v, base_only.start as u64, cold.len()),
+        want[base_only.clone()]
+    );
+    assert!(v
+        .read_cached(base_only.start as u64, &mut cold)
+        .expect("read"));
+    assert_eq!(cold, want[base_only]);
+    assert!(
+        v.read_cached(2 << 20, &mut cold).is_err(),
+        "past the end is refused as a read is"
+    );
+    v.close().expect("close");
+}
