@@ -21,6 +21,11 @@ pub const POOL_MAINTENANCE_FAILED: &str = "pool_maintenance_failed";
 pub const JOURNAL_TRUNCATED: &str = "journal_truncated";
 /// A background thread of the volume panicked.
 pub const THREAD_PANICKED: &str = "thread_panicked";
+/// The checkpoint was missing a piece, damaged, stale or disagreed with the
+/// journal: recovery verified the whole journal instead (a slower open).
+pub const CHECKPOINT_REJECTED: &str = "checkpoint_rejected";
+/// A checkpoint could not be written: the next open verifies more of the journal.
+pub const CHECKPOINT_FAILED: &str = "checkpoint_failed";
 
 // The journal's size and the history window.
 
@@ -150,6 +155,8 @@ pub const ALL: &[&str] = &[
     POOL_MAINTENANCE_FAILED,
     JOURNAL_TRUNCATED,
     THREAD_PANICKED,
+    CHECKPOINT_REJECTED,
+    CHECKPOINT_FAILED,
     JOURNAL_WARN_THRESHOLD,
     SEGMENT_RESERVE_EXHAUSTED,
     JOURNAL_HARD_LIMIT,

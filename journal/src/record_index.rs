@@ -236,6 +236,14 @@ impl RecordIndex {
         self.bookmarks.iter().find(|b| b.name == name)
     }
 
+    /// The newest lsn of a record other than Flush (base_lsn if none).
+    pub fn last_data_lsn(&self) -> u64 {
+        (self.base_lsn + 1..=self.last_lsn())
+            .rev()
+            .find(|&lsn| self.entry(lsn).effect != Effect::Flush)
+            .unwrap_or(self.base_lsn)
+    }
+
     /// Flush records in the index.
     pub fn flushes(&self) -> u64 {
         self.flushes
@@ -346,6 +354,11 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn entry(&self, lsn: u64) -> &Entry {
         locate(self.chunks_lsn, self.frozen.iter(), &self.tail, lsn)
+    }
+
+    /// The lsn whose state base.img held when the snapshot was taken.
+    pub fn base_lsn(&self) -> u64 {
+        self.base_lsn
     }
 
     /// Highest lsn the snapshot holds.

@@ -20,12 +20,22 @@
 //! when one is not, the scan runs again, knowing where, and the builder
 //! goes on from the records before it. A torn write left by a crash costs
 //! one more pass over the record headers.
+//!
+//! A checkpoint (checkpoint.rs) that agrees with the journal spares most of
+//! this: its record index stands for the records up to its lsn C, and the
+//! scan starts at the segment holding C, checking the headers of that
+//! segment's records up to C (they must chain up to C: the proof that the
+//! journal still holds what the checkpoint says) and everything after C as
+//! above. Any disagreement falls back to the full scan, logged as
+//! `checkpoint_rejected`.
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
+
+pub(crate) mod checkpoint;
 
 use crate::error::{Error, Result};
 use crate::extent_map::ExtentMap;
@@ -45,6 +55,11 @@ pub struct RecoveryReport {
     /// Records accepted (including flush records).
     pub records: u64,
     pub flush_records: u64,
+    /// Records the checkpoint stood for: their headers and payloads were
+    /// not read, except in the segment holding its last one.
+    pub records_from_checkpoint: u64,
+    /// Records whose headers and payloads were read and checked.
+    pub records_verified: u64,
     /// The lsn the next append gets.
     pub next_lsn: u64,
     pub segments_scanned: u64,
@@ -75,8 +90,14 @@ impl std::fmt::Display for RecoveryReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "recovered {} records ({} flush points) from {} segments, next lsn {}; log ends",
-            self.records, self.flush_records, self.segments_scanned, self.next_lsn
+            "recovered {} records ({} flush points; {} from the checkpoint, {} verified) \
+             from {} segments, next lsn {}; log ends",
+            self.records,
+            self.flush_records,
+            self.records_from_checkpoint,
+            self.records_verified,
+            self.segments_scanned,
+            self.next_lsn
         )?;
         if let Some(seg) = &self.end.segment {
             write!(f, " in {seg} at offset {}", self.end.offset)?;
@@ -292,6 +313,8 @@ struct Scanner<'a> {
     config: &'a VolumeConfig,
     sb: &'a SuperState,
     dir: PathBuf,
+    /// `<vol>/checkpoint`.
+    checkpoint: PathBuf,
     truncate_damaged: bool,
     /// The lsn a cut under way ends the journal at.
     cut: Option<u64>,
@@ -629,10 +652,46 @@ fn build_index(disk: u64, built: Built, rx: Receiver<Vec<Accepted>>) -> Built {
 struct Scanned {
     used: Vec<Arc<Segment>>,
     stale: Vec<(u32, Option<Arc<dyn StorageFile>>)>,
-    last_data_lsn: u64,
     epoch: u64,
     epoch_starts: Vec<EpochStart>,
     report: RecoveryReport,
+}
+
+/// Where the scan starts.
+struct Resume {
+    /// The last lsns of the listed segments before the one it starts at,
+    /// which a checkpoint stands for.
+    skipped: Vec<u64>,
+    /// The lsn the segment it starts at begins with.
+    first_lsn: u64,
+    /// A checkpoint's lsn, which the records of that segment must reach.
+    checkpoint: Option<u64>,
+}
+
+/// A scan's start and what the index builder starts from.
+struct Start {
+    at: Resume,
+    /// The builder holds every record below it.
+    checked_below: u64,
+    built: Built,
+    /// Records the checkpoint stands for.
+    from_checkpoint: u64,
+}
+
+impl Start {
+    /// Every record from base_lsn + 1, checked.
+    fn full(disk: u64, sb: &SuperState) -> Self {
+        Start {
+            at: Resume {
+                skipped: Vec::new(),
+                first_lsn: sb.base_lsn + 1,
+                checkpoint: None,
+            },
+            checked_below: sb.base_lsn + 1,
+            built: Built::new(disk, sb),
+            from_checkpoint: 0,
+        }
+    }
 }
 
 /// Scans the journal of the volume in `dir`. See the module documentation.
@@ -656,52 +715,216 @@ pub fn recover(
         config,
         sb,
         dir: dir.join(JOURNAL_DIR),
+        checkpoint: dir.join(checkpoint::CHECKPOINT_FILE),
         truncate_damaged,
         cut,
     };
-    let mut built = Built::new(config.size, sb);
-    let mut checked_below = sb.base_lsn + 1;
-    let mut damaged = Vec::new();
-    loop {
-        let (tx, rx) = sync_channel(4);
-        let (scanned, next) = std::thread::scope(|scope| {
-            let builder = std::thread::Builder::new()
-                .name("rewind-recovery".into())
-                .spawn_scoped(scope, || build_index(config.size, built, rx))
-                .map_err(Error::io(|| "starting the recovery thread"))?;
-            let payloads = Payloads {
-                checked_below,
-                damaged: &damaged,
-                builder: Batcher::new(tx),
-            };
-            let scanned = scan(scanner, payloads);
-            let built = builder.join().map_err(|_| Error::Io {
-                context: "building the extent map".into(),
-                source: io::Error::other("the recovery thread panicked"),
+    let rejected = match scanner.checkpoint_start() {
+        Ok(None) => None,
+        Ok(Some(start)) => match scanner.recover_from(start) {
+            Ok(recovered) => return Ok(recovered),
+            Err(e) => Some(format!("recovery from it failed: {e}")),
+        },
+        Err(why) => Some(why),
+    };
+    if let Some(why) = rejected {
+        tracing::warn!(
+            event = crate::events::CHECKPOINT_REJECTED,
+            volume = %config.uuid,
+            path = %scanner.checkpoint.display(),
+            "not using the checkpoint: {why}; verifying the whole journal"
+        );
+    }
+    scanner.recover_from(Start::full(config.size, sb))
+}
+
+impl Scanner<'_> {
+    fn recover_from(&self, start: Start) -> Result<Recovered> {
+        let Start {
+            at,
+            mut checked_below,
+            mut built,
+            from_checkpoint,
+        } = start;
+        let config = self.config;
+        let mut damaged = Vec::new();
+        loop {
+            let (tx, rx) = sync_channel(4);
+            let (scanned, next) = std::thread::scope(|scope| {
+                let builder = std::thread::Builder::new()
+                    .name("rewind-recovery".into())
+                    .spawn_scoped(scope, || build_index(config.size, built, rx))
+                    .map_err(Error::io(|| "starting the recovery thread"))?;
+                let payloads = Payloads {
+                    checked_below,
+                    damaged: &damaged,
+                    builder: Batcher::new(tx),
+                };
+                let scanned = scan(self, payloads, &at);
+                let built = builder.join().map_err(|_| Error::Io {
+                    context: "building the extent map".into(),
+                    source: io::Error::other("the recovery thread panicked"),
+                })?;
+                Ok::<_, Error>((scanned, built))
             })?;
-            Ok::<_, Error>((scanned, built))
-        })?;
-        built = next;
-        let Some((at, lsn)) = built.damaged else {
-            let scanned = scanned?;
-            return Ok(Recovered {
-                used: scanned.used,
-                stale: scanned.stale,
-                map: built.map,
-                index: built.index,
-                last_data_lsn: scanned.last_data_lsn,
-                epoch: scanned.epoch,
-                epoch_starts: scanned.epoch_starts,
-                report: scanned.report,
-            });
+            built = next;
+            let Some((pos, lsn)) = built.damaged else {
+                let scanned = scanned?;
+                let mut report = scanned.report;
+                report.records = report.next_lsn - 1 - self.sb.base_lsn;
+                report.flush_records = built.index.flushes();
+                report.records_from_checkpoint = from_checkpoint;
+                report.records_verified = report.records - from_checkpoint;
+                return Ok(Recovered {
+                    used: scanned.used,
+                    stale: scanned.stale,
+                    last_data_lsn: built.index.last_data_lsn(),
+                    map: built.map,
+                    index: built.index,
+                    epoch: scanned.epoch,
+                    epoch_starts: scanned.epoch_starts,
+                    report,
+                });
+            };
+            // What the pass found past the damage (even an error) does not count.
+            damaged.push(pos);
+            checked_below = lsn;
+        }
+    }
+
+    /// The scan's start from the checkpoint, if there is one and it agrees
+    /// with `super` and the segments it names; `Err(why)` if it does not.
+    /// The records of the last of those segments are checked by the scan.
+    fn checkpoint_start(&self) -> std::result::Result<Option<Start>, String> {
+        let bytes = match self.storage.read_file(&self.checkpoint) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("reading it failed: {e}")),
         };
-        // What the pass found past the damage (even an error) does not count.
-        damaged.push(at);
-        checked_below = lsn;
+        if let Some(c) = self.cut {
+            return Err(format!("a cut to lsn {c} is under way"));
+        }
+        let ckpt = checkpoint::decode(&bytes, self.config.uuid).map_err(|e| e.to_string())?;
+        drop(bytes);
+        let base = self.sb.base_lsn;
+        if ckpt.lsn < base {
+            return Err(format!(
+                "it is stale: it holds lsns up to {}, and the journal was folded up to {base}",
+                ckpt.lsn
+            ));
+        }
+        if ckpt.index.base_lsn() > base {
+            return Err(format!(
+                "its base lsn {} is newer than the journal's {base}",
+                ckpt.index.base_lsn()
+            ));
+        }
+        // Folds since it was taken removed whole segments from the front.
+        let kept: Vec<checkpoint::Covered> = ckpt
+            .segments
+            .iter()
+            .copied()
+            .filter(|s| s.last_lsn > base)
+            .collect();
+        let Some(&last) = kept.last() else {
+            // It stands for nothing the journal still holds.
+            return Ok(None);
+        };
+        if kept[0].first_lsn != base + 1 {
+            return Err(format!(
+                "its segments start at lsn {}, the journal after lsn {base}",
+                kept[0].first_lsn
+            ));
+        }
+        for (i, k) in kept.iter().enumerate() {
+            let listed = self.sb.segments.get(i);
+            if listed.is_none_or(|s| (s.file_id, s.seq) != (k.file_id, k.seq)) {
+                return Err(format!(
+                    "it names {} (sequence {}) where super lists {}",
+                    segment_name(k.file_id),
+                    k.seq,
+                    listed.map_or("nothing".into(), |s| format!(
+                        "{} (sequence {})",
+                        segment_name(s.file_id),
+                        s.seq
+                    ))
+                ));
+            }
+        }
+        let (before, _) = kept.split_at(kept.len() - 1);
+        for k in before {
+            self.check_covered(k)?;
+        }
+        let mut index = ckpt.index;
+        index.trim(base);
+        let index = index.with_base_timestamp(self.sb.base_timestamp);
+        if index.reverts().iter().any(|&(_, to)| to < base) {
+            return Err(format!(
+                "a revert it holds goes back before the journal's base lsn {base}"
+            ));
+        }
+        let map = ExtentMap::new(self.config.size);
+        index.snapshot(ckpt.lsn).replay_into(&map, ckpt.lsn);
+        Ok(Some(Start {
+            at: Resume {
+                skipped: before.iter().map(|k| k.last_lsn).collect(),
+                first_lsn: last.first_lsn,
+                checkpoint: Some(ckpt.lsn),
+            },
+            checked_below: ckpt.lsn + 1,
+            built: Built {
+                map,
+                index,
+                damaged: None,
+            },
+            from_checkpoint: ckpt.lsn - base,
+        }))
+    }
+
+    /// Checks that a segment the checkpoint stands for is still the use it
+    /// names and holds its first and last records where it says.
+    fn check_covered(&self, k: &checkpoint::Covered) -> std::result::Result<(), String> {
+        let path = self.path(k.file_id);
+        let name = segment_name(k.file_id);
+        let file = self
+            .storage
+            .open(&path)
+            .map_err(|e| format!("opening {name} failed: {e}"))?;
+        let size = file.size().map_err(|e| format!("{name}: {e}"))?;
+        if size < self.config.segment_size {
+            return Err(format!("{name} has {size} bytes"));
+        }
+        let mut b = [0u8; RECORD_HEADER_SIZE as usize];
+        file.read_exact_at(&mut b, 0)
+            .map_err(|e| format!("reading {name} failed: {e}"))?;
+        match SegmentHeader::decode(&b) {
+            Ok(h)
+                if h.volume == self.config.uuid
+                    && h.seq == k.seq
+                    && h.segment_size == self.config.segment_size => {}
+            _ => return Err(format!("{name}'s header is not that of sequence {}", k.seq)),
+        }
+        for lsn in [k.first_lsn, k.last_lsn] {
+            let slot = (lsn - k.first_lsn + 1)
+                .checked_mul(RECORD_HEADER_SIZE)
+                .and_then(|n| self.config.segment_size.checked_sub(n))
+                .filter(|&slot| slot >= SEGMENT_HEADER_SIZE);
+            let found = match slot {
+                Some(slot) => file
+                    .read_exact_at(&mut b, slot)
+                    .ok()
+                    .and_then(|()| RecordHeader::decode(&b).ok()),
+                None => None,
+            };
+            if found.is_none_or(|h| h.seq != k.seq || h.lsn != lsn) {
+                return Err(format!("{name} does not hold lsn {lsn} where it says"));
+            }
+        }
+        Ok(())
     }
 }
 
-fn scan(scanner: &Scanner, mut payloads: Payloads) -> Result<Scanned> {
+fn scan(scanner: &Scanner, mut payloads: Payloads, at: &Resume) -> Result<Scanned> {
     let Scanner {
         storage,
         config,
@@ -710,13 +933,14 @@ fn scan(scanner: &Scanner, mut payloads: Payloads) -> Result<Scanned> {
         cut,
         ..
     } = *scanner;
-    let mut expected = sb.base_lsn + 1;
-    let mut last_data_lsn = sb.base_lsn;
+    let mut expected = at.first_lsn;
     let mut epoch = 0;
     let mut epoch_starts = Vec::new();
     let mut report = RecoveryReport {
         records: 0,
         flush_records: 0,
+        records_from_checkpoint: 0,
+        records_verified: 0,
         next_lsn: expected,
         segments_scanned: 0,
         bytes_scanned: 0,
@@ -738,10 +962,10 @@ fn scan(scanner: &Scanner, mut payloads: Payloads) -> Result<Scanned> {
 
     let mut readers = SegmentReaders::new();
     // The last lsn of each segment with records, in order.
-    let mut last_lsns = Vec::new();
+    let mut last_lsns = at.skipped.clone();
     // The last segment with records, its next header slot and payload end.
     let mut last_used: Option<(usize, u64, u64)> = None;
-    for (i, s) in sb.segments.iter().enumerate() {
+    for (i, s) in sb.segments.iter().enumerate().skip(at.skipped.len()) {
         let name = Some(segment_name(s.file_id));
         let Some(file) = &files[i] else {
             report.end = LogEnd {
@@ -790,9 +1014,6 @@ fn scan(scanner: &Scanner, mut payloads: Payloads) -> Result<Scanned> {
                     Err(reason) => break reason,
                 };
                 let effect = Effect::of(&h, s.file_id);
-                if h.kind == RecordKind::Flush {
-                    report.flush_records += 1;
-                }
                 epoch = epoch.max(h.epoch);
                 if h.kind == RecordKind::Epoch {
                     epoch_starts.push(EpochStart {
@@ -817,19 +1038,25 @@ fn scan(scanner: &Scanner, mut payloads: Payloads) -> Result<Scanned> {
                         payload,
                     });
                 }
-                if h.kind != RecordKind::Flush {
-                    last_data_lsn = h.lsn;
-                }
                 if h.payload_len > 0 {
                     top = h.payload_offset + u64::from(h.payload_len);
                 }
                 report.bytes_scanned += RECORD_HEADER_SIZE + u64::from(h.payload_len);
-                report.records += 1;
                 expected += 1;
                 slot = slot.saturating_sub(RECORD_HEADER_SIZE);
                 count += 1;
             },
         };
+        if let Some(c) = at.checkpoint.filter(|&c| expected <= c) {
+            // Checked in the first segment scanned, the one holding c.
+            return Err(Error::BadMetadata {
+                path: scanner.checkpoint.clone(),
+                reason: format!(
+                    "the journal holds lsns up to {} of the {c} it stands for ({stop})",
+                    expected - 1
+                ),
+            });
+        }
         if count == 0 {
             // The log ends here: name this segment's problem, and where the
             // previous one stopped unless it was merely full.
@@ -934,7 +1161,6 @@ fn scan(scanner: &Scanner, mut payloads: Payloads) -> Result<Scanned> {
     Ok(Scanned {
         used,
         stale,
-        last_data_lsn,
         epoch,
         epoch_starts,
         report,

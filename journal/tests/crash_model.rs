@@ -2,6 +2,9 @@
 //! acknowledged changes, with crashes that lose, keep or tear every
 //! unsynced write.
 //!
+//! Checkpoints are taken as an op and at every 64 KiB segment, so crashes
+//! land while one is written and recoveries start from one.
+//!
 //! After each crash and recovery:
 //! - everything a completed flush covered is present;
 //! - the disk equals the model after exactly the recovered lsn prefix, so no
@@ -16,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use common::*;
 use proptest::prelude::*;
 use rewind_journal::fault::FaultStorage;
-use rewind_journal::{Volume, VolumeSettings};
+use rewind_journal::{OpenOptions, Volume, VolumeSettings};
 
 const SECTORS: u64 = 64;
 const DISK: usize = (SECTORS * 512) as usize;
@@ -28,6 +31,7 @@ enum Op {
     Discard { sector: u64, sectors: u64 },
     Flush,
     Read { sector: u64, sectors: u64 },
+    Checkpoint,
 }
 
 fn range() -> impl Strategy<Value = (u64, u64)> {
@@ -41,6 +45,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => range().prop_map(|(sector, sectors)| Op::Discard { sector, sectors }),
         2 => Just(Op::Flush),
         2 => range().prop_map(|(sector, sectors)| Op::Read { sector, sectors }),
+        1 => Just(Op::Checkpoint),
     ]
 }
 
@@ -116,13 +121,30 @@ fn run(v: &Volume, op: &Op) -> Option<Change> {
             v.flush().expect("flush");
             None
         }
+        Op::Checkpoint => {
+            v.checkpoint().expect("checkpoint");
+            None
+        }
         Op::Read { .. } => None,
     }
 }
 
+fn checkpointing() -> OpenOptions {
+    OpenOptions {
+        checkpoint_every: Some(64 << 10),
+        ..options()
+    }
+}
+
+fn open_checkpointing(storage: &FaultStorage) -> Volume {
+    Volume::open(storage.arc(), Path::new(DIR), checkpointing())
+        .expect("open")
+        .0
+}
+
 fn reopen(storage: &FaultStorage) -> (Volume, u64) {
-    let (v, report) =
-        Volume::open(storage.arc(), Path::new(DIR), options()).expect("recovery must succeed");
+    let (v, report) = Volume::open(storage.arc(), Path::new(DIR), checkpointing())
+        .expect("recovery must succeed");
     (v, report.next_lsn - 1)
 }
 
@@ -173,7 +195,7 @@ proptest! {
     ) {
         let fs = FaultStorage::new();
         create(&fs, &settings());
-        let v = open(&fs);
+        let v = open_checkpointing(&fs);
         let mut history = History::default();
         let covered = run_sequential(&v, &first, &mut history, 0);
         drop(v);
@@ -205,7 +227,7 @@ proptest! {
     ) {
         let fs = FaultStorage::new();
         create(&fs, &settings());
-        let v = Arc::new(open(&fs));
+        let v = Arc::new(open_checkpointing(&fs));
         let history = Arc::new(Mutex::new(History::default()));
         let acked_max = Arc::new(AtomicU64::new(0));
         let must_have = Arc::new(AtomicU64::new(0));

@@ -1,0 +1,595 @@
+//! The checkpoint file: the record index as of one durable lsn C, and the
+//! segments holding records `base_lsn + 1 ..= C`, so that recovery checks
+//! only the records after C (FORMAT.md "Checkpoint" has the layout).
+//!
+//! The extent map is not stored: it is a function of the entries (the
+//! replay every view and fold already uses), and a copy of the live map at
+//! exactly C would need the writers stopped while it is taken, since they
+//! update it in any order. Replaying the entries is CPU work only.
+//!
+//! Decoding checks everything the file alone can tell (magic, version,
+//! checksums, volume, lengths, every field); whether it agrees with the
+//! journal is recovery's part (recovery.rs, `checkpoint_start`).
+
+use uuid::Uuid;
+
+use crate::extent_map::Target;
+use crate::format::{check_bookmark_name, crc32c, MAX_BOOKMARK_NAME};
+use crate::record_index::{Bookmark, Effect, Entry, RecordIndex, Snapshot};
+
+/// `<vol>/checkpoint`, written with write-to-temporary, fsync, rename,
+/// fsync of the directory: a crash leaves the old file or the new one,
+/// never a mix. One file rather than two checksummed slots because its size
+/// follows the journal's (32 bytes a record): slots would have to be
+/// preallocated for the largest journal, and either way a torn or stale
+/// file only costs a full recovery.
+pub const CHECKPOINT_FILE: &str = "checkpoint";
+const MAGIC: &[u8; 8] = b"RWNDCKP\0";
+/// The checkpoint's own version: a file of another is ignored (a full
+/// recovery), never an error.
+pub const CHECKPOINT_VERSION: u16 = 1;
+const HEADER: usize = 128;
+const HEADER_CRC_AT: usize = 124;
+const SEGMENT: usize = 32;
+const BOOKMARK: usize = 16 + MAX_BOOKMARK_NAME;
+const ENTRY: usize = 32;
+
+const KIND_MARK: u8 = 0;
+const KIND_FLUSH: u8 = 1;
+const KIND_ZERO: u8 = 2;
+const KIND_JOURNAL: u8 = 3;
+const KIND_REVERT: u8 = 4;
+
+/// A segment holding records `first_lsn..=last_lsn` of the checkpoint (the
+/// last one may hold more, written after C).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Covered {
+    pub file_id: u32,
+    pub seq: u64,
+    pub first_lsn: u64,
+    pub last_lsn: u64,
+}
+
+/// A decoded checkpoint.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// C: every record up to it is in `index`.
+    pub lsn: u64,
+    /// Oldest first; they hold `index.base_lsn() + 1 ..= lsn`, in order.
+    pub segments: Vec<Covered>,
+    pub index: RecordIndex,
+}
+
+/// Why a checkpoint file is not used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("it is {0} bytes, shorter than its header")]
+    Short(usize),
+    #[error("it does not start with the checkpoint magic")]
+    Magic,
+    #[error("its header checksum does not match")]
+    HeaderChecksum,
+    #[error("it has version {0}; this build reads version {CHECKPOINT_VERSION}")]
+    Version(u16),
+    #[error("it belongs to volume {0}")]
+    Foreign(Uuid),
+    #[error("it is {found} bytes where its header says {expected}")]
+    Length { found: usize, expected: u64 },
+    #[error("its checksum does not match")]
+    Checksum,
+    #[error("{0}")]
+    Inconsistent(String),
+}
+
+/// What a checkpoint is taken from.
+#[derive(Debug)]
+pub struct Taken<'a> {
+    pub volume: Uuid,
+    pub base_timestamp: u64,
+    pub segments: &'a [Covered],
+    /// Those with lsn <= the snapshot's last.
+    pub bookmarks: &'a [Bookmark],
+    /// The entries `base_lsn + 1 ..= C`.
+    pub entries: &'a Snapshot,
+}
+
+fn put_u32(b: &mut Vec<u8>, v: u32) {
+    b.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(b: &mut Vec<u8>, v: u64) {
+    b.extend_from_slice(&v.to_le_bytes());
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut x = [0u8; 4];
+    x.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(x)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
+/// The file's bytes.
+pub fn encode(t: &Taken) -> Vec<u8> {
+    let base_lsn = t.entries.base_lsn();
+    let lsn = t.entries.last_lsn();
+    let count = lsn - base_lsn;
+    let len = HEADER
+        + t.segments.len() * SEGMENT
+        + t.bookmarks.len() * BOOKMARK
+        + count as usize * ENTRY
+        + 4;
+    let mut b = Vec::with_capacity(len);
+    b.extend_from_slice(MAGIC);
+    b.extend_from_slice(&CHECKPOINT_VERSION.to_le_bytes());
+    b.extend_from_slice(&[0; 6]);
+    b.extend_from_slice(t.volume.as_bytes());
+    put_u64(&mut b, lsn);
+    put_u64(&mut b, base_lsn);
+    put_u64(&mut b, t.base_timestamp);
+    put_u32(&mut b, t.segments.len() as u32);
+    put_u32(&mut b, t.bookmarks.len() as u32);
+    put_u64(&mut b, count);
+    put_u64(&mut b, len as u64);
+    b.resize(HEADER_CRC_AT, 0);
+    let crc = crc32c(&b);
+    put_u32(&mut b, crc);
+    for s in t.segments {
+        put_u32(&mut b, s.file_id);
+        put_u32(&mut b, 0);
+        put_u64(&mut b, s.seq);
+        put_u64(&mut b, s.first_lsn);
+        put_u64(&mut b, s.last_lsn);
+    }
+    for m in t.bookmarks {
+        put_u64(&mut b, m.lsn);
+        b.push(u8::from(m.app_consistent));
+        b.push(m.name.len() as u8);
+        b.extend_from_slice(&[0; 6]);
+        let at = b.len();
+        b.extend_from_slice(m.name.as_bytes());
+        b.resize(at + MAX_BOOKMARK_NAME, 0);
+    }
+    for l in base_lsn + 1..=lsn {
+        let e = t.entries.entry(l);
+        let (kind, x, a, c) = match e.effect {
+            Effect::Mark => (KIND_MARK, 0, 0, 0),
+            Effect::Flush => (KIND_FLUSH, 0, 0, 0),
+            Effect::Revert { to } => (KIND_REVERT, 0, to, 0),
+            Effect::Data {
+                start,
+                sectors,
+                target: Target::Zero,
+            } => (KIND_ZERO, 0, start, sectors),
+            Effect::Data {
+                start,
+                sectors,
+                target: Target::Journal { segment, sector },
+            } => (
+                KIND_JOURNAL,
+                segment,
+                start,
+                u64::from(sector) << 32 | sectors,
+            ),
+        };
+        put_u64(&mut b, e.timestamp);
+        put_u32(&mut b, u32::from(kind));
+        put_u32(&mut b, x);
+        put_u64(&mut b, a);
+        put_u64(&mut b, c);
+    }
+    let crc = crc32c(&b);
+    put_u32(&mut b, crc);
+    b
+}
+
+fn inconsistent(why: String) -> Invalid {
+    Invalid::Inconsistent(why)
+}
+
+/// Reads a checkpoint of `volume`; see [`Invalid`] for what it rejects.
+pub fn decode(b: &[u8], volume: Uuid) -> Result<Checkpoint, Invalid> {
+    if b.len() < HEADER {
+        return Err(Invalid::Short(b.len()));
+    }
+    if &b[0..8] != MAGIC {
+        return Err(Invalid::Magic);
+    }
+    if crc32c(&b[..HEADER_CRC_AT]) != u32_at(b, HEADER_CRC_AT) {
+        return Err(Invalid::HeaderChecksum);
+    }
+    let version = u16::from_le_bytes([b[8], b[9]]);
+    if version != CHECKPOINT_VERSION {
+        return Err(Invalid::Version(version));
+    }
+    let found = Uuid::from_slice(&b[16..32]).map_err(|_| Invalid::Magic)?;
+    if found != volume {
+        return Err(Invalid::Foreign(found));
+    }
+    let lsn = u64_at(b, 32);
+    let base_lsn = u64_at(b, 40);
+    let base_timestamp = u64_at(b, 48);
+    let segments = u32_at(b, 56) as u64;
+    let bookmarks = u32_at(b, 60) as u64;
+    let count = u64_at(b, 64);
+    let expected = u64_at(b, 72);
+    if b[10..16]
+        .iter()
+        .chain(&b[80..HEADER_CRC_AT])
+        .any(|&x| x != 0)
+    {
+        return Err(inconsistent("reserved header bytes are not zero".into()));
+    }
+    let want = (HEADER as u64 + 4)
+        .checked_add(segments * SEGMENT as u64)
+        .and_then(|n| n.checked_add(bookmarks * BOOKMARK as u64))
+        .and_then(|n| n.checked_add(count.checked_mul(ENTRY as u64)?));
+    if want != Some(expected) || b.len() as u64 != expected {
+        return Err(Invalid::Length {
+            found: b.len(),
+            expected,
+        });
+    }
+    let body = b.len() - 4;
+    if crc32c(&b[..body]) != u32_at(b, body) {
+        return Err(Invalid::Checksum);
+    }
+    if base_lsn.checked_add(count) != Some(lsn) {
+        return Err(inconsistent(format!(
+            "it holds {count} records after lsn {base_lsn} but claims lsn {lsn}"
+        )));
+    }
+    let mut at = HEADER;
+    let segments = decode_segments(b, &mut at, segments, base_lsn, lsn)?;
+    let marks = decode_bookmarks(b, &mut at, bookmarks, base_lsn, lsn)?;
+    let index = decode_entries(b, at, (base_lsn, base_timestamp, lsn), &segments, marks)?;
+    Ok(Checkpoint {
+        lsn,
+        segments,
+        index,
+    })
+}
+
+fn decode_segments(
+    b: &[u8],
+    at: &mut usize,
+    n: u64,
+    base_lsn: u64,
+    lsn: u64,
+) -> Result<Vec<Covered>, Invalid> {
+    let mut out = Vec::with_capacity(n as usize);
+    let mut next = base_lsn + 1;
+    for _ in 0..n {
+        let s = Covered {
+            file_id: u32_at(b, *at),
+            seq: u64_at(b, *at + 8),
+            first_lsn: u64_at(b, *at + 16),
+            last_lsn: u64_at(b, *at + 24),
+        };
+        if u32_at(b, *at + 4) != 0 {
+            return Err(inconsistent(
+                "a segment entry has reserved bytes set".into(),
+            ));
+        }
+        if s.first_lsn != next || s.last_lsn < s.first_lsn || s.last_lsn > lsn {
+            return Err(inconsistent(format!(
+                "segment {} claims lsns {}..={}, where {next} was next",
+                s.file_id, s.first_lsn, s.last_lsn
+            )));
+        }
+        next = s.last_lsn + 1;
+        out.push(s);
+        *at += SEGMENT;
+    }
+    if next != lsn + 1 {
+        return Err(inconsistent(format!(
+            "its segments end at lsn {}, not at {lsn}",
+            next - 1
+        )));
+    }
+    Ok(out)
+}
+
+fn decode_bookmarks(
+    b: &[u8],
+    at: &mut usize,
+    n: u64,
+    base_lsn: u64,
+    lsn: u64,
+) -> Result<Vec<Bookmark>, Invalid> {
+    let mut out: Vec<Bookmark> = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let mark_lsn = u64_at(b, *at);
+        let (flags, len) = (b[*at + 8], b[*at + 9] as usize);
+        let name = &b[*at + 16..*at + BOOKMARK];
+        let after = out.last().map_or(base_lsn, |m| m.lsn);
+        let name_ok = len <= MAX_BOOKMARK_NAME && name[len..].iter().all(|&x| x == 0);
+        let name = std::str::from_utf8(&name[..len.min(MAX_BOOKMARK_NAME)]).ok();
+        let Some(name) = name.filter(|n| name_ok && check_bookmark_name(n).is_ok()) else {
+            return Err(inconsistent(format!(
+                "bookmark at lsn {mark_lsn} has no valid name"
+            )));
+        };
+        if mark_lsn <= after || mark_lsn > lsn || flags > 1 || b[*at + 10..*at + 16] != [0; 6] {
+            return Err(inconsistent(format!(
+                "bookmark {name} at lsn {mark_lsn} is out of place"
+            )));
+        }
+        out.push(Bookmark {
+            name: name.to_owned(),
+            lsn: mark_lsn,
+            timestamp_ns: 0,
+            app_consistent: flags == 1,
+        });
+        *at += BOOKMARK;
+    }
+    Ok(out)
+}
+
+fn decode_entries(
+    b: &[u8],
+    mut at: usize,
+    (base_lsn, base_timestamp, lsn): (u64, u64, u64),
+    segments: &[Covered],
+    marks: Vec<Bookmark>,
+) -> Result<RecordIndex, Invalid> {
+    let mut index = RecordIndex::new(base_lsn, base_timestamp);
+    let mut marks = marks.into_iter().peekable();
+    let mut last_ts = 0;
+    for l in base_lsn + 1..=lsn {
+        let timestamp = u64_at(b, at);
+        let kind = u32_at(b, at + 8);
+        let x = u32_at(b, at + 12);
+        let (a, c) = (u64_at(b, at + 16), u64_at(b, at + 24));
+        at += ENTRY;
+        let bad = || inconsistent(format!("the entry of lsn {l} is not valid"));
+        let effect = match (kind, x, a, c) {
+            (k, 0, 0, 0) if k == u32::from(KIND_MARK) => Effect::Mark,
+            (k, 0, 0, 0) if k == u32::from(KIND_FLUSH) => Effect::Flush,
+            (k, 0, to, 0) if k == u32::from(KIND_REVERT) && to >= base_lsn && to < l => {
+                Effect::Revert { to }
+            }
+            (k, 0, start, sectors) if k == u32::from(KIND_ZERO) && sectors > 0 => Effect::Data {
+                start,
+                sectors,
+                target: Target::Zero,
+            },
+            (k, segment, start, c) if k == u32::from(KIND_JOURNAL) && c as u32 > 0 => {
+                if !segments.iter().any(|s| s.file_id == segment) {
+                    return Err(bad());
+                }
+                Effect::Data {
+                    start,
+                    sectors: u64::from(c as u32),
+                    target: Target::Journal {
+                        segment,
+                        sector: (c >> 32) as u32,
+                    },
+                }
+            }
+            _ => return Err(bad()),
+        };
+        if timestamp < last_ts {
+            return Err(inconsistent(format!("lsn {l} goes back in time")));
+        }
+        last_ts = timestamp;
+        match marks.next_if(|m| m.lsn == l) {
+            Some(m) if effect == Effect::Mark => {
+                index.push_bookmark(m.name, timestamp);
+                if m.app_consistent {
+                    index.set_app_consistent(l);
+                }
+            }
+            Some(_) => return Err(bad()),
+            None => index.push(Entry { timestamp, effect }),
+        }
+    }
+    Ok(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VOLUME: Uuid = Uuid::from_u128(0x1234_5678);
+
+    /// An index over base lsn 10 with every kind of entry, and its segments.
+    fn sample() -> (RecordIndex, Vec<Covered>) {
+        let mut index = RecordIndex::new(10, 1000);
+        let data = |target| Effect::Data {
+            start: 8,
+            sectors: 8,
+            target,
+        };
+        let journal = Target::Journal {
+            segment: 4,
+            sector: 3,
+        };
+        for (i, effect) in [
+            data(journal),
+            Effect::Flush,
+            data(Target::Zero),
+            Effect::Revert { to: 12 },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            index.push(Entry {
+                timestamp: 2000 + i as u64,
+                effect,
+            });
+        }
+        let lsn = index.push_bookmark("before.upgrade:1".into(), 3000).lsn;
+        index.set_app_consistent(lsn);
+        index.push(Entry {
+            timestamp: 3001,
+            effect: data(Target::Journal {
+                segment: 7,
+                sector: 1,
+            }),
+        });
+        let segments = vec![
+            Covered {
+                file_id: 4,
+                seq: 40,
+                first_lsn: 11,
+                last_lsn: 14,
+            },
+            Covered {
+                file_id: 7,
+                seq: 41,
+                first_lsn: 15,
+                last_lsn: 16,
+            },
+        ];
+        (index, segments)
+    }
+
+    fn encoded() -> Vec<u8> {
+        let (index, segments) = sample();
+        encode(&Taken {
+            volume: VOLUME,
+            base_timestamp: 1000,
+            segments: &segments,
+            bookmarks: index.bookmarks(),
+            entries: &index.snapshot(index.last_lsn()),
+        })
+    }
+
+    #[test]
+    fn a_checkpoint_reads_back_as_written() {
+        let (index, segments) = sample();
+        let c = decode(&encoded(), VOLUME).expect("decodes");
+        assert_eq!(c.lsn, 16);
+        assert_eq!(c.segments, segments);
+        assert_eq!(c.index.base_lsn(), 10);
+        assert_eq!(c.index.last_lsn(), 16);
+        assert_eq!(c.index.timestamp(10), 1000);
+        for lsn in 11..=16 {
+            assert_eq!(c.index.effect(lsn), index.effect(lsn), "lsn {lsn}");
+            assert_eq!(c.index.timestamp(lsn), index.timestamp(lsn));
+        }
+        assert_eq!(c.index.bookmarks(), index.bookmarks());
+        assert_eq!(c.index.reverts(), index.reverts());
+        assert_eq!(c.index.flushes(), 1);
+    }
+
+    #[test]
+    fn an_empty_checkpoint_reads_back() {
+        let index = RecordIndex::new(5, 9);
+        let b = encode(&Taken {
+            volume: VOLUME,
+            base_timestamp: 9,
+            segments: &[],
+            bookmarks: &[],
+            entries: &index.snapshot(5),
+        });
+        let c = decode(&b, VOLUME).expect("decodes");
+        assert_eq!((c.lsn, c.index.base_lsn(), c.segments.len()), (5, 5, 0));
+    }
+
+    /// Rewrites the header checksum and the trailer after a change, so the
+    /// check behind them is the one that answers.
+    fn resealed(mut b: Vec<u8>) -> Vec<u8> {
+        let crc = crc32c(&b[..HEADER_CRC_AT]);
+        b[HEADER_CRC_AT..HEADER].copy_from_slice(&crc.to_le_bytes());
+        let body = b.len() - 4;
+        let crc = crc32c(&b[..body]);
+        b[body..].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    fn rejected(b: &[u8]) -> Invalid {
+        decode(b, VOLUME).expect_err("must be rejected")
+    }
+
+    #[test]
+    fn every_damage_is_rejected_with_its_reason() {
+        let good = encoded();
+        assert_eq!(rejected(&good[..100]), Invalid::Short(100));
+        assert_eq!(
+            rejected(&good[..good.len() - 1]),
+            Invalid::Length {
+                found: good.len() - 1,
+                expected: good.len() as u64
+            }
+        );
+        let mut b = good.clone();
+        b[0] ^= 1;
+        assert_eq!(rejected(&b), Invalid::Magic);
+        // A flipped bit anywhere: the header's or the whole file's checksum.
+        for byte in [
+            20,
+            40,
+            123,
+            124,
+            HEADER + 3,
+            good.len() - 40,
+            good.len() - 1,
+        ] {
+            let mut b = good.clone();
+            b[byte] ^= 0x10;
+            let why = rejected(&b);
+            assert!(
+                matches!(why, Invalid::HeaderChecksum | Invalid::Checksum),
+                "byte {byte}: {why}"
+            );
+        }
+        let mut b = good.clone();
+        b[8] = 9;
+        assert_eq!(rejected(&resealed(b)), Invalid::Version(9));
+        assert_eq!(
+            decode(&good, Uuid::from_u128(7)).expect_err("foreign"),
+            Invalid::Foreign(VOLUME)
+        );
+        let mut b = good.clone();
+        b[100] = 1;
+        assert!(matches!(rejected(&resealed(b)), Invalid::Inconsistent(_)));
+    }
+
+    #[test]
+    fn fields_that_disagree_are_rejected() {
+        let good = encoded();
+        let entry = |lsn: u64| HEADER + 2 * SEGMENT + BOOKMARK + (lsn - 11) as usize * ENTRY;
+        type Edit = Box<dyn Fn(&mut Vec<u8>)>;
+        let edits: Vec<(&str, Edit)> = vec![
+            ("claimed lsn", Box::new(|b| b[32] ^= 1)),
+            (
+                "segments not contiguous",
+                Box::new(|b| b[HEADER + SEGMENT + 16] ^= 1),
+            ),
+            ("unknown kind", Box::new(move |b| b[entry(12) + 8] = 9)),
+            (
+                "flush with a range",
+                Box::new(move |b| b[entry(12) + 16] = 1),
+            ),
+            (
+                "data in an unlisted segment",
+                Box::new(move |b| b[entry(11) + 12] = 5),
+            ),
+            (
+                "revert to the future",
+                Box::new(move |b| b[entry(14) + 16] = 14),
+            ),
+            ("time goes back", Box::new(move |b| b[entry(16) + 1] = 0)),
+            (
+                "bookmark on a data record",
+                Box::new(|b| b[HEADER + 2 * SEGMENT] = 11),
+            ),
+            (
+                "bookmark name not allowed",
+                Box::new(|b| b[HEADER + 2 * SEGMENT + 16] = b'/'),
+            ),
+        ];
+        for (what, edit) in edits {
+            let mut b = good.clone();
+            edit(&mut b);
+            let why = rejected(&resealed(b));
+            assert!(matches!(why, Invalid::Inconsistent(_)), "{what}: {why}");
+        }
+    }
+}
