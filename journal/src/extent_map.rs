@@ -14,6 +14,7 @@
 
 mod shard;
 
+use std::ops::Range;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use smallvec::SmallVec;
@@ -148,6 +149,30 @@ impl ExtentMap {
         self.split(start, sectors, |shard, s, n| {
             insert_in_shard(&mut write(shard), s, s + n, lsn, target.advanced(s - start));
         });
+    }
+
+    /// Number of shards; shards are independent of each other.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// [`ExtentMap::insert`] of only the part in `shards`, so that threads
+    /// replaying the same records into different shards never contend.
+    pub fn insert_in(
+        &self,
+        shards: &Range<usize>,
+        start: u64,
+        sectors: u64,
+        lsn: u64,
+        target: Target,
+    ) {
+        let from = start.max(shards.start as u64 * self.shard_sectors);
+        let to = start
+            .saturating_add(sectors)
+            .min(shards.end as u64 * self.shard_sectors);
+        if from < to {
+            self.insert(from, to - from, lsn, target.advanced(from - start));
+        }
     }
 
     /// Appends to `out` the pieces covering `[start, start + sectors)` in order.

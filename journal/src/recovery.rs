@@ -864,7 +864,10 @@ impl Scanner<'_> {
             ));
         }
         let map = ExtentMap::new(self.config.size);
-        index.snapshot(ckpt.lsn).replay_into(&map, ckpt.lsn);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        index
+            .snapshot(ckpt.lsn)
+            .replay_parallel(&map, ckpt.lsn, threads);
         Ok(Some(Start {
             at: Resume {
                 skipped: before.iter().map(|k| k.last_lsn).collect(),
