@@ -136,6 +136,31 @@ pub struct VolumeConfig {
     /// and rejoin").
     #[serde(default)]
     pub epoch_history: Vec<EpochStart>,
+    /// The last clients the daemon admitted (at most
+    /// [`MAX_ATTACH_RECORDS`], oldest first), so that a client that comes
+    /// back after a daemon restart is held to the reattach rule too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<AttachRecord>,
+}
+
+/// How many clients volume.json remembers: enough for the QEMU instances
+/// of one VM's life (restarts, migrations), small enough to rewrite.
+pub const MAX_ATTACH_RECORDS: usize = 16;
+
+/// A client of the volume's live export, as volume.json keeps it
+/// (DESIGN.md, "Drain and fence": a client that comes back continues only
+/// at the same epoch and if nothing modified the disk since it left).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachRecord {
+    /// Who (the daemon's attach id, opaque here).
+    pub client: String,
+    /// The epoch it was admitted at.
+    pub epoch: u64,
+    /// The volume's last lsn when it left; `None` while it is attached
+    /// (after a crash of the daemon: it left when the daemon died, and
+    /// what recovery kept is what it saw).
+    pub left_lsn: Option<u64>,
 }
 
 /// A volume's role (DESIGN.md, "Roles and identity").
@@ -219,6 +244,7 @@ impl VolumeConfig {
                 first_lsn: 1,
                 node: 0,
             }],
+            clients: Vec::new(),
         }
     }
 
@@ -255,6 +281,35 @@ impl VolumeConfig {
         (room / PAGE * PAGE).min(1 << 20)
     }
 
+    /// Records `record`, replacing the same client's; the oldest beyond
+    /// [`MAX_ATTACH_RECORDS`] are forgotten.
+    pub(crate) fn note_client(&mut self, record: AttachRecord) {
+        self.clients.retain(|r| r.client != record.client);
+        self.clients.push(record);
+        let excess = self.clients.len().saturating_sub(MAX_ATTACH_RECORDS);
+        self.clients.drain(..excess);
+    }
+
+    /// What a daemon never writes: more records than kept, an empty or
+    /// repeated client.
+    fn check_clients(&self) -> std::result::Result<(), String> {
+        if self.clients.len() > MAX_ATTACH_RECORDS {
+            return Err(format!(
+                "{} clients recorded, at most {MAX_ATTACH_RECORDS} are kept",
+                self.clients.len()
+            ));
+        }
+        for (i, record) in self.clients.iter().enumerate() {
+            if record.client.is_empty() {
+                return Err(format!("client record {i} names no client"));
+            }
+            if self.clients[..i].iter().any(|r| r.client == record.client) {
+                return Err(format!("client {} is recorded twice", record.client));
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn load(storage: &dyn Storage, dir: &Path) -> Result<Self> {
         let path = dir.join(VOLUME_FILE);
         if !storage.exists(&path) {
@@ -278,10 +333,9 @@ impl VolumeConfig {
         config
             .settings()
             .validate()
-            .map_err(|e| Error::BadMetadata {
-                path,
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| e.to_string())
+            .and_then(|()| config.check_clients())
+            .map_err(|reason| Error::BadMetadata { path, reason })?;
         Ok(config)
     }
 
@@ -354,6 +408,84 @@ mod tests {
         let mut s = VolumeSettings::new(1 << 30);
         s.journal_max = s.segment_size;
         assert!(s.validate().unwrap_err().to_string().contains("reserve"));
+    }
+
+    fn client(n: u32, left_lsn: Option<u64>) -> AttachRecord {
+        AttachRecord {
+            client: format!("{n}:1"),
+            epoch: 1,
+            left_lsn,
+        }
+    }
+
+    #[test]
+    fn the_last_clients_are_kept_once_each_and_round_trip() {
+        let mut config = VolumeConfig::new(&VolumeSettings::new(1 << 20));
+        for n in 0..20 {
+            config.note_client(client(n, None));
+        }
+        config.note_client(client(10, Some(7)));
+        let kept: Vec<&str> = config.clients.iter().map(|r| r.client.as_str()).collect();
+        let mut want: Vec<String> = (4..20)
+            .filter(|&n| n != 10)
+            .map(|n| format!("{n}:1"))
+            .collect();
+        want.push("10:1".into());
+        assert_eq!(
+            kept, want,
+            "the oldest forgotten, a returning one moved last"
+        );
+        assert_eq!(config.clients.len(), MAX_ATTACH_RECORDS);
+
+        let fs = crate::fault::FaultStorage::new();
+        let dir = Path::new("/vol");
+        fs.create_dir_all(dir).expect("dir");
+        config.store(&fs, dir).expect("store");
+        assert_eq!(VolumeConfig::load(&fs, dir).expect("load"), config);
+        // A volume without clients writes no field, and reads as none.
+        let none = VolumeConfig::new(&VolumeSettings::new(1 << 20));
+        let text = serde_json::to_string(&none).expect("json");
+        assert!(!text.contains("clients"), "{text}");
+    }
+
+    #[test]
+    fn bad_client_records_are_named() {
+        let fs = crate::fault::FaultStorage::new();
+        let dir = Path::new("/vol");
+        fs.create_dir_all(dir).expect("dir");
+        let good = VolumeConfig::new(&VolumeSettings::new(1 << 20));
+        let rejected = |clients: Vec<AttachRecord>| {
+            VolumeConfig {
+                clients,
+                ..good.clone()
+            }
+            .store(&fs, dir)
+            .expect("store");
+            VolumeConfig::load(&fs, dir).unwrap_err().to_string()
+        };
+        let many = (0..17).map(|n| client(n, None)).collect();
+        let e = rejected(many);
+        assert!(
+            e.contains("volume.json is damaged") && e.contains("17 clients"),
+            "{e}"
+        );
+        let e = rejected(vec![client(1, None), client(1, Some(3))]);
+        assert!(e.contains("client 1:1 is recorded twice"), "{e}");
+        let mut empty = client(1, None);
+        empty.client.clear();
+        assert!(rejected(vec![empty]).contains("names no client"));
+
+        // Not JSON for a record: the parser's reason, with the file.
+        let mut text = serde_json::to_value(&good).expect("json");
+        text["clients"] = serde_json::json!([{ "client": "1:1", "epoch": "one" }]);
+        let path = dir.join(VOLUME_FILE);
+        fs.write_file_atomic(&path, text.to_string().as_bytes())
+            .expect("write");
+        let e = VolumeConfig::load(&fs, dir).unwrap_err().to_string();
+        assert!(
+            e.contains("/vol/volume.json is damaged") && e.contains("expected u64"),
+            "{e}"
+        );
     }
 
     #[test]

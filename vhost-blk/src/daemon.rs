@@ -173,7 +173,8 @@ pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
         }),
         _ => volume.clone(),
     };
-    let live = Arc::new(Export::new(device, config.export.clone(), gate));
+    let live =
+        Arc::new(Export::new(device, config.export.clone(), gate).with_journal(volume.clone()));
     // Sets the gate for the volume's role; a primary starts shipping.
     let roles = Roles::start(
         volume.clone(),

@@ -10,6 +10,16 @@
 //! socket (the QEMU instance). A client that detached and comes back with
 //! the same attach id continues only if the epoch is unchanged and nothing
 //! modified the disk meanwhile; a fenced export admits nobody.
+//!
+//! The live export also keeps its last clients in volume.json
+//! (`AttachRecord`: attach id, epoch, the lsn it left at), so the rule
+//! survives a restart of the daemon (`kill -9` included): a client that was
+//! attached when the daemon died left at the journal's end as recovery
+//! found it (written back at the start, so a second restart keeps that
+//! point); the restart itself changes nothing. Any record after that point
+//! which changed the disk (a write, zeroes, a discard, a revert, records a
+//! replica received) refuses it, whoever made it; a failover or a fence
+//! raised the epoch, which refuses it too.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -18,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use rewind_journal::format_ns;
+use rewind_journal::{format_ns, AttachRecord, Volume};
 use serde::Serialize;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
@@ -28,7 +38,8 @@ use crate::backend::{BlkBackend, ExportConfig, GuestMemory};
 use crate::device::BlockDevice;
 use crate::gate::{Gate, State};
 
-/// Detached clients remembered for the reattach rule.
+/// Detached clients remembered for the reattach rule (volume.json keeps
+/// the last `MAX_ATTACH_RECORDS` across restarts of the daemon).
 const REMEMBERED: usize = 64;
 
 /// Who is at the other end of a vhost-user connection.
@@ -61,6 +72,8 @@ struct Detached {
     epoch: u64,
     /// `Counters::modifying` when it detached.
     modifications: u64,
+    /// The journal's last lsn when it detached (live export only).
+    left_lsn: Option<u64>,
 }
 
 #[derive(Default)]
@@ -115,6 +128,8 @@ pub struct Export {
     pub device: Arc<dyn BlockDevice>,
     pub config: ExportConfig,
     pub gate: Arc<Gate>,
+    /// The live export's volume: where its attach record is kept.
+    journal: Option<Arc<Volume>>,
     clients: Mutex<Clients>,
     stopping: AtomicBool,
     /// The listening socket's descriptor while `serve` runs (to wake it).
@@ -127,9 +142,58 @@ impl Export {
             device,
             config,
             gate,
+            journal: None,
             clients: Mutex::default(),
             stopping: AtomicBool::new(false),
             listening: Mutex::new(None),
+        }
+    }
+
+    /// The live export of `volume`: the clients volume.json remembers
+    /// are held to the reattach rule as if they had left where they left
+    /// (or, attached when the last daemon ended, where its journal ends),
+    /// and every client admitted or gone is recorded there.
+    pub fn with_journal(mut self, volume: Arc<Volume>) -> Self {
+        let records = volume.settle_attach_records().unwrap_or_else(|e| {
+            tracing::warn!(
+                volume = %self.volume_id(),
+                "cannot settle the clients in volume.json ({e}); they are held to \
+                 the journal's end"
+            );
+            volume.attach_records()
+        });
+        let modifications = self.gate.counters().modifying;
+        let last = volume.last_lsn();
+        for record in records {
+            match parse_attach_id(&record.client) {
+                Some(id) => self.clients().detached.push_back(Detached {
+                    id,
+                    epoch: record.epoch,
+                    modifications,
+                    left_lsn: Some(record.left_lsn.map_or(last, |lsn| lsn.min(last))),
+                }),
+                None => tracing::warn!(
+                    volume = %self.volume_id(),
+                    client = record.client,
+                    "volume.json names a client this daemon cannot parse; it is forgotten"
+                ),
+            }
+        }
+        self.journal = Some(volume);
+        self
+    }
+
+    /// Records `record` in volume.json, in place of the same client's.
+    fn record_client(&self, record: AttachRecord) {
+        let Some(volume) = &self.journal else {
+            return;
+        };
+        if let Err(e) = volume.note_attach(record) {
+            tracing::warn!(
+                volume = %self.volume_id(),
+                "cannot record the client in volume.json ({e}): after a restart of this \
+                 daemon it is held to an older point, or admitted as a new one"
+            );
         }
     }
 
@@ -248,17 +312,25 @@ impl Export {
         if let Some(known) = id.and_then(|id| clients.detached.iter().find(|d| d.id == id)) {
             if known.epoch != epoch {
                 return Err(format!(
-                    "client {} attached at epoch {} but the volume is at epoch {epoch} (fenced since); \
+                    "client {} attached at epoch {} but the volume is at epoch {epoch} (fenced or failed \
+                     over since); \
                      restart the VM to attach afresh",
                     known.id, known.epoch
                 ));
             }
-            let modifications = self.gate.counters().modifying;
-            if known.modifications != modifications {
+            // The journal tells across restarts (any record that changed
+            // the disk, whoever wrote it); the counter, for a view.
+            let changed = match (&self.journal, known.left_lsn) {
+                (Some(volume), Some(lsn)) => (!volume.changed_after(lsn).is_empty())
+                    .then(|| format!(" (the journal changed the disk after lsn {lsn})")),
+                _ => None,
+            };
+            if changed.is_some() || known.modifications != self.gate.counters().modifying {
                 return Err(format!(
-                    "the volume was modified since client {} detached; \
+                    "the volume was modified since client {} detached{}; \
                      its cached view of the disk is stale: restart the VM to attach afresh",
-                    known.id
+                    known.id,
+                    changed.unwrap_or_default()
                 ));
             }
         }
@@ -275,6 +347,14 @@ impl Export {
             shutdown,
         ));
         clients.last_refusal = None;
+        drop(clients);
+        if let Some(id) = id {
+            self.record_client(AttachRecord {
+                client: id.to_string(),
+                epoch,
+                left_lsn: None,
+            });
+        }
         Ok(epoch)
     }
 
@@ -289,10 +369,18 @@ impl Export {
         if clients.detached.len() == REMEMBERED {
             clients.detached.pop_front();
         }
+        let left_lsn = self.journal.as_ref().map(|volume| volume.last_lsn());
         clients.detached.push_back(Detached {
             id,
             epoch: attached.epoch,
             modifications: self.gate.counters().modifying,
+            left_lsn,
+        });
+        drop(clients);
+        self.record_client(AttachRecord {
+            client: id.to_string(),
+            epoch: attached.epoch,
+            left_lsn,
         });
     }
 
@@ -314,6 +402,15 @@ impl Export {
             let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Both);
         }
     }
+}
+
+/// An attach id as `AttachId`'s Display writes it (`PID:START`).
+fn parse_attach_id(text: &str) -> Option<AttachId> {
+    let (pid, start) = text.split_once(':')?;
+    Some(AttachId {
+        pid: pid.parse().ok()?,
+        start: start.parse().ok()?,
+    })
 }
 
 /// The attach id of the connection `VhostUserDaemon::start` just accepted
@@ -400,6 +497,51 @@ mod tests {
         let refused = e.admit(Some(A), None).unwrap_err();
         assert!(refused.contains("modified"), "{refused}");
         assert_eq!(e.admit(None, None), Ok(1), "an unknown client is new");
+    }
+
+    #[test]
+    fn the_last_client_is_held_to_the_rule_after_a_restart() {
+        let volume = Arc::new(crate::test_support::volume(1 << 20));
+        let config = ExportConfig {
+            num_queues: 1,
+            queue_size: 16,
+            read_only: false,
+        };
+        let live = |volume: &Arc<Volume>| {
+            Export::new(volume.clone(), config.clone(), Arc::new(Gate::new(1)))
+                .with_journal(volume.clone())
+        };
+        let e = live(&volume);
+        assert_eq!(e.admit(Some(A), None), Ok(1));
+        volume.write(0, &[1; 512]).expect("A's own write");
+        // The daemon dies with A attached; restarted, nothing changed.
+        let e = live(&volume);
+        assert_eq!(e.admit(Some(A), None), Ok(1), "a restart is no change");
+        e.detach(Some(A));
+        assert_eq!(
+            volume.attach_records().last().and_then(|r| r.left_lsn),
+            Some(volume.last_lsn())
+        );
+        // Restarted again, and the disk reverted before A comes back.
+        let e = live(&volume);
+        volume
+            .revert(&rewind_journal::PointInTime::Lsn(0))
+            .expect("revert");
+        let refused = e.admit(Some(A), None).unwrap_err();
+        assert!(refused.contains("modified"), "{refused}");
+        // Another client writes, then two restarts: A is still refused,
+        // B comes back to the disk it left.
+        let e = live(&volume);
+        assert_eq!(e.admit(Some(B), None), Ok(1));
+        volume.write(512, &[2; 512]).expect("B's write");
+        e.detach(Some(B));
+        let _ = live(&volume);
+        let e = live(&volume);
+        let refused = e.admit(Some(A), None).unwrap_err();
+        assert!(refused.contains("modified"), "{refused}");
+        assert_eq!(e.admit(Some(B), None), Ok(1));
+        assert_eq!(parse_attach_id("10:1"), Some(A));
+        assert_eq!(parse_attach_id("x:1"), None);
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::child_client::{BlockClient, ChildClient};
 use common::client::{pattern, Client};
 use common::replication::*;
 use common::{wait_until, TestVolume};
@@ -68,7 +69,7 @@ fn streaming(to: &Node, from: &Node) -> u64 {
 }
 
 /// Writes `count` 64 KiB patterns from `first` on at `base`, then flushes.
-fn write_flushed(client: &mut Client, base: u64, first: u8, count: u8) {
+fn write_flushed(client: &mut impl BlockClient, base: u64, first: u8, count: u8) {
     for i in 0..count {
         let offset = base + u64::from(i) * (64 << 10);
         assert_eq!(client.write(0, offset, &pattern(first + i, 64 << 10)), 0);
@@ -244,8 +245,9 @@ fn without_an_answering_primary_failover_needs_force_and_the_old_tail_becomes_a_
     twins.a.ctl("branch-drop", json!({"name": name}));
     assert_eq!(twins.a.ctl("branches", Value::Null)["branches"], json!([]));
     // A new guest may connect to the rejoined node (a failback target
-    // started early); it waits at the closed gate.
-    let mut guest = Client::try_connect(&twins.a.vol.socket, 1, false)
+    // started early); it waits at the closed gate. (Another process: this
+    // one is A's old guest, of epoch 1.)
+    let mut guest = ChildClient::try_connect(&twins.a.vol.socket, 1, false)
         .expect("a new guest connects to the replica and waits");
     assert_eq!(status(&twins.a)["state"], "drained");
     assert_eq!(
@@ -352,7 +354,8 @@ fn a_split_brain_is_refused_on_both_sides_until_one_side_is_discarded() {
     twins.a.ctl("resume", Value::Null);
     twins.a.ctl("fence", Value::Null);
     twins.a.ctl("unfence", Value::Null);
-    let mut client = Client::connect(&twins.a.vol.socket, 1);
+    // A new guest (another process: this one is A's old guest, of epoch 1).
+    let mut client = ChildClient::connect(&twins.a.vol.socket, 1);
     write_flushed(&mut client, 2 << 20, 80, 4);
     drop(client);
     twins.b.restart();
@@ -589,4 +592,11 @@ fn failover_and_failback_under_write_load_seal_the_primary() {
         assert!(done["sealed_lsn"].is_u64(), "{done}");
         streaming(to, from);
     }
+}
+
+/// Runs a `ChildClient`'s process (common/child_client.rs).
+#[test]
+#[ignore = "the process of a ChildClient, which starts it itself"]
+fn child_client() {
+    common::child_client::serve();
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod child_client;
 pub mod client;
 pub mod guest;
 pub mod libvirt;
@@ -68,12 +69,18 @@ pub struct Server {
 
 impl Server {
     pub fn start(volume: &TestVolume, extra: &[&str]) -> Server {
-        let _ = std::fs::remove_file(&volume.socket);
+        Self::start_at(volume, &volume.socket, extra)
+    }
+
+    /// As `start`, listening on `socket` instead of the volume's (a
+    /// daemon its usual client cannot reach).
+    pub fn start_at(volume: &TestVolume, socket: &Path, extra: &[&str]) -> Server {
+        let _ = std::fs::remove_file(socket);
         let child = Command::new(BIN)
             .args(["serve", "--volume"])
             .arg(&volume.path)
             .arg("--socket-path")
-            .arg(&volume.socket)
+            .arg(socket)
             .args(extra)
             // REWIND_TEST_LOG=1 shows the daemons' logs.
             .stderr(match std::env::var_os("REWIND_TEST_LOG") {
@@ -83,9 +90,7 @@ impl Server {
             .spawn()
             .expect("spawn serve");
         let server = Server { child };
-        wait_until("the socket", Duration::from_secs(20), || {
-            volume.socket.exists()
-        });
+        wait_until("the socket", Duration::from_secs(20), || socket.exists());
         server
     }
 
@@ -154,6 +159,18 @@ impl Controlled {
 
     pub fn status(&self) -> serde_json::Value {
         self.ctl("status", serde_json::Value::Null)
+    }
+
+    /// SIGKILL; removes the control socket the daemon leaves behind (so
+    /// that another can bind it) and returns its path.
+    pub fn kill(self) -> PathBuf {
+        let Controlled {
+            mut server,
+            control,
+        } = self;
+        assert!(!server.kill().success(), "killed by SIGKILL");
+        std::fs::remove_file(&control).expect("the killed daemon's control socket");
+        control
     }
 
     /// Waits for the client to be gone from the socket.
