@@ -237,6 +237,23 @@ impl Guest {
         }
     }
 
+    /// As `wait_for`, but None if `text` did not come within `limit`
+    /// (the guest is stuck, e.g. its IO stalls).
+    pub fn wait_for_within(&mut self, text: &str, limit: Duration) -> Option<String> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            match self.receive() {
+                Ok(line) if line.contains(text) => return Some(line),
+                Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "the guest ended before printing {text:?}:\n{}",
+                    self.console
+                ),
+            }
+        }
+        None
+    }
+
     /// Types `text` into the guest's console.
     pub fn send(&mut self, text: &str) {
         let stdin = self.stdin.as_mut().expect("QEMU's stdin");
