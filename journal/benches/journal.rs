@@ -5,7 +5,8 @@
 //! those whose name contains a NAME (append-4k, append-64k, reads, map,
 //! recovery). Set
 //! REWIND_BENCH_DIR to choose the file system (default: the system temp
-//! dir) and REWIND_BENCH_QUICK=1 for a small smoke run.
+//! dir) and REWIND_BENCH_QUICK=1 for a small smoke run;
+//! REWIND_BENCH_RECOVERY_MIB sets the recovery group's journal size.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fs::{File, OpenOptions as FsOpen};
@@ -57,6 +58,17 @@ struct Config {
 
 fn config() -> Config {
     let dir = bench_dir();
+    let recovery_mib = std::env::var("REWIND_BENCH_RECOVERY_MIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut c = config_for(dir);
+    if let Some(mib) = recovery_mib {
+        c.recovery_bytes = mib << 20;
+    }
+    c
+}
+
+fn config_for(dir: PathBuf) -> Config {
     if quick() {
         Config {
             dir,
@@ -277,9 +289,35 @@ fn bench_extent_map(c: &Config) {
     );
 }
 
+/// Opens the volume in `dir` without taking checkpoints (they would run
+/// behind the next measurement); returns how long the open took and how
+/// many records came from a checkpoint.
+fn timed_open(dir: &Path) -> (Duration, u64) {
+    let options = OpenOptions {
+        checkpoint_every: None,
+        ..OpenOptions::default()
+    };
+    let t = Instant::now();
+    let (v, report) = Volume::open(OsStorage::shared(), dir, options).expect("open");
+    let d = t.elapsed();
+    assert_eq!(report.next_lsn, v.last_lsn() + 1);
+    (d, report.records_from_checkpoint)
+}
+
+/// Empties the page cache as a reboot would (`sync; echo 3 >
+/// /proc/sys/vm/drop_caches`) where allowed (root); else evicts `files`.
+fn drop_caches(files: &[PathBuf]) {
+    rustix::fs::sync();
+    if std::fs::write("/proc/sys/vm/drop_caches", "3").is_err() {
+        files.iter().for_each(|p| evict(p));
+    }
+}
+
 fn bench_recovery(c: &Config) {
     let dir = c.dir.join("recovery");
-    let disk = 1u64 << 30;
+    // As large as the journal (at least 1 GiB): a full journal of random
+    // writes, as on a busy volume at its default limit.
+    let disk = c.recovery_bytes.max(1 << 30);
     let v = new_volume(&dir, disk, c.recovery_bytes);
     let mut rng = StdRng::seed_from_u64(11);
     let data = vec![0x3cu8; 4096];
@@ -288,7 +326,12 @@ fn bench_recovery(c: &Config) {
         v.write(rng.random_range(0..disk / 4096) * 4096, &data)
             .expect("write");
     }
+    // The first rows measure without the checkpoint.
+    v.checkpoint().expect("checkpoint");
     v.close().expect("close");
+    let checkpoint = dir.join("checkpoint");
+    let aside = dir.join("checkpoint.aside");
+    std::fs::rename(&checkpoint, &aside).expect("set the checkpoint aside");
     let journal = dir.join("journal");
     let segments: Vec<PathBuf> = std::fs::read_dir(&journal)
         .expect("ls")
@@ -304,12 +347,8 @@ fn bench_recovery(c: &Config) {
                 if cold {
                     segments.iter().for_each(|p| evict(p));
                 }
-                let t = Instant::now();
-                let (v, report) =
-                    Volume::open(OsStorage::shared(), &dir, OpenOptions::default()).expect("open");
-                let d = t.elapsed();
-                assert_eq!(report.next_lsn, v.last_lsn() + 1);
-                drop(v);
+                let (d, from) = timed_open(&dir);
+                assert_eq!(from, 0, "no checkpoint: the full recovery");
                 d
             },
             || {
@@ -342,7 +381,55 @@ fn bench_recovery(c: &Config) {
             Some(read.as_secs_f64() / recover.as_secs_f64()),
         );
     }
+    bench_reopen_with_checkpoint(&dir, &segments, records, total);
     std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+/// The same journal with its checkpoint (set aside as
+/// `checkpoint.aside`), against the full recovery.
+fn bench_reopen_with_checkpoint(dir: &Path, segments: &[PathBuf], records: u64, total: u64) {
+    let checkpoint = dir.join("checkpoint");
+    let aside = dir.join("checkpoint.aside");
+    let size = std::fs::metadata(&aside).expect("stat").len();
+    let mut files = segments.to_vec();
+    files.push(checkpoint.clone());
+    for cold in [false, true] {
+        let (with, without) = compare(
+            || {
+                std::fs::copy(&aside, &checkpoint).expect("checkpoint back");
+                if cold {
+                    drop_caches(&files);
+                }
+                let (d, from) = timed_open(dir);
+                assert!(from > 0, "the checkpoint was used");
+                d
+            },
+            || {
+                let _ = std::fs::remove_file(&checkpoint);
+                if cold {
+                    drop_caches(segments);
+                }
+                let (d, from) = timed_open(dir);
+                assert_eq!(from, 0);
+                d
+            },
+        );
+        row(
+            &format!(
+                "reopen with checkpoint ({} MiB), {records} x 4 KiB records, {} MiB of segments, {}",
+                size >> 20,
+                total >> 20,
+                if cold {
+                    "cold cache (drop_caches)"
+                } else {
+                    "warm cache"
+                }
+            ),
+            format!("{:.0} ms", with.as_secs_f64() * 1e3),
+            format!("{:.0} ms (full recovery)", without.as_secs_f64() * 1e3),
+            Some(without.as_secs_f64() / with.as_secs_f64()),
+        );
+    }
 }
 
 fn main() {
