@@ -32,7 +32,7 @@ use rewind_journal::{format_ns, AttachRecord, Volume};
 use serde::Serialize;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::GuestMemoryAtomic;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
 
 use crate::backend::{BlkBackend, ExportConfig, GuestMemory};
 use crate::device::BlockDevice;
@@ -234,8 +234,9 @@ impl Export {
                 self.gate.clone(),
             ));
             let memory = GuestMemoryAtomic::new(GuestMemory::new());
-            let mut daemon = VhostUserDaemon::new("rewind-blk".into(), backend.clone(), memory)
-                .map_err(|e| ExportError::VhostUser(e.to_string()))?;
+            let mut daemon =
+                VhostUserDaemon::new("rewind-blk".into(), backend.clone(), memory.clone())
+                    .map_err(|e| ExportError::VhostUser(e.to_string()))?;
             if let Err(e) = daemon.start(listener) {
                 if self.stopping.load(Ordering::Acquire) {
                     break;
@@ -294,6 +295,20 @@ impl Export {
                     vhost::vhost_user::Error::Disconnected
                     | vhost::vhost_user::Error::PartialMessage,
                 )) => tracing::info!("client disconnected"),
+                // QEMU before 9.1 reconnects to a restarted daemon without
+                // renegotiating if its device was stopped (a paused VM),
+                // then starts the device without guest memory on `cont`.
+                Err(
+                    e @ vhost_user_backend::Error::HandleRequest(
+                        vhost::vhost_user::Error::InvalidParam,
+                    ),
+                ) if memory.memory().num_regions() == 0 => tracing::warn!(
+                    volume = %self.volume_id(),
+                    error = %e,
+                    "connection ended: the client set up its virtqueues without sharing \
+                     guest memory; a QEMU before 9.1 does so after this daemon restarted \
+                     under its paused VM, and its IO stalls: restart that VM"
+                ),
                 Err(e) => tracing::warn!(error = %e, "connection ended"),
             }
         }
@@ -507,9 +522,10 @@ mod tests {
             queue_size: 16,
             read_only: false,
         };
+        // As the daemon starts it: the gate at the volume's epoch.
         let live = |volume: &Arc<Volume>| {
-            Export::new(volume.clone(), config.clone(), Arc::new(Gate::new(1)))
-                .with_journal(volume.clone())
+            let gate = Arc::new(Gate::new(volume.epoch()));
+            Export::new(volume.clone(), config.clone(), gate).with_journal(volume.clone())
         };
         let e = live(&volume);
         assert_eq!(e.admit(Some(A), None), Ok(1));
@@ -540,6 +556,12 @@ mod tests {
         let refused = e.admit(Some(A), None).unwrap_err();
         assert!(refused.contains("modified"), "{refused}");
         assert_eq!(e.admit(Some(B), None), Ok(1));
+        // A failover raises the epoch (a record that changes no data): B,
+        // admitted at the old one, is refused after a restart.
+        e.detach(Some(B));
+        volume.promote().expect("a new epoch");
+        let refused = live(&volume).admit(Some(B), None).unwrap_err();
+        assert!(refused.contains("attached at epoch 1"), "{refused}");
         assert_eq!(parse_attach_id("10:1"), Some(A));
         assert_eq!(parse_attach_id("x:1"), None);
     }
