@@ -33,7 +33,8 @@ pub enum Target {
 }
 
 impl Target {
-    fn advanced(self, sectors: u64) -> Target {
+    /// The target of the sector `sectors` further on.
+    pub fn advanced(self, sectors: u64) -> Target {
         match self {
             Target::Zero => Target::Zero,
             Target::Journal { segment, sector } => Target::Journal {
@@ -77,6 +78,16 @@ pub struct Piece {
 
 /// The pieces of one lookup; a typical read has one or two.
 pub type Pieces = SmallVec<[Piece; 4]>;
+
+/// An extent and the lsn of the record that wrote it, as a checkpoint
+/// keeps the map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub start: u64,
+    pub sectors: u64,
+    pub lsn: u64,
+    pub target: Target,
+}
 
 /// 24 bytes; with its 4-byte start a map entry is 28 bytes in a full leaf.
 #[derive(Debug, Clone, Copy)]
@@ -151,21 +162,10 @@ impl ExtentMap {
         });
     }
 
-    /// Number of shards; shards are independent of each other.
-    pub fn shard_count(&self) -> usize {
-        self.shards.len()
-    }
-
-    /// [`ExtentMap::insert`] of only the part in `shards`, so that threads
-    /// replaying the same records into different shards never contend.
-    pub fn insert_in(
-        &self,
-        shards: &Range<usize>,
-        start: u64,
-        sectors: u64,
-        lsn: u64,
-        target: Target,
-    ) {
+    /// [`ExtentMap::insert`] of only the part in `shards` (shards are
+    /// independent), so that threads loading into different shards never
+    /// contend.
+    fn insert_in(&self, shards: &Range<usize>, start: u64, sectors: u64, lsn: u64, target: Target) {
         let from = start.max(shards.start as u64 * self.shard_sectors);
         let to = start
             .saturating_add(sectors)
@@ -205,6 +205,58 @@ impl ExtentMap {
                 f(start, u64::from(x.sectors), x.target);
             }
         }
+    }
+
+    /// Every extent with its lsn, in disk order. Each shard is read at one
+    /// moment; writers to the others go on meanwhile.
+    pub fn written(&self) -> Vec<Written> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = read(shard);
+            out.reserve(shard.len());
+            out.extend(shard.iter().map(|(start, x)| Written {
+                start,
+                sectors: u64::from(x.sectors),
+                lsn: x.lsn,
+                target: x.target,
+            }));
+        }
+        out
+    }
+
+    /// Inserts `extents` (sorted by start, not overlapping) on up to
+    /// `threads` threads, each into its own shards.
+    pub fn load(&self, extents: &[Written], threads: usize) {
+        let shards = self.shards.len();
+        let threads = threads.clamp(1, shards);
+        let part = |i: usize| {
+            let first = (shards * i / threads) as u64 * self.shard_sectors;
+            let end = (shards * (i + 1) / threads) as u64 * self.shard_sectors;
+            (first..end, shards * i / threads..shards * (i + 1) / threads)
+        };
+        let fill = |i: usize| {
+            let (sectors, shards) = part(i);
+            // Sorted by start: those starting before the part's end, from
+            // the first that ends after its start.
+            let from = extents.partition_point(|x| x.start + x.sectors <= sectors.start);
+            for x in &extents[from..] {
+                if x.start >= sectors.end {
+                    break;
+                }
+                self.insert_in(&shards, x.start, x.sectors, x.lsn, x.target);
+            }
+        };
+        std::thread::scope(|scope| {
+            for i in 1..threads {
+                scope.spawn(move || fill(i));
+            }
+            fill(0);
+        });
+    }
+
+    /// Sectors of the disk.
+    pub fn sectors(&self) -> u64 {
+        self.total_sectors
     }
 
     /// Number of extents.
@@ -369,6 +421,30 @@ mod tests {
                 prop_assert_eq!(p.start, at);
                 at += p.sectors;
             }
+        }
+    }
+
+    #[test]
+    fn a_loaded_copy_is_the_same_map() {
+        let map = ExtentMap::new(64 * 2048 * SECTOR);
+        for i in 1..2000u64 {
+            let target = match i % 3 {
+                0 => Target::Zero,
+                _ => Target::Journal {
+                    segment: i as u32,
+                    sector: 8,
+                },
+            };
+            map.insert((i * 7919) % (64 * 2048), 1 + i % 3000, i, target);
+        }
+        let copy = map.written();
+        assert!(copy
+            .windows(2)
+            .all(|w| w[0].start + w[0].sectors <= w[1].start));
+        for threads in [1, 2, 5] {
+            let loaded = ExtentMap::new(64 * 2048 * SECTOR);
+            loaded.load(&copy, threads);
+            assert_eq!(loaded.written(), copy, "{threads} threads");
         }
     }
 

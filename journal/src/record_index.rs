@@ -17,7 +17,6 @@
 //!   target of a revert it has not folded).
 
 use std::collections::VecDeque;
-use std::ops::Range;
 use std::sync::Arc;
 
 use crate::extent_map::{ExtentMap, Target};
@@ -384,30 +383,17 @@ impl Snapshot {
     /// (base_lsn up to the snapshot's end); sectors it leaves out read from
     /// base.img.
     pub fn replay_into(&self, map: &ExtentMap, upto: u64) {
-        self.replay_shards(map, upto, &(0..map.shard_count()));
+        self.replay_where(map, upto, &|_, _| true);
     }
 
-    /// [`Snapshot::replay_into`] on up to `threads` threads, each taking
-    /// its own shards of the map: recovery from a checkpoint replays
-    /// millions of records, and the map's inserts are most of its time.
-    pub fn replay_parallel(&self, map: &ExtentMap, upto: u64, threads: usize) {
-        let shards = map.shard_count();
-        let threads = threads.clamp(1, shards);
-        std::thread::scope(|scope| {
-            for i in 1..threads {
-                let part = shards * i / threads..shards * (i + 1) / threads;
-                scope.spawn(move || self.replay_shards(map, upto, &part));
-            }
-            self.replay_shards(map, upto, &(0..shards / threads));
-        });
-    }
-
-    fn replay_shards(&self, map: &ExtentMap, upto: u64, shards: &Range<usize>) {
+    /// [`Snapshot::replay_into`] of only the records whose range
+    /// (start, sectors) `keep` accepts.
+    pub fn replay_where(&self, map: &ExtentMap, upto: u64, keep: &dyn Fn(u64, u64) -> bool) {
         let first = match self.reverts.iter().rev().find(|r| r.0 <= upto) {
             Some(&(lsn, to)) => {
                 // Targets are always before the revert itself (checked
                 // when it is written and when it is read back).
-                self.replay_shards(map, to.min(lsn - 1), shards);
+                self.replay_where(map, to.min(lsn - 1), keep);
                 lsn + 1
             }
             None => self.base_lsn + 1,
@@ -419,7 +405,9 @@ impl Snapshot {
                 target,
             } = self.entry(lsn).effect
             {
-                map.insert_in(shards, start, sectors, lsn, target);
+                if keep(start, sectors) {
+                    map.insert(start, sectors, lsn, target);
+                }
             }
         }
     }
@@ -549,41 +537,6 @@ mod tests {
         assert_eq!(source(last - 1, 1), seg(7));
         assert_eq!(source(last, 0), seg(1));
         assert_eq!(source(last, 1), Source::Base, "reverted to lsn 3");
-    }
-
-    #[test]
-    fn a_parallel_replay_builds_the_same_map() {
-        let mut t = RecordIndex::new(0, 0);
-        let disk = 64 * 2048; // 64 shards
-        for i in 1..=3000u64 {
-            let effect = match i {
-                1000 => Effect::Revert { to: 400 },
-                _ => Effect::Data {
-                    start: (i * 7919) % disk,
-                    sectors: 1 + i % 5000,
-                    target: Target::Journal {
-                        segment: i as u32,
-                        sector: 1,
-                    },
-                },
-            };
-            t.push(Entry {
-                timestamp: i,
-                effect,
-            });
-        }
-        let extents = |map: &ExtentMap| {
-            let mut all = Vec::new();
-            map.for_each(|s, n, target| all.push((s, n, target)));
-            all
-        };
-        let one = ExtentMap::new(disk * SECTOR);
-        t.snapshot(3000).replay_into(&one, 3000);
-        for threads in [2, 3, 7] {
-            let many = ExtentMap::new(disk * SECTOR);
-            t.snapshot(3000).replay_parallel(&many, 3000, threads);
-            assert_eq!(extents(&many), extents(&one), "{threads} threads");
-        }
     }
 
     #[test]

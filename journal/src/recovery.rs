@@ -855,7 +855,12 @@ impl Scanner<'_> {
         for k in before {
             self.check_covered(k)?;
         }
-        let mut index = ckpt.index;
+        let checkpoint::Checkpoint {
+            lsn,
+            mut index,
+            extents,
+            ..
+        } = ckpt;
         index.trim(base);
         let index = index.with_base_timestamp(self.sb.base_timestamp);
         if index.reverts().iter().any(|&(_, to)| to < base) {
@@ -863,24 +868,30 @@ impl Scanner<'_> {
                 "a revert it holds goes back before the journal's base lsn {base}"
             ));
         }
+        // Extents of records folded since read from base.img now.
+        let extents: Vec<_> = extents.into_iter().filter(|x| x.lsn > base).collect();
         let map = ExtentMap::new(self.config.size);
+        if extents
+            .last()
+            .is_some_and(|x| x.start + x.sectors > map.sectors())
+        {
+            return Err("its map reaches past the end of the disk".into());
+        }
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-        index
-            .snapshot(ckpt.lsn)
-            .replay_parallel(&map, ckpt.lsn, threads);
+        map.load(&extents, threads);
         Ok(Some(Start {
             at: Resume {
                 skipped: before.iter().map(|k| k.last_lsn).collect(),
                 first_lsn: last.first_lsn,
-                checkpoint: Some(ckpt.lsn),
+                checkpoint: Some(lsn),
             },
-            checked_below: ckpt.lsn + 1,
+            checked_below: lsn + 1,
             built: Built {
                 map,
                 index,
                 damaged: None,
             },
-            from_checkpoint: ckpt.lsn - base,
+            from_checkpoint: lsn - base,
         }))
     }
 

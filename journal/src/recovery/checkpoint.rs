@@ -1,11 +1,12 @@
-//! The checkpoint file: the record index as of one durable lsn C, and the
-//! segments holding records `base_lsn + 1 ..= C`, so that recovery checks
-//! only the records after C (FORMAT.md "Checkpoint" has the layout).
+//! The checkpoint file: the record index and the extent map as of one
+//! durable lsn C, and the segments holding records `base_lsn + 1 ..= C`,
+//! so that recovery checks only the records after C (FORMAT.md
+//! "Checkpoint" has the layout).
 //!
-//! The extent map is not stored: it is a function of the entries (the
-//! replay every view and fold already uses), and a copy of the live map at
-//! exactly C would need the writers stopped while it is taken, since they
-//! update it in any order. Replaying the entries is CPU work only.
+//! The map is stored although the entries determine it: replaying 3.7
+//! million records into it took 2.4 s of a 3.5 s open; loading its
+//! extents takes a fraction of that. Each extent is checked against the
+//! entry of the record that wrote it.
 //!
 //! Decoding checks everything the file alone can tell (magic, version,
 //! checksums, volume, lengths, every field); whether it agrees with the
@@ -13,7 +14,7 @@
 
 use uuid::Uuid;
 
-use crate::extent_map::Target;
+use crate::extent_map::{Target, Written};
 use crate::format::{check_bookmark_name, crc32c, MAX_BOOKMARK_NAME};
 use crate::record_index::{Bookmark, Effect, Entry, RecordIndex, Snapshot};
 
@@ -33,6 +34,7 @@ const HEADER_CRC_AT: usize = 124;
 const SEGMENT: usize = 32;
 const BOOKMARK: usize = 16 + MAX_BOOKMARK_NAME;
 const ENTRY: usize = 32;
+const EXTENT: usize = 32;
 
 const KIND_MARK: u8 = 0;
 const KIND_FLUSH: u8 = 1;
@@ -58,6 +60,8 @@ pub struct Checkpoint {
     /// Oldest first; they hold `index.base_lsn() + 1 ..= lsn`, in order.
     pub segments: Vec<Covered>,
     pub index: RecordIndex,
+    /// The extent map at `lsn`, in disk order.
+    pub extents: Vec<Written>,
 }
 
 /// Why a checkpoint file is not used.
@@ -91,6 +95,8 @@ pub struct Taken<'a> {
     pub bookmarks: &'a [Bookmark],
     /// The entries `base_lsn + 1 ..= C`.
     pub entries: &'a Snapshot,
+    /// The extent map at C, in disk order.
+    pub extents: &'a [Written],
 }
 
 fn put_u32(b: &mut Vec<u8>, v: u32) {
@@ -122,6 +128,7 @@ pub fn encode(t: &Taken) -> Vec<u8> {
         + t.segments.len() * SEGMENT
         + t.bookmarks.len() * BOOKMARK
         + count as usize * ENTRY
+        + t.extents.len() * EXTENT
         + 4;
     let mut b = Vec::with_capacity(len);
     b.extend_from_slice(MAGIC);
@@ -135,6 +142,7 @@ pub fn encode(t: &Taken) -> Vec<u8> {
     put_u32(&mut b, t.bookmarks.len() as u32);
     put_u64(&mut b, count);
     put_u64(&mut b, len as u64);
+    put_u64(&mut b, t.extents.len() as u64);
     b.resize(HEADER_CRC_AT, 0);
     let crc = crc32c(&b);
     put_u32(&mut b, crc);
@@ -182,6 +190,19 @@ pub fn encode(t: &Taken) -> Vec<u8> {
         put_u64(&mut b, a);
         put_u64(&mut b, c);
     }
+    for x in t.extents {
+        let (kind, segment, sector) = match x.target {
+            Target::Zero => (KIND_ZERO, 0, 0),
+            Target::Journal { segment, sector } => (KIND_JOURNAL, segment, sector),
+        };
+        put_u64(&mut b, x.start);
+        put_u64(&mut b, x.lsn);
+        // Extents never cross a shard, which spans fewer than 2^32 sectors.
+        put_u32(&mut b, x.sectors as u32);
+        put_u32(&mut b, u32::from(kind));
+        put_u32(&mut b, segment);
+        put_u32(&mut b, sector);
+    }
     let crc = crc32c(&b);
     put_u32(&mut b, crc);
     b
@@ -217,9 +238,10 @@ pub fn decode(b: &[u8], volume: Uuid) -> Result<Checkpoint, Invalid> {
     let bookmarks = u32_at(b, 60) as u64;
     let count = u64_at(b, 64);
     let expected = u64_at(b, 72);
+    let extents = u64_at(b, 80);
     if b[10..16]
         .iter()
-        .chain(&b[80..HEADER_CRC_AT])
+        .chain(&b[88..HEADER_CRC_AT])
         .any(|&x| x != 0)
     {
         return Err(inconsistent("reserved header bytes are not zero".into()));
@@ -227,7 +249,8 @@ pub fn decode(b: &[u8], volume: Uuid) -> Result<Checkpoint, Invalid> {
     let want = (HEADER as u64 + 4)
         .checked_add(segments * SEGMENT as u64)
         .and_then(|n| n.checked_add(bookmarks * BOOKMARK as u64))
-        .and_then(|n| n.checked_add(count.checked_mul(ENTRY as u64)?));
+        .and_then(|n| n.checked_add(count.checked_mul(ENTRY as u64)?))
+        .and_then(|n| n.checked_add(extents.checked_mul(EXTENT as u64)?));
     if want != Some(expected) || b.len() as u64 != expected {
         return Err(Invalid::Length {
             found: b.len(),
@@ -247,11 +270,67 @@ pub fn decode(b: &[u8], volume: Uuid) -> Result<Checkpoint, Invalid> {
     let segments = decode_segments(b, &mut at, segments, base_lsn, lsn)?;
     let marks = decode_bookmarks(b, &mut at, bookmarks, base_lsn, lsn)?;
     let index = decode_entries(b, at, (base_lsn, base_timestamp, lsn), &segments, marks)?;
+    let at = at + count as usize * ENTRY;
+    let extents = decode_extents(&b[at..at + extents as usize * EXTENT], &index)?;
     Ok(Checkpoint {
         lsn,
         segments,
         index,
+        extents,
     })
+}
+
+/// The map's extents: in disk order, each part of what the entry of its
+/// lsn wrote.
+fn decode_extents(b: &[u8], index: &RecordIndex) -> Result<Vec<Written>, Invalid> {
+    let mut out: Vec<Written> = Vec::with_capacity(b.len() / EXTENT);
+    for e in b.chunks_exact(EXTENT) {
+        let (start, lsn) = (u64_at(e, 0), u64_at(e, 8));
+        let sectors = u64::from(u32_at(e, 16));
+        let (kind, segment, sector) = (u32_at(e, 20), u32_at(e, 24), u32_at(e, 28));
+        let bad = || inconsistent(format!("the map extent at sector {start} is not valid"));
+        let after = out.last().map_or(0, |x| x.start + x.sectors);
+        if sectors == 0 || start < after || lsn <= index.base_lsn() || lsn > index.last_lsn() {
+            return Err(bad());
+        }
+        let Effect::Data {
+            start: from,
+            sectors: n,
+            target: wrote,
+        } = index.effect(lsn)
+        else {
+            return Err(bad());
+        };
+        let end = start.checked_add(sectors).ok_or_else(bad)?;
+        if start < from || end > from.saturating_add(n) {
+            return Err(bad());
+        }
+        let target = match (kind, wrote) {
+            (k, Target::Zero) if k == u32::from(KIND_ZERO) && segment == 0 && sector == 0 => {
+                Target::Zero
+            }
+            (
+                k,
+                Target::Journal {
+                    segment: s,
+                    sector: first,
+                },
+            ) if k == u32::from(KIND_JOURNAL)
+                && s == segment
+                && u64::from(sector) == u64::from(first) + (start - from) =>
+            {
+                Target::Journal { segment, sector }
+            }
+            _ => return Err(bad()),
+        };
+        out.push(Written {
+            start,
+            sectors,
+            lsn,
+            target,
+        });
+    }
+    Ok(out)
 }
 
 fn decode_segments(
@@ -449,6 +528,15 @@ mod tests {
         (index, segments)
     }
 
+    /// The map the sample's records leave.
+    fn map_of(index: &RecordIndex) -> Vec<Written> {
+        let map = crate::extent_map::ExtentMap::new(1 << 20);
+        index
+            .snapshot(index.last_lsn())
+            .replay_into(&map, index.last_lsn());
+        map.written()
+    }
+
     fn encoded() -> Vec<u8> {
         let (index, segments) = sample();
         encode(&Taken {
@@ -457,6 +545,7 @@ mod tests {
             segments: &segments,
             bookmarks: index.bookmarks(),
             entries: &index.snapshot(index.last_lsn()),
+            extents: &map_of(&index),
         })
     }
 
@@ -476,6 +565,8 @@ mod tests {
         assert_eq!(c.index.bookmarks(), index.bookmarks());
         assert_eq!(c.index.reverts(), index.reverts());
         assert_eq!(c.index.flushes(), 1);
+        assert_eq!(c.extents, map_of(&index));
+        assert_eq!(c.extents.len(), 1, "lsn 16 over what the revert left");
     }
 
     #[test]
@@ -487,6 +578,7 @@ mod tests {
             segments: &[],
             bookmarks: &[],
             entries: &index.snapshot(5),
+            extents: &[],
         });
         let c = decode(&b, VOLUME).expect("decodes");
         assert_eq!((c.lsn, c.index.base_lsn(), c.segments.len()), (5, 5, 0));
@@ -555,6 +647,7 @@ mod tests {
     fn fields_that_disagree_are_rejected() {
         let good = encoded();
         let entry = |lsn: u64| HEADER + 2 * SEGMENT + BOOKMARK + (lsn - 11) as usize * ENTRY;
+        let extent = entry(17);
         type Edit = Box<dyn Fn(&mut Vec<u8>)>;
         let edits: Vec<(&str, Edit)> = vec![
             ("claimed lsn", Box::new(|b| b[32] ^= 1)),
@@ -583,6 +676,23 @@ mod tests {
             (
                 "bookmark name not allowed",
                 Box::new(|b| b[HEADER + 2 * SEGMENT + 16] = b'/'),
+            ),
+            (
+                "extent in another place than its record wrote",
+                Box::new(move |b| b[extent + 28] ^= 1),
+            ),
+            (
+                "extent of a record that wrote elsewhere",
+                Box::new(move |b| b[extent + 8] = 11),
+            ),
+            ("extent of a flush", Box::new(move |b| b[extent + 8] = 12)),
+            (
+                "extent past its record's range",
+                Box::new(move |b| b[extent + 16] = 9),
+            ),
+            (
+                "extent of no sectors",
+                Box::new(move |b| b[extent + 16] = 0),
             ),
         ];
         for (what, edit) in edits {

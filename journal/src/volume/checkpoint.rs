@@ -1,8 +1,8 @@
 //! Taking checkpoints (the format and how recovery uses one: recovery.rs
 //! and recovery/checkpoint.rs).
 //!
-//! A checkpoint holds the record index up to the durable lsn C and the
-//! segments holding those records. The applier takes one when the journal
+//! A checkpoint holds the record index and the extent map as of the
+//! durable lsn C, and the segments holding those records. The applier takes one when the journal
 //! grew by `OpenOptions::checkpoint_every` bytes of segments since the last
 //! (and by at least 16 times that checkpoint's size, which bounds the
 //! bytes checkpoints add to 1/16 of those appended), and `close` takes one
@@ -15,8 +15,12 @@
 //! - volume.json already names the epoch of record C, so recovery needs
 //!   none of the Epoch records it stands for (only the segment holding C
 //!   and later ones are scanned);
-//! - the index, base and segments are read under the fold lock, so they
-//!   describe one state. A fold or a cut after that makes the file older
+//! - the index, base, segments and map are read under the fold lock, so
+//!   they describe one state. The map is the live one as of C: every
+//!   record up to C is in it (they completed before the sync that made
+//!   them durable), and where later records wrote already, the records up
+//!   to C are replayed again ([`map_at`]). A revert after C replaced the
+//!   whole map: no checkpoint then, the next one. A fold or a cut after that makes the file older
 //!   than the journal: recovery trims what was folded, and finds what a
 //!   cut erased missing from the segments (checkpoint_rejected).
 
@@ -24,6 +28,7 @@ use std::sync::atomic::Ordering;
 
 use super::{lock, Inner, Volume};
 use crate::error::{Error, Result};
+use crate::extent_map::{ExtentMap, Written};
 use crate::format::{RecordHeader, RECORD_HEADER_SIZE};
 use crate::pool::segment_name;
 use crate::record_index::{Bookmark, Snapshot};
@@ -61,6 +66,7 @@ struct State {
     segments: Vec<Covered>,
     bookmarks: Vec<Bookmark>,
     entries: Snapshot,
+    extents: Vec<Written>,
 }
 
 impl Volume {
@@ -123,6 +129,7 @@ impl Inner {
             segments: &state.segments,
             bookmarks: &state.bookmarks,
             entries: &state.entries,
+            extents: &state.extents,
         });
         drop(state);
         let path = self.dir.join(CHECKPOINT_FILE);
@@ -178,7 +185,7 @@ impl Inner {
                 "the journal's segments end before its durable lsn {lsn}"
             )));
         };
-        let state = State {
+        let mut state = State {
             base_timestamp: index.timestamp(base),
             segments,
             bookmarks: index
@@ -188,6 +195,7 @@ impl Inner {
                 .cloned()
                 .collect(),
             entries: index.snapshot(lsn),
+            extents: Vec::new(),
         };
         drop(index);
         // Record C itself says its epoch (the highest up to it); recovery
@@ -211,6 +219,124 @@ impl Inner {
         if epoch > lock(&self.persisted).epoch {
             return Ok(None);
         }
+        let copy = self.map.written();
+        if lock(&self.index).reverts().iter().any(|r| r.0 > lsn) {
+            return Ok(None);
+        }
+        state.extents = map_at(copy, &state.entries, lsn, self.config.size);
         Ok(Some(state))
+    }
+}
+
+/// The map at `lsn`, from `copy` of the live one, which holds every record
+/// up to `lsn` and maybe parts of later ones: where those wrote, the
+/// records up to `lsn` (`entries`) are replayed again.
+fn map_at(copy: Vec<Written>, entries: &Snapshot, lsn: u64, disk: u64) -> Vec<Written> {
+    let (kept, newer): (Vec<Written>, Vec<Written>) = copy.into_iter().partition(|x| x.lsn <= lsn);
+    if newer.is_empty() {
+        return kept;
+    }
+    // Sorted and disjoint, as the map's extents are.
+    let first_after = |start: u64| newer.partition_point(|n| n.start + n.sectors <= start);
+    let overlaps = |start: u64, sectors: u64| {
+        let end = start.saturating_add(sectors);
+        newer.get(first_after(start)).is_some_and(|n| n.start < end)
+    };
+    let redo = ExtentMap::new(disk);
+    entries.replay_where(&redo, lsn, &overlaps);
+    let mut parts = Vec::new();
+    for x in redo.written() {
+        let end = x.start + x.sectors;
+        for n in newer[first_after(x.start)..]
+            .iter()
+            .take_while(|n| n.start < end)
+        {
+            let (s, e) = (x.start.max(n.start), end.min(n.start + n.sectors));
+            parts.push(Written {
+                start: s,
+                sectors: e - s,
+                lsn: x.lsn,
+                target: x.target.advanced(s - x.start),
+            });
+        }
+    }
+    // Both sorted; `parts` lie where `kept` has nothing.
+    let mut out = Vec::with_capacity(kept.len() + parts.len());
+    let mut parts = parts.into_iter().peekable();
+    for x in kept {
+        while let Some(p) = parts.next_if(|p| p.start < x.start) {
+            out.push(p);
+        }
+        out.push(x);
+    }
+    out.extend(parts);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::extent_map::Target;
+    use crate::record_index::{Effect, Entry, RecordIndex};
+
+    /// Neighbours one record wrote as one: the same content however split.
+    fn joined(extents: Vec<Written>) -> Vec<Written> {
+        let mut out: Vec<Written> = Vec::new();
+        for x in extents {
+            match out.last_mut() {
+                Some(p)
+                    if p.start + p.sectors == x.start
+                        && p.lsn == x.lsn
+                        && p.target.advanced(p.sectors) == x.target =>
+                {
+                    p.sectors += x.sectors
+                }
+                _ => out.push(x),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_map_at_an_lsn_undoes_what_later_records_wrote() {
+        let disk_sectors = 64 * 2048;
+        let mut index = RecordIndex::new(0, 0);
+        let live = ExtentMap::new(disk_sectors * crate::format::SECTOR);
+        for i in 1..=3000u64 {
+            let effect = match i {
+                900 => Effect::Revert { to: 300 },
+                _ => Effect::Data {
+                    start: (i * 7919) % disk_sectors,
+                    sectors: 1 + i % 700,
+                    target: if i % 4 == 0 {
+                        Target::Zero
+                    } else {
+                        Target::Journal {
+                            segment: i as u32,
+                            sector: 8,
+                        }
+                    },
+                },
+            };
+            index.push(Entry {
+                timestamp: i,
+                effect,
+            });
+        }
+        index.snapshot(3000).replay_into(&live, 3000);
+        for lsn in [2999, 2500, 1000, 900] {
+            let want = ExtentMap::new(live.sectors() * crate::format::SECTOR);
+            index.snapshot(lsn).replay_into(&want, lsn);
+            let got = map_at(
+                live.written(),
+                &index.snapshot(lsn),
+                lsn,
+                live.sectors() * 512,
+            );
+            assert!(got
+                .windows(2)
+                .all(|w| w[0].start + w[0].sectors <= w[1].start));
+            assert_eq!(joined(got), joined(want.written()), "at lsn {lsn}");
+        }
     }
 }
