@@ -4,13 +4,13 @@
 //! queue with no lock shared with the others: the `&self` backend trait,
 //! per-queue state, and a volume that takes concurrent calls.
 //!
-//! Restart safety: each queue completes its requests in order, one at a
-//! time (a request is in the used ring before the next is popped), so after
-//! a crash the front-end's `used_idx` marks exactly what was done, and
-//! QEMU (with `reconnect=`) resubmits the rest. The journal tolerates a
-//! request that ran but was not marked used being run again. Tracking
-//! in-flight requests with INFLIGHT_SHMFD would allow out-of-order
-//! completion; vhost-user-backend does not implement it.
+//! A queue's thread runs the requests that need no wait for the disk and
+//! hands the others to the IO threads (inflight.rs), so many are in flight
+//! at once; completions reach the used ring in the order the requests were
+//! taken, which keeps a restart safe: after a crash the front-end's
+//! `used_idx` marks exactly what was done, and QEMU (with `reconnect=`)
+//! resubmits the rest. The journal tolerates a request that ran but was
+//! not marked used being run again.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,8 +36,9 @@ use vmm_sys_util::event::{
 };
 
 use crate::device::BlockDevice;
-use crate::gate::Gate;
-use crate::request::{self, Disk, MAX_SEGMENTS, SECTOR};
+use crate::gate::{Gate, Pass};
+use crate::inflight::{self, InOrder, Ticket};
+use crate::request::{self, Disk, Step, Waiting, MAX_SEGMENTS, SECTOR};
 
 /// Guest memory with a dirty log QEMU can share during a live migration:
 /// every byte the device writes to the guest (read data, the used ring)
@@ -84,8 +85,10 @@ pub struct BlkBackend {
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     event_idx: AtomicBool,
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemory>>>,
-    /// Held while a queue processes requests; `stop_vring` waits on it.
+    /// Held while a queue takes requests; `stop_vring` waits on it.
     busy: Vec<Mutex<()>>,
+    /// Each queue's requests taken and not yet in its used ring.
+    in_order: Vec<Arc<InOrder>>,
     /// The vrings the client kicked, by queue: the device is stopped once
     /// none of them is ready.
     kicked: Kicked,
@@ -99,6 +102,7 @@ impl BlkBackend {
         let n = uuid.len().min(id.len());
         id[..n].copy_from_slice(&uuid.as_bytes()[..n]);
         let busy = (0..config.num_queues).map(|_| Mutex::new(())).collect();
+        let in_order = (0..config.num_queues).map(|_| Arc::default()).collect();
         let kicked = Kicked((0..config.num_queues).map(|_| OnceLock::new()).collect());
         BlkBackend {
             device,
@@ -109,6 +113,7 @@ impl BlkBackend {
             event_idx: AtomicBool::new(false),
             mem: RwLock::new(None),
             busy,
+            in_order,
             kicked,
             exits: Mutex::new(Vec::new()),
         }
@@ -119,12 +124,17 @@ impl BlkBackend {
         self.epoch.store(epoch, Ordering::SeqCst);
     }
 
-    /// Stops every worker thread (their daemon's connection is over).
+    /// Stops every worker thread (their daemon's connection is over) and
+    /// waits for the requests they handed to the IO threads, so none
+    /// completes into a later connection's rings.
     pub fn stop_workers(&self) {
         for exit in self.exits.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             if let Err(e) = exit.notify() {
                 tracing::warn!(error = %e, "cannot stop a worker thread");
             }
+        }
+        for queue in &self.in_order {
+            queue.wait_empty();
         }
     }
 
@@ -151,24 +161,26 @@ impl BlkBackend {
         c
     }
 
-    /// Takes and completes the queue's requests while the gate lets them
-    /// through. Returns false if it parked the queue at a closed gate.
+    /// Takes the queue's requests while the gate lets them through: runs
+    /// those that need no wait, hands the others to the IO threads. Returns
+    /// false if it parked the queue at a closed gate.
     fn process(&self, index: usize, vring: &Vring) -> io::Result<bool> {
-        let mem = self
+        let guest = self
             .mem
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|m| m.memory())
+            .clone()
             .ok_or_else(|| io::Error::other("no guest memory yet"))?;
+        let mem = guest.memory();
         let disk = Disk {
             device: self.device.as_ref(),
             read_only: self.config.read_only,
             id: self.id,
         };
         let epoch = self.epoch.load(Ordering::SeqCst);
+        let in_order = &self.in_order[index];
         let _busy = self.busy[index].lock().unwrap_or_else(|e| e.into_inner());
-        let mut completed = false;
+        let mut published = false;
         let mut parked = false;
         loop {
             let Some(pass) = self.gate.enter(epoch) else {
@@ -188,21 +200,83 @@ impl BlkBackend {
             };
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let done = request::handle(&*mem, chain, &disk);
-            pass.finish_request(&done);
-            vring
-                .add_used(head, done.used)
-                .map_err(|e| io::Error::other(format!("add_used: {e}")))?;
-            completed = true;
+            let ticket = in_order.take();
+            match request::start(&*mem, chain, &disk) {
+                Step::Done(done) => {
+                    pass.finish_request(&done);
+                    published |= in_order.complete(ticket, head, done.used, vring)?;
+                }
+                Step::Waiting(waiting) => {
+                    let job = Dispatched {
+                        waiting,
+                        pass,
+                        ticket,
+                        head,
+                        in_order: in_order.clone(),
+                        vring: vring.clone(),
+                        guest: guest.clone(),
+                        device: self.device.clone(),
+                        read_only: self.config.read_only,
+                        id: self.id,
+                    };
+                    inflight::run_blocking(move || job.run());
+                }
+            }
         }
-        if completed
-            && vring
-                .needs_notification()
-                .map_err(|e| io::Error::other(format!("needs_notification: {e}")))?
-        {
-            vring.signal_used_queue()?;
+        if published {
+            signal(vring)?;
         }
         Ok(!parked)
+    }
+}
+
+/// Tells the driver about new used entries, if it wants to hear (EVENT_IDX).
+fn signal(vring: &Vring) -> io::Result<()> {
+    if vring
+        .needs_notification()
+        .map_err(|e| io::Error::other(format!("needs_notification: {e}")))?
+    {
+        vring.signal_used_queue()?;
+    }
+    Ok(())
+}
+
+/// A request handed to an IO thread, with what completing it needs.
+struct Dispatched {
+    waiting: Waiting,
+    pass: Pass,
+    ticket: Ticket,
+    head: u16,
+    in_order: Arc<InOrder>,
+    vring: Vring,
+    guest: GuestMemoryAtomic<GuestMemory>,
+    device: Arc<dyn BlockDevice>,
+    read_only: bool,
+    id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+}
+
+impl Dispatched {
+    fn run(self) {
+        let disk = Disk {
+            device: self.device.as_ref(),
+            read_only: self.read_only,
+            id: self.id,
+        };
+        let done = self.waiting.finish(&*self.guest.memory(), &disk);
+        self.pass.finish_request(&done);
+        let published = self
+            .in_order
+            .complete(self.ticket, self.head, done.used, &self.vring)
+            .and_then(|published| {
+                if published {
+                    signal(&self.vring)
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(e) = published {
+            tracing::error!(error = %e, "cannot complete a request");
+        }
     }
 }
 
@@ -297,10 +371,13 @@ impl VhostUserBackend for BlkBackend {
     }
 
     /// Called for GET_VRING_BASE after the queue is stopped: returns once
-    /// every request already taken from it is complete.
+    /// every request already taken from it is complete and in the used ring.
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         if let Some(busy) = self.busy.get(queue_index as usize) {
             drop(busy.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+        if let Some(queue) = self.in_order.get(queue_index as usize) {
+            queue.wait_empty();
         }
         // QEMU stops every queue in a row when it stops the device.
         let stopped = self
@@ -464,5 +541,264 @@ mod tests {
         stopper.join().expect("stopper");
         // Other queues are not held up by it.
         b.stop_vring(0).expect("queue 0 idle");
+    }
+
+    /// Requests of one queue in flight at once against the model: random
+    /// reads, writes and flushes, all made available together; reads and
+    /// flushes run on the IO threads (the fault storage answers no read
+    /// from a cache), journal reads slowed so they finish out of order.
+    /// Then, optionally, a restart: a new connection resumes at the used
+    /// index seen while requests were still in flight, as QEMU does after a
+    /// crash, and the requests past it run again.
+    mod concurrency {
+        use super::*;
+        use proptest::prelude::*;
+        use rewind_journal::fault::{FaultOp, FaultStorage};
+        use rewind_journal::Volume;
+        use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+        use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+        use virtio_queue::desc::split::Descriptor;
+        use virtio_queue::desc::RawDescriptor;
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::{Address, Bytes, GuestAddress};
+
+        const QUEUE: u16 = 256;
+        const BLOCK: usize = 4096;
+        const BLOCKS: u64 = 16;
+        /// Where request `i`'s header, status byte and data buffer are.
+        fn header(i: usize) -> GuestAddress {
+            GuestAddress(0x10_0000 + i as u64 * 0x2000)
+        }
+        fn status(i: usize) -> GuestAddress {
+            header(i).unchecked_add(16)
+        }
+        fn data(i: usize) -> GuestAddress {
+            header(i).unchecked_add(0x1000)
+        }
+
+        #[derive(Debug, Clone, Copy)]
+        enum Op {
+            Write { block: u64, fill: u8 },
+            Read { block: u64 },
+            Flush,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                3 => (0..BLOCKS, 1..=255u8).prop_map(|(block, fill)| Op::Write { block, fill }),
+                3 => (0..BLOCKS).prop_map(|block| Op::Read { block }),
+                1 => Just(Op::Flush),
+            ]
+        }
+
+        /// Writes the chains of `ops` and makes them available, in order.
+        fn submit(mem: &GuestMemory, q: &MockSplitQueue<'_, GuestMemory>, ops: &[Op]) {
+            let mut descs = Vec::new();
+            for (i, op) in ops.iter().enumerate() {
+                let (code, sector) = match *op {
+                    Op::Write { block, fill } => {
+                        mem.write_slice(&[fill; BLOCK], data(i)).expect("data");
+                        (VIRTIO_BLK_T_OUT, block * 8)
+                    }
+                    Op::Read { block } => {
+                        mem.write_slice(&[0xee; BLOCK], data(i)).expect("poison");
+                        (VIRTIO_BLK_T_IN, block * 8)
+                    }
+                    Op::Flush => (VIRTIO_BLK_T_FLUSH, 0),
+                };
+                let mut h = [0u8; 16];
+                h[0..4].copy_from_slice(&code.to_le_bytes());
+                h[8..16].copy_from_slice(&sector.to_le_bytes());
+                mem.write_slice(&h, header(i)).expect("header");
+                mem.write_obj(0xffu8, status(i)).expect("status");
+                let first = descs.len() as u16;
+                let next = VRING_DESC_F_NEXT as u16;
+                descs.push(Descriptor::new(header(i).0, 16, next, first + 1));
+                match op {
+                    Op::Write { .. } => {
+                        descs.push(Descriptor::new(data(i).0, BLOCK as u32, next, first + 2))
+                    }
+                    Op::Read { .. } => descs.push(Descriptor::new(
+                        data(i).0,
+                        BLOCK as u32,
+                        next | VRING_DESC_F_WRITE as u16,
+                        first + 2,
+                    )),
+                    Op::Flush => {}
+                }
+                descs.push(Descriptor::new(
+                    status(i).0,
+                    1,
+                    VRING_DESC_F_WRITE as u16,
+                    0,
+                ));
+            }
+            let raw: Vec<RawDescriptor> = descs.into_iter().map(RawDescriptor::from).collect();
+            q.add_desc_chains(&raw, 0).expect("chains");
+        }
+
+        fn used_idx(mem: &GuestMemory, q: &MockSplitQueue<'_, GuestMemory>) -> u16 {
+            mem.read_obj(q.used_addr().unchecked_add(2))
+                .expect("used idx")
+        }
+
+        /// The used ring's entries `from..to` name the chains taken
+        /// `from..to`, in that order, each with a status byte of OK.
+        fn check_used_in_order(
+            mem: &GuestMemory,
+            q: &MockSplitQueue<'_, GuestMemory>,
+            heads: &[u16],
+            from: u16,
+            to: u16,
+        ) -> Result<(), TestCaseError> {
+            for k in from..to {
+                let entry = q.used_addr().unchecked_add(4 + 8 * u64::from(k));
+                let id: u32 = mem.read_obj(entry).expect("used id");
+                prop_assert_eq!(
+                    id,
+                    u32::from(heads[k as usize]),
+                    "used entry {} out of order",
+                    k
+                );
+                let st: u8 = mem.read_obj(status(k as usize)).expect("status");
+                prop_assert_eq!(st, 0, "request {} failed", k);
+            }
+            Ok(())
+        }
+
+        /// What a read at `i` may return for its block: the block as the
+        /// writes before it left it, or what any write after it (which
+        /// may run first) put there.
+        fn allowed(ops: &[Op], i: usize, block: u64) -> Vec<u8> {
+            let before = ops[..i].iter().rev().find_map(|op| match *op {
+                Op::Write { block: b, fill } if b == block => Some(fill),
+                _ => None,
+            });
+            let after = ops[i..].iter().filter_map(|op| match *op {
+                Op::Write { block: b, fill } if b == block => Some(fill),
+                _ => None,
+            });
+            std::iter::once(before.unwrap_or(0)).chain(after).collect()
+        }
+
+        fn check_reads(mem: &GuestMemory, ops: &[Op], from: usize) -> Result<(), TestCaseError> {
+            for (i, op) in ops.iter().enumerate().skip(from) {
+                if let Op::Read { block } = *op {
+                    let mut buf = [0u8; BLOCK];
+                    mem.read_slice(&mut buf, data(i)).expect("read data");
+                    let fill = buf[0];
+                    prop_assert!(buf.iter().all(|&b| b == fill), "read {} is torn", i);
+                    let allowed = allowed(ops, i, block);
+                    prop_assert!(
+                        allowed.contains(&fill),
+                        "read {} of block {} saw {:#x}, not one of {:?}",
+                        i,
+                        block,
+                        fill,
+                        allowed
+                    );
+                }
+            }
+            Ok(())
+        }
+
+        fn connect(volume: &Arc<Volume>, mem: &GuestMemoryAtomic<GuestMemory>) -> BlkBackend {
+            let config = ExportConfig {
+                num_queues: 1,
+                queue_size: QUEUE as usize,
+                read_only: false,
+            };
+            let b = BlkBackend::new(volume.clone(), config, Arc::new(Gate::new(1)));
+            b.update_memory(mem.clone()).expect("memory");
+            b.admit(1);
+            b
+        }
+
+        fn run(ops: Vec<Op>, restart: bool) -> Result<(), TestCaseError> {
+            let fs = FaultStorage::new();
+            let volume = Arc::new(crate::test_support::volume_on(
+                &fs,
+                BLOCKS * BLOCK as u64,
+                rewind_journal::OpenOptions::default(),
+            ));
+            fs.slow_down(FaultOp::Read, ".seg", std::time::Duration::from_micros(300));
+            let guest = GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
+            let q = MockSplitQueue::create(&guest, GuestAddress(0), QUEUE);
+            submit(&guest, &q, &ops);
+            let heads: Vec<u16> = (0..ops.len())
+                .scan(0u16, |next, i| {
+                    let head = *next;
+                    *next += if matches!(ops[i], Op::Flush) { 2 } else { 3 };
+                    Some(head)
+                })
+                .collect();
+            let mem = GuestMemoryAtomic::new(guest.clone());
+            let vring = Vring::new(mem.clone(), QUEUE).expect("vring");
+            vring
+                .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
+                .expect("queue info");
+            vring.set_queue_size(QUEUE);
+            vring.set_queue_ready(true);
+
+            let first = connect(&volume, &mem);
+            prop_assert!(first.process(0, &vring).expect("process"));
+            // What a crash now would leave: a prefix, in order.
+            let seen = used_idx(&guest, &q);
+            check_used_in_order(&guest, &q, &heads, 0, seen)?;
+            first.stop_vring(0).expect("stop");
+            let n = ops.len() as u16;
+            prop_assert_eq!(
+                used_idx(&guest, &q),
+                n,
+                "GET_VRING_BASE answered with requests in flight"
+            );
+            check_used_in_order(&guest, &q, &heads, 0, n)?;
+            check_reads(&guest, &ops, 0)?;
+
+            if restart {
+                // QEMU resumes at the used index it saw; the rest runs again.
+                guest
+                    .write_obj(seen, q.used_addr().unchecked_add(2))
+                    .expect("used idx");
+                for (i, op) in ops.iter().enumerate().skip(usize::from(seen)) {
+                    guest.write_obj(0xffu8, status(i)).expect("status");
+                    if matches!(op, Op::Read { .. }) {
+                        guest.write_slice(&[0xee; BLOCK], data(i)).expect("poison");
+                    }
+                }
+                vring.set_queue_next_avail(seen);
+                vring.set_queue_next_used(seen);
+                let second = connect(&volume, &mem);
+                prop_assert!(second.process(0, &vring).expect("process"));
+                second.stop_vring(0).expect("stop");
+                prop_assert_eq!(used_idx(&guest, &q), n);
+                check_used_in_order(&guest, &q, &heads, seen, n)?;
+                check_reads(&guest, &ops, usize::from(seen))?;
+            }
+            for block in 0..BLOCKS {
+                let mut buf = [0u8; BLOCK];
+                volume
+                    .read(block * BLOCK as u64, &mut buf)
+                    .expect("read back");
+                let want = allowed(&ops, ops.len(), block)[0];
+                prop_assert!(
+                    buf.iter().all(|&b| b == want),
+                    "block {} is not what the last write left",
+                    block
+                );
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(48))]
+            #[test]
+            fn requests_in_flight_complete_in_order_and_match_the_model(
+                ops in proptest::collection::vec(op(), 1..80),
+                restart in any::<bool>(),
+            ) {
+                run(ops, restart)?;
+            }
+        }
     }
 }

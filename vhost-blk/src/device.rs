@@ -18,6 +18,12 @@ pub trait BlockDevice: Send + Sync + Debug {
     /// Seeds GET_ID's answer.
     fn uuid(&self) -> String;
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Reads like `read` if that needs no wait for the disk; false (`buf`
+    /// unspecified) where it would. Devices that cannot tell say false.
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        let _ = (offset, buf);
+        Ok(false)
+    }
     fn write(&self, offset: u64, data: &[u8]) -> Result<()>;
     fn write_zeroes(&self, offset: u64, length: u64, unmap: bool) -> Result<()>;
     fn discard(&self, offset: u64, length: u64) -> Result<()>;
@@ -38,6 +44,9 @@ impl BlockDevice for Volume {
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         Volume::read(self, offset, buf)
+    }
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        Volume::read_cached(self, offset, buf)
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         Volume::write(self, offset, data).map(drop)
@@ -212,6 +221,16 @@ impl BlockDevice for ReplicatedVolume {
             buf.copy_from_slice(&data);
         }
         Ok(())
+    }
+    /// Local reads only: once detached, the read is forwarded by `read`.
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        let Some(detacher) = &self.detacher else {
+            return self.volume.read_cached(offset, buf);
+        };
+        match detacher.route().map_err(Error::Failed)? {
+            Route::Local(_counted) => self.volume.read_cached(offset, buf),
+            Route::Forward => Ok(false),
+        }
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.modify(

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -222,15 +222,17 @@ pub struct Gate {
 }
 
 /// One request admitted through the gate; dropping it ends the request.
+/// It owns a reference to the gate, so it can travel with a request to
+/// the thread that completes it.
 #[derive(Debug)]
-pub struct Pass<'a> {
-    gate: &'a Gate,
+pub struct Pass {
+    gate: Arc<Gate>,
 }
 
-impl Pass<'_> {
+impl Pass {
     /// Counts the request's outcome.
     pub fn finish(self, status: Status, modifying: bool) {
-        let g = self.gate;
+        let g = &self.gate;
         g.completed.fetch_add(1, Ordering::Relaxed);
         if status != Status::Ok {
             g.failed.fetch_add(1, Ordering::Relaxed);
@@ -249,7 +251,7 @@ impl Pass<'_> {
     }
 }
 
-impl Drop for Pass<'_> {
+impl Drop for Pass {
     fn drop(&mut self) {
         self.gate.leave();
     }
@@ -357,13 +359,13 @@ impl Gate {
 
     /// Admits one request from a client attached at `epoch`, or `None` if
     /// the gate is closed to it.
-    pub fn enter(&self, epoch: u64) -> Option<Pass<'_>> {
+    pub fn enter(self: &Arc<Self>, epoch: u64) -> Option<Pass> {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         if self.closed.load(Ordering::SeqCst) || self.epoch.load(Ordering::SeqCst) != epoch {
             self.leave();
             return None;
         }
-        Some(Pass { gate: self })
+        Some(Pass { gate: self.clone() })
     }
 
     fn leave(&self) {
@@ -573,7 +575,6 @@ fn kick(vring: &Vring) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     #[test]
     fn a_drain_waits_for_the_requests_in_flight_and_refuses_new_ones() {
@@ -611,7 +612,7 @@ mod tests {
 
     #[test]
     fn a_drain_that_times_out_serves_again() {
-        let gate = Gate::new(1);
+        let gate = Arc::new(Gate::new(1));
         let _stuck = gate.enter(1).expect("serving");
         let mut released = false;
         let err = gate
@@ -631,7 +632,7 @@ mod tests {
 
     #[test]
     fn a_fence_refuses_the_old_epoch_for_good() {
-        let gate = Gate::new(1);
+        let gate = Arc::new(Gate::new(1));
         let stuck = gate.enter(1).expect("serving");
         let err = gate.fence(Duration::from_millis(10), || {}).unwrap_err();
         assert!(

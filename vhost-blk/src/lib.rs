@@ -10,6 +10,7 @@ pub mod device;
 pub mod export;
 pub mod failover;
 pub mod gate;
+pub mod inflight;
 pub mod logging;
 pub mod metrics;
 pub mod replication;

@@ -260,6 +260,22 @@ impl Request {
         }
     }
 
+    /// A read served from the page cache: the bytes written into guest
+    /// buffers, or None where it would wait for the disk.
+    fn read_cached<M: GuestMemory>(
+        &self,
+        mem: &M,
+        disk: &Disk<'_>,
+    ) -> Result<Option<u32>, RequestError> {
+        let len = self.data_len();
+        let offset = self.sectors_of(len, disk)?;
+        let mut buf = vec![0u8; len as usize];
+        if len > 0 && !disk.device.read_cached(offset, &mut buf)? {
+            return Ok(None);
+        }
+        self.scatter(mem, &buf).map(Some)
+    }
+
     /// The byte offset of a transfer of `len` bytes at the request's sector.
     fn sectors_of(&self, len: u64, disk: &Disk<'_>) -> Result<u64, RequestError> {
         if !len.is_multiple_of(SECTOR) {
@@ -330,80 +346,156 @@ pub struct Sample {
     pub ok: bool,
 }
 
-/// Handles one descriptor chain: parses, runs, writes the status byte.
-pub fn handle<M: GuestMemory>(
+/// A request taken from its chain, with where its status byte goes.
+#[derive(Debug)]
+struct Taken {
+    request: Result<Request, RequestError>,
+    status: GuestAddress,
+    started: std::time::Instant,
+}
+
+/// What became of a chain once its request was taken.
+#[derive(Debug)]
+pub enum Step {
+    /// Completed (written, read from the page cache, refused...).
+    Done(Completion),
+    /// It waits for the disk (a read of what the page cache does not hold,
+    /// a flush): [`Waiting::finish`] it on a thread that may block.
+    Waiting(Waiting),
+}
+
+/// A request that must wait for the disk before it completes.
+#[derive(Debug)]
+pub struct Waiting(Taken);
+
+impl Waiting {
+    /// Runs the request and writes its status byte.
+    pub fn finish<M: GuestMemory>(self, mem: &M, disk: &Disk<'_>) -> Completion {
+        let taken = self.0;
+        let result = match &taken.request {
+            Ok(r) => r.execute(mem, disk),
+            Err(_) => Ok(0),
+        };
+        taken.complete(mem, disk, result)
+    }
+}
+
+impl Taken {
+    /// Writes the status byte of `result` and describes the completion.
+    fn complete<M: GuestMemory>(
+        self,
+        mem: &M,
+        disk: &Disk<'_>,
+        result: Result<u32, RequestError>,
+    ) -> Completion {
+        let (kind, bytes, modifying) = match &self.request {
+            Ok(r) => (
+                Some(r.kind),
+                if matches!(r.kind, Kind::In | Kind::Out) {
+                    r.data_len()
+                } else {
+                    0
+                },
+                matches!(r.kind, Kind::Out | Kind::Discard | Kind::WriteZeroes) && !disk.read_only,
+            ),
+            Err(_) => (None, 0, false),
+        };
+        let (code, written) = match self.request.and(result) {
+            Ok(written) => (Status::Ok, written),
+            Err(e) => {
+                tracing::debug!(error = %e, "request failed");
+                (e.status(), 0)
+            }
+        };
+        let sample = kind.map(|kind| Sample {
+            kind,
+            bytes: if code == Status::Ok { bytes } else { 0 },
+            nanos: u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            ok: code == Status::Ok,
+        });
+        match mem.write_obj(code as u8, self.status) {
+            Ok(()) => Completion {
+                used: written + 1,
+                status: code,
+                modifying,
+                sample,
+            },
+            Err(e) => {
+                tracing::warn!(
+                    event = rewind_journal::events::GUEST_PROTOCOL_ERROR,
+                    error = %e,
+                    "cannot write the status byte"
+                );
+                Completion {
+                    modifying,
+                    sample,
+                    ..UNUSABLE
+                }
+            }
+        }
+    }
+}
+
+/// A chain with no usable status byte.
+const UNUSABLE: Completion = Completion {
+    used: 0,
+    status: Status::IoErr,
+    modifying: false,
+    sample: None,
+};
+
+/// Takes one descriptor chain: parses it and runs what needs no wait for
+/// the disk (writes are appends to the journal; reads the page cache
+/// answers), leaving the rest [`Step::Waiting`]. Writes run here, in the
+/// order the chains were taken, so the journal records them in that order.
+pub fn start<M: GuestMemory>(
     mem: &M,
     chain: impl IntoIterator<Item = Descriptor>,
     disk: &Disk<'_>,
-) -> Completion {
-    let unusable = Completion {
-        used: 0,
-        status: Status::IoErr,
-        modifying: false,
-        sample: None,
-    };
+) -> Step {
     let descs: Vec<Descriptor> = chain.into_iter().collect();
     let Some((status, body)) = descs.split_last() else {
         tracing::warn!(
             event = rewind_journal::events::GUEST_PROTOCOL_ERROR,
             "empty descriptor chain"
         );
-        return unusable;
+        return Step::Done(UNUSABLE);
     };
     if !status.is_write_only() || status.len() < 1 {
         tracing::warn!(
             event = rewind_journal::events::GUEST_PROTOCOL_ERROR,
             "descriptor chain without a device-writable status byte"
         );
-        return unusable;
+        return Step::Done(UNUSABLE);
     }
-    let request = Request::parse(mem, body);
-    let started = std::time::Instant::now();
-    let measured = request.as_ref().ok().map(|r| {
-        (
-            r.kind,
-            if matches!(r.kind, Kind::In | Kind::Out) {
-                r.data_len()
-            } else {
-                0
-            },
-        )
-    });
-    let modifying = request.as_ref().is_ok_and(|r| {
-        matches!(r.kind, Kind::Out | Kind::Discard | Kind::WriteZeroes) && !disk.read_only
-    });
-    let (code, written) = match request.and_then(|r| r.execute(mem, disk)) {
-        Ok(written) => (Status::Ok, written),
-        Err(e) => {
-            tracing::debug!(error = %e, "request failed");
-            (e.status(), 0)
-        }
+    let taken = Taken {
+        request: Request::parse(mem, body),
+        status: status.addr(),
+        started: std::time::Instant::now(),
     };
-    let sample = measured.map(|(kind, bytes)| Sample {
-        kind,
-        bytes: if code == Status::Ok { bytes } else { 0 },
-        nanos: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
-        ok: code == Status::Ok,
-    });
-    match mem.write_obj(code as u8, status.addr()) {
-        Ok(()) => Completion {
-            used: written + 1,
-            status: code,
-            modifying,
-            sample,
+    let result = match &taken.request {
+        Ok(r) if r.kind == Kind::Flush => return Step::Waiting(Waiting(taken)),
+        Ok(r) if r.kind == Kind::In => match r.read_cached(mem, disk) {
+            Ok(Some(written)) => Ok(written),
+            Ok(None) => return Step::Waiting(Waiting(taken)),
+            Err(e) => Err(e),
         },
-        Err(e) => {
-            tracing::warn!(
-                event = rewind_journal::events::GUEST_PROTOCOL_ERROR,
-                error = %e,
-                "cannot write the status byte"
-            );
-            Completion {
-                modifying,
-                sample,
-                ..unusable
-            }
-        }
+        Ok(r) => r.execute(mem, disk),
+        Err(_) => Ok(0),
+    };
+    Step::Done(taken.complete(mem, disk, result))
+}
+
+/// Handles one descriptor chain to its end: parses, runs, writes the
+/// status byte.
+pub fn handle<M: GuestMemory>(
+    mem: &M,
+    chain: impl IntoIterator<Item = Descriptor>,
+    disk: &Disk<'_>,
+) -> Completion {
+    match start(mem, chain, disk) {
+        Step::Done(done) => done,
+        Step::Waiting(waiting) => waiting.finish(mem, disk),
     }
 }
 
@@ -522,7 +614,7 @@ mod tests {
     fn each_request_leaves_a_sample_the_gate_counts_by_operation() {
         let (mem, v) = (memory(), volume());
         let d = disk(&v);
-        let gate = crate::gate::Gate::new(1);
+        let gate = std::sync::Arc::new(crate::gate::Gate::new(1));
         let counted = |f: &dyn Fn()| {
             let pass = gate.enter(1).expect("serving");
             f();
