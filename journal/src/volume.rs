@@ -588,6 +588,7 @@ impl Volume {
             checkpointed: Mutex::new(checkpoint::Checkpointed {
                 lsn: base_lsn + report.records_from_checkpoint,
                 bytes: 0,
+                retry_at: None,
             }),
         });
         *lock(&inner.resync) = inner.load_resync()?;

@@ -196,6 +196,28 @@ fn a_closed_volume_reopens_from_its_checkpoint_and_goes_on() {
     assert_eq!(full_recovery(&fs, &clock), before);
 }
 
+#[test]
+fn the_applier_takes_checkpoints_as_the_journal_grows() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let (fs, v) = new_volume(&clock);
+    drop(v);
+    let options = OpenOptions {
+        checkpoint_every: Some(64 << 10),
+        fold_interval: Some(Duration::from_millis(10)),
+        ..clocked_options(&clock)
+    };
+    let v = Volume::open(fs.arc(), Path::new(DIR), options)
+        .expect("open")
+        .0;
+    write_some(&v, 0, 60, 14);
+    wait_until("a checkpoint", || fs.contents(&checkpoint_path()).is_some());
+    let before = seen(&v);
+    drop(v);
+    let (v, report) = open_report(&fs.process_crash(), &clock);
+    assert!(report.records_from_checkpoint > 0, "{report}");
+    assert_eq!(seen(&v), before);
+}
+
 /// A checkpoint damaged in `damage` makes the open fall back to the full
 /// recovery, with the same result.
 fn falls_back_when(damage: impl Fn(&FaultStorage)) {

@@ -25,6 +25,7 @@
 //!   cut erased missing from the segments (checkpoint_rejected).
 
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use super::{lock, Inner, Volume};
 use crate::error::{Error, Result};
@@ -41,7 +42,13 @@ pub(super) struct Checkpointed {
     pub lsn: u64,
     /// Its size in bytes (0 when not known).
     pub bytes: u64,
+    /// After a failed one, the applier tries again only from then on.
+    pub retry_at: Option<Instant>,
 }
+
+/// How long the applier waits after a failed checkpoint (the full disk or
+/// the IO error behind it is reported elsewhere; once a minute is enough).
+const RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// When a checkpoint is considered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +95,10 @@ impl Inner {
             return;
         };
         let last = *lock(&self.checkpointed);
+        let waiting = last.retry_at.is_some_and(|at| Instant::now() < at);
+        if self.failure.get().is_some() || (occasion == Occasion::Periodic && waiting) {
+            return;
+        }
         let used = self.pool.used();
         let size = self.config.segment_size;
         let journal = used.len() as u64 * size;
@@ -104,12 +115,14 @@ impl Inner {
             return;
         }
         if let Err(e) = self.take_checkpoint() {
+            lock(&self.checkpointed).retry_at = Some(Instant::now() + RETRY_AFTER);
             tracing::warn!(
                 event = crate::events::CHECKPOINT_FAILED,
                 volume = %self.config.uuid,
                 dir = %self.dir.display(),
                 error = %e,
-                "writing a checkpoint failed; the next open verifies more of the journal"
+                "writing a checkpoint failed (the applier tries again in a minute); the next \
+                 open verifies more of the journal"
             );
         }
     }
@@ -139,6 +152,7 @@ impl Inner {
         *last = Checkpointed {
             lsn,
             bytes: bytes.len() as u64,
+            retry_at: None,
         };
         tracing::debug!(volume = %self.config.uuid, lsn, bytes = bytes.len(), "checkpoint written");
         Ok(Some(lsn))
