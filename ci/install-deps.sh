@@ -42,7 +42,8 @@ bpo_ok() {
 if ! bpo_ok "$bpo"; then
   # Enable bookworm-backports from the machine's own Debian mirror, unless
   # some source already does.
-  if ! grep -rqsE '^[^#]*bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  if ! grep -rqsE --include='*.list' --include='*.sources' '^[^#]*bookworm-backports' \
+       /etc/apt/sources.list /etc/apt/sources.list.d/; then
     uri="" keyring=""
     if [ -r /etc/apt/sources.list.d/debian.sources ]; then
       read -r uri keyring < <(awk 'BEGIN { RS = ""; FS = "\n" }
