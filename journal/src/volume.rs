@@ -637,6 +637,16 @@ impl Volume {
     /// Writes `data` at `offset` (both multiples of 512); returns the lsn of
     /// its (last) record.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<u64> {
+        let lsn = self.write_deferred(offset, data)?;
+        self.inner.after_write()?;
+        Ok(lsn)
+    }
+
+    /// Like [`Volume::write`], but never syncs, even in writethrough mode:
+    /// the caller flushes before it reports the write done. The daemon
+    /// does so on another thread, so the writes behind it are not held up
+    /// and concurrent ones share a sync.
+    pub fn write_deferred(&self, offset: u64, data: &[u8]) -> Result<u64> {
         let inner = &self.inner;
         check_range(offset, data.len() as u64, inner.config.size).map_err(Error::InvalidRequest)?;
         let mut lsn = 0;
@@ -648,17 +658,30 @@ impl Volume {
             lsn = inner.append(RecordKind::Write, at, chunk.len() as u64, chunk)?;
             at += chunk.len() as u64;
         }
-        inner.after_write()?;
         Ok(lsn)
     }
 
     /// Makes `[offset, offset + length)` read as zeroes.
     pub fn write_zeroes(&self, offset: u64, length: u64, unmap: bool) -> Result<u64> {
+        let lsn = self.write_zeroes_deferred(offset, length, unmap)?;
+        self.inner.after_write()?;
+        Ok(lsn)
+    }
+
+    /// [`Volume::write_zeroes`] that never syncs (see [`Volume::write_deferred`]).
+    pub fn write_zeroes_deferred(&self, offset: u64, length: u64, unmap: bool) -> Result<u64> {
         self.zero(RecordKind::WriteZeroes { unmap }, offset, length)
     }
 
     /// Discards `[offset, offset + length)`; it then reads as zeroes.
     pub fn discard(&self, offset: u64, length: u64) -> Result<u64> {
+        let lsn = self.discard_deferred(offset, length)?;
+        self.inner.after_write()?;
+        Ok(lsn)
+    }
+
+    /// [`Volume::discard`] that never syncs (see [`Volume::write_deferred`]).
+    pub fn discard_deferred(&self, offset: u64, length: u64) -> Result<u64> {
         self.zero(RecordKind::Discard, offset, length)
     }
 
@@ -666,9 +689,7 @@ impl Volume {
         let inner = &self.inner;
         check_range(offset, length, inner.config.size).map_err(Error::InvalidRequest)?;
         inner.pace(0);
-        let lsn = inner.append(kind, offset, length, &[])?;
-        inner.after_write()?;
-        Ok(lsn)
+        inner.append(kind, offset, length, &[])
     }
 
     /// Reads `buf.len()` bytes at `offset` (both multiples of 512).

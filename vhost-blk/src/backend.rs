@@ -544,9 +544,10 @@ mod tests {
     }
 
     /// Requests of one queue in flight at once against the model: random
-    /// reads, writes and flushes, all made available together; reads and
-    /// flushes run on the IO threads (the fault storage answers no read
-    /// from a cache), journal reads slowed so they finish out of order.
+    /// reads, writes and flushes, all made available together; reads,
+    /// flushes and (in writethrough mode) the syncs after writes run on the
+    /// IO threads (the fault storage answers no read from a cache), journal
+    /// reads slowed so they finish out of order.
     /// Then, optionally, a restart: a new connection resumes at the used
     /// index seen while requests were still in flight, as QEMU does after a
     /// crash, and the requests past it run again.
@@ -714,13 +715,14 @@ mod tests {
             b
         }
 
-        fn run(ops: Vec<Op>, restart: bool) -> Result<(), TestCaseError> {
+        fn run(ops: Vec<Op>, restart: bool, writethrough: bool) -> Result<(), TestCaseError> {
             let fs = FaultStorage::new();
             let volume = Arc::new(crate::test_support::volume_on(
                 &fs,
                 BLOCKS * BLOCK as u64,
                 rewind_journal::OpenOptions::default(),
             ));
+            volume.set_writethrough(writethrough);
             fs.slow_down(FaultOp::Read, ".seg", std::time::Duration::from_micros(300));
             let guest = GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
             let q = MockSplitQueue::create(&guest, GuestAddress(0), QUEUE);
@@ -796,8 +798,9 @@ mod tests {
             fn requests_in_flight_complete_in_order_and_match_the_model(
                 ops in proptest::collection::vec(op(), 1..80),
                 restart in any::<bool>(),
+                writethrough in any::<bool>(),
             ) {
-                run(ops, restart)?;
+                run(ops, restart, writethrough)?;
             }
         }
     }

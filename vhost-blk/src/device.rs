@@ -11,7 +11,9 @@ use crate::replication::frame::ForwardOp;
 use crate::replication::{Link, SenderConfig};
 
 /// The block operations virtio-blk requests run against. Offsets and
-/// lengths are checked against `size` by the request layer first.
+/// lengths are checked against `size` by the request layer first. Writes,
+/// zeroes and discards never sync, even in writethrough mode: the request
+/// layer flushes after them (on an IO thread, so the queue goes on).
 pub trait BlockDevice: Send + Sync + Debug {
     fn size(&self) -> u64;
     fn block_size(&self) -> u32;
@@ -49,13 +51,13 @@ impl BlockDevice for Volume {
         Volume::read_cached(self, offset, buf)
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        Volume::write(self, offset, data).map(drop)
+        Volume::write_deferred(self, offset, data).map(drop)
     }
     fn write_zeroes(&self, offset: u64, length: u64, unmap: bool) -> Result<()> {
-        Volume::write_zeroes(self, offset, length, unmap).map(drop)
+        Volume::write_zeroes_deferred(self, offset, length, unmap).map(drop)
     }
     fn discard(&self, offset: u64, length: u64) -> Result<()> {
-        Volume::discard(self, offset, length).map(drop)
+        Volume::discard_deferred(self, offset, length).map(drop)
     }
     fn flush(&self) -> Result<()> {
         Volume::flush(self)
@@ -112,7 +114,7 @@ impl BlockDevice for ViewDevice {
 
 /// A primary's live volume: a flush also wakes the replication sender,
 /// and in sync mode completes only once the replica holds what it covers
-/// (so does each write in writethrough mode). With a [`Detacher`]
+/// (in writethrough mode, the flush after each write). With a [`Detacher`]
 /// (`--on-storage-error detach`), requests go to the replica once the
 /// local storage failed.
 #[derive(Debug)]
@@ -142,13 +144,11 @@ impl ReplicatedVolume {
     }
 
     /// Runs `local`, or `op` on the replica once this primary detached
-    /// (the request that meets the storage failure detaches). `modifies`:
-    /// in writethrough mode a forwarded write is flushed there too.
+    /// (the request that meets the storage failure detaches).
     fn serve(
         &self,
         local: impl FnOnce() -> Result<()>,
         op: impl FnOnce() -> ForwardOp,
-        modifies: bool,
     ) -> Result<Ran> {
         let Some(detacher) = &self.detacher else {
             return local().map(|()| Ran::Local);
@@ -167,27 +167,16 @@ impl ReplicatedVolume {
             Route::Forward => {}
         }
         let data = detacher.forward(op())?;
-        if modifies && self.volume.writethrough() {
-            detacher.forward(ForwardOp::Flush)?;
-        }
         Ok(Ran::Forwarded(data))
     }
 
-    /// A write-like request: run locally (then replicated in writethrough
-    /// mode), or forwarded.
+    /// A write-like request: run locally, or forwarded.
     fn modify(
         &self,
         local: impl FnOnce() -> Result<u64>,
         op: impl FnOnce() -> ForwardOp,
     ) -> Result<()> {
-        let local = || {
-            let lsn = local()?;
-            if self.volume.writethrough() {
-                self.replicated(lsn)?;
-            }
-            Ok(())
-        };
-        self.serve(local, op, true).map(drop)
+        self.serve(|| local().map(drop), op).map(drop)
     }
 }
 
@@ -206,7 +195,6 @@ impl BlockDevice for ReplicatedVolume {
         let ran = self.serve(
             || self.volume.read(offset, buf),
             || ForwardOp::Read { offset, length },
-            false,
         )?;
         if let Ran::Forwarded(data) = ran {
             if data.len() != buf.len() {
@@ -234,7 +222,7 @@ impl BlockDevice for ReplicatedVolume {
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.modify(
-            || self.volume.write(offset, data),
+            || self.volume.write_deferred(offset, data),
             || ForwardOp::Write {
                 offset,
                 data: data.to_vec(),
@@ -243,7 +231,7 @@ impl BlockDevice for ReplicatedVolume {
     }
     fn write_zeroes(&self, offset: u64, length: u64, unmap: bool) -> Result<()> {
         self.modify(
-            || self.volume.write_zeroes(offset, length, unmap),
+            || self.volume.write_zeroes_deferred(offset, length, unmap),
             || ForwardOp::WriteZeroes {
                 offset,
                 length,
@@ -253,7 +241,7 @@ impl BlockDevice for ReplicatedVolume {
     }
     fn discard(&self, offset: u64, length: u64) -> Result<()> {
         self.modify(
-            || self.volume.discard(offset, length),
+            || self.volume.discard_deferred(offset, length),
             || ForwardOp::Discard { offset, length },
         )
     }
@@ -262,7 +250,7 @@ impl BlockDevice for ReplicatedVolume {
             self.volume.flush()?;
             self.replicated(self.volume.durable_lsn())
         };
-        self.serve(local, || ForwardOp::Flush, false).map(drop)
+        self.serve(local, || ForwardOp::Flush).map(drop)
     }
     fn writethrough(&self) -> bool {
         self.volume.writethrough()

@@ -190,6 +190,11 @@ impl Request {
         })
     }
 
+    /// Whether it is a write, write-zeroes or discard.
+    fn modifies(&self) -> bool {
+        matches!(self.kind, Kind::Out | Kind::Discard | Kind::WriteZeroes)
+    }
+
     fn data_len(&self) -> u64 {
         self.data.iter().map(|&(_, len)| u64::from(len)).sum()
     }
@@ -366,17 +371,29 @@ pub enum Step {
 
 /// A request that must wait for the disk before it completes.
 #[derive(Debug)]
-pub struct Waiting(Taken);
+pub struct Waiting {
+    taken: Taken,
+    /// What is left to do.
+    rest: Rest,
+}
+
+#[derive(Debug)]
+enum Rest {
+    /// Running the request.
+    Run,
+    /// Syncing a write that ran (writethrough mode).
+    Sync,
+}
 
 impl Waiting {
-    /// Runs the request and writes its status byte.
+    /// Runs the rest of the request and writes its status byte.
     pub fn finish<M: GuestMemory>(self, mem: &M, disk: &Disk<'_>) -> Completion {
-        let taken = self.0;
-        let result = match &taken.request {
-            Ok(r) => r.execute(mem, disk),
-            Err(_) => Ok(0),
+        let result = match (&self.taken.request, self.rest) {
+            (Ok(r), Rest::Run) => r.execute(mem, disk),
+            (Ok(_), Rest::Sync) => disk.device.flush().map(|()| 0).map_err(RequestError::from),
+            (Err(_), _) => Ok(0),
         };
-        taken.complete(mem, disk, result)
+        self.taken.complete(mem, disk, result)
     }
 }
 
@@ -396,7 +413,7 @@ impl Taken {
                 } else {
                     0
                 },
-                matches!(r.kind, Kind::Out | Kind::Discard | Kind::WriteZeroes) && !disk.read_only,
+                r.modifies() && !disk.read_only,
             ),
             Err(_) => (None, 0, false),
         };
@@ -446,7 +463,8 @@ const UNUSABLE: Completion = Completion {
 
 /// Takes one descriptor chain: parses it and runs what needs no wait for
 /// the disk (writes are appends to the journal; reads the page cache
-/// answers), leaving the rest [`Step::Waiting`]. Writes run here, in the
+/// answers), leaving the rest [`Step::Waiting`]: flushes, cold reads, and
+/// in writethrough mode the sync after a write. Writes run here, in the
 /// order the chains were taken, so the journal records them in that order.
 pub fn start<M: GuestMemory>(
     mem: &M,
@@ -473,14 +491,20 @@ pub fn start<M: GuestMemory>(
         status: status.addr(),
         started: std::time::Instant::now(),
     };
+    let waiting = |taken, rest| Step::Waiting(Waiting { taken, rest });
     let result = match &taken.request {
-        Ok(r) if r.kind == Kind::Flush => return Step::Waiting(Waiting(taken)),
+        Ok(r) if r.kind == Kind::Flush => return waiting(taken, Rest::Run),
         Ok(r) if r.kind == Kind::In => match r.read_cached(mem, disk) {
             Ok(Some(written)) => Ok(written),
-            Ok(None) => return Step::Waiting(Waiting(taken)),
+            Ok(None) => return waiting(taken, Rest::Run),
             Err(e) => Err(e),
         },
-        Ok(r) => r.execute(mem, disk),
+        Ok(r) => match r.execute(mem, disk) {
+            Ok(_) if r.modifies() && disk.device.writethrough() => {
+                return waiting(taken, Rest::Sync)
+            }
+            done => done,
+        },
         Err(_) => Ok(0),
     };
     Step::Done(taken.complete(mem, disk, result))
@@ -645,6 +669,42 @@ mod tests {
         assert!(r.buckets.iter().sum::<u64>() <= r.requests);
         assert!(r.seconds > 0.0);
         assert_eq!(gate.counters().completed, 6);
+    }
+
+    #[test]
+    fn a_writethrough_write_runs_at_once_and_leaves_its_sync_waiting() {
+        let (mem, v) = (memory(), volume());
+        let d = disk(&v);
+        v.set_writethrough(true);
+        header(&mem, VIRTIO_BLK_T_OUT, 8);
+        mem.write_slice(&pattern(4096), GuestAddress(DATA))
+            .expect("data");
+        let descs = [
+            desc(HDR, 16, false),
+            desc(DATA, 4096, false),
+            desc(STATUS, 1, true),
+        ];
+        let q = MockSplitQueue::new(&mem, 16);
+        let chain = q.build_desc_chain(&descs).expect("chain");
+        let Step::Waiting(waiting) = start(&mem, chain, &d) else {
+            panic!("a writethrough write completed before its sync");
+        };
+        let mut back = vec![0u8; 4096];
+        v.read(4096, &mut back).expect("read");
+        assert_eq!(back, pattern(4096), "written at once");
+        let written = v.last_lsn();
+        assert!(v.durable_lsn() < written, "not synced yet");
+        let done = waiting.finish(&mem, &d);
+        assert_eq!(done.status, Status::Ok);
+        assert!(done.modifying);
+        assert!(v.durable_lsn() >= written, "durable once complete");
+
+        v.set_writethrough(false);
+        let chain = q.build_desc_chain(&descs).expect("chain");
+        assert!(
+            matches!(start(&mem, chain, &d), Step::Done(_)),
+            "a writeback write completes at once"
+        );
     }
 
     #[test]
