@@ -168,6 +168,13 @@ if ! command -v qemu-ga >/dev/null || ! command -v mkfs.ext4 >/dev/null \
     qemu-guest-agent e2fsprogs
 fi
 
+# fio measures the device's own limit for the cold-cache bench
+# (vhost-blk/benches/cold.rs).
+if ! command -v fio >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends fio
+fi
+
 # The test guest: a Debian cloud kernel and a busybox initramfs.
 bash guest-tests/build.sh target/guest
 

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 REWIND_BENCH_QUICK=1 cargo bench --locked -p rewind-journal --bench journal
 REWIND_BENCH_QUICK=1 cargo bench --locked -p rewind-journal --bench history
 REWIND_BENCH_QUICK=1 cargo bench --locked -p rewind-vhost-blk --bench vs_qsd
+REWIND_BENCH_QUICK=1 cargo bench --locked -p rewind-vhost-blk --bench cold
 REWIND_BENCH_QUICK=1 cargo bench --locked -p rewind-vhost-blk --bench drain
 REWIND_BENCH_QUICK=1 cargo bench --locked -p rewind-vhost-blk --bench replication
 REWIND_BENCH_QUICK=1 cargo bench --locked -p rewind-vhost-blk --bench failover

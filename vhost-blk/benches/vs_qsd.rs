@@ -5,108 +5,18 @@
 //! `cargo bench -p rewind-vhost-blk --bench vs_qsd` (REWIND_BENCH_DIR picks
 //! the file system, REWIND_BENCH_QUICK=1 makes a small smoke run).
 
+mod common;
+
 use std::mem::MaybeUninit;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+use common::{make_image, start_qsd, start_rewind, Server};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const BIN: &str = env!("CARGO_BIN_EXE_rewind-blk");
 const BLOCK: usize = 4096;
-
-struct Server {
-    name: &'static str,
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Server {
-    /// CPU time of all the server's threads so far (schedstat, in ns).
-    fn cpu(&self) -> Duration {
-        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).expect("tasks");
-        let ns: u64 = tasks
-            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-            .sum();
-        Duration::from_nanos(ns)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn start_rewind(dir: &Path, image: &Path, size: u64) -> Server {
-    let volume = dir.join("vol");
-    let out = Command::new(BIN)
-        .args(["create", "--size", &size.to_string(), "--volume"])
-        .arg(&volume)
-        .arg("--from")
-        .arg(image)
-        .output()
-        .expect("rewind-blk create");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let socket = dir.join("rewind.sock");
-    let child = Command::new(BIN)
-        .args(["serve", "--num-queues", "1", "--volume"])
-        .arg(&volume)
-        .arg("--socket-path")
-        .arg(&socket)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("rewind-blk serve");
-    wait_for(&socket);
-    Server {
-        name: "rewind-blk",
-        child,
-        socket,
-    }
-}
-
-fn start_qsd(dir: &Path, image: &Path) -> Server {
-    let socket = dir.join("qsd.sock");
-    let child = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!("driver=file,node-name=f0,filename={}", image.display()))
-        .arg("--blockdev")
-        .arg("driver=raw,node-name=d0,file=f0")
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues=1",
-            socket.display()
-        ))
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-storage-daemon (install qemu-utils)");
-    wait_for(&socket);
-    Server {
-        name: "qemu-storage-daemon",
-        child,
-        socket,
-    }
-}
 
 #[derive(Clone, Copy)]
 struct Workload {
@@ -200,18 +110,9 @@ fn main() {
     let dir = tempfile::tempdir_in(base).expect("bench dir");
     // The same prefilled image for both: QSD serves it, rewind imports it.
     let image = dir.path().join("disk.raw");
-    {
-        let f = std::fs::File::create(&image).expect("image");
-        let mut rng = StdRng::seed_from_u64(1);
-        let mut chunk = vec![0u8; 1 << 20];
-        for i in 0..size >> 20 {
-            rng.fill(&mut chunk[..]);
-            std::os::unix::fs::FileExt::write_all_at(&f, &chunk, i << 20).expect("prefill");
-        }
-        f.sync_all().expect("sync image");
-    }
-    let rewind = start_rewind(dir.path(), &image, size);
-    let qsd = start_qsd(dir.path(), &image);
+    make_image(&image, size);
+    let rewind = start_rewind(dir.path(), &image, size, 1);
+    let qsd = start_qsd(dir.path(), &image, false, 1);
     let blocks = size / BLOCK as u64;
     let workloads = [
         Workload {
@@ -245,7 +146,9 @@ fn main() {
             flush_every: Some(32),
         },
     ];
-    println!("| workload | rewind-blk IOPS | qemu-storage-daemon IOPS | IOPS ratio | p50 (rewind / qsd) | p99 (rewind / qsd) | server CPU per IO (rewind / qsd) | CPU ratio |");
+    println!(
+        "| workload | rewind-blk IOPS | qemu-storage-daemon IOPS | IOPS ratio | p50 (rewind / qsd) | p99 (rewind / qsd) | server CPU per IO (rewind / qsd) | CPU ratio |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     for (i, w) in workloads.iter().enumerate() {
         let ops = if w.depth == 1 { ops / 4 } else { ops };

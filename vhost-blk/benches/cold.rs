@@ -1,0 +1,588 @@
+//! rewind-blk on a disk larger than the page cache (issue 16) against
+//! qemu-storage-daemon in two configurations: its defaults (`driver=file` +
+//! `driver=raw`: buffered IO, thread-pool AIO) and "qsd best"
+//! (`cache.direct=on,aio=io_uring`), with fio's O_DIRECT figure on the same
+//! file as the device's limit. The same libblkio client and the same
+//! prefilled raw image (rewind imports it as its base, so it exists twice
+//! on disk); every server offers 4 queues. Each workload runs 3 rounds,
+//! the servers alternating (the order rotates each round), and medians are
+//! reported. Before each cold run the page cache is dropped (`sync`, then
+//! `echo 3 > /proc/sys/vm/drop_caches`, as root: the bench fails without
+//! it); the reads touch a fraction of the image.
+//!
+//! `cargo bench -p rewind-vhost-blk --bench cold` (REWIND_BENCH_DIR picks
+//! the file system, default the temporary directory; REWIND_BENCH_GIB the
+//! image size, default 8; REWIND_BENCH_ROUNDS the rounds, default 3;
+//! REWIND_BENCH_ONLY runs only the workloads whose name contains it;
+//! REWIND_BENCH_QUICK=1 makes a small smoke run: 256 MiB, one round).
+
+mod common;
+
+use std::collections::HashMap;
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+use common::{make_image, start_qsd, start_rewind, Server};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Queues every server offers (the client uses one or all of them).
+const QUEUES: usize = 4;
+/// Flushes the write+flush workload leaves in flight at most.
+const MAX_FLUSHES: usize = 64;
+const SERVERS: [&str; 3] = ["rewind-blk", "qsd default", "qsd best"];
+
+#[derive(Clone, Copy, PartialEq)]
+enum Pattern {
+    RandomRead,
+    SequentialRead,
+    RandomWrite,
+    /// One write in flight; when it completes a flush is queued (not
+    /// awaited) and the next write is submitted.
+    WriteThenFlush,
+}
+
+#[derive(Clone, Copy)]
+struct Workload {
+    name: &'static str,
+    pattern: Pattern,
+    block: usize,
+    queues: usize,
+    /// Per queue.
+    depth: usize,
+    cold: bool,
+    /// Requests in all (writes only, for WriteThenFlush).
+    ops: usize,
+}
+
+#[derive(Clone, Copy)]
+struct Outcome {
+    iops: f64,
+    mibps: f64,
+    p50: Duration,
+    p99: Duration,
+    cpu_per_io: Duration,
+}
+
+fn drop_caches() {
+    let ok = Command::new("sync").status().is_ok_and(|s| s.success());
+    assert!(ok, "sync failed");
+    std::fs::write("/proc/sys/vm/drop_caches", "3")
+        .unwrap_or_else(|e| panic!("cannot drop the page cache (the cold rows need root): {e}"));
+}
+
+fn connect(server: &Server, queues: usize) -> (Blkio, Vec<Blkioq>) {
+    let mut b = Blkio::new("virtio-blk-vhost-user").expect("driver");
+    b.set_str("path", server.socket.to_str().expect("path"))
+        .expect("path");
+    b.connect().expect("connect");
+    b.set_i32("num-queues", queues as i32).expect("queues");
+    b.set_i32("queue-size", 256).expect("queue size");
+    let qs = b.start().expect("start").queues;
+    (b, qs)
+}
+
+/// One queue's share of a read or write workload; returns its latencies.
+fn drive(
+    name: &str,
+    q: &mut Blkioq,
+    w: Workload,
+    base: usize,
+    ops: usize,
+    size: u64,
+    seed: u64,
+) -> Vec<Duration> {
+    let base = base as *mut u8;
+    let blocks = size / w.block as u64;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut next = 0u64;
+    let mut started = vec![Instant::now(); w.depth];
+    let mut latencies = Vec::with_capacity(ops);
+    let mut submitted = 0;
+    let mut submit = |q: &mut Blkioq, slot: usize, started: &mut [Instant]| {
+        // SAFETY: slot < depth, so the buffer lies inside this queue's part
+        // of the mapped region.
+        let buf = unsafe { base.add(slot * w.block) };
+        let block = if w.pattern == Pattern::SequentialRead {
+            next = (next + 1) % blocks;
+            next
+        } else {
+            rng.random_range(0..blocks)
+        };
+        let offset = block * w.block as u64;
+        started[slot] = Instant::now();
+        if w.pattern == Pattern::RandomWrite {
+            q.write(offset, buf, w.block, slot, ReqFlags::empty());
+        } else {
+            q.read(offset, buf, w.block, slot, ReqFlags::empty());
+        }
+    };
+    for slot in 0..w.depth.min(ops) {
+        submit(q, slot, &mut started);
+        submitted += 1;
+    }
+    let mut done: Vec<MaybeUninit<Completion>> =
+        (0..w.depth).map(|_| MaybeUninit::uninit()).collect();
+    while latencies.len() < ops {
+        let n = q.do_io(&mut done, 1, None, None).expect("do_io");
+        for c in &done[..n] {
+            // SAFETY: do_io initialized the first `n` completions.
+            let c = unsafe { c.assume_init_read() };
+            assert_eq!(c.ret, 0, "{name} failed a request");
+            latencies.push(started[c.user_data].elapsed());
+            if submitted < ops {
+                submit(q, c.user_data, &mut started);
+                submitted += 1;
+            }
+        }
+    }
+    latencies
+}
+
+/// QD1 writes, each followed by a flush that is queued but not awaited;
+/// returns the writes' latencies (the run ends when the last flush is done).
+fn write_then_flush(
+    name: &str,
+    q: &mut Blkioq,
+    base: usize,
+    ops: usize,
+    size: u64,
+    seed: u64,
+) -> Vec<Duration> {
+    const WRITE: usize = usize::MAX;
+    let buf = base as *mut u8;
+    let blocks = size / 4096;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut latencies = Vec::with_capacity(ops);
+    let mut flushes = 0;
+    let mut done: Vec<MaybeUninit<Completion>> = (0..MAX_FLUSHES + 1)
+        .map(|_| MaybeUninit::uninit())
+        .collect();
+    let mut one: Vec<MaybeUninit<Completion>> = vec![MaybeUninit::uninit()];
+    let mut started = Instant::now();
+    q.write(
+        rng.random_range(0..blocks) * 4096,
+        buf,
+        4096,
+        WRITE,
+        ReqFlags::empty(),
+    );
+    let mut writing = true;
+    while writing || flushes > 0 {
+        let n = q.do_io(&mut done, 1, None, None).expect("do_io");
+        for c in &done[..n] {
+            // SAFETY: do_io initialized the first `n` completions.
+            let c = unsafe { c.assume_init_read() };
+            assert_eq!(c.ret, 0, "{name} failed a request");
+            if c.user_data != WRITE {
+                flushes -= 1;
+                continue;
+            }
+            latencies.push(started.elapsed());
+            writing = false;
+            // Never more than MAX_FLUSHES in flight (the ring is 256).
+            while flushes == MAX_FLUSHES {
+                let m = q.do_io(&mut one, 1, None, None).expect("do_io");
+                for f in &one[..m] {
+                    // SAFETY: do_io initialized it.
+                    let f = unsafe { f.assume_init_read() };
+                    assert_eq!(f.ret, 0, "{name} failed a flush");
+                    assert_ne!(f.user_data, WRITE, "no write is in flight");
+                    flushes -= 1;
+                }
+            }
+            q.flush(flushes, ReqFlags::empty());
+            flushes += 1;
+            if latencies.len() < ops {
+                started = Instant::now();
+                q.write(
+                    rng.random_range(0..blocks) * 4096,
+                    buf,
+                    4096,
+                    WRITE,
+                    ReqFlags::empty(),
+                );
+                writing = true;
+            }
+        }
+    }
+    latencies
+}
+
+/// Runs `w` against `server` through a fresh libblkio connection.
+fn run(server: &Server, w: Workload, size: u64, seed: u64) -> Outcome {
+    let (mut b, queues) = connect(server, w.queues);
+    let per_queue = w.depth * w.block;
+    let region = b.alloc_mem_region(w.queues * per_queue).expect("alloc");
+    b.map_mem_region(&region).expect("map");
+    let base = region.addr;
+    let cpu_before = server.cpu();
+    let t = Instant::now();
+    let mut latencies: Vec<Duration> = std::thread::scope(|s| {
+        let threads: Vec<_> = queues
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut q)| {
+                let ops = w.ops / w.queues;
+                let base = base + i * per_queue;
+                let seed = seed * 16 + i as u64;
+                s.spawn(move || {
+                    if w.pattern == Pattern::WriteThenFlush {
+                        write_then_flush(server.name, &mut q, base, ops, size, seed)
+                    } else {
+                        drive(server.name, &mut q, w, base, ops, size, seed)
+                    }
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .flat_map(|t| t.join().expect("client thread"))
+            .collect()
+    });
+    let elapsed = t.elapsed();
+    let cpu = server.cpu().saturating_sub(cpu_before);
+    latencies.sort_unstable();
+    let n = latencies.len();
+    Outcome {
+        iops: n as f64 / elapsed.as_secs_f64(),
+        mibps: (n * w.block) as f64 / elapsed.as_secs_f64() / (1 << 20) as f64,
+        p50: latencies[n / 2],
+        p99: latencies[n * 99 / 100],
+        cpu_per_io: cpu / n as u32,
+    }
+}
+
+/// fio's figure for the workload on the same file system, O_DIRECT (the
+/// write+flush row: buffered writes with fdatasync after each, as the
+/// guest's flush asks); None for the warm writes.
+fn fio(w: Workload, image: &Path, dir: &Path, seconds: u64, write_size: u64) -> Option<Outcome> {
+    let mut cmd = Command::new("fio");
+    cmd.args(["--name=device", "--output-format=json", "--time_based"])
+        .arg(format!("--runtime={seconds}"))
+        .arg(format!("--bs={}", w.block));
+    match w.pattern {
+        Pattern::RandomRead | Pattern::SequentialRead => {
+            let rw = if w.pattern == Pattern::RandomRead {
+                "randread"
+            } else {
+                "read"
+            };
+            cmd.args([
+                "--direct=1",
+                "--ioengine=io_uring",
+                "--readonly",
+                "--norandommap",
+            ])
+            .arg(format!("--rw={rw}"))
+            .arg(format!("--iodepth={}", w.queues * w.depth))
+            .arg(format!("--filename={}", image.display()));
+        }
+        Pattern::WriteThenFlush => {
+            cmd.args([
+                "--rw=randwrite",
+                "--ioengine=psync",
+                "--iodepth=1",
+                "--fdatasync=1",
+            ])
+            .arg(format!("--size={write_size}"))
+            .arg(format!(
+                "--filename={}",
+                dir.join("fio-write.raw").display()
+            ));
+        }
+        Pattern::RandomWrite => return None,
+    }
+    let out = cmd.output().expect("fio (apt-get install fio)");
+    assert!(
+        out.status.success(),
+        "fio: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fio json");
+    let job = &v["jobs"][0];
+    let side = if w.pattern == Pattern::WriteThenFlush {
+        &job["write"]
+    } else {
+        &job["read"]
+    };
+    let iops = side["iops"].as_f64().expect("fio iops");
+    let pct = |p: &str| {
+        Duration::from_nanos(
+            side["clat_ns"]["percentile"][p]
+                .as_u64()
+                .unwrap_or_default(),
+        )
+    };
+    Some(Outcome {
+        iops,
+        mibps: side["bw_bytes"].as_f64().expect("fio bw") / (1 << 20) as f64,
+        p50: pct("50.000000"),
+        p99: pct("99.000000"),
+        cpu_per_io: Duration::ZERO,
+    })
+}
+
+fn median(mut v: Vec<Outcome>) -> Outcome {
+    let mid = v.len() / 2;
+    let pick = |v: &mut Vec<Outcome>, key: fn(&Outcome) -> f64| {
+        v.sort_by(|a, b| key(a).total_cmp(&key(b)));
+        v[mid]
+    };
+    Outcome {
+        iops: pick(&mut v, |o| o.iops).iops,
+        mibps: pick(&mut v, |o| o.mibps).mibps,
+        p50: pick(&mut v, |o| o.p50.as_secs_f64()).p50,
+        p99: pick(&mut v, |o| o.p99.as_secs_f64()).p99,
+        cpu_per_io: pick(&mut v, |o| o.cpu_per_io.as_secs_f64()).cpu_per_io,
+    }
+}
+
+/// The row's figure: MiB/s for 1 MiB requests, IOPS otherwise.
+fn figure(w: &Workload, o: &Outcome) -> f64 {
+    if w.block >= 1 << 20 {
+        o.mibps
+    } else {
+        o.iops
+    }
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let quick = std::env::var_os("REWIND_BENCH_QUICK").is_some();
+    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    let size: u64 = if quick {
+        256 << 20
+    } else {
+        env("REWIND_BENCH_GIB").unwrap_or(8) << 30
+    };
+    let rounds = env("REWIND_BENCH_ROUNDS").unwrap_or(if quick { 1 } else { 3 }) as usize;
+    let only = std::env::var("REWIND_BENCH_ONLY").ok();
+    // Requests per run: (random 4 KiB reads, 1 MiB reads, QD1 writes, QD32 writes).
+    let (rr, seq, wf, ww) = if quick {
+        (2_000, 32, 200, 4_000)
+    } else {
+        (30_000, 2_048, 5_000, 100_000)
+    };
+    let (fio_seconds, fio_write_size) = if quick { (1, 64 << 20) } else { (5, 1 << 30) };
+    let workload = |name, pattern, block, queues, depth, cold, ops| Workload {
+        name,
+        pattern,
+        block,
+        queues,
+        depth,
+        cold,
+        ops,
+    };
+    use Pattern::*;
+    let workloads = [
+        workload(
+            "4 KiB random reads, cold, 1 queue QD32",
+            RandomRead,
+            4096,
+            1,
+            32,
+            true,
+            rr,
+        ),
+        workload(
+            "4 KiB random reads, cold, 4 queues x QD8",
+            RandomRead,
+            4096,
+            4,
+            8,
+            true,
+            rr,
+        ),
+        workload(
+            "1 MiB sequential reads, cold, QD8 (MiB/s)",
+            SequentialRead,
+            1 << 20,
+            1,
+            8,
+            true,
+            seq,
+        ),
+        workload(
+            "4 KiB write + flush queued after each, QD1",
+            WriteThenFlush,
+            4096,
+            1,
+            1,
+            false,
+            wf,
+        ),
+        workload(
+            "4 KiB random writes, warm, 1 queue QD32",
+            RandomWrite,
+            4096,
+            1,
+            32,
+            false,
+            ww,
+        ),
+        workload(
+            "4 KiB random writes, warm, 4 queues x QD8",
+            RandomWrite,
+            4096,
+            4,
+            8,
+            false,
+            ww,
+        ),
+    ];
+    let base = std::env::var_os("REWIND_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = tempfile::tempdir_in(base).expect("bench dir");
+    let image = dir.path().join("disk.raw");
+    let t = Instant::now();
+    make_image(&image, size);
+    let rewind = start_rewind(dir.path(), &image, size, QUEUES);
+    println!(
+        "{} MiB image and rewind's import in {:.1} s; rewind-blk pid {}, {rounds} round(s)",
+        size >> 20,
+        t.elapsed().as_secs_f64(),
+        rewind.child.id()
+    );
+    let mut rows: Vec<(Workload, [Outcome; 3], Option<Outcome>)> = Vec::new();
+    for (i, w) in workloads.iter().enumerate() {
+        if only.as_ref().is_some_and(|o| !w.name.contains(o.as_str())) {
+            continue;
+        }
+        let mut results: [Vec<Outcome>; 3] = Default::default();
+        let mut device = Vec::new();
+        for round in 0..rounds {
+            let seed = 100 * (i as u64 + 1) + round as u64;
+            for k in (0..3).map(|k| (k + round) % 3) {
+                if w.cold {
+                    drop_caches();
+                }
+                let o = match k {
+                    0 => run(&rewind, *w, size, seed),
+                    _ => run(
+                        &start_qsd(dir.path(), &image, k == 2, QUEUES),
+                        *w,
+                        size,
+                        seed,
+                    ),
+                };
+                println!(
+                    "  round {round}, {}, {}: {:.0}, p50 {:.1} us, p99 {:.1} us",
+                    w.name,
+                    SERVERS[k],
+                    figure(w, &o),
+                    o.p50.as_secs_f64() * 1e6,
+                    o.p99.as_secs_f64() * 1e6
+                );
+                results[k].push(o);
+            }
+            if w.cold {
+                drop_caches();
+            }
+            if let Some(o) = fio(*w, &image, dir.path(), fio_seconds, fio_write_size) {
+                println!("  round {round}, {}, device: {:.0}", w.name, figure(w, &o));
+                device.push(o);
+            }
+        }
+        let [a, b, c] = results.map(median);
+        let d = (!device.is_empty()).then(|| median(device));
+        rows.push((*w, [a, b, c], d));
+    }
+    println!();
+    println!(
+        "| workload | rewind-blk | qsd default | qsd best | device (fio) | rewind / qsd default | rewind / qsd best | rewind / device |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut by_name = HashMap::new();
+    for (w, [a, b, c], d) in &rows {
+        let f = |o: &Outcome| figure(w, o);
+        let dev = d.as_ref().map_or("".into(), |d| format!("{:.0}", f(d)));
+        let dev_ratio = d
+            .as_ref()
+            .map_or("".into(), |d| format!("{:.2}x", f(a) / f(d)));
+        println!(
+            "| {} | {:.0} | {:.0} | {:.0} | {dev} | {:.2}x | {:.2}x | {dev_ratio} |",
+            w.name,
+            f(a),
+            f(b),
+            f(c),
+            f(a) / f(b),
+            f(a) / f(c)
+        );
+        by_name.insert(w.name, (f(a), f(b), f(c), d.as_ref().map(f), *a, *b));
+    }
+    println!();
+    println!(
+        "| workload | p50 ms (rewind / qsd default / qsd best) | p99 ms (rewind / qsd default / qsd best) | server CPU per IO us (rewind / qsd default / qsd best) |"
+    );
+    println!("|---|---|---|---|");
+    for (w, o, _) in &rows {
+        let ms = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1e3);
+        let us = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e6);
+        println!(
+            "| {} | {} / {} / {} | {} / {} / {} | {} / {} / {} |",
+            w.name,
+            ms(o[0].p50),
+            ms(o[1].p50),
+            ms(o[2].p50),
+            ms(o[0].p99),
+            ms(o[1].p99),
+            ms(o[2].p99),
+            us(o[0].cpu_per_io),
+            us(o[1].cpu_per_io),
+            us(o[2].cpu_per_io)
+        );
+    }
+    println!();
+    println!("Goals (issue 16):");
+    let met = |ok: bool| if ok { "met" } else { "MISSED" };
+    for w in &workloads[..2] {
+        if let Some((a, _, c, Some(d), _, _)) = by_name.get(w.name) {
+            println!(
+                "- {}: {:.2}x qsd best (goal 1.0x, {}), {:.2}x device (goal 0.8x, {})",
+                w.name,
+                a / c,
+                met(a / c >= 1.0),
+                a / d,
+                met(a / d >= 0.8)
+            );
+        }
+    }
+    if let Some((a, _, c, _, _, _)) = by_name.get(workloads[2].name) {
+        println!(
+            "- {}: {:.2}x qsd best (goal 0.95x, {})",
+            workloads[2].name,
+            a / c,
+            met(a / c >= 0.95)
+        );
+    }
+    if let Some((a, b, _, _, oa, ob)) = by_name.get(workloads[3].name) {
+        println!(
+            "- {}: {:.2}x qsd default (goal 1.0x, {}), p99 {:.3} against {:.3} ms ({})",
+            workloads[3].name,
+            a / b,
+            met(a / b >= 1.0),
+            oa.p99.as_secs_f64() * 1e3,
+            ob.p99.as_secs_f64() * 1e3,
+            met(oa.p99 <= ob.p99)
+        );
+    }
+    if let (Some(one), Some(four)) = (
+        by_name.get(workloads[4].name),
+        by_name.get(workloads[5].name),
+    ) {
+        println!(
+            "- warm writes, 4 queues against 1: rewind {:.2}x (goal 1.5x, {}), qsd default {:.2}x, qsd best {:.2}x",
+            four.0 / one.0,
+            met(four.0 / one.0 >= 1.5),
+            four.1 / one.1,
+            four.2 / one.2
+        );
+    }
+}
