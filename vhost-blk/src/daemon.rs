@@ -275,6 +275,7 @@ fn start_replication(
     let tls = TlsContext::load(tls_settings)?;
     let runtime = repl::runtime().map_err(|e| DaemonError::Replication(e.to_string()))?;
     let link = Arc::new(Link::new(
+        volume.config().uuid.to_string(),
         replication.sender.as_ref().map(|s| s.mode),
         replication.sender.as_ref().map(|s| s.peer),
     ));

@@ -291,6 +291,7 @@ impl Detacher {
             Some(e) => {
                 tracing::error!(
                     event = rewind_journal::events::FORWARD_FAILED,
+                    volume = self.link.volume(),
                     "a forwarded request failed: {e}"
                 );
                 Err(Error::Io {
@@ -367,7 +368,11 @@ mod tests {
     #[test]
     fn without_a_connected_replica_the_detach_fails_and_requests_fail_as_under_hold() {
         let volume = crate::test_support::volume(8 << 20);
-        let link = Arc::new(Link::new(Some(crate::replication::Mode::Async), None));
+        let link = Arc::new(Link::new(
+            "test".into(),
+            Some(crate::replication::Mode::Async),
+            None,
+        ));
         let detacher = Detacher::new(link.clone(), Duration::from_millis(100));
         match detacher.route() {
             Ok(Route::Local(counted)) => drop(counted),

@@ -239,6 +239,8 @@ struct Shared {
 /// mode) and `status`.
 #[derive(Debug)]
 pub struct Link {
+    /// The volume's id, for the logs.
+    volume: String,
     mode: Option<Mode>,
     shared: Mutex<Shared>,
     changed: Condvar,
@@ -275,10 +277,17 @@ fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 }
 
 impl Link {
-    /// A link to the peer at `peer` (where this node ships while it is
-    /// the primary), in `mode`; without a peer, it only takes streams.
-    pub fn new(mode: Option<Mode>, peer: Option<SocketAddr>) -> Self {
+    /// The id of the volume this link replicates.
+    pub fn volume(&self) -> &str {
+        &self.volume
+    }
+
+    /// Volume `volume`'s link to the peer at `peer` (where this node ships
+    /// while it is the primary), in `mode`; without a peer, it only takes
+    /// streams.
+    pub fn new(volume: String, mode: Option<Mode>, peer: Option<SocketAddr>) -> Self {
         Link {
+            volume,
             mode,
             shared: Mutex::new(Shared {
                 state: LinkState::Connecting,
@@ -678,6 +687,7 @@ impl Link {
                     OnLoss::Suspend => {
                         tracing::warn!(
                             event = rewind_journal::events::REPLICATION_SUSPENDED,
+                            volume = %self.volume,
                             "sync replication: the replica has not confirmed lsn {lsn} for {:?}; \
                              holding guest flushes (--on-replica-loss suspend)",
                             since.elapsed() + config.sync_timeout
@@ -687,7 +697,7 @@ impl Link {
                     OnLoss::Degrade => {
                         if let Ok(_running) = self.hook.try_lock() {
                             drop(shared);
-                            let fenced = fence_peer(config.fence_peer.as_deref());
+                            let fenced = fence_peer(&self.volume, config.fence_peer.as_deref());
                             shared = lock(&self.shared);
                             // The replica may have come back meanwhile.
                             if self.acked_lsn() >= lsn {
@@ -697,6 +707,7 @@ impl Link {
                                 Ok(()) => {
                                     tracing::error!(
                                         event = rewind_journal::events::REPLICATION_DEGRADED,
+                                        volume = %self.volume,
                                         "sync replication degraded: the replica did not confirm \
                                          lsn {lsn} within {:?}; guest flushes no longer wait",
                                         config.sync_timeout
@@ -713,6 +724,7 @@ impl Link {
                                 Err(e) => {
                                     tracing::error!(
                                         event = rewind_journal::events::FENCE_PEER_FAILED,
+                                        volume = %self.volume,
                                         "sync replication: --fence-peer failed ({e}); holding \
                                          guest flushes instead of degrading"
                                     );
@@ -742,7 +754,7 @@ impl Link {
             return;
         }
         let _running = self.hook.lock().unwrap_or_else(|e| e.into_inner());
-        match fence_peer(config.fence_peer.as_deref()) {
+        match fence_peer(&self.volume, config.fence_peer.as_deref()) {
             Ok(()) => {
                 let mut shared = lock(&self.shared);
                 shared.degraded = true;
@@ -752,6 +764,7 @@ impl Link {
                 self.changed.notify_all();
                 tracing::warn!(
                     event = rewind_journal::events::REPLICATION_DEGRADED,
+                                        volume = %self.volume,
                     "sync replication starts degraded: promoted with --force; flushes wait for \
                      the replica again once it has caught up"
                 );
@@ -759,6 +772,7 @@ impl Link {
             Err(e) => {
                 tracing::error!(
                     event = rewind_journal::events::FENCE_PEER_FAILED,
+                                        volume = %self.volume,
                     "--fence-peer failed after a forced promotion ({e}); flushes wait for the \
                      replica as --on-replica-loss says"
                 );
@@ -853,12 +867,13 @@ impl Link {
 const HOOK_LIMIT: Duration = Duration::from_secs(30);
 
 /// Runs the `--fence-peer` hook, if any, for at most [`HOOK_LIMIT`].
-fn fence_peer(command: Option<&str>) -> Result<(), String> {
+fn fence_peer(volume: &str, command: Option<&str>) -> Result<(), String> {
     let Some(command) = command else {
         return Ok(());
     };
     tracing::warn!(
         event = rewind_journal::events::FENCE_PEER_RUN,
+        volume,
         command,
         "running --fence-peer before degrading"
     );
@@ -913,7 +928,7 @@ mod tests {
 
     #[test]
     fn a_cancel_while_the_seal_is_made_stands_when_the_offer_is_made() {
-        let link = Link::new(Some(Mode::Async), None);
+        let link = Link::new("test".into(), Some(Mode::Async), None);
         link.prepare_handover();
         link.cancel_handover();
         let seal = Seal { epoch: 3, lsn: 40 };

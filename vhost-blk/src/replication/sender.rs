@@ -967,10 +967,12 @@ async fn take_acks<R: AsyncRead + Unpin>(
                 // and the ship loop ends once the volume is a replica.
                 match link.roles() {
                     Some(roles) => {
+                        let volume = link.volume().to_owned();
                         tokio::task::spawn_blocking(move || {
                             if let Err(e) = roles.seal_for_peer() {
                                 tracing::error!(
                                     event = rewind_journal::events::SEAL_FAILED,
+                                    volume,
                                     "the replica asked for a seal, which failed: {e}"
                                 );
                             }
