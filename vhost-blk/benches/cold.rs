@@ -173,40 +173,44 @@ fn write_then_flush(
     let mut writing = true;
     while writing || flushes > 0 {
         let n = q.do_io(&mut done, 1, None, None).expect("do_io");
+        let mut wrote = false;
         for c in &done[..n] {
             // SAFETY: do_io initialized the first `n` completions.
             let c = unsafe { c.assume_init_read() };
             assert_eq!(c.ret, 0, "{name} failed a request");
-            if c.user_data != WRITE {
+            if c.user_data == WRITE {
+                latencies.push(started.elapsed());
+                wrote = true;
+            } else {
                 flushes -= 1;
-                continue;
             }
-            latencies.push(started.elapsed());
-            writing = false;
-            // Never more than MAX_FLUSHES in flight (the ring is 256).
-            while flushes == MAX_FLUSHES {
-                let m = q.do_io(&mut one, 1, None, None).expect("do_io");
-                for f in &one[..m] {
-                    // SAFETY: do_io initialized it.
-                    let f = unsafe { f.assume_init_read() };
-                    assert_eq!(f.ret, 0, "{name} failed a flush");
-                    assert_ne!(f.user_data, WRITE, "no write is in flight");
-                    flushes -= 1;
-                }
+        }
+        if !wrote {
+            continue;
+        }
+        // Only flushes are in flight now; never more than MAX_FLUSHES of
+        // them (the ring is 256).
+        while flushes == MAX_FLUSHES {
+            let m = q.do_io(&mut one, 1, None, None).expect("do_io");
+            for f in &one[..m] {
+                // SAFETY: do_io initialized it.
+                let f = unsafe { f.assume_init_read() };
+                assert_eq!(f.ret, 0, "{name} failed a flush");
+                flushes -= 1;
             }
-            q.flush(flushes, ReqFlags::empty());
-            flushes += 1;
-            if latencies.len() < ops {
-                started = Instant::now();
-                q.write(
-                    rng.random_range(0..blocks) * 4096,
-                    buf,
-                    4096,
-                    WRITE,
-                    ReqFlags::empty(),
-                );
-                writing = true;
-            }
+        }
+        q.flush(flushes, ReqFlags::empty());
+        flushes += 1;
+        writing = latencies.len() < ops;
+        if writing {
+            started = Instant::now();
+            q.write(
+                rng.random_range(0..blocks) * 4096,
+                buf,
+                4096,
+                WRITE,
+                ReqFlags::empty(),
+            );
         }
     }
     latencies
