@@ -3,7 +3,7 @@
 //!
 //! `cargo bench -p rewind-journal [-- NAME...]` runs all benchmarks, or
 //! those whose name contains a NAME (append-4k, append-64k, reads, map,
-//! recovery). Set
+//! recovery, memory). Set
 //! REWIND_BENCH_DIR to choose the file system (default: the system temp
 //! dir) and REWIND_BENCH_QUICK=1 for a small smoke run;
 //! REWIND_BENCH_RECOVERY_MIB sets the recovery group's journal size.
@@ -24,7 +24,8 @@ use rewind_journal::{
     BaseImage, ExtentMap, OpenOptions, OsStorage, Pieces, Target, Volume, VolumeSettings,
 };
 
-/// Counts live heap bytes, to measure the extent map's memory.
+/// Counts live heap bytes, to measure the extent map's and the record
+/// index's memory.
 struct Counting;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
@@ -54,6 +55,7 @@ struct Config {
     reads: usize,
     map_extents: u64,
     recovery_bytes: u64,
+    memory_records: u64,
 }
 
 fn config() -> Config {
@@ -77,6 +79,7 @@ fn config_for(dir: PathBuf) -> Config {
             reads: 20_000,
             map_extents: 100_000,
             recovery_bytes: 64 << 20,
+            memory_records: 50_000,
         }
     } else {
         Config {
@@ -86,6 +89,7 @@ fn config_for(dir: PathBuf) -> Config {
             reads: 200_000,
             map_extents: 1_000_000,
             recovery_bytes: 1 << 30,
+            memory_records: 1 << 20,
         }
     }
 }
@@ -289,6 +293,55 @@ fn bench_extent_map(c: &Config) {
     );
 }
 
+/// Heap bytes per record of the extent map alone, then of a volume (the
+/// record index, the extent map and whatever else grows with the records),
+/// after the same random 4 KiB writes. The volume takes no checkpoints,
+/// whose buffers would come and go during the count.
+fn bench_memory(c: &Config) {
+    let n = c.memory_records;
+    // 64 blocks of the disk per record, so that few writes overlap: the
+    // map holds about one extent per record, as on a disk written once.
+    let blocks = n * 64;
+    let mut rng = StdRng::seed_from_u64(17);
+    let offsets: Vec<u64> = (0..n).map(|_| rng.random_range(0..blocks)).collect();
+    let before = LIVE.load(Ordering::Relaxed);
+    let map = ExtentMap::new(blocks * 4096);
+    for (lsn, &block) in offsets.iter().enumerate() {
+        let target = Target::Journal {
+            segment: (lsn >> 13) as u32,
+            sector: (lsn & 8191) as u32 * 9,
+        };
+        map.insert(block * 8, 8, lsn as u64 + 1, target);
+    }
+    let bytes_map = LIVE.load(Ordering::Relaxed) - before;
+    let extents = map.len();
+    drop(map);
+    let dir = c.dir.join("memory");
+    let storage = OsStorage::shared();
+    let s = settings(blocks * 4096, n * 4608);
+    Volume::create(storage.as_ref(), &dir, &s, BaseImage::Empty, &mut |_, _| {}).expect("create");
+    let options = OpenOptions {
+        checkpoint_every: None,
+        ..OpenOptions::default()
+    };
+    let v = Volume::open(storage, &dir, options).expect("open").0;
+    let data = vec![0x6bu8; 4096];
+    let before = LIVE.load(Ordering::Relaxed);
+    for &block in &offsets {
+        v.write(block * 4096, &data).expect("write");
+    }
+    let volume = LIVE.load(Ordering::Relaxed).saturating_sub(before);
+    let per = |b: usize| b as f64 / n as f64;
+    println!(
+        "| memory, {n} random 4 KiB writes ({extents} extents) | {:.1} bytes/record (volume), of which extent map {:.1}, record index and the rest {:.1} | | goal <= 32 bytes/record |",
+        per(volume),
+        per(bytes_map),
+        per(volume.saturating_sub(bytes_map)),
+    );
+    v.close().expect("close");
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
 /// Opens the volume in `dir` without taking checkpoints (they would run
 /// behind the next measurement); returns how long the open took and how
 /// many records came from a checkpoint.
@@ -453,6 +506,9 @@ fn main() {
     }
     if wanted("recovery") {
         bench_recovery(&c);
+    }
+    if wanted("memory") {
+        bench_memory(&c);
     }
     std::fs::remove_dir_all(&c.dir).expect("cleanup");
 }

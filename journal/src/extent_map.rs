@@ -89,21 +89,67 @@ pub struct Written {
     pub target: Target,
 }
 
-/// 24 bytes; with its 4-byte start a map entry is 28 bytes in a full leaf.
+/// 20 bytes; with its 4-byte start a map entry is 24 bytes in a full leaf.
+/// `len` is the length less one (extents are never empty and span at most
+/// a shard, `MAX_SHARD_SECTORS`, so it fits in 31 bits), with
+/// `IN_JOURNAL` set for a journal target; `segment` and `sector` are that
+/// target's, and zero for [`Target::Zero`]. Packed to 4 bytes so that the
+/// lsn does not pad it to 24.
 #[derive(Debug, Clone, Copy)]
+#[repr(C, packed(4))]
 struct Extent {
-    sectors: u32,
     lsn: u64,
-    target: Target,
+    len: u32,
+    segment: u32,
+    sector: u32,
 }
+
+/// The flag of a journal target in [`Extent`]'s `len`.
+const IN_JOURNAL: u32 = 1 << 31;
 
 impl Extent {
     /// What unused leaf slots hold.
     const NONE: Extent = Extent {
-        sectors: 0,
         lsn: 0,
-        target: Target::Zero,
+        len: 0,
+        segment: 0,
+        sector: 0,
     };
+
+    /// `sectors` (1..=MAX_SHARD_SECTORS) holding `target`, written at `lsn`.
+    fn new(sectors: u64, lsn: u64, target: Target) -> Extent {
+        debug_assert!((1..=MAX_SHARD_SECTORS).contains(&sectors));
+        let len = (sectors - 1) as u32;
+        let (len, segment, sector) = match target {
+            Target::Zero => (len, 0, 0),
+            Target::Journal { segment, sector } => (len | IN_JOURNAL, segment, sector),
+        };
+        Extent {
+            lsn,
+            len,
+            segment,
+            sector,
+        }
+    }
+
+    fn sectors(self) -> u64 {
+        u64::from(self.len & !IN_JOURNAL) + 1
+    }
+
+    fn lsn(self) -> u64 {
+        self.lsn
+    }
+
+    fn target(self) -> Target {
+        if self.len & IN_JOURNAL == 0 {
+            Target::Zero
+        } else {
+            Target::Journal {
+                segment: self.segment,
+                sector: self.sector,
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -186,7 +232,7 @@ impl ExtentMap {
     /// that data, so those sectors read from there.
     pub fn remove_upto(&self, lsn: u64) {
         for shard in self.shards.iter() {
-            write(shard).retain(|x| x.lsn > lsn);
+            write(shard).retain(|x| x.lsn() > lsn);
         }
     }
 
@@ -202,7 +248,7 @@ impl ExtentMap {
     pub fn for_each(&self, mut f: impl FnMut(u64, u64, Target)) {
         for shard in self.shards.iter() {
             for (start, x) in read(shard).iter() {
-                f(start, u64::from(x.sectors), x.target);
+                f(start, x.sectors(), x.target());
             }
         }
     }
@@ -216,9 +262,9 @@ impl ExtentMap {
             out.reserve(shard.len());
             out.extend(shard.iter().map(|(start, x)| Written {
                 start,
-                sectors: u64::from(x.sectors),
-                lsn: x.lsn,
-                target: x.target,
+                sectors: x.sectors(),
+                lsn: x.lsn(),
+                target: x.target(),
             }));
         }
         out
@@ -275,27 +321,22 @@ impl ExtentMap {
 fn overlapping(map: &Shard, s: u64, e: u64) -> SmallVec<[(u64, Extent); 4]> {
     let mut found: SmallVec<[(u64, Extent); 4]> = map
         .before(e)
-        .take_while(|&(k, x)| k + u64::from(x.sectors) > s)
+        .take_while(|&(k, x)| k + x.sectors() > s)
         .collect();
     found.reverse();
     found
 }
 
 fn put(map: &mut Shard, start: u64, end: u64, lsn: u64, target: Target) {
-    let extent = Extent {
-        // Within one shard, which spans at most MAX_SHARD_SECTORS.
-        sectors: (end - start) as u32,
-        lsn,
-        target,
-    };
-    map.insert(start, extent);
+    // Within one shard, which spans at most MAX_SHARD_SECTORS.
+    map.insert(start, Extent::new(end - start, lsn, target));
 }
 
 fn insert_in_shard(map: &mut Shard, s: u64, e: u64, lsn: u64, target: Target) {
     let mut cursor = s; // new data goes in [cursor, next newer extent)
     for (k, x) in overlapping(map, s, e) {
-        let xe = k + u64::from(x.sectors);
-        if x.lsn > lsn {
+        let xe = k + x.sectors();
+        if x.lsn() > lsn {
             // Newer data stays; the new range flows around it.
             let xs = k.max(s);
             if cursor < xs {
@@ -306,10 +347,10 @@ fn insert_in_shard(map: &mut Shard, s: u64, e: u64, lsn: u64, target: Target) {
         }
         map.remove(k);
         if k < s {
-            put(map, k, s, x.lsn, x.target);
+            put(map, k, s, x.lsn(), x.target());
         }
         if xe > e {
-            put(map, e, xe, x.lsn, x.target.advanced(e - k));
+            put(map, e, xe, x.lsn(), x.target().advanced(e - k));
         }
     }
     if cursor < e {
@@ -323,7 +364,7 @@ fn lookup_in_shard(map: &Shard, s: u64, e: u64, out: &mut Pieces) {
     let first = out.len();
     let mut at = e; // everything in [at, e) is covered
     for (k, x) in map.before(e) {
-        let xe = k + u64::from(x.sectors);
+        let xe = k + x.sectors();
         if xe <= s {
             break;
         }
@@ -335,7 +376,7 @@ fn lookup_in_shard(map: &Shard, s: u64, e: u64, out: &mut Pieces) {
                 source: Source::Base,
             });
         }
-        let source = match x.target.advanced(xs - k) {
+        let source = match x.target().advanced(xs - k) {
             Target::Zero => Source::Zero,
             Target::Journal { segment, sector } => Source::Journal { segment, sector },
         };
@@ -422,6 +463,43 @@ mod tests {
                 at += p.sectors;
             }
         }
+    }
+
+    #[test]
+    fn extents_keep_their_fields_at_the_edges() {
+        let targets = [
+            Target::Zero,
+            Target::Journal {
+                segment: 0,
+                sector: 0,
+            },
+            Target::Journal {
+                segment: u32::MAX,
+                sector: u32::MAX,
+            },
+        ];
+        for target in targets {
+            for sectors in [1, 2, MAX_SHARD_SECTORS - 1, MAX_SHARD_SECTORS] {
+                for lsn in [0, 1, u64::MAX] {
+                    let x = Extent::new(sectors, lsn, target);
+                    assert_eq!((x.sectors(), x.lsn(), x.target()), (sectors, lsn, target));
+                }
+            }
+        }
+        assert_eq!(std::mem::size_of::<Extent>(), 20);
+        // A whole shard of a disk large enough for the biggest shards.
+        let map = ExtentMap::new(SHARDS * MAX_SHARD_SECTORS * SECTOR);
+        assert_eq!(map.shard_sectors, MAX_SHARD_SECTORS);
+        map.insert(MAX_SHARD_SECTORS, MAX_SHARD_SECTORS, u64::MAX, targets[2]);
+        assert_eq!(
+            map.written(),
+            [Written {
+                start: MAX_SHARD_SECTORS,
+                sectors: MAX_SHARD_SECTORS,
+                lsn: u64::MAX,
+                target: targets[2],
+            }]
+        );
     }
 
     #[test]

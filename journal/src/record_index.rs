@@ -12,22 +12,26 @@
 //!   is a bisection;
 //! - entries live in chunks of `CHUNK`; every chunk but the tail is full and
 //!   frozen behind an `Arc`, so a snapshot shares them instead of copying,
-//!   and growing never moves what is there;
+//!   and growing never moves what is there; a chunk keeps its entries as
+//!   compact columns ([`block`]), about 20 bytes a record;
 //! - every revert's target is >= base_lsn (the applier never folds past the
 //!   target of a revert it has not folded).
 
+mod block;
+
 use std::collections::VecDeque;
 use std::sync::Arc;
+
+use block::Block;
 
 use crate::extent_map::{ExtentMap, Target};
 use crate::format::{RecordHeader, RecordKind, SECTOR};
 
 const CHUNK: usize = 4096;
 
-/// A full chunk. An `Arc<Vec>` rather than an `Arc<[Entry]>`: freezing the
-/// tail then moves it instead of copying 4096 entries (recovery pushes
-/// millions of them).
-type Chunk = Arc<Vec<Entry>>;
+/// A full chunk. Freezing the tail moves its columns into the `Arc`
+/// instead of copying 4096 entries (recovery pushes millions of them).
+type Chunk = Arc<Block>;
 
 /// What one record did to the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +99,7 @@ pub struct RecordIndex {
     /// chunk may still hold folded entries).
     chunks_lsn: u64,
     frozen: VecDeque<Chunk>,
-    tail: Vec<Entry>,
+    tail: Block,
     /// (lsn, target) of every Revert record, in lsn order.
     reverts: Vec<(u64, u64)>,
     bookmarks: Vec<Bookmark>,
@@ -110,7 +114,7 @@ impl RecordIndex {
             base_timestamp,
             chunks_lsn: base_lsn + 1,
             frozen: VecDeque::new(),
-            tail: Vec::with_capacity(CHUNK),
+            tail: Block::with_capacity(CHUNK),
             reverts: Vec::new(),
             bookmarks: Vec::new(),
             flushes: 0,
@@ -142,7 +146,7 @@ impl RecordIndex {
         }
         self.tail.push(entry);
         if self.tail.len() == CHUNK {
-            let full = std::mem::replace(&mut self.tail, Vec::with_capacity(CHUNK));
+            let full = std::mem::replace(&mut self.tail, Block::with_capacity(CHUNK));
             self.frozen.push_back(Arc::new(full));
         }
     }
@@ -164,7 +168,7 @@ impl RecordIndex {
         bookmark
     }
 
-    fn entry(&self, lsn: u64) -> &Entry {
+    fn entry(&self, lsn: u64) -> Entry {
         locate(self.chunks_lsn, self.frozen.iter(), &self.tail, lsn)
     }
 
@@ -261,9 +265,9 @@ impl RecordIndex {
         let frozen: Vec<Chunk> = self.frozen.iter().take(whole).cloned().collect();
         let rest = needed - whole * CHUNK;
         let tail = if whole < self.frozen.len() {
-            self.frozen[whole][..rest].to_vec()
+            self.frozen[whole].prefix(rest, rest)
         } else {
-            self.tail[..rest].to_vec()
+            self.tail.prefix(rest, rest)
         };
         Snapshot {
             base_lsn: self.base_lsn,
@@ -294,8 +298,7 @@ impl RecordIndex {
         let whole = keep / CHUNK;
         if whole < self.frozen.len() {
             // The new tail is the start of a frozen chunk.
-            self.tail = self.frozen[whole][..keep % CHUNK].to_vec();
-            self.tail.reserve(CHUNK - self.tail.len());
+            self.tail = self.frozen[whole].prefix(keep % CHUNK, CHUNK);
             self.frozen.truncate(whole);
         } else {
             self.tail.truncate(keep % CHUNK);
@@ -320,7 +323,7 @@ impl RecordIndex {
             self.chunks_lsn += CHUNK as u64;
         }
         if self.frozen.is_empty() && self.last_lsn() == base_lsn {
-            self.tail.clear();
+            self.tail.truncate(0);
             self.chunks_lsn = base_lsn + 1;
         }
         self.reverts.retain(|r| r.0 > base_lsn);
@@ -331,13 +334,13 @@ impl RecordIndex {
 fn locate<'a>(
     chunks_lsn: u64,
     mut frozen: impl Iterator<Item = &'a Chunk>,
-    tail: &'a [Entry],
+    tail: &Block,
     lsn: u64,
-) -> &'a Entry {
+) -> Entry {
     let i = (lsn - chunks_lsn) as usize;
     match frozen.nth(i / CHUNK) {
-        Some(chunk) => &chunk[i % CHUNK],
-        None => &tail[i % CHUNK],
+        Some(chunk) => chunk.get(i % CHUNK),
+        None => tail.get(i % CHUNK),
     }
 }
 
@@ -347,12 +350,12 @@ pub struct Snapshot {
     base_lsn: u64,
     chunks_lsn: u64,
     frozen: Vec<Chunk>,
-    tail: Vec<Entry>,
+    tail: Block,
     reverts: Vec<(u64, u64)>,
 }
 
 impl Snapshot {
-    pub fn entry(&self, lsn: u64) -> &Entry {
+    pub fn entry(&self, lsn: u64) -> Entry {
         locate(self.chunks_lsn, self.frozen.iter(), &self.tail, lsn)
     }
 
@@ -374,7 +377,7 @@ impl Snapshot {
         }
         self.tail.push(entry);
         if self.tail.len() == CHUNK {
-            let full = std::mem::replace(&mut self.tail, Vec::with_capacity(CHUNK));
+            let full = std::mem::replace(&mut self.tail, Block::with_capacity(CHUNK));
             self.frozen.push(Arc::new(full));
         }
     }
