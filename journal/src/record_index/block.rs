@@ -1,10 +1,11 @@
 //! A chunk of the record index, kept as compact columns: about 20 bytes a
 //! record instead of the 40 of an [`Entry`].
 //!
-//! - Times: a delta in u32 against the block's first timestamp (4.29 s of
-//!   nanoseconds), for the records written together that fill a block; a
-//!   block whose times spread further, or go back (only data from a damaged
-//!   disk could), turns wide, a u64 each, and stays so.
+//! - Times: a delta in u32 (4.29 s of nanoseconds) against the first time
+//!   of its run of 256 slots (each run's base a u64): narrow as long as 256
+//!   records come within 4.29 s, about 60 a second; a block whose times
+//!   spread further, or go back (only data from a damaged disk could),
+//!   turns wide, a u64 each, and stays so.
 //! - Effects: 16 bytes each ([`Packed`]); an effect too large for that
 //!   (a disk past 512 TiB, a write past 1 GiB) is kept whole in `spilled`,
 //!   which the packed slot points into.
@@ -93,39 +94,56 @@ impl Packed {
     }
 }
 
+/// Slots of a block that share one base time.
+const RUN: usize = 256;
+
 /// The timestamps of a block.
 #[derive(Debug, Clone)]
 enum Times {
-    /// Each `base + delta`; `base` is the first timestamp.
+    /// Slot `i` is at `bases[i / RUN] + deltas[i]`; a base is the first
+    /// time of its run of slots.
     Narrow {
-        base: u64,
+        bases: Vec<u64>,
         deltas: Vec<u32>,
     },
     Wide(Vec<u64>),
 }
 
 impl Times {
+    fn narrow(capacity: usize) -> Times {
+        Times::Narrow {
+            bases: Vec::with_capacity(capacity.div_ceil(RUN)),
+            deltas: Vec::with_capacity(capacity),
+        }
+    }
+
     fn get(&self, i: usize) -> u64 {
         match self {
-            Times::Narrow { base, deltas } => base + u64::from(deltas[i]),
+            Times::Narrow { bases, deltas } => bases[i / RUN] + u64::from(deltas[i]),
             Times::Wide(all) => all[i],
         }
     }
 
     fn push(&mut self, timestamp: u64) {
         match self {
-            Times::Narrow { base, deltas } => {
-                if deltas.is_empty() {
-                    *base = timestamp;
+            Times::Narrow { bases, deltas } => {
+                if deltas.len() % RUN == 0 {
+                    bases.push(timestamp);
                 }
-                let delta = timestamp
-                    .checked_sub(*base)
+                let delta = bases
+                    .last()
+                    .and_then(|&base| timestamp.checked_sub(base))
                     .and_then(|d| u32::try_from(d).ok());
                 match delta {
                     Some(d) => deltas.push(d),
                     None => {
                         let mut all: Vec<u64> = Vec::with_capacity(deltas.capacity());
-                        all.extend(deltas.iter().map(|&d| *base + u64::from(d)));
+                        all.extend(
+                            deltas
+                                .iter()
+                                .enumerate()
+                                .map(|(i, &d)| bases[i / RUN] + u64::from(d)),
+                        );
                         all.push(timestamp);
                         *self = Times::Wide(all);
                     }
@@ -137,20 +155,27 @@ impl Times {
 
     fn truncate(&mut self, len: usize) {
         match self {
-            Times::Narrow { deltas, .. } => deltas.truncate(len),
+            Times::Narrow { bases, deltas } => {
+                deltas.truncate(len);
+                bases.truncate(len.div_ceil(RUN));
+            }
             Times::Wide(all) => all.truncate(len),
         }
     }
 
     fn prefix(&self, len: usize, capacity: usize) -> Times {
         match self {
-            Times::Narrow { base, deltas } => {
-                let mut d = Vec::with_capacity(capacity);
-                d.extend_from_slice(&deltas[..len]);
-                Times::Narrow {
-                    base: *base,
+            Times::Narrow { bases, deltas } => {
+                let mut copy = Times::narrow(capacity);
+                if let Times::Narrow {
+                    bases: b,
                     deltas: d,
+                } = &mut copy
+                {
+                    b.extend_from_slice(&bases[..len.div_ceil(RUN)]);
+                    d.extend_from_slice(&deltas[..len]);
                 }
+                copy
             }
             Times::Wide(all) => {
                 let mut a = Vec::with_capacity(capacity);
@@ -173,10 +198,7 @@ pub(super) struct Block {
 impl Block {
     pub(super) fn with_capacity(capacity: usize) -> Block {
         Block {
-            times: Times::Narrow {
-                base: 0,
-                deltas: Vec::with_capacity(capacity),
-            },
+            times: Times::narrow(capacity),
             effects: Vec::with_capacity(capacity),
             spilled: Vec::new(),
         }
@@ -236,7 +258,7 @@ impl Block {
     #[cfg(test)]
     fn heap_bytes(&self) -> usize {
         let times = match &self.times {
-            Times::Narrow { deltas, .. } => deltas.capacity() * 4,
+            Times::Narrow { bases, deltas } => bases.capacity() * 8 + deltas.capacity() * 4,
             Times::Wide(all) => all.capacity() * 8,
         };
         times
@@ -326,6 +348,39 @@ mod tests {
     }
 
     #[test]
+    fn each_run_of_slots_has_its_own_base() {
+        let mut block = Block::with_capacity(4096);
+        // Runs an hour apart, records a millisecond apart within a run.
+        let time = |i: u64| (i / RUN as u64) * 3_600_000_000_000 + (i % RUN as u64) * 1_000_000;
+        for i in 0..1000 {
+            block.push(Entry {
+                timestamp: time(i),
+                effect: Effect::Flush,
+            });
+        }
+        assert!(matches!(block.times, Times::Narrow { .. }));
+        let check = |b: &Block| {
+            for i in 0..b.len() {
+                assert_eq!(b.get(i).timestamp, time(i as u64), "slot {i}");
+            }
+        };
+        check(&block);
+        for cut in [900, 768, 767, 256, 1, 0] {
+            block.truncate(cut);
+            check(&block.prefix(cut, 16));
+            for i in cut as u64..cut as u64 + 300 {
+                block.push(Entry {
+                    timestamp: time(i),
+                    effect: Effect::Flush,
+                });
+            }
+            check(&block);
+            block.truncate(cut);
+        }
+        assert!(matches!(block.times, Times::Narrow { .. }));
+    }
+
+    #[test]
     fn times_stay_narrow_within_u32_and_widen_past_it() {
         let at = |t: u64| Entry {
             timestamp: t,
@@ -337,7 +392,7 @@ mod tests {
             block.push(at(t));
         }
         assert!(matches!(block.times, Times::Narrow { .. }));
-        assert_eq!(block.heap_bytes(), 8 * 4 + 8 * 16);
+        assert_eq!(block.heap_bytes(), 8 + 8 * 4 + 8 * 16);
         block.push(at(base + u64::from(u32::MAX) + 1));
         assert!(matches!(block.times, Times::Wide(_)), "a delta past u32");
         block.push(at(u64::MAX));
