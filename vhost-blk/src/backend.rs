@@ -544,10 +544,10 @@ mod tests {
     }
 
     /// Requests of one queue in flight at once against the model: random
-    /// reads, writes and flushes, all made available together; reads,
-    /// flushes and (in writethrough mode) the syncs after writes run on the
-    /// IO threads (the fault storage answers no read from a cache), journal
-    /// reads slowed so they finish out of order.
+    /// reads, writes and flushes, all made available together; reads and
+    /// (in writethrough mode) the syncs after writes run on the IO threads
+    /// (the fault storage answers no read from a cache), journal reads
+    /// slowed so they finish out of order.
     /// Then, optionally, a restart: a new connection resumes at the used
     /// index seen while requests were still in flight, as QEMU does after a
     /// crash, and the requests past it run again.
