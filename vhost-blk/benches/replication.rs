@@ -979,11 +979,14 @@ fn tls_loopback(ids: &Identities, run: Duration) -> f64 {
     use rewind_vhost_blk::replication::tls::{PeerTrust, TlsContext, TlsSettings};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let context = |me: &Identity, peer: &Identity| {
-        TlsContext::load(&TlsSettings {
-            cert: me.cert.clone(),
-            key: me.key.clone(),
-            trust: PeerTrust::Fingerprint(peer.fingerprint.parse().expect("fingerprint")),
-        })
+        TlsContext::load(
+            &TlsSettings {
+                cert: me.cert.clone(),
+                key: me.key.clone(),
+                trust: PeerTrust::Fingerprint(peer.fingerprint.parse().expect("fingerprint")),
+            },
+            "test",
+        )
         .expect("TLS context")
     };
     let client = context(&ids.primary, &ids.replica);

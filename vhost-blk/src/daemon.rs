@@ -272,7 +272,7 @@ fn start_replication(
         (None, Some(receiver)) => &receiver.tls,
         (None, None) => return Ok(None),
     };
-    let tls = TlsContext::load(tls_settings)?;
+    let tls = TlsContext::load(tls_settings, &volume.config().uuid.to_string())?;
     let runtime = repl::runtime().map_err(|e| DaemonError::Replication(e.to_string()))?;
     let link = Arc::new(Link::new(
         volume.config().uuid.to_string(),

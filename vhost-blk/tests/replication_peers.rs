@@ -112,11 +112,14 @@ fn encode(epoch: u64, message: &Message) -> Vec<u8> {
 }
 
 fn context(me: &Identity, peer: &Identity) -> TlsContext {
-    TlsContext::load(&TlsSettings {
-        cert: me.cert.clone(),
-        key: me.key.clone(),
-        trust: PeerTrust::Fingerprint(peer.fingerprint.parse().expect("fingerprint")),
-    })
+    TlsContext::load(
+        &TlsSettings {
+            cert: me.cert.clone(),
+            key: me.key.clone(),
+            trust: PeerTrust::Fingerprint(peer.fingerprint.parse().expect("fingerprint")),
+        },
+        "test",
+    )
     .expect("TLS context")
 }
 

@@ -237,9 +237,10 @@ pub struct TlsContext {
 const PEER_NAME: &str = "rewind-replica";
 
 impl TlsContext {
-    /// Loads the identity and trust, and builds TLS 1.3-only configurations
-    /// that require a certificate from the peer in both directions.
-    pub fn load(settings: &TlsSettings) -> Result<TlsContext, TlsError> {
+    /// Loads volume `volume`'s identity and trust, and builds TLS 1.3-only
+    /// configurations that require a certificate from the peer in both
+    /// directions.
+    pub fn load(settings: &TlsSettings, volume: &str) -> Result<TlsContext, TlsError> {
         let chain = load_certs(&settings.cert)?;
         let fingerprint = chain
             .first()
@@ -260,7 +261,7 @@ impl TlsContext {
             Arc<dyn ClientCertVerifier>,
         ) = match &settings.trust {
             PeerTrust::Fingerprint(pin) => {
-                let pinned = Arc::new(PinnedPeer::new(*pin, &provider));
+                let pinned = Arc::new(PinnedPeer::new(*pin, &provider, volume));
                 (pinned.clone(), pinned)
             }
             PeerTrust::Ca(path) => {
@@ -416,13 +417,16 @@ fn refuse_tls12() -> rustls::Error {
 struct PinnedPeer {
     pin: Fingerprint,
     algorithms: WebPkiSupportedAlgorithms,
+    /// The volume's id, for the logs.
+    volume: String,
 }
 
 impl PinnedPeer {
-    fn new(pin: Fingerprint, provider: &CryptoProvider) -> PinnedPeer {
+    fn new(pin: Fingerprint, provider: &CryptoProvider, volume: &str) -> PinnedPeer {
         PinnedPeer {
             pin,
             algorithms: provider.signature_verification_algorithms,
+            volume: volume.to_owned(),
         }
     }
 
@@ -433,6 +437,7 @@ impl PinnedPeer {
         }
         tracing::warn!(
             event = rewind_journal::events::REPLICATION_PEER_UNTRUSTED,
+            volume = %self.volume,
             expected = %self.pin,
             received = %received,
             "replication peer (TLS {role}) refused: its certificate does not match the pinned \
@@ -748,11 +753,14 @@ mod tests {
     }
 
     fn context(cert: &Path, key: &Path, trust: PeerTrust) -> TlsContext {
-        TlsContext::load(&TlsSettings {
-            cert: cert.to_owned(),
-            key: key.to_owned(),
-            trust,
-        })
+        TlsContext::load(
+            &TlsSettings {
+                cert: cert.to_owned(),
+                key: key.to_owned(),
+                trust,
+            },
+            "test",
+        )
         .expect("load a TLS context")
     }
 
@@ -918,7 +926,11 @@ mod tests {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("TLS 1.3")
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedPeer::new(b.fingerprint, &provider)))
+            .with_custom_certificate_verifier(Arc::new(PinnedPeer::new(
+                b.fingerprint,
+                &provider,
+                "test",
+            )))
             .with_no_client_auth();
 
         let (server, client) = session(server.acceptor(), TlsConnector::from(Arc::new(anonymous)));
@@ -951,7 +963,7 @@ mod tests {
         let fake_b = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("TLS 1.3")
-            .with_client_cert_verifier(Arc::new(PinnedPeer::new(a.fingerprint, &provider)))
+            .with_client_cert_verifier(Arc::new(PinnedPeer::new(a.fingerprint, &provider, "test")))
             .with_cert_resolver(stolen_identity(&b, &mallory));
         let a_ctx = pinned(&a, b.fingerprint);
         let (server, client) = session(TlsAcceptor::from(Arc::new(fake_b)), a_ctx.connector());
@@ -965,7 +977,11 @@ mod tests {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("TLS 1.3")
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedPeer::new(b.fingerprint, &provider)))
+            .with_custom_certificate_verifier(Arc::new(PinnedPeer::new(
+                b.fingerprint,
+                &provider,
+                "test",
+            )))
             .with_client_cert_resolver(stolen_identity(&a, &mallory));
         let b_ctx = pinned(&b, a.fingerprint);
         let (server, client) = session(b_ctx.acceptor(), TlsConnector::from(Arc::new(fake_a)));
@@ -1126,11 +1142,14 @@ mod tests {
         let a = node(dir.path(), "a");
         let b = node(dir.path(), "b");
         let load = |cert: &Path, key: &Path| {
-            TlsContext::load(&TlsSettings {
-                cert: cert.to_owned(),
-                key: key.to_owned(),
-                trust: PeerTrust::Fingerprint(b.fingerprint),
-            })
+            TlsContext::load(
+                &TlsSettings {
+                    cert: cert.to_owned(),
+                    key: key.to_owned(),
+                    trust: PeerTrust::Fingerprint(b.fingerprint),
+                },
+                "test",
+            )
             .expect_err("must not load")
         };
 
@@ -1157,11 +1176,14 @@ mod tests {
         assert!(matches!(err, TlsError::Identity { .. }), "{err}");
         assert!(err.to_string().contains("a.crt"), "{err}");
 
-        let err = TlsContext::load(&TlsSettings {
-            cert: a.cert.clone(),
-            key: a.key.clone(),
-            trust: PeerTrust::Ca(a.key.clone()),
-        })
+        let err = TlsContext::load(
+            &TlsSettings {
+                cert: a.cert.clone(),
+                key: a.key.clone(),
+                trust: PeerTrust::Ca(a.key.clone()),
+            },
+            "test",
+        )
         .expect_err("a key is no CA file");
         assert!(matches!(err, TlsError::NoCertificate { .. }), "{err}");
     }
