@@ -694,51 +694,14 @@ impl Volume {
 
     /// Reads `buf.len()` bytes at `offset` (both multiples of 512).
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let inner = &self.inner;
-        check_range(offset, buf.len() as u64, inner.config.size).map_err(Error::InvalidRequest)?;
-        let mut pieces = Pieces::new();
-        inner
-            .map
-            .lookup(offset / SECTOR, buf.len() as u64 / SECTOR, &mut pieces);
-        let first = offset / SECTOR;
-        for piece in &pieces {
-            inner.read_piece(piece, first, buf, |id| inner.pool.segment(id))?;
-        }
-        Ok(())
+        self.inner.read_live(offset, buf, false).map(drop)
     }
 
     /// Reads like [`Volume::read`] if every byte it needs is in memory (the
     /// page cache); false, with `buf` unspecified, where it would wait for
     /// the disk. The daemon serves such reads on the queue's own thread.
     pub fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
-        let inner = &self.inner;
-        check_range(offset, buf.len() as u64, inner.config.size).map_err(Error::InvalidRequest)?;
-        let mut pieces = Pieces::new();
-        inner
-            .map
-            .lookup(offset / SECTOR, buf.len() as u64 / SECTOR, &mut pieces);
-        let first = offset / SECTOR;
-        for piece in &pieces {
-            let from = ((piece.start - first) * SECTOR) as usize;
-            let out = &mut buf[from..from + (piece.sectors * SECTOR) as usize];
-            let at_base = piece.start * SECTOR;
-            let cached = match piece.source {
-                Source::Zero => {
-                    out.fill(0);
-                    true
-                }
-                Source::Journal { segment, sector } => match inner.pool.segment(segment) {
-                    Some(seg) => seg.file.read_cached_at(out, u64::from(sector) * SECTOR),
-                    // Folded since the lookup: base.img holds the data now.
-                    None => inner.base.read_cached_at(out, at_base),
-                },
-                Source::Base => inner.base.read_cached_at(out, at_base),
-            };
-            if !cached {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+        self.inner.read_live(offset, buf, true)
     }
 
     /// Makes every write that returned before this call durable.
@@ -1424,37 +1387,68 @@ impl Inner {
         Ok(())
     }
 
+    /// Reads `buf` at `offset` through the live map; with `cached_only`,
+    /// only from the page cache: false where that would wait for the disk.
+    fn read_live(&self, offset: u64, buf: &mut [u8], cached_only: bool) -> Result<bool> {
+        check_range(offset, buf.len() as u64, self.config.size).map_err(Error::InvalidRequest)?;
+        let mut pieces = Pieces::new();
+        self.map
+            .lookup(offset / SECTOR, buf.len() as u64 / SECTOR, &mut pieces);
+        let first = offset / SECTOR;
+        for piece in &pieces {
+            if !self.read_piece(piece, first, buf, |id| self.pool.segment(id), cached_only)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Reads `piece` of a read that starts at sector `first` into `buf`;
-    /// `segment` finds the journal files the piece may name.
+    /// `segment` finds the journal files the piece may name. With
+    /// `cached_only`, false where the read would wait for the disk.
     fn read_piece(
         &self,
         piece: &Piece,
         first: u64,
         buf: &mut [u8],
         segment: impl Fn(u32) -> Option<Arc<Segment>>,
-    ) -> Result<()> {
+        cached_only: bool,
+    ) -> Result<bool> {
         let from = ((piece.start - first) * SECTOR) as usize;
         let out = &mut buf[from..from + (piece.sectors * SECTOR) as usize];
         let at_base = piece.start * SECTOR;
         match piece.source {
-            Source::Zero => out.fill(0),
+            Source::Zero => {
+                out.fill(0);
+                Ok(true)
+            }
             Source::Journal {
                 segment: id,
                 sector,
             } => match segment(id) {
                 Some(seg) => {
                     let at = u64::from(sector) * SECTOR;
+                    if cached_only {
+                        return Ok(seg.file.read_cached_at(out, at));
+                    }
                     self.retrying("reading the journal", || seg.file.read_exact_at(out, at))
                         .map_err(Error::io(|| {
                             format!("reading {} at {at}", segment_name(id))
                         }))?;
+                    Ok(true)
                 }
                 // Folded since the lookup: base.img holds the data now.
-                None => self.read_base(out, at_base)?,
+                None => self.read_base_piece(out, at_base, cached_only),
             },
-            Source::Base => self.read_base(out, at_base)?,
+            Source::Base => self.read_base_piece(out, at_base, cached_only),
         }
-        Ok(())
+    }
+
+    fn read_base_piece(&self, out: &mut [u8], at: u64, cached_only: bool) -> Result<bool> {
+        if cached_only {
+            return Ok(self.base.read_cached_at(out, at));
+        }
+        self.read_base(out, at).map(|()| true)
     }
 
     fn read_base(&self, out: &mut [u8], at: u64) -> Result<()> {

@@ -193,7 +193,13 @@ impl Volume {
                 Source::Journal { .. } => {}
             }
             buf.resize(len as usize, 0);
-            inner.read_piece(piece, piece.start, &mut buf, |id| inner.pool.segment(id))?;
+            inner.read_piece(
+                piece,
+                piece.start,
+                &mut buf,
+                |id| inner.pool.segment(id),
+                false,
+            )?;
             inner
                 .retrying("resync: writing base.img", || {
                     inner.base.write_all_at(&[&buf], at)
