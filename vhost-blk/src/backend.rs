@@ -200,17 +200,16 @@ impl BlkBackend {
             };
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let ticket = in_order.take();
             match request::start(&*mem, chain, &disk) {
                 Step::Done(done) => {
                     pass.finish_request(&done);
-                    published |= in_order.complete(ticket, head, done.used, vring)?;
+                    published |= in_order.completed_inline(head, done.used, vring)?;
                 }
                 Step::Waiting(waiting) => {
                     let job = Dispatched {
                         waiting,
                         pass,
-                        ticket,
+                        ticket: in_order.take(),
                         head,
                         in_order: in_order.clone(),
                         vring: vring.clone(),

@@ -56,7 +56,22 @@ impl InOrder {
         self.window.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes the next place in the order.
+    /// Completes a request the queue's thread ran just now, after every
+    /// request it took before: into the used ring at once if none of them
+    /// is still running, else behind them. Returns whether it went into
+    /// the used ring (the caller signals).
+    pub fn completed_inline(&self, head: u16, len: u32, vring: &Vring) -> io::Result<bool> {
+        let mut w = self.lock();
+        if !w.slots.is_empty() {
+            w.slots.push_back(Some(Used { head, len }));
+            return Ok(false);
+        }
+        add_used(vring, Used { head, len })?;
+        Ok(true)
+    }
+
+    /// Takes the next place in the order, for a request another thread
+    /// completes.
     pub fn take(&self) -> Ticket {
         let mut w = self.lock();
         w.slots.push_back(None);
@@ -80,9 +95,7 @@ impl InOrder {
         while let Some(Some(used)) = w.slots.front().copied() {
             w.slots.pop_front();
             w.first += 1;
-            vring
-                .add_used(used.head, used.len)
-                .map_err(|e| io::Error::other(format!("add_used: {e}")))?;
+            add_used(vring, used)?;
             published = true;
         }
         if w.slots.is_empty() {
@@ -98,6 +111,12 @@ impl InOrder {
             w = self.emptied.wait(w).unwrap_or_else(|e| e.into_inner());
         }
     }
+}
+
+fn add_used(vring: &Vring, used: Used) -> io::Result<()> {
+    vring
+        .add_used(used.head, used.len)
+        .map_err(|e| io::Error::other(format!("add_used: {e}")))
 }
 
 /// Most threads the daemon runs requests that wait for the disk on, all
