@@ -13,46 +13,22 @@
 //! picks the file system, REWIND_BENCH_SECONDS the length of the random
 //! run, REWIND_BENCH_QUICK=1 makes a small smoke run of about 30 s).
 
+mod common;
+
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+use common::{create_rewind, make_image, serve_rewind, start_qsd, Server};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const BIN: &str = env!("CARGO_BIN_EXE_rewind-blk");
 const SMALL: usize = 4096;
 const LARGE: usize = 1 << 20;
 /// Intervals a run's IOPS are reported in.
 const INTERVALS: usize = 12;
-
-struct Server {
-    name: &'static str,
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.socket);
-    }
-}
-
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 /// The shape of the volume under test.
 #[derive(Clone, Copy)]
@@ -60,75 +36,6 @@ struct Shape {
     size: u64,
     journal_max: u64,
     segment_size: u64,
-}
-
-fn create_rewind(dir: &Path, image: &Path, shape: Shape) -> PathBuf {
-    let volume = dir.join("vol");
-    let out = Command::new(BIN)
-        .args(["create", "--size", &shape.size.to_string()])
-        .args(["--journal-max", &shape.journal_max.to_string()])
-        .args(["--segment-size", &shape.segment_size.to_string()])
-        .arg("--volume")
-        .arg(&volume)
-        .arg("--from")
-        .arg(image)
-        .output()
-        .expect("rewind-blk create");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    volume
-}
-
-fn start_rewind(dir: &Path, volume: &Path) -> Server {
-    let socket = dir.join("rewind.sock");
-    let child = Command::new(BIN)
-        .args(["serve", "--num-queues", "1", "--volume"])
-        .arg(volume)
-        .arg("--socket-path")
-        .arg(&socket)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("rewind-blk serve");
-    wait_for(&socket);
-    Server {
-        name: "rewind-blk",
-        child,
-        socket,
-    }
-}
-
-fn start_qsd(dir: &Path, image: &Path, direct: bool) -> Server {
-    let socket = dir.join("qsd.sock");
-    let options = if direct {
-        ",cache.direct=on,aio=io_uring"
-    } else {
-        ""
-    };
-    let child = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=f0,filename={}{options}",
-            image.display()
-        ))
-        .arg("--blockdev")
-        .arg("driver=raw,node-name=d0,file=f0")
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues=1",
-            socket.display()
-        ))
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-storage-daemon (install qemu-utils)");
-    wait_for(&socket);
-    Server {
-        name: if direct { "qsd direct+io_uring" } else { "qsd" },
-        child,
-        socket,
-    }
 }
 
 #[derive(Clone, Copy)]
@@ -320,17 +227,18 @@ fn main() {
         .unwrap_or_else(std::env::temp_dir);
     let dir = tempfile::tempdir_in(base).expect("bench dir");
     let image = dir.path().join("disk.raw");
-    {
-        let f = std::fs::File::create(&image).expect("image");
-        let mut rng = StdRng::seed_from_u64(1);
-        let mut chunk = vec![0u8; 1 << 20];
-        for i in 0..shape.size >> 20 {
-            rng.fill(&mut chunk[..]);
-            std::os::unix::fs::FileExt::write_all_at(&f, &chunk, i << 20).expect("prefill");
-        }
-        f.sync_all().expect("sync image");
-    }
-    let volume = create_rewind(dir.path(), &image, shape);
+    make_image(&image, shape.size);
+    let volume = create_rewind(
+        dir.path(),
+        &image,
+        shape.size,
+        &[
+            "--journal-max".into(),
+            shape.journal_max.to_string(),
+            "--segment-size".into(),
+            shape.segment_size.to_string(),
+        ],
+    );
     println!(
         "volume {} MiB, rewind journal limit {} MiB in {} MiB segments; random run {} s, \
          sequential run {} s, intervals of {:.1} s",
@@ -342,9 +250,9 @@ fn main() {
         random.time.as_secs_f64() / INTERVALS as f64
     );
     let start = |k: usize| match k {
-        0 => start_rewind(dir.path(), &volume),
-        1 => start_qsd(dir.path(), &image, false),
-        _ => start_qsd(dir.path(), &image, true),
+        0 => serve_rewind(dir.path(), &volume, 1),
+        1 => start_qsd(dir.path(), &image, false, 1),
+        _ => start_qsd(dir.path(), &image, true, 1),
     };
     // One server at a time (the qsd exports share one image), each for the
     // random run and then the sequential one.

@@ -25,7 +25,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
-use common::{make_image, start_qsd, start_rewind, Server};
+use common::{closed_loop, make_image, start_qsd, start_rewind, Server};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -99,10 +99,7 @@ fn drive(
     let blocks = size / w.block as u64;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut next = 0u64;
-    let mut started = vec![Instant::now(); w.depth];
-    let mut latencies = Vec::with_capacity(ops);
-    let mut submitted = 0;
-    let mut submit = |q: &mut Blkioq, slot: usize, started: &mut [Instant]| {
+    closed_loop(name, q, w.depth, ops, |q, slot, _| {
         // SAFETY: slot < depth, so the buffer lies inside this queue's part
         // of the mapped region.
         let buf = unsafe { base.add(slot * w.block) };
@@ -113,33 +110,12 @@ fn drive(
             rng.random_range(0..blocks)
         };
         let offset = block * w.block as u64;
-        started[slot] = Instant::now();
         if w.pattern == Pattern::RandomWrite {
             q.write(offset, buf, w.block, slot, ReqFlags::empty());
         } else {
             q.read(offset, buf, w.block, slot, ReqFlags::empty());
         }
-    };
-    for slot in 0..w.depth.min(ops) {
-        submit(q, slot, &mut started);
-        submitted += 1;
-    }
-    let mut done: Vec<MaybeUninit<Completion>> =
-        (0..w.depth).map(|_| MaybeUninit::uninit()).collect();
-    while latencies.len() < ops {
-        let n = q.do_io(&mut done, 1, None, None).expect("do_io");
-        for c in &done[..n] {
-            // SAFETY: do_io initialized the first `n` completions.
-            let c = unsafe { c.assume_init_read() };
-            assert_eq!(c.ret, 0, "{name} failed a request");
-            latencies.push(started[c.user_data].elapsed());
-            if submitted < ops {
-                submit(q, c.user_data, &mut started);
-                submitted += 1;
-            }
-        }
-    }
-    latencies
+    })
 }
 
 /// QD1 writes, each followed by a flush that is queued but not awaited;

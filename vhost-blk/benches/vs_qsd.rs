@@ -7,12 +7,11 @@
 
 mod common;
 
-use std::mem::MaybeUninit;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use blkio::{Blkio, Blkioq, Completion, ReqFlags};
-use common::{make_image, start_qsd, start_rewind, Server};
+use blkio::{Blkio, Blkioq, ReqFlags};
+use common::{closed_loop, make_image, start_qsd, start_rewind, Server};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -46,43 +45,20 @@ fn run(server: &Server, w: Workload, ops: usize, blocks: u64, seed: u64) -> Resu
     b.map_mem_region(&region).expect("map");
     let base = region.addr as *mut u8;
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut started = vec![Instant::now(); w.depth];
-    let mut latencies = Vec::with_capacity(ops);
-    let mut submitted = 0;
-    let mut submit =
-        |q: &mut Blkioq, slot: usize, submitted: &mut usize, started: &mut [Instant]| {
-            // SAFETY: slot < depth, so the buffer lies inside the mapped region.
-            let buf = unsafe { base.add(slot * BLOCK) };
-            let offset = rng.random_range(0..blocks) * BLOCK as u64;
-            started[slot] = Instant::now();
-            if w.flush_every.is_some_and(|n| *submitted % n == n - 1) {
-                q.flush(slot, ReqFlags::empty());
-            } else if w.write {
-                q.write(offset, buf, BLOCK, slot, ReqFlags::empty());
-            } else {
-                q.read(offset, buf, BLOCK, slot, ReqFlags::empty());
-            }
-            *submitted += 1;
-        };
     let cpu_before = server.cpu();
     let t = Instant::now();
-    for slot in 0..w.depth.min(ops) {
-        submit(&mut q, slot, &mut submitted, &mut started);
-    }
-    let mut done: Vec<MaybeUninit<Completion>> =
-        (0..w.depth).map(|_| MaybeUninit::uninit()).collect();
-    while latencies.len() < ops {
-        let n = q.do_io(&mut done, 1, None, None).expect("do_io");
-        for c in &done[..n] {
-            // SAFETY: do_io initialized the first `n` completions.
-            let c = unsafe { c.assume_init_read() };
-            assert_eq!(c.ret, 0, "{} failed a request", server.name);
-            latencies.push(started[c.user_data].elapsed());
-            if submitted < ops {
-                submit(&mut q, c.user_data, &mut submitted, &mut started);
-            }
+    let mut latencies = closed_loop(server.name, &mut q, w.depth, ops, |q, slot, n| {
+        // SAFETY: slot < depth, so the buffer lies inside the mapped region.
+        let buf = unsafe { base.add(slot * BLOCK) };
+        let offset = rng.random_range(0..blocks) * BLOCK as u64;
+        if w.flush_every.is_some_and(|every| n % every == every - 1) {
+            q.flush(slot, ReqFlags::empty());
+        } else if w.write {
+            q.write(offset, buf, BLOCK, slot, ReqFlags::empty());
+        } else {
+            q.read(offset, buf, BLOCK, slot, ReqFlags::empty());
         }
-    }
+    });
     let elapsed = t.elapsed();
     let cpu = server.cpu().saturating_sub(cpu_before);
     latencies.sort_unstable();

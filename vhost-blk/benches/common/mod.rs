@@ -1,11 +1,14 @@
 //! What the benches comparing rewind-blk with qemu-storage-daemon share
-//! (vs_qsd, cold): the servers, started over their vhost-user-blk sockets,
-//! and the prefilled raw image both serve.
+//! (vs_qsd, cold, at_limit): the servers, started over their
+//! vhost-user-blk sockets, and the prefilled raw image both serve.
+#![allow(dead_code)] // each bench uses a different subset
 
+use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use blkio::{Blkioq, Completion};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -64,12 +67,14 @@ pub fn make_image(image: &Path, size: u64) {
     f.sync_all().expect("sync image");
 }
 
-/// `rewind-blk create --from image` in `dir`/vol, then serves it with
-/// `queues` virtqueues on `dir`/rewind.sock.
-pub fn start_rewind(dir: &Path, image: &Path, size: u64, queues: usize) -> Server {
+/// `rewind-blk create --from image` in `dir`/vol, with `extra` create
+/// arguments; returns the volume's path.
+pub fn create_rewind(dir: &Path, image: &Path, size: u64, extra: &[String]) -> PathBuf {
     let volume = dir.join("vol");
     let out = Command::new(BIN)
-        .args(["create", "--size", &size.to_string(), "--volume"])
+        .args(["create", "--size", &size.to_string()])
+        .args(extra)
+        .arg("--volume")
         .arg(&volume)
         .arg("--from")
         .arg(image)
@@ -80,10 +85,22 @@ pub fn start_rewind(dir: &Path, image: &Path, size: u64, queues: usize) -> Serve
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    volume
+}
+
+/// `rewind-blk create --from image` in `dir`/vol, then serves it with
+/// `queues` virtqueues on `dir`/rewind.sock.
+pub fn start_rewind(dir: &Path, image: &Path, size: u64, queues: usize) -> Server {
+    let volume = create_rewind(dir, image, size, &[]);
+    serve_rewind(dir, &volume, queues)
+}
+
+/// Serves `volume` with `queues` virtqueues on `dir`/rewind.sock.
+pub fn serve_rewind(dir: &Path, volume: &Path, queues: usize) -> Server {
     let socket = dir.join("rewind.sock");
     let child = Command::new(BIN)
         .args(["serve", "--num-queues", &queues.to_string(), "--volume"])
-        .arg(&volume)
+        .arg(volume)
         .arg("--socket-path")
         .arg(&socket)
         .stderr(Stdio::null())
@@ -133,4 +150,42 @@ pub fn start_qsd(dir: &Path, image: &Path, direct: bool, queues: usize) -> Serve
         child,
         socket,
     }
+}
+
+/// Keeps up to `depth` requests in flight on `q` until `ops` completed:
+/// `submit(q, slot, n)` queues the `n`th request with `slot` (below
+/// `depth`) as its user data and buffer index. Asserts that every request
+/// succeeded; returns their latencies, in completion order.
+pub fn closed_loop(
+    name: &str,
+    q: &mut Blkioq,
+    depth: usize,
+    ops: usize,
+    mut submit: impl FnMut(&mut Blkioq, usize, usize),
+) -> Vec<Duration> {
+    let mut started = vec![Instant::now(); depth];
+    let mut latencies = Vec::with_capacity(ops);
+    let mut submitted = 0;
+    for (slot, start) in started.iter_mut().enumerate().take(ops) {
+        *start = Instant::now();
+        submit(q, slot, submitted);
+        submitted += 1;
+    }
+    let mut done: Vec<MaybeUninit<Completion>> =
+        (0..depth).map(|_| MaybeUninit::uninit()).collect();
+    while latencies.len() < ops {
+        let n = q.do_io(&mut done, 1, None, None).expect("do_io");
+        for c in &done[..n] {
+            // SAFETY: do_io initialized the first `n` completions.
+            let c = unsafe { c.assume_init_read() };
+            assert_eq!(c.ret, 0, "{name} failed a request");
+            latencies.push(started[c.user_data].elapsed());
+            if submitted < ops {
+                started[c.user_data] = Instant::now();
+                submit(q, c.user_data, submitted);
+                submitted += 1;
+            }
+        }
+    }
+    latencies
 }
