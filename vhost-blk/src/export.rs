@@ -57,6 +57,19 @@ impl fmt::Display for AttachId {
     }
 }
 
+/// An attach id as Display writes it (`PID:START`).
+impl std::str::FromStr for AttachId {
+    type Err = ();
+
+    fn from_str(text: &str) -> Result<Self, ()> {
+        let (pid, start) = text.split_once(':').ok_or(())?;
+        Ok(AttachId {
+            pid: pid.parse().map_err(drop)?,
+            start: start.parse().map_err(drop)?,
+        })
+    }
+}
+
 /// A client being served.
 #[derive(Debug, Clone, Serialize)]
 pub struct Attached {
@@ -165,14 +178,14 @@ impl Export {
         let modifications = self.gate.counters().modifying;
         let last = volume.last_lsn();
         for record in records {
-            match parse_attach_id(&record.client) {
-                Some(id) => self.clients().detached.push_back(Detached {
+            match record.client.parse::<AttachId>() {
+                Ok(id) => self.clients().detached.push_back(Detached {
                     id,
                     epoch: record.epoch,
                     modifications,
                     left_lsn: Some(record.left_lsn.map_or(last, |lsn| lsn.min(last))),
                 }),
-                None => tracing::warn!(
+                Err(()) => tracing::warn!(
                     volume = %self.volume_id(),
                     client = record.client,
                     "volume.json names a client this daemon cannot parse; it is forgotten"
@@ -419,15 +432,6 @@ impl Export {
     }
 }
 
-/// An attach id as `AttachId`'s Display writes it (`PID:START`).
-fn parse_attach_id(text: &str) -> Option<AttachId> {
-    let (pid, start) = text.split_once(':')?;
-    Some(AttachId {
-        pid: pid.parse().ok()?,
-        start: start.parse().ok()?,
-    })
-}
-
 /// The attach id of the connection `VhostUserDaemon::start` just accepted
 /// on `listener`. vhost-user-backend keeps the accepted stream to itself,
 /// so it is found among this process's descriptors: a connected socket
@@ -562,8 +566,8 @@ mod tests {
         volume.promote().expect("a new epoch");
         let refused = live(&volume).admit(Some(B), None).unwrap_err();
         assert!(refused.contains("attached at epoch 1"), "{refused}");
-        assert_eq!(parse_attach_id("10:1"), Some(A));
-        assert_eq!(parse_attach_id("x:1"), None);
+        assert_eq!("10:1".parse(), Ok(A));
+        assert_eq!("x:1".parse::<AttachId>(), Err(()));
     }
 
     #[test]
