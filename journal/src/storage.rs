@@ -7,7 +7,7 @@
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -130,6 +130,12 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     fn read_cached_at(&self, buf: &mut [u8], offset: u64) -> bool {
         let _ = (buf, offset);
         false
+    }
+    /// The file's descriptor, for a caller that reads it itself while it
+    /// holds this file open (the daemon's io_uring); None where there is
+    /// none (in-memory storage).
+    fn raw_fd(&self) -> Option<RawFd> {
+        None
     }
     /// Writes all of `bufs`, one after the other, starting at `offset`.
     fn write_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()>;
@@ -282,6 +288,10 @@ impl StorageFile for OsFile {
             }
         }
         true
+    }
+
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.file.as_raw_fd())
     }
 
     fn write_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {

@@ -4,18 +4,20 @@
 //! queue with no lock shared with the others: the `&self` backend trait,
 //! per-queue state, and a volume that takes concurrent calls.
 //!
-//! A queue's thread runs the requests that need no wait for the disk and
-//! hands the others to the IO threads (inflight.rs), so many are in flight
-//! at once; completions reach the used ring in the order the requests were
+//! A queue's thread runs the requests that need no wait for the disk,
+//! puts its reads into the queue's ring (uring.rs) and hands the rest to
+//! the IO threads (inflight.rs), so many are in flight at once; completions reach the used ring in the order the requests were
 //! taken, which keeps a restart safe: after a crash the front-end's
 //! `used_idx` marks exactly what was done, and QEMU (with `reconnect=`)
 //! resubmits the rest. The journal tolerates a request that ran but was
 //! not marked used being run again.
 
 use std::io;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
+use rewind_journal::ReadPlan;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -39,6 +41,7 @@ use crate::device::BlockDevice;
 use crate::gate::{Gate, Pass};
 use crate::inflight::{self, InOrder, Ticket};
 use crate::request::{self, Disk, Step, Waiting, MAX_SEGMENTS, SECTOR};
+use crate::uring::QueueRing;
 
 /// Guest memory with a dirty log QEMU can share during a live migration:
 /// every byte the device writes to the guest (read data, the used ring)
@@ -89,6 +92,9 @@ pub struct BlkBackend {
     busy: Vec<Mutex<()>>,
     /// Each queue's requests taken and not yet in its used ring.
     in_order: Vec<Arc<InOrder>>,
+    /// Each queue's reads in flight in the kernel; None where io_uring is
+    /// not available (its reads go to the IO threads).
+    rings: Vec<Option<QueueRing>>,
     /// The vrings the client kicked, by queue: the device is stopped once
     /// none of them is ready.
     kicked: Kicked,
@@ -103,6 +109,15 @@ impl BlkBackend {
         id[..n].copy_from_slice(&uuid.as_bytes()[..n]);
         let busy = (0..config.num_queues).map(|_| Mutex::new(())).collect();
         let in_order = (0..config.num_queues).map(|_| Arc::default()).collect();
+        let rings = (0..config.num_queues)
+            .map(|_| match QueueRing::new(config.queue_size as u32) {
+                Ok(ring) => Some(ring),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no io_uring: reads that wait for the disk go to the IO threads");
+                    None
+                }
+            })
+            .collect();
         let kicked = Kicked((0..config.num_queues).map(|_| OnceLock::new()).collect());
         BlkBackend {
             device,
@@ -114,6 +129,7 @@ impl BlkBackend {
             mem: RwLock::new(None),
             busy,
             in_order,
+            rings,
             kicked,
             exits: Mutex::new(Vec::new()),
         }
@@ -125,17 +141,41 @@ impl BlkBackend {
     }
 
     /// Stops every worker thread (their daemon's connection is over) and
-    /// waits for the requests they handed to the IO threads, so none
-    /// completes into a later connection's rings.
+    /// waits for the requests they handed to the kernel or the IO threads,
+    /// so none completes into a later connection's rings.
     pub fn stop_workers(&self) {
         for exit in self.exits.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             if let Err(e) = exit.notify() {
                 tracing::warn!(error = %e, "cannot stop a worker thread");
             }
         }
-        for queue in &self.in_order {
+        for index in 0..self.config.num_queues {
+            self.wait_taken(index);
+        }
+    }
+
+    /// Waits until every request queue `index` took is in its used ring.
+    fn wait_taken(&self, index: usize) {
+        if let Some(Some(ring)) = self.rings.get(index) {
+            if let Err(e) = ring.drain() {
+                tracing::error!(error = %e, queue = index, "cannot wait for the reads in flight");
+            }
+        }
+        if let Some(queue) = self.in_order.get(index) {
             queue.wait_empty();
         }
+    }
+
+    /// The eventfd that says queue `index`'s reads completed, and the
+    /// device event its worker thread is to get for it (past the queues
+    /// and the exit event), if the queue has a ring.
+    pub fn ring_event(&self, index: usize) -> Option<(RawFd, u64)> {
+        let ring = self.rings.get(index)?.as_ref()?;
+        Some((ring.event_fd(), self.ring_event_id()))
+    }
+
+    fn ring_event_id(&self) -> u64 {
+        self.config.num_queues as u64 + 1
     }
 
     /// The virtio_blk_config structure, little-endian.
@@ -179,6 +219,7 @@ impl BlkBackend {
         };
         let epoch = self.epoch.load(Ordering::SeqCst);
         let in_order = &self.in_order[index];
+        let ring = self.rings.get(index).and_then(Option::as_ref);
         let _busy = self.busy[index].lock().unwrap_or_else(|e| e.into_inner());
         let mut published = false;
         let mut parked = false;
@@ -200,7 +241,7 @@ impl BlkBackend {
             };
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            match request::start(&*mem, chain, &disk) {
+            match request::start(&*mem, chain, &disk, ring.is_some()) {
                 Step::Done(done) => {
                     pass.finish_request(&done);
                     published |= in_order.completed_inline(head, done.used, vring)?;
@@ -218,9 +259,17 @@ impl BlkBackend {
                         read_only: self.config.read_only,
                         id: self.id,
                     };
-                    inflight::run_blocking(move || job.run());
+                    match ring {
+                        Some(ring) => published |= ring.queue(job)?,
+                        None => job.dispatch(),
+                    }
                 }
             }
+        }
+        // One system call for the batch's reads; those the page cache held
+        // complete here.
+        if let Some(ring) = ring {
+            ring.submit()?;
         }
         if published {
             signal(vring)?;
@@ -230,7 +279,7 @@ impl BlkBackend {
 }
 
 /// Tells the driver about new used entries, if it wants to hear (EVENT_IDX).
-fn signal(vring: &Vring) -> io::Result<()> {
+pub(crate) fn signal(vring: &Vring) -> io::Result<()> {
     if vring
         .needs_notification()
         .map_err(|e| io::Error::other(format!("needs_notification: {e}")))?
@@ -240,8 +289,9 @@ fn signal(vring: &Vring) -> io::Result<()> {
     Ok(())
 }
 
-/// A request handed to an IO thread, with what completing it needs.
-struct Dispatched {
+/// A request that waits for the disk (handed to the kernel or an IO
+/// thread), with what completing it needs.
+pub(crate) struct Dispatched {
     waiting: Waiting,
     pass: Pass,
     ticket: Ticket,
@@ -255,27 +305,60 @@ struct Dispatched {
 }
 
 impl Dispatched {
-    fn run(self) {
+    fn disk(&self) -> Disk<'_> {
+        Disk {
+            device: self.device.as_ref(),
+            read_only: self.read_only,
+            id: self.id,
+        }
+    }
+
+    /// The bytes it reads, as (offset, length), if it is a read.
+    pub fn read_range(&self) -> Option<(u64, u64)> {
+        self.waiting.read_range(&self.disk())
+    }
+
+    /// Where the bytes of its read are (see `Volume::plan_read`).
+    pub fn plan_read(&self, offset: u64, len: u64) -> rewind_journal::Result<Option<ReadPlan>> {
+        self.device.plan_read(offset, len)
+    }
+
+    pub fn vring(&self) -> &Vring {
+        &self.vring
+    }
+
+    /// Runs it to its end on an IO thread.
+    pub fn dispatch(self) {
+        inflight::run_blocking(move || {
+            let vring = self.vring.clone();
+            let published = self
+                .finish(|waiting, mem, disk| waiting.finish(mem, disk))
+                .and_then(|published| if published { signal(&vring) } else { Ok(()) });
+            if let Err(e) = published {
+                tracing::error!(error = %e, "cannot complete a request");
+            }
+        });
+    }
+
+    /// Completes its read with `data`, the bytes read for it. Returns
+    /// whether completions went into the used ring (the caller signals).
+    pub fn finish_read(self, data: &[u8]) -> io::Result<bool> {
+        self.finish(|waiting, mem, disk| waiting.finish_read(mem, disk, data))
+    }
+
+    fn finish(
+        self,
+        run: impl FnOnce(Waiting, &GuestMemory, &Disk<'_>) -> request::Completion,
+    ) -> io::Result<bool> {
         let disk = Disk {
             device: self.device.as_ref(),
             read_only: self.read_only,
             id: self.id,
         };
-        let done = self.waiting.finish(&*self.guest.memory(), &disk);
+        let done = run(self.waiting, &self.guest.memory(), &disk);
         self.pass.finish_request(&done);
-        let published = self
-            .in_order
+        self.in_order
             .complete(self.ticket, self.head, done.used, &self.vring)
-            .and_then(|published| {
-                if published {
-                    signal(&self.vring)
-                } else {
-                    Ok(())
-                }
-            });
-        if let Err(e) = published {
-            tracing::error!(error = %e, "cannot complete a request");
-        }
     }
 }
 
@@ -375,9 +458,7 @@ impl VhostUserBackend for BlkBackend {
         if let Some(busy) = self.busy.get(queue_index as usize) {
             drop(busy.lock().unwrap_or_else(|e| e.into_inner()));
         }
-        if let Some(queue) = self.in_order.get(queue_index as usize) {
-            queue.wait_empty();
-        }
+        self.wait_taken(queue_index as usize);
         // QEMU stops every queue in a row when it stops the device.
         let stopped = self
             .kicked
@@ -405,6 +486,12 @@ impl VhostUserBackend for BlkBackend {
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event {evset:?}")));
+        }
+        if u64::from(device_event) == self.ring_event_id() {
+            return match self.rings.get(thread_id) {
+                Some(Some(ring)) => ring.completed(),
+                _ => Err(io::Error::other(format!("no ring on thread {thread_id}"))),
+            };
         }
         // One queue per thread: the thread's only vring is queue `thread_id`.
         let vring = vrings
@@ -714,15 +801,64 @@ mod tests {
             b
         }
 
-        fn run(ops: Vec<Op>, restart: bool, writethrough: bool) -> Result<(), TestCaseError> {
-            let fs = FaultStorage::new();
-            let volume = Arc::new(crate::test_support::volume_on(
-                &fs,
-                BLOCKS * BLOCK as u64,
-                rewind_journal::OpenOptions::default(),
-            ));
+        /// Where the volume's files are, and so which path its reads take.
+        #[derive(Debug, Clone, Copy)]
+        enum Files {
+            /// In memory, journal reads slowed: the IO threads.
+            Slowed,
+            /// In files evicted from the page cache: the queue's ring, its
+            /// reads cold.
+            Cold,
+        }
+
+        /// Makes every block durable as zeroes (what the model starts
+        /// from), then drops the volume's files from the page cache.
+        fn evict(volume: &Volume, dir: &std::path::Path) {
+            for block in 0..BLOCKS {
+                volume
+                    .write(block * BLOCK as u64, &[0; BLOCK])
+                    .expect("write");
+            }
+            volume.flush().expect("flush");
+            let mut dirs = vec![dir.to_path_buf()];
+            while let Some(dir) = dirs.pop() {
+                for entry in std::fs::read_dir(&dir).expect("read dir") {
+                    let path = entry.expect("entry").path();
+                    if path.is_dir() {
+                        dirs.push(path);
+                        continue;
+                    }
+                    let file = std::fs::File::open(&path).expect("open");
+                    rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed)
+                        .expect("fadvise");
+                }
+            }
+        }
+
+        fn run(
+            ops: Vec<Op>,
+            restart: bool,
+            writethrough: bool,
+            files: Files,
+        ) -> Result<(), TestCaseError> {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let volume = Arc::new(match files {
+                Files::Slowed => {
+                    let fs = FaultStorage::new();
+                    fs.slow_down(FaultOp::Read, ".seg", std::time::Duration::from_micros(300));
+                    crate::test_support::volume_on(
+                        &fs,
+                        BLOCKS * BLOCK as u64,
+                        rewind_journal::OpenOptions::default(),
+                    )
+                }
+                Files::Cold => {
+                    let volume = crate::test_support::os_volume(dir.path(), BLOCKS * BLOCK as u64);
+                    evict(&volume, dir.path());
+                    volume
+                }
+            });
             volume.set_writethrough(writethrough);
-            fs.slow_down(FaultOp::Read, ".seg", std::time::Duration::from_micros(300));
             let guest = GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
             let q = MockSplitQueue::create(&guest, GuestAddress(0), QUEUE);
             submit(&guest, &q, &ops);
@@ -742,6 +878,9 @@ mod tests {
             vring.set_queue_ready(true);
 
             let first = connect(&volume, &mem);
+            if matches!(files, Files::Cold) {
+                prop_assert!(first.ring_event(0).is_some(), "no io_uring here");
+            }
             prop_assert!(first.process(0, &vring).expect("process"));
             // What a crash now would leave: a prefix, in order.
             let seen = used_idx(&guest, &q);
@@ -798,8 +937,10 @@ mod tests {
                 ops in proptest::collection::vec(op(), 1..80),
                 restart in any::<bool>(),
                 writethrough in any::<bool>(),
+                cold in any::<bool>(),
             ) {
-                run(ops, restart, writethrough)?;
+                let files = if cold { Files::Cold } else { Files::Slowed };
+                run(ops, restart, writethrough, files)?;
             }
         }
     }

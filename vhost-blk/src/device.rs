@@ -4,7 +4,7 @@ use std::fmt::Debug;
 
 use std::sync::Arc;
 
-use rewind_journal::{Error, Result, View, Volume};
+use rewind_journal::{Error, ReadPlan, Result, View, Volume};
 
 use crate::detach::{storage_failed, Detacher, Route};
 use crate::replication::frame::ForwardOp;
@@ -25,6 +25,13 @@ pub trait BlockDevice: Send + Sync + Debug {
     fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
         let _ = (offset, buf);
         Ok(false)
+    }
+    /// Where the bytes of a read are, for a caller that reads the files
+    /// itself (see `Volume::plan_read`); None where the device cannot say
+    /// (the caller then uses `read`).
+    fn plan_read(&self, offset: u64, len: u64) -> Result<Option<ReadPlan>> {
+        let _ = (offset, len);
+        Ok(None)
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<()>;
     fn write_zeroes(&self, offset: u64, length: u64, unmap: bool) -> Result<()>;
@@ -49,6 +56,9 @@ impl BlockDevice for Volume {
     }
     fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
         Volume::read_cached(self, offset, buf)
+    }
+    fn plan_read(&self, offset: u64, len: u64) -> Result<Option<ReadPlan>> {
+        Volume::plan_read(self, offset, len)
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         Volume::write_deferred(self, offset, data).map(drop)
@@ -218,6 +228,19 @@ impl BlockDevice for ReplicatedVolume {
         match detacher.route().map_err(Error::Failed)? {
             Route::Local(_counted) => self.volume.read_cached(offset, buf),
             Route::Forward => Ok(false),
+        }
+    }
+    /// Local reads only, as `read_cached`. A planned read in flight when
+    /// the volume detaches either completes from the local files, whose
+    /// data the replica holds too, or fails and runs again through `read`,
+    /// which forwards it.
+    fn plan_read(&self, offset: u64, len: u64) -> Result<Option<ReadPlan>> {
+        let Some(detacher) = &self.detacher else {
+            return self.volume.plan_read(offset, len);
+        };
+        match detacher.route().map_err(Error::Failed)? {
+            Route::Local(_counted) => self.volume.plan_read(offset, len),
+            Route::Forward => Ok(None),
         }
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {

@@ -33,6 +33,7 @@ use serde::Serialize;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
+use vmm_sys_util::epoll::EventSet;
 
 use crate::backend::{BlkBackend, ExportConfig, GuestMemory};
 use crate::device::BlockDevice;
@@ -250,6 +251,14 @@ impl Export {
             let mut daemon =
                 VhostUserDaemon::new("rewind-blk".into(), backend.clone(), memory.clone())
                     .map_err(|e| ExportError::VhostUser(e.to_string()))?;
+            // One queue per worker thread: each polls its queue's ring too.
+            for (index, worker) in daemon.get_epoll_handlers().iter().enumerate() {
+                if let Some((fd, event)) = backend.ring_event(index) {
+                    worker
+                        .register_listener(fd, EventSet::IN, event)
+                        .map_err(|e| ExportError::VhostUser(format!("polling a ring: {e}")))?;
+                }
+            }
             if let Err(e) = daemon.start(listener) {
                 if self.stopping.load(Ordering::Acquire) {
                     break;

@@ -2,10 +2,11 @@
 //! run those that wait for the disk.
 //!
 //! A queue's own thread runs what needs no wait (writes are appends to the
-//! journal; small reads the page cache answers) and flushes, and hands the
-//! rest (cold and large reads, a writethrough write's sync) to the IO
-//! threads ([`run_blocking`]), then takes the next request: many reads of
-//! one queue reach the disk at once, and writethrough writes share syncs.
+//! journal) and flushes, puts reads into the queue's ring (uring.rs), and
+//! hands the rest (a writethrough write's sync; reads the ring cannot
+//! take, or where there is no io_uring) to the IO threads
+//! ([`run_blocking`]), then takes the next request: many reads of one
+//! queue reach the disk at once, and writethrough writes share syncs.
 //!
 //! Completions reach the used ring in the order the requests were taken
 //! ([`InOrder`]): one finished early waits for those taken before it. That

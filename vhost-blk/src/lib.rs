@@ -18,3 +18,4 @@ pub mod request;
 pub mod schedule;
 #[cfg(test)]
 mod test_support;
+mod uring;

@@ -386,6 +386,29 @@ enum Rest {
 }
 
 impl Waiting {
+    /// The bytes a read waits for, as (offset, length); None for any
+    /// other request, and for a read that fails its checks (`finish`
+    /// reports it).
+    pub fn read_range(&self, disk: &Disk<'_>) -> Option<(u64, u64)> {
+        match (&self.taken.request, &self.rest) {
+            (Ok(r), Rest::Run) if r.kind == Kind::In => {
+                let len = r.data_len();
+                r.sectors_of(len, disk).ok().map(|offset| (offset, len))
+            }
+            _ => None,
+        }
+    }
+
+    /// Completes a read ([`Waiting::read_range`]) with the bytes the
+    /// caller read for it.
+    pub fn finish_read<M: GuestMemory>(self, mem: &M, disk: &Disk<'_>, data: &[u8]) -> Completion {
+        let result = match &self.taken.request {
+            Ok(r) => r.scatter(mem, data),
+            Err(_) => Ok(0),
+        };
+        self.taken.complete(mem, disk, result)
+    }
+
     /// Runs the rest of the request and writes its status byte.
     pub fn finish<M: GuestMemory>(self, mem: &M, disk: &Disk<'_>) -> Completion {
         let result = match (&self.taken.request, self.rest) {
@@ -468,7 +491,8 @@ const INLINE_READ_MAX: u64 = 64 << 10;
 /// Takes one descriptor chain: parses it and runs what needs no wait for
 /// the disk (writes are appends to the journal; reads of up to 64 KiB the
 /// page cache answers), leaving the rest [`Step::Waiting`]: other reads,
-/// and in writethrough mode the sync after a write. Writes run here, in
+/// and in writethrough mode the sync after a write. With `defer_reads`
+/// every read is left waiting: the caller reads it (a queue's ring). Writes run here, in
 /// the order the chains were taken, so the journal records them in that
 /// order.
 ///
@@ -481,6 +505,7 @@ pub fn start<M: GuestMemory>(
     mem: &M,
     chain: impl IntoIterator<Item = Descriptor>,
     disk: &Disk<'_>,
+    defer_reads: bool,
 ) -> Step {
     let descs: Vec<Descriptor> = chain.into_iter().collect();
     let Some((status, body)) = descs.split_last() else {
@@ -505,7 +530,7 @@ pub fn start<M: GuestMemory>(
     let waiting = |taken, rest| Step::Waiting(Waiting { taken, rest });
     let result = match &taken.request {
         // Copying a large read is work enough for a thread of its own.
-        Ok(r) if r.kind == Kind::In && r.data_len() > INLINE_READ_MAX => {
+        Ok(r) if r.kind == Kind::In && (defer_reads || r.data_len() > INLINE_READ_MAX) => {
             return waiting(taken, Rest::Run)
         }
         Ok(r) if r.kind == Kind::In => match r.read_cached(mem, disk) {
@@ -531,7 +556,7 @@ pub fn handle<M: GuestMemory>(
     chain: impl IntoIterator<Item = Descriptor>,
     disk: &Disk<'_>,
 ) -> Completion {
-    match start(mem, chain, disk) {
+    match start(mem, chain, disk, false) {
         Step::Done(done) => done,
         Step::Waiting(waiting) => waiting.finish(mem, disk),
     }
@@ -700,7 +725,7 @@ mod tests {
         ];
         let q = MockSplitQueue::new(&mem, 16);
         let chain = q.build_desc_chain(&descs).expect("chain");
-        let Step::Waiting(waiting) = start(&mem, chain, &d) else {
+        let Step::Waiting(waiting) = start(&mem, chain, &d, false) else {
             panic!("a writethrough write completed before its sync");
         };
         let mut back = vec![0u8; 4096];
@@ -716,9 +741,44 @@ mod tests {
         v.set_writethrough(false);
         let chain = q.build_desc_chain(&descs).expect("chain");
         assert!(
-            matches!(start(&mem, chain, &d), Step::Done(_)),
+            matches!(start(&mem, chain, &d, false), Step::Done(_)),
             "a writeback write completes at once"
         );
+    }
+
+    #[test]
+    fn a_deferred_read_says_its_range_and_completes_with_the_callers_bytes() {
+        let (mem, v) = (memory(), volume());
+        let d = disk(&v);
+        let read_chain = |sector: u64| {
+            header(&mem, VIRTIO_BLK_T_IN, sector);
+            mem.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
+            [
+                desc(HDR, 16, false),
+                desc(DATA, 4096, true),
+                desc(STATUS, 1, true),
+            ]
+        };
+        let q = MockSplitQueue::new(&mem, 16);
+        let chain = q.build_desc_chain(&read_chain(8)).expect("chain");
+        let Step::Waiting(waiting) = start(&mem, chain, &d, true) else {
+            panic!("a deferred read completed");
+        };
+        assert_eq!(waiting.read_range(&d), Some((4096, 4096)));
+        let done = waiting.finish_read(&mem, &d, &pattern(4096));
+        assert_eq!((done.used, done.status), (4097, Status::Ok));
+        let mut got = vec![0u8; 4096];
+        mem.read_slice(&mut got, GuestAddress(DATA)).expect("data");
+        assert_eq!(got, pattern(4096));
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).expect("st"), 0);
+
+        // Past the disk: no range to read; it fails when finished.
+        let chain = q.build_desc_chain(&read_chain(DISK / 512)).expect("chain");
+        let Step::Waiting(waiting) = start(&mem, chain, &d, true) else {
+            panic!("a deferred read completed");
+        };
+        assert_eq!(waiting.read_range(&d), None);
+        assert_eq!(waiting.finish(&mem, &d).status, Status::IoErr);
     }
 
     #[test]

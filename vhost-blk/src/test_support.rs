@@ -1,19 +1,41 @@
-//! Volumes for unit tests: in memory, on the engine's fault-injecting storage.
+//! Volumes for unit tests: in memory, on the engine's fault-injecting
+//! storage, or in files.
 
 use std::path::Path;
 
 use rewind_journal::fault::FaultStorage;
-use rewind_journal::{BaseImage, OpenOptions, Volume, VolumeSettings};
+use rewind_journal::{BaseImage, OpenOptions, OsStorage, Volume, VolumeSettings};
 
-/// A new volume of `size` bytes on `fs`, with 1 MiB segments.
-pub fn volume_on(fs: &FaultStorage, size: u64, options: OpenOptions) -> Volume {
-    let settings = VolumeSettings {
+/// Settings of a test volume of `size` bytes: 1 MiB segments.
+fn settings(size: u64) -> VolumeSettings {
+    VolumeSettings {
         segment_size: 1 << 20,
         journal_max: 64 << 20,
         journal_warn: 32 << 20,
         ..VolumeSettings::new(size)
-    };
-    volume_with(fs, &settings, options)
+    }
+}
+
+/// A new volume of `size` bytes on `fs`, with 1 MiB segments.
+pub fn volume_on(fs: &FaultStorage, size: u64, options: OpenOptions) -> Volume {
+    volume_with(fs, &settings(size), options)
+}
+
+/// A new volume of `size` bytes in files under `dir` (the host's file
+/// system, whose files the daemon's rings read).
+pub fn os_volume(dir: &Path, size: u64) -> Volume {
+    let storage = OsStorage::shared();
+    Volume::create(
+        storage.as_ref(),
+        dir,
+        &settings(size),
+        BaseImage::Empty,
+        &mut |_, _| {},
+    )
+    .expect("create");
+    Volume::open(storage, dir, OpenOptions::default())
+        .expect("open")
+        .0
 }
 
 /// A new volume with `settings` on `fs`.
