@@ -12,16 +12,29 @@
 //! `cargo bench -p rewind-vhost-blk --bench at_limit` (REWIND_BENCH_DIR
 //! picks the file system, REWIND_BENCH_SECONDS the length of the random
 //! run, REWIND_BENCH_QUICK=1 makes a small smoke run of about 30 s).
+//!
+//! REWIND_BENCH_THROTTLE_IOPS=N (root, cgroup v1 blkio) runs each server,
+//! and the `dd` of the device's rate, in a blkio cgroup that caps reads
+//! and writes on the file system's disk at N per second each
+//! (`blkio.throttle.{read,write}_iops_device`): a slow disk of the kind of
+//! a cloud volume's baseline. Under v1 that caps the IO a server's own
+//! threads submit (reads that miss the page cache, direct IO, and the
+//! writeback of its fsyncs), not the writeback of its buffered writes by
+//! the kernel's flusher threads, which no cgroup is charged for; the table
+//! after the results shows how much of the disk's IO went through the
+//! throttle. The cgroup is removed at the end. rewind-blk's log goes to
+//! `at_limit-rewind-blk.log` in cargo's target tmp directory.
 
 mod common;
 
 use std::mem::MaybeUninit;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
-use common::{create_rewind, make_image, serve_rewind, start_qsd, Server};
+use common::{create_rewind, make_image, serve_rewind_to, start_qsd, Server};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -54,6 +67,9 @@ struct Outcome {
     max_latency: Duration,
     p99: Duration,
     errors: usize,
+    /// When (since the run's start) the first request failed, and its
+    /// return value.
+    first_error: Option<(Duration, i32)>,
 }
 
 impl Outcome {
@@ -98,6 +114,14 @@ fn run(server: &Server, w: Workload, size: u64, seed: u64) -> Outcome {
     let mut counts = [0usize; INTERVALS];
     let mut latencies = Vec::new();
     let mut errors = 0;
+    let mut first_error = None;
+    println!(
+        "  {}: {} run of {} s starts at {} UTC",
+        server.name,
+        if w.sequential { "sequential" } else { "random" },
+        w.time.as_secs(),
+        utc_now()
+    );
     let t = Instant::now();
     let mut submit = |q: &mut Blkioq, slot: usize, started: &mut [Instant]| {
         // SAFETY: slot < depth, so the buffer lies inside the mapped region.
@@ -132,6 +156,7 @@ fn run(server: &Server, w: Workload, size: u64, seed: u64) -> Outcome {
             in_flight -= 1;
             if c.ret != 0 {
                 errors += 1;
+                first_error.get_or_insert((now, c.ret));
             }
             latencies.push(started[c.user_data].elapsed());
             let at = (now.as_nanos() / interval.as_nanos().max(1)) as usize;
@@ -159,21 +184,192 @@ fn run(server: &Server, w: Workload, size: u64, seed: u64) -> Outcome {
             .copied()
             .unwrap_or_default(),
         errors,
+        first_error,
     }
+}
+
+/// The time of day in UTC, `HH:MM:SS`, to find a run in the daemon's log.
+fn utc_now() -> String {
+    let s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        % 86400;
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// Where the cgroup v1 blkio hierarchy is mounted.
+const BLKIO: &str = "/sys/fs/cgroup/blkio";
+
+/// A cgroup v1 blkio group whose processes' reads and writes on one disk
+/// are each capped at a number per second; removed when dropped.
+struct Throttle {
+    /// The group's directory.
+    dir: PathBuf,
+    /// The group the bench runs in, which it returns to.
+    home: PathBuf,
+    /// The disk's `MAJ:MIN`.
+    device: String,
+    /// The disk's directory in sysfs.
+    disk: PathBuf,
+}
+
+/// IO counts, reads and writes.
+#[derive(Clone, Copy, Default)]
+struct Ops {
+    reads: u64,
+    writes: u64,
+}
+
+impl Throttle {
+    /// Caps reads and writes on the disk that holds `fs` at `iops` each.
+    fn new(fs: &Path, iops: u64) -> Throttle {
+        let (device, disk) = disk_of(fs);
+        assert!(
+            Path::new(BLKIO)
+                .join("blkio.throttle.write_iops_device")
+                .exists(),
+            "REWIND_BENCH_THROTTLE_IOPS needs the cgroup v1 blkio controller at {BLKIO}"
+        );
+        let own = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+        let path = own
+            .lines()
+            .find_map(|l| l.split_once(":blkio:").map(|(_, p)| p.to_string()))
+            .expect("the bench's blkio cgroup");
+        let home = Path::new(BLKIO).join(path.trim_start_matches('/'));
+        let dir = home.join(format!("rewind-bench-{}", std::process::id()));
+        std::fs::create_dir(&dir)
+            .unwrap_or_else(|e| panic!("creating {} (needs root): {e}", dir.display()));
+        let throttle = Throttle {
+            dir,
+            home,
+            device,
+            disk,
+        };
+        for file in [
+            "blkio.throttle.read_iops_device",
+            "blkio.throttle.write_iops_device",
+        ] {
+            let path = throttle.dir.join(file);
+            std::fs::write(&path, format!("{} {iops}", throttle.device))
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+        throttle
+    }
+
+    /// Runs `f` with the bench in the group: a process it starts is in the
+    /// group from its first IO (a child starts in its parent's cgroup, all
+    /// its threads with it), the bench is back out when `f` returns.
+    fn inside<T>(&self, f: impl FnOnce() -> T) -> T {
+        Self::join(&self.dir);
+        let out = f();
+        Self::join(&self.home);
+        out
+    }
+
+    /// Moves the bench (all its threads) into the group at `dir`.
+    fn join(dir: &Path) {
+        let procs = dir.join("cgroup.procs");
+        std::fs::write(&procs, std::process::id().to_string())
+            .unwrap_or_else(|e| panic!("{}: {e}", procs.display()));
+    }
+
+    /// Reads and writes of the group's processes on the disk so far, as
+    /// the throttle counted them (`blkio.throttle.io_serviced`).
+    fn throttled(&self) -> Ops {
+        let text = std::fs::read_to_string(self.dir.join("blkio.throttle.io_serviced"))
+            .expect("io_serviced");
+        let mut ops = Ops::default();
+        for line in text.lines() {
+            let mut f = line.split_whitespace();
+            if f.next() != Some(&self.device) {
+                continue;
+            }
+            match (f.next(), f.next().and_then(|n| n.parse().ok())) {
+                (Some("Read"), Some(n)) => ops.reads = n,
+                (Some("Write"), Some(n)) => ops.writes = n,
+                _ => {}
+            }
+        }
+        ops
+    }
+
+    /// Reads and writes the whole disk completed so far, whoever issued
+    /// them (its `stat`).
+    fn disk_ops(&self) -> Ops {
+        let text = std::fs::read_to_string(self.disk.join("stat")).expect("disk stat");
+        let f: Vec<u64> = text
+            .split_whitespace()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        Ops {
+            reads: f[0],
+            writes: f[4],
+        }
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        // The bench may be in the group still if `inside` panicked; the
+        // servers were killed and reaped before this runs.
+        let _ = std::fs::write(
+            self.home.join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("could not remove the cgroup {}", self.dir.display());
+    }
+}
+
+/// The disk `path` lives on: its `MAJ:MIN` and its sysfs directory (a
+/// partition's disk: the throttle limits whole disks).
+fn disk_of(path: &Path) -> (String, PathBuf) {
+    let dev = std::fs::metadata(path).expect("stat").dev();
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let sys =
+        std::fs::canonicalize(format!("/sys/dev/block/{major}:{minor}")).unwrap_or_else(|e| {
+            panic!(
+                "{} is on device {major}:{minor}, not a block device the throttle can cap: {e}",
+                path.display()
+            )
+        });
+    let disk = if sys.join("partition").exists() {
+        sys.parent().expect("a partition's disk").to_path_buf()
+    } else {
+        sys
+    };
+    let device = std::fs::read_to_string(disk.join("dev"))
+        .expect("the disk's dev")
+        .trim()
+        .to_string();
+    (device, disk)
 }
 
 /// The file system's sequential write rate with the page cache out of the
 /// way: `bytes` in 1 MiB direct writes, then the file is removed.
-fn device_rate(dir: &Path, bytes: u64) -> f64 {
+fn device_rate(dir: &Path, bytes: u64, throttle: Option<&Throttle>) -> f64 {
     let file = dir.join("dd.raw");
     let t = Instant::now();
-    let out = Command::new("dd")
-        .arg("if=/dev/zero")
-        .arg(format!("of={}", file.display()))
-        .args(["bs=1M", &format!("count={}", bytes >> 20), "oflag=direct"])
-        .args(["conv=fdatasync", "status=none"])
-        .output()
-        .expect("dd");
+    let dd = || {
+        Command::new("dd")
+            .arg("if=/dev/zero")
+            .arg(format!("of={}", file.display()))
+            .args(["bs=1M", &format!("count={}", bytes >> 20), "oflag=direct"])
+            .args(["conv=fdatasync", "status=none"])
+            .output()
+            .expect("dd")
+    };
+    let out = match throttle {
+        Some(throttle) => throttle.inside(dd),
+        None => dd(),
+    };
     let took = t.elapsed();
     assert!(
         out.status.success(),
@@ -226,6 +422,20 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
     let dir = tempfile::tempdir_in(base).expect("bench dir");
+    let throttle_iops: Option<u64> = std::env::var("REWIND_BENCH_THROTTLE_IOPS")
+        .ok()
+        .map(|s| s.parse().expect("REWIND_BENCH_THROTTLE_IOPS: a number"));
+    let throttle = throttle_iops.map(|iops| Throttle::new(dir.path(), iops));
+    if let (Some(t), Some(iops)) = (&throttle, throttle_iops) {
+        println!(
+            "throttled: the servers run in the cgroup v1 blkio group {}, {iops} read and \
+             {iops} write IOPS on {} ({})",
+            t.dir.display(),
+            t.device,
+            t.disk.display()
+        );
+    }
+    let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join("at_limit-rewind-blk.log");
     let image = dir.path().join("disk.raw");
     make_image(&image, shape.size);
     let volume = create_rewind(
@@ -250,17 +460,38 @@ fn main() {
         random.time.as_secs_f64() / INTERVALS as f64
     );
     let start = |k: usize| match k {
-        0 => serve_rewind(dir.path(), &volume, 1),
+        0 => serve_rewind_to(
+            dir.path(),
+            &volume,
+            1,
+            std::fs::File::create(&log).expect("rewind-blk's log"),
+        ),
         1 => start_qsd(dir.path(), &image, false, 1),
         _ => start_qsd(dir.path(), &image, true, 1),
     };
     // One server at a time (the qsd exports share one image), each for the
-    // random run and then the sequential one.
+    // sequential run and then the random one.
     let mut results = Vec::new();
+    let mut io = Vec::new();
     for k in 0..3 {
-        let server = start(k);
+        let before = throttle.as_ref().map(|t| (t.throttled(), t.disk_ops()));
+        let server = match &throttle {
+            Some(t) => t.inside(|| start(k)),
+            None => start(k),
+        };
         let s = run(&server, sequential, shape.size, 20 + k as u64);
         let r = run(&server, random, shape.size, 10 + k as u64);
+        if let (Some(t), Some((throttled, disk))) = (&throttle, before) {
+            let (t_now, d_now) = (t.throttled(), t.disk_ops());
+            let secs = (s.elapsed + r.elapsed).as_secs_f64();
+            io.push((
+                server.name,
+                (t_now.reads - throttled.reads) as f64 / secs,
+                (t_now.writes - throttled.writes) as f64 / secs,
+                (d_now.reads - disk.reads) as f64 / secs,
+                (d_now.writes - disk.writes) as f64 / secs,
+            ));
+        }
         results.push((server.name, r, s));
     }
     let qsd_median = results[1].1.median_interval();
@@ -276,8 +507,31 @@ fn main() {
         println!("  {name}: {}", row.join(" "));
     }
     println!(
-        "device: {:.0} MiB/s sequential (dd of 1 MiB blocks, oflag=direct)",
-        device_rate(dir.path(), shape.size / 4)
+        "device{}: {:.0} MiB/s sequential (dd of 1 MiB blocks, oflag=direct)",
+        if throttle.is_some() {
+            " (throttled)"
+        } else {
+            ""
+        },
+        device_rate(dir.path(), shape.size / 4, throttle.as_ref())
+    );
+    for (name, r, s) in &results {
+        for (what, o) in [("sequential", s), ("random", r)] {
+            if let Some((at, ret)) = o.first_error {
+                println!(
+                    "{name}: {} errors in the {what} run, the first {:.1} s in (ret {ret})",
+                    o.errors,
+                    at.as_secs_f64()
+                );
+            }
+        }
+    }
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    println!(
+        "rewind-blk's log: {} warnings, {} errors ({})",
+        text.lines().filter(|l| l.contains(" WARN ")).count(),
+        text.lines().filter(|l| l.contains(" ERROR ")).count(),
+        log.display()
     );
     println!();
     println!("| server | 4 KiB QD32 IOPS | median interval | lowest interval | lowest / qsd median | p99 | max latency | errors | 1 MiB seq QD8 MiB/s | its max latency | its errors |");
@@ -296,5 +550,17 @@ fn main() {
             ms(s.max_latency),
             s.errors,
         );
+    }
+    if !io.is_empty() {
+        println!();
+        println!("IO per second over both runs of each server: counted by the throttle (its cgroup's), and the disk's whole (anyone's, the kernel's writeback included):");
+        println!();
+        println!(
+            "| server | throttled reads/s | throttled writes/s | disk reads/s | disk writes/s |"
+        );
+        println!("|---|---|---|---|---|");
+        for (name, tr, tw, dr, dw) in &io {
+            println!("| {name} | {tr:.0} | {tw:.0} | {dr:.0} | {dw:.0} |");
+        }
     }
 }

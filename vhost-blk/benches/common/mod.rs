@@ -97,13 +97,18 @@ pub fn start_rewind(dir: &Path, image: &Path, size: u64, queues: usize) -> Serve
 
 /// Serves `volume` with `queues` virtqueues on `dir`/rewind.sock.
 pub fn serve_rewind(dir: &Path, volume: &Path, queues: usize) -> Server {
+    serve_rewind_to(dir, volume, queues, Stdio::null())
+}
+
+/// [`serve_rewind`] with the daemon's log (its stderr) going to `log`.
+pub fn serve_rewind_to(dir: &Path, volume: &Path, queues: usize, log: impl Into<Stdio>) -> Server {
     let socket = dir.join("rewind.sock");
     let child = Command::new(BIN)
         .args(["serve", "--num-queues", &queues.to_string(), "--volume"])
         .arg(volume)
         .arg("--socket-path")
         .arg(&socket)
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("rewind-blk serve");
     wait_for(&socket);
