@@ -40,7 +40,7 @@ use vmm_sys_util::event::{
 use crate::device::BlockDevice;
 use crate::gate::{Gate, Pass};
 use crate::inflight::{self, InOrder, Ticket};
-use crate::request::{self, Disk, Step, Waiting, MAX_SEGMENTS, SECTOR};
+use crate::request::{self, Disk, ReadInto, Step, Waiting, MAX_SEGMENTS, SECTOR};
 use crate::uring::QueueRing;
 
 /// Guest memory with a dirty log QEMU can share during a live migration:
@@ -313,9 +313,14 @@ impl Dispatched {
         }
     }
 
-    /// The bytes it reads, as (offset, length), if it is a read.
-    pub fn read_range(&self) -> Option<(u64, u64)> {
-        self.waiting.read_range(&self.disk())
+    /// What it reads, if it is a read.
+    pub fn read_into(&self) -> Option<ReadInto<'_>> {
+        self.waiting.read_into(&self.disk())
+    }
+
+    /// The guest memory it runs against, kept mapped while held.
+    pub fn memory(&self) -> Arc<GuestMemory> {
+        self.guest.memory().into_inner()
     }
 
     /// Where the bytes of its read are (see `Volume::plan_read`).
@@ -340,10 +345,10 @@ impl Dispatched {
         });
     }
 
-    /// Completes its read with `data`, the bytes read for it. Returns
+    /// Completes its read, whose guest buffers the caller filled. Returns
     /// whether completions went into the used ring (the caller signals).
-    pub fn finish_read(self, data: &[u8]) -> io::Result<bool> {
-        self.finish(|waiting, mem, disk| waiting.finish_read(mem, disk, data))
+    pub fn finish_filled(self) -> io::Result<bool> {
+        self.finish(|waiting, mem, disk| waiting.finish_filled(mem, disk))
     }
 
     fn finish(

@@ -369,6 +369,16 @@ pub enum Step {
     Waiting(Waiting),
 }
 
+/// A read, checked, for a caller that carries it out itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadInto<'a> {
+    /// The disk bytes it reads.
+    pub offset: u64,
+    pub len: u64,
+    /// The guest buffers they go to, in order.
+    pub buffers: &'a [(GuestAddress, u32)],
+}
+
 /// A request that must wait for the disk before it completes.
 #[derive(Debug)]
 pub struct Waiting {
@@ -386,24 +396,30 @@ enum Rest {
 }
 
 impl Waiting {
-    /// The bytes a read waits for, as (offset, length); None for any
-    /// other request, and for a read that fails its checks (`finish`
-    /// reports it).
-    pub fn read_range(&self, disk: &Disk<'_>) -> Option<(u64, u64)> {
+    /// The read the caller may carry out itself; None for any other
+    /// request, and for a read that fails its checks (`finish` reports it).
+    pub fn read_into(&self, disk: &Disk<'_>) -> Option<ReadInto<'_>> {
         match (&self.taken.request, &self.rest) {
             (Ok(r), Rest::Run) if r.kind == Kind::In => {
                 let len = r.data_len();
-                r.sectors_of(len, disk).ok().map(|offset| (offset, len))
+                let offset = r.sectors_of(len, disk).ok()?;
+                Some(ReadInto {
+                    offset,
+                    len,
+                    buffers: &r.data,
+                })
             }
             _ => None,
         }
     }
 
-    /// Completes a read ([`Waiting::read_range`]) with the bytes the
-    /// caller read for it.
-    pub fn finish_read<M: GuestMemory>(self, mem: &M, disk: &Disk<'_>, data: &[u8]) -> Completion {
+    /// Completes a read ([`Waiting::read_into`]) whose guest buffers the
+    /// caller filled.
+    pub fn finish_filled<M: GuestMemory>(self, mem: &M, disk: &Disk<'_>) -> Completion {
         let result = match &self.taken.request {
-            Ok(r) => r.scatter(mem, data),
+            // The used length is a hint to the driver; the ring reads at
+            // most MAX_RING_READ.
+            Ok(r) => Ok(u32::try_from(r.data_len()).unwrap_or(u32::MAX)),
             Err(_) => Ok(0),
         };
         self.taken.complete(mem, disk, result)
@@ -747,7 +763,7 @@ mod tests {
     }
 
     #[test]
-    fn a_deferred_read_says_its_range_and_completes_with_the_callers_bytes() {
+    fn a_deferred_read_says_where_it_reads_to_and_completes_once_the_caller_filled_it() {
         let (mem, v) = (memory(), volume());
         let d = disk(&v);
         let read_chain = |sector: u64| {
@@ -764,8 +780,12 @@ mod tests {
         let Step::Waiting(waiting) = start(&mem, chain, &d, true) else {
             panic!("a deferred read completed");
         };
-        assert_eq!(waiting.read_range(&d), Some((4096, 4096)));
-        let done = waiting.finish_read(&mem, &d, &pattern(4096));
+        let read = waiting.read_into(&d).expect("a read");
+        assert_eq!((read.offset, read.len), (4096, 4096));
+        assert_eq!(read.buffers, &[(GuestAddress(DATA), 4096)][..]);
+        mem.write_slice(&pattern(4096), GuestAddress(DATA))
+            .expect("the caller reads");
+        let done = waiting.finish_filled(&mem, &d);
         assert_eq!((done.used, done.status), (4097, Status::Ok));
         let mut got = vec![0u8; 4096];
         mem.read_slice(&mut got, GuestAddress(DATA)).expect("data");
@@ -777,7 +797,7 @@ mod tests {
         let Step::Waiting(waiting) = start(&mem, chain, &d, true) else {
             panic!("a deferred read completed");
         };
-        assert_eq!(waiting.read_range(&d), None);
+        assert!(waiting.read_into(&d).is_none());
         assert_eq!(waiting.finish(&mem, &d).status, Status::IoErr);
     }
 

@@ -1,39 +1,42 @@
-//! A queue's reads in flight in the kernel at once (io_uring).
+//! A queue's reads in flight in the kernel at once (io_uring), straight
+//! into guest memory.
 //!
 //! The queue's thread plans each read it takes (the journal says which
-//! bytes of which file fill which part of the buffer, and pins those
-//! files: `rewind_journal::ReadPlan`), puts the plan's file reads into the
-//! queue's ring, and submits them all in one system call once it has taken
-//! what the virtqueue holds. Reads the page cache answers finish during
-//! that call and complete right after it; cold ones reach the disk
-//! together, and the kernel's completions wake the queue's thread through
-//! an eventfd it polls beside its kick. So a cold read costs no thread
-//! hand-off and no probe of the page cache first, and a batch of them is
-//! one submission.
+//! bytes of which file fill which part of the read, and pins those files:
+//! `rewind_journal::ReadPlan`), turns each file read into a readv into the
+//! guest's buffers, puts them into the queue's ring, and submits them all
+//! in one system call once it has taken what the virtqueue holds. Reads
+//! the page cache answers finish during that call and complete right after
+//! it; cold ones reach the disk together, and the kernel's completions wake
+//! the queue's thread through an eventfd it polls beside its kick. So a
+//! cold read costs no thread hand-off and no probe of the page cache
+//! first, a batch of them is one submission, and no read is copied twice.
+//!
+//! The kernel writes guest memory behind vm-memory's back, so a completed
+//! read marks its buffers in the dirty log itself (live migration copies
+//! them again), before the status byte says it is done.
 //!
 //! A read whose file read fails or comes back short runs again the
 //! ordinary way on an IO thread (inflight.rs), where the storage error
 //! policy retries it and reports what failed; so does a read the ring
-//! cannot take (no plan, larger than [`MAX_RING_READ`], the ring full).
-//! Completions still reach the used ring in taking order (`InOrder`).
+//! cannot take (no plan, a buffer outside guest memory, larger than
+//! [`MAX_RING_READ`], the ring full). Completions still reach the used
+//! ring in taking order (`InOrder`).
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use io_uring::{opcode, types, IoUring};
 use rewind_journal::ReadPlan;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::backend::{signal, Dispatched};
+use crate::backend::{signal, Dispatched, GuestMemory};
 
-/// Largest read the ring takes; larger ones go to the IO threads, which
-/// need no buffer of that size held per read in flight.
+/// Largest read the ring takes; larger ones go to the IO threads.
 pub const MAX_RING_READ: u64 = 4 << 20;
-
-/// Spare read buffers a ring keeps, and the largest it keeps.
-const SPARE_BUFFERS: usize = 64;
-const MAX_SPARE_BUFFER: usize = 1 << 20;
 
 /// One queue's ring and the reads in it.
 #[derive(Debug)]
@@ -52,7 +55,6 @@ struct Ring {
     /// File reads submitted or queued and not yet reaped: at most the
     /// completion queue's size, so none is dropped.
     in_flight: usize,
-    spare: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Ring {
@@ -63,18 +65,27 @@ impl std::fmt::Debug for Ring {
     }
 }
 
-/// A read in the ring.
+/// A read in the ring. Nothing of it is dropped or moved out while any of
+/// its file reads is in flight.
 struct RingRead {
     job: Dispatched,
-    /// Keeps every file the kernel reads open until its read is reaped.
+    /// Keeps every file the kernel reads open.
     plan: ReadPlan,
-    /// The kernel writes the file reads into it: never touched, moved out
-    /// or freed while any of them is in flight.
-    buf: Vec<u8>,
+    /// Keeps the guest buffers the kernel writes mapped.
+    mem: Arc<GuestMemory>,
+    /// Each file read's guest buffers: only the kernel reads the arrays.
+    _iovecs: Vec<IoVecs>,
     /// File reads not yet reaped.
     pending: usize,
     failed: bool,
 }
+
+/// Host addresses of guest buffers, for a readv.
+struct IoVecs(Vec<libc::iovec>);
+
+// SAFETY: the pointers are into guest memory that the read's `mem` keeps
+// mapped; only the kernel writes through them, and no thread reads them.
+unsafe impl Send for IoVecs {}
 
 fn user_data(slot: usize, piece: usize) -> u64 {
     (slot as u64) << 16 | piece as u64
@@ -82,6 +93,74 @@ fn user_data(slot: usize, piece: usize) -> u64 {
 
 /// Most file reads one plan may have (the piece index's bits).
 const MAX_PIECES: usize = 1 << 16;
+
+/// The parts of `buffers` (a read's guest buffers, in order) that bytes
+/// `at..at + len` of the read go to.
+fn spans(
+    buffers: &[(GuestAddress, u32)],
+    mut at: usize,
+    mut len: usize,
+) -> impl Iterator<Item = (GuestAddress, usize)> + '_ {
+    buffers.iter().filter_map(move |&(addr, size)| {
+        let size = size as usize;
+        if at >= size {
+            at -= size;
+            return None;
+        }
+        if len == 0 {
+            return None;
+        }
+        let n = (size - at).min(len);
+        let span = (addr.unchecked_add(at as u64), n);
+        at = 0;
+        len -= n;
+        Some(span)
+    })
+}
+
+/// The host addresses of bytes `at..at + len` of a read into `buffers`;
+/// None if any is outside guest memory.
+fn iovecs(
+    mem: &GuestMemory,
+    buffers: &[(GuestAddress, u32)],
+    at: usize,
+    len: usize,
+) -> Option<IoVecs> {
+    let mut iov = Vec::new();
+    for (addr, n) in spans(buffers, at, len) {
+        for slice in mem.get_slices(addr, n) {
+            let slice = slice.ok()?;
+            iov.push(libc::iovec {
+                // Plain mmap regions: the guard only carries the pointer.
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+        }
+    }
+    Some(IoVecs(iov))
+}
+
+/// Zeroes bytes `at..at + len` of a read into `buffers` (vm-memory marks
+/// them dirty).
+fn zero(mem: &GuestMemory, buffers: &[(GuestAddress, u32)], at: usize, len: usize) -> bool {
+    static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
+    spans(buffers, at, len).all(|(addr, n)| {
+        (0..n).step_by(ZEROES.len()).all(|done| {
+            let chunk = (n - done).min(ZEROES.len());
+            mem.write_slice(&ZEROES[..chunk], addr.unchecked_add(done as u64))
+                .is_ok()
+        })
+    })
+}
+
+/// Marks a read's guest buffers in the dirty log.
+fn mark_dirty(mem: &GuestMemory, buffers: &[(GuestAddress, u32)]) {
+    for &(addr, len) in buffers {
+        for slice in mem.get_slices(addr, len as usize).flatten() {
+            slice.bitmap().mark_dirty(0, slice.len());
+        }
+    }
+}
 
 impl QueueRing {
     /// A ring of `entries` submissions (the queue's size).
@@ -95,7 +174,6 @@ impl QueueRing {
                 reads: Vec::new(),
                 free: Vec::new(),
                 in_flight: 0,
-                spare: Vec::new(),
             }),
             completed,
         })
@@ -115,61 +193,54 @@ impl QueueRing {
     /// thread. Returns whether it completed a request into the used ring
     /// already (a read of holes only).
     pub fn queue(&self, job: Dispatched) -> io::Result<bool> {
-        let Some((offset, len)) = job.read_range().filter(|&(_, len)| len <= MAX_RING_READ) else {
+        let Some((plan, mem, iovecs)) = Self::prepare(&job) else {
             job.dispatch();
             return Ok(false);
         };
-        // An error is the IO thread's to report, with its context.
-        let Ok(Some(plan)) = job.plan_read(offset, len) else {
-            job.dispatch();
-            return Ok(false);
-        };
+        let pieces = iovecs.len();
+        if pieces == 0 {
+            mark_dirty(&mem, job.read_into().map_or(&[], |r| r.buffers));
+            return job.finish_filled();
+        }
         let mut ring = self.lock();
-        let pieces = plan.reads().len();
         if pieces > MAX_PIECES || !ring.has_room(pieces) {
             drop(ring);
             job.dispatch();
             return Ok(false);
         }
-        let mut buf = ring.buffer(len as usize);
-        plan.fill_zeroes(&mut buf);
-        if pieces == 0 {
-            drop(ring);
-            let published = job.finish_read(&buf);
-            self.lock().spare_buffer(buf);
-            return published;
-        }
+        let entries: Vec<_> = plan
+            .reads()
+            .iter()
+            .zip(&iovecs)
+            .enumerate()
+            .map(|(piece, (r, iov))| (piece, r.fd, r.offset, iov.0.as_ptr(), iov.0.len()))
+            .collect();
         let slot = ring.free.pop().unwrap_or_else(|| {
             ring.reads.push(None);
             ring.reads.len() - 1
         });
-        let read = ring.reads[slot].insert(RingRead {
+        ring.reads[slot] = Some(RingRead {
             job,
             plan,
-            buf,
+            mem,
+            _iovecs: iovecs,
             pending: pieces,
             failed: false,
         });
-        let base = read.buf.as_mut_ptr();
-        let entries: Vec<_> = read
-            .plan
-            .reads()
-            .iter()
-            .enumerate()
-            .map(|(piece, r)| {
-                // `at + len` is inside `buf` (the plan covers the read).
-                let to = base.wrapping_add(r.at);
-                opcode::Read::new(types::Fd(r.fd), to, r.len as u32)
-                    .offset(r.offset)
+        let entries: Vec<_> = entries
+            .into_iter()
+            .map(|(piece, fd, offset, iov, count)| {
+                opcode::Readv::new(types::Fd(fd), iov, count as u32)
+                    .offset(offset)
                     .build()
                     .user_data(user_data(slot, piece))
             })
             .collect();
-        // SAFETY: the buffer and files the entries name live in
-        // `reads[slot]`, which is neither dropped nor moved out until every
-        // completion of the slot is reaped (`reap` takes it out at
-        // `pending == 0`; `Drop` waits for all of them), and a Vec's heap
-        // buffer stays put while the Vec moves.
+        // SAFETY: the files, the iovec arrays and the guest memory the
+        // entries name are held by `reads[slot]`, which is neither dropped
+        // nor moved out until every completion of the slot is reaped
+        // (`reap` takes it out at `pending == 0`; `Drop` waits for all of
+        // them); a Vec's heap array stays put while the Vec moves.
         let pushed = unsafe { ring.uring.submission().push_multiple(&entries) };
         if pushed.is_err() {
             // `has_room` made room: not reached. Nothing of it was queued.
@@ -183,6 +254,32 @@ impl QueueRing {
         }
         ring.in_flight += pieces;
         Ok(false)
+    }
+
+    /// Plans `job`'s read: its files, the guest memory, and the guest
+    /// buffers of each file read, with its holes zeroed in guest memory.
+    /// None where the ring cannot read it (the IO thread reports errors).
+    fn prepare(job: &Dispatched) -> Option<(ReadPlan, Arc<GuestMemory>, Vec<IoVecs>)> {
+        let read = job.read_into()?;
+        let buffers = read.buffers;
+        if read.len > MAX_RING_READ {
+            return None;
+        }
+        let plan = job.plan_read(read.offset, read.len).ok()??;
+        let mem = job.memory();
+        let iovecs = plan
+            .reads()
+            .iter()
+            .map(|r| iovecs(&mem, buffers, r.at, r.len))
+            .collect::<Option<Vec<_>>>()?;
+        if !plan
+            .zeroes()
+            .iter()
+            .all(|&(at, n)| zero(&mem, buffers, at, n))
+        {
+            return None;
+        }
+        Some((plan, mem, iovecs))
     }
 
     /// Submits what [`QueueRing::queue`] put in and completes the reads
@@ -249,19 +346,6 @@ impl Ring {
         }
     }
 
-    /// A buffer of `len` bytes, a spare one where there is one.
-    fn buffer(&mut self, len: usize) -> Vec<u8> {
-        let mut buf = self.spare.pop().unwrap_or_default();
-        buf.resize(len, 0);
-        buf
-    }
-
-    fn spare_buffer(&mut self, buf: Vec<u8>) {
-        if self.spare.len() < SPARE_BUFFERS && buf.capacity() <= MAX_SPARE_BUFFER {
-            self.spare.push(buf);
-        }
-    }
-
     /// Takes the posted completions and completes every read whose file
     /// reads are all done, then signals the queue once.
     fn reap(&mut self) -> io::Result<()> {
@@ -287,21 +371,21 @@ impl Ring {
         let mut to_signal = None;
         for read in done {
             let RingRead {
-                job, buf, failed, ..
+                job, mem, failed, ..
             } = read;
             if failed {
                 // EIO, a short read, a file gone: the waiting path retries
                 // under the storage error policy and reports it.
                 job.dispatch();
-            } else {
-                let vring = job.vring().clone();
-                match job.finish_read(&buf) {
-                    Ok(true) => to_signal = Some(vring),
-                    Ok(false) => {}
-                    Err(e) => tracing::error!(error = %e, "cannot complete a request"),
-                }
+                continue;
             }
-            self.spare_buffer(buf);
+            mark_dirty(&mem, job.read_into().map_or(&[], |r| r.buffers));
+            let vring = job.vring().clone();
+            match job.finish_filled() {
+                Ok(true) => to_signal = Some(vring),
+                Ok(false) => {}
+                Err(e) => tracing::error!(error = %e, "cannot complete a request"),
+            }
         }
         match to_signal {
             Some(vring) => signal(&vring),
@@ -311,14 +395,14 @@ impl Ring {
 }
 
 impl Drop for Ring {
-    /// Never frees a buffer the kernel may still write into: waits for
+    /// Never lets go of memory the kernel may still write into: waits for
     /// every read in flight (none is left once the queue was drained).
     fn drop(&mut self) {
         while self.in_flight > 0 {
             if let Err(e) = self.uring.submit_and_wait(1) {
                 if e.kind() != io::ErrorKind::Interrupted {
-                    // The reads stay in `reads`: leak them rather than free
-                    // memory the kernel may still write.
+                    // Leak the reads rather than unmap what the kernel may
+                    // still write.
                     tracing::error!(error = %e, "cannot wait for reads in flight");
                     std::mem::forget(std::mem::take(&mut self.reads));
                     return;
@@ -327,5 +411,40 @@ impl Drop for Ring {
             let reaped = self.uring.completion().count();
             self.in_flight -= reaped;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_cut_a_range_of_a_read_out_of_its_buffers() {
+        let buffers = [
+            (GuestAddress(0x1000), 512),
+            (GuestAddress(0x8000), 1024),
+            (GuestAddress(0x2000), 512),
+        ];
+        let all: Vec<_> = spans(&buffers, 0, 2048).collect();
+        assert_eq!(
+            all,
+            [
+                (GuestAddress(0x1000), 512),
+                (GuestAddress(0x8000), 1024),
+                (GuestAddress(0x2000), 512)
+            ]
+        );
+        let middle: Vec<_> = spans(&buffers, 256, 1536).collect();
+        assert_eq!(
+            middle,
+            [
+                (GuestAddress(0x1100), 256),
+                (GuestAddress(0x8000), 1024),
+                (GuestAddress(0x2000), 256)
+            ]
+        );
+        let inside: Vec<_> = spans(&buffers, 1024, 256).collect();
+        assert_eq!(inside, [(GuestAddress(0x8200), 256)]);
+        assert_eq!(spans(&buffers, 2048, 0).count(), 0);
     }
 }

@@ -48,11 +48,9 @@ impl ReadPlan {
         &self.reads
     }
 
-    /// Zeroes the parts of `buf` (the whole read) no file holds.
-    pub fn fill_zeroes(&self, buf: &mut [u8]) {
-        for &(at, len) in &self.zeroes {
-            buf[at..at + len].fill(0);
-        }
+    /// The parts of the read no file holds, which read as zeroes: (at, len).
+    pub fn zeroes(&self) -> &[(usize, usize)] {
+        &self.zeroes
     }
 }
 
@@ -131,7 +129,9 @@ mod tests {
     /// Carries out `plan` with pread, as the daemon's ring does.
     fn carry_out(plan: &ReadPlan, len: usize) -> Vec<u8> {
         let mut buf = vec![0xee; len];
-        plan.fill_zeroes(&mut buf);
+        for &(at, n) in plan.zeroes() {
+            buf[at..at + n].fill(0);
+        }
         for r in plan.reads() {
             // SAFETY: the plan keeps the descriptor open; ManuallyDrop
             // keeps this File from closing it.
