@@ -212,6 +212,209 @@ fn the_agent_has_ocf_1_0_meta_data_and_validate_all_checks_its_parameters() {
     assert_eq!(validate(&with(&good, "fence_peer", "")).0, 0);
 }
 
+// ------------------------------------------------------------------ the fence-peer hook
+
+/// A fake `crm_node` for the hook: this node is n2; n1's membership state
+/// (`member` or `lost`) is in `$FAKE/n1-state`.
+const FAKE_CRM_NODE: &str = r#"#!/bin/sh
+case "$1" in
+-n) echo n2 ;;
+-l) printf '1 n1 %s\n2 n2 member\n' "$(cat "$FAKE/n1-state")" ;;
+*) exit 1 ;;
+esac
+"#;
+
+/// A fake `crm_attribute`: appends its arguments to `$FAKE/marks`.
+const FAKE_CRM_ATTRIBUTE: &str = "#!/bin/sh\necho \"$*\" >>\"$FAKE/marks\"\n";
+
+/// A fake `crm_mon`: the Nth call answers as line N of `$FAKE/views` says
+/// (the last line repeated): `error` is what crm_mon 2.1.5 prints when it
+/// cannot reach the CIB (exit 0!), `fail` an error exit, and `online`,
+/// `unclean` (offline, lost but not fenced), `clean` (offline after a fence
+/// or a clean shutdown), `nofencing` (offline, clean, stonith-enabled=false)
+/// are n1's state in Pacemaker 2.1.5's XML (attribute names checked
+/// against its crm_mon run on a CIB file). A resource's and a node
+/// attribute's `<node name="n1">` elements are there too, without online=.
+const FAKE_CRM_MON: &str = r#"#!/bin/sh
+calls=$(($(cat "$FAKE/calls" 2>/dev/null || echo 0) + 1))
+echo "$calls" >"$FAKE/calls"
+view=$(sed -n "${calls}p" "$FAKE/views")
+[ -n "$view" ] || view=$(tail -n 1 "$FAKE/views")
+stonith=true online=false unclean=false
+case "$view" in
+error)
+	printf '<pacemaker-result api-version="2.25">\n  <status code="0" message="OK">\n    <errors>\n      <error>Could not connect to the CIB: No such device or address</error>\n    </errors>\n  </status>\n</pacemaker-result>\n'
+	exit 0 ;;
+fail) echo "crm_mon: broken" >&2; exit 102 ;;
+online) online=true ;;
+unclean) unclean=true ;;
+nofencing) stonith=false ;;
+esac
+cat <<XML
+<pacemaker-result api-version="2.25" request="crm_mon -1 --output-as=xml">
+  <summary>
+    <cluster_options stonith-enabled="$stonith" symmetric-cluster="true" no-quorum-policy="stop" maintenance-mode="false"/>
+  </summary>
+  <nodes>
+    <node name="n1" id="1" online="$online" standby="false" standby_onfail="false" maintenance="false" pending="false" unclean="$unclean" health="green" shutdown="false" expected_up="true" is_dc="false" resources_running="0" type="member"/>
+    <node name="n2" id="2" online="true" standby="false" standby_onfail="false" maintenance="false" pending="false" unclean="false" health="green" shutdown="false" expected_up="true" is_dc="true" resources_running="1" type="member"/>
+  </nodes>
+  <resources>
+    <clone id="disk-clone" multi_state="true" unique="false">
+      <resource id="disk" role="Promoted" active="true" nodes_running_on="1">
+        <node name="n1" id="1" cached="true"/>
+      </resource>
+    </clone>
+  </resources>
+  <node_attributes>
+    <node name="n1">
+      <attribute name="rewind-outdated-disk" value="x"/>
+    </node>
+  </node_attributes>
+  <status code="0" message="OK"/>
+</pacemaker-result>
+XML
+"#;
+
+/// What one run of the hook did.
+struct HookRun {
+    ok: bool,
+    stderr: String,
+    took: Duration,
+    /// crm_mon calls.
+    polls: usize,
+    /// crm_attribute's argument lines.
+    marks: String,
+}
+
+/// Runs rewind-fence-peer as the agent does (`--attribute
+/// rewind-outdated-disk`, plus `args`) on n2, with the fake tools first on
+/// PATH: n1's membership state is `n1`, crm_mon answers `views`.
+fn run_fence_peer(n1: &str, views: &[&str], args: &[&str]) -> HookRun {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).expect("mkdir");
+    for (name, text) in [
+        ("crm_node", FAKE_CRM_NODE),
+        ("crm_attribute", FAKE_CRM_ATTRIBUTE),
+        ("crm_mon", FAKE_CRM_MON),
+    ] {
+        std::fs::write(bin.join(name), text).expect("write");
+        std::fs::set_permissions(bin.join(name), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+    }
+    std::fs::write(dir.path().join("n1-state"), n1).expect("write");
+    std::fs::write(dir.path().join("views"), views.join("\n") + "\n").expect("write");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let started = Instant::now();
+    let out = Command::new(fence_peer())
+        .args(["--attribute", "rewind-outdated-disk"])
+        .args(args)
+        .env("PATH", path)
+        .env("FAKE", dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run rewind-fence-peer");
+    let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default();
+    HookRun {
+        ok: out.status.success(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        took: started.elapsed(),
+        polls: read("calls").trim().parse().unwrap_or(0),
+        marks: read("marks"),
+    }
+}
+
+#[test]
+fn the_fence_peer_hook_waits_until_pacemaker_sees_a_lost_peer_offline_and_clean() {
+    // n1 left the membership. crm_mon first still shows it online (the DC
+    // has not written the loss yet), then fails twice, then shows it lost
+    // but not fenced (unclean): the hook waits through all of it, and
+    // succeeds once n1 is offline and clean (fenced).
+    let run = run_fence_peer(
+        "lost",
+        &["online", "error", "fail", "unclean", "unclean", "clean"],
+        &[],
+    );
+    assert!(run.ok, "{}", run.stderr);
+    assert_eq!(run.polls, 6, "{}", run.stderr);
+    assert!(
+        run.took >= Duration::from_millis(2500),
+        "5 pauses of 0.5 s: {:?}",
+        run.took
+    );
+    assert!(
+        run.marks
+            .starts_with("--node n1 --name rewind-outdated-disk --lifetime forever --update "),
+        "{}",
+        run.marks
+    );
+    for said in [
+        "marked n1 outdated (rewind-outdated-disk), peer lost",
+        "waiting for n1 to be fenced or shut down: online=true unclean=false",
+        "waiting for n1: crm_mon failed or does not list it",
+        "waiting for n1 to be fenced or shut down: online=false unclean=true",
+        "n1 is offline and clean in Pacemaker's view",
+    ] {
+        assert!(run.stderr.contains(said), "{said}: {}", run.stderr);
+    }
+
+    // n1 stays lost and unclean: this node may be the one cut off, and
+    // fails at --timeout.
+    let run = run_fence_peer("lost", &["unclean"], &["--timeout", "2"]);
+    assert!(!run.ok, "{}", run.stderr);
+    assert!(run.took >= Duration::from_secs(2), "{:?}", run.took);
+    assert!(
+        run.stderr.contains(
+            "n1 left the cluster but Pacemaker did not see it offline and clean within 2s"
+        ),
+        "{}",
+        run.stderr
+    );
+    // crm_mon never answers: never a success.
+    let run = run_fence_peer("lost", &["error", "fail"], &["--timeout", "1"]);
+    assert!(!run.ok, "{}", run.stderr);
+    assert!(run.polls >= 2, "{}", run.stderr);
+
+    // Without fencing every lost node looks offline and clean: no proof,
+    // a failure at once.
+    let run = run_fence_peer("lost", &["nofencing"], &[]);
+    assert!(!run.ok, "{}", run.stderr);
+    assert_eq!(run.polls, 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("stonith-enabled is false"),
+        "{}",
+        run.stderr
+    );
+
+    // A peer already down and clean (a clean stop, or a fence, however
+    // long ago as long as it did not rejoin since): at once. --recent, an
+    // option of the earlier version, is accepted and ignored.
+    let run = run_fence_peer("lost", &["clean"], &["--recent", "60"]);
+    assert!(run.ok, "{}", run.stderr);
+    assert_eq!(run.polls, 1, "{}", run.stderr);
+
+    // A peer still in the membership gets the mark through the CIB it
+    // shares: done, no wait.
+    let run = run_fence_peer("member", &["unclean"], &[]);
+    assert!(run.ok, "{}", run.stderr);
+    assert_eq!(run.polls, 0, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("marked n1 outdated (rewind-outdated-disk), peer member"),
+        "{}",
+        run.stderr
+    );
+
+    // The mark is required.
+    let out = Command::new(fence_peer()).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+}
+
 /// A process killed and reaped when dropped.
 struct Running(Child);
 
@@ -798,14 +1001,27 @@ fn pacemaker_fails_the_guest_over_to_node_2_and_node_1_rejoins_as_the_replica() 
             .to_owned()
     };
     assert!(!mark(1).is_empty(), "n1 is marked outdated");
-    // In sync mode the guest's first flush on n2 waited for the lost
-    // replica; before going on without it the daemon ran the agent's
-    // --fence-peer command, which found n1 fenced.
+    // In sync mode a promotion with --force runs the agent's --fence-peer
+    // command before the new primary goes on without its replica (9a09dfb:
+    // as part of the promotion, so the guest's first flush on n2 did not
+    // wait for the lost replica). n1 had left the membership: the command
+    // went on once Pacemaker saw n1 offline and clean, which the fence
+    // above made it.
     let log =
         std::fs::read_to_string(cluster.node_dir(2).join("rewind-blk.log")).expect("n2's log");
     assert!(
-        log.contains("rewind-fence-peer: n1 was fenced"),
-        "the fence-peer command ran on n2: {log}"
+        log.contains("rewind-fence-peer: marked n1 outdated (rewind-outdated-disk), peer lost")
+            && log.contains("rewind-fence-peer: n1 is offline and clean in Pacemaker's view"),
+        "the fence-peer command ran on n2 and found n1 fenced: {log}"
+    );
+    println!(
+        "pacemaker failover: the fence agent said\n  {}\nn2's fence-peer said\n  {}",
+        fence_log
+            .lines()
+            .filter(|l| l.contains("n1"))
+            .collect::<Vec<_>>()
+            .join("\n  "),
+        hook_lines(&log)
     );
 
     // Node 1 comes back: it learns it was failed over, resyncs as the
@@ -865,6 +1081,61 @@ fn pacemaker_fails_the_guest_over_to_node_2_and_node_1_rejoins_as_the_replica() 
     assert_eq!(role(1), Some("primary".into()));
     assert_eq!(role(2), Some("replica".into()));
     assert!(mark(2).is_empty(), "n2 was sealed, not forced: {}", mark(2));
+
+    // A clean stop of n1, usually within a minute of n1's fence: Pacemaker
+    // moves the guest to n2 (n1 sealed, n2 promoted without --force), then
+    // stops n1's copy. n2 loses its replica; its guest's first flush waits
+    // --sync-timeout, then n2 runs --fence-peer, which must find n1 shut
+    // down cleanly (or still a member) and let it go on, rather than wait
+    // for a fence that will not come; it must not take n1's old fence for
+    // this one either (an earlier version accepted any fence of the last
+    // 60 s, although n1 had rejoined since).
+    let earlier_log = std::fs::read_to_string(cluster.node_dir(2).join("rewind-blk.log"))
+        .unwrap_or_default()
+        .len();
+    let earlier = cluster.console(2).len();
+    let stopping = Instant::now();
+    cluster.must(&["stop", "1"], &[]);
+    wait_until("the guest on n2 to read and write", CLUSTER_LIMIT, || {
+        let console = cluster.console(2);
+        let new = &console[earlier.min(console.len())..];
+        new.contains("GUEST-WROTE-AGAIN: ok") || new.contains("GUEST-RESULT")
+    });
+    println!(
+        "pacemaker clean stop of n1: the guest's first write on n2 (sync mode, replica stopped) \
+         after {:.1} s",
+        stopping.elapsed().as_secs_f64()
+    );
+    let console = cluster.console(2);
+    assert!(
+        console[earlier..].contains("GUEST-WROTE-AGAIN: ok"),
+        "{}",
+        &console[earlier..]
+    );
+    assert_eq!(role(2), Some("primary".into()));
+    let log =
+        std::fs::read_to_string(cluster.node_dir(2).join("rewind-blk.log")).expect("n2's log");
+    let log = &log[earlier_log.min(log.len())..];
+    println!(
+        "pacemaker clean stop of n1: n2's fence-peer said\n  {}",
+        hook_lines(log)
+    );
+    assert!(
+        log.contains("rewind-fence-peer: marked n1 outdated (rewind-outdated-disk), peer member")
+            || log.contains("rewind-fence-peer: n1 is offline and clean in Pacemaker's view"),
+        "the fence-peer command on n2 found n1 stopped: {log}"
+    );
+    assert!(!log.contains("fenced at"), "no old fence taken: {log}");
+}
+
+/// The lines of a daemon's log about its --fence-peer command (what the
+/// daemon and the command said, and the degraded link that followed), one
+/// per line, indented.
+fn hook_lines(log: &str) -> String {
+    log.lines()
+        .filter(|l| l.contains("fence-peer") || l.contains("fence_peer") || l.contains("degraded"))
+        .collect::<Vec<_>>()
+        .join("\n  ")
 }
 
 /// The last tick the guest said it completed.
