@@ -6,8 +6,9 @@
 //!
 //! A queue's thread runs the requests that need no wait for the disk,
 //! puts its reads into the queue's ring (uring.rs) and hands the rest to
-//! the IO threads (inflight.rs), so many are in flight at once; completions reach the used ring in the order the requests were
-//! taken, which keeps a restart safe: after a crash the front-end's
+//! the IO threads (inflight.rs), so many are in flight at once;
+//! completions reach the used ring in the order the requests were taken,
+//! which keeps a restart safe: after a crash the front-end's
 //! `used_idx` marks exactly what was done, and QEMU (with `reconnect=`)
 //! resubmits the rest. The journal tolerates a request that ran but was
 //! not marked used being run again.
@@ -90,6 +91,8 @@ pub struct BlkBackend {
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemory>>>,
     /// Held while a queue takes requests; `stop_vring` waits on it.
     busy: Vec<Mutex<()>>,
+    /// Set when the connection is over: queues take no more requests.
+    stopping: AtomicBool,
     /// Each queue's requests taken and not yet in its used ring.
     in_order: Vec<Arc<InOrder>>,
     /// Each queue's reads in flight in the kernel; None where io_uring is
@@ -128,6 +131,7 @@ impl BlkBackend {
             event_idx: AtomicBool::new(false),
             mem: RwLock::new(None),
             busy,
+            stopping: AtomicBool::new(false),
             in_order,
             rings,
             kicked,
@@ -142,14 +146,17 @@ impl BlkBackend {
 
     /// Stops every worker thread (their daemon's connection is over) and
     /// waits for the requests they handed to the kernel or the IO threads,
-    /// so none completes into a later connection's rings.
+    /// so none completes into a later connection's rings. A worker still
+    /// taking requests stops at the next one: the wait starts after it.
     pub fn stop_workers(&self) {
+        self.stopping.store(true, Ordering::Release);
         for exit in self.exits.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             if let Err(e) = exit.notify() {
                 tracing::warn!(error = %e, "cannot stop a worker thread");
             }
         }
-        for index in 0..self.config.num_queues {
+        for (index, busy) in self.busy.iter().enumerate() {
+            drop(busy.lock().unwrap_or_else(|e| e.into_inner()));
             self.wait_taken(index);
         }
     }
@@ -202,8 +209,9 @@ impl BlkBackend {
     }
 
     /// Takes the queue's requests while the gate lets them through: runs
-    /// those that need no wait, hands the others to the IO threads. Returns
-    /// false if it parked the queue at a closed gate.
+    /// those that need no wait, puts reads into the queue's ring, hands the
+    /// others to the IO threads. Returns false if it parked the queue at a
+    /// closed gate.
     fn process(&self, index: usize, vring: &Vring) -> io::Result<bool> {
         let guest = self
             .mem
@@ -222,59 +230,67 @@ impl BlkBackend {
         let ring = self.rings.get(index).and_then(Option::as_ref);
         let _busy = self.busy[index].lock().unwrap_or_else(|e| e.into_inner());
         let mut published = false;
-        let mut parked = false;
-        loop {
-            let Some(pass) = self.gate.enter(epoch) else {
-                if self.gate.park(index, epoch, vring) {
-                    continue;
+        // Whether it parked the queue at a closed gate.
+        let mut take = || -> io::Result<bool> {
+            loop {
+                // The connection is over (`stop_workers`): nothing new.
+                if self.stopping.load(Ordering::Acquire) {
+                    return Ok(false);
                 }
-                parked = true;
-                break;
-            };
-            // Stop taking descriptors once the queue is stopped (GET_VRING_BASE).
-            let chain = {
-                let mut state = vring.get_mut();
-                if !state.get_queue().ready() {
-                    break;
-                }
-                state.get_queue_mut().pop_descriptor_chain(&*mem)
-            };
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            match request::start(&*mem, chain, &disk, ring.is_some()) {
-                Step::Done(done) => {
-                    pass.finish_request(&done);
-                    published |= in_order.completed_inline(head, done.used, vring)?;
-                }
-                Step::Waiting(waiting) => {
-                    let job = Dispatched {
-                        waiting,
-                        pass,
-                        ticket: in_order.take(),
-                        head,
-                        in_order: in_order.clone(),
-                        vring: vring.clone(),
-                        guest: guest.clone(),
-                        device: self.device.clone(),
-                        read_only: self.config.read_only,
-                        id: self.id,
-                    };
-                    match ring {
-                        Some(ring) => published |= ring.queue(job)?,
-                        None => job.dispatch(),
+                let Some(pass) = self.gate.enter(epoch) else {
+                    if self.gate.park(index, epoch, vring) {
+                        continue;
+                    }
+                    return Ok(true);
+                };
+                // Stop taking descriptors once the queue is stopped (GET_VRING_BASE).
+                let chain = {
+                    let mut state = vring.get_mut();
+                    if !state.get_queue().ready() {
+                        return Ok(false);
+                    }
+                    state.get_queue_mut().pop_descriptor_chain(&*mem)
+                };
+                let Some(chain) = chain else {
+                    return Ok(false);
+                };
+                let head = chain.head_index();
+                match request::start(&*mem, chain, &disk, ring.is_some()) {
+                    Step::Done(done) => {
+                        pass.finish_request(&done);
+                        published |= in_order.completed_inline(head, done.used, vring)?;
+                    }
+                    Step::Waiting(waiting) => {
+                        let job = Dispatched {
+                            waiting,
+                            pass,
+                            ticket: in_order.take(),
+                            head,
+                            in_order: in_order.clone(),
+                            vring: vring.clone(),
+                            guest: guest.clone(),
+                            device: self.device.clone(),
+                            read_only: self.config.read_only,
+                            id: self.id,
+                        };
+                        match ring {
+                            Some(ring) => published |= ring.queue(job)?,
+                            None => job.dispatch(),
+                        }
                     }
                 }
             }
-        }
-        // One system call for the batch's reads; those the page cache held
-        // complete here.
+        };
+        let parked = take();
+        // One system call for the batch's reads, whatever ended the loop;
+        // those the page cache held complete here.
         if let Some(ring) = ring {
-            ring.submit()?;
+            ring.submit();
         }
         if published {
             signal(vring)?;
         }
-        Ok(!parked)
+        parked.map(|parked| !parked)
     }
 }
 
@@ -494,7 +510,10 @@ impl VhostUserBackend for BlkBackend {
         }
         if u64::from(device_event) == self.ring_event_id() {
             return match self.rings.get(thread_id) {
-                Some(Some(ring)) => ring.completed(),
+                Some(Some(ring)) => {
+                    ring.completed();
+                    Ok(())
+                }
                 _ => Err(io::Error::other(format!("no ring on thread {thread_id}"))),
             };
         }
@@ -865,8 +884,7 @@ mod tests {
             });
             volume.set_writethrough(writethrough);
             let guest = GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
-            let q = MockSplitQueue::create(&guest, GuestAddress(0), QUEUE);
-            submit(&guest, &q, &ops);
+            let (q, mem, vring) = queue_of(&guest, &ops);
             let heads: Vec<u16> = (0..ops.len())
                 .scan(0u16, |next, i| {
                     let head = *next;
@@ -874,13 +892,6 @@ mod tests {
                     Some(head)
                 })
                 .collect();
-            let mem = GuestMemoryAtomic::new(guest.clone());
-            let vring = Vring::new(mem.clone(), QUEUE).expect("vring");
-            vring
-                .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
-                .expect("queue info");
-            vring.set_queue_size(QUEUE);
-            vring.set_queue_ready(true);
 
             let first = connect(&volume, &mem);
             if matches!(files, Files::Cold) {
@@ -933,6 +944,97 @@ mod tests {
                 );
             }
             Ok(())
+        }
+
+        /// A virtqueue over `guest` holding the chains of `ops`, ready.
+        fn queue_of<'a>(
+            guest: &'a GuestMemory,
+            ops: &[Op],
+        ) -> (
+            MockSplitQueue<'a, GuestMemory>,
+            GuestMemoryAtomic<GuestMemory>,
+            Vring,
+        ) {
+            let q = MockSplitQueue::create(guest, GuestAddress(0), QUEUE);
+            submit(guest, &q, ops);
+            let mem = GuestMemoryAtomic::new(guest.clone());
+            let vring = Vring::new(mem.clone(), QUEUE).expect("vring");
+            vring
+                .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
+                .expect("queue info");
+            vring.set_queue_size(QUEUE);
+            vring.set_queue_ready(true);
+            (q, mem, vring)
+        }
+
+        #[test]
+        fn a_read_the_ring_cannot_finish_runs_again_and_fails_cleanly() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let volume = Arc::new(crate::test_support::os_volume(
+                dir.path(),
+                BLOCKS * BLOCK as u64,
+            ));
+            // base.img is cut short under the open volume: the ring's read
+            // comes back short, the read that runs again fails.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.path().join("base.img"))
+                .and_then(|f| f.set_len(0))
+                .expect("truncate base.img");
+            let guest = GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
+            let (q, mem, vring) = queue_of(&guest, &[Op::Read { block: 3 }]);
+            let b = connect(&volume, &mem);
+            assert!(b.ring_event(0).is_some(), "no io_uring here");
+            assert!(b.process(0, &vring).expect("process"));
+            b.stop_vring(0).expect("stop");
+            assert_eq!(used_idx(&guest, &q), 1, "completed");
+            let st: u8 = guest.read_obj(status(0)).expect("status");
+            assert_eq!(st, request::Status::IoErr as u8);
+        }
+
+        #[test]
+        fn the_end_of_a_connection_waits_for_a_queue_still_taking_reads() {
+            // Cold reads, so some are in the ring when the connection ends;
+            // the stop comes at varying points of the worker's batch.
+            for attempt in 0..10u64 {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let volume = Arc::new(crate::test_support::os_volume(
+                    dir.path(),
+                    BLOCKS * BLOCK as u64,
+                ));
+                evict(&volume, dir.path());
+                let guest =
+                    GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
+                let ops: Vec<Op> = (0..80).map(|i| Op::Read { block: i % BLOCKS }).collect();
+                let (q, mem, vring) = queue_of(&guest, &ops);
+                let b = Arc::new(connect(&volume, &mem));
+                let worker = {
+                    let (b, vring) = (b.clone(), vring.clone());
+                    std::thread::spawn(move || b.process(0, &vring).expect("process"))
+                };
+                std::thread::sleep(std::time::Duration::from_micros(100 * attempt));
+                let (tx, rx) = std::sync::mpsc::channel();
+                let stopper = {
+                    let b = b.clone();
+                    std::thread::spawn(move || {
+                        b.stop_workers();
+                        tx.send(()).expect("send");
+                    })
+                };
+                worker.join().expect("worker");
+                rx.recv_timeout(std::time::Duration::from_secs(30))
+                    .unwrap_or_else(|_| {
+                        panic!(
+                            "attempt {attempt}: the stop still waits; used index {} of 80",
+                            used_idx(&guest, &q)
+                        )
+                    });
+                stopper.join().expect("stopper");
+                // Whatever was taken is complete, in order.
+                let seen = used_idx(&guest, &q);
+                let heads: Vec<u16> = (0..80).map(|i| i * 3).collect();
+                check_used_in_order(&guest, &q, &heads, 0, seen).expect("in order");
+            }
         }
 
         proptest! {

@@ -25,7 +25,10 @@
 //! Invariant: `leaving` is set before the detach waits for `local` to
 //! reach zero, and a request counts itself in `local` before it checks
 //! `leaving` (both SeqCst), so no request runs locally once the catch-up
-//! reads the disk.
+//! reads the disk. The one exception changes nothing: a read the queue's
+//! ring planned before (`ReplicatedVolume::plan_read`) may still complete
+//! from the local files, whose data the catch-up sends, or fail and run
+//! again through `read`, which forwards it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

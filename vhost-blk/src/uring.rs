@@ -31,7 +31,7 @@ use io_uring::{opcode, types, IoUring};
 use rewind_journal::ReadPlan;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::backend::{signal, Dispatched, GuestMemory};
 
@@ -166,7 +166,7 @@ impl QueueRing {
     /// A ring of `entries` submissions (the queue's size).
     pub fn new(entries: u32) -> io::Result<Self> {
         let uring = IoUring::new(entries.next_power_of_two())?;
-        let completed = EventFd::new(EFD_NONBLOCK)?;
+        let completed = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
         uring.submitter().register_eventfd(completed.as_raw_fd())?;
         Ok(QueueRing {
             ring: Mutex::new(Ring {
@@ -240,7 +240,8 @@ impl QueueRing {
         // entries name are held by `reads[slot]`, which is neither dropped
         // nor moved out until every completion of the slot is reaped
         // (`reap` takes it out at `pending == 0`; `Drop` waits for all of
-        // them); a Vec's heap array stays put while the Vec moves.
+        // them, or leaks them); a Vec's heap array stays put while the Vec
+        // moves.
         let pushed = unsafe { ring.uring.submission().push_multiple(&entries) };
         if pushed.is_err() {
             // `has_room` made room: not reached. Nothing of it was queued.
@@ -284,31 +285,39 @@ impl QueueRing {
 
     /// Submits what [`QueueRing::queue`] put in and completes the reads
     /// that finished during the call (the page cache held them).
-    pub fn submit(&self) -> io::Result<()> {
+    pub fn submit(&self) {
         let mut ring = self.lock();
         ring.submit_queued();
-        ring.reap()
+        ring.reap();
     }
 
-    /// Completes what the kernel posted since (the eventfd fired).
-    pub fn completed(&self) -> io::Result<()> {
+    /// Completes what the kernel posted since (the eventfd fired), and
+    /// submits what an earlier call could not.
+    pub fn completed(&self) {
         // EAGAIN: another reap took the count; the ring says what is there.
         let _ = self.completed.read();
         let mut ring = self.lock();
         ring.submit_queued();
-        ring.reap()
+        ring.reap();
     }
 
     /// Waits for every read in the ring and completes it (GET_VRING_BASE,
-    /// the end of a connection).
+    /// the end of a connection). Fails only if the kernel refuses to wait
+    /// for them, which leaves them in the ring.
     pub fn drain(&self) -> io::Result<()> {
         let mut ring = self.lock();
         while ring.in_flight > 0 {
             match ring.uring.submit_and_wait(1) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                r => r?,
-            };
-            ring.reap()?;
+                Ok(_) => {}
+                // Interrupted, or short of memory: reap and try again.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+            ring.reap();
         }
         Ok(())
     }
@@ -330,25 +339,26 @@ impl Ring {
         free(self) >= pieces || (self.uring.submit().is_ok() && free(self) >= pieces)
     }
 
-    /// Submits the queued file reads. One the kernel does not take now
-    /// (it is short of memory, or its completion queue overflowed) stays
-    /// queued for the next call (a kick, a completion, a drain).
+    /// Submits the queued file reads. Those the kernel does not take now
+    /// (it is short of memory) stay queued for the next call: a kick, a
+    /// completion of another read, a drain.
     fn submit_queued(&mut self) {
         while !self.uring.submission().is_empty() {
             match self.uring.submit() {
+                Ok(0) => return,
+                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot submit reads now; they stay queued");
                     return;
                 }
-                Ok(_) => return,
             }
         }
     }
 
     /// Takes the posted completions and completes every read whose file
     /// reads are all done, then signals the queue once.
-    fn reap(&mut self) -> io::Result<()> {
+    fn reap(&mut self) {
         let mut done = Vec::new();
         for cqe in self.uring.completion() {
             self.in_flight -= 1;
@@ -387,9 +397,12 @@ impl Ring {
                 Err(e) => tracing::error!(error = %e, "cannot complete a request"),
             }
         }
-        match to_signal {
-            Some(vring) => signal(&vring),
-            None => Ok(()),
+        if let Some(vring) = to_signal {
+            // The entries are in the used ring: the driver finds them at
+            // its next look even without this interrupt.
+            if let Err(e) = signal(&vring) {
+                tracing::error!(error = %e, "cannot signal the queue");
+            }
         }
     }
 }
