@@ -43,6 +43,9 @@ enum Pattern {
     /// One write in flight; when it completes a flush is queued (not
     /// awaited) and the next write is submitted.
     WriteThenFlush,
+    /// Random writes with FUA: each completes once durable (libblkio
+    /// sends a write and a flush for it; virtio-blk has no FUA bit).
+    FuaWrite,
 }
 
 #[derive(Clone, Copy)]
@@ -112,6 +115,8 @@ fn drive(
         let offset = block * w.block as u64;
         if w.pattern == Pattern::RandomWrite {
             q.write(offset, buf, w.block, slot, ReqFlags::empty());
+        } else if w.pattern == Pattern::FuaWrite {
+            q.write(offset, buf, w.block, slot, ReqFlags::FUA);
         } else {
             q.read(offset, buf, w.block, slot, ReqFlags::empty());
         }
@@ -237,7 +242,7 @@ fn run(server: &Server, w: Workload, size: u64, seed: u64) -> Outcome {
 }
 
 /// fio's figure for the workload on the same file system, O_DIRECT (the
-/// write+flush row: buffered writes with fdatasync after each, as the
+/// write rows: buffered writes with fdatasync after each, as the
 /// guest's flush asks); None for the warm writes.
 fn fio(w: Workload, image: &Path, dir: &Path, seconds: u64, write_size: u64) -> Option<Outcome> {
     let mut cmd = Command::new("fio");
@@ -261,7 +266,7 @@ fn fio(w: Workload, image: &Path, dir: &Path, seconds: u64, write_size: u64) -> 
             .arg(format!("--iodepth={}", w.queues * w.depth))
             .arg(format!("--filename={}", image.display()));
         }
-        Pattern::WriteThenFlush => {
+        Pattern::WriteThenFlush | Pattern::FuaWrite => {
             cmd.args([
                 "--rw=randwrite",
                 "--ioengine=psync",
@@ -284,7 +289,7 @@ fn fio(w: Workload, image: &Path, dir: &Path, seconds: u64, write_size: u64) -> 
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fio json");
     let job = &v["jobs"][0];
-    let side = if w.pattern == Pattern::WriteThenFlush {
+    let side = if matches!(w.pattern, Pattern::WriteThenFlush | Pattern::FuaWrite) {
         &job["write"]
     } else {
         &job["read"]
@@ -391,6 +396,15 @@ fn main() {
         workload(
             "4 KiB write + flush queued after each, QD1",
             WriteThenFlush,
+            4096,
+            1,
+            1,
+            false,
+            wf,
+        ),
+        workload(
+            "4 KiB random writes with FUA (awaited), QD1",
+            FuaWrite,
             4096,
             1,
             1,
@@ -553,9 +567,17 @@ fn main() {
             met(oa.p99 <= ob.p99)
         );
     }
+    if let Some((a, b, _, _, _, _)) = by_name.get(workloads[4].name) {
+        println!(
+            "- {}: {:.2}x qsd default (goal 1.0x, {})",
+            workloads[4].name,
+            a / b,
+            met(a / b >= 1.0)
+        );
+    }
     if let (Some(one), Some(four)) = (
-        by_name.get(workloads[4].name),
         by_name.get(workloads[5].name),
+        by_name.get(workloads[6].name),
     ) {
         println!(
             "- warm writes, 4 queues against 1: rewind {:.2}x (goal 1.5x, {}), qsd default {:.2}x, qsd best {:.2}x",
