@@ -3,7 +3,7 @@
 //!
 //! `cargo bench -p rewind-journal [-- NAME...]` runs all benchmarks, or
 //! those whose name contains a NAME (append-4k, append-64k, reads, map,
-//! recovery, memory). Set
+//! recovery, memory, write-amp). Set
 //! REWIND_BENCH_DIR to choose the file system (default: the system temp
 //! dir) and REWIND_BENCH_QUICK=1 for a small smoke run;
 //! REWIND_BENCH_RECOVERY_MIB sets the recovery group's journal size.
@@ -56,6 +56,12 @@ struct Config {
     map_extents: u64,
     recovery_bytes: u64,
     memory_records: u64,
+    /// Durable writes of the write-amp group: one flush each, and one
+    /// flush every 32.
+    fua_writes: u64,
+    batched_writes: u64,
+    /// The disk they write to at random.
+    write_amp_disk: u64,
 }
 
 fn config() -> Config {
@@ -80,6 +86,9 @@ fn config_for(dir: PathBuf) -> Config {
             map_extents: 100_000,
             recovery_bytes: 64 << 20,
             memory_records: 50_000,
+            fua_writes: 2_000,
+            batched_writes: 20_000,
+            write_amp_disk: 64 << 20,
         }
     } else {
         Config {
@@ -90,6 +99,9 @@ fn config_for(dir: PathBuf) -> Config {
             map_extents: 1_000_000,
             recovery_bytes: 1 << 30,
             memory_records: 1 << 20,
+            fua_writes: 20_000,
+            batched_writes: 200_000,
+            write_amp_disk: 1 << 30,
         }
     }
 }
@@ -485,6 +497,216 @@ fn bench_reopen_with_checkpoint(dir: &Path, segments: &[PathBuf], records: u64, 
     }
 }
 
+/// The sectors-written counter of the block device holding a directory
+/// (field 7 of `/sys/dev/block/MAJOR:MINOR/stat`; a partition has its own).
+struct Device {
+    name: String,
+    stat: PathBuf,
+}
+
+impl Device {
+    /// `None` where the file system has no block device of its own
+    /// (tmpfs, overlayfs, a btrfs subvolume: a device number without an
+    /// entry in /sys/dev/block).
+    fn of(dir: &Path) -> Option<Device> {
+        let dev = rustix::fs::stat(dir).expect("stat").st_dev;
+        let sys = PathBuf::from(format!(
+            "/sys/dev/block/{}:{}",
+            rustix::fs::major(dev),
+            rustix::fs::minor(dev)
+        ));
+        let name = std::fs::canonicalize(&sys)
+            .ok()
+            .and_then(|p| Some(p.file_name()?.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| sys.display().to_string());
+        let stat = sys.join("stat");
+        stat.exists().then_some(Device { name, stat })
+    }
+
+    /// Bytes written to the device since it appeared.
+    fn written(&self) -> u64 {
+        let stat = std::fs::read_to_string(&self.stat).expect("device stat");
+        let sectors: u64 = stat
+            .split_whitespace()
+            .nth(6)
+            .and_then(|f| f.parse().ok())
+            .expect("sectors written");
+        sectors * 512
+    }
+
+    /// Bytes the device wrote while `run` ran, and how long it ran. Every
+    /// dirty page of the machine is written back first (sync), so that
+    /// none from before lands in the measurement.
+    fn measure(&self, run: impl FnOnce()) -> (u64, Duration) {
+        rustix::fs::sync();
+        let before = self.written();
+        let t = Instant::now();
+        run();
+        let d = t.elapsed();
+        (self.written() - before, d)
+    }
+}
+
+/// A volume for the write-amp group whose journal takes `bytes` without
+/// a fold: a journal limit of twice that, and with `prewritten` a reserve
+/// of segments that holds it all, written over with zeroes before the
+/// volume opens, as a segment file is once recycled (its extents written,
+/// not fallocated-unwritten), and evicted from the page cache.
+fn write_amp_volume(dir: &Path, disk: u64, bytes: u64, prewritten: bool) -> Volume {
+    let storage = OsStorage::shared();
+    let mut s = settings(disk, bytes);
+    if prewritten {
+        let reserve = bytes.div_ceil(s.segment_size) + 1;
+        s.reserve_segments = reserve as u32;
+        // Room for the reserve, the segments written and the applier's
+        // early zone (at most 16), so that the pool never folds early.
+        s.journal_max = s.journal_max.max((2 * reserve + 17) * s.segment_size);
+        s.journal_warn = s.journal_max;
+    }
+    Volume::create(storage.as_ref(), dir, &s, BaseImage::Empty, &mut |_, _| {}).expect("create");
+    if prewritten {
+        let (v, _) = Volume::open(storage.clone(), dir, OpenOptions::default()).expect("open");
+        v.close().expect("close");
+        let zeroes = vec![0u8; 1 << 20];
+        for entry in std::fs::read_dir(dir.join("journal")).expect("ls") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_none_or(|e| e != "seg") {
+                continue;
+            }
+            let f = FsOpen::new().write(true).open(&path).expect("segment");
+            let len = f.metadata().expect("stat").len();
+            // Past the page holding the segment header.
+            let mut at = 4096;
+            while at < len {
+                let n = (len - at).min(zeroes.len() as u64) as usize;
+                f.write_all_at(&zeroes[..n], at).expect("zero");
+                at += n as u64;
+            }
+            drop(f);
+            // Out of the page cache: the 1 MiB writes left large folios,
+            // and a header stored through the mapping into one makes the
+            // sync write the whole folio back.
+            evict(&path);
+        }
+    }
+    Volume::open(storage, dir, OpenOptions::default())
+        .expect("open")
+        .0
+}
+
+/// Device bytes per durable 4 KiB random write: at QD1 with each write
+/// made durable before the next (a FUA write, or writethrough), and with
+/// a flush every 32 writes. Rewind (new segment files, then segment files
+/// written before) against the same pattern on a preallocated plain file
+/// with pwrite + fdatasync (what qemu-storage-daemon does on a raw image),
+/// written in full first, and, to show what ext4's unwritten extents
+/// cost, fallocated only. Same file system; least of three runs each
+/// (other processes' writes on the device only add). No fold runs.
+fn bench_write_amplification(c: &Config) {
+    let Some(dev) = Device::of(&c.dir) else {
+        println!(
+            "| write-amp: no block device of its own under {} (set REWIND_BENCH_DIR) | | | |",
+            c.dir.display()
+        );
+        return;
+    };
+    let disk = c.write_amp_disk;
+    for (writes, every) in [(c.fua_writes, 1), (c.batched_writes, 32)] {
+        let mut rng = StdRng::seed_from_u64(23);
+        let offsets: Vec<u64> = (0..writes)
+            .map(|_| rng.random_range(0..disk / 4096) * 4096)
+            .collect();
+        let data = vec![0x77u8; 4096];
+        let rewind = |prewritten: bool| {
+            let dir = c.dir.join("write-amp");
+            // A record and a Flush record's header each, at most.
+            let v = write_amp_volume(&dir, disk, writes * 5120, prewritten);
+            let m = dev.measure(|| {
+                for (i, &at) in offsets.iter().enumerate() {
+                    v.write(at, &data).expect("write");
+                    if (i as u64 + 1).is_multiple_of(every) {
+                        v.flush().expect("flush");
+                    }
+                }
+            });
+            assert_eq!(v.stats().folded_bytes, 0, "no fold in the measurement");
+            v.close().expect("close");
+            std::fs::remove_dir_all(&dir).expect("cleanup");
+            m
+        };
+        let plain = |written: bool| {
+            let path = c.dir.join("plain-write-amp");
+            let f = plain_file(&path, disk);
+            if written {
+                let fill = vec![0u8; 1 << 20];
+                for at in (0..disk).step_by(fill.len()) {
+                    f.write_all_at(&fill, at).expect("prefill");
+                }
+                f.sync_data().expect("sync");
+            }
+            let m = dev.measure(|| {
+                for (i, &at) in offsets.iter().enumerate() {
+                    f.write_all_at(&data, at).expect("pwrite");
+                    if (i as u64 + 1).is_multiple_of(every) {
+                        f.sync_data().expect("fdatasync");
+                    }
+                }
+            });
+            drop(f);
+            std::fs::remove_file(&path).expect("cleanup");
+            m
+        };
+        // New segments, written segments, written file, fallocated file.
+        let mut best = [(u64::MAX, Duration::ZERO); 4];
+        for _ in 0..3 {
+            best[0] = best[0].min(rewind(false));
+            best[1] = best[1].min(rewind(true));
+            best[2] = best[2].min(plain(true));
+            best[3] = best[3].min(plain(false));
+        }
+        // What the device writes anyway over as long as the longest run.
+        let longest = best.iter().map(|m| m.1).max().expect("runs");
+        let (idle, _) = dev.measure(|| std::thread::sleep(longest));
+        let per = |bytes: u64| bytes as f64 / writes as f64;
+        let cell = |(bytes, d): (u64, Duration)| {
+            format!(
+                "{:.0} B/write, {:.2}x the payload ({:.1} s)",
+                per(bytes),
+                per(bytes) / 4096.0,
+                d.as_secs_f64()
+            )
+        };
+        let pattern = if every == 1 {
+            "each followed by a flush (QD1, FUA)".to_owned()
+        } else {
+            format!("a flush every {every}")
+        };
+        for (segments, ours) in [
+            ("new segment files", best[0]),
+            ("segment files written before (as recycled ones)", best[1]),
+        ] {
+            row(
+                &format!(
+                    "device bytes per durable write ({}), {writes} random 4 KiB writes, {pattern}; {segments}",
+                    dev.name
+                ),
+                cell(ours),
+                format!("{} (pwrite, fdatasync; file written in full)", cell(best[2])),
+                Some(best[2].0 as f64 / ours.0 as f64),
+            );
+        }
+        println!(
+            "| the baseline on a file fallocated, never written (unwritten extents, as new segment files) | | {} | |",
+            cell(best[3])
+        );
+        println!(
+            "| idle device writes over {:.1} s (not subtracted) | {:.0} B/write | | |",
+            longest.as_secs_f64(),
+            per(idle)
+        );
+    }
+}
+
 fn main() {
     let Some(wanted) = groups() else {
         return;
@@ -509,6 +731,9 @@ fn main() {
     }
     if wanted("memory") {
         bench_memory(&c);
+    }
+    if wanted("write-amp") {
+        bench_write_amplification(&c);
     }
     std::fs::remove_dir_all(&c.dir).expect("cleanup");
 }
