@@ -9,7 +9,10 @@
 //! operation runs while it is taken.
 //!
 //! [`FaultStorage::inject`] makes chosen operations fail with an errno
-//! (EIO, ENOSPC, ...), once or until cleared.
+//! (EIO, ENOSPC, ...), once or until cleared. [`FaultStorage::slow_down`]
+//! makes them slow, and [`FaultStorage::slow_write_back`] makes writing
+//! dirty data back cost time per write, as on a disk that does few IOs a
+//! second.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -28,6 +31,8 @@ pub enum FaultOp {
     Read,
     Write,
     Sync,
+    /// `StorageFile::write_back_range`.
+    WriteBack,
     Allocate,
     /// `Storage::sync_dir` (its path is the directory's).
     SyncDir,
@@ -79,6 +84,9 @@ struct FileState {
     durable: Vec<u8>,
     current: Vec<u8>,
     unsynced: Vec<(u64, Vec<u8>)>,
+    /// Writes not yet written back to the disk, `(offset, length)`: what a
+    /// write-back or sync has left to do. Not durability: `unsynced` is.
+    dirty: Vec<(u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -101,6 +109,8 @@ struct Shared {
     faults: Mutex<Vec<Fault>>,
     /// Operations made slow: (kind, path substring, time each takes).
     slow: Mutex<Vec<(FaultOp, String, Duration)>>,
+    /// Write-back made slow: (path substring, time each write takes).
+    slow_write_back: Mutex<Vec<(String, Duration)>>,
     /// Operations hold it shared; a crash holds it exclusively.
     instant: RwLock<()>,
 }
@@ -128,6 +138,15 @@ impl Shared {
             .iter()
             .find(|(o, s, _)| *o == op && path.contains(s.as_str()))
             .map(|&(_, _, d)| d)
+    }
+
+    /// How long writing back one write to `path` takes.
+    fn write_back_cost(&self, path: &Path) -> Option<Duration> {
+        let path = path.to_string_lossy();
+        lock(&self.slow_write_back)
+            .iter()
+            .find(|(s, _)| path.contains(s.as_str()))
+            .map(|&(_, d)| d)
     }
 
     fn operation(&self) -> RwLockReadGuard<'_, ()> {
@@ -173,12 +192,22 @@ impl FaultStorage {
     pub fn clear_faults(&self) {
         lock(&self.shared.faults).clear();
         lock(&self.shared.slow).clear();
+        lock(&self.shared.slow_write_back).clear();
     }
 
     /// Makes every `op` on a path containing `path_contains` take `delay`
     /// (a slow disk), until [`FaultStorage::clear_faults`].
     pub fn slow_down(&self, op: FaultOp, path_contains: &str, delay: Duration) {
         lock(&self.shared.slow).push((op, path_contains.to_owned(), delay));
+    }
+
+    /// Makes writing back each write to a path containing `path_contains`
+    /// take `per_write` (a disk doing few IOs a second, the page cache
+    /// fast): a sync waits that long for every write since the file's last
+    /// write-back or sync, a `write_back_range` for those it covers, until
+    /// [`FaultStorage::clear_faults`].
+    pub fn slow_write_back(&self, path_contains: &str, per_write: Duration) {
+        lock(&self.shared.slow_write_back).push((path_contains.to_owned(), per_write));
     }
 
     /// The file system as a power loss now could leave it, as a new,
@@ -228,7 +257,7 @@ impl FaultStorage {
                     state: Mutex::new(FileState {
                         durable: image.clone(),
                         current: image,
-                        unsynced: Vec::new(),
+                        ..FileState::default()
                     }),
                     fs: Arc::downgrade(&new.shared),
                 }),
@@ -255,6 +284,7 @@ impl FaultStorage {
             st.durable = data.clone();
             st.current = data;
             st.unsynced.clear();
+            st.dirty.clear();
         }
     }
 }
@@ -292,6 +322,28 @@ impl FaultFile {
         }
         f(&mut lock(&self.state))
     }
+
+    /// Writes back the dirty writes `which` selects (by offset and
+    /// length): takes them off the dirty list and waits as long as the
+    /// disk takes for them (no lock held meanwhile, as a disk busy
+    /// writing back does not stop reads from the cache). Durability is
+    /// the sync's business: the writes stay unsynced.
+    fn write_back(&self, which: impl Fn(u64, u64) -> bool) -> io::Result<()> {
+        let shared = self
+            .fs
+            .upgrade()
+            .ok_or_else(|| io::Error::other("storage dropped"))?;
+        let written = {
+            let mut st = lock(&self.state);
+            let before = st.dirty.len();
+            st.dirty.retain(|&(at, len)| !which(at, len));
+            before - st.dirty.len()
+        };
+        if let Some(cost) = shared.write_back_cost(&self.path) {
+            std::thread::sleep(cost.saturating_mul(u32::try_from(written).unwrap_or(u32::MAX)));
+        }
+        Ok(())
+    }
 }
 
 impl StorageFile for FaultFile {
@@ -311,17 +363,26 @@ impl StorageFile for FaultFile {
         let data = bufs.concat();
         self.run(Some(FaultOp::Write), |st| {
             apply(&mut st.current, offset, &data);
+            st.dirty.push((offset, data.len() as u64));
             st.unsynced.push((offset, data));
             Ok(())
         })
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        self.write_back(|_, _| true)?;
         self.run(Some(FaultOp::Sync), |st| {
             st.durable = st.current.clone();
             st.unsynced.clear();
+            st.dirty.clear();
             Ok(())
         })
+    }
+
+    fn write_back_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset.saturating_add(len);
+        self.write_back(|at, n| at < end && at.saturating_add(n) > offset)?;
+        self.run(Some(FaultOp::WriteBack), |_| Ok(()))
     }
 
     fn size(&self) -> io::Result<u64> {
@@ -497,6 +558,38 @@ mod tests {
         assert!(f.sync_data().is_err());
         s.clear_faults();
         f.sync_data().expect("cleared");
+    }
+
+    #[test]
+    fn slow_write_back_costs_each_write_once_and_is_not_durability() {
+        let (s, f) = setup();
+        let cost = Duration::from_millis(50);
+        s.slow_write_back("/v/f", cost);
+        for i in 0..8u64 {
+            f.write_all_at(&[b"x"], i * 4096).expect("write");
+        }
+        let timed = |op: &dyn Fn() -> io::Result<()>| {
+            let started = std::time::Instant::now();
+            op().expect("op");
+            started.elapsed()
+        };
+        // The first four writes.
+        let first = timed(&|| f.write_back_range(0, 4 * 4096));
+        assert!(first >= 4 * cost, "{first:?}");
+        let again = timed(&|| f.write_back_range(0, 4 * 4096));
+        assert!(again < cost, "nothing left to write back there: {again:?}");
+        let first_kept = |seed| {
+            let image = s.crash(seed).contents(Path::new("/v/f"));
+            image.is_some_and(|c| c.first() == Some(&b'x'))
+        };
+        assert!(!(0..32).all(first_kept), "written back, not durable");
+        // The sync writes back the other four only.
+        let sync = timed(&|| f.sync_data());
+        assert!(sync >= 4 * cost && sync < 8 * cost, "{sync:?}");
+        assert!((0..32).all(first_kept), "durable once synced");
+        s.clear_faults();
+        f.write_all_at(&[b"y"], 0).expect("write");
+        assert!(timed(&|| f.sync_data()) < cost, "cleared");
     }
 
     #[test]

@@ -173,10 +173,15 @@ pub struct Pool {
     /// is left, so that it folds beside the writers rather than in front
     /// of them (see [`Pool::early_fold_segments`]).
     early: u64,
-    /// Bytes the applier has written into base.img (a fold in progress
-    /// included): a writer waiting at the hard limit keeps waiting while
-    /// this moves.
+    /// Bytes the applier has moved along its folds (one in progress
+    /// included): written back to the disk or copied into base.img, a
+    /// piece at a time (volume/fold.rs). A writer waiting at the hard
+    /// limit keeps waiting while this moves.
     fold_progress: AtomicU64,
+    /// The fold last reported (the seq of its first segment) and the
+    /// furthest any attempt at it got: a fold that failed and starts over
+    /// counts no progress until it gets further.
+    fold_furthest: Mutex<(u64, u64)>,
 }
 
 /// A wake-up call between threads: `notify` sets it, `wait` takes it.
@@ -280,6 +285,7 @@ impl Pool {
             room: AtomicU64::new(room),
             early: early_fold_segments(max_segments),
             fold_progress: AtomicU64::new(0),
+            fold_furthest: Mutex::new((0, 0)),
         })
     }
 
@@ -305,9 +311,22 @@ impl Pool {
         (self.early / 4).max(1) as usize
     }
 
-    /// The applier wrote `bytes` more into base.img.
-    pub fn note_fold_progress(&self, bytes: u64) {
-        self.fold_progress.fetch_add(bytes.max(1), Ordering::AcqRel);
+    /// The fold of the segments from the one of sequence number `fold`
+    /// has got `at` bytes along (written back to the disk or copied into
+    /// base.img). Progress only past the furthest an attempt at that fold
+    /// got before: a fold that fails and starts over again and again
+    /// (say, base.img refuses its writes) moves nothing, and the writes
+    /// held at the hard limit fail after `max_wait`.
+    pub fn note_fold_progress(&self, fold: u64, at: u64) {
+        let mut furthest = self.fold_furthest.lock().unwrap_or_else(|e| e.into_inner());
+        if furthest.0 != fold {
+            *furthest = (fold, 0);
+        }
+        if at > furthest.1 {
+            self.fold_progress
+                .fetch_add(at - furthest.1, Ordering::AcqRel);
+            furthest.1 = at;
+        }
     }
 
     /// Wakes the applier's [`Pool::wait_for_applier_work`].
@@ -521,7 +540,7 @@ impl Pool {
     /// applier to fold and free a segment: held, as for an IO error, for as
     /// long as the applier makes progress (a slow fold never fails a
     /// write), and for `max_wait` after its last progress (a fold that
-    /// cannot proceed does). It stops waiting early (within 100 ms) once
+    /// cannot proceed, or fails and starts over, does). It stops waiting early (within 100 ms) once
     /// `give_up` returns true.
     pub fn take_next(&self, give_up: impl Fn() -> bool) -> Result<Arc<Segment>> {
         let mut held: Option<Held> = None;
@@ -580,7 +599,8 @@ impl Pool {
             });
             if progress != h.progress {
                 (h.moved, h.progress) = (Instant::now(), progress);
-            } else if h.moved.elapsed() >= self.max_wait || give_up() {
+            }
+            if h.moved.elapsed() >= self.max_wait || give_up() {
                 return Err(Error::JournalFull {
                     used: st.used.len() as u64 * self.segment_size,
                     max: self.journal_max(),

@@ -154,6 +154,19 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     fn start_writeback(&self) -> io::Result<()> {
         Ok(())
     }
+    /// Writes the dirty data of `[offset, offset + len)` back to the disk
+    /// and waits for it (sync_file_range), so that a long write-back can
+    /// be done, and its progress seen, a piece at a time. Not a durability
+    /// point: neither the file's metadata nor the device's cache is
+    /// flushed, so `sync_data` is still needed after it (and has less left
+    /// to do). An error means some of the range may never reach the disk,
+    /// and is reported once: the caller must write that data again rather
+    /// than retry the write-back. The default does nothing (`sync_data`
+    /// then does it all).
+    fn write_back_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
     /// Asks for `[offset, offset + len)` to be read into the page cache in
     /// the background (readahead), so that reads of it soon after do not
     /// wait for the disk one request at a time. Only a hint.
@@ -350,6 +363,32 @@ impl StorageFile for OsFile {
         } else {
             Err(io::Error::last_os_error())
         }
+    }
+
+    fn write_back_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let fd = self.file.as_raw_fd();
+        let offset = i64::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // Past i64::MAX it runs to the end of the file (nbytes 0).
+        let len = i64::try_from(len).unwrap_or(0);
+        // Waits for pages already under writeback, writes the dirty ones
+        // and waits for them too: the range's data is on the disk (not
+        // necessarily past its cache) when it returns.
+        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        retry_eintr(|| {
+            // SAFETY: `fd` is open for as long as `self.file` lives, which
+            // spans the call; sync_file_range takes no pointers.
+            let r = unsafe { libc::sync_file_range(fd, offset, len, flags) };
+            if r == 0 {
+                Ok(())
+            } else {
+                Err(Errno::from_io_error(&io::Error::last_os_error()).unwrap_or(Errno::IO))
+            }
+        })
     }
 
     fn will_need(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -2,16 +2,24 @@
 //!
 //! A fold takes whole segments from the old end of the journal, up to the
 //! newest lsn F it may fold, and:
-//! 1. makes their records durable (fdatasync; they are complete, as the
-//!    completion prefix covers F);
+//! 1. makes their records durable (written back a piece at a time, then
+//!    fdatasync; they are complete, as the completion prefix covers F);
 //! 2. durably raises the horizon to F in `super`: from then on no state
 //!    before F may be read, because base.img is about to change;
 //! 3. replays records base_lsn+1..=F into a fresh map (coalescing: only the
 //!    newest data of each sector is written) and writes it to base.img,
-//!    then fdatasyncs base.img;
+//!    writes that back to the disk a piece at a time, then fdatasyncs
+//!    base.img: the durability point, before step 4 as ever;
 //! 4. durably sets base_lsn = F and drops the segments from `super`;
 //! 5. removes extents with lsn <= F from the live map (base.img holds them
 //!    now), trims the record index, and retires the segments.
+//!
+//! Every piece copied and every piece written back counts as progress,
+//! which a write held at the hard limit waits on (pool.rs): on a disk that
+//! does few IOs a second, writing back a segment's thousands of scattered
+//! records into base.img takes many seconds, none of them idle. A fold
+//! that completes nothing (a device that does not answer) shows none, and
+//! the held writes fail after the hold time.
 //!
 //! A crash anywhere repeats the fold from the old base_lsn: step 3 writes
 //! the same data again (redo is idempotent), and the live disk never reads
@@ -139,7 +147,17 @@ impl Inner {
             );
         }
 
+        let journal_bytes = count as u64 * self.config.segment_size;
+        let mut progress = FoldProgress {
+            fold: folded[0].seq,
+            at: 0,
+            journal_bytes,
+            started,
+            total: 0,
+            done: 0,
+        };
         for seg in folded {
+            self.write_back_segment(seg, &mut progress)?;
             self.retrying("syncing a segment to fold", || seg.file.sync_data())
                 .map_err(Error::io(|| format!("syncing {}", segment_name(seg.id))))?;
         }
@@ -158,8 +176,13 @@ impl Inner {
         });
         drop(map);
         let runs = coalesce(runs);
-        let journal_bytes = count as u64 * self.config.segment_size;
-        let bytes = self.write_runs(&runs, folded, journal_bytes, started)?;
+        // Each byte is copied, then written back.
+        progress.total = 2 * runs.iter().map(|r| r.sectors * SECTOR).sum::<u64>();
+        let bytes = self.write_runs(&runs, folded, &mut progress)?;
+        self.write_back_runs(&runs, &mut progress)?;
+        // The durability point of base.img (metadata and the device's
+        // cache included), before the fold commits: its data is mostly on
+        // the disk already, so this is short.
         self.retrying("syncing base.img", || self.base.sync_data())
             .map_err(Error::io(|| "syncing base.img"))?;
 
@@ -231,25 +254,14 @@ impl Inner {
     /// base.img in disk order (starting base.img's writeback during the
     /// fold, and writing in journal order, were both measured slower).
     ///
-    /// Each piece written counts as progress: a write held at the hard
-    /// limit waits on while it moves, and the pacer reads the fold's rate
-    /// from it (`journal_bytes` of segments freed once all is written, in a
-    /// fold begun at `started`).
+    /// Each piece written counts as progress ([`FoldProgress`]).
     fn write_runs(
         &self,
         runs: &[Run],
         folded: &[Arc<Segment>],
-        journal_bytes: u64,
-        started: Instant,
+        progress: &mut FoldProgress,
     ) -> Result<u64> {
-        let total: u64 = runs.iter().map(|r| r.sectors * SECTOR).sum();
-        let mut done = 0;
-        let mut progressed = |len: u64| {
-            done += len;
-            self.pool.note_fold_progress(len);
-            let freed = journal_bytes as f64 * done as f64 / total.max(1) as f64;
-            self.pacer.record_live(freed, started.elapsed());
-        };
+        let mut progressed = |len: u64| self.fold_progressed(progress, len);
         let mut bytes = 0;
         let mut copies = Vec::new();
         for run in runs {
@@ -339,6 +351,77 @@ impl Inner {
         }
         Ok(bytes)
     }
+
+    /// Writes what [`Inner::write_runs`] put in base.img back to the
+    /// disk, in disk order, a piece of at most `WRITE_BACK_RUNS` runs and
+    /// `WRITE_BACK_BYTES` bytes at a time, each counted as progress: a
+    /// fold of many scattered runs on a slow disk spends most of its time
+    /// here, and a write held at the hard limit must see it move. The
+    /// fdatasync that follows stays the durability point.
+    ///
+    /// An error fails the fold rather than being retried: the kernel
+    /// reports a failed write-back once and may leave the pages clean, so
+    /// a second attempt (or the fdatasync) could succeed without the data
+    /// on the disk. The applier's next fold writes it all again.
+    fn write_back_runs(&self, runs: &[Run], progress: &mut FoldProgress) -> Result<()> {
+        for piece in plan_write_back(runs) {
+            self.base
+                .write_back_range(piece.from, piece.len)
+                .map_err(Error::io(|| {
+                    format!("writing base.img back at {}", piece.from)
+                }))?;
+            self.fold_progressed(progress, piece.bytes);
+        }
+        Ok(())
+    }
+
+    /// Writes a segment about to be folded back to the disk a piece at a
+    /// time, each counted as progress (see [`Inner::write_back_runs`],
+    /// errors included), ahead of its fdatasync. Usually little is left:
+    /// a segment's writeback starts when the writer moves past it.
+    fn write_back_segment(&self, seg: &Segment, progress: &mut FoldProgress) -> Result<()> {
+        let size = self.config.segment_size;
+        let mut at = 0;
+        while at < size {
+            let len = (size - at).min(WRITE_BACK_BYTES);
+            seg.file.write_back_range(at, len).map_err(Error::io(|| {
+                format!("writing {} back", segment_name(seg.id))
+            }))?;
+            progress.at += len;
+            self.pool.note_fold_progress(progress.fold, progress.at);
+            at += len;
+        }
+        Ok(())
+    }
+
+    /// The fold moved `len` more bytes of its runs on: a write held at the
+    /// hard limit waits on while this happens, and the pacer takes the
+    /// rate of a fold under way from it.
+    fn fold_progressed(&self, progress: &mut FoldProgress, len: u64) {
+        progress.done += len;
+        progress.at += len;
+        self.pool.note_fold_progress(progress.fold, progress.at);
+        let freed =
+            progress.journal_bytes as f64 * progress.done as f64 / progress.total.max(1) as f64;
+        self.pacer.record_live(freed, progress.started.elapsed());
+    }
+}
+
+/// How far a fold has got. For the held writers, `at` bytes along its
+/// work: segments written back, runs copied into base.img and written
+/// back; the pool counts it per `fold` (the seq of its first segment), so
+/// that an attempt after a failed one shows progress only where it goes
+/// further. For the pacer, `done` of the `total` bytes of its runs (each
+/// counts twice, once copied and once written back), read as
+/// `journal_bytes` of segments freed in proportion, in a fold begun at
+/// `started`.
+struct FoldProgress {
+    fold: u64,
+    at: u64,
+    journal_bytes: u64,
+    started: Instant,
+    total: u64,
+    done: u64,
 }
 
 /// A piece of a folded segment to copy into base.img.
@@ -371,6 +454,58 @@ const READ_AHEAD: u64 = 32 << 20;
 /// Reads are gathered into batches of this many bytes, whose writes go to
 /// base.img in disk order.
 const WRITE_BATCH: u64 = 16 << 20;
+/// Runs written back to the disk at most in one piece: on a disk of 1000
+/// IOs a second, scattered 4 KiB runs take about a quarter of a second,
+/// far less than the seconds a held write waits for progress, and a fast
+/// disk still gets hundreds of writes at once.
+const WRITE_BACK_RUNS: usize = 256;
+/// Bytes written back to the disk at most in one piece.
+const WRITE_BACK_BYTES: u64 = 8 << 20;
+
+/// A piece of base.img to write back to the disk: `[from, from + len)`,
+/// which holds `bytes` of runs (the clean pages between them cost nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct WriteBack {
+    from: u64,
+    len: u64,
+    bytes: u64,
+}
+
+/// Cuts the runs, in disk order, into pieces to write back of at most
+/// `WRITE_BACK_RUNS` runs and `WRITE_BACK_BYTES` bytes (a longer run is
+/// split).
+fn plan_write_back(runs: &[Run]) -> Vec<WriteBack> {
+    let mut spans: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+    for run in runs {
+        let (at, len) = (run.start * SECTOR, run.sectors * SECTOR);
+        let mut done = 0;
+        while done < len {
+            let piece = (len - done).min(WRITE_BACK_BYTES);
+            spans.push((at + done, piece));
+            done += piece;
+        }
+    }
+    spans.sort_unstable();
+    let mut pieces: Vec<WriteBack> = Vec::new();
+    let mut in_last = 0;
+    for (at, len) in spans {
+        if let Some(last) = pieces.last_mut() {
+            if in_last < WRITE_BACK_RUNS && last.bytes + len <= WRITE_BACK_BYTES {
+                last.len = at + len - last.from;
+                last.bytes += len;
+                in_last += 1;
+                continue;
+            }
+        }
+        pieces.push(WriteBack {
+            from: at,
+            len,
+            bytes: len,
+        });
+        in_last = 1;
+    }
+    pieces
+}
 
 /// Sorts the copies by their place in the journal and groups neighbours
 /// into reads of at most `READ_SIZE` (a longer copy is split), so that
@@ -497,7 +632,74 @@ mod tests {
         assert_eq!(reads[3].copies[0].to, 3 * READ_SIZE);
     }
 
+    #[test]
+    fn runs_are_written_back_in_bounded_pieces_in_disk_order() {
+        let run = |start: u64, sectors: u64| Run {
+            start,
+            sectors,
+            target: Target::Zero,
+        };
+        // Scattered 4 KiB runs, out of order: pieces of WRITE_BACK_RUNS.
+        let runs: Vec<Run> = (0..600u64).rev().map(|i| run(i * 16, 8)).collect();
+        let pieces = plan_write_back(&runs);
+        let counts: Vec<u64> = pieces.iter().map(|p| p.bytes / 4096).collect();
+        assert_eq!(counts, vec![256, 256, 88]);
+        assert_eq!(pieces[0].from, 0);
+        assert_eq!(pieces[0].len, (255 * 16 + 8) * SECTOR);
+        assert_eq!(pieces[1].from, 256 * 16 * SECTOR);
+        // A long run is cut at WRITE_BACK_BYTES.
+        let long = plan_write_back(&[run(8, 2 * WRITE_BACK_BYTES / SECTOR + 1)]);
+        let spans: Vec<(u64, u64)> = long.iter().map(|p| (p.from, p.len)).collect();
+        assert_eq!(
+            spans,
+            vec![
+                (8 * SECTOR, WRITE_BACK_BYTES),
+                (8 * SECTOR + WRITE_BACK_BYTES, WRITE_BACK_BYTES),
+                (8 * SECTOR + 2 * WRITE_BACK_BYTES, SECTOR)
+            ]
+        );
+        assert!(plan_write_back(&[]).is_empty());
+    }
+
     proptest! {
+        #[test]
+        fn every_run_is_written_back_once_in_bounded_ordered_pieces(
+            raw in prop::collection::vec((0u64..1 << 20, 1u64..=40_000), 0..400)
+        ) {
+            // Runs of a fold never overlap in base.img.
+            let mut runs = Vec::new();
+            let mut taken = BTreeSet::new();
+            for (slot, sectors) in raw {
+                let start = slot * 50_000;
+                if taken.insert(slot) {
+                    runs.push(Run { start, sectors, target: Target::Zero });
+                }
+            }
+            let pieces = plan_write_back(&runs);
+            for pair in pieces.windows(2) {
+                prop_assert!(pair[0].from + pair[0].len <= pair[1].from);
+            }
+            for p in &pieces {
+                prop_assert!(p.bytes > 0 && p.bytes <= p.len && p.bytes <= WRITE_BACK_BYTES);
+                let touched = runs
+                    .iter()
+                    .filter(|r| r.start * SECTOR < p.from + p.len && (r.start + r.sectors) * SECTOR > p.from)
+                    .count();
+                prop_assert!(touched <= WRITE_BACK_RUNS, "{} runs in a piece", touched);
+            }
+            let total: u64 = runs.iter().map(|r| r.sectors * SECTOR).sum();
+            prop_assert_eq!(pieces.iter().map(|p| p.bytes).sum::<u64>(), total);
+            for r in &runs {
+                let (at, end) = (r.start * SECTOR, (r.start + r.sectors) * SECTOR);
+                // Every byte of the run lies in a piece.
+                let covered: u64 = pieces
+                    .iter()
+                    .map(|p| end.min(p.from + p.len).saturating_sub(at.max(p.from)))
+                    .sum();
+                prop_assert_eq!(covered, end - at);
+            }
+        }
+
         #[test]
         fn the_plan_moves_every_sector_once_in_bounded_ordered_reads(
             raw in prop::collection::vec((0usize..3, 0u64..400, 1u64..=128), 0..60)
