@@ -429,14 +429,16 @@ fn after_a_forced_fold_a_behind_replica_is_sent_only_the_chunks_that_changed() {
         TestVolume::create_with(SIZE, &["--segment-size", "1M", "--journal-max", "8M"]);
     let mut pair = Pair::start_with(primary_vol, &["--compress", "none"]);
     let mut client = Client::connect(&pair.primary.vol.socket, 1);
+    // 8 MiB fill the journal: each MiB is on the replica before the next,
+    // so no fold takes one the replica lacks (a slow replica did, once).
     for i in 0..8u64 {
         assert_eq!(
             client.write(0, i * (1 << 20), &pattern(i as u8, 1 << 20)),
             0
         );
+        assert_eq!(client.flush(0), 0);
+        pair.caught_up();
     }
-    assert_eq!(client.flush(0), 0);
-    pair.caught_up();
     pair.replica.kill();
     // 24 MiB over the same 2 MiB while the replica is away: the 8 MiB
     // journal must fold records the replica never got.
