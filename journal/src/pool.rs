@@ -540,8 +540,8 @@ impl Pool {
     /// applier to fold and free a segment: held, as for an IO error, for as
     /// long as the applier makes progress (a slow fold never fails a
     /// write), and for `max_wait` after its last progress (a fold that
-    /// cannot proceed, or fails and starts over, does). It stops waiting early (within 100 ms) once
-    /// `give_up` returns true.
+    /// cannot proceed, or fails and starts over, does). It stops waiting
+    /// early (within 100 ms) once `give_up` returns true.
     pub fn take_next(&self, give_up: impl Fn() -> bool) -> Result<Arc<Segment>> {
         let mut held: Option<Held> = None;
         loop {

@@ -180,6 +180,18 @@ impl ReplicatedVolume {
         Ok(Ran::Forwarded(data))
     }
 
+    /// Runs `local` on this volume unless it detached: then the answer is
+    /// `detached`, and the caller's `read` forwards the request.
+    fn local_only<T>(&self, local: impl FnOnce() -> Result<T>, detached: T) -> Result<T> {
+        let Some(detacher) = &self.detacher else {
+            return local();
+        };
+        match detacher.route().map_err(Error::Failed)? {
+            Route::Local(_counted) => local(),
+            Route::Forward => Ok(detached),
+        }
+    }
+
     /// A write-like request: run locally, or forwarded.
     fn modify(
         &self,
@@ -222,26 +234,14 @@ impl BlockDevice for ReplicatedVolume {
     }
     /// Local reads only: once detached, the read is forwarded by `read`.
     fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
-        let Some(detacher) = &self.detacher else {
-            return self.volume.read_cached(offset, buf);
-        };
-        match detacher.route().map_err(Error::Failed)? {
-            Route::Local(_counted) => self.volume.read_cached(offset, buf),
-            Route::Forward => Ok(false),
-        }
+        self.local_only(|| self.volume.read_cached(offset, buf), false)
     }
     /// Local reads only, as `read_cached`. A planned read in flight when
     /// the volume detaches either completes from the local files, whose
     /// data the replica holds too, or fails and runs again through `read`,
     /// which forwards it.
     fn plan_read(&self, offset: u64, len: u64) -> Result<Option<ReadPlan>> {
-        let Some(detacher) = &self.detacher else {
-            return self.volume.plan_read(offset, len);
-        };
-        match detacher.route().map_err(Error::Failed)? {
-            Route::Local(_counted) => self.volume.plan_read(offset, len),
-            Route::Forward => Ok(None),
-        }
+        self.local_only(|| self.volume.plan_read(offset, len), None)
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.modify(

@@ -545,7 +545,8 @@ pub fn start<M: GuestMemory>(
     };
     let waiting = |taken, rest| Step::Waiting(Waiting { taken, rest });
     let result = match &taken.request {
-        // Copying a large read is work enough for a thread of its own.
+        // The caller reads it (the queue's ring); else copying a large
+        // read is work enough for a thread of its own.
         Ok(r) if r.kind == Kind::In && (defer_reads || r.data_len() > INLINE_READ_MAX) => {
             return waiting(taken, Rest::Run)
         }

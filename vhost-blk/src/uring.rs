@@ -208,17 +208,22 @@ impl QueueRing {
             job.dispatch();
             return Ok(false);
         }
+        let slot = ring.free.pop().unwrap_or_else(|| {
+            ring.reads.push(None);
+            ring.reads.len() - 1
+        });
         let entries: Vec<_> = plan
             .reads()
             .iter()
             .zip(&iovecs)
             .enumerate()
-            .map(|(piece, (r, iov))| (piece, r.fd, r.offset, iov.0.as_ptr(), iov.0.len()))
+            .map(|(piece, (r, iov))| {
+                opcode::Readv::new(types::Fd(r.fd), iov.0.as_ptr(), iov.0.len() as u32)
+                    .offset(r.offset)
+                    .build()
+                    .user_data(user_data(slot, piece))
+            })
             .collect();
-        let slot = ring.free.pop().unwrap_or_else(|| {
-            ring.reads.push(None);
-            ring.reads.len() - 1
-        });
         ring.reads[slot] = Some(RingRead {
             job,
             plan,
@@ -227,15 +232,6 @@ impl QueueRing {
             pending: pieces,
             failed: false,
         });
-        let entries: Vec<_> = entries
-            .into_iter()
-            .map(|(piece, fd, offset, iov, count)| {
-                opcode::Readv::new(types::Fd(fd), iov, count as u32)
-                    .offset(offset)
-                    .build()
-                    .user_data(user_data(slot, piece))
-            })
-            .collect();
         // SAFETY: the files, the iovec arrays and the guest memory the
         // entries name are held by `reads[slot]`, which is neither dropped
         // nor moved out until every completion of the slot is reaped
