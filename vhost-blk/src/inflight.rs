@@ -8,115 +8,278 @@
 //! ([`run_blocking`]), then takes the next request: many reads of one
 //! queue reach the disk at once, and writethrough writes share syncs.
 //!
-//! Completions reach the used ring in the order the requests were taken
-//! ([`InOrder`]): one finished early waits for those taken before it. That
-//! keeps a restart safe without INFLIGHT_SHMFD, which vhost-user-backend
-//! does not implement: after a crash QEMU resubmits everything past the
-//! used index, and everything before it is done. A request that ran but
-//! was not yet published runs again, a replay the journal tolerates.
+//! Each request goes into the used ring as soon as it is done, in any
+//! order ([`Inflight`]): a read at the disk's tail latency holds back no
+//! other. A restart stays exact through the front-end's inflight region
+//! (INFLIGHT_SHMFD, inflight_region.rs): each request is marked there from
+//! its taking until its used entry is in, so a daemon restarted after a
+//! crash takes again exactly the marked ones, oldest first, and then the
+//! available ring from the used index plus their number. A request that
+//! ran but was not yet published runs again, a replay the journal
+//! tolerates. QEMU (and cloud-hypervisor) keep such a region; a front-end
+//! without one cannot tell what was done when its backend dies (libblkio
+//! does not reconnect at all), the same as with qemu-storage-daemon.
 
-use std::collections::VecDeque;
 use std::io;
-use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use vhost_user_backend::VringT;
+use virtio_queue::QueueT;
 
-use crate::backend::Vring;
+use crate::backend::{GuestMemory, Vring};
+use crate::inflight_region::{InflightRegion, VERSION};
 
-/// A place in a queue's completion order, taken with the request.
+/// A request taken from a queue, to complete exactly once.
 #[derive(Debug)]
-#[must_use = "a ticket never completed holds back every completion after it"]
-pub struct Ticket(u64);
-
-/// What goes into the used ring for one request.
-#[derive(Debug, Clone, Copy)]
-struct Used {
+#[must_use = "a request taken and never completed is never answered"]
+pub struct Ticket {
     head: u16,
-    len: u32,
+}
+
+/// Queue `queue`'s block of the front-end's inflight region.
+#[derive(Debug)]
+struct Tracking {
+    region: Arc<InflightRegion>,
+    queue: usize,
+    /// Whether the block was read since it was handed over.
+    restored: bool,
+    /// The next request's place in the taking order.
+    counter: u64,
+    /// The used ring's index after this daemon's last entry.
+    used: Wrapping<u16>,
 }
 
 #[derive(Debug, Default)]
-struct Window {
-    /// The ticket of `slots[0]`.
-    first: u64,
-    /// In taking order; None while the request runs.
-    slots: VecDeque<Option<Used>>,
+struct State {
+    /// Requests taken and not yet in the used ring.
+    running: usize,
+    tracking: Option<Tracking>,
 }
 
 /// One queue's requests between being taken and being in the used ring.
 #[derive(Debug, Default)]
-pub struct InOrder {
-    window: Mutex<Window>,
-    /// Signalled when the window empties.
+pub struct Inflight {
+    state: Mutex<State>,
+    /// Heads to take again before the available ring, oldest last. Apart
+    /// from `state`: the queue's thread takes them under the vring's lock,
+    /// which `complete` takes under `state`.
+    resubmit: Mutex<Vec<u16>>,
+    /// Signalled when no request is running.
     emptied: Condvar,
 }
 
-impl InOrder {
-    fn lock(&self) -> MutexGuard<'_, Window> {
-        self.window.lock().unwrap_or_else(|e| e.into_inner())
+impl Inflight {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Completes a request the queue's thread ran just now, after every
-    /// request it took before: into the used ring at once if none of them
-    /// is still running, else behind them. Returns whether it went into
-    /// the used ring (the caller signals).
-    pub fn completed_inline(&self, head: u16, len: u32, vring: &Vring) -> io::Result<bool> {
-        let mut w = self.lock();
-        if !w.slots.is_empty() {
-            w.slots.push_back(Some(Used { head, len }));
-            return Ok(false);
+    /// Marks requests in queue `queue`'s block of `region` from now on;
+    /// before the next one is taken, [`Self::restore`] reads what the block
+    /// says was in flight.
+    pub fn track(&self, region: Arc<InflightRegion>, queue: usize) {
+        self.lock().tracking = Some(Tracking {
+            region,
+            queue,
+            restored: false,
+            counter: 1,
+            used: Wrapping(0),
+        });
+    }
+
+    /// Once per handed-over region, before the queue takes anything: the
+    /// requests its block marks in flight are to be taken again
+    /// ([`Self::next_resubmit`]), and the available ring resumes past them.
+    /// A block that contradicts the ring is reported and started afresh:
+    /// the queue then resumes where the front-end said, as without one.
+    pub fn restore(&self, vring: &Vring, mem: &GuestMemory) -> io::Result<()> {
+        let mut state = self.lock();
+        let Some(tracking) = state.tracking.as_mut().filter(|t| !t.restored) else {
+            return Ok(());
+        };
+        let (used, ring_size) = {
+            let vring_state = vring.get_ref();
+            let queue = vring_state.get_queue();
+            (queue.used_idx(mem, Ordering::Acquire), queue.size())
+        };
+        let used = used.map_err(|e| io::Error::other(format!("used index: {e}")))?;
+        tracking.restored = true;
+        tracking.used = used;
+        match resubmission(tracking, used, ring_size) {
+            Ok((heads, counter)) => {
+                if !heads.is_empty() {
+                    let resume = used + Wrapping(heads.len() as u16);
+                    tracing::info!(
+                        queue = tracking.queue,
+                        requests = heads.len(),
+                        used_index = used.0,
+                        "taking again the requests in flight when the previous backend stopped"
+                    );
+                    vring.set_queue_next_avail(resume.0);
+                }
+                tracking.counter = counter;
+                *self.resubmit.lock().unwrap_or_else(|e| e.into_inner()) = heads;
+            }
+            Err(e) => {
+                tracing::error!(
+                    queue = tracking.queue,
+                    error = %e,
+                    "the inflight region contradicts the queue: resuming at the front-end's index, \
+                     requests in flight when the previous backend stopped are not taken again"
+                );
+                let header = tracking.region.header(tracking.queue);
+                for head in 0..tracking.region.queue_size() {
+                    if let Some(desc) = tracking.region.desc(tracking.queue, head) {
+                        desc.inflight.store(0, Ordering::Relaxed);
+                    }
+                }
+                fresh(header, tracking.region.queue_size(), used);
+            }
         }
-        add_used(vring, Used { head, len })?;
-        Ok(true)
+        Ok(())
     }
 
-    /// Takes the next place in the order, for a request another thread
-    /// completes.
-    pub fn take(&self) -> Ticket {
-        let mut w = self.lock();
-        w.slots.push_back(None);
-        Ticket(w.first + w.slots.len() as u64 - 1)
+    /// The next request to take again after a restart, if any.
+    pub fn next_resubmit(&self) -> Option<u16> {
+        self.resubmit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
     }
 
-    /// Completes `ticket`'s request (`head`, `len` bytes written to guest
-    /// buffers) and puts in the used ring every completion that is now in
-    /// order. Returns whether it put any there (the caller signals).
-    pub fn complete(&self, ticket: Ticket, head: u16, len: u32, vring: &Vring) -> io::Result<bool> {
-        let mut w = self.lock();
-        let at = ticket
-            .0
-            .checked_sub(w.first)
-            .and_then(|i| usize::try_from(i).ok())
-            .filter(|&i| i < w.slots.len())
-            .ok_or_else(|| io::Error::other(format!("ticket {} is not in flight", ticket.0)))?;
-        w.slots[at] = Some(Used { head, len });
-        let mut published = false;
-        // Under the lock: the ring gets the entries in the window's order.
-        while let Some(Some(used)) = w.slots.front().copied() {
-            w.slots.pop_front();
-            w.first += 1;
-            add_used(vring, used)?;
-            published = true;
+    /// Takes the request whose chain starts at `head`.
+    pub fn take(&self, head: u16) -> Ticket {
+        let mut state = self.lock();
+        state.running += 1;
+        if let Some(t) = state.tracking.as_mut() {
+            if let Some(desc) = t.region.desc(t.queue, head) {
+                desc.counter.store(t.counter, Ordering::Relaxed);
+                desc.inflight.store(1, Ordering::Release);
+                t.counter += 1;
+            }
         }
-        if w.slots.is_empty() {
+        Ticket { head }
+    }
+
+    /// Puts `ticket`'s request (`len` bytes written to guest buffers) into
+    /// the used ring; the caller signals.
+    pub fn complete(&self, ticket: Ticket, len: u32, vring: &Vring) -> io::Result<()> {
+        let mut state = self.lock();
+        let head = ticket.head;
+        // Under the lock, the stores in this order (see the region's
+        // invariant): a crash between any two leaves the head either
+        // marked and not used, or used and recognisably the last batch.
+        let published = match state.tracking.as_mut() {
+            Some(t) => {
+                let header = t.region.header(t.queue);
+                header.last_batch_head.store(head, Ordering::Release);
+                let added = add_used(vring, head, len);
+                if added.is_ok() {
+                    t.used += 1;
+                    if let Some(desc) = t.region.desc(t.queue, head) {
+                        desc.inflight.store(0, Ordering::Release);
+                    }
+                    header.used_idx.store(t.used.0, Ordering::Release);
+                }
+                added
+            }
+            None => add_used(vring, head, len),
+        };
+        state.running -= 1;
+        if state.running == 0 {
             self.emptied.notify_all();
         }
-        Ok(published)
+        published
+    }
+
+    /// Runs `f` between two completions: what a crash there would leave.
+    #[cfg(test)]
+    pub(crate) fn between_completions<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _state = self.lock();
+        f()
     }
 
     /// Waits until every request taken is in the used ring.
     pub fn wait_empty(&self) {
-        let mut w = self.lock();
-        while !w.slots.is_empty() {
-            w = self.emptied.wait(w).unwrap_or_else(|e| e.into_inner());
+        let mut state = self.lock();
+        while state.running > 0 {
+            state = self.emptied.wait(state).unwrap_or_else(|e| e.into_inner());
         }
     }
 }
 
-fn add_used(vring: &Vring, used: Used) -> io::Result<()> {
+/// The heads a queue block marks in flight, oldest last, and the taking
+/// order's next place; a fresh block is initialised. Fails if the block
+/// contradicts the ring.
+fn resubmission(
+    tracking: &Tracking,
+    used: Wrapping<u16>,
+    ring_size: u16,
+) -> io::Result<(Vec<u16>, u64)> {
+    let (region, queue) = (&tracking.region, tracking.queue);
+    let header = region.header(queue);
+    match header.version.load(Ordering::Acquire) {
+        0 => {
+            fresh(header, region.queue_size(), used);
+            return Ok((Vec::new(), 1));
+        }
+        VERSION => {}
+        other => return Err(io::Error::other(format!("version {other}, not {VERSION}"))),
+    }
+    let desc_num = header.desc_num.load(Ordering::Relaxed);
+    if desc_num != region.queue_size() {
+        return Err(io::Error::other(format!(
+            "{desc_num} descriptors in a block of {}",
+            region.queue_size()
+        )));
+    }
+    // The last entry went into the used ring; its mark was not cleared.
+    if header.used_idx.load(Ordering::Acquire) != used.0 {
+        let last = header.last_batch_head.load(Ordering::Relaxed);
+        if let Some(desc) = region.desc(queue, last) {
+            desc.inflight.store(0, Ordering::Release);
+        }
+        header.used_idx.store(used.0, Ordering::Release);
+    }
+    let mut marked: Vec<(u64, u16)> = (0..desc_num)
+        .filter_map(|head| {
+            let desc = region.desc(queue, head)?;
+            (desc.inflight.load(Ordering::Acquire) != 0)
+                .then(|| (desc.counter.load(Ordering::Relaxed), head))
+        })
+        .collect();
+    if let Some(&(_, head)) = marked.iter().find(|&&(_, head)| head >= ring_size) {
+        return Err(io::Error::other(format!(
+            "head {head} marked in flight in a ring of {ring_size}"
+        )));
+    }
+    if marked.len() > usize::from(ring_size) {
+        return Err(io::Error::other(format!(
+            "{} requests in flight in a ring of {ring_size}",
+            marked.len()
+        )));
+    }
+    marked.sort_unstable_by(|a, b| b.cmp(a));
+    let next = marked
+        .first()
+        .map_or(1, |&(counter, _)| counter.saturating_add(1));
+    Ok((marked.into_iter().map(|(_, head)| head).collect(), next))
+}
+
+/// Starts a block afresh at used index `used`.
+fn fresh(header: &crate::inflight_region::Header, queue_size: u16, used: Wrapping<u16>) {
+    header.features.store(0, Ordering::Relaxed);
+    header.desc_num.store(queue_size, Ordering::Relaxed);
+    header.last_batch_head.store(0, Ordering::Relaxed);
+    header.used_idx.store(used.0, Ordering::Relaxed);
+    header.version.store(VERSION, Ordering::Release);
+}
+
+fn add_used(vring: &Vring, head: u16, len: u32) -> io::Result<()> {
     vring
-        .add_used(used.head, used.len)
+        .add_used(head, len)
         .map_err(|e| io::Error::other(format!("add_used: {e}")))
 }
 
@@ -164,6 +327,124 @@ pub fn run_blocking(job: impl FnOnce() + Send + 'static) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vhost::vhost_user::message::VhostUserInflight;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{GuestAddress, GuestMemoryAtomic};
+
+    const RING: u16 = 256;
+
+    /// A ready vring over `guest` and a fresh inflight region for one
+    /// queue of `region_size` heads.
+    fn ring_and_region(guest: &GuestMemory, region_size: u16) -> (Vring, Arc<InflightRegion>) {
+        let q = MockSplitQueue::create(guest, GuestAddress(0), RING);
+        let vring = Vring::new(GuestMemoryAtomic::new(guest.clone()), RING).expect("vring");
+        vring
+            .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
+            .expect("queue info");
+        vring.set_queue_size(RING);
+        vring.set_queue_ready(true);
+        let ask = VhostUserInflight {
+            num_queues: 1,
+            queue_size: region_size,
+            ..Default::default()
+        };
+        let (reply, file) = crate::inflight_region::create(&ask, 1).expect("create");
+        let region = InflightRegion::map(&reply, &file, 1).expect("map");
+        (vring, Arc::new(region))
+    }
+
+    fn guest() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory")
+    }
+
+    /// A daemon's queue on the region, restored as before its first take.
+    fn started(vring: &Vring, region: &Arc<InflightRegion>, guest: &GuestMemory) -> Inflight {
+        let queue = Inflight::default();
+        queue.track(region.clone(), 0);
+        queue.restore(vring, guest).expect("restore");
+        queue
+    }
+
+    fn resubmitted(queue: &Inflight) -> Vec<u16> {
+        std::iter::from_fn(|| queue.next_resubmit()).collect()
+    }
+
+    #[test]
+    fn a_restart_takes_again_what_was_in_flight_oldest_first() {
+        let guest = guest();
+        let (vring, region) = ring_and_region(&guest, RING);
+        let first = started(&vring, &region, &guest);
+        assert!(resubmitted(&first).is_empty(), "a fresh region");
+        let tickets: Vec<Ticket> = [5, 2, 9].map(|head| first.take(head)).into();
+        let mut tickets = tickets.into_iter();
+        let five = tickets.next().expect("5");
+        let two = tickets.next().expect("2");
+        first.complete(two, 0, &vring).expect("complete 2");
+        // The daemon dies with 5 and 9 in flight; QEMU resumes at used 1.
+        drop((five, tickets));
+        vring.set_queue_next_avail(1);
+        let second = started(&vring, &region, &guest);
+        assert_eq!(resubmitted(&second), [5, 9]);
+        assert_eq!(vring.queue_next_avail(), 3, "past the two taken again");
+    }
+
+    #[test]
+    fn a_crash_after_the_used_entry_and_before_its_mark_is_cleared_runs_nothing_again() {
+        let guest = guest();
+        let (vring, region) = ring_and_region(&guest, RING);
+        let first = started(&vring, &region, &guest);
+        let ticket = first.take(4);
+        // `complete`'s first two stores, then the crash.
+        region.header(0).last_batch_head.store(4, Ordering::Release);
+        add_used(&vring, 4, 0).expect("used");
+        drop(ticket);
+        assert_eq!(
+            region
+                .desc(0, 4)
+                .expect("4")
+                .inflight
+                .load(Ordering::Acquire),
+            1
+        );
+        vring.set_queue_next_avail(1);
+        let second = started(&vring, &region, &guest);
+        assert!(resubmitted(&second).is_empty(), "4 is in the used ring");
+        assert_eq!(vring.queue_next_avail(), 1);
+        let header = region.header(0);
+        assert_eq!(header.used_idx.load(Ordering::Acquire), 1);
+        assert_eq!(
+            region
+                .desc(0, 4)
+                .expect("4")
+                .inflight
+                .load(Ordering::Acquire),
+            0
+        );
+    }
+
+    #[test]
+    fn a_region_that_contradicts_the_ring_is_started_afresh() {
+        let guest = guest();
+        let (vring, region) = ring_and_region(&guest, 2 * RING);
+        let first = started(&vring, &region, &guest);
+        // A head this ring cannot have.
+        drop(first.take(RING + 44));
+        vring.set_queue_next_avail(7);
+        let second = started(&vring, &region, &guest);
+        assert!(resubmitted(&second).is_empty());
+        assert_eq!(vring.queue_next_avail(), 7, "where the front-end said");
+        assert_eq!(
+            region
+                .desc(0, RING + 44)
+                .expect("head")
+                .inflight
+                .load(Ordering::Acquire),
+            0,
+            "the marks are cleared"
+        );
+        let third = started(&vring, &region, &guest);
+        assert!(resubmitted(&third).is_empty());
+    }
 
     #[test]
     fn the_pool_runs_jobs_beside_each_other() {

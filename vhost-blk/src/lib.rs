@@ -11,6 +11,7 @@ pub mod export;
 pub mod failover;
 pub mod gate;
 pub mod inflight;
+mod inflight_region;
 pub mod logging;
 pub mod metrics;
 pub mod replication;

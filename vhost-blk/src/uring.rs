@@ -20,8 +20,9 @@
 //! ordinary way on an IO thread (inflight.rs), where the storage error
 //! policy retries it and reports what failed; so does a read the ring
 //! cannot take (no plan, a buffer outside guest memory, larger than
-//! [`MAX_RING_READ`], the ring full). Completions still reach the used
-//! ring in taking order (`InOrder`).
+//! [`MAX_RING_READ`], the ring full). Each read reaches the used ring as
+//! it completes (`Inflight`); the ring's reaped completions are signalled
+//! once.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -200,7 +201,7 @@ impl QueueRing {
         let pieces = iovecs.len();
         if pieces == 0 {
             mark_dirty(&mem, job.read_into().map_or(&[], |r| r.buffers));
-            return job.finish_filled();
+            return job.finish_filled().map(|()| true);
         }
         let mut ring = self.lock();
         if pieces > MAX_PIECES || !ring.has_room(pieces) {
@@ -388,8 +389,7 @@ impl Ring {
             mark_dirty(&mem, job.read_into().map_or(&[], |r| r.buffers));
             let vring = job.vring().clone();
             match job.finish_filled() {
-                Ok(true) => to_signal = Some(vring),
-                Ok(false) => {}
+                Ok(()) => to_signal = Some(vring),
                 Err(e) => tracing::error!(error = %e, "cannot complete a request"),
             }
         }
