@@ -28,7 +28,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::{opcode, squeue, types, IoUring};
 use rewind_journal::ReadPlan;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
@@ -38,6 +38,8 @@ use crate::backend::{signal, Dispatched, GuestMemory};
 
 /// Largest read the ring takes; larger ones go to the IO threads.
 pub const MAX_RING_READ: u64 = 4 << 20;
+/// File reads from this size on run on the kernel's workers (IOSQE_ASYNC).
+const ASYNC_READ_MIN: usize = 64 << 10;
 
 /// One queue's ring and the reads in it.
 #[derive(Debug)]
@@ -219,10 +221,18 @@ impl QueueRing {
             .zip(&iovecs)
             .enumerate()
             .map(|(piece, (r, iov))| {
-                opcode::Readv::new(types::Fd(r.fd), iov.0.as_ptr(), iov.0.len() as u32)
+                let entry = opcode::Readv::new(types::Fd(r.fd), iov.0.as_ptr(), iov.0.len() as u32)
                     .offset(r.offset)
                     .build()
-                    .user_data(user_data(slot, piece))
+                    .user_data(user_data(slot, piece));
+                // A large read's copy from the page cache runs on the
+                // kernel's io-wq workers, many at once, not as task work on
+                // this queue's thread.
+                if r.len >= ASYNC_READ_MIN {
+                    entry.flags(squeue::Flags::ASYNC)
+                } else {
+                    entry
+                }
             })
             .collect();
         ring.reads[slot] = Some(RingRead {
