@@ -1053,6 +1053,34 @@ mod tests {
         }
 
         #[test]
+        fn a_flush_holds_back_no_write_taken_after_it() {
+            let fs = FaultStorage::new();
+            let volume = Arc::new(crate::test_support::volume_on(
+                &fs,
+                BLOCKS * BLOCK as u64,
+                rewind_journal::OpenOptions::default(),
+            ));
+            fs.slow_down(FaultOp::Sync, "", std::time::Duration::from_secs(1));
+            let ops = [
+                Op::Write { block: 1, fill: 1 },
+                Op::Flush,
+                Op::Write { block: 2, fill: 2 },
+            ];
+            let guest = GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
+            let (q, mem, vring) = queue_of(&guest, &ops);
+            let (b, _) = connect(&volume, &mem, None);
+            assert!(b.process(0, &vring).expect("process"));
+            b.stop_vring(0).expect("stop");
+            // Chains start at descriptors 0, 3 (the flush) and 5.
+            let done = used_requests(&guest, &q, &[0, 3, 5], 0, 3).expect("all complete");
+            assert_eq!(
+                done,
+                [0, 2, 1],
+                "the write behind the flush completed first"
+            );
+        }
+
+        #[test]
         fn a_read_the_ring_cannot_finish_runs_again_and_fails_cleanly() {
             let dir = tempfile::tempdir().expect("tempdir");
             let volume = Arc::new(crate::test_support::os_volume(
