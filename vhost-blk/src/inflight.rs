@@ -2,11 +2,11 @@
 //! run those that wait for the disk.
 //!
 //! A queue's own thread runs what needs no wait (writes are appends to the
-//! journal) and flushes, puts reads into the queue's ring (uring.rs), and
-//! hands the rest (a writethrough write's sync; reads the ring cannot
-//! take, or where there is no io_uring) to the IO threads
-//! ([`run_blocking`]), then takes the next request: many reads of one
-//! queue reach the disk at once, and writethrough writes share syncs.
+//! journal), puts reads into the queue's ring (uring.rs), and hands the
+//! rest (flushes, a writethrough write's sync; reads the ring cannot take,
+//! or where there is no io_uring) to the IO threads ([`run_blocking`]),
+//! then takes the next request: many reads of one queue reach the disk at
+//! once, and flushes and writethrough writes share syncs.
 //!
 //! Each request goes into the used ring as soon as it is done, in any
 //! order ([`Inflight`]): a read at the disk's tail latency holds back no
