@@ -8,7 +8,7 @@ use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
@@ -137,6 +137,12 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     fn raw_fd(&self) -> Option<RawFd> {
         None
     }
+    /// A second descriptor of the file, opened with O_DIRECT, for a caller
+    /// that reads around the page cache (the daemon's cold reads); None
+    /// where there is none or the file system refuses O_DIRECT.
+    fn direct_fd(&self) -> Option<RawFd> {
+        None
+    }
     /// Writes all of `bufs`, one after the other, starting at `offset`.
     fn write_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()>;
     /// Writes a small `buf` at `offset`, like [`StorageFile::write_all_at`]
@@ -244,6 +250,8 @@ struct OsFile {
     /// store raises SIGBUS instead: the process dies, which the journal
     /// survives as it survives any crash.
     mapped: OnceLock<Option<MmapRaw>>,
+    /// The O_DIRECT descriptor, opened at the first ask.
+    direct: OnceLock<Option<File>>,
 }
 
 impl OsFile {
@@ -251,6 +259,7 @@ impl OsFile {
         OsFile {
             file,
             mapped: OnceLock::new(),
+            direct: OnceLock::new(),
         }
     }
 
@@ -305,6 +314,22 @@ impl StorageFile for OsFile {
 
     fn raw_fd(&self) -> Option<RawFd> {
         Some(self.file.as_raw_fd())
+    }
+
+    fn direct_fd(&self) -> Option<RawFd> {
+        self.direct
+            .get_or_init(|| {
+                // The same inode (renamed or unlinked ones too) with flags
+                // of its own.
+                let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+                OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(path)
+                    .ok()
+            })
+            .as_ref()
+            .map(AsRawFd::as_raw_fd)
     }
 
     fn write_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {

@@ -910,6 +910,11 @@ mod tests {
                     .expect("write");
             }
             volume.flush().expect("flush");
+            drop_cache(dir);
+        }
+
+        /// Drops every file under `dir` from the page cache.
+        fn drop_cache(dir: &std::path::Path) {
             let mut dirs = vec![dir.to_path_buf()];
             while let Some(dir) = dirs.pop() {
                 for entry in std::fs::read_dir(&dir).expect("read dir") {
@@ -1050,6 +1055,54 @@ mod tests {
             vring.set_queue_size(QUEUE);
             vring.set_queue_ready(true);
             (q, mem, vring)
+        }
+
+        #[test]
+        fn a_cold_read_goes_around_the_page_cache_and_a_cached_one_comes_from_it() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let volume = Arc::new(crate::test_support::os_volume(
+                dir.path(),
+                BLOCKS * BLOCK as u64,
+            ));
+            evict(&volume, dir.path());
+            volume
+                .write(3 * BLOCK as u64, &[0x5a; BLOCK])
+                .expect("write");
+            volume.flush().expect("flush");
+            drop_cache(dir.path());
+            let plan = volume
+                .plan_read(3 * BLOCK as u64, BLOCK as u64)
+                .expect("plan")
+                .expect("files");
+            let [piece] = plan.reads() else {
+                panic!("one file read: {:?}", plan.reads());
+            };
+            assert!(
+                piece.direct_fd.is_some() && piece.offset % BLOCK as u64 == 0,
+                "an aligned file read with an O_DIRECT descriptor: {piece:?}"
+            );
+            let cached = || {
+                crate::uring::page_cache_holds(piece.fd, piece.offset, BLOCK)
+                    .expect("cachestat (Linux 6.5)")
+            };
+            for warm in [false, true] {
+                assert_eq!(cached(), warm);
+                let guest =
+                    GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
+                let (q, mem, vring) = queue_of(&guest, &[Op::Read { block: 3 }]);
+                let (b, _) = connect(&volume, &mem, None);
+                assert!(b.process(0, &vring).expect("process"));
+                b.stop_vring(0).expect("stop");
+                used_requests(&guest, &q, &[0], 0, 1).expect("done");
+                let mut got = [0u8; BLOCK];
+                guest.read_slice(&mut got, data(0)).expect("data");
+                assert!(got.iter().all(|&b| b == 0x5a), "read the block's data");
+                // O_DIRECT left the page cache as it was; then warm it.
+                assert_eq!(cached(), warm, "the read went through the page cache");
+                let mut buf = [0u8; BLOCK];
+                volume.read(3 * BLOCK as u64, &mut buf).expect("read");
+                assert!(cached());
+            }
         }
 
         #[test]

@@ -28,6 +28,9 @@ pub struct FileRead {
     pub len: usize,
     /// Open while the plan lives.
     pub fd: RawFd,
+    /// The file opened with O_DIRECT, if it can be (open while the plan
+    /// lives).
+    pub direct_fd: Option<RawFd>,
     /// Where they are in that file.
     pub offset: u64,
 }
@@ -98,6 +101,7 @@ impl Inner {
                 at,
                 len,
                 fd,
+                direct_fd: file.direct_fd(),
                 offset,
             });
             if !plan.files.iter().any(|f| Arc::ptr_eq(f, &file)) {
