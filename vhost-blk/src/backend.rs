@@ -233,7 +233,9 @@ impl BlkBackend {
         let inflight = &self.inflight[index];
         let ring = self.rings.get(index).and_then(Option::as_ref);
         let _busy = self.busy[index].lock().unwrap_or_else(|e| e.into_inner());
-        inflight.restore(vring, &mem)?;
+        if !inflight.restore(vring, &mem)? {
+            return Ok(false);
+        }
         let mut published = false;
         // Whether it parked the queue at a closed gate.
         let mut take = || -> io::Result<bool> {
@@ -366,10 +368,7 @@ impl Dispatched {
     /// Runs it to its end on an IO thread.
     pub fn dispatch(self) {
         inflight::run_blocking(move || {
-            let vring = self.vring.clone();
-            let published = self
-                .finish(|waiting, mem, disk| waiting.finish(mem, disk))
-                .and_then(|()| signal(&vring));
+            let published = self.finish(|waiting, mem, disk| waiting.finish(mem, disk), true);
             if let Err(e) = published {
                 tracing::error!(error = %e, "cannot complete a request");
             }
@@ -379,12 +378,13 @@ impl Dispatched {
     /// Completes its read, whose guest buffers the caller filled, into the
     /// used ring (the caller signals).
     pub fn finish_filled(self) -> io::Result<()> {
-        self.finish(|waiting, mem, disk| waiting.finish_filled(mem, disk))
+        self.finish(|waiting, mem, disk| waiting.finish_filled(mem, disk), false)
     }
 
     fn finish(
         self,
         run: impl FnOnce(Waiting, &GuestMemory, &Disk<'_>) -> request::Completion,
+        signal: bool,
     ) -> io::Result<()> {
         let disk = Disk {
             device: self.device.as_ref(),
@@ -393,7 +393,12 @@ impl Dispatched {
         };
         let done = run(self.waiting, &self.guest.memory(), &disk);
         self.pass.finish_request(&done);
-        self.inflight.complete(self.ticket, done.used, &self.vring)
+        if signal {
+            self.inflight
+                .complete_and_signal(self.ticket, done.used, &self.vring)
+        } else {
+            self.inflight.complete(self.ticket, done.used, &self.vring)
+        }
     }
 }
 
@@ -495,6 +500,20 @@ impl VhostUserBackend for BlkBackend {
             drop(busy.lock().unwrap_or_else(|e| e.into_inner()));
         }
         self.wait_taken(queue_index as usize);
+        // Requests a restart is to take again are in flight for the guest;
+        // the base would claim them done (a migration's destination would
+        // never run them). They wait only behind a closed gate.
+        if let Some(pending) = self
+            .inflight
+            .get(queue_index as usize)
+            .map(|queue| queue.pending_resubmits())
+            .filter(|&n| n > 0)
+        {
+            return Err(io::Error::other(format!(
+                "queue {queue_index} still has {pending} requests from before a restart to run \
+                 (the export is drained or fenced): resume it first"
+            )));
+        }
         // QEMU stops every queue in a row when it stops the device.
         let stopped = self
             .kicked
@@ -1103,6 +1122,31 @@ mod tests {
                 volume.read(3 * BLOCK as u64, &mut buf).expect("read");
                 assert!(cached());
             }
+        }
+
+        #[test]
+        fn get_vring_base_refuses_while_requests_of_a_restart_wait_behind_a_closed_gate() {
+            let volume = Arc::new(crate::test_support::volume(BLOCKS * BLOCK as u64));
+            let ops = [
+                Op::Write { block: 1, fill: 1 },
+                Op::Write { block: 2, fill: 2 },
+            ];
+            let guest = GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
+            let (_q, mem, vring) = queue_of(&guest, &ops);
+            let (first, region) = connect(&volume, &mem, None);
+            // The first daemon took both and died before completing them.
+            assert!(first.inflight[0].restore(&vring, &guest).expect("restore"));
+            drop([first.inflight[0].take(0), first.inflight[0].take(3)]);
+            vring.set_queue_next_avail(0);
+            let (second, _) = connect(&volume, &mem, Some(&region));
+            // A client the gate does not let through (fenced).
+            second.admit(2);
+            assert!(!second.process(0, &vring).expect("process"), "parked");
+            let err = second.stop_vring(0).expect_err("GET_VRING_BASE refused");
+            assert!(
+                err.to_string().contains("2 requests from before a restart"),
+                "{err}"
+            );
         }
 
         #[test]

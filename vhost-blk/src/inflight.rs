@@ -48,8 +48,6 @@ struct Tracking {
     restored: bool,
     /// The next request's place in the taking order.
     counter: u64,
-    /// The used ring's index after this daemon's last entry.
-    used: Wrapping<u16>,
 }
 
 #[derive(Debug, Default)]
@@ -57,6 +55,9 @@ struct State {
     /// Requests taken and not yet in the used ring.
     running: usize,
     tracking: Option<Tracking>,
+    /// Set when the inflight region contradicts the queue: the queue takes
+    /// nothing more (which requests were done is unknown).
+    refused: bool,
 }
 
 /// One queue's requests between being taken and being in the used ring.
@@ -85,29 +86,34 @@ impl Inflight {
             queue,
             restored: false,
             counter: 1,
-            used: Wrapping(0),
         });
     }
 
     /// Once per handed-over region, before the queue takes anything: the
     /// requests its block marks in flight are to be taken again
     /// ([`Self::next_resubmit`]), and the available ring resumes past them.
-    /// A block that contradicts the ring is reported and started afresh:
-    /// the queue then resumes where the front-end said, as without one.
-    pub fn restore(&self, vring: &Vring, mem: &GuestMemory) -> io::Result<()> {
+    /// Returns whether the queue may take requests: not once a block
+    /// contradicted the ring (reported then). Resuming anywhere would run
+    /// again requests that completed out of order, or lose some in flight;
+    /// the guest's IO on the queue stops instead.
+    pub fn restore(&self, vring: &Vring, mem: &GuestMemory) -> io::Result<bool> {
         let mut state = self.lock();
+        if state.refused {
+            return Ok(false);
+        }
         let Some(tracking) = state.tracking.as_mut().filter(|t| !t.restored) else {
-            return Ok(());
+            return Ok(true);
         };
-        let (used, ring_size) = {
+        let (used, avail, ring_size) = {
             let vring_state = vring.get_ref();
             let queue = vring_state.get_queue();
-            (queue.used_idx(mem, Ordering::Acquire), queue.size())
+            let used = queue.used_idx(mem, Ordering::Acquire);
+            (used, queue.avail_idx(mem, Ordering::Acquire), queue.size())
         };
         let used = used.map_err(|e| io::Error::other(format!("used index: {e}")))?;
+        let avail = avail.map_err(|e| io::Error::other(format!("available index: {e}")))?;
         tracking.restored = true;
-        tracking.used = used;
-        match resubmission(tracking, used, ring_size) {
+        match resubmission(tracking, used, avail, ring_size) {
             Ok((heads, counter)) => {
                 if !heads.is_empty() {
                     let resume = used + Wrapping(heads.len() as u16);
@@ -126,19 +132,22 @@ impl Inflight {
                 tracing::error!(
                     queue = tracking.queue,
                     error = %e,
-                    "the inflight region contradicts the queue: resuming at the front-end's index, \
-                     requests in flight when the previous backend stopped are not taken again"
+                    "the inflight region contradicts the queue: it takes no more requests, \
+                     since which were done is unknown; restart the VM"
                 );
-                let header = tracking.region.header(tracking.queue);
-                for head in 0..tracking.region.queue_size() {
-                    if let Some(desc) = tracking.region.desc(tracking.queue, head) {
-                        desc.inflight.store(0, Ordering::Relaxed);
-                    }
-                }
-                fresh(header, tracking.region.queue_size(), used);
+                state.refused = true;
+                return Ok(false);
             }
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// Requests a restart is still to take again.
+    pub fn pending_resubmits(&self) -> usize {
+        self.resubmit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// The next request to take again after a restart, if any.
@@ -166,27 +175,45 @@ impl Inflight {
     /// Puts `ticket`'s request (`len` bytes written to guest buffers) into
     /// the used ring; the caller signals.
     pub fn complete(&self, ticket: Ticket, len: u32, vring: &Vring) -> io::Result<()> {
+        self.finish(ticket, len, vring, false)
+    }
+
+    /// As [`Self::complete`], and signals the driver before the request
+    /// stops counting as running: a GET_VRING_BASE that waits for it
+    /// ([`Self::wait_empty`]) returns only after the signal, while the
+    /// call eventfd is still there.
+    pub fn complete_and_signal(&self, ticket: Ticket, len: u32, vring: &Vring) -> io::Result<()> {
+        self.finish(ticket, len, vring, true)
+    }
+
+    fn finish(&self, ticket: Ticket, len: u32, vring: &Vring, signal: bool) -> io::Result<()> {
         let mut state = self.lock();
         let head = ticket.head;
         // Under the lock, the stores in this order (see the region's
         // invariant): a crash between any two leaves the head either
         // marked and not used, or used and recognisably the last batch.
-        let published = match state.tracking.as_mut() {
+        let published = match state.tracking.as_ref() {
             Some(t) => {
                 let header = t.region.header(t.queue);
                 header.last_batch_head.store(head, Ordering::Release);
                 let added = add_used(vring, head, len);
-                if added.is_ok() {
-                    t.used += 1;
+                if let Ok(used) = added {
                     if let Some(desc) = t.region.desc(t.queue, head) {
                         desc.inflight.store(0, Ordering::Release);
                     }
-                    header.used_idx.store(t.used.0, Ordering::Release);
+                    header.used_idx.store(used, Ordering::Release);
                 }
-                added
+                added.map(drop)
             }
-            None => add_used(vring, head, len),
+            None => add_used(vring, head, len).map(drop),
         };
+        let published = published.and_then(|()| {
+            if signal {
+                crate::backend::signal(vring)
+            } else {
+                Ok(())
+            }
+        });
         state.running -= 1;
         if state.running == 0 {
             self.emptied.notify_all();
@@ -216,9 +243,17 @@ impl Inflight {
 fn resubmission(
     tracking: &Tracking,
     used: Wrapping<u16>,
+    avail: Wrapping<u16>,
     ring_size: u16,
 ) -> io::Result<(Vec<u16>, u64)> {
     let (region, queue) = (&tracking.region, tracking.queue);
+    // Heads past the block could not be marked: none would be taken again.
+    if ring_size > region.queue_size() {
+        return Err(io::Error::other(format!(
+            "a block of {} descriptors for a ring of {ring_size}",
+            region.queue_size()
+        )));
+    }
     let header = region.header(queue);
     match header.version.load(Ordering::Acquire) {
         0 => {
@@ -255,9 +290,11 @@ fn resubmission(
             "head {head} marked in flight in a ring of {ring_size}"
         )));
     }
-    if marked.len() > usize::from(ring_size) {
+    // Each request in flight was made available and is not used yet.
+    let outstanding = usize::from((avail - used).0);
+    if marked.len() > outstanding {
         return Err(io::Error::other(format!(
-            "{} requests in flight in a ring of {ring_size}",
+            "{} requests marked in flight; the ring has {outstanding} past its used index",
             marked.len()
         )));
     }
@@ -277,10 +314,14 @@ fn fresh(header: &crate::inflight_region::Header, queue_size: u16, used: Wrappin
     header.version.store(VERSION, Ordering::Release);
 }
 
-fn add_used(vring: &Vring, head: u16, len: u32) -> io::Result<()> {
-    vring
+/// Puts `head` into the used ring; returns the ring's index after it, read
+/// under the same lock (the one the ring holds, whoever else moved it).
+fn add_used(vring: &Vring, head: u16, len: u32) -> io::Result<u16> {
+    let mut state = vring.get_mut();
+    state
         .add_used(head, len)
-        .map_err(|e| io::Error::other(format!("add_used: {e}")))
+        .map_err(|e| io::Error::other(format!("add_used: {e}")))?;
+    Ok(state.get_queue().next_used())
 }
 
 /// Most threads the daemon runs requests that wait for the disk on, all
@@ -361,7 +402,7 @@ mod tests {
     fn started(vring: &Vring, region: &Arc<InflightRegion>, guest: &GuestMemory) -> Inflight {
         let queue = Inflight::default();
         queue.track(region.clone(), 0);
-        queue.restore(vring, guest).expect("restore");
+        assert!(queue.restore(vring, guest).expect("restore"), "may take");
         queue
     }
 
@@ -423,27 +464,30 @@ mod tests {
     }
 
     #[test]
-    fn a_region_that_contradicts_the_ring_is_started_afresh() {
+    fn a_region_that_contradicts_the_ring_stops_the_queue() {
         let guest = guest();
-        let (vring, region) = ring_and_region(&guest, 2 * RING);
+        let (vring, region) = ring_and_region(&guest, RING);
         let first = started(&vring, &region, &guest);
-        // A head this ring cannot have.
-        drop(first.take(RING + 44));
-        vring.set_queue_next_avail(7);
-        let second = started(&vring, &region, &guest);
+        // Marked in flight, yet the ring has nothing past its used index.
+        drop(first.take(44));
+        vring.set_queue_next_avail(0);
+        let second = Inflight::default();
+        second.track(region.clone(), 0);
+        assert!(!second.restore(&vring, &guest).expect("restore"));
         assert!(resubmitted(&second).is_empty());
-        assert_eq!(vring.queue_next_avail(), 7, "where the front-end said");
-        assert_eq!(
-            region
-                .desc(0, RING + 44)
-                .expect("head")
-                .inflight
-                .load(Ordering::Acquire),
-            0,
-            "the marks are cleared"
+        assert!(
+            !second.restore(&vring, &guest).expect("again"),
+            "it stays stopped"
         );
-        let third = started(&vring, &region, &guest);
-        assert!(resubmitted(&third).is_empty());
+    }
+
+    #[test]
+    fn a_region_smaller_than_the_ring_stops_the_queue() {
+        let guest = guest();
+        let (vring, region) = ring_and_region(&guest, RING / 2);
+        let queue = Inflight::default();
+        queue.track(region, 0);
+        assert!(!queue.restore(&vring, &guest).expect("restore"));
     }
 
     #[test]

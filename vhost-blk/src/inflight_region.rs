@@ -40,6 +40,7 @@ use std::io;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8};
 
 use memmap2::{MmapOptions, MmapRaw};
+use rustix::fs::memfd_create;
 use vhost::vhost_user::message::VhostUserInflight;
 
 /// The region's version this daemon writes and reads.
@@ -106,9 +107,16 @@ pub fn create(
 ) -> io::Result<(VhostUserInflight, File)> {
     let (queues, size) = check_shape(inflight, device_queues)?;
     let len = u64::from(queues) * queue_block_len(size);
-    let fd = rustix::fs::memfd_create("rewind-inflight", rustix::fs::MemfdFlags::CLOEXEC)?;
+    use rustix::fs::{MemfdFlags, SealFlags};
+    let fd = memfd_create(
+        "rewind-inflight",
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )?;
     let file = File::from(fd);
     file.set_len(len)?;
+    // Its size is fixed: a holder of the file that shrank it would make
+    // the mapping fault (SIGBUS) in this daemon.
+    rustix::fs::fcntl_add_seals(&file, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
     let reply = VhostUserInflight {
         mmap_size: len,
         mmap_offset: 0,

@@ -488,10 +488,14 @@ where
             // Note: I'm not sure why QEMU's vhost-user library sets the 'user' index here,
             // _probably_ to make sure that the VQ is already configured. A better solution would
             // be to receive the 'used' index in SET_VRING_BASE, as is done when using packed VQs.
-            let idx = vring
+            // rewind's patch: read and set under one lock. QEMU sends this
+            // to a running queue (dirty logging on at a migration's start);
+            // a completion between two locks would be overwritten.
+            let mut state = vring.get_mut();
+            let idx = state
                 .queue_used_idx()
                 .map_err(|_| VhostUserError::BackendInternalError)?;
-            vring.set_queue_next_used(idx);
+            state.set_queue_next_used(idx);
 
             Ok(())
         } else {
