@@ -439,28 +439,21 @@ mod tests {
         region.header(0).last_batch_head.store(4, Ordering::Release);
         add_used(&vring, 4, 0).expect("used");
         drop(ticket);
-        assert_eq!(
+        let marked = |head| {
             region
-                .desc(0, 4)
-                .expect("4")
+                .desc(0, head)
+                .expect("head")
                 .inflight
-                .load(Ordering::Acquire),
-            1
-        );
+                .load(Ordering::Acquire)
+        };
+        assert_eq!(marked(4), 1);
         vring.set_queue_next_avail(1);
         let second = started(&vring, &region, &guest);
         assert!(resubmitted(&second).is_empty(), "4 is in the used ring");
         assert_eq!(vring.queue_next_avail(), 1);
         let header = region.header(0);
         assert_eq!(header.used_idx.load(Ordering::Acquire), 1);
-        assert_eq!(
-            region
-                .desc(0, 4)
-                .expect("4")
-                .inflight
-                .load(Ordering::Acquire),
-            0
-        );
+        assert_eq!(marked(4), 0);
     }
 
     #[test]
