@@ -169,6 +169,8 @@ pub struct Pool {
     /// (`max_segments - used`), kept for the write path's pacing, which
     /// must not take the pool's lock.
     room: AtomicU64,
+    /// Bytes left in the segment being written (for the pacing, as `room`).
+    active_left: AtomicU64,
     /// Folded segments the applier starts early, before only the reserve
     /// is left, so that it folds beside the writers rather than in front
     /// of them (see [`Pool::early_fold_segments`]).
@@ -283,6 +285,7 @@ impl Pool {
             max_wait: setup.max_wait,
             applier: Signal::default(),
             room: AtomicU64::new(room),
+            active_left: AtomicU64::new(0),
             early: early_fold_segments(max_segments),
             fold_progress: AtomicU64::new(0),
             fold_furthest: Mutex::new((0, 0)),
@@ -295,13 +298,44 @@ impl Pool {
         self.room.store(room, Ordering::Release);
     }
 
-    /// How deep the writer is into the zone where the applier folds early:
-    /// 0 with more room than the zone, 1 at the hard limit, linear between.
-    /// The write path paces itself by it (pace.rs).
-    pub fn pressure(&self) -> f64 {
-        let zone = self.reserve + self.early + 1;
-        let room = self.room.load(Ordering::Acquire).min(zone);
-        (zone - room) as f64 / zone as f64
+    /// Room left before the hard limit, as a fraction of the room the
+    /// writers are paced to keep ([`Pool::paced_room`]); `None` outside the
+    /// zone where the applier folds early (nothing is paced there). The
+    /// write path paces itself by it (pace.rs). Counted in bytes, the
+    /// segment being written included, so that it falls smoothly with
+    /// every write rather than a segment at a time.
+    pub fn headroom(&self) -> Option<f64> {
+        let room = self.room.load(Ordering::Acquire);
+        if room >= self.zone() {
+            return None;
+        }
+        let left = self
+            .active_left
+            .load(Ordering::Relaxed)
+            .min(self.segment_size);
+        let bytes = room * self.segment_size + left;
+        Some(bytes as f64 / self.paced_room() as f64)
+    }
+
+    /// Segments left below the hard limit at which the applier starts
+    /// folding: the reserve, the early zone and the segment being written.
+    fn zone(&self) -> u64 {
+        self.reserve + self.early + 1
+    }
+
+    /// The room, in bytes, the writers are paced to keep at the limit: two
+    /// fold pieces. A fold frees nothing until its piece is done, and the
+    /// writers, at the applier's pace, use about a piece meanwhile: with
+    /// two, the room left when it lands is still about one piece, never
+    /// none, so no write has to wait at the hard limit for a whole piece.
+    fn paced_room(&self) -> u64 {
+        2 * self.fold_piece() as u64 * self.segment_size
+    }
+
+    /// The writer has `bytes` left in the segment it writes (between its
+    /// payloads and its header slots).
+    pub fn set_active_left(&self, bytes: u64) {
+        self.active_left.store(bytes, Ordering::Relaxed);
     }
 
     /// Segments the applier folds at most at a time: a quarter of the
@@ -373,7 +407,7 @@ impl Pool {
     /// zone fit under the hard limit again (0 when there is room).
     pub fn overflow(&self) -> u64 {
         let st = self.lock();
-        (st.used.len() as u64 + self.reserve + self.early + 1).saturating_sub(self.max_segments)
+        (st.used.len() as u64 + self.zone()).saturating_sub(self.max_segments)
     }
 
     /// What base.img holds, as `super` has it.
@@ -553,8 +587,7 @@ impl Pool {
                     &mut self.by_id.write().unwrap_or_else(|e| e.into_inner()),
                     &seg,
                 );
-                let overflow =
-                    st.used.len() as u64 + self.reserve + self.early + 1 > self.max_segments;
+                let overflow = st.used.len() as u64 + self.zone() > self.max_segments;
                 drop(st);
                 self.changed.notify_all();
                 if overflow {
@@ -858,22 +891,37 @@ mod tests {
     }
 
     #[test]
-    fn the_pressure_rises_from_zero_to_one_through_the_zone() {
+    fn the_headroom_falls_with_every_byte_through_the_zone() {
         let fs = FaultStorage::new();
         // Three segments, a reserve of one, no early zone: the zone is the
-        // reserve and the segment being written.
+        // reserve and the segment being written; the room kept is two
+        // pieces of one segment.
         let pool = small_pool(&fs);
-        assert_eq!(pool.pressure(), 0.0);
+        assert_eq!(pool.headroom(), None);
         pool.take_next(|| false).expect("first");
-        assert_eq!(pool.pressure(), 0.0, "room for the reserve and one more");
+        assert_eq!(pool.headroom(), None, "room for the reserve and one more");
         assert_eq!(pool.overflow(), 0);
         pool.take_next(|| false).expect("second");
-        assert_eq!(pool.pressure(), 0.5);
+        pool.set_active_left(SEGMENT);
+        assert_eq!(
+            pool.headroom(),
+            Some(1.0),
+            "one segment and a fresh one left"
+        );
         assert_eq!(pool.overflow(), 1, "the applier folds from here");
+        pool.set_active_left(SEGMENT / 2);
+        assert_eq!(pool.headroom(), Some(0.75), "half of the segment written");
         pool.take_next(|| false).expect("third");
-        assert_eq!(pool.pressure(), 1.0, "at the hard limit");
+        pool.set_active_left(SEGMENT / 4);
+        assert_eq!(
+            pool.headroom(),
+            Some(0.125),
+            "a quarter segment to the limit"
+        );
+        pool.set_active_left(0);
+        assert_eq!(pool.headroom(), Some(0.0), "at the hard limit");
         let folded = pool.commit_fold(1, 1, 1).expect("fold");
-        assert_eq!(pool.pressure(), 0.5, "a fold gives room back");
+        assert_eq!(pool.headroom(), Some(0.5), "a fold gives room back");
         pool.retire(folded);
     }
 

@@ -1264,6 +1264,8 @@ impl Inner {
         }
         // Below `top` means full: `place` refuses the next record.
         c.slot = slot.saturating_sub(RECORD_HEADER_SIZE);
+        self.pool
+            .set_active_left((c.slot + RECORD_HEADER_SIZE).saturating_sub(c.top));
         Ok(Reserved {
             header,
             slot,
@@ -1323,12 +1325,11 @@ impl Inner {
     /// Waits for the turn of a guest write of `payload` bytes when the
     /// pool nears its hard limit (pace.rs); at once otherwise.
     fn pace(&self, payload: u64) {
-        let pressure = self.pool.pressure();
-        if pressure <= 0.0 {
+        let Some(headroom) = self.pool.headroom() else {
             return;
-        }
+        };
         let cost = payload + RECORD_HEADER_SIZE;
-        let wait = self.pacer.turn(cost, pressure, Instant::now());
+        let wait = self.pacer.turn(cost, headroom, Instant::now());
         if !wait.is_zero() {
             std::thread::sleep(wait);
         }

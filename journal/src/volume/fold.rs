@@ -148,6 +148,7 @@ impl Inner {
         }
 
         let journal_bytes = count as u64 * self.config.segment_size;
+        let _pacing = self.pacer.folding(journal_bytes, started);
         let mut progress = FoldProgress {
             fold: folded[0].seq,
             at: 0,
