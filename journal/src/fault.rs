@@ -9,7 +9,8 @@
 //! operation runs while it is taken.
 //!
 //! [`FaultStorage::inject`] makes chosen operations fail with an errno
-//! (EIO, ENOSPC, ...), once or until cleared. [`FaultStorage::slow_down`]
+//! (EIO, ENOSPC, ...), once or until cleared. A failed sync loses the
+//! writes it was to make durable, as on Linux (see `sync_data`). [`FaultStorage::slow_down`]
 //! makes them slow, and [`FaultStorage::slow_write_back`] makes writing
 //! dirty data back cost time per write, as on a disk that does few IOs a
 //! second.
@@ -371,12 +372,27 @@ impl StorageFile for FaultFile {
 
     fn sync_data(&self) -> io::Result<()> {
         self.write_back(|_, _| true)?;
-        self.run(Some(FaultOp::Sync), |st| {
-            st.durable = st.current.clone();
-            st.unsynced.clear();
+        let synced = self.run(Some(FaultOp::Sync), |st| {
+            // The writes since the last sync, not `current`: those a failed
+            // sync lost stay lost.
+            for (offset, data) in std::mem::take(&mut st.unsynced) {
+                apply(&mut st.durable, offset, &data);
+            }
+            let len = st.current.len();
+            st.durable.resize(len, 0);
             st.dirty.clear();
             Ok(())
-        })
+        });
+        if synced.is_err() {
+            // As Linux does: the write-back failed and its pages are clean,
+            // so the disk never gets these writes (a crash loses them)
+            // while reads still see them, and the next sync succeeds with
+            // nothing to do.
+            let mut st = lock(&self.state);
+            st.unsynced.clear();
+            st.dirty.clear();
+        }
+        synced
     }
 
     fn write_back_range(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -558,6 +574,25 @@ mod tests {
         assert!(f.sync_data().is_err());
         s.clear_faults();
         f.sync_data().expect("cleared");
+    }
+
+    #[test]
+    fn a_failed_sync_loses_its_writes_to_a_crash_as_on_linux() {
+        let (s, f) = setup();
+        f.write_all_at(&[b"synced"], 0).expect("write");
+        f.sync_data().expect("sync");
+        f.write_all_at(&[b"failed"], 0).expect("write");
+        s.inject(Fault::once_after(FaultOp::Sync, 0, 5).on_paths_containing("/v/f"));
+        assert!(f.sync_data().is_err());
+        f.sync_data()
+            .expect("the next sync has nothing left to write");
+        let mut now = [0u8; 6];
+        f.read_exact_at(&mut now, 0).expect("read");
+        assert_eq!(&now, b"failed", "still readable");
+        for seed in 0..16 {
+            let after = s.crash(seed).contents(Path::new("/v/f")).expect("file");
+            assert_eq!(&after[..6], b"synced", "seed {seed}");
+        }
     }
 
     #[test]

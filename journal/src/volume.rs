@@ -47,7 +47,7 @@ use crate::point::PointInTime;
 use crate::pool::{segment_name, write_header, Pool, PoolSetup, Segment, JOURNAL_DIR};
 use crate::record_index::{Bookmark, Effect, Entry, RecordIndex};
 use crate::recovery::{recover, RecoveryReport};
-use crate::storage::{ImportMode, LockGuard, Progress, Storage};
+use crate::storage::{ImportMode, LockGuard, Progress, Storage, StorageFile};
 use crate::superblock::Superblock;
 
 mod branch;
@@ -1118,9 +1118,28 @@ impl Inner {
         self.completion.fail();
     }
 
+    /// Syncs a journal file the volume's durability stands on (a segment);
+    /// a failure fails the volume. Never retried, here or in `retrying`:
+    /// Linux marks the pages a failed write-back could not write clean (or
+    /// drops them), so a second fdatasync reports success without their
+    /// data on the disk (PostgreSQL's "fsyncgate"), and every later sync
+    /// of the file would be a lie too.
+    fn sync_journal_file(
+        &self,
+        file: &dyn StorageFile,
+        name: impl FnOnce() -> String,
+    ) -> Result<()> {
+        file.sync_data().map_err(|e| {
+            let reason = format!("syncing {} failed: {e}", name());
+            self.fail(reason.clone());
+            Error::Failed(reason)
+        })
+    }
+
     /// Runs `op`, retrying EIO and ENOSPC with backoff up to the policy's
     /// bound; not once held requests are released or the volume is closing
     /// (the applier's folds retry here too, and closing waits for them).
+    /// Not for syncs (`sync_journal_file`).
     fn retrying<T>(&self, what: &str, mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
         let mut first_error: Option<Instant> = None;
         let mut backoff = self.retry.first_backoff;
@@ -1564,11 +1583,15 @@ impl Inner {
     fn apply_loop(&self, interval: Option<Duration>) {
         let pause = interval.unwrap_or(Duration::from_secs(3600));
         let mut due = interval.is_some();
+        let mut backoff = self.retry.first_backoff;
         while !self.shutdown.load(Ordering::Acquire) {
             if due || self.pool.overflow() > 0 {
                 match self.fold_at_most(self.pool.fold_piece()) {
                     // One piece done: look for the next at once.
-                    Ok(Some(_)) => continue,
+                    Ok(Some(_)) => {
+                        backoff = self.retry.first_backoff;
+                        continue;
+                    }
                     Ok(None) => {}
                     Err(e) => {
                         tracing::error!(
@@ -1577,7 +1600,11 @@ impl Inner {
                             dir = %self.dir.display(),
                             error = %e,
                             "fold failed; retrying"
-                        )
+                        );
+                        // A fold starts over from the journal: not in a
+                        // busy loop while the disk keeps failing.
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
                     }
                 }
             }

@@ -42,6 +42,17 @@ fn reopen(fs: &FaultStorage, clock: &Arc<ManualClock>) -> Volume {
         .0
 }
 
+/// [`clocked`] with 12 blocks of 16 KiB written, then 11 s later: all of
+/// them left the window, so a fold takes them.
+fn twelve_blocks_out_of_the_window() -> (FaultStorage, Volume, Arc<ManualClock>) {
+    let (fs, v, clock) = clocked();
+    for i in 0..12u64 {
+        v.write(i * 16384, &pattern(i as u8, 16384)).expect("write");
+    }
+    clock.advance(11 * SEC);
+    (fs, v, clock)
+}
+
 fn lsn(n: u64) -> PointInTime {
     PointInTime::Lsn(n)
 }
@@ -160,6 +171,45 @@ fn eio_and_enospc_during_a_fold_lose_nothing_and_the_fold_retries() {
             assert_eq!(read(&v, i * 16384, 16384), pattern(i as u8, 16384));
         }
     }
+}
+
+/// A sync of base.img that fails once: Linux drops the fold's writes that
+/// could not be written (FaultStorage does the same), and a second sync
+/// would report success without them. The fold must not commit on it, or
+/// a power loss after the journal let go of those records loses them.
+#[test]
+fn a_base_img_sync_that_fails_once_makes_the_fold_start_over_and_loses_nothing() {
+    let (fs, v, clock) = twelve_blocks_out_of_the_window();
+    fs.inject(Fault::once_after(FaultOp::Sync, 0, EIO).on_paths_containing("base.img"));
+    let err = v.fold_now().expect_err("the fold's sync failed");
+    assert!(err.to_string().contains("base.img"), "{err}");
+    assert_eq!(v.stats().base_lsn, 0, "nothing committed");
+    v.fold_now().expect("fold").expect("a fold, from the start");
+    assert_eq!(v.stats().base_lsn, v.last_lsn());
+    for seed in 0..8 {
+        let after = reopen(&fs.crash(seed), &clock);
+        for i in 0..12u64 {
+            assert!(
+                read(&after, i * 16384, 16384) == pattern(i as u8, 16384),
+                "block {i} after a power loss (seed {seed})"
+            );
+        }
+    }
+}
+
+/// The fold syncs the segments it folds: when that fails the journal's own
+/// durability is in doubt (no later sync of the file can be trusted), so
+/// the volume fails instead of retrying.
+#[test]
+fn a_segment_sync_that_fails_in_a_fold_fails_the_volume() {
+    let (fs, v, _clock) = twelve_blocks_out_of_the_window();
+    fs.inject(Fault::once_after(FaultOp::Sync, 0, EIO).on_paths_containing(".seg"));
+    let err = v.fold_now().expect_err("the segment's sync failed");
+    assert!(matches!(err, Error::Failed(_)), "{err}");
+    assert!(
+        matches!(v.write(0, &[0u8; 512]), Err(Error::Failed(_))),
+        "the volume takes no more writes"
+    );
 }
 
 #[test]

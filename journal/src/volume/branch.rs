@@ -521,9 +521,8 @@ impl Volume {
                 next += 1;
             }
         }
-        inner
-            .retrying("syncing a branch", || file.sync_data())
-            .map_err(Error::io(context))?;
+        // Not retried (see `sync_journal_file`): the branch is not made.
+        file.sync_data().map_err(Error::io(context))?;
         sync_dir(storage, &dir)?;
         meta.file_size = pos;
         Ok(meta)
@@ -1105,7 +1104,6 @@ impl Inner {
             }
             hi = lo;
         }
-        self.retrying("syncing a cut segment", || seg.file.sync_data())
-            .map_err(io("syncing"))
+        self.sync_journal_file(&*seg.file, || name.clone())
     }
 }

@@ -159,8 +159,7 @@ impl Inner {
         };
         for seg in folded {
             self.write_back_segment(seg, &mut progress)?;
-            self.retrying("syncing a segment to fold", || seg.file.sync_data())
-                .map_err(Error::io(|| format!("syncing {}", segment_name(seg.id))))?;
+            self.sync_journal_file(&*seg.file, || segment_name(seg.id))?;
         }
         // Synced, so durable (a trailing Flush record among them included).
         self.durable_lsn.fetch_max(upto, Ordering::AcqRel);
@@ -184,7 +183,11 @@ impl Inner {
         // The durability point of base.img (metadata and the device's
         // cache included), before the fold commits: its data is mostly on
         // the disk already, so this is short.
-        self.retrying("syncing base.img", || self.base.sync_data())
+        // Not retried (see `sync_journal_file`): a failure ends this fold,
+        // and the next one writes its runs into base.img again from the
+        // journal, which still holds them.
+        self.base
+            .sync_data()
             .map_err(Error::io(|| "syncing base.img"))?;
 
         let folded = self.pool.commit_fold(count, upto, upto_ns)?;

@@ -228,8 +228,11 @@ impl Volume {
     pub fn resync_checkpoint(&self, sync_lsn: u64, next_offset: u64) -> Result<()> {
         let inner = &self.inner;
         let mut state = self.resync_to(sync_lsn)?;
+        // Not retried (`Inner::sync_journal_file`): the resync fails and
+        // starts again from its last durable checkpoint.
         inner
-            .retrying("resync: syncing base.img", || inner.base.sync_data())
+            .base
+            .sync_data()
             .map_err(Error::io(|| "resync: syncing base.img"))?;
         state.next_offset = next_offset.min(inner.config.size);
         inner.store_resync(&state)?;
@@ -242,8 +245,10 @@ impl Volume {
     pub fn finish_resync(&self, sync_lsn: u64) -> Result<()> {
         let inner = &self.inner;
         let state = self.resync_to(sync_lsn)?;
+        // Not retried, as above.
         inner
-            .retrying("resync: syncing base.img", || inner.base.sync_data())
+            .base
+            .sync_data()
             .map_err(Error::io(|| "resync: syncing base.img"))?;
         let (s, ns) = (state.sync_lsn, state.sync_ns);
         let epoch = state.epoch_history.last().map_or(1, |e| e.epoch);
