@@ -250,7 +250,9 @@ struct OsFile {
     /// store raises SIGBUS instead: the process dies, which the journal
     /// survives as it survives any crash.
     mapped: OnceLock<Option<MmapRaw>>,
-    /// The O_DIRECT descriptor, opened at the first ask.
+    /// The O_DIRECT descriptor, opened at the first ask; `None` once the
+    /// file system refused O_DIRECT (EINVAL). Other failures (out of
+    /// descriptors, say) are not kept: the next ask tries again.
     direct: OnceLock<Option<File>>,
 }
 
@@ -317,19 +319,26 @@ impl StorageFile for OsFile {
     }
 
     fn direct_fd(&self) -> Option<RawFd> {
-        self.direct
-            .get_or_init(|| {
-                // The same inode (renamed or unlinked ones too) with flags
-                // of its own.
-                let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
-                OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_DIRECT)
-                    .open(path)
-                    .ok()
-            })
-            .as_ref()
-            .map(AsRawFd::as_raw_fd)
+        if self.direct.get().is_none() {
+            // The same inode (renamed or unlinked ones too) with flags of
+            // its own.
+            let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+            let opened = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path);
+            match opened {
+                // A racing ask may have set it first: either is the file.
+                Ok(file) => {
+                    let _ = self.direct.set(Some(file));
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    let _ = self.direct.set(None);
+                }
+                Err(_) => return None,
+            }
+        }
+        self.direct.get()?.as_ref().map(AsRawFd::as_raw_fd)
     }
 
     fn write_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
