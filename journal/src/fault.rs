@@ -9,8 +9,8 @@
 //! operation runs while it is taken.
 //!
 //! [`FaultStorage::inject`] makes chosen operations fail with an errno
-//! (EIO, ENOSPC, ...), once or until cleared. A failed sync loses the
-//! writes it was to make durable, as on Linux (see `sync_data`). [`FaultStorage::slow_down`]
+//! (EIO, ENOSPC, ...), once or until cleared. A failed sync or write-back
+//! loses the writes it was to make durable, as on Linux (see `sync_data`). [`FaultStorage::slow_down`]
 //! makes them slow, and [`FaultStorage::slow_write_back`] makes writing
 //! dirty data back cost time per write, as on a disk that does few IOs a
 //! second.
@@ -308,6 +308,17 @@ impl FaultFile {
         op: Option<FaultOp>,
         f: impl FnOnce(&mut FileState) -> io::Result<T>,
     ) -> io::Result<T> {
+        self.run_or(op, f, |_| {})
+    }
+
+    /// [`FaultFile::run`], running `failed` instead of `f` when the
+    /// operation is made to fail, in the same instant.
+    fn run_or<T>(
+        &self,
+        op: Option<FaultOp>,
+        f: impl FnOnce(&mut FileState) -> io::Result<T>,
+        failed: impl FnOnce(&mut FileState),
+    ) -> io::Result<T> {
         let shared = self
             .fs
             .upgrade()
@@ -318,10 +329,14 @@ impl FaultFile {
             std::thread::sleep(delay);
         }
         let _instant = shared.operation();
+        let mut st = lock(&self.state);
         if let Some(op) = op {
-            shared.check(op, &self.path)?;
+            if let Err(e) = shared.check(op, &self.path) {
+                failed(&mut st);
+                return Err(e);
+            }
         }
-        f(&mut lock(&self.state))
+        f(&mut st)
     }
 
     /// Writes back the dirty writes `which` selects (by offset and
@@ -372,33 +387,43 @@ impl StorageFile for FaultFile {
 
     fn sync_data(&self) -> io::Result<()> {
         self.write_back(|_, _| true)?;
-        let synced = self.run(Some(FaultOp::Sync), |st| {
-            // The writes since the last sync, not `current`: those a failed
-            // sync lost stay lost.
-            for (offset, data) in std::mem::take(&mut st.unsynced) {
-                apply(&mut st.durable, offset, &data);
-            }
-            let len = st.current.len();
-            st.durable.resize(len, 0);
-            st.dirty.clear();
-            Ok(())
-        });
-        if synced.is_err() {
+        self.run_or(
+            Some(FaultOp::Sync),
+            |st| {
+                // The writes since the last sync, not `current`: those a
+                // failed sync or write-back lost stay lost.
+                for (offset, data) in std::mem::take(&mut st.unsynced) {
+                    apply(&mut st.durable, offset, &data);
+                }
+                let len = st.current.len();
+                st.durable.resize(len, 0);
+                st.dirty.clear();
+                Ok(())
+            },
             // As Linux does: the write-back failed and its pages are clean,
             // so the disk never gets these writes (a crash loses them)
             // while reads still see them, and the next sync succeeds with
             // nothing to do.
-            let mut st = lock(&self.state);
-            st.unsynced.clear();
-            st.dirty.clear();
-        }
-        synced
+            |st| {
+                st.unsynced.clear();
+                st.dirty.clear();
+            },
+        )
     }
 
     fn write_back_range(&self, offset: u64, len: u64) -> io::Result<()> {
         let end = offset.saturating_add(len);
-        self.write_back(|at, n| at < end && at.saturating_add(n) > offset)?;
-        self.run(Some(FaultOp::WriteBack), |_| Ok(()))
+        let covers = |at: u64, n: u64| at < end && at.saturating_add(n) > offset;
+        self.write_back(covers)?;
+        // A failed write-back loses what it covers, as a failed sync does.
+        self.run_or(
+            Some(FaultOp::WriteBack),
+            |_| Ok(()),
+            |st| {
+                st.unsynced
+                    .retain(|(at, data)| !covers(*at, data.len() as u64));
+            },
+        )
     }
 
     fn size(&self) -> io::Result<u64> {

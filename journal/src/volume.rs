@@ -1388,6 +1388,9 @@ impl Inner {
             return self.check_failed();
         }
         let _sync = lock(&self.sync_lock);
+        // The sync before ours may have failed: ours would pass without
+        // what it lost (`sync_journal_file`).
+        self.check_failed()?;
         if self.durable_lsn.load(Ordering::Acquire) >= target {
             return Ok(()); // another flush synced for us
         }
@@ -1593,6 +1596,8 @@ impl Inner {
                         continue;
                     }
                     Ok(None) => {}
+                    // Nothing more to fold on a failed volume.
+                    Err(Error::Failed(_)) => break,
                     Err(e) => {
                         tracing::error!(
                             event = crate::events::FOLD_FAILED,

@@ -197,19 +197,25 @@ fn a_base_img_sync_that_fails_once_makes_the_fold_start_over_and_loses_nothing()
     }
 }
 
-/// The fold syncs the segments it folds: when that fails the journal's own
-/// durability is in doubt (no later sync of the file can be trusted), so
-/// the volume fails instead of retrying.
+/// The fold syncs the segments it folds, after writing them back: when
+/// either fails the journal's own durability is in doubt (no later sync of
+/// the file can be trusted), so the volume fails instead of retrying, and
+/// folds no more (a second fold's sync would pass).
 #[test]
-fn a_segment_sync_that_fails_in_a_fold_fails_the_volume() {
-    let (fs, v, _clock) = twelve_blocks_out_of_the_window();
-    fs.inject(Fault::once_after(FaultOp::Sync, 0, EIO).on_paths_containing(".seg"));
-    let err = v.fold_now().expect_err("the segment's sync failed");
-    assert!(matches!(err, Error::Failed(_)), "{err}");
-    assert!(
-        matches!(v.write(0, &[0u8; 512]), Err(Error::Failed(_))),
-        "the volume takes no more writes"
-    );
+fn a_segment_sync_or_write_back_that_fails_in_a_fold_fails_the_volume() {
+    for op in [FaultOp::Sync, FaultOp::WriteBack] {
+        let (fs, v, _clock) = twelve_blocks_out_of_the_window();
+        fs.inject(Fault::once_after(op, 0, EIO).on_paths_containing(".seg"));
+        let err = v.fold_now().expect_err("the segment's sync failed");
+        assert!(matches!(err, Error::Failed(_)), "{op:?}: {err}");
+        assert!(
+            matches!(v.write(0, &[0u8; 512]), Err(Error::Failed(_))),
+            "{op:?}: the volume takes no more writes"
+        );
+        let again = v.fold_now().expect_err("no fold on a failed volume");
+        assert!(matches!(again, Error::Failed(_)), "{op:?}: {again}");
+        assert_eq!(v.stats().base_lsn, 0, "{op:?}: nothing folded");
+    }
 }
 
 #[test]

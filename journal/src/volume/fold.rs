@@ -74,6 +74,9 @@ impl Inner {
     /// back a piece at a time while the writers go on.
     pub(super) fn fold_at_most(&self, most: usize) -> Result<Option<FoldReport>> {
         let _one = lock(&self.fold_lock);
+        // A failed volume's segments may hold pages a failed sync dropped:
+        // a later sync would pass without them (`sync_journal_file`).
+        self.check_failed()?;
         let started = Instant::now();
         // A resync is rewriting base.img (resync.rs).
         if lock(&self.resync).is_some() {
@@ -388,9 +391,13 @@ impl Inner {
         let mut at = 0;
         while at < size {
             let len = (size - at).min(WRITE_BACK_BYTES);
-            seg.file.write_back_range(at, len).map_err(Error::io(|| {
-                format!("writing {} back", segment_name(seg.id))
-            }))?;
+            // Waiting for the write-back reports its error as fdatasync
+            // would, once: a failure is a failed sync of the segment.
+            if let Err(e) = seg.file.write_back_range(at, len) {
+                let reason = format!("writing {} back failed: {e}", segment_name(seg.id));
+                self.fail(reason.clone());
+                return Err(Error::Failed(reason));
+            }
             progress.at += len;
             self.pool.note_fold_progress(progress.fold, progress.at);
             at += len;

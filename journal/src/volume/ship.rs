@@ -293,6 +293,8 @@ impl Inner {
     /// Syncs every record written so far; returns the new durable lsn.
     pub(super) fn sync_written(&self) -> Result<u64> {
         let _sync = lock(&self.sync_lock);
+        // As in `flush`: not after a failed sync.
+        self.check_failed()?;
         let upto = self.completion.prefix();
         if let Err(e) = self.pool.sync_dirty() {
             let reason = format!("syncing the journal failed: {e}");
