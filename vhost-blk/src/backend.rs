@@ -214,8 +214,10 @@ impl BlkBackend {
 
     /// Takes the queue's requests while the gate lets them through: runs
     /// those that need no wait, puts reads into the queue's ring, hands the
-    /// others to the IO threads. Returns false if it parked the queue at a
-    /// closed gate.
+    /// others to the IO threads. Returns false if it stopped with requests
+    /// it cannot take now: the queue parked at a closed gate, stopped
+    /// (GET_VRING_BASE) or the connection ending; the caller must then not
+    /// look for more, or it would spin on requests left in the ring.
     fn process(&self, index: usize, vring: &Vring) -> io::Result<bool> {
         let guest = self
             .mem
@@ -237,12 +239,12 @@ impl BlkBackend {
             return Ok(false);
         }
         let mut published = false;
-        // Whether it parked the queue at a closed gate.
+        // Whether it stopped with requests it cannot take now.
         let mut take = || -> io::Result<bool> {
             loop {
                 // The connection is over (`stop_workers`): nothing new.
                 if self.stopping.load(Ordering::Acquire) {
-                    return Ok(false);
+                    return Ok(true);
                 }
                 let Some(pass) = self.gate.enter(epoch) else {
                     if self.gate.park(index, epoch, vring) {
@@ -257,7 +259,7 @@ impl BlkBackend {
                     let mut state = vring.get_mut();
                     let queue = state.get_queue_mut();
                     if !queue.ready() {
-                        return Ok(false);
+                        return Ok(true);
                     }
                     match inflight.next_resubmit() {
                         Some(head) => Some(DescriptorChain::new(
@@ -299,7 +301,7 @@ impl BlkBackend {
                 }
             }
         };
-        let parked = take();
+        let stopped = take();
         // One system call for the batch's reads, whatever ended the loop;
         // those the page cache held complete here.
         if let Some(ring) = ring {
@@ -308,7 +310,7 @@ impl BlkBackend {
         if published {
             signal(vring)?;
         }
-        parked.map(|parked| !parked)
+        stopped.map(|stopped| !stopped)
     }
 }
 
@@ -1122,6 +1124,23 @@ mod tests {
                 volume.read(3 * BLOCK as u64, &mut buf).expect("read");
                 assert!(cached());
             }
+        }
+
+        /// A kick that finds the queue stopped (GET_VRING_BASE) with
+        /// requests still in its ring must not be told to look for more:
+        /// the event loop would spin on them (a CI run hung so).
+        #[test]
+        fn a_stopped_queue_with_requests_left_reports_nothing_served() {
+            let volume = Arc::new(crate::test_support::volume(BLOCKS * BLOCK as u64));
+            let guest = GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
+            let (_q, mem, vring) = queue_of(&guest, &[Op::Write { block: 1, fill: 1 }]);
+            let (b, _) = connect(&volume, &mem, None);
+            vring.set_queue_ready(false);
+            assert!(!b.process(0, &vring).expect("process"), "nothing served");
+            assert!(
+                vring.enable_notification().expect("notification"),
+                "the request is still in the ring"
+            );
         }
 
         #[test]
