@@ -1106,16 +1106,17 @@ impl Inner {
     }
 
     /// Stops the volume taking writes: something on disk can no longer be
-    /// made durable in order.
-    fn fail(&self, reason: String) {
+    /// made durable in order. Returns the error its callers report.
+    fn fail(&self, reason: String) -> Error {
         tracing::error!(
             event = crate::events::VOLUME_FAILED,
             volume = %self.config.uuid,
             dir = %self.dir.display(),
             "{reason}; the volume stops taking writes"
         );
-        let _ = self.failure.set(reason);
+        let _ = self.failure.set(reason.clone());
         self.completion.fail();
+        Error::Failed(reason)
     }
 
     /// Syncs a journal file the volume's durability stands on (a segment);
@@ -1131,8 +1132,7 @@ impl Inner {
     ) -> Result<()> {
         file.sync_data().map_err(|e| {
             let reason = format!("syncing {} failed: {e}", name());
-            self.fail(reason.clone());
-            Error::Failed(reason)
+            self.fail(reason)
         })
     }
 
@@ -1317,8 +1317,7 @@ impl Inner {
         });
         if let Err(e) = written {
             let reason = format!("journal append of lsn {} failed: {e}", header.lsn);
-            self.fail(reason.clone());
-            return Err(Error::Failed(reason));
+            return Err(self.fail(reason));
         }
         segment.dirty.store(true, Ordering::Release);
         let (start, sectors) = (header.offset / SECTOR, header.length / SECTOR);
@@ -1397,8 +1396,7 @@ impl Inner {
         let upto = self.completion.prefix();
         if let Err(e) = self.pool.sync_dirty() {
             let reason = format!("syncing the journal failed: {e}");
-            self.fail(reason.clone());
-            return Err(Error::Failed(reason));
+            return Err(self.fail(reason));
         }
         self.durable_lsn.fetch_max(upto, Ordering::AcqRel);
         // A replica writes only its primary's records (lsns must match).

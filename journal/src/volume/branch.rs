@@ -322,8 +322,7 @@ impl Volume {
         // the journal holds the branch's records until the branch does.
         if let Err(e) = inner.pool.sync_dirty() {
             let reason = format!("syncing the journal failed: {e}");
-            inner.fail(reason.clone());
-            return Err(Error::Failed(reason));
+            return Err(inner.fail(reason));
         }
         inner.durable_lsn.fetch_max(last, Ordering::AcqRel);
         if let Some(existing) = inner.branch_summary(name) {
@@ -380,8 +379,7 @@ impl Volume {
                 "cutting the journal at lsn {common_lsn} failed ({e}); reopen the volume to \
                  finish the cut"
             );
-            inner.fail(reason.clone());
-            return Err(Error::Failed(reason));
+            return Err(inner.fail(reason));
         }
         drop(c);
         inner.load_branches()?;

@@ -395,8 +395,7 @@ impl Inner {
             // would, once: a failure is a failed sync of the segment.
             if let Err(e) = seg.file.write_back_range(at, len) {
                 let reason = format!("writing {} back failed: {e}", segment_name(seg.id));
-                self.fail(reason.clone());
-                return Err(Error::Failed(reason));
+                return Err(self.fail(reason));
             }
             progress.at += len;
             self.pool.note_fold_progress(progress.fold, progress.at);

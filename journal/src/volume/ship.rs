@@ -126,8 +126,7 @@ impl Volume {
                 // Lsns of this batch may be reserved and never written:
                 // stop, as any append that fails does; a reopen recovers.
                 let reason = format!("placing shipped records failed: {e}");
-                inner.fail(reason.clone());
-                return Err(Error::Failed(reason));
+                return Err(inner.fail(reason));
             }
         }
         let mut durable = inner.sync_written()?;
@@ -139,8 +138,7 @@ impl Volume {
                 .partition(|f| f.header.offset <= durable);
             if ready.is_empty() {
                 let reason = "a shipped Flush record covers records never written".to_owned();
-                inner.fail(reason.clone());
-                return Err(Error::Failed(reason));
+                return Err(inner.fail(reason));
             }
             for flush in ready {
                 inner.write_reserved(flush, &[])?;
@@ -298,8 +296,7 @@ impl Inner {
         let upto = self.completion.prefix();
         if let Err(e) = self.pool.sync_dirty() {
             let reason = format!("syncing the journal failed: {e}");
-            self.fail(reason.clone());
-            return Err(Error::Failed(reason));
+            return Err(self.fail(reason));
         }
         Ok(self.durable_lsn.fetch_max(upto, Ordering::AcqRel).max(upto))
     }
