@@ -1,16 +1,26 @@
 //! On-disk layout of segment headers and journal records (see FORMAT.md).
 //!
-//! Everything is little-endian and sector-aligned. A segment holds payloads
-//! growing up from its start, like any log, and their record headers in
-//! 512-byte slots growing down from its end. A payload whose length is a
-//! multiple of 4 KiB starts on a 4 KiB boundary, so guest pages map to whole
-//! file pages (no partial-page writes or reads in the page cache) and
-//! O_DIRECT works.
+//! Everything is little-endian and sector-aligned. A segment use has one
+//! of two layouts ([`Layout`]), named by its header's version:
+//! - **slots** (version 2): payloads grow up from the segment's start, like
+//!   any log, and their record headers sit in 512-byte slots growing down
+//!   from its end. A payload whose length is a multiple of 4 KiB starts on
+//!   a 4 KiB boundary, so guest pages map to whole file pages (no
+//!   partial-page writes or reads in the page cache) and O_DIRECT works.
+//!   Written through the page cache: suits writes that are not each made
+//!   durable.
+//! - **inline** (version 3): each record's header sits right before its
+//!   payload, records back to back from the segment's start, each written
+//!   with one O_DIRECT request. A durable 4 KiB write is then one 4.5 KiB
+//!   device write and a cache flush, where slots cost two pages.
 
 use uuid::Uuid;
 
-/// Version of the on-disk format; `open` refuses any other.
+/// Version of the on-disk format; `open` refuses any other (but
+/// [`INLINE_VERSION`] in segment and record headers).
 pub const FORMAT_VERSION: u16 = 2;
+/// Version of the headers of an inline segment use and its records.
+pub const INLINE_VERSION: u16 = 3;
 /// Unit of alignment for every structure in a segment and of guest IO.
 pub const SECTOR: u64 = 512;
 /// Bytes at the start of each segment taken by its header.
@@ -23,7 +33,11 @@ pub const PAGE: u64 = 4096;
 const SEGMENT_MAGIC: [u8; 8] = *b"RWNDSEG\0";
 const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"RWJR");
 const RECORD_HEADER_USED: usize = 76;
+/// Version 3 adds `durable_lsn` and `nonce` before the checksum.
+const INLINE_RECORD_HEADER_USED: usize = 92;
 const SEGMENT_HEADER_USED: usize = 52;
+/// Version 3 adds `nonce` before the checksum.
+const INLINE_SEGMENT_HEADER_USED: usize = 60;
 const FLAG_UNMAP: u8 = 1;
 /// Longest bookmark name, in bytes; the name is the record's payload.
 pub const MAX_BOOKMARK_NAME: usize = 128;
@@ -117,6 +131,19 @@ pub struct RecordHeader {
     pub payload_crc: u32,
     /// Byte offset of the payload in the segment (0 without payload).
     pub payload_offset: u64,
+    /// Set in the records of an inline segment use (version 3 headers).
+    pub inline: Option<InlineStamp>,
+}
+
+/// What a record header of an inline segment use adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InlineStamp {
+    /// The segment use's nonce (its header's): a sector of guest data in
+    /// a payload cannot pass for a header without it.
+    pub nonce: u64,
+    /// Every record with lsn <= it was durable before this one was
+    /// written: what a Flush record proves, carried by the next record.
+    pub durable_lsn: u64,
 }
 
 /// Why a header sector is not a valid record.
@@ -131,11 +158,16 @@ pub enum HeaderProblem {
 }
 
 impl RecordHeader {
+    /// The header sector: version 3 with an inline stamp, 2 without.
     pub fn encode(&self) -> [u8; RECORD_HEADER_SIZE as usize] {
         let mut b = [0u8; RECORD_HEADER_SIZE as usize];
         let (kind, flags) = self.kind.code();
+        let version = match self.inline {
+            Some(_) => INLINE_VERSION,
+            None => FORMAT_VERSION,
+        };
         b[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
-        b[4..6].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[4..6].copy_from_slice(&version.to_le_bytes());
         b[6] = kind;
         b[7] = flags;
         b[8..16].copy_from_slice(&self.seq.to_le_bytes());
@@ -147,21 +179,35 @@ impl RecordHeader {
         b[56..60].copy_from_slice(&self.payload_len.to_le_bytes());
         b[60..64].copy_from_slice(&self.payload_crc.to_le_bytes());
         b[64..72].copy_from_slice(&self.payload_offset.to_le_bytes());
-        let crc = crc32c(&b[..72]);
-        b[72..RECORD_HEADER_USED].copy_from_slice(&crc.to_le_bytes());
+        let crc_at = match self.inline {
+            Some(stamp) => {
+                b[72..80].copy_from_slice(&stamp.durable_lsn.to_le_bytes());
+                b[80..88].copy_from_slice(&stamp.nonce.to_le_bytes());
+                INLINE_RECORD_HEADER_USED - 4
+            }
+            None => RECORD_HEADER_USED - 4,
+        };
+        let crc = crc32c(&b[..crc_at]);
+        b[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
-    /// Parses a header sector (at least `RECORD_HEADER_USED` bytes).
+    /// Parses a header sector (at least `RECORD_HEADER_USED` bytes; a
+    /// version 3 header needs `INLINE_RECORD_HEADER_USED`).
     pub fn decode(b: &[u8]) -> Result<Self, HeaderProblem> {
         if b.len() < RECORD_HEADER_USED || le_u32(b, 0) != RECORD_MAGIC {
             return Err(HeaderProblem::Garbage);
         }
-        if crc32c(&b[..72]) != le_u32(b, 72) {
+        let version = u16::from_le_bytes([b[4], b[5]]);
+        // Where the checksum is depends on the version it covers.
+        let used = match version {
+            INLINE_VERSION => INLINE_RECORD_HEADER_USED,
+            _ => RECORD_HEADER_USED,
+        };
+        if b.len() < used || crc32c(&b[..used - 4]) != le_u32(b, used - 4) {
             return Err(HeaderProblem::Garbage);
         }
-        let version = u16::from_le_bytes([b[4], b[5]]);
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != INLINE_VERSION {
             return Err(HeaderProblem::Version(version));
         }
         let kind = RecordKind::from_code(b[6], b[7]).ok_or(HeaderProblem::Kind(b[6]))?;
@@ -176,7 +222,21 @@ impl RecordHeader {
             payload_len: le_u32(b, 56),
             payload_crc: le_u32(b, 60),
             payload_offset: le_u64(b, 64),
+            inline: (version == INLINE_VERSION).then(|| InlineStamp {
+                durable_lsn: le_u64(b, 72),
+                nonce: le_u64(b, 80),
+            }),
         })
+    }
+
+    /// The lsn this record proves durable (a Flush record's, or an inline
+    /// record's `durable_lsn`), if any.
+    pub fn proves_durable(&self) -> Option<u64> {
+        match (self.kind, self.inline) {
+            (RecordKind::Flush, _) => Some(self.offset),
+            (_, Some(stamp)) if stamp.durable_lsn > 0 => Some(stamp.durable_lsn),
+            _ => None,
+        }
     }
 }
 
@@ -193,12 +253,123 @@ pub fn payload_position(top: u64, len: u64, slot: u64) -> Option<u64> {
     (at.checked_add(len)? <= slot).then_some(at)
 }
 
+/// How a segment use places its records (module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Headers in slots from the end down, payloads from the start up.
+    Slots,
+    /// Each header right before its payload; every header of the use
+    /// carries `nonce`.
+    Inline { nonce: u64 },
+}
+
+/// Where the journal stands in a segment use: `slot` is where the next
+/// header goes (slots) or the segment's end (inline), `top` where the
+/// payloads (slots) or records (inline) written so far end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub slot: u64,
+    pub top: u64,
+}
+
+/// A record placed by [`Layout::place`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placed {
+    pub header: u64,
+    pub payload: Option<u64>,
+    /// Where the next record goes.
+    pub next: Position,
+}
+
+impl Layout {
+    /// Where the first record of a segment of `size` bytes goes.
+    pub fn start(self, size: u64) -> Position {
+        match self {
+            Layout::Slots => Position {
+                slot: size - RECORD_HEADER_SIZE,
+                top: SEGMENT_HEADER_SIZE,
+            },
+            Layout::Inline { .. } => Position {
+                slot: size,
+                top: SEGMENT_HEADER_SIZE,
+            },
+        }
+    }
+
+    /// Places a record with a payload of `len` bytes at `at`; `None` if
+    /// it does not fit the segment.
+    pub fn place(self, at: Position, len: u64) -> Option<Placed> {
+        let Position { slot, top } = at;
+        match self {
+            Layout::Slots => {
+                if slot < top {
+                    return None;
+                }
+                let payload = match len {
+                    0 => None,
+                    _ => Some(payload_position(top, len, slot)?),
+                };
+                Some(Placed {
+                    header: slot,
+                    payload,
+                    next: Position {
+                        // Below `top` means full: the next place fails.
+                        slot: slot.saturating_sub(RECORD_HEADER_SIZE),
+                        top: payload.map_or(top, |p| p + len),
+                    },
+                })
+            }
+            Layout::Inline { .. } => {
+                let end = top.checked_add(RECORD_HEADER_SIZE)?.checked_add(len)?;
+                (end <= slot).then_some(Placed {
+                    header: top,
+                    payload: (len > 0).then_some(top + RECORD_HEADER_SIZE),
+                    next: Position { slot, top: end },
+                })
+            }
+        }
+    }
+
+    /// Where the header of the record at `at` goes (whatever its size).
+    pub fn header_at(self, at: Position) -> u64 {
+        match self {
+            Layout::Slots => at.slot,
+            Layout::Inline { .. } => at.top,
+        }
+    }
+
+    /// `header_at`, if even a record without payload fits there.
+    pub fn next_header(self, at: Position) -> Option<u64> {
+        self.place(at, 0).map(|p| p.header)
+    }
+
+    /// Bytes a segment at `at` still has for records, headers included.
+    pub fn room(self, at: Position) -> u64 {
+        match self {
+            Layout::Slots => (at.slot + RECORD_HEADER_SIZE).saturating_sub(at.top),
+            Layout::Inline { .. } => at.slot.saturating_sub(at.top),
+        }
+    }
+
+    /// Whether a record header belongs to a use of this layout: its
+    /// version and nonce.
+    pub fn owns(self, h: &RecordHeader) -> bool {
+        match (self, h.inline) {
+            (Layout::Slots, None) => true,
+            (Layout::Inline { nonce }, Some(stamp)) => stamp.nonce == nonce,
+            _ => false,
+        }
+    }
+}
+
 /// The header sector at the start of every segment file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentHeader {
     pub volume: Uuid,
     pub seq: u64,
     pub segment_size: u64,
+    /// Version 2 for slots, 3 (with the nonce) for inline.
+    pub layout: Layout,
 }
 
 /// Why a segment header sector is not valid for this volume.
@@ -212,12 +383,22 @@ impl SegmentHeader {
     pub fn encode(&self) -> [u8; SEGMENT_HEADER_SIZE as usize] {
         let mut b = [0u8; SEGMENT_HEADER_SIZE as usize];
         b[0..8].copy_from_slice(&SEGMENT_MAGIC);
-        b[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
         b[16..32].copy_from_slice(self.volume.as_bytes());
         b[32..40].copy_from_slice(&self.seq.to_le_bytes());
         b[40..48].copy_from_slice(&self.segment_size.to_le_bytes());
-        let crc = crc32c(&b[..48]);
-        b[48..SEGMENT_HEADER_USED].copy_from_slice(&crc.to_le_bytes());
+        let crc_at = match self.layout {
+            Layout::Slots => {
+                b[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+                SEGMENT_HEADER_USED - 4
+            }
+            Layout::Inline { nonce } => {
+                b[8..10].copy_from_slice(&INLINE_VERSION.to_le_bytes());
+                b[48..56].copy_from_slice(&nonce.to_le_bytes());
+                INLINE_SEGMENT_HEADER_USED - 4
+            }
+        };
+        let crc = crc32c(&b[..crc_at]);
+        b[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
@@ -225,19 +406,28 @@ impl SegmentHeader {
         if b.len() < SEGMENT_HEADER_USED || b[0..8] != SEGMENT_MAGIC {
             return Err(SegmentHeaderProblem::Garbage);
         }
-        if crc32c(&b[..48]) != le_u32(b, 48) {
+        let version = u16::from_le_bytes([b[8], b[9]]);
+        let used = match version {
+            INLINE_VERSION => INLINE_SEGMENT_HEADER_USED,
+            _ => SEGMENT_HEADER_USED,
+        };
+        if b.len() < used || crc32c(&b[..used - 4]) != le_u32(b, used - 4) {
             return Err(SegmentHeaderProblem::Garbage);
         }
-        let version = u16::from_le_bytes([b[8], b[9]]);
-        if version != FORMAT_VERSION {
-            return Err(SegmentHeaderProblem::Version(version));
-        }
+        let layout = match version {
+            FORMAT_VERSION => Layout::Slots,
+            INLINE_VERSION => Layout::Inline {
+                nonce: le_u64(b, 48),
+            },
+            _ => return Err(SegmentHeaderProblem::Version(version)),
+        };
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&b[16..32]);
         Ok(SegmentHeader {
             volume: Uuid::from_bytes(uuid),
             seq: le_u64(b, 32),
             segment_size: le_u64(b, 40),
+            layout,
         })
     }
 }
@@ -273,6 +463,9 @@ impl RecordHeader {
                 "payload of {payload} bytes at offset {}",
                 self.payload_offset
             ));
+        }
+        if self.inline.is_some_and(|s| s.durable_lsn >= self.lsn) {
+            return Err("record claims to have been durable before it was written".into());
         }
         match self.kind {
             RecordKind::Bookmark => check_bookmark(payload, self.length),
@@ -380,13 +573,113 @@ mod tests {
             payload_len: 0,
             payload_crc: 0,
             payload_offset: 0,
+            inline: None,
+        }
+    }
+
+    fn inline_sample() -> RecordHeader {
+        RecordHeader {
+            kind: RecordKind::Write,
+            payload_len: 8192,
+            payload_crc: 0xdead_beef,
+            payload_offset: 1024,
+            inline: Some(InlineStamp {
+                nonce: 0x0123_4567_89ab_cdef,
+                durable_lsn: 40,
+            }),
+            ..sample()
         }
     }
 
     #[test]
     fn record_header_round_trips() {
-        let h = sample();
-        assert_eq!(RecordHeader::decode(&h.encode()), Ok(h));
+        for h in [sample(), inline_sample()] {
+            assert_eq!(RecordHeader::decode(&h.encode()), Ok(h));
+        }
+        assert_eq!(u16::from_le_bytes([sample().encode()[4], 0]), 2);
+        assert_eq!(u16::from_le_bytes([inline_sample().encode()[4], 0]), 3);
+    }
+
+    #[test]
+    fn every_flipped_bit_in_an_inline_record_header_is_detected() {
+        let good = inline_sample().encode();
+        for bit in 0..INLINE_RECORD_HEADER_USED * 8 {
+            let mut b = good;
+            b[bit / 8] ^= 1 << (bit % 8);
+            assert!(RecordHeader::decode(&b).is_err(), "bit {bit}");
+        }
+    }
+
+    #[test]
+    fn what_a_record_proves_durable() {
+        let flush = RecordHeader {
+            kind: RecordKind::Flush,
+            offset: 41,
+            length: 0,
+            ..sample()
+        };
+        assert_eq!(flush.proves_durable(), Some(41));
+        assert_eq!(sample().proves_durable(), None);
+        assert_eq!(inline_sample().proves_durable(), Some(40));
+        let nothing_durable_yet = RecordHeader {
+            inline: Some(InlineStamp {
+                nonce: 1,
+                durable_lsn: 0,
+            }),
+            ..sample()
+        };
+        assert_eq!(nothing_durable_yet.proves_durable(), None);
+    }
+
+    #[test]
+    fn a_layout_owns_only_headers_of_its_version_and_nonce() {
+        let inline = Layout::Inline {
+            nonce: 0x0123_4567_89ab_cdef,
+        };
+        assert!(Layout::Slots.owns(&sample()));
+        assert!(!Layout::Slots.owns(&inline_sample()));
+        assert!(inline.owns(&inline_sample()));
+        assert!(!inline.owns(&sample()));
+        assert!(!Layout::Inline { nonce: 5 }.owns(&inline_sample()));
+    }
+
+    #[test]
+    fn inline_records_go_back_to_back_and_end_at_the_segment_end() {
+        let layout = Layout::Inline { nonce: 1 };
+        let at = layout.start(65536);
+        assert_eq!(layout.room(at), 65536 - 512);
+        let a = layout.place(at, 4096).unwrap();
+        assert_eq!((a.header, a.payload), (512, Some(1024)));
+        let b = layout.place(a.next, 0).unwrap();
+        assert_eq!((b.header, b.payload), (5120, None));
+        let c = layout.place(b.next, 1536).unwrap();
+        assert_eq!((c.header, c.payload), (5632, Some(6144)));
+        assert_eq!(c.next.top, 7680);
+        // Exactly to the end fits; a sector more does not.
+        let last = Position {
+            slot: 65536,
+            top: 65536 - 512 - 4096,
+        };
+        assert_eq!(layout.place(last, 4096).unwrap().next.top, 65536);
+        assert_eq!(layout.place(last, 4608), None);
+        assert_eq!(
+            layout.room(Position {
+                slot: 65536,
+                top: 65536
+            }),
+            0
+        );
+    }
+
+    #[test]
+    fn slot_records_put_headers_at_the_end_and_payloads_at_the_start() {
+        let at = Layout::Slots.start(65536);
+        let a = Layout::Slots.place(at, 4096).unwrap();
+        assert_eq!((a.header, a.payload), (65024, Some(4096)));
+        let b = Layout::Slots.place(a.next, 0).unwrap();
+        assert_eq!((b.header, b.payload), (64512, None));
+        assert_eq!(b.next.top, 8192);
+        assert_eq!(Layout::Slots.place(b.next, 65536), None);
     }
 
     #[test]
@@ -433,17 +726,23 @@ mod tests {
 
     #[test]
     fn segment_header_round_trips_and_detects_flips() {
-        let h = SegmentHeader {
-            volume: Uuid::new_v4(),
-            seq: 99,
-            segment_size: 1 << 26,
-        };
-        let good = h.encode();
-        assert_eq!(SegmentHeader::decode(&good), Ok(h));
-        for bit in 0..SEGMENT_HEADER_USED * 8 {
-            let mut b = good;
-            b[bit / 8] ^= 1 << (bit % 8);
-            assert!(SegmentHeader::decode(&b).is_err(), "bit {bit}");
+        for (layout, used) in [
+            (Layout::Slots, SEGMENT_HEADER_USED),
+            (Layout::Inline { nonce: 77 }, INLINE_SEGMENT_HEADER_USED),
+        ] {
+            let h = SegmentHeader {
+                volume: Uuid::new_v4(),
+                seq: 99,
+                segment_size: 1 << 26,
+                layout,
+            };
+            let good = h.encode();
+            assert_eq!(SegmentHeader::decode(&good), Ok(h));
+            for bit in 0..used * 8 {
+                let mut b = good;
+                b[bit / 8] ^= 1 << (bit % 8);
+                assert!(SegmentHeader::decode(&b).is_err(), "bit {bit}");
+            }
         }
     }
 

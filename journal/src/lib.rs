@@ -49,7 +49,7 @@ pub use record_index::Bookmark;
 pub use recovery::{Discarded, LogEnd, RecoveryReport};
 pub use storage::{ImportMethod, ImportMode, OsStorage, Storage, StorageFile};
 pub use volume::{
-    BaseImage, BranchInfo, FileRead, FoldReport, OpenOptions, OutOfSync, ReadPlan, ReleaseHeld,
-    ResyncState, RetryPolicy, ShipBatch, ShippedRecord, Stats, Timeline, View, Volume,
+    BaseImage, BranchInfo, FileRead, FoldReport, LayoutChoice, OpenOptions, OutOfSync, ReadPlan,
+    ReleaseHeld, ResyncState, RetryPolicy, ShipBatch, ShippedRecord, Stats, Timeline, View, Volume,
     OUT_OF_SYNC_CHUNK, SHIPPED_HEADER_SIZE,
 };

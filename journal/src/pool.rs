@@ -18,15 +18,17 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::format::SegmentHeader;
+use crate::format::{Layout, SegmentHeader};
 use crate::storage::{Storage, StorageFile};
 use crate::superblock::{SegmentRef, SuperState, Superblock};
+
+mod headers;
 
 pub const JOURNAL_DIR: &str = "journal";
 
@@ -62,6 +64,12 @@ pub struct Segment {
     pub dirty: AtomicBool,
     /// Lsn of the newest record placed in it (0: none yet).
     pub last_lsn: AtomicU64,
+    /// How this use places its records: set before its first record
+    /// (slots until then, as its prepared header says).
+    layout: OnceLock<Layout>,
+    /// Inline uses: where some of the headers are, to find one by lsn
+    /// (pool/headers.rs).
+    marks: Mutex<Vec<headers::Mark>>,
 }
 
 impl Segment {
@@ -72,7 +80,18 @@ impl Segment {
             file,
             dirty: AtomicBool::new(false),
             last_lsn: AtomicU64::new(0),
+            layout: OnceLock::new(),
+            marks: Mutex::new(Vec::new()),
         }
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout.get().copied().unwrap_or(Layout::Slots)
+    }
+
+    /// Sets the layout of this use, once, before its first record.
+    pub fn set_layout(&self, layout: Layout) {
+        let _ = self.layout.set(layout);
     }
 }
 
@@ -229,6 +248,7 @@ pub fn write_header(
         volume,
         seq,
         segment_size,
+        layout: Layout::Slots,
     };
     file.write_all_at(&[&header.encode()], 0)?;
     file.sync_data()

@@ -8,8 +8,9 @@
 //! order, so this accepts exactly the contiguous prefix of complete records.
 //!
 //! Before trusting that end, the rest of the journal is searched for Flush
-//! records: one that covers a lost lsn proves the loss is damage, not an
-//! interrupted write, and recovery refuses to truncate flushed data.
+//! records (and inline records' `durable_lsn`): one that covers a lost lsn
+//! proves the loss is damage, not an interrupted write, and recovery
+//! refuses to truncate flushed data.
 //!
 //! A cut under way (volume/branch.rs: `<vol>/cut` names lsn C, and the
 //! branch holding the records after C is complete) ends the walk at C:
@@ -40,7 +41,7 @@ pub(crate) mod checkpoint;
 use crate::error::{Error, Result};
 use crate::extent_map::ExtentMap;
 use crate::format::{
-    crc32c, payload_position, HeaderProblem, RecordHeader, RecordKind, SegmentHeader,
+    crc32c, HeaderProblem, Layout, Placed, Position, RecordHeader, RecordKind, SegmentHeader,
     SegmentHeaderProblem, FORMAT_VERSION, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE,
 };
 use crate::meta::{EpochStart, VolumeConfig};
@@ -215,7 +216,7 @@ impl SegmentReader {
     fn share_payload(
         &mut self,
         h: &RecordHeader,
-        at: Position,
+        at: RecordAt,
     ) -> io::Result<Option<PayloadCheck>> {
         let len = h.payload_len as usize;
         let found = self.locate(h.payload_offset, u64::from(h.payload_len))?;
@@ -250,11 +251,14 @@ struct PayloadCheck {
     len: usize,
     crc: u32,
     /// Where the record is.
-    at: Position,
+    at: RecordAt,
 }
 
-/// A record's place: segment file id and header slot offset.
-type Position = (u32, u64);
+/// A record the scan found: its header, place, and payload to check.
+type Found = (RecordHeader, Placed, Option<PayloadCheck>);
+
+/// A record's place: segment file id and header offset.
+type RecordAt = (u32, u64);
 
 impl PayloadCheck {
     fn intact(&self) -> bool {
@@ -339,6 +343,27 @@ impl Scanner<'_> {
         Ok(reason)
     }
 
+    /// The layout of a segment use a checkpoint stands for (its records
+    /// are not read): as its header says.
+    fn layout_of(
+        &self,
+        readers: &mut SegmentReaders,
+        file: &Arc<dyn StorageFile>,
+        id: u32,
+        seq: u64,
+    ) -> Result<Layout> {
+        readers
+            .reset(file, self.config.segment_size)
+            .map_err(self.io(id))?;
+        match self.check_header(&mut readers.headers, id, seq)? {
+            Ok(layout) => Ok(layout),
+            Err(reason) => Err(Error::DamagedSegment {
+                path: self.path(id),
+                reason,
+            }),
+        }
+    }
+
     fn path(&self, id: u32) -> PathBuf {
         self.dir.join(segment_name(id))
     }
@@ -347,13 +372,14 @@ impl Scanner<'_> {
         Error::io(move || format!("reading {}", self.path(id).display()))
     }
 
-    /// Checks a segment's header; `Ok(Err(reason))` if the log cannot go on here.
+    /// Checks a segment's header and returns the layout of its use;
+    /// `Ok(Err(reason))` if the log cannot go on here.
     fn check_header(
         &self,
         reader: &mut SegmentReader,
         id: u32,
         seq: u64,
-    ) -> Result<Result<(), String>> {
+    ) -> Result<Result<Layout, String>> {
         let Some(b) = reader.bytes(0, SEGMENT_HEADER_SIZE).map_err(self.io(id))? else {
             return self
                 .damaged(id, "file is shorter than its header".into())
@@ -386,23 +412,25 @@ impl Scanner<'_> {
                     ),
                 )
                 .map(Err),
-            Ok(_) => Ok(Ok(())),
+            Ok(h) => Ok(Ok(h.layout)),
         }
     }
 
-    /// Reads the record in the header slot at `slot`, where payloads so far
-    /// end at `top`; `Ok(Err(reason))` if it is not the intact record
-    /// `expected` of this segment use. Its payload is checked as `payloads`
-    /// says.
+    /// Reads the record the segment use (of `layout`) places at `at`;
+    /// `Ok(Err(reason))` if it is not the intact record `expected` of this
+    /// use. Its payload is checked as `payloads` says.
+    #[allow(clippy::too_many_arguments)]
     fn record(
         &self,
         readers: &mut SegmentReaders,
         id: u32,
-        (slot, top): (u64, u64),
+        layout: Layout,
+        at: Position,
         seq: u64,
         expected: u64,
         payloads: &Payloads,
-    ) -> Result<Result<(RecordHeader, Option<PayloadCheck>), String>> {
+    ) -> Result<Result<Found, String>> {
+        let slot = layout.header_at(at);
         let Some(b) = readers
             .headers
             .bytes(slot, RECORD_HEADER_SIZE)
@@ -429,7 +457,7 @@ impl Scanner<'_> {
                 })
             }
         };
-        if h.seq != seq {
+        if h.seq != seq || !layout.owns(&h) {
             return Ok(Err("record left from an earlier use of the file".into()));
         }
         if h.lsn != expected {
@@ -448,39 +476,79 @@ impl Scanner<'_> {
             )));
         }
         let len = u64::from(h.payload_len);
-        if len > 0 && payload_position(top, len, slot) != Some(h.payload_offset) {
+        let placed = layout
+            .place(at, len)
+            .filter(|p| p.header == slot && p.payload.unwrap_or(0) == h.payload_offset);
+        let Some(placed) = placed else {
             return Ok(Err(format!(
                 "payload at offset {} is not where the journal places it",
                 h.payload_offset
             )));
-        }
+        };
         if payloads.damaged.contains(&(id, slot)) {
             return Ok(Err("payload checksum mismatch".into()));
         }
         if len == 0 || h.lsn < payloads.checked_below {
-            return Ok(Ok((h, None)));
+            return Ok(Ok((h, placed, None)));
         }
         match readers
             .payloads
             .share_payload(&h, (id, slot))
             .map_err(self.io(id))?
         {
-            Some(check) => Ok(Ok((h, Some(check)))),
+            Some(check) => Ok(Ok((h, placed, Some(check)))),
             None => Ok(Err("file ends inside the payload".into())),
         }
     }
 
-    /// Intact records of this segment use in header slots from `slot` down,
-    /// above the payloads (which end at `top`), with lsn >= `from`.
+    /// Intact records of this segment use (of `layout`) with lsn >= `from`
+    /// where records after `at` may be: slots from `at.slot` down, above
+    /// the payloads (which end at `at.top`); inline, any sector from
+    /// `at.top` up (a header without the use's nonce is not one).
+    #[allow(clippy::too_many_arguments)]
     fn records_past(
         &self,
         readers: &mut SegmentReaders,
         id: u32,
-        (mut slot, mut top): (u64, u64),
+        layout: Layout,
+        at: Position,
         seq: u64,
         from: u64,
         found: &mut Vec<RecordHeader>,
     ) -> Result<()> {
+        if let Layout::Inline { .. } = layout {
+            let mut pos = at.top;
+            while pos + RECORD_HEADER_SIZE <= at.slot {
+                let Some(b) = readers
+                    .headers
+                    .bytes(pos, RECORD_HEADER_SIZE)
+                    .map_err(self.io(id))?
+                else {
+                    break;
+                };
+                let header = RecordHeader::decode(b).ok().filter(|h| {
+                    let here = Position {
+                        slot: at.slot,
+                        top: pos,
+                    };
+                    let placed = layout.place(here, u64::from(h.payload_len));
+                    h.seq == seq
+                        && layout.owns(h)
+                        && h.lsn >= from
+                        && placed.is_some_and(|p| p.payload.unwrap_or(0) == h.payload_offset)
+                });
+                let Some(h) = header else {
+                    pos += RECORD_HEADER_SIZE;
+                    continue;
+                };
+                if readers.payload_intact(&h).map_err(self.io(id))? == Some(true) {
+                    found.push(h);
+                }
+                pos += RECORD_HEADER_SIZE + u64::from(h.payload_len);
+            }
+            return Ok(());
+        }
+        let Position { mut slot, mut top } = at;
         while slot >= top {
             let Some(b) = readers
                 .headers
@@ -531,7 +599,7 @@ struct Payloads<'a> {
     /// The builder has checked and applied the records below this lsn.
     checked_below: u64,
     /// Where earlier passes found a damaged payload.
-    damaged: &'a [Position],
+    damaged: &'a [RecordAt],
     builder: Batcher,
 }
 
@@ -582,7 +650,7 @@ struct Built {
     index: RecordIndex,
     /// The first record whose payload failed its checksum, and its lsn:
     /// the map and index hold the records before it.
-    damaged: Option<(Position, u64)>,
+    damaged: Option<(RecordAt, u64)>,
 }
 
 impl Built {
@@ -977,8 +1045,11 @@ fn scan(scanner: &Scanner, mut payloads: Payloads, at: &Resume) -> Result<Scanne
     let mut readers = SegmentReaders::new();
     // The last lsn of each segment with records, in order.
     let mut last_lsns = at.skipped.clone();
-    // The last segment with records, its next header slot and payload end.
-    let mut last_used: Option<(usize, u64, u64)> = None;
+    // The layouts of the segments with records, in order (those a
+    // checkpoint stands for are read at the end).
+    let mut layouts = Vec::new();
+    // The last segment with records, and where its next record would go.
+    let mut last_used: Option<(usize, Layout, Position)> = None;
     for (i, s) in sb.segments.iter().enumerate().skip(at.skipped.len()) {
         let name = Some(segment_name(s.file_id));
         let Some(file) = &files[i] else {
@@ -1001,25 +1072,27 @@ fn scan(scanner: &Scanner, mut payloads: Payloads, at: &Resume) -> Result<Scanne
             .reset(file, config.segment_size)
             .map_err(scanner.io(s.file_id))?;
         report.segments_scanned += 1;
-        let (mut slot, mut top) = (
-            config.segment_size - RECORD_HEADER_SIZE,
-            SEGMENT_HEADER_SIZE,
-        );
+        let mut layout = Layout::Slots;
+        let mut pos = layout.start(config.segment_size);
         let mut count = 0u64;
         let stop = match scanner.check_header(&mut readers.headers, s.file_id, s.seq)? {
             Err(reason) => reason,
-            Ok(()) => loop {
-                if slot < top {
+            Ok(found) => loop {
+                if count == 0 {
+                    layout = found;
+                    pos = layout.start(config.segment_size);
+                }
+                if layout.next_header(pos).is_none() {
                     break SEGMENT_FULL.to_string();
                 }
                 if cut.is_some_and(|c| expected > c) {
                     break CUT.to_string();
                 }
-                let at = (slot, top);
-                let (h, payload) = match scanner.record(
+                let (h, placed, payload) = match scanner.record(
                     &mut readers,
                     s.file_id,
-                    at,
+                    layout,
+                    pos,
                     s.seq,
                     expected,
                     &payloads,
@@ -1052,15 +1125,13 @@ fn scan(scanner: &Scanner, mut payloads: Payloads, at: &Resume) -> Result<Scanne
                         payload,
                     });
                 }
-                if h.payload_len > 0 {
-                    top = h.payload_offset + u64::from(h.payload_len);
-                }
+                pos = placed.next;
                 report.bytes_scanned += RECORD_HEADER_SIZE + u64::from(h.payload_len);
                 expected += 1;
-                slot = slot.saturating_sub(RECORD_HEADER_SIZE);
                 count += 1;
             },
         };
+        let slot = layout.header_at(pos);
         if let Some(c) = at.checkpoint.filter(|&c| expected <= c) {
             // Checked in the first segment scanned, the one holding c.
             return Err(Error::BadMetadata {
@@ -1088,7 +1159,8 @@ fn scan(scanner: &Scanner, mut payloads: Payloads, at: &Resume) -> Result<Scanne
             };
             break;
         }
-        last_used = Some((i, slot, top));
+        last_used = Some((i, layout, pos));
+        layouts.push(layout);
         last_lsns.push(expected - 1);
         let at_cut = stop == CUT;
         report.end = LogEnd {
@@ -1103,23 +1175,37 @@ fn scan(scanner: &Scanner, mut payloads: Payloads, at: &Resume) -> Result<Scanne
     report.next_lsn = expected;
 
     // Look past the end for intact records, and for proof of flushed loss.
-    let fresh = (
-        config.segment_size - RECORD_HEADER_SIZE,
-        SEGMENT_HEADER_SIZE,
-    );
-    let (from_index, from_slot, from_top) = last_used.unwrap_or((0, fresh.0, fresh.1));
+    let from_index = last_used.map_or(0, |(i, _, _)| i);
     let mut past = Vec::new();
     for (i, s) in sb.segments.iter().enumerate().skip(from_index) {
         let Some(file) = &files[i] else { continue };
         readers
             .reset(file, config.segment_size)
             .map_err(scanner.io(s.file_id))?;
-        let start = if i == from_index {
-            (from_slot, from_top)
-        } else {
-            fresh
+        let (layout, start) = match last_used {
+            Some((used, layout, at)) if used == i => (layout, at),
+            // The use's layout as its header says; slots (as prepared)
+            // when the header is not this use's.
+            _ => {
+                let header = readers
+                    .headers
+                    .bytes(0, SEGMENT_HEADER_SIZE)
+                    .map_err(scanner.io(s.file_id))?
+                    .and_then(|b| SegmentHeader::decode(b).ok())
+                    .filter(|h| h.seq == s.seq && h.volume == config.uuid);
+                let layout = header.map_or(Layout::Slots, |h| h.layout);
+                (layout, layout.start(config.segment_size))
+            }
         };
-        scanner.records_past(&mut readers, s.file_id, start, s.seq, expected, &mut past)?;
+        scanner.records_past(
+            &mut readers,
+            s.file_id,
+            layout,
+            start,
+            s.seq,
+            expected,
+            &mut past,
+        )?;
     }
     // Past a cut are the records a branch took: neither lost nor proof.
     past.retain(|h| cut.is_none_or(|c| h.lsn <= c));
@@ -1135,8 +1221,9 @@ fn scan(scanner: &Scanner, mut payloads: Payloads, at: &Resume) -> Result<Scanne
     }
     let proof = past
         .iter()
-        .filter(|h| h.kind == RecordKind::Flush && h.offset >= expected)
-        .max_by_key(|h| h.offset);
+        .filter_map(|h| Some((h, h.proves_durable()?)))
+        .filter(|&(_, covered)| covered >= expected)
+        .max_by_key(|&(_, covered)| covered);
     if let Some(p) = proof {
         let err = Error::FlushedDataDamaged {
             lsn: expected,
@@ -1145,8 +1232,8 @@ fn scan(scanner: &Scanner, mut payloads: Payloads, at: &Resume) -> Result<Scanne
                 .join(report.end.segment.clone().unwrap_or_default()),
             offset: report.end.offset,
             reason: report.end.reason.clone(),
-            proof_lsn: p.lsn,
-            covered: p.offset,
+            proof_lsn: p.0.lsn,
+            covered: p.1,
         };
         if !truncate_damaged {
             return Err(err);
@@ -1162,10 +1249,16 @@ fn scan(scanner: &Scanner, mut payloads: Payloads, at: &Resume) -> Result<Scanne
     let used_count = last_used.map_or(0, |(i, _, _)| i + 1);
     let mut used = Vec::with_capacity(used_count);
     let mut stale = Vec::new();
+    let skipped = at.skipped.len();
     for (i, (s, file)) in sb.segments.iter().zip(files).enumerate() {
         match file {
             Some(f) if i < used_count => {
+                let layout = match i.checked_sub(skipped) {
+                    Some(scanned) => layouts[scanned],
+                    None => scanner.layout_of(&mut readers, &f, s.file_id, s.seq)?,
+                };
                 let seg = Segment::new(s.file_id, s.seq, f);
+                seg.set_layout(layout);
                 seg.last_lsn.store(last_lsns[i], Ordering::Release);
                 used.push(Arc::new(seg));
             }

@@ -145,6 +145,18 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     }
     /// Writes all of `bufs`, one after the other, starting at `offset`.
     fn write_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()>;
+    /// Writes `buf` at `offset` around the page cache (O_DIRECT): on the
+    /// disk, if not yet past its cache, when it returns. `offset` and the
+    /// length are multiples of 512 and `buf` starts on a page boundary
+    /// ([`aligned`]). `Unsupported` where the file system refuses O_DIRECT
+    /// (nothing was written); EINVAL where it wants larger alignment. The
+    /// pages it covers must never be written through the page cache at
+    /// the same time (the kernel could not drop them, and would fail the
+    /// file's next sync). Storage without a page cache writes as
+    /// [`StorageFile::write_all_at`] does.
+    fn write_direct_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_all_at(&[buf], offset)
+    }
     /// Writes a small `buf` at `offset`, like [`StorageFile::write_all_at`]
     /// (in the page cache when it returns, so only a machine crash can lose
     /// it before a sync), but cheaper when repeated many times: the journal
@@ -254,6 +266,9 @@ struct OsFile {
     /// file system refused O_DIRECT (EINVAL). Other failures (out of
     /// descriptors, say) are not kept: the next ask tries again.
     direct: OnceLock<Option<File>>,
+    /// The same for writing (`write_direct_at`): readers of a read-only
+    /// file must not need write access.
+    direct_write: OnceLock<Option<File>>,
 }
 
 impl OsFile {
@@ -262,7 +277,34 @@ impl OsFile {
             file,
             mapped: OnceLock::new(),
             direct: OnceLock::new(),
+            direct_write: OnceLock::new(),
         }
+    }
+
+    /// The O_DIRECT descriptor `slot` keeps, opened at the first ask (as
+    /// the `direct` field says).
+    fn direct<'a>(&self, slot: &'a OnceLock<Option<File>>, write: bool) -> Option<&'a File> {
+        if slot.get().is_none() {
+            // The same inode (renamed or unlinked ones too) with flags of
+            // its own.
+            let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+            let opened = OpenOptions::new()
+                .read(true)
+                .write(write)
+                .custom_flags(libc::O_DIRECT)
+                .open(path);
+            match opened {
+                // A racing ask may have set it first: either is the file.
+                Ok(file) => {
+                    let _ = slot.set(Some(file));
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    let _ = slot.set(None);
+                }
+                Err(_) => return None,
+            }
+        }
+        slot.get()?.as_ref()
     }
 
     fn mapping(&self) -> Option<&MmapRaw> {
@@ -319,26 +361,17 @@ impl StorageFile for OsFile {
     }
 
     fn direct_fd(&self) -> Option<RawFd> {
-        if self.direct.get().is_none() {
-            // The same inode (renamed or unlinked ones too) with flags of
-            // its own.
-            let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
-            let opened = OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(path);
-            match opened {
-                // A racing ask may have set it first: either is the file.
-                Ok(file) => {
-                    let _ = self.direct.set(Some(file));
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    let _ = self.direct.set(None);
-                }
-                Err(_) => return None,
-            }
+        self.direct(&self.direct, false).map(AsRawFd::as_raw_fd)
+    }
+
+    fn write_direct_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        match self.direct(&self.direct_write, true) {
+            Some(file) => file.write_all_at(buf, offset),
+            None => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "no O_DIRECT descriptor for this file",
+            )),
         }
-        self.direct.get()?.as_ref().map(AsRawFd::as_raw_fd)
     }
 
     fn write_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
@@ -463,6 +496,18 @@ impl StorageFile for OsFile {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// A page-aligned buffer of `len` bytes in `store` (grown as needed and
+/// kept by the caller for reuse; its bytes are left from earlier use), as
+/// `write_direct_at` wants.
+pub fn aligned(store: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    const ALIGN: usize = 4096;
+    if store.len() < len + ALIGN {
+        store.resize(len + ALIGN, 0);
+    }
+    let start = store.as_ptr().align_offset(ALIGN);
+    &mut store[start..start + len]
 }
 
 /// Makes `[offset, offset + len)` of a host file read as zeroes: punches

@@ -9,7 +9,12 @@
 //!   IO under them) and reads each piece from base.img or a segment;
 //! - a flush waits for the contiguous prefix of completed lsns to cover
 //!   every write it must, then one thread syncs the dirty segments for all
-//!   waiting flushes (group commit), then a Flush record marks the cut.
+//!   waiting flushes (group commit), then a Flush record marks the cut (in
+//!   an inline segment, the next record's header does).
+//!
+//! Segments are written in one of two layouts (format.rs): header slots
+//! through the page cache, or inline with O_DIRECT where the guest makes
+//! its writes durable one by one (`choose_layout`).
 //!
 //! History: the applier (fold.rs) folds records older than the window into
 //! base.img and releases their segments; point-in-time views (view.rs) are
@@ -38,8 +43,8 @@ use crate::completion::Completion;
 use crate::error::{Error, Result};
 use crate::extent_map::{ExtentMap, Piece, Pieces, Source, Target};
 use crate::format::{
-    check_bookmark_name, check_range, crc32c, payload_position, RecordHeader, RecordKind,
-    RECORD_HEADER_SIZE, SECTOR, SEGMENT_HEADER_SIZE,
+    check_bookmark_name, check_range, crc32c, InlineStamp, Layout, Position, RecordHeader,
+    RecordKind, SegmentHeader, RECORD_HEADER_SIZE, SECTOR,
 };
 use crate::meta::{EpochStart, Role, VolumeConfig, VolumeSettings, VOLUME_FILE};
 use crate::pace::Pacer;
@@ -47,7 +52,7 @@ use crate::point::PointInTime;
 use crate::pool::{segment_name, write_header, Pool, PoolSetup, Segment, JOURNAL_DIR};
 use crate::record_index::{Bookmark, Effect, Entry, RecordIndex};
 use crate::recovery::{recover, RecoveryReport};
-use crate::storage::{ImportMode, LockGuard, Progress, Storage, StorageFile};
+use crate::storage::{aligned, ImportMode, LockGuard, Progress, Storage, StorageFile};
 use crate::superblock::Superblock;
 
 mod branch;
@@ -118,6 +123,22 @@ pub struct OpenOptions {
     /// the checkpoint (volume/checkpoint.rs); a journal smaller than this
     /// gets none. `None`: never.
     pub checkpoint_every: Option<u64>,
+    /// How new segment uses place their records (format.rs, `Layout`).
+    pub layout: LayoutChoice,
+}
+
+/// Which layout the writer gives a segment as it moves into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LayoutChoice {
+    /// Inline where the writes are mostly made durable one by one (the
+    /// segment before had a sync for every two writes or fewer, or the
+    /// volume is in writethrough mode) and the file system takes O_DIRECT;
+    /// slots otherwise.
+    #[default]
+    Auto,
+    Slots,
+    /// Inline wherever the file system takes O_DIRECT.
+    Inline,
 }
 
 impl Default for OpenOptions {
@@ -129,6 +150,7 @@ impl Default for OpenOptions {
             truncate_damaged: false,
             fold_interval: Some(Duration::from_secs(1)),
             checkpoint_every: Some(DEFAULT_CHECKPOINT_EVERY),
+            layout: LayoutChoice::Auto,
         }
     }
 }
@@ -201,10 +223,14 @@ struct Cursor {
     next_lsn: u64,
     last_timestamp: u64,
     active: Option<Arc<Segment>>,
-    /// Where the next header slot of `active` is (slots grow down).
-    slot: u64,
-    /// End of the payloads in `active` (payloads grow up).
-    top: u64,
+    /// How `active` places its records, and where the next one goes.
+    layout: Layout,
+    at: Position,
+    /// Records placed in `active`, and those of them that change the disk.
+    records: u64,
+    data_records: u64,
+    /// `Inner::syncs` when the writer moved into `active`.
+    syncs_before: u64,
 }
 
 /// A live view's claim on history: the applier does not fold past `lsn`
@@ -294,6 +320,17 @@ struct Inner {
     checkpoint_every: Option<u64>,
     /// The last checkpoint; held while one is taken (checkpoint.rs).
     checkpointed: Mutex<checkpoint::Checkpointed>,
+    layout_choice: LayoutChoice,
+    /// False once the journal's file system refused an O_DIRECT write:
+    /// segments then keep the slots layout.
+    direct_writes: AtomicBool,
+    /// Syncs of the journal so far (`flush`), for `choose_layout`.
+    syncs: AtomicU64,
+}
+
+thread_local! {
+    /// Where `write_direct_at` requests are put together (page-aligned).
+    static DIRECT_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `replica_hold` when no replica holds history back.
@@ -563,8 +600,11 @@ impl Volume {
                 last_timestamp: index.timestamp(next_lsn - 1),
                 // Never append after a crashed run's tail: start a fresh segment.
                 active: None,
-                slot: 0,
-                top: 0,
+                layout: Layout::Slots,
+                at: Position { slot: 0, top: 0 },
+                records: 0,
+                data_records: 0,
+                syncs_before: 0,
             }),
             index: Mutex::new(index),
             views: Mutex::new(Vec::new()),
@@ -592,6 +632,9 @@ impl Volume {
                 bytes: 0,
                 retry_at: None,
             }),
+            layout_choice: options.layout,
+            direct_writes: AtomicBool::new(true),
+            syncs: AtomicU64::new(0),
         });
         *lock(&inner.resync) = inner.load_resync()?;
         *lock(&inner.out_of_sync) = inner.load_out_of_sync()?;
@@ -1034,19 +1077,6 @@ fn remove_orphans(storage: &dyn Storage, journal: &Path, listed: &[String]) -> R
     Ok(())
 }
 
-/// Places a record whose header goes in the slot at `slot`, in a segment
-/// whose payloads end at `top`: `Some(None)` without payload,
-/// `Some(Some(offset))` with, `None` if it does not fit.
-fn place(slot: u64, top: u64, len: u64) -> Option<Option<u64>> {
-    if slot < top {
-        return None;
-    }
-    if len == 0 {
-        return Some(None);
-    }
-    payload_position(top, len, slot).map(Some)
-}
-
 impl Inner {
     /// Raises the epoch by one: a durable Epoch record, after which every
     /// record carries the new epoch, then volume.json with `change` made
@@ -1174,6 +1204,66 @@ impl Inner {
         }
     }
 
+    /// The layout of `segment`'s use, which the writer (at `c`, still in
+    /// the segment before) moves into: for inline, its header is written
+    /// again, as version 3 with a new nonce, before any record.
+    fn choose_layout(&self, c: &Cursor, segment: &Segment) -> Result<Layout> {
+        let inline = self.direct_writes.load(Ordering::Acquire)
+            && match self.layout_choice {
+                LayoutChoice::Slots => false,
+                LayoutChoice::Inline => true,
+                LayoutChoice::Auto => {
+                    let syncs = self.syncs.load(Ordering::Acquire) - c.syncs_before;
+                    self.writethrough.load(Ordering::Acquire)
+                        || (c.data_records > 0 && syncs * 2 >= c.data_records)
+                }
+            };
+        if !inline {
+            segment.set_layout(Layout::Slots);
+            return Ok(Layout::Slots);
+        }
+        // Never 0, so that no zeroed sector passes for one of its headers.
+        let nonce = Uuid::new_v4().as_u64_pair().0 | 1;
+        let layout = Layout::Inline { nonce };
+        let header = SegmentHeader {
+            volume: self.config.uuid,
+            seq: segment.seq,
+            segment_size: self.config.segment_size,
+            layout,
+        }
+        .encode();
+        let written = DIRECT_BUFFER.with_borrow_mut(|store| {
+            let buf = aligned(store, header.len());
+            buf.copy_from_slice(&header);
+            segment.file.write_direct_at(buf, 0)
+        });
+        match written {
+            Ok(()) => {
+                segment.set_layout(layout);
+                Ok(layout)
+            }
+            // Nothing was written: this file system cannot.
+            Err(e)
+                if e.kind() == io::ErrorKind::Unsupported
+                    || e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) =>
+            {
+                tracing::info!(
+                    volume = %self.config.uuid,
+                    error = %e,
+                    "the journal's file system takes no O_DIRECT writes: segments keep header slots"
+                );
+                self.direct_writes.store(false, Ordering::Release);
+                segment.set_layout(Layout::Slots);
+                Ok(Layout::Slots)
+            }
+            Err(e) => {
+                let path = self.dir.join(JOURNAL_DIR).join(segment_name(segment.id));
+                let reason = format!("writing the header of {}: {e}", path.display());
+                Err(self.fail(reason))
+            }
+        }
+    }
+
     fn append(&self, kind: RecordKind, offset: u64, length: u64, payload: &[u8]) -> Result<u64> {
         self.check_failed()?;
         let payload_crc = crc32c(payload);
@@ -1210,23 +1300,28 @@ impl Inner {
         let placed = c
             .active
             .clone()
-            .and_then(|seg| Some((seg, place(c.slot, c.top, len)?)));
-        let (segment, payload_offset) = match placed {
+            .and_then(|seg| Some((seg, c.layout.place(c.at, len)?)));
+        let (segment, placed) = match placed {
             Some(found) => found,
             None => {
                 let released = || self.releasing.load(Ordering::Acquire) > 0;
                 let segment = self.pool.take_next(released)?;
+                let layout = self.choose_layout(c, &segment)?;
                 sealed = c.active.replace(segment.clone());
-                c.slot = self.config.segment_size - RECORD_HEADER_SIZE;
-                c.top = SEGMENT_HEADER_SIZE;
+                c.layout = layout;
+                c.at = layout.start(self.config.segment_size);
+                c.records = 0;
+                c.data_records = 0;
+                c.syncs_before = self.syncs.load(Ordering::Acquire);
                 self.warn_if_over_threshold();
                 // Payloads are capped so that one always fits a fresh segment.
-                let offset = place(c.slot, c.top, len).ok_or_else(|| {
+                let placed = layout.place(c.at, len).ok_or_else(|| {
                     Error::InvalidRequest(format!("a {len}-byte record cannot fit a segment"))
                 })?;
-                (segment, offset)
+                (segment, placed)
             }
         };
+        let payload_offset = placed.payload;
         let lsn = c.next_lsn;
         // Stamped once placed: a write that waited for a segment gets the
         // time it got one.
@@ -1265,6 +1360,16 @@ impl Inner {
         if kind != RecordKind::Flush {
             self.last_data_lsn.store(lsn, Ordering::Release);
         }
+        let inline = match c.layout {
+            Layout::Inline { nonce } => {
+                segment.note_header(c.records, lsn, placed.header);
+                Some(InlineStamp {
+                    nonce,
+                    durable_lsn: self.durable_lsn.load(Ordering::Acquire),
+                })
+            }
+            Layout::Slots => None,
+        };
         let header = RecordHeader {
             kind,
             seq: segment.seq,
@@ -1276,18 +1381,17 @@ impl Inner {
             payload_len: len as u32,
             payload_crc,
             payload_offset: payload_offset.unwrap_or(0),
+            inline,
         };
-        let slot = c.slot;
-        if let Some(at) = payload_offset {
-            c.top = at + len;
+        c.records += 1;
+        if matches!(effect, Effect::Data { .. }) {
+            c.data_records += 1;
         }
-        // Below `top` means full: `place` refuses the next record.
-        c.slot = slot.saturating_sub(RECORD_HEADER_SIZE);
-        self.pool
-            .set_active_left((c.slot + RECORD_HEADER_SIZE).saturating_sub(c.top));
+        c.at = placed.next;
+        self.pool.set_active_left(c.layout.room(c.at));
         Ok(Reserved {
             header,
-            slot,
+            slot: placed.header,
             segment,
             sealed,
         })
@@ -1304,16 +1408,27 @@ impl Inner {
         if let Some(full) = sealed {
             self.pool.seal(full);
         }
-        // Both are in the page cache before the write is acknowledged, so a
-        // crash of this process (not of the machine) loses nothing.
+        // Both are in the page cache (or on the disk) before the write is
+        // acknowledged, so a crash of this process (not of the machine)
+        // loses nothing.
         let head = header.encode();
-        let written = self.retrying("appending to the journal", || {
-            if !payload.is_empty() {
-                segment
-                    .file
-                    .write_all_at(&[payload], header.payload_offset)?;
+        let written = self.retrying("appending to the journal", || match header.inline {
+            None => {
+                if !payload.is_empty() {
+                    segment
+                        .file
+                        .write_all_at(&[payload], header.payload_offset)?;
+                }
+                segment.file.write_small_at(&head, slot)
             }
-            segment.file.write_small_at(&head, slot)
+            // Header and payload are adjacent: one request.
+            Some(_) => DIRECT_BUFFER.with_borrow_mut(|store| {
+                let buf = aligned(store, head.len() + payload.len());
+                let (h, p) = buf.split_at_mut(head.len());
+                h.copy_from_slice(&head);
+                p.copy_from_slice(payload);
+                segment.file.write_direct_at(buf, slot)
+            }),
         });
         if let Err(e) = written {
             let reason = format!("journal append of lsn {} failed: {e}", header.lsn);
@@ -1399,8 +1514,15 @@ impl Inner {
             return Err(self.fail(reason));
         }
         self.durable_lsn.fetch_max(upto, Ordering::AcqRel);
+        self.syncs.fetch_add(1, Ordering::AcqRel);
         // A replica writes only its primary's records (lsns must match).
         if self.replica.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // In an inline segment the next record's header carries the proof
+        // (`InlineStamp::durable_lsn`): a Flush record would cost a device
+        // write of its own.
+        if matches!(lock(&self.cursor).layout, Layout::Inline { .. }) {
             return Ok(());
         }
         // Proof for recovery that everything up to `upto` was durable,

@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use common::{options, pattern, read, small_settings};
+use common::{flip, options, pattern, read, segment_file, small_settings};
 use proptest::prelude::*;
 use rewind_journal::{BaseImage, Error, OpenOptions, OsStorage, RecoveryReport, Volume};
 
@@ -46,22 +45,6 @@ fn volume(tmp: &Path) -> PathBuf {
     assert_eq!(v.last_lsn(), 11);
     drop(v); // no close: 9-11 stay unflushed
     dir
-}
-
-fn segment(dir: &Path, id: u32) -> PathBuf {
-    dir.join("journal").join(format!("{id:08}.seg"))
-}
-
-fn flip(path: &Path, at: u64) {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .expect("open");
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, at).expect("read");
-    b[0] ^= 0x10;
-    f.write_all_at(&b, at).expect("write");
 }
 
 fn open_with(dir: &Path, truncate_damaged: bool) -> Result<(Volume, RecoveryReport), Error> {
@@ -104,7 +87,7 @@ fn damage_in_the_unflushed_tail_truncates_there_and_reports_it() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = volume(tmp.path());
     // Lsn 9 is the first record of segment 1.
-    flip(&segment(&dir, 1), payload(1) + 100);
+    flip(&segment_file(&dir, 1), payload(1) + 100);
     let (v, report) = open_with(&dir, false).expect("a torn tail is not an error");
     assert_eq!(report.next_lsn, 9);
     assert_eq!(report.end.segment.as_deref(), Some("00000001.seg"));
@@ -149,7 +132,7 @@ fn damage_in_the_unflushed_tail_truncates_there_and_reports_it() {
 fn damage_to_flushed_data_is_an_error_unless_truncation_is_forced() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = volume(tmp.path());
-    flip(&segment(&dir, 0), payload(3) + 7);
+    flip(&segment_file(&dir, 0), payload(3) + 7);
     let err = open_with(&dir, false).unwrap_err();
     match &err {
         Error::FlushedDataDamaged {
@@ -172,7 +155,7 @@ fn a_truncated_segment_file_is_an_error_unless_forced() {
     let dir = volume(tmp.path());
     let f = std::fs::OpenOptions::new()
         .write(true)
-        .open(segment(&dir, 0))
+        .open(segment_file(&dir, 0))
         .expect("open");
     // Cuts off every header slot (they lie at the top) and records 5-7.
     f.set_len(payload(5) + 100).expect("truncate");
@@ -192,7 +175,7 @@ fn a_segment_overwritten_with_garbage_is_an_error() {
     let garbage: Vec<u8> = (0..65536u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
-    std::fs::write(segment(&dir, 0), &garbage).expect("garbage");
+    std::fs::write(segment_file(&dir, 0), &garbage).expect("garbage");
     let err = open_with(&dir, false).unwrap_err();
     assert!(err.to_string().contains("header is damaged"), "{err}");
 }
@@ -202,7 +185,7 @@ fn a_segment_of_another_volume_is_refused_even_when_forced() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = volume(tmp.path());
     let other = volume(&tmp.path().join("other"));
-    std::fs::copy(segment(&other, 0), segment(&dir, 0)).expect("copy");
+    std::fs::copy(segment_file(&other, 0), segment_file(&dir, 0)).expect("copy");
     for forced in [false, true] {
         let err = open_with(&dir, forced).unwrap_err();
         assert!(matches!(err, Error::ForeignSegment { .. }), "{err}");
@@ -250,7 +233,7 @@ proptest! {
         let tmp = tempfile::tempdir().expect("tmp");
         let dir = volume(tmp.path());
         for (id, at) in flips {
-            flip(&segment(&dir, id), at);
+            flip(&segment_file(&dir, id), at);
         }
         match open_with(&dir, forced) {
             Ok((v, report)) => assert_prefix(&v, report.next_lsn - 1),

@@ -3,7 +3,8 @@
 //! unsynced write.
 //!
 //! Checkpoints are taken as an op and at every 64 KiB segment, so crashes
-//! land while one is written and recoveries start from one.
+//! land while one is written and recoveries start from one. Each case
+//! picks the segments' layout: slots, inline, or chosen by the writer.
 //!
 //! After each crash and recovery:
 //! - everything a completed flush covered is present;
@@ -19,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use common::*;
 use proptest::prelude::*;
 use rewind_journal::fault::FaultStorage;
-use rewind_journal::{OpenOptions, Volume, VolumeSettings};
+use rewind_journal::{LayoutChoice, OpenOptions, Volume, VolumeSettings};
 
 const SECTORS: u64 = 64;
 const DISK: usize = (SECTORS * 512) as usize;
@@ -129,21 +130,30 @@ fn run(v: &Volume, op: &Op) -> Option<Change> {
     }
 }
 
-fn checkpointing() -> OpenOptions {
+fn layout() -> impl Strategy<Value = LayoutChoice> {
+    prop_oneof![
+        Just(LayoutChoice::Auto),
+        Just(LayoutChoice::Slots),
+        Just(LayoutChoice::Inline)
+    ]
+}
+
+fn checkpointing(layout: LayoutChoice) -> OpenOptions {
     OpenOptions {
         checkpoint_every: Some(64 << 10),
+        layout,
         ..options()
     }
 }
 
-fn open_checkpointing(storage: &FaultStorage) -> Volume {
-    Volume::open(storage.arc(), Path::new(DIR), checkpointing())
+fn open_checkpointing(storage: &FaultStorage, layout: LayoutChoice) -> Volume {
+    Volume::open(storage.arc(), Path::new(DIR), checkpointing(layout))
         .expect("open")
         .0
 }
 
-fn reopen(storage: &FaultStorage) -> (Volume, u64) {
-    let (v, report) = Volume::open(storage.arc(), Path::new(DIR), checkpointing())
+fn reopen(storage: &FaultStorage, layout: LayoutChoice) -> (Volume, u64) {
+    let (v, report) = Volume::open(storage.arc(), Path::new(DIR), checkpointing(layout))
         .expect("recovery must succeed");
     (v, report.next_lsn - 1)
 }
@@ -192,10 +202,11 @@ proptest! {
         first in prop::collection::vec(op(), 1..60),
         second in prop::collection::vec(op(), 1..60),
         seeds in (any::<u64>(), any::<u64>()),
+        layout in layout(),
     ) {
         let fs = FaultStorage::new();
         create(&fs, &settings());
-        let v = open_checkpointing(&fs);
+        let v = open_checkpointing(&fs, layout);
         let mut history = History::default();
         let covered = run_sequential(&v, &first, &mut history, 0);
         drop(v);
@@ -203,19 +214,19 @@ proptest! {
         // The process dies (the machine does not): nothing acknowledged may
         // be lost, flushed or not.
         let last = history.0.iter().map(|c| c.lsn).max().unwrap_or(0);
-        let (v, recovered) = reopen(&fs.process_crash());
+        let (v, recovered) = reopen(&fs.process_crash(), layout);
         check_recovered(&v, &history, recovered, last);
         drop(v);
 
         let crashed = fs.crash(seeds.0);
-        let (v, recovered) = reopen(&crashed);
+        let (v, recovered) = reopen(&crashed, layout);
         check_recovered(&v, &history, recovered, covered);
 
         // Whatever was lost is gone from the history; carry on and crash again.
         history.0.retain(|c| c.lsn <= recovered);
         let covered = run_sequential(&v, &second, &mut history, recovered);
         drop(v);
-        let (v, recovered) = reopen(&crashed.crash(seeds.1));
+        let (v, recovered) = reopen(&crashed.crash(seeds.1), layout);
         check_recovered(&v, &history, recovered, covered);
     }
 
@@ -224,10 +235,11 @@ proptest! {
         threads in prop::collection::vec(prop::collection::vec(op(), 1..40), 2..=3),
         crash_after in 0usize..100,
         seed in any::<u64>(),
+        layout in layout(),
     ) {
         let fs = FaultStorage::new();
         create(&fs, &settings());
-        let v = Arc::new(open_checkpointing(&fs));
+        let v = Arc::new(open_checkpointing(&fs, layout));
         let history = Arc::new(Mutex::new(History::default()));
         let acked_max = Arc::new(AtomicU64::new(0));
         let must_have = Arc::new(AtomicU64::new(0));
@@ -267,7 +279,7 @@ proptest! {
         }
         drop(v);
 
-        let (v, recovered) = reopen(&image);
+        let (v, recovered) = reopen(&image, layout);
         let history = history.lock().expect("history");
         check_recovered(&v, &history, recovered, must_have);
     }

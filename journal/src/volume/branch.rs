@@ -27,8 +27,9 @@
 //! they are in the journal, or in a complete branch.
 //!
 //! Why erasing is enough: recovery accepts a record only at the next lsn
-//! in a header slot of its segment's current use. With every slot after
-//! C's erased in C's segment, and the later segments unlisted (their files
+//! in a header slot of its segment's current use (in an inline use, right
+//! after the record before it, with the use's nonce). With every header
+//! after C's erased in C's segment, and the later segments unlisted (their files
 //! are recycled with a new sequence number, or removed), no record after
 //! C is found again, even when new records take lsns C+1.. in a fresh
 //! segment (appends after a cut, as after an open, never go on in the
@@ -53,12 +54,13 @@ use super::{lock, Cursor, Inner, ViewPin, Volume};
 use crate::error::{Error, Result};
 use crate::extent_map::ExtentMap;
 use crate::format::{
-    crc32c, le_u32, le_u64, HeaderProblem, RecordHeader, RecordKind, FORMAT_VERSION,
-    RECORD_HEADER_SIZE, SECTOR,
+    crc32c, le_u32, le_u64, HeaderProblem, Layout, RecordHeader, RecordKind, FORMAT_VERSION,
+    RECORD_HEADER_SIZE, SECTOR, SEGMENT_HEADER_SIZE,
 };
 use crate::point::{check_branch_name, format_ns, PointInTime};
 use crate::pool::{segment_name, Segment, JOURNAL_DIR};
 use crate::record_index::{Bookmark, Effect, Entry};
+use crate::storage::aligned;
 use crate::storage::{Storage, StorageFile};
 
 pub const BRANCHES_DIR: &str = "branches";
@@ -1045,8 +1047,8 @@ impl Inner {
         Ok(())
     }
 
-    /// Zeroes every header slot of `seg`'s current use below the slot of
-    /// `common` (its records from `first` on), then syncs it.
+    /// Zeroes every record header of `seg`'s current use after `common`'s
+    /// (its records from `first` on), then syncs it.
     fn erase_after(&self, seg: &Segment, first: u64, common: u64) -> Result<()> {
         let name = segment_name(seg.id);
         let path = self.dir.join(JOURNAL_DIR).join(&name);
@@ -1054,37 +1056,44 @@ impl Inner {
             let path = path.clone();
             move |e| Error::io(|| format!("{what} {}", path.display()))(e)
         };
-        let slot = |lsn: u64| self.config.segment_size - RECORD_HEADER_SIZE * (lsn - first + 1);
-        // Where the payloads of the records kept end: no slot lies below.
-        let mut top = crate::format::SEGMENT_HEADER_SIZE;
-        let mut buf = Vec::new();
+        let size = self.config.segment_size;
+        let layout = seg.layout();
+        // Where the records kept end: the payloads (slots) or the records
+        // (inline), and where `common`'s header is.
+        let mut top = SEGMENT_HEADER_SIZE;
+        let mut common_at = 0;
         let mut lsn = first;
         while lsn <= common {
-            let count = (common - lsn + 1).min(ERASE_CHUNK / RECORD_HEADER_SIZE);
-            let low = slot(lsn + count - 1);
-            buf.resize((count * RECORD_HEADER_SIZE) as usize, 0);
-            self.retrying("reading a segment to cut it", || {
-                seg.file.read_exact_at(&mut buf, low)
-            })
-            .map_err(io("reading"))?;
-            for l in lsn..lsn + count {
-                let at = (slot(l) - low) as usize;
-                let h = RecordHeader::decode(&buf[at..at + RECORD_HEADER_SIZE as usize])
-                    .ok()
-                    .filter(|h| h.lsn == l && h.seq == seg.seq)
-                    .ok_or_else(|| Error::DamagedSegment {
-                        path: path.clone(),
-                        reason: format!("record {l} is not in its header slot at {}", slot(l)),
-                    })?;
-                top = top.max(h.payload_offset + u64::from(h.payload_len));
+            let upto = common.min(lsn + ERASE_CHUNK / RECORD_HEADER_SIZE - 1);
+            let read = self
+                .retrying("reading a segment to cut it", || {
+                    seg.read_headers(size, first, lsn..=upto)
+                })
+                .map_err(io("reading"))?;
+            let found = read.map_err(|m| Error::DamagedSegment {
+                path: path.clone(),
+                reason: format!("record {} is not in its header slot at {}", m.lsn, m.offset),
+            })?;
+            for (h, at) in found {
+                let end = match layout {
+                    Layout::Slots => h.payload_offset + u64::from(h.payload_len),
+                    Layout::Inline { .. } => at + RECORD_HEADER_SIZE + u64::from(h.payload_len),
+                };
+                top = top.max(end);
+                common_at = at;
             }
-            lsn += count;
+            lsn = upto + 1;
         }
-        let top = top.div_ceil(SECTOR) * SECTOR;
-        let zero = [0u8; RECORD_HEADER_SIZE as usize];
-        let mut hi = slot(common);
-        while hi > top {
-            let lo = hi.saturating_sub(ERASE_CHUNK).max(top);
+        // The headers that may follow: slots below `common`'s down to the
+        // payloads, or inline anything past the records kept.
+        let (low, mut hi) = match layout {
+            Layout::Slots => (top.div_ceil(SECTOR) * SECTOR, common_at),
+            Layout::Inline { .. } => (top, size),
+        };
+        let mut buf = Vec::new();
+        let mut zero = Vec::new();
+        while hi > low {
+            let lo = hi.saturating_sub(ERASE_CHUNK).max(low);
             buf.resize((hi - lo) as usize, 0);
             self.retrying("reading a segment to cut it", || {
                 seg.file.read_exact_at(&mut buf, lo)
@@ -1092,13 +1101,22 @@ impl Inner {
             .map_err(io("reading"))?;
             for at in (0..hi - lo).step_by(RECORD_HEADER_SIZE as usize) {
                 let sector = &buf[at as usize..(at + RECORD_HEADER_SIZE) as usize];
-                let ours = RecordHeader::decode(sector).is_ok_and(|h| h.seq == seg.seq);
-                if ours {
-                    self.retrying("erasing a record header", || {
-                        seg.file.write_all_at(&[&zero], lo + at)
-                    })
-                    .map_err(io("erasing record headers in"))?;
+                let ours =
+                    RecordHeader::decode(sector).is_ok_and(|h| h.seq == seg.seq && layout.owns(&h));
+                if !ours {
+                    continue;
                 }
+                let erased = self.retrying("erasing a record header", || match layout {
+                    Layout::Slots => seg.file.write_all_at(&[&[0u8; 512]], lo + at),
+                    // An inline use's pages are written only around the
+                    // page cache (format.rs).
+                    Layout::Inline { .. } => {
+                        let sector = aligned(&mut zero, RECORD_HEADER_SIZE as usize);
+                        sector.fill(0);
+                        seg.file.write_direct_at(sector, lo + at)
+                    }
+                });
+                erased.map_err(io("erasing record headers in"))?;
             }
             hi = lo;
         }

@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 use super::{lock, Inner, Volume};
 use crate::error::{Error, Result};
 use crate::extent_map::{ExtentMap, Written};
-use crate::format::{RecordHeader, RECORD_HEADER_SIZE};
 use crate::pool::segment_name;
 use crate::record_index::{Bookmark, Snapshot};
 use crate::recovery::checkpoint::{encode, Covered, Taken, CHECKPOINT_FILE};
@@ -215,14 +214,14 @@ impl Inner {
         // Record C itself says its epoch (the highest up to it); recovery
         // does not read the Epoch records before its segment, so
         // volume.json must name that epoch already.
-        let file = &used[state.segments.len() - 1].file;
-        let slot = self.config.segment_size - RECORD_HEADER_SIZE * (lsn - holder.first_lsn + 1);
-        let mut b = [0u8; RECORD_HEADER_SIZE as usize];
-        file.read_exact_at(&mut b, slot).map_err(Error::io(|| {
-            format!("reading {}", segment_name(holder.file_id))
-        }))?;
-        let epoch = match RecordHeader::decode(&b) {
-            Ok(h) if h.lsn == lsn && h.seq == holder.seq => h.epoch,
+        let seg = &used[state.segments.len() - 1];
+        let read = seg
+            .read_headers(self.config.segment_size, holder.first_lsn, lsn..=lsn)
+            .map_err(Error::io(|| {
+                format!("reading {}", segment_name(holder.file_id))
+            }))?;
+        let epoch = match read.as_deref() {
+            Ok([(h, _)]) => h.epoch,
             _ => {
                 return Err(inconsistent(format!(
                     "{} does not hold lsn {lsn} where the journal put it",

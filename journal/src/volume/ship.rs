@@ -25,8 +25,7 @@ use super::{lock, Inner, Volume, NO_HOLD};
 use crate::error::{Error, Result};
 use crate::extent_map::ExtentMap;
 use crate::format::{
-    check_bookmark_name, crc32c, le_u32, le_u64, HeaderProblem, RecordHeader, RecordKind,
-    RECORD_HEADER_SIZE, SECTOR,
+    check_bookmark_name, crc32c, le_u32, le_u64, HeaderProblem, RecordHeader, RecordKind, SECTOR,
 };
 use crate::meta::EpochStart;
 use crate::pool::{segment_name, Segment};
@@ -313,35 +312,39 @@ impl Inner {
     ) -> Result<()> {
         let (from, upto) = (*lsns.start(), *lsns.end());
         let count = (upto - from + 1).min(HEADER_READ);
-        let slot = |lsn: u64| self.config.segment_size - RECORD_HEADER_SIZE * (lsn - seg_first + 1);
-        // Slots grow down: the newest of the range is the lowest.
-        let low = slot(from + count - 1);
-        let mut slots = vec![0u8; (count * RECORD_HEADER_SIZE) as usize];
         let name = segment_name(seg.id);
-        self.retrying("reading the journal to ship it", || {
-            seg.file.read_exact_at(&mut slots, low)
-        })
-        .map_err(Error::io(|| format!("reading {name} at {low}")))?;
-        let mut headers = Vec::new();
-        let mut bytes = batch.bytes;
-        for lsn in from..from + count {
-            let at = (slot(lsn) - low) as usize;
-            let raw = &slots[at..at + RECORD_HEADER_SIZE as usize];
-            let header = RecordHeader::decode(raw)
-                .ok()
-                .filter(|h| h.lsn == lsn && h.seq == seg.seq);
-            let Some(h) = header else {
+        let read = self
+            .retrying("reading the journal to ship it", || {
+                seg.read_headers(self.config.segment_size, seg_first, from..=from + count - 1)
+            })
+            .map_err(Error::io(|| format!("reading {name}")))?;
+        let found = match read {
+            Ok(found) => found,
+            Err(misplaced) => {
                 let base_lsn = self.pool.base().lsn;
-                if lsn <= base_lsn {
-                    return Err(Error::Folded { lsn, base_lsn });
+                if misplaced.lsn <= base_lsn {
+                    return Err(Error::Folded {
+                        lsn: misplaced.lsn,
+                        base_lsn,
+                    });
                 }
                 return Err(Error::DamagedSegment {
                     path: self.dir.join(crate::pool::JOURNAL_DIR).join(&name),
-                    reason: format!("record {lsn} is not in its header slot at {}", slot(lsn)),
+                    reason: format!(
+                        "record {} is not in its header slot at {}",
+                        misplaced.lsn, misplaced.offset
+                    ),
                 });
-            };
+            }
+        };
+        let mut headers = Vec::new();
+        let mut bytes = batch.bytes;
+        for (h, _) in found {
+            // On the wire as in a slot (version 2): the replica places the
+            // record in a segment of its own.
+            let slot_header = RecordHeader { inline: None, ..h }.encode();
             let mut header = [0u8; SHIPPED_HEADER_SIZE];
-            header.copy_from_slice(&raw[..SHIPPED_HEADER_SIZE]);
+            header.copy_from_slice(&slot_header[..SHIPPED_HEADER_SIZE]);
             headers.push((h, header));
             bytes += SHIPPED_HEADER_SIZE + h.payload_len as usize;
             if bytes >= max_bytes {
@@ -349,7 +352,8 @@ impl Inner {
             }
         }
         // Payloads of consecutive records are back to back (up to
-        // alignment): one read for all of them.
+        // alignment, or their headers between them inline): one read for
+        // all of them.
         let with_payload = || headers.iter().filter(|(h, _)| h.payload_len > 0);
         let span = with_payload().next().map(|(h, _)| h.payload_offset).zip(
             with_payload()

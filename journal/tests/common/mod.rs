@@ -1,7 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::path::Path;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -80,4 +81,22 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::yield_now();
     }
+}
+
+/// The path of segment file `id` of the volume in `dir` (a real one).
+pub fn segment_file(dir: &Path, id: u32) -> PathBuf {
+    dir.join("journal").join(format!("{id:08}.seg"))
+}
+
+/// Flips a bit of the byte at `at` in the file at `path` (a real one).
+pub fn flip(path: &Path, at: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).expect("read");
+    b[0] ^= 0x10;
+    f.write_all_at(&b, at).expect("write");
 }

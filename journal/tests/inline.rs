@@ -1,0 +1,193 @@
+//! Inline segments (FORMAT.md, "Inline segments") on a real file system:
+//! records written with O_DIRECT, header and payload in one request, and
+//! the proof of a flush carried by the next record instead of a Flush
+//! record. Which segments the writer makes inline, what recovery takes
+//! back, and that damage to flushed data is still caught.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use common::{flip, options, pattern, read, segment_file, small_settings};
+use rewind_journal::{
+    BaseImage, Error, LayoutChoice, OpenOptions, OsStorage, RecoveryReport, Volume,
+};
+
+const RECORD: u64 = 8192;
+/// A record's header sector and payload, back to back.
+const INLINE_RECORD: u64 = 512 + RECORD;
+
+fn create(tmp: &Path) -> PathBuf {
+    let dir = tmp.join("vol");
+    Volume::create(
+        OsStorage::shared().as_ref(),
+        &dir,
+        &small_settings(),
+        BaseImage::Empty,
+        &mut |_, _| {},
+    )
+    .expect("create");
+    dir
+}
+
+fn open(dir: &Path, layout: LayoutChoice) -> Result<(Volume, RecoveryReport), Error> {
+    let options = OpenOptions {
+        layout,
+        ..options()
+    };
+    Volume::open(OsStorage::shared(), dir, options)
+}
+
+/// The version in a segment file's header: 2 for slots, 3 for inline.
+fn version(dir: &Path, id: u32) -> u16 {
+    let f = std::fs::File::open(segment_file(dir, id)).expect("open segment");
+    let mut b = [0u8; 2];
+    f.read_exact_at(&mut b, 8).expect("read header");
+    u16::from_le_bytes(b)
+}
+
+/// Lsns 1-7 (8 KiB writes) fill inline segment 0 (seven records of
+/// 8.5 KiB fit 64 KiB); a flush makes them durable without a record of
+/// its own; lsns 8-10 go to segment 1 and are not flushed.
+fn journal(tmp: &Path) -> PathBuf {
+    let dir = create(tmp);
+    let (v, _) = open(&dir, LayoutChoice::Inline).expect("open");
+    for i in 0..7 {
+        v.write(i * RECORD, &pattern(i as u8, RECORD as usize))
+            .expect("write");
+    }
+    v.flush().expect("flush");
+    for i in 7..10 {
+        v.write(i * RECORD, &pattern(i as u8, RECORD as usize))
+            .expect("write");
+    }
+    assert_eq!(v.last_lsn(), 10, "no Flush record in an inline segment");
+    drop(v); // no close: 8-10 stay unflushed
+    dir
+}
+
+fn assert_prefix(v: &Volume, n: u64) {
+    for i in 0..10u64 {
+        let want = if i < n {
+            pattern(i as u8, RECORD as usize)
+        } else {
+            vec![0u8; RECORD as usize]
+        };
+        assert!(
+            read(v, i * RECORD, RECORD as usize) == want,
+            "record {i}, prefix {n}"
+        );
+    }
+}
+
+#[test]
+fn inline_records_come_back_after_a_crash_of_the_process() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = journal(tmp.path());
+    assert_eq!((version(&dir, 0), version(&dir, 1)), (3, 3));
+    let (v, report) = open(&dir, LayoutChoice::Inline).expect("reopen");
+    assert_eq!((report.next_lsn, report.flush_records), (11, 0));
+    assert_eq!(report.discarded, None);
+    assert_prefix(&v, 10);
+    // Payloads sit right after their headers: lsn 3's at 512 + 2 records + 512.
+    let f = std::fs::File::open(segment_file(&dir, 0)).expect("segment");
+    let mut b = vec![0u8; RECORD as usize];
+    f.read_exact_at(&mut b, 512 + 2 * INLINE_RECORD + 512)
+        .expect("read");
+    assert!(b == pattern(2, RECORD as usize));
+}
+
+#[test]
+fn a_later_record_proves_damaged_data_was_flushed() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = journal(tmp.path());
+    // Lsn 3's payload, which the flush covered (lsns 8-10 say so).
+    flip(&segment_file(&dir, 0), 512 + 2 * INLINE_RECORD + 512 + 7);
+    let err = open(&dir, LayoutChoice::Inline).unwrap_err();
+    match &err {
+        Error::FlushedDataDamaged {
+            lsn,
+            proof_lsn,
+            covered,
+            ..
+        } => {
+            assert_eq!((*lsn, *covered), (3, 7));
+            assert!((8..=10).contains(proof_lsn), "proof from lsn {proof_lsn}");
+        }
+        other => panic!("{other}"),
+    }
+    let options = OpenOptions {
+        truncate_damaged: true,
+        ..options()
+    };
+    let (v, report) = Volume::open(OsStorage::shared(), &dir, options).expect("forced");
+    assert_eq!(report.next_lsn, 3);
+    assert_prefix(&v, 2);
+}
+
+#[test]
+fn damage_in_the_unflushed_tail_truncates_there() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = journal(tmp.path());
+    // Lsn 9's payload: the second record of segment 1, never flushed.
+    flip(&segment_file(&dir, 1), 512 + INLINE_RECORD + 512 + 100);
+    let (v, report) = open(&dir, LayoutChoice::Inline).expect("a torn tail is not an error");
+    assert_eq!(report.next_lsn, 9);
+    let discarded = report.discarded.expect("lsn 10 is reported");
+    assert_eq!((discarded.lowest_lsn, discarded.highest_lsn), (10, 10));
+    assert_prefix(&v, 8);
+    // Appends go on in a fresh segment, and survive a reopen.
+    v.write(8 * RECORD, &pattern(42, RECORD as usize))
+        .expect("write");
+    v.close().expect("close");
+    let (v, _) = open(&dir, LayoutChoice::Inline).expect("reopen");
+    assert_eq!(
+        read(&v, 8 * RECORD, RECORD as usize),
+        pattern(42, RECORD as usize)
+    );
+}
+
+#[test]
+fn the_writer_makes_segments_inline_where_each_write_is_made_durable() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = create(tmp.path());
+    let (v, _) = open(&dir, LayoutChoice::Auto).expect("open");
+    // Buffered writes, one flush: segments 0 and 1 keep their slots.
+    for i in 0..14 {
+        v.write(i * RECORD, &pattern(i as u8, RECORD as usize))
+            .expect("write");
+    }
+    v.flush().expect("flush");
+    // A flush after every write (what a guest's FUA writes come as): the
+    // segment after the first such one is inline.
+    for i in 14..40 {
+        v.write(i * RECORD, &pattern(i as u8, RECORD as usize))
+            .expect("write");
+        v.flush().expect("flush");
+    }
+    let last = v.last_lsn();
+    v.close().expect("close");
+    let versions: Vec<u16> = (0..5).map(|id| version(&dir, id)).collect();
+    assert_eq!(&versions[..2], &[2, 2], "buffered segments: {versions:?}");
+    assert_eq!(versions[4], 3, "durable writes: {versions:?}");
+    let (v, report) = open(&dir, LayoutChoice::Auto).expect("reopen");
+    assert_eq!(report.next_lsn, last + 1);
+    for i in 0..40 {
+        assert!(read(&v, i * RECORD, RECORD as usize) == pattern(i as u8, RECORD as usize));
+    }
+}
+
+#[test]
+fn a_writethrough_volume_writes_inline_from_its_first_segment() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = create(tmp.path());
+    let (v, _) = open(&dir, LayoutChoice::Auto).expect("open");
+    v.set_writethrough(true);
+    v.write(0, &pattern(1, RECORD as usize)).expect("write");
+    assert_eq!(version(&dir, 0), 3);
+    drop(v);
+    let (v, report) = open(&dir, LayoutChoice::Auto).expect("reopen");
+    assert_eq!(report.next_lsn, 2);
+    assert!(read(&v, 0, RECORD as usize) == pattern(1, RECORD as usize));
+}
