@@ -432,6 +432,20 @@ impl SegmentHeader {
     }
 }
 
+/// Whether a sector that is not a valid segment header may be the header
+/// of use `seq` torn while the writer rewrote it for inline records
+/// (`choose_layout` in volume.rs): that rewrite changes only the version,
+/// the nonce and the checksum, so the magic, volume, sequence number and
+/// size read as before. Nothing in such a segment was flushed: a flush
+/// syncs the rewritten header with the records.
+pub fn torn_header_rewrite(b: &[u8], volume: Uuid, seq: u64, segment_size: u64) -> bool {
+    b.len() >= SEGMENT_HEADER_USED
+        && b[0..8] == SEGMENT_MAGIC
+        && b[16..32] == *volume.as_bytes()
+        && le_u64(b, 32) == seq
+        && le_u64(b, 40) == segment_size
+}
+
 /// Checks that `[offset, offset + length)` is a non-empty, sector-aligned
 /// range inside a disk of `disk_size` bytes.
 pub fn check_range(offset: u64, length: u64, disk_size: u64) -> Result<(), String> {
@@ -744,6 +758,35 @@ mod tests {
                 assert!(SegmentHeader::decode(&b).is_err(), "bit {bit}");
             }
         }
+    }
+
+    #[test]
+    fn a_header_torn_while_rewritten_for_inline_records_is_recognized() {
+        let (volume, seq, size) = (Uuid::new_v4(), 12, 1 << 26);
+        let header = |layout| {
+            SegmentHeader {
+                volume,
+                seq,
+                segment_size: size,
+                layout,
+            }
+            .encode()
+        };
+        let (old, new) = (header(Layout::Slots), header(Layout::Inline { nonce: 99 }));
+        // Torn anywhere: the new bytes up to there, the old ones after.
+        for at in 0..=old.len() {
+            let mut torn = old;
+            torn[..at].copy_from_slice(&new[..at]);
+            match SegmentHeader::decode(&torn) {
+                Ok(h) => assert!(h.layout == Layout::Slots || at >= 60, "torn at {at}"),
+                Err(_) => assert!(
+                    torn_header_rewrite(&torn, volume, seq, size),
+                    "torn at {at}"
+                ),
+            }
+        }
+        assert!(!torn_header_rewrite(&old, volume, seq + 1, size));
+        assert!(!torn_header_rewrite(&[0u8; 512], volume, seq, size));
     }
 
     #[test]

@@ -41,8 +41,8 @@ pub(crate) mod checkpoint;
 use crate::error::{Error, Result};
 use crate::extent_map::ExtentMap;
 use crate::format::{
-    crc32c, HeaderProblem, Layout, Placed, Position, RecordHeader, RecordKind, SegmentHeader,
-    SegmentHeaderProblem, FORMAT_VERSION, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE,
+    crc32c, torn_header_rewrite, HeaderProblem, Layout, Placed, Position, RecordHeader, RecordKind,
+    SegmentHeader, SegmentHeaderProblem, FORMAT_VERSION, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE,
 };
 use crate::meta::{EpochStart, VolumeConfig};
 use crate::pool::{segment_name, Segment, JOURNAL_DIR};
@@ -138,6 +138,8 @@ pub struct Recovered {
 const READ_CHUNK: u64 = 256 << 10;
 const SEGMENT_FULL: &str = "segment is full";
 const CUT: &str = "the journal was cut here; the records after it are in a branch";
+const TORN_HEADER: &str =
+    "header torn while it was rewritten for inline records (nothing in the segment was flushed)";
 
 /// Reads a segment file through a window, kept between segments. The
 /// index builder checks payload checksums in shared windows (see
@@ -386,6 +388,11 @@ impl Scanner<'_> {
                 .map(Err);
         };
         match SegmentHeader::decode(b) {
+            Err(SegmentHeaderProblem::Garbage)
+                if torn_header_rewrite(b, self.config.uuid, seq, self.config.segment_size) =>
+            {
+                Ok(Err(TORN_HEADER.into()))
+            }
             Err(SegmentHeaderProblem::Garbage) => {
                 self.damaged(id, "header is damaged".into()).map(Err)
             }
@@ -504,18 +511,25 @@ impl Scanner<'_> {
     /// Intact records of this segment use (of `layout`) with lsn >= `from`
     /// where records after `at` may be: slots from `at.slot` down, above
     /// the payloads (which end at `at.top`); inline, any sector from
-    /// `at.top` up (a header without the use's nonce is not one).
+    /// `at.top` up (a header without the use's nonce is not one, unless
+    /// `layout` is `None`: an inline use whose header was torn, whose
+    /// nonce is lost; what is found then can only make `open` refuse).
     #[allow(clippy::too_many_arguments)]
     fn records_past(
         &self,
         readers: &mut SegmentReaders,
         id: u32,
-        layout: Layout,
+        layout: Option<Layout>,
         at: Position,
         seq: u64,
         from: u64,
         found: &mut Vec<RecordHeader>,
     ) -> Result<()> {
+        let ours = |h: &RecordHeader| match layout {
+            Some(layout) => layout.owns(h),
+            None => h.inline.is_some(),
+        };
+        let layout = layout.unwrap_or(Layout::Inline { nonce: 0 });
         if let Layout::Inline { .. } = layout {
             let mut pos = at.top;
             while pos + RECORD_HEADER_SIZE <= at.slot {
@@ -533,7 +547,7 @@ impl Scanner<'_> {
                     };
                     let placed = layout.place(here, u64::from(h.payload_len));
                     h.seq == seq
-                        && layout.owns(h)
+                        && ours(h)
                         && h.lsn >= from
                         && placed.is_some_and(|p| p.payload.unwrap_or(0) == h.payload_offset)
                 });
@@ -1183,18 +1197,27 @@ fn scan(scanner: &Scanner, mut payloads: Payloads, at: &Resume) -> Result<Scanne
             .reset(file, config.segment_size)
             .map_err(scanner.io(s.file_id))?;
         let (layout, start) = match last_used {
-            Some((used, layout, at)) if used == i => (layout, at),
+            Some((used, layout, at)) if used == i => (Some(layout), at),
             // The use's layout as its header says; slots (as prepared)
-            // when the header is not this use's.
+            // when the header is not this use's, and inline with any
+            // nonce when it was torn on its way to inline.
             _ => {
-                let header = readers
+                let sector = readers
                     .headers
                     .bytes(0, SEGMENT_HEADER_SIZE)
                     .map_err(scanner.io(s.file_id))?
-                    .and_then(|b| SegmentHeader::decode(b).ok())
-                    .filter(|h| h.seq == s.seq && h.volume == config.uuid);
-                let layout = header.map_or(Layout::Slots, |h| h.layout);
-                (layout, layout.start(config.segment_size))
+                    .unwrap_or_default();
+                let layout = match SegmentHeader::decode(sector) {
+                    Ok(h) if h.seq == s.seq && h.volume == config.uuid => Some(h.layout),
+                    Err(SegmentHeaderProblem::Garbage)
+                        if torn_header_rewrite(sector, config.uuid, s.seq, config.segment_size) =>
+                    {
+                        None
+                    }
+                    _ => Some(Layout::Slots),
+                };
+                let start = layout.unwrap_or(Layout::Inline { nonce: 0 });
+                (layout, start.start(config.segment_size))
             }
         };
         scanner.records_past(

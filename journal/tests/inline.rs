@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use common::{flip, options, pattern, read, segment_file, small_settings};
 use rewind_journal::{
-    BaseImage, Error, LayoutChoice, OpenOptions, OsStorage, RecoveryReport, Volume,
+    BaseImage, Error, LayoutChoice, OpenOptions, OsStorage, RecoveryReport, Storage, Volume,
+    VolumeSettings,
 };
 
 const RECORD: u64 = 8192;
@@ -19,11 +20,15 @@ const RECORD: u64 = 8192;
 const INLINE_RECORD: u64 = 512 + RECORD;
 
 fn create(tmp: &Path) -> PathBuf {
+    create_with(tmp, &small_settings())
+}
+
+fn create_with(tmp: &Path, settings: &VolumeSettings) -> PathBuf {
     let dir = tmp.join("vol");
     Volume::create(
         OsStorage::shared().as_ref(),
         &dir,
-        &small_settings(),
+        settings,
         BaseImage::Empty,
         &mut |_, _| {},
     )
@@ -190,4 +195,56 @@ fn a_writethrough_volume_writes_inline_from_its_first_segment() {
     let (v, report) = open(&dir, LayoutChoice::Auto).expect("reopen");
     assert_eq!(report.next_lsn, 2);
     assert!(read(&v, 0, RECORD as usize) == pattern(1, RECORD as usize));
+}
+
+#[test]
+fn a_header_torn_on_its_way_to_inline_ends_the_log_where_nothing_was_flushed() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = journal(tmp.path());
+    // Segment 1 (lsns 8-10, never flushed): its header's nonce half
+    // written, as a power loss in the rewrite would leave it.
+    flip(&segment_file(&dir, 1), 50);
+    let (v, report) = open(&dir, LayoutChoice::Inline).expect("not an error");
+    assert_eq!(report.next_lsn, 8);
+    assert!(report.end.reason.contains("torn"), "{report}");
+    assert_prefix(&v, 7);
+}
+
+#[test]
+fn a_torn_header_over_flushed_records_is_caught_by_the_records_after_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = journal(tmp.path());
+    // Segment 0 holds the flushed lsns 1-7; lsns 8-10 say so.
+    flip(&segment_file(&dir, 0), 50);
+    match open(&dir, LayoutChoice::Inline).unwrap_err() {
+        Error::FlushedDataDamaged { lsn, covered, .. } => assert_eq!((lsn, covered), (1, 7)),
+        other => panic!("{other}"),
+    }
+}
+
+/// Whether segment 0 of the volume in `dir` has no hole or unwritten
+/// extent left (in a segment of `size` bytes).
+fn fully_written(dir: &Path, size: u64) -> bool {
+    let f = OsStorage.open(&segment_file(dir, 0)).expect("segment");
+    f.fully_written(0, size).expect("FIEMAP")
+}
+
+#[test]
+fn an_inline_segment_of_a_new_file_is_zeroed_ahead_of_its_records() {
+    // A durable write into an unwritten extent makes the sync commit the
+    // file system's journal; a zeroed chunk ahead spares that. (1 MiB
+    // segments: ext4 zeroes small unwritten extents itself.)
+    let size = 1 << 20;
+    let settings = VolumeSettings {
+        segment_size: size,
+        ..small_settings()
+    };
+    for (layout, written) in [(LayoutChoice::Slots, false), (LayoutChoice::Inline, true)] {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = create_with(tmp.path(), &settings);
+        let (v, _) = open(&dir, layout).expect("open");
+        v.write(0, &pattern(1, 4096)).expect("write");
+        v.flush().expect("flush");
+        assert_eq!(fully_written(&dir, size), written, "{layout:?}");
+    }
 }
