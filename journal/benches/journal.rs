@@ -21,7 +21,8 @@ use common::{bench_dir, evict, groups, header, mib_s, quick, row};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rewind_journal::{
-    BaseImage, ExtentMap, OpenOptions, OsStorage, Pieces, Target, Volume, VolumeSettings,
+    BaseImage, ExtentMap, LayoutChoice, OpenOptions, OsStorage, Pieces, Target, Volume,
+    VolumeSettings,
 };
 
 /// Counts live heap bytes, to measure the extent map's and the record
@@ -552,7 +553,13 @@ impl Device {
 /// of segments that holds it all, written over with zeroes before the
 /// volume opens, as a segment file is once recycled (its extents written,
 /// not fallocated-unwritten), and evicted from the page cache.
-fn write_amp_volume(dir: &Path, disk: u64, bytes: u64, prewritten: bool) -> Volume {
+fn write_amp_volume(
+    dir: &Path,
+    disk: u64,
+    bytes: u64,
+    prewritten: bool,
+    layout: LayoutChoice,
+) -> Volume {
     let storage = OsStorage::shared();
     let mut s = settings(disk, bytes);
     if prewritten {
@@ -589,15 +596,17 @@ fn write_amp_volume(dir: &Path, disk: u64, bytes: u64, prewritten: bool) -> Volu
             evict(&path);
         }
     }
-    Volume::open(storage, dir, OpenOptions::default())
-        .expect("open")
-        .0
+    let options = OpenOptions {
+        layout,
+        ..OpenOptions::default()
+    };
+    Volume::open(storage, dir, options).expect("open").0
 }
 
 /// Device bytes per durable 4 KiB random write: at QD1 with each write
 /// made durable before the next (a FUA write, or writethrough), and with
-/// a flush every 32 writes. Rewind (new segment files, then segment files
-/// written before) against the same pattern on a preallocated plain file
+/// a flush every 32 writes. Rewind (segments in each layout: new segment
+/// files, then segment files written before) against the same pattern on a preallocated plain file
 /// with pwrite + fdatasync (what qemu-storage-daemon does on a raw image),
 /// written in full first, and, to show what ext4's unwritten extents
 /// cost, fallocated only. Same file system; least of three runs each
@@ -617,10 +626,10 @@ fn bench_write_amplification(c: &Config) {
             .map(|_| rng.random_range(0..disk / 4096) * 4096)
             .collect();
         let data = vec![0x77u8; 4096];
-        let rewind = |prewritten: bool| {
+        let rewind = |prewritten: bool, layout: LayoutChoice| {
             let dir = c.dir.join("write-amp");
             // A record and a Flush record's header each, at most.
-            let v = write_amp_volume(&dir, disk, writes * 5120, prewritten);
+            let v = write_amp_volume(&dir, disk, writes * 5120, prewritten, layout);
             let m = dev.measure(|| {
                 for (i, &at) in offsets.iter().enumerate() {
                     v.write(at, &data).expect("write");
@@ -656,13 +665,16 @@ fn bench_write_amplification(c: &Config) {
             std::fs::remove_file(&path).expect("cleanup");
             m
         };
-        // New segments, written segments, written file, fallocated file.
-        let mut best = [(u64::MAX, Duration::ZERO); 4];
+        // Slots: new segments, written segments; inline: the same; then
+        // the written file and the fallocated file.
+        let mut best = [(u64::MAX, Duration::ZERO); 6];
         for _ in 0..3 {
-            best[0] = best[0].min(rewind(false));
-            best[1] = best[1].min(rewind(true));
-            best[2] = best[2].min(plain(true));
-            best[3] = best[3].min(plain(false));
+            best[0] = best[0].min(rewind(false, LayoutChoice::Slots));
+            best[1] = best[1].min(rewind(true, LayoutChoice::Slots));
+            best[2] = best[2].min(rewind(false, LayoutChoice::Inline));
+            best[3] = best[3].min(rewind(true, LayoutChoice::Inline));
+            best[4] = best[4].min(plain(true));
+            best[5] = best[5].min(plain(false));
         }
         // What the device writes anyway over as long as the longest run.
         let longest = best.iter().map(|m| m.1).max().expect("runs");
@@ -682,8 +694,13 @@ fn bench_write_amplification(c: &Config) {
             format!("a flush every {every}")
         };
         for (segments, ours) in [
-            ("new segment files", best[0]),
-            ("segment files written before (as recycled ones)", best[1]),
+            ("slots, new segment files", best[0]),
+            (
+                "slots, segment files written before (as recycled ones)",
+                best[1],
+            ),
+            ("inline, new segment files", best[2]),
+            ("inline, segment files written before", best[3]),
         ] {
             row(
                 &format!(
@@ -691,13 +708,13 @@ fn bench_write_amplification(c: &Config) {
                     dev.name
                 ),
                 cell(ours),
-                format!("{} (pwrite, fdatasync; file written in full)", cell(best[2])),
-                Some(best[2].0 as f64 / ours.0 as f64),
+                format!("{} (pwrite, fdatasync; file written in full)", cell(best[4])),
+                Some(best[4].0 as f64 / ours.0 as f64),
             );
         }
         println!(
             "| the baseline on a file fallocated, never written (unwritten extents, as new segment files) | | {} | |",
-            cell(best[3])
+            cell(best[5])
         );
         println!(
             "| idle device writes over {:.1} s (not subtracted) | {:.0} B/write | | |",
