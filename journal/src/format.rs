@@ -439,11 +439,16 @@ impl SegmentHeader {
 /// size read as before. Nothing in such a segment was flushed: a flush
 /// syncs the rewritten header with the records.
 pub fn torn_header_rewrite(b: &[u8], volume: Uuid, seq: u64, segment_size: u64) -> bool {
-    b.len() >= SEGMENT_HEADER_USED
+    // A tear before the version leaves the old header whole; after it,
+    // the version reads 3. A damaged version 2 header is not a torn one.
+    b.len() == SEGMENT_HEADER_SIZE as usize
         && b[0..8] == SEGMENT_MAGIC
+        && u16::from_le_bytes([b[8], b[9]]) == INLINE_VERSION
+        && b[10..16].iter().all(|&x| x == 0)
         && b[16..32] == *volume.as_bytes()
         && le_u64(b, 32) == seq
         && le_u64(b, 40) == segment_size
+        && b[INLINE_SEGMENT_HEADER_USED..].iter().all(|&x| x == 0)
 }
 
 /// Checks that `[offset, offset + length)` is a non-empty, sector-aligned
@@ -787,6 +792,11 @@ mod tests {
         }
         assert!(!torn_header_rewrite(&old, volume, seq + 1, size));
         assert!(!torn_header_rewrite(&[0u8; 512], volume, seq, size));
+        // Damage to a header that stays version 2 is damage.
+        let mut damaged = old;
+        damaged[49] ^= 1;
+        assert!(SegmentHeader::decode(&damaged).is_err());
+        assert!(!torn_header_rewrite(&damaged, volume, seq, size));
     }
 
     #[test]

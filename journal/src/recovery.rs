@@ -993,26 +993,40 @@ impl Scanner<'_> {
         let mut b = [0u8; RECORD_HEADER_SIZE as usize];
         file.read_exact_at(&mut b, 0)
             .map_err(|e| format!("reading {name} failed: {e}"))?;
-        match SegmentHeader::decode(&b) {
+        let layout = match SegmentHeader::decode(&b) {
             Ok(h)
                 if h.volume == self.config.uuid
                     && h.seq == k.seq
-                    && h.segment_size == self.config.segment_size => {}
+                    && h.segment_size == self.config.segment_size =>
+            {
+                h.layout
+            }
             _ => return Err(format!("{name}'s header is not that of sequence {}", k.seq)),
-        }
-        for lsn in [k.first_lsn, k.last_lsn] {
-            let slot = (lsn - k.first_lsn + 1)
-                .checked_mul(RECORD_HEADER_SIZE)
-                .and_then(|n| self.config.segment_size.checked_sub(n))
-                .filter(|&slot| slot >= SEGMENT_HEADER_SIZE);
-            let found = match slot {
-                Some(slot) => file
-                    .read_exact_at(&mut b, slot)
+        };
+        // Slots: the first and last records' headers, at places the lsns
+        // give. Inline: the first record's (the last one's place depends
+        // on every record before it); each covered segment's first record
+        // still chains it to the one before.
+        let wanted = match layout {
+            Layout::Slots => vec![k.first_lsn, k.last_lsn],
+            Layout::Inline { .. } => vec![k.first_lsn],
+        };
+        for lsn in wanted {
+            let at = match layout {
+                Layout::Slots => (lsn - k.first_lsn + 1)
+                    .checked_mul(RECORD_HEADER_SIZE)
+                    .and_then(|n| self.config.segment_size.checked_sub(n))
+                    .filter(|&slot| slot >= SEGMENT_HEADER_SIZE),
+                Layout::Inline { .. } => Some(SEGMENT_HEADER_SIZE),
+            };
+            let found = match at {
+                Some(at) => file
+                    .read_exact_at(&mut b, at)
                     .ok()
                     .and_then(|()| RecordHeader::decode(&b).ok()),
                 None => None,
             };
-            if found.is_none_or(|h| h.seq != k.seq || h.lsn != lsn) {
+            if found.is_none_or(|h| h.seq != k.seq || h.lsn != lsn || !layout.owns(&h)) {
                 return Err(format!("{name} does not hold lsn {lsn} where it says"));
             }
         }

@@ -230,6 +230,12 @@ struct Cursor {
     records: u64,
     /// What the writer learns of the workload for `choose_layout`.
     durability: Durability,
+    /// The highest lsn a record placed so far proves durable (a Flush
+    /// record's, or an inline header's `durable_lsn`; at open, the
+    /// recovered end), and whether a flush left a higher one to the next
+    /// record (`flush` in an inline segment).
+    proved_lsn: u64,
+    proof_owed: bool,
     /// Inline: `active` holds no unwritten extents below it (`zero_ahead`).
     zeroed_to: u64,
 }
@@ -667,6 +673,8 @@ impl Volume {
                 at: Position { slot: 0, top: 0 },
                 records: 0,
                 durability: Durability::default(),
+                proved_lsn: next_lsn - 1,
+                proof_owed: false,
                 zeroed_to: 0,
             }),
             index: Mutex::new(index),
@@ -819,7 +827,7 @@ impl Volume {
 
     /// Flushes and stops the pool's thread.
     pub fn close(mut self) -> Result<()> {
-        let flushed = self.inner.flush();
+        let flushed = self.inner.flush().and_then(|()| self.inner.prove_durable());
         if flushed.is_ok() {
             self.inner.checkpoint_if_due(checkpoint::Occasion::Close);
         }
@@ -1364,6 +1372,34 @@ impl Inner {
         Ok(())
     }
 
+    /// Appends a Flush record for the durable lsn where a flush in an
+    /// inline segment left its proof to the next record and none came
+    /// (at close, and when the guest is idle), if it fits the segment
+    /// being written: never waits for space (the applier calls it).
+    fn prove_durable(&self) -> Result<()> {
+        let _sync = lock(&self.sync_lock);
+        self.check_failed()?;
+        let durable = self.durable_lsn.load(Ordering::Acquire);
+        let mut c = lock(&self.cursor);
+        let owed = c.proof_owed && c.proved_lsn < durable;
+        let fits = c.active.is_some() && !c.durability.switch && c.layout.place(c.at, 0).is_some();
+        if !owed || !fits {
+            return Ok(());
+        }
+        let reserved = self.reserve(
+            &mut c,
+            RecordKind::Flush,
+            durable,
+            0,
+            &[],
+            crc32c(&[]),
+            None,
+        )?;
+        drop(c);
+        self.write_reserved(reserved, &[])?;
+        Ok(())
+    }
+
     fn append(&self, kind: RecordKind, offset: u64, length: u64, payload: &[u8]) -> Result<u64> {
         self.check_failed()?;
         let payload_crc = crc32c(payload);
@@ -1473,13 +1509,18 @@ impl Inner {
         let inline = match c.layout {
             Layout::Inline { nonce } => {
                 segment.note_header(c.records, lsn, placed.header);
-                Some(InlineStamp {
-                    nonce,
-                    durable_lsn: self.durable_lsn.load(Ordering::Acquire),
-                })
+                let durable_lsn = self.durable_lsn.load(Ordering::Acquire);
+                c.proved_lsn = c.proved_lsn.max(durable_lsn);
+                Some(InlineStamp { nonce, durable_lsn })
             }
             Layout::Slots => None,
         };
+        if kind == RecordKind::Flush {
+            c.proved_lsn = c.proved_lsn.max(offset);
+        }
+        if c.proved_lsn >= self.durable_lsn.load(Ordering::Acquire) {
+            c.proof_owed = false;
+        }
         let header = RecordHeader {
             kind,
             seq: segment.seq,
@@ -1635,9 +1676,18 @@ impl Inner {
         }
         // In an inline segment the next record's header carries the proof
         // (`InlineStamp::durable_lsn`): a Flush record would cost a device
-        // write of its own.
-        if matches!(lock(&self.cursor).layout, Layout::Inline { .. }) {
-            return Ok(());
+        // write of its own. Not when that record may open a segment with
+        // header slots (nor at close, nor when the guest stays idle:
+        // `prove_durable`).
+        {
+            let mut c = lock(&self.cursor);
+            let next_inline = matches!(c.layout, Layout::Inline { .. })
+                && c.active.is_some()
+                && !c.durability.switch;
+            if next_inline {
+                c.proof_owed = true;
+                return Ok(());
+            }
         }
         // Proof for recovery that everything up to `upto` was durable,
         // appended before the sync lock is let go: whoever syncs next
@@ -1821,7 +1871,16 @@ impl Inner {
         let pause = interval.unwrap_or(Duration::from_secs(3600));
         let mut due = interval.is_some();
         let mut backoff = self.retry.first_backoff;
+        // The next lsn at the last pass: unchanged means the guest is idle.
+        let mut next_lsn = 0;
         while !self.shutdown.load(Ordering::Acquire) {
+            let now = lock(&self.cursor).next_lsn;
+            if now == next_lsn {
+                if let Err(e) = self.prove_durable() {
+                    tracing::debug!(error = %e, "no Flush record for an idle journal");
+                }
+            }
+            next_lsn = now;
             if due || self.pool.overflow() > 0 {
                 match self.fold_at_most(self.pool.fold_piece()) {
                     // One piece done: look for the next at once.

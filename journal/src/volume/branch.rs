@@ -932,6 +932,8 @@ impl Inner {
         // The next record goes to a fresh segment, never after the erased
         // slots of the one holding `common`.
         c.active = None;
+        c.proved_lsn = common;
+        c.proof_owed = false;
         self.completion.reset(common);
         self.durable_lsn.store(common, Ordering::Release);
         self.last_data_lsn.store(last_data, Ordering::Release);

@@ -260,6 +260,8 @@ impl Volume {
             let dropped = inner.pool.commit_fold(used, s, ns)?;
             c.active = None;
             c.next_lsn = s + 1;
+            c.proved_lsn = s;
+            c.proof_owed = false;
             c.last_timestamp = ns;
             *index = RecordIndex::new(s, ns);
             inner.map.replace_with(ExtentMap::new(inner.config.size));

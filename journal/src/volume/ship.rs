@@ -297,6 +297,11 @@ impl Inner {
             let reason = format!("syncing the journal failed: {e}");
             return Err(self.fail(reason));
         }
+        // A replica's syncs count as a primary's flushes do: one per
+        // record (a sync replica of FUA writes) makes its segments inline,
+        // whose headers then carry the proof its primary's Flush records
+        // no longer bring.
+        self.syncs.fetch_add(1, Ordering::AcqRel);
         Ok(self.durable_lsn.fetch_max(upto, Ordering::AcqRel).max(upto))
     }
 
