@@ -280,3 +280,28 @@ fn a_close_proves_the_last_flush_of_an_inline_segment() {
         other => panic!("{other}"),
     }
 }
+
+#[test]
+fn a_checkpoint_over_inline_segments_spares_their_recovery() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = create(tmp.path());
+    let options = OpenOptions {
+        layout: LayoutChoice::Inline,
+        checkpoint_every: Some(64 << 10),
+        ..options()
+    };
+    let (v, _) = Volume::open(OsStorage::shared(), &dir, options.clone()).expect("open");
+    // Ten 64 KiB segments of 8 KiB records, then a checkpoint.
+    for i in 0..70 {
+        v.write((i % 100) * RECORD, &pattern(i as u8, RECORD as usize))
+            .expect("write");
+    }
+    v.flush().expect("flush");
+    let covered = v.checkpoint().expect("checkpoint").expect("taken");
+    drop(v);
+    let (v, report) = Volume::open(OsStorage::shared(), &dir, options).expect("reopen");
+    assert_eq!(report.records_from_checkpoint, covered, "{report}");
+    for i in 0..70 {
+        assert!(read(&v, i * RECORD, RECORD as usize) == pattern(i as u8, RECORD as usize));
+    }
+}
