@@ -153,6 +153,13 @@ pub struct ServeArgs {
     /// (needs --replicate-to; evacuate the VM with `rewindctl handover`).
     #[arg(long, value_enum, default_value = "hold")]
     pub on_storage_error: OnStorageError,
+    /// How new journal segments place their records (journal/FORMAT.md):
+    /// auto picks inline segments (each record one O_DIRECT write) while
+    /// the guest makes its writes durable one by one (FUA writes, or a
+    /// flush after each), header slots through the page cache otherwise;
+    /// slots or inline force one.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub journal_layout: JournalLayout,
     /// Take a bookmark every DURATION (at least 1s), at each multiple of
     /// it since the Unix epoch, named by that moment in UTC
     /// (auto-2026-11-30T19:45:00Z). They are pruned with the window as any
@@ -222,6 +229,24 @@ pub struct ReplicationArgs {
     pub tls_peer_fingerprint: Option<Fingerprint>,
 }
 
+/// `--journal-layout`: the journal's `LayoutChoice`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum JournalLayout {
+    Auto,
+    Slots,
+    Inline,
+}
+
+impl From<JournalLayout> for rewind_journal::LayoutChoice {
+    fn from(l: JournalLayout) -> Self {
+        match l {
+            JournalLayout::Auto => rewind_journal::LayoutChoice::Auto,
+            JournalLayout::Slots => rewind_journal::LayoutChoice::Slots,
+            JournalLayout::Inline => rewind_journal::LayoutChoice::Inline,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Compress {
     Zstd,
@@ -251,6 +276,7 @@ pub struct ServeConfig {
     pub export: ExportConfig,
     pub io_error_hold: Duration,
     pub on_storage_error: OnStorageError,
+    pub journal_layout: rewind_journal::LayoutChoice,
     pub control_socket: Option<PathBuf>,
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub replication: Replication,
@@ -334,6 +360,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             },
             io_error_hold: a.io_error_hold,
             on_storage_error: a.on_storage_error,
+            journal_layout: a.journal_layout.into(),
             control_socket: a.control_socket,
             metrics_listen: a.metrics_listen,
             replication,

@@ -156,6 +156,7 @@ pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
             max_hold: config.io_error_hold,
             ..RetryPolicy::default()
         },
+        layout: config.journal_layout,
         ..OpenOptions::default()
     };
     // Volume::open logs what recovery found.

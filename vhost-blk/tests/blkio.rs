@@ -504,3 +504,75 @@ fn views_are_exported_beside_the_live_disk_and_reverts_need_a_drain() {
     v.read(0, &mut got).expect("read");
     assert!(got == pattern(1, 65536), "the disk is as at the bookmark");
 }
+
+/// The versions in the headers of `volume`'s segment files: 2 for header
+/// slots, 3 for inline segments (journal/FORMAT.md).
+fn segment_versions(volume: &Path) -> Vec<u16> {
+    use std::os::unix::fs::FileExt;
+    let mut versions = Vec::new();
+    for entry in std::fs::read_dir(volume.join("journal")).expect("ls journal") {
+        let f = std::fs::File::open(entry.expect("entry").path()).expect("segment");
+        let mut b = [0u8; 2];
+        f.read_exact_at(&mut b, 8).expect("read header");
+        versions.push(u16::from_le_bytes(b));
+    }
+    versions
+}
+
+#[test]
+fn fua_writes_move_the_journal_to_inline_segments_which_survive_a_kill() {
+    let vol = TestVolume::create("64M");
+    let mut server = Server::start(&vol, &[]);
+    let mut c = Client::connect(&vol.socket, 1);
+    // What a guest's FUA writes come as: a write and a flush each. Two
+    // windows of 256 later the daemon's journal writes inline segments.
+    let writes = 600u64;
+    for i in 0..writes {
+        assert_eq!(c.write(0, i * 4096, &pattern(i as u8, 4096)), 0);
+        assert_eq!(c.flush(0), 0);
+    }
+    let versions = segment_versions(&vol.path);
+    assert!(versions.contains(&3), "segment versions {versions:?}");
+    drop(c);
+    assert!(!server.kill().success(), "killed by SIGKILL");
+    // Served again with header slots forced: the inline records read back.
+    let _server = Server::start(&vol, &["--journal-layout", "slots"]);
+    let mut c = Client::connect(&vol.socket, 1);
+    for i in 0..writes {
+        assert_eq!(
+            c.read(0, i * 4096, 4096),
+            pattern(i as u8, 4096),
+            "write {i}"
+        );
+    }
+}
+
+#[test]
+fn a_forced_inline_journal_writes_inline_from_its_first_record() {
+    let vol = TestVolume::create("64M");
+    let _server = Server::start(&vol, &["--journal-layout", "inline"]);
+    let mut c = Client::connect(&vol.socket, 1);
+    assert_eq!(c.write(0, 0, &pattern(9, 4096)), 0);
+    assert_eq!(
+        segment_versions(&vol.path)
+            .iter()
+            .filter(|&&v| v == 3)
+            .count(),
+        1
+    );
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--journal-layout",
+            "sideways",
+            "--print-capabilities",
+        ])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("possible values: auto, slots, inline"),
+        "{err}"
+    );
+}
