@@ -451,6 +451,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// `lock(m)`, or with `wait` false only if nobody holds it.
+fn lock_or_skip<T>(m: &Mutex<T>, wait: bool) -> Option<MutexGuard<'_, T>> {
+    if wait {
+        return Some(lock(m));
+    }
+    match m.try_lock() {
+        Ok(guard) => Some(guard),
+        Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
 fn retryable(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(code) if code == libc_eio() || code == libc_enospc())
 }
@@ -827,7 +839,10 @@ impl Volume {
 
     /// Flushes and stops the pool's thread.
     pub fn close(mut self) -> Result<()> {
-        let flushed = self.inner.flush().and_then(|()| self.inner.prove_durable());
+        let flushed = self
+            .inner
+            .flush()
+            .and_then(|()| self.inner.prove_durable(true));
         if flushed.is_ok() {
             self.inner.checkpoint_if_due(checkpoint::Occasion::Close);
         }
@@ -1375,12 +1390,18 @@ impl Inner {
     /// Appends a Flush record for the durable lsn where a flush in an
     /// inline segment left its proof to the next record and none came
     /// (at close, and when the guest is idle), if it fits the segment
-    /// being written: never waits for space (the applier calls it).
-    fn prove_durable(&self) -> Result<()> {
-        let _sync = lock(&self.sync_lock);
+    /// being written: never waits for space. Without `wait` (the applier)
+    /// it gives up where a lock is taken: a writer waiting for space at
+    /// the hard limit holds the cursor until the applier frees some.
+    fn prove_durable(&self, wait: bool) -> Result<()> {
+        let Some(_sync) = lock_or_skip(&self.sync_lock, wait) else {
+            return Ok(());
+        };
         self.check_failed()?;
         let durable = self.durable_lsn.load(Ordering::Acquire);
-        let mut c = lock(&self.cursor);
+        let Some(mut c) = lock_or_skip(&self.cursor, wait) else {
+            return Ok(());
+        };
         let owed = c.proof_owed && c.proved_lsn < durable;
         let fits = c.active.is_some() && !c.durability.switch && c.layout.place(c.at, 0).is_some();
         if !owed || !fits {
@@ -1871,12 +1892,14 @@ impl Inner {
         let pause = interval.unwrap_or(Duration::from_secs(3600));
         let mut due = interval.is_some();
         let mut backoff = self.retry.first_backoff;
-        // The next lsn at the last pass: unchanged means the guest is idle.
-        let mut next_lsn = 0;
+        // The next lsn at the last pass: unchanged means the guest is idle
+        // (a cursor held, perhaps by a writer waiting for space this
+        // applier must free, means it is not).
+        let mut next_lsn = None;
         while !self.shutdown.load(Ordering::Acquire) {
-            let now = lock(&self.cursor).next_lsn;
-            if now == next_lsn {
-                if let Err(e) = self.prove_durable() {
+            let now = lock_or_skip(&self.cursor, false).map(|c| c.next_lsn);
+            if now.is_some() && now == next_lsn {
+                if let Err(e) = self.prove_durable(false) {
                     tracing::debug!(error = %e, "no Flush record for an idle journal");
                 }
             }
