@@ -574,16 +574,29 @@ struct FiemapExtent {
     reserved: [u32; 3],
 }
 
-/// A page-aligned buffer of `len` bytes in `store` (grown as needed and
-/// kept by the caller for reuse; its bytes are left from earlier use), as
-/// `write_direct_at` wants.
-pub fn aligned(store: &mut Vec<u8>, len: usize) -> &mut [u8] {
+thread_local! {
+    /// Where `write_direct_parts` puts a request together.
+    static DIRECT_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Writes `parts`, one after the other, at `offset` with
+/// [`StorageFile::write_direct_at`], copied into a page-aligned buffer
+/// (one per thread, kept for reuse) as O_DIRECT wants.
+pub fn write_direct_parts(file: &dyn StorageFile, parts: &[&[u8]], offset: u64) -> io::Result<()> {
     const ALIGN: usize = 4096;
-    if store.len() < len + ALIGN {
-        store.resize(len + ALIGN, 0);
-    }
-    let start = store.as_ptr().align_offset(ALIGN);
-    &mut store[start..start + len]
+    let len = parts.iter().map(|p| p.len()).sum::<usize>();
+    DIRECT_BUFFER.with_borrow_mut(|store| {
+        if store.len() < len + ALIGN {
+            store.resize(len + ALIGN, 0);
+        }
+        let start = store.as_ptr().align_offset(ALIGN);
+        let mut at = start;
+        for part in parts {
+            store[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        file.write_direct_at(&store[start..start + len], offset)
+    })
 }
 
 /// Makes `[offset, offset + len)` of a host file read as zeroes: punches
@@ -763,10 +776,7 @@ mod tests {
             !f.fully_written(mib, mib).expect("fiemap"),
             "read, still unwritten"
         );
-        let mut store = Vec::new();
-        let zeroes = aligned(&mut store, mib as usize);
-        zeroes.fill(0);
-        f.write_direct_at(zeroes, mib).expect("direct write");
+        write_direct_parts(f.as_ref(), &[&vec![0u8; mib as usize]], mib).expect("direct write");
         assert!(f.fully_written(mib, mib).expect("fiemap"), "written");
         assert!(
             !f.fully_written(mib - 4096, mib).expect("fiemap"),

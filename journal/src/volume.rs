@@ -52,7 +52,7 @@ use crate::point::PointInTime;
 use crate::pool::{segment_name, write_header, Pool, PoolSetup, Segment, JOURNAL_DIR};
 use crate::record_index::{Bookmark, Effect, Entry, RecordIndex};
 use crate::recovery::{recover, RecoveryReport};
-use crate::storage::{aligned, ImportMode, LockGuard, Progress, Storage, StorageFile};
+use crate::storage::{write_direct_parts, ImportMode, LockGuard, Progress, Storage, StorageFile};
 use crate::superblock::Superblock;
 
 mod branch;
@@ -345,11 +345,6 @@ const ZERO_AHEAD: u64 = 8 << 20;
 
 /// `ZERO_AHEAD` zeroes and a page to align them on.
 static ZEROES: OnceLock<Vec<u8>> = OnceLock::new();
-
-thread_local! {
-    /// Where `write_direct_at` requests are put together (page-aligned).
-    static DIRECT_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
 
 /// Data records a verdict of `Durability` looks back on.
 const DURABILITY_WINDOW: u64 = 256;
@@ -1319,13 +1314,9 @@ impl Inner {
         }
         .encode();
         let mut zeroed_to = 0;
-        let written = self.zero_ahead(&mut zeroed_to, segment, 0).and_then(|()| {
-            DIRECT_BUFFER.with_borrow_mut(|store| {
-                let buf = aligned(store, header.len());
-                buf.copy_from_slice(&header);
-                segment.file.write_direct_at(buf, 0)
-            })
-        });
+        let written = self
+            .zero_ahead(&mut zeroed_to, segment, 0)
+            .and_then(|()| write_direct_parts(segment.file.as_ref(), &[&header], 0));
         match written {
             Ok(()) => {
                 segment.set_layout(layout);
@@ -1527,10 +1518,10 @@ impl Inner {
         if kind != RecordKind::Flush {
             self.last_data_lsn.store(lsn, Ordering::Release);
         }
+        let durable_lsn = self.durable_lsn.load(Ordering::Acquire);
         let inline = match c.layout {
             Layout::Inline { nonce } => {
                 segment.note_header(c.records, lsn, placed.header);
-                let durable_lsn = self.durable_lsn.load(Ordering::Acquire);
                 c.proved_lsn = c.proved_lsn.max(durable_lsn);
                 Some(InlineStamp { nonce, durable_lsn })
             }
@@ -1539,7 +1530,7 @@ impl Inner {
         if kind == RecordKind::Flush {
             c.proved_lsn = c.proved_lsn.max(offset);
         }
-        if c.proved_lsn >= self.durable_lsn.load(Ordering::Acquire) {
+        if c.proved_lsn >= durable_lsn {
             c.proof_owed = false;
         }
         let header = RecordHeader {
@@ -1598,13 +1589,7 @@ impl Inner {
                 segment.file.write_small_at(&head, slot)
             }
             // Header and payload are adjacent: one request.
-            Some(_) => DIRECT_BUFFER.with_borrow_mut(|store| {
-                let buf = aligned(store, head.len() + payload.len());
-                let (h, p) = buf.split_at_mut(head.len());
-                h.copy_from_slice(&head);
-                p.copy_from_slice(payload);
-                segment.file.write_direct_at(buf, slot)
-            }),
+            Some(_) => write_direct_parts(segment.file.as_ref(), &[&head, payload], slot),
         });
         if let Err(e) = written {
             let reason = format!("journal append of lsn {} failed: {e}", header.lsn);

@@ -60,7 +60,7 @@ use crate::format::{
 use crate::point::{check_branch_name, format_ns, PointInTime};
 use crate::pool::{segment_name, Segment, JOURNAL_DIR};
 use crate::record_index::{Bookmark, Effect, Entry};
-use crate::storage::aligned;
+use crate::storage::write_direct_parts;
 use crate::storage::{Storage, StorageFile};
 
 pub const BRANCHES_DIR: &str = "branches";
@@ -1093,7 +1093,6 @@ impl Inner {
             Layout::Inline { .. } => (top, size),
         };
         let mut buf = Vec::new();
-        let mut zero = Vec::new();
         while hi > low {
             let lo = hi.saturating_sub(ERASE_CHUNK).max(low);
             buf.resize((hi - lo) as usize, 0);
@@ -1113,9 +1112,7 @@ impl Inner {
                     // An inline use's pages are written only around the
                     // page cache (format.rs).
                     Layout::Inline { .. } => {
-                        let sector = aligned(&mut zero, RECORD_HEADER_SIZE as usize);
-                        sector.fill(0);
-                        seg.file.write_direct_at(sector, lo + at)
+                        write_direct_parts(seg.file.as_ref(), &[&[0u8; 512]], lo + at)
                     }
                 });
                 erased.map_err(io("erasing record headers in"))?;
