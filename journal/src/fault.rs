@@ -16,6 +16,7 @@
 //! second.
 
 use std::collections::{HashMap, HashSet};
+use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, Weak};
@@ -452,6 +453,12 @@ impl StorageFile for FaultFile {
 }
 
 impl Storage for FaultStorage {
+    /// In the system's temporary directory: this storage's directories
+    /// exist only in memory, and the file must be real to be mapped.
+    fn create_scratch(&self, _dir: &Path) -> io::Result<File> {
+        crate::storage::unnamed_file(&std::env::temp_dir())
+    }
+
     fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
         let fs = lock(&self.shared.fs);
         let file = fs.files.get(path).ok_or_else(|| not_found(path))?;

@@ -13,25 +13,69 @@
 //! - entries live in chunks of `CHUNK`; every chunk but the tail is full and
 //!   frozen behind an `Arc`, so a snapshot shares them instead of copying,
 //!   and growing never moves what is there; a chunk keeps its entries as
-//!   compact columns ([`block`]), about 20 bytes a record;
+//!   compact columns ([`block`]), about 20 bytes a record; with a page
+//!   file ([`pages`]), a frozen chunk lives there instead of in memory;
 //! - every revert's target is >= base_lsn (the applier never folds past the
 //!   target of a revert it has not folded).
 
 mod block;
+mod pages;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use block::Block;
+pub use pages::PageFile;
+use pages::Paged;
 
 use crate::extent_map::{ExtentMap, Target};
 use crate::format::{RecordHeader, RecordKind, SECTOR};
 
 const CHUNK: usize = 4096;
 
-/// A full chunk. Freezing the tail moves its columns into the `Arc`
-/// instead of copying 4096 entries (recovery pushes millions of them).
-type Chunk = Arc<Block>;
+/// A full chunk. Freezing the tail moves its columns into the `Arc` (or
+/// into the page file) instead of copying 4096 entries (recovery pushes
+/// millions of them).
+type Chunk = Arc<Frozen>;
+
+#[derive(Debug)]
+enum Frozen {
+    Memory(Block),
+    Paged(Paged),
+}
+
+impl Frozen {
+    /// `full` (CHUNK entries) in `pages` if there is one and it takes it.
+    fn of(full: Block, pages: Option<&Arc<PageFile>>) -> Chunk {
+        Arc::new(match pages {
+            Some(pages) => pages
+                .page_out(full)
+                .map_or_else(Frozen::Memory, Frozen::Paged),
+            None => Frozen::Memory(full),
+        })
+    }
+
+    fn get(&self, i: usize) -> Entry {
+        match self {
+            Frozen::Memory(block) => block.get(i),
+            Frozen::Paged(paged) => paged.get(i),
+        }
+    }
+
+    /// A copy of the first `len` entries with room for `capacity`.
+    fn prefix(&self, len: usize, capacity: usize) -> Block {
+        match self {
+            Frozen::Memory(block) => block.prefix(len, capacity),
+            Frozen::Paged(paged) => {
+                let mut block = Block::with_capacity(capacity);
+                for i in 0..len {
+                    block.push(paged.get(i));
+                }
+                block
+            }
+        }
+    }
+}
 
 /// What one record did to the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +148,8 @@ pub struct RecordIndex {
     reverts: Vec<(u64, u64)>,
     bookmarks: Vec<Bookmark>,
     flushes: u64,
+    /// Where full chunks go, if anywhere.
+    pages: Option<Arc<PageFile>>,
 }
 
 impl RecordIndex {
@@ -118,7 +164,26 @@ impl RecordIndex {
             reverts: Vec::new(),
             bookmarks: Vec::new(),
             flushes: 0,
+            pages: None,
         }
+    }
+
+    /// Pages full chunks, those there now and those to come, to `pages`.
+    pub fn page_to(&mut self, pages: Arc<PageFile>) {
+        for chunk in &mut self.frozen {
+            // A chunk a snapshot shares stays where it is (none is shared
+            // where this is called: recovery, before anyone reads).
+            if let Some(Frozen::Memory(block)) = Arc::get_mut(chunk) {
+                let full = std::mem::replace(block, Block::with_capacity(0));
+                *chunk = Frozen::of(full, Some(&pages));
+            }
+        }
+        self.pages = Some(pages);
+    }
+
+    /// The page file of `page_to`, if any.
+    pub fn pages(&self) -> Option<Arc<PageFile>> {
+        self.pages.clone()
     }
 
     pub fn base_lsn(&self) -> u64 {
@@ -147,7 +212,7 @@ impl RecordIndex {
         self.tail.push(entry);
         if self.tail.len() == CHUNK {
             let full = std::mem::replace(&mut self.tail, Block::with_capacity(CHUNK));
-            self.frozen.push_back(Arc::new(full));
+            self.frozen.push_back(Frozen::of(full, self.pages.as_ref()));
         }
     }
 
@@ -280,6 +345,7 @@ impl RecordIndex {
                 .copied()
                 .filter(|r| r.0 <= upto)
                 .collect(),
+            pages: self.pages.clone(),
         }
     }
 
@@ -352,6 +418,7 @@ pub struct Snapshot {
     frozen: Vec<Chunk>,
     tail: Block,
     reverts: Vec<(u64, u64)>,
+    pages: Option<Arc<PageFile>>,
 }
 
 impl Snapshot {
@@ -378,7 +445,7 @@ impl Snapshot {
         self.tail.push(entry);
         if self.tail.len() == CHUNK {
             let full = std::mem::replace(&mut self.tail, Block::with_capacity(CHUNK));
-            self.frozen.push(Arc::new(full));
+            self.frozen.push(Frozen::of(full, self.pages.as_ref()));
         }
     }
 
@@ -540,6 +607,58 @@ mod tests {
         assert_eq!(source(last - 1, 1), seg(7));
         assert_eq!(source(last, 0), seg(1));
         assert_eq!(source(last, 1), Source::Base, "reverted to lsn 3");
+    }
+
+    #[test]
+    fn a_paged_index_reads_as_one_in_memory_and_frees_what_it_forgets() {
+        let dir = tempfile::tempdir().unwrap();
+        let pages = PageFile::new(crate::storage::unnamed_file(dir.path()).unwrap());
+        let mut memory = RecordIndex::new(0, 0);
+        let mut paged = RecordIndex::new(0, 0);
+        let entry = |i: u64| match i % 9 {
+            0 => Entry {
+                timestamp: i,
+                effect: Effect::Flush,
+            },
+            _ => data(i, i % 1000, (i / 100) as u32),
+        };
+        // Some chunks full before the page file, then more after it.
+        let n = 5 * CHUNK as u64 + 17;
+        for i in 1..=2 * CHUNK as u64 + 5 {
+            memory.push(entry(i));
+            paged.push(entry(i));
+        }
+        paged.page_to(Arc::clone(&pages));
+        for i in 2 * CHUNK as u64 + 6..=n {
+            memory.push(entry(i));
+            paged.push(entry(i));
+        }
+        assert!(paged.frozen.iter().all(|c| matches!(**c, Frozen::Paged(_))));
+        let same = |a: &RecordIndex, b: &RecordIndex| {
+            assert_eq!(a.last_lsn(), b.last_lsn());
+            assert_eq!(a.flushes(), b.flushes());
+            for lsn in a.base_lsn() + 1..=a.last_lsn() {
+                assert_eq!(a.entry(lsn), b.entry(lsn), "lsn {lsn}");
+            }
+        };
+        same(&memory, &paged);
+        assert_eq!(paged.lsn_at(3 * CHUNK as u64), 3 * CHUNK as u64);
+        let snapshot = paged.snapshot(4 * CHUNK as u64 + 3);
+        // A cut inside a paged chunk makes a tail in memory from it.
+        memory.truncate(3 * CHUNK as u64 + 10);
+        paged.truncate(3 * CHUNK as u64 + 10);
+        same(&memory, &paged);
+        assert_eq!(
+            snapshot.entry(4 * CHUNK as u64 + 3),
+            entry(4 * CHUNK as u64 + 3)
+        );
+        drop(snapshot);
+        assert_eq!(pages.slots_in_use(), 3);
+        // Folding frees the slots of the chunks it passes.
+        memory.trim(2 * CHUNK as u64 + 1);
+        paged.trim(2 * CHUNK as u64 + 1);
+        same(&memory, &paged);
+        assert_eq!(pages.slots_in_use(), 1);
     }
 
     #[test]

@@ -46,7 +46,7 @@ use crate::format::{
 };
 use crate::meta::{EpochStart, VolumeConfig};
 use crate::pool::{segment_name, Segment, JOURNAL_DIR};
-use crate::record_index::{Effect, Entry, RecordIndex};
+use crate::record_index::{Effect, Entry, PageFile, RecordIndex};
 use crate::storage::{Storage, StorageFile};
 use crate::superblock::SuperState;
 
@@ -801,9 +801,28 @@ pub fn recover(
         truncate_damaged,
         cut,
     };
+    // The index pages its full chunks to a file from the start, so that
+    // recovery of a large journal does not hold it all in memory.
+    let pages = storage
+        .create_scratch(dir)
+        .map(PageFile::new)
+        .inspect_err(|e| {
+            tracing::warn!(
+                volume = %config.uuid,
+                "keeping the whole record index in memory: cannot create its page file in {}: {e}",
+                dir.display()
+            );
+        })
+        .ok();
+    let paged = |mut start: Start| {
+        if let Some(pages) = &pages {
+            start.built.index.page_to(Arc::clone(pages));
+        }
+        start
+    };
     let rejected = match scanner.checkpoint_start() {
         Ok(None) => None,
-        Ok(Some(start)) => match scanner.recover_from(start) {
+        Ok(Some(start)) => match scanner.recover_from(paged(start)) {
             Ok(recovered) => return Ok(recovered),
             Err(e) => Some(format!("recovery from it failed: {e}")),
         },
@@ -817,7 +836,7 @@ pub fn recover(
             "not using the checkpoint: {why}; verifying the whole journal"
         );
     }
-    scanner.recover_from(Start::full(config.size, sb))
+    scanner.recover_from(paged(Start::full(config.size, sb)))
 }
 
 impl Scanner<'_> {

@@ -61,6 +61,13 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// fails with `WouldBlock` if someone else holds it.
     fn lock(&self, path: &Path) -> io::Result<LockGuard>;
 
+    /// An unnamed scratch file for a cache the process may lose at any
+    /// time (the record index's pages, record_index/pages.rs), on the file
+    /// system of `dir`; gone when closed. A real file: it is mapped.
+    fn create_scratch(&self, dir: &Path) -> io::Result<File> {
+        unnamed_file(dir)
+    }
+
     /// Brings the raw image `src` (a path on the host) in as `dst`.
     ///
     /// The default copies through this storage, skipping zero blocks.
@@ -115,6 +122,16 @@ pub trait Storage: Send + Sync + fmt::Debug {
         f.read_exact_at(&mut buf, 0)?;
         Ok(buf)
     }
+}
+
+/// A file with no name in `dir` (`O_TMPFILE`).
+pub fn unnamed_file(dir: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+        .open(dir)
 }
 
 /// One open file.

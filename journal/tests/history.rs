@@ -53,6 +53,20 @@ fn twelve_blocks_out_of_the_window() -> (FaultStorage, Volume, Arc<ManualClock>)
     (fs, v, clock)
 }
 
+/// A new empty volume in `dir` on the real file system.
+fn create_on_disk(dir: &Path, settings: &VolumeSettings) -> Arc<dyn Storage> {
+    let storage = OsStorage::shared();
+    Volume::create(
+        storage.as_ref(),
+        dir,
+        settings,
+        rewind_journal::BaseImage::Empty,
+        &mut |_, _| {},
+    )
+    .expect("create");
+    storage
+}
+
 fn lsn(n: u64) -> PointInTime {
     PointInTime::Lsn(n)
 }
@@ -280,19 +294,11 @@ fn a_writable_view_takes_writes_and_throws_them_away() {
 fn materialize_writes_a_sparse_image_equal_to_the_view() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("vol");
-    let storage = OsStorage::shared();
     let mut settings = VolumeSettings::new(64 << 20);
     settings.segment_size = 1 << 20;
     settings.journal_max = 64 << 20;
     settings.journal_warn = 32 << 20;
-    Volume::create(
-        storage.as_ref(),
-        &dir,
-        &settings,
-        rewind_journal::BaseImage::Empty,
-        &mut |_, _| {},
-    )
-    .expect("create");
+    let storage = create_on_disk(&dir, &settings);
     let (v, _) = Volume::open(storage, &dir, OpenOptions::default()).expect("open");
     let at = v.write(1 << 20, &pattern(1, 65536)).expect("write");
     v.write_zeroes(1 << 20, 4096, true).expect("zero");
@@ -439,4 +445,81 @@ fn a_view_reads_steadily_while_the_live_disk_is_written() {
         }
     });
     assert_eq!(read(&v, 0, 4096), pattern(192, 4096));
+}
+
+/// A journal of several index chunks (4096 records each) on a real file
+/// system: the record index pages them to an unnamed file in the volume's
+/// directory, and reads at moments inside them, before and after a
+/// reopen, see the disk as it was.
+#[test]
+fn a_long_journal_pages_its_index_to_a_file_and_reads_the_past_through_it() {
+    const PAGE: usize = 4096;
+    const PAGES: u64 = 256;
+    const WRITES: u64 = 3 * 4096 + 700;
+    const MS: u64 = 1_000_000;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("vol");
+    let settings = VolumeSettings {
+        size: PAGES * PAGE as u64,
+        segment_size: 4 << 20,
+        journal_max: 256 << 20,
+        journal_warn: 200 << 20,
+        ..VolumeSettings::new(PAGES * PAGE as u64)
+    };
+    let storage = create_on_disk(&dir, &settings);
+    let clock = Arc::new(ManualClock::new(T0));
+    let open = || {
+        let options = OpenOptions {
+            clock: clock.clone(),
+            ..options()
+        };
+        Volume::open(storage.clone(), &dir, options)
+            .expect("open")
+            .0
+    };
+    let seed = |i: u64| (i % 251) as u8;
+    let v = open();
+    for i in 0..WRITES {
+        clock.advance(MS);
+        v.write((i % PAGES) * PAGE as u64, &pattern(seed(i), PAGE))
+            .expect("write");
+    }
+    let paged_files = || {
+        std::fs::read_dir("/proc/self/fd")
+            .expect("/proc/self/fd")
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| {
+                let name = target.to_string_lossy();
+                target.starts_with(&dir) && name.ends_with("(deleted)")
+            })
+            .count()
+    };
+    assert_eq!(
+        paged_files(),
+        1,
+        "an unnamed file in the volume's directory"
+    );
+    // Right after write i, at its moment: its page holds it, and the next
+    // write's page still holds what was there before that write.
+    let check = |v: &Volume| {
+        for i in [5, 4095, 4096, 4100, 8191, 9000, 12_300, WRITES - 2] {
+            let at = PointInTime::Time(T0 + (i + 1) * MS);
+            let mine = view_bytes(v, &at, (i % PAGES) * PAGE as u64, PAGE);
+            assert!(mine == pattern(seed(i), PAGE), "write {i} at its moment");
+            let next = i + 1;
+            let before = view_bytes(v, &at, (next % PAGES) * PAGE as u64, PAGE);
+            let want = match next.checked_sub(PAGES) {
+                Some(j) => pattern(seed(j), PAGE),
+                None => vec![0; PAGE],
+            };
+            assert!(before == want, "page of write {next} before it");
+        }
+    };
+    check(&v);
+    v.close().expect("close");
+    let v = open();
+    assert_eq!(paged_files(), 1, "paged again after the reopen");
+    check(&v);
+    v.close().expect("close");
+    assert_eq!(paged_files(), 0, "gone with the volume");
 }

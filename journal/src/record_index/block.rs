@@ -10,6 +10,9 @@
 //!   (a disk past 512 TiB, a write past 1 GiB) is kept whole in `spilled`,
 //!   which the packed slot points into.
 //!
+//! - A full block paged to a file (pages.rs) is encoded wide: 24 bytes a
+//!   record, in the page cache rather than the heap.
+//!
 //! Invariants: `times` and `effects` have the same length; `spilled` holds
 //! the effects of the slots whose kind is `SPILLED`, in slot order, and
 //! such a slot's second word is its position in `spilled`.
@@ -254,6 +257,26 @@ impl Block {
         }
     }
 
+    /// The effects too large to pack, by slot.
+    pub(super) fn spilled(&self) -> &[(usize, Effect)] {
+        &self.spilled
+    }
+
+    /// Writes the block's entries to `out` (`encoded_len(len())` bytes):
+    /// every time as a u64, then every packed effect as two u64s, little
+    /// endian. Spilled effects are not in it ([`decode`] takes them apart).
+    pub(super) fn encode(&self, out: &mut [u8]) {
+        let len = self.len();
+        let (times, effects) = out.split_at_mut(len * 8);
+        for (i, t) in times.chunks_exact_mut(8).enumerate() {
+            t.copy_from_slice(&self.times.get(i).to_le_bytes());
+        }
+        for (e, &Packed(a, b)) in effects.chunks_exact_mut(16).zip(&self.effects) {
+            e[..8].copy_from_slice(&a.to_le_bytes());
+            e[8..].copy_from_slice(&b.to_le_bytes());
+        }
+    }
+
     /// Heap bytes held, for the memory figures of the tests.
     #[cfg(test)]
     fn heap_bytes(&self) -> usize {
@@ -264,6 +287,29 @@ impl Block {
         times
             + self.effects.capacity() * std::mem::size_of::<Packed>()
             + self.spilled.capacity() * std::mem::size_of::<(usize, Effect)>()
+    }
+}
+
+/// Bytes of the encoding of `len` entries ([`Block::encode`]).
+pub(super) const fn encoded_len(len: usize) -> usize {
+    len * 24
+}
+
+/// Entry `i` of the encoding of `len` entries, whose spilled effects are
+/// `spilled` ([`Block::spilled`]).
+pub(super) fn decode(bytes: &[u8], len: usize, i: usize, spilled: &[(usize, Effect)]) -> Entry {
+    let word = |at: usize| {
+        let mut w = [0; 8];
+        w.copy_from_slice(&bytes[at..at + 8]);
+        u64::from_le_bytes(w)
+    };
+    let effect_at = len * 8 + i * 16;
+    let packed = Packed(word(effect_at), word(effect_at + 8));
+    Entry {
+        timestamp: word(i * 8),
+        effect: packed
+            .effect()
+            .unwrap_or_else(|| spilled[packed.1 as usize].1),
     }
 }
 
@@ -345,6 +391,12 @@ mod tests {
         }
         block.push(all[cut + 2]);
         assert_eq!(block.get(cut), all[cut + 2], "spilled again after a cut");
+        let mut encoded = vec![0; encoded_len(block.len())];
+        block.encode(&mut encoded);
+        for i in 0..block.len() {
+            let decoded = decode(&encoded, block.len(), i, block.spilled());
+            assert_eq!(decoded, block.get(i), "slot {i} encoded");
+        }
     }
 
     #[test]

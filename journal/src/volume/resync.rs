@@ -263,7 +263,11 @@ impl Volume {
             c.proved_lsn = s;
             c.proof_owed = false;
             c.last_timestamp = ns;
+            let pages = index.pages();
             *index = RecordIndex::new(s, ns);
+            if let Some(pages) = pages {
+                index.page_to(pages);
+            }
             inner.map.replace_with(ExtentMap::new(inner.config.size));
             inner.completion.reset(s);
             inner.durable_lsn.store(s, Ordering::Release);
