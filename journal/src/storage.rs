@@ -100,13 +100,23 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Writes `data` to `path` so that a crash leaves either the old or the
     /// new content: temporary file, sync, rename, sync of the directory.
     fn write_file_atomic(&self, path: &Path, data: &[u8]) -> io::Result<()> {
+        self.write_file_atomic_with(path, &mut |f| f.write_all_at(&[data], 0))
+    }
+
+    /// [`Storage::write_file_atomic`] of what `write` writes to the
+    /// temporary file (a file too large to build in memory first).
+    fn write_file_atomic_with(
+        &self,
+        path: &Path,
+        write: &mut dyn FnMut(&dyn StorageFile) -> io::Result<()>,
+    ) -> io::Result<()> {
         let dir = path.parent().unwrap_or(Path::new("."));
         let tmp = path.with_extension("tmp");
         if self.exists(&tmp) {
             self.remove_file(&tmp)?;
         }
         let f = self.create_new(&tmp)?;
-        f.write_all_at(&[data], 0)?;
+        write(f.as_ref())?;
         f.sync_data()?;
         drop(f);
         self.rename(&tmp, path)?;

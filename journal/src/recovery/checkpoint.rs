@@ -12,6 +12,9 @@
 //! checksums, volume, lengths, every field); whether it agrees with the
 //! journal is recovery's part (recovery.rs, `checkpoint_start`).
 
+use std::io;
+
+use crc_fast::{CrcAlgorithm, Digest};
 use uuid::Uuid;
 
 use crate::extent_map::{Target, Written};
@@ -119,8 +122,13 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(x)
 }
 
-/// The file's bytes.
-pub fn encode(t: &Taken) -> Vec<u8> {
+/// Bytes the encoding hands on at a time.
+const PIECE: usize = 1 << 20;
+
+/// Hands the file's bytes to `out` in order, in pieces of about [`PIECE`]
+/// bytes, so that the encoding of a large journal (32 bytes a record and
+/// 32 an extent) is never whole in memory; returns its length.
+pub fn encode_to(t: &Taken, out: &mut dyn FnMut(&[u8]) -> io::Result<()>) -> io::Result<u64> {
     let base_lsn = t.entries.base_lsn();
     let lsn = t.entries.last_lsn();
     let count = lsn - base_lsn;
@@ -130,7 +138,7 @@ pub fn encode(t: &Taken) -> Vec<u8> {
         + count as usize * ENTRY
         + t.extents.len() * EXTENT
         + 4;
-    let mut b = Vec::with_capacity(len);
+    let mut b = Vec::with_capacity(PIECE + HEADER + BOOKMARK);
     b.extend_from_slice(MAGIC);
     b.extend_from_slice(&CHECKPOINT_VERSION.to_le_bytes());
     b.extend_from_slice(&[0; 6]);
@@ -146,12 +154,23 @@ pub fn encode(t: &Taken) -> Vec<u8> {
     b.resize(HEADER_CRC_AT, 0);
     let crc = crc32c(&b);
     put_u32(&mut b, crc);
+    let mut file_crc = Digest::new(CrcAlgorithm::Crc32Iscsi);
+    // Hands `b` on once it holds a piece.
+    let mut sent = |b: &mut Vec<u8>, last: bool| -> io::Result<()> {
+        if b.len() >= PIECE || last {
+            file_crc.update(b);
+            out(b)?;
+            b.clear();
+        }
+        Ok(())
+    };
     for s in t.segments {
         put_u32(&mut b, s.file_id);
         put_u32(&mut b, 0);
         put_u64(&mut b, s.seq);
         put_u64(&mut b, s.first_lsn);
         put_u64(&mut b, s.last_lsn);
+        sent(&mut b, false)?;
     }
     for m in t.bookmarks {
         put_u64(&mut b, m.lsn);
@@ -161,6 +180,7 @@ pub fn encode(t: &Taken) -> Vec<u8> {
         let at = b.len();
         b.extend_from_slice(m.name.as_bytes());
         b.resize(at + MAX_BOOKMARK_NAME, 0);
+        sent(&mut b, false)?;
     }
     for l in base_lsn + 1..=lsn {
         let e = t.entries.entry(l);
@@ -189,6 +209,7 @@ pub fn encode(t: &Taken) -> Vec<u8> {
         put_u32(&mut b, x);
         put_u64(&mut b, a);
         put_u64(&mut b, c);
+        sent(&mut b, false)?;
     }
     for x in t.extents {
         let (kind, segment, sector) = match x.target {
@@ -202,9 +223,23 @@ pub fn encode(t: &Taken) -> Vec<u8> {
         put_u32(&mut b, u32::from(kind));
         put_u32(&mut b, segment);
         put_u32(&mut b, sector);
+        sent(&mut b, false)?;
     }
-    let crc = crc32c(&b);
-    put_u32(&mut b, crc);
+    sent(&mut b, true)?;
+    // A CRC-32C comes back in the low half of the u64.
+    out(&(file_crc.finalize() as u32).to_le_bytes())?;
+    Ok(len as u64)
+}
+
+/// The file's bytes, whole.
+#[cfg(test)]
+pub fn encode(t: &Taken) -> Vec<u8> {
+    let mut b = Vec::new();
+    encode_to(t, &mut |piece| {
+        b.extend_from_slice(piece);
+        Ok(())
+    })
+    .expect("a Vec takes every piece");
     b
 }
 

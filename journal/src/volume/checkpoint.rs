@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::extent_map::{ExtentMap, Written};
 use crate::pool::segment_name;
 use crate::record_index::{Bookmark, Snapshot};
-use crate::recovery::checkpoint::{encode, Covered, Taken, CHECKPOINT_FILE};
+use crate::recovery::checkpoint::{encode_to, Covered, Taken, CHECKPOINT_FILE};
 
 /// The last checkpoint this volume wrote or recovered from.
 #[derive(Debug, Default, Clone, Copy)]
@@ -135,25 +135,34 @@ impl Inner {
             return Ok(None);
         };
         let lsn = state.entries.last_lsn();
-        let bytes = encode(&Taken {
+        let taken = Taken {
             volume: self.config.uuid,
             base_timestamp: state.base_timestamp,
             segments: &state.segments,
             bookmarks: &state.bookmarks,
             entries: &state.entries,
             extents: &state.extents,
-        });
-        drop(state);
+        };
         let path = self.dir.join(CHECKPOINT_FILE);
+        let mut bytes = 0;
         self.storage
-            .write_file_atomic(&path, &bytes)
+            .write_file_atomic_with(&path, &mut |file| {
+                let mut at = 0;
+                bytes = encode_to(&taken, &mut |piece| {
+                    file.write_all_at(&[piece], at)?;
+                    at += piece.len() as u64;
+                    Ok(())
+                })?;
+                Ok(())
+            })
             .map_err(Error::io(|| format!("writing {}", path.display())))?;
+        drop(state);
         *last = Checkpointed {
             lsn,
-            bytes: bytes.len() as u64,
+            bytes,
             retry_at: None,
         };
-        tracing::debug!(volume = %self.config.uuid, lsn, bytes = bytes.len(), "checkpoint written");
+        tracing::debug!(volume = %self.config.uuid, lsn, bytes, "checkpoint written");
         Ok(Some(lsn))
     }
 
@@ -243,12 +252,14 @@ impl Inner {
 
 /// The map at `lsn`, from `copy` of the live one, which holds every record
 /// up to `lsn` and maybe parts of later ones: where those wrote, the
-/// records up to `lsn` (`entries`) are replayed again.
-fn map_at(copy: Vec<Written>, entries: &Snapshot, lsn: u64, disk: u64) -> Vec<Written> {
-    let (kept, newer): (Vec<Written>, Vec<Written>) = copy.into_iter().partition(|x| x.lsn <= lsn);
+/// records up to `lsn` (`entries`) are replayed again. Works in `copy`'s
+/// own memory (the map of a large disk is the checkpoint's largest part).
+fn map_at(mut copy: Vec<Written>, entries: &Snapshot, lsn: u64, disk: u64) -> Vec<Written> {
+    let newer: Vec<Written> = copy.iter().filter(|x| x.lsn > lsn).copied().collect();
     if newer.is_empty() {
-        return kept;
+        return copy;
     }
+    copy.retain(|x| x.lsn <= lsn);
     // Sorted and disjoint, as the map's extents are.
     let first_after = |start: u64| newer.partition_point(|n| n.start + n.sectors <= start);
     let overlaps = |start: u64, sectors: u64| {
@@ -273,17 +284,25 @@ fn map_at(copy: Vec<Written>, entries: &Snapshot, lsn: u64, disk: u64) -> Vec<Wr
             });
         }
     }
-    // Both sorted; `parts` lie where `kept` has nothing.
-    let mut out = Vec::with_capacity(kept.len() + parts.len());
-    let mut parts = parts.into_iter().peekable();
-    for x in kept {
-        while let Some(p) = parts.next_if(|p| p.start < x.start) {
-            out.push(p);
+    // Both sorted, and `parts` lie where `copy` has nothing: merged from
+    // the back into the room at `copy`'s end.
+    let Some(&filler) = parts.first() else {
+        return copy;
+    };
+    let kept = copy.len();
+    copy.resize(kept + parts.len(), filler);
+    let (mut i, mut to) = (kept, copy.len());
+    while let Some(&p) = parts.last() {
+        to -= 1;
+        if i > 0 && copy[i - 1].start > p.start {
+            i -= 1;
+            copy[to] = copy[i];
+        } else {
+            copy[to] = p;
+            parts.pop();
         }
-        out.push(x);
     }
-    out.extend(parts);
-    out
+    copy
 }
 
 #[cfg(test)]
