@@ -6,7 +6,8 @@
 //! recovery, memory, write-amp). Set
 //! REWIND_BENCH_DIR to choose the file system (default: the system temp
 //! dir) and REWIND_BENCH_QUICK=1 for a small smoke run;
-//! REWIND_BENCH_RECOVERY_MIB sets the recovery group's journal size.
+//! REWIND_BENCH_RECOVERY_MIB sets the recovery group's journal size,
+//! REWIND_BENCH_MEMORY_RECORDS the memory group's writes.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fs::{File, OpenOptions as FsOpen};
@@ -70,9 +71,15 @@ fn config() -> Config {
     let recovery_mib = std::env::var("REWIND_BENCH_RECOVERY_MIB")
         .ok()
         .and_then(|v| v.parse::<u64>().ok());
+    let memory_records = std::env::var("REWIND_BENCH_MEMORY_RECORDS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
     let mut c = config_for(dir);
     if let Some(mib) = recovery_mib {
         c.recovery_bytes = mib << 20;
+    }
+    if let Some(records) = memory_records {
+        c.memory_records = records;
     }
     c
 }

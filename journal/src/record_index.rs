@@ -33,46 +33,87 @@ use crate::format::{RecordHeader, RecordKind, SECTOR};
 
 const CHUNK: usize = 4096;
 
-/// A full chunk. Freezing the tail moves its columns into the `Arc` (or
-/// into the page file) instead of copying 4096 entries (recovery pushes
-/// millions of them).
+/// Full chunks (640 KiB of memory) that wait to be paged out together, with
+/// one sync of the page file: the writer wakes the applier when so many
+/// are in memory.
+pub const PAGE_OUT_CHUNKS: usize = 8;
+
+/// A full chunk. Freezing the tail moves its columns into the `Arc`
+/// instead of copying 4096 entries (recovery pushes millions of them).
 type Chunk = Arc<Frozen>;
 
 #[derive(Debug)]
-enum Frozen {
+struct Frozen {
+    /// Flush records in the chunk: folds and cuts count them without
+    /// reading a paged chunk back.
+    flushes: u64,
+    place: Place,
+}
+
+#[derive(Debug)]
+enum Place {
     Memory(Block),
     Paged(Paged),
 }
 
 impl Frozen {
-    /// `full` (CHUNK entries) in `pages` if there is one and it takes it.
-    fn of(full: Block, pages: Option<&Arc<PageFile>>) -> Chunk {
-        Arc::new(match pages {
-            Some(pages) => pages
-                .page_out(full)
-                .map_or_else(Frozen::Memory, Frozen::Paged),
-            None => Frozen::Memory(full),
+    fn memory(full: Block) -> Chunk {
+        Arc::new(Frozen {
+            flushes: full.flushes(),
+            place: Place::Memory(full),
         })
     }
 
     fn get(&self, i: usize) -> Entry {
-        match self {
-            Frozen::Memory(block) => block.get(i),
-            Frozen::Paged(paged) => paged.get(i),
+        match &self.place {
+            Place::Memory(block) => block.get(i),
+            Place::Paged(paged) => paged.get(i),
         }
     }
 
     /// A copy of the first `len` entries with room for `capacity`.
     fn prefix(&self, len: usize, capacity: usize) -> Block {
-        match self {
-            Frozen::Memory(block) => block.prefix(len, capacity),
-            Frozen::Paged(paged) => {
+        match &self.place {
+            Place::Memory(block) => block.prefix(len, capacity),
+            Place::Paged(paged) => {
                 let mut block = Block::with_capacity(capacity);
                 for i in 0..len {
                     block.push(paged.get(i));
                 }
                 block
             }
+        }
+    }
+}
+
+/// Full chunks of an index still in memory, on their way to its page
+/// file: taken under the index's lock ([`RecordIndex::to_page_out`]),
+/// written without it ([`PageOut::write`]), and put in place under it
+/// again ([`RecordIndex::paged_out`]), so that no writer waits for the
+/// file.
+#[derive(Debug)]
+pub struct PageOut {
+    pages: Arc<PageFile>,
+    /// Each chunk with the lsn of its first entry.
+    chunks: Vec<(u64, Chunk)>,
+    /// What `write` made of them, in the same order.
+    paged: Vec<Paged>,
+}
+
+impl PageOut {
+    /// Writes the chunks to the page file and syncs it; on an error (a
+    /// warning, once) they stay in memory, to be tried again.
+    pub fn write(&mut self) {
+        let blocks: Vec<&Block> = self
+            .chunks
+            .iter()
+            .filter_map(|(_, chunk)| match &chunk.place {
+                Place::Memory(block) => Some(block),
+                Place::Paged(_) => None,
+            })
+            .collect();
+        if blocks.len() == self.chunks.len() {
+            self.paged = self.pages.page_out(&blocks).unwrap_or_default();
         }
     }
 }
@@ -168,17 +209,71 @@ impl RecordIndex {
         }
     }
 
-    /// Pages full chunks, those there now and those to come, to `pages`.
+    /// Pages full chunks to `pages` from now on ([`PageOut`]), those there
+    /// now included.
     pub fn page_to(&mut self, pages: Arc<PageFile>) {
-        for chunk in &mut self.frozen {
-            // A chunk a snapshot shares stays where it is (none is shared
-            // where this is called: recovery, before anyone reads).
-            if let Some(Frozen::Memory(block)) = Arc::get_mut(chunk) {
-                let full = std::mem::replace(block, Block::with_capacity(0));
-                *chunk = Frozen::of(full, Some(&pages));
+        self.pages = Some(pages);
+    }
+
+    /// Pages out every full chunk in memory, waiting for the file.
+    pub fn page_out_now(&mut self) {
+        if let Some(mut out) = self.to_page_out() {
+            out.write();
+            self.paged_out(out);
+        }
+    }
+
+    /// Whether the last push filled a chunk.
+    pub fn froze_a_chunk(&self) -> bool {
+        self.tail.len() == 0 && !self.frozen.is_empty()
+    }
+
+    /// Full chunks in memory since the last page-out.
+    pub fn unpaged_chunks(&self) -> usize {
+        self.frozen
+            .iter()
+            .rev()
+            .take_while(|c| matches!(c.place, Place::Memory(_)))
+            .count()
+    }
+
+    /// The full chunks still in memory, if the index has a page file and
+    /// there are any. Chunks are paged in order, so they are the last.
+    pub fn to_page_out(&self) -> Option<PageOut> {
+        let pages = self.pages.clone()?;
+        let first = self.frozen.len() - self.unpaged_chunks();
+        let chunks: Vec<(u64, Chunk)> = (first..self.frozen.len())
+            .map(|i| {
+                let lsn = self.chunks_lsn + (i * CHUNK) as u64;
+                (lsn, Arc::clone(&self.frozen[i]))
+            })
+            .collect();
+        (!chunks.is_empty()).then_some(PageOut {
+            pages,
+            chunks,
+            paged: Vec::new(),
+        })
+    }
+
+    /// Puts what `out` wrote in place of the chunks it was made from,
+    /// where those are still in the index (a fold or a cut may have taken
+    /// them meanwhile; their slots are freed).
+    pub fn paged_out(&mut self, out: PageOut) {
+        for ((lsn, chunk), paged) in out.chunks.into_iter().zip(out.paged) {
+            let Some(at) = lsn.checked_sub(self.chunks_lsn) else {
+                continue;
+            };
+            let place = self
+                .frozen
+                .get_mut((at / CHUNK as u64) as usize)
+                .filter(|c| Arc::ptr_eq(c, &chunk));
+            if let Some(place) = place {
+                *place = Arc::new(Frozen {
+                    flushes: chunk.flushes,
+                    place: Place::Paged(paged),
+                });
             }
         }
-        self.pages = Some(pages);
     }
 
     /// The page file of `page_to`, if any.
@@ -212,7 +307,7 @@ impl RecordIndex {
         self.tail.push(entry);
         if self.tail.len() == CHUNK {
             let full = std::mem::replace(&mut self.tail, Block::with_capacity(CHUNK));
-            self.frozen.push_back(Frozen::of(full, self.pages.as_ref()));
+            self.frozen.push_back(Frozen::memory(full));
         }
     }
 
@@ -345,8 +440,29 @@ impl RecordIndex {
                 .copied()
                 .filter(|r| r.0 <= upto)
                 .collect(),
-            pages: self.pages.clone(),
         }
+    }
+
+    /// Flush records among `first..=last` (within the chunks): whole
+    /// chunks by their count, the ends entry by entry.
+    fn flushes_in(&self, first: u64, last: u64) -> u64 {
+        let mut flushes = 0;
+        let mut lsn = first;
+        while lsn <= last {
+            let i = (lsn - self.chunks_lsn) as usize;
+            let chunk_last = lsn + (CHUNK - 1 - i % CHUNK) as u64;
+            match self.frozen.get(i / CHUNK) {
+                Some(chunk) if i.is_multiple_of(CHUNK) && chunk_last <= last => {
+                    flushes += chunk.flushes;
+                    lsn = chunk_last + 1;
+                }
+                _ => {
+                    flushes += u64::from(self.entry(lsn).effect == Effect::Flush);
+                    lsn += 1;
+                }
+            }
+        }
+        flushes
     }
 
     /// Forgets every record after `lsn` (>= base_lsn): a cut moved them to
@@ -356,10 +472,7 @@ impl RecordIndex {
         if lsn >= self.last_lsn() {
             return;
         }
-        let cut_flushes = (lsn + 1..=self.last_lsn())
-            .filter(|&l| self.entry(l).effect == Effect::Flush)
-            .count() as u64;
-        self.flushes -= cut_flushes;
+        self.flushes -= self.flushes_in(lsn + 1, self.last_lsn());
         let keep = (lsn + 1 - self.chunks_lsn) as usize;
         let whole = keep / CHUNK;
         if whole < self.frozen.len() {
@@ -378,10 +491,7 @@ impl RecordIndex {
         if base_lsn <= self.base_lsn {
             return;
         }
-        let folded_flushes = (self.base_lsn + 1..=base_lsn)
-            .filter(|&l| self.entry(l).effect == Effect::Flush)
-            .count() as u64;
-        self.flushes -= folded_flushes;
+        self.flushes -= self.flushes_in(self.base_lsn + 1, base_lsn.min(self.last_lsn()));
         self.base_timestamp = self.timestamp(base_lsn);
         self.base_lsn = base_lsn;
         while self.chunks_lsn + CHUNK as u64 <= base_lsn + 1 && !self.frozen.is_empty() {
@@ -418,7 +528,6 @@ pub struct Snapshot {
     frozen: Vec<Chunk>,
     tail: Block,
     reverts: Vec<(u64, u64)>,
-    pages: Option<Arc<PageFile>>,
 }
 
 impl Snapshot {
@@ -445,7 +554,7 @@ impl Snapshot {
         self.tail.push(entry);
         if self.tail.len() == CHUNK {
             let full = std::mem::replace(&mut self.tail, Block::with_capacity(CHUNK));
-            self.frozen.push(Frozen::of(full, self.pages.as_ref()));
+            self.frozen.push(Frozen::memory(full));
         }
     }
 
@@ -622,18 +731,31 @@ mod tests {
             },
             _ => data(i, i % 1000, (i / 100) as u32),
         };
-        // Some chunks full before the page file, then more after it.
+        // Entries of lsns `lsns`, made of `salt + lsn`.
+        let push = |both: [&mut RecordIndex; 2], lsns: std::ops::RangeInclusive<u64>, salt| {
+            for i in lsns {
+                both[0].push(entry(salt + i));
+                both[1].push(entry(salt + i));
+            }
+        };
+        // Two chunks full before the page file, then three more after it.
         let n = 5 * CHUNK as u64 + 17;
-        for i in 1..=2 * CHUNK as u64 + 5 {
-            memory.push(entry(i));
-            paged.push(entry(i));
-        }
+        push([&mut memory, &mut paged], 1..=2 * CHUNK as u64 + 5, 0);
         paged.page_to(Arc::clone(&pages));
-        for i in 2 * CHUNK as u64 + 6..=n {
-            memory.push(entry(i));
-            paged.push(entry(i));
-        }
-        assert!(paged.frozen.iter().all(|c| matches!(**c, Frozen::Paged(_))));
+        assert_eq!(paged.unpaged_chunks(), 2);
+        paged.page_out_now();
+        assert_eq!((paged.unpaged_chunks(), pages.slots_in_use()), (0, 2));
+        push([&mut memory, &mut paged], 2 * CHUNK as u64 + 6..=n, 0);
+        assert_eq!(paged.unpaged_chunks(), 3, "paged out later, not by push");
+        let out = paged.to_page_out().expect("three chunks to page out");
+        paged.page_out_now();
+        // A page-out of chunks paged meanwhile changes nothing.
+        paged.paged_out(out);
+        assert_eq!((paged.unpaged_chunks(), pages.slots_in_use()), (0, 5));
+        assert!(paged
+            .frozen
+            .iter()
+            .all(|c| matches!(c.place, Place::Paged(_))));
         let same = |a: &RecordIndex, b: &RecordIndex| {
             assert_eq!(a.last_lsn(), b.last_lsn());
             assert_eq!(a.flushes(), b.flushes());
@@ -643,22 +765,32 @@ mod tests {
         };
         same(&memory, &paged);
         assert_eq!(paged.lsn_at(3 * CHUNK as u64), 3 * CHUNK as u64);
+        // The snapshot shares chunk 3, which the cut below drops from the
+        // index: its slot stays taken while the snapshot holds it.
         let snapshot = paged.snapshot(4 * CHUNK as u64 + 3);
-        // A cut inside a paged chunk makes a tail in memory from it.
         memory.truncate(3 * CHUNK as u64 + 10);
         paged.truncate(3 * CHUNK as u64 + 10);
         same(&memory, &paged);
+        assert_eq!(pages.slots_in_use(), 4, "chunk 4 freed, chunk 3 held");
+        // Entries other than those cut, in slots freed or new.
+        let next = 3 * CHUNK as u64 + 11..=5 * CHUNK as u64;
+        push([&mut memory, &mut paged], next, 1 << 30);
+        paged.page_out_now();
         assert_eq!(
-            snapshot.entry(4 * CHUNK as u64 + 3),
-            entry(4 * CHUNK as u64 + 3)
+            pages.slots_in_use(),
+            6,
+            "chunks 0-2, the old 3, a new 3 and 4"
         );
+        let shared = 3 * CHUNK as u64 + 100;
+        assert_eq!(snapshot.entry(shared), entry(shared), "not overwritten");
         drop(snapshot);
-        assert_eq!(pages.slots_in_use(), 3);
+        assert_eq!(pages.slots_in_use(), 5);
+        same(&memory, &paged);
         // Folding frees the slots of the chunks it passes.
         memory.trim(2 * CHUNK as u64 + 1);
         paged.trim(2 * CHUNK as u64 + 1);
         same(&memory, &paged);
-        assert_eq!(pages.slots_in_use(), 1);
+        assert_eq!(pages.slots_in_use(), 3);
     }
 
     #[test]

@@ -677,9 +677,16 @@ impl Built {
     }
 }
 
+/// Full index chunks (4096 records each, 5 MiB of memory) a full scan
+/// pages out at a time.
+const RECOVERY_PAGE_OUT_CHUNKS: usize = 64;
+
 /// Applies the accepted records to `built`, in order, checking each
-/// payload first; stops applying at the first damaged one.
-fn build_index(disk: u64, built: Built, rx: Receiver<Vec<Accepted>>) -> Built {
+/// payload first; stops applying at the first damaged one. `page_out`:
+/// pages the index out as it grows (a full scan; after a checkpoint, the
+/// applier pages it out once the volume is open, so as not to make the
+/// open wait for the file).
+fn build_index(disk: u64, built: Built, rx: Receiver<Vec<Accepted>>, page_out: bool) -> Built {
     let Built {
         mut map, mut index, ..
     } = built;
@@ -722,6 +729,14 @@ fn build_index(disk: u64, built: Built, rx: Receiver<Vec<Accepted>>) -> Built {
                 (None, Effect::Mark | Effect::Flush) => index.push(a.entry),
             }
         }
+        // A full scan pages out as it goes (one sync for many chunks), so
+        // that a large journal's index is never all in memory.
+        if page_out && index.unpaged_chunks() >= RECOVERY_PAGE_OUT_CHUNKS {
+            index.page_out_now();
+        }
+    }
+    if page_out {
+        index.page_out_now();
     }
     Built {
         map,
@@ -848,13 +863,14 @@ impl Scanner<'_> {
             from_checkpoint,
         } = start;
         let config = self.config;
+        let page_out = from_checkpoint == 0;
         let mut damaged = Vec::new();
         loop {
             let (tx, rx) = sync_channel(4);
             let (scanned, next) = std::thread::scope(|scope| {
                 let builder = std::thread::Builder::new()
                     .name("rewind-recovery".into())
-                    .spawn_scoped(scope, || build_index(config.size, built, rx))
+                    .spawn_scoped(scope, || build_index(config.size, built, rx, page_out))
                     .map_err(Error::io(|| "starting the recovery thread"))?;
                 let payloads = Payloads {
                     checked_below,

@@ -50,7 +50,7 @@ use crate::meta::{EpochStart, Role, VolumeConfig, VolumeSettings, VOLUME_FILE};
 use crate::pace::Pacer;
 use crate::point::PointInTime;
 use crate::pool::{segment_name, write_header, Pool, PoolSetup, Segment, JOURNAL_DIR};
-use crate::record_index::{Bookmark, Effect, Entry, RecordIndex};
+use crate::record_index::{Bookmark, Effect, Entry, RecordIndex, PAGE_OUT_CHUNKS};
 use crate::recovery::{recover, RecoveryReport};
 use crate::storage::{write_direct_parts, ImportMode, LockGuard, Progress, Storage, StorageFile};
 use crate::superblock::Superblock;
@@ -1502,7 +1502,7 @@ impl Inner {
             RecordKind::Bookmark | RecordKind::Epoch => Effect::Mark,
             RecordKind::Revert => Effect::Revert { to: offset },
         };
-        {
+        let page_out_due = {
             let mut index = lock(&self.index);
             if kind == RecordKind::Bookmark {
                 let name = String::from_utf8_lossy(&payload[..length as usize]).into_owned();
@@ -1510,6 +1510,10 @@ impl Inner {
             } else {
                 index.push(Entry { timestamp, effect });
             }
+            index.froze_a_chunk() && index.unpaged_chunks() >= PAGE_OUT_CHUNKS
+        };
+        if page_out_due {
+            self.pool.wake_applier();
         }
         c.next_lsn += 1;
         c.last_timestamp = timestamp;
@@ -1871,6 +1875,16 @@ impl Inner {
         }
     }
 
+    /// Moves the record index's full chunks to its page file, writing
+    /// without the index's lock.
+    fn page_out_index(&self) {
+        let Some(mut out) = lock(&self.index).to_page_out() else {
+            return;
+        };
+        out.write();
+        lock(&self.index).paged_out(out);
+    }
+
     /// The background applier: folds what left the window every
     /// `interval`, and at once when the pool is under pressure.
     fn apply_loop(&self, interval: Option<Duration>) {
@@ -1882,6 +1896,7 @@ impl Inner {
         // applier must free, means it is not).
         let mut next_lsn = None;
         while !self.shutdown.load(Ordering::Acquire) {
+            self.page_out_index();
             let now = lock_or_skip(&self.cursor, false).map(|c| c.next_lsn);
             if now.is_some() && now == next_lsn {
                 if let Err(e) = self.prove_durable(false) {

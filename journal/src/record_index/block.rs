@@ -257,6 +257,11 @@ impl Block {
         }
     }
 
+    /// Flush records among the entries.
+    pub(super) fn flushes(&self) -> u64 {
+        self.effects.iter().filter(|p| p.kind() == FLUSH).count() as u64
+    }
+
     /// The effects too large to pack, by slot.
     pub(super) fn spilled(&self) -> &[(usize, Effect)] {
         &self.spilled
@@ -295,21 +300,25 @@ pub(super) const fn encoded_len(len: usize) -> usize {
     len * 24
 }
 
-/// Entry `i` of the encoding of `len` entries, whose spilled effects are
-/// `spilled` ([`Block::spilled`]).
-pub(super) fn decode(bytes: &[u8], len: usize, i: usize, spilled: &[(usize, Effect)]) -> Entry {
-    let word = |at: usize| {
-        let mut w = [0; 8];
-        w.copy_from_slice(&bytes[at..at + 8]);
-        u64::from_le_bytes(w)
-    };
+/// Entry `i` of the encoding of `len` entries, read through `word` (the
+/// little-endian u64 at a byte offset of it), whose spilled effects are
+/// `spilled` ([`Block::spilled`]). A spilled slot that `spilled` does not
+/// hold (the file it was read from is damaged) reads as a Mark.
+pub(super) fn decode(
+    word: impl Fn(usize) -> u64,
+    len: usize,
+    i: usize,
+    spilled: &[(usize, Effect)],
+) -> Entry {
     let effect_at = len * 8 + i * 16;
     let packed = Packed(word(effect_at), word(effect_at + 8));
     Entry {
         timestamp: word(i * 8),
-        effect: packed
-            .effect()
-            .unwrap_or_else(|| spilled[packed.1 as usize].1),
+        effect: packed.effect().unwrap_or_else(|| {
+            spilled
+                .get(packed.1 as usize)
+                .map_or(Effect::Mark, |&(_, effect)| effect)
+        }),
     }
 }
 
@@ -393,8 +402,13 @@ mod tests {
         assert_eq!(block.get(cut), all[cut + 2], "spilled again after a cut");
         let mut encoded = vec![0; encoded_len(block.len())];
         block.encode(&mut encoded);
+        let word = |at: usize| {
+            let mut w = [0; 8];
+            w.copy_from_slice(&encoded[at..at + 8]);
+            u64::from_le_bytes(w)
+        };
         for i in 0..block.len() {
-            let decoded = decode(&encoded, block.len(), i, block.spilled());
+            let decoded = decode(word, block.len(), i, block.spilled());
             assert_eq!(decoded, block.get(i), "slot {i} encoded");
         }
     }

@@ -70,26 +70,34 @@ impl PageFile {
         })
     }
 
-    /// `full` (a chunk of `CHUNK` entries) written to a slot, or `full`
-    /// itself if that fails.
-    pub(super) fn page_out(self: &Arc<Self>, full: Block) -> Result<Paged, Block> {
-        debug_assert_eq!(full.len(), CHUNK);
+    /// `full` (chunks of `CHUNK` entries each) written to slots and made
+    /// durable (the file is synced: a page the kernel drops from the
+    /// cache then reads back as written), or an error and nothing held.
+    pub(super) fn page_out(self: &Arc<Self>, full: &[&Block]) -> io::Result<Vec<Paged>> {
         let mut encoded = vec![0; SLOT];
-        full.encode(&mut encoded);
-        match self.store(&encoded) {
-            Ok((slot, start)) => Ok(Paged {
+        let mut paged = Vec::with_capacity(full.len());
+        let done = full.iter().try_for_each(|block| {
+            debug_assert_eq!(block.len(), CHUNK);
+            block.encode(&mut encoded);
+            let (slot, start) = self.store(&encoded)?;
+            paged.push(Paged {
                 pages: Arc::clone(self),
                 slot,
                 start,
-                spilled: full.spilled().to_vec(),
-            }),
+                spilled: block.spilled().to_vec(),
+            });
+            Ok(())
+        });
+        // Dropping what was made on an error frees its slots.
+        match done.and_then(|()| self.file.sync_data()) {
+            Ok(()) => Ok(paged),
             Err(e) => {
                 if !self.failed.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         "cannot page the record index out to its file, keeping it in memory: {e}"
                     );
                 }
-                Err(full)
+                Err(e)
             }
         }
     }
@@ -115,7 +123,9 @@ impl PageFile {
                 let slot = slots.used;
                 if slot / REGION_SLOTS == slots.regions.len() {
                     let end = REGION_BYTES * (slots.regions.len() as u64 + 1);
-                    self.file.set_len(end)?;
+                    if self.file.metadata()?.len() < end {
+                        self.file.set_len(end)?;
+                    }
                     let region = MmapOptions::new()
                         .offset(end - REGION_BYTES)
                         .len(REGION_BYTES as usize)
@@ -160,21 +170,27 @@ pub(super) struct Paged {
 // SAFETY: `start` points into a read-only mapping that `pages` keeps
 // alive (regions are unmapped only when the PageFile drops, after every
 // Paged holding it), and the slot's bytes do not change while this Paged
-// exists (the module's first invariant), so any thread may read them.
+// exists (the module's first invariant; the file has no name, so only
+// this process writes it), so any thread may read them.
 unsafe impl Send for Paged {}
 // SAFETY: as for Send: shared access only reads bytes nobody writes.
 unsafe impl Sync for Paged {}
 
 impl Paged {
-    fn bytes(&self) -> &[u8] {
+    /// The little-endian u64 at byte `at` of the slot (`at + 8 <= SLOT`).
+    fn word(&self, at: usize) -> u64 {
+        assert!(at + 8 <= SLOT, "word {at} past the slot");
         // SAFETY: `start` is the first of SLOT mapped bytes that stay
-        // mapped and unchanged for as long as `self` lives (see Send).
-        unsafe { std::slice::from_raw_parts(self.start, SLOT) }
+        // mapped and unchanged for as long as `self` lives (see Send), and
+        // `at + 8 <= SLOT`; read unaligned, by value, so no reference to
+        // the shared mapping is ever made.
+        let word = unsafe { self.start.add(at).cast::<u64>().read_unaligned() };
+        u64::from_le(word)
     }
 
     /// Entry `i` (< CHUNK).
     pub(super) fn get(&self, i: usize) -> Entry {
-        block::decode(self.bytes(), CHUNK, i, &self.spilled)
+        block::decode(|at| self.word(at), CHUNK, i, &self.spilled)
     }
 }
 
@@ -223,22 +239,24 @@ mod tests {
     fn paged_chunks_read_back_and_free_their_slots() {
         let dir = tempfile::tempdir().unwrap();
         let pages = PageFile::new(unnamed_file(dir.path()).unwrap());
-        let mut held = Vec::new();
-        for seed in 0..5 {
-            let block = full(seed);
-            let want: Vec<Entry> = (0..CHUNK).map(|i| block.get(i)).collect();
-            let paged = pages.page_out(block).unwrap();
-            assert!((0..CHUNK).all(|i| paged.get(i) == want[i]), "chunk {seed}");
-            held.push((paged, want));
+        let blocks: Vec<Block> = (0..5).map(full).collect();
+        let want: Vec<Vec<Entry>> = blocks
+            .iter()
+            .map(|b| (0..CHUNK).map(|i| b.get(i)).collect())
+            .collect();
+        let refs: Vec<&Block> = blocks.iter().collect();
+        let mut held = pages.page_out(&refs).unwrap();
+        for (paged, want) in held.iter().zip(&want) {
+            assert!((0..CHUNK).all(|i| paged.get(i) == want[i]));
         }
         assert_eq!(pages.slots_in_use(), 5);
         // A dropped chunk's slot is reused; the others keep their entries.
         held.remove(1);
-        held.push((pages.page_out(full(9)).unwrap(), Vec::new()));
+        held.extend(pages.page_out(&[&full(9)]).unwrap());
         assert_eq!(pages.slots_in_use(), 5);
         assert_eq!(pages.slots.lock().unwrap().used, 5, "slot 1 reused");
-        for (paged, want) in &held[..4] {
-            assert!(want.iter().enumerate().all(|(i, &e)| paged.get(i) == e));
+        for (paged, want) in held.iter().zip(want.iter().take(1).chain(&want[2..])) {
+            assert!((0..CHUNK).all(|i| paged.get(i) == want[i]));
         }
         drop(held);
         assert_eq!(pages.slots_in_use(), 0);
@@ -249,14 +267,16 @@ mod tests {
     #[test]
     fn chunks_stay_in_memory_when_the_file_cannot_take_them() {
         let dir = tempfile::tempdir().unwrap();
-        let pages = PageFile::new(unnamed_file(dir.path()).unwrap());
-        // A file opened read-only: every write fails.
-        let read_only = PageFile::new(File::open(dir.path()).unwrap());
-        let block = full(3);
-        let back = read_only.page_out(block.clone()).unwrap_err();
-        assert!((0..CHUNK).all(|i| back.get(i) == block.get(i)));
+        let path = dir.path().join("read-only");
+        File::create(&path).unwrap().set_len(REGION_BYTES).unwrap();
+        // Open for reading only: a region maps, every write fails.
+        let read_only = PageFile::new(File::open(&path).unwrap());
+        let blocks = [full(3), full(4)];
+        let err = read_only.page_out(&[&blocks[0], &blocks[1]]).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF), "{err}");
         assert!(read_only.failed.load(Ordering::Relaxed));
         assert_eq!(read_only.slots_in_use(), 0, "the slot went back");
-        assert!(pages.page_out(block).is_ok());
+        let pages = PageFile::new(unnamed_file(dir.path()).unwrap());
+        assert_eq!(pages.page_out(&[&blocks[0]]).unwrap().len(), 1);
     }
 }
