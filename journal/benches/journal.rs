@@ -31,11 +31,14 @@ use rewind_journal::{
 struct Counting;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
+/// The highest LIVE since it was last set (to LIVE, before a measurement).
+static PEAK: AtomicUsize = AtomicUsize::new(0);
 
 // SAFETY: forwards to the system allocator unchanged; only counts sizes.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+        PEAK.fetch_max(live, Ordering::Relaxed);
         // SAFETY: same contract as our caller's.
         unsafe { System.alloc(layout) }
     }
@@ -479,7 +482,59 @@ fn bench_recovery(c: &Config) {
         );
     }
     bench_reopen_with_checkpoint(&dir, &segments, records, total);
+    memory_after_restart(&dir, &segments, records);
     std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+/// Memory of a volume reopened cold, with its checkpoint and without:
+/// heap in use right after the open and 2 s later (the applier pages the
+/// index out after an open from a checkpoint), and the most heap in use
+/// during the open, each over the records.
+fn memory_after_restart(dir: &Path, segments: &[PathBuf], records: u64) {
+    let checkpoint = dir.join("checkpoint");
+    let aside = dir.join("checkpoint.aside");
+    for with_checkpoint in [true, false] {
+        if with_checkpoint {
+            std::fs::copy(&aside, &checkpoint).expect("checkpoint back");
+        } else {
+            let _ = std::fs::remove_file(&checkpoint);
+        }
+        let mut files = segments.to_vec();
+        files.push(checkpoint.clone());
+        drop_caches(&files);
+        let options = OpenOptions {
+            checkpoint_every: None,
+            ..OpenOptions::default()
+        };
+        let heap = LIVE.load(Ordering::Relaxed);
+        PEAK.store(heap, Ordering::Relaxed);
+        let (v, report) = Volume::open(OsStorage::shared(), dir, options).expect("open");
+        assert_eq!(report.records_from_checkpoint > 0, with_checkpoint);
+        let peak = PEAK.load(Ordering::Relaxed).saturating_sub(heap);
+        let opened = LIVE.load(Ordering::Relaxed).saturating_sub(heap);
+        std::thread::sleep(Duration::from_secs(2));
+        let settled = LIVE.load(Ordering::Relaxed).saturating_sub(heap);
+        v.close().expect("close");
+        let per = |b: usize| b as f64 / records as f64;
+        row(
+            &format!(
+                "memory after a cold restart, {records} x 4 KiB records, {}",
+                if with_checkpoint {
+                    "from the checkpoint"
+                } else {
+                    "full recovery"
+                }
+            ),
+            format!(
+                "heap {:.1} bytes/record after the open, {:.1} 2 s later, at most {:.1} during it",
+                per(opened),
+                per(settled),
+                per(peak)
+            ),
+            String::new(),
+            None,
+        );
+    }
 }
 
 /// The same journal with its checkpoint (set aside as
