@@ -38,6 +38,11 @@ const CHUNK: usize = 4096;
 /// are in memory.
 pub const PAGE_OUT_CHUNKS: usize = 8;
 
+/// Full chunks (5 MiB of memory, 6 MiB of file) one page-out writes at
+/// most, so that the applier is never long away from its folds; also
+/// the backlog past which it pages out even when a fold is urgent.
+pub const PAGE_OUT_BATCH: usize = 64;
+
 /// A full chunk. Freezing the tail moves its columns into the `Arc`
 /// instead of copying 4096 entries (recovery pushes millions of them).
 type Chunk = Arc<Frozen>;
@@ -215,12 +220,18 @@ impl RecordIndex {
         self.pages = Some(pages);
     }
 
-    /// Pages out every full chunk in memory, waiting for the file.
-    pub fn page_out_now(&mut self) {
-        if let Some(mut out) = self.to_page_out() {
+    /// Pages out every full chunk in memory, waiting for the file; false
+    /// if some stay in memory (the file failed).
+    pub fn page_out_now(&mut self) -> bool {
+        while let Some(mut out) = self.to_page_out(1) {
             out.write();
+            let failed = out.paged.is_empty();
             self.paged_out(out);
+            if failed {
+                return false;
+            }
         }
+        true
     }
 
     /// Whether the last push filled a chunk.
@@ -237,18 +248,25 @@ impl RecordIndex {
             .count()
     }
 
-    /// The full chunks still in memory, if the index has a page file and
-    /// there are any. Chunks are paged in order, so they are the last.
-    pub fn to_page_out(&self) -> Option<PageOut> {
+    /// The oldest full chunks still in memory, at most
+    /// [`PAGE_OUT_BATCH`], if the index has a page file and at least
+    /// `min` are waiting. Chunks are paged in order, so those waiting are
+    /// the last ones, and stay so.
+    pub fn to_page_out(&self, min: usize) -> Option<PageOut> {
         let pages = self.pages.clone()?;
-        let first = self.frozen.len() - self.unpaged_chunks();
+        let waiting = self.unpaged_chunks();
+        if waiting == 0 || waiting < min {
+            return None;
+        }
+        let first = self.frozen.len() - waiting;
         let chunks: Vec<(u64, Chunk)> = (first..self.frozen.len())
+            .take(PAGE_OUT_BATCH)
             .map(|i| {
                 let lsn = self.chunks_lsn + (i * CHUNK) as u64;
                 (lsn, Arc::clone(&self.frozen[i]))
             })
             .collect();
-        (!chunks.is_empty()).then_some(PageOut {
+        Some(PageOut {
             pages,
             chunks,
             paged: Vec::new(),
@@ -747,9 +765,13 @@ mod tests {
         assert_eq!((paged.unpaged_chunks(), pages.slots_in_use()), (0, 2));
         push([&mut memory, &mut paged], 2 * CHUNK as u64 + 6..=n, 0);
         assert_eq!(paged.unpaged_chunks(), 3, "paged out later, not by push");
-        let out = paged.to_page_out().expect("three chunks to page out");
-        paged.page_out_now();
-        // A page-out of chunks paged meanwhile changes nothing.
+        assert!(paged.to_page_out(4).is_none(), "fewer than asked for");
+        let mut out = paged.to_page_out(1).expect("three chunks to page out");
+        out.write();
+        assert!(paged.page_out_now());
+        // A page-out of chunks paged meanwhile changes nothing, and frees
+        // the slots it wrote.
+        assert_eq!(pages.slots_in_use(), 8);
         paged.paged_out(out);
         assert_eq!((paged.unpaged_chunks(), pages.slots_in_use()), (0, 5));
         assert!(paged
@@ -791,6 +813,19 @@ mod tests {
         paged.trim(2 * CHUNK as u64 + 1);
         same(&memory, &paged);
         assert_eq!(pages.slots_in_use(), 3);
+        // Flushes counted by whole chunks agree with counting each entry,
+        // after trims that end inside a chunk.
+        for base in [
+            2 * CHUNK as u64 + 700,
+            3 * CHUNK as u64 + 1,
+            4 * CHUNK as u64 - 3,
+        ] {
+            paged.trim(base);
+            let each = (base + 1..=paged.last_lsn())
+                .filter(|&l| paged.entry(l).effect == Effect::Flush)
+                .count() as u64;
+            assert_eq!(paged.flushes(), each, "after a trim to {base}");
+        }
     }
 
     #[test]

@@ -46,7 +46,7 @@ use crate::format::{
 };
 use crate::meta::{EpochStart, VolumeConfig};
 use crate::pool::{segment_name, Segment, JOURNAL_DIR};
-use crate::record_index::{Effect, Entry, PageFile, RecordIndex};
+use crate::record_index::{Effect, Entry, PageFile, RecordIndex, PAGE_OUT_BATCH};
 use crate::storage::{Storage, StorageFile};
 use crate::superblock::SuperState;
 
@@ -677,16 +677,12 @@ impl Built {
     }
 }
 
-/// Full index chunks (4096 records each, 5 MiB of memory) a full scan
-/// pages out at a time.
-const RECOVERY_PAGE_OUT_CHUNKS: usize = 64;
-
 /// Applies the accepted records to `built`, in order, checking each
 /// payload first; stops applying at the first damaged one. `page_out`:
 /// pages the index out as it grows (a full scan; after a checkpoint, the
 /// applier pages it out once the volume is open, so as not to make the
 /// open wait for the file).
-fn build_index(disk: u64, built: Built, rx: Receiver<Vec<Accepted>>, page_out: bool) -> Built {
+fn build_index(disk: u64, built: Built, rx: Receiver<Vec<Accepted>>, mut page_out: bool) -> Built {
     let Built {
         mut map, mut index, ..
     } = built;
@@ -729,10 +725,11 @@ fn build_index(disk: u64, built: Built, rx: Receiver<Vec<Accepted>>, page_out: b
                 (None, Effect::Mark | Effect::Flush) => index.push(a.entry),
             }
         }
-        // A full scan pages out as it goes (one sync for many chunks), so
-        // that a large journal's index is never all in memory.
-        if page_out && index.unpaged_chunks() >= RECOVERY_PAGE_OUT_CHUNKS {
-            index.page_out_now();
+        // A full scan pages out as it goes (one write-back for many
+        // chunks), so that a large journal's index is never all in
+        // memory; not again once the file has failed.
+        if page_out && index.unpaged_chunks() >= PAGE_OUT_BATCH {
+            page_out = index.page_out_now();
         }
     }
     if page_out {

@@ -50,7 +50,7 @@ use crate::meta::{EpochStart, Role, VolumeConfig, VolumeSettings, VOLUME_FILE};
 use crate::pace::Pacer;
 use crate::point::PointInTime;
 use crate::pool::{segment_name, write_header, Pool, PoolSetup, Segment, JOURNAL_DIR};
-use crate::record_index::{Bookmark, Effect, Entry, RecordIndex, PAGE_OUT_CHUNKS};
+use crate::record_index::{Bookmark, Effect, Entry, RecordIndex, PAGE_OUT_BATCH, PAGE_OUT_CHUNKS};
 use crate::recovery::{recover, RecoveryReport};
 use crate::storage::{write_direct_parts, ImportMode, LockGuard, Progress, Storage, StorageFile};
 use crate::superblock::Superblock;
@@ -1876,9 +1876,15 @@ impl Inner {
     }
 
     /// Moves the record index's full chunks to its page file, writing
-    /// without the index's lock.
+    /// without the index's lock; while the pool is past its limit, only
+    /// once a batch's worth waits (the fold comes first).
     fn page_out_index(&self) {
-        let Some(mut out) = lock(&self.index).to_page_out() else {
+        let min = if self.pool.overflow() > 0 {
+            PAGE_OUT_BATCH
+        } else {
+            1
+        };
+        let Some(mut out) = lock(&self.index).to_page_out(min) else {
             return;
         };
         out.write();

@@ -605,6 +605,63 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoint_larger_than_a_piece_streams_and_reads_back() {
+        // 3 MiB of entries: several pieces of the streamed encoding.
+        let n = 3 * PIECE as u64 / ENTRY as u64 + 17;
+        let mut index = RecordIndex::new(0, 0);
+        for i in 1..=n {
+            index.push(Entry {
+                timestamp: i,
+                effect: if i % 3 == 0 {
+                    Effect::Flush
+                } else {
+                    Effect::Data {
+                        start: i * 8,
+                        sectors: 8,
+                        target: Target::Journal {
+                            segment: 1,
+                            sector: 8,
+                        },
+                    }
+                },
+            });
+        }
+        let segments = [Covered {
+            file_id: 1,
+            seq: 1,
+            first_lsn: 1,
+            last_lsn: n,
+        }];
+        let extents = map_of(&index);
+        let taken = Taken {
+            volume: VOLUME,
+            base_timestamp: 0,
+            segments: &segments,
+            bookmarks: &[],
+            entries: &index.snapshot(n),
+            extents: &extents,
+        };
+        let mut pieces = Vec::new();
+        let mut bytes = Vec::new();
+        let len = encode_to(&taken, &mut |piece| {
+            pieces.push(piece.len());
+            bytes.extend_from_slice(piece);
+            Ok(())
+        })
+        .expect("encodes");
+        assert_eq!(len, bytes.len() as u64);
+        assert!(pieces.len() > 4, "{pieces:?}");
+        assert!(pieces[..pieces.len() - 2].iter().all(|&p| p >= PIECE));
+        let c = decode(&bytes, VOLUME).expect("decodes");
+        assert_eq!(c.index.last_lsn(), n);
+        assert_eq!(c.index.flushes(), n / 3);
+        for lsn in [1, n / 2, n] {
+            assert_eq!(c.index.effect(lsn), index.effect(lsn), "lsn {lsn}");
+        }
+        assert_eq!(c.extents, extents);
+    }
+
+    #[test]
     fn an_empty_checkpoint_reads_back() {
         let index = RecordIndex::new(5, 9);
         let b = encode(&Taken {
