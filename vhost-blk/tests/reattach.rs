@@ -8,9 +8,11 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::child_client::{BlockClient, ChildClient};
 use common::client::pattern;
-use common::{Controlled, TestVolume};
+use common::{wait_until, Controlled, TestVolume};
 use serde_json::{json, Value};
 
 /// SIGKILL and a new daemon on the same volume.
@@ -31,9 +33,21 @@ fn written_then_killed(vol: &TestVolume, seed: u8) -> (ChildClient, Controlled) 
     (a, kill_and_restart(daemon, vol))
 }
 
-/// The refusal `client` got, as status says.
+/// The refusal `client` got, as status says. The daemon judges a client
+/// once it has accepted the connection, while the handshake goes on in
+/// the connection's thread, so on a loaded machine the client can finish
+/// its setup before the refusal ends the connection: then the refusal
+/// shows in status a moment later.
 fn refused(daemon: &Controlled, client: &mut ChildClient) -> String {
-    let error = client.reconnect().expect_err("refused");
+    let error = match client.reconnect() {
+        Err(error) => error,
+        Ok(()) => {
+            wait_until("the refusal", Duration::from_secs(20), || {
+                !daemon.status()["last_refusal"].is_null()
+            });
+            "set up before the refusal ended the connection".to_owned()
+        }
+    };
     let status = daemon.status();
     assert!(status["attached"].is_null(), "{status}");
     let reason = status["last_refusal"]
