@@ -499,6 +499,7 @@ fn start_qemu(
         append: "loglevel=6 edd=off",
         smp: VCPUS,
         queues: QUEUES,
+        migrates: true,
         ..GuestConfig::default()
     };
     Guest::start(qemu, socket, script, config)

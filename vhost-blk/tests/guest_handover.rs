@@ -85,7 +85,7 @@ fn start_qemu(twins: &Twins, on_a: bool, qmp: &Path, incoming: Option<&Path>) ->
     if let Some(path) = incoming {
         args.extend(["-incoming".to_owned(), format!("unix:{}", path.display())]);
     }
-    twins.guest_with(on_a, WRITER, 2, 2, &args)
+    twins.migratable_guest(on_a, WRITER, 2, 2, &args)
 }
 
 /// Waits until the daemon has a client attached.

@@ -196,17 +196,29 @@ impl Twins {
     /// Boots a guest running `script` on host A (`on_a`) or B, on that
     /// host's daemon.
     pub fn guest(&self, on_a: bool, script: &str) -> Guest {
-        self.guest_with(on_a, script, 1, 1, &[])
+        self.start_guest(on_a, script, 1, 1, false, &[])
     }
 
-    /// The same with `smp` vCPUs, `queues` virtqueues and more QEMU
-    /// arguments.
-    pub fn guest_with(
+    /// A guest that may be live-migrated, with `smp` vCPUs, `queues`
+    /// virtqueues and more QEMU arguments (`-incoming`, `-qmp`).
+    pub fn migratable_guest(
         &self,
         on_a: bool,
         script: &str,
         smp: u32,
         queues: u32,
+        qemu_args: &[String],
+    ) -> Guest {
+        self.start_guest(on_a, script, smp, queues, true, qemu_args)
+    }
+
+    fn start_guest(
+        &self,
+        on_a: bool,
+        script: &str,
+        smp: u32,
+        queues: u32,
+        migrates: bool,
         qemu_args: &[String],
     ) -> Guest {
         let (host, daemon) = match on_a {
@@ -222,6 +234,7 @@ impl Twins {
             append: "loglevel=6 edd=off",
             smp,
             queues,
+            migrates,
             ..GuestConfig::default()
         };
         let mut qemu = host.command(QEMU);
