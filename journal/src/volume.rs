@@ -297,6 +297,7 @@ struct Inner {
     /// One fold at a time.
     fold_lock: Mutex<()>,
     forced_folds: AtomicU64,
+    forced_fold_log: Mutex<fold::ForcedFoldLog>,
     /// See `Stats::folded_bytes` and `Stats::fold_nanos`.
     folded_bytes: AtomicU64,
     fold_nanos: AtomicU64,
@@ -688,6 +689,7 @@ impl Volume {
             views: Mutex::new(Vec::new()),
             fold_lock: Mutex::new(()),
             forced_folds: AtomicU64::new(0),
+            forced_fold_log: Mutex::default(),
             folded_bytes: AtomicU64::new(0),
             fold_nanos: AtomicU64::new(0),
             held_requests: AtomicU64::new(0),

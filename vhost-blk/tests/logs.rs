@@ -6,9 +6,11 @@
 mod common;
 
 use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::client::pattern;
 use common::client::Client;
 use common::{wait_until, workspace, TestVolume, BIN};
 use rewind_journal::events;
@@ -35,16 +37,24 @@ struct Daemon {
     child: Child,
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl Daemon {
+    /// SIGTERM; asserts a clean exit.
+    fn stop(&mut self) {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let mut status = None;
+        wait_until("the daemon to exit", Duration::from_secs(30), || {
+            status = self.child.try_wait().expect("wait");
+            status.is_some()
+        });
+        assert!(status.is_some_and(|s| s.success()), "{status:?}");
     }
 }
 
-#[test]
-fn json_log_names_the_fence_and_the_refused_client_with_the_volume() {
-    let vol = TestVolume::create("16M");
+/// Serves `vol` with a control socket and the JSON log in a file; returns
+/// the daemon, the control socket and the log file.
+fn serve_json(vol: &TestVolume) -> (Daemon, PathBuf, PathBuf) {
     let control = vol.dir.path().join("control.sock");
     let log = vol.dir.path().join("stderr.log");
     let child = Command::new(BIN)
@@ -58,14 +68,31 @@ fn json_log_names_the_fence_and_the_refused_client_with_the_volume() {
         .stderr(File::create(&log).expect("log file"))
         .spawn()
         .expect("spawn serve");
-    let mut daemon = Daemon { child };
+    let daemon = Daemon { child };
     wait_until("the sockets", Duration::from_secs(20), || {
         vol.socket.exists() && control.exists()
     });
-    let ctl = |command: &str, args: Value| {
-        rewind_ctl::request(&control, command, args, &mut |_, _| {})
-            .unwrap_or_else(|e| panic!("{command}: {e}"))
-    };
+    (daemon, control, log)
+}
+
+/// A control request, as `rewindctl` sends it.
+fn ctl(control: &Path, command: &str, args: Value) -> Value {
+    rewind_ctl::request(control, command, args, &mut |_, _| {})
+        .unwrap_or_else(|e| panic!("{command}: {e}"))
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn json_log_names_the_fence_and_the_refused_client_with_the_volume() {
+    let vol = TestVolume::create("16M");
+    let (mut daemon, control, log) = serve_json(&vol);
+    let ctl = |command: &str, args: Value| ctl(&control, command, args);
     let uuid = ctl("status", Value::Null)["volume"]
         .as_str()
         .expect("the volume's uuid")
@@ -81,15 +108,7 @@ fn json_log_names_the_fence_and_the_refused_client_with_the_volume() {
     wait_until("the refusal in the log", Duration::from_secs(30), || {
         read_log().contains(events::CLIENT_REFUSED)
     });
-    let pid = i32::try_from(daemon.child.id()).expect("pid");
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let mut status = None;
-    wait_until("the daemon to exit", Duration::from_secs(30), || {
-        status = daemon.child.try_wait().expect("wait");
-        status.is_some()
-    });
-    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    daemon.stop();
 
     let text = read_log();
     let lines = json_lines(&text);
@@ -111,6 +130,35 @@ fn json_log_names_the_fence_and_the_refused_client_with_the_volume() {
         let message = line["message"].as_str().expect("a message");
         assert!(message.contains("fenced at epoch 2"), "{message}");
     }
+}
+
+#[test]
+fn a_full_journal_logs_its_forced_folds_once_a_minute_and_counts_every_one() {
+    // 8 segments of 1 MiB under the default hour-long window: every MiB
+    // written past the first 8 is a forced fold.
+    let vol = TestVolume::create_with("16M", &["--segment-size", "1M", "--journal-max", "8M"]);
+    let (mut daemon, control, log) = serve_json(&vol);
+    let mut client = Client::connect(&vol.socket, 1);
+    for i in 0..32u64 {
+        let data = pattern(i as u8, 1 << 20);
+        assert_eq!(client.write(0, (i % 16) << 20, &data), 0);
+    }
+    assert_eq!(client.flush(0), 0);
+    let mut folds = 0;
+    wait_until("forced folds", Duration::from_secs(60), || {
+        folds = ctl(&control, "status", Value::Null)["forced_folds"]
+            .as_u64()
+            .expect("forced_folds");
+        folds >= 3
+    });
+    daemon.stop();
+
+    let text = std::fs::read_to_string(&log).expect("read the log");
+    let lines = json_lines(&text);
+    let logged = with_event(&lines, events::FORCED_FOLD);
+    assert_eq!(logged.len(), 1, "{folds} forced folds, one line: {text}");
+    assert_eq!(logged[0]["level"], "WARN");
+    assert_eq!(logged[0]["folds"], 1, "the first fold at once: {text}");
 }
 
 #[test]

@@ -34,7 +34,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{lock, Inner};
 use crate::error::{Error, Result};
@@ -61,6 +61,35 @@ struct Run {
     start: u64,
     sectors: u64,
     target: Target,
+}
+
+/// How often forced folds are logged: a full journal folds a piece every
+/// few hundred milliseconds, which would be as many warnings (the
+/// `forced_folds` counter and its metric count every one).
+const FORCED_FOLD_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Forced folds not logged yet.
+#[derive(Debug, Default)]
+pub(super) struct ForcedFoldLog {
+    logged_at: Option<Instant>,
+    unlogged: u64,
+}
+
+impl ForcedFoldLog {
+    /// Notes a forced fold at `now`. Returns how many forced folds a line
+    /// logged now covers (this one included), or None while the last line
+    /// is less than [`FORCED_FOLD_LOG_INTERVAL`] old.
+    fn note(&mut self, now: Instant) -> Option<u64> {
+        self.unlogged += 1;
+        if self
+            .logged_at
+            .is_some_and(|at| now.saturating_duration_since(at) < FORCED_FOLD_LOG_INTERVAL)
+        {
+            return None;
+        }
+        self.logged_at = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
 }
 
 impl Inner {
@@ -212,16 +241,20 @@ impl Inner {
         };
         if forced {
             self.forced_folds.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                event = crate::events::FORCED_FOLD,
-                volume = %self.config.uuid,
-                dir = %self.dir.display(),
-                "journal at its hard limit of {} bytes: folded records newer than the \
-                 {:?} window; history now starts at {}",
-                self.config.journal_max,
-                self.window(),
-                crate::point::format_ns(upto_ns)
-            );
+            if let Some(folds) = lock(&self.forced_fold_log).note(Instant::now()) {
+                tracing::warn!(
+                    event = crate::events::FORCED_FOLD,
+                    volume = %self.config.uuid,
+                    dir = %self.dir.display(),
+                    folds,
+                    "journal at its hard limit of {} bytes: folded records newer than the \
+                     {:?} window ({folds} forced folds since the last such line, at most one \
+                     a minute); history now starts at {}",
+                    self.config.journal_max,
+                    self.window(),
+                    crate::point::format_ns(upto_ns)
+                );
+            }
         } else {
             tracing::debug!(volume = %self.config.uuid, dir = %self.dir.display(), ?report, "folded");
         }
@@ -593,6 +626,23 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeSet;
+
+    #[test]
+    fn forced_folds_are_logged_at_most_once_a_minute_with_their_count() {
+        let mut log = ForcedFoldLog::default();
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        assert_eq!(log.note(at(0)), Some(1), "the first one at once");
+        assert_eq!(log.note(at(1)), None);
+        assert_eq!(log.note(at(59)), None);
+        assert_eq!(
+            log.note(at(60)),
+            Some(3),
+            "a minute later, with the two held"
+        );
+        assert_eq!(log.note(at(61)), None);
+        assert_eq!(log.note(at(200)), Some(2));
+    }
 
     fn transfer(seg: usize, from: u64, to: u64, len: u64) -> Transfer {
         Transfer { seg, from, to, len }
