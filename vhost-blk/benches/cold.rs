@@ -69,12 +69,15 @@ struct Outcome {
     p99: Duration,
     cpu_per_io: Duration,
     /// Share of the machine's CPU time (all CPUs) that was busy during the
-    /// run: client, server and kernel together.
+    /// run: client, server and kernel together (fio's: from its start to
+    /// its end, its setup included).
     machine_busy: f64,
 }
 
 /// The machine's busy and total CPU time so far, in clock ticks
-/// (/proc/stat's first line; idle and iowait count as not busy).
+/// (/proc/stat's first line: user, nice, system, idle, iowait, irq,
+/// softirq, steal). Busy is what ran here (user to softirq but idle and
+/// iowait); steal, time the hypervisor gave to others, is not.
 fn machine_ticks() -> (u64, u64) {
     let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
     let ticks: Vec<u64> = stat
@@ -83,17 +86,19 @@ fn machine_ticks() -> (u64, u64) {
         .and_then(|l| l.strip_prefix("cpu "))
         .expect("/proc/stat's cpu line")
         .split_whitespace()
+        .take(8)
         .map(|t| t.parse().expect("/proc/stat tick count"))
         .collect();
-    let total: u64 = ticks.iter().take(8).sum();
-    let idle = ticks[3] + ticks[4];
-    (total - idle, total)
+    assert_eq!(ticks.len(), 8, "/proc/stat's cpu line: {ticks:?}");
+    let busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6];
+    (busy, ticks.iter().sum())
 }
 
-/// The busy share between two [`machine_ticks`] readings.
+/// The busy share between two [`machine_ticks`] readings (iowait may go
+/// down, so the differences saturate).
 fn busy_since(before: (u64, u64)) -> f64 {
     let (busy, total) = machine_ticks();
-    (busy - before.0) as f64 / (total - before.1).max(1) as f64
+    busy.saturating_sub(before.0) as f64 / total.saturating_sub(before.1).max(1) as f64
 }
 
 fn drop_caches() {
