@@ -1938,6 +1938,7 @@ impl Inner {
                 }
             }
             self.checkpoint_if_due(checkpoint::Occasion::Periodic);
+            self.log_held_forced_folds();
             self.pool.wait_for_applier_work(pause);
             due = interval.is_some();
         }

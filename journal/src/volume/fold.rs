@@ -81,10 +81,16 @@ impl ForcedFoldLog {
     /// is less than [`FORCED_FOLD_LOG_INTERVAL`] old.
     fn note(&mut self, now: Instant) -> Option<u64> {
         self.unlogged += 1;
-        if self
+        self.due(now)
+    }
+
+    /// Takes the forced folds not logged yet once the last line is
+    /// [`FORCED_FOLD_LOG_INTERVAL`] old; None if there are none or not yet.
+    fn due(&mut self, now: Instant) -> Option<u64> {
+        let recent = self
             .logged_at
-            .is_some_and(|at| now.saturating_duration_since(at) < FORCED_FOLD_LOG_INTERVAL)
-        {
+            .is_some_and(|at| now.saturating_duration_since(at) < FORCED_FOLD_LOG_INTERVAL);
+        if self.unlogged == 0 || recent {
             return None;
         }
         self.logged_at = Some(now);
@@ -93,6 +99,24 @@ impl ForcedFoldLog {
 }
 
 impl Inner {
+    /// Logs the forced folds held back since the last such line once it is
+    /// a minute old, so the end of a run of them is reported too (the
+    /// applier calls this on each pass).
+    pub(super) fn log_held_forced_folds(&self) {
+        if let Some(folds) = lock(&self.forced_fold_log).due(Instant::now()) {
+            tracing::warn!(
+                event = crate::events::FORCED_FOLD,
+                volume = %self.config.uuid,
+                dir = %self.dir.display(),
+                folds,
+                "{folds} more forced folds (records newer than the {:?} window folded \
+                 at the hard limit of {} bytes) since the last such line",
+                self.window(),
+                self.config.journal_max
+            );
+        }
+    }
+
     /// Runs one fold if anything may be folded.
     pub(super) fn fold(&self) -> Result<Option<FoldReport>> {
         self.fold_at_most(usize::MAX)
@@ -628,7 +652,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     #[test]
-    fn forced_folds_are_logged_at_most_once_a_minute_with_their_count() {
+    fn forced_folds_are_logged_at_most_once_a_minute_with_their_count_and_the_held_ones_later() {
         let mut log = ForcedFoldLog::default();
         let start = Instant::now();
         let at = |s: u64| start + Duration::from_secs(s);
@@ -642,6 +666,16 @@ mod tests {
         );
         assert_eq!(log.note(at(61)), None);
         assert_eq!(log.note(at(200)), Some(2));
+        assert_eq!(log.due(at(201)), None, "nothing held");
+        assert_eq!(log.note(at(230)), None);
+        assert_eq!(log.due(at(259)), None, "the last line is not a minute old");
+        assert_eq!(
+            log.due(at(260)),
+            Some(1),
+            "the held one, once folds stopped"
+        );
+        assert_eq!(log.due(at(400)), None);
+        assert_eq!(log.note(at(401)), Some(1), "a new run warns at once");
     }
 
     fn transfer(seg: usize, from: u64, to: u64, len: u64) -> Transfer {
