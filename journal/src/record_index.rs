@@ -255,7 +255,7 @@ impl RecordIndex {
     pub fn to_page_out(&self, min: usize) -> Option<PageOut> {
         let pages = self.pages.clone()?;
         let waiting = self.unpaged_chunks();
-        if waiting == 0 || waiting < min {
+        if waiting < min.max(1) {
             return None;
         }
         let first = self.frozen.len() - waiting;

@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::client::pattern;
-use common::client::Client;
+use common::client::{pattern, Client};
 use common::{wait_until, workspace, TestVolume, BIN};
 use rewind_journal::events;
 use serde_json::{json, Value};

@@ -103,18 +103,27 @@ impl Inner {
     /// a minute old, so the end of a run of them is reported too (the
     /// applier calls this on each pass).
     pub(super) fn log_held_forced_folds(&self) {
-        if let Some(folds) = lock(&self.forced_fold_log).due(Instant::now()) {
-            tracing::warn!(
-                event = crate::events::FORCED_FOLD,
-                volume = %self.config.uuid,
-                dir = %self.dir.display(),
-                folds,
-                "{folds} more forced folds (records newer than the {:?} window folded \
-                 at the hard limit of {} bytes) since the last such line",
-                self.window(),
-                self.config.journal_max
-            );
+        let due = lock(&self.forced_fold_log).due(Instant::now());
+        if let Some(folds) = due {
+            self.warn_forced_folds(folds);
         }
+    }
+
+    /// The one line for `folds` forced folds.
+    fn warn_forced_folds(&self, folds: u64) {
+        let (_, start_ns) = self.window_start(&lock(&self.index));
+        tracing::warn!(
+            event = crate::events::FORCED_FOLD,
+            volume = %self.config.uuid,
+            dir = %self.dir.display(),
+            folds,
+            "journal at its hard limit of {} bytes: folded records newer than the {:?} \
+             window ({folds} forced folds since the last such line, at most one a minute); \
+             history now starts at {}",
+            self.config.journal_max,
+            self.window(),
+            crate::point::format_ns(start_ns)
+        );
     }
 
     /// Runs one fold if anything may be folded.
@@ -265,19 +274,9 @@ impl Inner {
         };
         if forced {
             self.forced_folds.fetch_add(1, Ordering::Relaxed);
-            if let Some(folds) = lock(&self.forced_fold_log).note(Instant::now()) {
-                tracing::warn!(
-                    event = crate::events::FORCED_FOLD,
-                    volume = %self.config.uuid,
-                    dir = %self.dir.display(),
-                    folds,
-                    "journal at its hard limit of {} bytes: folded records newer than the \
-                     {:?} window ({folds} forced folds since the last such line, at most one \
-                     a minute); history now starts at {}",
-                    self.config.journal_max,
-                    self.window(),
-                    crate::point::format_ns(upto_ns)
-                );
+            let due = lock(&self.forced_fold_log).note(Instant::now());
+            if let Some(folds) = due {
+                self.warn_forced_folds(folds);
             }
         } else {
             tracing::debug!(volume = %self.config.uuid, dir = %self.dir.display(), ?report, "folded");
