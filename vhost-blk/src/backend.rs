@@ -302,8 +302,8 @@ impl BlkBackend {
             }
         };
         let stopped = take();
-        // One system call for the batch's reads, whatever ended the loop;
-        // those the page cache held complete here.
+        // One system call for the batch's reads through the page cache,
+        // whatever ended the loop; those it held complete here.
         if let Some(ring) = ring {
             ring.submit();
         }

@@ -4,14 +4,15 @@
 //! The queue's thread plans each read it takes (the journal says which
 //! bytes of which file fill which part of the read, and pins those files:
 //! `rewind_journal::ReadPlan`), turns each file read into a readv into the
-//! guest's buffers and puts them into the queue's ring. A read that waits
-//! for the disk (or a kernel worker) is submitted at once, so it reaches
-//! the disk while the thread plans the next; reads the page cache answers
-//! are submitted together in one system call once the thread has taken
-//! what the virtqueue holds, finish during it and complete right after.
-//! The kernel's completions wake the queue's thread through an eventfd it
-//! polls beside its kick. So a cold read costs no thread hand-off, a batch
-//! of warm ones is one submission, and no read is copied twice.
+//! guest's buffers and puts them into the queue's ring. A read that goes
+//! with O_DIRECT or to a kernel worker (see below) is submitted at once,
+//! so it reaches the disk while the thread plans the next; the others,
+//! through the page cache, are submitted together in one system call once
+//! the thread has taken what the virtqueue holds: those the page cache
+//! holds finish during it and complete right after. The kernel's
+//! completions wake the queue's thread through an eventfd it polls beside
+//! its kick. So a cold read costs no thread hand-off, a batch of warm ones
+//! is one submission, and no read is copied twice.
 //!
 //! Which way a file read goes: from 64 KiB on, through the page cache on
 //! the kernel's io-wq workers (their copies run side by side, not on this
@@ -127,7 +128,8 @@ enum Route {
     /// Straight from the disk with O_DIRECT (this descriptor): no page
     /// cache to fill, no readahead, no copy.
     Direct(RawFd),
-    /// From the page cache, copied during the submission.
+    /// Through the page cache on the queue's thread (no IOSQE_ASYNC): a
+    /// read it holds is copied during the submission.
     Cached,
 }
 
@@ -142,9 +144,9 @@ impl Route {
         }
     }
 
-    /// Whether the read waits for the disk or a kernel worker, not only
-    /// for a copy from the page cache.
-    fn waits(self) -> bool {
+    /// Whether the read is submitted as soon as it is in the ring rather
+    /// than with the batch: it waits for the disk or a kernel worker.
+    fn submits_at_once(self) -> bool {
         self != Route::Cached
     }
 }
@@ -301,9 +303,9 @@ impl QueueRing {
         self.ring.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Puts `job`'s read into the ring (submitted at once if it waits for
-    /// the disk, else by [`QueueRing::submit`]); hands anything else, or a
-    /// read the ring cannot take, to an IO thread. Returns whether it
+    /// Puts `job`'s read into the ring (submitted at once or by
+    /// [`QueueRing::submit`], as its [`Route`] says); hands anything else,
+    /// or a read the ring cannot take, to an IO thread. Returns whether it
     /// completed a request into the used ring already (a read of holes
     /// only).
     pub fn queue(&self, job: Dispatched) -> io::Result<bool> {
@@ -326,21 +328,17 @@ impl QueueRing {
             ring.reads.push(None);
             ring.reads.len() - 1
         });
-        let routes: Vec<_> = plan
-            .reads()
-            .iter()
-            .zip(&iovecs)
-            .map(|(r, iov)| Route::of(r, iov))
-            .collect();
+        let mut at_once = false;
         let entries: Vec<_> = plan
             .reads()
             .iter()
             .zip(&iovecs)
-            .zip(&routes)
             .enumerate()
-            .map(|(piece, ((r, iov), route))| {
+            .map(|(piece, (r, iov))| {
                 let id = user_data(slot, piece);
-                match *route {
+                let route = Route::of(r, iov);
+                at_once |= route.submits_at_once();
+                match route {
                     Route::Worker => readv(r.fd, iov, r.offset, id, 0).flags(squeue::Flags::ASYNC),
                     Route::Direct(direct) => readv(direct, iov, r.offset, id, 0),
                     Route::Cached => readv(r.fd, iov, r.offset, id, 0),
@@ -361,8 +359,8 @@ impl QueueRing {
         // (`reap` takes it out at `pending == 0`; `Drop` waits for all of
         // them, or leaks them); a Vec's heap array stays put while the Vec
         // moves.
-        let pushed = unsafe { ring.uring.submission().push_multiple(&entries) };
-        if pushed.is_err() {
+        let pushed = unsafe { ring.push(&entries, at_once) };
+        if !pushed {
             // `has_room` made room: not reached. Nothing of it was queued.
             let read = ring.reads[slot].take();
             ring.free.push(slot);
@@ -371,16 +369,6 @@ impl QueueRing {
                 read.job.dispatch();
             }
             return Ok(false);
-        }
-        ring.in_flight += pieces;
-        // A read that waits goes to the kernel now, not with the rest of
-        // the batch: held back until the queue's thread had planned every
-        // request the virtqueue held, the first of ~30 cold reads at QD32
-        // waited for the other 29 (0.73x qemu-storage-daemon's O_DIRECT
-        // reads, which go one by one; BENCHMARKS.md). Page-cache reads,
-        // copied during the call, still share one.
-        if routes.iter().any(|route| route.waits()) {
-            ring.submit_queued();
         }
         Ok(false)
     }
@@ -411,8 +399,9 @@ impl QueueRing {
         Some((plan, mem, iovecs))
     }
 
-    /// Submits what [`QueueRing::queue`] put in and completes the reads
-    /// that finished during the call (the page cache held them).
+    /// Submits what [`QueueRing::queue`] left queued and completes the
+    /// reads that finished since (those the page cache held, cold ones
+    /// already done).
     pub fn submit(&self) {
         let mut ring = self.lock();
         ring.submit_queued();
@@ -452,6 +441,31 @@ impl QueueRing {
 }
 
 impl Ring {
+    /// Queues `entries` (all or none; false if they do not fit) and
+    /// counts them in flight; with `at_once`, submits them now instead of
+    /// with the batch. Held back until the queue's thread had planned
+    /// every request the virtqueue held, the first of ~28 cold reads at
+    /// QD32 waited for the others: with a client that spins on its
+    /// completions, 0.73x the IOPS of qemu-storage-daemon's O_DIRECT
+    /// reads, which go one by one (BENCHMARKS.md, "Cold reads submitted
+    /// as they are taken"). A failed submission leaves them queued for
+    /// the batch's, which reports it.
+    ///
+    /// # Safety
+    /// Everything the entries name (files, buffers, iovec arrays) stays
+    /// valid until their completions are reaped.
+    unsafe fn push(&mut self, entries: &[squeue::Entry], at_once: bool) -> bool {
+        // SAFETY: the caller keeps what the entries name valid.
+        if unsafe { self.uring.submission().push_multiple(entries) }.is_err() {
+            return false;
+        }
+        self.in_flight += entries.len();
+        if at_once {
+            let _ = self.uring.submit();
+        }
+        true
+    }
+
     /// Whether `pieces` more file reads fit: in the submission queue
     /// (submitting what it holds to make room) and in the completion
     /// queue beside those in flight.
@@ -559,7 +573,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_that_wait_for_the_disk_or_a_worker_are_told_from_page_cache_copies() {
+    fn entries_submitted_at_once_leave_the_queue_and_the_others_wait_for_the_batch() {
+        let ring = QueueRing::new(8).expect("io_uring");
+        let mut ring = ring.lock();
+        let nop = |id| opcode::Nop::new().build().user_data(id);
+        let push = |ring: &mut Ring, entries: &[squeue::Entry], at_once| {
+            // SAFETY: a Nop names no file or buffer.
+            unsafe { ring.push(entries, at_once) }
+        };
+        let too_many: Vec<_> = (0..9).map(nop).collect();
+        assert!(
+            !push(&mut ring, &too_many, true),
+            "more than the queue holds"
+        );
+        assert!(ring.uring.submission().is_empty());
+        assert_eq!(ring.in_flight, 0);
+        assert!(push(&mut ring, &[nop(1)], false));
+        assert_eq!(ring.uring.submission().len(), 1, "queued for the batch");
+        assert!(push(&mut ring, &[nop(2), nop(3)], true));
+        assert!(
+            ring.uring.submission().is_empty(),
+            "submitted, with what was queued before"
+        );
+        assert_eq!(ring.in_flight, 3);
+        ring.uring.submit_and_wait(3).expect("wait");
+        assert_eq!(ring.uring.completion().count(), 3);
+        ring.in_flight = 0;
+    }
+
+    #[test]
+    fn cold_aligned_and_large_reads_go_at_once_and_page_cache_reads_with_the_batch() {
         use std::os::unix::fs::{FileExt, OpenOptionsExt};
         const BLOCK: usize = DIRECT_ALIGN;
         let dir = tempfile::tempdir().expect("tempdir");
@@ -598,7 +641,7 @@ mod tests {
         let cold = read(BLOCK as u64, BLOCK);
         let route = Route::of(&cold, &iov(0, BLOCK));
         assert_eq!(route, Route::Direct(direct.as_raw_fd()), "cold and aligned");
-        assert!(route.waits());
+        assert!(route.submits_at_once());
         for (what, r, v) in [
             ("file offset not aligned", read(512, BLOCK), iov(0, BLOCK)),
             ("buffer not aligned", cold, iov(512, BLOCK)),
@@ -613,16 +656,16 @@ mod tests {
         ] {
             let route = Route::of(&r, &v);
             assert_eq!(route, Route::Cached, "{what}");
-            assert!(!route.waits(), "{what}");
+            assert!(!route.submits_at_once(), "{what}");
         }
         let large = Route::of(&read(0, ASYNC_READ_MIN), &iov(0, ASYNC_READ_MIN));
         assert_eq!(large, Route::Worker);
-        assert!(large.waits());
+        assert!(large.submits_at_once());
         file.read_exact_at(&mut [0; BLOCK], BLOCK as u64)
             .expect("warm it");
         let warm = Route::of(&cold, &iov(0, BLOCK));
         assert_eq!(warm, Route::Cached, "in the page cache");
-        assert!(!warm.waits());
+        assert!(!warm.submits_at_once());
     }
 
     #[test]
