@@ -47,7 +47,7 @@ pub use meta::{AttachRecord, EpochStart, Role, Seal, VolumeConfig, VolumeSetting
 pub use point::{format_ns, PointInTime};
 pub use record_index::Bookmark;
 pub use recovery::{Discarded, LogEnd, RecoveryReport};
-pub use storage::{ImportMethod, ImportMode, OsStorage, Storage, StorageFile};
+pub use storage::{page_cache_holds, ImportMethod, ImportMode, OsStorage, Storage, StorageFile};
 pub use volume::{
     BaseImage, BranchInfo, FileRead, FoldReport, LayoutChoice, OpenOptions, OutOfSync, ReadPlan,
     ReleaseHeld, ResyncState, RetryPolicy, ShipBatch, ShippedRecord, Stats, Timeline, View, Volume,

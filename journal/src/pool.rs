@@ -795,7 +795,8 @@ impl Pool {
     }
 
     /// The background thread's loop: keeps the reserve at its target,
-    /// starts the writeback of sealed segments and recycles retired ones.
+    /// starts the writeback of sealed segments (their pages out of this
+    /// process's page tables first) and recycles retired ones.
     pub fn maintain(&self) {
         let mut st = self.lock();
         while !st.shutdown {
@@ -813,6 +814,7 @@ impl Pool {
                 r
             } else if let Some(full) = st.sealed.pop() {
                 drop(st);
+                full.file.unmap_pages();
                 if let Err(e) = full.file.start_writeback() {
                     tracing::debug!(segment = full.id, error = %e, "could not start writeback");
                 }

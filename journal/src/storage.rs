@@ -12,7 +12,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use memmap2::{MmapOptions, MmapRaw};
+use memmap2::{MmapOptions, MmapRaw, UncheckedAdvice};
 
 use rustix::fs::{FallocateFlags, FlockOperation, SeekFrom};
 use rustix::io::{Errno, ReadWriteFlags};
@@ -184,14 +184,35 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     fn write_direct_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.write_all_at(&[buf], offset)
     }
-    /// Writes a small `buf` at `offset`, like [`StorageFile::write_all_at`]
-    /// (in the page cache when it returns, so only a machine crash can lose
-    /// it before a sync), but cheaper when repeated many times: the journal
-    /// writes each record header with it. The file must not shrink while it
-    /// is open (it may be mapped in memory).
-    fn write_small_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+    /// Writes `buf` at `offset` like [`StorageFile::write_all_at`] (in the
+    /// page cache when it returns, so only a machine crash can lose it
+    /// before a sync), as a store into a shared mapping of the file where
+    /// it has one: no system call, and no file lock, so writers of
+    /// different ranges copy side by side (ext4's buffered write holds the
+    /// inode lock across its copy). A store into a page not in the page
+    /// cache reads the page from the disk first; the journal uses it for
+    /// record headers, and for payloads where
+    /// [`StorageFile::stores_read_nothing`] says so. The file must not
+    /// shrink while it is open (it may be mapped in memory).
+    fn write_mapped_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.write_all_at(&[buf], offset)
     }
+    /// Whether stores into `[offset, offset + len)` with
+    /// [`StorageFile::write_mapped_at`] would read nothing from the disk:
+    /// every page of it is in the page cache, or none of it was ever
+    /// written (a hole, or an unwritten extent: its pages are zeroes made
+    /// in memory). The answer can go stale (a page evicted since costs one
+    /// read, nothing else). Files that cannot tell say false.
+    fn stores_read_nothing(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
+    }
+    /// Takes the file's pages out of this process's page tables, where
+    /// [`StorageFile::write_mapped_at`] put them; they stay in the page
+    /// cache, dirty ones dirty. Once a file's writes are done: write-back
+    /// then need not write-protect them, and the process's resident size
+    /// does not count them. Only a hint.
+    fn unmap_pages(&self) {}
     /// Makes every completed write durable (fdatasync).
     fn sync_data(&self) -> io::Result<()>;
     /// Starts writing dirty data back without waiting, so that several
@@ -277,6 +298,45 @@ fn write_zero_buffers(
     Ok(())
 }
 
+/// cachestat(2) (Linux 6.5): the same number on every architecture.
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// Whether the page cache holds all of bytes `offset..offset + len` of
+/// `fd`; None where the kernel cannot say. Unlike a RWF_NOWAIT read, the
+/// question starts no readahead.
+pub fn page_cache_holds(fd: RawFd, offset: u64, len: u64) -> Option<bool> {
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct CacheStat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    let range = Range { off: offset, len };
+    let mut stat = CacheStat::default();
+    // SAFETY: cachestat reads `range` and writes `stat`, both live and of
+    // the kernel's layout, and only looks `fd` up (a bad one is EBADF).
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            fd,
+            &range as *const Range,
+            &mut stat as *mut CacheStat,
+            0u32,
+        )
+    };
+    let page = rustix::param::page_size() as u64;
+    let pages = offset.saturating_add(len).div_ceil(page) - offset / page;
+    (r == 0).then_some(stat.nr_cache >= pages)
+}
+
 /// The host's file system.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct OsStorage;
@@ -290,9 +350,9 @@ impl OsStorage {
 #[derive(Debug)]
 struct OsFile {
     file: File,
-    /// A shared mapping of the whole file, made at the first small write:
+    /// A shared mapping of the whole file, made at the first mapped write:
     /// a store into the page cache costs no system call. `None` where the
-    /// file cannot be mapped (small writes then use pwrite). Where pwrite
+    /// file cannot be mapped (mapped writes then use pwrite). Where pwrite
     /// would fail with EIO (a header page evicted and then unreadable), a
     /// store raises SIGBUS instead: the process dies, which the journal
     /// survives as it survives any crash.
@@ -342,12 +402,49 @@ impl OsFile {
         slot.get()?.as_ref()
     }
 
+    /// The extents of `[offset, offset + len)` (FIEMAP), at most
+    /// `FIEMAP_EXTENTS` of them.
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Fiemap> {
+        let mut map = Fiemap {
+            start: offset,
+            length: len,
+            flags: 0,
+            mapped_extents: 0,
+            extent_count: FIEMAP_EXTENTS as u32,
+            reserved: 0,
+            extents: [FiemapExtent::default(); FIEMAP_EXTENTS],
+        };
+        let fd = self.file.as_raw_fd();
+        retry_eintr(|| {
+            // SAFETY: `map` is a `struct fiemap` with room for the
+            // `extent_count` extents it announces, alive and exclusively
+            // borrowed for the call; the kernel writes no further.
+            let r = unsafe { libc::ioctl(fd, FS_IOC_FIEMAP, &mut map as *mut Fiemap) };
+            if r == 0 {
+                Ok(())
+            } else {
+                Err(Errno::from_io_error(&io::Error::last_os_error()).unwrap_or(Errno::IO))
+            }
+        })?;
+        Ok(map)
+    }
+
+    /// Whether no block of `[offset, offset + len)` holds written data:
+    /// holes and unwritten extents only. More extents than one call
+    /// returns count as written.
+    fn never_written(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let map = self.extents(offset, len)?;
+        let found = map.found();
+        Ok(found.len() < FIEMAP_EXTENTS
+            && found.iter().all(|e| e.flags & FIEMAP_EXTENT_UNWRITTEN != 0))
+    }
+
     fn mapping(&self) -> Option<&MmapRaw> {
         self.mapped
             .get_or_init(|| match MmapOptions::new().map_raw(&self.file) {
                 Ok(map) => Some(map),
                 Err(e) => {
-                    tracing::debug!(error = %e, "cannot map a file; small writes use pwrite");
+                    tracing::debug!(error = %e, "cannot map a file; mapped writes use pwrite");
                     None
                 }
             })
@@ -427,7 +524,7 @@ impl StorageFile for OsFile {
         Ok(())
     }
 
-    fn write_small_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+    fn write_mapped_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let Some(map) = self.mapping() else {
             return self.file.write_all_at(buf, offset);
         };
@@ -449,6 +546,30 @@ impl StorageFile for OsFile {
             std::ptr::copy_nonoverlapping(buf.as_ptr(), map.as_mut_ptr().add(start), buf.len());
         }
         Ok(())
+    }
+
+    /// cachestat first (one call, no lock); FIEMAP where some page is not
+    /// cached.
+    fn stores_read_nothing(&self, offset: u64, len: u64) -> bool {
+        if self.mapping().is_none() {
+            return false;
+        }
+        page_cache_holds(self.file.as_raw_fd(), offset, len) == Some(true)
+            || matches!(self.never_written(offset, len), Ok(true))
+    }
+
+    fn unmap_pages(&self) {
+        let Some(map) = self.mapped.get().and_then(Option::as_ref) else {
+            return;
+        };
+        // SAFETY: the mapping is shared and of a file: MADV_DONTNEED only
+        // drops its page table entries (a dirty one marks its page dirty
+        // first), and a later access faults the same page cache page back
+        // in, so no store is lost and nothing reads zeroes. No Rust
+        // reference into the mapping exists (stores are raw copies).
+        if let Err(e) = unsafe { map.unchecked_advise(UncheckedAdvice::DontNeed) } {
+            tracing::debug!(error = %e, "could not unmap a file's pages");
+        }
     }
 
     fn sync_data(&self) -> io::Result<()> {
@@ -527,30 +648,9 @@ impl StorageFile for OsFile {
     /// count as not fully written.
     fn fully_written(&self, offset: u64, len: u64) -> io::Result<bool> {
         let end = offset.saturating_add(len);
-        let mut map = Fiemap {
-            start: offset,
-            length: len,
-            flags: 0,
-            mapped_extents: 0,
-            extent_count: FIEMAP_EXTENTS as u32,
-            reserved: 0,
-            extents: [FiemapExtent::default(); FIEMAP_EXTENTS],
-        };
-        let fd = self.file.as_raw_fd();
-        retry_eintr(|| {
-            // SAFETY: `map` is a `struct fiemap` with room for the
-            // `extent_count` extents it announces, alive and exclusively
-            // borrowed for the call; the kernel writes no further.
-            let r = unsafe { libc::ioctl(fd, FS_IOC_FIEMAP, &mut map as *mut Fiemap) };
-            if r == 0 {
-                Ok(())
-            } else {
-                Err(Errno::from_io_error(&io::Error::last_os_error()).unwrap_or(Errno::IO))
-            }
-        })?;
-        let found = &map.extents[..(map.mapped_extents as usize).min(FIEMAP_EXTENTS)];
+        let map = self.extents(offset, len)?;
         let mut covered = offset;
-        for e in found {
+        for e in map.found() {
             if e.logical > covered || e.flags & FIEMAP_EXTENT_UNWRITTEN != 0 {
                 return Ok(false);
             }
@@ -587,6 +687,13 @@ struct Fiemap {
     extent_count: u32,
     reserved: u32,
     extents: [FiemapExtent; FIEMAP_EXTENTS],
+}
+
+impl Fiemap {
+    /// The extents the kernel filled in.
+    fn found(&self) -> &[FiemapExtent] {
+        &self.extents[..(self.mapped_extents as usize).min(FIEMAP_EXTENTS)]
+    }
 }
 
 /// `struct fiemap_extent` (linux/fiemap.h).
@@ -817,13 +924,52 @@ mod tests {
     }
 
     #[test]
-    fn small_writes_are_read_back_and_reach_the_file() {
+    fn stores_read_nothing_where_pages_are_cached_or_never_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mib = 1 << 20;
+        let f = sized_file(dir.path(), 4 * mib);
+        assert!(f.stores_read_nothing(0, 4 * mib), "preallocated: unwritten");
+        // Written around the page cache: a store would read it first.
+        write_direct_parts(f.as_ref(), &[&vec![7u8; mib as usize]], mib).expect("direct write");
+        assert!(!f.stores_read_nothing(mib, mib), "written, not cached");
+        assert!(
+            !f.stores_read_nothing(mib - 4096, 8192),
+            "a range with one such page"
+        );
+        assert!(f.stores_read_nothing(0, mib), "the unwritten rest");
+        f.read_exact_at(&mut vec![0u8; mib as usize], mib)
+            .expect("read");
+        assert!(f.stores_read_nothing(mib, mib), "written and cached");
+        let sparse = OsStorage.create_new(&dir.path().join("s")).expect("create");
+        sparse.set_len(4 * mib).expect("size");
+        assert!(sparse.stores_read_nothing(0, mib), "a hole");
+    }
+
+    #[test]
+    fn unmapped_pages_keep_their_stores() {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = sized_file(dir.path(), 64 << 10);
-        f.write_small_at(b"first", 0).expect("write");
-        f.write_small_at(b"last", (64 << 10) - 4).expect("write");
+        f.write_mapped_at(b"stored", 8192).expect("write");
+        f.unmap_pages();
+        let mut buf = [0u8; 6];
+        f.read_exact_at(&mut buf, 8192).expect("read");
+        assert_eq!(&buf, b"stored", "still in the page cache");
+        f.write_mapped_at(b"again", 0).expect("a store after");
+        f.sync_data().expect("sync");
+        drop(f);
+        let bytes = std::fs::read(dir.path().join("f")).expect("read back");
+        assert_eq!(&bytes[8192..8198], b"stored");
+        assert_eq!(&bytes[..5], b"again");
+    }
+
+    #[test]
+    fn mapped_writes_are_read_back_and_reach_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = sized_file(dir.path(), 64 << 10);
+        f.write_mapped_at(b"first", 0).expect("write");
+        f.write_mapped_at(b"last", (64 << 10) - 4).expect("write");
         f.write_all_at(&[b"pwrite"], 512).expect("write");
-        f.write_small_at(b"PW", 512).expect("write over a pwrite");
+        f.write_mapped_at(b"PW", 512).expect("write over a pwrite");
         let mut buf = [0u8; 6];
         f.read_exact_at(&mut buf, 512).expect("read");
         assert_eq!(&buf, b"PWrite");
@@ -833,7 +979,7 @@ mod tests {
         assert_eq!(
             bytes.len(),
             64 << 10,
-            "a small write never resizes the file"
+            "a mapped write never resizes the file"
         );
         assert_eq!(&bytes[..5], b"first");
         assert_eq!(&bytes[512..518], b"PWrite");
@@ -841,14 +987,14 @@ mod tests {
     }
 
     #[test]
-    fn small_writes_past_the_mapped_size_use_pwrite() {
+    fn mapped_writes_past_the_mapped_size_use_pwrite() {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = sized_file(dir.path(), 4096);
-        f.write_small_at(b"mapped", 0).expect("write");
+        f.write_mapped_at(b"mapped", 0).expect("write");
         // Past the end of the mapping (made at 4096 bytes): grows the file.
-        f.write_small_at(b"beyond", 4094)
+        f.write_mapped_at(b"beyond", 4094)
             .expect("write across the end");
-        f.write_small_at(b"far", 10_000)
+        f.write_mapped_at(b"far", 10_000)
             .expect("write past the end");
         assert_eq!(f.size().expect("size"), 10_003);
         let bytes = std::fs::read(dir.path().join("f")).expect("read back");
@@ -858,10 +1004,10 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_file_takes_small_writes_through_pwrite() {
+    fn an_empty_file_takes_mapped_writes_through_pwrite() {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = OsStorage.create_new(&dir.path().join("f")).expect("create");
-        f.write_small_at(b"grown", 0).expect("write");
+        f.write_mapped_at(b"grown", 0).expect("write");
         let mut buf = [0u8; 5];
         f.read_exact_at(&mut buf, 0).expect("read");
         assert_eq!(&buf, b"grown");

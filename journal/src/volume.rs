@@ -238,6 +238,42 @@ struct Cursor {
     proof_owed: bool,
     /// Inline: `active` holds no unwritten extents below it (`zero_ahead`).
     zeroed_to: u64,
+    /// Slots: which payloads of `active` go in as stores into its mapping.
+    stores: StoreCheck,
+}
+
+/// Where the payloads of a slots segment use may be written as stores into
+/// the file's mapping (`StorageFile::write_mapped_at`): they take no file
+/// lock, so several queues' copies run side by side where pwrite queues
+/// them behind ext4's inode lock. But a store into a page the page cache
+/// does not hold reads the page from the disk first, where pwrite of a
+/// whole page does not: a stretch of a recycled segment whose pages were
+/// evicted is written with pwrite. Checked a stretch ahead at a time (one
+/// or two system calls a MiB); a page evicted since the check costs a
+/// read, and either way the file gets the same bytes.
+#[derive(Debug, Default, Clone, Copy)]
+struct StoreCheck {
+    /// End of the stretch checked last.
+    to: u64,
+    /// Whether stores there read nothing (`StorageFile::stores_read_nothing`).
+    read_nothing: bool,
+}
+
+/// How far ahead of a payload `StoreCheck` looks.
+const STORE_CHECK_AHEAD: u64 = 1 << 20;
+
+impl StoreCheck {
+    /// Whether the payload at `[at, at + len)` of `segment` goes in as a
+    /// store.
+    fn store(&mut self, segment: &Segment, at: u64, len: u64, segment_size: u64) -> bool {
+        let end = at + len;
+        if end > self.to {
+            let from = at - at % PAGE;
+            self.to = (from + STORE_CHECK_AHEAD).min(segment_size).max(end);
+            self.read_nothing = segment.file.stores_read_nothing(from, self.to - from);
+        }
+        self.read_nothing
+    }
 }
 
 /// A live view's claim on history: the applier does not fold past `lsn`
@@ -266,6 +302,9 @@ struct Reserved {
     segment: Arc<Segment>,
     /// The segment the journal moved on from, if it did.
     sealed: Option<Arc<Segment>>,
+    /// Whether the payload goes in as a store into the segment's mapping
+    /// (`StoreCheck`).
+    stored: bool,
 }
 
 #[derive(Debug)]
@@ -684,6 +723,7 @@ impl Volume {
                 proved_lsn: next_lsn - 1,
                 proof_owed: false,
                 zeroed_to: 0,
+                stores: StoreCheck::default(),
             }),
             index: Mutex::new(index),
             views: Mutex::new(Vec::new()),
@@ -1464,6 +1504,7 @@ impl Inner {
                 c.layout = layout;
                 c.at = layout.start(self.config.segment_size);
                 c.zeroed_to = zeroed_to;
+                c.stores = StoreCheck::default();
                 c.records = 0;
                 c.durability.switch = false;
                 self.warn_if_over_threshold();
@@ -1482,6 +1523,12 @@ impl Inner {
             }
         }
         let payload_offset = placed.payload;
+        let stored = match (c.layout, payload_offset) {
+            (Layout::Slots, Some(at)) => {
+                c.stores.store(&segment, at, len, self.config.segment_size)
+            }
+            _ => false,
+        };
         let lsn = c.next_lsn;
         // Stamped once placed: a write that waited for a segment gets the
         // time it got one.
@@ -1567,6 +1614,7 @@ impl Inner {
             slot: placed.header,
             segment,
             sealed,
+            stored,
         })
     }
 
@@ -1577,6 +1625,7 @@ impl Inner {
             slot,
             segment,
             sealed,
+            stored,
         } = r;
         if let Some(full) = sealed {
             self.pool.seal(full);
@@ -1587,12 +1636,13 @@ impl Inner {
         let head = header.encode();
         let written = self.retrying("appending to the journal", || match header.inline {
             None => {
-                if !payload.is_empty() {
-                    segment
-                        .file
-                        .write_all_at(&[payload], header.payload_offset)?;
+                let file = segment.file.as_ref();
+                match payload {
+                    [] => {}
+                    _ if stored => file.write_mapped_at(payload, header.payload_offset)?,
+                    _ => file.write_all_at(&[payload], header.payload_offset)?,
                 }
-                segment.file.write_small_at(&head, slot)
+                file.write_mapped_at(&head, slot)
             }
             // Header and payload are adjacent: one request.
             Some(_) => write_direct_parts(segment.file.as_ref(), &[&head, payload], slot),
@@ -1948,6 +1998,45 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::OsStorage;
+
+    #[test]
+    fn payloads_are_stored_where_a_stretch_checked_ahead_reads_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mib = 1 << 20;
+        let size = 4 * mib;
+        let file = OsStorage
+            .create_new(&dir.path().join("seg"))
+            .expect("create");
+        file.allocate(size).expect("allocate");
+        let segment = Segment::new(0, 1, file.clone());
+        let mut check = StoreCheck::default();
+        assert!(
+            check.store(&segment, 4096, 4096, size),
+            "preallocated, never written"
+        );
+        assert_eq!(
+            check.to,
+            4096 + STORE_CHECK_AHEAD,
+            "checked a stretch ahead"
+        );
+        // Written around the page cache, as a recycled segment whose pages
+        // were evicted: a store there would read each page first.
+        let old = vec![1u8; (2 * mib) as usize];
+        write_direct_parts(file.as_ref(), &[&old], 2 * mib).expect("direct write");
+        assert!(
+            check.store(&segment, 8192, 4096, size),
+            "inside the stretch: not checked again"
+        );
+        assert!(
+            !check.store(&segment, 2 * mib, 4096, size),
+            "written, not cached"
+        );
+        // A payload that reaches past the last stretch is checked from its
+        // own page; the stretch ends at the file's end at most.
+        assert!(!check.store(&segment, size - 8192, 8192, size));
+        assert_eq!(check.to, size);
+    }
 
     /// Feeds `windows` windows of data records to `d`, `syncs_per_window`
     /// syncs in each, with the active layout `inline`; returns whether it

@@ -778,6 +778,11 @@ fn cached_reads_are_served_and_reads_that_would_wait_for_the_disk_are_not() {
     v.write(128 << 10, &new).expect("write");
     v.flush().expect("flush");
     want[128 << 10..192 << 10].copy_from_slice(&new);
+    // Reopened, so that this process maps no page of the segment (the
+    // write stored into its mapping, and fadvise cannot evict mapped
+    // pages).
+    v.close().expect("close");
+    let (v, _) = Volume::open(storage.clone(), &dir, options()).expect("reopen");
 
     // Everything was just written or imported: in the page cache.
     let mut buf = vec![0u8; 256 << 10];

@@ -922,16 +922,23 @@ mod tests {
             Cold,
         }
 
-        /// Makes every block durable as zeroes (what the model starts
-        /// from), then drops the volume's files from the page cache.
-        fn evict(volume: &Volume, dir: &std::path::Path) {
+        /// A volume in `dir` whose every block is durable, filled with
+        /// `fill(block)` (zeroes: what the model starts from), opened again
+        /// (so that no page of its segments is mapped here: the writes
+        /// stored into them, and fadvise cannot evict mapped pages), its
+        /// files dropped from the page cache.
+        fn cold_volume(dir: &std::path::Path, fill: impl Fn(u64) -> u8) -> Volume {
+            let volume = crate::test_support::os_volume(dir, BLOCKS * BLOCK as u64);
             for block in 0..BLOCKS {
                 volume
-                    .write(block * BLOCK as u64, &[0; BLOCK])
+                    .write(block * BLOCK as u64, &[fill(block); BLOCK])
                     .expect("write");
             }
             volume.flush().expect("flush");
+            volume.close().expect("close");
+            let volume = crate::test_support::open_os_volume(dir);
             drop_cache(dir);
+            volume
         }
 
         /// Drops every file under `dir` from the page cache.
@@ -968,11 +975,7 @@ mod tests {
                         rewind_journal::OpenOptions::default(),
                     )
                 }
-                Files::Cold => {
-                    let volume = crate::test_support::os_volume(dir.path(), BLOCKS * BLOCK as u64);
-                    evict(&volume, dir.path());
-                    volume
-                }
+                Files::Cold => cold_volume(dir.path(), |_| 0),
             });
             volume.set_writethrough(writethrough);
             let guest = GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
@@ -1081,16 +1084,7 @@ mod tests {
         #[test]
         fn a_cold_read_goes_around_the_page_cache_and_a_cached_one_comes_from_it() {
             let dir = tempfile::tempdir().expect("tempdir");
-            let volume = Arc::new(crate::test_support::os_volume(
-                dir.path(),
-                BLOCKS * BLOCK as u64,
-            ));
-            evict(&volume, dir.path());
-            volume
-                .write(3 * BLOCK as u64, &[0x5a; BLOCK])
-                .expect("write");
-            volume.flush().expect("flush");
-            drop_cache(dir.path());
+            let volume = Arc::new(cold_volume(dir.path(), |b| if b == 3 { 0x5a } else { 0 }));
             let plan = volume
                 .plan_read(3 * BLOCK as u64, BLOCK as u64)
                 .expect("plan")
@@ -1103,7 +1097,7 @@ mod tests {
                 "an aligned file read with an O_DIRECT descriptor: {piece:?}"
             );
             let cached = || {
-                crate::uring::page_cache_holds(piece.fd, piece.offset, BLOCK)
+                rewind_journal::page_cache_holds(piece.fd, piece.offset, BLOCK as u64)
                     .expect("cachestat (Linux 6.5)")
             };
             for warm in [false, true] {
@@ -1227,11 +1221,7 @@ mod tests {
             // the stop comes at varying points of the worker's batch.
             for attempt in 0..10u64 {
                 let dir = tempfile::tempdir().expect("tempdir");
-                let volume = Arc::new(crate::test_support::os_volume(
-                    dir.path(),
-                    BLOCKS * BLOCK as u64,
-                ));
-                evict(&volume, dir.path());
+                let volume = Arc::new(cold_volume(dir.path(), |_| 0));
                 let guest =
                     GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
                 let ops: Vec<Op> = (0..80).map(|i| Op::Read { block: i % BLOCKS }).collect();

@@ -24,16 +24,20 @@ pub fn volume_on(fs: &FaultStorage, size: u64, options: OpenOptions) -> Volume {
 /// A new volume of `size` bytes in files under `dir` (the host's file
 /// system, whose files the daemon's rings read).
 pub fn os_volume(dir: &Path, size: u64) -> Volume {
-    let storage = OsStorage::shared();
     Volume::create(
-        storage.as_ref(),
+        &OsStorage,
         dir,
         &settings(size),
         BaseImage::Empty,
         &mut |_, _| {},
     )
     .expect("create");
-    Volume::open(storage, dir, OpenOptions::default())
+    open_os_volume(dir)
+}
+
+/// The volume in `dir` on the host's file system, opened again.
+pub fn open_os_volume(dir: &Path) -> Volume {
+    Volume::open(OsStorage::shared(), dir, OpenOptions::default())
         .expect("open")
         .0
 }

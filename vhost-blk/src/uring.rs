@@ -41,7 +41,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use io_uring::{opcode, squeue, types, IoUring};
-use rewind_journal::{FileRead, ReadPlan};
+use rewind_journal::{page_cache_holds, FileRead, ReadPlan};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
@@ -161,49 +161,7 @@ fn cold(read: &FileRead, iov: &IoVecs) -> bool {
             .0
             .iter()
             .all(|v| aligned(v.iov_base as usize) && aligned(v.iov_len))
-        && page_cache_holds(read.fd, read.offset, read.len) == Some(false)
-}
-
-/// cachestat(2) (Linux 6.5): the same number on every architecture.
-const SYS_CACHESTAT: libc::c_long = 451;
-
-/// Whether the page cache holds all of bytes `offset..offset + len` of
-/// `fd`; None where the kernel cannot say. Unlike a RWF_NOWAIT read, the
-/// question starts no readahead.
-pub(crate) fn page_cache_holds(fd: RawFd, offset: u64, len: usize) -> Option<bool> {
-    #[repr(C)]
-    struct Range {
-        off: u64,
-        len: u64,
-    }
-    #[repr(C)]
-    #[derive(Default)]
-    struct CacheStat {
-        nr_cache: u64,
-        nr_dirty: u64,
-        nr_writeback: u64,
-        nr_evicted: u64,
-        nr_recently_evicted: u64,
-    }
-    let range = Range {
-        off: offset,
-        len: len as u64,
-    };
-    let mut stat = CacheStat::default();
-    // SAFETY: cachestat reads `range` and writes `stat`, both live and of
-    // the kernel's layout, and only looks `fd` up (a bad one is EBADF).
-    let r = unsafe {
-        libc::syscall(
-            SYS_CACHESTAT,
-            fd,
-            &range as *const Range,
-            &mut stat as *mut CacheStat,
-            0u32,
-        )
-    };
-    let page = rustix::param::page_size() as u64;
-    let pages = (offset + len as u64).div_ceil(page) - offset / page;
-    (r == 0).then_some(stat.nr_cache >= pages)
+        && page_cache_holds(read.fd, read.offset, read.len as u64) == Some(false)
 }
 
 /// Most file reads one plan may have (the piece index's bits).
