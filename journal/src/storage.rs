@@ -190,19 +190,25 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     /// it has one: no system call, and no file lock, so writers of
     /// different ranges copy side by side (ext4's buffered write holds the
     /// inode lock across its copy). A store into a page not in the page
-    /// cache reads the page from the disk first; the journal uses it for
-    /// record headers, and for payloads where
+    /// cache reads the page from the disk first, and a store has no error
+    /// to return: where that read fails, or the file system cannot place
+    /// the page, the process gets SIGBUS. So the journal uses it for
+    /// record headers, and for payloads only where
     /// [`StorageFile::stores_read_nothing`] says so. The file must not
-    /// shrink while it is open (it may be mapped in memory).
+    /// shrink while it is open (it is mapped in memory).
     fn write_mapped_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.write_all_at(&[buf], offset)
     }
     /// Whether stores into `[offset, offset + len)` with
-    /// [`StorageFile::write_mapped_at`] would read nothing from the disk:
-    /// every page of it is in the page cache, or none of it was ever
-    /// written (a hole, or an unwritten extent: its pages are zeroes made
-    /// in memory). The answer can go stale (a page evicted since costs one
-    /// read, nothing else). Files that cannot tell say false.
+    /// [`StorageFile::write_mapped_at`] need nothing of the disk or the
+    /// file system: the range is allocated (no hole, nothing shared or
+    /// delayed, on a file system whose stores into allocated blocks
+    /// allocate nothing: ext4 or XFS), and every page of it is in the page
+    /// cache, or none of it was ever written (unwritten extents, whose
+    /// pages are zeroes made in memory). The answer can go stale: a page
+    /// evicted since costs a read of it and, by readahead, of the pages
+    /// around it (and SIGBUS if the read fails). Files that cannot tell
+    /// say false.
     fn stores_read_nothing(&self, offset: u64, len: u64) -> bool {
         let _ = (offset, len);
         false
@@ -353,9 +359,10 @@ struct OsFile {
     /// A shared mapping of the whole file, made at the first mapped write:
     /// a store into the page cache costs no system call. `None` where the
     /// file cannot be mapped (mapped writes then use pwrite). Where pwrite
-    /// would fail with EIO (a header page evicted and then unreadable), a
-    /// store raises SIGBUS instead: the process dies, which the journal
-    /// survives as it survives any crash.
+    /// would fail with EIO (a page evicted and then unreadable), a store
+    /// raises SIGBUS instead: the process dies, which the journal survives
+    /// as it survives any crash. Stores go only where no allocation is
+    /// needed (`stores_read_nothing`), so ENOSPC never becomes SIGBUS.
     mapped: OnceLock<Option<MmapRaw>>,
     /// The O_DIRECT descriptor, opened at the first ask; `None` once the
     /// file system refused O_DIRECT (EINVAL). Other failures (out of
@@ -364,6 +371,8 @@ struct OsFile {
     /// The same for writing (`write_direct_at`): readers of a read-only
     /// file must not need write access.
     direct_write: OnceLock<Option<File>>,
+    /// `stores_allocate_nothing`'s answer.
+    in_place: OnceLock<bool>,
 }
 
 impl OsFile {
@@ -373,6 +382,7 @@ impl OsFile {
             mapped: OnceLock::new(),
             direct: OnceLock::new(),
             direct_write: OnceLock::new(),
+            in_place: OnceLock::new(),
         }
     }
 
@@ -429,14 +439,37 @@ impl OsFile {
         Ok(map)
     }
 
-    /// Whether no block of `[offset, offset + len)` holds written data:
-    /// holes and unwritten extents only. More extents than one call
-    /// returns count as written.
-    fn never_written(&self, offset: u64, len: u64) -> io::Result<bool> {
+    /// How `[offset, offset + len)` is allocated: `None` where some of it
+    /// is not, or not plainly (a hole, delayed allocation, shared or
+    /// encoded extents, more extents than one call returns).
+    fn allocated(&self, offset: u64, len: u64) -> io::Result<Option<Allocated>> {
+        let end = offset.saturating_add(len);
         let map = self.extents(offset, len)?;
-        let found = map.found();
-        Ok(found.len() < FIEMAP_EXTENTS
-            && found.iter().all(|e| e.flags & FIEMAP_EXTENT_UNWRITTEN != 0))
+        let mut covered = offset;
+        let mut written = false;
+        for e in map.found() {
+            if e.logical > covered || e.flags & !PLAIN_EXTENT_FLAGS != 0 {
+                return Ok(None);
+            }
+            written |= e.flags & FIEMAP_EXTENT_UNWRITTEN == 0;
+            covered = covered.max(e.logical.saturating_add(e.length));
+        }
+        Ok((covered >= end).then_some(if written {
+            Allocated::Written
+        } else {
+            Allocated::Unwritten
+        }))
+    }
+
+    /// Whether the file system allocates nothing for a store into an
+    /// allocated block (ext4, XFS), asked once: copy-on-write ones
+    /// (btrfs) reserve space at each first store, and raise SIGBUS where
+    /// they find none.
+    fn stores_allocate_nothing(&self) -> bool {
+        *self.in_place.get_or_init(|| {
+            rustix::fs::fstatfs(&self.file)
+                .is_ok_and(|st| matches!(st.f_type as u64, EXT4_MAGIC | XFS_MAGIC))
+        })
     }
 
     fn mapping(&self) -> Option<&MmapRaw> {
@@ -548,14 +581,19 @@ impl StorageFile for OsFile {
         Ok(())
     }
 
-    /// cachestat first (one call, no lock); FIEMAP where some page is not
-    /// cached.
+    /// FIEMAP, then cachestat (one call, no lock) where some of the range
+    /// was written.
     fn stores_read_nothing(&self, offset: u64, len: u64) -> bool {
-        if self.mapping().is_none() {
+        if !self.stores_allocate_nothing() || self.mapping().is_none() {
             return false;
         }
-        page_cache_holds(self.file.as_raw_fd(), offset, len) == Some(true)
-            || matches!(self.never_written(offset, len), Ok(true))
+        match self.allocated(offset, len) {
+            Ok(Some(Allocated::Unwritten)) => true,
+            Ok(Some(Allocated::Written)) => {
+                page_cache_holds(self.file.as_raw_fd(), offset, len) == Some(true)
+            }
+            Ok(None) | Err(_) => false,
+        }
     }
 
     fn unmap_pages(&self) {
@@ -674,6 +712,21 @@ impl StorageFile for OsFile {
 const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
 /// `fe_flags`: preallocated, reads as zeroes (linux/fiemap.h).
 const FIEMAP_EXTENT_UNWRITTEN: u32 = 0x800;
+/// `fe_flags` of an extent allocated in place: the last one, unwritten,
+/// merged from several (linux/fiemap.h).
+const PLAIN_EXTENT_FLAGS: u32 = 0x1 | FIEMAP_EXTENT_UNWRITTEN | 0x1000;
+/// `f_type` of ext4 and XFS (linux/magic.h).
+const EXT4_MAGIC: u64 = 0xEF53;
+const XFS_MAGIC: u64 = 0x5846_5342;
+
+/// How an allocated range is (`OsFile::allocated`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Allocated {
+    /// Some of it holds written data.
+    Written,
+    /// All of it is preallocated and reads as zeroes.
+    Unwritten,
+}
 /// Extents asked of one FIEMAP call.
 const FIEMAP_EXTENTS: usize = 32;
 
@@ -924,7 +977,7 @@ mod tests {
     }
 
     #[test]
-    fn stores_read_nothing_where_pages_are_cached_or_never_written() {
+    fn stores_read_nothing_where_allocated_pages_are_cached_or_never_written() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mib = 1 << 20;
         let f = sized_file(dir.path(), 4 * mib);
@@ -940,9 +993,39 @@ mod tests {
         f.read_exact_at(&mut vec![0u8; mib as usize], mib)
             .expect("read");
         assert!(f.stores_read_nothing(mib, mib), "written and cached");
+        // A store into a hole allocates: it could find no space, and a
+        // store cannot return ENOSPC.
         let sparse = OsStorage.create_new(&dir.path().join("s")).expect("create");
         sparse.set_len(4 * mib).expect("size");
-        assert!(sparse.stores_read_nothing(0, mib), "a hole");
+        assert!(!sparse.stores_read_nothing(0, mib), "a hole");
+        sparse
+            .read_exact_at(&mut vec![0u8; mib as usize], 0)
+            .expect("read");
+        assert!(!sparse.stores_read_nothing(0, mib), "a cached hole");
+    }
+
+    /// Resident kB of this process's mappings of `path` (/proc/self/smaps).
+    fn mapped_resident_kb(path: &Path) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        let name = path.to_str().expect("utf-8 path");
+        let mut ours = false;
+        let mut kb = 0;
+        for line in smaps.lines() {
+            if let Some(rss) = line.strip_prefix("Rss:") {
+                if ours {
+                    kb += rss
+                        .trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .expect("kB");
+                }
+            } else if line.contains('-') && line.split_whitespace().count() >= 5 {
+                // A mapping's first line: range, perms, offset, dev, inode[, path].
+                ours = line.ends_with(name);
+            }
+        }
+        kb
     }
 
     #[test]
@@ -950,7 +1033,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = sized_file(dir.path(), 64 << 10);
         f.write_mapped_at(b"stored", 8192).expect("write");
+        let path = dir.path().join("f");
+        assert!(mapped_resident_kb(&path) >= 4, "the stored page is mapped");
         f.unmap_pages();
+        assert_eq!(mapped_resident_kb(&path), 0, "no page mapped");
         let mut buf = [0u8; 6];
         f.read_exact_at(&mut buf, 8192).expect("read");
         assert_eq!(&buf, b"stored", "still in the page cache");
