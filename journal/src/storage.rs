@@ -215,9 +215,9 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     }
     /// Takes the file's pages out of this process's page tables, where
     /// [`StorageFile::write_mapped_at`] put them; they stay in the page
-    /// cache, dirty ones dirty. Once a file's writes are done: write-back
-    /// then need not write-protect them, and the process's resident size
-    /// does not count them. Only a hint.
+    /// cache, dirty ones dirty. Before a sync, and once a file's writes
+    /// are done: write-back then need not write-protect them one by one,
+    /// and the process's resident size does not count them. Only a hint.
     fn unmap_pages(&self) {}
     /// Makes every completed write durable (fdatasync).
     fn sync_data(&self) -> io::Result<()>;
