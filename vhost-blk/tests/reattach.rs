@@ -33,6 +33,21 @@ fn written_then_killed(vol: &TestVolume, seed: u8) -> (ChildClient, Controlled) 
     (a, kill_and_restart(daemon, vol))
 }
 
+/// The daemon's status once it admitted `client`. It judges a client
+/// after accepting the connection, while the handshake goes on in the
+/// connection's thread (the client's IO waits for the judgement), so the
+/// client can finish its setup a moment before status shows it.
+fn admitted(daemon: &Controlled, client: &ChildClient) -> Value {
+    let pid = json!(client.pid());
+    wait_until("the client admitted", Duration::from_secs(20), || {
+        let status = daemon.status();
+        status["attached"]["attach_id"]["pid"] == pid || !status["last_refusal"].is_null()
+    });
+    let status = daemon.status();
+    assert_eq!(status["attached"]["attach_id"]["pid"], pid, "{status}");
+    status
+}
+
 /// The refusal `client` got, as status says. The daemon judges a client
 /// once it has accepted the connection, while the handshake goes on in
 /// the connection's thread, so on a loaded machine the client can finish
@@ -67,21 +82,19 @@ fn a_restart_alone_admits_the_client_back_to_its_disk() {
     let vol = TestVolume::create("16M");
     let (mut a, daemon) = written_then_killed(&vol, 1);
     a.reconnect().expect("admitted after the restart");
-    let status = daemon.status();
-    assert_eq!(status["attached"]["attach_id"]["pid"], json!(a.pid()));
+    let status = admitted(&daemon, &a);
     assert!(status["last_refusal"].is_null(), "{status}");
     assert!(a.read(0, 0, 64 << 10) == pattern(1, 64 << 10));
 
     // It goes, the daemon is killed again: still nothing changed.
     a.disconnect();
-    common::wait_until(
-        "the client to be gone",
-        std::time::Duration::from_secs(30),
-        || daemon.status()["attached"].is_null(),
-    );
+    wait_until("the client to be gone", Duration::from_secs(30), || {
+        daemon.status()["attached"].is_null()
+    });
     let daemon = kill_and_restart(daemon, &vol);
     a.reconnect().expect("admitted after the second restart");
-    assert!(daemon.status()["last_refusal"].is_null());
+    let status = admitted(&daemon, &a);
+    assert!(status["last_refusal"].is_null(), "{status}");
 }
 
 #[test]
