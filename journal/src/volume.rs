@@ -269,10 +269,18 @@ struct StoreCheck {
 /// How far ahead of a payload `StoreCheck` looks.
 const STORE_CHECK_AHEAD: u64 = 1 << 20;
 
+/// Largest payload written as stores. A store faults each page of the
+/// mapping in on its own, where one pwrite copies a large payload into
+/// large folios in one call.
+const STORE_MAX: u64 = 64 << 10;
+
 impl StoreCheck {
     /// Whether the payload at `[at, at + len)` of `segment`, whose header
     /// goes in the slot at `slot`, goes in as a store.
     fn may_store(&mut self, segment: &Segment, at: u64, len: u64, slot: u64) -> bool {
+        if len > STORE_MAX {
+            return false;
+        }
         let end = at + len;
         if end <= self.to {
             return self.read_nothing;
@@ -2033,6 +2041,11 @@ mod tests {
             "preallocated, never written"
         );
         assert_eq!(check.to, 4096 + STORE_CHECK_AHEAD, "a stretch ahead");
+        assert!(
+            !check.may_store(&segment, 8192, STORE_MAX + 4096, slot),
+            "too large for stores, wherever it goes"
+        );
+        assert!(check.may_store(&segment, 8192, STORE_MAX, slot));
         // Written around the page cache inside the stretch, as a recycled
         // segment whose pages were evicted: the answer holds until the
         // stretch ends (one check a stretch).
