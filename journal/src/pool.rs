@@ -101,7 +101,8 @@ pub fn segment_name(id: u32) -> String {
 
 #[derive(Debug)]
 struct PoolState {
-    sb: Superblock,
+    /// What `super` says base.img holds, as last stored.
+    base: Base,
     /// Segments holding records, oldest first.
     used: Vec<Arc<Segment>>,
     /// Prepared segments, in the order the journal will use them.
@@ -111,6 +112,9 @@ struct PoolState {
     /// Segments the writer moved past, whose writeback has not been started.
     sealed: Vec<Arc<Segment>>,
     preparing: u64,
+    /// Segments taken out of `used` or `free` while `super` is written
+    /// without them: still counted against the limit.
+    leaving: u64,
     next_seq: u64,
     next_file_id: u32,
     shutdown: bool,
@@ -118,10 +122,14 @@ struct PoolState {
 
 impl PoolState {
     fn total(&self) -> u64 {
-        (self.used.len() + self.free.len() + self.retired.len()) as u64 + self.preparing
+        (self.used.len() + self.free.len() + self.retired.len()) as u64
+            + self.preparing
+            + self.leaving
     }
 
-    fn store_super(&mut self) -> Result<()> {
+    /// `super` for the segments in use and free now, plus `adding`, with
+    /// `old`'s base.
+    fn listing(&self, old: &SuperState, adding: Option<SegmentRef>) -> SuperState {
         let segments = self
             .used
             .iter()
@@ -130,9 +138,9 @@ impl PoolState {
                 file_id: s.id,
                 seq: s.seq,
             })
+            .chain(adding)
             .collect();
-        let old = self.sb.state();
-        let state = SuperState {
+        SuperState {
             generation: 0,
             base_lsn: old.base_lsn,
             base_timestamp: old.base_timestamp,
@@ -140,8 +148,7 @@ impl PoolState {
             next_seq: self.next_seq,
             next_file_id: self.next_file_id,
             segments,
-        };
-        self.sb.store(state)
+        }
     }
 }
 
@@ -154,6 +161,16 @@ pub struct Base {
     pub timestamp: u64,
     /// base.img may hold changes up to here: no state before it is readable.
     pub horizon_lsn: u64,
+}
+
+impl Base {
+    fn of(state: &SuperState) -> Base {
+        Base {
+            lsn: state.base_lsn,
+            timestamp: state.base_timestamp,
+            horizon_lsn: state.horizon_lsn,
+        }
+    }
 }
 
 /// Sizes of the pool at one moment.
@@ -175,6 +192,14 @@ pub struct Pool {
     segment_size: u64,
     max_segments: u64,
     reserve: u64,
+    /// `super`, written by one thread at a time. Taken before `state` and
+    /// never under it, and not held by the write path: a change of the
+    /// segment list is made durable without the writers that need `state`
+    /// waiting for its sync. Invariant: every segment in `used` or `free`
+    /// is listed in the `super` on disk (one joins them only after the
+    /// `super` that lists it is written, still under this lock; one
+    /// leaves them before a `super` without it is written).
+    sb: Mutex<Superblock>,
     state: Mutex<PoolState>,
     changed: Condvar,
     /// Segments holding records, indexed by file id (ids are small and dense).
@@ -277,19 +302,21 @@ impl Pool {
         for seg in &setup.used {
             register(&mut by_id, seg);
         }
-        let next_file_id = setup.sb.state().next_file_id;
-        let mut state = PoolState {
-            sb: setup.sb,
+        let mut sb = setup.sb;
+        let next_file_id = sb.state().next_file_id;
+        let state = PoolState {
+            base: Base::of(sb.state()),
             used: setup.used,
             free: setup.free.into(),
             retired: Vec::new(),
             sealed: Vec::new(),
             preparing: 0,
+            leaving: 0,
             next_seq: setup.next_seq,
             next_file_id,
             shutdown: false,
         };
-        state.store_super()?;
+        sb.store(state.listing(sb.state(), None))?;
         let max_segments = setup.journal_max / setup.segment_size;
         let room = max_segments.saturating_sub(state.used.len() as u64);
         Ok(Pool {
@@ -299,6 +326,7 @@ impl Pool {
             segment_size: setup.segment_size,
             max_segments,
             reserve: u64::from(setup.reserve),
+            sb: Mutex::new(sb),
             state: Mutex::new(state),
             changed: Condvar::new(),
             by_id: RwLock::new(by_id),
@@ -398,6 +426,19 @@ impl Pool {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// `super`, for a change to it; never taken under [`Pool::lock`].
+    fn super_lock(&self) -> MutexGuard<'_, Superblock> {
+        self.sb.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes `state` as `super` (the caller holds `sb`) and, once it is
+    /// durable, makes its base the pool's.
+    fn store(&self, sb: &mut Superblock, state: SuperState) -> Result<()> {
+        sb.store(state)?;
+        self.lock().base = Base::of(sb.state());
+        Ok(())
+    }
+
     fn path(&self, id: u32) -> PathBuf {
         self.dir.join(segment_name(id))
     }
@@ -432,30 +473,24 @@ impl Pool {
 
     /// What base.img holds, as `super` has it.
     pub fn base(&self) -> Base {
-        let st = self.lock();
-        let s = st.sb.state();
-        Base {
-            lsn: s.base_lsn,
-            timestamp: s.base_timestamp,
-            horizon_lsn: s.horizon_lsn,
-        }
+        self.lock().base
     }
 
     /// Durably sets the time of the initial image (before any fold).
     pub fn set_base_timestamp(&self, ns: u64) -> Result<()> {
-        let mut st = self.lock();
-        let mut state = st.sb.state().clone();
+        let mut sb = self.super_lock();
+        let mut state = sb.state().clone();
         state.base_timestamp = ns;
-        st.sb.store(state)
+        self.store(&mut sb, state)
     }
 
     /// Durably records that base.img may now hold changes up to `lsn`
     /// (before the applier writes them there).
     pub fn set_horizon(&self, lsn: u64) -> Result<()> {
-        let mut st = self.lock();
-        let mut state = st.sb.state().clone();
+        let mut sb = self.super_lock();
+        let mut state = sb.state().clone();
         state.horizon_lsn = state.horizon_lsn.max(lsn);
-        st.sb.store(state)
+        self.store(&mut sb, state)
     }
 
     /// Durably ends the journal's first `count` used segments, now folded
@@ -467,30 +502,25 @@ impl Pool {
         base_lsn: u64,
         base_timestamp: u64,
     ) -> Result<Vec<Arc<Segment>>> {
+        let mut sb = self.super_lock();
         let mut st = self.lock();
         let folded: Vec<Arc<Segment>> = st.used.drain(..count).collect();
-        let old = st.sb.state().clone();
-        let kept = st.used.iter().chain(st.free.iter());
-        let state = SuperState {
-            generation: 0,
-            base_lsn,
-            base_timestamp,
-            horizon_lsn: old.horizon_lsn.max(base_lsn),
-            next_seq: st.next_seq,
-            next_file_id: st.next_file_id,
-            segments: kept
-                .map(|s| SegmentRef {
-                    file_id: s.id,
-                    seq: s.seq,
-                })
-                .collect(),
-        };
-        if let Err(e) = st.sb.store(state) {
+        st.leaving += folded.len() as u64;
+        let mut state = st.listing(sb.state(), None);
+        state.base_lsn = base_lsn;
+        state.base_timestamp = base_timestamp;
+        state.horizon_lsn = state.horizon_lsn.max(base_lsn);
+        drop(st);
+        let stored = sb.store(state);
+        let mut st = self.lock();
+        st.leaving -= folded.len() as u64;
+        if let Err(e) = stored {
             let mut used = folded;
             used.append(&mut st.used);
             st.used = used;
             return Err(e);
         }
+        st.base = Base::of(sb.state());
         self.set_room(&st);
         // Retired at once, so that they count against the limit while the
         // caller moves the extent map off them: left uncounted, the pool
@@ -507,13 +537,21 @@ impl Pool {
     /// removed leaves an unlisted file, which the next open removes), and
     /// are retired like folded ones: [`Pool::retire`] next.
     pub fn cut(&self, keep: usize) -> Result<Vec<Arc<Segment>>> {
+        let mut sb = self.super_lock();
         let mut st = self.lock();
         let keep = keep.min(st.used.len());
         let cut: Vec<Arc<Segment>> = st.used.drain(keep..).collect();
         if cut.is_empty() {
             return Ok(cut);
         }
-        if let Err(e) = st.store_super() {
+        st.leaving += cut.len() as u64;
+        let state = st.listing(sb.state(), None);
+        drop(st);
+        let stored = sb.store(state);
+        let mut st = self.lock();
+        st.leaving -= cut.len() as u64;
+        // The caller holds the writer off: nothing joined `used` meanwhile.
+        if let Err(e) = stored {
             st.used.extend(cut);
             return Err(e);
         }
@@ -557,24 +595,26 @@ impl Pool {
             (st.next_file_id - 1, st.next_seq - 1)
         };
         let path = self.path(id);
-        let made = self.create_segment(&path, seq);
-        let mut st = self.lock();
-        st.preparing -= 1;
-        let file = match made {
+        let file = match self.create_segment(&path, seq) {
             Ok(file) => file,
             Err(e) => {
-                drop(st);
+                self.lock().preparing -= 1;
                 // Best effort: an orphan file is also removed at the next open.
                 let _ = self.storage.remove_file(&path);
                 return Err(e);
             }
         };
+        // Listed in `super` before it joins `free`, under `sb` throughout.
+        let mut sb = self.super_lock();
+        let adding = SegmentRef { file_id: id, seq };
+        let state = self.lock().listing(sb.state(), Some(adding));
+        let stored = self.store(&mut sb, state);
+        let mut st = self.lock();
+        st.preparing -= 1;
+        stored?;
         st.free.push_back(Arc::new(Segment::new(id, seq, file)));
-        if let Err(e) = st.store_super() {
-            st.free.pop_back();
-            return Err(e);
-        }
         drop(st);
+        drop(sb);
         self.changed.notify_all();
         Ok(true)
     }
@@ -714,19 +754,39 @@ impl Pool {
     }
 
     /// Releases the newest free segment if there are more than the reserve.
-    fn release_one(&self, st: &mut PoolState) -> Result<()> {
+    fn release_one<'a>(
+        &'a self,
+        st: MutexGuard<'a, PoolState>,
+    ) -> (MutexGuard<'a, PoolState>, Result<()>) {
+        drop(st);
+        let mut sb = self.super_lock();
+        let mut st = self.lock();
+        if st.free.len() as u64 <= self.reserve {
+            return (st, Ok(()));
+        }
         let Some(seg) = st.free.pop_back() else {
-            return Ok(());
+            return (st, Ok(()));
         };
-        if let Err(e) = st.store_super() {
+        st.leaving += 1;
+        let state = st.listing(sb.state(), None);
+        drop(st);
+        let stored = self.store(&mut sb, state);
+        drop(sb);
+        if let Err(e) = stored {
+            let mut st = self.lock();
+            st.leaving -= 1;
             st.free.push_back(seg);
-            return Err(e);
+            return (st, Err(e));
         }
         let path = self.path(seg.id);
-        self.storage
+        let removed = self
+            .storage
             .remove_file(&path)
             .and_then(|()| self.storage.sync_dir(&self.dir))
-            .map_err(Error::io(|| format!("releasing {}", path.display())))
+            .map_err(Error::io(|| format!("releasing {}", path.display())));
+        let mut st = self.lock();
+        st.leaving -= 1;
+        (st, removed)
     }
 
     /// Brings the reserve to its target now (used at open).
@@ -771,21 +831,31 @@ impl Pool {
                 .and_then(|()| self.storage.sync_dir(&self.dir))
                 .map_err(Error::io(|| format!("releasing {}", path.display())))
         };
-        let mut st = self.lock();
         if let Err(e) = done {
+            return (self.lock(), Err(e));
+        }
+        if !recycle {
+            let mut st = self.lock();
+            st.retired.retain(|s| !Arc::ptr_eq(s, &seg));
+            return (st, Ok(()));
+        }
+        // Listed in `super` before it joins `free`, under `sb` throughout;
+        // counted as retired until then.
+        let mut sb = self.super_lock();
+        let adding = SegmentRef {
+            file_id: seg.id,
+            seq,
+        };
+        let state = self.lock().listing(sb.state(), Some(adding));
+        let stored = self.store(&mut sb, state);
+        let mut st = self.lock();
+        if let Err(e) = stored {
             return (st, Err(e));
         }
         st.retired.retain(|s| !Arc::ptr_eq(s, &seg));
-        if !recycle {
-            return (st, Ok(()));
-        }
         st.free
             .push_back(Arc::new(Segment::new(seg.id, seq, seg.file.clone())));
-        if let Err(e) = st.store_super() {
-            st.free.pop_back();
-            st.retired.push(seg);
-            return (st, Err(e));
-        }
+        drop(sb);
         self.changed.notify_all();
         (st, Ok(()))
     }
@@ -826,7 +896,9 @@ impl Pool {
                 st = self.lock();
                 Ok(())
             } else if st.free.len() as u64 > self.reserve {
-                self.release_one(&mut st)
+                let (guard, r) = self.release_one(st);
+                st = guard;
+                r
             } else if !st.retired.is_empty() {
                 // Pinned by a reader or a view: look again shortly.
                 st = self
@@ -915,6 +987,26 @@ mod tests {
         drop(st);
         assert_eq!(pool.counts().bytes, 2 * SEGMENT);
         assert!(pool.prepare().expect("prepare"), "room again");
+    }
+
+    #[test]
+    fn the_write_path_does_not_wait_for_a_super_write() {
+        let fs = FaultStorage::new();
+        let pool = small_pool(&fs);
+        pool.fill_reserve().expect("reserve");
+        let base = pool.base();
+        // `super` being written (by the pool thread preparing a segment,
+        // or the applier ending a fold): the writer still takes the
+        // prepared segment, and the index still reads the base.
+        let writing = pool.super_lock();
+        let segment = pool.take_next(|| false).expect("a prepared segment");
+        assert_eq!(pool.used().first().map(|s| s.id), Some(segment.id));
+        assert_eq!(pool.base(), base);
+        assert_eq!(pool.counts().used, 1);
+        drop(writing);
+        // What needs `super` goes on once it is free.
+        pool.set_horizon(base.horizon_lsn + 5).expect("horizon");
+        assert_eq!(pool.base().horizon_lsn, base.horizon_lsn + 5);
     }
 
     #[test]
