@@ -193,9 +193,10 @@ pub struct Pool {
     max_segments: u64,
     reserve: u64,
     /// `super`, written by one thread at a time. Taken before `state` and
-    /// never under it, and not held by the write path: a change of the
-    /// segment list is made durable without the writers that need `state`
-    /// waiting for its sync. Invariant: every segment in `used` or `free`
+    /// never under it, and by the write path only when it must prepare a
+    /// segment itself (the reserve ran out): a change of the segment list
+    /// is made durable without the writers that need `state` waiting for
+    /// its sync. Invariant: every segment in `used` or `free`
     /// is listed in the `super` on disk (one joins them only after the
     /// `super` that lists it is written, still under this lock; one
     /// leaves them before a `super` without it is written).
