@@ -440,6 +440,35 @@ impl Pool {
         Ok(())
     }
 
+    /// Writes the `super` that lists `adding` too (the caller holds `sb`,
+    /// and puts `adding` into `free` before letting it go).
+    fn store_adding(&self, sb: &mut Superblock, adding: SegmentRef) -> Result<()> {
+        let state = self.lock().listing(sb.state(), Some(adding));
+        self.store(sb, state)
+    }
+
+    /// Writes `state`, a `super` without the `leaving` segments the caller
+    /// just took out of `used` under `st` (and holding `sb`), counting them
+    /// against the limit until it is written, without the state lock
+    /// meanwhile; returns that lock again.
+    fn store_without<'a>(
+        &'a self,
+        sb: &mut Superblock,
+        mut st: MutexGuard<'a, PoolState>,
+        leaving: u64,
+        state: SuperState,
+    ) -> (MutexGuard<'a, PoolState>, Result<()>) {
+        st.leaving += leaving;
+        drop(st);
+        let stored = sb.store(state);
+        let mut st = self.lock();
+        st.leaving -= leaving;
+        if stored.is_ok() {
+            st.base = Base::of(sb.state());
+        }
+        (st, stored)
+    }
+
     fn path(&self, id: u32) -> PathBuf {
         self.dir.join(segment_name(id))
     }
@@ -506,22 +535,17 @@ impl Pool {
         let mut sb = self.super_lock();
         let mut st = self.lock();
         let folded: Vec<Arc<Segment>> = st.used.drain(..count).collect();
-        st.leaving += folded.len() as u64;
         let mut state = st.listing(sb.state(), None);
         state.base_lsn = base_lsn;
         state.base_timestamp = base_timestamp;
         state.horizon_lsn = state.horizon_lsn.max(base_lsn);
-        drop(st);
-        let stored = sb.store(state);
-        let mut st = self.lock();
-        st.leaving -= folded.len() as u64;
+        let (mut st, stored) = self.store_without(&mut sb, st, folded.len() as u64, state);
         if let Err(e) = stored {
             let mut used = folded;
             used.append(&mut st.used);
             st.used = used;
             return Err(e);
         }
-        st.base = Base::of(sb.state());
         self.set_room(&st);
         // Retired at once, so that they count against the limit while the
         // caller moves the extent map off them: left uncounted, the pool
@@ -545,12 +569,8 @@ impl Pool {
         if cut.is_empty() {
             return Ok(cut);
         }
-        st.leaving += cut.len() as u64;
         let state = st.listing(sb.state(), None);
-        drop(st);
-        let stored = sb.store(state);
-        let mut st = self.lock();
-        st.leaving -= cut.len() as u64;
+        let (mut st, stored) = self.store_without(&mut sb, st, cut.len() as u64, state);
         // The caller holds the writer off: nothing joined `used` meanwhile.
         if let Err(e) = stored {
             st.used.extend(cut);
@@ -607,9 +627,7 @@ impl Pool {
         };
         // Listed in `super` before it joins `free`, under `sb` throughout.
         let mut sb = self.super_lock();
-        let adding = SegmentRef { file_id: id, seq };
-        let state = self.lock().listing(sb.state(), Some(adding));
-        let stored = self.store(&mut sb, state);
+        let stored = self.store_adding(&mut sb, SegmentRef { file_id: id, seq });
         let mut st = self.lock();
         st.preparing -= 1;
         stored?;
@@ -847,8 +865,7 @@ impl Pool {
             file_id: seg.id,
             seq,
         };
-        let state = self.lock().listing(sb.state(), Some(adding));
-        let stored = self.store(&mut sb, state);
+        let stored = self.store_adding(&mut sb, adding);
         let mut st = self.lock();
         if let Err(e) = stored {
             return (st, Err(e));
@@ -998,13 +1015,25 @@ mod tests {
         let base = pool.base();
         // `super` being written (by the pool thread preparing a segment,
         // or the applier ending a fold): the writer still takes the
-        // prepared segment, and the index still reads the base.
-        let writing = pool.super_lock();
-        let segment = pool.take_next(|| false).expect("a prepared segment");
+        // prepared segment, and the index still reads the base. On a
+        // thread, so that a writer that waited fails the test, not hangs it.
+        let taken = std::thread::scope(|s| {
+            let writing = pool.super_lock();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let pool = &pool;
+            s.spawn(move || {
+                let taken = pool.take_next(|| false);
+                let _ = tx.send((taken, pool.base(), pool.counts().used));
+            });
+            let taken = rx.recv_timeout(Duration::from_secs(10));
+            drop(writing);
+            taken
+        });
+        let (segment, base_seen, used) = taken.expect("no wait for the super write");
+        let segment = segment.expect("a prepared segment");
         assert_eq!(pool.used().first().map(|s| s.id), Some(segment.id));
-        assert_eq!(pool.base(), base);
-        assert_eq!(pool.counts().used, 1);
-        drop(writing);
+        assert_eq!(base_seen, base);
+        assert_eq!(used, 1);
         // What needs `super` goes on once it is free.
         pool.set_horizon(base.horizon_lsn + 5).expect("horizon");
         assert_eq!(pool.base().horizon_lsn, base.horizon_lsn + 5);
