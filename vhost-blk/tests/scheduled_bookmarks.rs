@@ -107,18 +107,35 @@ fn bookmarks_come_every_interval_and_none_on_a_replica() {
 }
 
 /// A daemon taking a bookmark every second with the fake agent running
-/// `script`, and a client running its device (a guest); the automatic
-/// bookmarks taken while it runs, once there are two; and the agent.
-fn with_agent(script: Script) -> (Vec<Auto>, FakeAgent) {
+/// `script`, and a client running its device (a guest).
+struct WithAgent {
+    agent: FakeAgent,
+    /// Kept running until the test has counted the agent's thaws: the
+    /// daemon sends a thaw after the bookmark shows in `timeline`, so
+    /// stopping it at the bookmark could cut the thaw off.
+    _daemon: Controlled,
+    _guest: Client,
+    _vol: TestVolume,
+}
+
+/// Starts [`WithAgent`] and returns it with the automatic bookmarks taken
+/// while it runs, once there are two.
+fn with_agent(script: Script) -> (Vec<Auto>, WithAgent) {
     let vol = TestVolume::create("4M");
     let socket = vol.dir.path().join("qga.sock");
     let agent = FakeAgent::start(&socket, script, b"");
     let daemon = serve(&vol, &qga_args(&socket));
-    let _guest = Client::connect(&vol.socket, 1);
+    let guest = Client::connect(&vol.socket, 1);
     let attached = SystemTime::now();
     let marks = wait_for(&daemon, attached, |m| m.len() >= 2);
     check_ticks(&marks);
-    (marks, agent)
+    let running = WithAgent {
+        agent,
+        _daemon: daemon,
+        _guest: guest,
+        _vol: vol,
+    };
+    (marks, running)
 }
 
 fn qga_args(socket: &Path) -> [&str; 4] {
@@ -149,9 +166,9 @@ fn freezes_and_thaws(agent: &mut FakeAgent, thaws: usize) -> Vec<String> {
 
 #[test]
 fn an_answering_agent_makes_them_application_consistent() {
-    let (marks, mut agent) = with_agent(agent::healthy);
+    let (marks, mut running) = with_agent(agent::healthy);
     assert!(marks.iter().all(|m| m.app_consistent), "{marks:?}");
-    let seen = freezes_and_thaws(&mut agent, 2);
+    let seen = freezes_and_thaws(&mut running.agent, 2);
     assert!(seen.len() >= 4, "{seen:?}");
     // Each freeze thawed before the next.
     for (i, c) in seen.iter().enumerate() {
@@ -162,9 +179,9 @@ fn an_answering_agent_makes_them_application_consistent() {
 
 #[test]
 fn an_agent_that_never_answers_gets_crash_consistent_ones_and_a_thaw() {
-    let (marks, mut agent) = with_agent(agent::hangs_from_freeze);
+    let (marks, mut running) = with_agent(agent::hangs_from_freeze);
     assert!(marks.iter().all(|m| !m.app_consistent), "{marks:?}");
-    let seen = freezes_and_thaws(&mut agent, 1);
+    let seen = freezes_and_thaws(&mut running.agent, 1);
     let freeze = seen.iter().position(|c| c == "guest-fsfreeze-freeze");
     let thaw = seen.iter().position(|c| c == "guest-fsfreeze-thaw");
     assert!(freeze.is_some() && thaw > freeze, "{seen:?}");
