@@ -6,7 +6,8 @@
 //! reaches its limit within the run), then 4 KiB random writes at depth 32
 //! for a fixed time (most of it at the limit, folding). Reported: the rate
 //! per interval (a twelfth of each run), the lowest interval against qsd's
-//! median, the longest latency, IO errors (there must be none), and the
+//! median, the longest latency (when it came, and how many requests took
+//! over 100 ms), IO errors (there must be none), and the
 //! device's own sequential write rate (`dd oflag=direct`) for scale.
 //!
 //! `cargo bench -p rewind-vhost-blk --bench at_limit` (REWIND_BENCH_DIR
@@ -42,6 +43,9 @@ const SMALL: usize = 4096;
 const LARGE: usize = 1 << 20;
 /// Intervals a run's IOPS are reported in.
 const INTERVALS: usize = 12;
+/// A request slower than this is counted: the goal for the worst latency
+/// of the 1 MiB sequential writes at the limit.
+const SLOW: Duration = Duration::from_millis(100);
 
 /// The shape of the volume under test.
 #[derive(Clone, Copy)]
@@ -65,6 +69,10 @@ struct Outcome {
     ops: usize,
     elapsed: Duration,
     max_latency: Duration,
+    /// When (since the run's start) the slowest request completed.
+    max_latency_at: Duration,
+    /// Requests slower than [`SLOW`].
+    slow: usize,
     p99: Duration,
     errors: usize,
     /// When (since the run's start) the first request failed, and its
@@ -113,6 +121,7 @@ fn run(server: &Server, w: Workload, size: u64, seed: u64) -> Outcome {
     let interval = w.time / INTERVALS as u32;
     let mut counts = [0usize; INTERVALS];
     let mut latencies = Vec::new();
+    let (mut max_latency, mut max_latency_at) = (Duration::ZERO, Duration::ZERO);
     let mut errors = 0;
     let mut first_error = None;
     println!(
@@ -158,7 +167,11 @@ fn run(server: &Server, w: Workload, size: u64, seed: u64) -> Outcome {
                 errors += 1;
                 first_error.get_or_insert((now, c.ret));
             }
-            latencies.push(started[c.user_data].elapsed());
+            let latency = started[c.user_data].elapsed();
+            if latency > max_latency {
+                (max_latency, max_latency_at) = (latency, now);
+            }
+            latencies.push(latency);
             let at = (now.as_nanos() / interval.as_nanos().max(1)) as usize;
             if let Some(count) = counts.get_mut(at) {
                 *count += 1;
@@ -178,7 +191,9 @@ fn run(server: &Server, w: Workload, size: u64, seed: u64) -> Outcome {
             .collect(),
         ops: latencies.len(),
         elapsed,
-        max_latency: latencies.last().copied().unwrap_or_default(),
+        max_latency,
+        max_latency_at,
+        slow: latencies.iter().filter(|&&l| l > SLOW).count(),
         p99: latencies
             .get(latencies.len() * 99 / 100)
             .copied()
@@ -524,6 +539,19 @@ fn main() {
                     at.as_secs_f64()
                 );
             }
+        }
+    }
+    println!("slowest requests (when the worst one completed, since its run's start):");
+    for (name, r, s) in &results {
+        for (what, o) in [("sequential", s), ("random", r)] {
+            println!(
+                "  {name}, {what}: worst {} ms at {:.1} s, {} of {} over {} ms",
+                ms(o.max_latency),
+                o.max_latency_at.as_secs_f64(),
+                o.slow,
+                o.ops,
+                SLOW.as_millis()
+            );
         }
     }
     let text = std::fs::read_to_string(&log).unwrap_or_default();
