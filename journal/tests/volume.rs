@@ -591,6 +591,63 @@ fn importing_an_image_clones_or_moves_it_with_progress() {
 }
 
 #[test]
+fn a_fold_of_large_runs_on_disk_copies_them_into_base_img_exactly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let storage = OsStorage::shared();
+    let mut settings = VolumeSettings::new(8 << 20);
+    settings.segment_size = 1 << 20;
+    Volume::create(
+        storage.as_ref(),
+        &dir,
+        &settings,
+        BaseImage::Empty,
+        &mut |_, _| {},
+    )
+    .expect("create");
+    let clock = std::sync::Arc::new(rewind_journal::ManualClock::new(1_000));
+    let open = || {
+        let options = OpenOptions {
+            clock: clock.clone(),
+            ..options()
+        };
+        Volume::open(storage.clone(), &dir, options)
+            .expect("open")
+            .0
+    };
+    let v = open();
+    let mut model = vec![0u8; 8 << 20];
+    let mut write = |v: &Volume, at: usize, data: Vec<u8>| {
+        v.write(at as u64, &data).expect("write");
+        model[at..at + data.len()].copy_from_slice(&data);
+    };
+    // Sequential 512 KiB writes: runs of megabytes, copied in the
+    // kernel; an unaligned small write splits one into two large pieces
+    // and a small one; a lone 4 KiB write stays below the splice size.
+    for i in 0..8 {
+        write(
+            &v,
+            (1 << 20) + i * (512 << 10),
+            pattern(i as u8 + 1, 512 << 10),
+        );
+    }
+    write(&v, (2 << 20) + 1536, pattern(20, 3584));
+    write(&v, 7 << 20, pattern(21, 4096));
+    v.flush().expect("flush");
+    // Past the window, idle: everything folds, the active segment too.
+    clock.set(1_000 + 7_200 * 1_000_000_000);
+    v.fold_now().expect("fold").expect("folded");
+    assert_eq!(v.stats().base_lsn, v.stats().last_lsn, "{:?}", v.stats());
+    assert_eq!(read(&v, 0, model.len()), model);
+    v.close().expect("close");
+    let base = std::fs::read(dir.join("base.img")).expect("base.img");
+    assert!(base == model, "base.img holds every write");
+    let v = open();
+    assert_eq!(read(&v, 0, model.len()), model, "after reopening");
+    v.close().expect("close");
+}
+
+#[test]
 fn importing_an_image_larger_than_the_volume_is_refused_and_gives_it_back() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let storage = OsStorage::shared();

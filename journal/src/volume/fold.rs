@@ -308,8 +308,10 @@ impl Inner {
 
     /// Writes each run's data (as of the fold) into base.img; returns bytes.
     ///
-    /// The journal's pieces are read in the order they lie in their
-    /// segments, neighbours in one request ([`plan_reads`]), with the
+    /// Pieces of at least `SPLICE_MIN` are copied from the segment's page
+    /// cache into base.img's in the kernel, one copy of the bytes. The
+    /// others are read in the order they lie in their segments,
+    /// neighbours in one request ([`plan_reads`]), with the
     /// kernel asked to read `READ_AHEAD` bytes ahead of the request in
     /// progress: so a segment of small random writes is read as one long
     /// sequential stream with many requests in flight, not one cold 4 KiB
@@ -354,6 +356,27 @@ impl Inner {
                 }
             }
             bytes += len;
+        }
+        // Large copies go from page cache to page cache in the kernel, a
+        // piece at a time (each counted as progress); small ones through
+        // the batches below, which read many of them in one request.
+        let (spliced, copies): (Vec<_>, Vec<_>) =
+            copies.into_iter().partition(|c| c.len >= SPLICE_MIN);
+        for copy in spliced {
+            let seg = &folded[copy.seg];
+            let mut done = 0;
+            while done < copy.len {
+                let len = (copy.len - done).min(READ_SIZE);
+                let (from, to) = (copy.from + done, copy.to + done);
+                self.retrying("copying a segment into base.img", || {
+                    seg.file.copy_range_to(self.base.as_ref(), from, to, len)
+                })
+                .map_err(Error::io(|| {
+                    format!("copying {} into base.img at {to}", segment_name(seg.id))
+                }))?;
+                progressed(len);
+                done += len;
+            }
         }
         let reads = plan_reads(copies);
         let mut buf = Vec::new();
@@ -512,6 +535,10 @@ struct Read {
 
 /// Largest read of a segment in one request.
 const READ_SIZE: u64 = 4 << 20;
+/// Copies from this size on go from the segment's page cache to
+/// base.img's without a buffer (`StorageFile::copy_range_to`): one copy of the
+/// bytes instead of two. Smaller ones are read together in batches.
+const SPLICE_MIN: u64 = 256 << 10;
 /// Pieces of a segment this close are read in one request, the gap
 /// included: cheaper than a second request.
 const READ_GAP: u64 = 128 << 10;
