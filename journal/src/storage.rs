@@ -248,7 +248,7 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     }
     /// Copies `[from, from + len)` of this file to `to` in `dst`. The
     /// default reads into a buffer and writes it; files with a page cache
-    /// copy once, from page cache to page cache ([`splice_copy`]).
+    /// copy once, from page cache to page cache (`splice_copy`).
     fn copy_range_to(&self, dst: &dyn StorageFile, from: u64, to: u64, len: u64) -> io::Result<()> {
         copy_through_buffer(self, dst, from, to, len)
     }
@@ -842,7 +842,7 @@ const SPLICE_PIPE: usize = 1 << 20;
 /// read's copy). Not copy_file_range: where the file system can, it
 /// shares the extents instead (XFS, btrfs), and a segment file must keep
 /// blocks of its own, as it is written again.
-pub fn splice_copy(
+fn splice_copy(
     src: BorrowedFd<'_>,
     dst: BorrowedFd<'_>,
     from: u64,
