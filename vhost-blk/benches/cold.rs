@@ -3,12 +3,15 @@
 //! `driver=raw`: buffered IO, thread-pool AIO) and "qsd best"
 //! (`cache.direct=on,aio=io_uring`), with fio's O_DIRECT figure on the same
 //! file as the device's limit. The same libblkio client and the same
-//! prefilled raw image (rewind imports it as its base, so it exists twice
-//! on disk); every server offers 4 queues. Each workload runs 3 rounds,
-//! the servers alternating (the order rotates each round), each with a
-//! random pattern of its own; medians are reported, and rewind's ratios to
-//! the others paired by round (the median of each round's ratio), which a
-//! disk whose speed drifts between rounds moves less. Before each cold run the page cache is dropped (`sync`, then
+//! prefilled raw image, which rewind imports as its base: the cold reads
+//! of every server and of fio read that copy (`vol/base.img`, which they
+//! do not write), so all read the same blocks of the disk; the writes go
+//! to the original (`disk.raw`). Every server offers 4 queues. Each
+//! workload runs 3 rounds, the servers alternating (the order rotates each
+//! round), each with a random pattern of its own; medians are reported,
+//! and rewind's ratios to the others paired by round (the median of each
+//! round's ratio), which a disk whose speed drifts between rounds moves
+//! less. Before each cold run the page cache is dropped (`sync`, then
 //! `echo 3 > /proc/sys/vm/drop_caches`, as root: the bench fails without
 //! it); the reads touch a fraction of the image.
 //!
@@ -502,6 +505,14 @@ fn main() {
     let t = Instant::now();
     make_image(&image, size);
     let rewind = start_rewind(dir.path(), &image, size, QUEUES);
+    // The raw image rewind's reads come from while its journal is empty.
+    let base = dir.path().join("vol").join("base.img");
+    assert_eq!(
+        std::fs::metadata(&base).map(|m| m.len()).ok(),
+        Some(size),
+        "rewind's base image {}",
+        base.display()
+    );
     println!(
         "{} MiB image and rewind's import in {:.1} s; rewind-blk pid {}, {rounds} round(s)",
         size >> 20,
@@ -513,26 +524,21 @@ fn main() {
         if only.as_ref().is_some_and(|o| !w.name.contains(o.as_str())) {
             continue;
         }
+        let file = if w.cold { &base } else { &image };
         let mut results: [Vec<Outcome>; 3] = Default::default();
         let mut device = Vec::new();
         for round in 0..rounds {
             for k in (0..3).map(|k| (k + round) % 3) {
                 // A seed of each server's own: none reads the offsets
                 // another has just read (a cache under this machine's disk
-                // would favour the later readers; rewind reads its own
-                // copy of the image, the others the same file).
+                // would favour the later readers).
                 let seed = 100 * (i as u64 + 1) + 10 * round as u64 + k as u64;
                 if w.cold {
                     drop_caches();
                 }
                 let o = match k {
                     0 => run(&rewind, *w, size, seed),
-                    _ => run(
-                        &start_qsd(dir.path(), &image, k == 2, QUEUES),
-                        *w,
-                        size,
-                        seed,
-                    ),
+                    _ => run(&start_qsd(dir.path(), file, k == 2, QUEUES), *w, size, seed),
                 };
                 println!(
                     "  round {round}, {}, {}: {:.0}, p50 {:.1} us, p99 {:.1} us, machine CPU {:.0}% busy",
@@ -548,7 +554,7 @@ fn main() {
             if w.cold {
                 drop_caches();
             }
-            if let Some(o) = fio(*w, &image, dir.path(), fio_seconds, fio_write_size) {
+            if let Some(o) = fio(*w, file, dir.path(), fio_seconds, fio_write_size) {
                 println!(
                     "  round {round}, {}, device: {:.0}, machine CPU {:.0}% busy",
                     w.name,
