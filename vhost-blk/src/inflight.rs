@@ -22,7 +22,7 @@
 
 use std::io;
 use std::num::Wrapping;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -70,6 +70,11 @@ pub struct Inflight {
     resubmit: Mutex<Vec<u16>>,
     /// Signalled when no request is running.
     emptied: Condvar,
+    /// Set (under `state`) once [`Self::restore`] let the queue take
+    /// requests and has nothing left to read; cleared by [`Self::track`].
+    /// The queue's thread asks before every batch, and must not wait for
+    /// `state` behind an IO thread that a signal got preempted.
+    settled: AtomicBool,
 }
 
 impl Inflight {
@@ -81,12 +86,14 @@ impl Inflight {
     /// before the next one is taken, [`Self::restore`] reads what the block
     /// says was in flight.
     pub fn track(&self, region: Arc<InflightRegion>, queue: usize) {
-        self.lock().tracking = Some(Tracking {
+        let mut state = self.lock();
+        state.tracking = Some(Tracking {
             region,
             queue,
             restored: false,
             counter: 1,
         });
+        self.settled.store(false, Ordering::Release);
     }
 
     /// Once per handed-over region, before the queue takes anything: the
@@ -97,11 +104,15 @@ impl Inflight {
     /// again requests that completed out of order, or lose some in flight;
     /// the guest's IO on the queue stops instead.
     pub fn restore(&self, vring: &Vring, mem: &GuestMemory) -> io::Result<bool> {
+        if self.settled.load(Ordering::Acquire) {
+            return Ok(true);
+        }
         let mut state = self.lock();
         if state.refused {
             return Ok(false);
         }
         let Some(tracking) = state.tracking.as_mut().filter(|t| !t.restored) else {
+            self.settled.store(true, Ordering::Release);
             return Ok(true);
         };
         let (used, avail, ring_size) = {
@@ -418,23 +429,78 @@ mod tests {
         std::iter::from_fn(|| queue.next_resubmit()).collect()
     }
 
+    /// A daemon that took 5, 2 and 9 and completed 2 dies; QEMU resumes
+    /// the ring at used index 1.
+    fn crash_with_five_and_nine_in_flight(
+        vring: &Vring,
+        region: &Arc<InflightRegion>,
+        guest: &GuestMemory,
+    ) {
+        let first = started(vring, region, guest);
+        assert!(resubmitted(&first).is_empty(), "a fresh region");
+        let [five, two, nine] = [5, 2, 9].map(|head| first.take(head));
+        first.complete(two, 0, vring).expect("complete 2");
+        drop((five, nine));
+        vring.set_queue_next_avail(1);
+    }
+
     #[test]
     fn a_restart_takes_again_what_was_in_flight_oldest_first() {
         let guest = guest();
         let (vring, region) = ring_and_region(&guest, RING);
-        let first = started(&vring, &region, &guest);
-        assert!(resubmitted(&first).is_empty(), "a fresh region");
-        let tickets: Vec<Ticket> = [5, 2, 9].map(|head| first.take(head)).into();
-        let mut tickets = tickets.into_iter();
-        let five = tickets.next().expect("5");
-        let two = tickets.next().expect("2");
-        first.complete(two, 0, &vring).expect("complete 2");
-        // The daemon dies with 5 and 9 in flight; QEMU resumes at used 1.
-        drop((five, tickets));
-        vring.set_queue_next_avail(1);
+        crash_with_five_and_nine_in_flight(&vring, &region, &guest);
         let second = started(&vring, &region, &guest);
         assert_eq!(resubmitted(&second), [5, 9]);
         assert_eq!(vring.queue_next_avail(), 3, "past the two taken again");
+    }
+
+    #[test]
+    fn a_region_handed_over_after_the_queue_ran_is_still_read() {
+        let guest = guest();
+        let (vring, region) = ring_and_region(&guest, RING);
+        crash_with_five_and_nine_in_flight(&vring, &region, &guest);
+        // The next daemon's queue ran before the front-end handed it the
+        // region (its restore found nothing to read and settled).
+        let second = Inflight::default();
+        assert!(
+            second.restore(&vring, &guest).expect("restore"),
+            "no region yet"
+        );
+        assert!(second.restore(&vring, &guest).expect("restore"), "settled");
+        second.track(region.clone(), 0);
+        assert!(second.restore(&vring, &guest).expect("restore"), "may take");
+        assert_eq!(resubmitted(&second), [5, 9]);
+        assert_eq!(vring.queue_next_avail(), 3, "past the two taken again");
+    }
+
+    #[test]
+    fn a_completion_signals_the_call_eventfd_set_last() {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        let guest = guest();
+        let (vring, _) = ring_and_region(&guest, RING);
+        let set_call = |vring: &Vring| {
+            let call = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+            let dup = call.try_clone().expect("dup").into_raw_fd();
+            // SAFETY: `dup` is a descriptor of our own that nothing else owns.
+            vring.set_call(Some(unsafe { std::fs::File::from_raw_fd(dup) }));
+            call
+        };
+        let queue = Inflight::default();
+        let old = set_call(&vring);
+        queue
+            .complete_and_signal(queue.take(1), 0, &vring)
+            .expect("complete 1");
+        assert_eq!(old.read().expect("signalled"), 1);
+        let new = set_call(&vring);
+        queue
+            .complete_and_signal(queue.take(2), 0, &vring)
+            .expect("complete 2");
+        assert_eq!(new.read().expect("signalled"), 1);
+        assert!(
+            old.read().is_err(),
+            "the replaced eventfd hears nothing more"
+        );
     }
 
     #[test]

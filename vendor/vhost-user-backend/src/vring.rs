@@ -110,7 +110,10 @@ pub trait VringT<M: GuestAddressSpace>:
 pub struct VringState<M: GuestAddressSpace = GuestMemoryAtomic<GuestMemoryMmap>> {
     queue: Queue,
     kick: Option<EventConsumer>,
-    call: Option<EventNotifier>,
+    // Shared, so a signal can be sent after the state's lock is released
+    // (`VringRwLock::signal_used_queue`) and the descriptor stays open
+    // until then.
+    call: Option<Arc<EventNotifier>>,
     err: Option<EventConsumer>,
     enabled: bool,
     mem: M,
@@ -257,11 +260,11 @@ impl<M: GuestAddressSpace> VringState<M> {
     /// Set `EventFd` for call.
     fn set_call(&mut self, file: Option<File>) {
         // SAFETY: see comment in set_kick()
-        self.call = file.map(|f| unsafe { EventNotifier::from_raw_fd(f.into_raw_fd()) });
+        self.call = file.map(|f| Arc::new(unsafe { EventNotifier::from_raw_fd(f.into_raw_fd()) }));
     }
 
     /// Get the `EventFd` for call.
-    pub fn get_call(&self) -> &Option<EventNotifier> {
+    pub fn get_call(&self) -> &Option<Arc<EventNotifier>> {
         &self.call
     }
 
@@ -427,8 +430,22 @@ impl<M: 'static + GuestAddressSpace> VringT<M> for VringRwLock<M> {
         self.write_lock().add_used(desc_index, len)
     }
 
+    /// Writes the call eventfd without holding the state's lock: the write
+    /// wakes the front-end, which may preempt the signalling thread right
+    /// there, and every other thread of the queue (add_used, the next
+    /// request) would wait behind the read guard meanwhile. If
+    /// SET_VRING_CALL replaced the eventfd in between, the new one is
+    /// written too (a spurious interrupt is harmless; a missed one is not).
     fn signal_used_queue(&self) -> io::Result<()> {
-        self.get_ref().signal_used_queue()
+        let Some(call) = self.get_ref().call.clone() else {
+            return Ok(());
+        };
+        call.notify()?;
+        let now = self.get_ref().call.clone();
+        match now {
+            Some(now) if !Arc::ptr_eq(&now, &call) => now.notify(),
+            _ => Ok(()),
+        }
     }
 
     fn enable_notification(&self) -> Result<bool, VirtQueError> {
