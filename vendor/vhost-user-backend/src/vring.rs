@@ -440,11 +440,11 @@ impl<M: 'static + GuestAddressSpace> VringT<M> for VringRwLock<M> {
         let Some(call) = self.get_ref().call.clone() else {
             return Ok(());
         };
-        call.notify()?;
+        let written = call.notify();
         let now = self.get_ref().call.clone();
         match now {
             Some(now) if !Arc::ptr_eq(&now, &call) => now.notify(),
-            _ => Ok(()),
+            _ => written,
         }
     }
 
