@@ -646,18 +646,26 @@ fn main() {
     println!("Goals (issue 16; ratios paired by round, the ratio of the medians after):");
     let met = |ok: bool| if ok { "met" } else { "MISSED" };
     for w in &workloads[..2] {
-        if let Some((a, _, c, _, _, p)) = by_name.get(w.name) {
-            if let Some(d) = p.device {
-                println!(
-                    "- {}: {:.2}x qsd best (goal 1.0x, {}; {:.2}x), {:.2}x device (goal 0.8x, {})",
-                    w.name,
-                    p.qsd_best,
-                    met(p.qsd_best >= 1.0),
-                    a / c,
-                    d,
-                    met(d >= 0.8)
-                );
-            }
+        if let Some((
+            a,
+            _,
+            c,
+            _,
+            _,
+            p @ Paired {
+                device: Some(d), ..
+            },
+        )) = by_name.get(w.name)
+        {
+            println!(
+                "- {}: {:.2}x qsd best (goal 1.0x, {}; {:.2}x), {:.2}x device (goal 0.8x, {})",
+                w.name,
+                p.qsd_best,
+                met(p.qsd_best >= 1.0),
+                a / c,
+                d,
+                met(*d >= 0.8)
+            );
         }
     }
     if let Some((a, _, c, _, _, p)) = by_name.get(workloads[2].name) {

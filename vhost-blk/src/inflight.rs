@@ -22,7 +22,7 @@
 
 use std::io;
 use std::num::Wrapping;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -70,13 +70,6 @@ pub struct Inflight {
     resubmit: Mutex<Vec<u16>>,
     /// Signalled when no request is running.
     emptied: Condvar,
-    /// Set (under `state`) once [`Self::restore`] let the queue take
-    /// requests and has nothing left to read; cleared by [`Self::track`].
-    /// Spares the queue's thread one taking of `state` per batch: the one
-    /// right as it wakes, when IO threads completing requests hold it
-    /// most (820 of its ~900 waits for `state` in one recording of
-    /// writes with queued flushes, BENCHMARKS.md).
-    settled: AtomicBool,
 }
 
 impl Inflight {
@@ -88,14 +81,12 @@ impl Inflight {
     /// before the next one is taken, [`Self::restore`] reads what the block
     /// says was in flight.
     pub fn track(&self, region: Arc<InflightRegion>, queue: usize) {
-        let mut state = self.lock();
-        state.tracking = Some(Tracking {
+        self.lock().tracking = Some(Tracking {
             region,
             queue,
             restored: false,
             counter: 1,
         });
-        self.settled.store(false, Ordering::Release);
     }
 
     /// Once per handed-over region, before the queue takes anything: the
@@ -106,15 +97,11 @@ impl Inflight {
     /// again requests that completed out of order, or lose some in flight;
     /// the guest's IO on the queue stops instead.
     pub fn restore(&self, vring: &Vring, mem: &GuestMemory) -> io::Result<bool> {
-        if self.settled.load(Ordering::Acquire) {
-            return Ok(true);
-        }
         let mut state = self.lock();
         if state.refused {
             return Ok(false);
         }
         let Some(tracking) = state.tracking.as_mut().filter(|t| !t.restored) else {
-            self.settled.store(true, Ordering::Release);
             return Ok(true);
         };
         let (used, avail, ring_size) = {
@@ -446,14 +433,20 @@ mod tests {
         vring.set_queue_next_avail(1);
     }
 
+    /// `queue`, restored after [`crash_with_five_and_nine_in_flight`],
+    /// takes 5 and 9 again, and then the ring from past them.
+    fn assert_takes_again_five_and_nine(queue: &Inflight, vring: &Vring) {
+        assert_eq!(resubmitted(queue), [5, 9]);
+        assert_eq!(vring.queue_next_avail(), 3, "past the two taken again");
+    }
+
     #[test]
     fn a_restart_takes_again_what_was_in_flight_oldest_first() {
         let guest = guest();
         let (vring, region) = ring_and_region(&guest, RING);
         crash_with_five_and_nine_in_flight(&vring, &region, &guest);
         let second = started(&vring, &region, &guest);
-        assert_eq!(resubmitted(&second), [5, 9]);
-        assert_eq!(vring.queue_next_avail(), 3, "past the two taken again");
+        assert_takes_again_five_and_nine(&second, &vring);
     }
 
     #[test]
@@ -462,17 +455,15 @@ mod tests {
         let (vring, region) = ring_and_region(&guest, RING);
         crash_with_five_and_nine_in_flight(&vring, &region, &guest);
         // The next daemon's queue ran before the front-end handed it the
-        // region (its restore found nothing to read and settled).
+        // region (its restore found nothing to read).
         let second = Inflight::default();
         assert!(
             second.restore(&vring, &guest).expect("restore"),
             "no region yet"
         );
-        assert!(second.restore(&vring, &guest).expect("restore"), "settled");
         second.track(region.clone(), 0);
         assert!(second.restore(&vring, &guest).expect("restore"), "may take");
-        assert_eq!(resubmitted(&second), [5, 9]);
-        assert_eq!(vring.queue_next_avail(), 3, "past the two taken again");
+        assert_takes_again_five_and_nine(&second, &vring);
     }
 
     /// The signal goes to the eventfd in place when it is sent (a

@@ -441,10 +441,15 @@ impl<M: 'static + GuestAddressSpace> VringT<M> for VringRwLock<M> {
             return Ok(());
         };
         let written = call.notify();
-        let now = self.get_ref().call.clone();
-        match now {
-            Some(now) if !Arc::ptr_eq(&now, &call) => now.notify(),
-            _ => written,
+        let replaced = self
+            .get_ref()
+            .call
+            .as_ref()
+            .filter(|now| !Arc::ptr_eq(now, &call))
+            .cloned();
+        match replaced {
+            Some(now) => now.notify(),
+            None => written,
         }
     }
 
