@@ -767,8 +767,8 @@ mod tests {
 
     #[test]
     fn a_header_torn_while_rewritten_for_inline_records_is_recognized() {
-        let (volume, seq, size) = (Uuid::new_v4(), 12, 1 << 26);
-        let header = |layout| {
+        let (seq, size) = (12, 1 << 26);
+        let header = |volume, layout| {
             SegmentHeader {
                 volume,
                 seq,
@@ -777,19 +777,32 @@ mod tests {
             }
             .encode()
         };
-        let (old, new) = (header(Layout::Slots), header(Layout::Inline { nonce: 99 }));
-        // Torn anywhere: the new bytes up to there, the old ones after.
-        for at in 0..=old.len() {
-            let mut torn = old;
-            torn[..at].copy_from_slice(&new[..at]);
-            match SegmentHeader::decode(&torn) {
-                Ok(h) => assert!(h.layout == Layout::Slots || at >= 60, "torn at {at}"),
-                Err(_) => assert!(
-                    torn_header_rewrite(&torn, volume, seq, size),
-                    "torn at {at}"
-                ),
+        // Enough volumes that some new checksums end in the old header's
+        // zero bytes, so a tear there leaves the whole new header.
+        let mut new_before_its_end = 0;
+        for id in 0..2048u128 {
+            let volume = Uuid::from_u128(id);
+            let old = header(volume, Layout::Slots);
+            let new = header(volume, Layout::Inline { nonce: 99 });
+            // Torn anywhere: the new bytes up to there, the old ones after.
+            for at in 0..=old.len() {
+                let mut torn = old;
+                torn[..at].copy_from_slice(&new[..at]);
+                match SegmentHeader::decode(&torn) {
+                    Ok(_) if torn == new => {
+                        new_before_its_end += usize::from(at < INLINE_SEGMENT_HEADER_USED)
+                    }
+                    Ok(_) => assert_eq!(torn, old, "{volume} torn at {at}"),
+                    Err(_) => assert!(
+                        torn_header_rewrite(&torn, volume, seq, size),
+                        "{volume} torn at {at}"
+                    ),
+                }
             }
         }
+        assert!(new_before_its_end > 0);
+        let volume = Uuid::from_u128(7);
+        let old = header(volume, Layout::Slots);
         assert!(!torn_header_rewrite(&old, volume, seq + 1, size));
         assert!(!torn_header_rewrite(&[0u8; 512], volume, seq, size));
         // Damage to a header that stays version 2 is damage.
