@@ -219,7 +219,8 @@ fn a_base_img_sync_that_fails_once_makes_the_fold_start_over_and_loses_nothing()
 fn a_segment_sync_or_write_back_that_fails_in_a_fold_fails_the_volume() {
     for op in [FaultOp::Sync, FaultOp::WriteBack] {
         let (fs, v, _clock) = twelve_blocks_out_of_the_window();
-        fs.inject(Fault::once_after(op, 0, EIO).on_paths_containing(".seg"));
+        // The folded segment: the pool syncs the new ones it prepares.
+        fs.inject(Fault::once_after(op, 0, EIO).on_paths_containing("00000000.seg"));
         let err = v.fold_now().expect_err("the segment's sync failed");
         assert!(matches!(err, Error::Failed(_)), "{op:?}: {err}");
         assert!(
