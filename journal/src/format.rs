@@ -12,7 +12,9 @@
 //! - **inline** (version 3): each record's header sits right before its
 //!   payload, records back to back from the segment's start, each written
 //!   with one O_DIRECT request. A durable 4 KiB write is then one 4.5 KiB
-//!   device write and a cache flush, where slots cost two pages.
+//!   device write and a cache flush, where slots cost two pages. A large
+//!   payload of whole pages ([`LARGE_PAYLOAD`]) starts at the next page
+//!   boundary past its header, the bytes between written as zeroes.
 
 use uuid::Uuid;
 
@@ -29,6 +31,14 @@ pub const SEGMENT_HEADER_SIZE: u64 = SECTOR;
 pub const RECORD_HEADER_SIZE: u64 = SECTOR;
 /// Page size that payloads of whole pages are aligned to.
 pub const PAGE: u64 = 4096;
+/// Payloads of whole pages from this size up are large: an inline record
+/// places one at the first page boundary past its header
+/// (`Layout::place`), so that a run of such records starts and ends each
+/// on a page and their direct writes are aligned to the file system's
+/// blocks (ext4 runs direct writes into unwritten extents that are not
+/// one at a time). The writer gives large writes far from the journal's
+/// limit inline segments of their own (volume.rs, `Mode::Bulk`).
+pub const LARGE_PAYLOAD: u64 = 64 << 10;
 
 const SEGMENT_MAGIC: [u8; 8] = *b"RWNDSEG\0";
 const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"RWJR");
@@ -231,6 +241,19 @@ impl RecordHeader {
 
     /// The lsn this record proves durable (a Flush record's, or an inline
     /// record's `durable_lsn`), if any.
+    /// Where an inline record whose header is at `at` ends: past its
+    /// payload, wherever `Layout::place_found` allows it.
+    pub fn inline_end(&self, at: u64) -> u64 {
+        let header_end = at.saturating_add(RECORD_HEADER_SIZE);
+        match self.payload_len {
+            0 => header_end,
+            len => self
+                .payload_offset
+                .saturating_add(u64::from(len))
+                .max(header_end),
+        }
+    }
+
     pub fn proves_durable(&self) -> Option<u64> {
         match (self.kind, self.inline) {
             (RecordKind::Flush, _) => Some(self.offset),
@@ -320,14 +343,50 @@ impl Layout {
                 })
             }
             Layout::Inline { .. } => {
-                let end = top.checked_add(RECORD_HEADER_SIZE)?.checked_add(len)?;
+                let header_end = top.checked_add(RECORD_HEADER_SIZE)?;
+                let payload = match len {
+                    0 => None,
+                    _ if len >= LARGE_PAYLOAD && len.is_multiple_of(PAGE) => {
+                        Some(header_end.div_ceil(PAGE).checked_mul(PAGE)?)
+                    }
+                    _ => Some(header_end),
+                };
+                let end = match payload {
+                    Some(at) => at.checked_add(len)?,
+                    None => header_end,
+                };
                 (end <= slot).then_some(Placed {
                     header: top,
-                    payload: (len > 0).then_some(top + RECORD_HEADER_SIZE),
+                    payload,
                     next: Position { slot, top: end },
                 })
             }
         }
+    }
+
+    /// The place of a record found at `at` with header `h`: where `place`
+    /// puts it; or, inline, a payload right after its header, where
+    /// versions before large payloads were page-aligned put every one.
+    pub fn place_found(self, at: Position, h: &RecordHeader) -> Option<Placed> {
+        let len = u64::from(h.payload_len);
+        let placed = self.place(at, len)?;
+        if placed.payload.unwrap_or(0) == h.payload_offset {
+            return Some(placed);
+        }
+        let header_end = at.top.checked_add(RECORD_HEADER_SIZE)?;
+        let end = header_end.checked_add(len)?;
+        let earlier = matches!(self, Layout::Inline { .. })
+            && len > 0
+            && h.payload_offset == header_end
+            && end <= at.slot;
+        earlier.then_some(Placed {
+            header: at.top,
+            payload: Some(header_end),
+            next: Position {
+                slot: at.slot,
+                top: end,
+            },
+        })
     }
 
     /// Where the header of the record at `at` goes (whatever its size).
@@ -835,5 +894,67 @@ mod tests {
         assert_eq!(payload_position(5120, 1536, 65024), Some(5120));
         assert_eq!(payload_position(60000, 8192, 65024), None);
         assert_eq!(payload_position(u64::MAX - 10, 512, u64::MAX), None);
+    }
+
+    #[test]
+    fn inline_large_payloads_of_whole_pages_start_on_the_next_page() {
+        let inline = Layout::Inline { nonce: 1 };
+        let at = |top| Position { slot: 1 << 26, top };
+        let payload_and_end = |top, len| {
+            let p = inline.place(at(top), len).expect("fits");
+            assert_eq!(p.header, top);
+            (p.payload, p.next.top)
+        };
+        // Small, or not whole pages: right after the header.
+        assert_eq!(payload_and_end(512, 4096), (Some(1024), 5120));
+        let odd = LARGE_PAYLOAD + 512;
+        assert_eq!(payload_and_end(512, odd), (Some(1024), 1024 + odd));
+        assert_eq!(payload_and_end(512, 0), (None, 1024));
+        // Large: on the next page, so the record after starts on one and
+        // its whole request is page-aligned.
+        let large = LARGE_PAYLOAD;
+        assert_eq!(payload_and_end(512, large), (Some(4096), 4096 + large));
+        assert_eq!(payload_and_end(8192, large), (Some(12288), 12288 + large));
+        // Past the segment's end: no place.
+        let near_end = Position {
+            slot: 8192 + large,
+            top: 8192,
+        };
+        assert_eq!(inline.place(near_end, large), None);
+        // Slots keep their placement.
+        assert_eq!(Layout::Slots.start(1 << 26).top, 512);
+    }
+
+    #[test]
+    fn a_found_inline_record_is_placed_where_it_was_written_then_or_now() {
+        let inline = Layout::Inline { nonce: 1 };
+        let at = Position {
+            slot: 1 << 26,
+            top: 8192,
+        };
+        let found = |payload_offset| RecordHeader {
+            payload_len: LARGE_PAYLOAD as u32,
+            payload_offset,
+            inline: Some(InlineStamp {
+                nonce: 1,
+                durable_lsn: 0,
+            }),
+            ..sample()
+        };
+        // Now: on the next page.
+        let now = inline.place_found(at, &found(12288)).expect("now");
+        assert_eq!(now.next.top, 12288 + LARGE_PAYLOAD);
+        assert_eq!(found(12288).inline_end(8192), now.next.top);
+        // Before large payloads were page-aligned: right after the header.
+        let then = inline.place_found(at, &found(8704)).expect("then");
+        assert_eq!(
+            (then.payload, then.next.top),
+            (Some(8704), 8704 + LARGE_PAYLOAD)
+        );
+        assert_eq!(found(8704).inline_end(8192), then.next.top);
+        // Anywhere else: not a place the journal ever used.
+        assert_eq!(inline.place_found(at, &found(16384)), None);
+        assert_eq!(inline.place_found(at, &found(8192)), None);
+        assert_eq!(Layout::Slots.place_found(at, &found(8704)), None);
     }
 }

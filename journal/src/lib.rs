@@ -42,7 +42,7 @@ mod volume;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
 pub use extent_map::{ExtentMap, Piece, Pieces, Source, Target};
-pub use format::{FORMAT_VERSION, MAX_BOOKMARK_NAME, SECTOR};
+pub use format::{FORMAT_VERSION, LARGE_PAYLOAD, MAX_BOOKMARK_NAME, SECTOR};
 pub use meta::{AttachRecord, EpochStart, Role, Seal, VolumeConfig, VolumeSettings};
 pub use point::{format_ns, PointInTime};
 pub use record_index::Bookmark;

@@ -483,9 +483,7 @@ impl Scanner<'_> {
             )));
         }
         let len = u64::from(h.payload_len);
-        let placed = layout
-            .place(at, len)
-            .filter(|p| p.header == slot && p.payload.unwrap_or(0) == h.payload_offset);
+        let placed = layout.place_found(at, &h).filter(|p| p.header == slot);
         let Some(placed) = placed else {
             return Ok(Err(format!(
                 "payload at offset {} is not where the journal places it",
@@ -545,11 +543,10 @@ impl Scanner<'_> {
                         slot: at.slot,
                         top: pos,
                     };
-                    let placed = layout.place(here, u64::from(h.payload_len));
                     h.seq == seq
                         && ours(h)
                         && h.lsn >= from
-                        && placed.is_some_and(|p| p.payload.unwrap_or(0) == h.payload_offset)
+                        && layout.place_found(here, h).is_some()
                 });
                 let Some(h) = header else {
                     pos += RECORD_HEADER_SIZE;
@@ -558,7 +555,7 @@ impl Scanner<'_> {
                 if readers.payload_intact(&h).map_err(self.io(id))? == Some(true) {
                     found.push(h);
                 }
-                pos += RECORD_HEADER_SIZE + u64::from(h.payload_len);
+                pos = h.inline_end(pos);
             }
             return Ok(());
         }

@@ -44,7 +44,7 @@ use crate::error::{Error, Result};
 use crate::extent_map::{ExtentMap, Piece, Pieces, Source, Target};
 use crate::format::{
     check_bookmark_name, check_range, crc32c, InlineStamp, Layout, Position, RecordHeader,
-    RecordKind, SegmentHeader, PAGE, RECORD_HEADER_SIZE, SECTOR,
+    RecordKind, SegmentHeader, LARGE_PAYLOAD, PAGE, RECORD_HEADER_SIZE, SECTOR,
 };
 use crate::meta::{EpochStart, Role, VolumeConfig, VolumeSettings, VOLUME_FILE};
 use crate::pace::Pacer;
@@ -228,8 +228,10 @@ struct Cursor {
     at: Position,
     /// Records placed in `active`.
     records: u64,
+    /// How `active` takes its records.
+    mode: Mode,
     /// What the writer learns of the workload for `choose_layout`.
-    durability: Durability,
+    workload: Workload,
     /// The highest lsn a record placed so far proves durable (a Flush
     /// record's, or an inline header's `durable_lsn`; at open, the
     /// recovered end), and whether a flush left a higher one to the next
@@ -399,6 +401,8 @@ struct Inner {
     direct_writes: AtomicBool,
     /// Syncs of the journal so far (`flush`), for `choose_layout`.
     syncs: AtomicU64,
+    /// Whether the active segment is in `Mode::Bulk`.
+    bulk: AtomicBool,
 }
 
 /// How far ahead of the records of an inline segment `zero_ahead` keeps
@@ -412,54 +416,104 @@ const ZERO_AHEAD: u64 = 8 << 20;
 /// `ZERO_AHEAD` zeroes and a page to align them on.
 static ZEROES: OnceLock<Vec<u8>> = OnceLock::new();
 
-/// Data records a verdict of `Durability` looks back on.
-const DURABILITY_WINDOW: u64 = 256;
+/// Data records a verdict of `Workload` looks back on at most.
+const WORKLOAD_WINDOW: u64 = 256;
 
-/// Whether the guest makes its writes durable one by one (a FUA write, or
-/// a write and a flush, each), judged over windows of
-/// `DURABILITY_WINDOW` data records: inline segments suit that, slots
-/// suit writes made durable in batches, or not at all.
+/// Payload bytes a verdict of `Workload` looks back on at most: large
+/// writes get their verdict within a fraction of a segment.
+const WORKLOAD_WINDOW_BYTES: u64 = 32 << 20;
+
+/// How the active segment takes its records (`choose_layout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Mode {
+    /// Header slots, payloads through the page cache.
+    #[default]
+    Slots,
+    /// Inline records written with O_DIRECT, zeroed ahead (`zero_ahead`)
+    /// so that a sync after each record commits no extent conversion.
+    Durable,
+    /// Inline records written with O_DIRECT, not zeroed: large writes far
+    /// from the journal's limit. They skip the page cache's copy (a
+    /// buffered journal's cost at a device's sequential rate), and several
+    /// go to the device at once (the daemon runs them on its IO threads:
+    /// `Volume::bulk_writes`). Far from the limit only (a quarter of it):
+    /// the fold reads recent records from the page cache, direct ones
+    /// from the disk.
+    Bulk,
+}
+
+/// What the writer learns of the workload, judged over windows of
+/// `WORKLOAD_WINDOW` data records or `WORKLOAD_WINDOW_BYTES` of payload,
+/// whichever comes first: whether the guest makes its writes durable one
+/// by one (a FUA write, or a write and a flush, each: `Mode::Durable`
+/// suits that, slots suit writes made durable in batches, or not at
+/// all), and whether its writes are large (`Mode::Bulk`).
 #[derive(Debug, Default)]
-struct Durability {
-    /// Data records in the current window, and `Inner::syncs` at its start.
+struct Workload {
+    /// Data records in the current window, their payload bytes, those of
+    /// `LARGE_PAYLOAD` or more, and `Inner::syncs` at its start.
     records: u64,
+    bytes: u64,
+    large: u64,
     syncs_at: u64,
-    /// The last verdict: a sync for every two data records or fewer. It
-    /// turns back only below one for every four (no flapping in between).
+    /// The last verdicts: a sync for every two data records or fewer;
+    /// three records in four large. Each turns back only past a second
+    /// threshold (one sync in four records; one large in two), so that
+    /// they do not flap in between.
     one_by_one: bool,
-    /// Windows in a row whose verdict disagreed with the active segment's
-    /// layout; at two, `switch`: the writer moves to a new segment.
+    bulk: bool,
+    /// Windows in a row whose verdicts disagreed with the active
+    /// segment's mode; at two, `switch`: the writer moves to a new segment.
     disagreed: u8,
     switch: bool,
 }
 
-impl Durability {
-    /// Counts a data record, `syncs` being `Inner::syncs` now; returns the
-    /// verdict (updated at the end of each window).
-    fn count(&mut self, syncs: u64) -> bool {
+impl Workload {
+    /// Counts a data record of `payload` bytes, `syncs` being
+    /// `Inner::syncs` now; true where it closed a window (the verdicts
+    /// are new: `judge` them).
+    fn count(&mut self, syncs: u64, payload: u64) -> bool {
         self.records += 1;
-        if self.records >= DURABILITY_WINDOW {
-            let synced = syncs - self.syncs_at;
-            if synced * 2 >= self.records {
-                self.one_by_one = true;
-            } else if synced * 4 < self.records {
-                self.one_by_one = false;
-            }
-            self.records = 0;
-            self.syncs_at = syncs;
-            self.disagreed = self.disagreed.saturating_add(1);
+        self.bytes += payload;
+        self.large += u64::from(payload >= LARGE_PAYLOAD);
+        if self.records < WORKLOAD_WINDOW && self.bytes < WORKLOAD_WINDOW_BYTES {
+            return false;
         }
-        self.one_by_one
+        let synced = syncs - self.syncs_at;
+        if synced * 2 >= self.records {
+            self.one_by_one = true;
+        } else if synced * 4 < self.records {
+            self.one_by_one = false;
+        }
+        if self.large * 4 >= self.records * 3 {
+            self.bulk = true;
+        } else if self.large * 2 < self.records {
+            self.bulk = false;
+        }
+        self.records = 0;
+        self.bytes = 0;
+        self.large = 0;
+        self.syncs_at = syncs;
+        true
     }
 
-    /// Notes whether the verdict disagrees with the active segment's
-    /// layout (counted once a window, by `count`).
-    fn note_verdict(&mut self, disagrees: bool) {
+    /// Notes, at the end of a window, whether the mode its verdicts want
+    /// differs from the active segment's.
+    fn judge(&mut self, disagrees: bool) {
         if !disagrees {
             self.disagreed = 0;
-        } else if self.disagreed >= 2 {
+            return;
+        }
+        self.disagreed = self.disagreed.saturating_add(1);
+        if self.disagreed >= 2 {
             self.switch = true;
         }
+    }
+
+    /// The writer moved to a segment in the mode the verdicts want.
+    fn switched(&mut self) {
+        self.disagreed = 0;
+        self.switch = false;
     }
 }
 
@@ -745,7 +799,8 @@ impl Volume {
                 layout: Layout::Slots,
                 at: Position { slot: 0, top: 0 },
                 records: 0,
-                durability: Durability::default(),
+                mode: Mode::Slots,
+                workload: Workload::default(),
                 proved_lsn: next_lsn - 1,
                 proof_owed: false,
                 zeroed_to: 0,
@@ -781,6 +836,7 @@ impl Volume {
             layout_choice: options.layout,
             direct_writes: AtomicBool::new(true),
             syncs: AtomicU64::new(0),
+            bulk: AtomicBool::new(false),
         });
         *lock(&inner.resync) = inner.load_resync()?;
         *lock(&inner.out_of_sync) = inner.load_out_of_sync()?;
@@ -823,6 +879,16 @@ impl Volume {
     /// Switches between writeback (false) and writethrough (true).
     pub fn set_writethrough(&self, on: bool) {
         self.inner.writethrough.store(on, Ordering::Release);
+    }
+
+    /// Whether the segment being written takes large writes straight to
+    /// the device (inline records written with O_DIRECT, not through the
+    /// page cache): several of them at once, on as many threads, then
+    /// reach it side by side, where through the page cache they would
+    /// queue behind one copy. Large writes mostly, far from the journal's
+    /// limit.
+    pub fn bulk_writes(&self) -> bool {
+        self.inner.bulk.load(Ordering::Acquire)
     }
 
     /// Writes `data` at `offset` (both multiples of 512); returns the lsn of
@@ -1358,18 +1424,11 @@ impl Inner {
     /// zeroed (`zero_ahead`) and its header written again, as version 3
     /// with a new nonce, before any record. Returns the layout and how far
     /// the segment is zeroed.
-    fn choose_layout(&self, c: &Cursor, segment: &Segment) -> Result<(Layout, u64)> {
-        let inline = self.direct_writes.load(Ordering::Acquire)
-            && match self.layout_choice {
-                LayoutChoice::Slots => false,
-                LayoutChoice::Inline => true,
-                LayoutChoice::Auto => {
-                    self.writethrough.load(Ordering::Acquire) || c.durability.one_by_one
-                }
-            };
-        if !inline {
+    fn choose_layout(&self, c: &Cursor, segment: &Segment) -> Result<(Mode, Layout, u64)> {
+        let mode = self.wanted_mode(&c.workload);
+        if mode == Mode::Slots {
             segment.set_layout(Layout::Slots);
-            return Ok((Layout::Slots, 0));
+            return Ok((mode, Layout::Slots, 0));
         }
         // Never 0, so that no zeroed sector passes for one of its headers.
         let nonce = Uuid::new_v4().as_u64_pair().0 | 1;
@@ -1381,14 +1440,18 @@ impl Inner {
             layout,
         }
         .encode();
-        let mut zeroed_to = 0;
+        // Nothing syncs after each bulk record: no zeroes ahead of them.
+        let mut zeroed_to = match mode {
+            Mode::Bulk => self.config.segment_size,
+            Mode::Slots | Mode::Durable => 0,
+        };
         let written = self
             .zero_ahead(&mut zeroed_to, segment, 0)
             .and_then(|()| write_direct_parts(segment.file.as_ref(), &[&header], 0));
         match written {
             Ok(()) => {
                 segment.set_layout(layout);
-                Ok((layout, zeroed_to))
+                Ok((mode, layout, zeroed_to))
             }
             // Nothing was written: this file system cannot.
             Err(e)
@@ -1402,7 +1465,7 @@ impl Inner {
                 );
                 self.direct_writes.store(false, Ordering::Release);
                 segment.set_layout(Layout::Slots);
-                Ok((Layout::Slots, 0))
+                Ok((Mode::Slots, Layout::Slots, 0))
             }
             Err(e) => {
                 let path = self.dir.join(JOURNAL_DIR).join(segment_name(segment.id));
@@ -1410,6 +1473,27 @@ impl Inner {
                 Err(self.fail(reason))
             }
         }
+    }
+
+    /// The mode the workload's verdicts want for a segment.
+    fn wanted_mode(&self, workload: &Workload) -> Mode {
+        if !self.direct_writes.load(Ordering::Acquire) {
+            return Mode::Slots;
+        }
+        let durable = self.writethrough.load(Ordering::Acquire) || workload.one_by_one;
+        match self.layout_choice {
+            LayoutChoice::Slots => Mode::Slots,
+            LayoutChoice::Inline => Mode::Durable,
+            LayoutChoice::Auto if durable => Mode::Durable,
+            LayoutChoice::Auto if workload.bulk && self.far_from_limit() => Mode::Bulk,
+            LayoutChoice::Auto => Mode::Slots,
+        }
+    }
+
+    /// Whether the pool holds at most a quarter of its limit, so that
+    /// records written now are not folded soon (`Mode::Bulk`).
+    fn far_from_limit(&self) -> bool {
+        self.pool.counts().bytes <= self.config.journal_max / 4
     }
 
     /// Writes zeroes where the inline segment `segment` still has
@@ -1462,7 +1546,7 @@ impl Inner {
             return Ok(());
         };
         let owed = c.proof_owed && c.proved_lsn < durable;
-        let fits = c.active.is_some() && !c.durability.switch && c.layout.place(c.at, 0).is_some();
+        let fits = c.active.is_some() && !c.workload.switch && c.layout.place(c.at, 0).is_some();
         if !owed || !fits {
             return Ok(());
         }
@@ -1518,21 +1602,23 @@ impl Inner {
         let placed = c
             .active
             .clone()
-            .filter(|_| !c.durability.switch)
+            .filter(|_| !c.workload.switch)
             .and_then(|seg| Some((seg, c.layout.place(c.at, len)?)));
         let (segment, placed) = match placed {
             Some(found) => found,
             None => {
                 let released = || self.releasing.load(Ordering::Acquire) > 0;
                 let segment = self.pool.take_next(released)?;
-                let (layout, zeroed_to) = self.choose_layout(c, &segment)?;
+                let (mode, layout, zeroed_to) = self.choose_layout(c, &segment)?;
+                self.bulk.store(mode == Mode::Bulk, Ordering::Release);
                 sealed = c.active.replace(segment.clone());
+                c.mode = mode;
                 c.layout = layout;
                 c.at = layout.start(self.config.segment_size);
                 c.zeroed_to = zeroed_to;
                 c.stores = StoreCheck::default();
                 c.records = 0;
-                c.durability.switch = false;
+                c.workload.switched();
                 self.warn_if_over_threshold();
                 // Payloads are capped so that one always fits a fresh segment.
                 let placed = layout.place(c.at, len).ok_or_else(|| {
@@ -1626,10 +1712,10 @@ impl Inner {
         c.records += 1;
         if matches!(effect, Effect::Data { .. }) && self.layout_choice == LayoutChoice::Auto {
             let syncs = self.syncs.load(Ordering::Acquire);
-            let inline = matches!(c.layout, Layout::Inline { .. });
-            let want = self.writethrough.load(Ordering::Acquire) || c.durability.count(syncs);
-            let can = inline || self.direct_writes.load(Ordering::Acquire);
-            c.durability.note_verdict(can && want != inline);
+            if c.workload.count(syncs, len) {
+                let wanted = self.wanted_mode(&c.workload);
+                c.workload.judge(wanted != c.mode);
+            }
         }
         c.at = placed.next;
         self.pool.set_active_left(c.layout.room(c.at));
@@ -1668,8 +1754,16 @@ impl Inner {
                 }
                 file.write_mapped_at(&head, slot)
             }
-            // Header and payload are adjacent: one request.
-            Some(_) => write_direct_parts(segment.file.as_ref(), &[&head, payload], slot),
+            // Header and payload in one request, with the zeroes between
+            // them where a large payload starts on the next page.
+            Some(_) => {
+                let gap = match payload {
+                    [] => 0,
+                    _ => header.payload_offset - (slot + RECORD_HEADER_SIZE),
+                };
+                let parts = [&head[..], &[0u8; PAGE as usize][..gap as usize], payload];
+                write_direct_parts(segment.file.as_ref(), &parts, slot)
+            }
         });
         if let Err(e) = written {
             let reason = format!("journal append of lsn {} failed: {e}", header.lsn);
@@ -1769,7 +1863,7 @@ impl Inner {
             let mut c = lock(&self.cursor);
             let next_inline = matches!(c.layout, Layout::Inline { .. })
                 && c.active.is_some()
-                && !c.durability.switch;
+                && !c.workload.switch;
             if next_inline {
                 c.proof_owed = true;
                 return Ok(());
@@ -2073,37 +2167,102 @@ mod tests {
         assert_eq!(check.to, slot);
     }
 
-    /// Feeds `windows` windows of data records to `d`, `syncs_per_window`
-    /// syncs in each, with the active layout `inline`; returns whether it
-    /// asked for a switch, window by window.
-    fn feed(d: &mut Durability, syncs: &mut u64, per_window: u64, inline: bool) -> bool {
-        for i in 0..DURABILITY_WINDOW {
-            if i < per_window {
-                *syncs += 1;
+    /// Feeds `w` one window of data records, the `i`th with a payload of
+    /// `payload(i)` bytes and a sync after it where `synced(i)`, while the
+    /// active segment is in `active` mode (the verdicts judged as
+    /// `wanted_mode` does far from the limit); returns whether it asked
+    /// for a switch.
+    fn feed(
+        w: &mut Workload,
+        syncs: &mut u64,
+        mut payload: impl FnMut(u64) -> u64,
+        synced: impl Fn(u64) -> bool,
+        active: Mode,
+    ) -> bool {
+        for i in 0.. {
+            *syncs += u64::from(synced(i));
+            if w.count(*syncs, payload(i)) {
+                let wanted = match (w.one_by_one, w.bulk) {
+                    (true, _) => Mode::Durable,
+                    (false, true) => Mode::Bulk,
+                    (false, false) => Mode::Slots,
+                };
+                w.judge(wanted != active);
+                return w.switch;
             }
-            let want = d.count(*syncs);
-            d.note_verdict(want != inline);
         }
-        d.switch
+        unreachable!("a window closes")
     }
 
     #[test]
-    fn a_layout_switches_after_two_windows_that_disagree_and_not_in_between() {
-        let mut d = Durability::default();
+    fn a_mode_switches_after_two_windows_that_disagree_and_not_in_between() {
+        let small = |_| 4096;
+        let never = |_| false;
+        let mut w = Workload::default();
         let mut syncs = 0;
         // Buffered writes: slots agree.
-        assert!(!feed(&mut d, &mut syncs, 0, false));
+        assert!(!feed(&mut w, &mut syncs, small, never, Mode::Slots));
         // A sync per write: one window is not enough, two are.
-        assert!(!feed(&mut d, &mut syncs, DURABILITY_WINDOW, false));
-        assert!(feed(&mut d, &mut syncs, DURABILITY_WINDOW, false));
-        // In the new (inline) segment, a sync per three writes keeps the
+        assert!(!feed(&mut w, &mut syncs, small, |_| true, Mode::Slots));
+        assert!(feed(&mut w, &mut syncs, small, |_| true, Mode::Slots));
+        // In the new (durable) segment, a sync per three writes keeps the
         // verdict (no flapping between the thresholds).
-        d.switch = false;
+        w.switched();
         for _ in 0..4 {
-            assert!(!feed(&mut d, &mut syncs, DURABILITY_WINDOW / 3, true));
+            assert!(!feed(
+                &mut w,
+                &mut syncs,
+                small,
+                |i| i % 3 == 0,
+                Mode::Durable
+            ));
         }
         // A sync per eight writes turns it, two windows later.
-        assert!(!feed(&mut d, &mut syncs, DURABILITY_WINDOW / 8, true));
-        assert!(feed(&mut d, &mut syncs, DURABILITY_WINDOW / 8, true));
+        assert!(!feed(
+            &mut w,
+            &mut syncs,
+            small,
+            |i| i % 8 == 0,
+            Mode::Durable
+        ));
+        assert!(feed(
+            &mut w,
+            &mut syncs,
+            small,
+            |i| i % 8 == 0,
+            Mode::Durable
+        ));
+    }
+
+    #[test]
+    fn large_writes_want_bulk_segments_within_two_windows_of_bytes() {
+        let never = |_| false;
+        let mut w = Workload::default();
+        let mut syncs = 0;
+        // 1 MiB writes: a window is 32 of them, not 256.
+        let mut records = 0;
+        let mut counted = |i| {
+            records = i + 1;
+            1 << 20
+        };
+        assert!(!feed(&mut w, &mut syncs, &mut counted, never, Mode::Slots));
+        assert_eq!(records, WORKLOAD_WINDOW_BYTES >> 20);
+        assert!(feed(&mut w, &mut syncs, |_| 1 << 20, never, Mode::Slots));
+        // Two large in three keep it (no flapping between the thresholds).
+        w.switched();
+        let mixed = |i| if i % 3 == 2 { 4096 } else { LARGE_PAYLOAD };
+        for _ in 0..4 {
+            assert!(!feed(&mut w, &mut syncs, mixed, never, Mode::Bulk));
+        }
+        // One in three turns it back, two windows later; and large writes
+        // made durable one by one want durable segments, not bulk ones.
+        let few = |i| if i % 3 == 0 { LARGE_PAYLOAD } else { 4096 };
+        assert!(!feed(&mut w, &mut syncs, few, never, Mode::Bulk));
+        assert!(feed(&mut w, &mut syncs, few, never, Mode::Bulk));
+        w.switched();
+        let large = |_| 1 << 20;
+        assert!(!feed(&mut w, &mut syncs, large, |_| true, Mode::Slots));
+        assert!(feed(&mut w, &mut syncs, large, |_| true, Mode::Slots));
+        assert!(w.one_by_one && w.bulk);
     }
 }

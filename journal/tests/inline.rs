@@ -305,3 +305,93 @@ fn a_checkpoint_over_inline_segments_spares_their_recovery() {
         assert!(read(&v, i * RECORD, RECORD as usize) == pattern(i as u8, RECORD as usize));
     }
 }
+
+/// The segment files of the volume in `dir` with inline records.
+fn inline_segments(dir: &Path) -> Vec<u32> {
+    let files = std::fs::read_dir(dir.join("journal")).expect("ls").count() as u32;
+    (0..files)
+        .filter(|&id| segment_file(dir, id).exists() && version(dir, id) == 3)
+        .collect()
+}
+
+#[test]
+fn large_writes_far_from_the_limit_go_straight_to_the_device_and_come_back() {
+    const BLOCK: u64 = 64 << 10;
+    let (size, segment) = (64 << 20, 1 << 20);
+    let settings = VolumeSettings {
+        size,
+        segment_size: segment,
+        journal_max: 512 << 20,
+        journal_warn: 400 << 20,
+        ..small_settings()
+    };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = create_with(tmp.path(), &settings);
+    let (v, _) = open(&dir, LayoutChoice::Auto).expect("open");
+    let blocks = size / BLOCK;
+    let write = |v: &Volume, i: u64| {
+        v.write((i % blocks) * BLOCK, &pattern(i as u8, BLOCK as usize))
+            .expect("write")
+    };
+    // A window of 256 large records in slots, then bulk segments.
+    let mut i = 0;
+    while !v.bulk_writes() {
+        assert!(i < 256 + 16, "still not bulk after {i} writes");
+        write(&v, i);
+        i += 1;
+    }
+    assert!(i > 256, "bulk after {i} writes");
+    let inline = inline_segments(&dir);
+    let [first_bulk] = inline[..] else {
+        panic!("inline segments {inline:?}")
+    };
+    let f = OsStorage
+        .open(&segment_file(&dir, first_bulk))
+        .expect("open");
+    assert!(
+        !f.fully_written(0, segment).expect("FIEMAP"),
+        "a bulk segment is not zeroed ahead of its records"
+    );
+    // The daemon's IO threads write side by side: four threads here.
+    let next = i;
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let v = &v;
+            s.spawn(move || {
+                for i in (next..next + 4 * 128).filter(|i| i % 4 == t) {
+                    write(v, i);
+                }
+            });
+        }
+    });
+    v.flush().expect("flush");
+    // Not flushed: a crash of the process loses none of it either.
+    let end = next + 4 * 128 + 8;
+    for i in next + 4 * 128..end {
+        write(&v, i);
+    }
+    drop(v);
+    let (v, report) = open(&dir, LayoutChoice::Auto).expect("reopen");
+    assert_eq!(report.discarded, None, "{report}");
+    assert_eq!(report.next_lsn, end + 1, "{report}");
+    for i in end.saturating_sub(blocks)..end {
+        let at = (i % blocks) * BLOCK;
+        assert!(
+            read(&v, at, BLOCK as usize) == pattern(i as u8, BLOCK as usize),
+            "block {} (write {i})",
+            i % blocks
+        );
+    }
+    // A reopened writer learns the workload again; past a quarter of the
+    // journal's limit it goes back to the page cache, from which the fold
+    // reads recent records.
+    let (mut i, mut bulk_again) = (end, false);
+    let past_a_quarter = settings.journal_max / 4 + 3 * (32 << 20);
+    while v.stats().journal_bytes <= past_a_quarter {
+        write(&v, i);
+        bulk_again |= v.bulk_writes();
+        i += 1;
+    }
+    assert!(bulk_again);
+    assert!(!v.bulk_writes(), "{:?}", v.stats());
+}

@@ -2,8 +2,11 @@
 //! defaults, and with `cache.direct=on,aio=io_uring`): the same libblkio
 //! client, the same prefilled raw image on the same file system, one
 //! queue, over a volume whose journal limit is a quarter of the volume.
-//! Each server in turn takes 1 MiB sequential writes at depth 8 (rewind
-//! reaches its limit within the run), then 4 KiB random writes at depth 32
+//! First, 1 MiB sequential writes at depth 8 for a few seconds below the
+//! limit: rewind-blk on a second volume whose journal limit the run cannot
+//! fill to half. Then each server in turn takes 1 MiB sequential writes at
+//! depth 8 (rewind reaches its limit within the run), then 4 KiB random
+//! writes at depth 32
 //! for a fixed time (most of it at the limit, folding). Reported: the rate
 //! per interval (a twelfth of each run), the lowest interval against qsd's
 //! median, the longest latency (when it came, and how many requests took
@@ -46,6 +49,13 @@ const INTERVALS: usize = 12;
 /// A request slower than this is counted: the goal for the worst latency
 /// of the 1 MiB sequential writes at the limit.
 const SLOW: Duration = Duration::from_millis(100);
+
+/// The journal limit of the volume of the run below the limit: more than
+/// twice what the run can write (`BELOW_SECONDS` at several GB/s), so that
+/// the journal stays far from it.
+const BELOW_JOURNAL_MAX: u64 = 32 << 30;
+/// The length of the run below the limit.
+const BELOW_SECONDS: u64 = 5;
 
 /// The shape of the volume under test.
 #[derive(Clone, Copy)]
@@ -395,6 +405,62 @@ fn device_rate(dir: &Path, bytes: u64, throttle: Option<&Throttle>) -> f64 {
     (bytes >> 20) as f64 / took.as_secs_f64()
 }
 
+/// 1 MiB sequential writes at depth 8 for `BELOW_SECONDS` from each
+/// server: rewind-blk on a volume of its own in `dir`/below whose journal
+/// limit is `BELOW_JOURNAL_MAX` (removed after), the qsd exports on
+/// `image`.
+fn below_the_limit(
+    dir: &Path,
+    image: &Path,
+    shape: Shape,
+    throttle: Option<&Throttle>,
+) -> Vec<(&'static str, Outcome)> {
+    let below = dir.join("below");
+    std::fs::create_dir(&below).expect("a directory for the volume below the limit");
+    let volume = create_rewind(
+        &below,
+        image,
+        shape.size,
+        &[
+            "--journal-max".into(),
+            BELOW_JOURNAL_MAX.to_string(),
+            "--segment-size".into(),
+            shape.segment_size.to_string(),
+        ],
+    );
+    let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join("at_limit-below-rewind-blk.log");
+    let workload = Workload {
+        block: LARGE,
+        depth: 8,
+        sequential: true,
+        time: Duration::from_secs(BELOW_SECONDS),
+    };
+    let mut outcomes = Vec::new();
+    for k in 0..3 {
+        // Each run starts with no writeback in flight (the import's, the
+        // run before's).
+        let synced = Command::new("sync").status().expect("sync");
+        assert!(synced.success(), "sync: {synced}");
+        let start = || match k {
+            0 => serve_rewind_to(
+                &below,
+                &volume,
+                1,
+                std::fs::File::create(&log).expect("rewind-blk's log"),
+            ),
+            1 => start_qsd(dir, image, false, 1),
+            _ => start_qsd(dir, image, true, 1),
+        };
+        let server = match throttle {
+            Some(t) => t.inside(start),
+            None => start(),
+        };
+        outcomes.push((server.name, run(&server, workload, shape.size, 30 + k)));
+    }
+    std::fs::remove_dir_all(&below).expect("remove the volume below the limit");
+    outcomes
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1e3)
 }
@@ -474,6 +540,7 @@ fn main() {
         sequential.time.as_secs(),
         random.time.as_secs_f64() / INTERVALS as f64
     );
+    let below = below_the_limit(dir.path(), &image, shape, throttle.as_ref());
     let start = |k: usize| match k {
         0 => serve_rewind_to(
             dir.path(),
@@ -511,6 +578,14 @@ fn main() {
     }
     let qsd_median = results[1].1.median_interval();
     println!();
+    println!(
+        "1 MiB sequential writes below the limit (rewind's journal limit {} GiB), depth 8, MiB/s per interval:",
+        BELOW_JOURNAL_MAX >> 30
+    );
+    for (name, o) in &below {
+        let row: Vec<String> = o.intervals.iter().map(|i| format!("{i:.0}")).collect();
+        println!("  {name}: {}", row.join(" "));
+    }
     println!("1 MiB sequential writes, depth 8, MiB/s per interval:");
     for (name, _, s) in &results {
         let row: Vec<String> = s.intervals.iter().map(|i| format!("{i:.0}")).collect();
@@ -577,6 +652,19 @@ fn main() {
             s.rate() * (LARGE >> 20) as f64,
             ms(s.max_latency),
             s.errors,
+        );
+    }
+    println!();
+    println!("| 1 MiB seq QD8 below the limit | MiB/s | max latency | errors | rewind-blk / it |");
+    println!("|---|---|---|---|---|");
+    let rewind_below = below[0].1.rate();
+    for (name, o) in &below {
+        println!(
+            "| {name} | {:.0} | {} ms | {} | {:.2}x |",
+            o.rate() * (LARGE >> 20) as f64,
+            ms(o.max_latency),
+            o.errors,
+            rewind_below / o.rate()
         );
     }
     if !io.is_empty() {

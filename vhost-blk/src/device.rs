@@ -39,6 +39,13 @@ pub trait BlockDevice: Send + Sync + Debug {
     fn flush(&self) -> Result<()>;
     fn writethrough(&self) -> bool;
     fn set_writethrough(&self, on: bool);
+    /// Whether large writes now go to the disk without the page cache
+    /// (`Volume::bulk_writes`): the request layer then runs them on IO
+    /// threads, several at once, instead of one after another on the
+    /// queue's thread.
+    fn bulk_writes(&self) -> bool {
+        false
+    }
 }
 
 impl BlockDevice for Volume {
@@ -77,6 +84,9 @@ impl BlockDevice for Volume {
     }
     fn set_writethrough(&self, on: bool) {
         Volume::set_writethrough(self, on)
+    }
+    fn bulk_writes(&self) -> bool {
+        Volume::bulk_writes(self)
     }
 }
 
@@ -280,5 +290,8 @@ impl BlockDevice for ReplicatedVolume {
     }
     fn set_writethrough(&self, on: bool) {
         self.volume.set_writethrough(on)
+    }
+    fn bulk_writes(&self) -> bool {
+        self.volume.bulk_writes()
     }
 }

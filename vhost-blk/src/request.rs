@@ -9,6 +9,7 @@
 //! an error status, never an effect outside its own buffers.
 
 use crate::device::BlockDevice;
+use rewind_journal::LARGE_PAYLOAD;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
     VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
@@ -507,15 +508,18 @@ const INLINE_READ_MAX: u64 = 64 << 10;
 /// Takes one descriptor chain: parses it and runs what needs no wait for
 /// the disk (writes are appends to the journal; reads of up to 64 KiB the
 /// page cache answers), leaving the rest [`Step::Waiting`]: other reads,
-/// and in writethrough mode the sync after a write. With `defer_reads`
-/// every read is left waiting: the caller reads it (a queue's ring). Writes run here, in
-/// the order the chains were taken, so the journal records them in that
-/// order.
+/// large writes while the device takes them straight to the disk
+/// (`BlockDevice::bulk_writes`), and in writethrough mode the sync after
+/// a write. With `defer_reads` every read is left waiting: the caller
+/// reads it (a queue's ring). Other writes run here, in the order the
+/// chains were taken, so the journal records them in that order; large
+/// ones left waiting are recorded as their IO threads get to them, as
+/// writes the guest has in flight together may be.
 ///
-/// A flush is left waiting too: it covers every write taken before it
-/// (each is in the journal already), so it syncs on an IO thread while the
-/// queue takes and completes the writes behind it. Concurrent flushes
-/// share a sync.
+/// A flush is left waiting too: it covers every write completed before
+/// it (and every write taken before it but a large one still waiting), so
+/// it syncs on an IO thread while the queue takes and completes the
+/// writes behind it. Concurrent flushes share a sync.
 pub fn start<M: GuestMemory>(
     mem: &M,
     chain: impl IntoIterator<Item = Descriptor>,
@@ -550,6 +554,9 @@ pub fn start<M: GuestMemory>(
             return waiting(taken, Rest::Run)
         }
         Ok(r) if r.kind == Kind::Flush => return waiting(taken, Rest::Run),
+        Ok(r) if r.kind == Kind::Out && r.data_len() >= LARGE_PAYLOAD && runs_bulk(disk) => {
+            return waiting(taken, Rest::Run)
+        }
         Ok(r) if r.kind == Kind::In => match r.read_cached(mem, disk) {
             Ok(Some(written)) => Ok(written),
             Ok(None) => return waiting(taken, Rest::Run),
@@ -564,6 +571,12 @@ pub fn start<M: GuestMemory>(
         Err(_) => Ok(0),
     };
     Step::Done(taken.complete(mem, disk, result))
+}
+
+/// Whether large writes run on IO threads (`start`): not in writethrough
+/// mode, where what is left of a write is its sync (`Rest::Sync`).
+fn runs_bulk(disk: &Disk<'_>) -> bool {
+    !disk.read_only && !disk.device.writethrough() && disk.device.bulk_writes()
 }
 
 /// Handles one descriptor chain to its end: parses, runs, writes the
@@ -725,6 +738,58 @@ mod tests {
         assert!(r.buckets.iter().sum::<u64>() <= r.requests);
         assert!(r.seconds > 0.0);
         assert_eq!(gate.counters().completed, 6);
+    }
+
+    #[test]
+    fn large_writes_wait_for_an_io_thread_while_the_volume_writes_them_direct() {
+        const LARGE: u64 = rewind_journal::LARGE_PAYLOAD;
+        let tmp = tempfile::tempdir().expect("tmp");
+        let settings = rewind_journal::VolumeSettings {
+            segment_size: 1 << 20,
+            journal_max: 512 << 20,
+            journal_warn: 400 << 20,
+            ..rewind_journal::VolumeSettings::new(64 << 20)
+        };
+        let v = crate::test_support::os_volume_with(tmp.path(), &settings);
+        let (mem, d) = (memory(), disk(&v));
+        let write = |sector: u64, len: u64| {
+            let q = MockSplitQueue::new(&mem, 16);
+            header(&mem, VIRTIO_BLK_T_OUT, sector);
+            mem.write_slice(&pattern(len as usize), GuestAddress(DATA))
+                .expect("data");
+            let descs = [
+                desc(HDR, 16, false),
+                desc(DATA, len as u32, false),
+                desc(STATUS, 1, true),
+            ];
+            start(&mem, q.build_desc_chain(&descs).expect("chain"), &d, false)
+        };
+        // Until the volume has learnt the writes are large, they run here.
+        let mut sector = 0;
+        while !v.bulk_writes() {
+            assert!(sector < 1024 * LARGE / 512, "never bulk");
+            assert!(matches!(write(sector, LARGE), Step::Done(_)));
+            sector += LARGE / 512;
+        }
+        // Then on an IO thread, which writes it; small ones still here.
+        let Step::Waiting(waiting) = write(0, LARGE) else {
+            panic!("a large write ran on the queue's thread");
+        };
+        let before = v.last_lsn();
+        let done = waiting.finish(&mem, &d);
+        assert_eq!((done.status, v.last_lsn()), (Status::Ok, before + 1));
+        let mut back = vec![0u8; LARGE as usize];
+        v.read(0, &mut back).expect("read");
+        assert!(back == pattern(LARGE as usize));
+        assert!(matches!(write(0, 4096), Step::Done(_)));
+        // Not in writethrough mode: what waits there is the sync.
+        v.set_writethrough(true);
+        let Step::Waiting(waiting) = write(0, LARGE) else {
+            panic!("a writethrough write completed before its sync");
+        };
+        assert_eq!(v.last_lsn(), before + 3, "written on the queue's thread");
+        assert_eq!(waiting.finish(&mem, &d).status, Status::Ok);
+        assert!(v.durable_lsn() >= before + 3);
     }
 
     #[test]

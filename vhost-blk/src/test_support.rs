@@ -24,14 +24,12 @@ pub fn volume_on(fs: &FaultStorage, size: u64, options: OpenOptions) -> Volume {
 /// A new volume of `size` bytes in files under `dir` (the host's file
 /// system, whose files the daemon's rings read).
 pub fn os_volume(dir: &Path, size: u64) -> Volume {
-    Volume::create(
-        &OsStorage,
-        dir,
-        &settings(size),
-        BaseImage::Empty,
-        &mut |_, _| {},
-    )
-    .expect("create");
+    os_volume_with(dir, &settings(size))
+}
+
+/// A new volume with `settings` in files under `dir`.
+pub fn os_volume_with(dir: &Path, settings: &VolumeSettings) -> Volume {
+    Volume::create(&OsStorage, dir, settings, BaseImage::Empty, &mut |_, _| {}).expect("create");
     open_os_volume(dir)
 }
 

@@ -107,7 +107,7 @@ impl Segment {
                     if lsn >= from {
                         found.push((h, at));
                     }
-                    at += RECORD_HEADER_SIZE + u64::from(h.payload_len);
+                    at = h.inline_end(at);
                     lsn += 1;
                 }
             }

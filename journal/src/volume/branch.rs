@@ -1079,7 +1079,7 @@ impl Inner {
             for (h, at) in found {
                 let end = match layout {
                     Layout::Slots => h.payload_offset + u64::from(h.payload_len),
-                    Layout::Inline { .. } => at + RECORD_HEADER_SIZE + u64::from(h.payload_len),
+                    Layout::Inline { .. } => h.inline_end(at),
                 };
                 top = top.max(end);
                 common_at = at;
