@@ -19,10 +19,16 @@
 use uuid::Uuid;
 
 /// Version of the on-disk format; `open` refuses any other (but
-/// [`INLINE_VERSION`] in segment and record headers).
+/// [`INLINE_VERSION`] in segment and record headers, and
+/// [`LARGE_INLINE_VERSION`] in record headers).
 pub const FORMAT_VERSION: u16 = 2;
 /// Version of the headers of an inline segment use and its records.
 pub const INLINE_VERSION: u16 = 3;
+/// Version of an inline record header whose payload is large
+/// ([`LARGE_PAYLOAD`]): the same fields as [`INLINE_VERSION`], the payload
+/// on the first page boundary past the header. A build that predates it
+/// refuses the journal instead of taking the record for the log's end.
+pub const LARGE_INLINE_VERSION: u16 = 4;
 /// Unit of alignment for every structure in a segment and of guest IO.
 pub const SECTOR: u64 = 512;
 /// Bytes at the start of each segment taken by its header.
@@ -35,9 +41,10 @@ pub const PAGE: u64 = 4096;
 /// places one at the first page boundary past its header
 /// (`Layout::place`), so that a run of such records starts and ends each
 /// on a page and their direct writes are aligned to the file system's
-/// blocks (ext4 runs direct writes into unwritten extents that are not
-/// one at a time). The writer gives large writes far from the journal's
-/// limit inline segments of their own (volume.rs, `Mode::Bulk`).
+/// blocks (ext4 runs direct writes into unwritten extents one at a time
+/// where they are not block-aligned). The writer gives large writes far
+/// from the journal's limit inline segments of their own (volume.rs,
+/// `Mode::Bulk`).
 pub const LARGE_PAYLOAD: u64 = 64 << 10;
 
 const SEGMENT_MAGIC: [u8; 8] = *b"RWNDSEG\0";
@@ -173,6 +180,7 @@ impl RecordHeader {
         let mut b = [0u8; RECORD_HEADER_SIZE as usize];
         let (kind, flags) = self.kind.code();
         let version = match self.inline {
+            Some(_) if large_payload(u64::from(self.payload_len)) => LARGE_INLINE_VERSION,
             Some(_) => INLINE_VERSION,
             None => FORMAT_VERSION,
         };
@@ -210,14 +218,15 @@ impl RecordHeader {
         }
         let version = u16::from_le_bytes([b[4], b[5]]);
         // Where the checksum is depends on the version it covers.
-        let used = match version {
-            INLINE_VERSION => INLINE_RECORD_HEADER_USED,
-            _ => RECORD_HEADER_USED,
+        let inline = matches!(version, INLINE_VERSION | LARGE_INLINE_VERSION);
+        let used = match inline {
+            true => INLINE_RECORD_HEADER_USED,
+            false => RECORD_HEADER_USED,
         };
         if b.len() < used || crc32c(&b[..used - 4]) != le_u32(b, used - 4) {
             return Err(HeaderProblem::Garbage);
         }
-        if version != FORMAT_VERSION && version != INLINE_VERSION {
+        if version != FORMAT_VERSION && !inline {
             return Err(HeaderProblem::Version(version));
         }
         let kind = RecordKind::from_code(b[6], b[7]).ok_or(HeaderProblem::Kind(b[6]))?;
@@ -232,15 +241,13 @@ impl RecordHeader {
             payload_len: le_u32(b, 56),
             payload_crc: le_u32(b, 60),
             payload_offset: le_u64(b, 64),
-            inline: (version == INLINE_VERSION).then(|| InlineStamp {
+            inline: inline.then(|| InlineStamp {
                 durable_lsn: le_u64(b, 72),
                 nonce: le_u64(b, 80),
             }),
         })
     }
 
-    /// The lsn this record proves durable (a Flush record's, or an inline
-    /// record's `durable_lsn`), if any.
     /// Where an inline record whose header is at `at` ends: past its
     /// payload, wherever `Layout::place_found` allows it.
     pub fn inline_end(&self, at: u64) -> u64 {
@@ -254,6 +261,8 @@ impl RecordHeader {
         }
     }
 
+    /// The lsn this record proves durable (a Flush record's, or an inline
+    /// record's `durable_lsn`), if any.
     pub fn proves_durable(&self) -> Option<u64> {
         match (self.kind, self.inline) {
             (RecordKind::Flush, _) => Some(self.offset),
@@ -261,6 +270,12 @@ impl RecordHeader {
             _ => None,
         }
     }
+}
+
+/// Whether a payload of `len` bytes is large: whole pages, `LARGE_PAYLOAD`
+/// or more.
+fn large_payload(len: u64) -> bool {
+    len >= LARGE_PAYLOAD && len.is_multiple_of(PAGE)
 }
 
 /// Where a payload of `len` bytes goes when payloads so far end at `top`,
@@ -346,9 +361,7 @@ impl Layout {
                 let header_end = top.checked_add(RECORD_HEADER_SIZE)?;
                 let payload = match len {
                     0 => None,
-                    _ if len >= LARGE_PAYLOAD && len.is_multiple_of(PAGE) => {
-                        Some(header_end.div_ceil(PAGE).checked_mul(PAGE)?)
-                    }
+                    _ if large_payload(len) => Some(header_end.div_ceil(PAGE).checked_mul(PAGE)?),
                     _ => Some(header_end),
                 };
                 let end = match payload {
@@ -369,9 +382,9 @@ impl Layout {
     /// versions before large payloads were page-aligned put every one.
     pub fn place_found(self, at: Position, h: &RecordHeader) -> Option<Placed> {
         let len = u64::from(h.payload_len);
-        let placed = self.place(at, len)?;
-        if placed.payload.unwrap_or(0) == h.payload_offset {
-            return Some(placed);
+        let placed = self.place(at, len);
+        if let Some(p) = placed.filter(|p| p.payload.unwrap_or(0) == h.payload_offset) {
+            return Some(p);
         }
         let header_end = at.top.checked_add(RECORD_HEADER_SIZE)?;
         let end = header_end.checked_add(len)?;
@@ -956,5 +969,18 @@ mod tests {
         assert_eq!(inline.place_found(at, &found(16384)), None);
         assert_eq!(inline.place_found(at, &found(8192)), None);
         assert_eq!(Layout::Slots.place_found(at, &found(8704)), None);
+        // Version 4 names a large payload, so that a build placing every
+        // payload right after its header refuses the record.
+        let version = |h: RecordHeader| {
+            let b = h.encode();
+            assert_eq!(RecordHeader::decode(&b), Ok(h));
+            u16::from_le_bytes([b[4], b[5]])
+        };
+        assert_eq!(version(found(12288)), LARGE_INLINE_VERSION);
+        let small = RecordHeader {
+            payload_len: 4096,
+            ..found(8704)
+        };
+        assert_eq!(version(small), INLINE_VERSION);
     }
 }

@@ -433,9 +433,10 @@ enum Mode {
     /// so that a sync after each record commits no extent conversion.
     Durable,
     /// Inline records written with O_DIRECT, not zeroed: large writes far
-    /// from the journal's limit. They skip the page cache's copy (a
-    /// buffered journal's cost at a device's sequential rate), and several
-    /// go to the device at once (the daemon runs them on its IO threads:
+    /// from the journal's limit. They go around the page cache (whose
+    /// copy into new pages, one writer at a time, is a buffered journal's
+    /// cost at a device's sequential rate), and several go to the device
+    /// at once (the daemon runs them on its IO threads:
     /// `Volume::bulk_writes`). Far from the limit only (a quarter of it):
     /// the fold reads recent records from the page cache, direct ones
     /// from the disk.
@@ -1576,7 +1577,17 @@ impl Inner {
             payload_crc,
             None,
         )?;
-        self.write_reserved(reserved, payload)
+        let lsn = self.write_reserved(reserved, payload)?;
+        // Returned only once every record before it is written too:
+        // recovery ends the log at the first one missing, so a record
+        // written past a hole would be lost to a crash of this process
+        // even though its write was acknowledged. Records complete out of
+        // order where several threads append (queues, bulk writes on IO
+        // threads), so the wait is short: the writes before are under way.
+        if self.completion.wait_for(lsn).is_err() {
+            self.check_failed()?;
+        }
+        Ok(lsn)
     }
 
     /// Places the next record: its lsn, timestamp, header slot and payload

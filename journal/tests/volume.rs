@@ -895,3 +895,34 @@ fn cached_reads_are_served_and_reads_that_would_wait_for_the_disk_are_not() {
     );
     v.close().expect("close");
 }
+
+#[test]
+fn a_write_returns_only_once_every_write_recorded_before_it_is_written() {
+    // Recovery ends the log at the first record missing: a write recorded
+    // after one still being written must not be acknowledged before it,
+    // or a crash of the process would lose it.
+    let (fs, v) = new_volume();
+    for i in 0..2u64 {
+        v.write(i * 16384, &pattern(i as u8, 16384)).expect("write");
+    }
+    // Lsn 3 is the last 16 KiB record segment 0 holds; lsn 4 opens segment 1.
+    let slow = std::time::Duration::from_millis(500);
+    fs.slow_down(FaultOp::Write, "00000000.seg", slow);
+    std::thread::scope(|s| {
+        let first = s.spawn(|| v.write(2 * 16384, &pattern(2, 16384)).expect("write"));
+        wait_until("lsn 3 to be recorded", || v.last_lsn() == 3);
+        let started = std::time::Instant::now();
+        let lsn = v.write(3 * 16384, &pattern(3, 16384)).expect("write");
+        let took = started.elapsed();
+        assert_eq!(lsn, 4);
+        assert!(
+            took >= slow / 2,
+            "lsn 4 returned after {took:?}, before lsn 3 was written"
+        );
+        assert_eq!(first.join().expect("join"), 3);
+    });
+    fs.clear_faults();
+    for i in 0..4u64 {
+        assert_eq!(read(&v, i * 16384, 16384), pattern(i as u8, 16384));
+    }
+}

@@ -291,7 +291,9 @@ impl BlockDevice for ReplicatedVolume {
     fn set_writethrough(&self, on: bool) {
         self.volume.set_writethrough(on)
     }
+    /// Not once detached: forwarded writes leave in the order taken.
     fn bulk_writes(&self) -> bool {
-        self.volume.bulk_writes()
+        self.local_only(|| Ok(self.volume.bulk_writes()), false)
+            .unwrap_or(false)
     }
 }

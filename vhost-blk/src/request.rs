@@ -429,7 +429,14 @@ impl Waiting {
     /// Runs the rest of the request and writes its status byte.
     pub fn finish<M: GuestMemory>(self, mem: &M, disk: &Disk<'_>) -> Completion {
         let result = match (&self.taken.request, self.rest) {
-            (Ok(r), Rest::Run) => r.execute(mem, disk),
+            (Ok(r), Rest::Run) => r.execute(mem, disk).and_then(|n| {
+                // A large write left to an IO thread (`runs_bulk`) is synced
+                // like the others if the guest turned writethrough on since.
+                if r.modifies() && disk.device.writethrough() {
+                    disk.device.flush()?;
+                }
+                Ok(n)
+            }),
             (Ok(_), Rest::Sync) => disk.device.flush().map(|()| 0).map_err(RequestError::from),
             (Err(_), _) => Ok(0),
         };
