@@ -48,6 +48,7 @@ use crate::format::{
 };
 use crate::meta::{EpochStart, Role, VolumeConfig, VolumeSettings, VOLUME_FILE};
 use crate::pace::Pacer;
+use crate::payload_buffer::PayloadBuffer;
 use crate::point::PointInTime;
 use crate::pool::{segment_name, write_header, Pool, PoolSetup, Segment, JOURNAL_DIR};
 use crate::record_index::{Bookmark, Effect, Entry, RecordIndex, PAGE_OUT_BATCH, PAGE_OUT_CHUNKS};
@@ -320,6 +321,23 @@ struct PinState {
     expired: Option<String>,
     /// The segments the view reads; holding them keeps them from reuse.
     segments: Vec<Arc<Segment>>,
+}
+
+/// A record's payload as `write_reserved` gets it.
+enum Payload<'a> {
+    Bytes(&'a [u8]),
+    /// With room in front for the header: an inline record is sent from
+    /// there without another copy.
+    Framed(&'a mut PayloadBuffer),
+}
+
+impl Payload<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Payload::Bytes(bytes) => bytes,
+            Payload::Framed(buf) => buf.payload(),
+        }
+    }
 }
 
 /// A record placed in the journal, not yet written.
@@ -913,10 +931,25 @@ impl Volume {
         let records = (data.len() as u64).div_ceil(inner.max_payload).max(1);
         inner.pace(data.len() as u64 + (records - 1) * RECORD_HEADER_SIZE);
         for chunk in data.chunks(inner.max_payload as usize) {
-            lsn = inner.append(RecordKind::Write, at, chunk.len() as u64, chunk)?;
+            let length = chunk.len() as u64;
+            lsn = inner.append(RecordKind::Write, at, length, Payload::Bytes(chunk))?;
             at += chunk.len() as u64;
         }
         Ok(lsn)
+    }
+
+    /// [`Volume::write_deferred`] of `buf`'s payload, which an inline
+    /// record sends to the device from where it is (see [`PayloadBuffer`]).
+    pub fn write_buffer_deferred(&self, offset: u64, buf: &mut PayloadBuffer) -> Result<u64> {
+        let inner = &self.inner;
+        let len = buf.payload().len() as u64;
+        if len == 0 || len > inner.max_payload {
+            // No record, or several: only the first would have room in front.
+            return self.write_deferred(offset, buf.payload());
+        }
+        check_range(offset, len, inner.config.size).map_err(Error::InvalidRequest)?;
+        inner.pace(len);
+        inner.append(RecordKind::Write, offset, len, Payload::Framed(buf))
     }
 
     /// Makes `[offset, offset + length)` read as zeroes.
@@ -947,7 +980,7 @@ impl Volume {
         let inner = &self.inner;
         check_range(offset, length, inner.config.size).map_err(Error::InvalidRequest)?;
         inner.pace(0);
-        inner.append(kind, offset, length, &[])
+        inner.append(kind, offset, length, Payload::Bytes(&[]))
     }
 
     /// Reads `buf.len()` bytes at `offset` (both multiples of 512).
@@ -1033,9 +1066,12 @@ impl Volume {
             )));
         }
         let payload = crate::format::bookmark_payload(name, app_consistent);
-        let lsn = self
-            .inner
-            .append(RecordKind::Bookmark, 0, name.len() as u64, &payload)?;
+        let lsn = self.inner.append(
+            RecordKind::Bookmark,
+            0,
+            name.len() as u64,
+            Payload::Bytes(&payload),
+        )?;
         if app_consistent {
             lock(&self.inner.index).set_app_consistent(lsn);
         }
@@ -1103,7 +1139,7 @@ impl Volume {
         let reserved = inner.reserve(&mut c, RecordKind::Revert, to, 0, &[], crc32c(&[]), None)?;
         let lsn = reserved.header.lsn;
         let snapshot = lock(&inner.index).snapshot(lsn);
-        inner.write_reserved(reserved, &[])?;
+        inner.write_reserved(reserved, Payload::Bytes(&[]))?;
         let map = ExtentMap::new(inner.config.size);
         snapshot.replay_into(&map, lsn);
         inner.map.replace_with(map);
@@ -1321,7 +1357,7 @@ impl Inner {
             first_lsn: reserved.header.lsn,
             node,
         };
-        self.write_reserved(reserved, &[])?;
+        self.write_reserved(reserved, Payload::Bytes(&[]))?;
         drop(c);
         self.flush()?;
         self.persist(|config| {
@@ -1561,19 +1597,26 @@ impl Inner {
             None,
         )?;
         drop(c);
-        self.write_reserved(reserved, &[])?;
+        self.write_reserved(reserved, Payload::Bytes(&[]))?;
         Ok(())
     }
 
-    fn append(&self, kind: RecordKind, offset: u64, length: u64, payload: &[u8]) -> Result<u64> {
+    fn append(
+        &self,
+        kind: RecordKind,
+        offset: u64,
+        length: u64,
+        payload: Payload<'_>,
+    ) -> Result<u64> {
         self.check_failed()?;
-        let payload_crc = crc32c(payload);
+        let bytes = payload.bytes();
+        let payload_crc = crc32c(bytes);
         let reserved = self.reserve(
             &mut lock(&self.cursor),
             kind,
             offset,
             length,
-            payload,
+            bytes,
             payload_crc,
             None,
         )?;
@@ -1740,7 +1783,7 @@ impl Inner {
     }
 
     /// Writes a reserved record, updates the live map and marks it complete.
-    fn write_reserved(&self, r: Reserved, payload: &[u8]) -> Result<u64> {
+    fn write_reserved(&self, r: Reserved, mut payload: Payload<'_>) -> Result<u64> {
         let Reserved {
             header,
             slot,
@@ -1758,22 +1801,28 @@ impl Inner {
         let written = self.retrying("appending to the journal", || match header.inline {
             None => {
                 let file = segment.file.as_ref();
-                match payload {
+                match payload.bytes() {
                     [] => {}
-                    _ if stored => file.write_mapped_at(payload, header.payload_offset)?,
-                    _ => file.write_all_at(&[payload], header.payload_offset)?,
+                    bytes if stored => file.write_mapped_at(bytes, header.payload_offset)?,
+                    bytes => file.write_all_at(&[bytes], header.payload_offset)?,
                 }
                 file.write_mapped_at(&head, slot)
             }
             // Header and payload in one request, with the zeroes between
             // them where a large payload starts on the next page.
             Some(_) => {
-                let gap = match payload {
+                let gap = match payload.bytes() {
                     [] => 0,
-                    _ => header.payload_offset - (slot + RECORD_HEADER_SIZE),
+                    _ => (header.payload_offset - (slot + RECORD_HEADER_SIZE)) as usize,
                 };
-                let parts = [&head[..], &[0u8; PAGE as usize][..gap as usize], payload];
-                write_direct_parts(segment.file.as_ref(), &parts, slot)
+                let file = segment.file.as_ref();
+                match &mut payload {
+                    Payload::Framed(buf) => file.write_direct_at(buf.framed(&head, gap), slot),
+                    Payload::Bytes(bytes) => {
+                        let parts = [&head[..], &[0u8; PAGE as usize][..gap], bytes];
+                        write_direct_parts(file, &parts, slot)
+                    }
+                }
             }
         });
         if let Err(e) = written {
@@ -1883,7 +1932,7 @@ impl Inner {
         // Proof for recovery that everything up to `upto` was durable,
         // appended before the sync lock is let go: whoever syncs next
         // (`sync_all` sealing the volume) finds it written.
-        self.append(RecordKind::Flush, upto, 0, &[])?;
+        self.append(RecordKind::Flush, upto, 0, Payload::Bytes(&[]))?;
         Ok(())
     }
 

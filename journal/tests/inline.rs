@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 
 use common::{flip, options, pattern, read, segment_file, small_settings};
 use rewind_journal::{
-    BaseImage, Error, LayoutChoice, OpenOptions, OsStorage, RecoveryReport, Storage, Volume,
-    VolumeSettings,
+    BaseImage, Error, LayoutChoice, OpenOptions, OsStorage, PayloadBuffer, RecoveryReport, Storage,
+    Volume, VolumeSettings,
 };
 
 const RECORD: u64 = 8192;
@@ -394,4 +394,46 @@ fn large_writes_far_from_the_limit_go_straight_to_the_device_and_come_back() {
     }
     assert!(bulk_again);
     assert!(!v.bulk_writes(), "{:?}", v.stats());
+}
+
+#[test]
+fn writes_from_a_payload_buffer_come_back_after_a_crash_in_every_layout() {
+    // Sizes: right after its header, on the next page (64 KiB of whole
+    // pages), and more than a record holds (two records, from the slice).
+    const WRITES: [(u64, u64); 4] = [(0, 4096), (8192, 8192), (65536, 65536), (1 << 20, 1 << 20)];
+    let settings = VolumeSettings {
+        size: 4 << 20,
+        segment_size: 1 << 20,
+        journal_max: 64 << 20,
+        journal_warn: 48 << 20,
+        ..small_settings()
+    };
+    for layout in [LayoutChoice::Slots, LayoutChoice::Inline] {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = create_with(tmp.path(), &settings);
+        let (v, _) = open(&dir, layout).expect("open");
+        let before = v.last_lsn();
+        let mut buf = PayloadBuffer::new();
+        for (i, &(at, len)) in WRITES.iter().enumerate() {
+            buf.payload_mut(len as usize)
+                .copy_from_slice(&pattern(i as u8 + 1, len as usize));
+            v.write_buffer_deferred(at, &mut buf).expect("write");
+        }
+        let records = v.last_lsn();
+        assert!(
+            records - before > WRITES.len() as u64,
+            "{layout:?}: {records} records"
+        );
+        drop(v); // a crash of the process: nothing flushed
+        let (v, report) = open(&dir, layout).expect("reopen");
+        assert_eq!(report.discarded, None, "{layout:?}: {report}");
+        assert_eq!(report.next_lsn, records + 1, "{layout:?}: {report}");
+        for (i, &(at, len)) in WRITES.iter().enumerate() {
+            let want = pattern(i as u8 + 1, len as usize);
+            assert!(read(&v, at, len as usize) == want, "{layout:?}: write {i}");
+        }
+        if layout == LayoutChoice::Inline {
+            assert_eq!(inline_segments(&dir), [0, 1]);
+        }
+    }
 }

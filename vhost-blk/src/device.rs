@@ -4,7 +4,7 @@ use std::fmt::Debug;
 
 use std::sync::Arc;
 
-use rewind_journal::{Error, ReadPlan, Result, View, Volume};
+use rewind_journal::{Error, PayloadBuffer, ReadPlan, Result, View, Volume};
 
 use crate::detach::{storage_failed, Detacher, Route};
 use crate::replication::frame::ForwardOp;
@@ -34,6 +34,11 @@ pub trait BlockDevice: Send + Sync + Debug {
         Ok(None)
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<()>;
+    /// `write` of `buf`'s payload; a device that can use the room in front
+    /// of it saves a copy (see [`PayloadBuffer`]).
+    fn write_buffer(&self, offset: u64, buf: &mut PayloadBuffer) -> Result<()> {
+        self.write(offset, buf.payload())
+    }
     fn write_zeroes(&self, offset: u64, length: u64, unmap: bool) -> Result<()>;
     fn discard(&self, offset: u64, length: u64) -> Result<()>;
     fn flush(&self) -> Result<()>;
@@ -69,6 +74,9 @@ impl BlockDevice for Volume {
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         Volume::write_deferred(self, offset, data).map(drop)
+    }
+    fn write_buffer(&self, offset: u64, buf: &mut PayloadBuffer) -> Result<()> {
+        Volume::write_buffer_deferred(self, offset, buf).map(drop)
     }
     fn write_zeroes(&self, offset: u64, length: u64, unmap: bool) -> Result<()> {
         Volume::write_zeroes_deferred(self, offset, length, unmap).map(drop)
@@ -259,6 +267,20 @@ impl BlockDevice for ReplicatedVolume {
             || ForwardOp::Write {
                 offset,
                 data: data.to_vec(),
+            },
+        )
+    }
+    fn write_buffer(&self, offset: u64, buf: &mut PayloadBuffer) -> Result<()> {
+        // One closure or the other runs, never both at once.
+        let buf = std::cell::RefCell::new(buf);
+        self.modify(
+            || {
+                self.volume
+                    .write_buffer_deferred(offset, &mut buf.borrow_mut())
+            },
+            || ForwardOp::Write {
+                offset,
+                data: buf.borrow().payload().to_vec(),
             },
         )
     }

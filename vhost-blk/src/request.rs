@@ -9,7 +9,8 @@
 //! an error status, never an effect outside its own buffers.
 
 use crate::device::BlockDevice;
-use rewind_journal::LARGE_PAYLOAD;
+use rewind_journal::{PayloadBuffer, LARGE_PAYLOAD};
+use std::sync::{Mutex, PoisonError};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
     VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
@@ -163,6 +164,29 @@ pub struct Request {
     pub data: Vec<(GuestAddress, u32)>,
 }
 
+/// Payload buffers kept for the next writes: as many as ran at once, up to
+/// `KEPT_BUFFERS`, none larger than `KEPT_BUFFER_BYTES`.
+static PAYLOAD_BUFFERS: Mutex<Vec<PayloadBuffer>> = Mutex::new(Vec::new());
+const KEPT_BUFFERS: usize = 16;
+const KEPT_BUFFER_BYTES: usize = 4 << 20;
+
+/// Runs `f` with a payload buffer: a write gathered into one is sent to
+/// the journal with no second copy and no zeroing first.
+fn with_payload_buffer<T>(f: impl FnOnce(&mut PayloadBuffer) -> T) -> T {
+    let kept = || {
+        PAYLOAD_BUFFERS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    };
+    let mut buf = kept().pop().unwrap_or_default();
+    let out = f(&mut buf);
+    let mut kept = kept();
+    if kept.len() < KEPT_BUFFERS && buf.capacity() <= KEPT_BUFFER_BYTES {
+        kept.push(buf);
+    }
+    out
+}
+
 impl Request {
     /// Parses the descriptors before the status byte.
     pub fn parse<M: GuestMemory>(mem: &M, body: &[Descriptor]) -> Result<Request, RequestError> {
@@ -203,12 +227,18 @@ impl Request {
     /// Reads all data buffers from the guest.
     fn gather<M: GuestMemory>(&self, mem: &M) -> Result<Vec<u8>, RequestError> {
         let mut buf = vec![0u8; self.data_len() as usize];
+        self.gather_into(mem, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Reads all data buffers from the guest into `buf`, `data_len` bytes.
+    fn gather_into<M: GuestMemory>(&self, mem: &M, buf: &mut [u8]) -> Result<(), RequestError> {
         let mut at = 0;
         for &(addr, len) in &self.data {
             mem.read_slice(&mut buf[at..at + len as usize], addr)?;
             at += len as usize;
         }
-        Ok(buf)
+        Ok(())
     }
 
     /// Writes `buf` into the data buffers, in order; returns bytes written.
@@ -240,11 +270,13 @@ impl Request {
                 }
                 let len = self.data_len();
                 let offset = self.sectors_of(len, disk)?;
-                let buf = self.gather(mem)?;
-                if len > 0 {
-                    disk.device.write(offset, &buf)?;
-                }
-                Ok(0)
+                with_payload_buffer(|buf| {
+                    self.gather_into(mem, buf.payload_mut(len as usize))?;
+                    if len > 0 {
+                        disk.device.write_buffer(offset, buf)?;
+                    }
+                    Ok(0)
+                })
             }
             Kind::Flush => {
                 disk.device.flush()?;

@@ -21,7 +21,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{lock, Inner, Volume, NO_HOLD};
+use super::{lock, Inner, Payload, Volume, NO_HOLD};
 use crate::error::{Error, Result};
 use crate::extent_map::ExtentMap;
 use crate::format::{
@@ -140,7 +140,7 @@ impl Volume {
                 return Err(inner.fail(reason));
             }
             for flush in ready {
-                inner.write_reserved(flush, &[])?;
+                inner.write_reserved(flush, Payload::Bytes(&[]))?;
             }
             durable = inner.sync_written()?;
             deferred = waiting;
@@ -267,7 +267,7 @@ impl Inner {
                 }
                 RecordKind::Revert => {
                     let snapshot = lock(&self.index).snapshot(h.lsn);
-                    self.write_reserved(reserved, &[])?;
+                    self.write_reserved(reserved, Payload::Bytes(&[]))?;
                     let map = ExtentMap::new(self.config.size);
                     snapshot.replay_into(&map, h.lsn);
                     self.map.replace_with(map);
@@ -277,10 +277,10 @@ impl Inner {
                     if crate::format::bookmark_app_consistent(&r.payload) {
                         lock(&self.index).set_app_consistent(h.lsn);
                     }
-                    self.write_reserved(reserved, &r.payload)?;
+                    self.write_reserved(reserved, Payload::Bytes(&r.payload))?;
                 }
                 _ => {
-                    self.write_reserved(reserved, &r.payload)?;
+                    self.write_reserved(reserved, Payload::Bytes(&r.payload))?;
                 }
             }
         }
