@@ -3,19 +3,21 @@
 //! client, the same prefilled raw image on the same file system, one
 //! queue, over a volume whose journal limit is a quarter of the volume.
 //! First, 1 MiB sequential writes at depth 8 for a few seconds below the
-//! limit: rewind-blk on a second volume whose journal limit the run cannot
-//! fill to half. Then each server in turn takes 1 MiB sequential writes at
-//! depth 8 (rewind reaches its limit within the run), then 4 KiB random
-//! writes at depth 32
-//! for a fixed time (most of it at the limit, folding). Reported: the rate
-//! per interval (a twelfth of each run), the lowest interval against qsd's
+//! limit, three rounds of the servers in turn: rewind-blk on a second
+//! volume whose journal limit the runs cannot fill to a quarter. Then each
+//! server in turn takes 1 MiB sequential writes at depth 8 (rewind reaches
+//! its limit within the run), then 4 KiB random writes at depth 32 for a
+//! fixed time (most of it at the limit, folding). Reported: the rate per
+//! interval (a twelfth of each run), the lowest interval against qsd's
 //! median, the longest latency (when it came, and how many requests took
-//! over 100 ms), IO errors (there must be none), and the
-//! device's own sequential write rate (`dd oflag=direct`) for scale.
+//! over 100 ms), IO errors (there must be none), and the device's own
+//! sequential write rate (`dd oflag=direct`) for scale.
 //!
 //! `cargo bench -p rewind-vhost-blk --bench at_limit` (REWIND_BENCH_DIR
 //! picks the file system, REWIND_BENCH_SECONDS the length of the random
 //! run, REWIND_BENCH_QUICK=1 makes a small smoke run of about 30 s).
+//!
+//! REWIND_BENCH_ONLY=below stops after the runs below the limit.
 //!
 //! REWIND_BENCH_THROTTLE_IOPS=N (root, cgroup v1 blkio) runs each server,
 //! and the `dd` of the device's rate, in a blkio cgroup that caps reads
@@ -50,12 +52,19 @@ const INTERVALS: usize = 12;
 /// of the 1 MiB sequential writes at the limit.
 const SLOW: Duration = Duration::from_millis(100);
 
-/// The journal limit of the volume of the run below the limit: more than
-/// twice what the run can write (`BELOW_SECONDS` at several GB/s), so that
-/// the journal stays far from it.
-const BELOW_JOURNAL_MAX: u64 = 32 << 30;
-/// The length of the run below the limit.
+/// The journal limit of the volume of the runs below the limit: more than
+/// four times what they write (`BELOW_ROUNDS` of `BELOW_SECONDS` at several
+/// GB/s), so that the journal stays under a quarter of it, where large
+/// writes go straight to the device.
+const BELOW_JOURNAL_MAX: u64 = 128 << 30;
+/// The length of a run below the limit.
 const BELOW_SECONDS: u64 = 5;
+/// The size of fio's file for the device's rate below the limit: more than
+/// it writes in `BELOW_SECONDS`, so that it never wraps.
+const BELOW_FIO_SIZE: u64 = 32 << 30;
+/// Rounds of runs below the limit, the servers alternating: the disk's
+/// speed moves from one run to the next, so medians are compared.
+const BELOW_ROUNDS: usize = 3;
 
 /// The shape of the volume under test.
 #[derive(Clone, Copy)]
@@ -96,9 +105,7 @@ impl Outcome {
     }
 
     fn median_interval(&self) -> f64 {
-        let mut v = self.intervals.clone();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        median(self.intervals.clone())
     }
 
     fn min_interval(&self) -> f64 {
@@ -405,16 +412,61 @@ fn device_rate(dir: &Path, bytes: u64, throttle: Option<&Throttle>) -> f64 {
     (bytes >> 20) as f64 / took.as_secs_f64()
 }
 
+/// The device's rate for the runs below the limit, from fio with the same
+/// shape (1 MiB direct writes at depth 8 with io_uring, `BELOW_SECONDS`),
+/// in MiB/s: into a new file of `BELOW_FIO_SIZE`, whose blocks the file
+/// system allocates as it goes and which the run never wraps (as a growing
+/// journal's), then over the first `size` bytes of `image` again and again
+/// (as the qsd exports write it). The new file is removed after.
+fn fio_sequential(dir: &Path, image: &Path, size: u64, throttle: Option<&Throttle>) -> (f64, f64) {
+    let new_file = dir.join("fio-seq.raw");
+    let fio = |file: &Path, size: u64| {
+        let out = Command::new("fio")
+            .args([
+                "--name=device",
+                "--output-format=json",
+                "--rw=write",
+                "--bs=1M",
+            ])
+            .args([
+                "--iodepth=8",
+                "--ioengine=io_uring",
+                "--direct=1",
+                "--fallocate=none",
+            ])
+            .args(["--time_based", &format!("--runtime={BELOW_SECONDS}")])
+            .arg(format!("--size={size}"))
+            .arg(format!("--filename={}", file.display()))
+            .output()
+            .expect("fio (apt-get install fio)");
+        assert!(
+            out.status.success(),
+            "fio: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fio json");
+        v["jobs"][0]["write"]["bw_bytes"].as_f64().expect("fio bw") / (1 << 20) as f64
+    };
+    let rate = |file: &Path, size: u64| {
+        let synced = Command::new("sync").status().expect("sync");
+        assert!(synced.success(), "sync: {synced}");
+        match throttle {
+            Some(t) => t.inside(|| fio(file, size)),
+            None => fio(file, size),
+        }
+    };
+    let _ = std::fs::remove_file(&new_file);
+    let allocating = rate(&new_file, BELOW_FIO_SIZE);
+    std::fs::remove_file(&new_file).expect("remove fio's file");
+    (allocating, rate(image, size))
+}
+
 /// 1 MiB sequential writes at depth 8 for `BELOW_SECONDS` from each
-/// server: rewind-blk on a volume of its own in `dir`/below whose journal
-/// limit is `BELOW_JOURNAL_MAX` (removed after), the qsd exports on
-/// `image`.
-fn below_the_limit(
-    dir: &Path,
-    image: &Path,
-    shape: Shape,
-    throttle: Option<&Throttle>,
-) -> Vec<(&'static str, Outcome)> {
+/// server in turn, `BELOW_ROUNDS` times: rewind-blk on a volume of its own
+/// in `dir`/below whose journal limit is `BELOW_JOURNAL_MAX` (removed
+/// after), the qsd exports on `image`; then fio's figures for the device
+/// (which writes over `image`: its contents do not matter after).
+fn below_the_limit(dir: &Path, image: &Path, shape: Shape, throttle: Option<&Throttle>) -> Below {
     let below = dir.join("below");
     std::fs::create_dir(&below).expect("a directory for the volume below the limit");
     let volume = create_rewind(
@@ -435,30 +487,121 @@ fn below_the_limit(
         sequential: true,
         time: Duration::from_secs(BELOW_SECONDS),
     };
-    let mut outcomes = Vec::new();
-    for k in 0..3 {
-        // Each run starts with no writeback in flight (the import's, the
-        // run before's).
-        let synced = Command::new("sync").status().expect("sync");
-        assert!(synced.success(), "sync: {synced}");
-        let start = || match k {
-            0 => serve_rewind_to(
-                &below,
-                &volume,
-                1,
-                std::fs::File::create(&log).expect("rewind-blk's log"),
-            ),
-            1 => start_qsd(dir, image, false, 1),
-            _ => start_qsd(dir, image, true, 1),
-        };
-        let server = match throttle {
-            Some(t) => t.inside(start),
-            None => start(),
-        };
-        outcomes.push((server.name, run(&server, workload, shape.size, 30 + k)));
+    let mut outcomes = Below::default();
+    for round in 0..BELOW_ROUNDS {
+        for k in 0..3 {
+            // Each run starts with no writeback in flight (the import's,
+            // the run before's).
+            let synced = Command::new("sync").status().expect("sync");
+            assert!(synced.success(), "sync: {synced}");
+            let start = || match k {
+                0 => serve_rewind_to(
+                    &below,
+                    &volume,
+                    1,
+                    std::fs::File::create(&log).expect("rewind-blk's log"),
+                ),
+                1 => start_qsd(dir, image, false, 1),
+                _ => start_qsd(dir, image, true, 1),
+            };
+            let server = match throttle {
+                Some(t) => t.inside(start),
+                None => start(),
+            };
+            let seed = 30 + (round * 3 + k) as u64;
+            let outcome = run(&server, workload, shape.size, seed);
+            match outcomes.runs.get_mut(k) {
+                Some((_, runs)) => runs.push(outcome),
+                None => outcomes.runs.push((server.name, vec![outcome])),
+            }
+        }
+        let (new_file, written) = fio_sequential(dir, image, shape.size, throttle);
+        outcomes.device_new_file.push(new_file);
+        outcomes.device_written.push(written);
     }
     std::fs::remove_dir_all(&below).expect("remove the volume below the limit");
     outcomes
+}
+
+/// What the runs below the limit measured.
+#[derive(Default)]
+struct Below {
+    /// Each server's outcomes, by round.
+    runs: Vec<(&'static str, Vec<Outcome>)>,
+    /// fio's MiB/s by round, into a new file.
+    device_new_file: Vec<f64>,
+    /// fio's MiB/s by round, over the qsd exports' image, as they write it.
+    device_written: Vec<f64>,
+}
+
+/// The median of `values` (the upper one of an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Prints the runs below the limit: rates per interval, then the table.
+fn report_below(below: &Below) {
+    println!();
+    println!(
+        "1 MiB sequential writes below the limit (rewind's journal limit {} GiB), depth 8, MiB/s per interval:",
+        BELOW_JOURNAL_MAX >> 30
+    );
+    for (name, runs) in &below.runs {
+        for (round, o) in runs.iter().enumerate() {
+            let row: Vec<String> = o.intervals.iter().map(|i| format!("{i:.0}")).collect();
+            println!("  {name} (round {}): {}", round + 1, row.join(" "));
+        }
+    }
+    println!();
+    println!(
+        "| 1 MiB seq QD8 below the limit | MiB/s, median of {BELOW_ROUNDS} | each round | max latency | errors | rewind-blk / it (medians) | each round |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mib_s = |o: &Outcome| o.rate() * (LARGE >> 20) as f64;
+    let rewind_below = &below.runs[0].1;
+    let rewind_median = median(rewind_below.iter().map(mib_s).collect());
+    for (name, runs) in &below.runs {
+        let rates: Vec<f64> = runs.iter().map(mib_s).collect();
+        let each: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+        let ratios: Vec<String> = rewind_below
+            .iter()
+            .zip(runs)
+            .map(|(ours, theirs)| format!("{:.2}x", ours.rate() / theirs.rate()))
+            .collect();
+        let worst = runs.iter().map(|o| o.max_latency).max().unwrap_or_default();
+        println!(
+            "| {name} | {:.0} | {} | {} ms | {} | {:.2}x | {} |",
+            median(rates),
+            each.join(", "),
+            ms(worst),
+            runs.iter().map(|o| o.errors).sum::<usize>(),
+            rewind_median / median(runs.iter().map(mib_s).collect()),
+            ratios.join(", ")
+        );
+    }
+    let rows = [
+        ("device, new file (fio)", &below.device_new_file),
+        (
+            "device, over the image again and again (fio)",
+            &below.device_written,
+        ),
+    ];
+    for (name, rates) in rows {
+        let each: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+        let ratios: Vec<String> = rewind_below
+            .iter()
+            .zip(rates)
+            .map(|(ours, theirs)| format!("{:.2}x", mib_s(ours) / theirs))
+            .collect();
+        println!(
+            "| {name} | {:.0} | {} | | | {:.2}x | {} |",
+            median(rates.clone()),
+            each.join(", "),
+            rewind_median / median(rates.clone()),
+            ratios.join(", ")
+        );
+    }
 }
 
 fn ms(d: Duration) -> String {
@@ -541,6 +684,10 @@ fn main() {
         random.time.as_secs_f64() / INTERVALS as f64
     );
     let below = below_the_limit(dir.path(), &image, shape, throttle.as_ref());
+    if std::env::var("REWIND_BENCH_ONLY").is_ok_and(|only| only == "below") {
+        report_below(&below);
+        return;
+    }
     let start = |k: usize| match k {
         0 => serve_rewind_to(
             dir.path(),
@@ -578,14 +725,6 @@ fn main() {
     }
     let qsd_median = results[1].1.median_interval();
     println!();
-    println!(
-        "1 MiB sequential writes below the limit (rewind's journal limit {} GiB), depth 8, MiB/s per interval:",
-        BELOW_JOURNAL_MAX >> 30
-    );
-    for (name, o) in &below {
-        let row: Vec<String> = o.intervals.iter().map(|i| format!("{i:.0}")).collect();
-        println!("  {name}: {}", row.join(" "));
-    }
     println!("1 MiB sequential writes, depth 8, MiB/s per interval:");
     for (name, _, s) in &results {
         let row: Vec<String> = s.intervals.iter().map(|i| format!("{i:.0}")).collect();
@@ -654,19 +793,7 @@ fn main() {
             s.errors,
         );
     }
-    println!();
-    println!("| 1 MiB seq QD8 below the limit | MiB/s | max latency | errors | rewind-blk / it |");
-    println!("|---|---|---|---|---|");
-    let rewind_below = below[0].1.rate();
-    for (name, o) in &below {
-        println!(
-            "| {name} | {:.0} | {} ms | {} | {:.2}x |",
-            o.rate() * (LARGE >> 20) as f64,
-            ms(o.max_latency),
-            o.errors,
-            rewind_below / o.rate()
-        );
-    }
+    report_below(&below);
     if !io.is_empty() {
         println!();
         println!("IO per second over both runs of each server: counted by the throttle (its cgroup's), and the disk's whole (anyone's, the kernel's writeback included):");
