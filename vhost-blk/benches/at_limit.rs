@@ -15,7 +15,8 @@
 //!
 //! `cargo bench -p rewind-vhost-blk --bench at_limit` (REWIND_BENCH_DIR
 //! picks the file system, REWIND_BENCH_SECONDS the length of the random
-//! run, REWIND_BENCH_QUICK=1 makes a small smoke run of about 30 s).
+//! run, REWIND_BENCH_QUICK=1 makes a small smoke run of about a minute, one
+//! round below the limit).
 //!
 //! REWIND_BENCH_ONLY=below stops after the runs below the limit.
 //!
@@ -57,13 +58,17 @@ const SLOW: Duration = Duration::from_millis(100);
 /// GB/s), so that the journal stays under a quarter of it, where large
 /// writes go straight to the device.
 const BELOW_JOURNAL_MAX: u64 = 128 << 30;
+/// The segment size of that volume, whatever the shape's: few enough
+/// segments for `BELOW_JOURNAL_MAX` (a volume has at most about 8,000).
+const BELOW_SEGMENT_SIZE: u64 = 64 << 20;
 /// The length of a run below the limit.
 const BELOW_SECONDS: u64 = 5;
 /// The size of fio's file for the device's rate below the limit: more than
 /// it writes in `BELOW_SECONDS`, so that it never wraps.
 const BELOW_FIO_SIZE: u64 = 32 << 30;
 /// Rounds of runs below the limit, the servers alternating: the disk's
-/// speed moves from one run to the next, so medians are compared.
+/// speed moves from one run to the next, so medians are compared. One in
+/// a quick run.
 const BELOW_ROUNDS: usize = 3;
 
 /// The shape of the volume under test.
@@ -462,22 +467,28 @@ fn fio_sequential(dir: &Path, image: &Path, size: u64, throttle: Option<&Throttl
 }
 
 /// 1 MiB sequential writes at depth 8 for `BELOW_SECONDS` from each
-/// server in turn, `BELOW_ROUNDS` times: rewind-blk on a volume of its own
+/// server in turn, `rounds` times: rewind-blk on a volume of its own
 /// in `dir`/below whose journal limit is `BELOW_JOURNAL_MAX` (removed
 /// after), the qsd exports on `image`; then fio's figures for the device
 /// (which writes over `image`: its contents do not matter after).
-fn below_the_limit(dir: &Path, image: &Path, shape: Shape, throttle: Option<&Throttle>) -> Below {
+fn below_the_limit(
+    dir: &Path,
+    image: &Path,
+    size: u64,
+    rounds: usize,
+    throttle: Option<&Throttle>,
+) -> Below {
     let below = dir.join("below");
     std::fs::create_dir(&below).expect("a directory for the volume below the limit");
     let volume = create_rewind(
         &below,
         image,
-        shape.size,
+        size,
         &[
             "--journal-max".into(),
             BELOW_JOURNAL_MAX.to_string(),
             "--segment-size".into(),
-            shape.segment_size.to_string(),
+            BELOW_SEGMENT_SIZE.to_string(),
         ],
     );
     let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join("at_limit-below-rewind-blk.log");
@@ -488,7 +499,7 @@ fn below_the_limit(dir: &Path, image: &Path, shape: Shape, throttle: Option<&Thr
         time: Duration::from_secs(BELOW_SECONDS),
     };
     let mut outcomes = Below::default();
-    for round in 0..BELOW_ROUNDS {
+    for round in 0..rounds {
         for k in 0..3 {
             // Each run starts with no writeback in flight (the import's,
             // the run before's).
@@ -509,13 +520,13 @@ fn below_the_limit(dir: &Path, image: &Path, shape: Shape, throttle: Option<&Thr
                 None => start(),
             };
             let seed = 30 + (round * 3 + k) as u64;
-            let outcome = run(&server, workload, shape.size, seed);
+            let outcome = run(&server, workload, size, seed);
             match outcomes.runs.get_mut(k) {
                 Some((_, runs)) => runs.push(outcome),
                 None => outcomes.runs.push((server.name, vec![outcome])),
             }
         }
-        let (new_file, written) = fio_sequential(dir, image, shape.size, throttle);
+        let (new_file, written) = fio_sequential(dir, image, size, throttle);
         outcomes.device_new_file.push(new_file);
         outcomes.device_written.push(written);
     }
@@ -555,7 +566,8 @@ fn report_below(below: &Below) {
     }
     println!();
     println!(
-        "| 1 MiB seq QD8 below the limit | MiB/s, median of {BELOW_ROUNDS} | each round | max latency | errors | rewind-blk / it (medians) | each round |"
+        "| 1 MiB seq QD8 below the limit | MiB/s, median of {} | each round | max latency | errors | rewind-blk / it (medians) | each round |",
+        below.device_new_file.len()
     );
     println!("|---|---|---|---|---|---|---|");
     let mib_s = |o: &Outcome| o.rate() * (LARGE >> 20) as f64;
@@ -683,7 +695,8 @@ fn main() {
         sequential.time.as_secs(),
         random.time.as_secs_f64() / INTERVALS as f64
     );
-    let below = below_the_limit(dir.path(), &image, shape, throttle.as_ref());
+    let rounds = if quick { 1 } else { BELOW_ROUNDS };
+    let below = below_the_limit(dir.path(), &image, shape.size, rounds, throttle.as_ref());
     if std::env::var("REWIND_BENCH_ONLY").is_ok_and(|only| only == "below") {
         report_below(&below);
         return;
