@@ -6,8 +6,13 @@
 //! appended to the list in `super`. So the write path only ever moves to a
 //! segment whose place in the journal is already durable, and never waits for
 //! allocation while the reserve lasts. A background thread keeps
-//! `reserve_segments` prepared segments ready and releases extra ones; the
-//! pool never grows past `journal_max`.
+//! `reserve_segments` prepared segments ready, a batch at a time (one
+//! commit of the file system's metadata for the batch), and releases extra
+//! ones; the pool never grows past `journal_max`. A writer faster than the
+//! thread (large writes at GB/s) can still find the reserve empty: it waits
+//! for the batch on its way, or prepares a segment itself if none is; each
+//! time, the reserve doubles, up to the early-fold zone's size, and falls
+//! back a segment per `RESERVE_DECAY` once the writer stops running it out.
 //!
 //! Segments leave the journal when the applier folds them into base.img
 //! ([`Pool::commit_fold`]); they are *retired*, and recycled into the reserve
@@ -16,7 +21,7 @@
 //! segment it reads, which pins it.
 
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -34,6 +39,10 @@ pub const JOURNAL_DIR: &str = "journal";
 
 /// A write held this long at the hard limit raises an error-level alarm.
 const ALARM_AFTER: Duration = Duration::from_secs(1);
+
+/// A reserve raised by the write path falls back by one segment per this
+/// long without the write path running it out again.
+const RESERVE_DECAY: Duration = Duration::from_secs(30);
 
 /// A write waiting at the hard limit.
 #[derive(Debug, Clone, Copy)]
@@ -118,9 +127,29 @@ struct PoolState {
     next_seq: u64,
     next_file_id: u32,
     shutdown: bool,
+    /// Free segments the pool thread keeps prepared: `Pool::reserve`,
+    /// raised (up to `Pool::reserve_cap`) when the write path runs out.
+    reserve: u64,
+    /// When `reserve` last changed.
+    reserve_changed: Instant,
 }
 
 impl PoolState {
+    /// Doubles the reserve, up to `cap`: the write path found it empty.
+    fn raise_reserve(&mut self, cap: u64) {
+        self.reserve = (self.reserve * 2).min(cap);
+        self.reserve_changed = Instant::now();
+    }
+
+    /// Lowers a raised reserve by one segment per `RESERVE_DECAY` since it
+    /// last changed, down to `floor`.
+    fn decay_reserve(&mut self, floor: u64) {
+        if self.reserve > floor && self.reserve_changed.elapsed() >= RESERVE_DECAY {
+            self.reserve -= 1;
+            self.reserve_changed = Instant::now();
+        }
+    }
+
     fn total(&self) -> u64 {
         (self.used.len() + self.free.len() + self.retired.len()) as u64
             + self.preparing
@@ -129,7 +158,7 @@ impl PoolState {
 
     /// `super` for the segments in use and free now, plus `adding`, with
     /// `old`'s base.
-    fn listing(&self, old: &SuperState, adding: Option<SegmentRef>) -> SuperState {
+    fn listing(&self, old: &SuperState, adding: &[SegmentRef]) -> SuperState {
         let segments = self
             .used
             .iter()
@@ -138,7 +167,7 @@ impl PoolState {
                 file_id: s.id,
                 seq: s.seq,
             })
-            .chain(adding)
+            .chain(adding.iter().copied())
             .collect();
         SuperState {
             generation: 0,
@@ -180,6 +209,9 @@ pub struct PoolCounts {
     pub free: u64,
     /// Folded segments still pinned by a reader or a view.
     pub retired: u64,
+    /// Free segments the pool keeps prepared now (raised while the writer
+    /// outruns the pool thread).
+    pub reserve: u64,
     /// Bytes the segment files occupy.
     pub bytes: u64,
 }
@@ -191,7 +223,13 @@ pub struct Pool {
     volume: Uuid,
     segment_size: u64,
     max_segments: u64,
+    /// The configured reserve (`reserve_segments`): what the pool keeps
+    /// prepared when the writer does not outrun it, and what the zone at
+    /// the hard limit counts.
     reserve: u64,
+    /// The most the reserve is raised to: the early-fold zone, so that
+    /// the raised reserve fits in the room the applier keeps.
+    reserve_cap: u64,
     /// `super`, written by one thread at a time. Taken before `state` and
     /// never under it, and by the write path only when it must prepare a
     /// segment itself (the reserve ran out): a change of the segment list
@@ -316,8 +354,10 @@ impl Pool {
             next_seq: setup.next_seq,
             next_file_id,
             shutdown: false,
+            reserve: u64::from(setup.reserve),
+            reserve_changed: Instant::now(),
         };
-        sb.store(state.listing(sb.state(), None))?;
+        sb.store(state.listing(sb.state(), &[]))?;
         let max_segments = setup.journal_max / setup.segment_size;
         let room = max_segments.saturating_sub(state.used.len() as u64);
         Ok(Pool {
@@ -327,6 +367,7 @@ impl Pool {
             segment_size: setup.segment_size,
             max_segments,
             reserve: u64::from(setup.reserve),
+            reserve_cap: early_fold_segments(max_segments).max(u64::from(setup.reserve)),
             sb: Mutex::new(sb),
             state: Mutex::new(state),
             changed: Condvar::new(),
@@ -442,8 +483,8 @@ impl Pool {
 
     /// Writes the `super` that lists `adding` too (the caller holds `sb`,
     /// and puts `adding` into `free` before letting it go).
-    fn store_adding(&self, sb: &mut Superblock, adding: SegmentRef) -> Result<()> {
-        let state = self.lock().listing(sb.state(), Some(adding));
+    fn store_adding(&self, sb: &mut Superblock, adding: &[SegmentRef]) -> Result<()> {
+        let state = self.lock().listing(sb.state(), adding);
         self.store(sb, state)
     }
 
@@ -485,6 +526,7 @@ impl Pool {
             used,
             free,
             retired,
+            reserve: st.reserve,
             bytes: (used + free + retired) * self.segment_size,
         }
     }
@@ -535,7 +577,7 @@ impl Pool {
         let mut sb = self.super_lock();
         let mut st = self.lock();
         let folded: Vec<Arc<Segment>> = st.used.drain(..count).collect();
-        let mut state = st.listing(sb.state(), None);
+        let mut state = st.listing(sb.state(), &[]);
         state.base_lsn = base_lsn;
         state.base_timestamp = base_timestamp;
         state.horizon_lsn = state.horizon_lsn.max(base_lsn);
@@ -569,7 +611,7 @@ impl Pool {
         if cut.is_empty() {
             return Ok(cut);
         }
-        let state = st.listing(sb.state(), None);
+        let state = st.listing(sb.state(), &[]);
         let (mut st, stored) = self.store_without(&mut sb, st, cut.len() as u64, state);
         // The caller holds the writer off: nothing joined `used` meanwhile.
         if let Err(e) = stored {
@@ -605,51 +647,101 @@ impl Pool {
 
     /// Prepares one more free segment. `Ok(false)` if the limit forbids it.
     pub fn prepare(&self) -> Result<bool> {
-        let (id, seq) = {
+        self.prepare_batch(1).map(|made| made == 1)
+    }
+
+    /// Prepares up to `want` more free segments at once, as many as the
+    /// limit allows; returns how many. A batch costs about what one segment
+    /// does: the file system commits the new files' metadata, the
+    /// directory and the `super` listing them once for all of them, where
+    /// one at a time pays three commits each behind the device's queue
+    /// (at GB/s of large writes the pool thread could not keep up).
+    fn prepare_batch(&self, want: u64) -> Result<u64> {
+        let (first_id, first_seq, count) = {
             let mut st = self.lock();
-            if st.total() >= self.max_segments {
-                return Ok(false);
+            let count = want.min(self.max_segments.saturating_sub(st.total()));
+            if count == 0 {
+                return Ok(0);
             }
-            st.preparing += 1;
-            st.next_seq += 1;
-            st.next_file_id += 1;
-            (st.next_file_id - 1, st.next_seq - 1)
+            st.preparing += count;
+            let first = (st.next_file_id, st.next_seq);
+            st.next_seq += count;
+            st.next_file_id += count as u32;
+            (first.0, first.1, count)
         };
-        let path = self.path(id);
-        let file = match self.create_segment(&path, seq) {
-            Ok(file) => file,
+        let refs: Vec<SegmentRef> = (0..count)
+            .map(|i| SegmentRef {
+                file_id: first_id + i as u32,
+                seq: first_seq + i,
+            })
+            .collect();
+        let files = match self.create_segments(&refs) {
+            Ok(files) => files,
             Err(e) => {
-                self.lock().preparing -= 1;
-                // Best effort: an orphan file is also removed at the next open.
-                let _ = self.storage.remove_file(&path);
+                self.lock().preparing -= count;
+                // A writer waiting for them prepares its own.
+                self.changed.notify_all();
+                for r in &refs {
+                    // Best effort: an orphan file is also removed at the next open.
+                    let _ = self.storage.remove_file(&self.path(r.file_id));
+                }
                 return Err(e);
             }
         };
-        // Listed in `super` before it joins `free`, under `sb` throughout.
+        // Listed in `super` before they join `free`, under `sb` throughout.
         let mut sb = self.super_lock();
-        let stored = self.store_adding(&mut sb, SegmentRef { file_id: id, seq });
+        let stored = self.store_adding(&mut sb, &refs);
         let mut st = self.lock();
-        st.preparing -= 1;
-        stored?;
-        st.free.push_back(Arc::new(Segment::new(id, seq, file)));
+        st.preparing -= count;
+        if let Err(e) = stored {
+            drop(st);
+            self.changed.notify_all();
+            return Err(e);
+        }
+        for (r, file) in refs.iter().zip(files) {
+            st.free
+                .push_back(Arc::new(Segment::new(r.file_id, r.seq, file)));
+        }
         drop(st);
         drop(sb);
         self.changed.notify_all();
-        Ok(true)
+        Ok(count)
     }
 
-    fn create_segment(&self, path: &Path, seq: u64) -> Result<Arc<dyn StorageFile>> {
-        let context = || format!("preparing segment {}", path.display());
-        let file = self.storage.create_new(path).map_err(Error::io(context))?;
-        file.allocate(self.segment_size)
-            .and_then(|()| write_header(file.as_ref(), self.volume, seq, self.segment_size))
-            .and_then(|()| self.storage.sync_dir(&self.dir))
-            .map_err(Error::io(context))?;
-        Ok(file)
+    /// Creates, preallocates and heads a file for each of `refs`, then
+    /// makes them and the directory durable: every file's metadata first,
+    /// so that the first sync commits them all.
+    fn create_segments(&self, refs: &[SegmentRef]) -> Result<Vec<Arc<dyn StorageFile>>> {
+        let mut files = Vec::with_capacity(refs.len());
+        for r in refs {
+            let path = self.path(r.file_id);
+            let context = || format!("preparing segment {}", path.display());
+            let file = self.storage.create_new(&path).map_err(Error::io(context))?;
+            let header = SegmentHeader {
+                volume: self.volume,
+                seq: r.seq,
+                segment_size: self.segment_size,
+                layout: Layout::Slots,
+            };
+            file.allocate(self.segment_size)
+                .and_then(|()| file.write_all_at(&[&header.encode()], 0))
+                .map_err(Error::io(context))?;
+            files.push(file);
+        }
+        for (r, file) in refs.iter().zip(&files) {
+            file.sync_data().map_err(Error::io(|| {
+                format!("preparing segment {}", self.path(r.file_id).display())
+            }))?;
+        }
+        self.storage.sync_dir(&self.dir).map_err(Error::io(|| {
+            format!("preparing segments in {}", self.dir.display())
+        }))?;
+        Ok(files)
     }
 
-    /// Hands the next prepared segment to the write path (preparing one
-    /// inline if the reserve ran out). At the hard limit it waits for the
+    /// Hands the next prepared segment to the write path (if the reserve
+    /// ran out: waiting for those being prepared, or preparing one). At the
+    /// hard limit it waits for the
     /// applier to fold and free a segment: held, as for an IO error, for as
     /// long as the applier makes progress (a slow fold never fails a
     /// write), and for `max_wait` after its last progress (a fold that
@@ -657,6 +749,7 @@ impl Pool {
     /// early (within 100 ms) once `give_up` returns true.
     pub fn take_next(&self, give_up: impl Fn() -> bool) -> Result<Arc<Segment>> {
         let mut held: Option<Held> = None;
+        let mut ran_out = false;
         loop {
             let mut st = self.lock();
             if let Some(seg) = st.free.pop_front() {
@@ -682,14 +775,32 @@ impl Pool {
                 }
                 return Ok(seg);
             }
-            if st.total() < self.max_segments {
-                drop(st);
-                tracing::warn!(
-                    event = crate::events::SEGMENT_RESERVE_EXHAUSTED,
-                    volume = %self.volume,
-                    "segment reserve exhausted; preparing a segment on the write path"
-                );
-                self.prepare()?;
+            if st.preparing > 0 || st.total() < self.max_segments {
+                if !ran_out {
+                    ran_out = true;
+                    st.raise_reserve(self.reserve_cap);
+                    tracing::warn!(
+                        event = crate::events::SEGMENT_RESERVE_EXHAUSTED,
+                        volume = %self.volume,
+                        reserve = st.reserve,
+                        "segment reserve exhausted; the write path waits for a segment \
+                         (keeping {} prepared from now)",
+                        st.reserve
+                    );
+                    // The pool thread starts on the larger reserve.
+                    self.changed.notify_all();
+                }
+                if st.preparing > 0 {
+                    // Segments are on their way: wait for them rather than
+                    // sync one more file beside them.
+                    let _ = self
+                        .changed
+                        .wait_timeout(st, Duration::from_millis(100))
+                        .unwrap_or_else(|e| e.into_inner());
+                } else {
+                    drop(st);
+                    self.prepare()?;
+                }
                 continue;
             }
             let progress = self.fold_progress.load(Ordering::Acquire);
@@ -780,14 +891,14 @@ impl Pool {
         drop(st);
         let mut sb = self.super_lock();
         let mut st = self.lock();
-        if st.free.len() as u64 <= self.reserve {
+        if st.free.len() as u64 <= st.reserve {
             return (st, Ok(()));
         }
         let Some(seg) = st.free.pop_back() else {
             return (st, Ok(()));
         };
         st.leaving += 1;
-        let state = st.listing(sb.state(), None);
+        let state = st.listing(sb.state(), &[]);
         drop(st);
         let stored = self.store(&mut sb, state);
         drop(sb);
@@ -810,12 +921,15 @@ impl Pool {
 
     /// Brings the reserve to its target now (used at open).
     pub fn fill_reserve(&self) -> Result<()> {
-        while (self.lock().free.len() as u64) < self.reserve {
-            if !self.prepare()? {
-                break;
+        loop {
+            let missing = {
+                let st = self.lock();
+                st.reserve.saturating_sub(st.free.len() as u64)
+            };
+            if missing == 0 || self.prepare_batch(missing)? == 0 {
+                return Ok(());
             }
         }
-        Ok(())
     }
 
     /// Recycles the retired segment at `index` into the reserve, or removes
@@ -830,7 +944,7 @@ impl Pool {
         // The clone also keeps the pool thread from picking it again.
         let seg = st.retired[index].clone();
         let path = self.path(seg.id);
-        let recycle = (st.free.len() as u64 + st.preparing) < self.reserve;
+        let recycle = (st.free.len() as u64 + st.preparing) < st.reserve;
         let seq = st.next_seq;
         if recycle {
             st.next_seq += 1;
@@ -865,7 +979,7 @@ impl Pool {
             file_id: seg.id,
             seq,
         };
-        let stored = self.store_adding(&mut sb, adding);
+        let stored = self.store_adding(&mut sb, &[adding]);
         let mut st = self.lock();
         if let Err(e) = stored {
             return (st, Err(e));
@@ -893,6 +1007,7 @@ impl Pool {
     pub fn maintain(&self) {
         let mut st = self.lock();
         while !st.shutdown {
+            st.decay_reserve(self.reserve);
             let free = st.free.len() as u64 + st.preparing;
             // The retired vector holds the only reference: nobody reads it.
             let unpinned = st.retired.iter().position(|s| Arc::strong_count(s) == 1);
@@ -900,9 +1015,10 @@ impl Pool {
                 let (guard, r) = self.reuse_retired(st, index);
                 st = guard;
                 r
-            } else if free < self.reserve && st.total() < self.max_segments {
+            } else if free < st.reserve && st.total() < self.max_segments {
+                let missing = st.reserve - free;
                 drop(st);
-                let r = self.prepare().map(drop);
+                let r = self.prepare_batch(missing).map(drop);
                 st = self.lock();
                 r
             } else if let Some(full) = st.sealed.pop() {
@@ -913,7 +1029,7 @@ impl Pool {
                 }
                 st = self.lock();
                 Ok(())
-            } else if st.free.len() as u64 > self.reserve {
+            } else if st.free.len() as u64 > st.reserve {
                 let (guard, r) = self.release_one(st);
                 st = guard;
                 r
@@ -922,6 +1038,14 @@ impl Pool {
                 st = self
                     .changed
                     .wait_timeout(st, Duration::from_millis(50))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+                Ok(())
+            } else if st.reserve > self.reserve {
+                // Raised: look again when it may fall back.
+                st = self
+                    .changed
+                    .wait_timeout(st, RESERVE_DECAY)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
                 Ok(())
@@ -955,11 +1079,17 @@ impl Pool {
 mod tests {
     use super::*;
     use crate::fault::{Fault, FaultOp, FaultStorage};
+    use std::path::Path;
 
     const SEGMENT: u64 = 64 << 10;
 
     /// A pool of at most three segments with a reserve of one.
     fn small_pool(fs: &FaultStorage) -> Pool {
+        pool_of(fs, 3)
+    }
+
+    /// A pool of at most `segments` segments with a reserve of one.
+    fn pool_of(fs: &FaultStorage, segments: u64) -> Pool {
         let dir = Path::new("/v");
         fs.create_dir_all(&dir.join(JOURNAL_DIR)).expect("mkdir");
         let volume = Uuid::new_v4();
@@ -969,7 +1099,7 @@ mod tests {
             volume_dir: dir.to_owned(),
             volume,
             segment_size: SEGMENT,
-            journal_max: 3 * SEGMENT,
+            journal_max: segments * SEGMENT,
             reserve: 1,
             sb,
             used: Vec::new(),
@@ -1072,6 +1202,112 @@ mod tests {
         let folded = pool.commit_fold(1, 1, 1).expect("fold");
         assert_eq!(pool.headroom(), Some(0.5), "a fold gives room back");
         pool.retire(folded);
+    }
+
+    #[test]
+    fn a_reserve_the_writer_runs_out_doubles_up_to_the_early_zone_and_falls_back() {
+        let fs = FaultStorage::new();
+        // 64 segments: an early zone of 4, so the reserve goes 1, 2, 4.
+        let pool = pool_of(&fs, 64);
+        pool.fill_reserve().expect("reserve");
+        let take_all_then_one = |expected_reserve: u64| {
+            while pool.counts().free > 0 {
+                pool.take_next(|| false).expect("prepared");
+            }
+            pool.take_next(|| false)
+                .expect("prepared on the write path");
+            assert_eq!(pool.lock().reserve, expected_reserve);
+            pool.fill_reserve().expect("reserve");
+            assert_eq!(pool.counts().free, expected_reserve);
+        };
+        take_all_then_one(2);
+        take_all_then_one(4);
+        take_all_then_one(4);
+
+        // The pool thread lowers it a segment per `RESERVE_DECAY` and
+        // releases the extra prepared segment.
+        std::thread::scope(|s| {
+            s.spawn(|| pool.maintain());
+            let back_then = Instant::now().checked_sub(RESERVE_DECAY);
+            pool.lock().reserve_changed = back_then.expect("a monotonic clock that far back");
+            pool.changed.notify_all();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while pool.counts().free != 3 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            pool.shutdown();
+        });
+        assert_eq!(pool.lock().reserve, 3);
+        assert_eq!(
+            pool.counts().free,
+            3,
+            "released down to the lowered reserve"
+        );
+    }
+
+    #[test]
+    fn a_batch_of_segments_is_durable_and_listed_before_it_is_handed_out() {
+        let fs = FaultStorage::new();
+        let pool = pool_of(&fs, 64);
+        assert_eq!(pool.prepare_batch(5).expect("batch"), 5);
+        assert_eq!(pool.counts().free, 5);
+        for seed in 0..16 {
+            let crashed = fs.crash(seed);
+            let sb = Superblock::open(&crashed, Path::new("/v"), pool.volume).expect("super");
+            let listed = &sb.state().segments;
+            assert_eq!(listed.len(), 5, "seed {seed}");
+            for r in listed {
+                let bytes = crashed.contents(&pool.path(r.file_id)).expect("file");
+                let header = SegmentHeader::decode(&bytes).expect("a durable header");
+                assert_eq!((header.seq, header.volume), (r.seq, pool.volume));
+            }
+        }
+        // As many as the limit leaves, then none.
+        assert_eq!(pool.prepare_batch(100).expect("batch"), 59);
+        assert_eq!(pool.prepare_batch(1).expect("batch"), 0);
+    }
+
+    #[test]
+    fn a_batch_that_fails_leaves_no_file_and_nothing_counted() {
+        let fs = FaultStorage::new();
+        let pool = pool_of(&fs, 64);
+        fs.inject(Fault::once_after(FaultOp::Allocate, 2, libc::ENOSPC));
+        assert!(pool.prepare_batch(4).is_err());
+        fs.clear_faults();
+        let files = fs.list_dir(&pool.dir).expect("ls");
+        assert!(files.is_empty(), "{files:?}");
+        assert_eq!(pool.lock().total(), 0);
+        assert_eq!(pool.prepare_batch(4).expect("batch"), 4);
+    }
+
+    #[test]
+    fn a_writer_that_runs_out_waits_for_the_batch_on_its_way() {
+        let fs = FaultStorage::new();
+        let pool = pool_of(&fs, 64);
+        fs.slow_down(FaultOp::Sync, ".seg", Duration::from_millis(20));
+        let batch: Vec<u32> = {
+            let st = pool.lock();
+            (0..3).map(|i| st.next_file_id + i).collect()
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| pool.prepare_batch(3).expect("batch"));
+            while pool.lock().preparing == 0 {
+                std::thread::yield_now();
+            }
+            let taken = pool.take_next(|| false).expect("a segment");
+            assert!(batch.contains(&taken.id), "{} from {batch:?}", taken.id);
+        });
+        let files = fs.list_dir(&pool.dir).expect("ls");
+        assert_eq!(files.len(), 3, "none prepared beside the batch: {files:?}");
+    }
+
+    #[test]
+    fn a_small_pool_keeps_its_reserve_when_run_out() {
+        let fs = FaultStorage::new();
+        let pool = small_pool(&fs);
+        pool.take_next(|| false)
+            .expect("prepared on the write path");
+        assert_eq!(pool.lock().reserve, 1, "no early zone to raise it into");
     }
 
     #[test]

@@ -165,6 +165,8 @@ pub struct Stats {
     pub segment_size: u64,
     pub segments_used: u64,
     pub segments_free: u64,
+    /// Free segments the pool keeps prepared now: `reserve_segments`, or
+    /// more while the writer outruns the pool's thread (pool.rs).
     pub reserve_target: u64,
     /// Bytes the pool's segment files occupy.
     pub journal_bytes: u64,
@@ -1243,7 +1245,7 @@ impl Volume {
             segment_size: inner.config.segment_size,
             segments_used: counts.used,
             segments_free: counts.free,
-            reserve_target: u64::from(inner.config.reserve_segments),
+            reserve_target: counts.reserve,
             journal_bytes: counts.bytes,
             journal_max: inner.pool.journal_max(),
             journal_warn: inner.config.journal_warn,

@@ -110,12 +110,16 @@ fn the_pool_shrinks_back_to_its_reserve_after_the_window_passes() {
         v.last_lsn(),
         "everything folded: {report:?}"
     );
+    // The writes outran the pool thread, so the reserve may be raised
+    // (pool.rs): the pool shrinks back to it, not past it.
     wait_until("the pool to shrink back to its reserve", || {
         let s = v.stats();
-        s.segments_used == 0 && s.segments_retired == 0 && s.segments_free == 2
+        s.segments_used == 0 && s.segments_retired == 0 && s.segments_free == s.reserve_target
     });
+    let reserve = v.stats().reserve_target;
+    assert!((2..=grown.segments_used).contains(&reserve), "{reserve}");
     let files = fs.list_dir(Path::new("/vol/journal")).expect("ls");
-    assert_eq!(files.len(), 2, "{files:?}");
+    assert_eq!(files.len() as u64, reserve, "{files:?}");
     for i in 8..40u64 {
         let off = (i % 32) * 16384;
         assert_eq!(read(&v, off, 16384), pattern(i as u8, 16384), "write {i}");
