@@ -30,7 +30,8 @@
 //! the kernel's flusher threads, which no cgroup is charged for; the table
 //! after the results shows how much of the disk's IO went through the
 //! throttle. The cgroup is removed at the end. rewind-blk's log goes to
-//! `at_limit-rewind-blk.log` in cargo's target tmp directory.
+//! `at_limit-rewind-blk.log` in cargo's target tmp directory (below the limit:
+//! `at_limit-below-rewind-blk.log`).
 
 mod common;
 
@@ -53,10 +54,10 @@ const INTERVALS: usize = 12;
 /// of the 1 MiB sequential writes at the limit.
 const SLOW: Duration = Duration::from_millis(100);
 
-/// The journal limit of the volume of the runs below the limit: more than
-/// four times what they write (`BELOW_ROUNDS` of `BELOW_SECONDS` at several
-/// GB/s), so that the journal stays under a quarter of it, where large
-/// writes go straight to the device.
+/// The journal limit of the volume of a run below the limit: more than
+/// four times what it writes (`BELOW_SECONDS` at several GB/s), so that
+/// the journal stays under a quarter of it, where large writes go straight
+/// to the device. Each round has a new volume.
 const BELOW_JOURNAL_MAX: u64 = 128 << 30;
 /// The segment size of that volume, whatever the shape's: few enough
 /// segments for `BELOW_JOURNAL_MAX` (a volume has at most about 8,000).
@@ -467,9 +468,9 @@ fn fio_sequential(dir: &Path, image: &Path, size: u64, throttle: Option<&Throttl
 }
 
 /// 1 MiB sequential writes at depth 8 for `BELOW_SECONDS` from each
-/// server in turn, `rounds` times: rewind-blk on a volume of its own
-/// in `dir`/below whose journal limit is `BELOW_JOURNAL_MAX` (removed
-/// after), the qsd exports on `image`; then fio's figures for the device
+/// server in turn, `rounds` times: rewind-blk on a new volume of its own
+/// each round in `dir`/below whose journal limit is `BELOW_JOURNAL_MAX`
+/// (removed after the round), the qsd exports on `image`; then fio's figures for the device
 /// (which writes over `image`: its contents do not matter after).
 fn below_the_limit(
     dir: &Path,
@@ -479,18 +480,6 @@ fn below_the_limit(
     throttle: Option<&Throttle>,
 ) -> Below {
     let below = dir.join("below");
-    std::fs::create_dir(&below).expect("a directory for the volume below the limit");
-    let volume = create_rewind(
-        &below,
-        image,
-        size,
-        &[
-            "--journal-max".into(),
-            BELOW_JOURNAL_MAX.to_string(),
-            "--segment-size".into(),
-            BELOW_SEGMENT_SIZE.to_string(),
-        ],
-    );
     let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join("at_limit-below-rewind-blk.log");
     let workload = Workload {
         block: LARGE,
@@ -499,7 +488,20 @@ fn below_the_limit(
         time: Duration::from_secs(BELOW_SECONDS),
     };
     let mut outcomes = Below::default();
+    std::fs::File::create(&log).expect("rewind-blk's log");
     for round in 0..rounds {
+        std::fs::create_dir(&below).expect("a directory for the volume below the limit");
+        let volume = create_rewind(
+            &below,
+            image,
+            size,
+            &[
+                "--journal-max".into(),
+                BELOW_JOURNAL_MAX.to_string(),
+                "--segment-size".into(),
+                BELOW_SEGMENT_SIZE.to_string(),
+            ],
+        );
         for k in 0..3 {
             // Each run starts with no writeback in flight (the import's,
             // the run before's).
@@ -510,7 +512,11 @@ fn below_the_limit(
                     &below,
                     &volume,
                     1,
-                    std::fs::File::create(&log).expect("rewind-blk's log"),
+                    // Every round's log, one after the other.
+                    std::fs::OpenOptions::new()
+                        .append(true)
+                        .open(&log)
+                        .expect("rewind-blk's log"),
                 ),
                 1 => start_qsd(dir, image, false, 1),
                 _ => start_qsd(dir, image, true, 1),
@@ -526,11 +532,11 @@ fn below_the_limit(
                 None => outcomes.runs.push((server.name, vec![outcome])),
             }
         }
+        std::fs::remove_dir_all(&below).expect("remove the volume below the limit");
         let (new_file, written) = fio_sequential(dir, image, size, throttle);
         outcomes.device_new_file.push(new_file);
         outcomes.device_written.push(written);
     }
-    std::fs::remove_dir_all(&below).expect("remove the volume below the limit");
     outcomes
 }
 
