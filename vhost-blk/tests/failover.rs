@@ -579,12 +579,15 @@ fn failover_and_failback_under_write_load_seal_the_primary() {
         let load = common::load::Load::default();
         let done = std::thread::scope(|s| {
             let writer = s.spawn(|| load.run(&from.vol.socket));
+            // Stops the writer however this ends: its requests parked at
+            // the sealed node's gate never complete, and a failure below
+            // must be reported, not wait for the writer forever.
+            let stop = load.stop_on_drop();
             wait_until("the load to write", Duration::from_secs(30), || {
                 load.completed() > 20_000
             });
             let done = to.ctl("failover", json!({"timeout_ms": 60_000}));
-            // Its requests parked at the sealed node's gate never complete.
-            drop(load.stop_on_drop());
+            drop(stop);
             writer.join().expect("load");
             done
         });
