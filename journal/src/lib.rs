@@ -53,5 +53,5 @@ pub use storage::{page_cache_holds, ImportMethod, ImportMode, OsStorage, Storage
 pub use volume::{
     BaseImage, BranchInfo, FileRead, FoldReport, LayoutChoice, OpenOptions, OutOfSync, ReadPlan,
     ReleaseHeld, ResyncState, RetryPolicy, ShipBatch, ShippedRecord, Stats, Timeline, View, Volume,
-    OUT_OF_SYNC_CHUNK, SHIPPED_HEADER_SIZE,
+    Written, OUT_OF_SYNC_CHUNK, SHIPPED_HEADER_SIZE,
 };

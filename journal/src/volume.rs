@@ -156,6 +156,17 @@ impl Default for OpenOptions {
     }
 }
 
+/// A write recorded by [`Volume::write_buffer_unordered`], and its (last)
+/// record's lsn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// Every record up to its own is written: it may be reported done.
+    InOrder(u64),
+    /// A record placed before its own is still being written: it may be
+    /// reported done once [`Volume::wait_written`] returns.
+    AfterOthers(u64),
+}
+
 /// A snapshot of a volume's counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stats {
@@ -944,14 +955,41 @@ impl Volume {
     /// record sends to the device from where it is (see [`PayloadBuffer`]).
     pub fn write_buffer_deferred(&self, offset: u64, buf: &mut PayloadBuffer) -> Result<u64> {
         let inner = &self.inner;
+        match self.write_buffer_unordered(offset, buf)? {
+            Written::InOrder(lsn) => Ok(lsn),
+            Written::AfterOthers(lsn) => inner.wait_written(lsn).map(|()| lsn),
+        }
+    }
+
+    /// [`Volume::write_buffer_deferred`] that does not wait for the records
+    /// placed before its own to be written too (other threads write them
+    /// side by side): the caller must [`Volume::wait_written`] for an
+    /// [`Written::AfterOthers`] before it reports the write done, and may
+    /// take other work meanwhile. Otherwise one writer that stalls (a
+    /// page fault, a preemption) holds every other writer's thread.
+    pub fn write_buffer_unordered(&self, offset: u64, buf: &mut PayloadBuffer) -> Result<Written> {
+        let inner = &self.inner;
         let len = buf.payload().len() as u64;
         if len == 0 || len > inner.max_payload {
             // No record, or several: only the first would have room in front.
-            return self.write_deferred(offset, buf.payload());
+            return self
+                .write_deferred(offset, buf.payload())
+                .map(Written::InOrder);
         }
         check_range(offset, len, inner.config.size).map_err(Error::InvalidRequest)?;
         inner.pace(len);
-        inner.append(RecordKind::Write, offset, len, Payload::Framed(buf))
+        let lsn = inner.append_unordered(RecordKind::Write, offset, len, Payload::Framed(buf))?;
+        Ok(if inner.completion.prefix() >= lsn {
+            Written::InOrder(lsn)
+        } else {
+            Written::AfterOthers(lsn)
+        })
+    }
+
+    /// Waits until every record up to `lsn` is written (see
+    /// [`Volume::write_buffer_unordered`]).
+    pub fn wait_written(&self, lsn: u64) -> Result<()> {
+        self.inner.wait_written(lsn)
     }
 
     /// Makes `[offset, offset + length)` read as zeroes.
@@ -1610,6 +1648,19 @@ impl Inner {
         length: u64,
         payload: Payload<'_>,
     ) -> Result<u64> {
+        let lsn = self.append_unordered(kind, offset, length, payload)?;
+        self.wait_written(lsn)?;
+        Ok(lsn)
+    }
+
+    /// `append` without its wait (see [`Volume::write_buffer_unordered`]).
+    fn append_unordered(
+        &self,
+        kind: RecordKind,
+        offset: u64,
+        length: u64,
+        payload: Payload<'_>,
+    ) -> Result<u64> {
         self.check_failed()?;
         let bytes = payload.bytes();
         let payload_crc = crc32c(bytes);
@@ -1622,17 +1673,20 @@ impl Inner {
             payload_crc,
             None,
         )?;
-        let lsn = self.write_reserved(reserved, payload)?;
-        // Returned only once every record before it is written too:
-        // recovery ends the log at the first one missing, so a record
-        // written past a hole would be lost to a crash of this process
-        // even though its write was acknowledged. Records complete out of
-        // order where several threads append (queues, bulk writes on IO
-        // threads), so the wait is short: the writes before are under way.
+        self.write_reserved(reserved, payload)
+    }
+
+    /// Returns once every record up to `lsn` is written: recovery ends the
+    /// log at the first one missing, so a record written past a hole would
+    /// be lost to a crash of this process, and its write must not be
+    /// acknowledged before. Records complete out of order where several
+    /// threads append (queues, bulk writes on IO threads), so the wait is
+    /// short: the writes before are under way.
+    fn wait_written(&self, lsn: u64) -> Result<()> {
         if self.completion.wait_for(lsn).is_err() {
             self.check_failed()?;
         }
-        Ok(lsn)
+        Ok(())
     }
 
     /// Places the next record: its lsn, timestamp, header slot and payload

@@ -7,8 +7,8 @@ use std::path::Path;
 use common::*;
 use rewind_journal::fault::{Fault, FaultOp, FaultStorage};
 use rewind_journal::{
-    BaseImage, Error, ImportMethod, ImportMode, OpenOptions, OsStorage, Storage, Volume,
-    VolumeSettings,
+    BaseImage, Error, ImportMethod, ImportMode, OpenOptions, OsStorage, PayloadBuffer, Storage,
+    Volume, VolumeSettings, Written,
 };
 
 const EIO: i32 = 5;
@@ -934,4 +934,41 @@ fn a_write_returns_only_once_every_write_recorded_before_it_is_written() {
     for i in 0..4u64 {
         assert_eq!(read(&v, i * 16384, 16384), pattern(i as u8, 16384));
     }
+}
+
+#[test]
+fn a_write_recorded_behind_one_still_being_written_is_done_only_once_that_one_is() {
+    let (fs, v) = new_volume();
+    // The first write stalls in the storage after its record is placed.
+    fs.slow_down(FaultOp::Write, ".seg", std::time::Duration::from_secs(1));
+    std::thread::scope(|s| {
+        let first = s.spawn(|| v.write(0, &pattern(1, 4096)).expect("first write"));
+        wait_until("the first write's record to be placed", || {
+            v.stats().last_lsn == 1
+        });
+        fs.clear_faults();
+        let mut buf = PayloadBuffer::new();
+        buf.payload_mut(4096).copy_from_slice(&pattern(2, 4096));
+        let second = v
+            .write_buffer_unordered(8192, &mut buf)
+            .expect("second write");
+        assert_eq!(second, Written::AfterOthers(2), "recorded, not yet done");
+        assert!(!first.is_finished());
+        v.wait_written(2).expect("wait");
+        // Returned once the first record is written (it reads back).
+        assert_eq!(read(&v, 0, 4096), pattern(1, 4096));
+        assert_eq!(first.join().expect("first thread"), 1);
+    });
+    // With nothing before it in flight, a write is done at once.
+    let mut buf = PayloadBuffer::new();
+    buf.payload_mut(4096).copy_from_slice(&pattern(3, 4096));
+    assert_eq!(
+        v.write_buffer_unordered(16384, &mut buf).expect("third"),
+        Written::InOrder(3)
+    );
+    drop(v);
+    let v = open(&fs.process_crash());
+    assert_eq!(read(&v, 0, 4096), pattern(1, 4096));
+    assert_eq!(read(&v, 8192, 4096), pattern(2, 4096));
+    assert_eq!(read(&v, 16384, 4096), pattern(3, 4096));
 }

@@ -4,7 +4,7 @@ use std::fmt::Debug;
 
 use std::sync::Arc;
 
-use rewind_journal::{Error, PayloadBuffer, ReadPlan, Result, View, Volume};
+use rewind_journal::{Error, PayloadBuffer, ReadPlan, Result, View, Volume, Written};
 
 use crate::detach::{storage_failed, Detacher, Route};
 use crate::replication::frame::ForwardOp;
@@ -38,6 +38,17 @@ pub trait BlockDevice: Send + Sync + Debug {
     /// of it saves a copy (see [`PayloadBuffer`]).
     fn write_buffer(&self, offset: u64, buf: &mut PayloadBuffer) -> Result<()> {
         self.write(offset, buf.payload())
+    }
+    /// `write_buffer` that may return before the writes recorded before
+    /// it are written by other threads: `Some(lsn)` then, and the write is
+    /// done once `wait_written(lsn)` returns (see
+    /// [`Volume::write_buffer_unordered`]). The default waits itself.
+    fn write_buffer_unordered(&self, offset: u64, buf: &mut PayloadBuffer) -> Result<Option<u64>> {
+        self.write_buffer(offset, buf).map(|()| None)
+    }
+    fn wait_written(&self, lsn: u64) -> Result<()> {
+        let _ = lsn;
+        Ok(())
     }
     fn write_zeroes(&self, offset: u64, length: u64, unmap: bool) -> Result<()>;
     fn discard(&self, offset: u64, length: u64) -> Result<()>;
@@ -77,6 +88,15 @@ impl BlockDevice for Volume {
     }
     fn write_buffer(&self, offset: u64, buf: &mut PayloadBuffer) -> Result<()> {
         Volume::write_buffer_deferred(self, offset, buf).map(drop)
+    }
+    fn write_buffer_unordered(&self, offset: u64, buf: &mut PayloadBuffer) -> Result<Option<u64>> {
+        Ok(match Volume::write_buffer_unordered(self, offset, buf)? {
+            Written::InOrder(_) => None,
+            Written::AfterOthers(lsn) => Some(lsn),
+        })
+    }
+    fn wait_written(&self, lsn: u64) -> Result<()> {
+        Volume::wait_written(self, lsn)
     }
     fn write_zeroes(&self, offset: u64, length: u64, unmap: bool) -> Result<()> {
         Volume::write_zeroes_deferred(self, offset, length, unmap).map(drop)

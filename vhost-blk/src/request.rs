@@ -265,18 +265,10 @@ impl Request {
                 self.scatter(mem, &buf)
             }
             Kind::Out => {
-                if disk.read_only {
-                    return Err(RequestError::ReadOnly);
+                if let Some(lsn) = self.write_unordered(mem, disk)? {
+                    disk.device.wait_written(lsn)?;
                 }
-                let len = self.data_len();
-                let offset = self.sectors_of(len, disk)?;
-                with_payload_buffer(|buf| {
-                    self.gather_into(mem, buf.payload_mut(len as usize))?;
-                    if len > 0 {
-                        disk.device.write_buffer(offset, buf)?;
-                    }
-                    Ok(0)
-                })
+                Ok(0)
             }
             Kind::Flush => {
                 disk.device.flush()?;
@@ -296,6 +288,28 @@ impl Request {
                 Ok(0)
             }
         }
+    }
+
+    /// Records a write; `Some(lsn)` if it is done only once the writes
+    /// recorded before it are written too
+    /// (`BlockDevice::write_buffer_unordered`).
+    fn write_unordered<M: GuestMemory>(
+        &self,
+        mem: &M,
+        disk: &Disk<'_>,
+    ) -> Result<Option<u64>, RequestError> {
+        if disk.read_only {
+            return Err(RequestError::ReadOnly);
+        }
+        let len = self.data_len();
+        let offset = self.sectors_of(len, disk)?;
+        with_payload_buffer(|buf| {
+            self.gather_into(mem, buf.payload_mut(len as usize))?;
+            if len == 0 {
+                return Ok(None);
+            }
+            Ok(disk.device.write_buffer_unordered(offset, buf)?)
+        })
     }
 
     /// A read served from the page cache: the bytes written into guest
@@ -426,6 +440,9 @@ enum Rest {
     Run,
     /// Syncing a write that ran (writethrough mode).
     Sync,
+    /// Waiting for the writes recorded before a write that ran, which
+    /// other threads are still writing, up to its lsn.
+    Ordered(u64),
 }
 
 impl Waiting {
@@ -470,6 +487,11 @@ impl Waiting {
                 Ok(n)
             }),
             (Ok(_), Rest::Sync) => disk.device.flush().map(|()| 0).map_err(RequestError::from),
+            (Ok(_), Rest::Ordered(lsn)) => disk
+                .device
+                .wait_written(lsn)
+                .map(|()| 0)
+                .map_err(RequestError::from),
             (Err(_), _) => Ok(0),
         };
         self.taken.complete(mem, disk, result)
@@ -548,8 +570,9 @@ const INLINE_READ_MAX: u64 = 64 << 10;
 /// the disk (writes are appends to the journal; reads of up to 64 KiB the
 /// page cache answers), leaving the rest [`Step::Waiting`]: other reads,
 /// large writes while the device takes them straight to the disk
-/// (`BlockDevice::bulk_writes`), and in writethrough mode the sync after
-/// a write. With `defer_reads` every read is left waiting: the caller
+/// (`BlockDevice::bulk_writes`), in writethrough mode the sync after a
+/// write, and a write recorded after one another queue's thread is still
+/// writing (`Rest::Ordered`). With `defer_reads` every read is left waiting: the caller
 /// reads it (a queue's ring). Other writes run here, in the order the
 /// chains were taken, so the journal records them in that order; large
 /// ones left waiting are recorded as their IO threads get to them, as
@@ -595,6 +618,15 @@ pub fn start<M: GuestMemory>(
         Ok(r) if r.kind == Kind::Flush => return waiting(taken, Rest::Run),
         Ok(r) if r.kind == Kind::Out && r.data_len() >= LARGE_PAYLOAD && runs_bulk(disk) => {
             return waiting(taken, Rest::Run)
+        }
+        // Recorded here, in the order taken; reported done on an IO thread
+        // if another queue's thread still writes a record placed before
+        // it, so that this queue goes on meanwhile.
+        Ok(r) if r.kind == Kind::Out && !disk.device.writethrough() => {
+            match r.write_unordered(mem, disk) {
+                Ok(Some(lsn)) => return waiting(taken, Rest::Ordered(lsn)),
+                written => written.map(|_| 0),
+            }
         }
         Ok(r) if r.kind == Kind::In => match r.read_cached(mem, disk) {
             Ok(Some(written)) => Ok(written),
@@ -829,6 +861,55 @@ mod tests {
         assert_eq!(v.last_lsn(), before + 3, "written on the queue's thread");
         assert_eq!(waiting.finish(&mem, &d).status, Status::Ok);
         assert!(v.durable_lsn() >= before + 3);
+    }
+
+    #[test]
+    fn a_write_behind_one_another_thread_still_writes_completes_on_an_io_thread() {
+        let fs = FaultStorage::new();
+        let v = volume_on(&fs, OpenOptions::default());
+        let (mem, d) = (memory(), disk(&v));
+        let q = MockSplitQueue::new(&mem, 16);
+        let descs = [
+            desc(HDR, 16, false),
+            desc(DATA, 4096, false),
+            desc(STATUS, 1, true),
+        ];
+        header(&mem, VIRTIO_BLK_T_OUT, 8);
+        mem.write_slice(&pattern(4096), GuestAddress(DATA))
+            .expect("data");
+        // Another queue's write stalls in the storage after its record is
+        // placed.
+        let slow = rewind_journal::fault::FaultOp::Write;
+        fs.slow_down(slow, ".seg", std::time::Duration::from_secs(1));
+        std::thread::scope(|s| {
+            let other = s.spawn(|| v.write(0, &[7u8; 4096]).expect("other queue's write"));
+            let placed = std::time::Instant::now();
+            while v.last_lsn() == 0 {
+                assert!(
+                    placed.elapsed().as_secs() < 10,
+                    "the other record was never placed"
+                );
+                std::thread::yield_now();
+            }
+            fs.clear_faults();
+            mem.write_obj(0xffu8, GuestAddress(STATUS))
+                .expect("poison status");
+            let chain = q.build_desc_chain(&descs).expect("chain");
+            let Step::Waiting(waiting) = start(&mem, chain, &d, false) else {
+                panic!("completed before the record placed ahead of it was written");
+            };
+            assert_eq!(v.last_lsn(), 2, "recorded on the queue's thread");
+            let status: u8 = mem.read_obj(GuestAddress(STATUS)).expect("status");
+            assert_eq!(status, 0xff, "no status before it is done");
+            assert_eq!(waiting.finish(&mem, &d).status, Status::Ok);
+            let mut back = vec![0u8; 4096];
+            v.read(0, &mut back).expect("read");
+            assert_eq!(back, vec![7u8; 4096], "the write ahead is done too");
+            assert_eq!(other.join().expect("other queue's thread"), 1);
+        });
+        // With nothing ahead of it in flight, a write completes at once.
+        let chain = q.build_desc_chain(&descs).expect("chain");
+        assert!(matches!(start(&mem, chain, &d, false), Step::Done(c) if c.status == Status::Ok));
     }
 
     #[test]
