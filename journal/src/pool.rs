@@ -308,14 +308,24 @@ pub fn write_header(
     seq: u64,
     segment_size: u64,
 ) -> std::io::Result<()> {
+    write_unsynced_header(file, volume, seq, segment_size)?;
+    file.sync_data()
+}
+
+/// [`write_header`] without its sync (a batch syncs its files together).
+fn write_unsynced_header(
+    file: &dyn StorageFile,
+    volume: Uuid,
+    seq: u64,
+    segment_size: u64,
+) -> std::io::Result<()> {
     let header = SegmentHeader {
         volume,
         seq,
         segment_size,
         layout: Layout::Slots,
     };
-    file.write_all_at(&[&header.encode()], 0)?;
-    file.sync_data()
+    file.write_all_at(&[&header.encode()], 0)
 }
 
 pub struct PoolSetup {
@@ -717,14 +727,10 @@ impl Pool {
             let path = self.path(r.file_id);
             let context = || format!("preparing segment {}", path.display());
             let file = self.storage.create_new(&path).map_err(Error::io(context))?;
-            let header = SegmentHeader {
-                volume: self.volume,
-                seq: r.seq,
-                segment_size: self.segment_size,
-                layout: Layout::Slots,
-            };
             file.allocate(self.segment_size)
-                .and_then(|()| file.write_all_at(&[&header.encode()], 0))
+                .and_then(|()| {
+                    write_unsynced_header(file.as_ref(), self.volume, r.seq, self.segment_size)
+                })
                 .map_err(Error::io(context))?;
             files.push(file);
         }
@@ -741,8 +747,7 @@ impl Pool {
 
     /// Hands the next prepared segment to the write path (if the reserve
     /// ran out: waiting for those being prepared, or preparing one). At the
-    /// hard limit it waits for the
-    /// applier to fold and free a segment: held, as for an IO error, for as
+    /// hard limit it waits for the applier to fold and free a segment: held, as for an IO error, for as
     /// long as the applier makes progress (a slow fold never fails a
     /// write), and for `max_wait` after its last progress (a fold that
     /// cannot proceed, or fails and starts over, does). It stops waiting

@@ -34,20 +34,15 @@ pub trait BlockDevice: Send + Sync + Debug {
         Ok(None)
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<()>;
-    /// `write` of `buf`'s payload; a device that can use the room in front
-    /// of it saves a copy (see [`PayloadBuffer`]).
-    fn write_buffer(&self, offset: u64, buf: &mut PayloadBuffer) -> Result<()> {
-        self.write(offset, buf.payload())
-    }
-    /// `write_buffer` that may return before the writes recorded before
-    /// it are written by other threads: `Some(lsn)` then, and the write is
-    /// done once `wait_written(lsn)` returns (see
+    /// `write` of `buf`'s payload (a device that can use the room in front
+    /// of it saves a copy: [`PayloadBuffer`]), which may return before the
+    /// writes recorded before it are written by other threads: `Some(lsn)`
+    /// then, and the write is done once `wait_written(lsn)` returns (see
     /// [`Volume::write_buffer_unordered`]). The default waits itself.
     fn write_buffer_unordered(&self, offset: u64, buf: &mut PayloadBuffer) -> Result<Option<u64>> {
-        self.write_buffer(offset, buf).map(|()| None)
+        self.write(offset, buf.payload()).map(|()| None)
     }
-    fn wait_written(&self, lsn: u64) -> Result<()> {
-        let _ = lsn;
+    fn wait_written(&self, _lsn: u64) -> Result<()> {
         Ok(())
     }
     fn write_zeroes(&self, offset: u64, length: u64, unmap: bool) -> Result<()>;
@@ -85,9 +80,6 @@ impl BlockDevice for Volume {
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         Volume::write_deferred(self, offset, data).map(drop)
-    }
-    fn write_buffer(&self, offset: u64, buf: &mut PayloadBuffer) -> Result<()> {
-        Volume::write_buffer_deferred(self, offset, buf).map(drop)
     }
     fn write_buffer_unordered(&self, offset: u64, buf: &mut PayloadBuffer) -> Result<Option<u64>> {
         Ok(match Volume::write_buffer_unordered(self, offset, buf)? {
@@ -290,7 +282,9 @@ impl BlockDevice for ReplicatedVolume {
             },
         )
     }
-    fn write_buffer(&self, offset: u64, buf: &mut PayloadBuffer) -> Result<()> {
+    /// Waits itself: a detach must not find a local write recorded but
+    /// not yet done outside its count of local requests.
+    fn write_buffer_unordered(&self, offset: u64, buf: &mut PayloadBuffer) -> Result<Option<u64>> {
         // One closure or the other runs, never both at once.
         let buf = std::cell::RefCell::new(buf);
         self.modify(
@@ -303,6 +297,7 @@ impl BlockDevice for ReplicatedVolume {
                 data: buf.borrow().payload().to_vec(),
             },
         )
+        .map(|()| None)
     }
     fn write_zeroes(&self, offset: u64, length: u64, unmap: bool) -> Result<()> {
         self.modify(

@@ -572,11 +572,11 @@ const INLINE_READ_MAX: u64 = 64 << 10;
 /// large writes while the device takes them straight to the disk
 /// (`BlockDevice::bulk_writes`), in writethrough mode the sync after a
 /// write, and a write recorded after one another queue's thread is still
-/// writing (`Rest::Ordered`). With `defer_reads` every read is left waiting: the caller
-/// reads it (a queue's ring). Other writes run here, in the order the
-/// chains were taken, so the journal records them in that order; large
-/// ones left waiting are recorded as their IO threads get to them, as
-/// writes the guest has in flight together may be.
+/// writing (`Rest::Ordered`). With `defer_reads` every read is left
+/// waiting: the caller reads it (a queue's ring). Other writes run here,
+/// in the order the chains were taken, so the journal records them in
+/// that order; large ones left waiting are recorded as their IO threads
+/// get to them, as writes the guest has in flight together may be.
 ///
 /// A flush is left waiting too: it covers every write completed before
 /// it (and every write taken before it but a large one still waiting), so
