@@ -19,6 +19,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, Weak};
 use std::time::Duration;
 
@@ -111,6 +112,8 @@ struct Shared {
     faults: Mutex<Vec<Fault>>,
     /// Operations made slow: (kind, path substring, time each takes).
     slow: Mutex<Vec<(FaultOp, String, Duration)>>,
+    /// Operations sleeping out their delay now.
+    stalled: AtomicUsize,
     /// Write-back made slow: (path substring, time each write takes).
     slow_write_back: Mutex<Vec<(String, Duration)>>,
     /// Operations hold it shared; a crash holds it exclusively.
@@ -201,6 +204,13 @@ impl FaultStorage {
     /// (a slow disk), until [`FaultStorage::clear_faults`].
     pub fn slow_down(&self, op: FaultOp, path_contains: &str, delay: Duration) {
         lock(&self.shared.slow).push((op, path_contains.to_owned(), delay));
+    }
+
+    /// Operations sleeping in a [`FaultStorage::slow_down`] delay now: a
+    /// test knows a thread is inside the storage (a delay taken is slept
+    /// out even if the faults are cleared meanwhile).
+    pub fn stalled(&self) -> usize {
+        self.shared.stalled.load(Ordering::SeqCst)
     }
 
     /// Makes writing back each write to a path containing `path_contains`
@@ -327,7 +337,9 @@ impl FaultFile {
         if let Some(delay) = op.and_then(|op| shared.delay(op, &self.path)) {
             // A slow disk: the operation takes this long (before it runs,
             // so a crash meanwhile does not wait for it).
+            shared.stalled.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(delay);
+            shared.stalled.fetch_sub(1, Ordering::SeqCst);
         }
         let _instant = shared.operation();
         let mut st = lock(&self.state);

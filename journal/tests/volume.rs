@@ -939,13 +939,19 @@ fn a_write_returns_only_once_every_write_recorded_before_it_is_written() {
 #[test]
 fn a_write_recorded_behind_one_still_being_written_is_done_only_once_that_one_is() {
     let (fs, v) = new_volume();
-    // The first write stalls in the storage after its record is placed.
-    fs.slow_down(FaultOp::Write, ".seg", std::time::Duration::from_secs(1));
+    // The first write stalls in the storage after its record is placed
+    // (in the first segment, which only the writer writes to).
+    fs.slow_down(
+        FaultOp::Write,
+        "00000000.seg",
+        std::time::Duration::from_secs(1),
+    );
     std::thread::scope(|s| {
         let first = s.spawn(|| v.write(0, &pattern(1, 4096)).expect("first write"));
-        wait_until("the first write's record to be placed", || {
-            v.stats().last_lsn == 1
+        wait_until("the first write to sleep in the storage", || {
+            fs.stalled() > 0
         });
+        assert_eq!(v.stats().last_lsn, 1, "placed");
         fs.clear_faults();
         let mut buf = PayloadBuffer::new();
         buf.payload_mut(4096).copy_from_slice(&pattern(2, 4096));

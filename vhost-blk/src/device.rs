@@ -282,22 +282,45 @@ impl BlockDevice for ReplicatedVolume {
             },
         )
     }
-    /// Waits itself: a detach must not find a local write recorded but
-    /// not yet done outside its count of local requests.
+    /// As the volume's: a local write recorded behind records other
+    /// threads still write is reported by its lsn, and `wait_written`
+    /// finishes it. It no longer counts as a local request then, so a
+    /// detach does not wait for it.
     fn write_buffer_unordered(&self, offset: u64, buf: &mut PayloadBuffer) -> Result<Option<u64>> {
         // One closure or the other runs, never both at once.
         let buf = std::cell::RefCell::new(buf);
+        let mut after_others = None;
         self.modify(
-            || {
-                self.volume
-                    .write_buffer_deferred(offset, &mut buf.borrow_mut())
+            || match self
+                .volume
+                .write_buffer_unordered(offset, &mut buf.borrow_mut())?
+            {
+                Written::InOrder(lsn) => Ok(lsn),
+                Written::AfterOthers(lsn) => {
+                    after_others = Some(lsn);
+                    Ok(lsn)
+                }
             },
             || ForwardOp::Write {
                 offset,
                 data: buf.borrow().payload().to_vec(),
             },
-        )
-        .map(|()| None)
+        )?;
+        Ok(after_others)
+    }
+    /// A record ahead that can no longer be written failed the volume:
+    /// the write then waits for the detach instead of failing, whose
+    /// catch-up sends the replica what every record after its lsn changed,
+    /// this one's included (it is in the record index, written), so the
+    /// write is done once the volume detached.
+    fn wait_written(&self, lsn: u64) -> Result<()> {
+        match self.volume.wait_written(lsn) {
+            Err(e) if storage_failed(&e) => match &self.detacher {
+                Some(detacher) => detacher.detach(&self.volume, &e).map_err(Error::Failed),
+                None => Err(e),
+            },
+            done => done,
+        }
     }
     fn write_zeroes(&self, offset: u64, length: u64, unmap: bool) -> Result<()> {
         self.modify(
@@ -332,5 +355,126 @@ impl BlockDevice for ReplicatedVolume {
     fn bulk_writes(&self) -> bool {
         self.local_only(|| Ok(self.volume.bulk_writes()), false)
             .unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::{Duration, Instant};
+
+    use rewind_journal::fault::{Fault, FaultOp, FaultStorage};
+    use rewind_journal::OpenOptions;
+
+    use super::*;
+    use crate::replication::tls::{PeerTrust, TlsSettings};
+    use crate::replication::{Mode, OnLoss};
+
+    /// A primary of `volume` whose replica is not connected; with a
+    /// detacher, a detach then fails (no replica to take over).
+    fn primary(volume: Volume, detach: bool) -> ReplicatedVolume {
+        let link = Arc::new(Link::new("test".into(), Some(Mode::Async), None));
+        ReplicatedVolume {
+            volume: Arc::new(volume),
+            link: link.clone(),
+            config: SenderConfig {
+                peer: "127.0.0.1:1".parse().expect("address"),
+                mode: Mode::Async,
+                sync_timeout: Duration::from_secs(1),
+                on_loss: OnLoss::Suspend,
+                fence_peer: None,
+                rate: None,
+                compress: false,
+                tls: TlsSettings {
+                    cert: PathBuf::new(),
+                    key: PathBuf::new(),
+                    trust: PeerTrust::Ca(PathBuf::new()),
+                },
+            },
+            detacher: detach.then(|| Detacher::new(link, Duration::from_millis(100))),
+        }
+    }
+
+    fn buffer(byte: u8) -> PayloadBuffer {
+        let mut buf = PayloadBuffer::new();
+        buf.payload_mut(4096).fill(byte);
+        buf
+    }
+
+    /// Another queue's write (the first record, in the first segment,
+    /// which only the writer writes to) stalls in the storage after its
+    /// record is placed; `then` runs while it sleeps, with the storage fast
+    /// again.
+    fn behind_a_stalled_write(fs: &FaultStorage, primary: &ReplicatedVolume, then: impl FnOnce()) {
+        fs.slow_down(FaultOp::Write, "00000000.seg", Duration::from_secs(1));
+        std::thread::scope(|s| {
+            let other = s.spawn(|| primary.volume.write(0, &[7u8; 4096]));
+            let started = Instant::now();
+            while fs.stalled() == 0 {
+                assert!(
+                    started.elapsed().as_secs() < 10,
+                    "never reached the storage"
+                );
+                std::thread::yield_now();
+            }
+            assert_eq!(primary.volume.last_lsn(), 1, "placed");
+            fs.clear_faults();
+            then();
+            let _ = other.join().expect("other queue's thread");
+        });
+    }
+
+    #[test]
+    fn a_replicated_write_behind_one_still_being_written_leaves_the_wait_to_its_caller() {
+        let fs = FaultStorage::new();
+        let p = primary(
+            crate::test_support::volume_on(&fs, 8 << 20, OpenOptions::default()),
+            true,
+        );
+        behind_a_stalled_write(&fs, &p, || {
+            let lsn = p
+                .write_buffer_unordered(8192, &mut buffer(2))
+                .expect("recorded");
+            assert_eq!(lsn, Some(2), "recorded behind lsn 1, not yet done");
+            p.wait_written(2).expect("done once lsn 1 is written");
+            let mut back = vec![0u8; 4096];
+            p.read(0, &mut back).expect("read");
+            assert_eq!(back, vec![7u8; 4096], "the write ahead is written");
+        });
+        // Nothing ahead in flight: done at once.
+        assert_eq!(
+            p.write_buffer_unordered(16384, &mut buffer(3))
+                .expect("third"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_replicated_write_whose_record_ahead_fails_is_left_to_the_detach() {
+        for detach in [false, true] {
+            let fs = FaultStorage::new();
+            let p = primary(
+                crate::test_support::volume_on(&fs, 8 << 20, OpenOptions::default()),
+                detach,
+            );
+            behind_a_stalled_write(&fs, &p, || {
+                let lsn = p
+                    .write_buffer_unordered(8192, &mut buffer(2))
+                    .expect("recorded");
+                assert_eq!(lsn, Some(2));
+                // The stalled write then fails (EROFS: not retried): the
+                // volume stops taking writes.
+                fs.inject(Fault::always(FaultOp::Write, 30).on_paths_containing(".seg"));
+                let e = p.wait_written(2).expect_err("lsn 1 is never written");
+                let why = e.to_string();
+                if detach {
+                    // The detach ran (and failed here: no replica).
+                    assert!(why.contains("the replica is not connected"), "{why}");
+                    assert!(p.detacher.as_ref().is_some_and(|d| d.route().is_err()));
+                } else {
+                    assert!(!why.contains("replica"), "{why}");
+                }
+            });
+        }
     }
 }

@@ -878,19 +878,20 @@ mod tests {
         mem.write_slice(&pattern(4096), GuestAddress(DATA))
             .expect("data");
         // Another queue's write stalls in the storage after its record is
-        // placed.
+        // placed (in the first segment, which only the writer writes to).
         let slow = rewind_journal::fault::FaultOp::Write;
-        fs.slow_down(slow, ".seg", std::time::Duration::from_secs(1));
+        fs.slow_down(slow, "00000000.seg", std::time::Duration::from_secs(1));
         std::thread::scope(|s| {
             let other = s.spawn(|| v.write(0, &[7u8; 4096]).expect("other queue's write"));
-            let placed = std::time::Instant::now();
-            while v.last_lsn() == 0 {
+            let started = std::time::Instant::now();
+            while fs.stalled() == 0 {
                 assert!(
-                    placed.elapsed().as_secs() < 10,
-                    "the other record was never placed"
+                    started.elapsed().as_secs() < 10,
+                    "the other write never reached the storage"
                 );
                 std::thread::yield_now();
             }
+            assert_eq!(v.last_lsn(), 1, "placed");
             fs.clear_faults();
             mem.write_obj(0xffu8, GuestAddress(STATUS))
                 .expect("poison status");
