@@ -1,5 +1,5 @@
 //! Replication: what shipping the journal to a replica costs, measured with
-//! the same libblkio client (one queue of 256) against
+//! the same libblkio client (one queue of 256; four for one row) against
 //!
 //! - `rewind-blk serve` without replication,
 //! - a primary `rewind-blk` replicating to a replica `rewind-blk` over
@@ -44,6 +44,9 @@ use serde_json::{json, Value};
 const BIN: &str = env!("CARGO_BIN_EXE_rewind-blk");
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
+/// Queues every server offers; the four-queue row uses them all, the
+/// others one.
+const QUEUES: usize = 4;
 /// Journal limit of the benchmark's 1 GiB volumes: large enough that no
 /// run reaches it (a forced fold would measure the applier instead).
 const JOURNAL_MAX: &str = "32G";
@@ -296,7 +299,7 @@ fn serve(dir: &Path, name: &str, volume: &Path, extra: &[String]) -> (Daemon, Pa
     let mut daemon = Daemon::spawn(
         name,
         Command::new(BIN)
-            .args(["serve", "--num-queues", "1", "--volume"])
+            .args(["serve", "--num-queues", &QUEUES.to_string(), "--volume"])
             .arg(volume)
             .arg("--socket-path")
             .arg(&socket)
@@ -543,7 +546,7 @@ fn qsd_vhost_args(image: &Path, socket: &Path) -> Vec<String> {
         "driver=raw,node-name=d0,file=f0".into(),
         "--export".into(),
         format!(
-            "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues=1",
+            "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues={QUEUES}",
             socket.display()
         ),
     ]
@@ -809,10 +812,81 @@ impl Client {
     }
 }
 
+/// 4 KiB random writes from each of `QUEUES` queues at depth 8 (one
+/// client thread per queue, as a guest's vCPUs) for a quarter of
+/// `scale.qd32`: the journals of a full run's three rewind setups and two
+/// replicas keep every write (a full run needs about 60 GB of free disk
+/// already); returns the writes completed and the time they took.
+fn all_queues(socket: &Path, scale: &Scale, seed: u64) -> (u64, Duration) {
+    const DEPTH: usize = 8;
+    const LEN: usize = 4096;
+    let mut b = Blkio::new("virtio-blk-vhost-user").expect("libblkio driver");
+    b.set_str("path", socket.to_str().expect("utf-8 socket path"))
+        .expect("path");
+    b.connect().expect("connect to the vhost-user socket");
+    b.set_i32("num-queues", QUEUES as i32).expect("queues");
+    b.set_i32("queue-size", 256).expect("queue size");
+    let queues = b.start().expect("start").queues;
+    let per_queue = DEPTH * LEN;
+    let region = b.alloc_mem_region(QUEUES * per_queue).expect("alloc");
+    // SAFETY: the region is mapped, QUEUES * per_queue bytes, ours alone.
+    StdRng::seed_from_u64(seed).fill(unsafe {
+        std::slice::from_raw_parts_mut(region.addr as *mut u8, QUEUES * per_queue)
+    });
+    b.map_mem_region(&region).expect("map");
+    let base = region.addr;
+    let run = scale.qd32 / 4;
+    let started = Instant::now();
+    let ops = std::thread::scope(|s| {
+        let threads: Vec<_> = queues
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut q)| {
+                s.spawn(move || {
+                    let mut rng = StdRng::seed_from_u64(seed * 16 + i as u64);
+                    let blocks = scale.size / LEN as u64;
+                    let buf = |slot: usize| (base + i * per_queue + slot * LEN) as *const u8;
+                    for slot in 0..DEPTH {
+                        let at = rng.random_range(0..blocks) * LEN as u64;
+                        q.write(at, buf(slot), LEN, slot, ReqFlags::empty());
+                    }
+                    let mut done: Vec<MaybeUninit<Completion>> =
+                        (0..DEPTH).map(|_| MaybeUninit::uninit()).collect();
+                    let (mut in_flight, mut completed) = (DEPTH, 0u64);
+                    while in_flight > 0 {
+                        let n = q.do_io(&mut done, 1, None, None).expect("do_io");
+                        let more = started.elapsed() < run;
+                        for c in &done[..n] {
+                            // SAFETY: do_io initialized the first `n` completions.
+                            let c = unsafe { c.assume_init_read() };
+                            assert_eq!(c.ret, 0, "the server failed a request");
+                            completed += 1;
+                            if more {
+                                let at = rng.random_range(0..blocks) * LEN as u64;
+                                q.write(at, buf(c.user_data), LEN, c.user_data, ReqFlags::empty());
+                            } else {
+                                in_flight -= 1;
+                            }
+                        }
+                    }
+                    completed
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("client thread"))
+            .sum()
+    });
+    (ops, started.elapsed())
+}
+
 /// What one run of the IOPS and latency workloads measured on a setup.
 #[derive(Clone, Copy)]
 struct Cell {
     iops: f64,
+    /// 4 KiB random writes from every queue at depth 8 each.
+    iops_queues: f64,
     cpu_per_io: Duration,
     catch_up: Duration,
     p50: Duration,
@@ -824,7 +898,8 @@ fn percentile<T: Copy>(sorted: &[T], p: f64) -> T {
     sorted[i]
 }
 
-/// 4 KiB random writes at depth 32, then QD1 write(4 KiB)+flush latency.
+/// 4 KiB random writes at depth 32, then QD1 write(4 KiB)+flush latency,
+/// then 4 KiB random writes from four queues at depth 8.
 /// A full run starts each with an empty page cache (see `drop_caches`).
 fn measure(setup: &mut Setup, scale: &Scale, seed: u64) -> Cell {
     setup.settle(Duration::from_secs(300));
@@ -850,6 +925,9 @@ fn measure(setup: &mut Setup, scale: &Scale, seed: u64) -> Cell {
         latencies.push(t.elapsed());
     }
     drop(client);
+    // A server takes one client at a time.
+    let (ops_queues, took_queues) = all_queues(&setup.socket, scale, seed);
+    setup.settle(Duration::from_secs(300));
     setup.check_alive();
     latencies.sort_unstable();
     // Write back what this run left dirty before the next setup runs.
@@ -857,6 +935,7 @@ fn measure(setup: &mut Setup, scale: &Scale, seed: u64) -> Cell {
     unsafe { libc::sync() };
     Cell {
         iops,
+        iops_queues: ops_queues as f64 / took_queues.as_secs_f64(),
         cpu_per_io: cpu / ops.max(1) as u32,
         catch_up,
         p50: percentile(&latencies, 0.5),
@@ -1372,6 +1451,10 @@ fn main() {
         format!("{:.0}", c.iops)
     });
     row(
+        &format!("4 KiB random writes, {QUEUES} queues x QD8, IOPS"),
+        &|c| format!("{:.0}", c.iops_queues),
+    );
+    row(
         "server CPU per write, us (every daemon of the setup)",
         &|c| format!("{:.1}", c.cpu_per_io.as_secs_f64() * 1e6),
     );
@@ -1383,6 +1466,7 @@ fn main() {
 
     let avg = |i: usize, f: &dyn Fn(&Cell) -> f64| median(cells[i].iter().map(f));
     let iops = |i: usize| avg(i, &|c| c.iops);
+    let iops_queues = |i: usize| avg(i, &|c| c.iops_queues);
     let cpu = |i: usize| avg(i, &|c| c.cpu_per_io.as_secs_f64() * 1e6);
     let p50 = |i: usize| avg(i, &|c| c.p50.as_secs_f64() * 1e6);
     let p99 = |i: usize| avg(i, &|c| c.p99.as_secs_f64() * 1e6);
@@ -1402,6 +1486,20 @@ fn main() {
         iops(asy),
         iops(none),
         verdict(ratio >= 0.9)
+    );
+    for (name, i) in [("async", asy), ("sync", syn)] {
+        println!(
+            "| 1 | 4 KiB random writes, {QUEUES} queues x QD8, IOPS: {name} vs no replication | {:.0} | {:.0} | {:.3}x | |",
+            iops_queues(i),
+            iops_queues(none),
+            iops_queues(i) / iops_queues(none)
+        );
+    }
+    println!(
+        "| 1 | 4 KiB random writes, {QUEUES} queues x QD8, IOPS: async vs qsd alone | {:.0} | {:.0} | {:.2}x | |",
+        iops_queues(asy),
+        iops_queues(qsd),
+        iops_queues(asy) / iops_queues(qsd)
     );
     println!(
         "| 1 | server CPU per write: primary + replica (async) vs qsd alone | {:.1} us | {:.1} us | {:.2}x | |",
