@@ -954,10 +954,9 @@ impl Volume {
     /// [`Volume::write_deferred`] of `buf`'s payload, which an inline
     /// record sends to the device from where it is (see [`PayloadBuffer`]).
     pub fn write_buffer_deferred(&self, offset: u64, buf: &mut PayloadBuffer) -> Result<u64> {
-        let inner = &self.inner;
         match self.write_buffer_unordered(offset, buf)? {
             Written::InOrder(lsn) => Ok(lsn),
-            Written::AfterOthers(lsn) => inner.wait_written(lsn).map(|()| lsn),
+            Written::AfterOthers(lsn) => self.wait_written(lsn).map(|()| lsn),
         }
     }
 

@@ -290,16 +290,12 @@ impl BlockDevice for ReplicatedVolume {
         // One closure or the other runs, never both at once.
         let buf = std::cell::RefCell::new(buf);
         let mut after_others = None;
-        self.modify(
-            || match self
-                .volume
-                .write_buffer_unordered(offset, &mut buf.borrow_mut())?
-            {
-                Written::InOrder(lsn) => Ok(lsn),
-                Written::AfterOthers(lsn) => {
-                    after_others = Some(lsn);
-                    Ok(lsn)
-                }
+        self.serve(
+            || {
+                let volume: &Volume = &self.volume;
+                after_others =
+                    BlockDevice::write_buffer_unordered(volume, offset, &mut buf.borrow_mut())?;
+                Ok(())
             },
             || ForwardOp::Write {
                 offset,
