@@ -19,9 +19,18 @@
 //! (new sequence number) or removed once nothing else holds them: a reader
 //! in the middle of a read, or a point-in-time view, keeps an `Arc` to every
 //! segment it reads, which pins it.
+//!
+//! A *preallocated* pool (`preallocate_journal`) writes every new file out
+//! in full (zeroes) and never removes one: the journal always writes over
+//! blocks written before. Files it does not list in `super` are its
+//! *spares*: written out at `create` (and by the pool thread up to
+//! `journal_max`), kept where a plain pool removes a file, and prepared
+//! (a new header, listed) before new files are made. Unlisted, they are
+//! never read by recovery, whose look-ahead past the end of the log reads
+//! every listed segment's header slots (FORMAT.md).
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -30,7 +39,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::format::{Layout, SegmentHeader};
-use crate::storage::{Storage, StorageFile};
+use crate::storage::{aligned_zeroes, Progress, Storage, StorageFile, ALIGNED_ZEROES};
 use crate::superblock::{SegmentRef, SuperState, Superblock};
 
 mod headers;
@@ -43,6 +52,10 @@ const ALARM_AFTER: Duration = Duration::from_secs(1);
 /// A reserve raised by the write path falls back by one segment per this
 /// long without the write path running it out again.
 const RESERVE_DECAY: Duration = Duration::from_secs(30);
+
+/// Segments a preallocated pool writes out per batch: a batch holds the
+/// pool thread (and `create`'s progress) for about a second at 1 GB/s.
+const PREALLOCATE_BATCH: u64 = 16;
 
 /// A write waiting at the hard limit.
 #[derive(Debug, Clone, Copy)]
@@ -124,6 +137,8 @@ struct PoolState {
     /// Segments taken out of `used` or `free` while `super` is written
     /// without them: still counted against the limit.
     leaving: u64,
+    /// A preallocated pool's written-out files `super` does not list.
+    spares: Vec<Spare>,
     next_seq: u64,
     next_file_id: u32,
     shutdown: bool,
@@ -151,7 +166,7 @@ impl PoolState {
     }
 
     fn total(&self) -> u64 {
-        (self.used.len() + self.free.len() + self.retired.len()) as u64
+        (self.used.len() + self.free.len() + self.retired.len() + self.spares.len()) as u64
             + self.preparing
             + self.leaving
     }
@@ -179,6 +194,13 @@ impl PoolState {
             segments,
         }
     }
+}
+
+/// A written-out file of a preallocated pool that `super` does not list.
+#[derive(Debug)]
+pub struct Spare {
+    pub id: u32,
+    pub file: Arc<dyn StorageFile>,
 }
 
 /// What base.img holds (see [`SuperState`]).
@@ -223,6 +245,9 @@ pub struct Pool {
     volume: Uuid,
     segment_size: u64,
     max_segments: u64,
+    /// Files written in full, prepared up to the limit, never removed
+    /// (module docs).
+    preallocated: bool,
     /// The configured reserve (`reserve_segments`): what the pool keeps
     /// prepared when the writer does not outrun it, and what the zone at
     /// the hard limit counts.
@@ -328,6 +353,139 @@ fn write_unsynced_header(
     file.write_all_at(&[&header.encode()], 0)
 }
 
+/// Writes zeroes over a new file of `size` bytes, so that none of its
+/// blocks is allocated or converted by the journal's writes. O_DIRECT
+/// where the file system takes it: the page cache would hold on to a copy.
+/// (Before the file's header is written: that goes through the page cache.)
+fn write_out(file: &dyn StorageFile, size: u64) -> std::io::Result<()> {
+    let mut at = 0;
+    while at < size {
+        let zeroes = aligned_zeroes((size - at).min(ALIGNED_ZEROES));
+        match file.write_direct_at(zeroes, at) {
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                file.write_all_at(&[zeroes], at)?
+            }
+            written => written?,
+        }
+        at += zeroes.len() as u64;
+    }
+    Ok(())
+}
+
+/// What making a pool's files needs to know.
+struct FileSetup<'a> {
+    storage: &'a dyn Storage,
+    /// The journal directory.
+    dir: &'a Path,
+    volume: Uuid,
+    segment_size: u64,
+    preallocated: bool,
+}
+
+impl FileSetup<'_> {
+    fn path(&self, id: u32) -> PathBuf {
+        self.dir.join(segment_name(id))
+    }
+
+    /// Creates the file of segment `id`, preallocated, and written out in
+    /// a preallocated pool; not synced.
+    fn new_file(&self, id: u32) -> Result<Arc<dyn StorageFile>> {
+        let context = || format!("preparing segment {}", self.path(id).display());
+        let file = self
+            .storage
+            .create_new(&self.path(id))
+            .map_err(Error::io(context))?;
+        file.allocate(self.segment_size)
+            .and_then(|()| match self.preallocated {
+                true => write_out(file.as_ref(), self.segment_size),
+                false => Ok(()),
+            })
+            .map_err(Error::io(context))?;
+        Ok(file)
+    }
+
+    /// The files of `refs`: `spares` for the first of them, new ones for
+    /// the rest, each headed for its use, then made durable with the
+    /// directory: every file's metadata first, so that the first sync
+    /// commits them all.
+    fn prepare(&self, refs: &[SegmentRef], spares: &[Spare]) -> Result<Vec<Arc<dyn StorageFile>>> {
+        let mut files: Vec<Arc<dyn StorageFile>> = spares.iter().map(|s| s.file.clone()).collect();
+        for r in &refs[spares.len()..] {
+            files.push(self.new_file(r.file_id)?);
+        }
+        for (r, file) in refs.iter().zip(&files) {
+            write_unsynced_header(file.as_ref(), self.volume, r.seq, self.segment_size).map_err(
+                Error::io(|| format!("preparing segment {}", self.path(r.file_id).display())),
+            )?;
+        }
+        self.sync(refs.iter().map(|r| r.file_id).zip(&files))?;
+        Ok(files)
+    }
+
+    /// Writes out spare files `ids` (no header: they are not segments
+    /// until prepared) and makes them durable.
+    fn write_spares(&self, ids: std::ops::Range<u32>) -> Result<Vec<Spare>> {
+        let spares = ids
+            .map(|id| {
+                Ok(Spare {
+                    id,
+                    file: self.new_file(id)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.sync(spares.iter().map(|s| (s.id, &s.file)))?;
+        Ok(spares)
+    }
+
+    fn sync<'a>(&self, files: impl Iterator<Item = (u32, &'a Arc<dyn StorageFile>)>) -> Result<()> {
+        for (id, file) in files {
+            file.sync_data().map_err(Error::io(|| {
+                format!("preparing segment {}", self.path(id).display())
+            }))?;
+        }
+        self.storage.sync_dir(self.dir).map_err(Error::io(|| {
+            format!("preparing segments in {}", self.dir.display())
+        }))
+    }
+}
+
+/// Writes out the spare files of a new preallocated volume
+/// (`preallocate_journal`): as many as `journal_max` allows, a batch at a
+/// time; `progress` gets the bytes written and the limit. A crash leaves
+/// fewer, or one not written out, which open removes; the pool thread
+/// makes the rest.
+pub fn preallocate(
+    storage: &dyn Storage,
+    volume_dir: &Path,
+    volume: Uuid,
+    segment_size: u64,
+    journal_max: u64,
+    progress: Progress<'_>,
+) -> Result<()> {
+    let dir = volume_dir.join(JOURNAL_DIR);
+    let files = FileSetup {
+        storage,
+        dir: &dir,
+        volume,
+        segment_size,
+        preallocated: true,
+    };
+    let count = (journal_max / segment_size) as u32;
+    let mut written = 0;
+    loop {
+        progress(
+            u64::from(written) * segment_size,
+            u64::from(count) * segment_size,
+        );
+        if written == count {
+            return Ok(());
+        }
+        let batch = (count - written).min(PREALLOCATE_BATCH as u32);
+        files.write_spares(written..written + batch)?;
+        written += batch;
+    }
+}
+
 pub struct PoolSetup {
     pub storage: Arc<dyn Storage>,
     pub volume_dir: PathBuf,
@@ -342,6 +500,9 @@ pub struct PoolSetup {
     /// How long the write path waits for the applier to free a segment
     /// when the pool is at its hard limit.
     pub max_wait: Duration,
+    /// A preallocated pool (module docs), and its spare files.
+    pub preallocated: bool,
+    pub spares: Vec<Spare>,
 }
 
 impl Pool {
@@ -352,7 +513,9 @@ impl Pool {
             register(&mut by_id, seg);
         }
         let mut sb = setup.sb;
-        let next_file_id = sb.state().next_file_id;
+        // Spares are not listed: no new file may take one's name.
+        let spare_ids = setup.spares.iter().map(|s| s.id + 1);
+        let next_file_id = spare_ids.fold(sb.state().next_file_id, u32::max);
         let state = PoolState {
             base: Base::of(sb.state()),
             used: setup.used,
@@ -361,6 +524,7 @@ impl Pool {
             sealed: Vec::new(),
             preparing: 0,
             leaving: 0,
+            spares: setup.spares,
             next_seq: setup.next_seq,
             next_file_id,
             shutdown: false,
@@ -376,6 +540,7 @@ impl Pool {
             volume: setup.volume,
             segment_size: setup.segment_size,
             max_segments,
+            preallocated: setup.preallocated,
             reserve: u64::from(setup.reserve),
             reserve_cap: early_fold_segments(max_segments).max(u64::from(setup.reserve)),
             sb: Mutex::new(sb),
@@ -537,7 +702,7 @@ impl Pool {
             free,
             retired,
             reserve: st.reserve,
-            bytes: (used + free + retired) * self.segment_size,
+            bytes: (used + free + retired + st.spares.len() as u64) * self.segment_size,
         }
     }
 
@@ -667,31 +832,41 @@ impl Pool {
     /// one at a time pays three commits each behind the device's queue
     /// (at GB/s of large writes the pool thread could not keep up).
     fn prepare_batch(&self, want: u64) -> Result<u64> {
-        let (first_id, first_seq, count) = {
+        let (spares, refs) = {
             let mut st = self.lock();
-            let count = want.min(self.max_segments.saturating_sub(st.total()));
+            let spare_count = st.spares.len() as u64;
+            let room = self.max_segments.saturating_sub(st.total());
+            let count = want.min(spare_count + room);
             if count == 0 {
                 return Ok(0);
             }
-            st.preparing += count;
-            let first = (st.next_file_id, st.next_seq);
+            // Spares first: they are written out already.
+            let reused = count.min(spare_count);
+            let spares = st.spares.split_off((spare_count - reused) as usize);
+            let new = (count - reused) as u32;
+            let new_ids = st.next_file_id..st.next_file_id + new;
+            st.next_file_id += new;
+            let ids = spares.iter().map(|s| s.id).chain(new_ids);
+            let refs: Vec<SegmentRef> = ids
+                .zip(st.next_seq..)
+                .map(|(file_id, seq)| SegmentRef { file_id, seq })
+                .collect();
             st.next_seq += count;
-            st.next_file_id += count as u32;
-            (first.0, first.1, count)
+            st.preparing += count;
+            (spares, refs)
         };
-        let refs: Vec<SegmentRef> = (0..count)
-            .map(|i| SegmentRef {
-                file_id: first_id + i as u32,
-                seq: first_seq + i,
-            })
-            .collect();
-        let files = match self.create_segments(&refs) {
+        let count = refs.len() as u64;
+        let files = match self.files().prepare(&refs, &spares) {
             Ok(files) => files,
             Err(e) => {
-                self.lock().preparing -= count;
+                let new_files = &refs[spares.len()..];
+                let mut st = self.lock();
+                st.preparing -= count;
+                st.spares.extend(spares);
+                drop(st);
                 // A writer waiting for them prepares its own.
                 self.changed.notify_all();
-                for r in &refs {
+                for r in new_files {
                     // Best effort: an orphan file is also removed at the next open.
                     let _ = self.storage.remove_file(&self.path(r.file_id));
                 }
@@ -718,31 +893,43 @@ impl Pool {
         Ok(count)
     }
 
-    /// Creates, preallocates and heads a file for each of `refs`, then
-    /// makes them and the directory durable: every file's metadata first,
-    /// so that the first sync commits them all.
-    fn create_segments(&self, refs: &[SegmentRef]) -> Result<Vec<Arc<dyn StorageFile>>> {
-        let mut files = Vec::with_capacity(refs.len());
-        for r in refs {
-            let path = self.path(r.file_id);
-            let context = || format!("preparing segment {}", path.display());
-            let file = self.storage.create_new(&path).map_err(Error::io(context))?;
-            file.allocate(self.segment_size)
-                .and_then(|()| {
-                    write_unsynced_header(file.as_ref(), self.volume, r.seq, self.segment_size)
-                })
-                .map_err(Error::io(context))?;
-            files.push(file);
+    /// Writes out up to `want` more spare files of a preallocated pool, as
+    /// many as the limit allows; returns how many.
+    fn write_spares(&self, want: u64) -> Result<u64> {
+        let ids = {
+            let mut st = self.lock();
+            let count = want.min(self.max_segments.saturating_sub(st.total())) as u32;
+            st.preparing += u64::from(count);
+            st.next_file_id += count;
+            st.next_file_id - count..st.next_file_id
+        };
+        let count = ids.len() as u64;
+        let written = self.files().write_spares(ids.clone());
+        let mut st = self.lock();
+        st.preparing -= count;
+        match written {
+            Ok(spares) => {
+                st.spares.extend(spares);
+                Ok(count)
+            }
+            Err(e) => {
+                drop(st);
+                for id in ids {
+                    let _ = self.storage.remove_file(&self.path(id));
+                }
+                Err(e)
+            }
         }
-        for (r, file) in refs.iter().zip(&files) {
-            file.sync_data().map_err(Error::io(|| {
-                format!("preparing segment {}", self.path(r.file_id).display())
-            }))?;
+    }
+
+    fn files(&self) -> FileSetup<'_> {
+        FileSetup {
+            storage: self.storage.as_ref(),
+            dir: &self.dir,
+            volume: self.volume,
+            segment_size: self.segment_size,
+            preallocated: self.preallocated,
         }
-        self.storage.sync_dir(&self.dir).map_err(Error::io(|| {
-            format!("preparing segments in {}", self.dir.display())
-        }))?;
-        Ok(files)
     }
 
     /// Hands the next prepared segment to the write path (if the reserve
@@ -780,7 +967,7 @@ impl Pool {
                 }
                 return Ok(seg);
             }
-            if st.preparing > 0 || st.total() < self.max_segments {
+            if st.preparing > 0 || st.total() < self.max_segments || !st.spares.is_empty() {
                 if !ran_out {
                     ran_out = true;
                     st.raise_reserve(self.reserve_cap);
@@ -913,6 +1100,15 @@ impl Pool {
             st.free.push_back(seg);
             return (st, Err(e));
         }
+        if self.preallocated {
+            let mut st = self.lock();
+            st.leaving -= 1;
+            st.spares.push(Spare {
+                id: seg.id,
+                file: seg.file.clone(),
+            });
+            return (st, Ok(()));
+        }
         let path = self.path(seg.id);
         let removed = self
             .storage
@@ -958,6 +1154,8 @@ impl Pool {
         let done = if recycle {
             write_header(seg.file.as_ref(), self.volume, seq, self.segment_size)
                 .map_err(Error::io(|| format!("recycling {}", path.display())))
+        } else if self.preallocated {
+            Ok(()) // kept as a spare
         } else {
             // Not listed in `super` since the fold: removing it needs no
             // update. Gone already if a removal's directory sync failed.
@@ -975,6 +1173,12 @@ impl Pool {
         if !recycle {
             let mut st = self.lock();
             st.retired.retain(|s| !Arc::ptr_eq(s, &seg));
+            if self.preallocated {
+                st.spares.push(Spare {
+                    id: seg.id,
+                    file: seg.file.clone(),
+                });
+            }
             return (st, Ok(()));
         }
         // Listed in `super` before it joins `free`, under `sb` throughout;
@@ -1020,7 +1224,8 @@ impl Pool {
                 let (guard, r) = self.reuse_retired(st, index);
                 st = guard;
                 r
-            } else if free < st.reserve && st.total() < self.max_segments {
+            } else if free < st.reserve && (st.total() < self.max_segments || !st.spares.is_empty())
+            {
                 let missing = st.reserve - free;
                 drop(st);
                 let r = self.prepare_batch(missing).map(drop);
@@ -1037,6 +1242,11 @@ impl Pool {
             } else if st.free.len() as u64 > st.reserve {
                 let (guard, r) = self.release_one(st);
                 st = guard;
+                r
+            } else if self.preallocated && st.total() < self.max_segments {
+                drop(st);
+                let r = self.write_spares(PREALLOCATE_BATCH).map(drop);
+                st = self.lock();
                 r
             } else if !st.retired.is_empty() {
                 // Pinned by a reader or a view: look again shortly.
@@ -1095,6 +1305,15 @@ mod tests {
 
     /// A pool of at most `segments` segments with a reserve of one.
     fn pool_of(fs: &FaultStorage, segments: u64) -> Pool {
+        pool_new(fs, segments, false, Vec::new())
+    }
+
+    /// A preallocated pool over `spares`.
+    fn pool_with(fs: &FaultStorage, segments: u64, spares: Vec<Spare>) -> Pool {
+        pool_new(fs, segments, true, spares)
+    }
+
+    fn pool_new(fs: &FaultStorage, segments: u64, preallocated: bool, spares: Vec<Spare>) -> Pool {
         let dir = Path::new("/v");
         fs.create_dir_all(&dir.join(JOURNAL_DIR)).expect("mkdir");
         let volume = Uuid::new_v4();
@@ -1111,8 +1330,143 @@ mod tests {
             free: Vec::new(),
             next_seq: 1,
             max_wait: Duration::ZERO,
+            preallocated,
+            spares,
         })
         .expect("pool")
+    }
+
+    /// The spare files of a preallocated pool of `segments` at `/v`.
+    fn spares(fs: &FaultStorage, segments: u64) -> Vec<Spare> {
+        let mut seen = Vec::new();
+        let dir = Path::new("/v");
+        fs.create_dir_all(&dir.join(JOURNAL_DIR)).expect("mkdir");
+        let limit = segments * SEGMENT;
+        preallocate(
+            fs,
+            dir,
+            Uuid::new_v4(),
+            SEGMENT,
+            limit,
+            &mut |done, total| seen.push((done, total)),
+        )
+        .expect("preallocate");
+        let batch = PREALLOCATE_BATCH * SEGMENT;
+        let mut expected: Vec<_> = (0..limit).step_by(batch as usize).collect();
+        expected.push(limit);
+        assert_eq!(
+            seen,
+            expected.iter().map(|&d| (d, limit)).collect::<Vec<_>>()
+        );
+        (0..segments as u32)
+            .map(|id| Spare {
+                id,
+                file: fs
+                    .open(&dir.join(JOURNAL_DIR).join(segment_name(id)))
+                    .expect("spare"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn preallocate_writes_out_every_file_the_limit_allows() {
+        let fs = FaultStorage::new();
+        let segments = PREALLOCATE_BATCH + 3;
+        for spare in spares(&fs, segments) {
+            assert_eq!(spare.file.size().expect("size"), SEGMENT);
+            let mut bytes = vec![0xffu8; SEGMENT as usize];
+            spare.file.read_exact_at(&mut bytes, 0).expect("read");
+            assert!(bytes.iter().all(|&b| b == 0), "spare {}", spare.id);
+        }
+    }
+
+    #[test]
+    fn a_preallocated_pool_prepares_its_spares_before_new_files() {
+        let fs = FaultStorage::new();
+        let spares = spares(&fs, 4);
+        let pool = pool_with(&fs, 4, spares);
+        pool.fill_reserve().expect("reserve");
+        pool.take_next(|| false).expect("first");
+        pool.take_next(|| false).expect("second");
+        let c = pool.counts();
+        assert_eq!((c.used, c.free, c.bytes), (2, 0, 4 * SEGMENT));
+        let listed = pool.super_lock().state().segments.clone();
+        let ids: Vec<u32> = listed.iter().map(|s| s.file_id).collect();
+        assert_eq!(ids, [3, 2], "the spares, newest first; no new file");
+        assert_eq!(pool.lock().next_file_id, 4);
+        // The prepared spare carries its use's header.
+        let mut header = [0u8; 512];
+        pool.used()[0]
+            .file
+            .read_exact_at(&mut header, 0)
+            .expect("read");
+        let h = SegmentHeader::decode(&header).expect("header");
+        assert_eq!(h.seq, listed[0].seq);
+    }
+
+    #[test]
+    fn a_preallocated_pool_keeps_what_it_folds_as_a_spare() {
+        let fs = FaultStorage::new();
+        let pool = pool_with(&fs, 3, spares(&fs, 3));
+        pool.take_next(|| false).expect("first");
+        pool.take_next(|| false).expect("second");
+        pool.fill_reserve().expect("reserve");
+        let folded = pool.commit_fold(1, 1, 1).expect("fold");
+        pool.retire(folded);
+
+        // The reserve (one) is full: a plain pool removes the file here
+        // (below); a preallocated one keeps it, unlisted.
+        let st = pool.lock();
+        let (st, kept) = pool.reuse_retired(st, 0);
+        kept.expect("kept");
+        assert!(st.retired.is_empty());
+        assert_eq!(st.spares.iter().map(|s| s.id).collect::<Vec<_>>(), [2]);
+        drop(st);
+        assert_eq!(pool.counts().bytes, 3 * SEGMENT);
+        assert!(fs.exists(&pool.path(2)), "its file stays");
+        let listed = pool.super_lock().state().segments.len();
+        assert_eq!(listed, 2, "a spare is not listed");
+    }
+
+    #[test]
+    fn a_preallocated_pool_thread_writes_spares_up_to_the_limit_and_removes_nothing() {
+        let fs = FaultStorage::new();
+        // Two spares of six (a crash cut the preallocation short).
+        let mut spares = spares(&fs, 6);
+        for gone in spares.drain(2..) {
+            fs.remove_file(&Path::new("/v/journal").join(segment_name(gone.id)))
+                .expect("remove");
+        }
+        let pool = Arc::new(pool_with(&fs, 6, spares));
+        pool.lock().reserve = 3; // raised by the writer, say
+        let thread = {
+            let pool = pool.clone();
+            std::thread::spawn(move || pool.maintain())
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pool.counts().bytes < 6 * SEGMENT || pool.counts().free < 3 {
+            assert!(Instant::now() < deadline, "not there: {:?}", pool.counts());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The reserve falls back: the free segment above it is unlisted,
+        // kept as a spare.
+        pool.lock().reserve = 1;
+        pool.changed.notify_all();
+        while pool.counts().free > 1 {
+            assert!(
+                Instant::now() < deadline,
+                "not released: {:?}",
+                pool.counts()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        pool.shutdown();
+        thread.join().expect("pool thread");
+        assert_eq!(pool.counts().bytes, 6 * SEGMENT);
+        assert_eq!(pool.lock().spares.len(), 5);
+        for id in 0..6 {
+            assert!(fs.exists(&pool.path(id)), "{} removed", segment_name(id));
+        }
     }
 
     #[test]

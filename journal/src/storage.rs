@@ -293,6 +293,19 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     }
 }
 
+/// The most zeroes [`aligned_zeroes`] hands out at once.
+pub(crate) const ALIGNED_ZEROES: u64 = 8 << 20;
+
+/// `len` zero bytes, at most [`ALIGNED_ZEROES`], starting on a page
+/// boundary, as [`StorageFile::write_direct_at`] needs.
+pub(crate) fn aligned_zeroes(len: u64) -> &'static [u8] {
+    const PAGE: usize = 4096;
+    static ZEROES: OnceLock<Vec<u8>> = OnceLock::new();
+    let zeroes = ZEROES.get_or_init(|| vec![0u8; ALIGNED_ZEROES as usize + PAGE]);
+    let start = zeroes.as_ptr().align_offset(PAGE);
+    &zeroes[start..start + len.min(ALIGNED_ZEROES) as usize]
+}
+
 /// Writes zeroes over `[offset, offset + len)` with `write(buffer, at)`.
 fn write_zero_buffers(
     offset: u64,

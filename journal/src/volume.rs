@@ -50,10 +50,13 @@ use crate::meta::{EpochStart, Role, VolumeConfig, VolumeSettings, VOLUME_FILE};
 use crate::pace::Pacer;
 use crate::payload_buffer::PayloadBuffer;
 use crate::point::PointInTime;
-use crate::pool::{segment_name, write_header, Pool, PoolSetup, Segment, JOURNAL_DIR};
+use crate::pool::{segment_name, write_header, Pool, PoolSetup, Segment, Spare, JOURNAL_DIR};
 use crate::record_index::{Bookmark, Effect, Entry, RecordIndex, PAGE_OUT_BATCH, PAGE_OUT_CHUNKS};
 use crate::recovery::{recover, RecoveryReport};
-use crate::storage::{write_direct_parts, ImportMode, LockGuard, Progress, Storage, StorageFile};
+use crate::storage::{
+    aligned_zeroes, write_direct_parts, ImportMode, LockGuard, Progress, Storage, StorageFile,
+    ALIGNED_ZEROES,
+};
 use crate::superblock::Superblock;
 
 mod branch;
@@ -443,9 +446,8 @@ struct Inner {
 /// written before (a Python check of the pattern): 0.77x with 1 MiB
 /// chunks, 0.91x with 8 MiB.
 const ZERO_AHEAD: u64 = 8 << 20;
-
-/// `ZERO_AHEAD` zeroes and a page to align them on.
-static ZEROES: OnceLock<Vec<u8>> = OnceLock::new();
+// A chunk is written in one request.
+const _: () = assert!(ZERO_AHEAD <= ALIGNED_ZEROES);
 
 /// Data records a verdict of `Workload` looks back on at most.
 const WORKLOAD_WINDOW: u64 = 256;
@@ -702,6 +704,16 @@ impl Volume {
             }
         }
         Superblock::create(storage, dir, config.uuid)?;
+        if config.preallocate_journal {
+            crate::pool::preallocate(
+                storage,
+                dir,
+                config.uuid,
+                config.segment_size,
+                config.journal_max,
+                progress,
+            )?;
+        }
         // volume.json last: its presence marks a complete volume.
         config.store(storage, dir)?;
         Ok(config)
@@ -763,6 +775,7 @@ impl Volume {
             .iter()
             .map(|s| segment_name(s.file_id))
             .collect();
+        let spares = unlisted_files(storage.as_ref(), &journal_dir, &listed, &config)?;
         let pool = Arc::new(Pool::new(PoolSetup {
             storage: storage.clone(),
             volume_dir: dir.to_owned(),
@@ -775,8 +788,9 @@ impl Volume {
             free,
             next_seq,
             max_wait: options.retry.max_hold,
+            preallocated: config.preallocate_journal,
+            spares,
         })?);
-        remove_orphans(storage.as_ref(), &journal_dir, &listed)?;
         pool.fill_reserve()?;
         let mut index = recovered.index;
         if index.base_lsn() == 0 && pool.base().timestamp == 0 {
@@ -1345,27 +1359,59 @@ fn remove_checkpoint_leftover(storage: &dyn Storage, dir: &Path) -> Result<()> {
     }
 }
 
-fn remove_orphans(storage: &dyn Storage, journal: &Path, listed: &[String]) -> Result<()> {
-    let names = storage
+/// The segment files `super` does not list: a preallocated pool's spares
+/// (pool.rs), those whole and written out, as many as the limit leaves
+/// room for; every other one is removed (an interrupted preparation, or a
+/// spare cut short).
+fn unlisted_files(
+    storage: &dyn Storage,
+    journal: &Path,
+    listed: &[String],
+    config: &VolumeConfig,
+) -> Result<Vec<Spare>> {
+    let mut names = storage
         .list_dir(journal)
         .map_err(Error::io(|| format!("listing {}", journal.display())))?;
+    names.sort();
+    let mut room = if config.preallocate_journal {
+        (config.journal_max / config.segment_size).saturating_sub(listed.len() as u64)
+    } else {
+        0
+    };
+    let mut spares = Vec::new();
     let mut removed = false;
     for name in names {
-        if name.ends_with(".seg") && !listed.contains(&name) {
-            let path = journal.join(&name);
-            tracing::info!(file = %path.display(), "removing a segment file the pool does not list");
-            storage
-                .remove_file(&path)
-                .map_err(Error::io(|| format!("removing {}", path.display())))?;
-            removed = true;
+        if !name.ends_with(".seg") || listed.contains(&name) {
+            continue;
         }
+        let path = journal.join(&name);
+        let id = name
+            .strip_suffix(".seg")
+            .and_then(|id| id.parse::<u32>().ok());
+        if let Some(id) = id.filter(|_| room > 0) {
+            let file = storage
+                .open(&path)
+                .map_err(Error::io(|| format!("opening {}", path.display())))?;
+            let whole = file.size().is_ok_and(|size| size == config.segment_size)
+                && file.fully_written(0, config.segment_size).unwrap_or(false);
+            if whole {
+                spares.push(Spare { id, file });
+                room -= 1;
+                continue;
+            }
+        }
+        tracing::info!(file = %path.display(), "removing a segment file the pool does not list");
+        storage
+            .remove_file(&path)
+            .map_err(Error::io(|| format!("removing {}", path.display())))?;
+        removed = true;
     }
     if removed {
         storage
             .sync_dir(journal)
             .map_err(Error::io(|| format!("syncing {}", journal.display())))?;
     }
-    Ok(())
+    Ok(spares)
 }
 
 impl Inner {
@@ -1595,11 +1641,7 @@ impl Inner {
                 if len == 0 || segment.file.fully_written(at, len)? {
                     return Ok(());
                 }
-                let zeroes = ZEROES.get_or_init(|| vec![0u8; (ZERO_AHEAD + PAGE) as usize]);
-                let start = zeroes.as_ptr().align_offset(PAGE as usize);
-                segment
-                    .file
-                    .write_direct_at(&zeroes[start..start + len as usize], at)
+                segment.file.write_direct_at(aligned_zeroes(len), at)
             })?;
             *zeroed_to = chunk_end;
         }

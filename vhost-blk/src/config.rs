@@ -90,6 +90,12 @@ pub struct CreateArgs {
     /// Logical block size offered to guests: 512 or 4096.
     #[arg(long, default_value_t = 512)]
     pub block_size: u32,
+    /// Write the whole journal (--journal-max) out now and keep its files:
+    /// the journal then always writes over blocks written before (a disk's
+    /// new blocks are slower), at the cost of that disk space from the
+    /// start, as a fully preallocated raw image.
+    #[arg(long)]
+    pub preallocate_journal: bool,
     /// Make an empty replica of the primary volume with this uuid (its
     /// `rewindctl status` names it); --size must be the primary's.
     #[arg(long, conflicts_with = "from")]
@@ -106,6 +112,7 @@ impl From<&CreateArgs> for VolumeSettings {
             window: a.window,
             journal_max,
             journal_warn: journal_max / 10 * 8,
+            preallocate_journal: a.preallocate_journal,
             ..defaults
         }
     }

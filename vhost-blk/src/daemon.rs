@@ -69,11 +69,27 @@ pub fn create(args: &CreateArgs) -> Result<(), DaemonError> {
         },
         None => BaseImage::Empty,
     };
+    // The base image (shown when imported), then a preallocated journal:
+    // each counts up to its own total, so a fall from 100% starts the next.
+    let phases = [
+        args.from.as_ref().map(|_| "importing"),
+        args.preallocate_journal
+            .then_some("writing the journal out"),
+    ];
+    let mut phase = 0;
     let mut last_percent = None;
     let mut progress = |done: u64, total: u64| {
         let percent = (done * 100).checked_div(total).unwrap_or(100);
-        if last_percent != Some(percent) && args.from.is_some() {
-            eprint!("\rimporting: {percent:3}%");
+        if last_percent == Some(100) && percent < 100 && phase + 1 < phases.len() {
+            if phases[phase].is_some() {
+                eprintln!();
+            }
+            phase += 1;
+        }
+        if last_percent != Some(percent) {
+            if let Some(name) = phases[phase] {
+                eprint!("\r{name}: {percent:3}%");
+            }
             last_percent = Some(percent);
         }
     };
@@ -90,17 +106,21 @@ pub fn create(args: &CreateArgs) -> Result<(), DaemonError> {
             &mut progress,
         )?,
     };
-    if args.from.is_some() {
+    if args.from.is_some() || args.preallocate_journal {
         eprintln!();
     }
     println!(
-        "created {} volume {} at {}: {} bytes, window {}s, journal limit {} bytes",
+        "created {} volume {} at {}: {} bytes, window {}s, journal limit {} bytes{}",
         config.role,
         config.uuid,
         args.volume.display(),
         config.size,
         config.window_secs,
-        config.journal_max
+        config.journal_max,
+        match config.preallocate_journal {
+            true => " (written out)",
+            false => "",
+        }
     );
     print!("{}", history_table(&config));
     Ok(())

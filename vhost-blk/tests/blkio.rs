@@ -576,3 +576,47 @@ fn a_forced_inline_journal_writes_inline_from_its_first_record() {
         "{err}"
     );
 }
+
+#[test]
+fn a_preallocated_journal_serves_from_its_written_out_files_and_keeps_them() {
+    let vol = TestVolume::create_with(
+        "16M",
+        &[
+            "--segment-size",
+            "1M",
+            "--journal-max",
+            "8M",
+            "--preallocate-journal",
+        ],
+    );
+    let journal = vol.path.join("journal");
+    let files = || {
+        let mut names: Vec<String> = std::fs::read_dir(&journal)
+            .expect("journal")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = files();
+    assert_eq!(before.len(), 8, "{before:?}");
+
+    let mut server = Server::start(&vol, &[]);
+    let mut c = Client::connect(&vol.socket, 1);
+    // Three times the journal limit: the pool recycles its files.
+    for i in 0..48u64 {
+        let data = pattern(i as u8, 512 << 10);
+        assert_eq!(c.write(0, (i % 16) * (512 << 10), &data), 0);
+    }
+    assert_eq!(c.flush(0), 0);
+    for i in 32..48u64 {
+        let want = pattern(i as u8, 512 << 10);
+        assert!(
+            c.read(0, (i % 16) * (512 << 10), want.len()) == want,
+            "block {i}"
+        );
+    }
+    drop(c);
+    assert!(server.stop().success());
+    assert_eq!(files(), before, "the same files, none removed or added");
+}

@@ -601,3 +601,41 @@ fn create_says_how_much_history_the_journal_limit_holds() {
         "{out}"
     );
 }
+
+#[test]
+fn create_preallocate_journal_writes_the_whole_journal_out_with_progress() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let volume = dir.path().join("vol");
+    let out = run(Command::new(BIN)
+        .args(["create", "--size", "64M", "--segment-size", "1M"])
+        .args(["--journal-max", "40M", "--preallocate-journal", "--volume"])
+        .arg(&volume));
+    let shown = stdout(&out);
+    assert!(
+        shown.contains("journal limit 41943040 bytes (written out)"),
+        "{shown}"
+    );
+    let progress = String::from_utf8_lossy(&out.stderr);
+    let percents: Vec<&str> = progress
+        .split('\r')
+        .filter_map(|p| p.trim().strip_prefix("writing the journal out:"))
+        .map(str::trim)
+        .collect();
+    // A batch of 16 segments at a time: 0, 16 and 32 of 40, then all.
+    assert_eq!(percents, ["0%", "40%", "80%", "100%"], "{progress:?}");
+    let files = std::fs::read_dir(volume.join("journal"))
+        .expect("journal")
+        .map(|e| e.expect("entry").metadata().expect("metadata").len())
+        .collect::<Vec<_>>();
+    assert_eq!(files, vec![1 << 20; 40]);
+
+    // Without the option nothing is written out ahead.
+    let plain = dir.path().join("plain");
+    let out = run(Command::new(BIN)
+        .args(["create", "--size", "64M", "--volume"])
+        .arg(&plain));
+    assert!(!stdout(&out).contains("written out"));
+    assert!(out.stderr.is_empty(), "{:?}", out.stderr);
+    let files = std::fs::read_dir(plain.join("journal")).expect("journal");
+    assert_eq!(files.count(), 0);
+}

@@ -1,0 +1,160 @@
+//! A preallocated journal (`preallocate_journal`) on a real file system:
+//! every segment file the limit allows is written out at creation, so
+//! the journal never writes into a newly allocated or unwritten block, and
+//! the pool keeps its files when their records are folded.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{options, pattern, read, segment_file, small_settings};
+use rewind_journal::{
+    BaseImage, ManualClock, OpenOptions, OsStorage, Storage, Volume, VolumeConfig, VolumeSettings,
+};
+
+const SEGMENT: u64 = 1 << 20;
+const SEGMENTS: u64 = 8;
+
+fn settings(preallocate_journal: bool) -> VolumeSettings {
+    VolumeSettings {
+        segment_size: SEGMENT,
+        journal_max: SEGMENTS * SEGMENT,
+        journal_warn: SEGMENTS * SEGMENT,
+        window: Duration::from_secs(60),
+        preallocate_journal,
+        ..small_settings()
+    }
+}
+
+fn create(tmp: &Path, preallocate_journal: bool) -> PathBuf {
+    let dir = tmp.join("vol");
+    Volume::create(
+        OsStorage::shared().as_ref(),
+        &dir,
+        &settings(preallocate_journal),
+        BaseImage::Empty,
+        &mut |_, _| {},
+    )
+    .expect("create");
+    dir
+}
+
+fn segment_files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("journal"))
+        .expect("journal dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".seg"))
+        .collect();
+    names.sort();
+    names
+}
+
+fn fully_written(dir: &Path, id: u32) -> bool {
+    let f = OsStorage.open(&segment_file(dir, id)).expect("segment");
+    f.fully_written(0, SEGMENT).expect("FIEMAP")
+}
+
+#[test]
+fn creation_writes_out_every_segment_the_limit_allows() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("vol");
+    let mut reported = Vec::new();
+    let config = Volume::create(
+        OsStorage::shared().as_ref(),
+        &dir,
+        &settings(true),
+        BaseImage::Empty,
+        &mut |done, total| reported.push((done, total)),
+    )
+    .expect("create");
+    assert!(config.preallocate_journal);
+    let limit = SEGMENTS * SEGMENT;
+    assert_eq!(reported.last(), Some(&(limit, limit)), "{reported:?}");
+
+    let names = segment_files(&dir);
+    assert_eq!(names.len() as u64, SEGMENTS, "{names:?}");
+    for id in 0..SEGMENTS as u32 {
+        assert!(fully_written(&dir, id), "segment {id} has unwritten blocks");
+    }
+    // The setting survives in volume.json.
+    let json = std::fs::read_to_string(dir.join("volume.json")).expect("volume.json");
+    let stored: VolumeConfig = serde_json::from_str(&json).expect("parse");
+    assert!(stored.preallocate_journal, "{json}");
+
+    // The volume opens over its prepared files and reads what it wrote.
+    let (v, _) = Volume::open(OsStorage::shared(), &dir, options()).expect("open");
+    v.write(4096, &pattern(3, 8192)).expect("write");
+    v.flush().expect("flush");
+    assert_eq!(read(&v, 4096, 8192), pattern(3, 8192));
+    v.close().expect("close");
+    assert_eq!(segment_files(&dir), names);
+}
+
+/// Writes past a few segments, lets them leave the window and folds them:
+/// the journal's bytes on disk after the fold.
+fn bytes_after_a_fold(preallocate_journal: bool) -> (u64, usize) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = create(tmp.path(), preallocate_journal);
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000_000_000));
+    let open = OpenOptions {
+        clock: clock.clone(),
+        ..options()
+    };
+    let (v, _) = Volume::open(OsStorage::shared(), &dir, open).expect("open");
+    // Four segments of 64 KiB records.
+    for i in 0..64u64 {
+        v.write((i % 16) * 65536, &pattern(i as u8, 65536))
+            .expect("write");
+    }
+    v.flush().expect("flush");
+    clock.advance(Duration::from_secs(120).as_nanos() as u64);
+    v.write(0, &pattern(99, 4096))
+        .expect("write after the window");
+    v.fold_now().expect("fold").expect("something to fold");
+    assert_eq!(read(&v, 0, 4096), pattern(99, 4096));
+    let bytes = v.stats().journal_bytes;
+    v.close().expect("close");
+    (bytes, segment_files(&dir).len())
+}
+
+#[test]
+fn a_preallocated_pool_keeps_the_files_a_fold_frees() {
+    let (plain_bytes, plain_files) = bytes_after_a_fold(false);
+    let (bytes, files) = bytes_after_a_fold(true);
+    assert_eq!((bytes, files as u64), (SEGMENTS * SEGMENT, SEGMENTS));
+    assert!(
+        plain_bytes < bytes && (plain_files as u64) < SEGMENTS,
+        "a plain pool removes files beyond its reserve: {plain_bytes} bytes in {plain_files} files"
+    );
+}
+
+#[test]
+fn open_replaces_a_spare_a_crash_cut_short() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = create(tmp.path(), true);
+    // As if the preallocation stopped in the middle of the last file.
+    let last = segment_file(&dir, SEGMENTS as u32 - 1);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&last)
+        .and_then(|f| f.set_len(SEGMENT / 2))
+        .expect("cut short");
+
+    let (v, _) = Volume::open(OsStorage::shared(), &dir, options()).expect("open");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while v.stats().journal_bytes < SEGMENTS * SEGMENT {
+        assert!(std::time::Instant::now() < deadline, "{:?}", v.stats());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    v.close().expect("close");
+    // Removed at open, and made again, whole, by the pool's thread.
+    assert_eq!(std::fs::metadata(&last).expect("last").len(), SEGMENT);
+    let names = segment_files(&dir);
+    assert_eq!(names.len() as u64, SEGMENTS, "{names:?}");
+    for name in names {
+        let id: u32 = name.trim_end_matches(".seg").parse().expect("id");
+        assert!(fully_written(&dir, id), "{name} has unwritten blocks");
+    }
+}
