@@ -236,6 +236,11 @@ pub struct PoolCounts {
     pub reserve: u64,
     /// Bytes the segment files occupy.
     pub bytes: u64,
+    /// Bytes of the segments that hold records or wait for a reader to
+    /// let go (used and retired): what the history costs, whatever files
+    /// the pool keeps ready besides (its reserve, a preallocated pool's
+    /// spares).
+    pub held: u64,
 }
 
 #[derive(Debug)]
@@ -703,6 +708,7 @@ impl Pool {
             retired,
             reserve: st.reserve,
             bytes: (used + free + retired + st.spares.len() as u64) * self.segment_size,
+            held: (used + retired) * self.segment_size,
         }
     }
 

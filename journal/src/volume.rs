@@ -186,6 +186,8 @@ pub struct Stats {
     pub journal_bytes: u64,
     pub journal_max: u64,
     pub journal_warn: u64,
+    /// The segments holding history (records, and folded ones a reader
+    /// still pins) reach `journal_warn`; free and spare files do not count.
     pub over_warning: bool,
     pub base_lsn: u64,
     /// Highest lsn appended (0 if none).
@@ -1300,7 +1302,7 @@ impl Volume {
             journal_bytes: counts.bytes,
             journal_max: inner.pool.journal_max(),
             journal_warn: inner.config.journal_warn,
-            over_warning: counts.bytes >= inner.config.journal_warn,
+            over_warning: counts.held >= inner.config.journal_warn,
             base_lsn: inner.pool.base().lsn,
             last_lsn,
             durable_lsn: inner.durable_lsn.load(Ordering::Acquire),
@@ -1615,7 +1617,7 @@ impl Inner {
     /// Whether the pool holds at most a quarter of its limit, so that
     /// records written now are not folded soon (`Mode::Bulk`).
     fn far_from_limit(&self) -> bool {
-        self.pool.counts().bytes <= self.config.journal_max / 4
+        self.pool.counts().held <= self.config.journal_max / 4
     }
 
     /// Writes zeroes where the inline segment `segment` still has
@@ -1961,14 +1963,14 @@ impl Inner {
     }
 
     fn warn_if_over_threshold(&self) {
-        let bytes = self.pool.counts().bytes;
+        let bytes = self.pool.counts().held;
         let over = bytes >= self.config.journal_warn;
         if over && !self.warned.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 event = crate::events::JOURNAL_WARN_THRESHOLD,
                 volume = %self.config.uuid,
                 dir = %self.dir.display(),
-                "journal pool at {bytes} bytes, past the warning threshold of {} (limit {})",
+                "journal holds {bytes} bytes of segments, past the warning threshold of {} (limit {})",
                 self.config.journal_warn,
                 self.config.journal_max
             );

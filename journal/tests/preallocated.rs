@@ -29,11 +29,15 @@ fn settings(preallocate_journal: bool) -> VolumeSettings {
 }
 
 fn create(tmp: &Path, preallocate_journal: bool) -> PathBuf {
+    create_with(tmp, &settings(preallocate_journal))
+}
+
+fn create_with(tmp: &Path, settings: &VolumeSettings) -> PathBuf {
     let dir = tmp.join("vol");
     Volume::create(
         OsStorage::shared().as_ref(),
         &dir,
-        &settings(preallocate_journal),
+        settings,
         BaseImage::Empty,
         &mut |_, _| {},
     )
@@ -157,4 +161,31 @@ fn open_replaces_a_spare_a_crash_cut_short() {
         let id: u32 = name.trim_end_matches(".seg").parse().expect("id");
         assert!(fully_written(&dir, id), "{name} has unwritten blocks");
     }
+}
+
+#[test]
+fn large_writes_go_straight_to_the_device_though_the_files_fill_the_limit() {
+    // Bulk segments (FORMAT.md) need the journal's records far from the
+    // limit; the preallocated files occupy all of it from the start.
+    const BLOCK: u64 = 64 << 10;
+    let settings = VolumeSettings {
+        size: 64 << 20,
+        journal_max: 128 << 20,
+        journal_warn: 64 << 20,
+        ..settings(true)
+    };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = create_with(tmp.path(), &settings);
+    let (v, _) = Volume::open(OsStorage::shared(), &dir, options()).expect("open");
+    let mut i = 0;
+    while !v.bulk_writes() {
+        assert!(i < 256 + 16, "still not bulk after {i} writes");
+        v.write(i * BLOCK, &pattern(i as u8, BLOCK as usize))
+            .expect("write");
+        i += 1;
+    }
+    let s = v.stats();
+    assert!(!s.over_warning, "files are not history: {s:?}");
+    assert_eq!(read(&v, 0, BLOCK as usize), pattern(0, BLOCK as usize));
+    v.close().expect("close");
 }
