@@ -42,7 +42,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
-use common::{create_rewind, make_image, serve_rewind_to, start_qsd, Server};
+use common::{create_rewind, create_volume, make_image, serve_rewind_to, start_qsd, Server};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -62,6 +62,13 @@ const BELOW_JOURNAL_MAX: u64 = 128 << 30;
 /// The segment size of that volume, whatever the shape's: few enough
 /// segments for `BELOW_JOURNAL_MAX` (a volume has at most about 8,000).
 const BELOW_SEGMENT_SIZE: u64 = 64 << 20;
+/// The journal limit of the preallocated volume of a run below the limit
+/// (`--preallocate-journal`, written out at its creation each round, so
+/// it fits the disk beside the image): a quarter of it, the most the
+/// journal holds for large writes to go straight to the device, is more
+/// than a run writes at 2 GB/s. A quick run's is small.
+const BELOW_PREALLOCATED_MAX: u64 = 44 << 30;
+const QUICK_PREALLOCATED_MAX: u64 = 2 << 30;
 /// The length of a run below the limit.
 const BELOW_SECONDS: u64 = 5;
 /// The size of fio's file for the device's rate below the limit: more than
@@ -477,6 +484,7 @@ fn below_the_limit(
     image: &Path,
     size: u64,
     rounds: usize,
+    preallocated_max: u64,
     throttle: Option<&Throttle>,
 ) -> Below {
     let below = dir.join("below");
@@ -487,7 +495,10 @@ fn below_the_limit(
         sequential: true,
         time: Duration::from_secs(BELOW_SECONDS),
     };
-    let mut outcomes = Below::default();
+    let mut outcomes = Below {
+        preallocated_max,
+        ..Below::default()
+    };
     std::fs::File::create(&log).expect("rewind-blk's log");
     for round in 0..rounds {
         std::fs::create_dir(&below).expect("a directory for the volume below the limit");
@@ -533,6 +544,44 @@ fn below_the_limit(
             }
         }
         std::fs::remove_dir_all(&below).expect("remove the volume below the limit");
+        // The preallocated volume once the other is gone (the disk holds
+        // one of them): empty, as the data a sequential run writes over
+        // the whole disk does not depend on what was there.
+        std::fs::create_dir(&below).expect("a directory for the preallocated volume");
+        let created = Instant::now();
+        let volume = create_volume(
+            &below,
+            None,
+            size,
+            &[
+                "--journal-max".into(),
+                preallocated_max.to_string(),
+                "--segment-size".into(),
+                BELOW_SEGMENT_SIZE.to_string(),
+                "--preallocate-journal".into(),
+            ],
+        );
+        outcomes.preallocation.push(created.elapsed());
+        let synced = Command::new("sync").status().expect("sync");
+        assert!(synced.success(), "sync: {synced}");
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .expect("rewind-blk's log");
+        let start = || serve_rewind_to(&below, &volume, 1, log);
+        let server = match throttle {
+            Some(t) => t.inside(start),
+            None => start(),
+        };
+        let outcome = run(&server, workload, size, 60 + round as u64);
+        drop(server);
+        match outcomes.runs.get_mut(3) {
+            Some((_, runs)) => runs.push(outcome),
+            None => outcomes
+                .runs
+                .push(("rewind-blk, preallocated journal", vec![outcome])),
+        }
+        std::fs::remove_dir_all(&below).expect("remove the preallocated volume");
         let (new_file, written) = fio_sequential(dir, image, size, throttle);
         outcomes.device_new_file.push(new_file);
         outcomes.device_written.push(written);
@@ -549,6 +598,10 @@ struct Below {
     device_new_file: Vec<f64>,
     /// fio's MiB/s by round, over the qsd exports' image, as they write it.
     device_written: Vec<f64>,
+    /// The preallocated volume's journal limit, and how long its
+    /// `create --preallocate-journal` took, by round.
+    preallocated_max: u64,
+    preallocation: Vec<Duration>,
 }
 
 /// The median of `values` (the upper one of an even count).
@@ -620,6 +673,33 @@ fn report_below(below: &Below) {
             ratios.join(", ")
         );
     }
+    // The preallocated journal against qsd best, paired by round (issue
+    // 17's goal for this row: at least 0.8x qsd best).
+    let (Some((_, preallocated)), Some((_, best))) = (below.runs.get(3), below.runs.get(2)) else {
+        return;
+    };
+    let ratios: Vec<f64> = preallocated
+        .iter()
+        .zip(best)
+        .map(|(ours, theirs)| ours.rate() / theirs.rate())
+        .collect();
+    let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}x")).collect();
+    let seconds: Vec<String> = below
+        .preallocation
+        .iter()
+        .map(|d| format!("{:.1}", d.as_secs_f64()))
+        .collect();
+    println!();
+    println!(
+        "rewind-blk with a preallocated journal of {} GiB (created in {} s): {:.0} MiB/s, \
+         {:.2}x qsd best paired by round ({}), {:.2}x the device over written blocks",
+        below.preallocated_max >> 30,
+        seconds.join(", "),
+        median(preallocated.iter().map(mib_s).collect()),
+        median(ratios),
+        shown.join(", "),
+        median(preallocated.iter().map(mib_s).collect()) / median(below.device_written.clone()),
+    );
 }
 
 fn ms(d: Duration) -> String {
@@ -701,8 +781,18 @@ fn main() {
         sequential.time.as_secs(),
         random.time.as_secs_f64() / INTERVALS as f64
     );
-    let rounds = if quick { 1 } else { BELOW_ROUNDS };
-    let below = below_the_limit(dir.path(), &image, shape.size, rounds, throttle.as_ref());
+    let (rounds, preallocated_max) = match quick {
+        true => (1, QUICK_PREALLOCATED_MAX),
+        false => (BELOW_ROUNDS, BELOW_PREALLOCATED_MAX),
+    };
+    let below = below_the_limit(
+        dir.path(),
+        &image,
+        shape.size,
+        rounds,
+        preallocated_max,
+        throttle.as_ref(),
+    );
     if std::env::var("REWIND_BENCH_ONLY").is_ok_and(|only| only == "below") {
         report_below(&below);
         return;

@@ -70,14 +70,19 @@ pub fn make_image(image: &Path, size: u64) {
 /// `rewind-blk create --from image` in `dir`/vol, with `extra` create
 /// arguments; returns the volume's path.
 pub fn create_rewind(dir: &Path, image: &Path, size: u64, extra: &[String]) -> PathBuf {
+    create_volume(dir, Some(image), size, extra)
+}
+
+/// [`create_rewind`], or an empty volume without `from`.
+pub fn create_volume(dir: &Path, from: Option<&Path>, size: u64, extra: &[String]) -> PathBuf {
     let volume = dir.join("vol");
+    let from = from.map(|image| [Path::new("--from"), image]);
     let out = Command::new(BIN)
         .args(["create", "--size", &size.to_string()])
         .args(extra)
         .arg("--volume")
         .arg(&volume)
-        .arg("--from")
-        .arg(image)
+        .args(from.iter().flatten())
         .output()
         .expect("rewind-blk create");
     assert!(
