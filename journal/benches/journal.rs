@@ -635,53 +635,28 @@ impl Device {
 }
 
 /// A volume for the write-amp group whose journal takes `bytes` without
-/// a fold: a journal limit of twice that, and with `prewritten` a reserve
-/// of segments that holds it all, written over with zeroes before the
-/// volume opens, as a segment file is once recycled (its extents written,
-/// not fallocated-unwritten), and evicted from the page cache.
+/// a fold: a journal limit of twice that, and with `preallocated` a
+/// preallocated journal (`create --preallocate-journal`: every file
+/// written out before the volume opens, as a segment file is once
+/// recycled, not fallocated-unwritten).
 fn write_amp_volume(
     dir: &Path,
     disk: u64,
     bytes: u64,
-    prewritten: bool,
+    preallocated: bool,
     layout: LayoutChoice,
 ) -> Volume {
     let storage = OsStorage::shared();
     let mut s = settings(disk, bytes);
-    if prewritten {
-        let reserve = bytes.div_ceil(s.segment_size) + 1;
-        s.reserve_segments = reserve as u32;
-        // Room for the reserve, the segments written and the applier's
+    if preallocated {
+        // Room for the segments written, the reserve and the applier's
         // early zone (at most 16), so that the pool never folds early.
-        s.journal_max = s.journal_max.max((2 * reserve + 17) * s.segment_size);
+        let segments = bytes.div_ceil(s.segment_size) + 1;
+        s.journal_max = s.journal_max.max((segments + 20) * s.segment_size);
         s.journal_warn = s.journal_max;
+        s.preallocate_journal = true;
     }
     Volume::create(storage.as_ref(), dir, &s, BaseImage::Empty, &mut |_, _| {}).expect("create");
-    if prewritten {
-        let (v, _) = Volume::open(storage.clone(), dir, OpenOptions::default()).expect("open");
-        v.close().expect("close");
-        let zeroes = vec![0u8; 1 << 20];
-        for entry in std::fs::read_dir(dir.join("journal")).expect("ls") {
-            let path = entry.expect("entry").path();
-            if path.extension().is_none_or(|e| e != "seg") {
-                continue;
-            }
-            let f = FsOpen::new().write(true).open(&path).expect("segment");
-            let len = f.metadata().expect("stat").len();
-            // Past the page holding the segment header.
-            let mut at = 4096;
-            while at < len {
-                let n = (len - at).min(zeroes.len() as u64) as usize;
-                f.write_all_at(&zeroes[..n], at).expect("zero");
-                at += n as u64;
-            }
-            drop(f);
-            // Out of the page cache: the 1 MiB writes left large folios,
-            // and a header stored through the mapping into one makes the
-            // sync write the whole folio back.
-            evict(&path);
-        }
-    }
     let options = OpenOptions {
         layout,
         ..OpenOptions::default()
@@ -692,7 +667,7 @@ fn write_amp_volume(
 /// Device bytes per durable 4 KiB random write: at QD1 with each write
 /// made durable before the next (a FUA write, or writethrough), and with
 /// a flush every 32 writes. Rewind (segments in each layout: new segment
-/// files, then segment files written before) against the same pattern on a preallocated plain file
+/// files, then a preallocated journal's) against the same pattern on a preallocated plain file
 /// with pwrite + fdatasync (what qemu-storage-daemon does on a raw image),
 /// written in full first, and, to show what ext4's unwritten extents
 /// cost, fallocated only. Same file system; least of three runs each
@@ -712,10 +687,10 @@ fn bench_write_amplification(c: &Config) {
             .map(|_| rng.random_range(0..disk / 4096) * 4096)
             .collect();
         let data = vec![0x77u8; 4096];
-        let rewind = |prewritten: bool, layout: LayoutChoice| {
+        let rewind = |preallocated: bool, layout: LayoutChoice| {
             let dir = c.dir.join("write-amp");
             // A record and a Flush record's header each, at most.
-            let v = write_amp_volume(&dir, disk, writes * 5120, prewritten, layout);
+            let v = write_amp_volume(&dir, disk, writes * 5120, preallocated, layout);
             let m = dev.measure(|| {
                 for (i, &at) in offsets.iter().enumerate() {
                     v.write(at, &data).expect("write");
@@ -781,12 +756,9 @@ fn bench_write_amplification(c: &Config) {
         };
         for (segments, ours) in [
             ("slots, new segment files", best[0]),
-            (
-                "slots, segment files written before (as recycled ones)",
-                best[1],
-            ),
+            ("slots, a preallocated journal", best[1]),
             ("inline, new segment files", best[2]),
-            ("inline, segment files written before", best[3]),
+            ("inline, a preallocated journal", best[3]),
         ] {
             row(
                 &format!(
