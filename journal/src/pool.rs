@@ -885,6 +885,9 @@ impl Pool {
         let mut st = self.lock();
         st.preparing -= count;
         if let Err(e) = stored {
+            // Unlisted still: spares again (new files stay orphans, which
+            // the next open removes).
+            st.spares.extend(spares);
             drop(st);
             self.changed.notify_all();
             return Err(e);
@@ -1408,6 +1411,24 @@ mod tests {
             .expect("read");
         let h = SegmentHeader::decode(&header).expect("header");
         assert_eq!(h.seq, listed[0].seq);
+    }
+
+    #[test]
+    fn spares_a_failed_preparation_took_stay_spares() {
+        let fs = FaultStorage::new();
+        let pool = pool_with(&fs, 4, spares(&fs, 4));
+        // The header of the second spare fails; then the super listing.
+        fs.inject(Fault::once_after(FaultOp::Write, 1, libc::EIO).on_paths_containing(".seg"));
+        assert!(pool.prepare_batch(2).is_err());
+        fs.clear_faults();
+        fs.inject(Fault::always(FaultOp::Write, libc::EIO).on_paths_containing("super"));
+        assert!(pool.prepare_batch(2).is_err());
+        fs.clear_faults();
+        let st = pool.lock();
+        assert_eq!((st.spares.len(), st.preparing, st.total()), (4, 0, 4));
+        drop(st);
+        assert_eq!(pool.prepare_batch(2).expect("batch"), 2);
+        assert_eq!(pool.lock().next_file_id, 4, "no new file");
     }
 
     #[test]
