@@ -4,8 +4,11 @@
 //! queue, over a volume whose journal limit is a quarter of the volume.
 //! First, 1 MiB sequential writes at depth 8 for a few seconds below the
 //! limit, three rounds of the servers in turn: rewind-blk on a second
-//! volume whose journal limit the runs cannot fill to a quarter. Then each
-//! server in turn takes 1 MiB sequential writes at depth 8 (rewind reaches
+//! volume whose journal limit the runs cannot fill to a quarter, and on one
+//! created with `--preallocate-journal` (its journal written out, so no
+//! block it writes is new to the disk). Then each server in turn, a
+//! fourth being rewind-blk on a preallocated copy of the volume under
+//! test, takes 1 MiB sequential writes at depth 8 (rewind reaches
 //! its limit within the run), then 4 KiB random writes at depth 32 for a
 //! fixed time (most of it at the limit, folding). Reported: the rate per
 //! interval (a twelfth of each run), the lowest interval against qsd's
@@ -30,8 +33,9 @@
 //! the kernel's flusher threads, which no cgroup is charged for; the table
 //! after the results shows how much of the disk's IO went through the
 //! throttle. The cgroup is removed at the end. rewind-blk's log goes to
-//! `at_limit-rewind-blk.log` in cargo's target tmp directory (below the limit:
-//! `at_limit-below-rewind-blk.log`).
+//! `at_limit-rewind-blk.log` in cargo's target tmp directory (the
+//! preallocated volume's: `at_limit-preallocated-rewind-blk.log`; below the
+//! limit: `at_limit-below-rewind-blk.log`).
 
 mod common;
 
@@ -797,6 +801,24 @@ fn main() {
         report_below(&below);
         return;
     }
+    // The same volume with its journal written out at creation: no block
+    // of it is new to the disk, in the first pass to the limit too.
+    let preallocated_dir = dir.path().join("preallocated");
+    std::fs::create_dir(&preallocated_dir).expect("a directory for the preallocated volume");
+    let preallocated = create_rewind(
+        &preallocated_dir,
+        &image,
+        shape.size,
+        &[
+            "--journal-max".into(),
+            shape.journal_max.to_string(),
+            "--segment-size".into(),
+            shape.segment_size.to_string(),
+            "--preallocate-journal".into(),
+        ],
+    );
+    let preallocated_log =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("at_limit-preallocated-rewind-blk.log");
     let start = |k: usize| match k {
         0 => serve_rewind_to(
             dir.path(),
@@ -805,13 +827,19 @@ fn main() {
             std::fs::File::create(&log).expect("rewind-blk's log"),
         ),
         1 => start_qsd(dir.path(), &image, false, 1),
-        _ => start_qsd(dir.path(), &image, true, 1),
+        2 => start_qsd(dir.path(), &image, true, 1),
+        _ => {
+            let log = std::fs::File::create(&preallocated_log).expect("rewind-blk's log");
+            let mut server = serve_rewind_to(&preallocated_dir, &preallocated, 1, log);
+            server.name = "rewind-blk, preallocated journal";
+            server
+        }
     };
     // One server at a time (the qsd exports share one image), each for the
     // sequential run and then the random one.
     let mut results = Vec::new();
     let mut io = Vec::new();
-    for k in 0..3 {
+    for k in 0..4 {
         let before = throttle.as_ref().map(|t| (t.throttled(), t.disk_ops()));
         let server = match &throttle {
             Some(t) => t.inside(|| start(k)),
@@ -877,13 +905,15 @@ fn main() {
             );
         }
     }
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    println!(
-        "rewind-blk's log: {} warnings, {} errors ({})",
-        text.lines().filter(|l| l.contains(" WARN ")).count(),
-        text.lines().filter(|l| l.contains(" ERROR ")).count(),
-        log.display()
-    );
+    for log in [&log, &preallocated_log] {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        println!(
+            "rewind-blk's log: {} warnings, {} errors ({})",
+            text.lines().filter(|l| l.contains(" WARN ")).count(),
+            text.lines().filter(|l| l.contains(" ERROR ")).count(),
+            log.display()
+        );
+    }
     println!();
     println!("| server | 4 KiB QD32 IOPS | median interval | lowest interval | lowest / qsd median | p99 | max latency | errors | 1 MiB seq QD8 MiB/s | its max latency | its errors |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
