@@ -764,17 +764,13 @@ fn main() {
     let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join("at_limit-rewind-blk.log");
     let image = dir.path().join("disk.raw");
     make_image(&image, shape.size);
-    let volume = create_rewind(
-        dir.path(),
-        &image,
-        shape.size,
-        &[
-            "--journal-max".into(),
-            shape.journal_max.to_string(),
-            "--segment-size".into(),
-            shape.segment_size.to_string(),
-        ],
-    );
+    let mut journal = vec![
+        "--journal-max".to_owned(),
+        shape.journal_max.to_string(),
+        "--segment-size".into(),
+        shape.segment_size.to_string(),
+    ];
+    let volume = create_rewind(dir.path(), &image, shape.size, &journal);
     println!(
         "volume {} MiB, rewind journal limit {} MiB in {} MiB segments; random run {} s, \
          sequential run {} s, intervals of {:.1} s",
@@ -805,18 +801,8 @@ fn main() {
     // of it is new to the disk, in the first pass to the limit too.
     let preallocated_dir = dir.path().join("preallocated");
     std::fs::create_dir(&preallocated_dir).expect("a directory for the preallocated volume");
-    let preallocated = create_rewind(
-        &preallocated_dir,
-        &image,
-        shape.size,
-        &[
-            "--journal-max".into(),
-            shape.journal_max.to_string(),
-            "--segment-size".into(),
-            shape.segment_size.to_string(),
-            "--preallocate-journal".into(),
-        ],
-    );
+    journal.push("--preallocate-journal".into());
+    let preallocated = create_rewind(&preallocated_dir, &image, shape.size, &journal);
     let preallocated_log =
         Path::new(env!("CARGO_TARGET_TMPDIR")).join("at_limit-preallocated-rewind-blk.log");
     let start = |k: usize| match k {
