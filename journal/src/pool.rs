@@ -139,6 +139,9 @@ struct PoolState {
     leaving: u64,
     /// A preallocated pool's written-out files `super` does not list.
     spares: Vec<Spare>,
+    /// Spares being written out (counted against the limit; the write
+    /// path does not wait for them, as it does for `preparing`).
+    writing_spares: u64,
     next_seq: u64,
     next_file_id: u32,
     shutdown: bool,
@@ -168,6 +171,7 @@ impl PoolState {
     fn total(&self) -> u64 {
         (self.used.len() + self.free.len() + self.retired.len() + self.spares.len()) as u64
             + self.preparing
+            + self.writing_spares
             + self.leaving
     }
 
@@ -457,8 +461,8 @@ impl FileSetup<'_> {
 /// Writes out the spare files of a new preallocated volume
 /// (`preallocate_journal`): as many as `journal_max` allows, a batch at a
 /// time; `progress` gets the bytes written and the limit. A crash leaves
-/// fewer, or one not written out, which open removes; the pool thread
-/// makes the rest.
+/// no volume (`volume.json` is written after this): `create` then refuses
+/// the directory until it is emptied.
 pub fn preallocate(
     storage: &dyn Storage,
     volume_dir: &Path,
@@ -519,7 +523,7 @@ impl Pool {
         }
         let mut sb = setup.sb;
         // Spares are not listed: no new file may take one's name.
-        let spare_ids = setup.spares.iter().map(|s| s.id + 1);
+        let spare_ids = setup.spares.iter().map(|s| s.id.saturating_add(1));
         let next_file_id = spare_ids.fold(sb.state().next_file_id, u32::max);
         let state = PoolState {
             base: Base::of(sb.state()),
@@ -530,6 +534,7 @@ impl Pool {
             preparing: 0,
             leaving: 0,
             spares: setup.spares,
+            writing_spares: 0,
             next_seq: setup.next_seq,
             next_file_id,
             shutdown: false,
@@ -865,14 +870,13 @@ impl Pool {
         let files = match self.files().prepare(&refs, &spares) {
             Ok(files) => files,
             Err(e) => {
-                let new_files = &refs[spares.len()..];
-                let mut st = self.lock();
-                st.preparing -= count;
-                st.spares.extend(spares);
-                drop(st);
+                self.lock().preparing -= count;
                 // A writer waiting for them prepares its own.
                 self.changed.notify_all();
-                for r in new_files {
+                // Spares too: one whose header cannot be written must not
+                // be the one every later attempt takes again (the pool
+                // thread writes out new ones).
+                for r in &refs {
                     // Best effort: an orphan file is also removed at the next open.
                     let _ = self.storage.remove_file(&self.path(r.file_id));
                 }
@@ -885,9 +889,14 @@ impl Pool {
         let mut st = self.lock();
         st.preparing -= count;
         if let Err(e) = stored {
-            // Unlisted still: spares again (new files stay orphans, which
-            // the next open removes).
-            st.spares.extend(spares);
+            // Unlisted still: in a preallocated pool, spares (written out,
+            // headed for a use that never began); else orphans, which the
+            // next open removes.
+            if self.preallocated {
+                let ids = refs.iter().map(|r| r.file_id);
+                st.spares
+                    .extend(ids.zip(files).map(|(id, file)| Spare { id, file }));
+            }
             drop(st);
             self.changed.notify_all();
             return Err(e);
@@ -908,15 +917,15 @@ impl Pool {
         let ids = {
             let mut st = self.lock();
             let count = want.min(self.max_segments.saturating_sub(st.total())) as u32;
-            st.preparing += u64::from(count);
+            st.writing_spares += u64::from(count);
             st.next_file_id += count;
             st.next_file_id - count..st.next_file_id
         };
         let count = ids.len() as u64;
         let written = self.files().write_spares(ids.clone());
         let mut st = self.lock();
-        st.preparing -= count;
-        match written {
+        st.writing_spares -= count;
+        let result = match written {
             Ok(spares) => {
                 st.spares.extend(spares);
                 Ok(count)
@@ -928,7 +937,10 @@ impl Pool {
                 }
                 Err(e)
             }
-        }
+        };
+        // A writer that ran out prepares one of them.
+        self.changed.notify_all();
+        result
     }
 
     fn files(&self) -> FileSetup<'_> {
@@ -976,7 +988,8 @@ impl Pool {
                 }
                 return Ok(seg);
             }
-            if st.preparing > 0 || st.total() < self.max_segments || !st.spares.is_empty() {
+            let room = st.total() < self.max_segments || !st.spares.is_empty();
+            if st.preparing > 0 || room || st.writing_spares > 0 {
                 if !ran_out {
                     ran_out = true;
                     st.raise_reserve(self.reserve_cap);
@@ -991,9 +1004,10 @@ impl Pool {
                     // The pool thread starts on the larger reserve.
                     self.changed.notify_all();
                 }
-                if st.preparing > 0 {
-                    // Segments are on their way: wait for them rather than
-                    // sync one more file beside them.
+                if st.preparing > 0 || !room {
+                    // Segments are on their way (or spares, the only room
+                    // left): wait for them rather than sync one more file
+                    // beside them.
                     let _ = self
                         .changed
                         .wait_timeout(st, Duration::from_millis(100))
@@ -1116,6 +1130,7 @@ impl Pool {
                 id: seg.id,
                 file: seg.file.clone(),
             });
+            self.changed.notify_all();
             return (st, Ok(()));
         }
         let path = self.path(seg.id);
@@ -1187,6 +1202,7 @@ impl Pool {
                     id: seg.id,
                     file: seg.file.clone(),
                 });
+                self.changed.notify_all();
             }
             return (st, Ok(()));
         }
@@ -1414,21 +1430,30 @@ mod tests {
     }
 
     #[test]
-    fn spares_a_failed_preparation_took_stay_spares() {
+    fn a_failed_preparation_removes_the_spares_it_took_unless_only_super_failed() {
         let fs = FaultStorage::new();
         let pool = pool_with(&fs, 4, spares(&fs, 4));
-        // The header of the second spare fails; then the super listing.
+        // The header of the second spare fails: both files are removed,
+        // so that no later attempt takes a file that keeps failing.
         fs.inject(Fault::once_after(FaultOp::Write, 1, libc::EIO).on_paths_containing(".seg"));
         assert!(pool.prepare_batch(2).is_err());
         fs.clear_faults();
+        assert!(!fs.exists(&pool.path(2)) && !fs.exists(&pool.path(3)));
+        let st = pool.lock();
+        assert_eq!((st.spares.len(), st.preparing, st.total()), (2, 0, 2));
+        drop(st);
+        // `super` fails: the files, headed but not listed, stay spares.
         fs.inject(Fault::always(FaultOp::Write, libc::EIO).on_paths_containing("super"));
         assert!(pool.prepare_batch(2).is_err());
         fs.clear_faults();
-        let st = pool.lock();
-        assert_eq!((st.spares.len(), st.preparing, st.total()), (4, 0, 4));
-        drop(st);
+        assert_eq!(pool.lock().spares.len(), 2);
         assert_eq!(pool.prepare_batch(2).expect("batch"), 2);
         assert_eq!(pool.lock().next_file_id, 4, "no new file");
+        // The pool thread writes out what the failure removed.
+        assert_eq!(pool.write_spares(8).expect("spares"), 2);
+        let st = pool.lock();
+        let ids: Vec<u32> = st.spares.iter().map(|s| s.id).collect();
+        assert_eq!((ids, st.total()), (vec![4, 5], 4));
     }
 
     #[test]

@@ -1362,9 +1362,10 @@ fn remove_checkpoint_leftover(storage: &dyn Storage, dir: &Path) -> Result<()> {
 }
 
 /// The segment files `super` does not list: a preallocated pool's spares
-/// (pool.rs), those whole and written out, as many as the limit leaves
-/// room for; every other one is removed (an interrupted preparation, or a
-/// spare cut short).
+/// (pool.rs), those of the segment size under their own names, as many as
+/// the limit leaves room for; every other one is removed (an interrupted
+/// preparation, or a spare cut short). A spare whose writing out a crash
+/// interrupted keeps its unwritten blocks: slower to write, never wrong.
 fn unlisted_files(
     storage: &dyn Storage,
     journal: &Path,
@@ -1387,16 +1388,16 @@ fn unlisted_files(
             continue;
         }
         let path = journal.join(&name);
+        // Only the pool's own names: a spare is opened again by its id.
         let id = name
             .strip_suffix(".seg")
             .and_then(|id| id.parse::<u32>().ok());
+        let id = id.filter(|&id| id < u32::MAX && segment_name(id) == name);
         if let Some(id) = id.filter(|_| room > 0) {
             let file = storage
                 .open(&path)
                 .map_err(Error::io(|| format!("opening {}", path.display())))?;
-            let whole = file.size().is_ok_and(|size| size == config.segment_size)
-                && file.fully_written(0, config.segment_size).unwrap_or(false);
-            if whole {
+            if file.size().is_ok_and(|size| size == config.segment_size) {
                 spares.push(Spare { id, file });
                 room -= 1;
                 continue;
