@@ -240,10 +240,9 @@ pub struct PoolCounts {
     pub reserve: u64,
     /// Bytes the segment files occupy.
     pub bytes: u64,
-    /// Bytes of the segments that hold records or wait for a reader to
-    /// let go (used and retired): what the history costs, whatever files
-    /// the pool keeps ready besides (its reserve, a preallocated pool's
-    /// spares).
+    /// Bytes of the segment files less a preallocated pool's spares (used,
+    /// free and retired ones): what the journal takes beyond the files
+    /// written out ahead; a plain pool's `bytes`.
     pub held: u64,
 }
 
@@ -713,7 +712,7 @@ impl Pool {
             retired,
             reserve: st.reserve,
             bytes: (used + free + retired + st.spares.len() as u64) * self.segment_size,
-            held: (used + retired) * self.segment_size,
+            held: (used + free + retired) * self.segment_size,
         }
     }
 

@@ -186,8 +186,8 @@ pub struct Stats {
     pub journal_bytes: u64,
     pub journal_max: u64,
     pub journal_warn: u64,
-    /// The segments holding history (records, and folded ones a reader
-    /// still pins) reach `journal_warn`; free and spare files do not count.
+    /// The pool's files, less a preallocated pool's spares, reach
+    /// `journal_warn`.
     pub over_warning: bool,
     pub base_lsn: u64,
     /// Highest lsn appended (0 if none).
@@ -1971,7 +1971,7 @@ impl Inner {
                 event = crate::events::JOURNAL_WARN_THRESHOLD,
                 volume = %self.config.uuid,
                 dir = %self.dir.display(),
-                "journal holds {bytes} bytes of segments, past the warning threshold of {} (limit {})",
+                "journal pool at {bytes} bytes, past the warning threshold of {} (limit {})",
                 self.config.journal_warn,
                 self.config.journal_max
             );

@@ -191,7 +191,7 @@ fn large_writes_go_straight_to_the_device_though_the_files_fill_the_limit() {
         i += 1;
     }
     let s = v.stats();
-    assert!(!s.over_warning, "files are not history: {s:?}");
+    assert!(!s.over_warning, "spares are not counted: {s:?}");
     assert_eq!(read(&v, 0, BLOCK as usize), pattern(0, BLOCK as usize));
     v.close().expect("close");
 }
