@@ -9,10 +9,10 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use common::{flip, options, pattern, read, segment_file, small_settings};
+use common::{create_with, flip, options, pattern, read, segment_file, small_settings};
 use rewind_journal::{
-    BaseImage, Error, LayoutChoice, OpenOptions, OsStorage, PayloadBuffer, RecoveryReport, Storage,
-    Volume, VolumeSettings,
+    Error, LayoutChoice, OpenOptions, OsStorage, PayloadBuffer, RecoveryReport, Storage, Volume,
+    VolumeSettings,
 };
 
 const RECORD: u64 = 8192;
@@ -21,19 +21,6 @@ const INLINE_RECORD: u64 = 512 + RECORD;
 
 fn create(tmp: &Path) -> PathBuf {
     create_with(tmp, &small_settings())
-}
-
-fn create_with(tmp: &Path, settings: &VolumeSettings) -> PathBuf {
-    let dir = tmp.join("vol");
-    Volume::create(
-        OsStorage::shared().as_ref(),
-        &dir,
-        settings,
-        BaseImage::Empty,
-        &mut |_, _| {},
-    )
-    .expect("create");
-    dir
 }
 
 fn open(dir: &Path, layout: LayoutChoice) -> Result<(Volume, RecoveryReport), Error> {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{options, pattern, read, segment_file, small_settings};
+use common::{create_with, options, pattern, read, segment_file, small_settings};
 use rewind_journal::{
     BaseImage, ManualClock, OpenOptions, OsStorage, Storage, Volume, VolumeConfig, VolumeSettings,
 };
@@ -30,19 +30,6 @@ fn settings(preallocate_journal: bool) -> VolumeSettings {
 
 fn create(tmp: &Path, preallocate_journal: bool) -> PathBuf {
     create_with(tmp, &settings(preallocate_journal))
-}
-
-fn create_with(tmp: &Path, settings: &VolumeSettings) -> PathBuf {
-    let dir = tmp.join("vol");
-    Volume::create(
-        OsStorage::shared().as_ref(),
-        &dir,
-        settings,
-        BaseImage::Empty,
-        &mut |_, _| {},
-    )
-    .expect("create");
-    dir
 }
 
 fn segment_files(dir: &Path) -> Vec<String> {

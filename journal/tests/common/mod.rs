@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rewind_journal::fault::FaultStorage;
 use rewind_journal::{
-    BaseImage, ManualClock, OpenOptions, RetryPolicy, Storage, Volume, VolumeSettings,
+    BaseImage, ManualClock, OpenOptions, OsStorage, RetryPolicy, Storage, Volume, VolumeSettings,
 };
 
 pub const DIR: &str = "/vol";
@@ -47,6 +47,20 @@ pub fn options() -> OpenOptions {
         fold_interval: None,
         ..OpenOptions::default()
     }
+}
+
+/// An empty volume on the real file system, at `tmp`/vol.
+pub fn create_with(tmp: &Path, settings: &VolumeSettings) -> PathBuf {
+    let dir = tmp.join("vol");
+    Volume::create(
+        OsStorage::shared().as_ref(),
+        &dir,
+        settings,
+        BaseImage::Empty,
+        &mut |_, _| {},
+    )
+    .expect("create");
+    dir
 }
 
 pub fn open(storage: &FaultStorage) -> Volume {
