@@ -329,14 +329,19 @@ impl RecordIndex {
         }
     }
 
-    /// Adds a bookmark record (its entry and its name); see
-    /// `set_app_consistent` for its flag.
-    pub fn push_bookmark(&mut self, name: String, timestamp: u64) -> Bookmark {
+    /// Adds a bookmark record (its entry, its name and its flag, together:
+    /// a reader of the index never sees the bookmark without its flag).
+    pub fn push_bookmark(
+        &mut self,
+        name: String,
+        timestamp: u64,
+        app_consistent: bool,
+    ) -> Bookmark {
         let bookmark = Bookmark {
             name,
             lsn: self.last_lsn() + 1,
             timestamp_ns: timestamp,
-            app_consistent: false,
+            app_consistent,
         };
         self.push(Entry {
             timestamp,
@@ -398,16 +403,6 @@ impl RecordIndex {
     pub fn bounds(&self) -> Option<(u64, u64)> {
         let last = self.last_lsn();
         (last > self.base_lsn).then(|| (self.timestamp(self.base_lsn + 1), self.timestamp(last)))
-    }
-
-    /// Marks the bookmark record `lsn` application-consistent, as its
-    /// payload says. Separate from `push_bookmark`, whose callers place
-    /// records by name only; those that read the payload mark it right
-    /// after, before anyone is told of the bookmark.
-    pub fn set_app_consistent(&mut self, lsn: u64) {
-        if let Some(b) = self.bookmarks.iter_mut().rev().find(|b| b.lsn == lsn) {
-            b.app_consistent = true;
-        }
     }
 
     pub fn bookmarks(&self) -> &[Bookmark] {
@@ -679,7 +674,7 @@ mod tests {
                 effect,
             });
             if i % 1000 == 0 {
-                t.push_bookmark(format!("b{i}"), i);
+                t.push_bookmark(format!("b{i}"), i, false);
             }
         }
         let last = t.last_lsn();

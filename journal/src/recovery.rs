@@ -697,10 +697,7 @@ fn build_index(disk: u64, built: Built, rx: Receiver<Vec<Accepted>>, mut page_ou
             }
             match (a.bookmark, a.entry.effect) {
                 (Some((name, app_consistent)), _) => {
-                    let lsn = index.push_bookmark(name, a.entry.timestamp).lsn;
-                    if app_consistent {
-                        index.set_app_consistent(lsn);
-                    }
+                    index.push_bookmark(name, a.entry.timestamp, app_consistent);
                 }
                 (
                     None,

@@ -1127,9 +1127,6 @@ impl Volume {
             name.len() as u64,
             Payload::Bytes(&payload),
         )?;
-        if app_consistent {
-            lock(&self.inner.index).set_app_consistent(lsn);
-        }
         self.inner.flush()?;
         let index = lock(&self.inner.index);
         Ok(Bookmark {
@@ -1819,7 +1816,8 @@ impl Inner {
             let mut index = lock(&self.index);
             if kind == RecordKind::Bookmark {
                 let name = String::from_utf8_lossy(&payload[..length as usize]).into_owned();
-                index.push_bookmark(name, timestamp);
+                let app_consistent = crate::format::bookmark_app_consistent(payload);
+                index.push_bookmark(name, timestamp, app_consistent);
             } else {
                 index.push(Entry { timestamp, effect });
             }

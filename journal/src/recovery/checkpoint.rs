@@ -493,10 +493,7 @@ fn decode_entries(
         last_ts = timestamp;
         match marks.next_if(|m| m.lsn == l) {
             Some(m) if effect == Effect::Mark => {
-                index.push_bookmark(m.name, timestamp);
-                if m.app_consistent {
-                    index.set_app_consistent(l);
-                }
+                index.push_bookmark(m.name, timestamp, m.app_consistent);
             }
             Some(_) => return Err(bad()),
             None => index.push(Entry { timestamp, effect }),
@@ -537,8 +534,7 @@ mod tests {
                 effect,
             });
         }
-        let lsn = index.push_bookmark("before.upgrade:1".into(), 3000).lsn;
-        index.set_app_consistent(lsn);
+        index.push_bookmark("before.upgrade:1".into(), 3000, true);
         index.push(Entry {
             timestamp: 3001,
             effect: data(Target::Journal {

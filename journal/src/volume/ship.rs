@@ -272,13 +272,6 @@ impl Inner {
                     snapshot.replay_into(&map, h.lsn);
                     self.map.replace_with(map);
                 }
-                RecordKind::Bookmark => {
-                    // reserve() indexed it by name; the flag is in the payload.
-                    if crate::format::bookmark_app_consistent(&r.payload) {
-                        lock(&self.index).set_app_consistent(h.lsn);
-                    }
-                    self.write_reserved(reserved, Payload::Bytes(&r.payload))?;
-                }
                 _ => {
                     self.write_reserved(reserved, Payload::Bytes(&r.payload))?;
                 }
