@@ -371,7 +371,8 @@ fn large_writes_far_from_the_limit_go_straight_to_the_device_and_come_back() {
     }
     // A reopened writer learns the workload again; past a quarter of the
     // journal's limit it goes back to the page cache, from which the fold
-    // reads recent records.
+    // reads recent records (a journal this much smaller than the memory
+    // keeps them there until they are folded).
     let (mut i, mut bulk_again) = (end, false);
     let past_a_quarter = settings.journal_max / 4 + 3 * (32 << 20);
     while v.stats().journal_bytes <= past_a_quarter {

@@ -21,7 +21,8 @@
 //! run, REWIND_BENCH_QUICK=1 makes a small smoke run of about a minute, one
 //! round below the limit).
 //!
-//! REWIND_BENCH_ONLY=below stops after the runs below the limit.
+//! REWIND_BENCH_ONLY=below stops after the runs below the limit;
+//! REWIND_BENCH_ONLY=limit skips them.
 //!
 //! REWIND_BENCH_THROTTLE_IOPS=N (root, cgroup v1 blkio) runs each server,
 //! and the `dd` of the device's rate, in a blkio cgroup that caps reads
@@ -68,10 +69,13 @@ const BELOW_JOURNAL_MAX: u64 = 128 << 30;
 const BELOW_SEGMENT_SIZE: u64 = 64 << 20;
 /// The journal limit of the preallocated volume of a run below the limit
 /// (`--preallocate-journal`, written out at its creation each round, so
-/// it fits the disk beside the image): a quarter of it, the most the
-/// journal holds for large writes to go straight to the device, is more
-/// than a run writes at 2 GB/s. A quick run's is small.
-const BELOW_PREALLOCATED_MAX: u64 = 44 << 30;
+/// it fits the disk beside the image). A run at 1 GB/s writes past a
+/// quarter of it: large writes go straight to the device past a quarter
+/// only in a journal at least half the machine's memory (the page cache
+/// would not keep its records until they are folded); with more memory
+/// than 32 GiB they turn to the page cache there, and the run shows what
+/// that costs. A quick run's is small.
+const BELOW_PREALLOCATED_MAX: u64 = 16 << 30;
 const QUICK_PREALLOCATED_MAX: u64 = 2 << 30;
 /// The length of a run below the limit.
 const BELOW_SECONDS: u64 = 5;
@@ -107,8 +111,10 @@ struct Outcome {
     max_latency: Duration,
     /// When (since the run's start) the slowest request completed.
     max_latency_at: Duration,
-    /// Requests slower than [`SLOW`].
+    /// Requests slower than [`SLOW`], and how many completed in each
+    /// interval.
     slow: usize,
+    slow_intervals: [usize; INTERVALS],
     p99: Duration,
     errors: usize,
     /// When (since the run's start) the first request failed, and its
@@ -154,6 +160,7 @@ fn run(server: &Server, w: Workload, size: u64, seed: u64) -> Outcome {
     let mut started = vec![Instant::now(); w.depth];
     let interval = w.time / INTERVALS as u32;
     let mut counts = [0usize; INTERVALS];
+    let mut slow_counts = [0usize; INTERVALS];
     let mut latencies = Vec::new();
     let (mut max_latency, mut max_latency_at) = (Duration::ZERO, Duration::ZERO);
     let mut errors = 0;
@@ -210,6 +217,11 @@ fn run(server: &Server, w: Workload, size: u64, seed: u64) -> Outcome {
             if let Some(count) = counts.get_mut(at) {
                 *count += 1;
             }
+            if latency > SLOW {
+                if let Some(count) = slow_counts.get_mut(at) {
+                    *count += 1;
+                }
+            }
             if now < w.time {
                 submit(&mut q, c.user_data, &mut started);
                 in_flight += 1;
@@ -228,6 +240,7 @@ fn run(server: &Server, w: Workload, size: u64, seed: u64) -> Outcome {
         max_latency,
         max_latency_at,
         slow: latencies.iter().filter(|&&l| l > SLOW).count(),
+        slow_intervals: slow_counts,
         p99: latencies
             .get(latencies.len() * 99 / 100)
             .copied()
@@ -785,16 +798,19 @@ fn main() {
         true => (1, QUICK_PREALLOCATED_MAX),
         false => (BELOW_ROUNDS, BELOW_PREALLOCATED_MAX),
     };
-    let below = below_the_limit(
-        dir.path(),
-        &image,
-        shape.size,
-        rounds,
-        preallocated_max,
-        throttle.as_ref(),
-    );
-    if std::env::var("REWIND_BENCH_ONLY").is_ok_and(|only| only == "below") {
-        report_below(&below);
+    let only = std::env::var("REWIND_BENCH_ONLY").unwrap_or_default();
+    let below = (only != "limit").then(|| {
+        below_the_limit(
+            dir.path(),
+            &image,
+            shape.size,
+            rounds,
+            preallocated_max,
+            throttle.as_ref(),
+        )
+    });
+    if only == "below" {
+        below.iter().for_each(report_below);
         return;
     }
     // The same volume with its journal written out at creation: no block
@@ -878,16 +894,21 @@ fn main() {
             }
         }
     }
-    println!("slowest requests (when the worst one completed, since its run's start):");
+    println!(
+        "slowest requests (when the worst one completed, since its run's start; the slow ones \
+         per interval):"
+    );
     for (name, r, s) in &results {
         for (what, o) in [("sequential", s), ("random", r)] {
+            let per_interval: Vec<String> = o.slow_intervals.iter().map(usize::to_string).collect();
             println!(
-                "  {name}, {what}: worst {} ms at {:.1} s, {} of {} over {} ms",
+                "  {name}, {what}: worst {} ms at {:.1} s, {} of {} over {} ms ({})",
                 ms(o.max_latency),
                 o.max_latency_at.as_secs_f64(),
                 o.slow,
                 o.ops,
-                SLOW.as_millis()
+                SLOW.as_millis(),
+                per_interval.join(" ")
             );
         }
     }
@@ -918,7 +939,7 @@ fn main() {
             s.errors,
         );
     }
-    report_below(&below);
+    below.iter().for_each(report_below);
     if !io.is_empty() {
         println!();
         println!("IO per second over both runs of each server: counted by the throttle (its cgroup's), and the disk's whole (anyone's, the kernel's writeback included):");
