@@ -988,7 +988,9 @@ impl Pool {
                 return Ok(seg);
             }
             let room = st.total() < self.max_segments || !st.spares.is_empty();
-            if st.preparing > 0 || room || st.writing_spares > 0 {
+            // A segment being released (`release_one`) is room coming back.
+            let on_their_way = st.preparing > 0 || st.writing_spares > 0 || st.leaving > 0;
+            if room || on_their_way {
                 if !ran_out {
                     ran_out = true;
                     st.raise_reserve(self.reserve_cap);
@@ -1140,6 +1142,8 @@ impl Pool {
             .map_err(Error::io(|| format!("releasing {}", path.display())));
         let mut st = self.lock();
         st.leaving -= 1;
+        // A writer that found no room while it left waits for this.
+        self.changed.notify_all();
         (st, removed)
     }
 
@@ -1709,6 +1713,51 @@ mod tests {
         });
         let files = fs.list_dir(&pool.dir).expect("ls");
         assert_eq!(files.len(), 3, "none prepared beside the batch: {files:?}");
+    }
+
+    #[test]
+    fn a_segment_being_released_is_room_for_a_writer_at_the_limit() {
+        let fs = FaultStorage::new();
+        let pool = pool_of(&fs, 4);
+        let _first = pool.take_next(|| false).expect("first");
+        let _second = pool.take_next(|| false).expect("second");
+        pool.prepare_batch(2).expect("batch");
+        {
+            let mut st = pool.lock();
+            assert_eq!(
+                (st.free.len(), st.total()),
+                (2, 4),
+                "two free, the pool full"
+            );
+            // As the reserve decays back (the first writer raised it).
+            st.reserve = 1;
+        }
+        // The release of the free segment beyond the reserve stalls in
+        // the sync of `super` that unlists it, the segment counted as
+        // leaving.
+        fs.slow_down(
+            FaultOp::Sync,
+            crate::superblock::SUPER_FILE,
+            Duration::from_millis(200),
+        );
+        std::thread::scope(|s| {
+            s.spawn(|| pool.release_one(pool.lock()).1.expect("released"));
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while fs.stalled() == 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "the release never reached its sync"
+                );
+                std::thread::yield_now();
+            }
+            assert_eq!(pool.lock().leaving, 1);
+            let _third = pool.take_next(|| true).expect("the free one");
+            // No room but the leaving segment's: a writer that would give
+            // up at the hard limit waits for it rather than fail.
+            let fourth = pool.take_next(|| true);
+            assert!(fourth.is_ok(), "{fourth:?}");
+        });
+        fs.clear_faults();
     }
 
     #[test]
