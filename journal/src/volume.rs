@@ -562,8 +562,9 @@ impl Workload {
 /// records folded soon, while still cached. So direct while the pool
 /// holds at most a quarter of its limit, and always when the journal is
 /// at least half the memory: its records leave the page cache long before
-/// they are folded (measured in vhost-blk/BENCHMARKS.md: a 44 GiB journal
-/// past a quarter fell from 2 GB/s to 173 MiB/s through the page cache).
+/// they are folded (vhost-blk/BENCHMARKS.md, "Large writes stay direct in
+/// a journal larger than the page cache": a 16 GiB journal past a quarter
+/// fell from about 2 GB/s to 96-173 MiB/s through the page cache).
 fn bulk_pays(held: u64, journal_max: u64, memory: u64) -> bool {
     held <= journal_max / 4 || journal_max >= memory / 2
 }
