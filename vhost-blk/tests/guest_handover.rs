@@ -97,13 +97,28 @@ fn attached(daemon: &Daemon) {
     );
 }
 
-/// How many writes the guest has completed. A line the migration cut in
-/// two (its start went out through the source's console) is skipped.
+/// How many writes the guest has completed. The kernel may print into the
+/// middle of the answer (`WRITES: 0[    3.46] random: crng init done`),
+/// so only its leading digits count; an answer lost or cut in two (the
+/// migration sent its start out through the source's console) is asked
+/// for again.
 fn writes(guest: &mut Guest) -> u64 {
-    guest.send("progress\n");
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let line = guest.wait_for("WRITES: ");
-        if let Ok(count) = field(&line, "WRITES").parse() {
+        assert!(
+            Instant::now() < deadline,
+            "the guest stopped answering:\n{}",
+            guest.console()
+        );
+        guest.send("progress\n");
+        let Some(line) = guest.wait_for_within("WRITES: ", Duration::from_secs(30)) else {
+            continue;
+        };
+        let value = field(&line, "WRITES");
+        let digits = value
+            .find(|c: char| !c.is_ascii_digit())
+            .map_or(value, |end| &value[..end]);
+        if let Ok(count) = digits.parse() {
             return count;
         }
     }
