@@ -5,6 +5,7 @@
 //! at the first missing record, so a flush may only claim lsns up to there.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 #[derive(Debug)]
@@ -19,6 +20,9 @@ struct State {
 #[derive(Debug)]
 pub struct Completion {
     state: Mutex<State>,
+    /// `state.prefix`, stored under the lock after it moves, so that a
+    /// reader polls it without the lock.
+    prefix: AtomicU64,
     advanced: Condvar,
 }
 
@@ -35,6 +39,7 @@ impl Completion {
                 ahead: BTreeSet::new(),
                 failed: false,
             }),
+            prefix: AtomicU64::new(prefix),
             advanced: Condvar::new(),
         }
     }
@@ -49,6 +54,7 @@ impl Completion {
         let mut st = self.lock();
         st.prefix = prefix;
         st.ahead.clear();
+        self.prefix.store(prefix, Ordering::Release);
         drop(st);
         self.advanced.notify_all();
     }
@@ -64,12 +70,13 @@ impl Completion {
             st.ahead.pop_first();
             st.prefix += 1;
         }
+        self.prefix.store(st.prefix, Ordering::Release);
         drop(st);
         self.advanced.notify_all();
     }
 
     pub fn prefix(&self) -> u64 {
-        self.lock().prefix
+        self.prefix.load(Ordering::Acquire)
     }
 
     /// Waits until every lsn <= `target` is written; returns the prefix.

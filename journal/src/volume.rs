@@ -1030,6 +1030,11 @@ impl Volume {
         self.inner.wait_written(lsn)
     }
 
+    /// Whether every record up to `lsn` is written, without waiting.
+    pub fn is_written(&self, lsn: u64) -> bool {
+        self.inner.completion.prefix() >= lsn
+    }
+
     /// Makes `[offset, offset + length)` read as zeroes.
     pub fn write_zeroes(&self, offset: u64, length: u64, unmap: bool) -> Result<u64> {
         let lsn = self.write_zeroes_deferred(offset, length, unmap)?;

@@ -13,6 +13,7 @@
 //! `reconnect=`). The journal tolerates a request that ran but was not
 //! marked used being run again.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::RawFd;
@@ -239,9 +240,11 @@ impl BlkBackend {
             return Ok(false);
         }
         let mut published = false;
+        let mut behind = Behind::default();
         // Whether it stopped with requests it cannot take now.
         let mut take = || -> io::Result<bool> {
             loop {
+                published |= behind.complete_written(self.device.as_ref())?;
                 // The connection is over (`stop_workers`): nothing new.
                 if self.stopping.load(Ordering::Acquire) {
                     return Ok(true);
@@ -282,6 +285,7 @@ impl BlkBackend {
                         published = true;
                     }
                     Step::Waiting(waiting) => {
+                        let after_others = waiting.after_others();
                         let job = Dispatched {
                             waiting,
                             pass,
@@ -293,15 +297,21 @@ impl BlkBackend {
                             read_only: self.config.read_only,
                             id: self.id,
                         };
-                        match ring {
-                            Some(ring) => published |= ring.queue(job)?,
-                            None => job.dispatch(),
+                        match (after_others, ring) {
+                            (Some(lsn), _) => behind.push(lsn, job),
+                            (None, Some(ring)) => published |= ring.queue(job)?,
+                            (None, None) => job.dispatch(),
                         }
                     }
                 }
             }
         };
         let stopped = take();
+        // Whatever ended the loop, the writes behind others are completed
+        // here or on an IO thread, never dropped.
+        let completed = behind.complete_written(self.device.as_ref());
+        behind.dispatch();
+        published |= completed?;
         // One system call for the batch's reads through the page cache,
         // whatever ended the loop; those it held complete here.
         if let Some(ring) = ring {
@@ -311,6 +321,57 @@ impl BlkBackend {
             signal(vring)?;
         }
         stopped.map(|stopped| !stopped)
+    }
+}
+
+/// Writes a queue's thread recorded behind records other queues' threads
+/// were still writing (`Waiting::after_others`), in the order taken (their
+/// lsns rise). The queue's thread completes them once the written prefix
+/// passes them, as it takes the next requests; those still waiting when
+/// it runs out of requests go to one IO thread together. A job per write
+/// instead (a wake-up, a wait and a signal each) cost four queues of warm
+/// 4 KiB writes about 4 us of CPU per write more than one queue.
+#[derive(Default)]
+struct Behind(VecDeque<(u64, Dispatched)>);
+
+impl Behind {
+    fn push(&mut self, lsn: u64, job: Dispatched) {
+        self.0.push_back((lsn, job));
+    }
+
+    /// Completes, without signalling, those whose records and every record
+    /// before them are written; returns whether it completed any.
+    fn complete_written(&mut self, device: &dyn BlockDevice) -> io::Result<bool> {
+        let mut completed = false;
+        while let Some((lsn, _)) = self.0.front() {
+            if !device.is_written(*lsn) {
+                break;
+            }
+            let Some((_, job)) = self.0.pop_front() else {
+                break;
+            };
+            job.finish(|waiting, mem, disk| waiting.finish(mem, disk), false)?;
+            completed = true;
+        }
+        Ok(completed)
+    }
+
+    /// Hands the rest to an IO thread, which waits for them in turn and
+    /// signals once, after the last.
+    fn dispatch(self) {
+        if self.0.is_empty() {
+            return;
+        }
+        inflight::run_blocking(move || {
+            let last = self.0.len() - 1;
+            for (i, (_, job)) in self.0.into_iter().enumerate() {
+                let published =
+                    job.finish(|waiting, mem, disk| waiting.finish(mem, disk), i == last);
+                if let Err(e) = published {
+                    tracing::error!(error = %e, "cannot complete a request");
+                }
+            }
+        });
     }
 }
 
@@ -1188,6 +1249,61 @@ mod tests {
                 [0, 2, 1],
                 "the write behind the flush completed first"
             );
+        }
+
+        /// Writes recorded behind another queue's record still being
+        /// written do not hold their queue's thread: it returns with them
+        /// pending, and they complete once that record is written.
+        #[test]
+        fn writes_behind_another_queues_record_wait_off_their_queues_thread() {
+            let fs = FaultStorage::new();
+            let volume = Arc::new(crate::test_support::volume_on(
+                &fs,
+                BLOCKS * BLOCK as u64,
+                rewind_journal::OpenOptions::default(),
+            ));
+            let ops = [
+                Op::Write { block: 1, fill: 1 },
+                Op::Write { block: 2, fill: 2 },
+            ];
+            let guest = GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
+            let (q, mem, vring) = queue_of(&guest, &ops);
+            let (b, _) = connect(&volume, &mem, None);
+            fs.slow_down(
+                FaultOp::Write,
+                "00000000.seg",
+                std::time::Duration::from_secs(1),
+            );
+            std::thread::scope(|s| {
+                let other = s.spawn(|| volume.write(0, &[7u8; BLOCK]));
+                let started = std::time::Instant::now();
+                while fs.stalled() == 0 {
+                    assert!(
+                        started.elapsed().as_secs() < 10,
+                        "never reached the storage"
+                    );
+                    std::thread::yield_now();
+                }
+                fs.clear_faults();
+                assert!(b.process(0, &vring).expect("process"));
+                assert_eq!(
+                    used_idx(&guest, &q),
+                    0,
+                    "completed while the record before them was unwritten"
+                );
+                other
+                    .join()
+                    .expect("other queue's thread")
+                    .expect("its write");
+            });
+            b.stop_vring(0).expect("stop");
+            let done = used_requests(&guest, &q, &[0, 3], 0, 2).expect("both complete");
+            assert_eq!(done, [0, 1]);
+            for (block, fill) in [(0, 7), (1, 1), (2, 2)] {
+                let mut got = [0u8; BLOCK];
+                volume.read(block * BLOCK as u64, &mut got).expect("read");
+                assert!(got.iter().all(|&b| b == fill), "block {block}");
+            }
         }
 
         #[test]

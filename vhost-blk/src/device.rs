@@ -45,6 +45,10 @@ pub trait BlockDevice: Send + Sync + Debug {
     fn wait_written(&self, _lsn: u64) -> Result<()> {
         Ok(())
     }
+    /// Whether `wait_written(lsn)` would return at once.
+    fn is_written(&self, _lsn: u64) -> bool {
+        true
+    }
     fn write_zeroes(&self, offset: u64, length: u64, unmap: bool) -> Result<()>;
     fn discard(&self, offset: u64, length: u64) -> Result<()>;
     fn flush(&self) -> Result<()>;
@@ -89,6 +93,9 @@ impl BlockDevice for Volume {
     }
     fn wait_written(&self, lsn: u64) -> Result<()> {
         Volume::wait_written(self, lsn)
+    }
+    fn is_written(&self, lsn: u64) -> bool {
+        Volume::is_written(self, lsn)
     }
     fn write_zeroes(&self, offset: u64, length: u64, unmap: bool) -> Result<()> {
         Volume::write_zeroes_deferred(self, offset, length, unmap).map(drop)
@@ -317,6 +324,9 @@ impl BlockDevice for ReplicatedVolume {
             },
             done => done,
         }
+    }
+    fn is_written(&self, lsn: u64) -> bool {
+        self.volume.is_written(lsn)
     }
     fn write_zeroes(&self, offset: u64, length: u64, unmap: bool) -> Result<()> {
         self.modify(

@@ -446,6 +446,15 @@ enum Rest {
 }
 
 impl Waiting {
+    /// The lsn a write recorded behind records other threads still write
+    /// waits for (`Rest::Ordered`); None for any other request.
+    pub fn after_others(&self) -> Option<u64> {
+        match self.rest {
+            Rest::Ordered(lsn) => Some(lsn),
+            Rest::Run | Rest::Sync => None,
+        }
+    }
+
     /// The read the caller may carry out itself; None for any other
     /// request, and for a read that fails its checks (`finish` reports it).
     pub fn read_into(&self, disk: &Disk<'_>) -> Option<ReadInto<'_>> {
