@@ -1019,17 +1019,24 @@ mod tests {
             }
         }
 
+        /// Runs `ops` on one queue against the model. With `behind` (and
+        /// `Files::Slowed`), another queue's write of zeroes to block 0 (what
+        /// the model starts from) is placed first and stalls 20 ms in the
+        /// storage, so the queue's writes are recorded behind it.
         fn run(
             ops: Vec<Op>,
             restart: bool,
             writethrough: bool,
             files: Files,
+            behind: bool,
         ) -> Result<(), TestCaseError> {
             let dir = tempfile::tempdir().expect("tempdir");
+            let fs = FaultStorage::new();
+            let slow_reads =
+                || fs.slow_down(FaultOp::Read, ".seg", std::time::Duration::from_micros(300));
             let volume = Arc::new(match files {
                 Files::Slowed => {
-                    let fs = FaultStorage::new();
-                    fs.slow_down(FaultOp::Read, ".seg", std::time::Duration::from_micros(300));
+                    slow_reads();
                     crate::test_support::volume_on(
                         &fs,
                         BLOCKS * BLOCK as u64,
@@ -1039,6 +1046,28 @@ mod tests {
                 Files::Cold => cold_volume(dir.path(), |_| 0),
             });
             volume.set_writethrough(writethrough);
+            let other = (behind && matches!(files, Files::Slowed)).then(|| {
+                fs.slow_down(
+                    FaultOp::Write,
+                    "00000000.seg",
+                    std::time::Duration::from_millis(20),
+                );
+                let other = {
+                    let volume = volume.clone();
+                    std::thread::spawn(move || volume.write(0, &[0u8; BLOCK]))
+                };
+                let started = std::time::Instant::now();
+                while fs.stalled() == 0 {
+                    assert!(
+                        started.elapsed().as_secs() < 10,
+                        "never reached the storage"
+                    );
+                    std::thread::yield_now();
+                }
+                fs.clear_faults();
+                slow_reads();
+                other
+            });
             let guest = GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
             let (q, mem, vring) = queue_of(&guest, &ops);
             let heads: Vec<u16> = (0..ops.len())
@@ -1071,6 +1100,12 @@ mod tests {
             );
             used_requests(&guest, &q, &heads, 0, n)?;
             check_reads(&guest, &ops, &all, &[])?;
+            if let Some(other) = other {
+                other
+                    .join()
+                    .expect("other queue's thread")
+                    .expect("its write");
+            }
 
             let mut rerun = Vec::new();
             if restart {
@@ -1380,9 +1415,10 @@ mod tests {
                 restart in any::<bool>(),
                 writethrough in any::<bool>(),
                 cold in any::<bool>(),
+                behind in any::<bool>(),
             ) {
                 let files = if cold { Files::Cold } else { Files::Slowed };
-                run(ops, restart, writethrough, files)?;
+                run(ops, restart, writethrough, files, behind)?;
             }
         }
     }
