@@ -1019,6 +1019,32 @@ mod tests {
             }
         }
 
+        /// Another queue's write of `fill` to block 0, which stalls `stall`
+        /// in the storage once its record is placed (the first segment's
+        /// writes are slowed until it is inside, then the faults cleared).
+        fn stalled_write(
+            fs: &FaultStorage,
+            volume: &Arc<Volume>,
+            fill: u8,
+            stall: std::time::Duration,
+        ) -> std::thread::JoinHandle<rewind_journal::Result<u64>> {
+            fs.slow_down(FaultOp::Write, "00000000.seg", stall);
+            let other = {
+                let volume = volume.clone();
+                std::thread::spawn(move || volume.write(0, &[fill; BLOCK]))
+            };
+            let started = std::time::Instant::now();
+            while fs.stalled() == 0 {
+                assert!(
+                    started.elapsed().as_secs() < 10,
+                    "never reached the storage"
+                );
+                std::thread::yield_now();
+            }
+            fs.clear_faults();
+            other
+        }
+
         /// Runs `ops` on one queue against the model. With `behind` (and
         /// `Files::Slowed`), another queue's write of zeroes to block 0 (what
         /// the model starts from) is placed first and stalls 20 ms in the
@@ -1047,24 +1073,8 @@ mod tests {
             });
             volume.set_writethrough(writethrough);
             let other = (behind && matches!(files, Files::Slowed)).then(|| {
-                fs.slow_down(
-                    FaultOp::Write,
-                    "00000000.seg",
-                    std::time::Duration::from_millis(20),
-                );
-                let other = {
-                    let volume = volume.clone();
-                    std::thread::spawn(move || volume.write(0, &[0u8; BLOCK]))
-                };
-                let started = std::time::Instant::now();
-                while fs.stalled() == 0 {
-                    assert!(
-                        started.elapsed().as_secs() < 10,
-                        "never reached the storage"
-                    );
-                    std::thread::yield_now();
-                }
-                fs.clear_faults();
+                let other = stalled_write(&fs, &volume, 0, std::time::Duration::from_millis(20));
+                // The faults were cleared: the reads slowed again.
                 slow_reads();
                 other
             });
@@ -1304,33 +1314,17 @@ mod tests {
             let guest = GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
             let (q, mem, vring) = queue_of(&guest, &ops);
             let (b, _) = connect(&volume, &mem, None);
-            fs.slow_down(
-                FaultOp::Write,
-                "00000000.seg",
-                std::time::Duration::from_secs(1),
+            let other = stalled_write(&fs, &volume, 7, std::time::Duration::from_secs(1));
+            assert!(b.process(0, &vring).expect("process"));
+            assert_eq!(
+                used_idx(&guest, &q),
+                0,
+                "completed while the record before them was unwritten"
             );
-            std::thread::scope(|s| {
-                let other = s.spawn(|| volume.write(0, &[7u8; BLOCK]));
-                let started = std::time::Instant::now();
-                while fs.stalled() == 0 {
-                    assert!(
-                        started.elapsed().as_secs() < 10,
-                        "never reached the storage"
-                    );
-                    std::thread::yield_now();
-                }
-                fs.clear_faults();
-                assert!(b.process(0, &vring).expect("process"));
-                assert_eq!(
-                    used_idx(&guest, &q),
-                    0,
-                    "completed while the record before them was unwritten"
-                );
-                other
-                    .join()
-                    .expect("other queue's thread")
-                    .expect("its write");
-            });
+            other
+                .join()
+                .expect("other queue's thread")
+                .expect("its write");
             b.stop_vring(0).expect("stop");
             let done = used_requests(&guest, &q, &[0, 3], 0, 2).expect("both complete");
             assert_eq!(done, [0, 1]);
