@@ -311,7 +311,8 @@ impl BlkBackend {
         // here or on an IO thread, never dropped.
         let completed = behind.complete_written(self.device.as_ref());
         behind.dispatch();
-        published |= completed?;
+        // Signalled even if completing one failed: those before it are used.
+        published |= !matches!(completed, Ok(false));
         // One system call for the batch's reads through the page cache,
         // whatever ended the loop; those it held complete here.
         if let Some(ring) = ring {
@@ -320,6 +321,7 @@ impl BlkBackend {
         if published {
             signal(vring)?;
         }
+        completed?;
         stopped.map(|stopped| !stopped)
     }
 }
