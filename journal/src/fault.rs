@@ -213,6 +213,19 @@ impl FaultStorage {
         self.shared.stalled.load(Ordering::SeqCst)
     }
 
+    /// Waits until an operation sleeps in a [`FaultStorage::slow_down`]
+    /// delay; panics naming `what` if none does within 30 s.
+    pub fn wait_stalled(&self, what: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.stalled() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} never reached the storage"
+            );
+            std::thread::yield_now();
+        }
+    }
+
     /// Makes writing back each write to a path containing `path_contains`
     /// take `per_write` (a disk doing few IOs a second, the page cache
     /// fast): a sync waits that long for every write since the file's last

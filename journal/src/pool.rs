@@ -1742,14 +1742,7 @@ mod tests {
         );
         std::thread::scope(|s| {
             s.spawn(|| pool.release_one(pool.lock()).1.expect("released"));
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while fs.stalled() == 0 {
-                assert!(
-                    Instant::now() < deadline,
-                    "the release never reached its sync"
-                );
-                std::thread::yield_now();
-            }
+            fs.wait_stalled("the release's sync");
             assert_eq!(pool.lock().leaving, 1);
             let _third = pool.take_next(|| true).expect("the free one");
             // No room but the leaving segment's: a writer that would give

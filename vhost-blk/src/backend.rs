@@ -1021,6 +1021,15 @@ mod tests {
             }
         }
 
+        /// A volume of `BLOCKS` blocks on `fs`.
+        fn volume_on(fs: &FaultStorage) -> Volume {
+            crate::test_support::volume_on(
+                fs,
+                BLOCKS * BLOCK as u64,
+                rewind_journal::OpenOptions::default(),
+            )
+        }
+
         /// Another queue's write of `fill` to block 0, which stalls `stall`
         /// in the storage once its record is placed (the first segment's
         /// writes are slowed until it is inside, then the faults cleared).
@@ -1035,14 +1044,7 @@ mod tests {
                 let volume = volume.clone();
                 std::thread::spawn(move || volume.write(0, &[fill; BLOCK]))
             };
-            let started = std::time::Instant::now();
-            while fs.stalled() == 0 {
-                assert!(
-                    started.elapsed().as_secs() < 10,
-                    "never reached the storage"
-                );
-                std::thread::yield_now();
-            }
+            fs.wait_stalled("the other queue's write");
             fs.clear_faults();
             other
         }
@@ -1065,11 +1067,7 @@ mod tests {
             let volume = Arc::new(match files {
                 Files::Slowed => {
                     slow_reads();
-                    crate::test_support::volume_on(
-                        &fs,
-                        BLOCKS * BLOCK as u64,
-                        rewind_journal::OpenOptions::default(),
-                    )
+                    volume_on(&fs)
                 }
                 Files::Cold => cold_volume(dir.path(), |_| 0),
             });
@@ -1273,11 +1271,7 @@ mod tests {
         #[test]
         fn a_flush_holds_back_no_write_taken_after_it() {
             let fs = FaultStorage::new();
-            let volume = Arc::new(crate::test_support::volume_on(
-                &fs,
-                BLOCKS * BLOCK as u64,
-                rewind_journal::OpenOptions::default(),
-            ));
+            let volume = Arc::new(volume_on(&fs));
             fs.slow_down(FaultOp::Sync, "", std::time::Duration::from_secs(1));
             let ops = [
                 Op::Write { block: 1, fill: 1 },
@@ -1304,11 +1298,7 @@ mod tests {
         #[test]
         fn writes_behind_another_queues_record_wait_off_their_queues_thread() {
             let fs = FaultStorage::new();
-            let volume = Arc::new(crate::test_support::volume_on(
-                &fs,
-                BLOCKS * BLOCK as u64,
-                rewind_journal::OpenOptions::default(),
-            ));
+            let volume = Arc::new(volume_on(&fs));
             let ops = [
                 Op::Write { block: 1, fill: 1 },
                 Op::Write { block: 2, fill: 2 },

@@ -892,14 +892,7 @@ mod tests {
         fs.slow_down(slow, "00000000.seg", std::time::Duration::from_secs(1));
         std::thread::scope(|s| {
             let other = s.spawn(|| v.write(0, &[7u8; 4096]).expect("other queue's write"));
-            let started = std::time::Instant::now();
-            while fs.stalled() == 0 {
-                assert!(
-                    started.elapsed().as_secs() < 10,
-                    "the other write never reached the storage"
-                );
-                std::thread::yield_now();
-            }
+            fs.wait_stalled("the other queue's write");
             assert_eq!(v.last_lsn(), 1, "placed");
             fs.clear_faults();
             mem.write_obj(0xffu8, GuestAddress(STATUS))
