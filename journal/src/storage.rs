@@ -983,9 +983,15 @@ impl Storage for OsStorage {
                 Ok(()) => {
                     // Written by whoever made it, perhaps not yet on disk:
                     // the volume is complete only once its base is.
-                    let image = File::open(dst)?;
-                    image.sync_all()?;
-                    drop_cached_pages(&image)?;
+                    let synced = File::open(dst).and_then(|image| {
+                        image.sync_all()?;
+                        drop_cached_pages(&image)
+                    });
+                    if let Err(e) = synced {
+                        // No volume is made: the image goes back where it was.
+                        let _ = std::fs::rename(dst, src);
+                        return Err(e);
+                    }
                     progress(total, total);
                     return Ok(ImportMethod::Renamed);
                 }
