@@ -983,11 +983,7 @@ impl Storage for OsStorage {
                 Ok(()) => {
                     // Written by whoever made it, perhaps not yet on disk:
                     // the volume is complete only once its base is.
-                    let synced = File::open(dst).and_then(|image| {
-                        image.sync_all()?;
-                        drop_cached_pages(&image)
-                    });
-                    if let Err(e) = synced {
+                    if let Err(e) = File::open(dst).and_then(|image| settle(&image)) {
                         // No volume is made: the image goes back where it was.
                         let _ = std::fs::rename(dst, src);
                         return Err(e);
@@ -1006,27 +1002,26 @@ impl Storage for OsStorage {
             .create_new(true)
             .open(dst)?;
         if rustix::fs::ioctl_ficlone(&out, &source).is_ok() {
-            out.sync_all()?;
-            drop_cached_pages(&out)?;
+            settle(&out)?;
             progress(total, total);
             return Ok(ImportMethod::Reflinked);
         }
         out.set_len(total)?;
         copy_sparse(&source, &out, total, progress)?;
-        out.sync_all()?;
-        drop_cached_pages(&out)?;
+        settle(&out)?;
         Ok(ImportMethod::Copied)
     }
 }
 
-/// Drops the clean cached pages of an imported image. A file copied or
-/// read in large runs is cached in large folios (ext4 since Linux 6.16),
-/// and a 4 KiB write into one walks every block of the folio: the fold's
-/// 4 KiB writes into the base cost 12 us each there against 2.7 us into
-/// uncached blocks (vhost-blk/BENCHMARKS.md, "Fold writes into large
+/// Makes an imported image durable, then drops its cached pages (clean
+/// once synced). A file copied or read in large runs is cached in large
+/// folios (ext4 since Linux 6.16), and a 4 KiB write into one walks every
+/// block of the folio: the fold's 4 KiB writes into the base cost 12 us
+/// each there against 2.7 us into uncached blocks (vhost-blk/BENCHMARKS.md, "Fold writes into large
 /// folios"). Uncached blocks are read around the page cache (O_DIRECT), so
 /// the guest loses only a warm start.
-fn drop_cached_pages(file: &File) -> io::Result<()> {
+fn settle(file: &File) -> io::Result<()> {
+    file.sync_all()?;
     retry_eintr(|| rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed))
 }
 

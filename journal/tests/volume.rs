@@ -859,7 +859,7 @@ fn cached_reads_are_served_and_reads_that_would_wait_for_the_disk_are_not() {
     v.close().expect("close");
     let (v, _) = Volume::open(storage.clone(), &dir, options()).expect("reopen");
 
-    // The import leaves the base uncached (storage.rs, drop_cached_pages):
+    // The import leaves the base uncached (storage.rs, `settle`):
     // read it in, so that everything is in the page cache.
     std::fs::read(dir.join("base.img")).expect("read the base in");
     let mut buf = vec![0u8; 256 << 10];
