@@ -2,6 +2,8 @@
 //! real `rewind-blk` binary.
 #![allow(dead_code)] // each test binary uses a different subset
 
+use std::fs::{File, OpenOptions};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -62,9 +64,14 @@ impl TestVolume {
     }
 }
 
-/// A running `rewind-blk serve`; killed if dropped without `stop`.
+/// A running `rewind-blk serve`; killed if dropped without `stop`. Its
+/// log goes to `<socket>.log` (to the test's stderr with
+/// `REWIND_TEST_LOG=1`) and is printed if the test fails.
 pub struct Server {
     child: Child,
+    /// The log, open for reading: it stays readable after the test's
+    /// directory is removed.
+    log: Option<File>,
 }
 
 impl Server {
@@ -76,20 +83,32 @@ impl Server {
     /// daemon its usual client cannot reach).
     pub fn start_at(volume: &TestVolume, socket: &Path, extra: &[&str]) -> Server {
         let _ = std::fs::remove_file(socket);
+        let (stderr, log) = match std::env::var_os("REWIND_TEST_LOG") {
+            Some(_) => (Stdio::inherit(), None),
+            None => {
+                let mut path = socket.as_os_str().to_owned();
+                path.push(".log");
+                // Appended to: a daemon restarted on the same socket adds
+                // to its predecessor's log.
+                let writer = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .expect("daemon log");
+                let reader = File::open(&path).expect("daemon log");
+                (Stdio::from(writer), Some(reader))
+            }
+        };
         let child = Command::new(BIN)
             .args(["serve", "--volume"])
             .arg(&volume.path)
             .arg("--socket-path")
             .arg(socket)
             .args(extra)
-            // REWIND_TEST_LOG=1 shows the daemons' logs.
-            .stderr(match std::env::var_os("REWIND_TEST_LOG") {
-                Some(_) => Stdio::inherit(),
-                None => Stdio::null(),
-            })
+            .stderr(stderr)
             .spawn()
             .expect("spawn serve");
-        let server = Server { child };
+        let server = Server { child, log };
         wait_until("the socket", Duration::from_secs(20), || socket.exists());
         server
     }
@@ -127,6 +146,36 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            self.print_log();
+        }
+    }
+}
+
+impl Server {
+    /// The last lines of the daemon's log, on the test's stderr.
+    fn print_log(&mut self) {
+        const LINES: usize = 200;
+        let Some(log) = self.log.as_mut() else {
+            return;
+        };
+        let mut text = String::new();
+        if let Err(e) = log.read_to_string(&mut text) {
+            eprintln!("rewind-blk {}: its log is unreadable: {e}", self.child.id());
+            return;
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        let from = lines.len().saturating_sub(LINES);
+        eprintln!(
+            "--- rewind-blk {} log, last {} of {} lines ---",
+            self.child.id(),
+            lines.len() - from,
+            lines.len()
+        );
+        for line in &lines[from..] {
+            eprintln!("{line}");
+        }
+        eprintln!("--- end of rewind-blk {} log ---", self.child.id());
     }
 }
 
