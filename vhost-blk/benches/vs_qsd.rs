@@ -1,6 +1,7 @@
 //! rewind-blk against qemu-storage-daemon's vhost-user-blk export: the same
 //! libblkio client, the same prefilled raw image on the same file system,
-//! one queue, workloads alternating between the two servers.
+//! one queue, workloads alternating between the two servers, the image in
+//! the page cache for both.
 //!
 //! `cargo bench -p rewind-vhost-blk --bench vs_qsd` (REWIND_BENCH_DIR picks
 //! the file system, REWIND_BENCH_QUICK=1 makes a small smoke run).
@@ -11,7 +12,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, ReqFlags};
-use common::{closed_loop, make_image, start_qsd, start_rewind, Server};
+use common::{closed_loop, create_rewind, make_image, serve_rewind, start_qsd, Server};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -87,7 +88,16 @@ fn main() {
     // The same prefilled image for both: QSD serves it, rewind imports it.
     let image = dir.path().join("disk.raw");
     make_image(&image, size);
-    let rewind = start_rewind(dir.path(), &image, size, 1);
+    let volume = create_rewind(dir.path(), &image, size, &[]);
+    // Warm for both: qsd's image is in the page cache (the bench just
+    // wrote it), and the import left none of rewind's base cached.
+    let base = volume.join("base.img");
+    std::io::copy(
+        &mut std::fs::File::open(&base).expect("base.img"),
+        &mut std::io::sink(),
+    )
+    .expect("read base.img into the page cache");
+    let rewind = serve_rewind(dir.path(), &volume, 1);
     let qsd = start_qsd(dir.path(), &image, false, 1);
     let blocks = size / BLOCK as u64;
     let workloads = [
