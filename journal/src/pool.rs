@@ -41,7 +41,9 @@ use crate::error::{Error, Result};
 use crate::format::{Layout, SegmentHeader};
 use crate::storage::{aligned_zeroes, Progress, Storage, StorageFile, ALIGNED_ZEROES};
 use crate::superblock::{SegmentRef, SuperState, Superblock};
+use folios::FolioPolicy;
 
+mod folios;
 mod headers;
 
 pub const JOURNAL_DIR: &str = "journal";
@@ -86,6 +88,8 @@ pub struct Segment {
     pub dirty: AtomicBool,
     /// Lsn of the newest record placed in it (0: none yet).
     pub last_lsn: AtomicU64,
+    /// Times it was synced while written (`FolioPolicy`).
+    syncs: AtomicU64,
     /// How this use places its records: set before its first record
     /// (slots until then, as its prepared header says).
     layout: OnceLock<Layout>,
@@ -102,6 +106,7 @@ impl Segment {
             file,
             dirty: AtomicBool::new(false),
             last_lsn: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
             layout: OnceLock::new(),
             marks: Mutex::new(Vec::new()),
         }
@@ -296,6 +301,8 @@ pub struct Pool {
     /// piece at a time (volume/fold.rs). A writer waiting at the hard
     /// limit keeps waiting while this moves.
     fold_progress: AtomicU64,
+    /// Which segments' stores make large folios.
+    folios: FolioPolicy,
     /// The fold last reported (the seq of its first segment) and the
     /// furthest any attempt at it got: a fold that failed and starts over
     /// counts no progress until it gets further.
@@ -562,6 +569,7 @@ impl Pool {
             active_left: AtomicU64::new(0),
             early: early_fold_segments(max_segments),
             fold_progress: AtomicU64::new(0),
+            folios: FolioPolicy::new(setup.segment_size),
             fold_furthest: Mutex::new((0, 0)),
         })
     }
@@ -973,6 +981,7 @@ impl Pool {
                 );
                 let overflow = st.used.len() as u64 + self.zone() > self.max_segments;
                 drop(st);
+                self.folios.activated(&seg);
                 self.changed.notify_all();
                 if overflow {
                     self.applier.notify();
@@ -1095,6 +1104,7 @@ impl Pool {
                     .for_each(|s| s.dirty.store(true, Ordering::Release));
                 return Err(e);
             }
+            self.folios.synced(seg);
         }
         Ok(())
     }

@@ -10,9 +10,10 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use memmap2::{MmapOptions, MmapRaw, UncheckedAdvice};
+use memmap2::{Advice, MmapOptions, MmapRaw, UncheckedAdvice};
 
 use rustix::fs::{FallocateFlags, FlockOperation, SeekFrom};
 use rustix::io::{Errno, ReadWriteFlags};
@@ -213,6 +214,21 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
         let _ = (offset, len);
         false
     }
+    /// Whether pages that stores ([`StorageFile::write_mapped_at`]) bring
+    /// into the page cache from now on come as large folios (2 MiB,
+    /// `MADV_HUGEPAGE`) or as single pages. A large folio is one fault and
+    /// one piece of write-back for 512 pages, but the kernel marks all of
+    /// it dirty at its first store (ext4's `block_page_mkwrite`), so every
+    /// sync writes the whole folio back however little of it changed: for
+    /// files synced rarely. Only a hint.
+    fn set_large_folios(&self, large: bool) {
+        let _ = large;
+    }
+    /// Ends [`StorageFile::set_large_folios`]`(true)`: the file is synced
+    /// too often. Later stores make single pages, and go in by pwrite,
+    /// which marks only the blocks it writes dirty, since they may land in
+    /// a large folio already made. Only a hint.
+    fn end_large_folios(&self) {}
     /// Takes the file's pages out of this process's page tables, where
     /// [`StorageFile::write_mapped_at`] put them; they stay in the page
     /// cache, dirty ones dirty. Before a sync, and once a file's writes
@@ -392,7 +408,18 @@ struct OsFile {
     direct_write: OnceLock<Option<File>>,
     /// `stores_allocate_nothing`'s answer.
     in_place: OnceLock<bool>,
+    /// What `set_large_folios` and `end_large_folios` asked for: one of
+    /// `PAGES`, `LARGE_FOLIOS`, `LARGE_FOLIOS_ENDED`.
+    folios: AtomicU8,
 }
+
+/// `OsFile::folios`: stores fault single pages in (the default).
+const PAGES: u8 = 0;
+/// Stores fault large folios in.
+const LARGE_FOLIOS: u8 = 1;
+/// Large folios were made and ended: stores fault single pages in, and
+/// mapped writes go in by pwrite.
+const LARGE_FOLIOS_ENDED: u8 = 2;
 
 impl OsFile {
     fn new(file: File) -> Self {
@@ -402,6 +429,25 @@ impl OsFile {
             direct: OnceLock::new(),
             direct_write: OnceLock::new(),
             in_place: OnceLock::new(),
+            folios: AtomicU8::new(PAGES),
+        }
+    }
+
+    /// Tells the kernel which folios stores into `map` should fault in.
+    fn advise_folios(&self, map: &MmapRaw) {
+        let advice = match self.folios.load(Ordering::Acquire) {
+            LARGE_FOLIOS => Advice::HugePage,
+            _ => Advice::NoHugePage,
+        };
+        if let Err(e) = map.advise(advice) {
+            tracing::debug!(error = %e, ?advice, "could not advise a file's mapping");
+        }
+    }
+
+    /// `advise_folios` for the mapping, if there is one yet.
+    fn advise_mapped_folios(&self) {
+        if let Some(map) = self.mapped.get().and_then(Option::as_ref) {
+            self.advise_folios(map);
         }
     }
 
@@ -494,7 +540,13 @@ impl OsFile {
     fn mapping(&self) -> Option<&MmapRaw> {
         self.mapped
             .get_or_init(|| match MmapOptions::new().map_raw(&self.file) {
-                Ok(map) => Some(map),
+                Ok(map) => {
+                    // A new mapping has the kernel's default: single pages.
+                    if self.folios.load(Ordering::Acquire) == LARGE_FOLIOS {
+                        self.advise_folios(&map);
+                    }
+                    Some(map)
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot map a file; mapped writes use pwrite");
                     None
@@ -577,6 +629,9 @@ impl StorageFile for OsFile {
     }
 
     fn write_mapped_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.folios.load(Ordering::Relaxed) == LARGE_FOLIOS_ENDED {
+            return self.file.write_all_at(buf, offset);
+        }
         let Some(map) = self.mapping() else {
             return self.file.write_all_at(buf, offset);
         };
@@ -612,6 +667,24 @@ impl StorageFile for OsFile {
                 page_cache_holds(self.file.as_raw_fd(), offset, len) == Some(true)
             }
             Ok(None) | Err(_) => false,
+        }
+    }
+
+    fn set_large_folios(&self, large: bool) {
+        let folios = if large { LARGE_FOLIOS } else { PAGES };
+        self.folios.store(folios, Ordering::Release);
+        self.advise_mapped_folios();
+    }
+
+    fn end_large_folios(&self) {
+        let ended = self.folios.compare_exchange(
+            LARGE_FOLIOS,
+            LARGE_FOLIOS_ENDED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        if ended.is_ok() {
+            self.advise_mapped_folios();
         }
     }
 
@@ -1163,6 +1236,67 @@ mod tests {
             }
         }
         kb
+    }
+
+    /// Bytes this thread made dirty (`write_bytes`, /proc/thread-self/io).
+    fn thread_write_bytes() -> u64 {
+        let io = std::fs::read_to_string("/proc/thread-self/io").expect("io accounting");
+        io.lines()
+            .find_map(|l| l.strip_prefix("write_bytes:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("write_bytes")
+    }
+
+    #[test]
+    fn stores_make_large_folios_until_they_are_ended() {
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .expect("this test needs transparent huge pages in the kernel");
+        assert!(
+            !thp.contains("[never]"),
+            "transparent huge pages are off (`{}`): this test needs `madvise`",
+            thp.trim()
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = |name: &str| {
+            let f = OsStorage
+                .create_new(&dir.path().join(name))
+                .expect("create");
+            f.allocate(8 << 20).expect("allocate");
+            f
+        };
+        // The kernel counts a folio's size to the thread that dirties it.
+        let dirtied_by = |store: &dyn Fn()| {
+            let before = thread_write_bytes();
+            store();
+            thread_write_bytes() - before
+        };
+        let pages = file("pages");
+        let dirtied = dirtied_by(&|| pages.write_mapped_at(&[1; 4096], 0).expect("a store"));
+        assert!(
+            dirtied < 2 << 20,
+            "single pages: a store dirtied {dirtied} bytes"
+        );
+
+        let large = file("large");
+        large.set_large_folios(true);
+        let dirtied = dirtied_by(&|| large.write_mapped_at(&[2; 4096], 0).expect("a store"));
+        assert_eq!(dirtied, 2 << 20, "a large folio");
+        large.unmap_pages();
+
+        // Into the large folio and past it: pwrite, nothing mapped.
+        large.end_large_folios();
+        large.write_mapped_at(&[3; 4096], 8192).expect("a write");
+        large.write_mapped_at(&[4; 4096], 6 << 20).expect("a write");
+        let path = dir.path().join("large");
+        assert_eq!(mapped_resident_kb(&path), 0, "written by pwrite");
+        large.sync_data().expect("sync");
+        drop(large);
+        let bytes = std::fs::read(&path).expect("read back");
+        for (at, value) in [(0, 2), (8192, 3), (6 << 20, 4)] {
+            assert!(bytes[at..at + 4096].iter().all(|&b| b == value), "at {at}");
+        }
+        assert!(bytes[4096..8192].iter().all(|&b| b == 0), "between");
+        assert!(bytes[12288..6 << 20].iter().all(|&b| b == 0), "the rest");
     }
 
     #[test]
