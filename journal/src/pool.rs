@@ -88,7 +88,8 @@ pub struct Segment {
     pub dirty: AtomicBool,
     /// Lsn of the newest record placed in it (0: none yet).
     pub last_lsn: AtomicU64,
-    /// Times it was synced while written (`FolioPolicy`).
+    /// Times `Pool::sync_dirty` synced it, after the writer left it too
+    /// (`FolioPolicy`).
     syncs: AtomicU64,
     /// How this use places its records: set before its first record
     /// (slots until then, as its prepared header says).

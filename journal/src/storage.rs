@@ -216,19 +216,18 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     }
     /// Whether pages that stores ([`StorageFile::write_mapped_at`]) bring
     /// into the page cache from now on come as large folios (2 MiB,
-    /// `MADV_HUGEPAGE`) or as single pages. A large folio is one fault and
-    /// one piece of write-back for 512 pages, but the kernel marks all of
-    /// it dirty at its first store (ext4's `block_page_mkwrite`), so every
-    /// sync writes the whole folio back however little of it changed: for
-    /// files synced rarely. Only a hint.
+    /// `MADV_HUGEPAGE`), for a file synced rarely, or as single pages. A
+    /// large folio is one fault and one piece of write-back for 512 pages,
+    /// but the kernel marks all of it dirty at the first store into it
+    /// (ext4's `block_page_mkwrite`), so every sync writes the whole folio
+    /// back however little of it changed. So where large folios are not
+    /// wanted and the file may hold some already (it did before, or it was
+    /// not created by this process: it may be cached from an earlier use),
+    /// mapped writes go in by pwrite, which marks only the blocks it
+    /// writes dirty. Only a hint.
     fn set_large_folios(&self, large: bool) {
         let _ = large;
     }
-    /// Ends [`StorageFile::set_large_folios`]`(true)`: the file is synced
-    /// too often. Later stores make single pages, and go in by pwrite,
-    /// which marks only the blocks it writes dirty, since they may land in
-    /// a large folio already made. Only a hint.
-    fn end_large_folios(&self) {}
     /// Takes the file's pages out of this process's page tables, where
     /// [`StorageFile::write_mapped_at`] put them; they stay in the page
     /// cache, dirty ones dirty. Before a sync, and once a file's writes
@@ -408,46 +407,40 @@ struct OsFile {
     direct_write: OnceLock<Option<File>>,
     /// `stores_allocate_nothing`'s answer.
     in_place: OnceLock<bool>,
-    /// What `set_large_folios` and `end_large_folios` asked for: one of
-    /// `PAGES`, `LARGE_FOLIOS`, `LARGE_FOLIOS_ENDED`.
+    /// How mapped writes go in (`set_large_folios`): `PAGES`,
+    /// `LARGE_FOLIOS` or `PWRITE`. Only a file this process created starts
+    /// in `PAGES`: one it opened may have large folios cached from an
+    /// earlier use.
     folios: AtomicU8,
 }
 
-/// `OsFile::folios`: stores fault single pages in (the default).
+/// `OsFile::folios`: stores, faulting single pages in. The page cache holds
+/// no large folio of the file.
 const PAGES: u8 = 0;
-/// Stores fault large folios in.
+/// Stores, faulting large folios in.
 const LARGE_FOLIOS: u8 = 1;
-/// Large folios were made and ended: stores fault single pages in, and
-/// mapped writes go in by pwrite.
-const LARGE_FOLIOS_ENDED: u8 = 2;
+/// pwrite: large folios are not wanted, and the page cache may hold some.
+const PWRITE: u8 = 2;
 
 impl OsFile {
-    fn new(file: File) -> Self {
+    /// `created`: this process created the file (none of it is cached).
+    fn new(file: File, created: bool) -> Self {
         OsFile {
             file,
             mapped: OnceLock::new(),
             direct: OnceLock::new(),
             direct_write: OnceLock::new(),
             in_place: OnceLock::new(),
-            folios: AtomicU8::new(PAGES),
+            folios: AtomicU8::new(if created { PAGES } else { PWRITE }),
         }
     }
 
-    /// Tells the kernel which folios stores into `map` should fault in.
-    fn advise_folios(&self, map: &MmapRaw) {
-        let advice = match self.folios.load(Ordering::Acquire) {
-            LARGE_FOLIOS => Advice::HugePage,
-            _ => Advice::NoHugePage,
-        };
-        if let Err(e) = map.advise(advice) {
-            tracing::debug!(error = %e, ?advice, "could not advise a file's mapping");
-        }
-    }
-
-    /// `advise_folios` for the mapping, if there is one yet.
-    fn advise_mapped_folios(&self) {
-        if let Some(map) = self.mapped.get().and_then(Option::as_ref) {
-            self.advise_folios(map);
+    /// Asks the kernel for large folios where stores into `map` fault.
+    /// Nothing asks for single pages again: a file that leaves
+    /// `LARGE_FOLIOS` goes to `PWRITE`, whose writes fault nothing in.
+    fn advise_large_folios(&self, map: &MmapRaw) {
+        if let Err(e) = map.advise(Advice::HugePage) {
+            tracing::debug!(error = %e, "could not ask for large folios");
         }
     }
 
@@ -541,9 +534,8 @@ impl OsFile {
         self.mapped
             .get_or_init(|| match MmapOptions::new().map_raw(&self.file) {
                 Ok(map) => {
-                    // A new mapping has the kernel's default: single pages.
                     if self.folios.load(Ordering::Acquire) == LARGE_FOLIOS {
-                        self.advise_folios(&map);
+                        self.advise_large_folios(&map);
                     }
                     Some(map)
                 }
@@ -629,7 +621,7 @@ impl StorageFile for OsFile {
     }
 
     fn write_mapped_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if self.folios.load(Ordering::Relaxed) == LARGE_FOLIOS_ENDED {
+        if self.folios.load(Ordering::Relaxed) == PWRITE {
             return self.file.write_all_at(buf, offset);
         }
         let Some(map) = self.mapping() else {
@@ -671,20 +663,20 @@ impl StorageFile for OsFile {
     }
 
     fn set_large_folios(&self, large: bool) {
-        let folios = if large { LARGE_FOLIOS } else { PAGES };
-        self.folios.store(folios, Ordering::Release);
-        self.advise_mapped_folios();
-    }
-
-    fn end_large_folios(&self) {
-        let ended = self.folios.compare_exchange(
-            LARGE_FOLIOS,
-            LARGE_FOLIOS_ENDED,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
-        if ended.is_ok() {
-            self.advise_mapped_folios();
+        if !large {
+            // Pages stay stores only while no large folio was ever made.
+            let _ = self.folios.compare_exchange(
+                LARGE_FOLIOS,
+                PWRITE,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+            return;
+        }
+        if self.folios.swap(LARGE_FOLIOS, Ordering::AcqRel) != LARGE_FOLIOS {
+            if let Some(map) = self.mapped.get().and_then(Option::as_ref) {
+                self.advise_large_folios(map);
+            }
         }
     }
 
@@ -996,7 +988,7 @@ fn libc_eopnotsupp() -> i32 {
 impl Storage for OsStorage {
     fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
         let f = OpenOptions::new().read(true).write(true).open(path)?;
-        Ok(Arc::new(OsFile::new(f)))
+        Ok(Arc::new(OsFile::new(f, false)))
     }
 
     fn create_new(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
@@ -1005,7 +997,7 @@ impl Storage for OsStorage {
             .write(true)
             .create_new(true)
             .open(path)?;
-        Ok(Arc::new(OsFile::new(f)))
+        Ok(Arc::new(OsFile::new(f, true)))
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
@@ -1248,7 +1240,7 @@ mod tests {
     }
 
     #[test]
-    fn stores_make_large_folios_until_they_are_ended() {
+    fn large_folios_are_made_only_when_asked_and_left_by_pwrite() {
         let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
             .expect("this test needs transparent huge pages in the kernel");
         assert!(
@@ -1264,7 +1256,8 @@ mod tests {
             f.allocate(8 << 20).expect("allocate");
             f
         };
-        // The kernel counts a folio's size to the thread that dirties it.
+        // The kernel counts a folio's size to the thread that dirties it
+        // (a large one may come smaller where memory is fragmented).
         let dirtied_by = |store: &dyn Fn()| {
             let before = thread_write_bytes();
             store();
@@ -1273,18 +1266,21 @@ mod tests {
         let pages = file("pages");
         let dirtied = dirtied_by(&|| pages.write_mapped_at(&[1; 4096], 0).expect("a store"));
         assert!(
-            dirtied < 2 << 20,
+            dirtied <= 64 << 10,
             "single pages: a store dirtied {dirtied} bytes"
         );
 
         let large = file("large");
         large.set_large_folios(true);
         let dirtied = dirtied_by(&|| large.write_mapped_at(&[2; 4096], 0).expect("a store"));
-        assert_eq!(dirtied, 2 << 20, "a large folio");
+        assert!(
+            dirtied > 64 << 10,
+            "a large folio: a store dirtied {dirtied} bytes"
+        );
         large.unmap_pages();
 
         // Into the large folio and past it: pwrite, nothing mapped.
-        large.end_large_folios();
+        large.set_large_folios(false);
         large.write_mapped_at(&[3; 4096], 8192).expect("a write");
         large.write_mapped_at(&[4; 4096], 6 << 20).expect("a write");
         let path = dir.path().join("large");
@@ -1297,6 +1293,20 @@ mod tests {
         }
         assert!(bytes[4096..8192].iter().all(|&b| b == 0), "between");
         assert!(bytes[12288..6 << 20].iter().all(|&b| b == 0), "the rest");
+
+        // A file this process did not create may hold large folios from
+        // an earlier use: pwrite until large folios are asked for.
+        let opened = OsStorage.open(&path).expect("open");
+        opened.write_mapped_at(&[5; 4096], 4096).expect("a write");
+        assert_eq!(mapped_resident_kb(&path), 0, "an opened file: pwrite");
+        opened.set_large_folios(true);
+        opened.write_mapped_at(&[6; 4096], 12288).expect("a store");
+        assert!(mapped_resident_kb(&path) > 0, "asked for: stores");
+        let mut got = [0u8; 4096];
+        opened.read_exact_at(&mut got, 4096).expect("read");
+        assert_eq!(got, [5; 4096]);
+        opened.read_exact_at(&mut got, 12288).expect("read");
+        assert_eq!(got, [6; 4096]);
     }
 
     #[test]
