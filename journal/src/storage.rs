@@ -435,15 +435,6 @@ impl OsFile {
         }
     }
 
-    /// Asks the kernel for large folios where stores into `map` fault.
-    /// Nothing asks for single pages again: a file that leaves
-    /// `LARGE_FOLIOS` goes to `PWRITE`, whose writes fault nothing in.
-    fn advise_large_folios(&self, map: &MmapRaw) {
-        if let Err(e) = map.advise(Advice::HugePage) {
-            tracing::debug!(error = %e, "could not ask for large folios");
-        }
-    }
-
     /// The O_DIRECT descriptor `slot` keeps, opened at the first ask (as
     /// the `direct` field says).
     fn direct<'a>(&self, slot: &'a OnceLock<Option<File>>, write: bool) -> Option<&'a File> {
@@ -535,7 +526,7 @@ impl OsFile {
             .get_or_init(|| match MmapOptions::new().map_raw(&self.file) {
                 Ok(map) => {
                     if self.folios.load(Ordering::Acquire) == LARGE_FOLIOS {
-                        self.advise_large_folios(&map);
+                        advise_large_folios(&map);
                     }
                     Some(map)
                 }
@@ -545,6 +536,15 @@ impl OsFile {
                 }
             })
             .as_ref()
+    }
+}
+
+/// Asks the kernel for large folios where stores into `map` fault.
+/// Nothing asks for single pages again: a file that leaves `LARGE_FOLIOS`
+/// goes to `PWRITE`, whose writes fault nothing in.
+fn advise_large_folios(map: &MmapRaw) {
+    if let Err(e) = map.advise(Advice::HugePage) {
+        tracing::debug!(error = %e, "could not ask for large folios");
     }
 }
 
@@ -675,7 +675,7 @@ impl StorageFile for OsFile {
         }
         if self.folios.swap(LARGE_FOLIOS, Ordering::AcqRel) != LARGE_FOLIOS {
             if let Some(map) = self.mapped.get().and_then(Option::as_ref) {
-                self.advise_large_folios(map);
+                advise_large_folios(map);
             }
         }
     }
