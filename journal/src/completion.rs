@@ -4,7 +4,7 @@
 //! of the journal is the contiguous prefix of finished lsns: recovery stops
 //! at the first missing record, so a flush may only claim lsns up to there.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
@@ -15,6 +15,11 @@ struct State {
     /// Written lsns above the prefix.
     ahead: BTreeSet<u64>,
     failed: bool,
+    /// Targets threads wait for in [`Completion::wait_for`], with how many
+    /// wait for each: the prefix wakes them only once it reaches the
+    /// lowest (a futex call per append otherwise, and a wake-up of every
+    /// waiter per append while they wait).
+    waiting: BTreeMap<u64, usize>,
 }
 
 #[derive(Debug)]
@@ -38,6 +43,7 @@ impl Completion {
                 prefix,
                 ahead: BTreeSet::new(),
                 failed: false,
+                waiting: BTreeMap::new(),
             }),
             prefix: AtomicU64::new(prefix),
             advanced: Condvar::new(),
@@ -71,8 +77,14 @@ impl Completion {
             st.prefix += 1;
         }
         self.prefix.store(st.prefix, Ordering::Release);
+        let reached = st
+            .waiting
+            .first_key_value()
+            .is_some_and(|(&target, _)| target <= st.prefix);
         drop(st);
-        self.advanced.notify_all();
+        if reached {
+            self.advanced.notify_all();
+        }
     }
 
     pub fn prefix(&self) -> u64 {
@@ -82,13 +94,24 @@ impl Completion {
     /// Waits until every lsn <= `target` is written; returns the prefix.
     pub fn wait_for(&self, target: u64) -> Result<u64, Stalled> {
         let mut st = self.lock();
-        while st.prefix < target {
-            if st.failed {
-                return Err(Stalled);
-            }
+        if st.prefix >= target {
+            return Ok(st.prefix);
+        }
+        *st.waiting.entry(target).or_default() += 1;
+        while st.prefix < target && !st.failed {
             st = self.advanced.wait(st).unwrap_or_else(|e| e.into_inner());
         }
-        Ok(st.prefix)
+        if let Some(count) = st.waiting.get_mut(&target) {
+            *count -= 1;
+            if *count == 0 {
+                st.waiting.remove(&target);
+            }
+        }
+        if st.prefix >= target {
+            Ok(st.prefix)
+        } else {
+            Err(Stalled)
+        }
     }
 
     /// Wakes every waiter with `Stalled`: a hole will never be filled.
@@ -131,5 +154,29 @@ mod tests {
         };
         c.fail();
         assert_eq!(waiter.join().expect("join"), Err(Stalled));
+    }
+
+    #[test]
+    fn a_waiter_wakes_when_its_own_target_is_reached() {
+        let c = Arc::new(Completion::new(0));
+        let (done, results) = std::sync::mpsc::channel();
+        for target in [2, 5] {
+            let (c, done) = (c.clone(), done.clone());
+            std::thread::spawn(move || done.send((target, c.wait_for(target))));
+        }
+        let registered = |targets: &[u64]| c.lock().waiting.keys().eq(targets.iter());
+        while !registered(&[2, 5]) {
+            std::thread::yield_now();
+        }
+        let wait = std::time::Duration::from_secs(10);
+        c.complete(1);
+        c.complete(2);
+        assert_eq!(results.recv_timeout(wait), Ok((2, Ok(2))));
+        assert!(registered(&[5]), "the waiter for 5 still waits");
+        for lsn in 3..=5 {
+            c.complete(lsn);
+        }
+        assert_eq!(results.recv_timeout(wait), Ok((5, Ok(5))));
+        assert!(registered(&[]), "no waiter is left registered");
     }
 }

@@ -58,6 +58,9 @@ struct State {
     /// Set when the inflight region contradicts the queue: the queue takes
     /// nothing more (which requests were done is unknown).
     refused: bool,
+    /// Threads in [`Inflight::wait_empty`]: a completion wakes only those
+    /// (a futex call per request otherwise, paid by every warm write).
+    waiters: usize,
 }
 
 /// One queue's requests between being taken and being in the used ring.
@@ -223,7 +226,7 @@ impl Inflight {
             other => other,
         };
         state.running -= 1;
-        if state.running == 0 {
+        if state.running == 0 && state.waiters > 0 {
             self.emptied.notify_all();
         }
         published
@@ -239,9 +242,11 @@ impl Inflight {
     /// Waits until every request taken is in the used ring.
     pub fn wait_empty(&self) {
         let mut state = self.lock();
+        state.waiters += 1;
         while state.running > 0 {
             state = self.emptied.wait(state).unwrap_or_else(|e| e.into_inner());
         }
+        state.waiters -= 1;
     }
 }
 
