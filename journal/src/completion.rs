@@ -16,9 +16,9 @@ struct State {
     ahead: BTreeSet<u64>,
     failed: bool,
     /// Targets threads wait for in [`Completion::wait_for`], with how many
-    /// wait for each: the prefix wakes them only once it reaches the
-    /// lowest (a futex call per append otherwise, and a wake-up of every
-    /// waiter per append while they wait).
+    /// wait for each: the prefix wakes them (all; those further on sleep
+    /// again) only once it reaches the lowest (a futex call per append
+    /// otherwise, and a wake-up of every waiter per append while they wait).
     waiting: BTreeMap<u64, usize>,
 }
 
@@ -165,15 +165,22 @@ mod tests {
             std::thread::spawn(move || done.send((target, c.wait_for(target))));
         }
         let registered = |targets: &[u64]| c.lock().waiting.keys().eq(targets.iter());
+        let wait = std::time::Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + wait;
         while !registered(&[2, 5]) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the waiters never registered"
+            );
             std::thread::yield_now();
         }
-        let wait = std::time::Duration::from_secs(10);
-        c.complete(1);
+        // The prefix jumps from 0 past 2 at once.
         c.complete(2);
-        assert_eq!(results.recv_timeout(wait), Ok((2, Ok(2))));
+        c.complete(3);
+        c.complete(1);
+        assert_eq!(results.recv_timeout(wait), Ok((2, Ok(3))));
         assert!(registered(&[5]), "the waiter for 5 still waits");
-        for lsn in 3..=5 {
+        for lsn in 4..=5 {
             c.complete(lsn);
         }
         assert_eq!(results.recv_timeout(wait), Ok((5, Ok(5))));
