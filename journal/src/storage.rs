@@ -217,9 +217,9 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     /// Whether pages that stores ([`StorageFile::write_mapped_at`]) bring
     /// into the page cache from now on come as large folios (2 MiB,
     /// `MADV_HUGEPAGE`), for a file synced rarely, or as single pages. A
-    /// large folio is one fault and one piece of write-back for 512 pages,
-    /// but the kernel marks all of it dirty at the first store into it
-    /// (ext4's `block_page_mkwrite`), so every sync writes the whole folio
+    /// large folio is one allocation and one piece of write-back for 512
+    /// pages, but the kernel marks all of it dirty at the first store into
+    /// it (ext4's `block_page_mkwrite`), so every sync writes the whole folio
     /// back however little of it changed. So where large folios are not
     /// wanted and the file may hold some already (it did before, or it was
     /// not created by this process: it may be cached from an earlier use),
