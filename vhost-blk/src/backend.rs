@@ -46,7 +46,7 @@ use crate::device::BlockDevice;
 use crate::gate::{Gate, Pass};
 use crate::inflight::{self, Inflight, Ticket};
 use crate::inflight_region::{self, InflightRegion};
-use crate::request::{self, Disk, ReadInto, Step, Waiting, MAX_SEGMENTS, SECTOR};
+use crate::request::{self, Disk, ReadInto, Step, Waiting, MAX_SEGMENTS, SECTOR, SEG_MAX};
 use crate::uring::QueueRing;
 
 /// Guest memory with a dirty log QEMU can share during a live migration:
@@ -58,8 +58,6 @@ pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
 
 /// Largest queue the device offers.
 pub const MAX_QUEUE_SIZE: usize = 1024;
-/// Data descriptors per request the device accepts (config `seg_max`).
-const SEG_MAX: u32 = 254;
 /// Offset of the `writeback` byte in virtio_blk_config.
 const WRITEBACK_OFFSET: usize = 32;
 /// Bytes of virtio_blk_config the device has.
@@ -258,13 +256,13 @@ impl BlkBackend {
                 // Stop taking descriptors once the queue is stopped
                 // (GET_VRING_BASE). Requests a restart takes again come
                 // first.
-                let chain = {
+                let (chain, queue_size) = {
                     let mut state = vring.get_mut();
                     let queue = state.get_queue_mut();
                     if !queue.ready() {
                         return Ok(true);
                     }
-                    match inflight.next_resubmit() {
+                    let chain = match inflight.next_resubmit() {
                         Some(head) => Some(DescriptorChain::new(
                             &*mem,
                             GuestAddress(queue.desc_table()),
@@ -272,11 +270,23 @@ impl BlkBackend {
                             head,
                         )),
                         None => queue.pop_descriptor_chain(&*mem),
-                    }
+                    };
+                    (chain, queue.size())
                 };
                 let Some(chain) = chain else {
                     return Ok(false);
                 };
+                // No used entry can name such a head: the request is
+                // dropped, and the queue goes on with the next.
+                if chain.head_index() >= queue_size {
+                    tracing::warn!(
+                        event = rewind_journal::events::GUEST_PROTOCOL_ERROR,
+                        head = chain.head_index(),
+                        queue_size,
+                        "the available ring names a descriptor outside the queue; skipped"
+                    );
+                    continue;
+                }
                 let ticket = inflight.take(chain.head_index());
                 match request::start(&*mem, chain, &disk, ring.is_some()) {
                     Step::Done(done) => {
@@ -1224,6 +1234,34 @@ mod tests {
                 volume.read(3 * BLOCK as u64, &mut buf).expect("read");
                 assert!(cached());
             }
+        }
+
+        /// A head the guest puts in the available ring that no used entry
+        /// could name is skipped: the queue's thread goes on with the next
+        /// request (it ended, with the error, and served nothing more).
+        #[test]
+        fn a_head_outside_the_queue_is_skipped_and_the_queue_goes_on() {
+            let volume = Arc::new(crate::test_support::volume(BLOCKS * BLOCK as u64));
+            let guest = GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
+            let ops = [
+                Op::Write { block: 1, fill: 1 },
+                Op::Write { block: 2, fill: 2 },
+            ];
+            let (q, mem, vring) = queue_of(&guest, &ops);
+            let first_entry = q.avail_addr().unchecked_add(4);
+            guest.write_obj(QUEUE + 44, first_entry).expect("bad head");
+            let (b, _) = connect(&volume, &mem, None);
+            assert!(b.process(0, &vring).expect("process goes on"));
+            b.stop_vring(0).expect("stop");
+            let used: u16 = guest
+                .read_obj(q.used_addr().unchecked_add(2))
+                .expect("used idx");
+            assert_eq!(used, 1, "only the valid request is used");
+            let requests = used_requests(&guest, &q, &[0, 3], 0, 1).expect("used");
+            assert_eq!(requests, [1], "the second request");
+            let mut block = [0u8; BLOCK];
+            volume.read(2 * BLOCK as u64, &mut block).expect("read");
+            assert!(block.iter().all(|&b| b == 2), "the second write landed");
         }
 
         /// A kick that finds the queue stopped (GET_VRING_BASE) with

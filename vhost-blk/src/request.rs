@@ -1,12 +1,18 @@
 //! virtio-blk requests (virtio 1.2, 5.2.6): a descriptor chain from an
 //! untrusted guest, checked and run on a volume.
 //!
-//! A chain is a device-readable 16-byte header (type, reserved, sector),
-//! data buffers (device-writable for reads, device-readable for writes), and
-//! a device-writable status byte at its end. Every field is checked before it
-//! is used, sector arithmetic is checked, all guest buffers of a write are
-//! read before the volume is touched, and a request that fails a check gets
-//! an error status, never an effect outside its own buffers.
+//! A request is a 16-byte header (type, reserved, sector), its data
+//! (device-writable for reads, device-readable for writes), and a status
+//! byte at its end. The device sees them as bytes: the device-readable ones
+//! first, then the device-writable ones, split among descriptors however
+//! the driver likes (virtio 1.2, 2.7.4; VERSION_1 implies any layout), so a
+//! header may share its descriptor with data and the status is the last
+//! writable byte. Every field is checked before it is used, sector
+//! arithmetic is checked, every data buffer is checked to lie in guest
+//! memory before anything is allocated for it or the volume is touched,
+//! and a request that fails a check gets an error status, never an effect
+//! outside its own buffers. A large request runs a piece at a time
+//! ([`PIECE`]), so what a guest asks for does not size the daemon's memory.
 
 use crate::device::BlockDevice;
 use rewind_journal::{PayloadBuffer, LARGE_PAYLOAD};
@@ -17,10 +23,17 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
 
 pub const SECTOR: u64 = 512;
-const HEADER_LEN: u32 = 16;
+const HEADER_LEN: usize = 16;
+/// Most data buffers one request may have: the device offers it as
+/// `seg_max`, and a chain with more gets an error status.
+pub const SEG_MAX: u32 = 254;
+/// The most data bytes of a request the daemon holds in memory at once:
+/// a larger read or write runs in pieces of this size (a chain may
+/// describe up to 4 GiB, overlapping buffers included).
+const PIECE: u64 = 4 << 20;
 const SEGMENT_LEN: u64 = 16;
 /// Most segments one discard or write-zeroes request may carry.
 pub const MAX_SEGMENTS: u64 = 32;
@@ -92,8 +105,14 @@ impl Kind {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
-    #[error("the request header is missing, shorter than {HEADER_LEN} bytes, or device-writable")]
+    #[error("the request has fewer than {HEADER_LEN} device-readable bytes for its header")]
     BadHeader,
+    #[error("a device-readable descriptor follows a device-writable one")]
+    Layout,
+    #[error("the request has more than {SEG_MAX} data buffers")]
+    TooManyBuffers,
+    #[error("the request's data buffers add up to more than 4 GiB")]
+    TooLarge,
     #[error("cannot access guest memory: {0}")]
     Memory(#[from] GuestMemoryError),
     #[error("request type {0} is not supported")]
@@ -188,30 +207,78 @@ fn with_payload_buffer<T>(f: impl FnOnce(&mut PayloadBuffer) -> T) -> T {
 }
 
 impl Request {
-    /// Parses the descriptors before the status byte.
-    pub fn parse<M: GuestMemory>(mem: &M, body: &[Descriptor]) -> Result<Request, RequestError> {
-        let header = match body.first() {
-            Some(h) if !h.is_write_only() && h.len() >= HEADER_LEN => h,
-            _ => return Err(RequestError::BadHeader),
-        };
-        let mut raw = [0u8; HEADER_LEN as usize];
-        mem.read_slice(&mut raw, header.addr())?;
-        let code = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
+    /// Parses a chain whose last descriptor is device-writable and holds
+    /// the status byte at its end ([`status_byte`]).
+    pub fn parse<M: GuestMemory>(mem: &M, chain: &[Descriptor]) -> Result<Request, RequestError> {
+        let mut header = [0u8; HEADER_LEN];
+        let mut have = 0;
+        // Data buffers, the device-readable ones (after the header) first.
+        let mut data = Vec::with_capacity(chain.len());
+        let (mut readable, mut writable) = (0, 0);
+        let last = chain.len().saturating_sub(1);
+        for (i, d) in chain.iter().enumerate() {
+            let (mut addr, mut len) = (d.addr(), d.len());
+            if i == last {
+                len = len.saturating_sub(1); // the status byte
+            }
+            if d.is_write_only() {
+                writable += 1;
+            } else if writable > 0 {
+                return Err(RequestError::Layout);
+            } else if have < HEADER_LEN {
+                let n = (HEADER_LEN - have).min(len as usize);
+                mem.read_slice(&mut header[have..have + n], addr)?;
+                have += n;
+                addr = addr
+                    .checked_add(n as u64)
+                    .ok_or(GuestMemoryError::InvalidGuestAddress(addr))?;
+                len -= n as u32;
+            }
+            if len > 0 {
+                readable += usize::from(!d.is_write_only());
+                data.push((addr, len));
+            }
+        }
+        if have < HEADER_LEN {
+            return Err(RequestError::BadHeader);
+        }
+        let code = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let mut sector = [0u8; 8];
-        sector.copy_from_slice(&raw[8..16]);
+        sector.copy_from_slice(&header[8..16]);
         let kind = Kind::from_code(code).ok_or(RequestError::Unsupported(code))?;
-        let data = &body[1..];
-        if kind != Kind::Flush
-            && data
-                .iter()
-                .any(|d| d.is_write_only() != kind.device_writes())
+        let wrong_way = if kind.device_writes() {
+            readable > 0
+        } else {
+            readable < data.len()
+        };
+        match kind {
+            // A flush has no data; buffers it carries are left alone.
+            Kind::Flush => data.clear(),
+            _ if wrong_way => return Err(RequestError::Direction(kind)),
+            _ => {}
+        }
+        if data.len() > SEG_MAX as usize {
+            return Err(RequestError::TooManyBuffers);
+        }
+        let total: u64 = data.iter().map(|&(_, len)| u64::from(len)).sum();
+        if total > u64::from(u32::MAX) {
+            return Err(RequestError::TooLarge);
+        }
+        let access = if kind.device_writes() {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
+        if let Some(&(addr, _)) = data
+            .iter()
+            .find(|&&(addr, len)| !mem.check_range(addr, len as usize, access))
         {
-            return Err(RequestError::Direction(kind));
+            return Err(GuestMemoryError::InvalidGuestAddress(addr).into());
         }
         Ok(Request {
             kind,
             sector: u64::from_le_bytes(sector),
-            data: data.iter().map(|d| (d.addr(), d.len())).collect(),
+            data,
         })
     }
 
@@ -224,31 +291,43 @@ impl Request {
         self.data.iter().map(|&(_, len)| u64::from(len)).sum()
     }
 
-    /// Reads all data buffers from the guest.
+    /// Reads all data buffers from the guest (a discard's segments: at
+    /// most `MAX_SEGMENTS` of 16 bytes, checked by the caller).
     fn gather<M: GuestMemory>(&self, mem: &M) -> Result<Vec<u8>, RequestError> {
         let mut buf = vec![0u8; self.data_len() as usize];
-        self.gather_into(mem, &mut buf)?;
+        self.gather_at(mem, 0, &mut buf)?;
         Ok(buf)
     }
 
-    /// Reads all data buffers from the guest into `buf`, `data_len` bytes.
-    fn gather_into<M: GuestMemory>(&self, mem: &M, buf: &mut [u8]) -> Result<(), RequestError> {
+    /// Reads data bytes `[from, from + buf.len())` from the guest into `buf`.
+    fn gather_at<M: GuestMemory>(
+        &self,
+        mem: &M,
+        from: u64,
+        buf: &mut [u8],
+    ) -> Result<(), RequestError> {
         let mut at = 0;
-        for &(addr, len) in &self.data {
-            mem.read_slice(&mut buf[at..at + len as usize], addr)?;
-            at += len as usize;
+        for (addr, n) in spans(&self.data, from as usize, buf.len()) {
+            mem.read_slice(&mut buf[at..at + n], addr)?;
+            at += n;
         }
         Ok(())
     }
 
-    /// Writes `buf` into the data buffers, in order; returns bytes written.
-    fn scatter<M: GuestMemory>(&self, mem: &M, buf: &[u8]) -> Result<u32, RequestError> {
+    /// Writes `buf` into the data buffers from data byte `from` on, as far
+    /// as they go; returns the bytes written.
+    fn scatter_at<M: GuestMemory>(
+        &self,
+        mem: &M,
+        from: u64,
+        buf: &[u8],
+    ) -> Result<u32, RequestError> {
         let mut at = 0;
-        for &(addr, len) in &self.data {
-            let n = (len as usize).min(buf.len() - at);
+        for (addr, n) in spans(&self.data, from as usize, buf.len()) {
             mem.write_slice(&buf[at..at + n], addr)?;
             at += n;
         }
+        // At most the data's length, itself at most u32::MAX (`parse`).
         Ok(at as u32)
     }
 
@@ -258,11 +337,16 @@ impl Request {
             Kind::In => {
                 let len = self.data_len();
                 let offset = self.sectors_of(len, disk)?;
-                let mut buf = vec![0u8; len as usize];
-                if len > 0 {
-                    disk.device.read(offset, &mut buf)?;
+                let mut buf = vec![0u8; len.min(PIECE) as usize];
+                let mut done = 0;
+                while done < len {
+                    let piece = &mut buf[..(len - done).min(PIECE) as usize];
+                    disk.device.read(offset + done, piece)?;
+                    self.scatter_at(mem, done, piece)?;
+                    done += piece.len() as u64;
                 }
-                self.scatter(mem, &buf)
+                // At most u32::MAX (`parse`).
+                Ok(len as u32)
             }
             Kind::Out => {
                 if let Some(lsn) = self.write_unordered(mem, disk)? {
@@ -274,7 +358,7 @@ impl Request {
                 disk.device.flush()?;
                 Ok(0)
             }
-            Kind::GetId => self.scatter(mem, &disk.id),
+            Kind::GetId => self.scatter_at(mem, 0, &disk.id),
             Kind::Discard | Kind::WriteZeroes => {
                 if disk.read_only {
                     return Err(RequestError::ReadOnly);
@@ -290,8 +374,8 @@ impl Request {
         }
     }
 
-    /// Records a write; `Some(lsn)` if it is done only once the writes
-    /// recorded before it are written too
+    /// Records a write, a [`PIECE`] at a time; `Some(lsn)` if it is done
+    /// only once the writes recorded before it are written too
     /// (`BlockDevice::write_buffer_unordered`).
     fn write_unordered<M: GuestMemory>(
         &self,
@@ -303,13 +387,19 @@ impl Request {
         }
         let len = self.data_len();
         let offset = self.sectors_of(len, disk)?;
-        with_payload_buffer(|buf| {
-            self.gather_into(mem, buf.payload_mut(len as usize))?;
-            if len == 0 {
-                return Ok(None);
-            }
-            Ok(disk.device.write_buffer_unordered(offset, buf)?)
-        })
+        let mut after_others = None;
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(PIECE);
+            let lsn = with_payload_buffer(|buf| {
+                self.gather_at(mem, done, buf.payload_mut(n as usize))?;
+                Ok::<_, RequestError>(disk.device.write_buffer_unordered(offset + done, buf)?)
+            })?;
+            // Lsns grow: waiting for the last covers the pieces before.
+            after_others = after_others.max(lsn);
+            done += n;
+        }
+        Ok(after_others)
     }
 
     /// A read served from the page cache: the bytes written into guest
@@ -325,7 +415,7 @@ impl Request {
         if len > 0 && !disk.device.read_cached(offset, &mut buf)? {
             return Ok(None);
         }
-        self.scatter(mem, &buf).map(Some)
+        self.scatter_at(mem, 0, &buf).map(Some)
     }
 
     /// The byte offset of a transfer of `len` bytes at the request's sector.
@@ -476,9 +566,8 @@ impl Waiting {
     /// caller filled.
     pub fn finish_filled<M: GuestMemory>(self, mem: &M, disk: &Disk<'_>) -> Completion {
         let result = match &self.taken.request {
-            // The used length is a hint to the driver; the ring reads at
-            // most MAX_RING_READ.
-            Ok(r) => Ok(u32::try_from(r.data_len()).unwrap_or(u32::MAX)),
+            // At most u32::MAX (`parse`).
+            Ok(r) => Ok(r.data_len() as u32),
             Err(_) => Ok(0),
         };
         self.taken.complete(mem, disk, result)
@@ -598,23 +687,16 @@ pub fn start<M: GuestMemory>(
     defer_reads: bool,
 ) -> Step {
     let descs: Vec<Descriptor> = chain.into_iter().collect();
-    let Some((status, body)) = descs.split_last() else {
+    let Some(status) = status_byte(&descs) else {
         tracing::warn!(
             event = rewind_journal::events::GUEST_PROTOCOL_ERROR,
-            "empty descriptor chain"
+            "descriptor chain without a device-writable status byte at its end"
         );
         return Step::Done(UNUSABLE);
     };
-    if !status.is_write_only() || status.len() < 1 {
-        tracing::warn!(
-            event = rewind_journal::events::GUEST_PROTOCOL_ERROR,
-            "descriptor chain without a device-writable status byte"
-        );
-        return Step::Done(UNUSABLE);
-    }
     let taken = Taken {
-        request: Request::parse(mem, body),
-        status: status.addr(),
+        request: Request::parse(mem, &descs),
+        status,
         started: std::time::Instant::now(),
     };
     let waiting = |taken, rest| Step::Waiting(Waiting { taken, rest });
@@ -651,6 +733,38 @@ pub fn start<M: GuestMemory>(
         Err(_) => Ok(0),
     };
     Step::Done(taken.complete(mem, disk, result))
+}
+
+/// The parts of `buffers` (a request's data buffers, in order) that data
+/// bytes `at..at + len` are in.
+pub(crate) fn spans(
+    buffers: &[(GuestAddress, u32)],
+    mut at: usize,
+    mut len: usize,
+) -> impl Iterator<Item = (GuestAddress, usize)> + '_ {
+    buffers.iter().filter_map(move |&(addr, size)| {
+        let size = size as usize;
+        if at >= size {
+            at -= size;
+            return None;
+        }
+        if len == 0 {
+            return None;
+        }
+        let n = (size - at).min(len);
+        // Inside a buffer `Request::parse` found in guest memory.
+        let span = (addr.unchecked_add(at as u64), n);
+        at = 0;
+        len -= n;
+        Some(span)
+    })
+}
+
+/// Where a chain's status byte goes: the last byte of its last
+/// descriptor, which must be device-writable.
+fn status_byte(chain: &[Descriptor]) -> Option<GuestAddress> {
+    let last = chain.last().filter(|d| d.is_write_only() && d.len() > 0)?;
+    last.addr().checked_add(u64::from(last.len() - 1))
 }
 
 /// Whether large writes run on IO threads (`start`): not in writethrough
@@ -721,7 +835,7 @@ mod tests {
     fn run(mem: &GuestMemoryMmap<()>, disk: &Disk<'_>, descs: &[RawDescriptor]) -> (u32, u8) {
         mem.write_obj(0xffu8, GuestAddress(STATUS))
             .expect("poison status");
-        let q = MockSplitQueue::new(mem, 16);
+        let q = MockSplitQueue::new(mem, (descs.len() as u16).next_power_of_two().max(16));
         let chain = q.build_desc_chain(descs).expect("chain");
         let done = handle(mem, chain, disk);
         LAST_DONE.with(|last| last.set(Some(done)));
@@ -1168,6 +1282,149 @@ mod tests {
     }
 
     #[test]
+    fn spans_cut_a_range_of_data_out_of_its_buffers() {
+        let buffers = [
+            (GuestAddress(0x1000), 512),
+            (GuestAddress(0x8000), 1024),
+            (GuestAddress(0x2000), 512),
+        ];
+        let all: Vec<_> = spans(&buffers, 0, 2048).collect();
+        assert_eq!(
+            all,
+            [
+                (GuestAddress(0x1000), 512),
+                (GuestAddress(0x8000), 1024),
+                (GuestAddress(0x2000), 512)
+            ]
+        );
+        let middle: Vec<_> = spans(&buffers, 256, 1536).collect();
+        assert_eq!(
+            middle,
+            [
+                (GuestAddress(0x1100), 256),
+                (GuestAddress(0x8000), 1024),
+                (GuestAddress(0x2000), 256)
+            ]
+        );
+        let inside: Vec<_> = spans(&buffers, 1024, 256).collect();
+        assert_eq!(inside, [(GuestAddress(0x8200), 256)]);
+        assert_eq!(spans(&buffers, 2048, 0).count(), 0);
+    }
+
+    /// Virtio 1.x lets the driver split a request's bytes among
+    /// descriptors as it likes: a header sharing its descriptor with the
+    /// data, or split in two, a read's data sharing one with the status.
+    #[test]
+    fn any_layout_of_header_data_and_status_is_one_request() {
+        let (mem, v) = (memory(), volume());
+        let d = disk(&v);
+        let data = pattern(4096);
+        header(&mem, VIRTIO_BLK_T_OUT, 8);
+        mem.write_slice(&data, GuestAddress(HDR + 16))
+            .expect("data");
+        let descs = [desc(HDR, 16 + 4096, false), desc(STATUS, 1, true)];
+        assert_eq!(run(&mem, &d, &descs), (1, Status::Ok as u8));
+        assert_eq!(read(&mem, &d, 8, 4096).2, data, "header and data in one");
+
+        let other: Vec<u8> = data.iter().map(|b| b ^ 0x5a).collect();
+        header(&mem, VIRTIO_BLK_T_OUT, 16);
+        mem.write_slice(&other, GuestAddress(DATA)).expect("data");
+        let descs = [
+            desc(HDR, 8, false),
+            desc(HDR + 8, 8, false),
+            desc(DATA, 4096, false),
+            desc(STATUS, 1, true),
+        ];
+        assert_eq!(run(&mem, &d, &descs), (1, Status::Ok as u8));
+        assert_eq!(read(&mem, &d, 16, 4096).2, other, "a header in two");
+
+        // A read into 4097 bytes: the data, then the status byte.
+        header(&mem, VIRTIO_BLK_T_IN, 8);
+        mem.write_slice(&[0xee; 4097], GuestAddress(DATA))
+            .expect("poison");
+        let (used, _) = run(&mem, &d, &[desc(HDR, 16, false), desc(DATA, 4097, true)]);
+        assert_eq!(used, 4097);
+        let mut got = vec![0u8; 4097];
+        mem.read_slice(&mut got, GuestAddress(DATA)).expect("read");
+        assert_eq!(got[4096], Status::Ok as u8, "the status is the last byte");
+        assert_eq!(got[..4096], data[..]);
+    }
+
+    #[test]
+    fn too_many_buffers_or_readable_bytes_after_writable_ones_are_refused() {
+        let (mem, v) = (memory(), volume());
+        let d = disk(&v);
+        let ioerr = (1, Status::IoErr as u8);
+        header(&mem, VIRTIO_BLK_T_OUT, 0);
+        mem.write_slice(&pattern(4096), GuestAddress(DATA))
+            .expect("data");
+        let chain = |buffers: u64| {
+            let mut descs = vec![desc(HDR, 16, false)];
+            descs.extend((0..buffers).map(|i| desc(DATA + i % 8 * 512, 512, false)));
+            descs.push(desc(STATUS, 1, true));
+            descs
+        };
+        assert_eq!(run(&mem, &d, &chain(u64::from(SEG_MAX) + 1)), ioerr);
+        assert_eq!(v.last_lsn(), 0, "nothing written");
+        assert_eq!(
+            run(&mem, &d, &chain(u64::from(SEG_MAX))),
+            (1, Status::Ok as u8)
+        );
+        let lsn = v.last_lsn();
+        assert_ne!(lsn, 0, "the longest chain allowed is written");
+
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        let descs = [
+            desc(HDR, 16, false),
+            desc(DATA, 512, true),
+            desc(DATA + 512, 512, false),
+            desc(STATUS, 1, true),
+        ];
+        assert_eq!(run(&mem, &d, &descs), ioerr);
+        assert_eq!(v.last_lsn(), lsn);
+    }
+
+    /// A request larger than [`PIECE`], in buffers whose edges are not
+    /// the pieces' edges, reads and writes every byte where it belongs.
+    #[test]
+    fn a_request_larger_than_a_piece_runs_piece_by_piece() {
+        const BUFFER: u64 = 768 << 10;
+        const AT: u64 = 4 << 20; // past the header and status
+        let mem: GuestMemoryMmap<()> =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).expect("memory");
+        let v = crate::test_support::volume(8 << 20);
+        let d = disk(&v);
+        let len = 8 * BUFFER; // 6 MiB
+        assert!(len > PIECE && !PIECE.is_multiple_of(BUFFER));
+        let data: Vec<u8> = (0..len)
+            .map(|i| (i % 251) as u8 ^ (i >> 20) as u8)
+            .collect();
+        mem.write_slice(&data, GuestAddress(AT)).expect("data");
+        header(&mem, VIRTIO_BLK_T_OUT, 0);
+        let mut descs = vec![desc(HDR, 16, false)];
+        descs.extend((0..8).map(|i| desc(AT + i * BUFFER, BUFFER as u32, false)));
+        descs.push(desc(STATUS, 1, true));
+        assert_eq!(run(&mem, &d, &descs), (1, Status::Ok as u8));
+        let mut stored = vec![0u8; len as usize];
+        v.read(0, &mut stored).expect("read");
+        assert!(stored == data, "the write's bytes in order");
+
+        let back = AT + len;
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        let descs = [
+            desc(HDR, 16, false),
+            desc(back, (len / 3) as u32, true),
+            desc(back + len / 3, (len - len / 3) as u32, true),
+            desc(STATUS, 1, true),
+        ];
+        assert_eq!(run(&mem, &d, &descs), (len as u32 + 1, Status::Ok as u8));
+        let mut got = vec![0u8; len as usize];
+        mem.read_slice(&mut got, GuestAddress(back))
+            .expect("read back");
+        assert!(got == data, "the read's bytes in order");
+    }
+
+    #[test]
     fn chains_without_a_status_byte_are_returned_without_writing() {
         let (mem, v) = (memory(), volume());
         let d = disk(&v);
@@ -1309,7 +1566,8 @@ mod tests {
             }
             if used > 0 {
                 let last = Descriptor::from(*raw.last().expect("non-empty"));
-                let status: u8 = mem.read_obj(last.addr()).expect("status");
+                let at = last.addr().unchecked_add(u64::from(last.len()) - 1);
+                let status: u8 = mem.read_obj(at).expect("status");
                 proptest::prop_assert!(status <= 2, "status {status}");
                 let room: u64 = writable.iter().map(|&(s, e)| e - s).sum();
                 proptest::prop_assert!(u64::from(used) <= room);

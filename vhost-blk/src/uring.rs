@@ -48,6 +48,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::backend::{signal, Dispatched, GuestMemory};
+use crate::request::spans;
 
 /// Largest read the ring takes; larger ones go to the IO threads.
 pub const MAX_RING_READ: u64 = 4 << 20;
@@ -167,30 +168,6 @@ fn cold(read: &FileRead, iov: &IoVecs) -> bool {
 
 /// Most file reads one plan may have (the piece index's bits).
 const MAX_PIECES: usize = 1 << 16;
-
-/// The parts of `buffers` (a read's guest buffers, in order) that bytes
-/// `at..at + len` of the read go to.
-fn spans(
-    buffers: &[(GuestAddress, u32)],
-    mut at: usize,
-    mut len: usize,
-) -> impl Iterator<Item = (GuestAddress, usize)> + '_ {
-    buffers.iter().filter_map(move |&(addr, size)| {
-        let size = size as usize;
-        if at >= size {
-            at -= size;
-            return None;
-        }
-        if len == 0 {
-            return None;
-        }
-        let n = (size - at).min(len);
-        let span = (addr.unchecked_add(at as u64), n);
-        at = 0;
-        len -= n;
-        Some(span)
-    })
-}
 
 /// The host addresses of bytes `at..at + len` of a read into `buffers`;
 /// None if any is outside guest memory.
@@ -632,35 +609,5 @@ mod tests {
         let large_warm = Route::of(&large, &iov(0, ASYNC_READ_MIN));
         assert_eq!(large_warm, Route::Worker, "large, in the page cache");
         assert!(large_warm.submits_at_once());
-    }
-
-    #[test]
-    fn spans_cut_a_range_of_a_read_out_of_its_buffers() {
-        let buffers = [
-            (GuestAddress(0x1000), 512),
-            (GuestAddress(0x8000), 1024),
-            (GuestAddress(0x2000), 512),
-        ];
-        let all: Vec<_> = spans(&buffers, 0, 2048).collect();
-        assert_eq!(
-            all,
-            [
-                (GuestAddress(0x1000), 512),
-                (GuestAddress(0x8000), 1024),
-                (GuestAddress(0x2000), 512)
-            ]
-        );
-        let middle: Vec<_> = spans(&buffers, 256, 1536).collect();
-        assert_eq!(
-            middle,
-            [
-                (GuestAddress(0x1100), 256),
-                (GuestAddress(0x8000), 1024),
-                (GuestAddress(0x2000), 256)
-            ]
-        );
-        let inside: Vec<_> = spans(&buffers, 1024, 256).collect();
-        assert_eq!(inside, [(GuestAddress(0x8200), 256)]);
-        assert_eq!(spans(&buffers, 2048, 0).count(), 0);
     }
 }
