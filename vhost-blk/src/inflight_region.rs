@@ -156,6 +156,15 @@ impl InflightRegion {
                 inflight.mmap_offset
             )));
         }
+        // Sealed by `create` (the front-end only hands back what this
+        // daemon, or the one before it, made): a file that could shrink
+        // under the mapping would crash the daemon (SIGBUS).
+        let seals = rustix::fs::fcntl_get_seals(file).unwrap_or(rustix::fs::SealFlags::empty());
+        if !seals.contains(rustix::fs::SealFlags::SHRINK) {
+            return Err(invalid(
+                "inflight region in a file not sealed against shrinking".to_string(),
+            ));
+        }
         let file_len = file.metadata()?.len();
         if inflight
             .mmap_offset
@@ -277,5 +286,10 @@ mod tests {
         assert!(err(InflightRegion::map(&reply, &file, 4)).contains("past the end"));
         reply.mmap_offset = 8;
         assert!(err(InflightRegion::map(&reply, &file, 4)).contains("multiple of 64"));
+        // The right size, in a file that could shrink under the mapping.
+        reply.mmap_offset = 0;
+        let unsealed = tempfile::tempfile().expect("file");
+        unsealed.set_len(reply.mmap_size).expect("size");
+        assert!(err(InflightRegion::map(&reply, &unsealed, 4)).contains("not sealed"));
     }
 }
