@@ -601,7 +601,6 @@ async fn read_frames<R: AsyncRead + Unpin>(
     }
 }
 
-/// Runs `work` on the blocking pool.
 /// Runs `work` on the blocking pool, one at a time: the journal work of a
 /// session that was superseded (a blocking task cannot be aborted) ends
 /// before the next session's begins.

@@ -919,8 +919,9 @@ async fn take_acks<R: AsyncRead + Unpin>(
                         "the replica hashed chunks of {chunk_bytes} bytes, not {CHUNK_BYTES}"
                     ));
                 }
-                // Outside a diff resync nobody takes them: give up rather
-                // than wait for ever.
+                // Outside a diff resync nobody takes them: once
+                // HASHES_QUEUED of them wait, the next is given up on
+                // after SILENCE_LIMIT rather than waited for for ever.
                 for (i, hash) in batch.into_iter().enumerate() {
                     let Some(at) = (i as u64)
                         .checked_mul(CHUNK_BYTES)
