@@ -245,7 +245,8 @@ pub struct Link {
     shared: Mutex<Shared>,
     changed: Condvar,
     acked_lsn: AtomicU64,
-    /// The newest lsn sent, and its time (ns since the Unix epoch).
+    /// The newest lsn the peer of this session may hold: what its
+    /// welcome said, then what was sent.
     sent_lsn: AtomicU64,
     bytes_sent: AtomicU64,
     bytes_raw: AtomicU64,
@@ -600,17 +601,20 @@ impl Link {
         self.changed.notify_all();
     }
 
-    /// What a new session's peer says it holds (it may hold less than an
-    /// earlier one acknowledged: a replica recreated or restored).
-    fn reset_acked(&self, lsn: u64) {
-        self.acked_lsn.store(lsn, Ordering::Release);
+    /// What a new session's peer says it holds, and durably (it may hold
+    /// less than an earlier one acknowledged: a replica recreated or
+    /// restored). Nothing of this session was sent yet: its acks may not
+    /// go past what the peer holds.
+    fn reset_acked(&self, held: u64, durable: u64) {
+        self.sent_lsn.store(held, Ordering::Release);
+        self.acked_lsn.store(durable, Ordering::Release);
         // Taking the lock orders the store before a waiter's check.
         drop(lock(&self.shared));
         self.changed.notify_all();
     }
 
     fn sent(&self, lsn: u64, wire: usize, raw: usize) {
-        self.sent_lsn.store(lsn, Ordering::Release);
+        self.sent_lsn.fetch_max(lsn, Ordering::AcqRel);
         self.bytes_sent.fetch_add(wire as u64, Ordering::Relaxed);
         self.bytes_raw.fetch_add(raw as u64, Ordering::Relaxed);
     }

@@ -205,8 +205,6 @@ async fn session(
         durable_lsn = welcome.durable_lsn,
         "replication link up"
     );
-    volume.hold_for_replica(Some(welcome.durable_lsn));
-    link.reset_acked(welcome.durable_lsn);
     link.set_state(LinkState::Syncing);
     let mut bucket = config.rate.map(TokenBucket::new);
     let (hashes, mut feed) = mpsc::channel(HASHES_QUEUED);
@@ -306,6 +304,16 @@ where
             ),
         });
     }
+    if welcome.durable_lsn > welcome.last_lsn {
+        // Taken, it would count as acknowledged: sync-mode flushes would
+        // complete, and folds go on, before the replica holds anything.
+        return Err(down(format!(
+            "the replica's welcome is malformed: durable lsn {} is past its last lsn {}",
+            welcome.durable_lsn, welcome.last_lsn
+        )));
+    }
+    volume.hold_for_replica(Some(welcome.durable_lsn));
+    link.reset_acked(welcome.last_lsn, welcome.durable_lsn);
     Ok(welcome)
 }
 
@@ -1045,5 +1053,114 @@ impl TokenBucket {
             self.at = Instant::now();
         }
         self.tokens -= bytes as f64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{DuplexStream, ReadHalf};
+
+    use super::super::Mode;
+    use super::*;
+
+    fn volume() -> Arc<Volume> {
+        let volume = Arc::new(crate::test_support::volume(8 << 20));
+        volume.write(0, &[5; 4096]).expect("write");
+        volume.flush().expect("flush");
+        volume
+    }
+
+    fn link() -> Link {
+        Link::new("test".into(), Some(Mode::Sync), None)
+    }
+
+    fn welcome(last_lsn: u64, durable_lsn: u64) -> Message {
+        Message::Welcome(held(last_lsn, durable_lsn))
+    }
+
+    fn held(last_lsn: u64, durable_lsn: u64) -> Welcome {
+        Welcome {
+            epoch: 1,
+            last_lsn,
+            durable_lsn,
+            resync: None,
+        }
+    }
+
+    async fn send(stream: &mut DuplexStream, message: &Message) {
+        let frame = Encoder::new(false).expect("encoder").encode(1, message);
+        write_frame(stream, &frame).await.expect("send");
+    }
+
+    /// The sender's handshake against a replica that answers the hello
+    /// with `answer`; the sender's reader, and the replica's end.
+    async fn handshake_with(
+        volume: &Arc<Volume>,
+        link: &Link,
+        answer: Message,
+    ) -> (
+        Result<Welcome, SessionError>,
+        ReadHalf<DuplexStream>,
+        DuplexStream,
+    ) {
+        let (ours, mut theirs) = tokio::io::duplex(1 << 20);
+        let (mut reader, mut writer) = tokio::io::split(ours);
+        let mut encoder = Encoder::new(false).expect("encoder");
+        let replica = async {
+            let hello = read_frame(&mut theirs).await.expect("the hello");
+            assert!(matches!(hello.message, Message::Hello(_)), "{hello:?}");
+            send(&mut theirs, &answer).await;
+        };
+        let (result, ()) = tokio::join!(
+            handshake(volume, link, &mut reader, &mut writer, &mut encoder),
+            replica
+        );
+        (result, reader, theirs)
+    }
+
+    /// What ends `take_acks` once the replica sent `frames` and hung up.
+    async fn acks_end(
+        volume: &Volume,
+        link: &Link,
+        mut reader: ReadHalf<DuplexStream>,
+        mut theirs: DuplexStream,
+        frames: &[Message],
+    ) -> String {
+        for frame in frames {
+            send(&mut theirs, frame).await;
+        }
+        drop(theirs);
+        let (hashes, _feed) = mpsc::channel(1);
+        take_acks(volume, link, &mut reader, hashes).await.message
+    }
+
+    #[tokio::test]
+    async fn a_welcome_durable_past_what_it_holds_is_refused() {
+        let (volume, link) = (volume(), link());
+        let (result, ..) = handshake_with(&volume, &link, welcome(0, u64::MAX)).await;
+        let err = result.expect_err("a malformed welcome");
+        assert!(
+            err.message
+                .contains("durable lsn 18446744073709551615 is past its last lsn 0"),
+            "{}",
+            err.message
+        );
+        assert_eq!(link.acked_lsn(), 0, "nothing counts as acknowledged");
+    }
+
+    #[tokio::test]
+    async fn acks_past_what_this_session_sent_end_it() {
+        let (volume, link) = (volume(), link());
+        // An earlier session sent more than this replica holds.
+        link.sent(500, 0, 0);
+        let (result, reader, theirs) = handshake_with(&volume, &link, welcome(0, 0)).await;
+        result.expect("a sound welcome");
+        let ack = Message::Ack { durable_lsn: 100 };
+        let ended = acks_end(&volume, &link, reader, theirs, &[ack]).await;
+        assert!(
+            ended.contains("acknowledged lsn 100, past what was sent (0)"),
+            "{ended}"
+        );
+        assert_eq!(link.acked_lsn(), 0);
     }
 }
