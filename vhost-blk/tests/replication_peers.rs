@@ -885,3 +885,47 @@ fn a_clean_hang_up_is_not_called_a_cut_frame() {
     let error = rig.hang_up(conn);
     assert!(!error.contains("in the middle of a frame"), "{error}");
 }
+
+/// A history that adds an epoch 0 at lsn 1 relates as a newer primary's
+/// that began at lsn 1: taken, the replica would cut every record it
+/// holds. A hello whose epoch is not its history's last is as bad.
+#[test]
+fn a_hello_with_a_malformed_epoch_history_is_refused_and_cuts_nothing() {
+    let rig = Rig::start();
+    rig.write_flushed(4);
+    let lsn = rig.genuine();
+    let mut appended = rig.primary.epoch_history();
+    appended.push(EpochStart {
+        epoch: 0,
+        first_lsn: 1,
+        node: 7,
+    });
+    let cases = [
+        (
+            Hello {
+                epoch_history: appended,
+                ..rig.hello()
+            },
+            "the primary's hello is malformed: epoch 0 follows epoch 1; epochs must increase",
+        ),
+        (
+            Hello {
+                epoch: 5,
+                ..rig.hello()
+            },
+            "the primary's hello is malformed: it is at epoch 5 but its epoch history ends with",
+        ),
+    ];
+    for (hello, why) in cases {
+        let mut conn = rig.connect();
+        let answer = rig.say_hello(&mut conn, hello);
+        let Message::Refuse(refusal) = answer else {
+            panic!("a malformed hello was answered by {answer:?}");
+        };
+        assert!(refusal.contains(why), "{refusal}");
+        rig.closed(&mut conn);
+        rig.check_refused(conn.local, why, lsn);
+        assert_eq!(rig.status()["epoch"], 1);
+    }
+    assert_eq!(rig.genuine(), rig.primary.durable_lsn());
+}

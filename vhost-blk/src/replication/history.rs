@@ -24,6 +24,56 @@ pub enum Relation {
     Diverged { common: u64 },
 }
 
+/// What is wrong with an epoch history a peer sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadHistory {
+    #[error("the epoch history is empty")]
+    Empty,
+    #[error("epoch {epoch} starts at lsn 0; lsns start at 1")]
+    LsnZero { epoch: u64 },
+    #[error("epoch {epoch} follows epoch {previous}; epochs must increase")]
+    EpochOrder { previous: u64, epoch: u64 },
+    #[error(
+        "epoch {epoch} starts at lsn {first_lsn}, not after epoch {previous}'s start at lsn \
+         {previous_lsn}"
+    )]
+    LsnOrder {
+        previous: u64,
+        previous_lsn: u64,
+        epoch: u64,
+        first_lsn: u64,
+    },
+}
+
+/// Checks the shape of a history a peer sent, before anything relates or
+/// keeps it: epochs increase, and so do their first lsns (an Epoch record
+/// each), except that the second epoch may begin at lsn 1 like the first,
+/// which every copy shares without a record.
+pub fn check(history: &[EpochStart]) -> Result<(), BadHistory> {
+    let first = history.first().ok_or(BadHistory::Empty)?;
+    if first.first_lsn == 0 {
+        return Err(BadHistory::LsnZero { epoch: first.epoch });
+    }
+    for (i, pair) in history.windows(2).enumerate() {
+        let (a, b) = (pair[0], pair[1]);
+        if b.epoch <= a.epoch {
+            return Err(BadHistory::EpochOrder {
+                previous: a.epoch,
+                epoch: b.epoch,
+            });
+        }
+        if b.first_lsn < a.first_lsn || (b.first_lsn == a.first_lsn && i > 0) {
+            return Err(BadHistory::LsnOrder {
+                previous: a.epoch,
+                previous_lsn: a.first_lsn,
+                epoch: b.epoch,
+                first_lsn: b.first_lsn,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// How `mine` relates to `theirs`.
 pub fn relate(mine: &[EpochStart], theirs: &[EpochStart]) -> Relation {
     let shared = mine.iter().zip(theirs).take_while(|(a, b)| a == b).count();
@@ -73,5 +123,36 @@ mod tests {
         // The same epoch at the same lsn by two copies still differs.
         let c = [base[0], start(2, 90, 9)];
         assert_eq!(relate(&a, &c), Relation::Diverged { common: 89 });
+    }
+
+    #[test]
+    fn histories_out_of_order_are_named() {
+        assert_eq!(check(&[]), Err(BadHistory::Empty));
+        assert_eq!(
+            check(&[start(1, 0, 0)]),
+            Err(BadHistory::LsnZero { epoch: 1 })
+        );
+        // A promotion before any write: epoch 2's record is lsn 1.
+        assert_eq!(
+            check(&[start(1, 1, 0), start(2, 1, 7), start(3, 9, 8)]),
+            Ok(())
+        );
+        assert_eq!(
+            check(&[start(1, 1, 0), start(0, 1, 7)]),
+            Err(BadHistory::EpochOrder {
+                previous: 1,
+                epoch: 0
+            })
+        );
+        assert_eq!(
+            check(&[start(1, 1, 0), start(2, 40, 7), start(3, 40, 8)]),
+            Err(BadHistory::LsnOrder {
+                previous: 2,
+                previous_lsn: 40,
+                epoch: 3,
+                first_lsn: 40
+            })
+        );
+        assert!(check(&[start(1, 5, 0), start(2, 4, 7)]).is_err());
     }
 }

@@ -33,7 +33,7 @@ use super::frame::{
     read_frame, write_frame, Encoder, Fenced, ForwardOp, Hello, Message, ResyncBegin, ResyncPoint,
     Welcome,
 };
-use super::history::{relate, Relation};
+use super::history::{self, relate, Relation};
 use super::tls::TlsContext;
 use super::{tune_socket, Link, LinkState, ResyncProgress, SILENCE_LIMIT};
 
@@ -255,11 +255,14 @@ async fn handshake(
                     Opened::Resumed { epoch: frame.epoch },
                 ));
             }
-            Message::Hello(hello) => match answer_primary(volume, link, &hello).await {
-                Ok(()) => check_hello(volume, &hello)
-                    .map(|()| hello)
-                    .map_err(Refusal::Refuse),
-                Err(refusal) => Err(refusal),
+            Message::Hello(hello) => match peer_history(&hello) {
+                Err(reason) => Err(Refusal::Refuse(reason)),
+                Ok(()) => match answer_primary(volume, link, &hello).await {
+                    Ok(()) => check_hello(volume, &hello)
+                        .map(|()| hello)
+                        .map_err(Refusal::Refuse),
+                    Err(refusal) => Err(refusal),
+                },
             },
             other => Err(Refusal::Refuse(format!(
                 "expected a hello, got {}",
@@ -304,6 +307,22 @@ async fn handshake(
         .await
         .map_err(|e| format!("sending the welcome: {e}"))?;
     Ok((reader, writer, encoder, Opened::Primary { hello, welcome }))
+}
+
+/// Checks the hello's epoch history before it is related to this node's
+/// (a malformed one could pass for a newer primary's and make this node
+/// cut its records).
+fn peer_history(hello: &Hello) -> Result<(), String> {
+    history::check(&hello.epoch_history)
+        .map_err(|e| format!("the primary's hello is malformed: {e}"))?;
+    match hello.epoch_history.last() {
+        Some(last) if last.epoch == hello.epoch => Ok(()),
+        last => Err(format!(
+            "the primary's hello is malformed: it is at epoch {} but its epoch history ends \
+             with {last:?}",
+            hello.epoch
+        )),
+    }
 }
 
 /// Why a hello is turned away.

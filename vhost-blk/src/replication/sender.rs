@@ -33,6 +33,7 @@ use tokio::sync::mpsc;
 use super::frame::{
     read_frame, write_frame, Encoder, Fenced, Frame, Hello, Message, ResyncBegin, Welcome,
 };
+use super::history;
 use super::tls::TlsContext;
 use super::{
     tune_socket, LastResync, Link, LinkState, ResyncProgress, SenderConfig, HEARTBEAT,
@@ -835,6 +836,21 @@ impl HandoverSent {
 /// The peer is a primary that supersedes this one, or diverged from it:
 /// rejoin it as a replica if it is newer.
 async fn superseded(link: &Link, fenced: Fenced) -> SessionError {
+    // Checked before it is kept or acted on: a malformed history could
+    // pass for a newer primary's and make this node cut its records.
+    let shape = history::check(&fenced.epoch_history).map_err(|e| e.to_string());
+    if let Err(why) = shape.and_then(|()| match fenced.epoch_history.last() {
+        Some(last) if last.epoch == fenced.epoch => Ok(()),
+        last => Err(format!(
+            "it is at epoch {} but its epoch history ends with {last:?}",
+            fenced.epoch
+        )),
+    }) {
+        return SessionError {
+            state: LinkState::Outdated,
+            message: format!("the peer's fenced answer is malformed: {why}"),
+        };
+    }
     link.set_peer_history(fenced.epoch_history.clone());
     let offered = link.handover_offer().and_then(|offer| offer.seal);
     if offered.is_some_and(|seal| fenced.epoch > seal.epoch) {
@@ -1058,6 +1074,7 @@ impl TokenBucket {
 
 #[cfg(test)]
 mod tests {
+    use rewind_journal::EpochStart;
     use tokio::io::{DuplexStream, ReadHalf};
 
     use super::super::Mode;
@@ -1162,5 +1179,29 @@ mod tests {
             "{ended}"
         );
         assert_eq!(link.acked_lsn(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_fenced_answer_with_a_malformed_history_changes_nothing() {
+        let (volume, link) = (volume(), link());
+        let start = |epoch, first_lsn| EpochStart {
+            epoch,
+            first_lsn,
+            node: 9,
+        };
+        let fenced = Message::Fenced(Fenced {
+            epoch: 0,
+            epoch_history: vec![start(1, 1), start(0, 1)],
+            reason: "fenced".into(),
+        });
+        let (result, ..) = handshake_with(&volume, &link, fenced).await;
+        let err = result.expect_err("refused");
+        assert!(
+            err.message
+                .contains("malformed: epoch 0 follows epoch 1; epochs must increase"),
+            "{}",
+            err.message
+        );
+        assert_eq!(link.peer_history(), None, "not kept for `resolve`");
     }
 }
