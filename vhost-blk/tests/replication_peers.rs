@@ -17,7 +17,7 @@ mod common;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use common::replication::{free_port, identity, replica_volume, tls_args, Identity, Node, SIZE};
 use common::wait_until;
@@ -25,7 +25,8 @@ use rewind_journal::{
     BaseImage, EpochStart, OpenOptions, OsStorage, ShippedRecord, Volume, VolumeSettings,
 };
 use rewind_vhost_blk::replication::frame::{
-    read_frame, reseal, Encoder, Frame, FrameError, Hello, Message, Welcome, HEADER_SIZE,
+    read_frame, reseal, Encoder, Frame, FrameError, Hello, Message, ResyncBegin, Welcome,
+    HEADER_SIZE,
 };
 use rewind_vhost_blk::replication::tls::{Fingerprint, PeerTrust, TlsContext, TlsSettings};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -927,5 +928,87 @@ fn a_hello_with_a_malformed_epoch_history_is_refused_and_cuts_nothing() {
         rig.check_refused(conn.local, why, lsn);
         assert_eq!(rig.status()["epoch"], 1);
     }
+    assert_eq!(rig.genuine(), rig.primary.durable_lsn());
+}
+
+/// A resync-begin is checked before the replica keeps any of it: a sync
+/// point at lsn u64::MAX (no lsn follows it: finishing the resync
+/// overflowed), a malformed epoch history, a time from the future.
+#[test]
+fn a_resync_begin_the_replica_cannot_keep_is_refused_before_it_begins() {
+    let rig = Rig::start();
+    rig.write_flushed(4);
+    let lsn = rig.genuine();
+    let now_ns = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as u64;
+    let sound = ResyncBegin {
+        sync_lsn: lsn,
+        sync_ns: now_ns - 1_000_000_000,
+        epoch_history: rig.primary.epoch_history(),
+        from_offset: 0,
+        diff_key: None,
+    };
+    let start = |epoch, first_lsn| EpochStart {
+        epoch,
+        first_lsn,
+        node: 0,
+    };
+    let cases = [
+        (
+            ResyncBegin {
+                sync_lsn: u64::MAX,
+                ..sound.clone()
+            },
+            "a resync to lsn 18446744073709551615: no lsn could follow it".to_owned(),
+        ),
+        (
+            ResyncBegin {
+                epoch_history: Vec::new(),
+                ..sound.clone()
+            },
+            format!("a resync to lsn {lsn}: the epoch history is empty"),
+        ),
+        (
+            ResyncBegin {
+                epoch_history: vec![start(2, 1), start(1, 2)],
+                ..sound.clone()
+            },
+            format!("a resync to lsn {lsn}: epoch 1 follows epoch 2"),
+        ),
+        (
+            ResyncBegin {
+                sync_ns: now_ns + 3_600_000_000_000,
+                ..sound.clone()
+            },
+            "past this node's clock".to_owned(),
+        ),
+    ];
+    for (begin, why) in cases {
+        let (mut conn, _) = rig.session();
+        let epoch = rig.epoch();
+        rig.send(&mut conn, &encode(epoch, &Message::ResyncBegin(begin)))
+            .expect("send the resync-begin");
+        // What a resync sends next; the replica may have hung up.
+        let zero = Message::Zero {
+            offset: 0,
+            length: DISK,
+        };
+        let _ = rig.send(&mut conn, &encode(epoch, &zero));
+        let _ = rig.send(&mut conn, &encode(epoch, &Message::ResyncEnd));
+        let closed = rig.closed(&mut conn);
+        assert!(
+            closed.refusal().is_some_and(|r| r.contains(&why)),
+            "{why}: {closed:?}"
+        );
+        rig.check_refused(conn.local, &why, lsn);
+        assert!(rig.replication()["resync"].is_null());
+        let (conn, welcome) = rig.session();
+        assert_eq!(welcome.resync, None, "no resync began");
+        assert_eq!((welcome.last_lsn, welcome.durable_lsn), (lsn, lsn));
+        rig.hang_up(conn);
+    }
+    rig.write_flushed(2);
     assert_eq!(rig.genuine(), rig.primary.durable_lsn());
 }

@@ -124,6 +124,11 @@ impl Volume {
     ) -> Result<()> {
         let inner = &self.inner;
         inner.check_failed()?;
+        if sync_lsn == u64::MAX {
+            return Err(Error::InvalidRequest(format!(
+                "a resync to lsn {sync_lsn}: no lsn could follow it"
+            )));
+        }
         let _no_fold = lock(&inner.fold_lock);
         let state = ResyncState {
             sync_lsn,
@@ -245,6 +250,14 @@ impl Volume {
     pub fn finish_resync(&self, sync_lsn: u64) -> Result<()> {
         let inner = &self.inner;
         let state = self.resync_to(sync_lsn)?;
+        // Checked before anything is committed: a resync file written by
+        // an earlier build may name any lsn.
+        let next_lsn = state.sync_lsn.checked_add(1).ok_or_else(|| {
+            Error::InvalidRequest(format!(
+                "a resync to lsn {}: no lsn could follow it",
+                state.sync_lsn
+            ))
+        })?;
         // Not retried, as above.
         inner
             .base
@@ -259,7 +272,7 @@ impl Volume {
             let used = inner.pool.used().len();
             let dropped = inner.pool.commit_fold(used, s, ns)?;
             c.active = None;
-            c.next_lsn = s + 1;
+            c.next_lsn = next_lsn;
             c.proved_lsn = s;
             c.proof_owed = false;
             c.last_timestamp = ns;
@@ -308,5 +321,74 @@ impl Volume {
             ))),
             None => Err(Error::InvalidRequest("no resync is under way".into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::fault::FaultStorage;
+    use crate::storage::Storage;
+    use crate::{OpenOptions, VolumeSettings};
+
+    fn settings() -> VolumeSettings {
+        VolumeSettings {
+            segment_size: 64 << 10,
+            journal_max: 64 << 20,
+            journal_warn: 48 << 20,
+            ..VolumeSettings::new(1 << 20)
+        }
+    }
+
+    fn open(fs: &FaultStorage) -> Volume {
+        Volume::open(fs.arc(), Path::new("/vol"), OpenOptions::default())
+            .expect("open")
+            .0
+    }
+
+    fn replica(fs: &FaultStorage) -> Volume {
+        Volume::create_replica(fs, Path::new("/vol"), &settings(), uuid::Uuid::new_v4())
+            .expect("create");
+        open(fs)
+    }
+
+    fn history() -> Vec<EpochStart> {
+        vec![EpochStart {
+            epoch: 1,
+            first_lsn: 1,
+            node: 0,
+        }]
+    }
+
+    #[test]
+    fn a_resync_to_the_last_lsn_there_is_keeps_nothing() {
+        let fs = FaultStorage::new();
+        let v = replica(&fs);
+        let err = v
+            .begin_resync(u64::MAX, 1, history())
+            .expect_err("no lsn follows u64::MAX");
+        assert!(err.to_string().contains("no lsn could follow it"), "{err}");
+        assert_eq!(v.resync_state(), None);
+        assert!(!fs.exists(&Path::new("/vol").join(RESYNC_FILE)));
+
+        // One left by an earlier build is refused before anything is
+        // committed, and stays to be replaced by the next resync.
+        let state = ResyncState {
+            sync_lsn: u64::MAX,
+            sync_ns: 1,
+            epoch_history: history(),
+            next_offset: v.size(),
+        };
+        v.inner.store_resync(&state).expect("store");
+        *lock(&v.inner.resync) = Some(state.clone());
+        let err = v.finish_resync(u64::MAX).expect_err("no lsn follows it");
+        assert!(err.to_string().contains("no lsn could follow it"), "{err}");
+        assert_eq!(v.stats().base_lsn, 0);
+        assert_eq!(v.resync_state(), Some(state));
+        v.begin_resync(0, 1, history()).expect("a sound resync");
+        v.finish_resync(0).expect("finished");
+        assert_eq!(v.resync_state(), None);
     }
 }

@@ -21,7 +21,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use rewind_journal::{Role, Seal, ShippedRecord, Volume};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -964,6 +964,43 @@ async fn hash_old_disk(
     }
 }
 
+/// How far past this node's clock a sync point's time may be (the hosts'
+/// clocks differ a little): records are placed in time order, so a sync
+/// point from the future would keep every later record out.
+const CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// Checks what a resync-begin would have this replica keep (the sync
+/// point becomes its journal's base), before any of it is kept.
+fn check_resync_begin(begin: &ResyncBegin, now_ns: u64) -> Result<(), String> {
+    if begin.sync_lsn == u64::MAX {
+        return Err(format!(
+            "a resync to lsn {}: no lsn could follow it",
+            begin.sync_lsn
+        ));
+    }
+    history::check(&begin.epoch_history)
+        .map_err(|e| format!("a resync to lsn {}: {e}", begin.sync_lsn))?;
+    if let Some(last) = begin
+        .epoch_history
+        .last()
+        .filter(|last| last.first_lsn > begin.sync_lsn.max(1))
+    {
+        return Err(format!(
+            "a resync to lsn {} whose epoch history has epoch {} begin later, at lsn {}",
+            begin.sync_lsn, last.epoch, last.first_lsn
+        ));
+    }
+    let latest = now_ns.saturating_add(CLOCK_SKEW.as_nanos() as u64);
+    if begin.sync_ns > latest {
+        return Err(format!(
+            "a resync to lsn {} written at {} ns since the Unix epoch, more than {CLOCK_SKEW:?} \
+             past this node's clock ({now_ns} ns)",
+            begin.sync_lsn, begin.sync_ns
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a resync-begin against this replica and starts (or resumes) it;
 /// a diff resync also starts hashing this replica's chunks.
 async fn start_resync(
@@ -972,6 +1009,10 @@ async fn start_resync(
     hasher: &mut Hasher,
     replies: &mpsc::Sender<Reply>,
 ) -> Result<ResyncProgress, String> {
+    let now_ns = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    check_resync_begin(&begin, now_ns)?;
     let key = begin
         .diff_key
         .as_deref()
