@@ -153,9 +153,48 @@ impl Forwarding {
         queue.detach.clone()
     }
 
-    /// The peer answered `detach`.
+    /// The peer's `detached`: it is the primary of `epoch` (newer than
+    /// this node's `mine`) and holds the old epoch's records up to `lsn`
+    /// (at most `sent`, the newest lsn it may hold). Refused unless a
+    /// detach was sent and waits for its answer.
+    pub(super) fn took_over(
+        &self,
+        epoch: u64,
+        lsn: u64,
+        mine: u64,
+        sent: u64,
+    ) -> Result<(), String> {
+        let queue = self.lock();
+        if !queue.detach_sent || queue.answer.is_some() {
+            return Err(format!(
+                "the peer says it took over at epoch {epoch}, but no detach waits for an answer"
+            ));
+        }
+        if epoch <= mine {
+            return Err(format!(
+                "the peer says it took over at epoch {epoch}, not newer than this node's {mine}"
+            ));
+        }
+        if lsn > sent {
+            return Err(format!(
+                "the peer says it took over holding lsn {lsn}, past the last lsn sent to it \
+                 ({sent})"
+            ));
+        }
+        self.file_detach_answer(queue, Ok((epoch, lsn)));
+        Ok(())
+    }
+
+    /// The detach failed (the peer refused, or the link was lost).
     pub(super) fn answered_detach(&self, answer: Result<(u64, u64), String>) {
-        let mut queue = self.lock();
+        self.file_detach_answer(self.lock(), answer);
+    }
+
+    fn file_detach_answer(
+        &self,
+        mut queue: MutexGuard<'_, Queue>,
+        answer: Result<(u64, u64), String>,
+    ) {
         if queue.answer.is_some() {
             return;
         }
@@ -351,5 +390,29 @@ mod tests {
         }
         assert!(Instant::now() >= deadline);
         assert!(f.take_unsent().is_empty(), "a given-up request is not sent");
+    }
+
+    #[test]
+    fn only_the_detach_sent_is_answered_and_only_with_what_was_sent() {
+        let f = Forwarding::default();
+        let unasked = f.took_over(4, 10, 3, 50).expect_err("no detach");
+        assert!(
+            unasked.contains("no detach waits for an answer"),
+            "{unasked}"
+        );
+        f.request_detach("EIO");
+        assert!(f.took_over(4, 10, 3, 50).is_err(), "not sent yet");
+        assert!(f.detach_to_send().is_some());
+        let older = f.took_over(3, 10, 3, 50).expect_err("not newer");
+        assert!(older.contains("not newer than this node's 3"), "{older}");
+        let beyond = f.took_over(4, 51, 3, 50).expect_err("never sent");
+        assert!(
+            beyond.contains("past the last lsn sent to it (50)"),
+            "{beyond}"
+        );
+        assert!(f.wait_detached(Instant::now()).is_err(), "none taken");
+        assert_eq!(f.took_over(4, 50, 3, 50), Ok(()));
+        assert!(f.took_over(5, 50, 3, 50).is_err(), "answered already");
+        assert_eq!(f.wait_detached(soon()), Ok((4, 50)));
     }
 }

@@ -967,6 +967,10 @@ async fn take_acks<R: AsyncRead + Unpin>(
                 message: Message::Detached { epoch, lsn },
                 ..
             } => {
+                let sent = link.sent_lsn.load(std::sync::atomic::Ordering::Acquire);
+                if let Err(e) = link.forwarding.took_over(epoch, lsn, volume.epoch(), sent) {
+                    return down(e);
+                }
                 tracing::warn!(
                     event = rewind_journal::events::DETACHED,
                     volume = %volume.config().uuid,
@@ -974,7 +978,6 @@ async fn take_acks<R: AsyncRead + Unpin>(
                     lsn,
                     "detached: the peer is the primary now and serves this guest's requests"
                 );
-                link.forwarding.answered_detach(Ok((epoch, lsn)));
             }
             Frame {
                 message: Message::Forwarded { id, result },
@@ -1179,6 +1182,34 @@ mod tests {
             "{ended}"
         );
         assert_eq!(link.acked_lsn(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_detached_answer_to_no_detach_ends_the_session() {
+        let (volume, link) = (volume(), link());
+        let (result, reader, theirs) = handshake_with(&volume, &link, welcome(0, 0)).await;
+        result.expect("a sound welcome");
+        let unasked = Message::Detached { epoch: 2, lsn: 0 };
+        let ended = acks_end(&volume, &link, reader, theirs, &[unasked]).await;
+        assert!(ended.contains("no detach waits for an answer"), "{ended}");
+        assert_eq!(link.detached_peer_epoch(), None);
+
+        // Asked, but it claims records it was never sent.
+        link.forwarding.request_detach("EIO");
+        assert!(link.forwarding.detach_to_send().is_some());
+        let (result, reader, theirs) = handshake_with(&volume, &link, welcome(0, 0)).await;
+        result.expect("a sound welcome");
+        let beyond = Message::Detached { epoch: 2, lsn: 99 };
+        let ended = acks_end(&volume, &link, reader, theirs, &[beyond]).await;
+        assert!(
+            ended.contains("holding lsn 99, past the last lsn sent to it (0)"),
+            "{ended}"
+        );
+        assert_eq!(link.detached_peer_epoch(), None);
+        assert!(link
+            .forwarding
+            .wait_detached(Instant::now())
+            .is_err_and(|e| e.contains("did not answer")));
     }
 
     #[tokio::test]
