@@ -272,7 +272,7 @@ impl Detacher {
     }
 
     /// Runs `op` on the peer, split into requests of at most
-    /// [`MAX_FORWARD`] bytes; a read returns its data.
+    /// [`MAX_FORWARD`] bytes of data; a read returns its data.
     pub fn forward(&self, op: ForwardOp) -> Result<Vec<u8>, Error> {
         let deadline = Instant::now() + self.hold;
         let ids: Vec<u64> = split(op)
@@ -280,33 +280,31 @@ impl Detacher {
             .map(|part| self.link.queue_forward(part))
             .collect();
         let mut data = Vec::new();
-        let mut failed = None;
-        for id in ids {
+        for (i, &id) in ids.iter().enumerate() {
             match self.link.wait_forward(id, deadline) {
                 Ok(part) => data.extend_from_slice(&part),
                 Err(e) => {
-                    failed.get_or_insert(e);
+                    // The guest request failed: its other pieces are not
+                    // waited for.
+                    self.link.abandon_forwards(&ids[i + 1..]);
+                    tracing::error!(
+                        event = rewind_journal::events::FORWARD_FAILED,
+                        volume = self.link.volume(),
+                        "a forwarded request failed: {e}"
+                    );
+                    return Err(Error::Io {
+                        context: "forwarding to the replica".into(),
+                        source: std::io::Error::other(e.to_string()),
+                    });
                 }
             }
         }
-        match failed {
-            None => Ok(data),
-            Some(e) => {
-                tracing::error!(
-                    event = rewind_journal::events::FORWARD_FAILED,
-                    volume = self.link.volume(),
-                    "a forwarded request failed: {e}"
-                );
-                Err(Error::Io {
-                    context: "forwarding to the replica".into(),
-                    source: std::io::Error::other(e.to_string()),
-                })
-            }
-        }
+        Ok(data)
     }
 }
 
-/// `op` as requests of at most [`MAX_FORWARD`] bytes each.
+/// `op` as requests of at most [`MAX_FORWARD`] bytes of data each; a
+/// discard or write-zeroes carries no data and goes whole.
 fn split(op: ForwardOp) -> Vec<ForwardOp> {
     let ranges = |offset: u64, length: u64| {
         (0..length.div_ceil(MAX_FORWARD)).map(move |i| {
@@ -326,21 +324,9 @@ fn split(op: ForwardOp) -> Vec<ForwardOp> {
                 data: chunk.to_vec(),
             })
             .collect(),
-        ForwardOp::WriteZeroes {
-            offset,
-            length,
-            unmap,
-        } => ranges(offset, length)
-            .map(|(offset, length)| ForwardOp::WriteZeroes {
-                offset,
-                length,
-                unmap,
-            })
-            .collect(),
-        ForwardOp::Discard { offset, length } => ranges(offset, length)
-            .map(|(offset, length)| ForwardOp::Discard { offset, length })
-            .collect(),
-        ForwardOp::Flush => vec![ForwardOp::Flush],
+        op @ (ForwardOp::WriteZeroes { .. } | ForwardOp::Discard { .. } | ForwardOp::Flush) => {
+            vec![op]
+        }
     }
 }
 
@@ -435,5 +421,17 @@ mod tests {
             .collect();
         assert_eq!(joined, data);
         assert_eq!(split(ForwardOp::Flush), vec![ForwardOp::Flush]);
+        // Without data, a request of the whole disk is one piece.
+        let discard = ForwardOp::Discard {
+            offset: 0,
+            length: 1 << 40,
+        };
+        assert_eq!(split(discard.clone()), vec![discard]);
+        let zeroes = ForwardOp::WriteZeroes {
+            offset: 4096,
+            length: 1 << 40,
+            unmap: true,
+        };
+        assert_eq!(split(zeroes.clone()), vec![zeroes]);
     }
 }

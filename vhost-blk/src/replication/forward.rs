@@ -9,9 +9,10 @@
 //!
 //! Invariant: ids are given in queue order and never reused; a request is
 //! in `unsent` or in `sent` until its answer is filed in `done`, where its
-//! caller takes it.
+//! caller takes it, or until it is given up (then, if it was sent, its id
+//! waits in `abandoned` for the answer the peer still owes).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
@@ -72,8 +73,11 @@ struct Queue {
     answer: Option<Result<(u64, u64), String>>,
     status: Option<DetachedStatus>,
     next_id: u64,
-    unsent: VecDeque<(u64, ForwardOp)>,
+    /// Keyed by id, which is queue order: a request given up leaves in
+    /// one step, however long the queue.
+    unsent: BTreeMap<u64, ForwardOp>,
     sent: BTreeMap<u64, ForwardOp>,
+    abandoned: HashSet<u64>,
     done: HashMap<u64, Result<Vec<u8>, String>>,
     /// Why the session that carried the requests ended, if it did.
     lost: Option<String>,
@@ -82,6 +86,18 @@ struct Queue {
     /// The guest moved to the peer (a handover): nothing is forwarded
     /// any more.
     handed_over: bool,
+}
+
+impl Queue {
+    /// Forgets request `id`; if it was sent, its answer may still come.
+    fn abandon(&mut self, id: u64) {
+        self.unsent.remove(&id);
+        if self.sent.remove(&id).is_some() {
+            self.abandoned.insert(id);
+        }
+        // Filed after its caller stopped waiting.
+        self.done.remove(&id);
+    }
 }
 
 /// The forwarding state of one link.
@@ -211,7 +227,7 @@ impl Forwarding {
         let mut queue = self.lock();
         queue.next_id += 1;
         let id = queue.next_id;
-        queue.unsent.push_back((id, op));
+        queue.unsent.insert(id, op);
         if let Some(status) = queue.status.as_mut() {
             status.forwarded_requests += 1;
         }
@@ -226,26 +242,33 @@ impl Forwarding {
             Ok(Ok(data)) => Ok(data),
             Ok(Err(why)) => Err(ForwardError::Peer(why)),
             Err(link) => {
-                let mut queue = self.lock();
-                queue.unsent.retain(|(queued, _)| *queued != id);
-                queue.sent.remove(&id);
+                self.lock().abandon(id);
                 Err(ForwardError::NoAnswer(link))
             }
+        }
+    }
+
+    /// Gives up requests `ids` (a piece of the same guest request failed).
+    pub fn abandon(&self, ids: &[u64]) {
+        let mut queue = self.lock();
+        for &id in ids {
+            queue.abandon(id);
         }
     }
 
     /// The requests to send now, in order (moved to `sent`).
     pub(super) fn take_unsent(&self) -> Vec<(u64, ForwardOp)> {
         let mut queue = self.lock();
-        let taken: Vec<_> = queue.unsent.drain(..).collect();
+        let taken: Vec<_> = std::mem::take(&mut queue.unsent).into_iter().collect();
         for (id, op) in &taken {
             queue.sent.insert(*id, op.clone());
         }
         taken
     }
 
-    /// The peer answered request `id`. An answer to a request never sent
-    /// is an error of the peer's.
+    /// The peer answered request `id`. An answer to a request that waits
+    /// for none (never sent, or answered already) is an error of the
+    /// peer's.
     pub(super) fn answered(&self, id: u64, result: Result<Vec<u8>, String>) -> Result<(), String> {
         let mut queue = self.lock();
         if queue.sent.remove(&id).is_some() {
@@ -253,12 +276,12 @@ impl Forwarding {
             drop(queue);
             self.changed.notify_all();
             Ok(())
-        } else if id <= queue.next_id {
-            // Given up at its deadline.
+        } else if queue.abandoned.remove(&id) {
             Ok(())
         } else {
             Err(format!(
-                "the peer answered request {id}, which was never sent"
+                "the peer answered request {id}, which waits for no answer (never sent, or \
+                 answered already)"
             ))
         }
     }
@@ -269,9 +292,9 @@ impl Forwarding {
     pub(super) fn resend(&self) {
         let mut queue = self.lock();
         let sent = std::mem::take(&mut queue.sent);
-        for (id, op) in sent.into_iter().rev() {
-            queue.unsent.push_front((id, op));
-        }
+        queue.unsent.extend(sent);
+        // What the lost session owed is not answered on this one.
+        queue.abandoned.clear();
         queue.lost = None;
     }
 
@@ -414,5 +437,20 @@ mod tests {
         assert_eq!(f.took_over(4, 50, 3, 50), Ok(()));
         assert!(f.took_over(5, 50, 3, 50).is_err(), "answered already");
         assert_eq!(f.wait_detached(soon()), Ok((4, 50)));
+    }
+
+    #[test]
+    fn only_requests_that_wait_for_an_answer_take_one() {
+        let f = Forwarding::default();
+        let sent = f.queue(ForwardOp::Flush);
+        assert_eq!(f.take_unsent().len(), 1);
+        let unsent = f.queue(ForwardOp::Flush);
+        let err = f.answered(unsent, Ok(Vec::new())).expect_err("not sent");
+        assert!(err.contains("waits for no answer"), "{err}");
+        // Given up after it was sent: its late answer is taken once.
+        f.abandon(&[sent, unsent]);
+        assert!(f.take_unsent().is_empty(), "given up before it was sent");
+        assert_eq!(f.answered(sent, Ok(Vec::new())), Ok(()));
+        assert!(f.answered(sent, Ok(Vec::new())).is_err(), "answered twice");
     }
 }

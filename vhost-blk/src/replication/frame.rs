@@ -224,8 +224,9 @@ pub enum Message {
     },
 }
 
-/// A guest request a detached primary forwards. Data is at most
-/// [`MAX_FORWARD`] bytes (the primary splits larger requests).
+/// A guest request a detached primary forwards. A read or write is of at
+/// most [`MAX_FORWARD`] bytes (the primary splits larger ones); a discard
+/// or write-zeroes carries no data and may cover the whole disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ForwardOp {
     Read {
@@ -522,7 +523,9 @@ const OP_DISCARD: u8 = 5;
 const OP_FLUSH: u8 = 6;
 
 /// `id` (u64), `op` (u8), `offset` and `length` (u64 each), then a
-/// write's data (`length` bytes, at most [`MAX_FORWARD`]).
+/// write's data (`length` bytes). Reads and writes are of at most
+/// [`MAX_FORWARD`] bytes; the range is checked against the disk where the
+/// request runs.
 fn decode_forward(body: &[u8]) -> Result<Message, FrameError> {
     let bad = |reason: String| FrameError::Malformed {
         what: "forward",
@@ -538,7 +541,7 @@ fn decode_forward(body: &[u8]) -> Result<Message, FrameError> {
         le_u64(&body[17..]),
     );
     let data = &body[25..];
-    if length > MAX_FORWARD {
+    if matches!(code, OP_READ | OP_WRITE) && length > MAX_FORWARD {
         return Err(bad(format!("{length} bytes, over {MAX_FORWARD}")));
     }
     if code != OP_WRITE && !data.is_empty() {
@@ -1243,6 +1246,40 @@ mod tests {
         assert!(write(512, 512).is_ok());
         assert!(malformed(write(1024, 512)), "less data than its length");
         assert!(malformed(write(MAX_FORWARD + 512, 512)), "over the limit");
+        // Without data, any length decodes (the disk's size bounds it).
+        let zero_op = |op: ForwardOp| {
+            let bytes = Encoder::new(false)
+                .expect("encoder")
+                .encode(1, &Message::Forward { id: 3, op })
+                .bytes;
+            decode(&bytes).map(|(frame, _)| frame.message)
+        };
+        for op in [
+            ForwardOp::Discard {
+                offset: 512,
+                length: u64::MAX - 511,
+            },
+            ForwardOp::WriteZeroes {
+                offset: 0,
+                length: 1 << 40,
+                unmap: false,
+            },
+        ] {
+            assert_eq!(zero_op(op.clone()), Ok(Message::Forward { id: 3, op }));
+        }
+        assert!(
+            matches!(
+                zero_op(ForwardOp::Read {
+                    offset: 0,
+                    length: MAX_FORWARD + 512,
+                }),
+                Err(FrameError::Malformed {
+                    what: "forward",
+                    ..
+                })
+            ),
+            "a read over the limit"
+        );
         let mut read = encoder
             .encode(
                 1,

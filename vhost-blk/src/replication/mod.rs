@@ -386,6 +386,11 @@ impl Link {
         id
     }
 
+    /// Gives up forwarded requests `ids` without waiting for their answers.
+    pub fn abandon_forwards(&self, ids: &[u64]) {
+        self.forwarding.abandon(ids);
+    }
+
     /// Waits until `deadline` for the answer to forwarded request `id`.
     pub fn wait_forward(&self, id: u64, deadline: Instant) -> Result<Vec<u8>, ForwardError> {
         self.forwarding.wait(id, deadline)
@@ -945,5 +950,36 @@ mod tests {
         assert_eq!(link.wait_handover_verdict(Instant::now()), Some(false));
         link.withdraw_handover();
         assert_eq!(link.handover_offer(), None);
+    }
+
+    #[test]
+    fn a_forwarded_request_stops_at_its_first_failed_piece() {
+        let link = std::sync::Arc::new(Link::new("test".into(), Some(Mode::Async), None));
+        let hold = Duration::from_secs(20);
+        let detacher = crate::detach::Detacher::new(link.clone(), hold);
+        let started = Instant::now();
+        let ended = std::thread::scope(|s| {
+            let forwarded = s.spawn(|| {
+                detacher.forward(ForwardOp::Read {
+                    offset: 0,
+                    length: 3 * frame::MAX_FORWARD,
+                })
+            });
+            let mut pieces = Vec::new();
+            while pieces.len() < 3 {
+                pieces.extend(link.forwarding.take_unsent());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let first = pieces[0].0;
+            assert_eq!(link.forwarding.answered(first, Err("EIO".into())), Ok(()));
+            forwarded.join().expect("forwarded")
+        });
+        let err = ended.expect_err("the first piece failed");
+        assert!(err.to_string().contains("EIO"), "{err}");
+        assert!(
+            started.elapsed() < hold / 2,
+            "waited {:?}",
+            started.elapsed()
+        );
     }
 }
