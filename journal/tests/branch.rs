@@ -358,6 +358,9 @@ fn the_old_primary_takes_the_new_primarys_records_at_the_same_lsns() {
     assert!(info.readable && info.problem.is_none());
     assert_eq!(a.branches(), vec![info.clone()]);
 
+    // A replica now, as the daemon's rejoin leaves it: only a replica
+    // takes shipped records.
+    a.demote(false).expect("demote");
     ship(&b, &a);
     assert_eq!(a.last_lsn(), b.durable_lsn());
     assert_eq!(a.epoch(), 2);

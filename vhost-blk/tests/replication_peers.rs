@@ -25,8 +25,8 @@ use rewind_journal::{
     BaseImage, EpochStart, OpenOptions, OsStorage, ShippedRecord, Volume, VolumeSettings,
 };
 use rewind_vhost_blk::replication::frame::{
-    read_frame, reseal, Encoder, Frame, FrameError, Hello, Message, ResyncBegin, Welcome,
-    HEADER_SIZE,
+    read_frame, reseal, Encoder, ForwardOp, Frame, FrameError, Hello, Message, ResyncBegin,
+    Welcome, HEADER_SIZE,
 };
 use rewind_vhost_blk::replication::tls::{Fingerprint, PeerTrust, TlsContext, TlsSettings};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -1011,4 +1011,79 @@ fn a_resync_begin_the_replica_cannot_keep_is_refused_before_it_begins() {
     }
     rig.write_flushed(2);
     assert_eq!(rig.genuine(), rig.primary.durable_lsn());
+}
+
+/// Once the replica took over for a detached primary it is a primary:
+/// the detached one may send it requests, but nothing that would replace
+/// its disk or history. A discard of the whole disk is one request, and
+/// one past the disk is refused by its range check.
+#[test]
+fn a_node_serving_a_detached_primary_takes_only_its_requests() {
+    let rig = Rig::start();
+    rig.write_flushed(4);
+    let lsn = rig.genuine();
+    let (mut conn, _) = rig.session();
+    let epoch = rig.epoch();
+    let detach = Message::Detach("the test's disk failed".into());
+    rig.send(&mut conn, &encode(epoch, &detach))
+        .expect("send the detach");
+    let answer = rig.recv(&mut conn).expect("an answer").message;
+    assert_eq!(answer, Message::Detached { epoch: 2, lsn });
+    let mut forward = |id, op| {
+        rig.send(&mut conn, &encode(epoch, &Message::Forward { id, op }))
+            .expect("forward");
+        match rig.recv(&mut conn).expect("an answer").message {
+            Message::Forwarded {
+                id: answered,
+                result,
+            } if answered == id => result,
+            other => panic!("request {id} was answered by {other:?}"),
+        }
+    };
+    let whole = ForwardOp::Discard {
+        offset: 0,
+        length: DISK,
+    };
+    assert_eq!(forward(1, whole), Ok(Vec::new()));
+    let past = ForwardOp::Discard {
+        offset: 512,
+        length: u64::MAX - 511,
+    };
+    let refused = forward(2, past).expect_err("past the disk");
+    assert!(refused.contains("ends past the disk"), "{refused}");
+    let last = rig.last_lsn();
+    assert!(last > lsn, "the discard was taken");
+
+    // A sound resync of the epoch this node is at now: it would replace
+    // the disk and history of the primary this node is.
+    let mut history = rig.primary.epoch_history();
+    history.push(EpochStart {
+        epoch: 2,
+        first_lsn: last,
+        node: 5,
+    });
+    let begin = ResyncBegin {
+        sync_lsn: last,
+        sync_ns: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("clock")
+            .as_nanos() as u64,
+        epoch_history: history,
+        from_offset: 0,
+        diff_key: None,
+    };
+    rig.send(&mut conn, &encode(epoch, &Message::ResyncBegin(begin)))
+        .expect("send the resync-begin");
+    let closed = rig.closed(&mut conn);
+    let why = "a resync-begin frame arrived from the detached primary";
+    assert!(
+        closed.refusal().is_some_and(|r| r.contains(why)),
+        "{closed:?}"
+    );
+    let error = rig.error_of(conn.local);
+    assert!(error.contains(why), "{error}");
+    let status = rig.status();
+    assert_eq!(status["last_lsn"], last, "{status}");
+    assert_eq!(rig.replication()["role"], "primary");
+    assert!(rig.replication()["resync"].is_null());
 }

@@ -25,7 +25,7 @@ use super::{lock, Inner, Volume};
 use crate::error::{Error, Result};
 use crate::extent_map::{ExtentMap, Pieces, Source};
 use crate::format::{check_range, SECTOR};
-use crate::meta::EpochStart;
+use crate::meta::{EpochStart, Role};
 use crate::record_index::RecordIndex;
 
 pub const RESYNC_FILE: &str = "resync";
@@ -124,6 +124,11 @@ impl Volume {
     ) -> Result<()> {
         let inner = &self.inner;
         inner.check_failed()?;
+        if self.role() == Role::Primary {
+            return Err(Error::InvalidRequest(
+                "this volume is a primary: a resync would replace its disk and history".into(),
+            ));
+        }
         if sync_lsn == u64::MAX {
             return Err(Error::InvalidRequest(format!(
                 "a resync to lsn {sync_lsn}: no lsn could follow it"
@@ -331,7 +336,7 @@ mod tests {
     use super::*;
     use crate::fault::FaultStorage;
     use crate::storage::Storage;
-    use crate::{OpenOptions, VolumeSettings};
+    use crate::{BaseImage, OpenOptions, VolumeSettings};
 
     fn settings() -> VolumeSettings {
         VolumeSettings {
@@ -390,5 +395,38 @@ mod tests {
         v.begin_resync(0, 1, history()).expect("a sound resync");
         v.finish_resync(0).expect("finished");
         assert_eq!(v.resync_state(), None);
+    }
+
+    #[test]
+    fn a_primary_takes_no_resync_and_no_shipped_records() {
+        let fs = FaultStorage::new();
+        Volume::create(
+            &fs,
+            Path::new("/vol"),
+            &settings(),
+            BaseImage::Empty,
+            &mut |_, _| {},
+        )
+        .expect("create");
+        let v = open(&fs);
+        v.write(0, &[7; 512]).expect("write");
+        v.flush().expect("flush");
+        let last = v.last_lsn();
+        let err = v.begin_resync(1, 1, history()).expect_err("a primary");
+        assert!(
+            err.to_string().contains("this volume is a primary"),
+            "{err}"
+        );
+        assert_eq!(v.resync_state(), None);
+        let records = v.read_shipped(1, 1 << 20).expect("read").records;
+        let err = v.apply_shipped(&records).expect_err("a primary");
+        assert!(
+            err.to_string().contains("this volume is a primary"),
+            "{err}"
+        );
+        assert_eq!(v.last_lsn(), last);
+        let mut data = [0; 512];
+        v.read(0, &mut data).expect("read");
+        assert_eq!(data, [7; 512]);
     }
 }

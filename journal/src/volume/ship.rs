@@ -27,7 +27,7 @@ use crate::extent_map::ExtentMap;
 use crate::format::{
     check_bookmark_name, crc32c, le_u32, le_u64, HeaderProblem, RecordHeader, RecordKind, SECTOR,
 };
-use crate::meta::EpochStart;
+use crate::meta::{EpochStart, Role};
 use crate::pool::{segment_name, Segment};
 use crate::record_index::Effect;
 
@@ -114,6 +114,11 @@ impl Volume {
     pub fn apply_shipped(&self, records: &[ShippedRecord]) -> Result<u64> {
         let inner = &self.inner;
         inner.check_failed()?;
+        if self.role() == Role::Primary {
+            return Err(Error::InvalidRequest(
+                "this volume is a primary: it takes no shipped records".into(),
+            ));
+        }
         inner.check_not_resyncing()?;
         let mut epochs = Vec::new();
         let mut deferred = Vec::new();

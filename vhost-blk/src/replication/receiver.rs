@@ -576,6 +576,26 @@ async fn read_frames<R: AsyncRead + Unpin>(
             let _ = replies.send(Reply::Refuse(reason.clone())).await;
             return reason;
         }
+        // Once this node took over for a detached primary, only its
+        // requests and its handover may follow: anything else would write
+        // over the history of the primary this node is now.
+        if detached_at.is_some()
+            && !matches!(
+                frame.message,
+                Message::Forward { .. }
+                    | Message::Heartbeat
+                    | Message::HandOver { .. }
+                    | Message::HandoverCancel
+            )
+        {
+            let reason = format!(
+                "a {} frame arrived from the detached primary; it may send only forwarded \
+                 requests, heartbeats and a handover",
+                frame.message.name()
+            );
+            let _ = replies.send(Reply::Refuse(reason.clone())).await;
+            return reason;
+        }
         let op = match frame.message {
             Message::Records(records) => Op::Records(records),
             Message::Sealed(seal) => Op::Sealed(seal),
