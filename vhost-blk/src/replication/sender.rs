@@ -447,7 +447,8 @@ async fn resync<W: AsyncWrite + Unpin>(
         let same = match (key.as_ref(), diff.as_deref_mut()) {
             _ if unmarked => true,
             (Some(key), Some(feed)) => {
-                let theirs = next_hash(feed, offset).await?;
+                let theirs =
+                    next_hash(feed, offset, writer, encoder, epoch, &mut last_beat).await?;
                 let ours = match &chunk {
                     Some(data) => blake3::keyed_hash(key, data),
                     None => blake3::keyed_hash(key, &vec![0u8; len as usize]),
@@ -533,18 +534,37 @@ async fn resync<W: AsyncWrite + Unpin>(
     Ok(sync_lsn)
 }
 
-/// The replica's hash of the chunk at `offset`.
-async fn next_hash(feed: &mut HashFeed, offset: u64) -> Result<[u8; 32], SessionError> {
-    match tokio::time::timeout(SILENCE_LIMIT * 10, feed.recv()).await {
-        Ok(Some((at, hash))) if at == offset => Ok(hash),
-        Ok(Some((at, _))) => Err(down(format!(
-            "the replica sent the hash of offset {at} where {offset} was due"
-        ))),
-        Ok(None) => Err(down("the replica's hashes stopped")),
-        Err(_) => Err(down(format!(
-            "no hash from the replica for offset {offset} within {:?}",
-            SILENCE_LIMIT * 10
-        ))),
+/// The replica's hash of the chunk at `offset`. Meanwhile heartbeats go
+/// out, or the replica, which hears nothing else while it hashes its disk,
+/// would end the session after [`SILENCE_LIMIT`].
+async fn next_hash<W: AsyncWrite + Unpin>(
+    feed: &mut HashFeed,
+    offset: u64,
+    writer: &mut W,
+    encoder: &mut Encoder,
+    epoch: u64,
+    last_beat: &mut Instant,
+) -> Result<[u8; 32], SessionError> {
+    let limit = SILENCE_LIMIT * 10;
+    let deadline = Instant::now() + limit;
+    loop {
+        let beat = HEARTBEAT.saturating_sub(last_beat.elapsed());
+        let wait = beat.min(deadline.saturating_duration_since(Instant::now()));
+        match tokio::time::timeout(wait, feed.recv()).await {
+            Ok(Some((at, hash))) if at == offset => return Ok(hash),
+            Ok(Some((at, _))) => {
+                return Err(down(format!(
+                    "the replica sent the hash of offset {at} where {offset} was due"
+                )))
+            }
+            Ok(None) => return Err(down("the replica's hashes stopped")),
+            Err(_) if Instant::now() >= deadline => {
+                return Err(down(format!(
+                    "no hash from the replica for offset {offset} within {limit:?}"
+                )))
+            }
+            Err(_) => heartbeat_if_due(writer, encoder, epoch, last_beat).await?,
+        }
     }
 }
 
@@ -1234,5 +1254,52 @@ mod tests {
             err.message
         );
         assert_eq!(link.peer_history(), None, "not kept for `resolve`");
+    }
+
+    #[tokio::test]
+    async fn a_diff_resync_sends_heartbeats_while_the_replica_hashes() {
+        let (volume, link) = (volume(), link());
+        let durable = volume.durable_lsn();
+        let welcome = held(durable, durable);
+        let (ours, mut theirs) = tokio::io::duplex(16 << 20);
+        let (_reader, mut writer) = tokio::io::split(ours);
+        let mut encoder = Encoder::new(false).expect("encoder");
+        let (hashes, mut feed) = mpsc::channel(HASHES_QUEUED);
+        let mut unlimited = None;
+        let late = Duration::from_millis(2500);
+        let replica = async {
+            let begin = read_frame(&mut theirs).await.expect("resync-begin");
+            assert!(matches!(begin.message, Message::ResyncBegin(_)));
+            let asked = Instant::now();
+            // A slow disk: the hashes come late, but within the limit.
+            tokio::spawn(async move {
+                tokio::time::sleep(late).await;
+                for i in 0..8 {
+                    let _ = hashes.send((i * CHUNK_BYTES, [0; 32])).await;
+                }
+            });
+            let first = read_frame(&mut theirs).await.expect("a frame");
+            let heard = asked.elapsed();
+            let mut last = first.message.clone();
+            while last != Message::ResyncEnd {
+                last = read_frame(&mut theirs).await.expect("a frame").message;
+            }
+            (first.message, heard)
+        };
+        let (synced, (first, heard)) = tokio::join!(
+            resync(
+                &volume,
+                &link,
+                &welcome,
+                &mut writer,
+                &mut encoder,
+                &mut unlimited,
+                Some(&mut feed)
+            ),
+            replica
+        );
+        assert_eq!(synced.expect("resync"), durable);
+        assert_eq!(first, Message::Heartbeat);
+        assert!(heard < late.min(SILENCE_LIMIT), "silent for {heard:?}");
     }
 }
