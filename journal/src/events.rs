@@ -147,6 +147,11 @@ pub const HANDOVER_NO_VERDICT: &str = "handover_no_verdict";
 /// A handover finished: the replica is the primary.
 pub const HANDOVER_DONE: &str = "handover_done";
 
+// The volume's storage, again.
+
+/// A copy of `super` is cut off or fails its checksum: the other one is used.
+pub const SUPER_COPY_DAMAGED: &str = "super_copy_damaged";
+
 /// Every name above, for the tests that keep them unique and documented.
 pub const ALL: &[&str] = &[
     STORAGE_ERROR,
@@ -208,6 +213,7 @@ pub const ALL: &[&str] = &[
     HANDOVER_ROLLBACK_FAILED,
     HANDOVER_NO_VERDICT,
     HANDOVER_DONE,
+    SUPER_COPY_DAMAGED,
 ];
 
 #[cfg(test)]

@@ -321,6 +321,8 @@ struct Scanner<'a> {
     dir: PathBuf,
     /// `<vol>/checkpoint`.
     checkpoint: PathBuf,
+    /// `<vol>/super`.
+    sb_path: PathBuf,
     truncate_damaged: bool,
     /// The lsn a cut under way ends the journal at.
     cut: Option<u64>,
@@ -406,10 +408,37 @@ impl Scanner<'_> {
                 expected: self.config.uuid,
                 found: h.volume,
             }),
-            Ok(h) if h.seq != seq => Ok(Err(format!(
-                "segment header has sequence {}, super lists {seq}",
-                h.seq
-            ))),
+            Ok(h) if h.seq != seq => {
+                // A use `super` has not handed out, with records: a newer
+                // copy of `super` listed it and was lost (volume.rs,
+                // `check_unlisted`, has the argument).
+                if h.seq >= self.sb.next_seq {
+                    let first = h.layout.header_at(h.layout.start(self.config.segment_size));
+                    let b = reader
+                        .bytes(first, RECORD_HEADER_SIZE)
+                        .map_err(self.io(id))?;
+                    let record = b.and_then(|b| RecordHeader::decode(b).ok());
+                    if let Some(r) = record.filter(|r| r.seq == h.seq && h.layout.owns(r)) {
+                        return Err(Error::BadMetadata {
+                            path: self.sb_path.clone(),
+                            reason: format!(
+                                "it lists {} for segment use {seq}, but the file holds \
+                                 records from lsn {} of use {} (this copy of super hands out \
+                                 uses from {}): the newer copy, which listed it, is lost. \
+                                 Nothing was changed; restore super",
+                                self.path(id).display(),
+                                r.lsn,
+                                h.seq,
+                                self.sb.next_seq
+                            ),
+                        });
+                    }
+                }
+                Ok(Err(format!(
+                    "segment header has sequence {}, super lists {seq}",
+                    h.seq
+                )))
+            }
             Ok(h) if h.segment_size != self.config.segment_size => self
                 .damaged(
                     id,
@@ -804,6 +833,7 @@ pub fn recover(
         sb,
         dir: dir.join(JOURNAL_DIR),
         checkpoint: dir.join(checkpoint::CHECKPOINT_FILE),
+        sb_path: dir.join(crate::superblock::SUPER_FILE),
         truncate_damaged,
         cut,
     };

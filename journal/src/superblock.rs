@@ -2,7 +2,7 @@
 //!
 //! The file has two fixed-size slots. An update writes the slot that does
 //! not hold the newest generation and syncs it, so a torn update damages
-//! only that slot and the other still holds the previous state. `load`
+//! only that slot and the other still holds the previous state. `open`
 //! takes the valid slot with the highest generation. Layout in FORMAT.md.
 
 use std::path::Path;
@@ -83,7 +83,8 @@ impl SuperState {
         b
     }
 
-    /// `Ok(None)` for a slot that is empty or torn.
+    /// `Ok(None)` for a slot that is empty (never written: no magic) or
+    /// torn or damaged (the magic, but a wrong count or checksum).
     fn decode(b: &[u8], volume: Uuid) -> Result<Option<Self>, String> {
         if b.len() < HEAD + 4 || b[0..8] != MAGIC {
             return Ok(None);
@@ -163,16 +164,38 @@ impl Superblock {
             .map_err(Error::io(|| format!("opening {}", path.display())))?;
         let mut best: Option<SuperState> = None;
         for slot in 0..2 {
+            // A copy that was written but no longer reads back (an update a
+            // crash tore, or damage) may have been the newest: then the
+            // older one is used. A segment with records that only the lost
+            // copy listed makes the open refuse (`check_unlisted` in
+            // volume.rs, `check_header` in recovery.rs).
+            let damaged = |why: &str| {
+                tracing::warn!(
+                    event = crate::events::SUPER_COPY_DAMAGED,
+                    volume = %volume,
+                    path = %path.display(),
+                    slot,
+                    "copy {slot} of super {why}; using the other copy (an update a crash \
+                     interrupted, or damage)"
+                );
+            };
             let mut b = vec![0u8; SLOT_SIZE];
             match file.read_exact_at(&mut b, (slot * SLOT_SIZE) as u64) {
                 Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    // `create` sizes the file for both copies first.
+                    damaged("is cut off: the file is shorter than its two copies");
+                    continue;
+                }
                 Err(e) => return Err(Error::io(|| format!("reading {}", path.display()))(e)),
             }
-            if let Some(s) = SuperState::decode(&b, volume).map_err(bad)? {
-                if best.as_ref().is_none_or(|b| s.generation > b.generation) {
+            match SuperState::decode(&b, volume).map_err(bad)? {
+                Some(s) if best.as_ref().is_none_or(|b| s.generation > b.generation) => {
                     best = Some(s);
                 }
+                Some(_) => {}
+                None if b[0..8] == MAGIC => damaged("fails its checksum"),
+                None => {}
             }
         }
         let state = best.ok_or_else(|| bad("neither copy is valid".into()))?;

@@ -57,7 +57,7 @@ use crate::storage::{
     aligned_zeroes, write_direct_parts, ImportMode, LockGuard, Progress, Storage, StorageFile,
     ALIGNED_ZEROES,
 };
-use crate::superblock::Superblock;
+use crate::superblock::{SuperState, Superblock, SUPER_FILE};
 
 mod branch;
 mod checkpoint;
@@ -764,6 +764,12 @@ impl Volume {
             .map_err(Error::io(|| format!("opening {}", base_path.display())))?;
         let cut = branch::pending_cut(storage.as_ref(), dir, config.uuid)?;
         remove_checkpoint_leftover(storage.as_ref(), dir)?;
+        let journal_dir = dir.join(JOURNAL_DIR);
+        let unlisted = unlisted_names(storage.as_ref(), &journal_dir, sb.state())?;
+        for name in &unlisted {
+            let path = journal_dir.join(name);
+            check_unlisted(storage.as_ref(), dir, &path, sb.state(), &config)?;
+        }
         let recovered = recover(
             storage.as_ref(),
             dir,
@@ -782,7 +788,6 @@ impl Volume {
                 .sync_data()
                 .map_err(Error::io(|| format!("syncing segment {}", seg.id)))?;
         }
-        let journal_dir = dir.join(JOURNAL_DIR);
         let mut next_seq = sb.state().next_seq;
         let mut free = Vec::new();
         for (id, file) in recovered.stale {
@@ -793,13 +798,8 @@ impl Volume {
             free.push(Arc::new(Segment::new(id, next_seq, file)));
             next_seq += 1;
         }
-        let listed: Vec<String> = sb
-            .state()
-            .segments
-            .iter()
-            .map(|s| segment_name(s.file_id))
-            .collect();
-        let spares = unlisted_files(storage.as_ref(), &journal_dir, &listed, &config)?;
+        let listed = sb.state().segments.len() as u64;
+        let spares = unlisted_files(storage.as_ref(), &journal_dir, unlisted, listed, &config)?;
         let pool = Arc::new(Pool::new(PoolSetup {
             storage: storage.clone(),
             volume_dir: dir.to_owned(),
@@ -1371,8 +1371,6 @@ fn check_image(path: &Path, settings: &VolumeSettings) -> Result<()> {
     Ok(())
 }
 
-/// Removes journal files `super` does not list: leftovers of a preparation
-/// or release that a crash interrupted.
 /// Removes the temporary file of a checkpoint a crash interrupted.
 fn remove_checkpoint_leftover(storage: &dyn Storage, dir: &Path) -> Result<()> {
     let tmp = dir
@@ -1386,32 +1384,44 @@ fn remove_checkpoint_leftover(storage: &dyn Storage, dir: &Path) -> Result<()> {
     }
 }
 
-/// The segment files `super` does not list: a preallocated pool's spares
-/// (pool.rs), those of the segment size under their own names, as many as
-/// the limit leaves room for; every other one is removed (an interrupted
-/// preparation, or a spare cut short). A spare whose writing out a crash
-/// interrupted keeps its unwritten blocks: slower to write, never wrong.
-fn unlisted_files(
-    storage: &dyn Storage,
-    journal: &Path,
-    listed: &[String],
-    config: &VolumeConfig,
-) -> Result<Vec<Spare>> {
+/// The names of the segment files in `journal` that `super` (`sb`) does
+/// not list, in order.
+fn unlisted_names(storage: &dyn Storage, journal: &Path, sb: &SuperState) -> Result<Vec<String>> {
+    let listed: Vec<String> = sb
+        .segments
+        .iter()
+        .map(|s| segment_name(s.file_id))
+        .collect();
     let mut names = storage
         .list_dir(journal)
         .map_err(Error::io(|| format!("listing {}", journal.display())))?;
+    names.retain(|name| name.ends_with(".seg") && !listed.contains(name));
     names.sort();
+    Ok(names)
+}
+
+/// Of the segment files `super` does not list (`unlisted`, once checked
+/// by [`check_unlisted`]; `listed` is how many it does list): a
+/// preallocated pool's spares (pool.rs), those of the segment size under
+/// their own names, as many as the limit leaves room for; every other one
+/// is removed (an interrupted preparation, a folded or cut segment, or a
+/// spare cut short). A spare whose writing out a crash interrupted keeps
+/// its unwritten blocks: slower to write, never wrong.
+fn unlisted_files(
+    storage: &dyn Storage,
+    journal: &Path,
+    unlisted: Vec<String>,
+    listed: u64,
+    config: &VolumeConfig,
+) -> Result<Vec<Spare>> {
     let mut room = if config.preallocate_journal {
-        (config.journal_max / config.segment_size).saturating_sub(listed.len() as u64)
+        (config.journal_max / config.segment_size).saturating_sub(listed)
     } else {
         0
     };
     let mut spares = Vec::new();
     let mut removed = false;
-    for name in names {
-        if !name.ends_with(".seg") || listed.contains(&name) {
-            continue;
-        }
+    for name in unlisted {
         let path = journal.join(&name);
         // Only the pool's own names: a spare is opened again by its id.
         let id = name
@@ -1440,6 +1450,57 @@ fn unlisted_files(
             .map_err(Error::io(|| format!("syncing {}", journal.display())))?;
     }
     Ok(spares)
+}
+
+/// Refuses to open if the unlisted segment file at `path` holds records
+/// of a use `sb` has not handed out: its header names this volume and a
+/// sequence number at or past `sb.next_seq`, and its first record is of
+/// that use. The writer only moves into a segment a durable `super` lists
+/// (pool.rs), so a newer copy of `super` listed it and was lost (a
+/// damaged copy, superblock.rs): removing or reusing the file would drop
+/// durable records. A crash leaves no such file: one a preparation headed
+/// but never listed has no record of its use, and folded, cut or released
+/// ones have sequence numbers below `next_seq`.
+fn check_unlisted(
+    storage: &dyn Storage,
+    dir: &Path,
+    path: &Path,
+    sb: &SuperState,
+    config: &VolumeConfig,
+) -> Result<()> {
+    let context = || format!("reading {}", path.display());
+    let file = storage.open(path).map_err(Error::io(context))?;
+    let mut sector = [0u8; SECTOR as usize];
+    // `None`: the file ends first.
+    let mut read_at = |at: u64| match file.read_exact_at(&mut sector, at) {
+        Ok(()) => Ok(Some(sector)),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(Error::io(context)(e)),
+    };
+    let header = read_at(0)?.and_then(|b| SegmentHeader::decode(&b).ok());
+    let Some(h) = header.filter(|h| {
+        h.volume == config.uuid && h.seq >= sb.next_seq && h.segment_size == config.segment_size
+    }) else {
+        return Ok(());
+    };
+    let first = h.layout.header_at(h.layout.start(config.segment_size));
+    let record = read_at(first)?.and_then(|b| RecordHeader::decode(&b).ok());
+    let Some(r) = record.filter(|r| r.seq == h.seq && h.layout.owns(r)) else {
+        return Ok(());
+    };
+    Err(Error::BadMetadata {
+        path: dir.join(SUPER_FILE),
+        reason: format!(
+            "it does not list {}, which holds records from lsn {} of segment use {} (this \
+             copy of super hands out uses from {}): the newer copy, which listed it, is \
+             lost. Nothing was removed; restore super, or move the file out of the journal \
+             to open the volume without those records",
+            path.display(),
+            r.lsn,
+            h.seq,
+            sb.next_seq
+        ),
+    })
 }
 
 impl Inner {

@@ -220,6 +220,114 @@ fn damaged_metadata_files_are_named() {
     assert!(err.to_string().contains("format version 7"), "{err}");
 }
 
+const SUPER_SLOT: usize = 128 << 10;
+
+/// The generation in copy `slot` of a `super` file's bytes.
+fn generation(sb: &[u8], slot: usize) -> u64 {
+    let at = slot * SUPER_SLOT + 16;
+    u64::from_le_bytes(sb[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// A volume of two sessions of three writes each whose `super` has its
+/// newest copy in slot 1, and in slot 0 an older one that does not know
+/// the segment use of the second session's writes: what the older copy
+/// of `super` is when the newer one listed a segment the writer then
+/// filled. The older copy is the one `create` wrote, which lists no
+/// segment (`from_create`), or the one the first session closed with,
+/// which lists the segment the second session wrote for another use.
+fn volume_with_an_older_super(tmp: &Path, from_create: bool) -> PathBuf {
+    let dir = tmp.join("vol");
+    Volume::create(
+        OsStorage::shared().as_ref(),
+        &dir,
+        &small_settings(),
+        BaseImage::Empty,
+        &mut |_, _| {},
+    )
+    .expect("create");
+    let mut supers = vec![std::fs::read(dir.join("super")).expect("super")];
+    for session in 0..2u8 {
+        let (v, _) = open_with(&dir, false).expect("open");
+        for i in 0..3 {
+            v.write(
+                i * RECORD,
+                &pattern(10 * session + i as u8, RECORD as usize),
+            )
+            .expect("write");
+        }
+        v.close().expect("close");
+        supers.push(std::fs::read(dir.join("super")).expect("super"));
+    }
+    let newest = |b: &[u8]| {
+        let slot = usize::from(generation(b, 1) > generation(b, 0));
+        b[slot * SUPER_SLOT..(slot + 1) * SUPER_SLOT].to_vec()
+    };
+    let old = &supers[if from_create { 0 } else { 1 }];
+    std::fs::write(
+        dir.join("super"),
+        [newest(old), newest(&supers[2])].concat(),
+    )
+    .expect("write super");
+    dir
+}
+
+/// The error an open of `dir` fails with.
+fn refused(dir: &Path, truncate_damaged: bool) -> Error {
+    match open_with(dir, truncate_damaged) {
+        Ok((_, report)) => panic!("opened: {report}"),
+        Err(e) => e,
+    }
+}
+
+fn journal_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("journal")).expect("ls").count()
+}
+
+#[test]
+fn a_lost_newer_super_that_listed_segments_with_records_is_refused_and_nothing_removed() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // Intact, the newer copy is used.
+    let dir = volume_with_an_older_super(&tmp.path().join("intact"), false);
+    let (v, report) = open_with(&dir, false).expect("open");
+    assert!(report.next_lsn > 8, "{report}");
+    assert!(read(&v, 0, RECORD as usize) == pattern(10, RECORD as usize));
+    drop(v);
+    // Its checksum fails, or the file is cut short of it.
+    for truncated in [false, true] {
+        for from_create in [true, false] {
+            let what = &format!("truncated: {truncated}, older copy from create: {from_create}");
+            let dir = volume_with_an_older_super(&tmp.path().join(what), from_create);
+            let path = dir.join("super");
+            if truncated {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .expect("open super");
+                f.set_len(SUPER_SLOT as u64 + 100).expect("truncate");
+            } else {
+                flip(&path, SUPER_SLOT as u64 + 20);
+            }
+            let files = journal_files(&dir);
+            let err = refused(&dir, true);
+            match &err {
+                Error::BadMetadata { path, reason } => {
+                    assert!(path.ends_with("super"), "{what}: {err}");
+                    // Found in a file it does not list, or lists for
+                    // another use.
+                    let how = match from_create {
+                        true => "does not list",
+                        false => "for segment use",
+                    };
+                    assert!(reason.contains(how), "{what}: {err}");
+                    assert!(reason.contains("holds records"), "{what}: {err}");
+                }
+                other => panic!("{what}: {other}"),
+            }
+            assert_eq!(journal_files(&dir), files, "{what}: a file was removed");
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
