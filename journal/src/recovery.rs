@@ -42,7 +42,8 @@ use crate::error::{Error, Result};
 use crate::extent_map::ExtentMap;
 use crate::format::{
     crc32c, torn_header_rewrite, HeaderProblem, Layout, Placed, Position, RecordHeader, RecordKind,
-    SegmentHeader, SegmentHeaderProblem, FORMAT_VERSION, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE,
+    SegmentHeader, SegmentHeaderProblem, FORMAT_VERSION, RECORD_HEADER_SIZE, SECTOR,
+    SEGMENT_HEADER_SIZE,
 };
 use crate::meta::{EpochStart, VolumeConfig};
 use crate::pool::{segment_name, Segment, JOURNAL_DIR};
@@ -934,14 +935,18 @@ impl Scanner<'_> {
     /// with `super` and the segments it names; `Err(why)` if it does not.
     /// The records of the last of those segments are checked by the scan.
     fn checkpoint_start(&self) -> std::result::Result<Option<Start>, String> {
-        let bytes = match self.storage.read_file(&self.checkpoint) {
-            Ok(b) => b,
+        let file = match self.storage.open(&self.checkpoint) {
+            Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(format!("reading it failed: {e}")),
         };
         if let Some(c) = self.cut {
             return Err(format!("a cut to lsn {c} is under way"));
         }
+        let records = self.config.journal_max / RECORD_HEADER_SIZE;
+        let sectors = self.config.size / SECTOR;
+        let bytes = checkpoint::read(file.as_ref(), self.config.uuid, records, sectors)?;
+        drop(file);
         let ckpt = checkpoint::decode(&bytes, self.config.uuid).map_err(|e| e.to_string())?;
         drop(bytes);
         let base = self.sb.base_lsn;
@@ -1015,6 +1020,9 @@ impl Scanner<'_> {
         {
             return Err("its map reaches past the end of the disk".into());
         }
+        let Some(checked_below) = lsn.checked_add(1) else {
+            return Err(format!("its lsn {lsn} has no next one"));
+        };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
         map.load(&extents, threads);
         Ok(Some(Start {
@@ -1023,7 +1031,7 @@ impl Scanner<'_> {
                 first_lsn: last.first_lsn,
                 checkpoint: Some(lsn),
             },
-            checked_below: lsn + 1,
+            checked_below,
             built: Built {
                 map,
                 index,

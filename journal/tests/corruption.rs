@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use common::{flip, options, pattern, read, segment_file, small_settings};
 use proptest::prelude::*;
 use rewind_journal::{BaseImage, Error, OpenOptions, OsStorage, RecoveryReport, Volume};
+use uuid::Uuid;
 
 const RECORD: u64 = 8192;
 const SEGMENT: u64 = 64 << 10;
@@ -326,6 +327,66 @@ fn a_lost_newer_super_that_listed_segments_with_records_is_refused_and_nothing_r
             assert_eq!(journal_files(&dir), files, "{what}: a file was removed");
         }
     }
+}
+
+/// A checkpoint header of `volume` (with the trailer of an empty file)
+/// holding `count` records after `base_lsn` up to `lsn`, `len` bytes long.
+fn checkpoint_header(volume: Uuid, lsn: u64, base_lsn: u64, count: u64, len: u64) -> Vec<u8> {
+    let crc = |b: &[u8]| crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, b) as u32;
+    let mut b = vec![0u8; 128];
+    b[0..8].copy_from_slice(b"RWNDCKP\0");
+    b[8..10].copy_from_slice(&1u16.to_le_bytes());
+    b[16..32].copy_from_slice(volume.as_bytes());
+    b[32..40].copy_from_slice(&lsn.to_le_bytes());
+    b[40..48].copy_from_slice(&base_lsn.to_le_bytes());
+    b[64..72].copy_from_slice(&count.to_le_bytes());
+    b[72..80].copy_from_slice(&len.to_le_bytes());
+    let header = crc(&b[..124]);
+    b[124..128].copy_from_slice(&header.to_le_bytes());
+    let file = crc(&b);
+    b.extend_from_slice(&file.to_le_bytes());
+    b
+}
+
+fn uuid_of(dir: &Path) -> Uuid {
+    let (v, _) = open_with(dir, false).expect("open");
+    let uuid = v.config().uuid;
+    drop(v);
+    uuid
+}
+
+#[test]
+fn a_checkpoint_at_the_last_lsn_is_rejected_without_a_panic() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = volume(tmp.path());
+    let uuid = uuid_of(&dir);
+    // Valid checksums, no records, nothing after its lsn.
+    std::fs::write(
+        dir.join("checkpoint"),
+        checkpoint_header(uuid, u64::MAX, u64::MAX, 0, 132),
+    )
+    .expect("write");
+    let (v, report) = open_with(&dir, false).expect("a full recovery");
+    assert_eq!(report.records_from_checkpoint, 0, "{report}");
+    assert_prefix(&v, 11);
+}
+
+#[test]
+fn a_huge_checkpoint_file_is_rejected_by_its_header_not_read() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = volume(tmp.path());
+    let uuid = uuid_of(&dir);
+    let path = dir.join("checkpoint");
+    std::fs::write(&path, checkpoint_header(uuid, 0, 0, 0, 132)).expect("write");
+    // Sparse: reading it whole would ask for 4 TiB of memory.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open");
+    f.set_len(4 << 40).expect("grow");
+    let (v, report) = open_with(&dir, false).expect("a full recovery");
+    assert_eq!(report.records_from_checkpoint, 0, "{report}");
+    assert_prefix(&v, 11);
 }
 
 proptest! {

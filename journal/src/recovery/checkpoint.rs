@@ -20,6 +20,7 @@ use uuid::Uuid;
 use crate::extent_map::{Target, Written};
 use crate::format::{check_bookmark_name, crc32c, MAX_BOOKMARK_NAME};
 use crate::record_index::{Bookmark, Effect, Entry, RecordIndex, Snapshot};
+use crate::storage::StorageFile;
 
 /// `<vol>/checkpoint`, written with write-to-temporary, fsync, rename,
 /// fsync of the directory: a crash leaves the old file or the new one,
@@ -247,8 +248,25 @@ fn inconsistent(why: String) -> Invalid {
     Invalid::Inconsistent(why)
 }
 
-/// Reads a checkpoint of `volume`; see [`Invalid`] for what it rejects.
-pub fn decode(b: &[u8], volume: Uuid) -> Result<Checkpoint, Invalid> {
+/// What a checkpoint's header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Header {
+    lsn: u64,
+    base_lsn: u64,
+    base_timestamp: u64,
+    segments: u64,
+    bookmarks: u64,
+    /// Records: `lsn - base_lsn`.
+    count: u64,
+    extents: u64,
+    /// Bytes of the whole file.
+    len: u64,
+}
+
+/// Checks the header a checkpoint file of `volume` starts with (at least
+/// its first [`HEADER`] bytes); see [`Invalid`] for what it rejects. The
+/// file must then be `len` bytes long: [`decode`] checks the rest.
+fn decode_header(b: &[u8], volume: Uuid) -> Result<Header, Invalid> {
     if b.len() < HEADER {
         return Err(Invalid::Short(b.len()));
     }
@@ -262,18 +280,22 @@ pub fn decode(b: &[u8], volume: Uuid) -> Result<Checkpoint, Invalid> {
     if version != CHECKPOINT_VERSION {
         return Err(Invalid::Version(version));
     }
-    let found = Uuid::from_slice(&b[16..32]).map_err(|_| Invalid::Magic)?;
+    let mut found = [0u8; 16];
+    found.copy_from_slice(&b[16..32]);
+    let found = Uuid::from_bytes(found);
     if found != volume {
         return Err(Invalid::Foreign(found));
     }
-    let lsn = u64_at(b, 32);
-    let base_lsn = u64_at(b, 40);
-    let base_timestamp = u64_at(b, 48);
-    let segments = u32_at(b, 56) as u64;
-    let bookmarks = u32_at(b, 60) as u64;
-    let count = u64_at(b, 64);
-    let expected = u64_at(b, 72);
-    let extents = u64_at(b, 80);
+    let h = Header {
+        lsn: u64_at(b, 32),
+        base_lsn: u64_at(b, 40),
+        base_timestamp: u64_at(b, 48),
+        segments: u64::from(u32_at(b, 56)),
+        bookmarks: u64::from(u32_at(b, 60)),
+        count: u64_at(b, 64),
+        len: u64_at(b, 72),
+        extents: u64_at(b, 80),
+    };
     if b[10..16]
         .iter()
         .chain(&b[88..HEADER_CRC_AT])
@@ -282,24 +304,85 @@ pub fn decode(b: &[u8], volume: Uuid) -> Result<Checkpoint, Invalid> {
         return Err(inconsistent("reserved header bytes are not zero".into()));
     }
     let want = (HEADER as u64 + 4)
-        .checked_add(segments * SEGMENT as u64)
-        .and_then(|n| n.checked_add(bookmarks * BOOKMARK as u64))
-        .and_then(|n| n.checked_add(count.checked_mul(ENTRY as u64)?))
-        .and_then(|n| n.checked_add(extents.checked_mul(EXTENT as u64)?));
-    if want != Some(expected) || b.len() as u64 != expected {
+        .checked_add(h.segments * SEGMENT as u64)
+        .and_then(|n| n.checked_add(h.bookmarks * BOOKMARK as u64))
+        .and_then(|n| n.checked_add(h.count.checked_mul(ENTRY as u64)?))
+        .and_then(|n| n.checked_add(h.extents.checked_mul(EXTENT as u64)?));
+    if want != Some(h.len) {
+        return Err(inconsistent(format!(
+            "its header says {} bytes, which its counts do not add up to",
+            h.len
+        )));
+    }
+    // Below u64::MAX, `lsn` and every lsn up to it has a next one: the
+    // decoding goes up to `lsn + 1`, and recovery on from there.
+    if h.base_lsn.checked_add(h.count) != Some(h.lsn) || h.lsn == u64::MAX {
+        return Err(inconsistent(format!(
+            "it holds {} records after lsn {} but claims lsn {}",
+            h.count, h.base_lsn, h.lsn
+        )));
+    }
+    Ok(h)
+}
+
+/// The bytes of the checkpoint `file` of `volume`, read whole only once
+/// its header is valid, gives the file's length, and holds at most
+/// `records` records (a journal's records each take at least a header
+/// sector of it) and `extents` map extents (each at least a sector of the
+/// disk): a damaged or foreign file never sizes what is read.
+pub fn read(
+    file: &dyn StorageFile,
+    volume: Uuid,
+    records: u64,
+    extents: u64,
+) -> Result<Vec<u8>, String> {
+    let size = file.size().map_err(|e| format!("reading it failed: {e}"))?;
+    let mut b = vec![0u8; HEADER.min(usize::try_from(size).unwrap_or(HEADER))];
+    file.read_exact_at(&mut b, 0)
+        .map_err(|e| format!("reading it failed: {e}"))?;
+    let h = decode_header(&b, volume).map_err(|e| e.to_string())?;
+    // Each covered segment and each bookmark has a record of its own.
+    if h.count > records || h.segments > h.count || h.bookmarks > h.count || h.extents > extents {
+        return Err(format!(
+            "its header claims {} records in {} segments, {} bookmarks and {} extents, more \
+             than this volume can hold ({records} records, {extents} extents)",
+            h.count, h.segments, h.bookmarks, h.extents
+        ));
+    }
+    let len = usize::try_from(h.len).ok().filter(|_| h.len == size);
+    let Some(len) = len else {
+        return Err(format!(
+            "it is {size} bytes where its header says {}",
+            h.len
+        ));
+    };
+    b.resize(len, 0);
+    file.read_exact_at(&mut b[HEADER..], HEADER as u64)
+        .map_err(|e| format!("reading it failed: {e}"))?;
+    Ok(b)
+}
+
+/// Reads a checkpoint of `volume`; see [`Invalid`] for what it rejects.
+pub fn decode(b: &[u8], volume: Uuid) -> Result<Checkpoint, Invalid> {
+    let Header {
+        lsn,
+        base_lsn,
+        base_timestamp,
+        segments,
+        bookmarks,
+        count,
+        extents,
+        len,
+    } = decode_header(b, volume)?;
+    if b.len() as u64 != len {
         return Err(Invalid::Length {
             found: b.len(),
-            expected,
+            expected: len,
         });
     }
     let body = b.len() - 4;
     if crc32c(&b[..body]) != u32_at(b, body) {
         return Err(Invalid::Checksum);
-    }
-    if base_lsn.checked_add(count) != Some(lsn) {
-        return Err(inconsistent(format!(
-            "it holds {count} records after lsn {base_lsn} but claims lsn {lsn}"
-        )));
     }
     let mut at = HEADER;
     let segments = decode_segments(b, &mut at, segments, base_lsn, lsn)?;
