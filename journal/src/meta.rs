@@ -20,6 +20,9 @@ use crate::superblock::MAX_SEGMENTS;
 const SECTOR_BYTES: u64 = 512;
 
 pub const VOLUME_FILE: &str = "volume.json";
+/// Bytes a `volume.json` may have: it is a few KiB (its client records
+/// are capped), so a larger file is not one, and is not read.
+const MAX_VOLUME_FILE: u64 = 1 << 20;
 
 /// What a new volume is created with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -330,9 +333,18 @@ impl VolumeConfig {
         if !storage.exists(&path) {
             return Err(Error::NotAVolume(dir.to_owned()));
         }
-        let bytes = storage
-            .read_file(&path)
-            .map_err(Error::io(|| format!("reading {}", path.display())))?;
+        let context = || format!("reading {}", path.display());
+        let file = storage.open(&path).map_err(Error::io(context))?;
+        let size = file.size().map_err(Error::io(context))?;
+        if size > MAX_VOLUME_FILE {
+            return Err(Error::BadMetadata {
+                path,
+                reason: format!("it is {size} bytes; a volume.json is at most {MAX_VOLUME_FILE}"),
+            });
+        }
+        let mut bytes = vec![0u8; size as usize];
+        file.read_exact_at(&mut bytes, 0)
+            .map_err(Error::io(context))?;
         let config: VolumeConfig =
             serde_json::from_slice(&bytes).map_err(|e| Error::BadMetadata {
                 path: path.clone(),

@@ -389,6 +389,24 @@ fn a_huge_checkpoint_file_is_rejected_by_its_header_not_read() {
     assert_prefix(&v, 11);
 }
 
+#[test]
+fn an_oversized_volume_json_is_refused_unread() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = volume(tmp.path());
+    let mut json = std::fs::read(dir.join("volume.json")).expect("read");
+    // Still valid JSON: whitespace after it.
+    json.resize(2 << 20, b' ');
+    std::fs::write(dir.join("volume.json"), json).expect("write");
+    let err = refused(&dir, false);
+    match &err {
+        Error::BadMetadata { path, reason } => {
+            assert!(path.ends_with("volume.json"), "{err}");
+            assert!(reason.contains("bytes"), "{err}");
+        }
+        other => panic!("{other}"),
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
