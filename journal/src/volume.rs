@@ -762,6 +762,22 @@ impl Volume {
         let base = storage
             .open(&base_path)
             .map_err(Error::io(|| format!("opening {}", base_path.display())))?;
+        // `create` makes base.img the disk's size. Another size is a
+        // damaged volume.json (or base.img): trusted, it would size the
+        // extent map and judge every record's range.
+        let base_len = base
+            .size()
+            .map_err(Error::io(|| format!("reading {}", base_path.display())))?;
+        if base_len != config.size {
+            return Err(Error::BadMetadata {
+                path: dir.join(VOLUME_FILE),
+                reason: format!(
+                    "it gives the disk {} bytes, but {} has {base_len}",
+                    config.size,
+                    base_path.display()
+                ),
+            });
+        }
         let cut = branch::pending_cut(storage.as_ref(), dir, config.uuid)?;
         remove_checkpoint_leftover(storage.as_ref(), dir)?;
         let journal_dir = dir.join(JOURNAL_DIR);

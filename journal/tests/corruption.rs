@@ -407,6 +407,27 @@ fn an_oversized_volume_json_is_refused_unread() {
     }
 }
 
+#[test]
+fn a_disk_size_base_img_does_not_have_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // Larger (the extent map would be sized by it) and smaller (records
+    // past it would pass for damage in their segment).
+    for (what, size) in [("larger", 1u64 << 50), ("smaller", 8192)] {
+        let dir = volume(&tmp.path().join(what));
+        let json = std::fs::read_to_string(dir.join("volume.json")).expect("read");
+        let json = json.replace("\"size\": 1048576", &format!("\"size\": {size}"));
+        std::fs::write(dir.join("volume.json"), json).expect("write");
+        let err = refused(&dir, true);
+        match &err {
+            Error::BadMetadata { path, reason } => {
+                assert!(path.ends_with("volume.json"), "{what}: {err}");
+                assert!(reason.contains("base.img has 1048576"), "{what}: {err}");
+            }
+            other => panic!("{what}: {other}"),
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
