@@ -509,10 +509,14 @@ impl SegmentHeader {
 /// (`choose_layout` in volume.rs): that rewrite changes only the version,
 /// the nonce and the checksum, so the magic, volume, sequence number and
 /// size read as before. Nothing in such a segment was flushed: a flush
-/// syncs the rewritten header with the records.
+/// syncs the rewritten header with the records. A damaged header can look
+/// the same (a version 2 one with bit 0 of its version flipped, or a
+/// version 3 one damaged in its nonce or checksum): recovery tells a
+/// version 2 one by the slots records of its use (`check_header` in
+/// recovery.rs), and an inline one only by a record that proves a flush.
 pub fn torn_header_rewrite(b: &[u8], volume: Uuid, seq: u64, segment_size: u64) -> bool {
     // A tear before the version leaves the old header whole; after it,
-    // the version reads 3. A damaged version 2 header is not a torn one.
+    // the version reads 3.
     b.len() == SEGMENT_HEADER_SIZE as usize
         && b[0..8] == SEGMENT_MAGIC
         && u16::from_le_bytes([b[8], b[9]]) == INLINE_VERSION

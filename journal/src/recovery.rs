@@ -360,7 +360,7 @@ impl Scanner<'_> {
         readers
             .reset(file, self.config.segment_size)
             .map_err(self.io(id))?;
-        match self.check_header(&mut readers.headers, id, seq)? {
+        match self.check_header(&mut readers.headers, id, seq, None)? {
             Ok(layout) => Ok(layout),
             Err(reason) => Err(Error::DamagedSegment {
                 path: self.path(id),
@@ -378,23 +378,47 @@ impl Scanner<'_> {
     }
 
     /// Checks a segment's header and returns the layout of its use;
-    /// `Ok(Err(reason))` if the log cannot go on here.
+    /// `Ok(Err(reason))` if the log cannot go on here. `first_lsn`: the
+    /// lsn the use's first record must have, where the caller reads on.
     fn check_header(
         &self,
         reader: &mut SegmentReader,
         id: u32,
         seq: u64,
+        first_lsn: Option<u64>,
     ) -> Result<Result<Layout, String>> {
         let Some(b) = reader.bytes(0, SEGMENT_HEADER_SIZE).map_err(self.io(id))? else {
             return self
                 .damaged(id, "file is shorter than its header".into())
                 .map(Err);
         };
+        let torn = torn_header_rewrite(b, self.config.uuid, seq, self.config.segment_size);
         match SegmentHeader::decode(b) {
-            Err(SegmentHeaderProblem::Garbage)
-                if torn_header_rewrite(b, self.config.uuid, seq, self.config.segment_size) =>
-            {
-                Ok(Err(TORN_HEADER.into()))
+            Err(SegmentHeaderProblem::Garbage) if torn => {
+                // A slots use never rewrites its header (only a use that
+                // turns inline does): its first record in the top slot
+                // makes this a damaged version 2 header, whose records
+                // may have been flushed.
+                let size = self.config.segment_size;
+                let top = Layout::Slots.header_at(Layout::Slots.start(size));
+                let first = reader.bytes(top, RECORD_HEADER_SIZE).map_err(self.io(id))?;
+                let slots = first
+                    .and_then(|b| RecordHeader::decode(b).ok())
+                    .filter(|h| h.seq == seq && Layout::Slots.owns(h) && Some(h.lsn) == first_lsn);
+                match slots {
+                    Some(h) => self
+                        .damaged(
+                            id,
+                            format!(
+                                "header is damaged (its version reads {}, but the segment \
+                                 holds lsn {} in header slots)",
+                                crate::format::INLINE_VERSION,
+                                h.lsn
+                            ),
+                        )
+                        .map(Err),
+                    None => Ok(Err(TORN_HEADER.into())),
+                }
             }
             Err(SegmentHeaderProblem::Garbage) => {
                 self.damaged(id, "header is damaged".into()).map(Err)
@@ -1167,7 +1191,9 @@ fn scan(scanner: &Scanner, mut payloads: Payloads, at: &Resume) -> Result<Scanne
         let mut layout = Layout::Slots;
         let mut pos = layout.start(config.segment_size);
         let mut count = 0u64;
-        let stop = match scanner.check_header(&mut readers.headers, s.file_id, s.seq)? {
+        let header =
+            scanner.check_header(&mut readers.headers, s.file_id, s.seq, Some(expected))?;
+        let stop = match header {
             Err(reason) => reason,
             Ok(found) => loop {
                 if count == 0 {

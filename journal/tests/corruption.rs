@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use common::{flip, options, pattern, read, segment_file, small_settings};
@@ -426,6 +427,40 @@ fn a_disk_size_base_img_does_not_have_is_refused() {
             other => panic!("{what}: {other}"),
         }
     }
+}
+
+/// Xors the byte at `at` of the file at `path` with `mask`.
+fn xor_byte(path: &Path, at: u64, mask: u8) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).expect("read");
+    b[0] ^= mask;
+    f.write_all_at(&b, at).expect("write");
+}
+
+#[test]
+fn a_slots_header_whose_version_reads_inline_is_damage_not_a_tear() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = volume(tmp.path());
+    // Bit 0 of the version: 2 (slots) reads 3 (inline), the checksum
+    // fails, and the rest is what a tear of the rewrite to inline leaves.
+    xor_byte(&segment_file(&dir, 0), 8, 0x01);
+    let err = refused(&dir, false);
+    match &err {
+        Error::DamagedSegment { path, reason } => {
+            assert!(path.ends_with("00000000.seg"), "{err}");
+            assert!(reason.contains("header is damaged"), "{err}");
+        }
+        other => panic!("{other}"),
+    }
+    // As for other damage, the journal may be ended there if told.
+    let (v, report) = open_with(&dir, true).expect("forced");
+    assert_eq!(report.next_lsn, 1, "{report}");
+    assert_prefix(&v, 0);
 }
 
 proptest! {
