@@ -302,8 +302,10 @@ pub(super) const fn encoded_len(len: usize) -> usize {
 
 /// Entry `i` of the encoding of `len` entries, read through `word` (the
 /// little-endian u64 at a byte offset of it), whose spilled effects are
-/// `spilled` ([`Block::spilled`]). A spilled slot that `spilled` does not
-/// hold (the file it was read from is damaged) reads as a Mark.
+/// `spilled` ([`Block::spilled`]). Nothing here detects damage: the
+/// encoding has no checksum, so changed bytes read as other entries; only
+/// a spilled slot that `spilled` does not hold is noticed, and reads as a
+/// Mark rather than failing.
 pub(super) fn decode(
     word: impl Fn(usize) -> u64,
     len: usize,
