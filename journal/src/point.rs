@@ -52,6 +52,10 @@ pub fn check_branch_name(name: &str) -> Result<(), String> {
     })
 }
 
+/// Longest point spec read: far beyond any real one, and small enough that
+/// errors may quote it whole.
+const MAX_POINT_LEN: usize = 1024;
+
 const EXPECTED: &str = "expected an RFC 3339 time (2026-11-22T19:36:00Z), a time ago \
                         (-90s, -5m, -2h), lsn:N, bookmark:NAME, branch:NAME or branch:NAME@T";
 
@@ -60,6 +64,14 @@ impl FromStr for PointInTime {
 
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
+        if s.len() > MAX_POINT_LEN {
+            let start: String = s.chars().take(40).collect();
+            return Err(format!(
+                "a point in time is at most {MAX_POINT_LEN} bytes; this one is {} bytes \
+                 (starting {start:?}); {EXPECTED}",
+                s.len()
+            ));
+        }
         let bad = |why: String| format!("cannot read {s:?} as a point in time: {why}; {EXPECTED}");
         if let Some(n) = s.strip_prefix("lsn:") {
             return n
@@ -75,10 +87,11 @@ impl FromStr for PointInTime {
             check_branch_name(name).map_err(bad)?;
             let at = match at {
                 None => None,
+                // Refused before parsing: one level of nesting at most.
+                Some(at) if at.trim_start().starts_with("branch:") => {
+                    return Err(bad("a branch point names no other branch".into()))
+                }
                 Some(at) => match at.parse::<PointInTime>() {
-                    Ok(PointInTime::Branch { .. }) => {
-                        return Err(bad("a branch point names no other branch".into()))
-                    }
                     Ok(point) => Some(Box::new(point)),
                     // The inner error already names the forms.
                     Err(e) => return Err(format!("in {s:?}: {e}")),
@@ -221,5 +234,28 @@ mod tests {
             PointInTime::Ago(Duration::from_secs(10)).timestamp(5_000_000_000),
             None
         );
+    }
+
+    #[test]
+    fn nested_branches_and_long_specs_are_refused_shortly() {
+        // Deeply nested: refused at the first level, without recursing.
+        let nested = format!("{}lsn:1", "branch:a@".repeat(6000));
+        let err = nested.parse::<PointInTime>().expect_err("nested");
+        assert!(err.contains("at most 1024 bytes"), "{err}");
+        assert!(err.len() < 1000, "{} bytes of error", err.len());
+        let nested = format!("{}lsn:1", "branch:a@".repeat(100));
+        let err = nested.parse::<PointInTime>().expect_err("nested");
+        assert!(err.contains("names no other branch"), "{err}");
+        assert!(err.len() < 2 * nested.len(), "{} bytes of error", err.len());
+        let long = format!("bookmark:{}", "x".repeat(MAX_POINT_LEN));
+        let err = long.parse::<PointInTime>().expect_err("long");
+        assert!(
+            err.contains("at most 1024 bytes") && err.contains("branch:NAME@T"),
+            "{err}"
+        );
+        let inner_err = "branch:a@yesterday"
+            .parse::<PointInTime>()
+            .expect_err("inner");
+        assert!(inner_err.contains("\"yesterday\""), "{inner_err}");
     }
 }
