@@ -9,13 +9,14 @@
 //! answer. The protocol is documented in ctl/PROTOCOL.md.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rewind_journal::{format_ns, Bookmark, EpochStart, PointInTime, Role, Volume};
 use serde::{Deserialize, Serialize};
@@ -821,7 +822,8 @@ impl Control {
             ));
         }
         let at: PointInTime = at.parse()?;
-        // At most one progress line per percent.
+        // One progress line per percent (serve_client repeats the last one
+        // while a percent takes long).
         let mut shown = u64::MAX;
         let mut report = |done: u64, total: u64| {
             let percent = done.saturating_mul(100) / total.max(1);
@@ -882,10 +884,12 @@ pub fn start(path: &Path, control: Arc<Control>) -> Result<ControlSocket, Contro
                 match stream {
                     Ok(stream) => {
                         let control = control.clone();
-                        // One thread per client: requests are few and short.
+                        // One thread per client, as a long command (a
+                        // materialize) must not hold up the others; a quiet
+                        // client's thread ends after TIMING.idle.
                         let spawned = std::thread::Builder::new()
                             .name("rewind-control-client".into())
-                            .spawn(move || serve_client(stream, &control));
+                            .spawn(move || serve_client(stream, &control, TIMING));
                         if let Err(e) = spawned {
                             tracing::warn!(error = %e, "cannot start a control client thread");
                         }
@@ -928,7 +932,7 @@ fn peer_allowed(stream: &UnixStream) -> Result<(), String> {
     }
 }
 
-fn serve_client(stream: UnixStream, control: &Control) {
+fn serve_client(stream: UnixStream, control: &Control, timing: Timing) {
     let mut out = match stream.try_clone() {
         Ok(out) => out,
         Err(e) => {
@@ -945,13 +949,24 @@ fn serve_client(stream: UnixStream, control: &Control) {
         let _ = writeln!(out, "{}", error(reason));
         return;
     }
+    // A quiet client must not hold its thread forever, nor one that
+    // stops reading its answers.
+    if let Err(e) = stream
+        .set_read_timeout(Some(timing.idle))
+        .and_then(|()| out.set_write_timeout(Some(timing.idle)))
+    {
+        tracing::warn!(error = %e, "control client: cannot set its timeouts");
+        return;
+    }
     let mut reader = BufReader::new(stream.take(u64::MAX));
     loop {
         let mut line = String::new();
         reader.get_mut().set_limit(MAX_LINE);
         match reader.read_line(&mut line) {
             Ok(0) => return,
-            Ok(_) if !line.ends_with('\n') => {
+            // Stopped at the limit; a shorter line without its newline is
+            // the last request of a client that shut its side down.
+            Ok(n) if !line.ends_with('\n') && n as u64 >= MAX_LINE => {
                 let _ = writeln!(
                     out,
                     "{}",
@@ -960,14 +975,23 @@ fn serve_client(stream: UnixStream, control: &Control) {
                 return;
             }
             Ok(_) => {
-                let mut send_progress = |line: Value| {
-                    // A client that went away notices at the answer.
-                    let _ = writeln!(out, "{line}");
-                };
-                let answer = control.answer(line.trim_end(), &mut send_progress);
+                let answer = answer_sending_progress(&out, timing.heartbeat, |progress| {
+                    control.answer(line.trim_end(), progress)
+                });
                 if writeln!(out, "{answer}").is_err() {
                     return;
                 }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    error(format!(
+                        "no request for {} s: closing the connection",
+                        timing.idle.as_secs()
+                    ))
+                );
+                return;
             }
             Err(e) => {
                 let _ = writeln!(out, "{}", error(format!("unreadable request: {e}")));
@@ -975,6 +999,74 @@ fn serve_client(stream: UnixStream, control: &Control) {
             }
         }
     }
+}
+
+/// How long a control connection may stay quiet, and how often a long
+/// command's progress line is sent again while nothing else was sent.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    idle: Duration,
+    heartbeat: Duration,
+}
+
+const TIMING: Timing = Timing {
+    // Clients (rewindctl, the Pacemaker agent through it) connect for
+    // each request; a minute is far beyond any gap between their lines.
+    idle: Duration::from_secs(60),
+    // Well within a client's wait for a line (rewindctl: 60 s and more).
+    heartbeat: Duration::from_secs(5),
+};
+
+/// Answers a request through `answer`, sending its progress lines to `out`
+/// and, while the command runs without sending any, its last progress line
+/// again every `heartbeat`: a percent of a large disk can take minutes, and
+/// clients give up on a connection that stays quiet.
+fn answer_sending_progress(
+    out: &UnixStream,
+    heartbeat: Duration,
+    answer: impl FnOnce(&mut dyn FnMut(Value)) -> Value,
+) -> Value {
+    // The last progress line and when anything was last sent; `None` once
+    // a send failed: a client that went away notices at the answer.
+    let last: Mutex<Option<(Option<Value>, Instant)>> = Mutex::new(Some((None, Instant::now())));
+    let send = |line: Option<Value>| {
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((shown, at)) = last.as_mut() else {
+            return;
+        };
+        let line = match line {
+            Some(line) => line,
+            None if at.elapsed() < heartbeat => return,
+            None => match shown {
+                Some(line) => line.clone(),
+                None => return,
+            },
+        };
+        let mut writer = out;
+        if writeln!(writer, "{line}").is_err() {
+            *last = None;
+            return;
+        }
+        *shown = Some(line);
+        *at = Instant::now();
+    };
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|scope| {
+        let send = &send;
+        let repeater = std::thread::Builder::new()
+            .name("rewind-control-progress".into())
+            .spawn_scoped(scope, move || {
+                while let Err(RecvTimeoutError::Timeout) = finished.recv_timeout(heartbeat / 4) {
+                    send(None);
+                }
+            });
+        if let Err(e) = repeater {
+            tracing::warn!(error = %e, "cannot start a thread repeating progress lines");
+        }
+        let answer = answer(&mut |line| send(Some(line)));
+        drop(done);
+        answer
+    })
 }
 
 #[cfg(test)]
@@ -1331,6 +1423,92 @@ mod tests {
             started.elapsed() < Duration::from_secs(60),
             "{:?}",
             started.elapsed()
+        );
+    }
+
+    /// Serves `client`'s peer end on a thread; returns every line it sent
+    /// until it closed the connection, once `talk` is done.
+    fn serve_pair(timing: Timing, talk: impl FnOnce(&mut UnixStream)) -> Vec<Value> {
+        let c = control();
+        let (mut client, server) = UnixStream::pair().expect("pair");
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        std::thread::scope(|scope| {
+            scope.spawn(|| serve_client(server, &c, timing));
+            talk(&mut client);
+            BufReader::new(client)
+                .lines()
+                .map(|line| serde_json::from_str(&line.expect("a line before EOF")).expect("JSON"))
+                .collect()
+        })
+    }
+
+    #[test]
+    fn a_last_request_without_its_newline_is_answered() {
+        let lines = serve_pair(TIMING, |client| {
+            client
+                .write_all(br#"{"version": 1, "command": "status"}"#)
+                .expect("send");
+            client
+                .shutdown(std::net::Shutdown::Write)
+                .expect("shutdown");
+        });
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0]["ok"], true, "{lines:?}");
+        assert_eq!(lines[0]["result"]["state"], "serving", "{lines:?}");
+
+        // A line that reaches the limit is still refused as too long
+        // (all of it sent: data left unread would reset the connection).
+        let lines = serve_pair(TIMING, |client| {
+            client
+                .write_all(&vec![b' '; MAX_LINE as usize])
+                .expect("send");
+            client
+                .shutdown(std::net::Shutdown::Write)
+                .expect("shutdown");
+        });
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let message = lines[0]["error"].as_str().expect("error");
+        assert!(message.contains("longer than 65536 bytes"), "{message}");
+    }
+
+    #[test]
+    fn a_quiet_client_is_let_go() {
+        let timing = Timing {
+            idle: Duration::from_millis(300),
+            heartbeat: TIMING.heartbeat,
+        };
+        let started = Instant::now();
+        let lines = serve_pair(timing, |client| {
+            writeln!(client, r#"{{"version": 1, "command": "status"}}"#).expect("send");
+            // Then nothing: not even a shutdown.
+        });
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(lines[0]["ok"], true, "{lines:?}");
+        let message = lines[1]["error"].as_str().expect("error");
+        assert!(message.contains("no request for"), "{message}");
+    }
+
+    #[test]
+    fn a_slow_command_repeats_its_progress() {
+        let (client, server) = UnixStream::pair().expect("pair");
+        let answer = answer_sending_progress(&server, Duration::from_millis(100), |progress| {
+            progress(json!({"version": 1, "progress": {"done": 1, "total": 100}}));
+            std::thread::sleep(Duration::from_millis(800));
+            json!({"version": 1, "ok": true, "result": {}})
+        });
+        assert_eq!(answer["ok"], true);
+        drop(server);
+        let lines: Vec<Value> = BufReader::new(client)
+            .lines()
+            .map(|line| serde_json::from_str(&line.expect("line")).expect("JSON"))
+            .collect();
+        assert!(lines.len() >= 4, "{lines:?}");
+        assert!(
+            lines.iter().all(|l| l["progress"]["done"] == 1),
+            "{lines:?}"
         );
     }
 }
