@@ -362,8 +362,12 @@ pub fn materialize(
 ) -> Result<Report, CtlError> {
     let at = resolve_at(at, SystemTime::now())?;
     // The daemons resolve paths from their own working directories.
-    let dir = std::path::absolute(dir)?;
-    std::fs::create_dir_all(&dir)?;
+    let dir = crate::absolute(dir)?;
+    std::fs::create_dir_all(&dir).map_err(|source| CtlError::Local {
+        doing: "create the output directory",
+        path: dir.clone(),
+        source,
+    })?;
     let outputs = paths_by_volume(members, &dir, "img")?;
     let results = members
         .iter()
@@ -388,7 +392,7 @@ pub fn export(
     scratch: bool,
 ) -> Result<Report, CtlError> {
     let at = resolve_at(at, SystemTime::now())?;
-    let dir = std::path::absolute(dir)?;
+    let dir = crate::absolute(dir)?;
     let sockets = paths_by_volume(members, &dir, "sock")?;
     let jobs: Vec<_> = members.iter().zip(sockets).collect();
     let results = each(&jobs, |(m, socket)| {
@@ -404,7 +408,7 @@ pub fn export(
 
 /// Ends the exports a group `export` made in `dir`.
 pub fn unexport(members: &[PathBuf], dir: &Path) -> Result<Report, CtlError> {
-    let dir = std::path::absolute(dir)?;
+    let dir = crate::absolute(dir)?;
     let sockets = paths_by_volume(members, &dir, "sock")?;
     let jobs: Vec<_> = members.iter().zip(sockets).collect();
     let results = each(&jobs, |(m, socket)| {

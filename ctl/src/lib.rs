@@ -2,7 +2,7 @@
 //! line-JSON protocol (version 1: one request line; progress lines for
 //! long commands, then one answer line). See PROTOCOL.md.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -26,7 +26,22 @@ pub enum CtlError {
         source: std::io::Error,
     },
     #[error("talking to the daemon: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+    /// Waited for a line past the command's own timeout: progress comes
+    /// every few seconds while a long command runs.
+    #[error(
+        "the daemon did not answer {command} within {seconds} s; it may still be running \
+         (see `rewindctl status`)"
+    )]
+    NoAnswer { command: String, seconds: u64 },
+    /// Something on this machine, not the daemon: what was being done to
+    /// which path.
+    #[error("cannot {doing} {}: {source}", path.display())]
+    Local {
+        doing: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the daemon sent something that is not a protocol answer: {0}")]
     BadAnswer(String),
     #[error("the daemon refused: {0}")]
@@ -88,30 +103,14 @@ pub fn verify(
         json!({"at": at, "key": key}),
         progress,
     )?;
-    let lsn = ours.get("lsn").and_then(Value::as_u64);
-    let lsn = lsn.ok_or_else(|| CtlError::BadAnswer(format!("no lsn in {ours}")))?;
+    let lsn = field(&ours, "lsn")?;
     let theirs = request(
         peer,
         "checksums",
         json!({"at": format!("lsn:{lsn}"), "key": key}),
         progress,
     )?;
-    let hashes = |v: &Value| -> Result<Vec<String>, CtlError> {
-        v.get("hashes")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .ok_or_else(|| CtlError::BadAnswer("an answer without hashes".into()))
-    };
-    let (a, b) = (hashes(&ours)?, hashes(&theirs)?);
-    let chunk = ours
-        .get("chunk_bytes")
-        .and_then(Value::as_u64)
-        .unwrap_or(1 << 20);
+    let (a, b) = (hashes(&ours, control)?, hashes(&theirs, peer)?);
     if a.len() != b.len() || ours.get("size") != theirs.get("size") {
         return Err(CtlError::Usage(format!(
             "the two disks differ in size ({} and {} bytes): not a primary and its replica",
@@ -119,9 +118,21 @@ pub fn verify(
             theirs.get("size").unwrap_or(&Value::Null)
         )));
     }
-    let size = ours.get("size").and_then(Value::as_u64).unwrap_or(0);
+    let (size, chunk) = (field(&ours, "size")?, field(&ours, "chunk_bytes")?);
+    if chunk == 0
+        || size.div_ceil(chunk) != a.len() as u64
+        || field(&theirs, "chunk_bytes")? != chunk
+    {
+        return Err(CtlError::BadAnswer(format!(
+            "{} hashes for {size} bytes in chunks of {chunk} bytes, and {} in chunks of {}",
+            a.len(),
+            b.len(),
+            theirs.get("chunk_bytes").unwrap_or(&Value::Null)
+        )));
+    }
     let mut differing: Vec<(u64, u64)> = Vec::new();
     for (i, _) in a.iter().zip(&b).enumerate().filter(|(_, (x, y))| x != y) {
+        // i < size.div_ceil(chunk) (checked above): offset < size.
         let offset = i as u64 * chunk;
         let length = chunk.min(size - offset);
         match differing.last_mut() {
@@ -141,6 +152,35 @@ pub fn verify(
             .map(|&(offset, length)| json!({"offset": offset, "length": length}))
             .collect::<Vec<_>>(),
     }))
+}
+
+/// A `checksums` answer's hashes from the daemon at `from`, in order.
+fn hashes(answer: &Value, from: &Path) -> Result<Vec<String>, CtlError> {
+    let list = answer
+        .get("hashes")
+        .and_then(Value::as_array)
+        .ok_or_else(|| {
+            CtlError::BadAnswer(format!("{} answered without hashes", from.display()))
+        })?;
+    list.iter()
+        .enumerate()
+        .map(|(i, h)| {
+            h.as_str().map(str::to_owned).ok_or_else(|| {
+                CtlError::BadAnswer(format!(
+                    "{} sent {h} as hash {i}, not a string",
+                    from.display()
+                ))
+            })
+        })
+        .collect()
+}
+
+/// A whole number in a daemon's answer.
+fn field(answer: &Value, key: &str) -> Result<u64, CtlError> {
+    answer
+        .get(key)
+        .and_then(Value::as_u64)
+        .ok_or_else(|| CtlError::BadAnswer(format!("no {key} in {answer}")))
 }
 
 /// Polls the daemon's replication link until the replica holds everything
@@ -192,8 +232,24 @@ pub fn wait_streaming(
 fn random_key() -> Result<String, CtlError> {
     use std::io::Read;
     let mut key = [0u8; 32];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .map_err(|source| CtlError::Local {
+            doing: "read a random key from",
+            path: "/dev/urandom".into(),
+            source,
+        })?;
     Ok(key.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// `path` made absolute: the daemon resolves paths from its own working
+/// directory.
+pub fn absolute(path: &Path) -> Result<PathBuf, CtlError> {
+    std::path::absolute(path).map_err(|source| CtlError::Local {
+        doing: "make an absolute path of",
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Sends `command` with `arguments` (a JSON object, or null) and returns
@@ -204,29 +260,54 @@ pub fn request(
     arguments: Value,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Value, CtlError> {
+    request_waiting(control, command, arguments, progress, LINE_WAIT)
+}
+
+/// How long to wait for each line beyond a command's own `timeout_ms`
+/// (drain, fence, demote... answer within it): a long command, once it
+/// sent progress, sends a line at least every 5 s however slowly it goes.
+const LINE_WAIT: Duration = Duration::from_secs(60);
+
+fn request_waiting(
+    control: &Path,
+    command: &str,
+    arguments: Value,
+    progress: &mut dyn FnMut(u64, u64),
+    line_wait: Duration,
+) -> Result<Value, CtlError> {
     let mut stream = UnixStream::connect(control).map_err(|source| CtlError::Connect {
         path: control.to_owned(),
         source,
     })?;
-    // Long commands send a progress line at least every percent; drain and
-    // fence answer within their own timeout.
-    let waits = arguments
-        .get("timeout_ms")
-        .and_then(Value::as_u64)
-        .map_or(Duration::ZERO, Duration::from_millis);
-    stream.set_read_timeout(Some(Duration::from_secs(60) + waits))?;
+    let wait = line_wait.saturating_add(
+        arguments
+            .get("timeout_ms")
+            .and_then(Value::as_u64)
+            .map_or(Duration::ZERO, Duration::from_millis),
+    );
+    stream.set_read_timeout(Some(wait)).map_err(CtlError::Io)?;
     let mut body = json!({"version": PROTOCOL_VERSION, "command": command});
     if let (Some(body), Value::Object(args)) = (body.as_object_mut(), arguments) {
         body.extend(args);
     }
-    writeln!(stream, "{body}")?;
+    writeln!(stream, "{body}").map_err(CtlError::Io)?;
     let mut reader = BufReader::new(stream);
     loop {
         let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Err(CtlError::BadAnswer(
-                "the daemon closed the connection".into(),
-            ));
+        match reader.read_line(&mut line) {
+            Ok(0) => {
+                return Err(CtlError::BadAnswer(
+                    "the daemon closed the connection".into(),
+                ))
+            }
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(CtlError::NoAnswer {
+                    command: command.to_owned(),
+                    seconds: wait.as_secs(),
+                })
+            }
+            Err(e) => return Err(CtlError::Io(e)),
         }
         let answer: Value =
             serde_json::from_str(&line).map_err(|_| CtlError::BadAnswer(line.trim().to_owned()))?;
@@ -368,6 +449,30 @@ fn flatten<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_daemon_that_stays_quiet_is_reported_as_such() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("control.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        // Takes the request and never answers.
+        let quiet = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+        let err = request_waiting(
+            &path,
+            "materialize",
+            json!({"timeout_ms": 100}),
+            &mut |_, _| {},
+            Duration::from_millis(900),
+        )
+        .expect_err("no answer");
+        let message = err.to_string();
+        assert!(
+            message.contains("did not answer materialize within 1 s")
+                && message.contains("may still be running"),
+            "{message}"
+        );
+        drop(quiet.join());
+    }
 
     #[test]
     fn tables_align_keys_and_show_nulls_as_dashes() {

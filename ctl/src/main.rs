@@ -87,7 +87,7 @@ fn request_of(command: Command) -> Result<(&'static str, Value), CtlError> {
             volume: Some(_), ..
         } => return Err(one("materialize --volume")),
         Command::Materialize { at, output, .. } => {
-            let output = std::path::absolute(&output)?;
+            let output = rewind_ctl::absolute(&output)?;
             ("materialize", json!({ "at": at, "output": output }))
         }
         Command::Drain { timeout, abort } => (
@@ -103,14 +103,14 @@ fn request_of(command: Command) -> Result<(&'static str, Value), CtlError> {
             socket_path,
             scratch,
         } => {
-            let socket_path = std::path::absolute(&socket_path)?;
+            let socket_path = rewind_ctl::absolute(&socket_path)?;
             (
                 "export",
                 json!({ "at": at, "socket_path": socket_path, "scratch": scratch }),
             )
         }
         Command::Unexport { socket_path } => {
-            let socket_path = std::path::absolute(&socket_path)?;
+            let socket_path = rewind_ctl::absolute(&socket_path)?;
             ("unexport", json!({ "socket_path": socket_path }))
         }
         Command::Verify { .. } => return Err(one("verify")),
