@@ -52,7 +52,7 @@ pub enum Command {
         qga: Vec<PathBuf>,
         /// How long each step may take: each guest agent call and the
         /// drain.
-        #[arg(long, value_parser = duration, default_value = "10s")]
+        #[arg(long, value_parser = nonzero_duration, default_value = "10s")]
         timeout: Duration,
         /// When the guest cannot be frozen (no agent answers, the freeze
         /// is refused), take a crash-consistent bookmark instead of
@@ -226,4 +226,12 @@ pub enum Command {
 
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (use durations like 500ms, 10s, 2m)"))
+}
+
+/// A duration a socket timeout can take (zero would mean none).
+fn nonzero_duration(s: &str) -> Result<Duration, String> {
+    match duration(s)? {
+        Duration::ZERO => Err("it must be more than zero (use durations like 500ms, 10s)".into()),
+        d => Ok(d),
+    }
 }

@@ -231,9 +231,11 @@ fn quiesced(cli: Cli) -> ExitCode {
             );
         }
     };
+    // Held from the freeze until the outcome is shown.
+    let mut held = None;
     if cli.group.is_some() || cli.control.len() > 1 {
         let report = group::members(&cli.control, cli.group.as_deref())
-            .and_then(|members| quiesce::group_bookmark(&members, &qga, &name, options));
+            .and_then(|members| quiesce::group_bookmark(&members, &qga, &name, options, &mut held));
         let report = match report {
             Ok(report) => report,
             Err(e) => {
@@ -258,7 +260,9 @@ fn quiesced(cli: Cli) -> ExitCode {
         };
     }
     let outcome = match (control(cli.control.into_iter().next()), qga.as_slice()) {
-        (Ok(control), [agent]) => quiesce::bookmark(&control, agent, &name, options),
+        (Ok(control), [agent]) => {
+            quiesce::bookmark_holding(&control, agent, &name, options, &mut held)
+        }
         (Ok(_), _) => Err(CtlError::Usage(
             "one --control takes one --qga: the socket of its VM's guest agent".into(),
         )),

@@ -3,7 +3,8 @@
 //! drained and bookmarked, then resumed and thawed. Whatever fails after
 //! the freeze, the volume is resumed (if drained here) and the guest
 //! thawed: the thaw runs in `Frozen::thaw`, or in its `Drop` on a panic,
-//! with SIGINT, SIGTERM and SIGHUP held until then.
+//! with SIGINT, SIGTERM and SIGHUP held until then and until the outcome
+//! is shown.
 //! `freeze` and `Frozen` are also rewind-blk's, for its scheduled
 //! bookmarks (vhost-blk/src/schedule.rs).
 
@@ -142,9 +143,7 @@ fn millis(d: Duration) -> f64 {
 /// Why no bookmark should be attempted (before anything is frozen): the
 /// name is not one, the volume is a replica, or the name is taken.
 fn precheck(control: &Path, name: &str) -> Result<(), CtlError> {
-    format!("bookmark:{name}")
-        .parse::<PointInTime>()
-        .map_err(CtlError::Usage)?;
+    PointInTime::bookmark(name).map_err(CtlError::Usage)?;
     let status = request(control, "status", Value::Null, &mut |_, _| {})?;
     if status.get("role").and_then(Value::as_str) == Some("replica") {
         return Err(CtlError::Refused(
@@ -210,15 +209,29 @@ fn not_quiesced(why: &str, thaw_failed: Option<&str>) -> CtlError {
     ))
 }
 
-/// `bookmark NAME --quiesce --qga AGENT`.
+/// `bookmark NAME --quiesce --qga AGENT`; SIGINT, SIGTERM and SIGHUP
+/// are held from the freeze until it returns.
 pub fn bookmark(
     control: &Path,
     agent: &Path,
     name: &str,
     options: Options,
 ) -> Result<Outcome, CtlError> {
+    bookmark_holding(control, agent, name, options, &mut None)
+}
+
+/// [`bookmark`], the signals held in `held` from the freeze on: the
+/// caller drops it once it has shown the outcome (a thaw that failed says
+/// what to run).
+pub fn bookmark_holding(
+    control: &Path,
+    agent: &Path,
+    name: &str,
+    options: Options,
+    held: &mut Option<HeldSignals>,
+) -> Result<Outcome, CtlError> {
     precheck(control, name)?;
-    let _held = HeldSignals::hold();
+    *held = Some(HeldSignals::hold());
     let (frozen, filesystems, freeze_took) = match freeze(agent, options.timeout) {
         Ok(frozen) => frozen,
         Err(NotFrozen { why, thaw_failed }) => {
@@ -253,12 +266,13 @@ pub fn bookmark(
 /// `bookmark NAME --quiesce` on a group: `members[i]`'s guest agent is
 /// `agents[i]`. Every guest is frozen, then every member drained and
 /// bookmarked (as a plain group bookmark), resumed, and every guest
-/// thawed, whatever failed.
+/// thawed, whatever failed. Signals are held in `held` as by [`bookmark_holding`].
 pub fn group_bookmark(
     members: &[PathBuf],
     agents: &[PathBuf],
     name: &str,
     options: Options,
+    held: &mut Option<HeldSignals>,
 ) -> Result<Report, CtlError> {
     if agents.len() != members.len() {
         return Err(CtlError::Usage(format!(
@@ -271,7 +285,7 @@ pub fn group_bookmark(
     for member in members {
         precheck(member, name)?;
     }
-    let _held = HeldSignals::hold();
+    *held = Some(HeldSignals::hold());
     let frozen = group::each(agents, |a| freeze(a, options.timeout));
     if frozen.iter().any(Result::is_err) {
         // Thaw those that froze before anything else.
@@ -324,9 +338,11 @@ pub fn group_bookmark(
 }
 
 /// Holds SIGINT, SIGTERM and SIGHUP while it lives (a Ctrl-C would leave
-/// the guest frozen); they are delivered when it is dropped, after the
-/// thaw. Threads started meanwhile hold them too.
-struct HeldSignals(libc::sigset_t);
+/// the guest frozen, or kill rewindctl before it says how to thaw it);
+/// they are delivered when it is dropped, once the outcome is shown.
+/// Threads started meanwhile hold them too.
+#[derive(Debug)]
+pub struct HeldSignals(libc::sigset_t);
 
 impl HeldSignals {
     fn hold() -> HeldSignals {

@@ -101,3 +101,28 @@ fn verify_refuses_hashes_it_cannot_place() {
         "{err}"
     );
 }
+
+#[test]
+fn a_zero_quiesce_timeout_is_refused_naming_the_option() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let control = dir.path().join("a.ctl");
+    let qga = dir.path().join("qga.sock");
+    let out = rewindctl(
+        &[&control],
+        &[
+            "bookmark",
+            "b1",
+            "--quiesce",
+            "--qga",
+            qga.to_str().expect("utf-8"),
+            "--timeout",
+            "0s",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--timeout") && err.contains("more than zero"),
+        "{err}"
+    );
+}

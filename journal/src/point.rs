@@ -28,6 +28,13 @@ pub enum PointInTime {
 }
 
 impl PointInTime {
+    /// The moment bookmark `name` was taken, the name checked exactly as
+    /// the volume checks it when taking one (no trimming).
+    pub fn bookmark(name: &str) -> Result<PointInTime, String> {
+        crate::format::check_bookmark_name(name)?;
+        Ok(PointInTime::Bookmark(name.to_owned()))
+    }
+
     /// The moment as ns since the epoch, given the time now (`None` for lsns
     /// and bookmarks, and for moments before 1970).
     pub fn timestamp(&self, now_ns: u64) -> Option<u64> {
@@ -257,5 +264,17 @@ mod tests {
             .parse::<PointInTime>()
             .expect_err("inner");
         assert!(inner_err.contains("\"yesterday\""), "{inner_err}");
+    }
+
+    #[test]
+    fn a_bookmark_name_is_checked_exactly() {
+        assert_eq!(
+            PointInTime::bookmark("x"),
+            Ok(PointInTime::Bookmark("x".into()))
+        );
+        for name in ["x ", " x", "", "a@b"] {
+            let err = PointInTime::bookmark(name).expect_err(name);
+            assert!(err.contains("bookmark name"), "{err}");
+        }
     }
 }
