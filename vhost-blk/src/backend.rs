@@ -276,16 +276,21 @@ impl BlkBackend {
                 let Some(chain) = chain else {
                     return Ok(false);
                 };
-                // No used entry can name such a head: the request is
-                // dropped, and the queue goes on with the next.
+                // No used entry can name such a head. The queue stops until
+                // the driver sets it up again (QEMU's virtio_error does the
+                // same): going on past it would leave the used index plus
+                // the requests marked in flight short of where the next
+                // request was taken, and a restart would take from there.
                 if chain.head_index() >= queue_size {
                     tracing::warn!(
                         event = rewind_journal::events::GUEST_PROTOCOL_ERROR,
                         head = chain.head_index(),
                         queue_size,
-                        "the available ring names a descriptor outside the queue; skipped"
+                        "the available ring names a descriptor outside the queue; \
+                         the queue stops until the driver resets it"
                     );
-                    continue;
+                    vring.set_queue_ready(false);
+                    return Ok(true);
                 }
                 let ticket = inflight.take(chain.head_index());
                 match request::start(&*mem, chain, &disk, ring.is_some()) {
@@ -1237,10 +1242,10 @@ mod tests {
         }
 
         /// A head the guest puts in the available ring that no used entry
-        /// could name is skipped: the queue's thread goes on with the next
-        /// request (it ended, with the error, and served nothing more).
+        /// could name stops the queue (it ended the queue's thread, with
+        /// the error); nothing after it is taken until the driver resets.
         #[test]
-        fn a_head_outside_the_queue_is_skipped_and_the_queue_goes_on() {
+        fn a_head_outside_the_queue_stops_the_queue_and_its_thread_lives() {
             let volume = Arc::new(crate::test_support::volume(BLOCKS * BLOCK as u64));
             let guest = GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
             let ops = [
@@ -1251,17 +1256,18 @@ mod tests {
             let first_entry = q.avail_addr().unchecked_add(4);
             guest.write_obj(QUEUE + 44, first_entry).expect("bad head");
             let (b, _) = connect(&volume, &mem, None);
-            assert!(b.process(0, &vring).expect("process goes on"));
-            b.stop_vring(0).expect("stop");
+            let served = b.process(0, &vring).expect("no error ends the thread");
+            assert!(!served, "stopped: the caller must not look for more");
+            assert!(!vring.get_ref().get_queue().ready(), "the queue is stopped");
             let used: u16 = guest
                 .read_obj(q.used_addr().unchecked_add(2))
                 .expect("used idx");
-            assert_eq!(used, 1, "only the valid request is used");
-            let requests = used_requests(&guest, &q, &[0, 3], 0, 1).expect("used");
-            assert_eq!(requests, [1], "the second request");
-            let mut block = [0u8; BLOCK];
-            volume.read(2 * BLOCK as u64, &mut block).expect("read");
-            assert!(block.iter().all(|&b| b == 2), "the second write landed");
+            assert_eq!(used, 0, "nothing used");
+            assert_eq!(volume.last_lsn(), 0, "nothing after the bad head ran");
+            assert!(
+                !b.process(0, &vring).expect("kicked again"),
+                "still stopped"
+            );
         }
 
         /// A kick that finds the queue stopped (GET_VRING_BASE) with

@@ -111,7 +111,7 @@ pub enum RequestError {
     Layout,
     #[error("the request has more than {SEG_MAX} data buffers")]
     TooManyBuffers,
-    #[error("the request's data buffers add up to more than 4 GiB")]
+    #[error("the request's data buffers add up to 4 GiB or more")]
     TooLarge,
     #[error("cannot access guest memory: {0}")]
     Memory(#[from] GuestMemoryError),
@@ -187,7 +187,9 @@ pub struct Request {
 /// `KEPT_BUFFERS`, none larger than `KEPT_BUFFER_BYTES`.
 static PAYLOAD_BUFFERS: Mutex<Vec<PayloadBuffer>> = Mutex::new(Vec::new());
 const KEPT_BUFFERS: usize = 16;
-const KEPT_BUFFER_BYTES: usize = 4 << 20;
+/// A [`PIECE`] with its alignment and the room for its header
+/// (`PayloadBuffer`).
+const KEPT_BUFFER_BYTES: usize = PIECE as usize + (8 << 10);
 
 /// Runs `f` with a payload buffer: a write gathered into one is sent to
 /// the journal with no second copy and no zeroing first.
@@ -264,6 +266,9 @@ impl Request {
         if total > u64::from(u32::MAX) {
             return Err(RequestError::TooLarge);
         }
+        // Checked here when it runs in pieces, so that no piece takes
+        // effect before a later one's buffer is found missing; a request
+        // of one piece fails at its one access, before any effect.
         let access = if kind.device_writes() {
             Permissions::Write
         } else {
@@ -271,6 +276,7 @@ impl Request {
         };
         if let Some(&(addr, _)) = data
             .iter()
+            .filter(|_| total > PIECE)
             .find(|&&(addr, len)| !mem.check_range(addr, len as usize, access))
         {
             return Err(GuestMemoryError::InvalidGuestAddress(addr).into());
@@ -752,8 +758,10 @@ pub(crate) fn spans(
             return None;
         }
         let n = (size - at).min(len);
-        // Inside a buffer `Request::parse` found in guest memory.
-        let span = (addr.unchecked_add(at as u64), n);
+        // A buffer running past the top of the address space (not
+        // checked for a request of one piece) saturates to an address no
+        // access succeeds at.
+        let span = (GuestAddress(addr.0.saturating_add(at as u64)), n);
         at = 0;
         len -= n;
         Some(span)
