@@ -269,17 +269,18 @@ impl Request {
         // Checked here when it runs in pieces, so that no piece takes
         // effect before a later one's buffer is found missing; a request
         // of one piece fails at its one access, before any effect.
-        let access = if kind.device_writes() {
-            Permissions::Write
-        } else {
-            Permissions::Read
-        };
-        if let Some(&(addr, _)) = data
-            .iter()
-            .filter(|_| total > PIECE)
-            .find(|&&(addr, len)| !mem.check_range(addr, len as usize, access))
-        {
-            return Err(GuestMemoryError::InvalidGuestAddress(addr).into());
+        if total > PIECE {
+            let access = if kind.device_writes() {
+                Permissions::Write
+            } else {
+                Permissions::Read
+            };
+            if let Some(&(addr, _)) = data
+                .iter()
+                .find(|&&(addr, len)| !mem.check_range(addr, len as usize, access))
+            {
+                return Err(GuestMemoryError::InvalidGuestAddress(addr).into());
+            }
         }
         Ok(Request {
             kind,
