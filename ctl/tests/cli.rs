@@ -5,6 +5,10 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::{Command, Output};
 
+mod common;
+
+use common::scripted_daemon;
+
 const BIN: &str = env!("CARGO_BIN_EXE_rewindctl");
 
 /// Serves one connection: reads the request, sends `answer`.
@@ -77,22 +81,6 @@ fn failures_exit_non_zero_with_a_reason() {
     daemon.join().expect("daemon");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a protocol answer"));
-}
-
-/// A daemon that answers one request with `lines` (progress, then answer).
-fn scripted_daemon(socket: &Path, lines: Vec<String>) -> std::thread::JoinHandle<String> {
-    let listener = UnixListener::bind(socket).expect("bind");
-    std::thread::spawn(move || {
-        let (stream, _) = listener.accept().expect("accept");
-        let mut request = String::new();
-        BufReader::new(stream.try_clone().expect("clone"))
-            .read_line(&mut request)
-            .expect("request");
-        for line in lines {
-            writeln!(&stream, "{line}").expect("line");
-        }
-        request
-    })
 }
 
 #[test]

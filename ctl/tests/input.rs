@@ -1,10 +1,12 @@
 //! rewindctl on bad input from its user and from daemons: errors that
 //! say what was wrong, where, and nothing lost or mistaken.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::{Command, Output};
+
+mod common;
+
+use common::scripted_daemon;
 
 const BIN: &str = env!("CARGO_BIN_EXE_rewindctl");
 
@@ -14,19 +16,6 @@ fn rewindctl(controls: &[&Path], args: &[&str]) -> Output {
         command.arg("--control").arg(control);
     }
     command.args(args).output().expect("run rewindctl")
-}
-
-/// Answers one connection's request with `answer`.
-fn daemon_answering(socket: &Path, answer: serde_json::Value) -> std::thread::JoinHandle<()> {
-    let listener = UnixListener::bind(socket).expect("bind");
-    std::thread::spawn(move || {
-        let (stream, _) = listener.accept().expect("accept");
-        let mut request = String::new();
-        BufReader::new(stream.try_clone().expect("clone"))
-            .read_line(&mut request)
-            .expect("request");
-        writeln!(&stream, "{answer}").expect("answer");
-    })
 }
 
 #[test]
@@ -65,8 +54,8 @@ fn checksums(size: u64, hashes: serde_json::Value) -> serde_json::Value {
 fn verify(ours: serde_json::Value, theirs: serde_json::Value) -> String {
     let dir = tempfile::tempdir().expect("tmp");
     let (primary, replica) = (dir.path().join("p.sock"), dir.path().join("r.sock"));
-    let a = daemon_answering(&primary, ours);
-    let b = daemon_answering(&replica, theirs);
+    let a = scripted_daemon(&primary, vec![ours.to_string()]);
+    let b = scripted_daemon(&replica, vec![theirs.to_string()]);
     let out = rewindctl(
         &[&primary],
         &[

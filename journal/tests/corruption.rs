@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use common::{flip, options, pattern, read, segment_file, small_settings};
+use common::{flip, options, pattern, read, segment_file, small_settings, xor_byte};
 use proptest::prelude::*;
 use rewind_journal::{BaseImage, Error, OpenOptions, OsStorage, RecoveryReport, Volume};
 use uuid::Uuid;
@@ -427,19 +426,6 @@ fn a_disk_size_base_img_does_not_have_is_refused() {
             other => panic!("{what}: {other}"),
         }
     }
-}
-
-/// Xors the byte at `at` of the file at `path` with `mask`.
-fn xor_byte(path: &Path, at: u64, mask: u8) {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .expect("open");
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, at).expect("read");
-    b[0] ^= mask;
-    f.write_all_at(&b, at).expect("write");
 }
 
 #[test]

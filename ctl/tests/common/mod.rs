@@ -1,6 +1,8 @@
 //! Helpers shared by rewindctl's tests against real daemons.
 #![allow(dead_code)] // each test binary uses a different subset
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -80,4 +82,20 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A daemon that answers one request with `lines` (progress, then answer).
+pub fn scripted_daemon(socket: &Path, lines: Vec<String>) -> std::thread::JoinHandle<String> {
+    let listener = UnixListener::bind(socket).expect("bind");
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("accept");
+        let mut request = String::new();
+        BufReader::new(stream.try_clone().expect("clone"))
+            .read_line(&mut request)
+            .expect("request");
+        for line in lines {
+            writeln!(&stream, "{line}").expect("line");
+        }
+        request
+    })
 }

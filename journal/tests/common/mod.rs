@@ -104,6 +104,11 @@ pub fn segment_file(dir: &Path, id: u32) -> PathBuf {
 
 /// Flips a bit of the byte at `at` in the file at `path` (a real one).
 pub fn flip(path: &Path, at: u64) {
+    xor_byte(path, at, 0x10);
+}
+
+/// Xors the byte at `at` of the file at `path` (a real one) with `mask`.
+pub fn xor_byte(path: &Path, at: u64, mask: u8) {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -111,6 +116,6 @@ pub fn flip(path: &Path, at: u64) {
         .expect("open");
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, at).expect("read");
-    b[0] ^= 0x10;
+    b[0] ^= mask;
     f.write_all_at(&b, at).expect("write");
 }
