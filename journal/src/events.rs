@@ -81,6 +81,9 @@ pub const FENCED: &str = "fenced";
 pub const EXPORT_FAILED: &str = "export_failed";
 /// A user other than the daemon's and root tried the control socket.
 pub const CONTROL_CLIENT_REFUSED: &str = "control_client_refused";
+/// The control socket serves as many connections as it takes at once:
+/// new ones are turned away until one ends.
+pub const CONTROL_CONNECTIONS_FULL: &str = "control_connections_full";
 /// systemd could not be told of the daemon's state.
 pub const SYSTEMD_NOTIFY_FAILED: &str = "systemd_notify_failed";
 
@@ -184,6 +187,7 @@ pub const ALL: &[&str] = &[
     FENCED,
     EXPORT_FAILED,
     CONTROL_CLIENT_REFUSED,
+    CONTROL_CONNECTIONS_FULL,
     SYSTEMD_NOTIFY_FAILED,
     SCHEDULED_BOOKMARK_NOT_QUIESCED,
     SCHEDULED_BOOKMARK_FAILED,

@@ -13,6 +13,7 @@ use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -33,6 +34,13 @@ use crate::replication::{Link, ReplicationStatus};
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Longest request line accepted.
 const MAX_LINE: u64 = 64 << 10;
+/// Control connections served at once. Clients (rewindctl, the Pacemaker
+/// agent, the libvirt hook) connect for a request or two and leave, so a
+/// few at a time is usual and 64 leaves room for scripts run in parallel;
+/// each one holds a thread and a file descriptor, and a script that leaks
+/// connections must not take those from the guest's queues and the
+/// journal.
+pub const MAX_CONNECTIONS: usize = 64;
 /// How long drain and fence wait for the requests in flight by default.
 const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 
@@ -880,16 +888,24 @@ pub fn start(path: &Path, control: Arc<Control>) -> Result<ControlSocket, Contro
     std::thread::Builder::new()
         .name("rewind-control".into())
         .spawn(move || {
+            let connections = Arc::new(Connections::default());
             for stream in listener.incoming() {
                 match stream {
                     Ok(stream) => {
+                        let Some(place) = connections.enter() else {
+                            refuse_over_cap(stream, &connections, &control);
+                            continue;
+                        };
                         let control = control.clone();
                         // One thread per client, as a long command (a
                         // materialize) must not hold up the others; a quiet
                         // client's thread ends after TIMING.idle.
                         let spawned = std::thread::Builder::new()
                             .name("rewind-control-client".into())
-                            .spawn(move || serve_client(stream, &control, TIMING));
+                            .spawn(move || {
+                                let _place = place;
+                                serve_client(stream, &control, TIMING);
+                            });
                         if let Err(e) = spawned {
                             tracing::warn!(error = %e, "cannot start a control client thread");
                         }
@@ -902,6 +918,68 @@ pub fn start(path: &Path, control: Arc<Control>) -> Result<ControlSocket, Contro
     Ok(ControlSocket {
         path: path.to_owned(),
     })
+}
+
+/// The control connections being served.
+#[derive(Debug, Default)]
+struct Connections {
+    open: AtomicUsize,
+    /// A refusal was logged since a place last came free: a client
+    /// retrying in a loop logs one line, not one a try.
+    refusing: AtomicBool,
+}
+
+impl Connections {
+    /// A place for one more connection, unless MAX_CONNECTIONS are open.
+    fn enter(self: &Arc<Self>) -> Option<Place> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < MAX_CONNECTIONS).then_some(open + 1)
+            })
+            .ok()?;
+        Some(Place(self.clone()))
+    }
+}
+
+/// A connection's place, freed when it is dropped, however its thread
+/// ends (or fails to start).
+#[derive(Debug)]
+struct Place(Arc<Connections>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.refusing.store(false, Ordering::Release);
+    }
+}
+
+/// Answers a connection past MAX_CONNECTIONS with one error line, then
+/// closes it. Never waits for the client: the accept thread serves
+/// everyone.
+fn refuse_over_cap(stream: UnixStream, connections: &Connections, control: &Control) {
+    if !connections.refusing.swap(true, Ordering::AcqRel) {
+        tracing::warn!(
+            event = rewind_journal::events::CONTROL_CONNECTIONS_FULL,
+            volume = %control.volume.config().uuid,
+            "{MAX_CONNECTIONS} control connections are open: new ones are turned away \
+             until one ends"
+        );
+    }
+    let line = format!(
+        "{}\n",
+        error(format!(
+            "{MAX_CONNECTIONS} control connections are open, the most this daemon serves at \
+             once; try again when one has ended"
+        ))
+    );
+    // A fresh socket's buffer takes the line whole.
+    let mut writer = &stream;
+    if let Err(e) = stream
+        .set_nonblocking(true)
+        .and_then(|()| writer.write_all(line.as_bytes()))
+    {
+        tracing::debug!(error = %e, "a control connection past the cap went away");
+    }
 }
 
 /// Removes the control socket file when the daemon stops.

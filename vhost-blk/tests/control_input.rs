@@ -1,6 +1,7 @@
 //! Input the control socket of a real `rewind-blk serve` must survive:
-//! point specs built to exhaust its stack, and the last request of a
-//! client that shut its side down without a newline.
+//! point specs built to exhaust its stack, the last request of a client
+//! that shut its side down without a newline, and more connections than
+//! it serves at once.
 
 mod common;
 
@@ -9,14 +10,25 @@ use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use common::{Controlled, TestVolume};
-use serde_json::json;
+use common::client::{pattern, Client};
+use common::{wait_until, Controlled, TestVolume};
+use rewind_vhost_blk::control::MAX_CONNECTIONS;
+use serde_json::{json, Value};
 
 fn connect(control: &std::path::Path) -> UnixStream {
     let s = UnixStream::connect(control).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
     s
+}
+
+/// Sends a status request and reads the first line that comes back. The
+/// send may fail: a refused connection is answered and closed at once.
+fn status_on(s: &mut UnixStream) -> Value {
+    let _ = writeln!(s, r#"{{"version":1,"command":"status"}}"#);
+    let mut line = String::new();
+    BufReader::new(&*s).read_line(&mut line).expect("a line");
+    serde_json::from_str(&line).expect("JSON")
 }
 
 #[test]
@@ -81,5 +93,59 @@ fn a_request_without_a_final_newline_is_answered() {
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert!(lines.iter().all(|l| l["ok"] == true), "{lines:?}");
     assert!(lines[1]["result"]["bookmarks"].is_array(), "{lines:?}");
+    assert!(daemon.server.stop().success());
+}
+
+#[test]
+fn a_connection_past_the_cap_is_refused_until_one_ends() {
+    let vol = TestVolume::create("64M");
+    let mut daemon = Controlled::start(&vol);
+    let mut guest = Client::connect(&vol.socket, 1);
+    // Each one answered, so the daemon counts it.
+    let mut held: Vec<UnixStream> = (0..MAX_CONNECTIONS)
+        .map(|_| {
+            let mut s = connect(&daemon.control);
+            assert_eq!(status_on(&mut s)["ok"], true);
+            s
+        })
+        .collect();
+
+    let mut over = connect(&daemon.control);
+    let refused = status_on(&mut over);
+    assert_eq!(refused["ok"], false, "{refused}");
+    let message = refused["error"].as_str().expect("error");
+    assert!(
+        message.contains(&format!("{MAX_CONNECTIONS} control connections")),
+        "{message}"
+    );
+    let mut rest = String::new();
+    // Closed after the error line (a reset, as its request was not read).
+    let _ = over.read_to_string(&mut rest);
+    assert_eq!(rest, "", "nothing after the error line");
+
+    // Those held, and the guest, are served meanwhile.
+    for s in &mut held {
+        assert_eq!(status_on(s)["ok"], true);
+    }
+    let data = pattern(7, 4096);
+    assert_eq!(guest.write(0, 0, &data), 0);
+    assert_eq!(guest.read(0, 0, 4096), data);
+
+    // A connection that ends frees its place.
+    drop(held.pop());
+    let mut again = None;
+    wait_until(
+        "a new connection to be served",
+        Duration::from_secs(10),
+        || {
+            let mut s = connect(&daemon.control);
+            let served = status_on(&mut s)["ok"] == true;
+            again = served.then_some(s);
+            served
+        },
+    );
+    let mut again = again.expect("served");
+    assert_eq!(status_on(&mut again)["result"]["state"], "serving");
+    drop((held, again, guest));
     assert!(daemon.server.stop().success());
 }
