@@ -9,7 +9,7 @@
 //! answer. The protocol is documented in ctl/PROTOCOL.md.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -33,7 +33,7 @@ use crate::replication::{Link, ReplicationStatus};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Longest request line accepted.
-const MAX_LINE: u64 = 64 << 10;
+const MAX_LINE: usize = 64 << 10;
 /// Control connections served at once. Clients (rewindctl, the Pacemaker
 /// agent, the libvirt hook) connect for a request or two and leave, so a
 /// few at a time is usual and 64 leaves room for scripts run in parallel;
@@ -875,7 +875,17 @@ fn error(message: String) -> Value {
 
 /// Binds the socket (mode 0600) and serves it on a thread until the process
 /// ends. The socket file is removed by [`ControlSocket`]'s drop.
-pub fn start(path: &Path, control: Arc<Control>) -> Result<ControlSocket, ControlError> {
+/// `request_timeout` replaces the 60 s a request line may take to arrive
+/// from its first byte (tests shorten it).
+pub fn start(
+    path: &Path,
+    control: Arc<Control>,
+    request_timeout: Option<Duration>,
+) -> Result<ControlSocket, ControlError> {
+    let timing = Timing {
+        request: request_timeout.unwrap_or(TIMING.request),
+        ..TIMING
+    };
     if path.exists() {
         return Err(ControlError::Exists(path.to_owned()));
     }
@@ -899,12 +909,12 @@ pub fn start(path: &Path, control: Arc<Control>) -> Result<ControlSocket, Contro
                         let control = control.clone();
                         // One thread per client, as a long command (a
                         // materialize) must not hold up the others; a quiet
-                        // client's thread ends after TIMING.idle.
+                        // client's thread ends after timing.idle.
                         let spawned = std::thread::Builder::new()
                             .name("rewind-control-client".into())
                             .spawn(move || {
                                 let _place = place;
-                                serve_client(stream, &control, TIMING);
+                                serve_client(stream, &control, timing);
                             });
                         if let Err(e) = spawned {
                             tracing::warn!(error = %e, "cannot start a control client thread");
@@ -1027,63 +1037,118 @@ fn serve_client(stream: UnixStream, control: &Control, timing: Timing) {
         let _ = writeln!(out, "{}", error(reason));
         return;
     }
-    // A quiet client must not hold its thread forever, nor one that
-    // stops reading its answers.
-    if let Err(e) = stream
-        .set_read_timeout(Some(timing.idle))
-        .and_then(|()| out.set_write_timeout(Some(timing.idle)))
-    {
+    // A client that stops reading its answers must not hold its thread
+    // forever (read_request bounds the reads).
+    if let Err(e) = out.set_write_timeout(Some(timing.idle)) {
         tracing::warn!(error = %e, "control client: cannot set its timeouts");
         return;
     }
-    let mut reader = BufReader::new(stream.take(u64::MAX));
+    let mut reader = BufReader::new(stream);
     loop {
-        let mut line = String::new();
-        reader.get_mut().set_limit(MAX_LINE);
-        match reader.read_line(&mut line) {
-            Ok(0) => return,
-            // Stopped at the limit; a shorter line without its newline is
-            // the last request of a client that shut its side down.
-            Ok(n) if !line.ends_with('\n') && n as u64 >= MAX_LINE => {
-                let _ = writeln!(
-                    out,
-                    "{}",
-                    error(format!("request longer than {MAX_LINE} bytes"))
-                );
-                return;
-            }
-            Ok(_) => {
-                let answer = answer_sending_progress(&out, timing.heartbeat, |progress| {
-                    control.answer(line.trim_end(), progress)
-                });
-                if writeln!(out, "{answer}").is_err() {
-                    return;
-                }
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                let _ = writeln!(
-                    out,
-                    "{}",
-                    error(format!(
-                        "no request for {} s: closing the connection",
-                        timing.idle.as_secs()
-                    ))
-                );
-                return;
-            }
+        let line = match read_request(&mut reader, timing) {
+            Ok(Some(line)) => line,
+            Ok(None) => return,
             Err(e) => {
-                let _ = writeln!(out, "{}", error(format!("unreadable request: {e}")));
+                let _ = writeln!(out, "{}", error(e.to_string()));
                 return;
             }
+        };
+        let answer = answer_sending_progress(&out, timing.heartbeat, |progress| {
+            control.answer(line.trim_end(), progress)
+        });
+        if writeln!(out, "{answer}").is_err() {
+            return;
         }
     }
 }
 
-/// How long a control connection may stay quiet, and how often a long
+/// Why no request line was read; each ends the connection.
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error("no request for {} s: closing the connection", .0.as_secs())]
+    Idle(Duration),
+    #[error(
+        "the request did not end within {} s of its first byte (a newline ends it): \
+         closing the connection",
+        .0.as_secs()
+    )]
+    TooSlow(Duration),
+    #[error("request longer than {MAX_LINE} bytes")]
+    TooLong,
+    #[error("unreadable request: {0}")]
+    Unreadable(std::io::Error),
+    #[error("unreadable request: it is not UTF-8")]
+    NotUtf8,
+}
+
+/// Reads one request line: up to its newline, or to the end of the stream
+/// (the last request of a client that shut its side down); `None` at the
+/// end of the stream. A quiet client is let go after `timing.idle`, and a
+/// line must end within `timing.request` of its first byte: a client
+/// trickling one in, a byte at a time, must not hold its thread forever.
+fn read_request(
+    reader: &mut BufReader<UnixStream>,
+    timing: Timing,
+) -> Result<Option<String>, RequestError> {
+    let text = |line: Vec<u8>| {
+        String::from_utf8(line)
+            .map(Some)
+            .map_err(|_| RequestError::NotUtf8)
+    };
+    let mut line = Vec::new();
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let wait = match deadline {
+            None => timing.idle,
+            Some(deadline) => deadline.saturating_duration_since(Instant::now()),
+        };
+        // set_read_timeout refuses zero.
+        if wait.is_zero() {
+            return Err(RequestError::TooSlow(timing.request));
+        }
+        reader
+            .get_ref()
+            .set_read_timeout(Some(wait))
+            .map_err(RequestError::Unreadable)?;
+        let buffered = match reader.fill_buf() {
+            Ok(buffered) => buffered,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(match deadline {
+                    None => RequestError::Idle(timing.idle),
+                    Some(_) => RequestError::TooSlow(timing.request),
+                });
+            }
+            Err(e) => return Err(RequestError::Unreadable(e)),
+        };
+        if buffered.is_empty() {
+            return if line.is_empty() {
+                Ok(None)
+            } else {
+                text(line)
+            };
+        }
+        deadline.get_or_insert_with(|| Instant::now() + timing.request);
+        let newline = buffered.iter().position(|&b| b == b'\n');
+        let taken = newline.map_or(buffered.len(), |at| at + 1);
+        line.extend_from_slice(&buffered[..taken]);
+        reader.consume(taken);
+        if line.len() - usize::from(newline.is_some()) >= MAX_LINE {
+            return Err(RequestError::TooLong);
+        }
+        if newline.is_some() {
+            return text(line);
+        }
+    }
+}
+
+/// How long a control connection may stay quiet, how long one request
+/// line may take to arrive from its first byte, and how often a long
 /// command's progress line is sent again while nothing else was sent.
 #[derive(Debug, Clone, Copy)]
 struct Timing {
     idle: Duration,
+    request: Duration,
     heartbeat: Duration,
 }
 
@@ -1091,6 +1156,9 @@ const TIMING: Timing = Timing {
     // Clients (rewindctl, the Pacemaker agent through it) connect for
     // each request; a minute is far beyond any gap between their lines.
     idle: Duration::from_secs(60),
+    // A line is sent at once: a client trickling one in must not hold a
+    // thread for ever.
+    request: Duration::from_secs(60),
     // Well within a client's wait for a line (rewindctl: 60 s and more).
     heartbeat: Duration::from_secs(5),
 };
@@ -1539,9 +1607,7 @@ mod tests {
         // A line that reaches the limit is still refused as too long
         // (all of it sent: data left unread would reset the connection).
         let lines = serve_pair(TIMING, |client| {
-            client
-                .write_all(&vec![b' '; MAX_LINE as usize])
-                .expect("send");
+            client.write_all(&vec![b' '; MAX_LINE]).expect("send");
             client
                 .shutdown(std::net::Shutdown::Write)
                 .expect("shutdown");
@@ -1555,7 +1621,7 @@ mod tests {
     fn a_quiet_client_is_let_go() {
         let timing = Timing {
             idle: Duration::from_millis(300),
-            heartbeat: TIMING.heartbeat,
+            ..TIMING
         };
         let started = Instant::now();
         let lines = serve_pair(timing, |client| {

@@ -1,17 +1,18 @@
 //! Input the control socket of a real `rewind-blk serve` must survive:
 //! point specs built to exhaust its stack, the last request of a client
-//! that shut its side down without a newline, and more connections than
-//! it serves at once.
+//! that shut its side down without a newline, a request trickled in a
+//! byte at a time, and more connections than it serves at once.
 
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::client::{pattern, Client};
 use common::{wait_until, Controlled, TestVolume};
+use rewind_vhost_blk::config::CONTROL_REQUEST_TIMEOUT_ENV;
 use rewind_vhost_blk::control::MAX_CONNECTIONS;
 use serde_json::{json, Value};
 
@@ -93,6 +94,43 @@ fn a_request_without_a_final_newline_is_answered() {
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert!(lines.iter().all(|l| l["ok"] == true), "{lines:?}");
     assert!(lines[1]["result"]["bookmarks"].is_array(), "{lines:?}");
+    assert!(daemon.server.stop().success());
+}
+
+#[test]
+fn a_request_trickled_in_is_cut_off_at_its_deadline() {
+    let vol = TestVolume::create("64M");
+    let mut daemon = Controlled::start_with_env(&vol, &[(CONTROL_REQUEST_TIMEOUT_ENV, "300ms")]);
+    let s = connect(&daemon.control);
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let started = Instant::now();
+    // A byte every 20 ms (each far within the daemon's 60 s wait for the
+    // next one), until the daemon ends the connection, or for 10 s.
+    let mut writer = s.try_clone().expect("clone");
+    let trickle = std::thread::spawn(move || {
+        while started.elapsed() < Duration::from_secs(10) && writer.write_all(b" ").is_ok() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let mut line = String::new();
+    BufReader::new(&s)
+        .read_line(&mut line)
+        .expect("an error line before the client gives up");
+    let took = started.elapsed();
+    let answer: Value = serde_json::from_str(&line).expect("JSON");
+    let message = answer["error"].as_str().expect("error");
+    assert!(message.contains("did not end within"), "{message}");
+    assert!(
+        (Duration::from_millis(300)..Duration::from_secs(5)).contains(&took),
+        "{took:?}"
+    );
+    trickle.join().expect("trickle");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the connection was closed"
+    );
+    assert_eq!(daemon.status()["state"], "serving");
     assert!(daemon.server.stop().success());
 }
 
