@@ -26,8 +26,12 @@ fn progress_bar() -> ProgressBar {
 fn run(cli: Cli) -> Result<Value, CtlError> {
     let bar = progress_bar();
     let mut progress = |done: u64, total: u64| {
-        bar.set_length(total);
-        bar.set_position(done);
+        // 0 of 0: a command waiting with nothing to count (demote,
+        // failover, handover); a bar would be full, as if it were done.
+        if total > 0 {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
     };
     let path = cli.control.into_iter().next();
     let done = match cli.command {

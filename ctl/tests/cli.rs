@@ -3,7 +3,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 mod common;
 
@@ -113,6 +113,45 @@ fn materialize_sends_an_absolute_path_and_follows_progress() {
     assert_eq!(request["output"], output.to_str().expect("utf-8"));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(json["lsn"], 7);
+}
+
+/// All that rewindctl with `args` sends a terminal (util-linux `script`
+/// gives it one), its progress bar included, while a daemon sends `lines`.
+fn shown_on_a_terminal(lines: Vec<String>, args: &str) -> String {
+    let dir = tempfile::tempdir().expect("tmp");
+    let socket = dir.path().join("ctl.sock");
+    let daemon = scripted_daemon(&socket, lines);
+    let command = format!("{BIN} --control {} {args}", socket.display());
+    let out = Command::new("script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run script (util-linux)");
+    daemon.join().expect("daemon");
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{shown}");
+    shown
+}
+
+fn progress(done: u64, total: u64) -> String {
+    format!(r#"{{"version":1,"progress":{{"done":{done},"total":{total}}}}}"#)
+}
+
+#[test]
+fn a_wait_with_nothing_to_count_draws_no_progress_bar() {
+    // A count draws a bar: the terminal would show one.
+    let image = r#"{"version":1,"ok":true,"result":{"output":"/x.raw","lsn":7,"size":100}}"#;
+    let lines = vec![progress(0, 100), progress(50, 100), image.into()];
+    let shown = shown_on_a_terminal(lines, "materialize --at lsn:7 --output /x.raw");
+    assert!(shown.contains("/100 B"), "{shown:?}");
+
+    // 0 of 0, what demote, failover and handover send while they wait: a
+    // bar would be full, as if it were done.
+    let demoted = r#"{"version":1,"ok":true,"result":{"role":"replica"}}"#;
+    let lines = vec![progress(0, 0), progress(0, 0), demoted.into()];
+    let shown = shown_on_a_terminal(lines, "demote");
+    assert!(!shown.contains("0 B/0 B"), "{shown:?}");
+    assert!(shown.contains("role  replica"), "{shown:?}");
 }
 
 #[test]
