@@ -264,8 +264,9 @@ pub fn request(
 }
 
 /// How long to wait for each line beyond a command's own `timeout_ms`
-/// (drain, fence, demote... answer within it): a long command, once it
-/// sent progress, sends a line at least every 5 s however slowly it goes.
+/// (drain and fence answer within it): a long command, once it sent
+/// progress, sends a line at least every 5 s however slowly it goes, as
+/// demote, failover and handover do while they wait.
 const LINE_WAIT: Duration = Duration::from_secs(60);
 
 fn request_waiting(

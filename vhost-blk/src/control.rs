@@ -531,24 +531,33 @@ impl Control {
             Command::Promote { force, drained } => {
                 to_json(serde_json::to_value(self.roles.promote(force, drained)?))
             }
-            Command::Demote { timeout_ms } => to_json(serde_json::to_value(
-                self.roles.demote(Duration::from_millis(timeout_ms))?,
-            )),
+            Command::Demote { timeout_ms } => {
+                send_waiting(progress);
+                to_json(serde_json::to_value(
+                    self.roles.demote(Duration::from_millis(timeout_ms))?,
+                ))
+            }
             Command::Failover {
                 force,
                 timeout_ms,
                 drained,
-            } => to_json(serde_json::to_value(self.roles.failover(
-                force,
-                Duration::from_millis(timeout_ms),
-                drained,
-            )?)),
+            } => {
+                send_waiting(progress);
+                to_json(serde_json::to_value(self.roles.failover(
+                    force,
+                    Duration::from_millis(timeout_ms),
+                    drained,
+                )?))
+            }
             Command::Handover { cancel: true, .. } => {
                 to_json(serde_json::to_value(self.roles.cancel_handover()?))
             }
-            Command::Handover { timeout_ms, .. } => to_json(serde_json::to_value(
-                self.roles.arm_handover(Duration::from_millis(timeout_ms))?,
-            )),
+            Command::Handover { timeout_ms, .. } => {
+                send_waiting(progress);
+                to_json(serde_json::to_value(
+                    self.roles.arm_handover(Duration::from_millis(timeout_ms))?,
+                ))
+            }
             Command::Resolve { discard_this_side } => {
                 if !discard_this_side {
                     return Err(
@@ -867,6 +876,17 @@ fn stop_view(view: ViewExport) {
     }
     let _ = std::fs::remove_file(&view.info.socket_path);
     tracing::info!(socket = %view.info.socket_path.display(), "unexported");
+}
+
+/// The progress line of a command that waits with nothing to count: 0 of
+/// 0, which serve_client repeats every heartbeat. Demote, failover and
+/// handover can outlast rewindctl's wait for a line (`timeout_ms` + 60 s):
+/// they first wait for any other role change to end (a handover's seal
+/// holds it for up to twice that handover's timeout), then for up to
+/// their `timeout_ms`, demote twice (the requests in flight, then the
+/// replica's ack).
+fn send_waiting(progress: &mut dyn FnMut(Value)) {
+    progress(json!({"version": PROTOCOL_VERSION, "progress": {"done": 0, "total": 0}}));
 }
 
 fn error(message: String) -> Value {

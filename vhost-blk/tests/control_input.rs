@@ -1,7 +1,8 @@
 //! Input the control socket of a real `rewind-blk serve` must survive:
 //! point specs built to exhaust its stack, the last request of a client
 //! that shut its side down without a newline, a request trickled in a
-//! byte at a time, and more connections than it serves at once.
+//! byte at a time, and more connections than it serves at once; and the
+//! progress lines of the role changes, which may wait long.
 
 mod common;
 
@@ -94,6 +95,53 @@ fn a_request_without_a_final_newline_is_answered() {
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert!(lines.iter().all(|l| l["ok"] == true), "{lines:?}");
     assert!(lines[1]["result"]["bookmarks"].is_array(), "{lines:?}");
+    assert!(daemon.server.stop().success());
+}
+
+/// Sends `command` with `args` on a new connection; every line up to the
+/// answer, which is last.
+fn lines_until_answer(control: &std::path::Path, command: &str, args: Value) -> Vec<Value> {
+    let mut request = json!({"version": 1, "command": command});
+    if let (Some(request), Value::Object(args)) = (request.as_object_mut(), args) {
+        request.extend(args);
+    }
+    let mut s = connect(control);
+    writeln!(s, "{request}").expect("send");
+    let mut lines = Vec::new();
+    for line in BufReader::new(s).lines() {
+        let line: Value = serde_json::from_str(&line.expect("a line")).expect("JSON");
+        let answered = line.get("ok").is_some();
+        lines.push(line);
+        if answered {
+            return lines;
+        }
+    }
+    panic!("{command}: the connection closed before the answer: {lines:?}");
+}
+
+#[test]
+fn role_changes_send_progress_before_their_answer() {
+    let vol = TestVolume::create("64M");
+    let mut daemon = Controlled::start(&vol);
+    for (command, answered_ok) in [
+        // No replica: refused.
+        ("handover", false),
+        // The primary already.
+        ("failover", true),
+        // No guest attached: seals.
+        ("demote", true),
+    ] {
+        let lines = lines_until_answer(&daemon.control, command, json!({"timeout_ms": 1000}));
+        let (answer, before) = lines.split_last().expect("an answer");
+        assert_eq!(answer["ok"], answered_ok, "{command}: {answer}");
+        assert!(
+            !before.is_empty() && before.iter().all(|l| l["progress"].is_object()),
+            "{command}: {lines:?}"
+        );
+    }
+    // rewindctl's client reads through them.
+    let again = daemon.try_ctl("demote", json!({})).expect_err("a replica");
+    assert!(again.to_string().contains("replica already"), "{again}");
     assert!(daemon.server.stop().success());
 }
 
