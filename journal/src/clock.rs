@@ -2,7 +2,30 @@
 
 use std::fmt::Debug;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::point::format_ns;
+
+/// How far past this node's clock a time that another host stamped (a
+/// primary's records, a resync's sync point) may be: the hosts' clocks
+/// differ a little. Records are kept in time order, so one from the
+/// future would keep every later record out and stand past every time a
+/// view can name.
+pub(crate) const MAX_CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// Fails, saying why, when `ns` is more than [`MAX_CLOCK_SKEW`] past
+/// `now_ns`.
+pub(crate) fn check_not_ahead(ns: u64, now_ns: u64) -> Result<(), String> {
+    let latest = now_ns.saturating_add(MAX_CLOCK_SKEW.as_nanos() as u64);
+    if ns > latest {
+        return Err(format!(
+            "its time {} is more than {MAX_CLOCK_SKEW:?} past this node's clock ({})",
+            format_ns(ns),
+            format_ns(now_ns)
+        ));
+    }
+    Ok(())
+}
 
 /// Nanoseconds since the Unix epoch.
 pub trait Clock: Send + Sync + Debug {

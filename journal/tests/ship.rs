@@ -10,11 +10,13 @@ use std::sync::Arc;
 use common::*;
 use proptest::prelude::*;
 use rewind_journal::fault::FaultStorage;
-use rewind_journal::{Error, ManualClock, OpenOptions, PointInTime, Role, ShippedRecord, Volume};
+use rewind_journal::{
+    Clock, Error, ManualClock, OpenOptions, PointInTime, Role, ShippedRecord, Volume,
+};
 
 const REPLICA: &str = "/replica";
 
-fn new_replica(fs: &FaultStorage, primary: &Volume) -> Volume {
+fn new_replica(fs: &FaultStorage, primary: &Volume, options: OpenOptions) -> Volume {
     Volume::create_replica(
         fs,
         Path::new(REPLICA),
@@ -22,13 +24,23 @@ fn new_replica(fs: &FaultStorage, primary: &Volume) -> Volume {
         primary.config().uuid,
     )
     .expect("create replica");
-    open_replica(fs)
+    open_replica(fs, options)
 }
 
-fn open_replica(fs: &FaultStorage) -> Volume {
-    Volume::open(fs.arc(), Path::new(REPLICA), options())
+fn open_replica(fs: &FaultStorage, options: OpenOptions) -> Volume {
+    Volume::open(fs.arc(), Path::new(REPLICA), options)
         .expect("open replica")
         .0
+}
+
+/// Options on `clock`: a primary's whose time the test moves, and its
+/// replica's, whose host's clock agrees (a replica refuses records from
+/// more than a minute past its own clock).
+fn on_clock(clock: &Arc<ManualClock>) -> OpenOptions {
+    OpenOptions {
+        clock: clock.clone(),
+        ..options()
+    }
 }
 
 /// Ships everything durable on `from` to `to` in batches of about
@@ -59,11 +71,7 @@ fn clocked_primary() -> (FaultStorage, Volume, Arc<ManualClock>) {
     let fs = FaultStorage::new();
     create(&fs, &small_settings());
     let clock = Arc::new(ManualClock::new(1_700_000_000_000_000_000));
-    let options = OpenOptions {
-        clock: clock.clone(),
-        ..options()
-    };
-    let primary = Volume::open(fs.arc(), Path::new(DIR), options)
+    let primary = Volume::open(fs.arc(), Path::new(DIR), on_clock(&clock))
         .expect("open")
         .0;
     (fs, primary, clock)
@@ -102,7 +110,7 @@ proptest! {
     #[test]
     fn a_replica_holds_the_primary_at_every_lsn(ops in prop::collection::vec(op(), 1..40)) {
         let (fs, primary) = new_volume();
-        let mut replica = new_replica(&fs, &primary);
+        let mut replica = new_replica(&fs, &primary, options());
         let mut bookmarks = 0;
         for op in &ops {
             match *op {
@@ -141,7 +149,7 @@ proptest! {
             prop_assert!(disk_at(&replica, lsn) == disk_at(&primary, lsn), "lsn {}", lsn);
         }
         drop(replica);
-        replica = open_replica(&fs);
+        replica = open_replica(&fs, options());
         prop_assert_eq!(replica.role(), Role::Replica);
         prop_assert_eq!(replica.epoch(), primary.epoch());
         prop_assert_eq!(replica.epoch_history(), primary.epoch_history());
@@ -155,7 +163,7 @@ proptest! {
 /// A primary with a few records, flushed, and a replica that has none.
 fn pair() -> (FaultStorage, Volume, Volume, Vec<ShippedRecord>) {
     let (fs, primary) = new_volume();
-    let replica = new_replica(&fs, &primary);
+    let replica = new_replica(&fs, &primary, options());
     for i in 0..4u8 {
         primary
             .write(u64::from(i) * 4096, &pattern(i, 4096))
@@ -217,6 +225,39 @@ fn malformed_records_are_refused_and_nothing_is_appended() {
     );
 }
 
+/// A primary's clock may run up to a minute ahead of its replica's; a
+/// record stamped later than that is refused with its batch (taken, it
+/// would keep every later record out: time never goes back).
+#[test]
+fn a_record_more_than_a_minute_past_the_replicas_clock_is_refused() {
+    let (fs, primary, clock) = clocked_primary();
+    // The replica's clock stays where the primary's starts.
+    let replica = new_replica(
+        &fs,
+        &primary,
+        on_clock(&Arc::new(ManualClock::new(clock.now_ns()))),
+    );
+    clock.advance(60_000_000_000);
+    primary.write(0, &pattern(1, 4096)).expect("write");
+    clock.advance(1);
+    primary.write(4096, &pattern(2, 4096)).expect("write");
+    primary.flush().expect("flush");
+    let records = primary.read_shipped(1, 1 << 20).expect("read").records;
+    assert_eq!(records.len(), 2);
+    refused(
+        &replica,
+        &records,
+        "shipped record 2 refused: its time 2023-11-14T22:14:20.000000001Z is more than 60s past \
+         this node's clock (2023-11-14T22:13:20Z)",
+    );
+    assert_eq!(
+        replica
+            .apply_shipped(&records[..1])
+            .expect("a minute ahead"),
+        1
+    );
+}
+
 #[test]
 fn an_older_epoch_is_refused() {
     let (fs, primary, replica, records) = pair();
@@ -232,7 +273,7 @@ fn an_older_epoch_is_refused() {
     let stale = {
         drop(replica);
         let stale_fs = fs.clone();
-        let v = open_replica(&stale_fs);
+        let v = open_replica(&stale_fs, options());
         assert_eq!(v.epoch(), 2, "the raise is durable at the replica");
         v
     };
@@ -345,7 +386,7 @@ fn a_resync_takes_the_disk_at_the_sync_point_and_survives_a_crash() {
             .expect("write");
     }
     primary.flush().expect("flush");
-    let replica = new_replica(&fs, &primary);
+    let replica = new_replica(&fs, &primary, on_clock(&clock));
     let err = primary.read_shipped(1, 1 << 20).expect_err("folded");
     assert!(matches!(err, Error::Folded { .. }), "{err}");
 
@@ -364,7 +405,7 @@ fn a_resync_takes_the_disk_at_the_sync_point_and_survives_a_crash() {
     assert!(more > half);
     // The replica crashes before the next checkpoint.
     drop(replica);
-    let replica = open_replica(&fs);
+    let replica = open_replica(&fs, on_clock(&clock));
     let state = replica.resync_state().expect("the resync resumes");
     assert_eq!((state.sync_lsn, state.next_offset), (sync, half));
     let err = replica.view(&PointInTime::Lsn(0)).expect_err("resyncing");
@@ -386,7 +427,7 @@ fn a_resync_takes_the_disk_at_the_sync_point_and_survives_a_crash() {
         );
     }
     drop(replica);
-    let replica = open_replica(&fs);
+    let replica = open_replica(&fs, on_clock(&clock));
     assert_eq!(replica.resync_state(), None);
     assert!(disk_at(&replica, acked) == disk_at(&primary, acked));
 }
@@ -401,7 +442,7 @@ fn a_diff_resync_sends_only_what_changed_and_keeps_the_rest_from_the_replica() {
             .expect("write");
     }
     primary.flush().expect("flush");
-    let replica = new_replica(&fs, &primary);
+    let replica = new_replica(&fs, &primary, on_clock(&clock));
     ship(&primary, &replica, 1 << 20);
     // The replica falls behind what the primary's journal keeps.
     for i in 0..4u8 {

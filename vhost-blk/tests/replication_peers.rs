@@ -728,6 +728,49 @@ fn records_out_of_lsn_order_append_nothing() {
     assert_eq!(rig.genuine(), rig.primary.durable_lsn());
 }
 
+/// Gives `record` the time `ns`, with a header checksum to match: what a
+/// primary whose clock is far off (or a forger) sends.
+fn retime(record: &mut ShippedRecord, ns: u64) {
+    record.header[24..32].copy_from_slice(&ns.to_le_bytes());
+    let crc = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, &record.header[..72]);
+    // A 32-bit CRC comes back in the low half of the u64.
+    record.header[72..76].copy_from_slice(&(crc as u32).to_le_bytes());
+}
+
+/// A record from the far future, taken, would keep out every record after
+/// it (time never goes back along the lsns) and stand past every time a
+/// view can name: the replica refuses it and the rest of its batch.
+#[test]
+fn a_record_from_the_future_appends_nothing_of_its_batch() {
+    const YEAR_2500_NS: u64 = 16_725_225_600 * 1_000_000_000;
+    let rig = Rig::start();
+    let lsn = rig.genuine();
+    rig.write_flushed(4);
+    let mut records = rig.records(lsn + 1);
+    assert!(records.len() >= 3);
+    // The first record is sound; those after it keep their order in time.
+    for record in &mut records[1..] {
+        retime(record, YEAR_2500_NS);
+    }
+    let (mut conn, _) = rig.session();
+    rig.send(&mut conn, &encode(rig.epoch(), &Message::Records(records)))
+        .expect("send the records");
+    let closed = rig.closed(&mut conn);
+    assert!(closed.acks().is_empty(), "{closed:?}");
+    let why = format!(
+        "shipped record {} refused: its time 2500-01-01T00:00:00Z is more than 60s past this \
+         node's clock",
+        lsn + 2
+    );
+    assert!(
+        closed.refusal().is_some_and(|r| r.contains(&why)),
+        "{closed:?}"
+    );
+    rig.check_refused(conn.local, &why, lsn);
+
+    assert_eq!(rig.genuine(), rig.primary.durable_lsn());
+}
+
 #[test]
 fn a_flood_of_heartbeats_closes_the_session() {
     let rig = Rig::start();

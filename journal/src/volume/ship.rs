@@ -22,6 +22,7 @@
 use std::sync::atomic::Ordering;
 
 use super::{lock, Inner, Payload, Volume, NO_HOLD};
+use crate::clock::check_not_ahead;
 use crate::error::{Error, Result};
 use crate::extent_map::ExtentMap;
 use crate::format::{
@@ -394,6 +395,7 @@ impl Inner {
         records: &[ShippedRecord],
     ) -> Result<Vec<RecordHeader>> {
         let mut time = c.last_timestamp;
+        let now = self.clock.now_ns();
         let mut epoch = self.epoch.load(Ordering::Acquire);
         let window_start = {
             let index = lock(&self.index);
@@ -446,6 +448,7 @@ impl Inner {
                     h.timestamp
                 )));
             }
+            check_not_ahead(h.timestamp, now).map_err(bad)?;
             match h.kind {
                 RecordKind::Epoch if h.epoch <= epoch => {
                     return Err(bad(format!(

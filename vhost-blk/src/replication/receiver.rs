@@ -21,7 +21,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use rewind_journal::{Role, Seal, ShippedRecord, Volume};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -984,14 +984,10 @@ async fn hash_old_disk(
     }
 }
 
-/// How far past this node's clock a sync point's time may be (the hosts'
-/// clocks differ a little): records are placed in time order, so a sync
-/// point from the future would keep every later record out.
-const CLOCK_SKEW: Duration = Duration::from_secs(60);
-
 /// Checks what a resync-begin would have this replica keep (the sync
-/// point becomes its journal's base), before any of it is kept.
-fn check_resync_begin(begin: &ResyncBegin, now_ns: u64) -> Result<(), String> {
+/// point becomes its journal's base), before any of it is kept. (The
+/// journal refuses a sync point's time from the future.)
+fn check_resync_begin(begin: &ResyncBegin) -> Result<(), String> {
     if begin.sync_lsn == u64::MAX {
         return Err(format!(
             "a resync to lsn {}: no lsn could follow it",
@@ -1010,14 +1006,6 @@ fn check_resync_begin(begin: &ResyncBegin, now_ns: u64) -> Result<(), String> {
             begin.sync_lsn, last.epoch, last.first_lsn
         ));
     }
-    let latest = now_ns.saturating_add(CLOCK_SKEW.as_nanos() as u64);
-    if begin.sync_ns > latest {
-        return Err(format!(
-            "a resync to lsn {} written at {} ns since the Unix epoch, more than {CLOCK_SKEW:?} \
-             past this node's clock ({now_ns} ns)",
-            begin.sync_lsn, begin.sync_ns
-        ));
-    }
     Ok(())
 }
 
@@ -1029,10 +1017,7 @@ async fn start_resync(
     hasher: &mut Hasher,
     replies: &mpsc::Sender<Reply>,
 ) -> Result<ResyncProgress, String> {
-    let now_ns = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    check_resync_begin(&begin, now_ns)?;
+    check_resync_begin(&begin)?;
     let key = begin
         .diff_key
         .as_deref()
