@@ -22,7 +22,31 @@ const SECTOR_BYTES: u64 = 512;
 pub const VOLUME_FILE: &str = "volume.json";
 /// Bytes a `volume.json` may have: it is a few KiB (its client records
 /// are capped), so a larger file is not one, and is not read.
-const MAX_VOLUME_FILE: u64 = 1 << 20;
+pub(crate) const MAX_VOLUME_FILE: u64 = 1 << 20;
+
+/// Reads the whole of `path`, a file of the volume that holds at most
+/// `max` bytes (`what` names it: "a volume.json"). A larger one is
+/// damage, refused unread: a huge one would take the memory of its size.
+pub(crate) fn read_small_file(
+    storage: &dyn Storage,
+    path: &Path,
+    max: u64,
+    what: &str,
+) -> Result<Vec<u8>> {
+    let context = || format!("reading {}", path.display());
+    let file = storage.open(path).map_err(Error::io(context))?;
+    let size = file.size().map_err(Error::io(context))?;
+    if size > max {
+        return Err(Error::BadMetadata {
+            path: path.to_owned(),
+            reason: format!("it is {size} bytes; {what} is at most {max}"),
+        });
+    }
+    let mut bytes = vec![0u8; size as usize];
+    file.read_exact_at(&mut bytes, 0)
+        .map_err(Error::io(context))?;
+    Ok(bytes)
+}
 
 /// What a new volume is created with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -333,18 +357,7 @@ impl VolumeConfig {
         if !storage.exists(&path) {
             return Err(Error::NotAVolume(dir.to_owned()));
         }
-        let context = || format!("reading {}", path.display());
-        let file = storage.open(&path).map_err(Error::io(context))?;
-        let size = file.size().map_err(Error::io(context))?;
-        if size > MAX_VOLUME_FILE {
-            return Err(Error::BadMetadata {
-                path,
-                reason: format!("it is {size} bytes; a volume.json is at most {MAX_VOLUME_FILE}"),
-            });
-        }
-        let mut bytes = vec![0u8; size as usize];
-        file.read_exact_at(&mut bytes, 0)
-            .map_err(Error::io(context))?;
+        let bytes = read_small_file(storage, &path, MAX_VOLUME_FILE, "a volume.json")?;
         let config: VolumeConfig =
             serde_json::from_slice(&bytes).map_err(|e| Error::BadMetadata {
                 path: path.clone(),

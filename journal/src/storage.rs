@@ -123,16 +123,6 @@ pub trait Storage: Send + Sync + fmt::Debug {
         self.rename(&tmp, path)?;
         self.sync_dir(dir)
     }
-
-    /// Reads a whole (small) file.
-    fn read_file(&self, path: &Path) -> io::Result<Vec<u8>> {
-        let f = self.open(path)?;
-        let len = usize::try_from(f.size()?)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "file too large"))?;
-        let mut buf = vec![0u8; len];
-        f.read_exact_at(&mut buf, 0)?;
-        Ok(buf)
-    }
 }
 
 /// A file with no name in `dir` (`O_TMPFILE`).

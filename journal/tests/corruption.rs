@@ -389,14 +389,19 @@ fn a_huge_checkpoint_file_is_rejected_by_its_header_not_read() {
     assert_prefix(&v, 11);
 }
 
+/// Pads the file at `path` with spaces to `len` bytes: a JSON file stays
+/// valid.
+fn pad(path: &Path, len: usize) {
+    let mut bytes = std::fs::read(path).expect("read");
+    bytes.resize(len, b' ');
+    std::fs::write(path, bytes).expect("write");
+}
+
 #[test]
 fn an_oversized_volume_json_is_refused_unread() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = volume(tmp.path());
-    let mut json = std::fs::read(dir.join("volume.json")).expect("read");
-    // Still valid JSON: whitespace after it.
-    json.resize(2 << 20, b' ');
-    std::fs::write(dir.join("volume.json"), json).expect("write");
+    pad(&dir.join("volume.json"), 2 << 20);
     let err = refused(&dir, false);
     match &err {
         Error::BadMetadata { path, reason } => {
@@ -405,6 +410,68 @@ fn an_oversized_volume_json_is_refused_unread() {
         }
         other => panic!("{other}"),
     }
+}
+
+/// The files `open` reads whole are as large as the volume's state
+/// makes them; a larger one is damage (a huge one would take the memory
+/// of its size), refused before it is read, with its name.
+#[test]
+fn oversized_resync_cut_and_out_of_sync_files_are_refused_unread() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cases: [(&str, &[u8], usize); 3] = [
+        (
+            "resync",
+            br#"{"sync_lsn": 11, "sync_ns": 1, "next_offset": 0,
+                "epoch_history": [{"epoch": 1, "first_lsn": 1, "node": 0}]}"#,
+            2 << 20,
+        ),
+        (
+            "cut",
+            br#"{"name": "tail", "common_lsn": 5, "last_lsn": 11}"#,
+            64 << 10,
+        ),
+        // The map of this 1 MiB disk is 38 bytes.
+        ("out-of-sync", b"RWNDOOS\0", 2 << 20),
+    ];
+    for (file, content, len) in cases {
+        let dir = volume(&tmp.path().join(file));
+        std::fs::write(dir.join(file), content).expect("write");
+        pad(&dir.join(file), len);
+        let err = refused(&dir, false);
+        match &err {
+            Error::BadMetadata { path, reason } => {
+                assert!(path.ends_with(file), "{file}: {err}");
+                assert!(
+                    reason.starts_with(&format!("it is {len} bytes;"))
+                        && reason.contains("at most"),
+                    "{file}: {err}"
+                );
+            }
+            other => panic!("{file}: {other}"),
+        }
+    }
+}
+
+/// A branch's description too; its damage leaves the branch unreadable,
+/// not the volume.
+#[test]
+fn an_oversized_branch_description_is_refused_unread() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = volume(tmp.path());
+    let (v, _) = open_with(&dir, false).expect("open");
+    v.cut_to_branch(5, "tail").expect("cut").expect("a branch");
+    v.close().expect("close");
+    pad(&dir.join("branches").join("tail.json"), 2 << 20);
+    let (v, _) = open_with(&dir, false).expect("open with a damaged branch");
+    let branches = v.branches();
+    assert_eq!(branches.len(), 1, "{branches:?}");
+    let problem = branches[0].problem.as_deref().unwrap_or_default();
+    assert!(
+        !branches[0].readable
+            && problem.contains("tail.json")
+            && problem.contains(&format!("it is {} bytes;", 2 << 20)),
+        "{branches:?}"
+    );
 }
 
 #[test]

@@ -57,6 +57,7 @@ use crate::format::{
     crc32c, le_u32, le_u64, HeaderProblem, Layout, RecordHeader, RecordKind, FORMAT_VERSION,
     RECORD_HEADER_SIZE, SECTOR, SEGMENT_HEADER_SIZE,
 };
+use crate::meta::{read_small_file, MAX_VOLUME_FILE};
 use crate::point::{check_branch_name, format_ns, PointInTime};
 use crate::pool::{segment_name, Segment, JOURNAL_DIR};
 use crate::record_index::{Bookmark, Effect, Entry};
@@ -77,6 +78,13 @@ pub(super) const BRANCH_SEGMENT: u32 = u32::MAX - 1;
 const COPY_BATCH: usize = 4 << 20;
 /// Bytes of header slots read per call while erasing.
 const ERASE_CHUNK: u64 = 1 << 20;
+/// Bytes a branch's description may have: besides a name and numbers it
+/// lists epochs, which volume.json's epoch history holds (each in more
+/// bytes) in at most this.
+const MAX_META_FILE: u64 = MAX_VOLUME_FILE;
+/// Bytes the cut file may have: a branch name and two lsns take a few
+/// hundred.
+const MAX_CUT_FILE: u64 = 4096;
 
 /// A branch, as [`Volume::branches`] lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,10 +166,14 @@ fn records_path(dir: &Path, name: &str) -> PathBuf {
     branches_dir(dir).join(format!("{name}.{RECORDS_EXT}"))
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(storage: &dyn Storage, path: &Path) -> Result<T> {
-    let bytes = storage
-        .read_file(path)
-        .map_err(Error::io(|| format!("reading {}", path.display())))?;
+/// Reads a JSON file of at most `max` bytes ([`read_small_file`]).
+fn read_json<T: for<'de> Deserialize<'de>>(
+    storage: &dyn Storage,
+    path: &Path,
+    max: u64,
+    what: &str,
+) -> Result<T> {
+    let bytes = read_small_file(storage, path, max, what)?;
     serde_json::from_slice(&bytes).map_err(|e| Error::BadMetadata {
         path: path.to_owned(),
         reason: e.to_string(),
@@ -201,7 +213,13 @@ fn load_meta(
     name: &str,
     uuid: Uuid,
 ) -> std::result::Result<BranchMeta, String> {
-    let meta: BranchMeta = read_json(storage, &meta_path(dir, name)).map_err(|e| e.to_string())?;
+    let meta: BranchMeta = read_json(
+        storage,
+        &meta_path(dir, name),
+        MAX_META_FILE,
+        "a branch description",
+    )
+    .map_err(|e| e.to_string())?;
     if meta.format_version != FORMAT_VERSION {
         return Err(format!(
             "its description has format version {}; this build reads version {FORMAT_VERSION}",
@@ -232,7 +250,7 @@ pub(super) fn pending_cut(storage: &dyn Storage, dir: &Path, uuid: Uuid) -> Resu
     if !storage.exists(&path) {
         return Ok(None);
     }
-    let intent: CutIntent = read_json(storage, &path)?;
+    let intent: CutIntent = read_json(storage, &path, MAX_CUT_FILE, "a cut file")?;
     check_branch_name(&intent.name).map_err(|reason| Error::BadMetadata {
         path: path.clone(),
         reason,

@@ -45,12 +45,21 @@ pub struct OutOfSync {
 
 impl OutOfSync {
     fn new(from_lsn: u64, upto_lsn: u64, disk_size: u64) -> Self {
-        let chunks = disk_size.div_ceil(OUT_OF_SYNC_CHUNK);
         OutOfSync {
             from_lsn,
             upto_lsn,
-            bits: vec![0; chunks.div_ceil(8) as usize],
+            bits: vec![0; Self::bits_len(disk_size)],
         }
+    }
+
+    /// Bytes of the bits of a disk of `disk_size` bytes.
+    fn bits_len(disk_size: u64) -> usize {
+        disk_size.div_ceil(OUT_OF_SYNC_CHUNK).div_ceil(8) as usize
+    }
+
+    /// Bytes of the file of a disk of `disk_size` bytes.
+    fn file_len(disk_size: u64) -> u64 {
+        (HEADER + Self::bits_len(disk_size) + 4) as u64
     }
 
     fn mark(&mut self, offset: u64, length: u64) {
@@ -98,9 +107,8 @@ impl OutOfSync {
     }
 
     fn decode(b: &[u8], disk_size: u64) -> std::result::Result<Self, String> {
-        let chunks = disk_size.div_ceil(OUT_OF_SYNC_CHUNK);
-        let bits = chunks.div_ceil(8) as usize;
-        if b.len() != HEADER + bits + 4 || b[..8] != MAGIC {
+        let bits = Self::bits_len(disk_size);
+        if b.len() as u64 != Self::file_len(disk_size) || b[..8] != MAGIC {
             return Err(format!(
                 "{} bytes, not an out-of-sync map of this disk",
                 b.len()
@@ -128,7 +136,9 @@ impl Inner {
     /// Reads the map an earlier run left, if any.
     pub(super) fn load_out_of_sync(&self) -> Result<Option<OutOfSync>> {
         let path = self.out_of_sync_path();
-        let Some(bytes) = self.read_if_there(&path)? else {
+        let len = OutOfSync::file_len(self.config.size);
+        let what = "the out-of-sync map of this disk";
+        let Some(bytes) = self.read_if_there(&path, len, what)? else {
             return Ok(None);
         };
         OutOfSync::decode(&bytes, self.config.size)

@@ -26,10 +26,14 @@ use crate::clock::check_not_ahead;
 use crate::error::{Error, Result};
 use crate::extent_map::{ExtentMap, Pieces, Source};
 use crate::format::{check_range, SECTOR};
-use crate::meta::{EpochStart, Role};
+use crate::meta::{read_small_file, EpochStart, Role, MAX_VOLUME_FILE};
 use crate::record_index::RecordIndex;
 
 pub const RESYNC_FILE: &str = "resync";
+/// Bytes `<vol>/resync` may have: its epoch history becomes volume.json's
+/// when the resync ends, and volume.json holds it, and more, in at most
+/// this.
+const MAX_RESYNC_FILE: u64 = MAX_VOLUME_FILE;
 
 /// A resync under way: what `<vol>/resync` holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,7 +68,7 @@ impl Inner {
     /// Reads a resync left by an earlier run, if any.
     pub(super) fn load_resync(&self) -> Result<Option<ResyncState>> {
         let path = self.resync_path();
-        let Some(bytes) = self.read_if_there(&path)? else {
+        let Some(bytes) = self.read_if_there(&path, MAX_RESYNC_FILE, "a resync file")? else {
             return Ok(None);
         };
         serde_json::from_slice(&bytes)
@@ -75,15 +79,18 @@ impl Inner {
             })
     }
 
-    /// The content of a small file of the volume, if it exists.
-    pub(super) fn read_if_there(&self, path: &std::path::Path) -> Result<Option<Vec<u8>>> {
+    /// The content of a small file of the volume, if it exists
+    /// ([`read_small_file`]).
+    pub(super) fn read_if_there(
+        &self,
+        path: &std::path::Path,
+        max: u64,
+        what: &str,
+    ) -> Result<Option<Vec<u8>>> {
         if !self.storage.exists(path) {
             return Ok(None);
         }
-        self.storage
-            .read_file(path)
-            .map(Some)
-            .map_err(Error::io(|| format!("reading {}", path.display())))
+        read_small_file(self.storage.as_ref(), path, max, what).map(Some)
     }
 
     /// Fails while a resync is under way: nothing is readable then.
