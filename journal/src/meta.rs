@@ -24,6 +24,12 @@ pub const VOLUME_FILE: &str = "volume.json";
 /// are capped), so a larger file is not one, and is not read.
 pub(crate) const MAX_VOLUME_FILE: u64 = 1 << 20;
 
+/// Most epochs an epoch history lists. volume.json lists every one, in
+/// at most 126 bytes each (three 20-digit numbers, written out): these
+/// take about half of its [`MAX_VOLUME_FILE`]. (An epoch is a failover or
+/// a promotion.)
+pub(crate) const MAX_EPOCHS: usize = 4096;
+
 /// Reads the whole of `path`, a file of the volume that holds at most
 /// `max` bytes (`what` names it: "a volume.json"). A larger one is
 /// damage, refused unread: a huge one would take the memory of its size.
@@ -486,6 +492,33 @@ mod tests {
         let none = VolumeConfig::new(&VolumeSettings::new(1 << 20));
         let text = serde_json::to_string(&none).expect("json");
         assert!(!text.contains("clients"), "{text}");
+    }
+
+    #[test]
+    fn the_most_epochs_and_clients_fit_a_volume_json() {
+        let mut config = VolumeConfig::new(&VolumeSettings::new(1 << 20));
+        config.epoch_history = vec![
+            EpochStart {
+                epoch: u64::MAX,
+                first_lsn: u64::MAX,
+                node: u64::MAX,
+            };
+            MAX_EPOCHS
+        ];
+        for n in 0..MAX_ATTACH_RECORDS as u32 {
+            config.note_client(AttachRecord {
+                client: format!("{n:0>64}"),
+                epoch: u64::MAX,
+                left_lsn: Some(u64::MAX),
+            });
+        }
+        let bytes = serde_json::to_vec_pretty(&config).expect("json");
+        // Half of it, and room for the rest.
+        assert!(
+            bytes.len() as u64 <= MAX_VOLUME_FILE * 2 / 3,
+            "{} bytes",
+            bytes.len()
+        );
     }
 
     #[test]

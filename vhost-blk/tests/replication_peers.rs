@@ -728,10 +728,16 @@ fn records_out_of_lsn_order_append_nothing() {
     assert_eq!(rig.genuine(), rig.primary.durable_lsn());
 }
 
-/// Gives `record` the time `ns`, with a header checksum to match: what a
-/// primary whose clock is far off (or a forger) sends.
-fn retime(record: &mut ShippedRecord, ns: u64) {
-    record.header[24..32].copy_from_slice(&ns.to_le_bytes());
+/// Offsets of header fields (journal/FORMAT.md, "Records").
+const LSN_AT: usize = 16;
+const TIME_AT: usize = 24;
+const EPOCH_AT: usize = 32;
+const OFFSET_AT: usize = 40;
+
+/// Sets the u64 header field at `at` of `record`, with a header checksum
+/// to match: a record no genuine primary sends.
+fn set_field(record: &mut ShippedRecord, at: usize, value: u64) {
+    record.header[at..at + 8].copy_from_slice(&value.to_le_bytes());
     let crc = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, &record.header[..72]);
     // A 32-bit CRC comes back in the low half of the u64.
     record.header[72..76].copy_from_slice(&(crc as u32).to_le_bytes());
@@ -750,7 +756,7 @@ fn a_record_from_the_future_appends_nothing_of_its_batch() {
     assert!(records.len() >= 3);
     // The first record is sound; those after it keep their order in time.
     for record in &mut records[1..] {
-        retime(record, YEAR_2500_NS);
+        set_field(record, TIME_AT, YEAR_2500_NS);
     }
     let (mut conn, _) = rig.session();
     rig.send(&mut conn, &encode(rig.epoch(), &Message::Records(records)))
@@ -769,6 +775,50 @@ fn a_record_from_the_future_appends_nothing_of_its_batch() {
     rig.check_refused(conn.local, &why, lsn);
 
     assert_eq!(rig.genuine(), rig.primary.durable_lsn());
+}
+
+/// Every epoch a replica takes is listed in its volume.json, which an
+/// open reads only up to 1 MiB: a batch that would list more than 4096
+/// is refused, and the replica still opens.
+#[test]
+fn a_flood_of_epochs_is_refused_and_the_replica_still_opens() {
+    let mut rig = Rig::start();
+    let lsn = rig.genuine();
+    rig.primary.raise_epoch().expect("raise the epoch");
+    let genuine = rig.records(lsn + 1);
+    assert_eq!(genuine[0].lsn(), lsn + 1);
+    // Epoch records 2, 3, ...: taken, volume.json would list them all
+    // in well over 1 MiB.
+    let flood: Vec<ShippedRecord> = (0..16_000)
+        .map(|i| {
+            let mut record = genuine[0].clone();
+            set_field(&mut record, LSN_AT, lsn + 1 + i);
+            set_field(&mut record, EPOCH_AT, 2 + i);
+            set_field(&mut record, OFFSET_AT, 2 + i);
+            record
+        })
+        .collect();
+    let (mut conn, _) = rig.session();
+    rig.send(&mut conn, &encode(1, &Message::Records(flood)))
+        .expect("send the records");
+    let closed = rig.closed(&mut conn);
+    assert!(closed.acks().is_empty(), "{closed:?}");
+    rig.check_refused(
+        conn.local,
+        &format!(
+            "shipped record {} refused: it starts epoch 4097, but this volume's epoch history \
+             lists 4096 epochs already, the most volume.json keeps",
+            lsn + 4096
+        ),
+        lsn,
+    );
+    assert_eq!(rig.status()["epoch"], 1);
+
+    rig.replica.stop();
+    rig.replica.restart();
+    assert_eq!(rig.last_lsn(), lsn);
+    assert_eq!(rig.genuine(), rig.primary.durable_lsn());
+    assert_eq!(rig.status()["epoch"], 2);
 }
 
 #[test]
