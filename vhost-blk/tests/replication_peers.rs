@@ -19,7 +19,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use common::replication::{free_port, identity, replica_volume, tls_args, Identity, Node, SIZE};
+use common::replication::{
+    free_port, identity, replica_volume, tls_args, tls_context, Identity, Node, SIZE,
+};
 use common::wait_until;
 use rewind_journal::{
     BaseImage, EpochStart, OpenOptions, OsStorage, ShippedRecord, Volume, VolumeSettings,
@@ -28,7 +30,7 @@ use rewind_vhost_blk::replication::frame::{
     read_frame, reseal, Encoder, ForwardOp, Frame, FrameError, Hello, Message, ResyncBegin,
     Welcome, HEADER_SIZE,
 };
-use rewind_vhost_blk::replication::tls::{Fingerprint, PeerTrust, TlsContext, TlsSettings};
+use rewind_vhost_blk::replication::tls::{Fingerprint, TlsContext};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -112,18 +114,6 @@ fn encode(epoch: u64, message: &Message) -> Vec<u8> {
         .bytes
 }
 
-fn context(me: &Identity, peer: &Identity) -> TlsContext {
-    TlsContext::load(
-        &TlsSettings {
-            cert: me.cert.clone(),
-            key: me.key.clone(),
-            trust: PeerTrust::Fingerprint(peer.fingerprint.parse().expect("fingerprint")),
-        },
-        "test",
-    )
-    .expect("TLS context")
-}
-
 impl Rig {
     fn start() -> Rig {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -163,7 +153,7 @@ impl Rig {
             replica,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             primary,
-            me: context(&me_id, &replica_id),
+            me: tls_context(&me_id, &replica_id),
             replica_id,
             stranger,
             _dir: dir,
@@ -520,7 +510,7 @@ fn peers_without_the_pinned_certificate_are_refused_by_tls() {
     rig.write_flushed(4);
 
     // 1. A certificate of its own that the replica does not pin.
-    let stranger = context(&rig.stranger, &rig.replica_id);
+    let stranger = tls_context(&rig.stranger, &rig.replica_id);
     let error = refused_by_tls(
         &rig,
         stranger.connector(),

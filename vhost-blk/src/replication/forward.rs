@@ -267,15 +267,33 @@ impl Forwarding {
     }
 
     /// The peer answered request `id`. An answer to a request that waits
-    /// for none (never sent, or answered already) is an error of the
-    /// peer's.
+    /// for none (never sent, or answered already), or data of another
+    /// length than the request reads, is an error of the peer's; the
+    /// request then fails with it.
     pub(super) fn answered(&self, id: u64, result: Result<Vec<u8>, String>) -> Result<(), String> {
         let mut queue = self.lock();
-        if queue.sent.remove(&id).is_some() {
+        if let Some(op) = queue.sent.remove(&id) {
+            // The pieces of a read are put together by their lengths: one
+            // of another length would move the data of the rest.
+            let wanted = match op {
+                ForwardOp::Read { length, .. } => length,
+                _ => 0,
+            };
+            let (result, wrong) = match result {
+                Ok(data) if data.len() as u64 != wanted => {
+                    let why = format!(
+                        "the peer answered request {id}, which reads {wanted} bytes, with {} \
+                         bytes",
+                        data.len()
+                    );
+                    (Err(why.clone()), Some(why))
+                }
+                result => (result, None),
+            };
             queue.done.insert(id, result);
             drop(queue);
             self.changed.notify_all();
-            Ok(())
+            wrong.map_or(Ok(()), Err)
         } else if queue.abandoned.remove(&id) {
             Ok(())
         } else {
@@ -437,6 +455,28 @@ mod tests {
         assert_eq!(f.took_over(4, 50, 3, 50), Ok(()));
         assert!(f.took_over(5, 50, 3, 50).is_err(), "answered already");
         assert_eq!(f.wait_detached(soon()), Ok((4, 50)));
+    }
+
+    #[test]
+    fn an_answer_carries_exactly_the_data_its_request_reads() {
+        let f = Forwarding::default();
+        let read = f.queue(ForwardOp::Read {
+            offset: 0,
+            length: 4096,
+        });
+        let flush = f.queue(ForwardOp::Flush);
+        assert_eq!(f.take_unsent().len(), 2);
+        let short = f.answered(read, Ok(vec![0; 512])).expect_err("short");
+        assert!(
+            short.contains("which reads 4096 bytes, with 512 bytes"),
+            "{short}"
+        );
+        assert_eq!(f.wait(read, soon()), Err(ForwardError::Peer(short)));
+        let data = f.answered(flush, Ok(vec![0; 512])).expect_err("data");
+        assert!(
+            data.contains("which reads 0 bytes, with 512 bytes"),
+            "{data}"
+        );
     }
 
     #[test]

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
-pub const BUF: usize = 1 << 20;
+/// Room for a request of up to 2 MiB (larger than the 1 MiB pieces a
+/// detached primary forwards).
+pub const BUF: usize = 2 << 20;
 
 pub struct Client {
     pub blkio: Blkio,
@@ -65,10 +67,17 @@ impl Client {
     }
 
     pub fn read(&mut self, q: usize, offset: u64, len: usize) -> Vec<u8> {
+        let (status, data) = self.try_read(q, offset, len);
+        assert_eq!(status, 0, "read at {offset}");
+        data
+    }
+
+    /// A read that may fail: its status, and what the buffer holds then.
+    pub fn try_read(&mut self, q: usize, offset: u64, len: usize) -> (i32, Vec<u8>) {
         let addr = self.region.addr as *mut u8;
         self.queues[q].read(offset, addr, len, 0, ReqFlags::empty());
-        assert_eq!(self.complete(q), 0, "read at {offset}");
-        self.buf()[..len].to_vec()
+        let status = self.complete(q);
+        (status, self.buf()[..len].to_vec())
     }
 
     /// Submits a write and waits at most `limit` for it: None if it did not

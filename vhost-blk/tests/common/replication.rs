@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::{wait_until, Server, TestVolume, BIN};
+use rewind_vhost_blk::replication::tls::{PeerTrust, TlsContext, TlsSettings};
 use serde_json::{json, Value};
 
 pub const SIZE: &str = "64M";
@@ -44,6 +45,20 @@ pub fn identity(dir: &Path, name: &str) -> Identity {
         key: field("key").into(),
         fingerprint: field("fingerprint"),
     }
+}
+
+/// The TLS context of `me`, trusting `peer` by its fingerprint: a peer
+/// played from a test.
+pub fn tls_context(me: &Identity, peer: &Identity) -> TlsContext {
+    TlsContext::load(
+        &TlsSettings {
+            cert: me.cert.clone(),
+            key: me.key.clone(),
+            trust: PeerTrust::Fingerprint(peer.fingerprint.parse().expect("fingerprint")),
+        },
+        "test",
+    )
+    .expect("TLS context")
 }
 
 /// A free TCP port on loopback.
