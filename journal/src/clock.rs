@@ -1,30 +1,52 @@
 //! Time sources for record timestamps (a fake one lets tests move time).
 
-use std::fmt::Debug;
+use std::fmt::{Debug, Display};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::point::format_ns;
 
-/// How far past this node's clock a time that another host stamped (a
-/// primary's records, a resync's sync point) may be: the hosts' clocks
-/// differ a little. Records are kept in time order, so one from the
-/// future would keep every later record out and stand past every time a
-/// view can name.
-pub(crate) const MAX_CLOCK_SKEW: Duration = Duration::from_secs(60);
+/// How far past this node's clock a time that the primary stamped (its
+/// records, a resync's sync point) may be before a warning says the two
+/// hosts' clocks differ. Such a time is still taken: the primary keeps its
+/// own records in time order the same way (a record is never stamped
+/// before the last one, whatever the clock says), so the replica holds
+/// what the primary holds; refusing it would stop replication, and a
+/// failover with it, until this clock caught up.
+const CLOCK_SKEW_WARNING: Duration = Duration::from_secs(60);
 
-/// Fails, saying why, when `ns` is more than [`MAX_CLOCK_SKEW`] past
-/// `now_ns`.
-pub(crate) fn check_not_ahead(ns: u64, now_ns: u64) -> Result<(), String> {
-    let latest = now_ns.saturating_add(MAX_CLOCK_SKEW.as_nanos() as u64);
-    if ns > latest {
-        return Err(format!(
-            "its time {} is more than {MAX_CLOCK_SKEW:?} past this node's clock ({})",
-            format_ns(ns),
-            format_ns(now_ns)
-        ));
+/// This node's time at the last `clock_skew` warning: one a minute at
+/// most, however many records come from ahead. (The clocks are the
+/// hosts', so one for the process.)
+static LAST_SKEW_WARNING: AtomicU64 = AtomicU64::new(0);
+
+/// Warns (`clock_skew`) when `ns`, the time `what` carries, is more than
+/// [`CLOCK_SKEW_WARNING`] past `now_ns`, this node's clock; returns whether
+/// it is.
+pub(crate) fn warn_if_ahead(ns: u64, now_ns: u64, volume: &dyn Display, what: &str) -> bool {
+    let skew = CLOCK_SKEW_WARNING.as_nanos() as u64;
+    if ns <= now_ns.saturating_add(skew) {
+        return false;
     }
-    Ok(())
+    let last = LAST_SKEW_WARNING.load(Ordering::Relaxed);
+    let due = last == 0 || now_ns.saturating_sub(last) >= skew || now_ns < last;
+    if due
+        && LAST_SKEW_WARNING
+            .compare_exchange(last, now_ns, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            event = crate::events::CLOCK_SKEW,
+            volume = %volume,
+            "{what} is stamped {}, more than {}s past this node's clock ({}): the two \
+             hosts' clocks differ; it is taken, and the records after it are stamped no \
+             earlier",
+            format_ns(ns),
+            CLOCK_SKEW_WARNING.as_secs(),
+            format_ns(now_ns)
+        );
+    }
+    true
 }
 
 /// Nanoseconds since the Unix epoch.
@@ -64,5 +86,22 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now_ns(&self) -> u64 {
         self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_time_more_than_a_minute_ahead_is_reported() {
+        let now = 1_700_000_000 * 1_000_000_000;
+        let minute = CLOCK_SKEW_WARNING.as_nanos() as u64;
+        let ahead = |ns| warn_if_ahead(ns, now, &"vol", "a test record");
+        assert!(!ahead(now - 1));
+        assert!(!ahead(now + minute));
+        assert!(ahead(now + minute + 1));
+        assert!(ahead(u64::MAX), "no overflow at the far end");
+        assert!(!warn_if_ahead(u64::MAX, u64::MAX, &"vol", "a test record"));
     }
 }

@@ -155,6 +155,10 @@ pub const HANDOVER_DONE: &str = "handover_done";
 /// A copy of `super` is cut off or fails its checksum: the other one is used.
 pub const SUPER_COPY_DAMAGED: &str = "super_copy_damaged";
 
+/// A time the primary stamped (a shipped record, a resync's sync point)
+/// lies more than a minute past this node's clock: the hosts' clocks differ.
+pub const CLOCK_SKEW: &str = "clock_skew";
+
 /// Every name above, for the tests that keep them unique and documented.
 pub const ALL: &[&str] = &[
     STORAGE_ERROR,
@@ -218,6 +222,7 @@ pub const ALL: &[&str] = &[
     HANDOVER_NO_VERDICT,
     HANDOVER_DONE,
     SUPER_COPY_DAMAGED,
+    CLOCK_SKEW,
 ];
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use serde::{Deserialize, Serialize};
 
 use super::{lock, Inner, Volume};
-use crate::clock::check_not_ahead;
+use crate::clock::warn_if_ahead;
 use crate::error::{Error, Result};
 use crate::extent_map::{ExtentMap, Pieces, Source};
 use crate::format::{check_range, SECTOR};
@@ -142,8 +142,12 @@ impl Volume {
                 "a resync to lsn {sync_lsn}: no lsn could follow it"
             )));
         }
-        check_not_ahead(sync_ns, inner.clock.now_ns())
-            .map_err(|why| Error::InvalidRequest(format!("a resync to lsn {sync_lsn}: {why}")))?;
+        warn_if_ahead(
+            sync_ns,
+            inner.clock.now_ns(),
+            &inner.config.uuid,
+            "a resync's sync point",
+        );
         let _no_fold = lock(&inner.fold_lock);
         let state = ResyncState {
             sync_lsn,

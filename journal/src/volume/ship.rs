@@ -22,7 +22,7 @@
 use std::sync::atomic::Ordering;
 
 use super::{lock, Inner, Payload, Volume, NO_HOLD};
-use crate::clock::check_not_ahead;
+use crate::clock::warn_if_ahead;
 use crate::error::{Error, Result};
 use crate::extent_map::ExtentMap;
 use crate::format::{
@@ -449,7 +449,7 @@ impl Inner {
                     h.timestamp
                 )));
             }
-            check_not_ahead(h.timestamp, now).map_err(bad)?;
+            warn_if_ahead(h.timestamp, now, &self.config.uuid, "a shipped record");
             match h.kind {
                 RecordKind::Epoch if h.epoch <= epoch => {
                     return Err(bad(format!(

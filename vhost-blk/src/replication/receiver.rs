@@ -985,8 +985,7 @@ async fn hash_old_disk(
 }
 
 /// Checks what a resync-begin would have this replica keep (the sync
-/// point becomes its journal's base), before any of it is kept. (The
-/// journal refuses a sync point's time from the future.)
+/// point becomes its journal's base), before any of it is kept.
 fn check_resync_begin(begin: &ResyncBegin) -> Result<(), String> {
     if begin.sync_lsn == u64::MAX {
         return Err(format!(
