@@ -20,15 +20,40 @@ use rewind_vhost_blk::replication::frame::{
 use rewind_vhost_blk::replication::tls::TlsContext;
 
 /// One session of a replica that takes whatever comes and answers a
-/// forwarded read of `length` bytes with `answer(length)` bytes.
-async fn replica(listener: std::net::TcpListener, tls: TlsContext, answer: fn(u64) -> usize) {
+/// forwarded read of `length` bytes with `answer(length)` bytes. The
+/// primary's later connections are held, their TLS handshakes never
+/// answered, until `stop`: a refused connection would replace the
+/// primary's `last_error` within its first reconnect's 100 ms, a held one
+/// only at its handshake's 5 s timeout.
+async fn replica(
+    listener: std::net::TcpListener,
+    tls: TlsContext,
+    answer: fn(u64) -> usize,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
     let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
     let Ok((tcp, _)) = listener.accept().await else {
         return;
     };
-    let Ok(stream) = tls.acceptor().accept(tcp).await else {
-        return;
-    };
+    if let Ok(stream) = tls.acceptor().accept(tcp).await {
+        session(stream, answer).await;
+    }
+    let mut held = Vec::new();
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => held.push(tcp),
+                Err(_) => return,
+            },
+        }
+    }
+}
+
+async fn session(
+    stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    answer: fn(u64) -> usize,
+) {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut encoder = Encoder::new(false).expect("encoder");
     // `received`: the newest lsn that came. A frame is acked with what
@@ -111,16 +136,24 @@ fn a_forwarded_read_answered_with_the_wrong_length_fails() {
     listener.set_nonblocking(true).expect("nonblocking");
     let addr = listener.local_addr().expect("address");
     let tls = tls_context(&peer, &me);
+    let (stop, stopped) = tokio::sync::oneshot::channel();
     let played = std::thread::spawn(move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime")
-            .block_on(replica(listener, tls, |length| (READ - length) as usize))
+            .block_on(replica(
+                listener,
+                tls,
+                |length| (READ - length) as usize,
+                stopped,
+            ))
     });
     let mut args = vec!["--replicate-to".to_owned(), addr.to_string()];
     args.extend(tls_args(&me, &peer));
-    args.extend(["--on-storage-error", "detach", "--io-error-hold", "2s"].map(String::from));
+    // Writes that fail wait for the detach this long: far more than it
+    // takes, on a loaded machine too.
+    args.extend(["--on-storage-error", "detach", "--io-error-hold", "20s"].map(String::from));
     let primary = Node::start(volume, args);
 
     let mut client = Client::connect(&primary.vol.socket, 1);
@@ -148,5 +181,6 @@ fn a_forwarded_read_answered_with_the_wrong_length_fails() {
             .is_some_and(|e| e.contains("which reads 1048576 bytes, with 524288 bytes"))
     });
     drop(primary);
+    let _ = stop.send(());
     played.join().expect("the replica");
 }
