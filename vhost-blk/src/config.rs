@@ -285,7 +285,6 @@ pub struct ServeConfig {
     pub on_storage_error: OnStorageError,
     pub journal_layout: rewind_journal::LayoutChoice,
     pub control_socket: Option<PathBuf>,
-    pub control_request_timeout: Option<Duration>,
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub replication: Replication,
     pub bookmarks: Option<Schedule>,
@@ -317,8 +316,6 @@ pub enum ConfigError {
     Rate,
     #[error("--bookmark-every must be at least 1s (bookmarks are named to the second), not {0:?}")]
     BookmarkEvery(Duration),
-    #[error("{CONTROL_REQUEST_TIMEOUT_ENV}: {0}")]
-    ControlRequestTimeout(String),
 }
 
 /// The listening socket systemd passed (sd_listen_fds(3)): fd 3, when
@@ -327,20 +324,6 @@ fn systemd_listen_fd() -> Option<RawFd> {
     let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
     let fds: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
     (pid == std::process::id() && fds == 1).then_some(3)
-}
-
-/// Replaces the 60 s a control client has to send a request line from its
-/// first byte (a duration: 300ms). Not an option: only tests shorten it.
-pub const CONTROL_REQUEST_TIMEOUT_ENV: &str = "REWIND_CONTROL_REQUEST_TIMEOUT";
-
-fn control_request_timeout() -> Result<Option<Duration>, ConfigError> {
-    match std::env::var(CONTROL_REQUEST_TIMEOUT_ENV) {
-        Ok(value) => duration(&value)
-            .map(Some)
-            .map_err(ConfigError::ControlRequestTimeout),
-        Err(std::env::VarError::NotPresent) => Ok(None),
-        Err(e) => Err(ConfigError::ControlRequestTimeout(e.to_string())),
-    }
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -386,7 +369,6 @@ impl TryFrom<ServeArgs> for ServeConfig {
             on_storage_error: a.on_storage_error,
             journal_layout: a.journal_layout.into(),
             control_socket: a.control_socket,
-            control_request_timeout: control_request_timeout()?,
             metrics_listen: a.metrics_listen,
             replication,
             bookmarks: a.bookmark_every.map(|every| Schedule {

@@ -13,9 +13,8 @@ use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -895,17 +894,7 @@ fn error(message: String) -> Value {
 
 /// Binds the socket (mode 0600) and serves it on a thread until the process
 /// ends. The socket file is removed by [`ControlSocket`]'s drop.
-/// `request_timeout` replaces the 60 s a request line may take to arrive
-/// from its first byte (tests shorten it).
-pub fn start(
-    path: &Path,
-    control: Arc<Control>,
-    request_timeout: Option<Duration>,
-) -> Result<ControlSocket, ControlError> {
-    let timing = Timing {
-        request: request_timeout.unwrap_or(TIMING.request),
-        ..TIMING
-    };
+pub fn start(path: &Path, control: Arc<Control>) -> Result<ControlSocket, ControlError> {
     if path.exists() {
         return Err(ControlError::Exists(path.to_owned()));
     }
@@ -919,28 +908,32 @@ pub fn start(
         .name("rewind-control".into())
         .spawn(move || {
             let connections = Arc::new(Connections::default());
-            for stream in listener.incoming() {
-                match stream {
-                    Ok(stream) => {
-                        let Some(place) = connections.enter() else {
-                            refuse_over_cap(stream, &connections, &control);
-                            continue;
-                        };
-                        let control = control.clone();
-                        // One thread per client, as a long command (a
-                        // materialize) must not hold up the others; a quiet
-                        // client's thread ends after timing.idle.
-                        let spawned = std::thread::Builder::new()
-                            .name("rewind-control-client".into())
-                            .spawn(move || {
-                                let _place = place;
-                                serve_client(stream, &control, timing);
-                            });
-                        if let Err(e) = spawned {
-                            tracing::warn!(error = %e, "cannot start a control client thread");
-                        }
+            loop {
+                // At the cap, the next client waits in the listen backlog
+                // until a connection ends (a quiet one within TIMING.idle),
+                // as rewindctl waits a minute and more for its answer.
+                // Turned away instead, the Pacemaker agent's monitor would
+                // take the daemon for dead and stop it, guest and all.
+                let place = connections.enter(&control);
+                let stream = match listener.accept() {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control socket accept failed");
+                        continue;
                     }
-                    Err(e) => tracing::warn!(error = %e, "control socket accept failed"),
+                };
+                let control = control.clone();
+                // One thread per client, as a long command (a
+                // materialize) must not hold up the others; a quiet
+                // client's thread ends after TIMING.idle.
+                let spawned = std::thread::Builder::new()
+                    .name("rewind-control-client".into())
+                    .spawn(move || {
+                        let _place = place;
+                        serve_client(stream, &control, TIMING);
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot start a control client thread");
                 }
             }
         })
@@ -953,21 +946,27 @@ pub fn start(
 /// The control connections being served.
 #[derive(Debug, Default)]
 struct Connections {
-    open: AtomicUsize,
-    /// A refusal was logged since a place last came free: a client
-    /// retrying in a loop logs one line, not one a try.
-    refusing: AtomicBool,
+    open: Mutex<usize>,
+    ended: Condvar,
 }
 
 impl Connections {
-    /// A place for one more connection, unless MAX_CONNECTIONS are open.
-    fn enter(self: &Arc<Self>) -> Option<Place> {
-        self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
-                (open < MAX_CONNECTIONS).then_some(open + 1)
-            })
-            .ok()?;
-        Some(Place(self.clone()))
+    /// A place for one more connection, once fewer than MAX_CONNECTIONS
+    /// are open.
+    fn enter(self: &Arc<Self>, control: &Control) -> Place {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if *open >= MAX_CONNECTIONS {
+            tracing::warn!(
+                event = rewind_journal::events::CONTROL_CONNECTIONS_FULL,
+                volume = %control.volume.config().uuid,
+                "{MAX_CONNECTIONS} control connections are open: new ones wait until one ends"
+            );
+        }
+        while *open >= MAX_CONNECTIONS {
+            open = self.ended.wait(open).unwrap_or_else(|e| e.into_inner());
+        }
+        *open += 1;
+        Place(self.clone())
     }
 }
 
@@ -978,37 +977,10 @@ struct Place(Arc<Connections>);
 
 impl Drop for Place {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-        self.0.refusing.store(false, Ordering::Release);
-    }
-}
-
-/// Answers a connection past MAX_CONNECTIONS with one error line, then
-/// closes it. Never waits for the client: the accept thread serves
-/// everyone.
-fn refuse_over_cap(stream: UnixStream, connections: &Connections, control: &Control) {
-    if !connections.refusing.swap(true, Ordering::AcqRel) {
-        tracing::warn!(
-            event = rewind_journal::events::CONTROL_CONNECTIONS_FULL,
-            volume = %control.volume.config().uuid,
-            "{MAX_CONNECTIONS} control connections are open: new ones are turned away \
-             until one ends"
-        );
-    }
-    let line = format!(
-        "{}\n",
-        error(format!(
-            "{MAX_CONNECTIONS} control connections are open, the most this daemon serves at \
-             once; try again when one has ended"
-        ))
-    );
-    // A fresh socket's buffer takes the line whole.
-    let mut writer = &stream;
-    if let Err(e) = stream
-        .set_nonblocking(true)
-        .and_then(|()| writer.write_all(line.as_bytes()))
-    {
-        tracing::debug!(error = %e, "a control connection past the cap went away");
+        let mut open = self.0.open.lock().unwrap_or_else(|e| e.into_inner());
+        *open -= 1;
+        drop(open);
+        self.0.ended.notify_one();
     }
 }
 
@@ -1085,12 +1057,11 @@ fn serve_client(stream: UnixStream, control: &Control, timing: Timing) {
 /// Why no request line was read; each ends the connection.
 #[derive(Debug, thiserror::Error)]
 enum RequestError {
-    #[error("no request for {} s: closing the connection", .0.as_secs())]
+    #[error("no request for {0:?}: closing the connection")]
     Idle(Duration),
     #[error(
-        "the request did not end within {} s of its first byte (a newline ends it): \
-         closing the connection",
-        .0.as_secs()
+        "the request did not end within {0:?} of its first byte (a newline ends it): \
+         closing the connection"
     )]
     TooSlow(Duration),
     #[error("request longer than {MAX_LINE} bytes")]
@@ -1653,6 +1624,34 @@ mod tests {
         assert_eq!(lines[0]["ok"], true, "{lines:?}");
         let message = lines[1]["error"].as_str().expect("error");
         assert!(message.contains("no request for"), "{message}");
+    }
+
+    #[test]
+    fn a_request_trickled_in_is_cut_off_at_its_deadline() {
+        let timing = Timing {
+            request: Duration::from_millis(300),
+            ..TIMING
+        };
+        let started = Instant::now();
+        let lines = serve_pair(timing, |client| {
+            // A byte every 20 ms (each far within the 60 s the daemon
+            // waits for the next one), until the daemon ends the
+            // connection, or for 10 s.
+            while started.elapsed() < Duration::from_secs(10) && client.write_all(b" ").is_ok() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let took = started.elapsed();
+        assert!(
+            (Duration::from_millis(300)..Duration::from_secs(5)).contains(&took),
+            "{took:?}"
+        );
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let message = lines[0]["error"].as_str().expect("error");
+        assert!(
+            message.contains("did not end within 300ms of its first byte"),
+            "{message}"
+        );
     }
 
     #[test]

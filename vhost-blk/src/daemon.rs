@@ -217,11 +217,7 @@ pub fn serve(config: ServeConfig) -> Result<(), DaemonError> {
         roles,
     ));
     let _control_socket = match &config.control_socket {
-        Some(path) => Some(control::start(
-            path,
-            control.clone(),
-            config.control_request_timeout,
-        )?),
+        Some(path) => Some(control::start(path, control.clone())?),
         None => None,
     };
     if let Some(address) = config.metrics_listen {
