@@ -266,7 +266,7 @@ pub fn request(
 /// How long to wait for each line beyond a command's own `timeout_ms`
 /// (drain and fence answer within it): a long command, once it sent
 /// progress, sends a line at least every 5 s however slowly it goes, as
-/// demote, failover and handover do while they wait.
+/// every role change does while it waits.
 const LINE_WAIT: Duration = Duration::from_secs(60);
 
 fn request_waiting(

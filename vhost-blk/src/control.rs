@@ -528,6 +528,7 @@ impl Control {
                 chunk_bytes,
             } => self.checksums(&at, &key, chunk_bytes, progress),
             Command::Promote { force, drained } => {
+                send_waiting(progress);
                 to_json(serde_json::to_value(self.roles.promote(force, drained)?))
             }
             Command::Demote { timeout_ms } => {
@@ -565,6 +566,7 @@ impl Control {
                             .into(),
                     );
                 }
+                send_waiting(progress);
                 let branch = self.roles.resolve()?;
                 Ok(json!({"role": self.volume.role(), "branch": branch}))
             }
@@ -878,12 +880,12 @@ fn stop_view(view: ViewExport) {
 }
 
 /// The progress line of a command that waits with nothing to count: 0 of
-/// 0, which serve_client repeats every heartbeat. Demote, failover and
-/// handover can outlast rewindctl's wait for a line (`timeout_ms` + 60 s):
-/// they first wait for any other role change to end (a handover's seal
-/// holds it for up to twice that handover's timeout), then for up to
-/// their `timeout_ms`, demote twice (the requests in flight, then the
-/// replica's ack).
+/// 0, which serve_client repeats every heartbeat. Every role change can
+/// outlast rewindctl's wait for a line (`timeout_ms` + 60 s): it first
+/// waits for any other role change to end (a handover's seal holds it for
+/// up to twice that handover's timeout); then demote, failover and
+/// handover wait for up to their `timeout_ms`, demote twice (the requests
+/// in flight, then the replica's ack).
 fn send_waiting(progress: &mut dyn FnMut(Value)) {
     progress(json!({"version": PROTOCOL_VERSION, "progress": {"done": 0, "total": 0}}));
 }

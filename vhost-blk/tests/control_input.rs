@@ -128,8 +128,17 @@ fn role_changes_send_progress_before_their_answer() {
         ("failover", true),
         // No guest attached: seals.
         ("demote", true),
+        // No peer to resolve against: refused.
+        ("resolve", false),
+        // It holds its own seal.
+        ("promote", true),
     ] {
-        let lines = lines_until_answer(&daemon.control, command, json!({"timeout_ms": 1000}));
+        let args = match command {
+            "promote" => json!({}),
+            "resolve" => json!({"discard_this_side": true}),
+            _ => json!({"timeout_ms": 1000}),
+        };
+        let lines = lines_until_answer(&daemon.control, command, args);
         let (answer, before) = lines.split_last().expect("an answer");
         assert_eq!(answer["ok"], answered_ok, "{command}: {answer}");
         assert!(
@@ -138,8 +147,10 @@ fn role_changes_send_progress_before_their_answer() {
         );
     }
     // rewindctl's client reads through them.
-    let again = daemon.try_ctl("demote", json!({})).expect_err("a replica");
-    assert!(again.to_string().contains("replica already"), "{again}");
+    let again = daemon
+        .try_ctl("promote", json!({}))
+        .expect_err("the primary");
+    assert!(again.to_string().contains("already the primary"), "{again}");
     assert!(daemon.server.stop().success());
 }
 
