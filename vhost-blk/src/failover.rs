@@ -421,8 +421,13 @@ impl Roles {
             // A primary that is up reconnects within its backoff (this
             // daemon may have just restarted): wait for it, then ask.
             // --force says it is fenced: ask only if it is connected.
+            // The timeout counts from the request: the wait for another
+            // role change above spent part of it.
             let deadline = started + timeout;
-            let wait = if force { Duration::ZERO } else { timeout };
+            let wait = match force {
+                true => Duration::ZERO,
+                false => deadline.saturating_duration_since(Instant::now()),
+            };
             if let Some(link) = self.link.as_ref().filter(|link| link.wait_receiving(wait)) {
                 tracing::info!("failover: asking the primary to seal");
                 let left = deadline.saturating_duration_since(Instant::now());

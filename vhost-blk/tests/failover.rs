@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::child_client::{BlockClient, ChildClient};
 use common::client::{pattern, Client};
@@ -255,6 +255,48 @@ fn without_an_answering_primary_failover_needs_force_and_the_old_tail_becomes_a_
         None,
         "the rejoined node served a guest write"
     );
+}
+
+#[test]
+fn a_failover_s_timeout_counts_its_wait_for_another_role_change() {
+    // A replica whose primary never connects: each failover waits its
+    // whole timeout for it, holding the role-change lock, then refuses.
+    let vol = TestVolume::create(SIZE);
+    let certs = vol.dir.path().join("certs");
+    let (a, b) = (identity(&certs, "a"), identity(&certs, "b"));
+    let mut args = vec![
+        "--replication-listen".to_owned(),
+        format!("127.0.0.1:{}", free_port()),
+    ];
+    args.extend(tls_args(&b, &a));
+    let replica = Node::start(replica_volume(&volume_uuid(&vol.path)), args);
+    let timeout = Duration::from_secs(2);
+    let start = std::sync::Barrier::new(2);
+    let took: Vec<Duration> = std::thread::scope(|s| {
+        let failovers: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    start.wait();
+                    let begun = Instant::now();
+                    let refused = replica
+                        .try_ctl("failover", json!({"timeout_ms": timeout.as_millis()}))
+                        .expect_err("no primary sealed it");
+                    assert!(refused.to_string().contains("--force"), "{refused}");
+                    begun.elapsed()
+                })
+            })
+            .collect();
+        failovers
+            .into_iter()
+            .map(|f| f.join().expect("failover"))
+            .collect()
+    });
+    // The second one waited about its whole timeout for the first: it
+    // has no time left to wait for the primary.
+    for took in took {
+        assert!(took < timeout * 3 / 2, "a failover took {took:?}");
+    }
+    assert_eq!(status(&replica)["role"], "replica");
 }
 
 #[test]
