@@ -42,16 +42,35 @@ pub(crate) fn read_small_file(
     let context = || format!("reading {}", path.display());
     let file = storage.open(path).map_err(Error::io(context))?;
     let size = file.size().map_err(Error::io(context))?;
-    if size > max {
-        return Err(Error::BadMetadata {
-            path: path.to_owned(),
-            reason: format!("it is {size} bytes; {what} is at most {max}"),
-        });
-    }
+    check_small_file(size, max, what).map_err(|reason| Error::BadMetadata {
+        path: path.to_owned(),
+        reason,
+    })?;
     let mut bytes = vec![0u8; size as usize];
     file.read_exact_at(&mut bytes, 0)
         .map_err(Error::io(context))?;
     Ok(bytes)
+}
+
+/// Refuses `size` bytes for a file [`read_small_file`] reads only up to
+/// `max`.
+fn check_small_file(size: u64, max: u64, what: &str) -> std::result::Result<(), String> {
+    match size > max {
+        true => Err(format!("it is {size} bytes; {what} is at most {max}")),
+        false => Ok(()),
+    }
+}
+
+/// Refuses a new epoch once the history lists [`MAX_EPOCHS`]: volume.json
+/// could outgrow what an open reads, and a replica refuses the Epoch
+/// record.
+pub(crate) fn check_epoch_room(history: &[EpochStart]) -> Result<()> {
+    match history.len() >= MAX_EPOCHS {
+        true => Err(Error::TooManyEpochs {
+            epochs: history.len(),
+        }),
+        false => Ok(()),
+    }
 }
 
 /// What a new volume is created with.
@@ -377,14 +396,21 @@ impl VolumeConfig {
             });
         }
         config
-            .settings()
-            .validate()
-            .map_err(|e| e.to_string())
-            .and_then(|()| config.check_clients())
+            .check()
             .map_err(|reason| Error::BadMetadata { path, reason })?;
         Ok(config)
     }
 
+    /// What [`VolumeConfig::load`] refuses of a volume.json's content.
+    fn check(&self) -> std::result::Result<(), String> {
+        self.settings()
+            .validate()
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.check_clients())
+    }
+
+    /// Writes volume.json; refuses, writing nothing, one that
+    /// [`VolumeConfig::load`] would refuse: the volume would not open again.
     pub(crate) fn store(&self, storage: &dyn Storage, dir: &Path) -> Result<()> {
         let path = dir.join(VOLUME_FILE);
         let mut bytes = serde_json::to_vec_pretty(self).map_err(|e| Error::BadMetadata {
@@ -392,6 +418,12 @@ impl VolumeConfig {
             reason: e.to_string(),
         })?;
         bytes.push(b'\n');
+        self.check()
+            .and_then(|()| check_small_file(bytes.len() as u64, MAX_VOLUME_FILE, "a volume.json"))
+            .map_err(|reason| Error::NotStored {
+                path: path.clone(),
+                reason,
+            })?;
         storage
             .write_file_atomic(&path, &bytes)
             .map_err(Error::io(|| format!("writing {}", path.display())))
@@ -527,14 +559,23 @@ mod tests {
         let dir = Path::new("/vol");
         fs.create_dir_all(dir).expect("dir");
         let good = VolumeConfig::new(&VolumeSettings::new(1 << 20));
+        // Refused by store as by load, for the same reason.
         let rejected = |clients: Vec<AttachRecord>| {
-            VolumeConfig {
+            let config = VolumeConfig {
                 clients,
                 ..good.clone()
-            }
-            .store(&fs, dir)
-            .expect("store");
-            VolumeConfig::load(&fs, dir).unwrap_err().to_string()
+            };
+            let not_stored = config.store(&fs, dir).unwrap_err().to_string();
+            let bytes = serde_json::to_vec(&config).expect("json");
+            fs.write_file_atomic(&dir.join(VOLUME_FILE), &bytes)
+                .expect("write");
+            let e = VolumeConfig::load(&fs, dir).unwrap_err().to_string();
+            let reason = e.split_once("damaged: ").expect("damaged").1;
+            assert!(
+                not_stored.contains("was not written") && not_stored.ends_with(reason),
+                "{not_stored}"
+            );
+            e
         };
         let many = (0..17).map(|n| client(n, None)).collect();
         let e = rejected(many);

@@ -46,7 +46,7 @@ use crate::format::{
     check_bookmark_name, check_range, crc32c, InlineStamp, Layout, Position, RecordHeader,
     RecordKind, SegmentHeader, LARGE_PAYLOAD, PAGE, RECORD_HEADER_SIZE, SECTOR,
 };
-use crate::meta::{EpochStart, Role, VolumeConfig, VolumeSettings, VOLUME_FILE};
+use crate::meta::{check_epoch_room, EpochStart, Role, VolumeConfig, VolumeSettings, VOLUME_FILE};
 use crate::pace::Pacer;
 use crate::payload_buffer::PayloadBuffer;
 use crate::point::PointInTime;
@@ -1525,7 +1525,11 @@ impl Inner {
     /// in the same write (a promotion names its role there).
     fn start_epoch(&self, change: impl FnOnce(&mut VolumeConfig)) -> Result<EpochStart> {
         self.check_failed()?;
-        let node = lock(&self.persisted).node;
+        let node = {
+            let persisted = lock(&self.persisted);
+            check_epoch_room(&persisted.epoch_history)?;
+            persisted.node
+        };
         let mut c = lock(&self.cursor);
         let epoch = self.epoch.load(Ordering::Acquire) + 1;
         // Under the cursor lock: no record is placed between the raise and

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use rewind_journal::fault::{Fault, FaultOp, FaultStorage};
-use rewind_journal::{EpochStart, Role, Seal, Volume};
+use rewind_journal::{AttachRecord, EpochStart, Role, Seal, Storage, Volume};
 use uuid::Uuid;
 
 fn replica(fs: &FaultStorage) -> Volume {
@@ -162,4 +162,118 @@ fn sync_all_returns_an_lsn_that_is_durable_while_other_flushes_run() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     flusher.join().expect("the flusher");
+}
+
+/// The volume.json of the volume at `DIR`.
+fn volume_json(fs: &FaultStorage) -> Vec<u8> {
+    let file = fs
+        .open(&std::path::Path::new(DIR).join("volume.json"))
+        .expect("open volume.json");
+    let mut bytes = vec![0; file.size().expect("size") as usize];
+    file.read_exact_at(&mut bytes, 0).expect("read volume.json");
+    bytes
+}
+
+/// Rewrites the volume.json of the closed volume at `DIR` with `change`
+/// made to it.
+fn edit_volume_json(fs: &FaultStorage, change: impl FnOnce(&mut serde_json::Value)) {
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&volume_json(fs)).expect("volume.json");
+    change(&mut json);
+    let mut bytes = serde_json::to_vec_pretty(&json).expect("json");
+    bytes.push(b'\n');
+    fs.write_file_atomic(&std::path::Path::new(DIR).join("volume.json"), &bytes)
+        .expect("write volume.json");
+}
+
+/// `count` epoch history entries, each written at its widest.
+fn wide_history(count: usize) -> serde_json::Value {
+    let wide = EpochStart {
+        epoch: u64::MAX,
+        first_lsn: u64::MAX,
+        node: u64::MAX,
+    };
+    serde_json::to_value(vec![wide; count]).expect("json")
+}
+
+#[test]
+fn no_epoch_is_raised_past_the_most_volume_json_keeps() {
+    const MAX_EPOCHS: u64 = 4096;
+    let (fs, v) = new_volume();
+    v.write(0, &pattern(1, 4096)).expect("write");
+    v.flush().expect("flush");
+    drop(v);
+    edit_volume_json(&fs, |json| {
+        json["epoch"] = MAX_EPOCHS.into();
+        json["epoch_history"] = (1..=MAX_EPOCHS)
+            .map(|epoch| EpochStart {
+                epoch,
+                first_lsn: 1,
+                node: 0,
+            })
+            .map(|e| serde_json::to_value(e).expect("json"))
+            .collect();
+    });
+    let v = open(&fs);
+    let last = v.last_lsn();
+    let before = volume_json(&fs);
+    let refused = |e: rewind_journal::Error| {
+        let text = e.to_string();
+        assert!(
+            matches!(e, rewind_journal::Error::TooManyEpochs { epochs: 4096 }),
+            "{text}"
+        );
+        assert!(text.contains("4096 epochs"), "{text}");
+    };
+    refused(v.raise_epoch().expect_err("a fence past the cap"));
+
+    // Nothing changed: no record, no epoch, the same volume.json.
+    assert_eq!((v.last_lsn(), v.epoch()), (last, MAX_EPOCHS));
+    assert_eq!(volume_json(&fs), before);
+    v.demote(true).expect("demote");
+    let (last, demoted) = (v.last_lsn(), volume_json(&fs));
+    refused(v.promote().expect_err("a promotion past the cap"));
+    assert_eq!(v.last_lsn(), last);
+    assert_eq!(v.epoch(), MAX_EPOCHS);
+    assert_eq!(v.role(), Role::Replica);
+    assert_eq!(v.epoch_history().len(), MAX_EPOCHS as usize);
+    assert_eq!(volume_json(&fs), demoted);
+    drop(v);
+    let v = open(&fs);
+    assert_eq!(v.epoch(), MAX_EPOCHS);
+    assert_eq!(read(&v, 0, 4096), pattern(1, 4096));
+}
+
+#[test]
+fn a_volume_json_an_open_would_refuse_is_not_written() {
+    const MAX_VOLUME_FILE: usize = 1 << 20;
+    let (fs, v) = new_volume();
+    drop(v);
+    // As many entries as keep volume.json just under its cap (hand
+    // written: no raise goes past 4096 epochs).
+    let size = |count| {
+        edit_volume_json(&fs, |json| json["epoch_history"] = wide_history(count));
+        volume_json(&fs).len()
+    };
+    let (one, two) = (size(1), size(2));
+    let count = 1 + (MAX_VOLUME_FILE - 64 - one) / (two - one);
+    assert!(size(count) <= MAX_VOLUME_FILE - 64);
+    let v = open(&fs);
+    let before = volume_json(&fs);
+    let record = AttachRecord {
+        client: "c".repeat(64),
+        epoch: 1,
+        left_lsn: None,
+    };
+    let e = v.note_attach(record).expect_err("past the cap");
+    let text = e.to_string();
+    assert!(
+        matches!(e, rewind_journal::Error::NotStored { .. }),
+        "{text}"
+    );
+    assert!(text.contains("a volume.json is at most 1048576"), "{text}");
+    assert_eq!(volume_json(&fs), before);
+    assert!(v.attach_records().is_empty());
+    drop(v);
+    assert!(open(&fs).attach_records().is_empty());
 }

@@ -207,3 +207,37 @@ fn a_connection_past_the_cap_waits_until_one_ends() {
     drop((held, over, guest));
     assert!(daemon.server.stop().success());
 }
+
+#[test]
+fn no_role_change_raises_an_epoch_past_the_most_volume_json_keeps() {
+    const MAX_EPOCHS: u64 = 4096;
+    let vol = TestVolume::create("64M");
+    // Hand written: the daemon raises no epoch past the cap.
+    let path = vol.path.join("volume.json");
+    let mut config: Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("volume.json");
+    config["epoch"] = MAX_EPOCHS.into();
+    config["epoch_history"] = (1..=MAX_EPOCHS)
+        .map(|epoch| json!({"epoch": epoch, "first_lsn": 1, "node": 0}))
+        .collect();
+    std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("json")).expect("write");
+    let mut daemon = Controlled::start(&vol);
+    daemon.ctl("demote", json!({}));
+    let before = std::fs::read(&path).expect("read");
+    for (command, args) in [("promote", json!({})), ("failover", json!({"force": true}))] {
+        let refused = daemon.try_ctl(command, args).expect_err("past the cap");
+        assert!(
+            refused.to_string().contains("lists 4096 epochs"),
+            "{command}: {refused}"
+        );
+    }
+    let status = daemon.status();
+    assert_eq!(status["role"], "replica", "{status}");
+    assert_eq!(status["epoch"], MAX_EPOCHS, "{status}");
+    assert_eq!(std::fs::read(&path).expect("read"), before);
+    assert!(daemon.server.stop().success());
+    // It opens again.
+    let mut daemon = Controlled::start(&vol);
+    assert_eq!(daemon.status()["epoch"], MAX_EPOCHS);
+    assert!(daemon.server.stop().success());
+}
