@@ -3,6 +3,9 @@
 //! frame and TLS modules: peers it does not trust, hellos for another
 //! disk, bad frames, bad records, heartbeat floods and a fenced primary.
 //!
+//! The other way round, a real primary daemon against a replica played
+//! from the test: one whose welcome would steer its resync off the disk.
+//!
 //! Every case ends the same way: the replica closes the connection, its
 //! `last_error` says why, nothing was appended, the daemon still answers,
 //! its link does not claim a session that is gone, and a genuine session
@@ -28,14 +31,14 @@ use rewind_journal::{
 };
 use rewind_vhost_blk::replication::frame::{
     read_frame, reseal, Encoder, ForwardOp, Frame, FrameError, Hello, Message, ResyncBegin,
-    Welcome, HEADER_SIZE,
+    ResyncPoint, Welcome, HEADER_SIZE,
 };
 use rewind_vhost_blk::replication::tls::{Fingerprint, TlsContext};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
@@ -1165,4 +1168,138 @@ fn a_node_serving_a_detached_primary_takes_only_its_requests() {
     assert_eq!(status["last_lsn"], last, "{status}");
     assert_eq!(rig.replication()["role"], "primary");
     assert!(rig.replication()["resync"].is_null());
+}
+
+/// Where a resync may not resume (its offset and why), and where it may.
+const BAD_RESUME: [(u64, &str); 2] = [
+    (4096, "offset 4096 is not where a chunk starts"),
+    (
+        DISK + (1 << 20),
+        "is past the end of the 67108864-byte disk",
+    ),
+];
+const GOOD_RESUME: u64 = 1 << 20;
+
+#[test]
+fn a_replica_does_not_offer_to_resume_a_resync_its_file_places_off_a_chunk() {
+    let mut rig = Rig::start();
+    let sync_lsn = rig.write_flushed(4);
+    for (next_offset, why) in BAD_RESUME.into_iter().chain([(GOOD_RESUME, "")]) {
+        // A resync file as an interrupted resync leaves it, but damaged.
+        rig.replica.stop();
+        let state = json!({
+            "sync_lsn": sync_lsn,
+            "sync_ns": rig.primary.record_time(sync_lsn).expect("time"),
+            "epoch_history": rig.primary.epoch_history(),
+            "next_offset": next_offset,
+        });
+        let path = rig.replica.vol.path.join("resync");
+        std::fs::write(path, state.to_string()).expect("write the resync file");
+        rig.replica.restart();
+        let mut conn = rig.connect();
+        match rig.say_hello(&mut conn, rig.hello()) {
+            Message::Welcome(welcome) if why.is_empty() => {
+                let resume = welcome.resync.expect("a resync to resume");
+                assert_eq!(
+                    (resume.sync_lsn, resume.next_offset),
+                    (sync_lsn, next_offset)
+                );
+            }
+            Message::Refuse(refusal) => {
+                assert!(refusal.contains("resync file is damaged"), "{refusal}");
+                assert!(refusal.contains(why), "{refusal}");
+                rig.check_refused(conn.local, why, 0);
+            }
+            other => panic!("resuming at {next_offset}: {other:?}"),
+        }
+    }
+}
+
+/// A real primary daemon whose replica, played here, welcomes it with a
+/// resync to resume at `next_offset`: the resync-begin the primary
+/// answers with (none if it hung up), the primary, and the replica's
+/// listener (kept: the primary's next dial waits on it, so its last_error
+/// stays).
+fn primary_resuming_at(next_offset: u64) -> (Option<ResyncBegin>, Node, std::net::TcpListener) {
+    let vol = common::TestVolume::create(SIZE);
+    let certs = vol.dir.path().join("certs");
+    let (me, replica) = (identity(&certs, "primary"), identity(&certs, "replica"));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("address").port();
+    let mut args = vec!["--replicate-to".to_owned(), format!("127.0.0.1:{port}")];
+    args.extend(tls_args(&me, &replica));
+    let primary = Node::start(vol, args);
+    let sync_lsn = primary.ctl("bookmark", json!({"name": "sync"}))["lsn"]
+        .as_u64()
+        .expect("lsn");
+    let tls = tls_context(&replica, &me);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (begin, listener) = rt.block_on(async {
+        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+        let session = async {
+            // A dial from before the bookmark may have given up on its
+            // handshake: the next one comes.
+            loop {
+                let (tcp, _) = listener.accept().await.expect("accept");
+                let Ok(stream) = tls.acceptor().accept(tcp).await else {
+                    continue;
+                };
+                let (mut reader, mut writer) = tokio::io::split(stream);
+                let Ok(Frame {
+                    message: Message::Hello(hello),
+                    ..
+                }) = read_frame(&mut reader).await
+                else {
+                    continue;
+                };
+                let welcome = Welcome {
+                    epoch: hello.epoch,
+                    last_lsn: 0,
+                    durable_lsn: 0,
+                    resync: Some(ResyncPoint {
+                        sync_lsn,
+                        next_offset,
+                    }),
+                };
+                let answer = encode(hello.epoch, &Message::Welcome(welcome));
+                if writer.write_all(&answer).await.is_err() {
+                    continue;
+                }
+                loop {
+                    match read_frame(&mut reader).await {
+                        Ok(Frame {
+                            message: Message::ResyncBegin(begin),
+                            ..
+                        }) => return Some(begin),
+                        Ok(_) => {}
+                        Err(_) => return None,
+                    }
+                }
+            }
+        };
+        let begin = tokio::time::timeout(LIMIT, session)
+            .await
+            .expect("the primary's session within the limit");
+        (begin, listener.into_std().expect("listener"))
+    });
+    (begin, primary, listener)
+}
+
+#[test]
+fn a_primary_does_not_resume_a_resync_its_replica_places_off_a_chunk() {
+    for (next_offset, why) in BAD_RESUME {
+        let (begin, primary, _listener) = primary_resuming_at(next_offset);
+        assert!(begin.is_none(), "{begin:?}");
+        wait_until("the primary to say why", STATUS_LIMIT, || {
+            primary.replication()["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("would resume its resync") && e.contains(why))
+        });
+    }
+    let (begin, _primary, _listener) = primary_resuming_at(GOOD_RESUME);
+    assert_eq!(begin.map(|b| b.from_offset), Some(GOOD_RESUME));
 }

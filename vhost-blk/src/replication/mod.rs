@@ -40,6 +40,27 @@ use self::tls::TlsSettings;
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 pub const SILENCE_LIMIT: Duration = Duration::from_secs(3);
 
+/// Bytes of the disk per resync chunk: the primary sends, and the replica
+/// hashes for a diff resync, chunks of it from offset 0.
+const RESYNC_CHUNK: u64 = 1 << 20;
+
+/// Checks where a resync is to resume (a replica's saved progress, as
+/// its welcome names it): a chunk's start, or the disk's end (every chunk
+/// taken, the end not yet).
+fn check_resume_offset(offset: u64, size: u64) -> Result<(), String> {
+    if offset > size {
+        return Err(format!(
+            "offset {offset} is past the end of the {size}-byte disk"
+        ));
+    }
+    if !offset.is_multiple_of(RESYNC_CHUNK) && offset != size {
+        return Err(format!(
+            "offset {offset} is not where a chunk starts (every {RESYNC_CHUNK} bytes)"
+        ));
+    }
+    Ok(())
+}
+
 /// How the primary's guest flushes relate to the replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]

@@ -35,7 +35,9 @@ use super::frame::{
 };
 use super::history::{self, relate, Relation};
 use super::tls::TlsContext;
-use super::{tune_socket, Link, LinkState, ResyncProgress, SILENCE_LIMIT};
+use super::{
+    check_resume_offset, tune_socket, Link, LinkState, ResyncProgress, RESYNC_CHUNK, SILENCE_LIMIT,
+};
 
 /// The journal work of this replica, one session's at a time.
 static JOURNAL_WORK: Mutex<()> = Mutex::new(());
@@ -454,9 +456,17 @@ fn check_hello(volume: &Volume, hello: &Hello) -> Result<(), String> {
             volume.epoch()
         ));
     }
-    if volume.resync_state().is_some() {
-        // Its journal is being replaced: only the epoch matters.
-        return Ok(());
+    if let Some(state) = volume.resync_state() {
+        // Its journal is being replaced: only the epoch matters, and
+        // where the welcome offers to resume (the resync file's
+        // progress): a damaged file must not steer the primary's resync.
+        return check_resume_offset(state.next_offset, volume.size()).map_err(|e| {
+            format!(
+                "this replica's resync file is damaged: it resumes the resync to lsn {} at {e} \
+                 (recreate this replica with `rewind-blk create --replica-of`)",
+                state.sync_lsn
+            )
+        });
     }
     let history = volume.epoch_history();
     if let Relation::Ahead { common } | Relation::Diverged { common } =
@@ -935,8 +945,6 @@ impl Drop for Hasher {
 /// Hashes per frame: few, so the first reach the primary soon and the
 /// session never goes quiet while the disk is read.
 const HASHES_PER_FRAME: usize = 16;
-/// The chunk a diff resync compares (the primary's resync chunk).
-const DIFF_CHUNK: u64 = 1 << 20;
 
 /// Sends the keyed hashes of this replica's disk as it was before the
 /// resync, chunk by chunk from `from`, ahead of the primary's chunks.
@@ -954,10 +962,10 @@ async fn hash_old_disk(
         let hashed = tokio::task::spawn_blocking(move || {
             let _one = JOURNAL_WORK.lock().unwrap_or_else(|e| e.into_inner());
             let mut hashes = Vec::with_capacity(HASHES_PER_FRAME);
-            let mut buf = vec![0u8; DIFF_CHUNK as usize];
+            let mut buf = vec![0u8; RESYNC_CHUNK as usize];
             let mut at = start;
             while at < size && hashes.len() < HASHES_PER_FRAME {
-                let len = DIFF_CHUNK.min(size - at);
+                let len = RESYNC_CHUNK.min(size - at);
                 let chunk = &mut buf[..len as usize];
                 v.resync_read_old(at, chunk)?;
                 hashes.push(*blake3::keyed_hash(&key, chunk).as_bytes());
@@ -1143,7 +1151,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             Reply::Hashes { offset, hashes } => (
                 Message::Hashes {
                     offset,
-                    chunk_bytes: DIFF_CHUNK as u32,
+                    chunk_bytes: RESYNC_CHUNK as u32,
                     hashes,
                 },
                 None,

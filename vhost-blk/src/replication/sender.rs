@@ -36,14 +36,12 @@ use super::frame::{
 use super::history;
 use super::tls::TlsContext;
 use super::{
-    tune_socket, LastResync, Link, LinkState, ResyncProgress, SenderConfig, HEARTBEAT,
-    SILENCE_LIMIT,
+    check_resume_offset, tune_socket, LastResync, Link, LinkState, ResyncProgress, SenderConfig,
+    HEARTBEAT, RESYNC_CHUNK, SILENCE_LIMIT,
 };
 
 /// Payload bytes per batch.
 const BATCH_BYTES: usize = 1 << 20;
-/// Bytes of the disk per resync chunk.
-const CHUNK_BYTES: u64 = 1 << 20;
 /// Replica hashes read ahead of the chunk being compared.
 const HASHES_QUEUED: usize = 1024;
 /// Longest zero range sent as one frame.
@@ -353,6 +351,16 @@ async fn resync<W: AsyncWrite + Unpin>(
     bucket: &mut Option<TokenBucket>,
     mut diff: Option<&mut HashFeed>,
 ) -> Result<u64, SessionError> {
+    // The replica's saved progress (its welcome), unchecked, would place
+    // every chunk.
+    if let Some(point) = welcome.resync {
+        check_resume_offset(point.next_offset, volume.size()).map_err(|e| {
+            down(format!(
+                "the replica would resume its resync to lsn {} at {e}",
+                point.sync_lsn
+            ))
+        })?;
+    }
     // A replica that holds at least what it held when a forced fold took
     // records from it lacks only the chunks the out-of-sync map marks and
     // those the journal's records touched since: sent from the map alone,
@@ -436,7 +444,7 @@ async fn resync<W: AsyncWrite + Unpin>(
     let mut last_beat = Instant::now();
     let mut offset = from;
     while offset < size {
-        let len = CHUNK_BYTES.min(size - offset);
+        let len = RESYNC_CHUNK.min(size - offset);
         let mut frames = Vec::new();
         let unmarked = marked.as_ref().is_some_and(|map| !map.any_in(offset, len));
         // An unmarked chunk is already right on the replica: not even read.
@@ -958,9 +966,9 @@ async fn take_acks<R: AsyncRead + Unpin>(
                     },
                 ..
             } => {
-                if u64::from(chunk_bytes) != CHUNK_BYTES {
+                if u64::from(chunk_bytes) != RESYNC_CHUNK {
                     return down(format!(
-                        "the replica hashed chunks of {chunk_bytes} bytes, not {CHUNK_BYTES}"
+                        "the replica hashed chunks of {chunk_bytes} bytes, not {RESYNC_CHUNK}"
                     ));
                 }
                 // Outside a diff resync nobody takes them: once
@@ -968,7 +976,7 @@ async fn take_acks<R: AsyncRead + Unpin>(
                 // after SILENCE_LIMIT rather than waited for for ever.
                 for (i, hash) in batch.into_iter().enumerate() {
                     let Some(at) = (i as u64)
-                        .checked_mul(CHUNK_BYTES)
+                        .checked_mul(RESYNC_CHUNK)
                         .and_then(|o| o.checked_add(offset))
                     else {
                         return down(format!("hashes at offset {offset} run past any disk"));
@@ -1275,7 +1283,7 @@ mod tests {
             tokio::spawn(async move {
                 tokio::time::sleep(late).await;
                 for i in 0..8 {
-                    let _ = hashes.send((i * CHUNK_BYTES, [0; 32])).await;
+                    let _ = hashes.send((i * RESYNC_CHUNK, [0; 32])).await;
                 }
             });
             let first = read_frame(&mut theirs).await.expect("a frame");
