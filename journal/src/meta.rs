@@ -28,7 +28,7 @@ pub(crate) const MAX_VOLUME_FILE: u64 = 1 << 20;
 /// at most 126 bytes each (three 20-digit numbers, written out): these
 /// take about half of its [`MAX_VOLUME_FILE`]. (An epoch is a failover or
 /// a promotion.)
-pub(crate) const MAX_EPOCHS: usize = 4096;
+pub const MAX_EPOCHS: usize = 4096;
 
 /// Reads the whole of `path`, a file of the volume that holds at most
 /// `max` bytes (`what` names it: "a volume.json"). A larger one is

@@ -30,8 +30,10 @@ pub const MAX_BODY: usize = 4 << 20;
 
 const MAGIC: [u8; 4] = *b"RWRP";
 const FLAG_ZSTD: u8 = 1;
-/// Fields of a hello or welcome (JSON) are small; refuse anything large.
-const MAX_JSON: usize = 64 << 10;
+/// Largest JSON body (a hello, a welcome, a resync-begin): the epoch
+/// history it may carry takes up to about 95 bytes an epoch, 390 KiB at
+/// the journal's MAX_EPOCHS; as large as the volume.json it comes from.
+const MAX_JSON: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
@@ -1093,6 +1095,30 @@ mod tests {
                 assert_eq!(frame, Frame { epoch: 5, message });
             }
         }
+    }
+
+    /// A hello carries the whole epoch history: the longest a volume may
+    /// have, with every number at its widest, fits in a frame.
+    #[test]
+    fn a_hello_with_the_longest_epoch_history_round_trips() {
+        let widest = rewind_journal::EpochStart {
+            epoch: u64::MAX,
+            first_lsn: u64::MAX,
+            node: u64::MAX,
+        };
+        let hello = Message::Hello(Hello {
+            volume: Uuid::from_u128(u128::MAX),
+            size: u64::MAX,
+            block_size: u32::MAX,
+            max_payload: u64::MAX,
+            epoch: u64::MAX,
+            epoch_history: vec![widest; rewind_journal::MAX_EPOCHS],
+            durable_lsn: u64::MAX,
+            first_lsn: u64::MAX,
+        });
+        let encoded = Encoder::new(false).expect("encoder").encode(1, &hello);
+        let (frame, _) = decode(&encoded.bytes).expect("decode");
+        assert_eq!(frame.message, hello);
     }
 
     #[test]
