@@ -291,11 +291,22 @@ fn request_waiting(
     if let (Some(body), Value::Object(args)) = (body.as_object_mut(), arguments) {
         body.extend(args);
     }
-    writeln!(stream, "{body}").map_err(CtlError::Io)?;
+    // A daemon that turns the connection away (too many are open) writes
+    // its reason and closes without reading the request: the write may
+    // fail, and the reason is still there to read.
+    let mut unsent = match writeln!(stream, "{body}") {
+        Ok(()) => None,
+        Err(e) if matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) => Some(e),
+        Err(e) => return Err(CtlError::Io(e)),
+    };
     let mut reader = BufReader::new(stream);
     loop {
         let mut line = String::new();
-        match reader.read_line(&mut line) {
+        let read = reader.read_line(&mut line);
+        if let (Ok(0) | Err(_), Some(e)) = (&read, unsent.take()) {
+            return Err(CtlError::Io(e));
+        }
+        match read {
             Ok(0) => {
                 return Err(CtlError::BadAnswer(
                     "the daemon closed the connection".into(),

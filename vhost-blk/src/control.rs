@@ -13,8 +13,9 @@ use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -909,19 +910,27 @@ pub fn start(path: &Path, control: Arc<Control>) -> Result<ControlSocket, Contro
     std::thread::Builder::new()
         .name("rewind-control".into())
         .spawn(move || {
-            let connections = Arc::new(Connections::default());
-            loop {
-                // At the cap, the next client waits in the listen backlog
-                // until a connection ends (a quiet one within TIMING.idle),
-                // as rewindctl waits a minute and more for its answer.
-                // Turned away instead, the Pacemaker agent's monitor would
-                // take the daemon for dead and stop it, guest and all.
-                let place = connections.enter(&control);
-                let stream = match listener.accept() {
-                    Ok((stream, _)) => stream,
+            let connections = Connections::new(MAX_CONNECTIONS);
+            let over_cap = Connections::new(MAX_QUERIES_OVER_CAP);
+            for stream in listener.incoming() {
+                let stream = match stream {
+                    Ok(stream) => stream,
                     Err(e) => {
                         tracing::warn!(error = %e, "control socket accept failed");
                         continue;
+                    }
+                };
+                let (place, only_queries) = match connections.enter() {
+                    Some(place) => (place, false),
+                    None => {
+                        connections.warn_full(&control);
+                        match over_cap.enter() {
+                            Some(place) => (place, true),
+                            None => {
+                                refuse_over_cap(stream);
+                                continue;
+                            }
+                        }
                     }
                 };
                 let control = control.clone();
@@ -932,7 +941,11 @@ pub fn start(path: &Path, control: Arc<Control>) -> Result<ControlSocket, Contro
                     .name("rewind-control-client".into())
                     .spawn(move || {
                         let _place = place;
-                        serve_client(stream, &control, TIMING);
+                        if only_queries {
+                            serve_query_over_cap(stream, &control);
+                        } else {
+                            serve_client(stream, &control, TIMING);
+                        }
                     });
                 if let Err(e) = spawned {
                     tracing::warn!(error = %e, "cannot start a control client thread");
@@ -945,30 +958,60 @@ pub fn start(path: &Path, control: Arc<Control>) -> Result<ControlSocket, Contro
     })
 }
 
-/// The control connections being served.
-#[derive(Debug, Default)]
+/// Past [`MAX_CONNECTIONS`], this many more connections are read for one
+/// request each, answered only if it is a query ([`QUERIES`]), so that the
+/// Pacemaker agent's monitor (`rewindctl status`) still sees the daemon
+/// alive; other requests are refused, never run late for a client that
+/// gave up (a forced failover run after its operator promoted the other
+/// node instead would be a split brain). Past these too, a connection gets
+/// the refusal unread.
+pub const MAX_QUERIES_OVER_CAP: usize = 8;
+
+/// Commands that change nothing: the ones answered past the cap.
+const QUERIES: &[&str] = &["status", "timeline", "replication", "branches", "metrics"];
+
+/// How long a connection past the cap may take to send its request.
+const QUERY_OVER_CAP_WAIT: Duration = Duration::from_secs(5);
+
+/// Connections being served, up to a number.
+#[derive(Debug)]
 struct Connections {
-    open: Mutex<usize>,
-    ended: Condvar,
+    max: usize,
+    open: AtomicUsize,
+    /// `control_connections_full` was logged since a place last came
+    /// free: a client retrying in a loop logs one line, not one a try.
+    warned: AtomicBool,
 }
 
 impl Connections {
-    /// A place for one more connection, once fewer than MAX_CONNECTIONS
-    /// are open.
-    fn enter(self: &Arc<Self>, control: &Control) -> Place {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        if *open >= MAX_CONNECTIONS {
+    fn new(max: usize) -> Arc<Self> {
+        Arc::new(Connections {
+            max,
+            open: AtomicUsize::new(0),
+            warned: AtomicBool::new(false),
+        })
+    }
+
+    /// A place for one more connection, unless `max` are open.
+    fn enter(self: &Arc<Self>) -> Option<Place> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < self.max).then_some(open + 1)
+            })
+            .ok()?;
+        Some(Place(self.clone()))
+    }
+
+    fn warn_full(&self, control: &Control) {
+        if !self.warned.swap(true, Ordering::AcqRel) {
             tracing::warn!(
                 event = rewind_journal::events::CONTROL_CONNECTIONS_FULL,
                 volume = %control.volume.config().uuid,
-                "{MAX_CONNECTIONS} control connections are open: new ones wait until one ends"
+                "{} control connections are open: new ones get answers to queries \
+                 only, until one ends",
+                self.max
             );
         }
-        while *open >= MAX_CONNECTIONS {
-            open = self.ended.wait(open).unwrap_or_else(|e| e.into_inner());
-        }
-        *open += 1;
-        Place(self.clone())
     }
 }
 
@@ -979,10 +1022,46 @@ struct Place(Arc<Connections>);
 
 impl Drop for Place {
     fn drop(&mut self) {
-        let mut open = self.0.open.lock().unwrap_or_else(|e| e.into_inner());
-        *open -= 1;
-        drop(open);
-        self.0.ended.notify_one();
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.warned.store(false, Ordering::Release);
+    }
+}
+
+/// What a connection past the cap gets for a request that is not a query.
+fn over_cap_error() -> Value {
+    error(format!(
+        "{MAX_CONNECTIONS} control connections are open, the most this daemon serves at once: \
+         only queries ({}) are answered; try again when one has ended",
+        QUERIES.join(", ")
+    ))
+}
+
+/// Answers one request of a connection past the cap, if it is a query.
+fn serve_query_over_cap(stream: UnixStream, control: &Control) {
+    let timing = Timing {
+        idle: QUERY_OVER_CAP_WAIT,
+        request: QUERY_OVER_CAP_WAIT,
+        ..TIMING
+    };
+    serve_lines(stream, control, timing, |line| {
+        let command = serde_json::from_str::<Value>(line)
+            .ok()
+            .and_then(|request| request["command"].as_str().map(str::to_owned));
+        command.is_some_and(|c| QUERIES.contains(&c.as_str()))
+    });
+}
+
+/// Sends the refusal to a connection past every cap, unread, and closes it.
+/// Never waits for the client: the accept thread serves everyone.
+fn refuse_over_cap(stream: UnixStream) {
+    let line = format!("{}\n", over_cap_error());
+    // A fresh socket's buffer takes the line whole.
+    let mut writer = &stream;
+    if let Err(e) = stream
+        .set_nonblocking(true)
+        .and_then(|()| writer.write_all(line.as_bytes()))
+    {
+        tracing::debug!(error = %e, "a control connection past the cap went away");
     }
 }
 
@@ -1015,6 +1094,18 @@ fn peer_allowed(stream: &UnixStream) -> Result<(), String> {
 }
 
 fn serve_client(stream: UnixStream, control: &Control, timing: Timing) {
+    serve_lines(stream, control, timing, |_| true);
+}
+
+/// Answers the requests of one connection, in order, while `allowed`
+/// takes them; the first it does not take gets [`over_cap_error`] and ends
+/// the connection.
+fn serve_lines(
+    stream: UnixStream,
+    control: &Control,
+    timing: Timing,
+    allowed: impl Fn(&str) -> bool,
+) {
     let mut out = match stream.try_clone() {
         Ok(out) => out,
         Err(e) => {
@@ -1047,6 +1138,10 @@ fn serve_client(stream: UnixStream, control: &Control, timing: Timing) {
                 return;
             }
         };
+        if !allowed(&line) {
+            let _ = writeln!(out, "{}", over_cap_error());
+            return;
+        }
         let answer = answer_sending_progress(&out, timing.heartbeat, |progress| {
             control.answer(line.trim_end(), progress)
         });

@@ -82,16 +82,6 @@ impl Server {
     /// As `start`, listening on `socket` instead of the volume's (a
     /// daemon its usual client cannot reach).
     pub fn start_at(volume: &TestVolume, socket: &Path, extra: &[&str]) -> Server {
-        Self::start_with_env(volume, socket, extra, &[])
-    }
-
-    /// As `start_at`, with `env` set for the daemon.
-    pub fn start_with_env(
-        volume: &TestVolume,
-        socket: &Path,
-        extra: &[&str],
-        env: &[(&str, &str)],
-    ) -> Server {
         let _ = std::fs::remove_file(socket);
         let (stderr, log) = match std::env::var_os("REWIND_TEST_LOG") {
             Some(_) => (Stdio::inherit(), None),
@@ -115,7 +105,6 @@ impl Server {
             .arg("--socket-path")
             .arg(socket)
             .args(extra)
-            .envs(env.iter().copied())
             .stderr(stderr)
             .spawn()
             .expect("spawn serve");
@@ -199,14 +188,8 @@ pub struct Controlled {
 
 impl Controlled {
     pub fn start(vol: &TestVolume) -> Controlled {
-        Self::start_with_env(vol, &[])
-    }
-
-    /// As `start`, with `env` set for the daemon.
-    pub fn start_with_env(vol: &TestVolume, env: &[(&str, &str)]) -> Controlled {
         let control = vol.dir.path().join("control.sock");
-        let args = ["--control-socket", control.to_str().expect("path")];
-        let server = Server::start_with_env(vol, &vol.socket, &args, env);
+        let server = Server::start(vol, &["--control-socket", control.to_str().expect("path")]);
         Controlled { server, control }
     }
 
