@@ -34,6 +34,9 @@ const FLAG_ZSTD: u8 = 1;
 /// history it may carry takes up to about 95 bytes an epoch, 390 KiB at
 /// the journal's MAX_EPOCHS; as large as the volume.json it comes from.
 const MAX_JSON: usize = 1 << 20;
+/// Largest reason (a refusal, a detach, a forwarded request's error): it
+/// ends up in `last_error` and the log, so it stays short.
+const MAX_REASON: usize = 64 << 10;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
@@ -410,14 +413,17 @@ impl FrameHeader {
         };
         let message = match self.kind {
             1 => Message::Hello(
-                serde_json::from_slice(limit(body, "hello")?).map_err(json("hello"))?,
+                serde_json::from_slice(limit(body, "hello", MAX_JSON)?).map_err(json("hello"))?,
             ),
             2 => Message::Welcome(
-                serde_json::from_slice(limit(body, "welcome")?).map_err(json("welcome"))?,
+                serde_json::from_slice(limit(body, "welcome", MAX_JSON)?)
+                    .map_err(json("welcome"))?,
             ),
-            3 => Message::Refuse(String::from_utf8_lossy(limit(body, "refuse")?).into_owned()),
+            3 => Message::Refuse(
+                String::from_utf8_lossy(limit(body, "refuse", MAX_REASON)?).into_owned(),
+            ),
             13 => Message::ResyncNeeded(
-                String::from_utf8_lossy(limit(body, "resync-needed")?).into_owned(),
+                String::from_utf8_lossy(limit(body, "resync-needed", MAX_REASON)?).into_owned(),
             ),
             4 => Message::Records(decode_records(body)?),
             5 => Message::Ack {
@@ -425,7 +431,7 @@ impl FrameHeader {
             },
             6 => fixed::<0>(body, "heartbeat").map(|_| Message::Heartbeat)?,
             7 => Message::ResyncBegin(
-                serde_json::from_slice(limit(body, "resync-begin")?)
+                serde_json::from_slice(limit(body, "resync-begin", MAX_JSON)?)
                     .map_err(json("resync-begin"))?,
             ),
             8 => {
@@ -457,7 +463,7 @@ impl FrameHeader {
                 }
             }
             14 => Message::Fenced(
-                serde_json::from_slice(limit(body, "fenced")?).map_err(json("fenced"))?,
+                serde_json::from_slice(limit(body, "fenced", MAX_JSON)?).map_err(json("fenced"))?,
             ),
             15 => fixed::<0>(body, "seal-request").map(|_| Message::SealRequest)?,
             16 => {
@@ -488,7 +494,9 @@ impl FrameHeader {
                     })
                 }
             },
-            20 => Message::Detach(String::from_utf8_lossy(limit(body, "detach")?).into_owned()),
+            20 => Message::Detach(
+                String::from_utf8_lossy(limit(body, "detach", MAX_REASON)?).into_owned(),
+            ),
             21 => {
                 let b = fixed::<16>(body, "detached")?;
                 Message::Detached {
@@ -622,7 +630,7 @@ fn decode_forwarded(body: &[u8]) -> Result<Message, FrameError> {
                 rest.len()
             )))
         }
-        1 => Err(String::from_utf8_lossy(limit(rest, "forwarded")?).into_owned()),
+        1 => Err(String::from_utf8_lossy(limit(rest, "forwarded", MAX_REASON)?).into_owned()),
         other => return Err(bad(format!("status byte {other} is neither 0 nor 1"))),
     };
     Ok(Message::Forwarded { id, result })
@@ -664,11 +672,11 @@ fn fixed<const N: usize>(body: &[u8], what: &'static str) -> Result<[u8; N], Fra
     })
 }
 
-fn limit<'a>(body: &'a [u8], what: &'static str) -> Result<&'a [u8], FrameError> {
-    if body.len() > MAX_JSON {
+fn limit<'a>(body: &'a [u8], what: &'static str, max: usize) -> Result<&'a [u8], FrameError> {
+    if body.len() > max {
         return Err(FrameError::Malformed {
             what,
-            reason: format!("{} bytes, over {MAX_JSON}", body.len()),
+            reason: format!("{} bytes, over {max}", body.len()),
         });
     }
     Ok(body)
@@ -784,7 +792,7 @@ impl Encoder {
             Message::Hello(h) => append_json(&mut bytes, h),
             Message::Welcome(w) => append_json(&mut bytes, w),
             Message::Refuse(reason) | Message::ResyncNeeded(reason) => {
-                bytes.extend_from_slice(&reason.as_bytes()[..reason.len().min(MAX_JSON)])
+                bytes.extend_from_slice(&reason.as_bytes()[..reason.len().min(MAX_REASON)])
             }
             Message::Records(records) => encode_records(&mut bytes, records),
             Message::Ack { durable_lsn } => bytes.extend_from_slice(&durable_lsn.to_le_bytes()),
@@ -804,7 +812,7 @@ impl Encoder {
             }
             Message::HandoverVerdict { promoted } => bytes.push(u8::from(*promoted)),
             Message::Detach(reason) => {
-                bytes.extend_from_slice(&reason.as_bytes()[..reason.len().min(MAX_JSON)])
+                bytes.extend_from_slice(&reason.as_bytes()[..reason.len().min(MAX_REASON)])
             }
             Message::Detached { epoch, lsn } => {
                 bytes.extend_from_slice(&epoch.to_le_bytes());
@@ -824,7 +832,7 @@ impl Encoder {
                     }
                     Err(why) => {
                         bytes.push(1);
-                        bytes.extend_from_slice(&why.as_bytes()[..why.len().min(MAX_JSON)]);
+                        bytes.extend_from_slice(&why.as_bytes()[..why.len().min(MAX_REASON)]);
                     }
                 }
             }
@@ -1190,6 +1198,29 @@ mod tests {
         assert!(matches!(
             decode(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
             Err(FrameError::Magic(_))
+        ));
+    }
+
+    /// A reason ends up in `last_error` and the log: one longer than
+    /// MAX_REASON is cut by the encoder and refused by the decoder, though
+    /// a JSON body may be far longer.
+    #[test]
+    fn a_reason_is_at_most_max_reason_bytes() {
+        let mut encoder = Encoder::new(false).expect("encoder");
+        let long = "x".repeat(MAX_REASON + 1);
+        let cut = encoder.encode(1, &Message::Refuse(long.clone())).bytes;
+        let (frame, _) = decode(&cut).expect("decode");
+        assert_eq!(
+            frame.message,
+            Message::Refuse(long[..MAX_REASON].to_owned())
+        );
+        let mut over = cut;
+        over.push(b'x');
+        over[16..20].copy_from_slice(&((MAX_REASON + 1) as u32).to_le_bytes());
+        reseal(&mut over);
+        assert!(matches!(
+            decode(&over),
+            Err(FrameError::Malformed { what: "refuse", .. })
         ));
     }
 
