@@ -1264,6 +1264,15 @@ impl Volume {
         self.inner.epoch.load(Ordering::Acquire)
     }
 
+    /// Whether the epoch history has room for one more epoch: refused with
+    /// [`crate::Error::TooManyEpochs`] once it lists [`crate::MAX_EPOCHS`].
+    /// A role change checks this before its first step that cannot be
+    /// undone (closing the gate, sealing the old primary), so that at the
+    /// cap it refuses with nothing changed instead of failing half done.
+    pub fn check_epoch_room(&self) -> Result<()> {
+        check_epoch_room(&lock(&self.inner.persisted).epoch_history)
+    }
+
     /// Raises the fencing epoch by one (DESIGN.md, "Drain and fence"): a
     /// durable Epoch record, after which every record carries the new
     /// epoch, then volume.json. Returns the new epoch.

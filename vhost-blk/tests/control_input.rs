@@ -249,11 +249,11 @@ fn past_the_cap_only_queries_are_answered_until_a_connection_ends() {
     assert!(daemon.server.stop().success());
 }
 
-#[test]
-fn no_role_change_raises_an_epoch_past_the_most_volume_json_keeps() {
-    const MAX_EPOCHS: u64 = 4096;
-    let vol = TestVolume::create("64M");
-    // Hand written: the daemon raises no epoch past the cap.
+const MAX_EPOCHS: u64 = 4096;
+
+/// Writes by hand a volume.json whose history lists the most epochs it
+/// keeps (the daemon raises none past that), in `role`; returns its path.
+fn at_the_epoch_cap(vol: &TestVolume, role: &str) -> std::path::PathBuf {
     let path = vol.path.join("volume.json");
     let mut config: Value =
         serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("volume.json");
@@ -261,9 +261,20 @@ fn no_role_change_raises_an_epoch_past_the_most_volume_json_keeps() {
     config["epoch_history"] = (1..=MAX_EPOCHS)
         .map(|epoch| json!({"epoch": epoch, "first_lsn": 1, "node": 0}))
         .collect();
+    config["role"] = role.into();
+    if role == "replica" {
+        // Sealed by its primary: only the cap refuses a promotion.
+        config["sealed"] = json!({"epoch": MAX_EPOCHS, "lsn": 0});
+    }
     std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("json")).expect("write");
+    path
+}
+
+#[test]
+fn no_role_change_raises_an_epoch_past_the_most_volume_json_keeps() {
+    let vol = TestVolume::create("64M");
+    let path = at_the_epoch_cap(&vol, "replica");
     let mut daemon = Controlled::start(&vol);
-    daemon.ctl("demote", json!({}));
     let before = std::fs::read(&path).expect("read");
     for (command, args) in [("promote", json!({})), ("failover", json!({"force": true}))] {
         let refused = daemon.try_ctl(command, args).expect_err("past the cap");
@@ -281,4 +292,46 @@ fn no_role_change_raises_an_epoch_past_the_most_volume_json_keeps() {
     let mut daemon = Controlled::start(&vol);
     assert_eq!(daemon.status()["epoch"], MAX_EPOCHS);
     assert!(daemon.server.stop().success());
+}
+
+/// At the cap a fence or a demote is refused before it changes anything:
+/// the gate stays open and the guest writes on, the volume stays the
+/// primary (a replica made of it could never be promoted again).
+#[test]
+fn at_the_epoch_cap_fence_and_demote_are_refused_and_the_guest_writes_on() {
+    let vol = TestVolume::create("64M");
+    let path = at_the_epoch_cap(&vol, "primary");
+    let mut daemon = Controlled::start(&vol);
+    let before = std::fs::read(&path).expect("read");
+
+    let refused = daemon.try_ctl("demote", json!({})).expect_err("at the cap");
+    let message = refused.to_string();
+    assert!(message.contains("lists 4096 epochs"), "{message}");
+    assert!(message.contains("never be promoted again"), "{message}");
+    let status = daemon.status();
+    assert_eq!(status["role"], "primary");
+    assert_eq!(status["state"], "serving");
+
+    let mut guest = Client::connect(&vol.socket, 1);
+    assert_eq!(guest.write(0, 0, &pattern(1, 4096)), 0);
+    let refused = daemon.try_ctl("fence", json!({})).expect_err("at the cap");
+    let status = daemon.status();
+    assert_eq!(status["state"], "serving");
+    let message = refused.to_string();
+    assert!(message.contains("lists 4096 epochs"), "{message}");
+    assert!(message.contains("serves on"), "{message}");
+    assert_eq!(status["epoch"], MAX_EPOCHS);
+    // The guest was not cut off: it writes and reads back.
+    let data = pattern(2, 4096);
+    assert_eq!(guest.write(0, 4096, &data), 0);
+    assert_eq!(guest.flush(0), 0);
+    assert_eq!(guest.read(0, 4096, 4096), data);
+    assert_eq!(daemon.status()["role"], "primary");
+    drop(guest);
+    assert!(daemon.server.stop().success());
+    let after: Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("volume.json");
+    let before: Value = serde_json::from_slice(&before).expect("volume.json");
+    assert_eq!(after["role"], "primary");
+    assert_eq!(after["epoch_history"], before["epoch_history"]);
 }
