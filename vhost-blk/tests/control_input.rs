@@ -1,8 +1,8 @@
 //! Input the control socket of a real `rewind-blk serve` must survive:
 //! point specs built to exhaust its stack, the last request of a client
 //! that shut its side down without a newline, and more connections than
-//! it serves at once; and the
-//! progress lines of the role changes, which may wait long.
+//! it serves at once; the progress lines of the role changes, which may
+//! wait long; and role changes at the epoch cap.
 
 mod common;
 
@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::client::{pattern, Client};
-use common::{wait_until, Controlled, TestVolume};
+use common::{wait_until, Controlled, TestVolume, MAX_EPOCHS};
 use rewind_vhost_blk::control::{MAX_CONNECTIONS, MAX_QUERIES_OVER_CAP};
 use serde_json::{json, Value};
 
@@ -249,31 +249,10 @@ fn past_the_cap_only_queries_are_answered_until_a_connection_ends() {
     assert!(daemon.server.stop().success());
 }
 
-const MAX_EPOCHS: u64 = 4096;
-
-/// Writes by hand a volume.json whose history lists the most epochs it
-/// keeps (the daemon raises none past that), in `role`; returns its path.
-fn at_the_epoch_cap(vol: &TestVolume, role: &str) -> std::path::PathBuf {
-    let path = vol.path.join("volume.json");
-    let mut config: Value =
-        serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("volume.json");
-    config["epoch"] = MAX_EPOCHS.into();
-    config["epoch_history"] = (1..=MAX_EPOCHS)
-        .map(|epoch| json!({"epoch": epoch, "first_lsn": 1, "node": 0}))
-        .collect();
-    config["role"] = role.into();
-    if role == "replica" {
-        // Sealed by its primary: only the cap refuses a promotion.
-        config["sealed"] = json!({"epoch": MAX_EPOCHS, "lsn": 0});
-    }
-    std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("json")).expect("write");
-    path
-}
-
 #[test]
 fn no_role_change_raises_an_epoch_past_the_most_volume_json_keeps() {
     let vol = TestVolume::create("64M");
-    let path = at_the_epoch_cap(&vol, "replica");
+    let path = vol.at_the_epoch_cap("replica");
     let mut daemon = Controlled::start(&vol);
     let before = std::fs::read(&path).expect("read");
     for (command, args) in [("promote", json!({})), ("failover", json!({"force": true}))] {
@@ -300,7 +279,7 @@ fn no_role_change_raises_an_epoch_past_the_most_volume_json_keeps() {
 #[test]
 fn at_the_epoch_cap_fence_and_demote_are_refused_and_the_guest_writes_on() {
     let vol = TestVolume::create("64M");
-    let path = at_the_epoch_cap(&vol, "primary");
+    let path = vol.at_the_epoch_cap("primary");
     let mut daemon = Controlled::start(&vol);
     let before = std::fs::read(&path).expect("read");
 

@@ -38,7 +38,31 @@ pub struct TestVolume {
     pub socket: PathBuf,
 }
 
+/// The most epochs a volume's history lists (the journal's MAX_EPOCHS).
+pub const MAX_EPOCHS: u64 = 4096;
+
 impl TestVolume {
+    /// Writes by hand a volume.json whose history lists the most epochs it
+    /// keeps (the daemon raises none past that), in `role` ("primary" or
+    /// "replica", then sealed by its primary: only the cap refuses a
+    /// promotion); returns its path. No Epoch record backs the history: a
+    /// peer refuses it, so this serves a daemon alone.
+    pub fn at_the_epoch_cap(&self, role: &str) -> PathBuf {
+        let path = self.path.join("volume.json");
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("volume.json");
+        config["epoch"] = MAX_EPOCHS.into();
+        config["epoch_history"] = (1..=MAX_EPOCHS)
+            .map(|epoch| serde_json::json!({"epoch": epoch, "first_lsn": 1, "node": 0}))
+            .collect();
+        config["role"] = role.into();
+        if role == "replica" {
+            config["sealed"] = serde_json::json!({"epoch": MAX_EPOCHS, "lsn": 0});
+        }
+        std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("json")).expect("write");
+        path
+    }
+
     pub fn create(size: &str) -> TestVolume {
         Self::create_with(size, &["--segment-size", "1M"])
     }
