@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::child_client::{BlockClient, ChildClient};
 use common::client::{pattern, Client};
 use common::replication::*;
-use common::{wait_until, TestVolume};
+use common::{wait_until, TestVolume, MAX_EPOCHS};
 use serde_json::{json, Value};
 
 /// Two nodes that can swap roles: `a` starts as the primary.
@@ -153,6 +153,41 @@ fn a_live_primary_is_sealed_then_failed_back_with_only_the_new_writes() {
     let again = twins.a.ctl("failover", json!({}));
     assert_eq!(again["already"], true, "{again}");
     assert_eq!(again["epoch"], 3, "{again}");
+}
+
+/// At the epoch cap a failover is refused before it asks the old primary
+/// to seal: the old primary stays the primary and its guest writes on
+/// (before, it sealed and demoted, then the replica's promotion was
+/// refused: no primary at all). The epochs are raised for real (fences),
+/// so that the replica holds them too.
+#[test]
+fn at_the_epoch_cap_a_failover_leaves_the_old_primary_serving() {
+    let twins = Twins::start(&[]);
+    for _ in lsn(&status(&twins.a), "epoch")..MAX_EPOCHS {
+        twins.a.ctl("fence", json!({}));
+        twins.a.ctl("unfence", json!({}));
+    }
+    let mut client = Client::connect(&twins.a.vol.socket, 1);
+    write_flushed(&mut client, 0, 1, 4);
+    streaming(&twins.a, &twins.b);
+    assert_eq!(status(&twins.b)["epoch"], MAX_EPOCHS);
+
+    let refused = twins
+        .b
+        .try_ctl("failover", json!({}))
+        .expect_err("at the cap");
+    let a = status(&twins.a);
+    assert_eq!(a["role"], "primary");
+    assert_eq!(a["state"], "serving");
+    assert_eq!(a["epoch"], MAX_EPOCHS);
+    let message = refused.to_string();
+    assert!(message.contains("lists 4096 epochs"), "{message}");
+    assert_eq!(status(&twins.b)["role"], "replica");
+    // A's guest was not cut off, and B still takes what it writes.
+    write_flushed(&mut client, 1 << 20, 20, 4);
+    read_back(&mut client, 1 << 20, 20, 4);
+    let acked = streaming(&twins.a, &twins.b);
+    assert_eq!(twins.a.materialize(acked), twins.b.materialize(acked));
 }
 
 #[test]
