@@ -158,8 +158,9 @@ fn a_live_primary_is_sealed_then_failed_back_with_only_the_new_writes() {
 /// At the epoch cap a failover is refused before it asks the old primary
 /// to seal: the old primary stays the primary and its guest writes on
 /// (before, it sealed and demoted, then the replica's promotion was
-/// refused: no primary at all). The epochs are raised for real (fences),
-/// so that the replica holds them too.
+/// refused: no primary at all); a handover is not armed either. The
+/// epochs are raised for real (fences), so that the replica holds them
+/// too.
 #[test]
 fn at_the_epoch_cap_a_failover_leaves_the_old_primary_serving() {
     let twins = Twins::start(&[]);
@@ -171,6 +172,15 @@ fn at_the_epoch_cap_a_failover_leaves_the_old_primary_serving() {
     write_flushed(&mut client, 0, 1, 4);
     streaming(&twins.a, &twins.b);
     assert_eq!(status(&twins.b)["epoch"], MAX_EPOCHS);
+
+    // A handover is not armed: the replica could not be promoted.
+    let refused = twins
+        .a
+        .try_ctl("handover", json!({}))
+        .expect_err("at the cap");
+    let message = refused.to_string();
+    assert!(message.contains("lists 4096 epochs"), "{message}");
+    assert!(status(&twins.a)["handover"].is_null());
 
     let refused = twins
         .b
