@@ -26,8 +26,8 @@ pub(crate) const MAX_VOLUME_FILE: u64 = 1 << 20;
 
 /// Most epochs an epoch history lists. volume.json lists every one, in
 /// at most 126 bytes each (three 20-digit numbers, written out): these
-/// take about half of its [`MAX_VOLUME_FILE`]. (An epoch is a failover or
-/// a promotion.)
+/// take about half of its [`MAX_VOLUME_FILE`]. (Every promotion, failover,
+/// handover and fence starts an epoch.)
 pub const MAX_EPOCHS: usize = 4096;
 
 /// Reads the whole of `path`, a file of the volume that holds at most
@@ -55,22 +55,22 @@ pub(crate) fn read_small_file(
 /// Refuses `size` bytes for a file [`read_small_file`] reads only up to
 /// `max`.
 fn check_small_file(size: u64, max: u64, what: &str) -> std::result::Result<(), String> {
-    match size > max {
-        true => Err(format!("it is {size} bytes; {what} is at most {max}")),
-        false => Ok(()),
+    if size > max {
+        return Err(format!("it is {size} bytes; {what} is at most {max}"));
     }
+    Ok(())
 }
 
 /// Refuses a new epoch once the history lists [`MAX_EPOCHS`]: volume.json
 /// could outgrow what an open reads, and a replica refuses the Epoch
 /// record.
 pub(crate) fn check_epoch_room(history: &[EpochStart]) -> Result<()> {
-    match history.len() >= MAX_EPOCHS {
-        true => Err(Error::TooManyEpochs {
+    if history.len() >= MAX_EPOCHS {
+        return Err(Error::TooManyEpochs {
             epochs: history.len(),
-        }),
-        false => Ok(()),
+        });
     }
+    Ok(())
 }
 
 /// What a new volume is created with.

@@ -430,9 +430,10 @@ impl Roles {
             // The timeout counts from the request: the wait for another
             // role change above spent part of it.
             let deadline = started + timeout;
-            let wait = match force {
-                true => Duration::ZERO,
-                false => deadline.saturating_duration_since(Instant::now()),
+            let wait = if force {
+                Duration::ZERO
+            } else {
+                deadline.saturating_duration_since(Instant::now())
             };
             if let Some(link) = self.link.as_ref().filter(|link| link.wait_receiving(wait)) {
                 tracing::info!("failover: asking the primary to seal");
