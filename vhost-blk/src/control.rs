@@ -41,6 +41,12 @@ const MAX_LINE: usize = 64 << 10;
 /// connections must not take those from the guest's queues and the
 /// journal.
 pub const MAX_CONNECTIONS: usize = 64;
+/// How long a listener pauses after a failed accept. Its usual causes, no
+/// file descriptor left (EMFILE, ENFILE) or no memory, last until
+/// something else is closed or freed: retrying at once would spin a CPU
+/// and write a warning each pass, while the connection waits in the
+/// listen backlog either way.
+pub(crate) const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// How long drain and fence wait for the requests in flight by default.
 const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 
@@ -922,6 +928,7 @@ pub fn start(path: &Path, control: Arc<Control>) -> Result<ControlSocket, Contro
                     Ok(stream) => stream,
                     Err(e) => {
                         tracing::warn!(error = %e, "control socket accept failed");
+                        std::thread::sleep(ACCEPT_RETRY);
                         continue;
                     }
                 };

@@ -28,7 +28,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
 
-use crate::control::Control;
+use crate::control::{Control, ACCEPT_RETRY};
 use crate::gate::{OpStats, LATENCY_BOUNDS};
 
 /// The `Content-Type` of a scrape.
@@ -675,7 +675,10 @@ pub fn start(
             for stream in listener.incoming() {
                 match stream {
                     Ok(stream) => answer(stream, || render(&control)),
-                    Err(e) => tracing::debug!(error = %e, "metrics: accept failed"),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "metrics: accept failed");
+                        std::thread::sleep(ACCEPT_RETRY);
+                    }
                 }
             }
         })?;

@@ -1,11 +1,14 @@
 //! `serve --metrics-listen`: the Prometheus metrics, scraped over HTTP
-//! during libblkio load, the same text through `rewindctl metrics`, and
-//! promtool's checks of the text and of the shipped alert rules.
+//! during libblkio load, the same text through `rewindctl metrics`,
+//! promtool's checks of the text and of the shipped alert rules, and the
+//! listeners (with the control socket's) when the daemon runs out of file
+//! descriptors.
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -380,4 +383,143 @@ fn replication_series_follow_the_link() {
             && value(&text, "rewind_replication_lag_bytes", &[]) > 0.0
     });
     drop(client);
+}
+
+/// The daemon's CPU time so far (user and system, all its threads).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("its stat");
+    // After the command name in parentheses: state is field 3, utime 14.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("stat's command")
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // SAFETY: sysconf reads a constant.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Duration::from_secs_f64(ticks as f64 / per_second as f64)
+}
+
+/// The daemon's limit on open files: the one it had when `limit` is None,
+/// else the one set.
+fn file_limit(pid: u32, limit: Option<libc::rlimit>) -> libc::rlimit {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    let new = limit
+        .as_ref()
+        .map_or(std::ptr::null(), |l| l as *const libc::rlimit);
+    // SAFETY: prlimit on our own child; `new` is null or points to `limit`
+    // and `old` to a local, both alive across the call.
+    let done = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, new, &mut old) };
+    assert_eq!(done, 0, "prlimit: {}", std::io::Error::last_os_error());
+    old
+}
+
+/// With no file descriptor left, the control socket's and the metrics
+/// listener's accepts fail (EMFILE) for as long as that lasts: each
+/// listener pauses before it tries again instead of spinning a CPU, and
+/// both serve the connections that waited once descriptors are free.
+#[test]
+fn out_of_file_descriptors_the_listeners_wait_then_serve() {
+    let vol = TestVolume::create("64M");
+    let control = vol.dir.path().join("control.sock");
+    let address = free_port();
+    let server = Server::start(
+        &vol,
+        &[
+            "--control-socket",
+            control.to_str().unwrap(),
+            "--metrics-listen",
+            &address.to_string(),
+        ],
+    );
+    // Both listeners are bound before the guest's socket, which start
+    // waited for, and nothing has connected. Once the daemon's descriptors
+    // stay the same, a limit at its lowest free descriptor number lets it
+    // open no more: each accept fails.
+    let pid = server.pid();
+    let descriptors = || -> Vec<u64> {
+        let mut open: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("its descriptors")
+            .map(|e| {
+                let name = e.expect("a descriptor").file_name();
+                name.to_string_lossy().parse().expect("a number")
+            })
+            .collect();
+        open.sort_unstable();
+        open
+    };
+    let mut open = descriptors();
+    wait_until("its descriptors to settle", Duration::from_secs(20), || {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = descriptors();
+        std::mem::replace(&mut open, now) == open
+    });
+    let lowest_free = (0..).find(|n| !open.contains(n)).expect("a free number");
+    let old = file_limit(pid, None);
+    file_limit(
+        pid,
+        Some(libc::rlimit {
+            rlim_cur: lowest_free,
+            rlim_max: old.rlim_max,
+        }),
+    );
+    // Each listener's thread waits in accept with a descriptor number
+    // taken already, so the first connection to each is accepted: the
+    // control socket's is closed (it needs a second descriptor to answer
+    // on), the metrics listener answers its scrape. Those after them wait.
+    let waiting: Vec<UnixStream> = (0..4)
+        .map(|_| UnixStream::connect(&control).expect("connect"))
+        .collect();
+    assert!(scrape(address).contains("rewind_role"));
+    let mut scrape_waiting = TcpStream::connect(address).expect("connect");
+    scrape_waiting
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+        .expect("send");
+    // A window to measure a rate in, not a wait for an event.
+    let before = cpu_time(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = cpu_time(pid) - before;
+    assert!(
+        spent < Duration::from_millis(250),
+        "the daemon spent {spent:?} of CPU in 1 s with its listeners out of descriptors"
+    );
+    let log = std::fs::read_to_string(vol.socket.with_extension("log")).expect("its log");
+    let failed = log.matches("control socket accept failed").count();
+    assert!(
+        (1..=30).contains(&failed),
+        "{failed} accept warnings in 1 s"
+    );
+
+    // Served once descriptors are free again: those that waited, then new
+    // ones.
+    file_limit(pid, Some(old));
+    let answered = waiting
+        .into_iter()
+        .filter(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+            let mut line = String::new();
+            writeln!(s, r#"{{"version":1,"command":"status"}}"#).is_ok()
+                && BufReader::new(s).read_line(&mut line).is_ok()
+                && line.contains(r#""ok":true"#)
+        })
+        .count();
+    assert_eq!(answered, 3, "waiting control clients answered, of 4");
+    scrape_waiting
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut answer = String::new();
+    scrape_waiting
+        .read_to_string(&mut answer)
+        .expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    // The listener reads on until its client closes.
+    drop(scrape_waiting);
+    assert_eq!(status(&control)["state"], "serving");
+    assert!(scrape(address).contains("rewind_role"));
 }

@@ -137,6 +137,10 @@ impl Server {
         server
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM, then the exit status.
     pub fn stop(&mut self) -> ExitStatus {
         self.signal(libc::SIGTERM);
