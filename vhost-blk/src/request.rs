@@ -694,10 +694,10 @@ pub fn start<M: GuestMemory>(
     defer_reads: bool,
 ) -> Step {
     let descs: Vec<Descriptor> = chain.into_iter().collect();
-    let Some(status) = status_byte(&descs) else {
+    let Some(status) = status_byte(mem, &descs) else {
         tracing::warn!(
             event = rewind_journal::events::GUEST_PROTOCOL_ERROR,
-            "descriptor chain without a device-writable status byte at its end"
+            "descriptor chain without a device-writable status byte in guest memory at its end"
         );
         return Step::Done(UNUSABLE);
     };
@@ -770,10 +770,13 @@ pub(crate) fn spans(
 }
 
 /// Where a chain's status byte goes: the last byte of its last
-/// descriptor, which must be device-writable.
-fn status_byte(chain: &[Descriptor]) -> Option<GuestAddress> {
+/// descriptor, which must be device-writable and in guest memory (else the
+/// guest could never learn the request's outcome, so it is not run).
+fn status_byte<M: GuestMemory>(mem: &M, chain: &[Descriptor]) -> Option<GuestAddress> {
     let last = chain.last().filter(|d| d.is_write_only() && d.len() > 0)?;
-    last.addr().checked_add(u64::from(last.len() - 1))
+    let status = last.addr().checked_add(u64::from(last.len() - 1))?;
+    mem.check_range(status, 1, Permissions::Write)
+        .then_some(status)
 }
 
 /// Whether large writes run on IO threads (`start`): not in writethrough
@@ -1431,6 +1434,33 @@ mod tests {
         mem.read_slice(&mut got, GuestAddress(back))
             .expect("read back");
         assert!(got == data, "the read's bytes in order");
+    }
+
+    /// A chain whose status byte lies outside guest memory is returned
+    /// unused, and the write it carries is not run: its guest could never
+    /// learn whether it was.
+    #[test]
+    fn a_write_whose_status_byte_is_outside_memory_changes_nothing() {
+        let (mem, v) = (memory(), volume());
+        let d = disk(&v);
+        header(&mem, VIRTIO_BLK_T_OUT, 0);
+        mem.write_slice(&pattern(512), GuestAddress(DATA))
+            .expect("data");
+        let q = MockSplitQueue::new(&mem, 16);
+        let chain = q
+            .build_desc_chain(&[
+                desc(HDR, 16, false),
+                desc(DATA, 512, false),
+                desc(MEM + 8, 1, true),
+            ])
+            .expect("chain");
+        let done = handle(&mem, chain, &d);
+        assert_eq!(done.used, 0, "returned without a status byte");
+        assert_eq!(
+            v.last_lsn(),
+            0,
+            "a chain returned without a status byte must not have written the disk"
+        );
     }
 
     #[test]
