@@ -230,7 +230,7 @@ impl BlkBackend {
             read_only: self.config.read_only,
             id: self.id,
         };
-        let epoch = self.epoch.load(Ordering::SeqCst);
+        let mut epoch = self.epoch.load(Ordering::SeqCst);
         let inflight = &self.inflight[index];
         let ring = self.rings.get(index).and_then(Option::as_ref);
         let _busy = self.busy[index].lock().unwrap_or_else(|e| e.into_inner());
@@ -248,7 +248,12 @@ impl BlkBackend {
                     return Ok(true);
                 }
                 let Some(pass) = self.gate.enter(epoch) else {
-                    if self.gate.park(index, epoch, vring) {
+                    // The client may have been admitted since `epoch` was
+                    // read, its parked queues woken before this one parks:
+                    // park reads the epoch again under the gate's lock.
+                    let current = || self.epoch.load(Ordering::SeqCst);
+                    if self.gate.park(index, current, vring) {
+                        epoch = current();
                         continue;
                     }
                     return Ok(true);
@@ -1200,6 +1205,63 @@ mod tests {
             vring.set_queue_size(QUEUE);
             vring.set_queue_ready(true);
             (q, mem, vring)
+        }
+
+        /// A client admitted while its queue's worker parks: `process`
+        /// reads the connection's epoch (0 until admitted) first; if the
+        /// export admits the client and wakes the parked queues
+        /// (`Gate::wake_parked`) after that reading but before this queue
+        /// parks, the queue must still serve, not park at the stale epoch
+        /// with nothing left to kick it. The queue's `busy` lock holds the
+        /// worker between its reading and its park.
+        #[test]
+        fn a_client_admitted_while_its_queue_parks_is_served() {
+            let volume = Arc::new(crate::test_support::volume(BLOCKS * BLOCK as u64));
+            let guest = GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
+            let (q, mem, vring) = queue_of(&guest, &[Op::Write { block: 1, fill: 1 }]);
+            let config = ExportConfig {
+                num_queues: 1,
+                queue_size: QUEUE as usize,
+                read_only: false,
+            };
+            let gate = Arc::new(Gate::new(1));
+            let b = Arc::new(BlkBackend::new(volume.clone(), config, gate.clone()));
+            b.update_memory(mem.clone()).expect("memory");
+            // The guest kicked: the worker starts `process` before admission.
+            let busy = b.busy[0].lock().expect("busy");
+            let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+            let worker = {
+                let (b, vring) = (b.clone(), vring.clone());
+                std::thread::spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    tid_tx.send(unsafe { libc::gettid() }).expect("tid");
+                    b.process(0, &vring)
+                })
+            };
+            // Its epoch read, it sleeps on the `busy` lock (nothing else
+            // on its way there waits).
+            let tid = tid_rx.recv().expect("tid");
+            let stat = format!("/proc/self/task/{tid}/stat");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while !std::fs::read_to_string(&stat)
+                .expect("the worker's stat")
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('S'))
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the worker never waited"
+                );
+                std::thread::yield_now();
+            }
+            // What `Export::accept_loop` does once the client is identified.
+            b.admit(1);
+            gate.wake_parked();
+            drop(busy);
+            let served = worker.join().expect("worker").expect("process");
+            assert!(served, "the worker went on taking requests");
+            assert_eq!(used_idx(&guest, &q), 1, "the write was served");
+            assert_eq!(volume.last_lsn(), 1);
         }
 
         #[test]

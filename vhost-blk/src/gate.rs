@@ -378,12 +378,15 @@ impl Gate {
         }
     }
 
-    /// Parks queue `queue`'s vring after `enter` refused a client at
-    /// `epoch`; returns true if the gate opened to it meanwhile (the worker
-    /// should try again instead).
-    pub fn park(&self, queue: usize, epoch: u64, vring: &Vring) -> bool {
+    /// Parks queue `queue`'s vring after `enter` refused its client;
+    /// returns true if the gate is open to the client's epoch now (the
+    /// worker should try again instead). `epoch` is read under the lock:
+    /// a client admitted after the worker's own reading, whose parked
+    /// queues were woken (`wake_parked`) before this one parked, is seen
+    /// here, and one admitted later wakes this queue.
+    pub fn park(&self, queue: usize, epoch: impl Fn() -> u64, vring: &Vring) -> bool {
         let mut inner = self.lock();
-        if inner.state == State::Serving && self.epoch.load(Ordering::SeqCst) == epoch {
+        if inner.state == State::Serving && self.epoch.load(Ordering::SeqCst) == epoch() {
             return true;
         }
         inner.parked.insert(queue, vring.clone());
