@@ -169,7 +169,9 @@ impl Inflight {
             if let Some(desc) = t.region.desc(t.queue, head) {
                 desc.counter.store(t.counter, Ordering::Relaxed);
                 desc.inflight.store(1, Ordering::Release);
-                t.counter += 1;
+                // The front-end's memory set where it started: it may be
+                // anything, up to u64::MAX.
+                t.counter = t.counter.wrapping_add(1);
             }
         }
         Ticket { head }
@@ -528,6 +530,19 @@ mod tests {
         let header = region.header(0);
         assert_eq!(header.used_idx.load(Ordering::Acquire), 1);
         assert_eq!(marked(4), 0);
+    }
+
+    #[test]
+    fn a_counter_at_its_largest_in_the_region_is_taken_past() {
+        let guest = guest();
+        let (vring, region) = ring_and_region(&guest, RING);
+        crash_with_five_and_nine_in_flight(&vring, &region, &guest);
+        let nine = region.desc(0, 9).expect("head");
+        nine.counter.store(u64::MAX, Ordering::Relaxed);
+        let second = started(&vring, &region, &guest);
+        assert_takes_again_five_and_nine(&second, &vring);
+        let ticket = second.take(3);
+        second.complete(ticket, 0, &vring).expect("complete");
     }
 
     #[test]
