@@ -29,7 +29,7 @@ use self::handover::Handover;
 pub use self::handover::HandoverStatus;
 use crate::export::Export;
 use crate::gate::{DeviceWatcher, GateError, State};
-use crate::replication::history::{relate, Relation};
+use crate::replication::history::{self, relate, Relation};
 use crate::replication::tls::TlsContext;
 use crate::replication::{self as repl, Link, RoleChanges, SenderConfig};
 
@@ -614,6 +614,9 @@ impl Roles {
                     self.volume.epoch_history()
                 ))
             }
+            Relation::Unrelated => {
+                return Err(history::unrelated(&self.volume.epoch_history(), &peer))
+            }
         };
         self.leave_for(common)
     }
@@ -669,6 +672,7 @@ impl RoleChanges for Roles {
                 "split brain: this node ({mine:?}) and the peer ({newer:?}) were both promoted; \
                  run `rewindctl resolve --discard-this-side` on the one whose writes to give up"
             )),
+            Relation::Unrelated => Err(history::unrelated(&mine, newer)),
         }
     }
 

@@ -1020,6 +1020,53 @@ fn a_hello_with_a_malformed_epoch_history_is_refused_and_cuts_nothing() {
     assert_eq!(rig.genuine(), rig.primary.durable_lsn());
 }
 
+/// A primary whose history starts (the older epochs forgotten) after
+/// the replica's ends cannot be related to it: nothing says where the
+/// two part. Refused with both histories' epochs and what to do; nothing
+/// is cut, and the genuine primary goes on.
+#[test]
+fn a_hello_whose_history_cannot_be_related_is_refused_and_cuts_nothing() {
+    let rig = Rig::start();
+    rig.write_flushed(4);
+    let lsn = rig.genuine();
+    let far = vec![
+        EpochStart {
+            epoch: 5000,
+            first_lsn: 2,
+            node: 7,
+        },
+        EpochStart {
+            epoch: 5001,
+            first_lsn: lsn + 1,
+            node: 7,
+        },
+    ];
+    let mut conn = rig.connect();
+    let hello = Hello {
+        epoch: 5001,
+        epoch_history: far,
+        ..rig.hello()
+    };
+    let answer = rig.say_hello(&mut conn, hello);
+    let Message::Refuse(refusal) = answer else {
+        panic!("an unrelated hello was answered by {answer:?}");
+    };
+    let why = "the epoch histories cannot be related: this node's lists epochs 1..=1 (from \
+               lsn 1), the peer's epochs 5000..=5001 (from lsn 2)";
+    assert!(refusal.contains(why), "{refusal}");
+    assert!(
+        refusal.contains("rewind-blk create --replica-of"),
+        "{refusal}"
+    );
+    rig.closed(&mut conn);
+    rig.check_refused(conn.local, why, lsn);
+    let status = rig.status();
+    assert_eq!(status["epoch"], 1);
+    assert_eq!(status["epoch_history"], json!(rig.primary.epoch_history()));
+    rig.write_flushed(2);
+    assert_eq!(rig.genuine(), rig.primary.durable_lsn());
+}
+
 /// A resync-begin is checked before the replica keeps any of it: a sync
 /// point at lsn u64::MAX (no lsn follows it: finishing the resync
 /// overflowed), a malformed epoch history.

@@ -416,6 +416,11 @@ async fn answer_primary(volume: &Arc<Volume>, link: &Link, hello: &Hello) -> Res
             link.failed(LinkState::SplitBrain, reason.clone());
             Err(fenced(reason))
         }
+        // Neither rejoins: no common point is known to cut at.
+        Relation::Unrelated => Err(Refusal::Refuse(history::unrelated(
+            &mine,
+            &hello.epoch_history,
+        ))),
     }
 }
 
@@ -469,15 +474,23 @@ fn check_hello(volume: &Volume, hello: &Hello) -> Result<(), String> {
         });
     }
     let history = volume.epoch_history();
-    if let Relation::Ahead { common } | Relation::Diverged { common } =
-        relate(&history, &hello.epoch_history)
-    {
-        return Err(format!(
-            "split brain: the histories diverged after lsn {common} (primary {:?}, replica \
-             {:?}); run `rewindctl resolve --discard-this-side` on the one whose writes to \
-             give up",
-            hello.epoch_history, history
-        ));
+    match relate(&history, &hello.epoch_history) {
+        Relation::Ahead { common } | Relation::Diverged { common } => {
+            return Err(format!(
+                "split brain: the histories diverged after lsn {common} (primary {:?}, replica \
+                 {:?}); run `rewindctl resolve --discard-this-side` on the one whose writes to \
+                 give up",
+                hello.epoch_history, history
+            ));
+        }
+        // Taking the stream would assume this replica's records are the
+        // primary's up to its last lsn: unknown. A resync would be right
+        // for a replica that is merely behind, but would throw away,
+        // without a branch, an old primary's tail it may hold.
+        Relation::Unrelated => {
+            return Err(history::unrelated(&history, &hello.epoch_history));
+        }
+        Relation::Same | Relation::Behind { .. } => {}
     }
     let last = volume.last_lsn();
     if last > hello.durable_lsn {
