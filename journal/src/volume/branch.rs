@@ -57,7 +57,7 @@ use crate::format::{
     crc32c, le_u32, le_u64, HeaderProblem, Layout, RecordHeader, RecordKind, FORMAT_VERSION,
     RECORD_HEADER_SIZE, SECTOR, SEGMENT_HEADER_SIZE,
 };
-use crate::meta::{read_small_file, MAX_VOLUME_FILE};
+use crate::meta::{read_small_file, EpochStart, MAX_VOLUME_FILE};
 use crate::point::{check_branch_name, format_ns, PointInTime};
 use crate::pool::{segment_name, Segment, JOURNAL_DIR};
 use crate::record_index::{Bookmark, Effect, Entry};
@@ -152,6 +152,30 @@ pub(super) struct Branch {
     /// Holds the applier off the journal state the branch reads, like a
     /// view; `None` when that state is gone.
     pin: Option<Arc<ViewPin>>,
+}
+
+/// How many of `history`'s epochs a cut at `common` keeps: those that
+/// began at or before it. Epoch 1 began with the volume, without a record,
+/// and stays whatever the cut. Any other first entry is what compaction
+/// left (journal/FORMAT.md, "volume.json") and began with an Epoch
+/// record: a cut before it would leave no entry for the epoch in force at
+/// `common`, so it is refused. Relating two histories never asks for one
+/// (its common point is at or after the entry both hold).
+fn epochs_kept_by_cut(history: &[EpochStart], common: u64) -> std::result::Result<usize, String> {
+    let keep = history
+        .iter()
+        .position(|e| e.first_lsn > common)
+        .unwrap_or(history.len());
+    match history.first() {
+        Some(first) if keep == 0 && first.epoch == 1 => Ok(1),
+        Some(first) if keep == 0 => Err(format!(
+            "cannot cut at lsn {common}: it is before epoch {}, the oldest this volume's epoch \
+             history still lists (it began at lsn {}), so which epoch was in force there is \
+             forgotten",
+            first.epoch, first.first_lsn
+        )),
+        _ => Ok(keep),
+    }
 }
 
 fn branches_dir(dir: &Path) -> PathBuf {
@@ -363,6 +387,8 @@ impl Volume {
         if common_lsn == last {
             return Ok(None);
         }
+        let history = lock(&inner.persisted).epoch_history.clone();
+        epochs_kept_by_cut(&history, common_lsn).map_err(Error::InvalidRequest)?;
 
         let intent = CutIntent {
             name: name.to_owned(),
@@ -969,13 +995,10 @@ impl Inner {
     /// based after `common`, then the intent file.
     fn finish_metadata(&self, common: u64) -> Result<()> {
         let history = lock(&self.persisted).epoch_history.clone();
-        // The first entry (epoch 1) is every copy's start, not a record's.
-        let keep = history
-            .iter()
-            .position(|e| e.first_lsn > common)
-            .map_or(history.len(), |p| p.max(1));
-        if keep < history.len() {
-            let epoch = history[keep - 1].epoch;
+        // cut_to_branch checked this before it cut anything.
+        let keep = epochs_kept_by_cut(&history, common).map_err(Error::InvalidRequest)?;
+        let in_force = keep.checked_sub(1).and_then(|i| history.get(i));
+        if let Some(&EpochStart { epoch, .. }) = in_force.filter(|_| keep < history.len()) {
             self.persist(|config| {
                 config.epoch_history.truncate(keep);
                 config.epoch = epoch;
