@@ -106,12 +106,6 @@ pub enum Error {
         "volume stopped taking writes after an unrecoverable IO error ({0}); reopen it to recover"
     )]
     Failed(String),
-    #[error(
-        "this volume's epoch history lists {epochs} epochs, the most its volume.json keeps: \
-         no promotion, failover or fence can raise another; nothing was changed (copy the disk \
-         to a new volume, e.g. with materialize, to start a new history)"
-    )]
-    TooManyEpochs { epochs: usize },
     #[error("{path} was not written (the volume's last one stays): {reason}")]
     NotStored { path: PathBuf, reason: String },
 }

@@ -44,7 +44,9 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
 pub use extent_map::{ExtentMap, Piece, Pieces, Source, Target};
 pub use format::{FORMAT_VERSION, LARGE_PAYLOAD, MAX_BOOKMARK_NAME, SECTOR};
-pub use meta::{AttachRecord, EpochStart, Role, Seal, VolumeConfig, VolumeSettings, MAX_EPOCHS};
+pub use meta::{
+    AttachRecord, EpochStart, Role, Seal, VolumeConfig, VolumeSettings, KEEP_EPOCHS, MAX_EPOCHS,
+};
 pub use payload_buffer::PayloadBuffer;
 pub use point::{format_ns, PointInTime};
 pub use record_index::Bookmark;

@@ -30,6 +30,27 @@ pub(crate) const MAX_VOLUME_FILE: u64 = 1 << 20;
 /// handover and fence starts an epoch.)
 pub const MAX_EPOCHS: usize = 4096;
 
+/// Epochs a history keeps when one more would take it past
+/// [`MAX_EPOCHS`]: the oldest are forgotten. Two copies relate only while
+/// one still lists the other's first epoch (vhost-blk's
+/// `replication/history.rs`), so a copy fewer than this many epochs
+/// behind another always relates to it: far more role changes than a copy
+/// misses while it is away (each needs another copy promoted meanwhile).
+/// Half rather than all but one: a history is cut once per 2048 raises,
+/// not at every one, so its first entry, which relating aligns on and
+/// `status` shows, stays put that long.
+pub const KEEP_EPOCHS: usize = MAX_EPOCHS / 2;
+
+/// Forgets the oldest epochs of a history longer than [`MAX_EPOCHS`],
+/// keeping the newest [`KEEP_EPOCHS`]. The entries kept are as they were,
+/// so a copy still relates to another by any epoch both list
+/// (vhost-blk's `replication/history.rs`).
+pub(crate) fn compact_epochs(history: &mut Vec<EpochStart>) {
+    if history.len() > MAX_EPOCHS {
+        history.drain(..history.len() - KEEP_EPOCHS);
+    }
+}
+
 /// Reads the whole of `path`, a file of the volume that holds at most
 /// `max` bytes (`what` names it: "a volume.json"). A larger one is
 /// damage, refused unread: a huge one would take the memory of its size.
@@ -57,18 +78,6 @@ pub(crate) fn read_small_file(
 fn check_small_file(size: u64, max: u64, what: &str) -> std::result::Result<(), String> {
     if size > max {
         return Err(format!("it is {size} bytes; {what} is at most {max}"));
-    }
-    Ok(())
-}
-
-/// Refuses a new epoch once the history lists [`MAX_EPOCHS`]: volume.json
-/// could outgrow what an open reads, and a replica refuses the Epoch
-/// record.
-pub(crate) fn check_epoch_room(history: &[EpochStart]) -> Result<()> {
-    if history.len() >= MAX_EPOCHS {
-        return Err(Error::TooManyEpochs {
-            epochs: history.len(),
-        });
     }
     Ok(())
 }
@@ -314,7 +323,9 @@ impl VolumeConfig {
         }
     }
 
-    /// Records that an epoch began (an Epoch record).
+    /// Records that an epoch began (an Epoch record), forgetting the
+    /// oldest epochs past [`MAX_EPOCHS`]: every epoch a copy takes, raised
+    /// or shipped, comes here.
     pub(crate) fn start_epoch(&mut self, start: EpochStart) {
         self.epoch = self.epoch.max(start.epoch);
         if self
@@ -323,6 +334,7 @@ impl VolumeConfig {
             .is_none_or(|last| last.epoch < start.epoch)
         {
             self.epoch_history.push(start);
+            compact_epochs(&mut self.epoch_history);
         }
     }
 
@@ -524,6 +536,40 @@ mod tests {
         let none = VolumeConfig::new(&VolumeSettings::new(1 << 20));
         let text = serde_json::to_string(&none).expect("json");
         assert!(!text.contains("clients"), "{text}");
+    }
+
+    #[test]
+    fn past_the_most_epochs_the_oldest_are_forgotten_and_the_newest_kept() {
+        let mut config = VolumeConfig::new(&VolumeSettings::new(1 << 20));
+        let start = |epoch: u64| EpochStart {
+            epoch,
+            first_lsn: epoch * 10,
+            node: 7,
+        };
+        for epoch in 2..=MAX_EPOCHS as u64 {
+            config.start_epoch(start(epoch));
+        }
+        assert_eq!(config.epoch_history.len(), MAX_EPOCHS);
+        assert_eq!(config.epoch_history[0].epoch, 1);
+        // The next one would list one too many.
+        config.start_epoch(start(MAX_EPOCHS as u64 + 1));
+        let newest: Vec<EpochStart> = (MAX_EPOCHS - KEEP_EPOCHS + 2..=MAX_EPOCHS + 1)
+            .map(|epoch| start(epoch as u64))
+            .collect();
+        assert_eq!(config.epoch_history, newest);
+        assert_eq!(config.epoch, MAX_EPOCHS as u64 + 1);
+        // Bounded however many follow; the same epoch again adds nothing.
+        for epoch in MAX_EPOCHS as u64 + 2..=5 * MAX_EPOCHS as u64 {
+            config.start_epoch(start(epoch));
+            config.start_epoch(start(epoch));
+            assert!(config.epoch_history.len() <= MAX_EPOCHS);
+        }
+        let last = config.epoch_history.last().expect("an epoch");
+        assert_eq!(*last, start(5 * MAX_EPOCHS as u64));
+        assert!(config
+            .epoch_history
+            .windows(2)
+            .all(|pair| pair[1].epoch == pair[0].epoch + 1));
     }
 
     #[test]

@@ -46,7 +46,7 @@ use crate::format::{
     check_bookmark_name, check_range, crc32c, InlineStamp, Layout, Position, RecordHeader,
     RecordKind, SegmentHeader, LARGE_PAYLOAD, PAGE, RECORD_HEADER_SIZE, SECTOR,
 };
-use crate::meta::{check_epoch_room, EpochStart, Role, VolumeConfig, VolumeSettings, VOLUME_FILE};
+use crate::meta::{EpochStart, Role, VolumeConfig, VolumeSettings, VOLUME_FILE};
 use crate::pace::Pacer;
 use crate::payload_buffer::PayloadBuffer;
 use crate::point::PointInTime;
@@ -1264,15 +1264,6 @@ impl Volume {
         self.inner.epoch.load(Ordering::Acquire)
     }
 
-    /// Whether the epoch history has room for one more epoch: refused with
-    /// [`crate::Error::TooManyEpochs`] once it lists [`crate::MAX_EPOCHS`].
-    /// A role change checks this before its first step that cannot be
-    /// undone (closing the gate, sealing the old primary), so that at the
-    /// cap it refuses with nothing changed instead of failing half done.
-    pub fn check_epoch_room(&self) -> Result<()> {
-        check_epoch_room(&lock(&self.inner.persisted).epoch_history)
-    }
-
     /// Raises the fencing epoch by one (DESIGN.md, "Drain and fence"): a
     /// durable Epoch record, after which every record carries the new
     /// epoch, then volume.json. Returns the new epoch.
@@ -1534,11 +1525,7 @@ impl Inner {
     /// in the same write (a promotion names its role there).
     fn start_epoch(&self, change: impl FnOnce(&mut VolumeConfig)) -> Result<EpochStart> {
         self.check_failed()?;
-        let node = {
-            let persisted = lock(&self.persisted);
-            check_epoch_room(&persisted.epoch_history)?;
-            persisted.node
-        };
+        let node = lock(&self.persisted).node;
         let mut c = lock(&self.cursor);
         let epoch = self.epoch.load(Ordering::Acquire) + 1;
         // Under the cursor lock: no record is placed between the raise and

@@ -6,7 +6,9 @@ mod common;
 
 use common::*;
 use rewind_journal::fault::{Fault, FaultOp, FaultStorage};
-use rewind_journal::{AttachRecord, EpochStart, Role, Seal, Storage, Volume};
+use rewind_journal::{
+    AttachRecord, EpochStart, Role, Seal, Storage, Volume, KEEP_EPOCHS, MAX_EPOCHS,
+};
 use uuid::Uuid;
 
 fn replica(fs: &FaultStorage) -> Volume {
@@ -196,52 +198,70 @@ fn wide_history(count: usize) -> serde_json::Value {
     serde_json::to_value(vec![wide; count]).expect("json")
 }
 
+/// Raises `count` epochs; where each began.
+fn raise(v: &Volume, count: usize) -> Vec<EpochStart> {
+    (0..count)
+        .map(|_| {
+            let epoch = v.raise_epoch().expect("raise the epoch");
+            let start = *v.epoch_history().last().expect("an epoch");
+            assert_eq!(start.epoch, epoch);
+            start
+        })
+        .collect()
+}
+
+/// Every role change raises an epoch, however many came before: past
+/// MAX_EPOCHS the history forgets its oldest, keeps the newest as they
+/// were, and the volume opens with them. A cut to before the oldest kept
+/// is refused (which epoch was in force there is forgotten).
 #[test]
-fn no_epoch_is_raised_past_the_most_volume_json_keeps() {
-    const MAX_EPOCHS: u64 = 4096;
+fn raising_past_the_most_epochs_forgets_the_oldest_and_keeps_the_newest() {
     let (fs, v) = new_volume();
     v.write(0, &pattern(1, 4096)).expect("write");
     v.flush().expect("flush");
-    drop(v);
-    edit_volume_json(&fs, |json| {
-        json["epoch"] = MAX_EPOCHS.into();
-        json["epoch_history"] = (1..=MAX_EPOCHS)
-            .map(|epoch| EpochStart {
-                epoch,
-                first_lsn: 1,
-                node: 0,
-            })
-            .map(|e| serde_json::to_value(e).expect("json"))
-            .collect();
-    });
-    let v = open(&fs);
-    let last = v.last_lsn();
-    let before = volume_json(&fs);
-    let refused = |e: rewind_journal::Error| {
-        let text = e.to_string();
-        assert!(
-            matches!(e, rewind_journal::Error::TooManyEpochs { epochs: 4096 }),
-            "{text}"
-        );
-        assert!(text.contains("4096 epochs"), "{text}");
-    };
-    refused(v.raise_epoch().expect_err("a fence past the cap"));
+    let early = v.last_lsn();
+    let mut all = v.epoch_history();
+    all.extend(raise(&v, MAX_EPOCHS));
+    assert_eq!(v.epoch(), MAX_EPOCHS as u64 + 1);
+    let kept = v.epoch_history();
+    assert_eq!(kept.len(), KEEP_EPOCHS);
+    assert_eq!(kept[..], all[all.len() - KEEP_EPOCHS..]);
 
-    // Nothing changed: no record, no epoch, the same volume.json.
-    assert_eq!((v.last_lsn(), v.epoch()), (last, MAX_EPOCHS));
-    assert_eq!(volume_json(&fs), before);
+    // Fence, demote, promote: all raise (or keep) the epoch as before.
+    all.extend(raise(&v, 10));
     v.demote(true).expect("demote");
-    let (last, demoted) = (v.last_lsn(), volume_json(&fs));
-    refused(v.promote().expect_err("a promotion past the cap"));
-    assert_eq!(v.last_lsn(), last);
-    assert_eq!(v.epoch(), MAX_EPOCHS);
-    assert_eq!(v.role(), Role::Replica);
-    assert_eq!(v.epoch_history().len(), MAX_EPOCHS as usize);
-    assert_eq!(volume_json(&fs), demoted);
+    let promoted = v.promote().expect("promote past the cap");
+    assert_eq!(promoted.epoch, MAX_EPOCHS as u64 + 12);
+    all.push(promoted);
+    let kept = v.epoch_history();
+    assert_eq!(kept[..], all[all.len() - KEEP_EPOCHS - 11..]);
+    let lsn = v.last_lsn();
     drop(v);
+
     let v = open(&fs);
-    assert_eq!(v.epoch(), MAX_EPOCHS);
+    assert_eq!(v.epoch_history(), kept);
+    assert_eq!((v.epoch(), v.last_lsn()), (promoted.epoch, lsn));
     assert_eq!(read(&v, 0, 4096), pattern(1, 4096));
+    let refused = v
+        .cut_to_branch(early, "before")
+        .expect_err("a cut before the oldest epoch kept")
+        .to_string();
+    assert!(
+        refused.contains(&format!(
+            "cannot cut at lsn {early}: it is before epoch {}, the oldest",
+            kept[0].epoch
+        )),
+        "{refused}"
+    );
+    assert!(v.branches().is_empty());
+    assert_eq!((v.last_lsn(), v.epoch_history()), (lsn, kept.clone()));
+    // A cut after it forgets only the epochs that began after the cut.
+    let at = kept[5].first_lsn;
+    v.cut_to_branch(at, "after")
+        .expect("cut")
+        .expect("a branch");
+    assert_eq!(v.epoch_history()[..], kept[..6]);
+    assert_eq!(v.epoch(), kept[5].epoch);
 }
 
 #[test]

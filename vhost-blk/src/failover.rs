@@ -350,9 +350,6 @@ impl Roles {
                 v.epoch()
             ));
         }
-        // Before anything that cannot be undone (the old primary's session
-        // ends, a handover offer is withdrawn).
-        v.check_epoch_room().map_err(|e| e.to_string())?;
         let sealed = self.held_seal();
         if sealed.is_none() && !force {
             return Err(self.unsealed());
@@ -420,9 +417,6 @@ impl Roles {
         if v.role() == Role::Primary {
             return Ok(self.already_primary(started.elapsed()));
         }
-        // Before the old primary is asked to seal: it would demote, and
-        // this node's promotion then be refused, leaving no primary.
-        v.check_epoch_room().map_err(|e| e.to_string())?;
         if self.held_seal().is_none() {
             // A primary that is up reconnects within its backoff (this
             // daemon may have just restarted): wait for it, then ask.
@@ -469,20 +463,6 @@ impl Roles {
                 Some(seal) if for_peer => Ok(self.demoted(seal)),
                 _ => Err("this volume is a replica already".into()),
             };
-        }
-        // A seal leads to a promotion (the peer's, or this node's again):
-        // at the cap none could follow, and the copy would be left without
-        // a primary. Refused before the gate closes.
-        if let Err(e) = v.check_epoch_room() {
-            return Err(match why {
-                SealFor::Operator => format!(
-                    "refusing to demote: a replica made of this copy could never be promoted \
-                     again; it stays the primary. {e}"
-                ),
-                SealFor::Failover | SealFor::Handover => {
-                    format!("not sealing, this primary serves on: {e}")
-                }
-            });
         }
         if !for_peer {
             if let Some(client) = self.live.attached() {
@@ -693,7 +673,6 @@ impl RoleChanges for Roles {
                 v.epoch()
             ));
         }
-        v.check_epoch_room().map_err(|e| e.to_string())?;
         if let Some(link) = &self.link {
             link.withdraw_handover();
         }

@@ -2,7 +2,7 @@
 //! point specs built to exhaust its stack, the last request of a client
 //! that shut its side down without a newline, and more connections than
 //! it serves at once; the progress lines of the role changes, which may
-//! wait long; and role changes at the epoch cap.
+//! wait long; and role changes past the epoch cap.
 
 mod common;
 
@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::client::{pattern, Client};
-use common::{wait_until, Controlled, TestVolume, MAX_EPOCHS};
+use common::{wait_until, Controlled, TestVolume, KEEP_EPOCHS, MAX_EPOCHS};
 use rewind_vhost_blk::control::{MAX_CONNECTIONS, MAX_QUERIES_OVER_CAP};
 use serde_json::{json, Value};
 
@@ -249,68 +249,63 @@ fn past_the_cap_only_queries_are_answered_until_a_connection_ends() {
     assert!(daemon.server.stop().success());
 }
 
+/// The epochs `status` lists: (first, last, how many).
+fn epochs(status: &Value) -> (u64, u64, usize) {
+    let history = status["epoch_history"].as_array().expect("epoch_history");
+    let epoch = |e: Option<&Value>| e.and_then(|e| e["epoch"].as_u64()).expect("an epoch");
+    (epoch(history.first()), epoch(history.last()), history.len())
+}
+
+/// Past the most epochs a history lists, a promotion raises the epoch as
+/// anywhere: the oldest epochs are forgotten, the newest kept, and the
+/// volume opens with them.
 #[test]
-fn no_role_change_raises_an_epoch_past_the_most_volume_json_keeps() {
+fn past_the_epoch_cap_a_promotion_forgets_the_oldest_epochs() {
     let vol = TestVolume::create("64M");
-    let path = vol.at_the_epoch_cap("replica");
+    vol.at_the_epoch_cap("replica");
     let mut daemon = Controlled::start(&vol);
-    let before = std::fs::read(&path).expect("read");
-    for (command, args) in [("promote", json!({})), ("failover", json!({"force": true}))] {
-        let refused = daemon.try_ctl(command, args).expect_err("past the cap");
-        assert!(
-            refused.to_string().contains("lists 4096 epochs"),
-            "{command}: {refused}"
-        );
-    }
+    let promoted = daemon.ctl("promote", json!({}));
+    assert_eq!(promoted["epoch"], MAX_EPOCHS + 1, "{promoted}");
     let status = daemon.status();
-    assert_eq!(status["role"], "replica", "{status}");
-    assert_eq!(status["epoch"], MAX_EPOCHS, "{status}");
-    assert_eq!(std::fs::read(&path).expect("read"), before);
+    assert_eq!(status["role"], "primary", "{status}");
+    let kept = (
+        MAX_EPOCHS + 2 - KEEP_EPOCHS as u64,
+        MAX_EPOCHS + 1,
+        KEEP_EPOCHS,
+    );
+    assert_eq!(epochs(&status), kept);
     assert!(daemon.server.stop().success());
-    // It opens again.
+    // It opens again, with them.
     let mut daemon = Controlled::start(&vol);
-    assert_eq!(daemon.status()["epoch"], MAX_EPOCHS);
+    let status = daemon.status();
+    assert_eq!(status["epoch"], MAX_EPOCHS + 1);
+    assert_eq!(epochs(&status), kept);
     assert!(daemon.server.stop().success());
 }
 
-/// At the cap a fence or a demote is refused before it changes anything:
-/// the gate stays open and the guest writes on, the volume stays the
-/// primary (a replica made of it could never be promoted again).
+/// At the cap a fence raises the epoch (the guest is cut off), and a
+/// demote seals, as anywhere.
 #[test]
-fn at_the_epoch_cap_fence_and_demote_are_refused_and_the_guest_writes_on() {
+fn at_the_epoch_cap_fence_and_demote_work() {
     let vol = TestVolume::create("64M");
-    let path = vol.at_the_epoch_cap("primary");
+    vol.at_the_epoch_cap("primary");
     let mut daemon = Controlled::start(&vol);
-    let before = std::fs::read(&path).expect("read");
-
-    let refused = daemon.try_ctl("demote", json!({})).expect_err("at the cap");
-    let message = refused.to_string();
-    assert!(message.contains("lists 4096 epochs"), "{message}");
-    assert!(message.contains("never be promoted again"), "{message}");
-    let status = daemon.status();
-    assert_eq!(status["role"], "primary");
-    assert_eq!(status["state"], "serving");
-
     let mut guest = Client::connect(&vol.socket, 1);
     assert_eq!(guest.write(0, 0, &pattern(1, 4096)), 0);
-    let refused = daemon.try_ctl("fence", json!({})).expect_err("at the cap");
-    let status = daemon.status();
-    assert_eq!(status["state"], "serving");
-    let message = refused.to_string();
-    assert!(message.contains("lists 4096 epochs"), "{message}");
-    assert!(message.contains("serves on"), "{message}");
-    assert_eq!(status["epoch"], MAX_EPOCHS);
-    // The guest was not cut off: it writes and reads back.
-    let data = pattern(2, 4096);
-    assert_eq!(guest.write(0, 4096, &data), 0);
     assert_eq!(guest.flush(0), 0);
-    assert_eq!(guest.read(0, 4096, 4096), data);
-    assert_eq!(daemon.status()["role"], "primary");
+    let fenced = daemon.ctl("fence", json!({}));
+    assert_eq!(fenced["epoch"], MAX_EPOCHS + 1, "{fenced}");
+    assert_eq!(epochs(&daemon.status()).2, KEEP_EPOCHS);
     drop(guest);
+    wait_until("the guest to be gone", Duration::from_secs(20), || {
+        daemon.status()["attached"].is_null()
+    });
+    let demoted = daemon.ctl("demote", json!({}));
+    assert_eq!(demoted["epoch"], MAX_EPOCHS + 1, "{demoted}");
+    let status = daemon.status();
+    assert_eq!(status["role"], "replica", "{status}");
     assert!(daemon.server.stop().success());
-    let after: Value =
-        serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("volume.json");
-    let before: Value = serde_json::from_slice(&before).expect("volume.json");
-    assert_eq!(after["role"], "primary");
-    assert_eq!(after["epoch_history"], before["epoch_history"]);
+    let mut daemon = Controlled::start(&vol);
+    assert_eq!(daemon.status()["epoch"], MAX_EPOCHS + 1);
+    assert!(daemon.server.stop().success());
 }

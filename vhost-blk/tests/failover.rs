@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::child_client::{BlockClient, ChildClient};
 use common::client::{pattern, Client};
 use common::replication::*;
-use common::{wait_until, TestVolume, MAX_EPOCHS};
+use common::{wait_until, TestVolume, KEEP_EPOCHS, MAX_EPOCHS};
 use serde_json::{json, Value};
 
 /// Two nodes that can swap roles: `a` starts as the primary.
@@ -155,14 +155,21 @@ fn a_live_primary_is_sealed_then_failed_back_with_only_the_new_writes() {
     assert_eq!(again["epoch"], 3, "{again}");
 }
 
-/// At the epoch cap a failover is refused before it asks the old primary
-/// to seal: the old primary stays the primary and its guest writes on
-/// (before, it sealed and demoted, then the replica's promotion was
-/// refused: no primary at all); a handover is not armed either. The
-/// epochs are raised for real (fences), so that the replica holds them
-/// too.
+fn history(node: &Node) -> Vec<Value> {
+    status(node)["epoch_history"]
+        .as_array()
+        .expect("epoch_history")
+        .clone()
+}
+
+/// Role changes go on past the most epochs a history lists: with both
+/// histories full (raised for real, by fences, so that the replica holds
+/// them too), a handover is armed, and a failover seals the old primary
+/// and promotes the replica. Both forget their oldest epochs alike (the
+/// old primary as it takes the new Epoch record), still relate, and
+/// replication goes on, after a failback too.
 #[test]
-fn at_the_epoch_cap_a_failover_leaves_the_old_primary_serving() {
+fn past_the_epoch_cap_a_failover_and_a_failback_work_and_the_histories_still_relate() {
     let twins = Twins::start(&[]);
     for _ in lsn(&status(&twins.a), "epoch")..MAX_EPOCHS {
         twins.a.ctl("fence", json!({}));
@@ -172,31 +179,40 @@ fn at_the_epoch_cap_a_failover_leaves_the_old_primary_serving() {
     write_flushed(&mut client, 0, 1, 4);
     streaming(&twins.a, &twins.b);
     assert_eq!(status(&twins.b)["epoch"], MAX_EPOCHS);
+    assert_eq!(history(&twins.b).len(), MAX_EPOCHS as usize);
 
-    // A handover is not armed: the replica could not be promoted.
-    let refused = twins
-        .a
-        .try_ctl("handover", json!({}))
-        .expect_err("at the cap");
-    let message = refused.to_string();
-    assert!(message.contains("lists 4096 epochs"), "{message}");
-    assert!(status(&twins.a)["handover"].is_null());
+    let armed = twins.a.ctl("handover", json!({}));
+    assert_eq!(armed["state"], "armed", "{armed}");
+    twins.a.ctl("handover", json!({"cancel": true}));
 
-    let refused = twins
-        .b
-        .try_ctl("failover", json!({}))
-        .expect_err("at the cap");
-    let a = status(&twins.a);
-    assert_eq!(a["role"], "primary");
-    assert_eq!(a["state"], "serving");
-    assert_eq!(a["epoch"], MAX_EPOCHS);
-    let message = refused.to_string();
-    assert!(message.contains("lists 4096 epochs"), "{message}");
-    assert_eq!(status(&twins.b)["role"], "replica");
-    // A's guest was not cut off, and B still takes what it writes.
+    let done = twins.b.ctl("failover", json!({}));
+    assert_eq!(done["forced"], false, "{done}");
+    assert_eq!(done["epoch"], MAX_EPOCHS + 1, "{done}");
+    assert_eq!(status(&twins.a)["role"], "replica");
+    drop(client);
+    let mut client = Client::connect(&twins.b.vol.socket, 1);
+    read_back(&mut client, 0, 1, 4);
     write_flushed(&mut client, 1 << 20, 20, 4);
-    read_back(&mut client, 1 << 20, 20, 4);
+    let acked = streaming(&twins.b, &twins.a);
+    let kept = history(&twins.b);
+    assert_eq!(kept.len(), KEEP_EPOCHS, "the oldest forgotten");
+    assert_eq!(kept[0]["epoch"], MAX_EPOCHS + 2 - KEEP_EPOCHS as u64);
+    assert_eq!(kept.last().expect("an epoch")["epoch"], MAX_EPOCHS + 1);
+    assert_eq!(history(&twins.a), kept, "the old primary forgot the same");
+    assert_eq!(twins.a.materialize(acked), twins.b.materialize(acked));
+
+    // Failback: the same command the other way.
+    drop(client);
+    wait_until("B's guest to detach", Duration::from_secs(30), || {
+        status(&twins.b)["attached"].is_null()
+    });
+    let back = twins.a.ctl("failover", json!({}));
+    assert_eq!(back["forced"], false, "{back}");
+    assert_eq!(back["epoch"], MAX_EPOCHS + 2, "{back}");
     let acked = streaming(&twins.a, &twins.b);
+    assert!(acked >= lsn(&back, "first_lsn"));
+    assert_eq!(history(&twins.a).len(), KEEP_EPOCHS + 1);
+    assert_eq!(history(&twins.a), history(&twins.b));
     assert_eq!(twins.a.materialize(acked), twins.b.materialize(acked));
 }
 

@@ -25,9 +25,10 @@ use std::time::{Duration, SystemTime};
 use common::replication::{
     free_port, identity, replica_volume, tls_args, tls_context, Identity, Node, SIZE,
 };
-use common::wait_until;
+use common::{wait_until, KEEP_EPOCHS};
 use rewind_journal::{
     BaseImage, EpochStart, OpenOptions, OsStorage, ShippedRecord, Volume, VolumeSettings,
+    MAX_EPOCHS,
 };
 use rewind_vhost_blk::replication::frame::{
     read_frame, reseal, Encoder, ForwardOp, Frame, FrameError, Hello, Message, ResyncBegin,
@@ -774,18 +775,20 @@ fn records_from_a_clock_far_ahead_are_taken() {
 }
 
 /// Every epoch a replica takes is listed in its volume.json, which an
-/// open reads only up to 1 MiB: a batch that would list more than 4096
-/// is refused, and the replica still opens.
+/// open reads only up to 1 MiB: a batch of thousands of epochs is taken,
+/// the history forgets the oldest and keeps the newest, and the replica
+/// opens with them.
 #[test]
-fn a_flood_of_epochs_is_refused_and_the_replica_still_opens() {
+fn a_flood_of_epochs_is_taken_and_the_history_stays_bounded() {
+    const FLOOD: u64 = 16_000;
     let mut rig = Rig::start();
     let lsn = rig.genuine();
     rig.primary.raise_epoch().expect("raise the epoch");
     let genuine = rig.records(lsn + 1);
     assert_eq!(genuine[0].lsn(), lsn + 1);
-    // Epoch records 2, 3, ...: taken, volume.json would list them all
-    // in well over 1 MiB.
-    let flood: Vec<ShippedRecord> = (0..16_000)
+    // Epoch records 2, 3, ...: listed all, volume.json would take well
+    // over 1 MiB.
+    let flood: Vec<ShippedRecord> = (0..FLOOD)
         .map(|i| {
             let mut record = genuine[0].clone();
             set_field(&mut record, LSN_AT, lsn + 1 + i);
@@ -797,24 +800,43 @@ fn a_flood_of_epochs_is_refused_and_the_replica_still_opens() {
     let (mut conn, _) = rig.session();
     rig.send(&mut conn, &encode(1, &Message::Records(flood)))
         .expect("send the records");
-    let closed = rig.closed(&mut conn);
-    assert!(closed.acks().is_empty(), "{closed:?}");
-    rig.check_refused(
-        conn.local,
-        &format!(
-            "shipped record {} refused: it starts epoch 4097, but this volume's epoch history \
-             lists 4096 epochs already, the most volume.json keeps",
-            lsn + 4096
-        ),
-        lsn,
-    );
-    assert_eq!(rig.status()["epoch"], 1);
+    let last = lsn + FLOOD;
+    loop {
+        match rig.recv(&mut conn) {
+            Ok(Frame {
+                message: Message::Ack { durable_lsn },
+                ..
+            }) if durable_lsn >= last => break,
+            Ok(Frame {
+                message: Message::Ack { .. },
+                ..
+            }) => {}
+            other => panic!("the replica answered {other:?}"),
+        }
+    }
+    let check = |status: Value| {
+        assert_eq!(status["epoch"], FLOOD + 1);
+        assert_eq!(status["last_lsn"], last);
+        let history: Vec<EpochStart> =
+            serde_json::from_value(status["epoch_history"].clone()).expect("epoch_history");
+        assert!(
+            (KEEP_EPOCHS..=MAX_EPOCHS).contains(&history.len()),
+            "{} epochs",
+            history.len()
+        );
+        // The newest, as they came.
+        for start in &history {
+            assert_eq!(start.first_lsn, lsn + start.epoch - 1, "{start:?}");
+        }
+        assert_eq!(history.last().map(|s| s.epoch), Some(FLOOD + 1));
+        history
+    };
+    let history = check(rig.status());
+    drop(conn);
 
     rig.replica.stop();
     rig.replica.restart();
-    assert_eq!(rig.last_lsn(), lsn);
-    assert_eq!(rig.genuine(), rig.primary.durable_lsn());
-    assert_eq!(rig.status()["epoch"], 2);
+    assert_eq!(check(rig.status()), history);
 }
 
 #[test]

@@ -26,7 +26,7 @@ use crate::clock::warn_if_ahead;
 use crate::error::{Error, Result};
 use crate::extent_map::{ExtentMap, Pieces, Source};
 use crate::format::{check_range, SECTOR};
-use crate::meta::{read_small_file, EpochStart, Role, MAX_VOLUME_FILE};
+use crate::meta::{compact_epochs, read_small_file, EpochStart, Role, MAX_VOLUME_FILE};
 use crate::record_index::RecordIndex;
 
 pub const RESYNC_FILE: &str = "resync";
@@ -312,6 +312,8 @@ impl Volume {
         inner.persist(|config| {
             config.epoch = epoch;
             config.epoch_history = state.epoch_history.clone();
+            // The primary's is bounded; a resync file need not be.
+            compact_epochs(&mut config.epoch_history);
         })?;
         let path = inner.resync_path();
         inner

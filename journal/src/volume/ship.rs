@@ -28,7 +28,7 @@ use crate::extent_map::ExtentMap;
 use crate::format::{
     check_bookmark_name, crc32c, le_u32, le_u64, HeaderProblem, RecordHeader, RecordKind, SECTOR,
 };
-use crate::meta::{EpochStart, Role, MAX_EPOCHS};
+use crate::meta::{EpochStart, Role};
 use crate::pool::{segment_name, Segment};
 use crate::record_index::Effect;
 
@@ -397,7 +397,6 @@ impl Inner {
         let mut time = c.last_timestamp;
         let now = self.clock.now_ns();
         let mut epoch = self.epoch.load(Ordering::Acquire);
-        let mut epochs = lock(&self.persisted).epoch_history.len();
         let window_start = {
             let index = lock(&self.index);
             self.window_start(&index).0
@@ -457,19 +456,7 @@ impl Inner {
                         h.epoch
                     )))
                 }
-                // volume.json lists every epoch: past MAX_EPOCHS it could
-                // outgrow what an open reads.
-                RecordKind::Epoch if epochs >= MAX_EPOCHS => {
-                    return Err(bad(format!(
-                        "it starts epoch {}, but this volume's epoch history lists \
-                         {epochs} epochs already, the most volume.json keeps",
-                        h.epoch
-                    )))
-                }
-                RecordKind::Epoch => {
-                    epoch = h.epoch;
-                    epochs += 1;
-                }
+                RecordKind::Epoch => epoch = h.epoch,
                 _ if h.epoch != epoch => {
                     return Err(bad(format!(
                         "it carries epoch {} but this volume is at epoch {epoch}",

@@ -139,13 +139,6 @@ impl Roles {
         if v.role() != Role::Primary {
             return Err("this volume is a replica: a handover is armed on the primary".into());
         }
-        let detached = self.link.as_ref().is_some_and(|link| link.detached());
-        if !detached {
-            // The replica's promotion would be refused after this node
-            // sealed, and so would this node's promotion back.
-            v.check_epoch_room()
-                .map_err(|e| format!("no handover: the replica could not be promoted. {e}"))?;
-        }
         if let Some(hold) = self.hold() {
             return Err(format!(
                 "the gate is held ({hold}): nothing runs to hand over"

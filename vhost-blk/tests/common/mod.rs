@@ -40,12 +40,14 @@ pub struct TestVolume {
 
 /// The most epochs a volume's history lists (the journal's MAX_EPOCHS).
 pub const MAX_EPOCHS: u64 = 4096;
+/// The epochs it keeps when one more would take it past that.
+pub const KEEP_EPOCHS: usize = 2048;
 
 impl TestVolume {
     /// Writes by hand a volume.json whose history lists the most epochs it
-    /// keeps (the daemon raises none past that), in `role` ("primary" or
-    /// "replica", then sealed by its primary: only the cap refuses a
-    /// promotion); returns its path. No Epoch record backs the history: a
+    /// keeps (the next raise forgets the oldest), in `role` ("primary" or
+    /// "replica", then sealed by its primary: promoted without --force);
+    /// returns its path. No Epoch record backs the history: a
     /// peer refuses it, so this serves a daemon alone.
     pub fn at_the_epoch_cap(&self, role: &str) -> PathBuf {
         let path = self.path.join("volume.json");
