@@ -623,3 +623,40 @@ fn a_revert_to_before_the_replicas_history_resyncs_it() {
     // No out-of-sync map tells what changed: the two sides compared hashes.
     assert_eq!(status["last_resync"]["mode"], "hash diff", "{status}");
 }
+
+/// A primary whose epoch history forgot its first epochs (it begins at
+/// epoch 3000, written by hand here) still gets a new replica: the two
+/// histories cannot be related, but a replica that holds no record loses
+/// nothing to the full resync that gives it the primary's history; then
+/// the stream goes on.
+#[test]
+fn a_new_replica_of_a_primary_whose_history_forgot_its_first_epochs_is_resynced() {
+    let vol = TestVolume::create(SIZE);
+    let path = vol.path.join("volume.json");
+    let mut config: Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("volume.json");
+    config["epoch"] = 3000.into();
+    config["epoch_history"] = json!([{"epoch": 3000, "first_lsn": 1, "node": 7}]);
+    std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("json")).expect("write");
+    let pair = Pair::start_with(vol, &[]);
+    let mut client = Client::connect(&pair.primary.vol.socket, 1);
+    assert_eq!(client.write(0, 0, &pattern(1, 65536)), 0);
+    assert_eq!(client.flush(0), 0);
+    let acked = pair.caught_up();
+    let status = pair.primary.replication();
+    assert_eq!(status["last_resync"]["mode"], "full", "{status}");
+    assert_eq!(client.write(0, 1 << 20, &pattern(2, 65536)), 0);
+    assert_eq!(client.flush(0), 0);
+    let later = pair.caught_up();
+    assert!(later > acked);
+    let replica = pair.replica.ctl("status", Value::Null);
+    assert_eq!(replica["epoch"], 3000, "{replica}");
+    assert_eq!(
+        replica["epoch_history"],
+        pair.primary.ctl("status", Value::Null)["epoch_history"]
+    );
+    assert_eq!(
+        pair.replica.materialize(later),
+        pair.primary.materialize(later)
+    );
+}

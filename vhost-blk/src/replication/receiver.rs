@@ -483,6 +483,12 @@ fn check_hello(volume: &Volume, hello: &Hello) -> Result<(), String> {
                 hello.epoch_history, history
             ));
         }
+        // A replica that holds no record (a new one, `create
+        // --replica-of`) loses nothing to the full resync the primary
+        // gives it (its welcome's `last_lsn` 0), which replaces its
+        // history with the primary's: the only way a new copy of a volume
+        // whose history forgot its first epochs can start.
+        Relation::Unrelated if volume.last_lsn() == 0 => {}
         // Taking the stream would assume this replica's records are the
         // primary's up to its last lsn: unknown. A resync would be right
         // for a replica that is merely behind, but would throw away,
