@@ -270,7 +270,7 @@ fn a_volume_json_an_open_would_refuse_is_not_written() {
     let (fs, v) = new_volume();
     drop(v);
     // As many entries as keep volume.json just under its cap (hand
-    // written: no raise goes past 4096 epochs).
+    // written: a history past 4096 epochs forgets the oldest).
     let size = |count| {
         edit_volume_json(&fs, |json| json["epoch_history"] = wide_history(count));
         volume_json(&fs).len()
