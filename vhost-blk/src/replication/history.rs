@@ -138,7 +138,7 @@ fn from_entry<'a>(history: &'a [EpochStart], entry: &EpochStart) -> Option<&'a [
 
 /// "epochs A..=B" of a history, for messages (a history may list
 /// thousands).
-pub fn span(history: &[EpochStart]) -> String {
+fn span(history: &[EpochStart]) -> String {
     match (history.first(), history.last()) {
         (Some(first), Some(last)) => format!(
             "epochs {}..={} (from lsn {})",
