@@ -242,7 +242,9 @@ impl Roles {
 
     /// Closes the gate for good: requests in flight finish or fail, the
     /// guest is disconnected and cannot reattach.
-    fn close_for_good(&self) {
+    /// An error if requests still ran when it gave up waiting: they may
+    /// yet write, so the journal must not be cut under them.
+    fn close_for_good(&self) -> Result<(), GateError> {
         let gate = &self.live.gate;
         let closed = gate.fence(PEER_SEAL_LIMIT, || {
             if let Some(link) = &self.link {
@@ -263,6 +265,7 @@ impl Roles {
             // Closed as a replica's: a new guest may connect and wait.
             gate.fenced_to_drained();
         }
+        closed
     }
 
     /// Why a promotion without a seal needs --force.
@@ -605,7 +608,12 @@ impl Roles {
     fn leave_for(&self, common: u64) -> Result<Option<String>, String> {
         let v = &self.volume;
         if v.role() == Role::Primary {
-            self.close_for_good();
+            // A request still running would append after the cut: a
+            // record of this side's among the newer primary's. Another
+            // rejoin (the peer reconnects) waits for it again.
+            self.close_for_good().map_err(|e| {
+                format!("this node's guest requests did not stop, so its journal is not cut: {e}")
+            })?;
         }
         let branch = self.cut_after(common)?;
         if v.role() == Role::Primary {
@@ -699,5 +707,50 @@ impl RoleChanges for Roles {
             tracing::info!("the replica confirmed this node's epoch: serving the guest");
             let _ = self.live.gate.resume();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::ExportConfig;
+    use crate::gate::Gate;
+
+    /// A rejoin cuts this side's records past the common point; a guest
+    /// request still running then (a storage call that hangs) could write
+    /// one after the cut, among the newer primary's. Refused until the
+    /// requests end, and done once they have.
+    #[test]
+    fn a_rejoin_cuts_nothing_while_a_guest_request_still_runs() {
+        let volume = Arc::new(crate::test_support::volume(1 << 20));
+        for block in 0..5u64 {
+            volume.write(block * 4096, &[1; 4096]).expect("write");
+        }
+        let gate = Arc::new(Gate::new(1));
+        let config = ExportConfig {
+            num_queues: 1,
+            queue_size: 16,
+            read_only: false,
+        };
+        let live = Arc::new(Export::new(volume.clone(), config, gate.clone()));
+        let roles = Roles::start(volume.clone(), live, None, None);
+        let running = gate.enter(1).expect("serving");
+        // A newer primary's history: its epoch began after lsn 2.
+        let mut newer = volume.epoch_history();
+        newer.push(EpochStart {
+            epoch: 2,
+            first_lsn: 3,
+            node: 7,
+        });
+
+        let refused = roles.rejoin(&newer).expect_err("a request runs");
+        assert!(refused.contains("not cut"), "{refused}");
+        assert_eq!(volume.last_lsn(), 5, "nothing cut");
+        assert_eq!(volume.role(), Role::Primary);
+
+        drop(running);
+        roles.rejoin(&newer).expect("rejoined");
+        assert_eq!(volume.role(), Role::Replica);
+        assert_eq!(volume.last_lsn(), 2, "cut after the common point");
     }
 }
