@@ -4,6 +4,9 @@
 //! not hold the newest generation and syncs it, so a torn update damages
 //! only that slot and the other still holds the previous state. `open`
 //! takes the valid slot with the highest generation. Layout in FORMAT.md.
+//!
+//! Only ever written in place, never replaced: `Volume::open` holds its
+//! flock on this file to keep a second open out.
 
 use std::path::Path;
 use std::sync::Arc;

@@ -617,6 +617,7 @@ pub struct Volume {
     inner: Arc<Inner>,
     maintainer: Option<JoinHandle<()>>,
     applier: Option<JoinHandle<()>>,
+    /// The flock on `<vol>/super` that keeps a second open out.
     _lock: LockGuard,
 }
 
@@ -750,7 +751,10 @@ impl Volume {
         options: OpenOptions,
     ) -> Result<(Volume, RecoveryReport)> {
         let config = VolumeConfig::load(storage.as_ref(), dir)?;
-        let lock_guard = storage.lock(&dir.join(VOLUME_FILE)).map_err(|e| {
+        // `super`, the one file of a volume that is only ever rewritten in
+        // place: a lock on a file replaced by rename (volume.json) stays
+        // on the old file, and the next open would lock the new one.
+        let lock_guard = storage.lock(&dir.join(SUPER_FILE)).map_err(|e| {
             if e.kind() == io::ErrorKind::WouldBlock {
                 Error::Locked(dir.to_owned())
             } else {

@@ -92,6 +92,27 @@ fn a_volume_opens_once_at_a_time() {
     open(&fs);
 }
 
+/// Every change of volume.json (an epoch raise here; a promotion, a
+/// client's attach record, an open that tags the node alike) replaces the
+/// file by rename: the open lock is on `super`, which is never replaced,
+/// so it holds on.
+#[test]
+fn a_volume_stays_locked_after_volume_json_is_rewritten() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = create_with(tmp.path(), &small_settings());
+    let (v, _) = Volume::open(OsStorage::shared(), &dir, options()).expect("open");
+    let again = || Volume::open(OsStorage::shared(), &dir, options());
+    assert!(matches!(again(), Err(Error::Locked(_))), "locked at first");
+    v.raise_epoch().expect("epoch"); // rewrites volume.json
+    match again() {
+        Err(Error::Locked(_)) => {}
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a second open of a volume that is open succeeded"),
+    }
+    v.close().expect("close");
+    again().expect("open once closed");
+}
+
 #[test]
 fn create_refuses_a_used_directory_and_open_a_non_volume() {
     let fs = FaultStorage::new();
