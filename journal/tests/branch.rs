@@ -797,3 +797,35 @@ fn damaged_branch_files_are_reported_not_read() {
     assert!(fs.contents(&records).is_none(), "its files are gone");
     v.close().expect("close");
 }
+
+/// A description is JSON without a checksum: counts that read huge make
+/// the branch unreadable (reading it allocates by the count, which the
+/// file's size bounds), never abort the process.
+#[test]
+fn a_branch_description_with_a_huge_record_count_is_an_error_not_a_crash() {
+    let fs = FaultStorage::new();
+    let (v, common, _, _) = with_tail(&fs);
+    v.cut_to_branch(common, "tail").expect("cut");
+    v.close().expect("close");
+    let json = Path::new(DIR).join("branches/tail.json");
+    let text = fs.contents(&json).expect("description");
+    let mut meta: serde_json::Value = serde_json::from_slice(&text).expect("json");
+    let base = meta["base_lsn"].as_u64().expect("base");
+    for (last, records) in [(base + (1 << 60), 1 << 60), (u64::MAX, u64::MAX - base)] {
+        meta["last_lsn"] = last.into();
+        meta["records"] = records.into();
+        fs.set_contents(&json, serde_json::to_vec(&meta).expect("json"));
+        let v = open(&fs);
+        let err = v.view(&point("branch:tail")).expect_err("a wrong count");
+        assert!(err.to_string().contains("inconsistent"), "{err}");
+        v.close().expect("close");
+    }
+    meta["base_lsn"] = u64::MAX.into();
+    fs.set_contents(&json, serde_json::to_vec(&meta).expect("json"));
+    let v = open(&fs);
+    assert!(
+        v.view(&point("branch:tail")).is_err(),
+        "base lsn at the end"
+    );
+    v.close().expect("close");
+}

@@ -256,11 +256,17 @@ fn load_meta(
             meta.name, meta.uuid
         ));
     }
-    let count = meta.last_lsn.checked_sub(meta.base_lsn);
-    if meta.first_lsn != meta.base_lsn + 1 || count != Some(meta.records) || meta.records == 0 {
+    // Each record takes a header sector at least, after the file's own:
+    // so a damaged count cannot size what reading the branch allocates.
+    let most = (meta.file_size / SECTOR).saturating_sub(1);
+    let consistent = meta.base_lsn.checked_add(1) == Some(meta.first_lsn)
+        && meta.last_lsn.checked_sub(meta.base_lsn) == Some(meta.records)
+        && (1..=most).contains(&meta.records);
+    if !consistent {
         return Err(format!(
-            "its description is inconsistent: base lsn {}, lsns {}..={}, {} records",
-            meta.base_lsn, meta.first_lsn, meta.last_lsn, meta.records
+            "its description is inconsistent: base lsn {}, lsns {}..={}, {} records in a \
+             {}-byte file (restore the description, or drop the branch)",
+            meta.base_lsn, meta.first_lsn, meta.last_lsn, meta.records, meta.file_size
         ));
     }
     Ok(meta)
@@ -594,7 +600,7 @@ pub(super) fn view(
 ) -> Result<View> {
     let (meta, file, scanned) = inner.open_branch(name)?;
     let lsn = inner.resolve_in(&meta, &scanned, at)?;
-    let timestamp_ns = match lsn.checked_sub(meta.base_lsn + 1) {
+    let timestamp_ns = match lsn.checked_sub(meta.first_lsn) {
         Some(i) => scanned.entries[i as usize].timestamp,
         None => meta.base_ns,
     };
