@@ -829,3 +829,43 @@ fn a_branch_description_with_a_huge_record_count_is_an_error_not_a_crash() {
     );
     v.close().expect("close");
 }
+
+/// A cut whose volume.json write (step 6) failed has ended the journal at
+/// the common point; its branch alone holds the records after it. A
+/// damaged description then makes open refuse, naming it, rather than
+/// roll the cut back (which would drop those records for good); restored,
+/// the next open finishes the cut.
+#[test]
+fn a_damaged_branch_description_of_a_cut_under_way_makes_open_refuse() {
+    let fs = FaultStorage::new();
+    let (v, common, at_common, at_end) = with_tail(&fs);
+    fs.inject(Fault::always(FaultOp::Write, libc::EIO).on_paths_containing("volume.tmp"));
+    assert!(v.cut_to_branch(common, "tail").is_err());
+    drop(v);
+    fs.clear_faults();
+    assert!(
+        fs.contents(&Path::new(DIR).join("cut")).is_some(),
+        "the cut is under way"
+    );
+
+    let json = Path::new(DIR).join("branches/tail.json");
+    let good = fs.contents(&json).expect("description");
+    let text = String::from_utf8(good.clone()).expect("utf8");
+    let flipped = text.replacen("\"records\": ", "\"records\": 1", 1);
+    for damaged in [flipped.into_bytes(), b"{ not json".to_vec()] {
+        assert_ne!(damaged, good);
+        fs.set_contents(&json, damaged);
+        match Volume::open(fs.arc(), Path::new(DIR), options()) {
+            Err(Error::BadMetadata { path, reason }) => {
+                assert_eq!(path, json, "{reason}");
+                assert!(reason.contains("restore the description"), "{reason}");
+            }
+            Err(e) => panic!("{e}"),
+            Ok((v, _)) => panic!("opened at lsn {} of {common}", v.last_lsn()),
+        }
+    }
+    fs.set_contents(&json, good);
+    let v = open(&fs);
+    check_cut(&v, common, &at_common, &at_end, "restored");
+    v.close().expect("close");
+}

@@ -274,7 +274,8 @@ fn load_meta(
 
 /// The lsn a cut left under way ends the journal at, before recovery: a
 /// cut whose branch is complete is finished after recovery
-/// ([`Inner::finish_cut`]); one whose branch is not is rolled back here.
+/// ([`Inner::finish_cut`]); one whose branch is not is rolled back here;
+/// one whose branch's description is damaged makes the open fail.
 pub(super) fn pending_cut(storage: &dyn Storage, dir: &Path, uuid: Uuid) -> Result<Option<u64>> {
     let path = dir.join(CUT_FILE);
     if !storage.exists(&path) {
@@ -287,24 +288,18 @@ pub(super) fn pending_cut(storage: &dyn Storage, dir: &Path, uuid: Uuid) -> Resu
     })?;
     let meta = meta_path(dir, &intent.name);
     if storage.exists(&meta) {
-        // The branch's description is written only once its records are
-        // synced: from then on the cut goes forward.
-        let ours = load_meta(storage, dir, &intent.name, uuid)
-            .is_ok_and(|m| m.base_lsn == intent.common_lsn && m.last_lsn == intent.last_lsn);
-        if ours {
-            tracing::warn!(
-                event = crate::events::CUT_INTERRUPTED,
-                volume = %uuid,
-                dir = %dir.display(),
-                branch = intent.name,
-                "finishing a cut interrupted at lsn {}",
-                intent.common_lsn
-            );
-            return Ok(Some(intent.common_lsn));
-        }
-    } else {
-        remove_if_there(storage, &records_path(dir, &intent.name))?;
+        check_cut_branch(storage, dir, uuid, &intent)?;
+        tracing::warn!(
+            event = crate::events::CUT_INTERRUPTED,
+            volume = %uuid,
+            dir = %dir.display(),
+            branch = intent.name,
+            "finishing a cut interrupted at lsn {}",
+            intent.common_lsn
+        );
+        return Ok(Some(intent.common_lsn));
     }
+    remove_if_there(storage, &records_path(dir, &intent.name))?;
     tracing::warn!(
         event = crate::events::CUT_INTERRUPTED,
         volume = %uuid,
@@ -319,6 +314,40 @@ pub(super) fn pending_cut(storage: &dyn Storage, dir: &Path, uuid: Uuid) -> Resu
         .map_err(Error::io(|| format!("removing {}", path.display())))?;
     sync_dir(storage, dir)?;
     Ok(None)
+}
+
+/// Checks that the description of the branch a cut under way makes is
+/// that cut's. It is written (atomically) only once the branch's records
+/// are synced, and from then on the cut may have ended the journal at its
+/// lsn (steps 4-5): one that does not load, or names another cut, is
+/// damage, and rolling the cut back would leave the records after that
+/// lsn in neither the journal nor a branch.
+fn check_cut_branch(
+    storage: &dyn Storage,
+    dir: &Path,
+    uuid: Uuid,
+    intent: &CutIntent,
+) -> Result<()> {
+    let why = match load_meta(storage, dir, &intent.name, uuid) {
+        Ok(m) if (m.base_lsn, m.last_lsn) == (intent.common_lsn, intent.last_lsn) => return Ok(()),
+        Ok(m) => format!(
+            "it describes lsns {}..={}, the cut under way moves {}..={}",
+            m.first_lsn,
+            m.last_lsn,
+            intent.common_lsn.saturating_add(1),
+            intent.last_lsn
+        ),
+        Err(why) => why,
+    };
+    Err(Error::BadMetadata {
+        path: meta_path(dir, &intent.name),
+        reason: format!(
+            "{why}; a cut at lsn {} ({CUT_FILE} in the volume) is under way and may have ended \
+             the journal there, so the records after it may be only in this branch. Nothing \
+             was changed: restore the description, and the next open finishes the cut",
+            intent.common_lsn
+        ),
+    })
 }
 
 /// The records of a branch, read back and checked (payloads too).
