@@ -423,6 +423,28 @@ impl Layout {
         }
     }
 
+    /// Whether a header sector of an unknown kind or version
+    /// ([`HeaderProblem::Version`], [`HeaderProblem::Kind`]) claims to be a
+    /// record of use `seq` of this layout: the sequence number (bytes
+    /// 8..16 in every version), and for an inline use its nonce where
+    /// inline records keep it (bytes 80..88). Only then is it an error:
+    /// anything else is left from an earlier use of the file, guest data
+    /// included, as any other foreign header.
+    pub fn claims(self, b: &[u8], seq: u64) -> bool {
+        if b.len() < RECORD_HEADER_USED {
+            return false;
+        }
+        let version = u16::from_le_bytes([b[4], b[5]]);
+        let inline = matches!(version, INLINE_VERSION | LARGE_INLINE_VERSION);
+        let of_use = le_u64(b, 8) == seq;
+        match self {
+            Layout::Slots => of_use && !inline,
+            Layout::Inline { nonce } => {
+                of_use && b.len() >= INLINE_RECORD_HEADER_USED && le_u64(b, 80) == nonce
+            }
+        }
+    }
+
     /// Whether a record header belongs to a use of this layout: its
     /// version and nonce.
     pub fn owns(self, h: &RecordHeader) -> bool {

@@ -138,6 +138,7 @@ pub struct Recovered {
 /// with 256 KiB at 0.58x-0.63x. Kernel readahead keeps cold reads streaming.
 const READ_CHUNK: u64 = 256 << 10;
 const SEGMENT_FULL: &str = "segment is full";
+const EARLIER_USE: &str = "record left from an earlier use of the file";
 const CUT: &str = "the journal was cut here; the records after it are in a branch";
 const TORN_HEADER: &str =
     "header torn while it was rewritten for inline records (nothing in the segment was flushed)";
@@ -502,6 +503,7 @@ impl Scanner<'_> {
         let h = match RecordHeader::decode(b) {
             Ok(h) => h,
             Err(HeaderProblem::Garbage) => return Ok(Err("no intact record header".into())),
+            Err(_) if !layout.claims(b, seq) => return Ok(Err(EARLIER_USE.into())),
             Err(HeaderProblem::Version(found)) => {
                 return Err(Error::UnsupportedVersion {
                     what: format!("record at {} offset {slot}", self.path(id).display()),
@@ -519,7 +521,7 @@ impl Scanner<'_> {
             }
         };
         if h.seq != seq || !layout.owns(&h) {
-            return Ok(Err("record left from an earlier use of the file".into()));
+            return Ok(Err(EARLIER_USE.into()));
         }
         if h.lsn != expected {
             return Ok(Err(format!(

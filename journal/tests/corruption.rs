@@ -150,6 +150,63 @@ fn damage_to_flushed_data_is_an_error_unless_truncation_is_forced() {
     assert_prefix(&v, 2);
 }
 
+/// Rewrites the header of segment 0's `k`th record (1-based) with `edit`
+/// applied and a valid checksum.
+fn rewrite_header(dir: &Path, k: u64, edit: impl Fn(&mut [u8])) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(segment_file(dir, 0))
+        .expect("open");
+    let at = SEGMENT - 512 * k;
+    let mut b = [0u8; 512];
+    f.read_exact_at(&mut b, at).expect("read");
+    edit(&mut b);
+    let crc = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, &b[..72]) as u32;
+    b[72..76].copy_from_slice(&crc.to_le_bytes());
+    f.write_all_at(&b, at).expect("write");
+}
+
+/// A header of an unknown version or kind that claims to be a record of
+/// the segment's use is refused, naming the versions this build reads;
+/// one of another use (sequence number) is not a record of this one.
+#[test]
+fn an_unknown_version_or_kind_is_an_error_only_in_a_record_of_the_use() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = volume(tmp.path());
+    rewrite_header(&dir, 3, |b| b[4..6].copy_from_slice(&9u16.to_le_bytes()));
+    let err = open_with(&dir, true).unwrap_err();
+    assert!(
+        matches!(err, Error::UnsupportedVersion { found: 9, .. }),
+        "{err}"
+    );
+
+    let dir = volume(&tmp.path().join("b"));
+    rewrite_header(&dir, 3, |b| b[6] = 9);
+    let err = open_with(&dir, true).unwrap_err();
+    assert!(err.to_string().contains("kind 9, unknown"), "{err}");
+
+    // The same, with another sequence number: the log ends before lsn 3.
+    for (i, edit) in [|b: &mut [u8]| b[4] = 9, |b: &mut [u8]| b[6] = 9]
+        .into_iter()
+        .enumerate()
+    {
+        let dir = volume(&tmp.path().join(format!("c{i}")));
+        rewrite_header(&dir, 3, |b| {
+            edit(b);
+            b[8] ^= 0x40;
+        });
+        match open_with(&dir, false).unwrap_err() {
+            Error::FlushedDataDamaged { lsn: 3, .. } => {}
+            other => panic!("{other}"),
+        }
+        let (_, report) = open_with(&dir, true).expect("forced");
+        assert_eq!(report.next_lsn, 3, "{report}");
+        assert!(report.end.reason.contains("earlier use"), "{report}");
+    }
+}
+
 #[test]
 fn a_truncated_segment_file_is_an_error_unless_forced() {
     let tmp = tempfile::tempdir().expect("tmp");
