@@ -27,11 +27,16 @@ pub enum Error {
     Locked(PathBuf),
     #[error("{path} is damaged: {reason}")]
     BadMetadata { path: PathBuf, reason: String },
-    #[error("{what} uses on-disk format version {found}; this build reads version {supported}")]
+    #[error(
+        "{what} uses on-disk format version {found}; this build reads version {} (open it \
+         with the build that wrote it)",
+        one_of(supported)
+    )]
     UnsupportedVersion {
         what: String,
         found: u16,
-        supported: u16,
+        /// Every version this build reads there.
+        supported: &'static [u16],
     },
     #[error("{path} belongs to volume {found}, not to this volume ({expected}); it must not be in this directory")]
     ForeignSegment {
@@ -119,5 +124,27 @@ impl Error {
             context: context().into(),
             source,
         }
+    }
+}
+
+/// "2", "2 or 3", "2, 3 or 4".
+fn one_of(versions: &[u16]) -> String {
+    let names: Vec<String> = versions.iter().map(u16::to_string).collect();
+    match names.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => "none".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_listed_as_alternatives() {
+        assert_eq!(one_of(&[2]), "2");
+        assert_eq!(one_of(&[2, 3]), "2 or 3");
+        assert_eq!(one_of(&[2, 3, 4]), "2, 3 or 4");
     }
 }

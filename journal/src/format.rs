@@ -29,6 +29,10 @@ pub const INLINE_VERSION: u16 = 3;
 /// on the first page boundary past the header. A build that predates it
 /// refuses the journal instead of taking the record for the log's end.
 pub const LARGE_INLINE_VERSION: u16 = 4;
+/// The versions a segment header may have.
+pub const SEGMENT_VERSIONS: &[u16] = &[FORMAT_VERSION, INLINE_VERSION];
+/// The versions a record header may have.
+pub const RECORD_VERSIONS: &[u16] = &[FORMAT_VERSION, INLINE_VERSION, LARGE_INLINE_VERSION];
 /// Unit of alignment for every structure in a segment and of guest IO.
 pub const SECTOR: u64 = 512;
 /// Bytes at the start of each segment taken by its header.

@@ -404,7 +404,7 @@ impl VolumeConfig {
             return Err(Error::UnsupportedVersion {
                 what: path.display().to_string(),
                 found: config.format_version,
-                supported: FORMAT_VERSION,
+                supported: &[FORMAT_VERSION],
             });
         }
         config

@@ -42,8 +42,8 @@ use crate::error::{Error, Result};
 use crate::extent_map::ExtentMap;
 use crate::format::{
     crc32c, torn_header_rewrite, HeaderProblem, Layout, Placed, Position, RecordHeader, RecordKind,
-    SegmentHeader, SegmentHeaderProblem, FORMAT_VERSION, RECORD_HEADER_SIZE, SECTOR,
-    SEGMENT_HEADER_SIZE,
+    SegmentHeader, SegmentHeaderProblem, RECORD_HEADER_SIZE, RECORD_VERSIONS, SECTOR,
+    SEGMENT_HEADER_SIZE, SEGMENT_VERSIONS,
 };
 use crate::meta::{EpochStart, VolumeConfig};
 use crate::pool::{segment_name, Segment, JOURNAL_DIR};
@@ -427,7 +427,7 @@ impl Scanner<'_> {
             Err(SegmentHeaderProblem::Version(found)) => Err(Error::UnsupportedVersion {
                 what: self.path(id).display().to_string(),
                 found,
-                supported: FORMAT_VERSION,
+                supported: SEGMENT_VERSIONS,
             }),
             Ok(h) if h.volume != self.config.uuid => Err(Error::ForeignSegment {
                 path: self.path(id),
@@ -508,7 +508,7 @@ impl Scanner<'_> {
                 return Err(Error::UnsupportedVersion {
                     what: format!("record at {} offset {slot}", self.path(id).display()),
                     found,
-                    supported: FORMAT_VERSION,
+                    supported: RECORD_VERSIONS,
                 })
             }
             Err(HeaderProblem::Kind(kind)) => {
@@ -1263,20 +1263,22 @@ fn scan(scanner: &Scanner, mut payloads: Payloads, at: &Resume) -> Result<Scanne
             });
         }
         if count == 0 {
-            // The log ends here: name this segment's problem, and where the
-            // previous one stopped unless it was merely full.
-            let reason = match &report.end.segment {
-                Some(prev) if report.end.reason != SEGMENT_FULL => format!(
-                    "{stop}; {prev} stops at offset {}: {}",
-                    report.end.offset, report.end.reason
-                ),
-                _ => stop,
-            };
-            report.end = LogEnd {
-                segment: name,
-                offset: slot,
-                reason,
-            };
+            // The log ends where lsn `expected` broke: where the previous
+            // segment stopped, unless it was merely full (then here); this
+            // segment's problem is told too.
+            if report.end.segment.is_some() && report.end.reason != SEGMENT_FULL {
+                let here = segment_name(s.file_id);
+                report.end.reason = format!(
+                    "{}; {here} does not go on with lsn {expected}: {stop}",
+                    report.end.reason
+                );
+            } else {
+                report.end = LogEnd {
+                    segment: name,
+                    offset: slot,
+                    reason: stop,
+                };
+            }
             break;
         }
         last_used = Some((i, layout, pos));

@@ -144,6 +144,13 @@ fn damage_to_flushed_data_is_an_error_unless_truncation_is_forced() {
         } => assert_eq!((*lsn, *proof_lsn, *covered), (3, 8, 7)),
         other => panic!("{other}"),
     }
+    // Named where lsn 3 broke (its header slot in segment 0), not where
+    // the scan gave up (segment 1 does not begin with lsn 3).
+    let place = format!(
+        "00000000.seg, offset {}: payload checksum",
+        SEGMENT - 3 * 512
+    );
+    assert!(err.to_string().contains(&place), "{err}");
     assert!(err.to_string().contains("truncate_damaged"), "{err}");
     let (v, report) = open_with(&dir, true).expect("forced");
     assert_eq!(report.next_lsn, 3);
@@ -181,6 +188,7 @@ fn an_unknown_version_or_kind_is_an_error_only_in_a_record_of_the_use() {
         matches!(err, Error::UnsupportedVersion { found: 9, .. }),
         "{err}"
     );
+    assert!(err.to_string().contains("reads version 2, 3 or 4"), "{err}");
 
     let dir = volume(&tmp.path().join("b"));
     rewrite_header(&dir, 3, |b| b[6] = 9);
