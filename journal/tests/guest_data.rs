@@ -1,8 +1,9 @@
 //! Guest data left in reused segment files. A file that is recycled, or
 //! a preallocated pool's spare prepared again, gets a new header; the
 //! rest still holds what its earlier uses wrote, guest data included,
-//! where recovery looks past a segment's last record. Such data is never
-//! taken for a record of the current use.
+//! where recovery looks past a segment's last record. Such data is not a
+//! record of the current use; where the format cannot tell it from one
+//! (a slots record carries no nonce), the test is ignored and says why.
 
 mod common;
 
@@ -96,6 +97,29 @@ fn reopen_after_guest_data_in_reused_segments(
     v.flush().expect("flush");
     v.close().expect("close");
     open(&fs, &clock)?.close()
+}
+
+/// A sector that reads as a version 2 Flush record header of segment use
+/// `seq`, claiming every lsn below 2^40 durable.
+fn forged_flush(seq: u64) -> [u8; 512] {
+    forged(seq, 4)
+}
+
+/// A known limitation (FORMAT.md, "Recovery", last paragraph): the
+/// look-ahead reads every slot of the segments after the end, and in a
+/// reused file those hold guest data. A slots record carries no nonce,
+/// only the segment use's sequence number, which is small and handed out
+/// in order: sectors shaped as Flush headers of sequence numbers 1..=512
+/// make a cleanly closed, undamaged volume's next open fail with
+/// FlushedDataDamaged. Needs a per-use nonce in slots record headers.
+#[test]
+#[ignore = "needs a format change: slots record headers carry no per-use nonce"]
+fn guest_data_shaped_as_flush_records_is_not_taken_for_proof_of_flushed_loss() {
+    let reopened =
+        reopen_after_guest_data_in_reused_segments(|i| forged_flush(1 + i % 512), 40, 16384);
+    if let Err(e) = reopened {
+        panic!("a cleanly closed, undamaged volume does not open: {e}");
+    }
 }
 
 /// A header of a kind (or version) this build does not know is an error
