@@ -611,9 +611,9 @@ impl Roles {
             // A request still running would append after the cut: a
             // record of this side's among the newer primary's. Another
             // rejoin (the peer reconnects) waits for it again.
-            self.close_for_good().map_err(|e| {
-                format!("this node's guest requests did not stop, so its journal is not cut: {e}")
-            })?;
+            if let Err(e) = self.close_for_good() {
+                return Err(not_cut(&e));
+            }
         }
         let branch = self.cut_after(common)?;
         if v.role() == Role::Primary {
@@ -625,6 +625,19 @@ impl Roles {
             link.notify_durable();
         }
         Ok(branch)
+    }
+}
+
+/// Why a rejoin cut nothing. Not the fence command's advice (fence again):
+/// here that would raise an epoch, a split brain with the newer primary.
+fn not_cut(e: &GateError) -> String {
+    match e {
+        GateError::FenceTimeout { timeout, in_flight } => format!(
+            "{in_flight} guest request(s) still ran {timeout:?} after the gate closed, so the \
+             journal is not cut: one could append after the cut. The gate stays closed; the \
+             next rejoin (the newer primary reconnects, or `resolve` again) waits for them again"
+        ),
+        e => format!("the gate did not close, so the journal is not cut: {e}"),
     }
 }
 
@@ -745,6 +758,9 @@ mod tests {
 
         let refused = roles.rejoin(&newer).expect_err("a request runs");
         assert!(refused.contains("not cut"), "{refused}");
+        // Not the fence command's advice: a fence here would raise an
+        // epoch, a split brain with the newer primary.
+        assert!(!refused.contains("rewindctl fence"), "{refused}");
         assert_eq!(volume.last_lsn(), 5, "nothing cut");
         assert_eq!(volume.role(), Role::Primary);
 
@@ -752,5 +768,60 @@ mod tests {
         roles.rejoin(&newer).expect("rejoined");
         assert_eq!(volume.role(), Role::Replica);
         assert_eq!(volume.last_lsn(), 2, "cut after the common point");
+    }
+
+    /// A drain under way when a rejoin comes (the operator's, or a
+    /// scheduled bookmark's) is taken over by the rejoin's fence: the drain
+    /// ends fenced instead of opening the gate again (on its timeout, or
+    /// resumed by whoever started it) on a primary that a newer one
+    /// superseded.
+    #[test]
+    fn a_rejoin_during_a_drain_takes_it_over() {
+        let volume = Arc::new(crate::test_support::volume(1 << 20));
+        for block in 0..5u64 {
+            volume.write(block * 4096, &[1; 4096]).expect("write");
+        }
+        let gate = Arc::new(Gate::new(1));
+        let config = ExportConfig {
+            num_queues: 1,
+            queue_size: 16,
+            read_only: false,
+        };
+        let live = Arc::new(Export::new(volume.clone(), config, gate.clone()));
+        let roles = Roles::start(volume.clone(), live, None, None);
+        let running = gate.enter(1).expect("serving");
+        let drainer = {
+            let gate = gate.clone();
+            std::thread::spawn(move || gate.drain(Duration::from_secs(60), || ()))
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while gate.state() != State::Draining {
+            assert!(Instant::now() < deadline, "the gate never became Draining");
+            std::thread::yield_now();
+        }
+        let mut newer = volume.epoch_history();
+        newer.push(EpochStart {
+            epoch: 2,
+            first_lsn: 3,
+            node: 7,
+        });
+        let rejoin = {
+            let roles = roles.clone();
+            std::thread::spawn(move || roles.rejoin(&newer))
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while gate.state() != State::Fenced {
+            assert!(Instant::now() < deadline, "the gate never became Fenced");
+            std::thread::yield_now();
+        }
+        drop(running);
+        rejoin.join().expect("rejoin").expect("rejoined");
+        assert_eq!(
+            drainer.join().expect("drainer"),
+            Err(crate::gate::GateError::Fenced)
+        );
+        assert_eq!(volume.role(), Role::Replica);
+        assert_eq!(volume.last_lsn(), 2, "cut after the common point");
+        assert!(gate.enter(gate.epoch()).is_none(), "no client is served");
     }
 }

@@ -166,6 +166,9 @@ struct Inner {
     state: State,
     /// Vrings whose worker found the gate closed, by queue index.
     parked: BTreeMap<usize, Vring>,
+    /// Fences begun so far: a drain that sees it move while it waits was
+    /// taken over by a fence, whatever the state is by its end.
+    fences: u64,
 }
 
 impl fmt::Debug for Inner {
@@ -173,6 +176,7 @@ impl fmt::Debug for Inner {
         f.debug_struct("Inner")
             .field("state", &self.state)
             .field("parked", &self.parked.keys().collect::<Vec<_>>())
+            .field("fences", &self.fences)
             .finish()
     }
 }
@@ -270,6 +274,7 @@ impl Gate {
             inner: Mutex::new(Inner {
                 state: State::Serving,
                 parked: BTreeMap::new(),
+                fences: 0,
             }),
             idle: Condvar::new(),
             device: DeviceWatch::default(),
@@ -423,8 +428,10 @@ impl Gate {
     ) -> Result<DrainReport, GateError> {
         let started = Instant::now();
         let in_flight;
+        let fences;
         {
             let mut inner = self.lock();
+            fences = inner.fences;
             match inner.state {
                 State::Serving => inner.state = State::Draining,
                 State::Draining => return Err(GateError::Draining),
@@ -447,6 +454,11 @@ impl Gate {
         let during_wait = on_closed();
         let mut inner = self.wait_idle(started + timeout);
         drop(during_wait);
+        if inner.fences != fences {
+            // A fence took over while this drain waited (and may have
+            // moved the gate on since, a rejoin's to drained).
+            return Err(GateError::Fenced);
+        }
         if self.in_flight.load(Ordering::SeqCst) != 0 {
             let in_flight = self.in_flight.load(Ordering::SeqCst);
             self.open(&mut inner);
@@ -497,6 +509,9 @@ impl Gate {
     /// release held requests). The caller then raises the epoch and gives
     /// it to [`Gate::set_epoch`]. On timeout the gate stays closed: a
     /// request still running could otherwise land after the new epoch.
+    /// A drain under way is taken over: it ends with [`GateError::Fenced`]
+    /// and leaves the gate fenced (it would otherwise open it again on its
+    /// timeout, or be resumed by whoever started it).
     pub fn fence<R>(
         &self,
         timeout: Duration,
@@ -506,9 +521,11 @@ impl Gate {
         {
             let mut inner = self.lock();
             match inner.state {
-                State::Serving | State::Drained | State::Fenced => inner.state = State::Fenced,
-                State::Draining => return Err(GateError::Draining),
+                State::Serving | State::Drained | State::Draining | State::Fenced => {
+                    inner.state = State::Fenced
+                }
             }
+            inner.fences += 1;
             self.closed.store(true, Ordering::SeqCst);
         }
         let during_wait = on_closed();
@@ -631,6 +648,37 @@ mod tests {
         );
         assert!(err.to_string().contains("--abort"), "{err}");
         assert_eq!(gate.state(), State::Serving);
+    }
+
+    #[test]
+    fn a_fence_takes_over_a_drain_under_way() {
+        let gate = Arc::new(Gate::new(1));
+        let pass = gate.enter(1).expect("serving");
+        let drainer = {
+            let gate = gate.clone();
+            std::thread::spawn(move || gate.drain(Duration::from_secs(60), || {}))
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while gate.state() != State::Draining {
+            assert!(Instant::now() < deadline, "the gate never became Draining");
+            std::thread::yield_now();
+        }
+        let fencer = {
+            let gate = gate.clone();
+            std::thread::spawn(move || gate.fence(Duration::from_secs(60), || {}))
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while gate.state() != State::Fenced {
+            assert!(Instant::now() < deadline, "the gate never became Fenced");
+            std::thread::yield_now();
+        }
+        drop(pass);
+        fencer.join().expect("fencer").expect("fenced");
+        let drained = drainer.join().expect("drainer");
+        assert_eq!(drained, Err(GateError::Fenced));
+        assert_eq!(gate.state(), State::Fenced, "the drain left it fenced");
+        assert_eq!(gate.resume(), Err(GateError::Fenced));
+        assert!(gate.enter(1).is_none());
     }
 
     #[test]
