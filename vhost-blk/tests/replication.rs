@@ -660,3 +660,56 @@ fn a_new_replica_of_a_primary_whose_history_forgot_its_first_epochs_is_resynced(
         pair.primary.materialize(later)
     );
 }
+
+/// A resync interrupted (the replica killed) while the primary's epoch
+/// history then forgets its oldest epochs (4096 fences: the history passes
+/// MAX_EPOCHS and keeps the newest 2048, all begun after the sync point)
+/// is not resumed: no kept epoch began by its sync point, so a begin could
+/// list none and the replica would refuse it on every reconnect. The
+/// primary starts a new resync instead, and the replica catches up.
+#[test]
+fn a_resync_interrupted_before_the_primary_forgot_its_epochs_restarts_and_finishes() {
+    let mut pair = Pair::start_with(
+        imported(&[(0, 64 << 20)]),
+        &["--replication-rate", "8M", "--compress", "none"],
+    );
+    wait_until("20 MiB resynced", Duration::from_secs(60), || {
+        resync_status(&pair.replica)["done_bytes"]
+            .as_u64()
+            .unwrap_or(0)
+            > 20 << 20
+    });
+    if let Some(mut server) = pair.replica.server.take() {
+        server.kill();
+    }
+    let started = Instant::now();
+    for _ in 0..4096 {
+        pair.primary.ctl("fence", json!({"timeout_ms": 1000}));
+    }
+    eprintln!("4096 fences took {:?}", started.elapsed());
+    let status = pair.primary.ctl("status", Value::Null);
+    let history = status["epoch_history"].as_array().expect("history");
+    assert_eq!(history.len(), 2048, "compacted");
+    pair.replica.restart();
+    let link = rewind_ctl::wait_streaming(
+        &pair.primary.control,
+        Duration::from_secs(60),
+        &mut |_, _| {},
+    );
+    let replica = pair.replica.try_ctl("replication", Value::Null);
+    assert!(
+        link.is_ok(),
+        "the replica never caught up: primary link {:?}; replica {:?}",
+        pair.primary.replication(),
+        replica
+    );
+    let acked = pair.caught_up();
+    assert_eq!(
+        pair.replica.ctl("status", Value::Null)["epoch_history"],
+        pair.primary.ctl("status", Value::Null)["epoch_history"]
+    );
+    assert_eq!(
+        pair.replica.materialize(acked),
+        pair.primary.materialize(acked)
+    );
+}

@@ -382,7 +382,21 @@ async fn resync<W: AsyncWrite + Unpin>(
                 .map(|view| (view, 0, marked));
         }
         if let Some(point) = resume {
-            match v.view(&PointInTime::Lsn(point.sync_lsn)) {
+            // A history compacted since may have forgotten every epoch
+            // begun by that sync point: the begin would list none, which
+            // the replica refuses on every reconnect. A new resync (from
+            // offset 0, to a new sync point) replaces its resync instead.
+            let begun = v
+                .epoch_history()
+                .iter()
+                .any(|e| e.first_lsn <= point.sync_lsn.max(1));
+            let view = match begun {
+                true => v
+                    .view(&PointInTime::Lsn(point.sync_lsn))
+                    .map_err(|e| e.to_string()),
+                false => Err("the epoch history no longer lists its epoch".to_string()),
+            };
+            match view {
                 Ok(view) => return Ok((view, point.next_offset, None)),
                 Err(e) => tracing::warn!(
                     "cannot resume the replica's resync at lsn {}: {e}; starting a new one",
