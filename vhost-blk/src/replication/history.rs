@@ -157,7 +157,10 @@ pub fn unrelated(mine: &[EpochStart], theirs: &[EpochStart]) -> String {
          neither holds the other's first entry as it is (the copy behind missed more role \
          changes than the other's history remembers, or the two are not copies of one \
          history); nothing was changed. Recreate the copy that is behind as a replica of the \
-         other (`rewind-blk create --replica-of`, which takes the disk by a full resync)",
+         other (`rewind-blk create --replica-of`: a full resync replaces its disk, and no \
+         branch keeps its writes). If both were primaries (a split brain), neither is behind: \
+         first keep the data of the one you recreate (`rewindctl materialize` of it to an \
+         image)",
         span(mine),
         span(theirs),
     )
@@ -287,6 +290,20 @@ mod tests {
         other[0] = start(3000, 29_995, 0);
         assert_eq!(relate(&other, &epochs(2000, 5000)), Relation::Unrelated);
         assert_eq!(relate(&[], &epochs(1, 2)), Relation::Unrelated);
+    }
+
+    #[test]
+    fn the_unrelated_refusal_says_to_keep_a_primarys_data_before_recreating_it() {
+        let why = unrelated(&epochs(1, 100), &epochs(3000, 5000));
+        assert!(why.contains("epochs 1..=100"), "{why}");
+        assert!(why.contains("rewind-blk create --replica-of"), "{why}");
+        // Neither of two primaries is behind: recreating one gives its
+        // writes up, so its data is kept first.
+        assert!(
+            why.contains("If both were primaries (a split brain), neither is behind"),
+            "{why}"
+        );
+        assert!(why.contains("`rewindctl materialize`"), "{why}");
     }
 
     #[test]
