@@ -390,11 +390,11 @@ async fn resync<W: AsyncWrite + Unpin>(
                 .epoch_history()
                 .iter()
                 .any(|e| e.first_lsn <= point.sync_lsn.max(1));
-            let view = match begun {
-                true => v
-                    .view(&PointInTime::Lsn(point.sync_lsn))
-                    .map_err(|e| e.to_string()),
-                false => Err("the epoch history no longer lists its epoch".to_string()),
+            let view = if begun {
+                v.view(&PointInTime::Lsn(point.sync_lsn))
+                    .map_err(|e| e.to_string())
+            } else {
+                Err("the epoch history no longer lists its epoch".to_string())
             };
             match view {
                 Ok(view) => return Ok((view, point.next_offset, None)),
