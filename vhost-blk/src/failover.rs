@@ -729,12 +729,8 @@ mod tests {
     use crate::backend::ExportConfig;
     use crate::gate::Gate;
 
-    /// A rejoin cuts this side's records past the common point; a guest
-    /// request still running then (a storage call that hangs) could write
-    /// one after the cut, among the newer primary's. Refused until the
-    /// requests end, and done once they have.
-    #[test]
-    fn a_rejoin_cuts_nothing_while_a_guest_request_still_runs() {
+    /// A primary whose journal holds lsns 1..=5, serving at epoch 1.
+    fn primary_of_five_records() -> (Arc<Volume>, Arc<Gate>, Arc<Roles>) {
         let volume = Arc::new(crate::test_support::volume(1 << 20));
         for block in 0..5u64 {
             volume.write(block * 4096, &[1; 4096]).expect("write");
@@ -747,6 +743,16 @@ mod tests {
         };
         let live = Arc::new(Export::new(volume.clone(), config, gate.clone()));
         let roles = Roles::start(volume.clone(), live, None, None);
+        (volume, gate, roles)
+    }
+
+    /// A rejoin cuts this side's records past the common point; a guest
+    /// request still running then (a storage call that hangs) could write
+    /// one after the cut, among the newer primary's. Refused until the
+    /// requests end, and done once they have.
+    #[test]
+    fn a_rejoin_cuts_nothing_while_a_guest_request_still_runs() {
+        let (volume, gate, roles) = primary_of_five_records();
         let running = gate.enter(1).expect("serving");
         // A newer primary's history: its epoch began after lsn 2.
         let mut newer = volume.epoch_history();
@@ -777,18 +783,7 @@ mod tests {
     /// superseded.
     #[test]
     fn a_rejoin_during_a_drain_takes_it_over() {
-        let volume = Arc::new(crate::test_support::volume(1 << 20));
-        for block in 0..5u64 {
-            volume.write(block * 4096, &[1; 4096]).expect("write");
-        }
-        let gate = Arc::new(Gate::new(1));
-        let config = ExportConfig {
-            num_queues: 1,
-            queue_size: 16,
-            read_only: false,
-        };
-        let live = Arc::new(Export::new(volume.clone(), config, gate.clone()));
-        let roles = Roles::start(volume.clone(), live, None, None);
+        let (volume, gate, roles) = primary_of_five_records();
         let running = gate.enter(1).expect("serving");
         let drainer = {
             let gate = gate.clone();
