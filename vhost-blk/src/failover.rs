@@ -727,6 +727,7 @@ impl RoleChanges for Roles {
 mod tests {
     use super::*;
     use crate::backend::ExportConfig;
+    use crate::gate::tests::wait_for_state;
     use crate::gate::Gate;
 
     /// A primary whose journal holds lsns 1..=5, serving at epoch 1.
@@ -789,11 +790,7 @@ mod tests {
             let gate = gate.clone();
             std::thread::spawn(move || gate.drain(Duration::from_secs(60), || ()))
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while gate.state() != State::Draining {
-            assert!(Instant::now() < deadline, "the gate never became Draining");
-            std::thread::yield_now();
-        }
+        wait_for_state(&gate, State::Draining);
         let mut newer = volume.epoch_history();
         newer.push(EpochStart {
             epoch: 2,
@@ -804,11 +801,7 @@ mod tests {
             let roles = roles.clone();
             std::thread::spawn(move || roles.rejoin(&newer))
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while gate.state() != State::Fenced {
-            assert!(Instant::now() < deadline, "the gate never became Fenced");
-            std::thread::yield_now();
-        }
+        wait_for_state(&gate, State::Fenced);
         drop(running);
         rejoin.join().expect("rejoin").expect("rejoined");
         assert_eq!(

@@ -593,8 +593,17 @@ fn kick(vring: &Vring) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Polls until `gate` is in `state` (another thread moves it there).
+    pub(crate) fn wait_for_state(gate: &Gate, state: State) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while gate.state() != state {
+            assert!(Instant::now() < deadline, "the gate never became {state:?}");
+            std::thread::yield_now();
+        }
+    }
 
     #[test]
     fn a_drain_waits_for_the_requests_in_flight_and_refuses_new_ones() {
@@ -609,10 +618,7 @@ mod tests {
                 report
             })
         };
-        // Poll until the drain has closed the gate.
-        while gate.state() != State::Draining {
-            std::thread::yield_now();
-        }
+        wait_for_state(&gate, State::Draining);
         assert!(gate.enter(1).is_none(), "no new request while draining");
         assert!(rx.try_recv().is_err(), "returned with a request in flight");
         pass.finish(Status::IoErr, true);
@@ -658,20 +664,12 @@ mod tests {
             let gate = gate.clone();
             std::thread::spawn(move || gate.drain(Duration::from_secs(60), || {}))
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while gate.state() != State::Draining {
-            assert!(Instant::now() < deadline, "the gate never became Draining");
-            std::thread::yield_now();
-        }
+        wait_for_state(&gate, State::Draining);
         let fencer = {
             let gate = gate.clone();
             std::thread::spawn(move || gate.fence(Duration::from_secs(60), || {}))
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while gate.state() != State::Fenced {
-            assert!(Instant::now() < deadline, "the gate never became Fenced");
-            std::thread::yield_now();
-        }
+        wait_for_state(&gate, State::Fenced);
         drop(pass);
         fencer.join().expect("fencer").expect("fenced");
         let drained = drainer.join().expect("drainer");
