@@ -553,25 +553,6 @@ pub fn torn_header_rewrite(b: &[u8], volume: Uuid, seq: u64, segment_size: u64) 
         && b[INLINE_SEGMENT_HEADER_USED..].iter().all(|&x| x == 0)
 }
 
-/// The version a sector that is not a valid segment header reads, if it
-/// is otherwise a header of this volume and segment size: garbled only
-/// where a rewrite of the header changes it (version, sequence number,
-/// nonce, checksum). A tear leaves that, of the rewrite to inline
-/// ([`torn_header_rewrite`]) or of `open` giving a free segment a new
-/// sequence number (volume.rs), and so does damage there, which recovery
-/// tells by the records of the use (`check_header` in recovery.rs).
-pub fn garbled_header_version(b: &[u8], volume: Uuid, segment_size: u64) -> Option<u16> {
-    let version = u16::from_le_bytes([*b.get(8)?, *b.get(9)?]);
-    let ours = b.len() == SEGMENT_HEADER_SIZE as usize
-        && b[0..8] == SEGMENT_MAGIC
-        && matches!(version, FORMAT_VERSION | INLINE_VERSION)
-        && b[10..16].iter().all(|&x| x == 0)
-        && b[16..32] == *volume.as_bytes()
-        && le_u64(b, 40) == segment_size
-        && b[INLINE_SEGMENT_HEADER_USED..].iter().all(|&x| x == 0);
-    ours.then_some(version)
-}
-
 /// Checks that `[offset, offset + length)` is a non-empty, sector-aligned
 /// range inside a disk of `disk_size` bytes.
 pub fn check_range(offset: u64, length: u64, disk_size: u64) -> Result<(), String> {

@@ -41,9 +41,9 @@ pub(crate) mod checkpoint;
 use crate::error::{Error, Result};
 use crate::extent_map::ExtentMap;
 use crate::format::{
-    crc32c, garbled_header_version, torn_header_rewrite, HeaderProblem, Layout, Placed, Position,
-    RecordHeader, RecordKind, SegmentHeader, SegmentHeaderProblem, INLINE_VERSION,
-    RECORD_HEADER_SIZE, RECORD_VERSIONS, SECTOR, SEGMENT_HEADER_SIZE, SEGMENT_VERSIONS,
+    crc32c, torn_header_rewrite, HeaderProblem, Layout, Placed, Position, RecordHeader, RecordKind,
+    SegmentHeader, SegmentHeaderProblem, RECORD_HEADER_SIZE, RECORD_VERSIONS, SECTOR,
+    SEGMENT_HEADER_SIZE, SEGMENT_VERSIONS,
 };
 use crate::meta::{EpochStart, VolumeConfig};
 use crate::pool::{segment_name, Segment, JOURNAL_DIR};
@@ -142,8 +142,6 @@ const EARLIER_USE: &str = "record left from an earlier use of the file";
 const CUT: &str = "the journal was cut here; the records after it are in a branch";
 const TORN_HEADER: &str =
     "header torn while it was rewritten for inline records (nothing in the segment was flushed)";
-const TORN_NEW_SEQ: &str = "header torn while an open gave the segment past the log's end a new \
-     sequence number (it holds no record of its use)";
 
 /// Reads a segment file through a window, kept between segments. The
 /// index builder checks payload checksums in shared windows (see
@@ -396,35 +394,31 @@ impl Scanner<'_> {
                 .map(Err);
         };
         let torn = torn_header_rewrite(b, self.config.uuid, seq, self.config.segment_size);
-        let garbled = garbled_header_version(b, self.config.uuid, self.config.segment_size);
         match SegmentHeader::decode(b) {
-            // Torn while it was rewritten, or damaged where a rewrite
-            // changes it.
-            Err(SegmentHeaderProblem::Garbage) if garbled.is_some() => {
+            Err(SegmentHeaderProblem::Garbage) if torn => {
                 // A slots use never rewrites its header (only a use that
-                // turns inline does), and `open` rewrites only those of
-                // segments past the log's end: its first record in the top
-                // slot makes this a damaged header, whose records may have
-                // been flushed.
+                // turns inline does): its first record in the top slot
+                // makes this a damaged version 2 header, whose records
+                // may have been flushed.
                 let size = self.config.segment_size;
                 let top = Layout::Slots.header_at(Layout::Slots.start(size));
                 let first = reader.bytes(top, RECORD_HEADER_SIZE).map_err(self.io(id))?;
                 let slots = first
                     .and_then(|b| RecordHeader::decode(b).ok())
                     .filter(|h| h.seq == seq && Layout::Slots.owns(h) && Some(h.lsn) == first_lsn);
-                match (slots, torn) {
-                    (Some(h), _) => self
+                match slots {
+                    Some(h) => self
                         .damaged(
                             id,
                             format!(
-                                "header is damaged (it reads as torn while it was rewritten, \
-                                 but the segment holds lsn {} of its use in header slots)",
+                                "header is damaged (its version reads {}, but the segment \
+                                 holds lsn {} in header slots)",
+                                crate::format::INLINE_VERSION,
                                 h.lsn
                             ),
                         )
                         .map(Err),
-                    (None, true) => Ok(Err(TORN_HEADER.into())),
-                    (None, false) => Ok(Err(TORN_NEW_SEQ.into())),
+                    None => Ok(Err(TORN_HEADER.into())),
                 }
             }
             Err(SegmentHeaderProblem::Garbage) => {
@@ -1314,18 +1308,20 @@ fn scan(scanner: &Scanner, mut payloads: Payloads, at: &Resume) -> Result<Scanne
             Some((used, layout, at)) if used == i => (Some(layout), at),
             // The use's layout as its header says; slots (as prepared)
             // when the header is not this use's, and inline with any
-            // nonce when it reads version 3 but is garbled (torn on its
-            // way to inline, or damaged where a rewrite changes it).
+            // nonce when it was torn on its way to inline.
             _ => {
                 let sector = readers
                     .headers
                     .bytes(0, SEGMENT_HEADER_SIZE)
                     .map_err(scanner.io(s.file_id))?
                     .unwrap_or_default();
-                let garbled = garbled_header_version(sector, config.uuid, config.segment_size);
                 let layout = match SegmentHeader::decode(sector) {
                     Ok(h) if h.seq == s.seq && h.volume == config.uuid => Some(h.layout),
-                    Err(SegmentHeaderProblem::Garbage) if garbled == Some(INLINE_VERSION) => None,
+                    Err(SegmentHeaderProblem::Garbage)
+                        if torn_header_rewrite(sector, config.uuid, s.seq, config.segment_size) =>
+                    {
+                        None
+                    }
                     _ => Some(Layout::Slots),
                 };
                 let start = layout.unwrap_or(Layout::Inline { nonce: 0 });

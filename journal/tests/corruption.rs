@@ -581,24 +581,6 @@ fn a_slots_header_whose_version_reads_inline_is_damage_not_a_tear() {
     assert_prefix(&v, 0);
 }
 
-/// A header garbled where `open` rewrites it (the sequence number, here)
-/// reads as one torn by a crash, but its first record in the top slot
-/// makes it damage: that segment held records, which may have been
-/// flushed.
-#[test]
-fn a_garbled_sequence_number_in_a_header_of_a_segment_with_records_is_damage() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let dir = volume(tmp.path());
-    xor_byte(&segment_file(&dir, 0), 33, 0x04);
-    match refused(&dir, false) {
-        Error::DamagedSegment { path, reason } => {
-            assert!(path.ends_with("00000000.seg"), "{reason}");
-            assert!(reason.contains("holds lsn 1 of its use"), "{reason}");
-        }
-        other => panic!("{other}"),
-    }
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 

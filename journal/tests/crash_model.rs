@@ -6,9 +6,6 @@
 //! land while one is written and recoveries start from one. Each case
 //! picks the segments' layout: slots, inline, or chosen by the writer.
 //!
-//! A crash in `open` itself, as it gives the free segments new headers,
-//! is tested on its own (last).
-//!
 //! After each crash and recovery:
 //! - everything a completed flush covered is present;
 //! - the disk equals the model after exactly the recovered lsn prefix, so no
@@ -285,52 +282,5 @@ proptest! {
         let (v, recovered) = reopen(&image, layout);
         let history = history.lock().expect("history");
         check_recovered(&v, &history, recovered, must_have);
-    }
-}
-
-/// Every open gives the listed segments past the log's end (the free
-/// reserve included) a new sequence number: it writes their headers, then
-/// syncs them, before `super` lists the new numbers. A power loss there
-/// tears such a header at any byte (bytes 0..k new, the rest old); the
-/// segment holds no record of its use, so the next open ends the log
-/// before it rather than take it for damage.
-#[test]
-fn a_power_loss_while_open_rewrites_a_free_segments_header_leaves_a_volume_that_opens() {
-    let fs = FaultStorage::new();
-    create(&fs, &settings());
-    let options = || OpenOptions {
-        layout: LayoutChoice::Slots,
-        ..options()
-    };
-    let open = |fs: &FaultStorage| Volume::open(fs.arc(), Path::new(DIR), options());
-    let (v, _) = open(&fs).expect("open");
-    for i in 0..8u64 {
-        v.write(i * 4096, &pattern(i as u8 + 1, 4096))
-            .expect("write");
-    }
-    v.flush().expect("flush");
-    let want = read(&v, 0, DISK);
-    v.close().expect("close");
-
-    // What the open writes into the first free segment's header, from an
-    // open of a copy.
-    let seg = Path::new(DIR).join("journal/00000001.seg");
-    let old = fs.contents(&seg).expect("segment 1");
-    let copy = fs.process_crash();
-    open(&copy).expect("open a copy").0.close().expect("close");
-    let new = copy.contents(&seg).expect("segment 1");
-    assert_ne!(
-        old[..512],
-        new[..512],
-        "the open gave segment 1 a new sequence number"
-    );
-    for k in 0..=512 {
-        let torn = fs.process_crash();
-        let mut bytes = old.clone();
-        bytes[..k].copy_from_slice(&new[..k]);
-        torn.set_contents(&seg, bytes);
-        let (v, _) = open(&torn).unwrap_or_else(|e| panic!("{k} bytes written: {e}"));
-        assert!(read(&v, 0, DISK) == want, "{k} bytes written");
-        v.close().expect("close");
     }
 }
