@@ -261,10 +261,6 @@ impl Roles {
         }
         gate.set_epoch(gate.epoch() + 1);
         self.live.disconnect();
-        if closed.is_ok() {
-            // Closed as a replica's: a new guest may connect and wait.
-            gate.fenced_to_drained();
-        }
         closed
     }
 
@@ -615,11 +611,15 @@ impl Roles {
                 return Err(not_cut(&e));
             }
         }
+        // Until the demotion the gate stays fenced: a failed cut leaves a
+        // superseded primary that `resume` cannot open.
         let branch = self.cut_after(common)?;
         if v.role() == Role::Primary {
             v.demote(false)
                 .map_err(|e| format!("demoting failed: {e}"))?;
         }
+        // Closed as a replica's: a new guest may connect and wait.
+        self.live.gate.fenced_to_drained();
         self.awaiting_peer.store(false, Ordering::Release);
         if let Some(link) = &self.link {
             link.notify_durable();
@@ -811,5 +811,38 @@ mod tests {
         assert_eq!(volume.role(), Role::Replica);
         assert_eq!(volume.last_lsn(), 2, "cut after the common point");
         assert!(gate.enter(gate.epoch()).is_none(), "no client is served");
+    }
+
+    /// A rejoin whose cut fails (here the branch name is taken; a full
+    /// disk does the same) leaves a superseded primary whose gate stays
+    /// fenced: the operator's `rewindctl resume` (not refused on a
+    /// primary) or a scheduled bookmark's resume must not open it to a
+    /// guest that reattaches.
+    #[test]
+    fn a_rejoin_whose_cut_failed_leaves_no_gate_a_resume_opens() {
+        let (volume, gate, roles) = primary_of_five_records();
+        // Branch e1-3 already exists: the rejoin's cut will be refused.
+        volume
+            .cut_to_branch(4, "e1-3")
+            .expect("cut")
+            .expect("a branch");
+        volume.write(4 * 4096, &[2; 4096]).expect("write");
+        assert_eq!(volume.last_lsn(), 5);
+        let mut newer = volume.epoch_history();
+        newer.push(EpochStart {
+            epoch: 2,
+            first_lsn: 3,
+            node: 7,
+        });
+        let refused = roles.rejoin(&newer).expect_err("the cut fails");
+        assert!(refused.contains("e1-3"), "{refused}");
+        assert_eq!(volume.role(), Role::Primary, "not demoted");
+        // What `rewindctl resume` does on a primary (control.rs).
+        let resumed = gate.resume();
+        assert!(
+            resumed.is_err() && gate.enter(gate.epoch()).is_none(),
+            "a superseded primary serves again: resume gave {resumed:?}, state {:?}",
+            gate.state()
+        );
     }
 }
