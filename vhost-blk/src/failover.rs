@@ -747,6 +747,18 @@ mod tests {
         (volume, gate, roles)
     }
 
+    /// The history of a newer primary whose epoch 2 began at lsn 3: a
+    /// rejoin to it cuts `volume`'s records after lsn 2.
+    fn newer_primary_from_lsn_3(volume: &Volume) -> Vec<EpochStart> {
+        let mut newer = volume.epoch_history();
+        newer.push(EpochStart {
+            epoch: 2,
+            first_lsn: 3,
+            node: 7,
+        });
+        newer
+    }
+
     /// A rejoin cuts this side's records past the common point; a guest
     /// request still running then (a storage call that hangs) could write
     /// one after the cut, among the newer primary's. Refused until the
@@ -755,13 +767,7 @@ mod tests {
     fn a_rejoin_cuts_nothing_while_a_guest_request_still_runs() {
         let (volume, gate, roles) = primary_of_five_records();
         let running = gate.enter(1).expect("serving");
-        // A newer primary's history: its epoch began after lsn 2.
-        let mut newer = volume.epoch_history();
-        newer.push(EpochStart {
-            epoch: 2,
-            first_lsn: 3,
-            node: 7,
-        });
+        let newer = newer_primary_from_lsn_3(&volume);
 
         let refused = roles.rejoin(&newer).expect_err("a request runs");
         assert!(refused.contains("not cut"), "{refused}");
@@ -791,12 +797,7 @@ mod tests {
             std::thread::spawn(move || gate.drain(Duration::from_secs(60), || ()))
         };
         wait_for_state(&gate, State::Draining);
-        let mut newer = volume.epoch_history();
-        newer.push(EpochStart {
-            epoch: 2,
-            first_lsn: 3,
-            node: 7,
-        });
+        let newer = newer_primary_from_lsn_3(&volume);
         let rejoin = {
             let roles = roles.clone();
             std::thread::spawn(move || roles.rejoin(&newer))
@@ -828,12 +829,7 @@ mod tests {
             .expect("a branch");
         volume.write(4 * 4096, &[2; 4096]).expect("write");
         assert_eq!(volume.last_lsn(), 5);
-        let mut newer = volume.epoch_history();
-        newer.push(EpochStart {
-            epoch: 2,
-            first_lsn: 3,
-            node: 7,
-        });
+        let newer = newer_primary_from_lsn_3(&volume);
         let refused = roles.rejoin(&newer).expect_err("the cut fails");
         assert!(refused.contains("e1-3"), "{refused}");
         assert_eq!(volume.role(), Role::Primary, "not demoted");

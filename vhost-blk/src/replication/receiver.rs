@@ -38,6 +38,7 @@ use super::tls::TlsContext;
 use super::{
     check_resume_offset, tune_socket, Link, LinkState, ResyncProgress, RESYNC_CHUNK, SILENCE_LIMIT,
 };
+use crate::control::ACCEPT_RETRY;
 
 /// The journal work of this replica, one session's at a time.
 static JOURNAL_WORK: Mutex<()> = Mutex::new(());
@@ -59,7 +60,7 @@ pub async fn run(volume: Arc<Volume>, link: Arc<Link>, tls: TlsContext, listener
             Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!("replication listener: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(ACCEPT_RETRY).await;
                 continue;
             }
         };

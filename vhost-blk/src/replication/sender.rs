@@ -25,7 +25,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rewind_journal::{Error as JournalError, PointInTime, Role, Seal, ShipBatch, View, Volume};
+use rewind_journal::{
+    EpochStart, Error as JournalError, PointInTime, Role, Seal, ShipBatch, View, Volume,
+};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -339,6 +341,12 @@ enum Run {
     Keep,
 }
 
+/// Whether `start`'s epoch had begun by lsn `lsn`: what a resync to
+/// `lsn` lists. The first epoch starts at lsn 1 without a record to ship.
+fn begun_by(start: &EpochStart, lsn: u64) -> bool {
+    start.first_lsn <= lsn.max(1)
+}
+
 /// Resyncs the replica; returns the sync point. With `diff` (a replica
 /// that holds an older state of the disk), the replica's hashes of its
 /// chunks come in on the feed and only chunks that differ are sent.
@@ -389,7 +397,7 @@ async fn resync<W: AsyncWrite + Unpin>(
             let begun = v
                 .epoch_history()
                 .iter()
-                .any(|e| e.first_lsn <= point.sync_lsn.max(1));
+                .any(|e| begun_by(e, point.sync_lsn));
             let view = if begun {
                 v.view(&PointInTime::Lsn(point.sync_lsn))
                     .map_err(|e| e.to_string())
@@ -436,8 +444,7 @@ async fn resync<W: AsyncWrite + Unpin>(
         epoch_history: volume
             .epoch_history()
             .into_iter()
-            // The first epoch starts at lsn 1 without a record to ship.
-            .filter(|e| e.first_lsn <= sync_lsn.max(1))
+            .filter(|e| begun_by(e, sync_lsn))
             .collect(),
         from_offset: from,
         diff_key: key.map(|k| k.iter().map(|b| format!("{b:02x}")).collect()),
