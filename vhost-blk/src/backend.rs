@@ -47,6 +47,7 @@ use crate::gate::{Gate, Pass};
 use crate::inflight::{self, Inflight, Ticket};
 use crate::inflight_region::{self, InflightRegion};
 use crate::request::{self, Disk, ReadInto, Step, Waiting, MAX_SEGMENTS, SECTOR, SEG_MAX};
+use crate::syncs::Syncs;
 use crate::uring::QueueRing;
 
 /// Guest memory with a dirty log QEMU can share during a live migration:
@@ -105,6 +106,8 @@ pub struct BlkBackend {
     /// none of them is ready.
     kicked: Kicked,
     exits: Mutex<Vec<EventNotifier>>,
+    /// Flushes waiting for a sync they share.
+    syncs: Arc<Syncs>,
 }
 
 impl BlkBackend {
@@ -125,6 +128,7 @@ impl BlkBackend {
             })
             .collect();
         let kicked = Kicked((0..config.num_queues).map(|_| OnceLock::new()).collect());
+        let syncs = Arc::new(Syncs::new(device.clone()));
         BlkBackend {
             device,
             config,
@@ -139,6 +143,7 @@ impl BlkBackend {
             rings,
             kicked,
             exits: Mutex::new(Vec::new()),
+            syncs,
         }
     }
 
@@ -319,6 +324,7 @@ impl BlkBackend {
                         };
                         match (after_others, ring) {
                             (Some(lsn), _) => behind.push(lsn, job),
+                            _ if job.waiting.only_syncs() => self.syncs.queue(job),
                             (None, Some(ring)) => published |= ring.queue(job)?,
                             (None, None) => job.dispatch(),
                         }
@@ -458,6 +464,24 @@ impl Dispatched {
                 tracing::error!(error = %e, "cannot complete a request");
             }
         });
+    }
+
+    /// Completes it, one that only syncs, with the outcome of a sync that
+    /// started after it was taken (syncs.rs); with `signal`, signals too.
+    pub fn finish_synced(
+        self,
+        synced: &Result<(), Arc<rewind_journal::Error>>,
+        signal: bool,
+    ) -> io::Result<()> {
+        self.finish(
+            |waiting, mem, disk| waiting.finish_synced(mem, disk, synced),
+            signal,
+        )
+    }
+
+    /// Whether it was taken from the same queue as `other`.
+    pub fn same_queue(&self, other: &Dispatched) -> bool {
+        Arc::ptr_eq(&self.inflight, &other.inflight)
     }
 
     /// Completes its read, whose guest buffers the caller filled, into the
@@ -847,8 +871,21 @@ mod tests {
 
         /// Writes the chains of `ops` and makes them available, in order.
         fn submit(mem: &GuestMemory, q: &MockSplitQueue<'_, GuestMemory>, ops: &[Op]) {
+            submit_from(mem, q, ops, 0, 0);
+        }
+
+        /// As [`submit`], for requests numbered from `first` whose chains
+        /// start at descriptor `first_desc` (behind others already made
+        /// available).
+        fn submit_from(
+            mem: &GuestMemory,
+            q: &MockSplitQueue<'_, GuestMemory>,
+            ops: &[Op],
+            first: usize,
+            first_desc: u16,
+        ) {
             let mut descs = Vec::new();
-            for (i, op) in ops.iter().enumerate() {
+            for (i, op) in (first..).zip(ops) {
                 let (code, sector) = match *op {
                     Op::Write { block, fill } => {
                         mem.write_slice(&[fill; BLOCK], data(i)).expect("data");
@@ -865,18 +902,18 @@ mod tests {
                 h[8..16].copy_from_slice(&sector.to_le_bytes());
                 mem.write_slice(&h, header(i)).expect("header");
                 mem.write_obj(0xffu8, status(i)).expect("status");
-                let first = descs.len() as u16;
+                let at = first_desc + descs.len() as u16;
                 let next = VRING_DESC_F_NEXT as u16;
-                descs.push(Descriptor::new(header(i).0, 16, next, first + 1));
+                descs.push(Descriptor::new(header(i).0, 16, next, at + 1));
                 match op {
                     Op::Write { .. } => {
-                        descs.push(Descriptor::new(data(i).0, BLOCK as u32, next, first + 2))
+                        descs.push(Descriptor::new(data(i).0, BLOCK as u32, next, at + 2))
                     }
                     Op::Read { .. } => descs.push(Descriptor::new(
                         data(i).0,
                         BLOCK as u32,
                         next | VRING_DESC_F_WRITE as u16,
-                        first + 2,
+                        at + 2,
                     )),
                     Op::Flush => {}
                 }
@@ -888,7 +925,7 @@ mod tests {
                 ));
             }
             let raw: Vec<RawDescriptor> = descs.into_iter().map(RawDescriptor::from).collect();
-            q.add_desc_chains(&raw, 0).expect("chains");
+            q.add_desc_chains(&raw, first_desc).expect("chains");
         }
 
         fn used_idx(mem: &GuestMemory, q: &MockSplitQueue<'_, GuestMemory>) -> u16 {
@@ -1395,6 +1432,191 @@ mod tests {
                 done,
                 [0, 2, 1],
                 "the write behind the flush completed first"
+            );
+        }
+
+        /// A volume whose syncs (`BlockDevice::flush` calls) each wait
+        /// until the test lets them go, and with `fail` then fail.
+        #[derive(Debug)]
+        struct HeldSyncs {
+            volume: Arc<Volume>,
+            /// Syncs started, syncs let go.
+            counts: Mutex<(usize, usize)>,
+            changed: std::sync::Condvar,
+            fail: bool,
+        }
+
+        const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+        impl HeldSyncs {
+            fn new(volume: Arc<Volume>, fail: bool) -> Self {
+                HeldSyncs {
+                    volume,
+                    counts: Mutex::new((0, 0)),
+                    changed: std::sync::Condvar::new(),
+                    fail,
+                }
+            }
+
+            fn counts(&self) -> std::sync::MutexGuard<'_, (usize, usize)> {
+                self.counts.lock().expect("counts")
+            }
+
+            /// Waits (at most `HOLD_LIMIT`) until `n` syncs have started.
+            fn wait_started(&self, n: usize) {
+                let (counts, timeout) = self
+                    .changed
+                    .wait_timeout_while(self.counts(), HOLD_LIMIT, |c| c.0 < n)
+                    .expect("counts");
+                assert!(!timeout.timed_out(), "{} syncs started, not {n}", counts.0);
+            }
+
+            fn started(&self) -> usize {
+                self.counts().0
+            }
+
+            /// Lets the first `n` syncs go.
+            fn release(&self, n: usize) {
+                self.counts().1 = n;
+                self.changed.notify_all();
+            }
+        }
+
+        impl BlockDevice for HeldSyncs {
+            fn size(&self) -> u64 {
+                BlockDevice::size(self.volume.as_ref())
+            }
+            fn block_size(&self) -> u32 {
+                BlockDevice::block_size(self.volume.as_ref())
+            }
+            fn uuid(&self) -> String {
+                BlockDevice::uuid(self.volume.as_ref())
+            }
+            fn read(&self, offset: u64, buf: &mut [u8]) -> rewind_journal::Result<()> {
+                BlockDevice::read(self.volume.as_ref(), offset, buf)
+            }
+            fn write(&self, offset: u64, data: &[u8]) -> rewind_journal::Result<()> {
+                BlockDevice::write(self.volume.as_ref(), offset, data)
+            }
+            fn write_zeroes(
+                &self,
+                offset: u64,
+                length: u64,
+                unmap: bool,
+            ) -> rewind_journal::Result<()> {
+                BlockDevice::write_zeroes(self.volume.as_ref(), offset, length, unmap)
+            }
+            fn discard(&self, offset: u64, length: u64) -> rewind_journal::Result<()> {
+                BlockDevice::discard(self.volume.as_ref(), offset, length)
+            }
+            fn flush(&self) -> rewind_journal::Result<()> {
+                let mut counts = self.counts();
+                counts.0 += 1;
+                let this = counts.0;
+                self.changed.notify_all();
+                let (_counts, timeout) = self
+                    .changed
+                    .wait_timeout_while(counts, HOLD_LIMIT, |c| c.1 < this)
+                    .expect("counts");
+                if timeout.timed_out() || self.fail {
+                    return Err(rewind_journal::Error::Failed(format!("sync {this} failed")));
+                }
+                BlockDevice::flush(self.volume.as_ref())
+            }
+            fn writethrough(&self) -> bool {
+                BlockDevice::writethrough(self.volume.as_ref())
+            }
+            fn set_writethrough(&self, on: bool) {
+                BlockDevice::set_writethrough(self.volume.as_ref(), on)
+            }
+        }
+
+        /// A backend of one queue over `device`, its client admitted.
+        fn backend_over(
+            device: Arc<HeldSyncs>,
+            mem: &GuestMemoryAtomic<GuestMemory>,
+        ) -> BlkBackend {
+            let config = ExportConfig {
+                num_queues: 1,
+                queue_size: QUEUE as usize,
+                read_only: false,
+            };
+            let b = BlkBackend::new(device, config, Arc::new(Gate::new(1)));
+            b.update_memory(mem.clone()).expect("memory");
+            b.admit(1);
+            b
+        }
+
+        /// A flush taken while a sync runs is not completed by it (that
+        /// sync may have passed the writes before the flush) but by the
+        /// next one, which every flush taken meanwhile shares: one sync of
+        /// the device, not one each.
+        #[test]
+        fn flushes_taken_while_a_sync_runs_share_the_next_one() {
+            let volume = Arc::new(crate::test_support::volume(BLOCKS * BLOCK as u64));
+            let device = Arc::new(HeldSyncs::new(volume, false));
+            let guest = GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
+            let first = [Op::Write { block: 1, fill: 1 }, Op::Flush];
+            let (q, mem, vring) = queue_of(&guest, &first);
+            let b = backend_over(device.clone(), &mem);
+            assert!(b.process(0, &vring).expect("process"));
+            device.wait_started(1);
+            // Chains 0 (3 descriptors) and 1 (2) took descriptors 0-4.
+            let then = [
+                Op::Write { block: 2, fill: 2 },
+                Op::Flush,
+                Op::Flush,
+                Op::Write { block: 3, fill: 3 },
+                Op::Flush,
+            ];
+            submit_from(&guest, &q, &then, 2, 5);
+            assert!(b.process(0, &vring).expect("process"));
+            let heads = [0, 3, 5, 8, 10, 12, 15];
+            let done =
+                used_requests(&guest, &q, &heads, 0, used_idx(&guest, &q)).expect("completed");
+            assert_eq!(done, [0, 2, 5], "only the writes are done");
+            assert_eq!(device.started(), 1, "a second sync began beside the first");
+            device.release(1);
+            device.wait_started(2);
+            assert_eq!(
+                used_requests(&guest, &q, &heads, 3, used_idx(&guest, &q)).expect("completed"),
+                [1],
+                "the first sync completed what was taken after it began"
+            );
+            device.release(2);
+            b.stop_vring(0).expect("stop");
+            let mut done = used_requests(&guest, &q, &heads, 0, 7).expect("all complete");
+            done.sort_unstable();
+            assert_eq!(done, [0, 1, 2, 3, 4, 5, 6]);
+            assert_eq!(device.started(), 2, "the three flushes shared one sync");
+        }
+
+        /// Every flush that shared a failed sync fails; the writes do not.
+        #[test]
+        fn a_failed_sync_fails_every_flush_that_shared_it() {
+            let volume = Arc::new(crate::test_support::volume(BLOCKS * BLOCK as u64));
+            let device = Arc::new(HeldSyncs::new(volume, true));
+            let guest = GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
+            let ops = [
+                Op::Write { block: 1, fill: 1 },
+                Op::Flush,
+                Op::Flush,
+                Op::Flush,
+            ];
+            let (q, mem, vring) = queue_of(&guest, &ops);
+            let b = backend_over(device.clone(), &mem);
+            assert!(b.process(0, &vring).expect("process"));
+            device.release(usize::MAX);
+            b.stop_vring(0).expect("stop");
+            assert_eq!(used_idx(&guest, &q), 4);
+            let statuses: Vec<u8> = (0..4)
+                .map(|i| guest.read_obj(status(i)).expect("status"))
+                .collect();
+            assert_eq!(statuses, [0, 1, 1, 1], "VIRTIO_BLK_S_IOERR for each flush");
+            assert!(
+                device.started() <= 2,
+                "{} syncs for 3 flushes",
+                device.started()
             );
         }
 

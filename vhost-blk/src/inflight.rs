@@ -3,10 +3,11 @@
 //!
 //! A queue's own thread runs what needs no wait (writes are appends to the
 //! journal), puts reads into the queue's ring (uring.rs), and hands the
-//! rest (flushes, a writethrough write's sync; reads the ring cannot take,
-//! or where there is no io_uring) to the IO threads ([`run_blocking`]),
-//! then takes the next request: many reads of one queue reach the disk at
-//! once, and flushes and writethrough writes share syncs.
+//! rest to the IO threads ([`run_blocking`]): flushes and a writethrough
+//! write's sync to the one that syncs for all of them (syncs.rs), reads
+//! the ring cannot take (or where there is no io_uring) each to its own.
+//! Then it takes the next request: many reads of one queue reach the disk
+//! at once, and flushes and writethrough writes share syncs.
 //!
 //! Each request goes into the used ring as soon as it is done, in any
 //! order ([`Inflight`]): a read at the disk's tail latency holds back no

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod replication;
 pub mod request;
 pub mod schedule;
+mod syncs;
 #[cfg(test)]
 mod test_support;
 mod uring;

@@ -16,7 +16,7 @@
 
 use crate::device::BlockDevice;
 use rewind_journal::{PayloadBuffer, LARGE_PAYLOAD};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
     VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
@@ -135,6 +135,9 @@ pub enum RequestError {
     Flags(u32),
     #[error("{0}")]
     Volume(#[from] rewind_journal::Error),
+    /// A sync shared by several requests failed (syncs.rs).
+    #[error("{0}")]
+    Sync(Arc<rewind_journal::Error>),
 }
 
 impl RequestError {
@@ -552,6 +555,32 @@ impl Waiting {
         }
     }
 
+    /// Whether all it waits for is a sync of the device: a flush, or in
+    /// writethrough mode the sync after a write that ran. Any sync that
+    /// starts after it was taken serves it (syncs.rs).
+    pub fn only_syncs(&self) -> bool {
+        match (&self.taken.request, &self.rest) {
+            (Ok(r), Rest::Run) => r.kind == Kind::Flush,
+            (Ok(_), Rest::Sync) => true,
+            _ => false,
+        }
+    }
+
+    /// Completes a request that only syncs ([`Waiting::only_syncs`]) with
+    /// the outcome of a sync that started after it was taken.
+    pub fn finish_synced<M: GuestMemory>(
+        self,
+        mem: &M,
+        disk: &Disk<'_>,
+        synced: &Result<(), Arc<rewind_journal::Error>>,
+    ) -> Completion {
+        let result = match synced {
+            Ok(()) => Ok(0),
+            Err(e) => Err(RequestError::Sync(e.clone())),
+        };
+        self.taken.complete(mem, disk, result)
+    }
+
     /// The read the caller may carry out itself; None for any other
     /// request, and for a read that fails its checks (`finish` reports it).
     pub fn read_into(&self, disk: &Disk<'_>) -> Option<ReadInto<'_>> {
@@ -686,7 +715,7 @@ const INLINE_READ_MAX: u64 = 64 << 10;
 /// A flush is left waiting too: it covers every write completed before
 /// it (and every write taken before it but a large one still waiting), so
 /// it syncs on an IO thread while the queue takes and completes the
-/// writes behind it. Concurrent flushes share a sync.
+/// writes behind it. Concurrent flushes share a sync (syncs.rs).
 pub fn start<M: GuestMemory>(
     mem: &M,
     chain: impl IntoIterator<Item = Descriptor>,
