@@ -1436,20 +1436,21 @@ mod tests {
         }
 
         /// A volume whose syncs (`BlockDevice::flush` calls) each wait
-        /// until the test lets them go, and with `fail` then fail.
+        /// until the test lets them go; sync number `fail` (from 1) then
+        /// fails.
         #[derive(Debug)]
         struct HeldSyncs {
             volume: Arc<Volume>,
             /// Syncs started, syncs let go.
             counts: Mutex<(usize, usize)>,
             changed: std::sync::Condvar,
-            fail: bool,
+            fail: Option<usize>,
         }
 
         const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
         impl HeldSyncs {
-            fn new(volume: Arc<Volume>, fail: bool) -> Self {
+            fn new(volume: Arc<Volume>, fail: Option<usize>) -> Self {
                 HeldSyncs {
                     volume,
                     counts: Mutex::new((0, 0)),
@@ -1518,7 +1519,7 @@ mod tests {
                     .changed
                     .wait_timeout_while(counts, HOLD_LIMIT, |c| c.1 < this)
                     .expect("counts");
-                if timeout.timed_out() || self.fail {
+                if timeout.timed_out() || self.fail == Some(this) {
                     return Err(rewind_journal::Error::Failed(format!("sync {this} failed")));
                 }
                 BlockDevice::flush(self.volume.as_ref())
@@ -1554,7 +1555,7 @@ mod tests {
         #[test]
         fn flushes_taken_while_a_sync_runs_share_the_next_one() {
             let volume = Arc::new(crate::test_support::volume(BLOCKS * BLOCK as u64));
-            let device = Arc::new(HeldSyncs::new(volume, false));
+            let device = Arc::new(HeldSyncs::new(volume, None));
             let guest = GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
             let first = [Op::Write { block: 1, fill: 1 }, Op::Flush];
             let (q, mem, vring) = queue_of(&guest, &first);
@@ -1591,33 +1592,47 @@ mod tests {
             assert_eq!(device.started(), 2, "the three flushes shared one sync");
         }
 
-        /// Every flush that shared a failed sync fails; the writes do not.
+        /// Every flush that shared a failed sync fails, and only those: not
+        /// the one the sync before completed, nor one taken after.
         #[test]
         fn a_failed_sync_fails_every_flush_that_shared_it() {
             let volume = Arc::new(crate::test_support::volume(BLOCKS * BLOCK as u64));
-            let device = Arc::new(HeldSyncs::new(volume, true));
+            let device = Arc::new(HeldSyncs::new(volume, Some(2)));
             let guest = GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
-            let ops = [
-                Op::Write { block: 1, fill: 1 },
-                Op::Flush,
-                Op::Flush,
-                Op::Flush,
-            ];
-            let (q, mem, vring) = queue_of(&guest, &ops);
+            let first = [Op::Write { block: 1, fill: 1 }, Op::Flush];
+            let (q, mem, vring) = queue_of(&guest, &first);
             let b = backend_over(device.clone(), &mem);
             assert!(b.process(0, &vring).expect("process"));
-            device.release(usize::MAX);
+            device.wait_started(1);
+            // Chains 0 and 1 took descriptors 0-4; these two share sync 2.
+            submit_from(&guest, &q, &[Op::Flush, Op::Flush], 2, 5);
+            assert!(b.process(0, &vring).expect("process"));
+            device.release(2);
+            device.wait_started(2);
+            // Waits for every request taken to complete.
             b.stop_vring(0).expect("stop");
             assert_eq!(used_idx(&guest, &q), 4);
-            let statuses: Vec<u8> = (0..4)
+            // Then one more, after the failed sync.
+            submit_from(
+                &guest,
+                &q,
+                &[Op::Write { block: 2, fill: 2 }, Op::Flush],
+                4,
+                9,
+            );
+            device.release(3);
+            assert!(b.process(0, &vring).expect("process"));
+            b.stop_vring(0).expect("stop");
+            assert_eq!(used_idx(&guest, &q), 6);
+            let statuses: Vec<u8> = (0..6)
                 .map(|i| guest.read_obj(status(i)).expect("status"))
                 .collect();
-            assert_eq!(statuses, [0, 1, 1, 1], "VIRTIO_BLK_S_IOERR for each flush");
-            assert!(
-                device.started() <= 2,
-                "{} syncs for 3 flushes",
-                device.started()
+            assert_eq!(
+                statuses,
+                [0, 0, 1, 1, 0, 0],
+                "VIRTIO_BLK_S_IOERR for the two flushes of sync 2"
             );
+            assert_eq!(device.started(), 3);
         }
 
         /// Writes recorded behind another queue's record still being

@@ -29,7 +29,7 @@ use crate::device::{BlockDevice, ViewDevice};
 use crate::export::{Attached, Export};
 use crate::failover::{HandoverStatus, Roles};
 use crate::gate::{Counters, Gate, State};
-use crate::replication::{Link, ReplicationStatus};
+use crate::replication::{Link, ReleaseWaits, ReplicationStatus};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Longest request line accepted.
@@ -355,11 +355,10 @@ impl Control {
         }
     }
 
-    /// Flushes waiting for a sync-mode replica fail instead of waiting on.
-    fn release_replication_waits(&self) {
-        if let Some(link) = &self.replication {
-            link.release_waits();
-        }
+    /// Flushes waiting for a sync-mode replica fail instead of waiting on,
+    /// while the guard lives.
+    fn release_replication_waits(&self) -> Option<ReleaseWaits<'_>> {
+        self.replication.as_ref().map(|link| link.release_waits())
     }
 
     fn replication(&self) -> Option<ReplicationStatus> {
@@ -620,10 +619,7 @@ impl Control {
         let gate = &self.live.gate;
         let report = gate
             .drain(Duration::from_millis(timeout_ms), || {
-                if abort {
-                    self.release_replication_waits();
-                }
-                abort.then(|| self.volume.release_held())
+                abort.then(|| (self.release_replication_waits(), self.volume.release_held()))
             })
             .map_err(|e| e.to_string())?;
         self.volume
@@ -641,8 +637,7 @@ impl Control {
     fn fence(&self, timeout_ms: u64) -> Result<Value, String> {
         let gate = &self.live.gate;
         gate.fence(Duration::from_millis(timeout_ms), || {
-            self.release_replication_waits();
-            self.volume.release_held()
+            (self.release_replication_waits(), self.volume.release_held())
         })
         .map_err(|e| e.to_string())?;
         let epoch = self

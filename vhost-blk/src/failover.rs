@@ -247,10 +247,8 @@ impl Roles {
     fn close_for_good(&self) -> Result<(), GateError> {
         let gate = &self.live.gate;
         let closed = gate.fence(PEER_SEAL_LIMIT, || {
-            if let Some(link) = &self.link {
-                link.release_waits();
-            }
-            self.volume.release_held()
+            let released = self.link.as_ref().map(|link| link.release_waits());
+            (released, self.volume.release_held())
         });
         if let Err(e) = &closed {
             tracing::error!(

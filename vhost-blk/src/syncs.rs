@@ -16,6 +16,12 @@
 //! costs a lock and a push. The journal's own group commit
 //! (`Volume::flush`) still joins this sync with other callers' (bookmarks,
 //! drains, other exports).
+//!
+//! The thread is one of the daemon's IO threads for as long as flushes
+//! keep coming: one for each export that flushes, and a daemon serves one
+//! volume and its views, far fewer than the 64 IO threads. Where the IO
+//! threads cannot be started (`run_blocking`), the queue's thread that
+//! started the sync runs it, for every queue, until none is left waiting.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -91,17 +97,23 @@ impl Syncs {
             let last = last_of_each_queue(&jobs);
             for (job, last) in jobs.into_iter().zip(last) {
                 // Each queue's last job signals, while it still counts as
-                // running (`Inflight::complete_and_signal`).
+                // running (`Inflight::complete_and_signal`); if it cannot be
+                // completed, the queue is signalled for those before it.
+                let vring = last.then(|| job.vring().clone());
                 if let Err(e) = job.finish_synced(&synced, last) {
                     tracing::error!(error = %e, "cannot complete a request");
+                    if let Some(Err(e)) = vring.as_ref().map(crate::backend::signal) {
+                        tracing::error!(error = %e, "cannot signal a queue");
+                    }
                 }
             }
         }
     }
 }
 
-/// Should the syncing thread panic, the next request starts another
-/// (which takes those left waiting) instead of waiting for it forever.
+/// Should the syncing thread panic, the requests it had taken are lost with
+/// it (as any request whose thread panics), and the next request to sync
+/// starts another thread, which takes those left waiting too.
 struct EndsOnUnwind<'a>(&'a Syncs);
 
 impl Drop for EndsOnUnwind<'_> {

@@ -479,9 +479,10 @@ fn after_a_forced_fold_a_behind_replica_is_sent_only_the_chunks_that_changed() {
     );
 }
 
-#[test]
-fn sync_mode_suspends_without_the_replica_and_degrades_only_once_fence_peer_succeeds() {
-    // suspend: a flush waits past --sync-timeout until the replica is back.
+/// A pair in sync mode that holds flushes for a lost replica (`suspend`
+/// after 500 ms), a client of `queues` queues whose first write and flush
+/// the replica holds, and the replica killed.
+fn sync_pair_without_its_replica(queues: i32) -> (Pair, Client) {
     let mut pair = Pair::start(&[
         "--replication-mode",
         "sync",
@@ -490,11 +491,18 @@ fn sync_mode_suspends_without_the_replica_and_degrades_only_once_fence_peer_succ
         "--on-replica-loss",
         "suspend",
     ]);
-    let mut client = Client::connect(&pair.primary.vol.socket, 1);
+    let mut client = Client::connect(&pair.primary.vol.socket, queues);
     assert_eq!(client.write(0, 0, &pattern(1, 4096)), 0);
     assert_eq!(client.flush(0), 0);
     pair.caught_up();
     pair.replica.kill();
+    (pair, client)
+}
+
+#[test]
+fn sync_mode_suspends_without_the_replica_and_degrades_only_once_fence_peer_succeeds() {
+    // suspend: a flush waits past --sync-timeout until the replica is back.
+    let (mut pair, mut client) = sync_pair_without_its_replica(1);
     assert_eq!(
         client.write_within(4096, &pattern(2, 4096), Duration::from_secs(10)),
         Some(0)
@@ -549,6 +557,41 @@ fn sync_mode_suspends_without_the_replica_and_degrades_only_once_fence_peer_succ
         "the hook succeeded: degraded"
     );
     assert_eq!(pair.primary.replication()["state"], "degraded");
+}
+
+/// A fence while sync replication holds a flush for a lost replica, with
+/// another queue's flush taken behind that sync: the fence releases both
+/// (they fail) and completes, though the second reaches its wait for the
+/// replica only after the release.
+#[test]
+fn a_fence_releases_flushes_queued_behind_a_held_sync() {
+    let (pair, mut client) = sync_pair_without_its_replica(2);
+    assert_eq!(client.write(0, 0, &pattern(2, 4096)), 0);
+    assert_eq!(
+        client.flush_within(Duration::from_secs(2)),
+        None,
+        "held past --sync-timeout"
+    );
+    // Queue 1's flush waits behind the held sync.
+    assert_eq!(client.write(1, 4096, &pattern(3, 4096)), 0);
+    client.submit_flush(1);
+    wait_until("both flushes taken", Duration::from_secs(10), || {
+        pair.primary.ctl("status", Value::Null)["io"]["in_flight"] == 2
+    });
+    let fenced = pair
+        .primary
+        .try_ctl("fence", json!({"timeout_ms": 10_000}))
+        .expect("the fence completes");
+    assert_eq!(fenced["state"], "fenced", "{fenced}");
+    let limit = Duration::from_secs(10);
+    let failed = (
+        client.complete_within(0, limit),
+        client.complete_within(1, limit),
+    );
+    assert!(
+        matches!(failed, (Some(a), Some(b)) if a != 0 && b != 0),
+        "both flushes failed: {failed:?}"
+    );
 }
 
 #[test]

@@ -96,6 +96,19 @@ pub struct SenderConfig {
     pub tls: TlsSettings,
 }
 
+/// While it lives, sync-mode waits fail (`Link::release_waits`).
+#[derive(Debug)]
+#[must_use = "the waits are released only while the guard lives"]
+pub struct ReleaseWaits<'a> {
+    link: &'a Link,
+}
+
+impl Drop for ReleaseWaits<'_> {
+    fn drop(&mut self) {
+        self.link.releasing.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Where peers connect (`serve --replication-listen ...`): a replica's
 /// primary, or an old primary that learns it was superseded.
 #[derive(Debug, Clone)]
@@ -276,8 +289,10 @@ pub struct Link {
     /// The daemon is stopping: the sender closes its connection cleanly.
     stopping: AtomicBool,
     stop: tokio::sync::Notify,
-    /// Bumped by `release_waits`.
+    /// Bumped by `release_waits`: the waits under way fail.
     released: AtomicU64,
+    /// `release_waits` guards alive: waits that start meanwhile fail too.
+    releasing: AtomicU64,
     /// The replica asked for a resync: the next session runs one.
     force_resync: AtomicBool,
     /// The peer was told of this node's seal.
@@ -333,6 +348,7 @@ impl Link {
             stopping: AtomicBool::new(false),
             stop: tokio::sync::Notify::new(),
             released: AtomicU64::new(0),
+            releasing: AtomicU64::new(0),
             force_resync: AtomicBool::new(false),
             seal_delivered: AtomicBool::new(false),
             hook: Mutex::new(()),
@@ -658,7 +674,8 @@ impl Link {
         self.wait_for(deadline + Duration::from_secs(1), |_, shared| {
             shared.state == LinkState::Disconnected
         });
-        self.release_waits();
+        // Waits that start from now on fail too (`stopping`).
+        drop(self.release_waits());
         held
     }
 
@@ -707,7 +724,10 @@ impl Link {
             if shared.degraded {
                 return Ok(());
             }
-            if self.released.load(Ordering::Acquire) != released || self.stopping() {
+            if self.released.load(Ordering::Acquire) != released
+                || self.releasing.load(Ordering::Acquire) > 0
+                || self.stopping()
+            {
                 return Err(format!("the replica never confirmed lsn {lsn}: released"));
             }
             let now = Instant::now();
@@ -827,12 +847,17 @@ impl Link {
         }
     }
 
-    /// Ends the sync-mode waits in progress (they fail their flush): the
-    /// operator fenced or aborted, and the guest's requests must not hang.
-    pub fn release_waits(&self) {
+    /// Ends the sync-mode waits in progress (they fail their flush), and
+    /// while the returned guard lives, those that start: the operator
+    /// fenced or aborted, and the guest's requests must not hang. A flush
+    /// taken before the gate closed may reach its wait only after this
+    /// call, behind a sync that was under way (syncs.rs).
+    pub fn release_waits(&self) -> ReleaseWaits<'_> {
+        self.releasing.fetch_add(1, Ordering::AcqRel);
         self.released.fetch_add(1, Ordering::AcqRel);
         drop(lock(&self.shared));
         self.changed.notify_all();
+        ReleaseWaits { link: self }
     }
 
     /// The link as `status` shows it, against `volume`'s journal.
@@ -971,6 +996,41 @@ mod tests {
         assert_eq!(link.wait_handover_verdict(Instant::now()), Some(false));
         link.withdraw_handover();
         assert_eq!(link.handover_offer(), None);
+    }
+
+    /// Released sync-mode waits fail: those under way, and while the
+    /// release lasts those that start (a flush that was behind a sync
+    /// under way reaches its wait only then).
+    #[test]
+    fn sync_waits_fail_while_released() {
+        use super::tls::{PeerTrust, TlsSettings};
+        let link = Link::new("test".into(), Some(Mode::Sync), None);
+        let config = SenderConfig {
+            peer: ([127, 0, 0, 1], 9).into(),
+            mode: Mode::Sync,
+            // A wait not released degrades (succeeds) after this.
+            sync_timeout: Duration::from_secs(2),
+            on_loss: OnLoss::Degrade,
+            fence_peer: None,
+            rate: None,
+            compress: false,
+            tls: TlsSettings {
+                cert: "unused".into(),
+                key: "unused".into(),
+                trust: PeerTrust::Ca("unused".into()),
+            },
+        };
+        std::thread::scope(|s| {
+            // Under way when released, or started while the release lasts.
+            let first = s.spawn(|| link.wait_replicated(5, &config));
+            let released = link.release_waits();
+            let later = link.wait_replicated(6, &config).expect_err("released");
+            assert!(later.contains("released"), "{later}");
+            let first = first.join().expect("first wait").expect_err("released");
+            assert!(first.contains("released"), "{first}");
+            drop(released);
+        });
+        assert_eq!(link.releasing.load(Ordering::Acquire), 0);
     }
 
     #[test]

@@ -86,19 +86,28 @@ impl Client {
         self.buf()[..data.len()].copy_from_slice(data);
         let addr = self.region.addr as *const u8;
         self.queues[0].write(offset, addr, data.len(), 0, ReqFlags::empty());
-        self.complete_within(limit)
+        self.complete_within(0, limit)
     }
 
     /// Submits a flush and waits at most `limit` for it, as `write_within`.
     pub fn flush_within(&mut self, limit: Duration) -> Option<i32> {
         self.queues[0].flush(0, ReqFlags::empty());
-        self.complete_within(limit)
+        self.complete_within(0, limit)
     }
 
-    fn complete_within(&mut self, limit: Duration) -> Option<i32> {
+    /// Submits a flush on queue `q` and returns without waiting for it
+    /// ([`Self::complete_within`]).
+    pub fn submit_flush(&mut self, q: usize) {
+        self.queues[q].flush(0, ReqFlags::empty());
+        let submitted = self.queues[q].do_io(&mut [], 0, None, None);
+        assert_eq!(submitted.expect("submit"), 0);
+    }
+
+    /// Waits at most `limit` for the one request in flight on queue `q`.
+    pub fn complete_within(&mut self, q: usize, limit: Duration) -> Option<i32> {
         let mut done = [MaybeUninit::<Completion>::uninit()];
         let mut limit = limit;
-        match self.queues[0].do_io(&mut done, 1, Some(&mut limit), None) {
+        match self.queues[q].do_io(&mut done, 1, Some(&mut limit), None) {
             // SAFETY: do_io initialized the one completion it returned.
             Ok(1) => Some(unsafe { done[0].assume_init_read() }.ret),
             _ => None,
