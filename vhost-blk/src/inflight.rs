@@ -213,20 +213,20 @@ impl Inflight {
             }
             None => add_used(vring, head, len).map(drop),
         };
-        let published = match published {
-            Ok(()) if signal => {
-                // Outside the lock: the eventfd write wakes the driver, which
-                // may preempt this (IO) thread right there, and the queue's
-                // thread, which takes the lock for every request, must not
-                // wait behind it meanwhile (it did, for up to milliseconds,
-                // with a flush completing per write). The request counts as
-                // running until signalled.
-                drop(state);
-                let signalled = crate::backend::signal(vring);
-                state = self.lock();
-                signalled
-            }
-            other => other,
+        let published = if signal {
+            // Outside the lock: the eventfd write wakes the driver, which
+            // may preempt this (IO) thread right there, and the queue's
+            // thread, which takes the lock for every request, must not
+            // wait behind it meanwhile (it did, for up to milliseconds,
+            // with a flush completing per write). The request counts as
+            // running until signalled. Even if its own entry could not be
+            // added: those completed before it wait for this signal.
+            drop(state);
+            let signalled = crate::backend::signal(vring);
+            state = self.lock();
+            published.and(signalled)
+        } else {
+            published
         };
         state.running -= 1;
         if state.running == 0 && state.waiters > 0 {

@@ -97,14 +97,9 @@ impl Syncs {
             let last = last_of_each_queue(&jobs);
             for (job, last) in jobs.into_iter().zip(last) {
                 // Each queue's last job signals, while it still counts as
-                // running (`Inflight::complete_and_signal`); if it cannot be
-                // completed, the queue is signalled for those before it.
-                let vring = last.then(|| job.vring().clone());
+                // running (`Inflight::complete_and_signal`).
                 if let Err(e) = job.finish_synced(&synced, last) {
                     tracing::error!(error = %e, "cannot complete a request");
-                    if let Some(Err(e)) = vring.as_ref().map(crate::backend::signal) {
-                        tracing::error!(error = %e, "cannot signal a queue");
-                    }
                 }
             }
         }

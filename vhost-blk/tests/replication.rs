@@ -575,8 +575,12 @@ fn a_fence_releases_flushes_queued_behind_a_held_sync() {
     // Queue 1's flush waits behind the held sync.
     assert_eq!(client.write(1, 4096, &pattern(3, 4096)), 0);
     client.submit_flush(1);
+    // Two readings in a row: not queue 1's write, a moment before done.
+    let mut seen = 0;
     wait_until("both flushes taken", Duration::from_secs(10), || {
-        pair.primary.ctl("status", Value::Null)["io"]["in_flight"] == 2
+        let both = pair.primary.ctl("status", Value::Null)["io"]["in_flight"] == 2;
+        seen = if both { seen + 1 } else { 0 };
+        seen == 2
     });
     let fenced = pair
         .primary

@@ -724,8 +724,13 @@ impl Link {
             if shared.degraded {
                 return Ok(());
             }
+            // While a release lasts, a wait that started since fails only
+            // where the replica is not holding up its side: one the
+            // replica is about to confirm completes.
+            let released_since = self.releasing.load(Ordering::Acquire) > 0
+                && (shared.lost_since.is_some() || shared.state != LinkState::Streaming);
             if self.released.load(Ordering::Acquire) != released
-                || self.releasing.load(Ordering::Acquire) > 0
+                || released_since
                 || self.stopping()
             {
                 return Err(format!("the replica never confirmed lsn {lsn}: released"));
@@ -848,10 +853,11 @@ impl Link {
     }
 
     /// Ends the sync-mode waits in progress (they fail their flush), and
-    /// while the returned guard lives, those that start: the operator
-    /// fenced or aborted, and the guest's requests must not hang. A flush
-    /// taken before the gate closed may reach its wait only after this
-    /// call, behind a sync that was under way (syncs.rs).
+    /// while the returned guard lives, those that start while the replica
+    /// is not streaming or was seen lost: the operator fenced or aborted,
+    /// and the guest's requests must not hang. A flush taken before the
+    /// gate closed may reach its wait only after this call, behind a sync
+    /// that was under way (syncs.rs).
     pub fn release_waits(&self) -> ReleaseWaits<'_> {
         self.releasing.fetch_add(1, Ordering::AcqRel);
         self.released.fetch_add(1, Ordering::AcqRel);
