@@ -476,19 +476,38 @@ mod tests {
 
     /// The signal goes to the eventfd in place when it is sent (a
     /// SET_VRING_CALL racing the signal itself is not reachable here).
-    #[test]
-    fn a_completion_signals_the_current_call_eventfd_only() {
+    /// A new call eventfd for `vring`; the test reads the returned end.
+    fn set_call(vring: &Vring) -> vmm_sys_util::eventfd::EventFd {
         use std::os::fd::{FromRawFd, IntoRawFd};
         use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        let call = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let dup = call.try_clone().expect("dup").into_raw_fd();
+        // SAFETY: `dup` is a descriptor of our own that nothing else owns.
+        vring.set_call(Some(unsafe { std::fs::File::from_raw_fd(dup) }));
+        call
+    }
+
+    /// A request whose used entry cannot be added (a head outside the
+    /// ring) still signals the driver for those completed before it.
+    #[test]
+    fn a_completion_that_fails_still_signals_those_before_it() {
         let guest = guest();
         let (vring, _) = ring_and_region(&guest, RING);
-        let set_call = |vring: &Vring| {
-            let call = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-            let dup = call.try_clone().expect("dup").into_raw_fd();
-            // SAFETY: `dup` is a descriptor of our own that nothing else owns.
-            vring.set_call(Some(unsafe { std::fs::File::from_raw_fd(dup) }));
-            call
-        };
+        let call = set_call(&vring);
+        let queue = Inflight::default();
+        queue
+            .complete(queue.take(1), 0, &vring)
+            .expect("complete 1");
+        assert!(queue
+            .complete_and_signal(queue.take(RING + 1), 0, &vring)
+            .is_err());
+        assert_eq!(call.read().expect("signalled"), 1);
+    }
+
+    #[test]
+    fn a_completion_signals_the_current_call_eventfd_only() {
+        let guest = guest();
+        let (vring, _) = ring_and_region(&guest, RING);
         let queue = Inflight::default();
         let old = set_call(&vring);
         queue
