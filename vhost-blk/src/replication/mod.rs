@@ -96,7 +96,8 @@ pub struct SenderConfig {
     pub tls: TlsSettings,
 }
 
-/// While it lives, sync-mode waits fail (`Link::release_waits`).
+/// While it lives, sync-mode waits fail where the replica is not streaming
+/// or was seen lost (`Link::release_waits`).
 #[derive(Debug)]
 #[must_use = "the waits are released only while the guard lives"]
 pub struct ReleaseWaits<'a> {
