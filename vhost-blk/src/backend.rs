@@ -1001,10 +1001,11 @@ mod tests {
             Ok(())
         }
 
-        /// A connection, with the inflight region `region` (made by this
-        /// connection if None, as QEMU asks for it the first time).
-        fn connect(
-            volume: &Arc<Volume>,
+        /// A connection to `device`, with the inflight region `region`
+        /// (made by this connection if None, as QEMU asks for it the first
+        /// time).
+        fn connect<D: BlockDevice + 'static>(
+            device: &Arc<D>,
             mem: &GuestMemoryAtomic<GuestMemory>,
             region: Option<&(VhostUserInflight, File)>,
         ) -> (BlkBackend, (VhostUserInflight, File)) {
@@ -1013,7 +1014,7 @@ mod tests {
                 queue_size: QUEUE as usize,
                 read_only: false,
             };
-            let b = BlkBackend::new(volume.clone(), config, Arc::new(Gate::new(1)));
+            let b = BlkBackend::new(device.clone(), config, Arc::new(Gate::new(1)));
             b.update_memory(mem.clone()).expect("memory");
             let (inflight, file) = match region {
                 Some((inflight, file)) => (*inflight, file.try_clone().expect("clone")),
@@ -1532,20 +1533,25 @@ mod tests {
             }
         }
 
-        /// A backend of one queue over `device`, its client admitted.
-        fn backend_over(
-            device: Arc<HeldSyncs>,
-            mem: &GuestMemoryAtomic<GuestMemory>,
-        ) -> BlkBackend {
-            let config = ExportConfig {
-                num_queues: 1,
-                queue_size: QUEUE as usize,
-                read_only: false,
-            };
-            let b = BlkBackend::new(device, config, Arc::new(Gate::new(1)));
-            b.update_memory(mem.clone()).expect("memory");
-            b.admit(1);
-            b
+        /// A connection to a volume whose syncs are held (sync number
+        /// `fail` fails), after it took a write and a flush from `guest`'s
+        /// queue (descriptors 0-4) and the flush's sync began.
+        fn first_sync_held(
+            guest: &GuestMemory,
+            fail: Option<usize>,
+        ) -> (
+            Arc<HeldSyncs>,
+            MockSplitQueue<'_, GuestMemory>,
+            Vring,
+            BlkBackend,
+        ) {
+            let volume = Arc::new(crate::test_support::volume(BLOCKS * BLOCK as u64));
+            let device = Arc::new(HeldSyncs::new(volume, fail));
+            let (q, mem, vring) = queue_of(guest, &[Op::Write { block: 1, fill: 1 }, Op::Flush]);
+            let (b, _) = connect(&device, &mem, None);
+            assert!(b.process(0, &vring).expect("process"));
+            device.wait_started(1);
+            (device, q, vring, b)
         }
 
         /// A flush taken while a sync runs is not completed by it (that
@@ -1554,15 +1560,8 @@ mod tests {
         /// the device, not one each.
         #[test]
         fn flushes_taken_while_a_sync_runs_share_the_next_one() {
-            let volume = Arc::new(crate::test_support::volume(BLOCKS * BLOCK as u64));
-            let device = Arc::new(HeldSyncs::new(volume, None));
             let guest = GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
-            let first = [Op::Write { block: 1, fill: 1 }, Op::Flush];
-            let (q, mem, vring) = queue_of(&guest, &first);
-            let b = backend_over(device.clone(), &mem);
-            assert!(b.process(0, &vring).expect("process"));
-            device.wait_started(1);
-            // Chains 0 (3 descriptors) and 1 (2) took descriptors 0-4.
+            let (device, q, vring, b) = first_sync_held(&guest, None);
             let then = [
                 Op::Write { block: 2, fill: 2 },
                 Op::Flush,
@@ -1596,15 +1595,9 @@ mod tests {
         /// the one the sync before completed, nor one taken after.
         #[test]
         fn a_failed_sync_fails_every_flush_that_shared_it() {
-            let volume = Arc::new(crate::test_support::volume(BLOCKS * BLOCK as u64));
-            let device = Arc::new(HeldSyncs::new(volume, Some(2)));
             let guest = GuestMemory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
-            let first = [Op::Write { block: 1, fill: 1 }, Op::Flush];
-            let (q, mem, vring) = queue_of(&guest, &first);
-            let b = backend_over(device.clone(), &mem);
-            assert!(b.process(0, &vring).expect("process"));
-            device.wait_started(1);
-            // Chains 0 and 1 took descriptors 0-4; these two share sync 2.
+            let (device, q, vring, b) = first_sync_held(&guest, Some(2));
+            // These two share sync 2.
             submit_from(&guest, &q, &[Op::Flush, Op::Flush], 2, 5);
             assert!(b.process(0, &vring).expect("process"));
             device.release(2);
